@@ -1,0 +1,1 @@
+//! Benchmarks of shard-router: see the README in this folder.

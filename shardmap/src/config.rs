@@ -1,0 +1,756 @@
+//! config.csv, General Bots' format: one `name,value` row a line, `#` comments, blank lines, values that may
+//! hold commas or be quoted as CSV quotes them. Read once into typed settings; every error names the file,
+//! the line, the key and what was expected. Keys outside this project's prefixes (botserver's `scale-*`,
+//! `llm-*`, ...) are ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::value::KeyType;
+
+/// The prefixes this project owns: an unknown key under one of them is an error.
+pub const PREFIXES: &[&str] = &["shard-", "router-", "pool-", "circuit-breaker-", "health-"];
+
+/// Every fixed key, for "did you mean" (dynamic keys are listed by their pattern).
+const KEYS: &[&str] = &[
+    "shard-strategy",
+    "shard-tenant-db-prefix",
+    "shard-auto-create",
+    "shard-count",
+    "shard-key",
+    "shard-key-type",
+    "shard-algorithm",
+    "shard-buckets",
+    "shard-ranges",
+    "shard-default",
+    "shard-geo-db",
+    "shard-global-tables",
+    "shard-read-replicas",
+    "shard-max-replica-lag-bytes",
+    "shard-catalog",
+    "shard-node-<name>",
+    "shard-node-<name>-patroni",
+    "shard-geo-<region>",
+    "shard-geo-country-<CC>",
+    "shard-geo-continent-<CC>",
+    "router-listen",
+    "router-auth",
+    "router-user-<name>",
+    "router-tls-cert",
+    "router-tls-key",
+    "router-http",
+    "router-admin-users",
+    "pool-mode",
+    "pool-size",
+    "pool-timeout-ms",
+    "pool-idle-timeout",
+    "health-enabled",
+    "health-endpoint",
+    "health-interval",
+    "health-timeout",
+    "health-retries",
+    "circuit-breaker-enabled",
+    "circuit-breaker-threshold",
+    "circuit-breaker-timeout",
+    "circuit-breaker-half-open-requests",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Io { file: String, source: std::io::Error },
+    #[error("{file}:{line}: {key}: {message}")]
+    Key { file: String, line: u64, key: String, message: String },
+    #[error("{file}: {message}")]
+    File { file: String, message: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Tenant,
+    Hash,
+    Range,
+    Geo,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    #[default]
+    Modulo,
+    HashBuckets,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    #[default]
+    Transaction,
+    Session,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+/// A PostgreSQL server address: `postgres://user:password@host:port[,host:port...]/dbname?params`, or a bare
+/// `host` / `host:port` (geo values), whose user and database then come from the client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeAddr {
+    pub hosts: Vec<(String, u16)>,
+    pub user: Option<String>,
+    #[serde(skip_serializing)]
+    pub password: Option<String>,
+    pub dbname: Option<String>,
+    pub params: Vec<(String, String)>,
+}
+
+/// One row of `shard-ranges`: `start-end:name` (both bounds inclusive) or `start-:name` (open).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RangeSpec {
+    pub start: i64,
+    pub end: Option<i64>,
+    pub node: String,
+}
+
+/// The settings of config.csv, typed and validated. Values keep the line they came from for later errors.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub file: String,
+    pub strategy: Strategy,
+    pub tenant_db_prefix: String,
+    pub auto_create: bool,
+    pub shard_count: Option<u32>,
+    pub shard_key: String,
+    pub key_type: KeyType,
+    pub algorithm: Algorithm,
+    pub buckets: u32,
+    pub ranges: Vec<RangeSpec>,
+    /// `shard-geo-<region>` in file order: region and its address.
+    pub geo_regions: Vec<(String, NodeAddr)>,
+    pub geo_db: Option<PathBuf>,
+    pub geo_country: BTreeMap<String, String>,
+    pub geo_continent: BTreeMap<String, String>,
+    pub default: Option<(String, NodeAddr)>,
+    /// `shard-node-<name>` in file order.
+    pub nodes: Vec<(String, NodeAddr)>,
+    pub node_patroni: BTreeMap<String, Vec<String>>,
+    pub global_tables: Vec<String>,
+    pub read_replicas: bool,
+    pub max_replica_lag_bytes: u64,
+    pub catalog: Option<String>,
+    pub router: RouterSettings,
+    pub pool: PoolSettings,
+    pub health: HealthSettings,
+    pub circuit_breaker: CircuitBreakerSettings,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RouterSettings {
+    pub listen: String,
+    pub auth: AuthMethod,
+    #[serde(skip_serializing)]
+    pub users: BTreeMap<String, String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub http: Option<String>,
+    pub admin_users: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolSettings {
+    pub mode: PoolMode,
+    pub size: u32,
+    pub timeout_ms: u64,
+    pub idle_timeout_s: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HealthSettings {
+    pub enabled: bool,
+    pub endpoint: String,
+    pub interval_s: u64,
+    pub timeout_s: u64,
+    pub retries: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CircuitBreakerSettings {
+    pub enabled: bool,
+    pub threshold: u32,
+    pub timeout_s: u64,
+    pub half_open_requests: u32,
+}
+
+/// One row as read: where it was, its name and its value.
+struct Row {
+    line: u64,
+    name: String,
+    value: String,
+}
+
+impl Config {
+    /// Reads and validates a config.csv file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read(path).map_err(|source| ConfigError::Io { file: file.clone(), source })?;
+        Config::parse(&file, &text)
+    }
+
+    /// Reads config.csv text; `file` names it in errors.
+    pub fn parse(file: &str, text: &[u8]) -> Result<Config, ConfigError> {
+        let rows = read_rows(file, text)?;
+        Builder::new(file).build(rows)
+    }
+}
+
+fn read_rows(file: &str, text: &[u8]) -> Result<Vec<Row>, ConfigError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .comment(Some(b'#'))
+        .trim(csv::Trim::All)
+        .from_reader(text);
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| {
+            let line = e.position().map_or(0, |p| p.line());
+            ConfigError::Key { file: file.into(), line, key: String::new(), message: format!("not CSV: {e}") }
+        })?;
+        let line = record.position().map_or(0, |p| p.line());
+        let name = record.get(0).unwrap_or("").to_string();
+        if name.is_empty() || name.starts_with('#') {
+            continue;
+        }
+        // A value may hold commas without quotes (shard-ranges, lists): the rest of the row is the value.
+        let value = record.iter().skip(1).collect::<Vec<_>>().join(",");
+        rows.push(Row { line, name, value });
+    }
+    Ok(rows)
+}
+
+/// Collects rows into settings; errors carry the row's place.
+struct Builder<'f> {
+    file: &'f str,
+    seen: BTreeMap<String, u64>,
+    lines: BTreeMap<&'static str, u64>,
+}
+
+/// A typed value read from a row's text with serde, for the enum-valued keys.
+fn de_enum<T: for<'de> Deserialize<'de>>(value: &str) -> Result<T, ()> {
+    use serde::de::IntoDeserializer;
+    let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> = value.into_deserializer();
+    T::deserialize(de).map_err(|_| ())
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Some(true),
+        "false" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+fn list(v: &str) -> Vec<String> {
+    v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+impl<'f> Builder<'f> {
+    fn new(file: &'f str) -> Self {
+        Builder { file, seen: BTreeMap::new(), lines: BTreeMap::new() }
+    }
+
+    fn err(&self, row: &Row, message: impl Into<String>) -> ConfigError {
+        ConfigError::Key { file: self.file.into(), line: row.line, key: row.name.clone(), message: message.into() }
+    }
+
+    fn err_at(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
+        match self.lines.get(key) {
+            Some(&line) => ConfigError::Key { file: self.file.into(), line, key: key.into(), message: message.into() },
+            None => ConfigError::File { file: self.file.into(), message: message.into() },
+        }
+    }
+
+    fn build(mut self, rows: Vec<Row>) -> Result<Config, ConfigError> {
+        let mut c = Config {
+            file: self.file.to_string(),
+            strategy: Strategy::Hash,
+            tenant_db_prefix: "gb_tenant_".into(),
+            auto_create: false,
+            shard_count: None,
+            shard_key: String::new(),
+            key_type: KeyType::Auto,
+            algorithm: Algorithm::Modulo,
+            buckets: 1024,
+            ranges: Vec::new(),
+            geo_regions: Vec::new(),
+            geo_db: None,
+            geo_country: BTreeMap::new(),
+            geo_continent: BTreeMap::new(),
+            default: None,
+            nodes: Vec::new(),
+            node_patroni: BTreeMap::new(),
+            global_tables: Vec::new(),
+            read_replicas: false,
+            max_replica_lag_bytes: 16 * 1024 * 1024,
+            catalog: None,
+            router: RouterSettings {
+                listen: "127.0.0.1:6432".into(),
+                auth: AuthMethod::ScramSha256,
+                users: BTreeMap::new(),
+                tls_cert: None,
+                tls_key: None,
+                http: None,
+                admin_users: Vec::new(),
+            },
+            pool: PoolSettings { mode: PoolMode::Transaction, size: 20, timeout_ms: 5000, idle_timeout_s: 600 },
+            health: HealthSettings {
+                enabled: false,
+                endpoint: "/api/health".into(),
+                interval_s: 10,
+                timeout_s: 5,
+                retries: 3,
+            },
+            circuit_breaker: CircuitBreakerSettings {
+                enabled: false,
+                threshold: 5,
+                timeout_s: 30,
+                half_open_requests: 3,
+            },
+        };
+        let mut strategy_set = false;
+        for row in &rows {
+            let name = row.name.to_ascii_lowercase();
+            if !PREFIXES.iter().any(|p| name.starts_with(p)) {
+                continue;
+            }
+            if let Some(first) = self.seen.insert(name.clone(), row.line) {
+                return Err(self.err(row, format!("set twice (first on line {first})")));
+            }
+            self.apply(&mut c, row, &name, &mut strategy_set)?;
+        }
+        if !strategy_set {
+            return Err(ConfigError::File {
+                file: self.file.into(),
+                message: "shard-strategy is missing (expected tenant, hash, range or geo)".into(),
+            });
+        }
+        self.validate(&mut c)?;
+        Ok(c)
+    }
+
+    fn apply(&mut self, c: &mut Config, row: &Row, name: &str, strategy_set: &mut bool) -> Result<(), ConfigError> {
+        let v = row.value.as_str();
+        let boolean = |b: &Builder<'_>| parse_bool(v).ok_or_else(|| b.err(row, format!("expected true or false, got {v:?}")));
+        let number = |b: &Builder<'_>, min: u64| -> Result<u64, ConfigError> {
+            match v.parse::<u64>() {
+                Ok(n) if n >= min => Ok(n),
+                _ => Err(b.err(row, format!("expected a whole number of at least {min}, got {v:?}"))),
+            }
+        };
+        let text = |b: &Builder<'_>| -> Result<String, ConfigError> {
+            if v.is_empty() {
+                Err(b.err(row, "expected a value, got nothing"))
+            } else {
+                Ok(v.to_string())
+            }
+        };
+        macro_rules! remember {
+            ($k:literal) => {
+                self.lines.insert($k, row.line);
+            };
+        }
+        match name {
+            "shard-strategy" => {
+                remember!("shard-strategy");
+                c.strategy = de_enum(v).map_err(|_| self.err(row, format!("expected tenant, hash, range or geo, got {v:?}")))?;
+                *strategy_set = true;
+            }
+            "shard-tenant-db-prefix" => c.tenant_db_prefix = text(self)?,
+            "shard-auto-create" => c.auto_create = boolean(self)?,
+            "shard-count" => {
+                remember!("shard-count");
+                let n = number(self, 1)?;
+                if n > 4096 {
+                    return Err(self.err(row, format!("expected at most 4096 shards, got {n}")));
+                }
+                c.shard_count = Some(n as u32);
+            }
+            "shard-key" => {
+                let k = text(self)?;
+                if !k.chars().all(|ch| ch.is_alphanumeric() || ch == '_') {
+                    return Err(self.err(row, format!("expected a column name, got {k:?}")));
+                }
+                c.shard_key = k;
+            }
+            "shard-key-type" => {
+                c.key_type = de_enum(v).map_err(|_| self.err(row, format!("expected auto, int, uuid or text, got {v:?}")))?
+            }
+            "shard-algorithm" => {
+                remember!("shard-algorithm");
+                c.algorithm = de_enum(v).map_err(|_| self.err(row, format!("expected modulo or hash-buckets, got {v:?}")))?
+            }
+            "shard-buckets" => {
+                remember!("shard-buckets");
+                let n = number(self, 1)?;
+                if n > 1 << 20 {
+                    return Err(self.err(row, format!("expected at most 1048576 buckets, got {n}")));
+                }
+                c.buckets = n as u32;
+            }
+            "shard-ranges" => {
+                remember!("shard-ranges");
+                c.ranges = self.ranges(row)?;
+            }
+            "shard-default" => {
+                remember!("shard-default");
+                c.default = Some(("default".into(), self.addr(row, v)?));
+            }
+            "shard-geo-db" => c.geo_db = Some(PathBuf::from(text(self)?)),
+            "shard-global-tables" => c.global_tables = list(v).into_iter().map(|t| t.to_lowercase()).collect(),
+            "shard-read-replicas" => c.read_replicas = boolean(self)?,
+            "shard-max-replica-lag-bytes" => c.max_replica_lag_bytes = number(self, 0)?,
+            "shard-catalog" => c.catalog = Some(text(self)?),
+            "router-listen" => c.router.listen = text(self)?,
+            "router-auth" => {
+                c.router.auth = de_enum(v).map_err(|_| self.err(row, format!("expected scram-sha-256, md5 or trust, got {v:?}")))?
+            }
+            "router-tls-cert" => c.router.tls_cert = Some(PathBuf::from(text(self)?)),
+            "router-tls-key" => c.router.tls_key = Some(PathBuf::from(text(self)?)),
+            "router-http" => c.router.http = Some(text(self)?),
+            "router-admin-users" => c.router.admin_users = list(v),
+            "pool-mode" => c.pool.mode = de_enum(v).map_err(|_| self.err(row, format!("expected transaction or session, got {v:?}")))?,
+            "pool-size" => c.pool.size = number(self, 1)? as u32,
+            "pool-timeout-ms" => c.pool.timeout_ms = number(self, 1)?,
+            "pool-idle-timeout" => c.pool.idle_timeout_s = number(self, 0)?,
+            "health-enabled" => c.health.enabled = boolean(self)?,
+            "health-endpoint" => {
+                let e = text(self)?;
+                if !e.starts_with('/') {
+                    return Err(self.err(row, format!("expected a path starting with '/', got {e:?}")));
+                }
+                c.health.endpoint = e;
+            }
+            "health-interval" => c.health.interval_s = number(self, 1)?,
+            "health-timeout" => c.health.timeout_s = number(self, 1)?,
+            "health-retries" => c.health.retries = number(self, 0)? as u32,
+            "circuit-breaker-enabled" => c.circuit_breaker.enabled = boolean(self)?,
+            "circuit-breaker-threshold" => c.circuit_breaker.threshold = number(self, 1)? as u32,
+            "circuit-breaker-timeout" => c.circuit_breaker.timeout_s = number(self, 1)?,
+            "circuit-breaker-half-open-requests" => c.circuit_breaker.half_open_requests = number(self, 1)? as u32,
+            _ => return self.dynamic(c, row, name),
+        }
+        Ok(())
+    }
+
+    /// Keys with a name inside them: `shard-node-<name>[-patroni]`, `shard-geo-...`, `router-user-<name>`.
+    fn dynamic(&mut self, c: &mut Config, row: &Row, name: &str) -> Result<(), ConfigError> {
+        let v = row.value.as_str();
+        // Names keep their case from the file (node names appear in shard-ranges).
+        let original = &row.name[row.name.len() - name.len()..];
+        if let Some(rest) = original.strip_prefix("shard-node-").or_else(|| original.strip_prefix("SHARD-NODE-")) {
+            if let Some(node) = rest.strip_suffix("-patroni") {
+                let urls = list(v);
+                if urls.is_empty() || urls.iter().any(|u| !u.starts_with("http://") && !u.starts_with("https://")) {
+                    return Err(self.err(row, format!("expected http://host:port URLs of Patroni's REST API, got {v:?}")));
+                }
+                c.node_patroni.insert(node.to_string(), urls);
+                return Ok(());
+            }
+            if !valid_name(rest) {
+                return Err(self.err(row, format!("{rest:?} is not a node name (letters, digits, '_' and '-')")));
+            }
+            if !v.starts_with("postgres://") && !v.starts_with("postgresql://") {
+                return Err(self.err(row, format!("expected postgres://user:password@host:port/dbname, got {v:?}")));
+            }
+            let addr = self.addr(row, v)?;
+            c.nodes.push((rest.to_string(), addr));
+            return Ok(());
+        }
+        if let Some(cc) = name.strip_prefix("shard-geo-country-") {
+            let cc = cc.to_ascii_uppercase();
+            if crate::geo::continent_of(&cc).is_none() {
+                return Err(self.err(row, format!("{cc:?} is not an ISO 3166 country code")));
+            }
+            c.geo_country.insert(cc, v.to_ascii_lowercase());
+            return Ok(());
+        }
+        if let Some(cc) = name.strip_prefix("shard-geo-continent-") {
+            let cc = cc.to_ascii_uppercase();
+            if !crate::geo::CONTINENTS.contains(&cc.as_str()) {
+                return Err(self.err(row, format!("{cc:?} is not a continent code (AF, AN, AS, EU, NA, OC, SA)")));
+            }
+            c.geo_continent.insert(cc, v.to_ascii_lowercase());
+            return Ok(());
+        }
+        if let Some(region) = name.strip_prefix("shard-geo-") {
+            if !valid_name(region) {
+                return Err(self.err(row, format!("{region:?} is not a region name")));
+            }
+            let addr = self.addr(row, v)?;
+            c.geo_regions.push((region.to_string(), addr));
+            return Ok(());
+        }
+        if let Some(user) = original.get("router-user-".len()..).filter(|_| name.starts_with("router-user-")) {
+            if user.is_empty() {
+                return Err(self.err(row, "expected router-user-<name>"));
+            }
+            c.router.users.insert(user.to_string(), v.to_string());
+            return Ok(());
+        }
+        let mut message = "unknown key".to_string();
+        if let Some(best) = suggest(name) {
+            message.push_str(&format!("; did you mean {best}?"));
+        } else {
+            message.push_str(&format!("; keys starting with {} are this project's: see the README", prefix_of(name)));
+        }
+        Err(self.err(row, message))
+    }
+
+    fn addr(&self, row: &Row, v: &str) -> Result<NodeAddr, ConfigError> {
+        parse_addr(v).map_err(|m| self.err(row, m))
+    }
+
+    fn ranges(&self, row: &Row) -> Result<Vec<RangeSpec>, ConfigError> {
+        let mut out: Vec<RangeSpec> = Vec::new();
+        for part in list(&row.value) {
+            let bad = |why: &str| self.err(row, format!("{part:?}: {why} (expected start-end:name or start-:name)"));
+            let (bounds, node) = part.rsplit_once(':').ok_or_else(|| bad("no ':name'"))?;
+            let node = node.trim();
+            if !valid_name(node) {
+                return Err(bad("not a node name"));
+            }
+            let (s, e) = bounds.split_once('-').ok_or_else(|| bad("no '-'"))?;
+            let start = s.trim().parse::<i64>().map_err(|_| bad("the start is not a whole number"))?;
+            let end = match e.trim() {
+                "" => None,
+                e => Some(e.parse::<i64>().map_err(|_| bad("the end is not a whole number"))?),
+            };
+            if end.is_some_and(|e| e < start) {
+                return Err(bad("the end is below the start"));
+            }
+            if let Some(prev) = out.last() {
+                match prev.end {
+                    None => return Err(bad("comes after an open range")),
+                    Some(pe) if start <= pe => {
+                        return Err(bad(&format!("overlaps {}-{pe}:{}", prev.start, prev.node)));
+                    }
+                    Some(pe) if start != pe + 1 => {
+                        return Err(bad(&format!("leaves a gap after {}-{pe}:{} (next should start at {})", prev.start, prev.node, pe + 1)));
+                    }
+                    _ => {}
+                }
+            }
+            out.push(RangeSpec { start, end, node: node.to_string() });
+        }
+        if out.is_empty() {
+            return Err(self.err(row, "expected at least one range, e.g. 0-999999:shard1,1000000-:shard2"));
+        }
+        Ok(out)
+    }
+
+    /// Checks across keys, once every row is read.
+    fn validate(&self, c: &mut Config) -> Result<(), ConfigError> {
+        if c.shard_key.is_empty() {
+            c.shard_key = match c.strategy {
+                Strategy::Geo => "region".into(),
+                Strategy::Tenant => "tenant_id".into(),
+                Strategy::Hash | Strategy::Range => "user_id".into(),
+            };
+        }
+        let names: Vec<&str> = c.nodes.iter().map(|(n, _)| n.as_str()).collect();
+        match c.strategy {
+            Strategy::Hash => {
+                let count = c.shard_count.ok_or_else(|| self.err_at("shard-strategy", "the hash strategy needs shard-count"))?;
+                if c.algorithm == Algorithm::HashBuckets && c.buckets < count {
+                    return Err(self.err_at("shard-buckets", format!("{} buckets cannot spread over {count} shards", c.buckets)));
+                }
+                for n in &names {
+                    if n.parse::<u32>().map_or(true, |i| i >= count) {
+                        return Err(self.node_err(c, n, &format!("hash nodes are named 0 to {}", count - 1)));
+                    }
+                }
+            }
+            Strategy::Range => {
+                if c.ranges.is_empty() {
+                    return Err(self.err_at("shard-strategy", "the range strategy needs shard-ranges"));
+                }
+                for n in &names {
+                    if !c.ranges.iter().any(|r| r.node == *n) {
+                        return Err(self.node_err(c, n, "range nodes are named by shard-ranges"));
+                    }
+                }
+            }
+            Strategy::Geo => {
+                if c.geo_regions.is_empty() && c.default.is_none() {
+                    return Err(self.err_at("shard-strategy", "the geo strategy needs shard-geo-<region> keys or shard-default"));
+                }
+                let regions: Vec<&str> = c.geo_regions.iter().map(|(r, _)| r.as_str()).collect();
+                for (cc, region) in c.geo_country.iter().chain(c.geo_continent.iter()) {
+                    if !regions.contains(&region.as_str()) {
+                        return Err(ConfigError::File {
+                            file: self.file.into(),
+                            message: format!("{cc} maps to region {region:?}, which has no shard-geo-{region} key"),
+                        });
+                    }
+                }
+                for n in &names {
+                    if !regions.contains(n) && *n != "default" {
+                        return Err(self.node_err(c, n, "geo nodes are named by region (or default)"));
+                    }
+                }
+            }
+            Strategy::Tenant => {}
+        }
+        if c.strategy != Strategy::Hash && self.lines.contains_key("shard-count") && c.strategy != Strategy::Tenant {
+            return Err(self.err_at("shard-count", "shard-count belongs to the hash strategy"));
+        }
+        for node in c.node_patroni.keys() {
+            if !names.contains(&node.as_str()) {
+                return Err(ConfigError::File {
+                    file: self.file.into(),
+                    message: format!("shard-node-{node}-patroni names a node that has no shard-node-{node} key"),
+                });
+            }
+        }
+        if c.router.tls_cert.is_some() != c.router.tls_key.is_some() {
+            return Err(ConfigError::File { file: self.file.into(), message: "router-tls-cert and router-tls-key go together".into() });
+        }
+        Ok(())
+    }
+
+    fn node_err(&self, c: &Config, node: &str, why: &str) -> ConfigError {
+        let key = format!("shard-node-{node}");
+        let line = self.seen.get(&key.to_ascii_lowercase()).copied().unwrap_or(0);
+        let _ = c;
+        ConfigError::Key { file: self.file.into(), line, key, message: format!("no such node: {why}") }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+}
+
+fn prefix_of(name: &str) -> &'static str {
+    PREFIXES.iter().find(|p| name.starts_with(*p)).copied().unwrap_or("")
+}
+
+/// The known key nearest to `name`, if it is near enough to be a typo.
+fn suggest(name: &str) -> Option<&'static str> {
+    KEYS.iter()
+        .map(|k| (strsim::damerau_levenshtein(name, k), *k))
+        .filter(|(d, k)| *d <= 3.max(k.len() / 5))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Parses a node address (see [`NodeAddr`]).
+pub fn parse_addr(v: &str) -> Result<NodeAddr, String> {
+    let rest = v.strip_prefix("postgres://").or_else(|| v.strip_prefix("postgresql://"));
+    let Some(rest) = rest else {
+        // A bare host or host:port.
+        if v.is_empty() || v.contains('/') || v.contains('@') {
+            return Err(format!("expected a host, host:port or postgres:// URL, got {v:?}"));
+        }
+        return Ok(NodeAddr { hosts: vec![host_port(v)?], user: None, password: None, dbname: None, params: Vec::new() });
+    };
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, dbname) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hosts) = authority.rsplit_once('@').map_or((None, authority), |(u, h)| (Some(u), h));
+    let (user, password) = match userinfo {
+        None => (None, None),
+        Some(u) => match u.split_once(':') {
+            Some((u, p)) => (Some(pct_decode(u)?), Some(pct_decode(p)?)),
+            None => (Some(pct_decode(u)?), None),
+        },
+    };
+    if hosts.is_empty() {
+        return Err(format!("{v:?} has no host"));
+    }
+    let hosts = hosts.split(',').map(host_port).collect::<Result<Vec<_>, _>>()?;
+    let params = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, val) = p.split_once('=').unwrap_or((p, ""));
+            Ok((pct_decode(k)?, pct_decode(val)?))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(NodeAddr {
+        hosts,
+        user: user.filter(|u| !u.is_empty()),
+        password,
+        dbname: Some(pct_decode(dbname)?).filter(|d| !d.is_empty()),
+        params,
+    })
+}
+
+fn host_port(s: &str) -> Result<(String, u16), String> {
+    let s = s.trim();
+    // [::1]:5432
+    if let Some(inner) = s.strip_prefix('[') {
+        let (h, rest) = inner.split_once(']').ok_or_else(|| format!("{s:?}: unclosed '['"))?;
+        let port = match rest.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| format!("{s:?}: bad port"))?,
+            None => 5432,
+        };
+        return Ok((h.to_string(), port));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() => Ok((h.to_string(), p.parse().map_err(|_| format!("{s:?}: bad port {p:?}"))?)),
+        Some(_) => Err(format!("{s:?}: no host")),
+        None if s.is_empty() => Err("empty host".into()),
+        None => Ok((s.to_string(), 5432)),
+    }
+}
+
+fn pct_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or_else(|| format!("{s:?}: bad %-escape"))?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("{s:?}: bad %-escape"))?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?}: not UTF-8 once decoded"))
+}
+
+impl fmt::Display for NodeAddr {
+    /// The address without its password, for logs and `explain`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("postgres://")?;
+        if let Some(u) = &self.user {
+            write!(f, "{u}@")?;
+        }
+        for (i, (h, p)) in self.hosts.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if h.contains(':') {
+                write!(f, "[{h}]:{p}")?;
+            } else {
+                write!(f, "{h}:{p}")?;
+            }
+        }
+        if let Some(d) = &self.dbname {
+            write!(f, "/{d}")?;
+        }
+        Ok(())
+    }
+}

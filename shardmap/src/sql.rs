@@ -1,0 +1,935 @@
+//! SQL analysis: the only module that knows sqlparser's AST. It turns a statement text into an [`Analysis`]
+//! that no longer depends on parameters or the session, so that it can be cached by text and applied to each
+//! execution's Bind parameters cheaply.
+//!
+//! What counts as the shard key: a column whose last name part equals the configured key (`user_id`,
+//! `u.user_id`, `"user_id"`), compared with `=` to a literal or a parameter, `IN (...)`, or `= ANY($n)` /
+//! `= ANY(ARRAY[...])`. Conditions combine: `AND` keeps the side that names the key, `OR` needs both sides to.
+//!
+//! Sharded tables are assumed co-located on the key (Citus' "co-location"): every row that belongs to key K
+//! lives on K's shard in every sharded table. So a block of a query constrained to K also decides its
+//! subqueries and CTEs, while a block that reads a sharded table with no constraint needs every shard.
+
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    self, BinaryOperator, CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Expr,
+    FromTable, ObjectName, Query, SetExpr, Statement, TableFactor, TableObject, TableWithJoins, UnaryOperator,
+    Value, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use crate::value::{KeyType, KeyValue};
+
+/// Deepest expression or query nesting the parser accepts; deeper input is refused with a clear error.
+pub const RECURSION_LIMIT: usize = 64;
+
+/// Where the value of one shard-key occurrence comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyExpr {
+    Value(KeyValue),
+    /// `$n`, zero-based.
+    Param(usize),
+    /// `= ANY($n)`: every element of the array parameter.
+    ArrayParam(usize),
+}
+
+/// What a statement does, as far as routing cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Read,
+    Write,
+    /// Schema changes and utility statements: every shard.
+    Ddl,
+    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT...: follow the session.
+    Transaction,
+    /// SET, RESET, SHOW, LISTEN, DISCARD...: session state, follow the session.
+    Session,
+    /// COPY ... FROM STDIN: rows are split by key (see [`CopyIn`]).
+    CopyIn,
+}
+
+/// Which tables a statement touches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tables {
+    /// No table, or only system catalogs (`SELECT 1`, `pg_catalog.*`): any shard answers the same.
+    None,
+    /// Only `shard-global-tables` (reference tables, copied on every shard).
+    Global,
+    /// At least one sharded table; the first one, for messages.
+    Sharded(String),
+}
+
+/// The key conditions found in a statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Keys {
+    /// The statement is constrained to these key values (their union).
+    Some(Vec<KeyExpr>),
+    /// No constraint: a read needs every shard, a write is refused.
+    None,
+}
+
+/// A session setting the statement makes that routing cares about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionChange {
+    ShardKey(Option<String>),
+    Tenant(Option<String>),
+}
+
+/// A routing hint from a comment: `/* shard_key: 42 */`, `/* shard: name */` or `/* tenant: acme */`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hint {
+    ShardKey(String),
+    Shard(String),
+    Tenant(String),
+}
+
+/// `COPY table [(columns)] FROM STDIN`: what the router needs to split rows by key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyIn {
+    pub table: String,
+    /// Zero-based position of the key among the copied columns, when it is there.
+    pub key_column: Option<usize>,
+    /// Whether the column list was given (without one, positions are the table's and unknown here).
+    pub columns_given: bool,
+    pub format: CopyFormat,
+    pub delimiter: u8,
+    pub header: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyFormat {
+    Text,
+    Csv,
+    Binary,
+}
+
+/// One statement, analysed.
+#[derive(Clone, Debug)]
+pub struct StatementAnalysis {
+    pub kind: Kind,
+    pub tables: Tables,
+    pub keys: Keys,
+    /// A reason this statement can't be routed, whatever the parameters (e.g. it changes the key).
+    pub refusal: Option<String>,
+    pub session: Option<SessionChange>,
+    pub copy: Option<CopyIn>,
+    /// What decided the route, for `explain` and errors: `user_id = $1`.
+    pub reason: String,
+}
+
+/// A whole query string, analysed: one entry per statement, and the hint that applies to all.
+#[derive(Clone, Debug)]
+pub struct Analysis {
+    pub statements: Vec<StatementAnalysis>,
+    pub hint: Option<Hint>,
+    /// The parser's error when the text could not be parsed (the statements then come from its first word).
+    pub parse_error: Option<String>,
+}
+
+/// Analyses `sql` for shard key `key` (lower case) with the given key type and global tables.
+pub fn analyze(sql: &str, key: &str, key_type: KeyType, global: &HashSet<String>) -> Analysis {
+    let hint = find_hint(sql);
+    let ctx = Ctx { key, key_type, global };
+    let parsed = Parser::new(&PostgreSqlDialect {})
+        .with_recursion_limit(RECURSION_LIMIT)
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_statements());
+    match parsed {
+        Ok(stmts) => Analysis { statements: stmts.iter().map(|s| ctx.statement(s)).collect(), hint, parse_error: None },
+        Err(e) => {
+            let msg = e.to_string();
+            Analysis { statements: vec![lexical(sql, &msg)], hint, parse_error: Some(msg) }
+        }
+    }
+}
+
+/// A statement sqlparser cannot parse, classified by its first word so that valid PostgreSQL the parser
+/// does not know still reaches the servers (which give the real error if it is not valid).
+fn lexical(sql: &str, error: &str) -> StatementAnalysis {
+    let word = first_word(sql).to_ascii_uppercase();
+    let (kind, refusal) = match word.as_str() {
+        "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" | "PREPARE" => (Kind::Transaction, None),
+        "SET" | "RESET" | "SHOW" | "DISCARD" | "LISTEN" | "UNLISTEN" | "DEALLOCATE" => (Kind::Session, None),
+        "CREATE" | "ALTER" | "DROP" | "COMMENT" | "GRANT" | "REVOKE" | "DO" | "VACUUM" | "ANALYZE" | "REINDEX" | "CLUSTER" | "REFRESH" | "SECURITY" => (Kind::Ddl, None),
+        "SELECT" | "WITH" | "TABLE" | "VALUES" | "EXPLAIN" => (Kind::Read, None),
+        _ => (Kind::Write, Some(format!("cannot parse the statement ({error}); add a /* shard: name */ or /* shard_key: value */ hint"))),
+    };
+    let tables = if kind == Kind::Read { Tables::Sharded("?".into()) } else { Tables::None };
+    StatementAnalysis { kind, tables, keys: Keys::None, refusal, session: None, copy: None, reason: format!("unparsed {word}") }
+}
+
+fn first_word(sql: &str) -> &str {
+    let mut s = sql;
+    loop {
+        s = s.trim_start();
+        if let Some(rest) = s.strip_prefix("--") {
+            s = rest.split_once('\n').map_or("", |(_, r)| r);
+        } else if let Some(rest) = s.strip_prefix("/*") {
+            s = rest.split_once("*/").map_or("", |(_, r)| r);
+        } else {
+            break;
+        }
+    }
+    let end = s.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(s.len());
+    &s[..end]
+}
+
+/// The first `/* name: value */` hint in the text.
+fn find_hint(sql: &str) -> Option<Hint> {
+    let mut rest = sql;
+    while let Some(start) = rest.find("/*") {
+        let after = &rest[start + 2..];
+        let end = after.find("*/")?;
+        let body = after[..end].trim();
+        if let Some((name, value)) = body.split_once(':') {
+            let value = value.trim().trim_matches(|c| c == '\'' || c == '"').to_string();
+            match name.trim().to_ascii_lowercase().as_str() {
+                "shard_key" | "shard-key" => return Some(Hint::ShardKey(value)),
+                "shard" => return Some(Hint::Shard(value)),
+                "tenant" => return Some(Hint::Tenant(value)),
+                _ => {}
+            }
+        }
+        rest = &after[end + 2..];
+    }
+    None
+}
+
+struct Ctx<'a> {
+    key: &'a str,
+    key_type: KeyType,
+    global: &'a HashSet<String>,
+}
+
+/// A key constraint on a query block: `None` means unconstrained.
+type Constraint = Option<Vec<KeyExpr>>;
+
+/// The result of walking queries: the union of keys of constrained blocks, and whether some block reads a
+/// sharded table with no constraint (or inherited one).
+#[derive(Default)]
+struct Outcome {
+    keys: Vec<KeyExpr>,
+    constrained: bool,
+    unconstrained: bool,
+    first_sharded: Option<String>,
+    global: bool,
+}
+
+impl Outcome {
+    fn merge(&mut self, o: Outcome) {
+        self.keys.extend(o.keys);
+        self.constrained |= o.constrained;
+        self.unconstrained |= o.unconstrained;
+        self.global |= o.global;
+        if self.first_sharded.is_none() {
+            self.first_sharded = o.first_sharded;
+        }
+    }
+
+    fn tables(&self) -> Tables {
+        match (&self.first_sharded, self.global) {
+            (Some(t), _) => Tables::Sharded(t.clone()),
+            (None, true) => Tables::Global,
+            (None, false) => Tables::None,
+        }
+    }
+
+    fn keys(&self) -> Keys {
+        if self.constrained && !self.unconstrained {
+            Keys::Some(self.keys.clone())
+        } else {
+            Keys::None
+        }
+    }
+}
+
+/// Table name as PostgreSQL folds it: the last part, lower case unless quoted.
+fn table_name(name: &ObjectName) -> Option<String> {
+    let last = name.0.last()?.as_ident()?;
+    Some(fold(last))
+}
+
+fn fold(id: &ast::Ident) -> String {
+    if id.quote_style.is_some() {
+        id.value.clone()
+    } else {
+        id.value.to_lowercase()
+    }
+}
+
+fn is_catalog(name: &ObjectName, table: &str) -> bool {
+    let schema = name.0.len() >= 2 && name.0[name.0.len() - 2].as_ident().is_some_and(|s| {
+        let s = s.value.to_lowercase();
+        s == "pg_catalog" || s == "information_schema"
+    });
+    schema || table.starts_with("pg_")
+}
+
+impl Ctx<'_> {
+    fn statement(&self, s: &Statement) -> StatementAnalysis {
+        let mut a = StatementAnalysis {
+            kind: Kind::Ddl,
+            tables: Tables::None,
+            keys: Keys::None,
+            refusal: None,
+            session: None,
+            copy: None,
+            reason: String::new(),
+        };
+        match s {
+            Statement::Query(q) => {
+                a.kind = Kind::Read;
+                let o = self.query(q, false, &mut Vec::new());
+                self.finish(&mut a, &o);
+            }
+            Statement::Explain { statement, .. } => {
+                let inner = self.statement(statement);
+                a = StatementAnalysis { kind: Kind::Read, ..inner };
+            }
+            Statement::Insert(ins) => self.insert(ins, &mut a),
+            Statement::Update(u) => {
+                a.kind = Kind::Write;
+                let mut o = Outcome::default();
+                self.target_table_factor(&u.table.relation, &mut o);
+                if let Some(t) = &o.first_sharded {
+                    for asg in &u.assignments {
+                        let targets: Vec<&ObjectName> = match &asg.target {
+                            ast::AssignmentTarget::ColumnName(n) => vec![n],
+                            ast::AssignmentTarget::Tuple(ns) => ns.iter().collect(),
+                        };
+                        if targets.iter().any(|n| n.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key)) {
+                            a.refusal = Some(format!(
+                                "UPDATE {t} changes the shard key {}: that would move the row to another shard; delete it and insert it again",
+                                self.key
+                            ));
+                        }
+                    }
+                }
+                let mut ctes = Vec::new();
+                let mut block = self.block(&[&u.table], u.selection.as_ref(), false, &mut ctes, true);
+                // A target table counted above; FROM tables of UPDATE ... FROM are read tables of the block.
+                if let Some(ast::UpdateTableFromKind::AfterSet(f) | ast::UpdateTableFromKind::BeforeSet(f)) = &u.from {
+                    let extra: Vec<&TableWithJoins> = f.iter().collect();
+                    let mut scan = Outcome::default();
+                    self.scan(&extra, &mut scan);
+                    if scan.first_sharded.is_some() && !block.constrained {
+                        block.unconstrained = true;
+                    }
+                    scan.first_sharded = None;
+                    block.merge(scan);
+                }
+                o.merge(block);
+                self.finish(&mut a, &o);
+            }
+            Statement::Delete(d) => {
+                a.kind = Kind::Write;
+                let from = match &d.from {
+                    FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
+                };
+                let tables: Vec<&TableWithJoins> = from.iter().chain(d.using.iter().flatten()).collect();
+                let o = self.block(&tables, d.selection.as_ref(), false, &mut Vec::new(), true);
+                self.finish(&mut a, &o);
+            }
+            Statement::Copy { source, to, target, options, legacy_options, .. } => self.copy(source, *to, target, options, legacy_options, &mut a),
+            Statement::StartTransaction { .. }
+            | Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. } => {
+                a.kind = Kind::Transaction;
+                a.reason = "transaction control follows the session".into();
+            }
+            Statement::Set(set) => {
+                a.kind = Kind::Session;
+                a.reason = "session setting".into();
+                if let ast::Set::SingleAssignment { variable, values, .. } = set {
+                    a.session = self.gb_setting(variable, values.first());
+                }
+            }
+            Statement::Reset(r) => {
+                a.kind = Kind::Session;
+                a.reason = "session setting".into();
+                if let ast::Reset::ConfigurationParameter(name) = &r.reset {
+                    a.session = self.gb_setting(name, None);
+                }
+            }
+            Statement::ShowVariable { .. }
+            | Statement::Discard { .. }
+            | Statement::LISTEN { .. }
+            | Statement::UNLISTEN { .. }
+            | Statement::NOTIFY { .. }
+            | Statement::Deallocate { .. }
+            | Statement::Prepare { .. }
+            | Statement::Execute { .. } => {
+                a.kind = Kind::Session;
+                a.reason = "session statement".into();
+            }
+            _ => {
+                a.kind = Kind::Ddl;
+                a.reason = "schema change or utility statement: every shard".into();
+            }
+        }
+        a
+    }
+
+    /// `SET gb.shard_key = ...` / `SET gb.tenant = ...` (and RESET, with `value` None).
+    fn gb_setting(&self, variable: &ObjectName, value: Option<&Expr>) -> Option<SessionChange> {
+        let name = variable.to_string().to_lowercase();
+        let value = match value {
+            None => None,
+            Some(Expr::Value(v)) => match &v.value {
+                Value::SingleQuotedString(s) | Value::Number(s, _) => Some(s.clone()),
+                Value::Null => None,
+                _ => Some(v.value.to_string()),
+            },
+            Some(Expr::Identifier(i)) if i.value.eq_ignore_ascii_case("default") => None,
+            Some(e) => Some(e.to_string()),
+        };
+        match name.as_str() {
+            "gb.shard_key" => Some(SessionChange::ShardKey(value)),
+            "gb.tenant" => Some(SessionChange::Tenant(value)),
+            _ => None,
+        }
+    }
+
+    fn finish(&self, a: &mut StatementAnalysis, o: &Outcome) {
+        a.tables = o.tables();
+        a.keys = o.keys();
+        if a.reason.is_empty() {
+            a.reason = match (&a.keys, &a.tables) {
+                (Keys::Some(k), _) => self.describe(k),
+                (Keys::None, Tables::Sharded(t)) => format!("no {} condition on {t}", self.key),
+                (Keys::None, Tables::Global) => "global tables only".into(),
+                (Keys::None, Tables::None) => "no sharded table".into(),
+            };
+        }
+    }
+
+    fn describe(&self, keys: &[KeyExpr]) -> String {
+        let show = |k: &KeyExpr| match k {
+            KeyExpr::Value(KeyValue::Int(v)) => v.to_string(),
+            KeyExpr::Value(v) => format!("'{v}'"),
+            KeyExpr::Param(i) => format!("${}", i + 1),
+            KeyExpr::ArrayParam(i) => format!("ANY(${})", i + 1),
+        };
+        match keys {
+            [KeyExpr::ArrayParam(i)] => format!("{} = ANY(${})", self.key, i + 1),
+            [one] => format!("{} = {}", self.key, show(one)),
+            many if many.len() > 8 => format!("{} IN ({} values)", self.key, many.len()),
+            many => format!("{} IN ({})", self.key, many.iter().map(show).collect::<Vec<_>>().join(", ")),
+        }
+    }
+
+    fn insert(&self, ins: &ast::Insert, a: &mut StatementAnalysis) {
+        a.kind = Kind::Write;
+        let TableObject::TableName(name) = &ins.table else {
+            a.reason = "INSERT into a table function".into();
+            return;
+        };
+        let Some(table) = table_name(name) else { return };
+        if is_catalog(name, &table) {
+            a.tables = Tables::None;
+            a.reason = "system catalog".into();
+            return;
+        }
+        if self.global.contains(&table) {
+            a.tables = Tables::Global;
+            a.reason = format!("{table} is a global table: every shard");
+            return;
+        }
+        a.tables = Tables::Sharded(table.clone());
+        let pos = ins
+            .columns
+            .iter()
+            .position(|c| c.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key));
+        let Some(source) = &ins.source else {
+            a.reason = format!("INSERT into {table} with no rows");
+            return;
+        };
+        if let SetExpr::Values(values) = source.body.as_ref() {
+            let Some(pos) = pos else {
+                a.reason = if ins.columns.is_empty() {
+                    format!("INSERT into {table} names no columns, so the position of {} is unknown", self.key)
+                } else {
+                    format!("INSERT into {table} has no {} column", self.key)
+                };
+                return;
+            };
+            let mut keys = Vec::with_capacity(values.rows.len());
+            for (n, row) in values.rows.iter().enumerate() {
+                let row = &row.content;
+                match row.get(pos).map(|e| self.key_value(e)) {
+                    Some(Ok(Some(k))) => keys.push(k),
+                    Some(Err(e)) => {
+                        a.refusal = Some(e);
+                        return;
+                    }
+                    _ => {
+                        let what = row.get(pos).map_or("nothing".to_string(), |e| e.to_string());
+                        a.refusal = Some(format!(
+                            "INSERT into {table}: row {} gives {} as {what}, not a value or parameter; compute the key in the client",
+                            n + 1,
+                            self.key
+                        ));
+                        return;
+                    }
+                }
+            }
+            a.reason = self.describe(&keys);
+            a.keys = Keys::Some(keys);
+            let mut o = Outcome::default();
+            // Subqueries inside VALUES (rare) still count.
+            for row in &values.rows {
+                for e in &row.content {
+                    self.subqueries_expr(e, true, &mut Vec::new(), &mut o);
+                }
+            }
+            if o.unconstrained {
+                a.keys = Keys::None;
+            }
+            return;
+        }
+        // INSERT ... SELECT: routed by the SELECT's key.
+        let o = self.query(source, false, &mut Vec::new());
+        a.keys = o.keys();
+        a.reason = match &a.keys {
+            Keys::Some(k) => format!("INSERT ... SELECT with {}", self.describe(k)),
+            Keys::None => format!("INSERT into {table} ... SELECT with no {} condition", self.key),
+        };
+    }
+
+    fn copy(
+        &self,
+        source: &CopySource,
+        to: bool,
+        target: &CopyTarget,
+        options: &[CopyOption],
+        legacy: &[CopyLegacyOption],
+        a: &mut StatementAnalysis,
+    ) {
+        match source {
+            CopySource::Query(q) => {
+                a.kind = Kind::Read;
+                let o = self.query(q, false, &mut Vec::new());
+                self.finish(a, &o);
+            }
+            CopySource::Table { table_name: name, columns } => {
+                let table = table_name(name).unwrap_or_default();
+                let global = self.global.contains(&table);
+                a.tables = if global { Tables::Global } else { Tables::Sharded(table.clone()) };
+                if to {
+                    a.kind = Kind::Read;
+                    a.reason = if global { format!("COPY {table} TO: one shard") } else { format!("COPY {table} TO: every shard") };
+                    return;
+                }
+                if !matches!(target, CopyTarget::Stdin) {
+                    a.kind = Kind::Write;
+                    a.refusal = Some("COPY FROM a server file or program is not supported through the router; use FROM STDIN".into());
+                    return;
+                }
+                if global {
+                    a.kind = Kind::Write;
+                    a.reason = format!("{table} is a global table: every shard");
+                    return;
+                }
+                a.kind = Kind::CopyIn;
+                let mut copy = CopyIn {
+                    table: table.clone(),
+                    key_column: columns.iter().position(|c| fold(c) == self.key),
+                    columns_given: !columns.is_empty(),
+                    format: CopyFormat::Text,
+                    delimiter: b'\t',
+                    header: false,
+                };
+                let mut delimiter = None;
+                for o in options {
+                    match o {
+                        CopyOption::Format(f) => {
+                            copy.format = match f.value.to_lowercase().as_str() {
+                                "csv" => CopyFormat::Csv,
+                                "binary" => CopyFormat::Binary,
+                                _ => CopyFormat::Text,
+                            }
+                        }
+                        CopyOption::Delimiter(c) => delimiter = Some(*c as u8),
+                        CopyOption::Header(h) => copy.header = *h,
+                        _ => {}
+                    }
+                }
+                for o in legacy {
+                    match o {
+                        CopyLegacyOption::Binary => copy.format = CopyFormat::Binary,
+                        CopyLegacyOption::Delimiter(c) => delimiter = Some(*c as u8),
+                        CopyLegacyOption::Csv(opts) => {
+                            copy.format = CopyFormat::Csv;
+                            copy.header |= opts.iter().any(|o| matches!(o, CopyLegacyCsvOption::Header));
+                        }
+                        _ => {}
+                    }
+                }
+                copy.delimiter = delimiter.unwrap_or(if copy.format == CopyFormat::Csv { b',' } else { b'\t' });
+                a.reason = match (copy.key_column, copy.columns_given) {
+                    (Some(i), _) => format!("COPY {table}: rows split by {} (column {})", self.key, i + 1),
+                    (None, false) => format!("COPY {table}: name the columns so that the position of {} is known", self.key),
+                    (None, true) => format!("COPY {table}: the columns do not include {}", self.key),
+                };
+                if copy.key_column.is_none() {
+                    a.refusal = Some(a.reason.clone());
+                }
+                if copy.format == CopyFormat::Binary {
+                    a.refusal = Some(format!("COPY {table} in binary format cannot be split by key; use text or csv"));
+                }
+                a.copy = Some(copy);
+            }
+        }
+    }
+
+    /// Walks a query: its body, then its CTEs, which inherit the body's constraint.
+    fn query(&self, q: &Query, inherited: bool, ctes: &mut Vec<String>) -> Outcome {
+        let depth = ctes.len();
+        if let Some(with) = &q.with {
+            ctes.extend(with.cte_tables.iter().map(|c| fold(&c.alias.name)));
+        }
+        let mut o = self.set_expr(&q.body, inherited, ctes);
+        if let Some(with) = &q.with {
+            let inh = inherited || o.constrained;
+            for cte in &with.cte_tables {
+                o.merge(self.query(&cte.query, inh, ctes));
+            }
+        }
+        ctes.truncate(depth);
+        o
+    }
+
+    fn set_expr(&self, body: &SetExpr, inherited: bool, ctes: &mut Vec<String>) -> Outcome {
+        match body {
+            SetExpr::Select(s) => {
+                let tables: Vec<&TableWithJoins> = s.from.iter().collect();
+                let mut o = self.block(&tables, s.selection.as_ref(), inherited, ctes, false);
+                // Subqueries in the select list and HAVING.
+                let inh = inherited || o.constrained;
+                for item in &s.projection {
+                    if let ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } = item {
+                        self.subqueries_expr(e, inh, ctes, &mut o);
+                    }
+                }
+                if let Some(h) = &s.having {
+                    self.subqueries_expr(h, inh, ctes, &mut o);
+                }
+                o
+            }
+            SetExpr::Query(q) => self.query(q, inherited, ctes),
+            SetExpr::SetOperation { left, right, .. } => {
+                let mut o = self.set_expr(left, inherited, ctes);
+                o.merge(self.set_expr(right, inherited, ctes));
+                o
+            }
+            SetExpr::Table(t) => {
+                let mut o = Outcome::default();
+                if let Some(name) = &t.table_name {
+                    let name = fold(name);
+                    if self.global.contains(&name) {
+                        o.global = true;
+                    } else if !ctes.contains(&name) {
+                        o.first_sharded = Some(name);
+                        o.unconstrained = !inherited;
+                    }
+                }
+                o
+            }
+            SetExpr::Insert(s) | SetExpr::Update(s) | SetExpr::Delete(s) | SetExpr::Merge(s) => {
+                let a = self.statement(s);
+                let mut o = Outcome::default();
+                match (&a.tables, a.keys) {
+                    (Tables::Sharded(t), Keys::Some(k)) => {
+                        o.first_sharded = Some(t.clone());
+                        o.keys = k;
+                        o.constrained = true;
+                    }
+                    (Tables::Sharded(t), Keys::None) => {
+                        o.first_sharded = Some(t.clone());
+                        o.unconstrained = !inherited;
+                    }
+                    (Tables::Global, _) => o.global = true,
+                    (Tables::None, _) => {}
+                }
+                o
+            }
+            _ => Outcome::default(),
+        }
+    }
+
+    /// One query block: its FROM tables, its WHERE and JOIN conditions, and the subqueries inside them.
+    /// `target` marks an UPDATE/DELETE block, whose tables are written.
+    fn block(
+        &self,
+        from: &[&TableWithJoins],
+        selection: Option<&Expr>,
+        inherited: bool,
+        ctes: &mut Vec<String>,
+        target: bool,
+    ) -> Outcome {
+        let mut o = Outcome::default();
+        let mut scan = Outcome::default();
+        let mut own: Constraint = selection.and_then(|e| self.constraint(e));
+        for t in from {
+            for j in &t.joins {
+                if own.is_none() {
+                    if let Some(on) = join_condition(&j.join_operator) {
+                        own = self.constraint(on);
+                    }
+                }
+            }
+        }
+        self.scan_filtered(from, &mut scan, ctes);
+        let _ = target;
+        o.first_sharded = scan.first_sharded.clone();
+        o.global = scan.global;
+        if let Some(keys) = own {
+            o.keys = keys;
+            o.constrained = true;
+        } else if scan.first_sharded.is_some() && !inherited {
+            o.unconstrained = true;
+        }
+        let inh = inherited || o.constrained;
+        // Derived tables and lateral subqueries in FROM, subqueries in WHERE and ON.
+        for t in from {
+            self.subqueries_factor(&t.relation, inh, ctes, &mut o);
+            for j in &t.joins {
+                self.subqueries_factor(&j.relation, inh, ctes, &mut o);
+                if let Some(on) = join_condition(&j.join_operator) {
+                    self.subqueries_expr(on, inh, ctes, &mut o);
+                }
+            }
+        }
+        if let Some(sel) = selection {
+            self.subqueries_expr(sel, inh, ctes, &mut o);
+        }
+        o
+    }
+
+    fn scan(&self, from: &[&TableWithJoins], o: &mut Outcome) {
+        self.scan_filtered(from, o, &[]);
+    }
+
+    /// The plain tables a block reads directly (not those inside subqueries).
+    fn scan_filtered(&self, from: &[&TableWithJoins], o: &mut Outcome, ctes: &[String]) {
+        fn factor(ctx: &Ctx<'_>, f: &TableFactor, o: &mut Outcome, ctes: &[String]) {
+            match f {
+                TableFactor::Table { name, args: None, .. } => {
+                    let Some(t) = table_name(name) else { return };
+                    if is_catalog(name, &t) || (name.0.len() == 1 && ctes.contains(&t)) {
+                        return;
+                    }
+                    if ctx.global.contains(&t) {
+                        o.global = true;
+                    } else if o.first_sharded.is_none() {
+                        o.first_sharded = Some(t);
+                    }
+                }
+                TableFactor::NestedJoin { table_with_joins, .. } => {
+                    factor(ctx, &table_with_joins.relation, o, ctes);
+                    for j in &table_with_joins.joins {
+                        factor(ctx, &j.relation, o, ctes);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for t in from {
+            factor(self, &t.relation, o, ctes);
+            for j in &t.joins {
+                factor(self, &j.relation, o, ctes);
+            }
+        }
+    }
+
+    fn target_table_factor(&self, f: &TableFactor, o: &mut Outcome) {
+        if let TableFactor::Table { name, .. } = f {
+            if let Some(t) = table_name(name) {
+                if self.global.contains(&t) {
+                    o.global = true;
+                } else if !is_catalog(name, &t) {
+                    o.first_sharded = Some(t);
+                }
+            }
+        }
+    }
+
+    fn subqueries_factor(&self, f: &TableFactor, inherited: bool, ctes: &mut Vec<String>, o: &mut Outcome) {
+        match f {
+            TableFactor::Derived { subquery, .. } => o.merge(self.query(subquery, inherited, ctes)),
+            TableFactor::NestedJoin { table_with_joins, .. } => {
+                self.subqueries_factor(&table_with_joins.relation, inherited, ctes, o);
+                for j in &table_with_joins.joins {
+                    self.subqueries_factor(&j.relation, inherited, ctes, o);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every subquery directly inside an expression (not nested in another subquery: those are reached by
+    /// walking the outer one), found with sqlparser's visitor.
+    fn subqueries_expr(&self, e: &Expr, inherited: bool, ctes: &mut Vec<String>, o: &mut Outcome) {
+        struct Finder<'c, 'o> {
+            ctx: &'c Ctx<'c>,
+            inherited: bool,
+            ctes: &'o mut Vec<String>,
+            out: &'o mut Outcome,
+            depth: usize,
+        }
+        impl Visitor for Finder<'_, '_> {
+            type Break = ();
+            fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+                if self.depth == 0 {
+                    let o = self.ctx.query(q, self.inherited, self.ctes);
+                    self.out.merge(o);
+                }
+                self.depth += 1;
+                ControlFlow::Continue(())
+            }
+            fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+                self.depth -= 1;
+                ControlFlow::Continue(())
+            }
+        }
+        let mut f = Finder { ctx: self, inherited, ctes, out: o, depth: 0 };
+        let _ = e.visit(&mut f);
+    }
+
+    /// The key constraint of a boolean expression, or `None` when it does not pin the key.
+    fn constraint(&self, e: &Expr) -> Constraint {
+        match e {
+            Expr::Nested(inner) => self.constraint(inner),
+            Expr::BinaryOp { left, op: BinaryOperator::And, right } => self.constraint(left).or_else(|| self.constraint(right)),
+            Expr::BinaryOp { left, op: BinaryOperator::Or, right } => {
+                let mut l = self.constraint(left)?;
+                l.extend(self.constraint(right)?);
+                Some(l)
+            }
+            Expr::BinaryOp { left, op: BinaryOperator::Eq, right } => {
+                let (col, val) = if self.is_key(left) {
+                    (left, right)
+                } else if self.is_key(right) {
+                    (right, left)
+                } else {
+                    return None;
+                };
+                let _ = col;
+                self.key_value(val).ok().flatten().map(|k| vec![k])
+            }
+            Expr::In { expr, target: ast::InTarget::List(list), negated: false, .. } if self.is_key(expr) => {
+                list.iter().map(|v| self.key_value(v).ok().flatten()).collect()
+            }
+            Expr::AnyOp { left, compare_op: BinaryOperator::Eq, right, .. } if self.is_key(left) => match strip_cast(right) {
+                Expr::Value(v) => match &v.value {
+                    Value::Placeholder(p) => param_index(p).map(|i| vec![KeyExpr::ArrayParam(i)]),
+                    _ => None,
+                },
+                Expr::Array(arr) => arr.elem.iter().map(|v| self.key_value(v).ok().flatten()).collect(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn is_key(&self, e: &Expr) -> bool {
+        match strip_cast(e) {
+            Expr::Identifier(i) => fold(i) == self.key,
+            Expr::CompoundIdentifier(parts) => parts.last().is_some_and(|i| fold(i) == self.key),
+            _ => false,
+        }
+    }
+
+    /// A literal or parameter as a key value: `Ok(None)` when the expression is something else (a column, a
+    /// function call), `Err` when it is a literal that cannot be a key of the configured type.
+    fn key_value(&self, e: &Expr) -> Result<Option<KeyExpr>, String> {
+        let text = |s: &str| KeyValue::from_text(s, self.key_type).map(|v| Some(KeyExpr::Value(v)));
+        match strip_cast(e) {
+            Expr::Value(v) => match &v.value {
+                Value::Number(n, _) => match self.key_type {
+                    KeyType::Auto | KeyType::Int => {
+                        n.parse::<i64>().map(|i| Some(KeyExpr::Value(KeyValue::Int(i)))).map_err(|_| format!("{n} is not an integer key"))
+                    }
+                    _ => text(n),
+                },
+                Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => text(s),
+                Value::DollarQuotedString(d) => text(&d.value),
+                Value::Placeholder(p) => Ok(param_index(p).map(KeyExpr::Param)),
+                _ => Ok(None),
+            },
+            Expr::TypedString(ts) => match &ts.value.value {
+                Value::SingleQuotedString(s) => text(s),
+                _ => Ok(None),
+            },
+            Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match strip_cast(expr) {
+                Expr::Value(v) => match &v.value {
+                    Value::Number(n, _) => format!("-{n}")
+                        .parse::<i64>()
+                        .map(|i| Some(KeyExpr::Value(KeyValue::Int(i))))
+                        .map_err(|_| format!("-{n} is not an integer key")),
+                    _ => Ok(None),
+                },
+                _ => Ok(None),
+            },
+            _ => Ok(None),
+        }
+    }
+}
+
+fn strip_cast(e: &Expr) -> &Expr {
+    match e {
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => strip_cast(expr),
+        e => e,
+    }
+}
+
+fn param_index(p: &str) -> Option<usize> {
+    p.strip_prefix('$')?.parse::<usize>().ok().filter(|&n| n >= 1).map(|n| n - 1)
+}
+
+fn join_condition(op: &ast::JoinOperator) -> Option<&Expr> {
+    use ast::JoinOperator as J;
+    let c = match op {
+        J::Join(c) | J::Inner(c) | J::Left(c) | J::LeftOuter(c) | J::Right(c) | J::RightOuter(c) | J::FullOuter(c) => c,
+        _ => return None,
+    };
+    match c {
+        ast::JoinConstraint::On(e) => Some(e),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(sql: &str) -> Keys {
+        let a = analyze(sql, "user_id", KeyType::Auto, &HashSet::from(["bots".to_string()]));
+        assert!(a.parse_error.is_none(), "{sql}: {:?}", a.parse_error);
+        a.statements[0].keys.clone()
+    }
+
+    #[test]
+    fn basic_forms() {
+        let v = |i| KeyExpr::Value(KeyValue::Int(i));
+        assert_eq!(keys("SELECT * FROM users WHERE user_id = 5"), Keys::Some(vec![v(5)]));
+        assert_eq!(keys("SELECT * FROM users u WHERE u.user_id = $2 AND x = 1"), Keys::Some(vec![KeyExpr::Param(1)]));
+        assert_eq!(keys("SELECT * FROM users WHERE user_id IN (1, 2)"), Keys::Some(vec![v(1), v(2)]));
+        assert_eq!(keys("SELECT * FROM users WHERE user_id = 1 OR name = 'x'"), Keys::None);
+        assert_eq!(keys("SELECT * FROM users WHERE NOT (user_id = 1)"), Keys::None);
+        assert_eq!(keys("SELECT * FROM users WHERE user_id = ANY($1)"), Keys::Some(vec![KeyExpr::ArrayParam(0)]));
+        assert_eq!(keys("SELECT * FROM users WHERE user_id = 1 UNION SELECT * FROM users"), Keys::None);
+    }
+
+    #[test]
+    fn hints() {
+        assert_eq!(find_hint("/* shard_key: 42 */ SELECT 1"), Some(Hint::ShardKey("42".into())));
+        assert_eq!(find_hint("SELECT 1 /* x */ /* shard: eu */"), Some(Hint::Shard("eu".into())));
+        assert_eq!(first_word("  -- c\n /* x */ select"), "select");
+    }
+}
