@@ -1,0 +1,224 @@
+//! The shard map: the nodes and the strategy that places a key value on one of them. Built once from a
+//! [`Config`]; placing a value is a pure function of the value.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::config::{Algorithm, Config, NodeAddr, Strategy};
+use crate::geo::{GeoDb, GeoResolver};
+use crate::hash;
+use crate::value::{KeyType, KeyValue};
+
+/// A shard, by its index in [`ShardMap::nodes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId(pub u16);
+
+/// A hash bucket under `shard-algorithm,hash-buckets`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketId(pub u32);
+
+/// One shard's node.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    /// Its address; `None` when the config names the shard but not where it is (enough for `explain`).
+    pub addr: Option<NodeAddr>,
+}
+
+#[derive(Debug)]
+enum Placement {
+    Modulo { count: u32 },
+    Buckets { owners: Vec<ShardId> },
+    Range { ranges: Vec<(i64, Option<i64>, ShardId)> },
+    Tenant,
+    Geo { resolver: GeoResolver, regions: Vec<(Arc<str>, ShardId)>, default: Option<ShardId> },
+}
+
+/// Where one key value goes, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Located {
+    pub shard: ShardId,
+    pub bucket: Option<BucketId>,
+    /// Geo: the region (`None` for the default shard).
+    pub region: Option<Arc<str>>,
+}
+
+/// Errors placing a value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlaceError {
+    #[error("{key} = {value} is outside every range of shard-ranges")]
+    OutOfRange { key: String, value: String },
+    #[error("{key} = {value}: range sharding needs an integer key")]
+    NotInteger { key: String, value: String },
+    #[error("{key} = {value}: no region matches and there is no shard-default")]
+    NoRegion { key: String, value: String },
+}
+
+/// The nodes and the strategy of a config.
+#[derive(Debug)]
+pub struct ShardMap {
+    pub strategy: Strategy,
+    pub algorithm: Algorithm,
+    pub key: String,
+    pub key_type: KeyType,
+    pub tenant_prefix: String,
+    pub nodes: Vec<Node>,
+    pub global_tables: HashSet<String>,
+    placement: Placement,
+}
+
+impl ShardMap {
+    /// Builds the map; opens the GeoIP database when one is configured.
+    pub fn new(c: &Config) -> Result<ShardMap, String> {
+        let addr_of = |name: &str| c.nodes.iter().find(|(n, _)| n == name).map(|(_, a)| a.clone());
+        let mut nodes = Vec::new();
+        let placement = match c.strategy {
+            Strategy::Hash => {
+                let count = c.shard_count.expect("validated: hash has shard-count");
+                for i in 0..count {
+                    let name = i.to_string();
+                    nodes.push(Node { addr: addr_of(&name), name });
+                }
+                match c.algorithm {
+                    Algorithm::Modulo => Placement::Modulo { count },
+                    Algorithm::HashBuckets => {
+                        Placement::Buckets { owners: (0..c.buckets).map(|b| ShardId((b % count) as u16)).collect() }
+                    }
+                }
+            }
+            Strategy::Range => {
+                let mut ranges = Vec::new();
+                for r in &c.ranges {
+                    let id = match nodes.iter().position(|n: &Node| n.name == r.node) {
+                        Some(i) => i,
+                        None => {
+                            nodes.push(Node { name: r.node.clone(), addr: addr_of(&r.node) });
+                            nodes.len() - 1
+                        }
+                    };
+                    ranges.push((r.start, r.end, ShardId(id as u16)));
+                }
+                Placement::Range { ranges }
+            }
+            Strategy::Tenant => {
+                for (name, addr) in &c.nodes {
+                    nodes.push(Node { name: name.clone(), addr: Some(addr.clone()) });
+                }
+                if nodes.is_empty() {
+                    nodes.push(Node { name: "default".into(), addr: None });
+                }
+                Placement::Tenant
+            }
+            Strategy::Geo => {
+                let mut regions = Vec::new();
+                for (region, addr) in &c.geo_regions {
+                    // shard-node-<region> gives full credentials for a region named by host alone.
+                    let addr = addr_of(region).unwrap_or_else(|| addr.clone());
+                    regions.push((Arc::<str>::from(region.as_str()), ShardId(nodes.len() as u16)));
+                    nodes.push(Node { name: region.clone(), addr: Some(addr) });
+                }
+                let default = c.default.as_ref().map(|(_, addr)| {
+                    // The default is a region's node when it names that region or has the same address.
+                    let same = c.geo_regions.iter().position(|(r, a)| a == addr || (addr.hosts.len() == 1 && addr.hosts[0].0 == *r));
+                    match same {
+                        Some(i) => ShardId(i as u16),
+                        None => {
+                            nodes.push(Node { name: "default".into(), addr: Some(addr_of("default").unwrap_or_else(|| addr.clone())) });
+                            ShardId((nodes.len() - 1) as u16)
+                        }
+                    }
+                });
+                let db = c.geo_db.as_deref().map(GeoDb::open).transpose()?;
+                let resolver = GeoResolver {
+                    regions: c.geo_regions.iter().map(|(r, _)| r.clone()).collect(),
+                    country: c.geo_country.clone(),
+                    continent: c.geo_continent.clone(),
+                    db,
+                };
+                Placement::Geo { resolver, regions, default }
+            }
+        };
+        if nodes.len() > u16::MAX as usize {
+            return Err("too many shards".into());
+        }
+        Ok(ShardMap {
+            strategy: c.strategy,
+            algorithm: c.algorithm,
+            key: c.shard_key.to_lowercase(),
+            key_type: c.key_type,
+            tenant_prefix: c.tenant_db_prefix.clone(),
+            nodes,
+            global_tables: c.global_tables.iter().cloned().collect(),
+            placement,
+        })
+    }
+
+    pub fn node(&self, id: ShardId) -> &Node {
+        &self.nodes[id.0 as usize]
+    }
+
+    pub fn shard_by_name(&self, name: &str) -> Option<ShardId> {
+        self.nodes.iter().position(|n| n.name == name).map(|i| ShardId(i as u16))
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = ShardId> {
+        (0..self.nodes.len()).map(|i| ShardId(i as u16))
+    }
+
+    /// The number of buckets under `hash-buckets`.
+    pub fn bucket_count(&self) -> Option<u32> {
+        match &self.placement {
+            Placement::Buckets { owners } => Some(owners.len() as u32),
+            _ => None,
+        }
+    }
+
+    /// Where a key value goes. For the tenant strategy the value is the tenant name.
+    pub fn locate(&self, v: &KeyValue) -> Result<Located, PlaceError> {
+        let here = |shard| Located { shard, bucket: None, region: None };
+        match &self.placement {
+            Placement::Modulo { count } => {
+                let slot = match v {
+                    KeyValue::Int(i) => i.rem_euclid(i64::from(*count)) as u32,
+                    other => hash::reduce(hash::hash_key(other), *count),
+                };
+                Ok(here(ShardId(slot as u16)))
+            }
+            Placement::Buckets { owners } => {
+                let b = hash::reduce(hash::hash_key(v), owners.len() as u32);
+                Ok(Located { shard: owners[b as usize], bucket: Some(BucketId(b)), region: None })
+            }
+            Placement::Range { ranges } => {
+                let KeyValue::Int(i) = v else {
+                    return Err(PlaceError::NotInteger { key: self.key.clone(), value: v.to_string() });
+                };
+                let idx = ranges.partition_point(|(start, _, _)| *start <= *i);
+                match idx.checked_sub(1).map(|k| ranges[k]) {
+                    Some((_, end, shard)) if end.is_none_or(|e| *i <= e) => Ok(here(shard)),
+                    _ => Err(PlaceError::OutOfRange { key: self.key.clone(), value: v.to_string() }),
+                }
+            }
+            Placement::Tenant => Ok(here(self.tenant_shard(&v.to_string()))),
+            Placement::Geo { resolver, regions, default } => {
+                let p = resolver.resolve(&v.to_string());
+                let found = p.region.as_deref().and_then(|r| regions.iter().find(|(name, _)| &**name == r));
+                match (found, default) {
+                    (Some((name, shard)), _) => Ok(Located { shard: *shard, bucket: None, region: Some(name.clone()) }),
+                    (None, Some(d)) => Ok(here(*d)),
+                    (None, None) => Err(PlaceError::NoRegion { key: self.key.clone(), value: v.to_string() }),
+                }
+            }
+        }
+    }
+
+    /// The node that holds a tenant's database: the hash of its name over the nodes, in config order.
+    pub fn tenant_shard(&self, tenant: &str) -> ShardId {
+        let slot = hash::reduce(hash::hash_key(&KeyValue::Text(tenant.into())), self.nodes.len() as u32);
+        ShardId(slot as u16)
+    }
+
+    /// The tenant named by a database name (`gb_tenant_acme` → `acme`).
+    pub fn tenant_of_database<'d>(&self, database: &'d str) -> Option<&'d str> {
+        database.strip_prefix(self.tenant_prefix.as_str()).filter(|t| !t.is_empty())
+    }
+}

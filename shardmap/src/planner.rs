@@ -1,0 +1,340 @@
+//! The planner: SQL text (parsed once, then cached by text) plus Bind parameters plus session state gives a
+//! [`Decision`]. The cache is bounded in entries and in statement size, so hostile input costs a bounded
+//! amount of memory; a cached decision costs a hash lookup plus reading the parameters.
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+
+use crate::config::Strategy;
+use crate::decision::{Decision, RouteError, Target};
+use crate::map::{ShardId, ShardMap};
+use crate::sql::{self, Analysis, Hint, KeyExpr, Keys, Kind, SessionChange, StatementAnalysis, Tables};
+use crate::value::{KeyValue, ParamError};
+
+/// Entries kept in the parse cache.
+pub const CACHE_ENTRIES: usize = 4096;
+/// Statements longer than this are analysed every time rather than cached (they are rarely repeated, and
+/// caching them would let a client pin a lot of memory).
+pub const CACHE_MAX_TEXT: usize = 8192;
+
+/// What routing needs of a client's session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Session {
+    /// The database named at startup.
+    pub database: Option<String>,
+    /// `SET gb.shard_key = ...`.
+    pub shard_key: Option<KeyValue>,
+    /// `SET gb.tenant = ...`.
+    pub tenant: Option<String>,
+}
+
+impl Session {
+    /// Applies a statement's session change (`SET gb.shard_key`, `SET gb.tenant`, their RESET).
+    pub fn apply(&mut self, change: &SessionChange, map: &ShardMap) -> Result<(), RouteError> {
+        match change {
+            SessionChange::ShardKey(None) => self.shard_key = None,
+            SessionChange::ShardKey(Some(v)) => {
+                let kv = KeyValue::from_text(v, map.key_type).map_err(|why| RouteError::BadKey { value: v.clone(), why })?;
+                self.shard_key = Some(kv);
+            }
+            SessionChange::Tenant(t) => self.tenant = t.clone(),
+        }
+        Ok(())
+    }
+}
+
+/// One Bind parameter: its bytes (`None` for NULL), whether it is in binary format, and its type OID from
+/// Parse (0 when the client left it to the server).
+#[derive(Clone, Copy, Debug)]
+pub struct Param<'a> {
+    pub value: Option<&'a [u8]>,
+    pub binary: bool,
+    pub oid: u32,
+}
+
+/// Bind parameters, as the router holds them (slices of the Bind message, no copy).
+pub trait Params {
+    fn param(&self, index: usize) -> Option<Param<'_>>;
+}
+
+/// No parameters (simple query protocol).
+pub struct NoParams;
+
+impl Params for NoParams {
+    fn param(&self, _: usize) -> Option<Param<'_>> {
+        None
+    }
+}
+
+/// Text-format parameters, for `explain --param` and tests.
+pub struct TextParams(pub Vec<Option<String>>);
+
+impl Params for TextParams {
+    fn param(&self, index: usize) -> Option<Param<'_>> {
+        self.0.get(index).map(|v| Param { value: v.as_deref().map(str::as_bytes), binary: false, oid: 0 })
+    }
+}
+
+/// Turns statements into decisions.
+pub struct Planner {
+    map: Arc<ShardMap>,
+    cache: Mutex<LruCache<Box<str>, Arc<Analysis>>>,
+}
+
+impl Planner {
+    pub fn new(map: Arc<ShardMap>) -> Planner {
+        let cap = NonZeroUsize::new(CACHE_ENTRIES).expect("non-zero");
+        Planner { map, cache: Mutex::new(LruCache::new(cap)) }
+    }
+
+    pub fn map(&self) -> &Arc<ShardMap> {
+        &self.map
+    }
+
+    /// The analysis of a statement text, from the cache or parsed now.
+    pub fn analyze(&self, text: &str) -> Arc<Analysis> {
+        if text.len() <= CACHE_MAX_TEXT {
+            if let Some(a) = self.cache.lock().expect("cache lock").get(text) {
+                return a.clone();
+            }
+        }
+        let a = Arc::new(sql::analyze(text, &self.map.key, self.map.key_type, &self.map.global_tables));
+        if text.len() <= CACHE_MAX_TEXT {
+            self.cache.lock().expect("cache lock").put(text.into(), a.clone());
+        }
+        a
+    }
+
+    /// Routes a statement text.
+    pub fn decide(&self, text: &str, params: &dyn Params, session: &Session) -> Result<Decision, RouteError> {
+        let a = self.analyze(text);
+        self.decide_analyzed(&a, params, session)
+    }
+
+    /// Routes an analysed statement (a prepared statement's analysis is kept by the router, so each Execute
+    /// costs only this).
+    pub fn decide_analyzed(&self, a: &Arc<Analysis>, params: &dyn Params, session: &Session) -> Result<Decision, RouteError> {
+        let mut statements = a.statements.iter();
+        let first = statements.next();
+        let mut d = match first {
+            Some(st) => self.decide_one(a, st, params, session)?,
+            None => return Ok(self.decision(a, Target::Any, "empty query".into())),
+        };
+        for st in statements {
+            let next = self.decide_one(a, st, params, session)?;
+            d = self.combine(d, next)?;
+        }
+        Ok(d)
+    }
+
+    fn decision(&self, a: &Arc<Analysis>, target: Target, reason: String) -> Decision {
+        Decision { target, values: Vec::new(), buckets: Vec::new(), regions: Vec::new(), database: None, reason, analysis: a.clone() }
+    }
+
+    /// Statements of one query string must agree on a place.
+    fn combine(&self, a: Decision, b: Decision) -> Result<Decision, RouteError> {
+        use Target::*;
+        let keep_a = match (&a.target, &b.target) {
+            (_, Session) | (_, Any) => true,
+            (Session, _) | (Any, _) => false,
+            (x, y) if x == y => true,
+            _ => {
+                let names = |d: &Decision| match &d.target {
+                    All => "all".to_string(),
+                    _ => d.shards(&self.map).iter().map(|s| self.map.node(*s).name.clone()).collect::<Vec<_>>().join(","),
+                };
+                return Err(RouteError::SpansShards { what: "the multi-statement query".into(), shards: format!("{} and {}", names(&a), names(&b)) });
+            }
+        };
+        let (mut keep, other) = if keep_a { (a, b) } else { (b, a) };
+        keep.values.extend(other.values);
+        keep.buckets.extend(other.buckets);
+        keep.regions.extend(other.regions);
+        if keep.database.is_none() {
+            keep.database = other.database;
+        }
+        Ok(keep)
+    }
+
+    fn decide_one(&self, a: &Arc<Analysis>, st: &StatementAnalysis, params: &dyn Params, session: &Session) -> Result<Decision, RouteError> {
+        if let Some(r) = &st.refusal {
+            if a.hint.is_none() || matches!(st.kind, Kind::CopyIn) {
+                return Err(RouteError::Refused(r.clone()));
+            }
+        }
+        if self.map.strategy == Strategy::Tenant {
+            return self.decide_tenant(a, st, params, session);
+        }
+        if matches!(st.kind, Kind::Transaction | Kind::Session) {
+            return Ok(self.decision(a, Target::Session, st.reason.clone()));
+        }
+        if let Some(h) = &a.hint {
+            return self.by_hint(a, h);
+        }
+        match (st.kind, &st.tables) {
+            (Kind::Ddl, _) => return Ok(self.decision(a, Target::All, st.reason.clone())),
+            (Kind::CopyIn, _) => return Ok(self.decision(a, Target::All, st.reason.clone())),
+            (Kind::Read, Tables::None | Tables::Global) => return Ok(self.decision(a, Target::Any, st.reason.clone())),
+            (_, Tables::None) => return Ok(self.decision(a, Target::Any, st.reason.clone())),
+            (Kind::Write, Tables::Global) => return Ok(self.decision(a, Target::All, st.reason.clone())),
+            _ => {}
+        }
+        let values = match &st.keys {
+            Keys::Some(exprs) => self.values(exprs, params)?,
+            Keys::None => match &session.shard_key {
+                Some(k) => {
+                    let mut d = self.place(a, vec![k.clone()], st)?;
+                    d.reason = format!("session gb.shard_key = {k}");
+                    return Ok(d);
+                }
+                None if st.kind == Kind::Read => return Ok(self.decision(a, Target::All, format!("{}: every shard", st.reason))),
+                None => {
+                    return Err(RouteError::MissingKey { statement: "a write to a sharded table", key: self.map.key.clone(), reason: st.reason.clone() });
+                }
+            },
+        };
+        if values.is_empty() {
+            // `key IN ()` or an empty array: no row can match; any shard answers.
+            return Ok(self.decision(a, Target::Any, st.reason.clone()));
+        }
+        let d = self.place(a, values, st)?;
+        if st.kind == Kind::Write {
+            if let Target::Set(shards) = &d.target {
+                let names: Vec<&str> = shards.iter().map(|s| self.map.node(*s).name.as_str()).collect();
+                let what = match &st.tables {
+                    Tables::Sharded(t) => format!("the write to {t} ({})", st.reason),
+                    _ => "the write".into(),
+                };
+                return Err(RouteError::SpansShards { what, shards: names.join(", ") });
+            }
+        }
+        Ok(d)
+    }
+
+    /// Reads key values out of literals and parameters.
+    fn values(&self, exprs: &[KeyExpr], params: &dyn Params) -> Result<Vec<KeyValue>, RouteError> {
+        let mut out = Vec::with_capacity(exprs.len());
+        for e in exprs {
+            match e {
+                KeyExpr::Value(v) => out.push(v.clone()),
+                KeyExpr::Param(i) => out.push(self.param(*i, params)?),
+                KeyExpr::ArrayParam(i) => {
+                    let p = params.param(*i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
+                    let bytes = p.value.ok_or(ParamError { index: i + 1, what: "NULL is not a list of shard keys".into() })?;
+                    let vs = KeyValue::array_from_param(bytes, p.binary, self.map.key_type).map_err(|what| ParamError { index: i + 1, what })?;
+                    out.extend(vs);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn param(&self, i: usize, params: &dyn Params) -> Result<KeyValue, RouteError> {
+        let p = params.param(i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
+        let bytes = p.value.ok_or(ParamError { index: i + 1, what: "NULL is not a shard key".into() })?;
+        let v = if p.binary {
+            KeyValue::from_binary(bytes, p.oid, self.map.key_type)
+        } else {
+            std::str::from_utf8(bytes).map_err(|_| "text that is not UTF-8".to_string()).and_then(|s| KeyValue::from_text(s, self.map.key_type))
+        };
+        Ok(v.map_err(|what| ParamError { index: i + 1, what })?)
+    }
+
+    /// Places key values on shards.
+    fn place(&self, a: &Arc<Analysis>, values: Vec<KeyValue>, st: &StatementAnalysis) -> Result<Decision, RouteError> {
+        let mut d = self.decision(a, Target::Any, st.reason.clone());
+        let mut shards: Vec<ShardId> = Vec::with_capacity(1);
+        for v in &values {
+            let loc = self.map.locate(v)?;
+            if let Some(b) = loc.bucket {
+                d.buckets.push(b);
+            }
+            if self.map.strategy == Strategy::Geo {
+                d.regions.push(loc.region.unwrap_or_else(|| Arc::from("default")));
+            }
+            if !shards.contains(&loc.shard) {
+                shards.push(loc.shard);
+            }
+        }
+        shards.sort_unstable();
+        d.target = match shards.as_slice() {
+            [one] => Target::One(*one),
+            _ => Target::Set(shards),
+        };
+        d.values = values;
+        Ok(d)
+    }
+
+    fn by_hint(&self, a: &Arc<Analysis>, h: &Hint) -> Result<Decision, RouteError> {
+        match h {
+            Hint::Shard(name) => {
+                let s = self.map.shard_by_name(name).ok_or_else(|| RouteError::UnknownShard(name.clone()))?;
+                Ok(self.decision(a, Target::One(s), format!("hint shard: {name}")))
+            }
+            Hint::ShardKey(v) | Hint::Tenant(v) => {
+                let kv = KeyValue::from_text(v, self.map.key_type).map_err(|why| RouteError::BadKey { value: v.clone(), why })?;
+                let st = StatementAnalysis {
+                    kind: Kind::Read,
+                    tables: Tables::None,
+                    keys: Keys::None,
+                    refusal: None,
+                    session: None,
+                    copy: None,
+                    reason: String::new(),
+                };
+                let mut d = self.place(a, vec![kv], &st)?;
+                d.reason = format!("hint shard_key: {v}");
+                Ok(d)
+            }
+        }
+    }
+
+    /// Tenant strategy: the tenant names a database on one node.
+    fn decide_tenant(&self, a: &Arc<Analysis>, st: &StatementAnalysis, params: &dyn Params, session: &Session) -> Result<Decision, RouteError> {
+        let mut reason = String::new();
+        let mut tenant: Option<String> = None;
+        if let Some(Hint::Tenant(t) | Hint::ShardKey(t)) = &a.hint {
+            tenant = Some(t.clone());
+            reason = format!("hint tenant: {t}");
+        }
+        if tenant.is_none() {
+            if let Keys::Some(exprs) = &st.keys {
+                let values = self.values(exprs, params)?;
+                let mut names: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+                names.dedup();
+                if names.len() > 1 {
+                    return Err(RouteError::SpansShards { what: "the statement".into(), shards: format!("tenants {}", names.join(", ")) });
+                }
+                if let Some(t) = names.pop() {
+                    reason = st.reason.clone();
+                    tenant = Some(t);
+                }
+            }
+        }
+        if tenant.is_none() {
+            if let Some(t) = &session.tenant {
+                tenant = Some(t.clone());
+                reason = format!("session gb.tenant = {t}");
+            }
+        }
+        if tenant.is_none() {
+            if let Some(t) = session.database.as_deref().and_then(|db| self.map.tenant_of_database(db)) {
+                tenant = Some(t.to_string());
+                reason = format!("database {}", session.database.as_deref().unwrap_or_default());
+            }
+        }
+        let Some(tenant) = tenant else {
+            if matches!(st.kind, Kind::Transaction | Kind::Session) {
+                return Ok(self.decision(a, Target::Session, st.reason.clone()));
+            }
+            return Err(RouteError::NoTenant { prefix: self.map.tenant_prefix.clone(), key: self.map.key.clone() });
+        };
+        let target = if matches!(st.kind, Kind::Transaction | Kind::Session) { Target::Session } else { Target::One(self.map.tenant_shard(&tenant)) };
+        let mut d = self.decision(a, target, reason);
+        d.database = Some(format!("{}{tenant}", self.map.tenant_prefix));
+        d.values = vec![KeyValue::Text(tenant.into())];
+        Ok(d)
+    }
+}
