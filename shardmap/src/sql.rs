@@ -132,13 +132,25 @@ pub struct Analysis {
 /// Analyses `sql` for shard key `key` (lower case) with the given key type and global tables.
 pub fn analyze(sql: &str, key: &str, key_type: KeyType, global: &HashSet<String>) -> Analysis {
     let hint = find_hint(sql);
-    let ctx = Ctx { key, key_type, global };
+    let ctx = Ctx { key, key_type, global, bad_literal: Default::default() };
     let parsed = Parser::new(&PostgreSqlDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
         .try_with_sql(sql)
         .and_then(|mut p| p.parse_statements());
     match parsed {
-        Ok(stmts) => Analysis { statements: stmts.iter().map(|s| ctx.statement(s)).collect(), hint, parse_error: None },
+        Ok(stmts) => {
+            let statements = stmts
+                .iter()
+                .map(|s| {
+                    let mut a = ctx.statement(s);
+                    if let Some(bad) = ctx.bad_literal.borrow_mut().take() {
+                        a.refusal.get_or_insert(bad);
+                    }
+                    a
+                })
+                .collect();
+            Analysis { statements, hint, parse_error: None }
+        }
         Err(e) => {
             let msg = e.to_string();
             Analysis { statements: vec![lexical(sql, &msg)], hint, parse_error: Some(msg) }
@@ -202,6 +214,8 @@ struct Ctx<'a> {
     key: &'a str,
     key_type: KeyType,
     global: &'a HashSet<String>,
+    /// The first key literal that cannot be a key of the configured type (`user_id = 'not-a-uuid'`).
+    bad_literal: std::cell::RefCell<Option<String>>,
 }
 
 /// A key constraint on a query block: `None` means unconstrained.
@@ -820,20 +834,46 @@ impl Ctx<'_> {
                     return None;
                 };
                 let _ = col;
-                self.key_value(val).ok().flatten().map(|k| vec![k])
+                self.checked(val).map(|k| vec![k])
             }
             Expr::In { expr, target: ast::InTarget::List(list), negated: false, .. } if self.is_key(expr) => {
-                list.iter().map(|v| self.key_value(v).ok().flatten()).collect()
+                list.iter().map(|v| self.checked(v)).collect()
+            }
+            // `key IN (SELECT key FROM ... WHERE key = K)`: the subquery's keys.
+            Expr::In { expr, target: ast::InTarget::Subquery(q), negated: false, .. } if self.is_key(expr) => {
+                let SetExpr::Select(s) = q.body.as_ref() else { return None };
+                match s.projection.as_slice() {
+                    [ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. }] if self.is_key(e) => {
+                        let o = self.query(q, false, &mut Vec::new());
+                        match o.keys() {
+                            Keys::Some(k) => Some(k),
+                            Keys::None => None,
+                        }
+                    }
+                    _ => None,
+                }
             }
             Expr::AnyOp { left, compare_op: BinaryOperator::Eq, right, .. } if self.is_key(left) => match strip_cast(right) {
                 Expr::Value(v) => match &v.value {
                     Value::Placeholder(p) => param_index(p).map(|i| vec![KeyExpr::ArrayParam(i)]),
                     _ => None,
                 },
-                Expr::Array(arr) => arr.elem.iter().map(|v| self.key_value(v).ok().flatten()).collect(),
+                Expr::Array(arr) => arr.elem.iter().map(|v| self.checked(v)).collect(),
                 _ => None,
             },
             _ => None,
+        }
+    }
+
+    /// [`Ctx::key_value`], remembering a literal that cannot be a key so that the statement is refused with
+    /// the reason rather than sent everywhere.
+    fn checked(&self, e: &Expr) -> Option<KeyExpr> {
+        match self.key_value(e) {
+            Ok(k) => k,
+            Err(why) => {
+                self.bad_literal.borrow_mut().get_or_insert_with(|| format!("shard key {}: {why}", self.key));
+                None
+            }
         }
     }
 

@@ -119,10 +119,11 @@ impl KeyValue {
         match oid {
             INT2 | INT4 | INT8 => as_int(bytes),
             UUID => as_uuid(bytes),
-            TEXT | VARCHAR | BPCHAR | NAME => match ty {
-                KeyType::Auto | KeyType::Text => as_text(bytes),
-                _ => KeyValue::from_text(std::str::from_utf8(bytes).map_err(|e| e.to_string())?, ty),
-            },
+            // Text in binary format is its bytes: read it as a text-format value would be, so that `$1` means
+            // the same whichever format the client picked.
+            TEXT | VARCHAR | BPCHAR | NAME => {
+                KeyValue::from_text(std::str::from_utf8(bytes).map_err(|_| "text that is not UTF-8".to_string())?, ty)
+            }
             _ => match ty {
                 KeyType::Int => as_int(bytes),
                 KeyType::Uuid => as_uuid(bytes),

@@ -1,0 +1,393 @@
+//! Table-driven routing tests: statements a chat-bot server sends (users, bots, user_sessions,
+//! message_history, usage_analytics), each with the route it must get. Two configs: bigint keys under
+//! `modulo` and uuid keys under `hash-buckets`.
+//!
+//! Each row is `expectation | params | sql`. Expectations: `shard N` (one shard, by name), `keys V...` (the
+//! shards of those key values), `all`, `any`, `session`, `err KIND`. Params are `;`-separated text values.
+
+use std::sync::Arc;
+
+use shardmap::{Config, KeyValue, Planner, RouteError, Session, ShardMap, Target, TextParams};
+
+const BIGINT: &str = "shard-strategy,hash\nshard-count,4\nshard-key,user_id\nshard-algorithm,modulo\nshard-global-tables,bots,tools,system_config\n";
+const UUID: &str = "shard-strategy,hash\nshard-count,4\nshard-key,user_id\nshard-key-type,uuid\nshard-algorithm,hash-buckets\nshard-global-tables,bots,tools\n";
+
+const U1: &str = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+
+const BIGINT_ROUTES: &str = r#"
+# plain equality, literals and parameters
+shard 1 | | SELECT * FROM users WHERE user_id = 12345
+shard 1 | | select * from users where user_id=12345
+shard 1 | | SELECT * FROM users WHERE 12345 = user_id
+shard 1 | | SELECT * FROM users WHERE "user_id" = 12345
+shard 1 | | SELECT * FROM public.users WHERE user_id = 12345
+shard 1 | | SELECT * FROM users WHERE user_id = '12345'
+shard 1 | | SELECT * FROM users WHERE user_id = 12345::bigint
+shard 1 | | SELECT * FROM users WHERE user_id = CAST(12345 AS bigint)
+shard 1 | | SELECT * FROM users WHERE (user_id = 12345)
+shard 3 | | SELECT * FROM users WHERE user_id = -1
+shard 0 | | SELECT * FROM users WHERE user_id = 0
+shard 3 | | SELECT * FROM users WHERE user_id = 9223372036854775807
+shard 0 | | SELECT * FROM users WHERE user_id = -9223372036854775808
+shard 1 | 12345 | SELECT * FROM users WHERE user_id = $1
+shard 2 | x;6 | SELECT * FROM users WHERE name = $1 AND user_id = $2
+shard 1 | 12345 | SELECT * FROM users WHERE user_id = $1::int8
+shard 2 | | SELECT name, email FROM users WHERE user_id = 42 LIMIT 1
+shard 2 | | SELECT * FROM users WHERE user_id = 42 ORDER BY created_at DESC LIMIT 10 OFFSET 5
+shard 2 | | SELECT count(*) FROM message_history WHERE user_id = 42
+shard 2 | | SELECT * FROM message_history WHERE user_id = 42 AND created_at > now() - interval '1 day'
+shard 2 | | SELECT * FROM message_history WHERE created_at > now() - interval '1 day' AND user_id = 42
+shard 2 | | SELECT * FROM message_history WHERE user_id = 42 AND (role = 'user' OR role = 'assistant')
+shard 2 | | SELECT * FROM usage_analytics WHERE user_id = 42 AND bot_id = 'b1' GROUP BY day HAVING count(*) > 1
+shard 2 | | SELECT DISTINCT session_id FROM message_history WHERE user_id = 42
+shard 2 | | SELECT * FROM user_sessions WHERE user_id = 42 FOR UPDATE
+shard 2 | | SELECT * FROM user_sessions WHERE user_id = 42 FOR UPDATE SKIP LOCKED
+shard 2 | | SELECT user_id, max(created_at) FROM message_history WHERE user_id = 42 GROUP BY user_id
+shard 2 | | SELECT * FROM message_history WHERE user_id = 42 AND content ILIKE '%hello%'
+shard 2 | | SELECT * FROM message_history WHERE user_id = 42 AND metadata->>'channel' = 'web'
+shard 2 | | SELECT * FROM message_history WHERE user_id = 42 AND tags @> ARRAY['x']
+shard 2 | | SELECT * FROM users WHERE user_id = 42 AND deleted_at IS NULL
+shard 2 | | SELECT * FROM users WHERE user_id = 42 AND created_at BETWEEN '2026-01-01' AND '2026-02-01'
+shard 2 | | SELECT * FROM users WHERE user_id = 42 AND NOT archived
+shard 2 | | SELECT row_to_json(u) FROM users u WHERE u.user_id = 42
+shard 2 | | SELECT * FROM users WHERE user_id = 42 AND email = $1
+shard 2 | | EXPLAIN SELECT * FROM users WHERE user_id = 42
+shard 2 | | EXPLAIN ANALYZE SELECT * FROM users WHERE user_id = 42
+# qualified, aliased, joins
+shard 2 | | SELECT u.name FROM users u WHERE u.user_id = 42
+shard 2 | | SELECT users.name FROM users WHERE users.user_id = 42
+shard 2 | | SELECT * FROM public.users AS u WHERE u.user_id = 42
+shard 2 | | SELECT m.* FROM message_history m JOIN user_sessions s ON s.id = m.session_id WHERE m.user_id = 42
+shard 2 | | SELECT m.* FROM message_history m JOIN user_sessions s ON s.user_id = m.user_id AND s.user_id = 42
+shard 2 | | SELECT * FROM users u LEFT JOIN user_sessions s ON s.user_id = u.user_id WHERE u.user_id = 42
+shard 2 | | SELECT * FROM users u INNER JOIN usage_analytics a USING (user_id) WHERE u.user_id = 42
+shard 2 | | SELECT * FROM users u, user_sessions s WHERE s.user_id = u.user_id AND u.user_id = 42
+shard 2 | | SELECT u.*, b.name FROM users u JOIN bots b ON b.id = u.bot_id WHERE u.user_id = 42
+shard 2 | | SELECT * FROM message_history m JOIN bots b ON b.id = m.bot_id JOIN tools t ON t.bot_id = b.id WHERE m.user_id = 42
+shard 2 | | SELECT * FROM (users u JOIN user_sessions s ON s.user_id = u.user_id) WHERE u.user_id = 42
+# subqueries and CTEs
+shard 2 | | SELECT * FROM user_sessions WHERE user_id = 42 AND id IN (SELECT session_id FROM message_history)
+shard 2 | | SELECT * FROM users WHERE user_id = 42 AND EXISTS (SELECT 1 FROM message_history m WHERE m.user_id = users.user_id)
+shard 2 | | SELECT * FROM (SELECT * FROM message_history) m WHERE m.user_id = 42
+shard 2 | | SELECT * FROM (SELECT * FROM message_history WHERE user_id = 42) m
+shard 2 | | SELECT * FROM users WHERE user_id IN (SELECT user_id FROM user_sessions WHERE user_id = 42)
+shard 2 | | SELECT (SELECT count(*) FROM message_history m WHERE m.user_id = 42) AS n
+shard 2 | | SELECT u.*, (SELECT count(*) FROM message_history m WHERE m.user_id = u.user_id) FROM users u WHERE u.user_id = 42
+shard 2 | | WITH recent AS (SELECT * FROM message_history WHERE user_id = 42 ORDER BY id DESC LIMIT 20) SELECT * FROM recent ORDER BY id
+shard 2 | | WITH s AS (SELECT * FROM user_sessions) SELECT * FROM s WHERE user_id = 42
+shard 2 | | WITH a AS (SELECT * FROM users WHERE user_id = 42), b AS (SELECT * FROM bots) SELECT * FROM a, b
+shard 2 | | WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 5) SELECT * FROM users, t WHERE user_id = 42
+shard 2 | | SELECT * FROM users WHERE user_id = 42 UNION SELECT * FROM users WHERE user_id = 46
+keys 1 2 | | SELECT * FROM users WHERE user_id = 41 UNION ALL SELECT * FROM users WHERE user_id = 42
+all | | SELECT * FROM users WHERE user_id = 42 UNION ALL SELECT * FROM users
+all | | SELECT * FROM users u WHERE u.user_id IN (SELECT user_id FROM user_sessions)
+# IN lists, ANY, OR
+keys 1 2 3 | | SELECT * FROM users WHERE user_id IN (1, 2, 3)
+shard 1 | | SELECT * FROM users WHERE user_id IN (1, 5, 9)
+keys 1 2 | 1;2 | SELECT * FROM users WHERE user_id IN ($1, $2)
+keys 1 2 | | SELECT * FROM users WHERE user_id = 1 OR user_id = 2
+keys 1 2 3 | | SELECT * FROM users WHERE user_id = 1 OR (user_id = 2 OR user_id = 3)
+keys 5 6 | {5,6} | SELECT * FROM users WHERE user_id = ANY($1)
+keys 5 6 | {5,6} | SELECT * FROM users WHERE user_id = ANY($1::bigint[])
+keys 7 8 | | SELECT * FROM users WHERE user_id = ANY(ARRAY[7, 8])
+shard 1 | {1,5} | SELECT * FROM users WHERE user_id = ANY($1)
+any | {} | SELECT * FROM users WHERE user_id = ANY($1)
+# no key: reads to every shard
+all | | SELECT * FROM users
+all | | SELECT count(*) FROM message_history
+all | | SELECT * FROM users WHERE email = 'a@b.c'
+all | | SELECT * FROM users WHERE user_id > 100
+all | | SELECT * FROM users WHERE user_id <> 5
+all | | SELECT * FROM users WHERE NOT (user_id = 5)
+all | | SELECT * FROM users WHERE user_id = 5 OR email = 'x'
+all | | SELECT * FROM users WHERE user_id NOT IN (1, 2)
+all | | SELECT * FROM users WHERE user_id = other_id
+all | | SELECT * FROM users WHERE user_id = (SELECT max(user_id) FROM users)
+all | | SELECT * FROM message_history m JOIN users u ON u.user_id = m.user_id
+all | | TABLE users
+all | | WITH x AS (SELECT * FROM users) SELECT * FROM x
+all | | SELECT * FROM users ORDER BY created_at DESC LIMIT 10
+# global tables, no tables, catalogs: any shard
+any | | SELECT * FROM bots
+any | | SELECT * FROM bots WHERE id = 'b1'
+any | | SELECT b.*, t.* FROM bots b JOIN tools t ON t.bot_id = b.id
+any | | SELECT * FROM system_config WHERE key = 'x'
+any | | SELECT 1
+any | | SELECT now()
+any | | SELECT version()
+any | | SELECT current_setting('server_version_num')
+any | | SELECT * FROM generate_series(1, 10)
+any | | SELECT * FROM pg_catalog.pg_tables
+any | | SELECT relname FROM pg_class WHERE relkind = 'r'
+any | | SELECT * FROM information_schema.columns WHERE table_name = 'users'
+any | |
+# inserts
+shard 1 | | INSERT INTO users (user_id, name) VALUES (12345, 'ana')
+shard 1 | 12345;ana | INSERT INTO users (user_id, name) VALUES ($1, $2)
+shard 1 | ana;12345 | INSERT INTO users (name, user_id) VALUES ($1, $2)
+shard 2 | | INSERT INTO message_history (user_id, session_id, role, content) VALUES (42, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'user', 'hi') RETURNING id
+shard 2 | | INSERT INTO users (user_id, name) VALUES (42, 'x') ON CONFLICT (user_id) DO UPDATE SET name = EXCLUDED.name RETURNING *
+shard 2 | | INSERT INTO users (user_id, name) VALUES (42, 'x') ON CONFLICT DO NOTHING
+shard 1 | | INSERT INTO users (user_id, name) VALUES (1, 'a'), (5, 'b'), (9, 'c')
+err spans | | INSERT INTO users (user_id, name) VALUES (1, 'a'), (2, 'b')
+shard 2 | | INSERT INTO usage_analytics (user_id, bot_id, tokens) VALUES (42, 'b1', 10)
+shard 2 | | INSERT INTO message_history (user_id, content) SELECT user_id, content FROM message_history WHERE user_id = 42
+err missing | | INSERT INTO archive SELECT * FROM message_history
+err missing | | INSERT INTO users (name) VALUES ('x')
+err missing | | INSERT INTO users VALUES (42, 'x')
+err refused | | INSERT INTO users (user_id, name) VALUES (nextval('s'), 'x')
+err refused | | INSERT INTO users (user_id, name) VALUES (DEFAULT, 'x')
+all | | INSERT INTO bots (id, name) VALUES ('b1', 'Helper')
+all | | INSERT INTO tools (bot_id, name) VALUES ('b1', 'search') ON CONFLICT DO NOTHING
+shard 2 | | WITH ins AS (INSERT INTO users (user_id, name) VALUES (42, 'x') RETURNING *) SELECT * FROM ins
+# updates and deletes
+shard 2 | | UPDATE users SET name = 'x' WHERE user_id = 42
+shard 2 | x;42 | UPDATE users SET name = $1 WHERE user_id = $2
+shard 2 | | UPDATE users u SET name = 'x' WHERE u.user_id = 42 RETURNING *
+shard 2 | | UPDATE user_sessions SET last_seen = now() WHERE user_id = 42 AND id = 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'
+shard 2 | | UPDATE usage_analytics SET tokens = tokens + 1 WHERE user_id = 42 AND bot_id = 'b1'
+shard 2 | | UPDATE users SET bot_id = b.id FROM bots b WHERE b.name = 'x' AND users.user_id = 42
+err missing | | UPDATE users SET name = 'x'
+err missing | | UPDATE users SET name = 'x' WHERE email = 'a@b.c'
+err spans | | UPDATE users SET name = 'x' WHERE user_id IN (1, 2)
+err refused | | UPDATE users SET user_id = 7 WHERE user_id = 42
+all | | UPDATE bots SET name = 'y' WHERE id = 'b1'
+shard 2 | | DELETE FROM message_history WHERE user_id = 42
+shard 2 | 42 | DELETE FROM message_history WHERE user_id = $1 AND created_at < now() - interval '30 days'
+shard 2 | | DELETE FROM user_sessions s WHERE s.user_id = 42 RETURNING s.id
+shard 2 | | DELETE FROM message_history WHERE user_id = 42 AND session_id IN (SELECT id FROM user_sessions WHERE expired)
+err missing | | DELETE FROM message_history
+err missing | | DELETE FROM message_history WHERE created_at < now() - interval '30 days'
+all | | DELETE FROM tools WHERE bot_id = 'b1'
+# hints and session keys
+shard 2 | | /* shard_key: 42 */ SELECT * FROM users WHERE email = 'x'
+shard 2 | | /* shard_key: 42 */ UPDATE users SET name = 'x' WHERE email = 'y'
+shard 3 | | SELECT * FROM users /* shard: 3 */
+shard 0 | | /* shard: 0 */ DELETE FROM message_history
+err unknown | | /* shard: 9 */ SELECT 1
+session | | SET gb.shard_key = 42
+session | | SET gb.shard_key TO '42'
+session | | RESET gb.shard_key
+# transaction control and session statements
+session | | BEGIN
+session | | BEGIN ISOLATION LEVEL SERIALIZABLE
+session | | START TRANSACTION READ ONLY
+session | | COMMIT
+session | | ROLLBACK
+session | | SAVEPOINT s1
+session | | RELEASE SAVEPOINT s1
+session | | ROLLBACK TO SAVEPOINT s1
+session | | SET search_path TO public
+session | | SET statement_timeout = 5000
+session | | SET TIME ZONE 'UTC'
+session | | SHOW server_version
+session | | RESET ALL
+session | | DISCARD ALL
+session | | LISTEN events
+session | | UNLISTEN *
+session | | DEALLOCATE ALL
+# DDL: every shard
+all | | CREATE TABLE users (user_id bigint PRIMARY KEY, name text)
+all | | CREATE TABLE IF NOT EXISTS message_history (id bigserial, user_id bigint NOT NULL, content text, PRIMARY KEY (user_id, id))
+all | | CREATE INDEX idx_mh_user ON message_history (user_id, created_at)
+all | | CREATE UNIQUE INDEX CONCURRENTLY idx_u_email ON users (email)
+all | | ALTER TABLE users ADD COLUMN last_login timestamptz
+all | | ALTER TABLE message_history DROP COLUMN IF EXISTS legacy
+all | | DROP TABLE IF EXISTS tmp_import
+all | | DROP INDEX IF EXISTS idx_old
+all | | CREATE EXTENSION IF NOT EXISTS "uuid-ossp"
+all | | CREATE SCHEMA IF NOT EXISTS analytics
+all | | CREATE VIEW v AS SELECT * FROM users
+all | | CREATE SEQUENCE s START 1
+all | | TRUNCATE usage_analytics
+all | | COMMENT ON TABLE users IS 'people'
+all | | GRANT SELECT ON users TO reader
+all | | VACUUM ANALYZE users
+all | | CREATE FUNCTION f() RETURNS int AS $$ SELECT 1 $$ LANGUAGE sql
+all | | DO $$ BEGIN PERFORM 1; END $$
+# multi-statement strings
+shard 2 | | BEGIN; UPDATE users SET name = 'x' WHERE user_id = 42; COMMIT
+shard 2 | | SELECT * FROM users WHERE user_id = 42; SELECT * FROM message_history WHERE user_id = 46
+err spans | | SELECT * FROM users WHERE user_id = 41; SELECT * FROM users WHERE user_id = 42
+all | | CREATE TABLE a (user_id bigint); CREATE INDEX ON a (user_id)
+err spans | | CREATE TABLE a (user_id bigint); INSERT INTO a (user_id) VALUES (1)
+shard 2 | | SELECT 1; SELECT * FROM users WHERE user_id = 42
+# COPY
+all | | COPY users (user_id, name) FROM STDIN
+all | | COPY users (name, user_id) FROM STDIN WITH (FORMAT csv, HEADER true)
+all | | COPY message_history (user_id, content) FROM STDIN CSV
+err refused | | COPY users FROM STDIN
+err refused | | COPY users (name) FROM STDIN
+err refused | | COPY users (user_id) FROM STDIN WITH (FORMAT binary)
+err refused | | COPY users FROM '/etc/passwd'
+all | | COPY users TO STDOUT
+shard 2 | | COPY (SELECT * FROM users WHERE user_id = 42) TO STDOUT
+any | | COPY bots TO STDOUT
+all | | COPY bots (id, name) FROM STDIN
+# parameters that cannot be keys
+err param | | SELECT * FROM users WHERE user_id = $1
+err param | NULL | SELECT * FROM users WHERE user_id = $1
+keys abc | abc | SELECT * FROM users WHERE user_id = $1
+err refused | | SELECT * FROM users WHERE user_id = 1.5
+# PostgreSQL the parser does not know still routes by its first word
+all | | CREATE STATISTICS s ON a, b FROM users WITH garbage that does not parse
+"#;
+
+const UUID_ROUTES: &str = r#"
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | | SELECT * FROM users WHERE user_id = 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | | SELECT * FROM users WHERE user_id = 'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11'
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | | SELECT * FROM users WHERE user_id = '{a0eebc999c0b4ef8bb6d6bb9bd380a11}'
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | | SELECT * FROM users WHERE user_id = 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | | SELECT * FROM users WHERE user_id = uuid 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | SELECT * FROM message_history WHERE user_id = $1 ORDER BY created_at DESC LIMIT 50
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | SELECT * FROM user_sessions s WHERE s.user_id = $1 AND s.expires_at > now()
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11;x | INSERT INTO users (user_id, name) VALUES ($1, $2)
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | | INSERT INTO message_history (id, user_id, bot_id, content) VALUES (gen_random_uuid(), 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'b', 'hi')
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | UPDATE user_sessions SET last_seen = now() WHERE user_id = $1
+keys a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 | DELETE FROM usage_analytics WHERE user_id = $1
+keys 00000000-0000-0000-0000-000000000001 00000000-0000-0000-0000-000000000002 | {00000000-0000-0000-0000-000000000001,00000000-0000-0000-0000-000000000002} | SELECT * FROM users WHERE user_id = ANY($1)
+err refused | | SELECT * FROM users WHERE user_id = 'not-a-uuid'
+err refused | | SELECT * FROM users WHERE user_id = 42
+err param | 42 | SELECT * FROM users WHERE user_id = $1
+any | | SELECT * FROM bots WHERE id = 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'
+all | | SELECT * FROM users WHERE email = 'x'
+err missing | | UPDATE users SET name = 'x' WHERE email = 'y'
+"#;
+
+fn planner(config: &str) -> Planner {
+    let c = Config::parse("test.csv", config.as_bytes()).expect("config");
+    Planner::new(Arc::new(ShardMap::new(&c).expect("map")))
+}
+
+fn err_kind(e: &RouteError) -> &'static str {
+    match e {
+        RouteError::MissingKey { .. } => "missing",
+        RouteError::Refused(_) | RouteError::BadKey { .. } => "refused",
+        RouteError::SpansShards { .. } => "spans",
+        RouteError::Param(_) => "param",
+        RouteError::UnknownShard(_) => "unknown",
+        RouteError::NoTenant { .. } => "notenant",
+        RouteError::Place(_) => "place",
+    }
+}
+
+/// Runs a table; returns how many rows it checked.
+fn run_table(p: &Planner, table: &str) -> usize {
+    let map = p.map().clone();
+    let mut n = 0;
+    let mut failures = Vec::new();
+    for line in table.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.splitn(3, '|').map(str::trim);
+        let (expect, params, sql) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap_or(""));
+        let params = TextParams(if params.is_empty() {
+            Vec::new()
+        } else {
+            params.split(';').map(|p| (p != "NULL").then(|| p.to_string())).collect()
+        });
+        n += 1;
+        let got = p.decide(sql, &params, &Session::default());
+        let (word, arg) = expect.split_once(' ').unwrap_or((expect, ""));
+        let ok = match (word, &got) {
+            ("shard", Ok(d)) => d.target == Target::One(map.shard_by_name(arg).expect("shard name")),
+            ("keys", Ok(d)) => {
+                let mut shards: Vec<_> = arg
+                    .split(' ')
+                    .map(|v| map.locate(&KeyValue::from_text(v, map.key_type).unwrap()).unwrap().shard)
+                    .collect();
+                shards.sort();
+                shards.dedup();
+                let want = if shards.len() == 1 { Target::One(shards[0]) } else { Target::Set(shards) };
+                d.target == want
+            }
+            ("all", Ok(d)) => d.target == Target::All,
+            ("any", Ok(d)) => d.target == Target::Any,
+            ("session", Ok(d)) => d.target == Target::Session,
+            ("err", Err(e)) => err_kind(e) == arg,
+            _ => false,
+        };
+        if !ok {
+            failures.push(format!("{sql}\n    expected {expect}, got {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {n} routes wrong:\n{}", failures.len(), failures.join("\n"));
+    n
+}
+
+#[test]
+fn bigint_routes() {
+    let n = run_table(&planner(BIGINT), BIGINT_ROUTES);
+    assert!(n >= 150, "only {n} statements");
+}
+
+#[test]
+fn uuid_routes() {
+    run_table(&planner(UUID), UUID_ROUTES);
+}
+
+#[test]
+fn session_key_routes_keyless_statements() {
+    let p = planner(BIGINT);
+    let map = p.map().clone();
+    let mut s = Session::default();
+    let set = p.analyze("SET gb.shard_key = 42");
+    s.apply(set.statements[0].session.as_ref().unwrap(), &map).unwrap();
+    assert_eq!(s.shard_key, Some(KeyValue::Int(42)));
+    let d = p.decide("UPDATE users SET name = 'x' WHERE email = 'y'", &TextParams(vec![]), &s).unwrap();
+    assert_eq!(d.target, Target::One(map.shard_by_name("2").unwrap()));
+    // An explicit key still wins over the session's.
+    let d = p.decide("SELECT * FROM users WHERE user_id = 1", &TextParams(vec![]), &s).unwrap();
+    assert_eq!(d.target, Target::One(map.shard_by_name("1").unwrap()));
+    let reset = p.analyze("RESET gb.shard_key");
+    s.apply(reset.statements[0].session.as_ref().unwrap(), &map).unwrap();
+    assert_eq!(s.shard_key, None);
+}
+
+#[test]
+fn binary_parameters() {
+    use shardmap::{Param, Params};
+    struct Bin(Vec<(Vec<u8>, u32)>);
+    impl Params for Bin {
+        fn param(&self, i: usize) -> Option<Param<'_>> {
+            self.0.get(i).map(|(v, oid)| Param { value: Some(v), binary: true, oid: *oid })
+        }
+    }
+    let p = planner(BIGINT);
+    let map = p.map().clone();
+    for (bytes, oid) in [
+        (12345i64.to_be_bytes().to_vec(), 20),
+        (12345i32.to_be_bytes().to_vec(), 23),
+        (12345i32.to_be_bytes().to_vec(), 0),
+        (b"12345".to_vec(), 25),
+    ] {
+        let d = p.decide("SELECT * FROM users WHERE user_id = $1", &Bin(vec![(bytes, oid)]), &Session::default()).unwrap();
+        assert_eq!(d.target, Target::One(map.shard_by_name("1").unwrap()));
+    }
+    let p = planner(UUID);
+    let u = KeyValue::parse_uuid(U1).unwrap();
+    let KeyValue::Uuid(raw) = u.clone() else { unreachable!() };
+    let want = p.map().locate(&u).unwrap().shard;
+    let d = p.decide("SELECT * FROM users WHERE user_id = $1", &Bin(vec![(raw.to_vec(), 2950)]), &Session::default()).unwrap();
+    assert_eq!(d.target, Target::One(want));
+    assert_eq!(d.values, vec![u]);
+    assert_eq!(d.buckets.len(), 1);
+}
+
+#[test]
+fn explain_json_shape() {
+    let p = planner(BIGINT);
+    let d = p.decide("SELECT * FROM users WHERE user_id = 12345", &TextParams(vec![]), &Session::default()).unwrap();
+    assert_eq!(
+        d.to_json(p.map()).to_string(),
+        r#"{"strategy":"hash","key":"user_id","values":["12345"],"shards":["1"],"target":"one","reason":"user_id = 12345"}"#
+    );
+    let p = planner(UUID);
+    let d = p.decide(&format!("SELECT * FROM users WHERE user_id = '{U1}'"), &TextParams(vec![]), &Session::default()).unwrap();
+    let j = d.to_json(p.map());
+    let b = j["bucket"].as_u64().expect("bucket");
+    assert!(b < 1024);
+    assert_eq!(j["shards"][0].as_str().unwrap(), (b % 4).to_string());
+}
