@@ -224,10 +224,11 @@ fn read_rows(file: &str, text: &[u8]) -> Result<Vec<Row>, ConfigError> {
     let mut rows = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| {
-            let line = e.position().map_or(0, |p| p.line());
+            let line = e.position().map_or(0, |p| line_of(text, p.byte()));
             ConfigError::Key { file: file.into(), line, key: String::new(), message: format!("not CSV: {e}") }
         })?;
-        let line = record.position().map_or(0, |p| p.line());
+        // The csv crate does not count blank lines; count newlines up to the record's first byte instead.
+        let line = record.position().map_or(0, |p| line_of(text, p.byte()));
         let name = record.get(0).unwrap_or("").to_string();
         if name.is_empty() || name.starts_with('#') {
             continue;
@@ -237,6 +238,16 @@ fn read_rows(file: &str, text: &[u8]) -> Result<Vec<Row>, ConfigError> {
         rows.push(Row { line, name, value });
     }
     Ok(rows)
+}
+
+/// The 1-based line of a byte offset.
+fn line_of(text: &[u8], byte: u64) -> u64 {
+    // A record's position can be the start of blank lines before it: skip them.
+    let mut end = (byte as usize).min(text.len());
+    while end < text.len() && matches!(text[end], b'\n' | b'\r' | b' ' | b'\t') {
+        end += 1;
+    }
+    1 + text[..end].iter().filter(|&&b| b == b'\n').count() as u64
 }
 
 /// Collects rows into settings; errors carry the row's place.
