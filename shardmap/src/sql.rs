@@ -151,6 +151,12 @@ pub fn analyze(sql: &str, key: &str, key_type: KeyType, global: &HashSet<String>
                 .collect();
             Analysis { statements, hint, parse_error: None }
         }
+        Err(sqlparser::parser::ParserError::RecursionLimitExceeded) => {
+            let msg = format!("the statement is nested deeper than the recursion limit ({RECURSION_LIMIT} levels)");
+            let mut st = lexical(sql, &msg);
+            st.refusal = Some(msg.clone());
+            Analysis { statements: vec![st], hint: None, parse_error: Some(msg) }
+        }
         Err(e) => {
             let msg = e.to_string();
             Analysis { statements: vec![lexical(sql, &msg)], hint, parse_error: Some(msg) }
