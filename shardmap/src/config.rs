@@ -362,7 +362,8 @@ impl<'f> Builder<'f> {
 
     fn apply(&mut self, c: &mut Config, row: &Row, name: &str, strategy_set: &mut bool) -> Result<(), ConfigError> {
         let v = row.value.as_str();
-        let boolean = |b: &Builder<'_>| parse_bool(v).ok_or_else(|| b.err(row, format!("expected true or false, got {v:?}")));
+        let boolean =
+            |b: &Builder<'_>| parse_bool(v).ok_or_else(|| b.err(row, format!("expected true or false, got {v:?}")));
         let number = |b: &Builder<'_>, min: u64| -> Result<u64, ConfigError> {
             match v.parse::<u64>() {
                 Ok(n) if n >= min => Ok(n),
@@ -384,7 +385,8 @@ impl<'f> Builder<'f> {
         match name {
             "shard-strategy" => {
                 remember!("shard-strategy");
-                c.strategy = de_enum(v).map_err(|_| self.err(row, format!("expected tenant, hash, range or geo, got {v:?}")))?;
+                c.strategy =
+                    de_enum(v).map_err(|_| self.err(row, format!("expected tenant, hash, range or geo, got {v:?}")))?;
                 *strategy_set = true;
             }
             "shard-tenant-db-prefix" => c.tenant_db_prefix = text(self)?,
@@ -405,11 +407,13 @@ impl<'f> Builder<'f> {
                 c.shard_key = k;
             }
             "shard-key-type" => {
-                c.key_type = de_enum(v).map_err(|_| self.err(row, format!("expected auto, int, uuid or text, got {v:?}")))?
+                c.key_type =
+                    de_enum(v).map_err(|_| self.err(row, format!("expected auto, int, uuid or text, got {v:?}")))?
             }
             "shard-algorithm" => {
                 remember!("shard-algorithm");
-                c.algorithm = de_enum(v).map_err(|_| self.err(row, format!("expected modulo or hash-buckets, got {v:?}")))?
+                c.algorithm =
+                    de_enum(v).map_err(|_| self.err(row, format!("expected modulo or hash-buckets, got {v:?}")))?
             }
             "shard-buckets" => {
                 remember!("shard-buckets");
@@ -434,13 +438,17 @@ impl<'f> Builder<'f> {
             "shard-catalog" => c.catalog = Some(text(self)?),
             "router-listen" => c.router.listen = text(self)?,
             "router-auth" => {
-                c.router.auth = de_enum(v).map_err(|_| self.err(row, format!("expected scram-sha-256, md5 or trust, got {v:?}")))?
+                c.router.auth =
+                    de_enum(v).map_err(|_| self.err(row, format!("expected scram-sha-256, md5 or trust, got {v:?}")))?
             }
             "router-tls-cert" => c.router.tls_cert = Some(PathBuf::from(text(self)?)),
             "router-tls-key" => c.router.tls_key = Some(PathBuf::from(text(self)?)),
             "router-http" => c.router.http = Some(text(self)?),
             "router-admin-users" => c.router.admin_users = list(v),
-            "pool-mode" => c.pool.mode = de_enum(v).map_err(|_| self.err(row, format!("expected transaction or session, got {v:?}")))?,
+            "pool-mode" => {
+                c.pool.mode =
+                    de_enum(v).map_err(|_| self.err(row, format!("expected transaction or session, got {v:?}")))?
+            }
             "pool-size" => c.pool.size = number(self, 1)? as u32,
             "pool-timeout-ms" => c.pool.timeout_ms = number(self, 1)?,
             "pool-idle-timeout" => c.pool.idle_timeout_s = number(self, 0)?,
@@ -473,7 +481,9 @@ impl<'f> Builder<'f> {
             if let Some(node) = rest.strip_suffix("-patroni") {
                 let urls = list(v);
                 if urls.is_empty() || urls.iter().any(|u| !u.starts_with("http://") && !u.starts_with("https://")) {
-                    return Err(self.err(row, format!("expected http://host:port URLs of Patroni's REST API, got {v:?}")));
+                    return Err(
+                        self.err(row, format!("expected http://host:port URLs of Patroni's REST API, got {v:?}"))
+                    );
                 }
                 c.node_patroni.insert(node.to_string(), urls);
                 return Ok(());
@@ -557,7 +567,12 @@ impl<'f> Builder<'f> {
                         return Err(bad(&format!("overlaps {}-{pe}:{}", prev.start, prev.node)));
                     }
                     Some(pe) if start != pe + 1 => {
-                        return Err(bad(&format!("leaves a gap after {}-{pe}:{} (next should start at {})", prev.start, prev.node, pe + 1)));
+                        return Err(bad(&format!(
+                            "leaves a gap after {}-{pe}:{} (next should start at {})",
+                            prev.start,
+                            prev.node,
+                            pe + 1
+                        )));
                     }
                     _ => {}
                 }
@@ -582,9 +597,12 @@ impl<'f> Builder<'f> {
         let names: Vec<&str> = c.nodes.iter().map(|(n, _)| n.as_str()).collect();
         match c.strategy {
             Strategy::Hash => {
-                let count = c.shard_count.ok_or_else(|| self.err_at("shard-strategy", "the hash strategy needs shard-count"))?;
+                let count = c
+                    .shard_count
+                    .ok_or_else(|| self.err_at("shard-strategy", "the hash strategy needs shard-count"))?;
                 if c.algorithm == Algorithm::HashBuckets && c.buckets < count {
-                    return Err(self.err_at("shard-buckets", format!("{} buckets cannot spread over {count} shards", c.buckets)));
+                    return Err(self
+                        .err_at("shard-buckets", format!("{} buckets cannot spread over {count} shards", c.buckets)));
                 }
                 for n in &names {
                     if n.parse::<u32>().map_or(true, |i| i >= count) {
@@ -604,7 +622,8 @@ impl<'f> Builder<'f> {
             }
             Strategy::Geo => {
                 if c.geo_regions.is_empty() && c.default.is_none() {
-                    return Err(self.err_at("shard-strategy", "the geo strategy needs shard-geo-<region> keys or shard-default"));
+                    return Err(self
+                        .err_at("shard-strategy", "the geo strategy needs shard-geo-<region> keys or shard-default"));
                 }
                 let regions: Vec<&str> = c.geo_regions.iter().map(|(r, _)| r.as_str()).collect();
                 for (cc, region) in c.geo_country.iter().chain(c.geo_continent.iter()) {
@@ -635,7 +654,10 @@ impl<'f> Builder<'f> {
             }
         }
         if c.router.tls_cert.is_some() != c.router.tls_key.is_some() {
-            return Err(ConfigError::File { file: self.file.into(), message: "router-tls-cert and router-tls-key go together".into() });
+            return Err(ConfigError::File {
+                file: self.file.into(),
+                message: "router-tls-cert and router-tls-key go together".into(),
+            });
         }
         Ok(())
     }
@@ -673,7 +695,13 @@ pub fn parse_addr(v: &str) -> Result<NodeAddr, String> {
         if v.is_empty() || v.contains('/') || v.contains('@') {
             return Err(format!("expected a host, host:port or postgres:// URL, got {v:?}"));
         }
-        return Ok(NodeAddr { hosts: vec![host_port(v)?], user: None, password: None, dbname: None, params: Vec::new() });
+        return Ok(NodeAddr {
+            hosts: vec![host_port(v)?],
+            user: None,
+            password: None,
+            dbname: None,
+            params: Vec::new(),
+        });
     };
     let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (authority, dbname) = rest.split_once('/').unwrap_or((rest, ""));

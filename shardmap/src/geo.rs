@@ -105,7 +105,10 @@ impl GeoResolver {
         if let (Ok(ip), Some(db)) = (v.parse::<IpAddr>(), &self.db) {
             let (country, continent) = db.lookup(ip);
             if let Some(cc) = country {
-                let cont = continent.as_deref().and_then(|c| CONTINENTS.iter().find(|k| **k == c).copied()).or_else(|| continent_of(&cc));
+                let cont = continent
+                    .as_deref()
+                    .and_then(|c| CONTINENTS.iter().find(|k| **k == c).copied())
+                    .or_else(|| continent_of(&cc));
                 return Placement { region: self.region_for(&cc, cont), country: Some(cc) };
             }
         }

@@ -31,7 +31,7 @@ enum Placement {
     Buckets { owners: Vec<ShardId> },
     Range { ranges: Vec<(i64, Option<i64>, ShardId)> },
     Tenant,
-    Geo { resolver: GeoResolver, regions: Vec<(Arc<str>, ShardId)>, default: Option<ShardId> },
+    Geo { resolver: Box<GeoResolver>, regions: Vec<(Arc<str>, ShardId)>, default: Option<ShardId> },
 }
 
 /// Where one key value goes, and why.
@@ -119,11 +119,17 @@ impl ShardMap {
                 }
                 let default = c.default.as_ref().map(|(_, addr)| {
                     // The default is a region's node when it names that region or has the same address.
-                    let same = c.geo_regions.iter().position(|(r, a)| a == addr || (addr.hosts.len() == 1 && addr.hosts[0].0 == *r));
+                    let same = c
+                        .geo_regions
+                        .iter()
+                        .position(|(r, a)| a == addr || (addr.hosts.len() == 1 && addr.hosts[0].0 == *r));
                     match same {
                         Some(i) => ShardId(i as u16),
                         None => {
-                            nodes.push(Node { name: "default".into(), addr: Some(addr_of("default").unwrap_or_else(|| addr.clone())) });
+                            nodes.push(Node {
+                                name: "default".into(),
+                                addr: Some(addr_of("default").unwrap_or_else(|| addr.clone())),
+                            });
                             ShardId((nodes.len() - 1) as u16)
                         }
                     }
@@ -135,7 +141,7 @@ impl ShardMap {
                     continent: c.geo_continent.clone(),
                     db,
                 };
-                Placement::Geo { resolver, regions, default }
+                Placement::Geo { resolver: Box::new(resolver), regions, default }
             }
         };
         if nodes.len() > u16::MAX as usize {

@@ -36,7 +36,8 @@ impl Session {
         match change {
             SessionChange::ShardKey(None) => self.shard_key = None,
             SessionChange::ShardKey(Some(v)) => {
-                let kv = KeyValue::from_text(v, map.key_type).map_err(|why| RouteError::BadKey { value: v.clone(), why })?;
+                let kv =
+                    KeyValue::from_text(v, map.key_type).map_err(|why| RouteError::BadKey { value: v.clone(), why })?;
                 self.shard_key = Some(kv);
             }
             SessionChange::Tenant(t) => self.tenant = t.clone(),
@@ -100,11 +101,16 @@ impl Planner {
                 return a.clone();
             }
         }
-        let a = Arc::new(sql::analyze(text, &self.map.key, self.map.key_type, &self.map.global_tables));
+        let a = self.analyze_uncached(text);
         if text.len() <= CACHE_MAX_TEXT {
             self.cache.lock().expect("cache lock").put(text.into(), a.clone());
         }
         a
+    }
+
+    /// Parses and analyses a statement text without looking in or filling the cache.
+    pub fn analyze_uncached(&self, text: &str) -> Arc<Analysis> {
+        Arc::new(sql::analyze(text, &self.map.key, self.map.key_type, &self.map.global_tables))
     }
 
     /// Routes a statement text.
@@ -115,7 +121,12 @@ impl Planner {
 
     /// Routes an analysed statement (a prepared statement's analysis is kept by the router, so each Execute
     /// costs only this).
-    pub fn decide_analyzed(&self, a: &Arc<Analysis>, params: &dyn Params, session: &Session) -> Result<Decision, RouteError> {
+    pub fn decide_analyzed(
+        &self,
+        a: &Arc<Analysis>,
+        params: &dyn Params,
+        session: &Session,
+    ) -> Result<Decision, RouteError> {
         let mut statements = a.statements.iter();
         let first = statements.next();
         let mut d = match first {
@@ -130,7 +141,15 @@ impl Planner {
     }
 
     fn decision(&self, a: &Arc<Analysis>, target: Target, reason: String) -> Decision {
-        Decision { target, values: Vec::new(), buckets: Vec::new(), regions: Vec::new(), database: None, reason, analysis: a.clone() }
+        Decision {
+            target,
+            values: Vec::new(),
+            buckets: Vec::new(),
+            regions: Vec::new(),
+            database: None,
+            reason,
+            analysis: a.clone(),
+        }
     }
 
     /// Statements of one query string must agree on a place.
@@ -143,9 +162,14 @@ impl Planner {
             _ => {
                 let names = |d: &Decision| match &d.target {
                     All => "all".to_string(),
-                    _ => d.shards(&self.map).iter().map(|s| self.map.node(*s).name.clone()).collect::<Vec<_>>().join(","),
+                    _ => {
+                        d.shards(&self.map).iter().map(|s| self.map.node(*s).name.clone()).collect::<Vec<_>>().join(",")
+                    }
                 };
-                return Err(RouteError::SpansShards { what: "the multi-statement query".into(), shards: format!("{} and {}", names(&a), names(&b)) });
+                return Err(RouteError::SpansShards {
+                    what: "the multi-statement query".into(),
+                    shards: format!("{} and {}", names(&a), names(&b)),
+                });
             }
         };
         let (mut keep, other) = if keep_a { (a, b) } else { (b, a) };
@@ -158,7 +182,13 @@ impl Planner {
         Ok(keep)
     }
 
-    fn decide_one(&self, a: &Arc<Analysis>, st: &StatementAnalysis, params: &dyn Params, session: &Session) -> Result<Decision, RouteError> {
+    fn decide_one(
+        &self,
+        a: &Arc<Analysis>,
+        st: &StatementAnalysis,
+        params: &dyn Params,
+        session: &Session,
+    ) -> Result<Decision, RouteError> {
         if let Some(r) = &st.refusal {
             if a.hint.is_none() || matches!(st.kind, Kind::CopyIn) {
                 return Err(RouteError::Refused(r.clone()));
@@ -189,9 +219,15 @@ impl Planner {
                     d.reason = format!("session gb.shard_key = {k}");
                     return Ok(d);
                 }
-                None if st.kind == Kind::Read => return Ok(self.decision(a, Target::All, format!("{}: every shard", st.reason))),
+                None if st.kind == Kind::Read => {
+                    return Ok(self.decision(a, Target::All, format!("{}: every shard", st.reason)))
+                }
                 None => {
-                    return Err(RouteError::MissingKey { statement: "a write to a sharded table", key: self.map.key.clone(), reason: st.reason.clone() });
+                    return Err(RouteError::MissingKey {
+                        statement: "a write to a sharded table",
+                        key: self.map.key.clone(),
+                        reason: st.reason.clone(),
+                    });
                 }
             },
         };
@@ -222,8 +258,10 @@ impl Planner {
                 KeyExpr::Param(i) => out.push(self.param(*i, params)?),
                 KeyExpr::ArrayParam(i) => {
                     let p = params.param(*i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
-                    let bytes = p.value.ok_or(ParamError { index: i + 1, what: "NULL is not a list of shard keys".into() })?;
-                    let vs = KeyValue::array_from_param(bytes, p.binary, self.map.key_type).map_err(|what| ParamError { index: i + 1, what })?;
+                    let bytes =
+                        p.value.ok_or(ParamError { index: i + 1, what: "NULL is not a list of shard keys".into() })?;
+                    let vs = KeyValue::array_from_param(bytes, p.binary, self.map.key_type)
+                        .map_err(|what| ParamError { index: i + 1, what })?;
                     out.extend(vs);
                 }
             }
@@ -237,7 +275,9 @@ impl Planner {
         let v = if p.binary {
             KeyValue::from_binary(bytes, p.oid, self.map.key_type)
         } else {
-            std::str::from_utf8(bytes).map_err(|_| "text that is not UTF-8".to_string()).and_then(|s| KeyValue::from_text(s, self.map.key_type))
+            std::str::from_utf8(bytes)
+                .map_err(|_| "text that is not UTF-8".to_string())
+                .and_then(|s| KeyValue::from_text(s, self.map.key_type))
         };
         Ok(v.map_err(|what| ParamError { index: i + 1, what })?)
     }
@@ -274,7 +314,8 @@ impl Planner {
                 Ok(self.decision(a, Target::One(s), format!("hint shard: {name}")))
             }
             Hint::ShardKey(v) | Hint::Tenant(v) => {
-                let kv = KeyValue::from_text(v, self.map.key_type).map_err(|why| RouteError::BadKey { value: v.clone(), why })?;
+                let kv = KeyValue::from_text(v, self.map.key_type)
+                    .map_err(|why| RouteError::BadKey { value: v.clone(), why })?;
                 let st = StatementAnalysis {
                     kind: Kind::Read,
                     tables: Tables::None,
@@ -292,7 +333,13 @@ impl Planner {
     }
 
     /// Tenant strategy: the tenant names a database on one node.
-    fn decide_tenant(&self, a: &Arc<Analysis>, st: &StatementAnalysis, params: &dyn Params, session: &Session) -> Result<Decision, RouteError> {
+    fn decide_tenant(
+        &self,
+        a: &Arc<Analysis>,
+        st: &StatementAnalysis,
+        params: &dyn Params,
+        session: &Session,
+    ) -> Result<Decision, RouteError> {
         let mut reason = String::new();
         let mut tenant: Option<String> = None;
         if let Some(Hint::Tenant(t) | Hint::ShardKey(t)) = &a.hint {
@@ -305,7 +352,10 @@ impl Planner {
                 let mut names: Vec<String> = values.iter().map(|v| v.to_string()).collect();
                 names.dedup();
                 if names.len() > 1 {
-                    return Err(RouteError::SpansShards { what: "the statement".into(), shards: format!("tenants {}", names.join(", ")) });
+                    return Err(RouteError::SpansShards {
+                        what: "the statement".into(),
+                        shards: format!("tenants {}", names.join(", ")),
+                    });
                 }
                 if let Some(t) = names.pop() {
                     reason = st.reason.clone();
@@ -331,7 +381,11 @@ impl Planner {
             }
             return Err(RouteError::NoTenant { prefix: self.map.tenant_prefix.clone(), key: self.map.key.clone() });
         };
-        let target = if matches!(st.kind, Kind::Transaction | Kind::Session) { Target::Session } else { Target::One(self.map.tenant_shard(&tenant)) };
+        let target = if matches!(st.kind, Kind::Transaction | Kind::Session) {
+            Target::Session
+        } else {
+            Target::One(self.map.tenant_shard(&tenant))
+        };
         let mut d = self.decision(a, target, reason);
         d.database = Some(format!("{}{tenant}", self.map.tenant_prefix));
         d.values = vec![KeyValue::Text(tenant.into())];

@@ -14,9 +14,9 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    self, BinaryOperator, CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Expr,
-    FromTable, ObjectName, Query, SetExpr, Statement, TableFactor, TableObject, TableWithJoins, UnaryOperator,
-    Value, Visit, Visitor,
+    self, BinaryOperator, CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Expr, FromTable,
+    ObjectName, Query, SetExpr, Statement, TableFactor, TableObject, TableWithJoins, UnaryOperator, Value, Visit,
+    Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -169,14 +169,30 @@ pub fn analyze(sql: &str, key: &str, key_type: KeyType, global: &HashSet<String>
 fn lexical(sql: &str, error: &str) -> StatementAnalysis {
     let word = first_word(sql).to_ascii_uppercase();
     let (kind, refusal) = match word.as_str() {
-        "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" | "PREPARE" => (Kind::Transaction, None),
+        "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" | "PREPARE" => {
+            (Kind::Transaction, None)
+        }
         "SET" | "RESET" | "SHOW" | "DISCARD" | "LISTEN" | "UNLISTEN" | "DEALLOCATE" => (Kind::Session, None),
-        "CREATE" | "ALTER" | "DROP" | "COMMENT" | "GRANT" | "REVOKE" | "DO" | "VACUUM" | "ANALYZE" | "REINDEX" | "CLUSTER" | "REFRESH" | "SECURITY" => (Kind::Ddl, None),
+        "CREATE" | "ALTER" | "DROP" | "COMMENT" | "GRANT" | "REVOKE" | "DO" | "VACUUM" | "ANALYZE" | "REINDEX"
+        | "CLUSTER" | "REFRESH" | "SECURITY" => (Kind::Ddl, None),
         "SELECT" | "WITH" | "TABLE" | "VALUES" | "EXPLAIN" => (Kind::Read, None),
-        _ => (Kind::Write, Some(format!("cannot parse the statement ({error}); add a /* shard: name */ or /* shard_key: value */ hint"))),
+        _ => (
+            Kind::Write,
+            Some(format!(
+                "cannot parse the statement ({error}); add a /* shard: name */ or /* shard_key: value */ hint"
+            )),
+        ),
     };
     let tables = if kind == Kind::Read { Tables::Sharded("?".into()) } else { Tables::None };
-    StatementAnalysis { kind, tables, keys: Keys::None, refusal, session: None, copy: None, reason: format!("unparsed {word}") }
+    StatementAnalysis {
+        kind,
+        tables,
+        keys: Keys::None,
+        refusal,
+        session: None,
+        copy: None,
+        reason: format!("unparsed {word}"),
+    }
 }
 
 fn first_word(sql: &str) -> &str {
@@ -281,10 +297,11 @@ fn fold(id: &ast::Ident) -> String {
 }
 
 fn is_catalog(name: &ObjectName, table: &str) -> bool {
-    let schema = name.0.len() >= 2 && name.0[name.0.len() - 2].as_ident().is_some_and(|s| {
-        let s = s.value.to_lowercase();
-        s == "pg_catalog" || s == "information_schema"
-    });
+    let schema = name.0.len() >= 2
+        && name.0[name.0.len() - 2].as_ident().is_some_and(|s| {
+            let s = s.value.to_lowercase();
+            s == "pg_catalog" || s == "information_schema"
+        });
     schema || table.starts_with("pg_")
 }
 
@@ -320,7 +337,10 @@ impl Ctx<'_> {
                             ast::AssignmentTarget::ColumnName(n) => vec![n],
                             ast::AssignmentTarget::Tuple(ns) => ns.iter().collect(),
                         };
-                        if targets.iter().any(|n| n.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key)) {
+                        if targets
+                            .iter()
+                            .any(|n| n.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key))
+                        {
                             a.refusal = Some(format!(
                                 "UPDATE {t} changes the shard key {}: that would move the row to another shard; delete it and insert it again",
                                 self.key
@@ -353,7 +373,9 @@ impl Ctx<'_> {
                 let o = self.block(&tables, d.selection.as_ref(), false, &mut Vec::new(), true);
                 self.finish(&mut a, &o);
             }
-            Statement::Copy { source, to, target, options, legacy_options, .. } => self.copy(source, *to, target, options, legacy_options, &mut a),
+            Statement::Copy { source, to, target, options, legacy_options, .. } => {
+                self.copy(source, *to, target, options, legacy_options, &mut a)
+            }
             Statement::StartTransaction { .. }
             | Statement::Commit { .. }
             | Statement::Rollback { .. }
@@ -461,10 +483,8 @@ impl Ctx<'_> {
             return;
         }
         a.tables = Tables::Sharded(table.clone());
-        let pos = ins
-            .columns
-            .iter()
-            .position(|c| c.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key));
+        let pos =
+            ins.columns.iter().position(|c| c.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key));
         let Some(source) = &ins.source else {
             a.reason = format!("INSERT into {table} with no rows");
             return;
@@ -542,12 +562,18 @@ impl Ctx<'_> {
                 a.tables = if global { Tables::Global } else { Tables::Sharded(table.clone()) };
                 if to {
                     a.kind = Kind::Read;
-                    a.reason = if global { format!("COPY {table} TO: one shard") } else { format!("COPY {table} TO: every shard") };
+                    a.reason = if global {
+                        format!("COPY {table} TO: one shard")
+                    } else {
+                        format!("COPY {table} TO: every shard")
+                    };
                     return;
                 }
                 if !matches!(target, CopyTarget::Stdin) {
                     a.kind = Kind::Write;
-                    a.refusal = Some("COPY FROM a server file or program is not supported through the router; use FROM STDIN".into());
+                    a.refusal = Some(
+                        "COPY FROM a server file or program is not supported through the router; use FROM STDIN".into(),
+                    );
                     return;
                 }
                 if global {
@@ -593,7 +619,9 @@ impl Ctx<'_> {
                 copy.delimiter = delimiter.unwrap_or(if copy.format == CopyFormat::Csv { b',' } else { b'\t' });
                 a.reason = match (copy.key_column, copy.columns_given) {
                     (Some(i), _) => format!("COPY {table}: rows split by {} (column {})", self.key, i + 1),
-                    (None, false) => format!("COPY {table}: name the columns so that the position of {} is known", self.key),
+                    (None, false) => {
+                        format!("COPY {table}: name the columns so that the position of {} is known", self.key)
+                    }
                     (None, true) => format!("COPY {table}: the columns do not include {}", self.key),
                 };
                 if copy.key_column.is_none() {
@@ -825,7 +853,9 @@ impl Ctx<'_> {
     fn constraint(&self, e: &Expr) -> Constraint {
         match e {
             Expr::Nested(inner) => self.constraint(inner),
-            Expr::BinaryOp { left, op: BinaryOperator::And, right } => self.constraint(left).or_else(|| self.constraint(right)),
+            Expr::BinaryOp { left, op: BinaryOperator::And, right } => {
+                self.constraint(left).or_else(|| self.constraint(right))
+            }
             Expr::BinaryOp { left, op: BinaryOperator::Or, right } => {
                 let mut l = self.constraint(left)?;
                 l.extend(self.constraint(right)?);
@@ -849,7 +879,9 @@ impl Ctx<'_> {
             Expr::In { expr, target: ast::InTarget::Subquery(q), negated: false, .. } if self.is_key(expr) => {
                 let SetExpr::Select(s) = q.body.as_ref() else { return None };
                 match s.projection.as_slice() {
-                    [ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. }] if self.is_key(e) => {
+                    [ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. }]
+                        if self.is_key(e) =>
+                    {
                         let o = self.query(q, false, &mut Vec::new());
                         match o.keys() {
                             Keys::Some(k) => Some(k),
@@ -859,14 +891,16 @@ impl Ctx<'_> {
                     _ => None,
                 }
             }
-            Expr::AnyOp { left, compare_op: BinaryOperator::Eq, right, .. } if self.is_key(left) => match strip_cast(right) {
-                Expr::Value(v) => match &v.value {
-                    Value::Placeholder(p) => param_index(p).map(|i| vec![KeyExpr::ArrayParam(i)]),
+            Expr::AnyOp { left, compare_op: BinaryOperator::Eq, right, .. } if self.is_key(left) => {
+                match strip_cast(right) {
+                    Expr::Value(v) => match &v.value {
+                        Value::Placeholder(p) => param_index(p).map(|i| vec![KeyExpr::ArrayParam(i)]),
+                        _ => None,
+                    },
+                    Expr::Array(arr) => arr.elem.iter().map(|v| self.checked(v)).collect(),
                     _ => None,
-                },
-                Expr::Array(arr) => arr.elem.iter().map(|v| self.checked(v)).collect(),
-                _ => None,
-            },
+                }
+            }
             _ => None,
         }
     }
@@ -898,9 +932,10 @@ impl Ctx<'_> {
         match strip_cast(e) {
             Expr::Value(v) => match &v.value {
                 Value::Number(n, _) => match self.key_type {
-                    KeyType::Auto | KeyType::Int => {
-                        n.parse::<i64>().map(|i| Some(KeyExpr::Value(KeyValue::Int(i)))).map_err(|_| format!("{n} is not an integer key"))
-                    }
+                    KeyType::Auto | KeyType::Int => n
+                        .parse::<i64>()
+                        .map(|i| Some(KeyExpr::Value(KeyValue::Int(i))))
+                        .map_err(|_| format!("{n} is not an integer key")),
                     _ => text(n),
                 },
                 Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => text(s),

@@ -54,11 +54,7 @@ impl KeyValue {
             } else {
                 KeyValue::Text(s.into())
             }),
-            KeyType::Int => s
-                .trim()
-                .parse::<i64>()
-                .map(KeyValue::Int)
-                .map_err(|_| format!("{s:?} is not an integer")),
+            KeyType::Int => s.trim().parse::<i64>().map(KeyValue::Int).map_err(|_| format!("{s:?} is not an integer")),
             KeyType::Uuid => KeyValue::parse_uuid(s).ok_or_else(|| format!("{s:?} is not a uuid")),
             KeyType::Text => Ok(KeyValue::Text(s.into())),
         }
@@ -107,14 +103,10 @@ impl KeyValue {
             }))
         };
         let as_uuid = |b: &[u8]| -> Result<KeyValue, String> {
-            <[u8; 16]>::try_from(b)
-                .map(KeyValue::Uuid)
-                .map_err(|_| format!("a binary uuid of {} bytes", b.len()))
+            <[u8; 16]>::try_from(b).map(KeyValue::Uuid).map_err(|_| format!("a binary uuid of {} bytes", b.len()))
         };
         let as_text = |b: &[u8]| -> Result<KeyValue, String> {
-            std::str::from_utf8(b)
-                .map(|s| KeyValue::Text(s.into()))
-                .map_err(|_| "text that is not UTF-8".to_string())
+            std::str::from_utf8(b).map(|s| KeyValue::Text(s.into())).map_err(|_| "text that is not UTF-8".to_string())
         };
         match oid {
             INT2 | INT4 | INT8 => as_int(bytes),
@@ -151,10 +143,7 @@ impl KeyValue {
         if inner.trim().is_empty() {
             return Ok(Vec::new());
         }
-        split_array_text(inner)?
-            .into_iter()
-            .map(|e| KeyValue::from_text(&e, ty))
-            .collect()
+        split_array_text(inner)?.into_iter().map(|e| KeyValue::from_text(&e, ty)).collect()
     }
 
     pub fn is_int(&self) -> bool {

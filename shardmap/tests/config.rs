@@ -13,13 +13,22 @@ fn err(text: &str) -> String {
 
 #[test]
 fn seed_document_examples_work_as_written() {
-    let c = parse("# Tenant sharding\nshard-strategy,tenant\nshard-tenant-db-prefix,gb_tenant_\nshard-auto-create,true\n").unwrap();
+    let c =
+        parse("# Tenant sharding\nshard-strategy,tenant\nshard-tenant-db-prefix,gb_tenant_\nshard-auto-create,true\n")
+            .unwrap();
     assert_eq!((c.strategy, c.tenant_db_prefix.as_str(), c.auto_create), (Strategy::Tenant, "gb_tenant_", true));
 
-    let c = parse("# Hash sharding\nshard-strategy,hash\nshard-count,4\nshard-key,user_id\nshard-algorithm,modulo\n").unwrap();
-    assert_eq!((c.strategy, c.shard_count, c.shard_key.as_str(), c.algorithm), (Strategy::Hash, Some(4), "user_id", Algorithm::Modulo));
+    let c = parse("# Hash sharding\nshard-strategy,hash\nshard-count,4\nshard-key,user_id\nshard-algorithm,modulo\n")
+        .unwrap();
+    assert_eq!(
+        (c.strategy, c.shard_count, c.shard_key.as_str(), c.algorithm),
+        (Strategy::Hash, Some(4), "user_id", Algorithm::Modulo)
+    );
 
-    let c = parse("# Range sharding\nshard-strategy,range\nshard-ranges,0-999999:shard1,1000000-1999999:shard2,2000000-:shard3\n").unwrap();
+    let c = parse(
+        "# Range sharding\nshard-strategy,range\nshard-ranges,0-999999:shard1,1000000-1999999:shard2,2000000-:shard3\n",
+    )
+    .unwrap();
     assert_eq!(c.ranges.len(), 3);
     assert_eq!(c.ranges[2].end, None);
 
@@ -45,10 +54,14 @@ fn botserver_keys_are_ignored() {
 
 #[test]
 fn quoted_values_and_commas() {
-    let c = parse("shard-strategy,range\n\"shard-ranges\",\"0-9:a,10-:b\"\nshard-global-tables,bots, tools ,system_config\n").unwrap();
+    let c = parse(
+        "shard-strategy,range\n\"shard-ranges\",\"0-9:a,10-:b\"\nshard-global-tables,bots, tools ,system_config\n",
+    )
+    .unwrap();
     assert_eq!(c.ranges.len(), 2);
     assert_eq!(c.global_tables, vec!["bots", "tools", "system_config"]);
-    let c = parse("shard-strategy,tenant\nshard-node-a,\"postgres://u:p%40ss@h1:5433,h2/db?sslmode=disable\"\n").unwrap();
+    let c =
+        parse("shard-strategy,tenant\nshard-node-a,\"postgres://u:p%40ss@h1:5433,h2/db?sslmode=disable\"\n").unwrap();
     let a = &c.nodes[0].1;
     assert_eq!(a.hosts, vec![("h1".to_string(), 5433), ("h2".to_string(), 5432)]);
     assert_eq!((a.user.as_deref(), a.password.as_deref(), a.dbname.as_deref()), (Some("u"), Some("p@ss"), Some("db")));
@@ -64,7 +77,10 @@ fn router_and_pool_settings() {
     assert_eq!((c.pool.mode, c.pool.size, c.pool.timeout_ms, c.pool.idle_timeout_s), (PoolMode::Session, 7, 250, 60));
     assert_eq!(c.router.admin_users, vec!["admin", "ops"]);
     let d = parse("shard-strategy,hash\nshard-count,1\n").unwrap();
-    assert_eq!((d.router.listen.as_str(), d.router.auth, d.pool.mode, d.pool.size), ("127.0.0.1:6432", AuthMethod::ScramSha256, PoolMode::Transaction, 20));
+    assert_eq!(
+        (d.router.listen.as_str(), d.router.auth, d.pool.mode, d.pool.size),
+        ("127.0.0.1:6432", AuthMethod::ScramSha256, PoolMode::Transaction, 20)
+    );
 }
 
 #[test]
@@ -73,21 +89,34 @@ fn errors_name_file_line_key_and_expectation() {
         err("# c\nshard-strategy,hash\nshard-count,four\n"),
         "config.csv:3: shard-count: expected a whole number of at least 1, got \"four\""
     );
-    assert_eq!(err("shard-strategy,hashed\n"), "config.csv:1: shard-strategy: expected tenant, hash, range or geo, got \"hashed\"");
+    assert_eq!(
+        err("shard-strategy,hashed\n"),
+        "config.csv:1: shard-strategy: expected tenant, hash, range or geo, got \"hashed\""
+    );
     assert_eq!(
         err("shard-strategy,hash\nshard-count,4\n\nshard-algoritm,modulo\n"),
         "config.csv:4: shard-algoritm: unknown key; did you mean shard-algorithm?"
     );
-    assert_eq!(err("shard-strategy,hash\nshard-count,4\npool-sise,3\n"), "config.csv:3: pool-sise: unknown key; did you mean pool-size?");
+    assert_eq!(
+        err("shard-strategy,hash\nshard-count,4\npool-sise,3\n"),
+        "config.csv:3: pool-sise: unknown key; did you mean pool-size?"
+    );
     assert_eq!(
         err("shard-strategy,hash\nshard-count,4\nhealth-intervall,3\n"),
         "config.csv:3: health-intervall: unknown key; did you mean health-interval?"
     );
-    assert!(err("shard-strategy,hash\nshard-count,4\nrouter-frobnicate,3\n").starts_with("config.csv:3: router-frobnicate: unknown key"));
-    assert_eq!(err("shard-strategy,hash\nshard-count,4\nshard-count,5\n"), "config.csv:3: shard-count: set twice (first on line 2)");
+    assert!(err("shard-strategy,hash\nshard-count,4\nrouter-frobnicate,3\n")
+        .starts_with("config.csv:3: router-frobnicate: unknown key"));
+    assert_eq!(
+        err("shard-strategy,hash\nshard-count,4\nshard-count,5\n"),
+        "config.csv:3: shard-count: set twice (first on line 2)"
+    );
     assert_eq!(err("shard-strategy,hash\n"), "config.csv:1: shard-strategy: the hash strategy needs shard-count");
     assert_eq!(err("shard-count,3\n"), "config.csv: shard-strategy is missing (expected tenant, hash, range or geo)");
-    assert_eq!(err("shard-strategy,hash\nshard-count,2\nshard-auto-create,maybe\n"), "config.csv:3: shard-auto-create: expected true or false, got \"maybe\"");
+    assert_eq!(
+        err("shard-strategy,hash\nshard-count,2\nshard-auto-create,maybe\n"),
+        "config.csv:3: shard-auto-create: expected true or false, got \"maybe\""
+    );
     assert_eq!(
         err("shard-strategy,hash\nshard-count,2\nshard-node-0,localhost:5432\n"),
         "config.csv:3: shard-node-0: expected postgres://user:password@host:port/dbname, got \"localhost:5432\""
@@ -96,7 +125,10 @@ fn errors_name_file_line_key_and_expectation() {
         err("shard-strategy,hash\nshard-count,2\nshard-node-5,postgres://h/db\n"),
         "config.csv:3: shard-node-5: no such node: hash nodes are named 0 to 1"
     );
-    assert_eq!(err("shard-strategy,geo\nshard-geo-country-XX,us\n"), "config.csv:2: shard-geo-country-XX: \"XX\" is not an ISO 3166 country code");
+    assert_eq!(
+        err("shard-strategy,geo\nshard-geo-country-XX,us\n"),
+        "config.csv:2: shard-geo-country-XX: \"XX\" is not an ISO 3166 country code"
+    );
 }
 
 #[test]

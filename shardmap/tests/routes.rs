@@ -363,14 +363,17 @@ fn binary_parameters() {
         (12345i32.to_be_bytes().to_vec(), 0),
         (b"12345".to_vec(), 25),
     ] {
-        let d = p.decide("SELECT * FROM users WHERE user_id = $1", &Bin(vec![(bytes, oid)]), &Session::default()).unwrap();
+        let d =
+            p.decide("SELECT * FROM users WHERE user_id = $1", &Bin(vec![(bytes, oid)]), &Session::default()).unwrap();
         assert_eq!(d.target, Target::One(map.shard_by_name("1").unwrap()));
     }
     let p = planner(UUID);
     let u = KeyValue::parse_uuid(U1).unwrap();
     let KeyValue::Uuid(raw) = u.clone() else { unreachable!() };
     let want = p.map().locate(&u).unwrap().shard;
-    let d = p.decide("SELECT * FROM users WHERE user_id = $1", &Bin(vec![(raw.to_vec(), 2950)]), &Session::default()).unwrap();
+    let d = p
+        .decide("SELECT * FROM users WHERE user_id = $1", &Bin(vec![(raw.to_vec(), 2950)]), &Session::default())
+        .unwrap();
     assert_eq!(d.target, Target::One(want));
     assert_eq!(d.values, vec![u]);
     assert_eq!(d.buckets.len(), 1);
@@ -385,7 +388,9 @@ fn explain_json_shape() {
         r#"{"strategy":"hash","key":"user_id","values":["12345"],"shards":["1"],"target":"one","reason":"user_id = 12345"}"#
     );
     let p = planner(UUID);
-    let d = p.decide(&format!("SELECT * FROM users WHERE user_id = '{U1}'"), &TextParams(vec![]), &Session::default()).unwrap();
+    let d = p
+        .decide(&format!("SELECT * FROM users WHERE user_id = '{U1}'"), &TextParams(vec![]), &Session::default())
+        .unwrap();
     let j = d.to_json(p.map());
     let b = j["bucket"].as_u64().expect("bucket");
     assert!(b < 1024);

@@ -24,7 +24,14 @@ const RANGE: &str = "shard-strategy,range\nshard-ranges,0-999999:shard1,1000000-
 fn range_seed_example() {
     let p = Planner::new(map(RANGE));
     let s = Session::default();
-    for (k, want) in [(0, "shard1"), (999_999, "shard1"), (1_000_000, "shard2"), (1_999_999, "shard2"), (2_000_000, "shard3"), (i64::MAX, "shard3")] {
+    for (k, want) in [
+        (0, "shard1"),
+        (999_999, "shard1"),
+        (1_000_000, "shard2"),
+        (1_999_999, "shard2"),
+        (2_000_000, "shard3"),
+        (i64::MAX, "shard3"),
+    ] {
         assert_eq!(one(&p, &format!("SELECT * FROM users WHERE user_id = {k}"), &s).0, want, "{k}");
     }
     let e = p.decide("SELECT * FROM users WHERE user_id = -1", &NoParams, &s).unwrap_err();
@@ -111,7 +118,8 @@ fn write_mmdb(path: &std::path::Path) {
         country_code: String,
     }
     let mut w = Writer::new("Test-Country");
-    let geo = |cc: &str, cont: &str| Country { country: Code { iso_code: cc.into() }, continent: Cont { code: cont.into() } };
+    let geo =
+        |cc: &str, cont: &str| Country { country: Code { iso_code: cc.into() }, continent: Cont { code: cont.into() } };
     w.insert("192.0.2.0/24".parse::<IpNet>().unwrap(), &geo("BR", "SA")).unwrap();
     w.insert("198.51.100.0/24".parse::<IpNet>().unwrap(), &geo("DE", "EU")).unwrap();
     w.insert("203.0.113.0/24".parse::<IpNet>().unwrap(), &Flat { country_code: "JP".into() }).unwrap();
@@ -195,7 +203,9 @@ fn cached_and_uncached_decisions_agree() {
 fn strategies() -> impl Strategy<Value = Arc<ShardMap>> {
     prop_oneof![
         (1u32..16).prop_map(|n| map(&format!("shard-strategy,hash\nshard-count,{n}\n"))),
-        (1u32..16, 16u32..2048).prop_map(|(n, b)| map(&format!("shard-strategy,hash\nshard-count,{n}\nshard-algorithm,hash-buckets\nshard-buckets,{b}\n"))),
+        (1u32..16, 16u32..2048).prop_map(|(n, b)| map(&format!(
+            "shard-strategy,hash\nshard-count,{n}\nshard-algorithm,hash-buckets\nshard-buckets,{b}\n"
+        ))),
     ]
 }
 

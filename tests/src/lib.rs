@@ -30,7 +30,10 @@ pub fn pg_bin() -> Result<PathBuf> {
     if let Some((_, bin)) = found.pop() {
         return Ok(bin);
     }
-    let out = Command::new("pg_config").arg("--bindir").output().context("no PostgreSQL server binaries: install postgresql (see the README)")?;
+    let out = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .context("no PostgreSQL server binaries: install postgresql (see the README)")?;
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
@@ -67,16 +70,24 @@ impl PgServer {
         }
         let mut server = PgServer { dir, bin, as_postgres, port: 0 };
         let data = server.data();
-        server.pg(&server.bin.join("initdb"), &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])?;
+        server.pg(
+            &server.bin.join("initdb"),
+            &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"],
+        )?;
         let mut last = None;
         for _ in 0..5 {
             let port = free_port();
-            let mut opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200", server.dir.path().display());
+            let mut opts = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                server.dir.path().display()
+            );
             for s in settings {
                 opts.push_str(&format!(" -c {s}"));
             }
             let log = server.dir.path().join("log").display().to_string();
-            match server.pg(&server.bin.join("pg_ctl"), &["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &opts, "start"]) {
+            match server
+                .pg(&server.bin.join("pg_ctl"), &["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &opts, "start"])
+            {
                 Ok(_) => {
                     server.port = port;
                     return Ok(server);

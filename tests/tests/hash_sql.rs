@@ -31,7 +31,17 @@ async fn rust_and_postgres_agree_on_every_key_type() -> anyhow::Result<()> {
     let mut bigs = Vec::with_capacity(N);
     let mut uuids = Vec::with_capacity(N);
     let mut texts = Vec::with_capacity(N);
-    let samples = ["", "a", "acme", "gb_tenant_acme", "ção", "日本語のテキスト", "emoji 🎉", "with\ttab", "a much longer text key that spans several twelve-byte blocks"];
+    let samples = [
+        "",
+        "a",
+        "acme",
+        "gb_tenant_acme",
+        "ção",
+        "日本語のテキスト",
+        "emoji 🎉",
+        "with\ttab",
+        "a much longer text key that spans several twelve-byte blocks",
+    ];
     for n in 0..N {
         let r = g.next();
         // Edge values first, then random ones (small, negative, full range).
