@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The project's test command (README, "Tests"). On a fresh Debian machine it installs what the tests need
+# when it is missing (as root: apt-get update, then apt-get install -y), then checks formatting and lints and
+# runs every test. The tests start their own PostgreSQL servers on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+command -v runuser >/dev/null 2>&1 || need+=(util-linux)
+if [ "${#need[@]}" -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh: missing ${need[*]}; install them (apt-get install -y ${need[*]}) or run as root" >&2
+    exit 1
+  fi
+  echo "== installing ${need[*]}"
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
+fi
+# PostgreSQL refuses to run as root: the harness runs the servers as the postgres user.
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace
