@@ -11,7 +11,8 @@ fn explain(config: &str, args: &[&str]) -> (i32, serde_json::Value) {
         .output()
         .expect("run shard-router");
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let json = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout:?} {}", String::from_utf8_lossy(&out.stderr)));
+    let json = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: {stdout:?} {}", String::from_utf8_lossy(&out.stderr)));
     (out.status.code().unwrap(), json)
 }
 
@@ -35,7 +36,10 @@ fn readme_hash_example() {
 
 #[test]
 fn readme_bucket_range_and_tenant_examples() {
-    let (_, j) = explain("examples/buckets.csv", &["SELECT * FROM users WHERE user_id = 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'"]);
+    let (_, j) = explain(
+        "examples/buckets.csv",
+        &["SELECT * FROM users WHERE user_id = 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'"],
+    );
     let bucket = j["bucket"].as_u64().unwrap();
     assert_eq!(j["shards"][0].as_str().unwrap(), (bucket % 4).to_string());
     let (_, j) = explain("examples/range.csv", &["SELECT * FROM users WHERE user_id = 1500000"]);
@@ -59,7 +63,11 @@ fn bad_config_exits_2_with_the_line() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.csv:3: shard-algoritm: unknown key; did you mean shard-algorithm?"), "{err}");
-    let out = Command::new(env!("CARGO_BIN_EXE_shard-router")).args(["check", "--config", "examples/hash.csv"]).current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shard-router"))
+        .args(["check", "--config", "examples/hash.csv"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["nodes"][1]["address"], "postgres://gb@10.0.0.11:5432/botserver", "no password printed");

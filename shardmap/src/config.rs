@@ -477,8 +477,8 @@ impl<'f> Builder<'f> {
         let v = row.value.as_str();
         // Names keep their case from the file (node names appear in shard-ranges).
         let original = &row.name[row.name.len() - name.len()..];
-        if let Some(rest) = original.strip_prefix("shard-node-").or_else(|| original.strip_prefix("SHARD-NODE-")) {
-            if let Some(node) = rest.strip_suffix("-patroni") {
+        if let Some(rest) = name.starts_with("shard-node-").then(|| &original["shard-node-".len()..]) {
+            if let Some(node) = rest.strip_suffix("-patroni").or_else(|| rest.strip_suffix("-PATRONI")) {
                 let urls = list(v);
                 if urls.is_empty() || urls.iter().any(|u| !u.starts_with("http://") && !u.starts_with("https://")) {
                     return Err(
@@ -606,7 +606,7 @@ impl<'f> Builder<'f> {
                 }
                 for n in &names {
                     if n.parse::<u32>().map_or(true, |i| i >= count) {
-                        return Err(self.node_err(c, n, &format!("hash nodes are named 0 to {}", count - 1)));
+                        return Err(self.node_err(n, &format!("hash nodes are named 0 to {}", count - 1)));
                     }
                 }
             }
@@ -616,7 +616,7 @@ impl<'f> Builder<'f> {
                 }
                 for n in &names {
                     if !c.ranges.iter().any(|r| r.node == *n) {
-                        return Err(self.node_err(c, n, "range nodes are named by shard-ranges"));
+                        return Err(self.node_err(n, "range nodes are named by shard-ranges"));
                     }
                 }
             }
@@ -636,13 +636,13 @@ impl<'f> Builder<'f> {
                 }
                 for n in &names {
                     if !regions.contains(n) && *n != "default" {
-                        return Err(self.node_err(c, n, "geo nodes are named by region (or default)"));
+                        return Err(self.node_err(n, "geo nodes are named by region (or default)"));
                     }
                 }
             }
             Strategy::Tenant => {}
         }
-        if c.strategy != Strategy::Hash && self.lines.contains_key("shard-count") && c.strategy != Strategy::Tenant {
+        if matches!(c.strategy, Strategy::Range | Strategy::Geo) && self.lines.contains_key("shard-count") {
             return Err(self.err_at("shard-count", "shard-count belongs to the hash strategy"));
         }
         for node in c.node_patroni.keys() {
@@ -662,10 +662,9 @@ impl<'f> Builder<'f> {
         Ok(())
     }
 
-    fn node_err(&self, c: &Config, node: &str, why: &str) -> ConfigError {
+    fn node_err(&self, node: &str, why: &str) -> ConfigError {
         let key = format!("shard-node-{node}");
         let line = self.seen.get(&key.to_ascii_lowercase()).copied().unwrap_or(0);
-        let _ = c;
         ConfigError::Key { file: self.file.into(), line, key, message: format!("no such node: {why}") }
     }
 }

@@ -329,49 +329,39 @@ impl Ctx<'_> {
             Statement::Insert(ins) => self.insert(ins, &mut a),
             Statement::Update(u) => {
                 a.kind = Kind::Write;
-                let mut o = Outcome::default();
-                self.target_table_factor(&u.table.relation, &mut o);
-                if let Some(t) = &o.first_sharded {
-                    for asg in &u.assignments {
-                        let targets: Vec<&ObjectName> = match &asg.target {
+                let target = self.write_target(&u.table.relation);
+                if let Tables::Sharded(t) = &target {
+                    let changes_key = u.assignments.iter().any(|asg| {
+                        let names: Vec<&ObjectName> = match &asg.target {
                             ast::AssignmentTarget::ColumnName(n) => vec![n],
                             ast::AssignmentTarget::Tuple(ns) => ns.iter().collect(),
                         };
-                        if targets
-                            .iter()
-                            .any(|n| n.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key))
-                        {
-                            a.refusal = Some(format!(
-                                "UPDATE {t} changes the shard key {}: that would move the row to another shard; delete it and insert it again",
-                                self.key
-                            ));
-                        }
+                        names.iter().any(|n| n.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key))
+                    });
+                    if changes_key {
+                        a.refusal = Some(format!(
+                            "UPDATE {t} changes the shard key {}: that would move the row to another shard; delete it and insert it again",
+                            self.key
+                        ));
                     }
                 }
-                let mut ctes = Vec::new();
-                let mut block = self.block(&[&u.table], u.selection.as_ref(), false, &mut ctes, true);
-                // A target table counted above; FROM tables of UPDATE ... FROM are read tables of the block.
+                // UPDATE ... FROM: the FROM tables join the target in one block.
+                let mut tables = vec![&u.table];
                 if let Some(ast::UpdateTableFromKind::AfterSet(f) | ast::UpdateTableFromKind::BeforeSet(f)) = &u.from {
-                    let extra: Vec<&TableWithJoins> = f.iter().collect();
-                    let mut scan = Outcome::default();
-                    self.scan(&extra, &mut scan);
-                    if scan.first_sharded.is_some() && !block.constrained {
-                        block.unconstrained = true;
-                    }
-                    scan.first_sharded = None;
-                    block.merge(scan);
+                    tables.extend(f.iter());
                 }
-                o.merge(block);
-                self.finish(&mut a, &o);
+                let o = self.block(&tables, u.selection.as_ref(), false, &mut Vec::new());
+                self.finish_write(&mut a, target, &o);
             }
             Statement::Delete(d) => {
                 a.kind = Kind::Write;
                 let from = match &d.from {
                     FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
                 };
+                let target = from.first().map_or(Tables::None, |t| self.write_target(&t.relation));
                 let tables: Vec<&TableWithJoins> = from.iter().chain(d.using.iter().flatten()).collect();
-                let o = self.block(&tables, d.selection.as_ref(), false, &mut Vec::new(), true);
-                self.finish(&mut a, &o);
+                let o = self.block(&tables, d.selection.as_ref(), false, &mut Vec::new());
+                self.finish_write(&mut a, target, &o);
             }
             Statement::Copy { source, to, target, options, legacy_options, .. } => {
                 self.copy(source, *to, target, options, legacy_options, &mut a)
@@ -434,6 +424,21 @@ impl Ctx<'_> {
             "gb.shard_key" => Some(SessionChange::ShardKey(value)),
             "gb.tenant" => Some(SessionChange::Tenant(value)),
             _ => None,
+        }
+    }
+
+    /// An UPDATE or DELETE: its target decides the class, its block (target, FROM/USING, WHERE) the keys.
+    fn finish_write(&self, a: &mut StatementAnalysis, target: Tables, o: &Outcome) {
+        match target {
+            Tables::Sharded(_) => self.finish(a, o),
+            Tables::Global => {
+                a.tables = Tables::Global;
+                a.reason = "a global table: every shard".into();
+            }
+            Tables::None => {
+                a.tables = Tables::None;
+                a.reason = "no sharded table".into();
+            }
         }
     }
 
@@ -656,7 +661,7 @@ impl Ctx<'_> {
         match body {
             SetExpr::Select(s) => {
                 let tables: Vec<&TableWithJoins> = s.from.iter().collect();
-                let mut o = self.block(&tables, s.selection.as_ref(), inherited, ctes, false);
+                let mut o = self.block(&tables, s.selection.as_ref(), inherited, ctes);
                 // Subqueries in the select list and HAVING.
                 let inh = inherited || o.constrained;
                 for item in &s.projection {
@@ -718,7 +723,6 @@ impl Ctx<'_> {
         selection: Option<&Expr>,
         inherited: bool,
         ctes: &mut Vec<String>,
-        target: bool,
     ) -> Outcome {
         let mut o = Outcome::default();
         let mut scan = Outcome::default();
@@ -733,7 +737,6 @@ impl Ctx<'_> {
             }
         }
         self.scan_filtered(from, &mut scan, ctes);
-        let _ = target;
         o.first_sharded = scan.first_sharded.clone();
         o.global = scan.global;
         if let Some(keys) = own {
@@ -757,10 +760,6 @@ impl Ctx<'_> {
             self.subqueries_expr(sel, inh, ctes, &mut o);
         }
         o
-    }
-
-    fn scan(&self, from: &[&TableWithJoins], o: &mut Outcome) {
-        self.scan_filtered(from, o, &[]);
     }
 
     /// The plain tables a block reads directly (not those inside subqueries).
@@ -795,15 +794,13 @@ impl Ctx<'_> {
         }
     }
 
-    fn target_table_factor(&self, f: &TableFactor, o: &mut Outcome) {
-        if let TableFactor::Table { name, .. } = f {
-            if let Some(t) = table_name(name) {
-                if self.global.contains(&t) {
-                    o.global = true;
-                } else if !is_catalog(name, &t) {
-                    o.first_sharded = Some(t);
-                }
-            }
+    /// The class of a written table: a write to a global table goes to every shard whatever it reads.
+    fn write_target(&self, f: &TableFactor) -> Tables {
+        let TableFactor::Table { name, .. } = f else { return Tables::None };
+        match table_name(name) {
+            Some(t) if self.global.contains(&t) => Tables::Global,
+            Some(t) if !is_catalog(name, &t) => Tables::Sharded(t),
+            _ => Tables::None,
         }
     }
 
@@ -862,14 +859,13 @@ impl Ctx<'_> {
                 Some(l)
             }
             Expr::BinaryOp { left, op: BinaryOperator::Eq, right } => {
-                let (col, val) = if self.is_key(left) {
-                    (left, right)
+                let val = if self.is_key(left) {
+                    right
                 } else if self.is_key(right) {
-                    (right, left)
+                    left
                 } else {
                     return None;
                 };
-                let _ = col;
                 self.checked(val).map(|k| vec![k])
             }
             Expr::In { expr, target: ast::InTarget::List(list), negated: false, .. } if self.is_key(expr) => {

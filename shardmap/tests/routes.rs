@@ -159,6 +159,10 @@ shard 2 | | DELETE FROM message_history WHERE user_id = 42 AND session_id IN (SE
 err missing | | DELETE FROM message_history
 err missing | | DELETE FROM message_history WHERE created_at < now() - interval '30 days'
 all | | DELETE FROM tools WHERE bot_id = 'b1'
+all | | UPDATE bots SET owner = u.name FROM users u WHERE u.user_id = 42 AND bots.id = u.bot_id
+all | | DELETE FROM bots USING users u WHERE u.user_id = 42 AND bots.id = u.bot_id
+shard 2 | | DELETE FROM message_history m USING user_sessions s WHERE s.id = m.session_id AND m.user_id = 42
+any | | UPDATE pg_catalog.pg_settings SET setting = '1' WHERE name = 'x'
 # hints and session keys
 shard 2 | | /* shard_key: 42 */ SELECT * FROM users WHERE email = 'x'
 shard 2 | | /* shard_key: 42 */ UPDATE users SET name = 'x' WHERE email = 'y'
