@@ -42,11 +42,45 @@ enum Command {
         /// The SQL statement (or several, separated by ';').
         sql: String,
     },
+    /// Serve clients: listen on router-listen, route each statement, relay it to its shard.
+    ///
+    /// Example: shard-router serve --config config.csv, then psql "host=127.0.0.1 port=6432 user=bot dbname=botserver".
+    Serve {
+        /// The config.csv to read.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Listen here instead of router-listen (e.g. 127.0.0.1:0 for any free port; the address is printed).
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Read a config.csv, report its errors, or print the settings it gives as JSON.
     Check {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = shardmap::Config::load(path)?;
+    let addr = listen.unwrap_or_else(|| config.router.listen.clone());
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let local = listener.local_addr()?;
+        println!("shard-router listening on {local}");
+        tracing::info!("listening on {local}");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        router::server::run(listener, config, shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -56,6 +90,7 @@ fn main() -> ExitCode {
             explain::run(&config, params, tenant, database, shard_key, &sql)
         }
         Command::Check { config } => explain::check(&config),
+        Command::Serve { config, listen } => serve(&config, listen),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,241 @@
+//! A raw connection to a PostgreSQL server: startup and authentication (SCRAM-SHA-256, md5, cleartext or
+//! trust, with the credentials of the node's URL), then protocol messages relayed as bytes.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::net::TcpStream;
+
+use crate::proto;
+use crate::wire::{Framed, Msg, WireError};
+
+/// Where and as whom to connect.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to {addr}: {why}")]
+    Connect { addr: String, why: String },
+    #[error("{addr}: {message} (SQLSTATE {code})")]
+    Server { addr: String, code: String, message: String },
+    #[error("{addr}: {0}", addr = .1)]
+    Wire(WireError, String),
+    #[error("{addr}: the server asked for {what}, which the router does not support")]
+    Unsupported { addr: String, what: String },
+}
+
+impl BackendError {
+    /// The SQLSTATE a client sees: the server's own, or 08001/08006 for connection failures.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            BackendError::Server { code, .. } => code,
+            BackendError::Connect { .. } | BackendError::Unsupported { .. } => "08001",
+            BackendError::Wire(..) => "08006",
+        }
+    }
+}
+
+/// One server connection.
+pub struct ServerConn {
+    pub io: Framed<TcpStream>,
+    pub addr: String,
+    pub pid: i32,
+    pub secret: i32,
+    /// ParameterStatus values reported at startup.
+    pub params: Vec<(String, String)>,
+    /// Statements prepared on this connection, by the router's server-side name.
+    pub prepared: HashSet<String>,
+    /// Hash of the session settings last replayed here (0: server defaults).
+    pub settings: u64,
+    pub since: Instant,
+    pub last_used: Instant,
+    /// Status of the last ReadyForQuery: b'I' idle, b'T' in a transaction, b'E' failed transaction.
+    pub status: u8,
+}
+
+impl ServerConn {
+    pub async fn connect(t: &Target, timeout: Duration) -> Result<ServerConn, BackendError> {
+        let addr = format!("{}:{}", t.host, t.port);
+        match tokio::time::timeout(timeout, Self::connect_inner(t, &addr)).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::Connect { addr, why: format!("no answer within {} ms", timeout.as_millis()) }),
+        }
+    }
+
+    async fn connect_inner(t: &Target, addr: &str) -> Result<ServerConn, BackendError> {
+        let sock = TcpStream::connect((t.host.as_str(), t.port))
+            .await
+            .map_err(|e| BackendError::Connect { addr: addr.to_string(), why: e.to_string() })?;
+        sock.set_nodelay(true).ok();
+        let mut io = Framed::new(sock);
+        let wire = |e: WireError| BackendError::Wire(e, addr.to_string());
+        let mut buf = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", t.user.as_str()),
+                ("database", t.database.as_str()),
+                ("client_encoding", "UTF8"),
+                ("application_name", "shard-router"),
+            ],
+            &mut buf,
+        )
+        .map_err(|e| wire(e.into()))?;
+        io.push(&buf);
+        io.flush().await.map_err(|e| wire(e.into()))?;
+        let mut scram: Option<ScramSha256> = None;
+        let mut conn = ServerConn {
+            io,
+            addr: addr.to_string(),
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+            prepared: HashSet::new(),
+            settings: 0,
+            since: Instant::now(),
+            last_used: Instant::now(),
+            status: proto::READY_IDLE,
+        };
+        let password = || -> Result<&str, BackendError> {
+            t.password.as_deref().ok_or_else(|| BackendError::Server {
+                addr: addr.to_string(),
+                code: "28P01".into(),
+                message: format!("the server wants a password for {}, and the node's URL has none", t.user),
+            })
+        };
+        loop {
+            let msg = conn.io.read().await.map_err(wire)?.ok_or_else(|| wire(WireError::Truncated))?;
+            let body = msg.body();
+            match msg.tag {
+                b'R' => {
+                    let (code, rest) = proto::read_i32(body).ok_or_else(|| wire(WireError::Truncated))?;
+                    let mut out = BytesMut::new();
+                    match code {
+                        0 => continue,
+                        3 => {
+                            frontend::password_message(password()?.as_bytes(), &mut out).map_err(|e| wire(e.into()))?
+                        }
+                        5 => {
+                            let salt: [u8; 4] = rest
+                                .get(..4)
+                                .and_then(|s| s.try_into().ok())
+                                .ok_or_else(|| wire(WireError::Truncated))?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                t.user.as_bytes(),
+                                password()?.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(hash.as_bytes(), &mut out).map_err(|e| wire(e.into()))?;
+                        }
+                        10 => {
+                            let mechanisms: Vec<&str> =
+                                rest.split(|&b| b == 0).filter_map(|m| std::str::from_utf8(m).ok()).collect();
+                            if !mechanisms.contains(&"SCRAM-SHA-256") {
+                                return Err(BackendError::Unsupported {
+                                    addr: addr.to_string(),
+                                    what: format!("SASL {mechanisms:?}"),
+                                });
+                            }
+                            let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                                .map_err(|e| wire(e.into()))?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| wire(WireError::Truncated))?;
+                            s.update(rest).map_err(|e| BackendError::Server {
+                                addr: addr.to_string(),
+                                code: "28000".into(),
+                                message: e.to_string(),
+                            })?;
+                            frontend::sasl_response(s.message(), &mut out).map_err(|e| wire(e.into()))?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| wire(WireError::Truncated))?;
+                            s.finish(rest).map_err(|e| BackendError::Server {
+                                addr: addr.to_string(),
+                                code: "28000".into(),
+                                message: e.to_string(),
+                            })?;
+                            continue;
+                        }
+                        other => {
+                            return Err(BackendError::Unsupported {
+                                addr: addr.to_string(),
+                                what: format!("authentication method {other}"),
+                            })
+                        }
+                    }
+                    conn.io.push(&out);
+                    conn.io.flush().await.map_err(|e| wire(e.into()))?;
+                }
+                b'S' => {
+                    if let Some((k, rest)) = proto::read_cstr(body) {
+                        if let Some((v, _)) = proto::read_cstr(rest) {
+                            conn.params.push((k.to_string(), v.to_string()));
+                        }
+                    }
+                }
+                b'K' => {
+                    if let Some((pid, rest)) = proto::read_i32(body) {
+                        conn.pid = pid;
+                        conn.secret = proto::read_i32(rest).map_or(0, |(s, _)| s);
+                    }
+                }
+                b'Z' => return Ok(conn),
+                b'E' => {
+                    let (code, message) = proto::error_fields(body);
+                    return Err(BackendError::Server { addr: addr.to_string(), code, message });
+                }
+                _ => {} // NoticeResponse, NegotiateProtocolVersion: nothing to do
+            }
+        }
+    }
+
+    pub async fn read(&mut self) -> Result<Msg, BackendError> {
+        match self.io.read().await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(BackendError::Wire(WireError::Truncated, self.addr.clone())),
+            Err(e) => Err(BackendError::Wire(e, self.addr.clone())),
+        }
+    }
+
+    pub async fn flush(&mut self) -> Result<(), BackendError> {
+        self.io.flush().await.map_err(|e| BackendError::Wire(e.into(), self.addr.clone()))
+    }
+
+    /// Runs a simple query whose results nobody sees (settings replay); the first error is returned.
+    pub async fn run_quiet(&mut self, sql: &str) -> Result<(), BackendError> {
+        proto::query(&mut self.io.wbuf, sql);
+        self.flush().await?;
+        self.drain_to_ready().await
+    }
+
+    /// Reads and drops messages up to ReadyForQuery; the first ErrorResponse is returned.
+    pub async fn drain_to_ready(&mut self) -> Result<(), BackendError> {
+        let mut err = None;
+        loop {
+            let m = self.read().await?;
+            match m.tag {
+                b'E' if err.is_none() => {
+                    let (code, message) = proto::error_fields(m.body());
+                    err = Some(BackendError::Server { addr: self.addr.clone(), code, message });
+                }
+                b'Z' => {
+                    self.status = m.body().first().copied().unwrap_or(proto::READY_IDLE);
+                    return err.map_or(Ok(()), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! One client's session: the state machine that reads its messages, asks the planner where each statement
+//! goes, holds BEGIN until a statement names a shard, binds the transaction to that shard's server
+//! connection, and relays the server's answers as bytes.
+//!
+//! Transaction pooling: outside a transaction a statement borrows a connection for the length of one
+//! exchange (up to ReadyForQuery) and gives it back when the server reports idle.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use shardmap::sql::{Analysis, Kind, SessionChange};
+use shardmap::{Decision, Param, Params, RouteError, Session, ShardId, Target};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::backend::{BackendError, Target as ServerTarget};
+use crate::extended;
+use crate::pool::{PoolError, PoolKey, Pooled};
+use crate::proto;
+use crate::server::Shared;
+use crate::settings::Settings;
+use crate::wire::{Framed, Msg, WireError};
+
+/// A client statement prepared with Parse.
+pub struct ClientStmt {
+    pub text: Arc<str>,
+    pub types: Vec<u32>,
+    pub analysis: Arc<Analysis>,
+    /// The name it has on server connections (`sr_<hash>`; empty for the unnamed statement).
+    pub server_name: String,
+}
+
+/// Errors that end the client's connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl From<std::io::Error> for Fatal {
+    fn from(e: std::io::Error) -> Self {
+        Fatal::Wire(e.into())
+    }
+}
+
+/// An error reported to the client as an ErrorResponse; the session goes on.
+pub struct Reported {
+    pub code: String,
+    pub message: String,
+}
+
+impl From<RouteError> for Reported {
+    fn from(e: RouteError) -> Self {
+        Reported { code: e.sqlstate().to_string(), message: e.to_string() }
+    }
+}
+
+impl From<PoolError> for Reported {
+    fn from(e: PoolError) -> Self {
+        Reported { code: e.sqlstate().to_string(), message: e.to_string() }
+    }
+}
+
+impl From<BackendError> for Reported {
+    fn from(e: BackendError) -> Self {
+        Reported { code: e.sqlstate().to_string(), message: e.to_string() }
+    }
+}
+
+fn reported(code: &str, message: impl Into<String>) -> Reported {
+    Reported { code: code.to_string(), message: message.into() }
+}
+
+/// Where the client's transaction is.
+#[derive(Default)]
+pub enum Txn {
+    /// No transaction.
+    #[default]
+    Idle,
+    /// BEGIN (and SETs after it) held until a statement names a shard.
+    Held(Vec<Bytes>),
+    /// Running on the bound connection.
+    Bound,
+}
+
+pub struct Client<S> {
+    pub io: Framed<S>,
+    pub shared: Arc<Shared>,
+    pub user: String,
+    pub database: String,
+    pub session: Session,
+    pub settings: Settings,
+    pub txn: Txn,
+    pub bound: Option<Pooled>,
+    /// An error the router raised inside a transaction: the client must roll back.
+    pub failed: bool,
+    pub statements: HashMap<String, ClientStmt>,
+    pub batch: Vec<Msg>,
+}
+
+/// Bind parameters read in place from a Bind message.
+pub struct BindParams<'a> {
+    pub bind: &'a proto::Bind<'a>,
+    pub types: &'a [u32],
+}
+
+impl Params for BindParams<'_> {
+    fn param(&self, i: usize) -> Option<Param<'_>> {
+        let value = self.bind.value(i)?;
+        Some(Param { value, binary: self.bind.binary(i), oid: self.types.get(i).copied().unwrap_or(0) })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// Serves the client until it leaves. Server connections it holds are given back or closed.
+    pub async fn run(&mut self) -> Result<(), Fatal> {
+        let result = self.serve().await;
+        if let Some(b) = self.bound.take() {
+            // Mid-transaction: closing the server connection rolls it back; it is never reused dirty.
+            drop(b);
+        }
+        result
+    }
+
+    async fn serve(&mut self) -> Result<(), Fatal> {
+        loop {
+            let Some(msg) = self.io.read().await? else { return Ok(()) };
+            match msg.tag {
+                b'Q' => self.simple(msg).await?,
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    if self.batch.len() >= 10_000 {
+                        return Err(Fatal::Protocol(
+                            "more than 10000 extended-protocol messages without a Sync".into(),
+                        ));
+                    }
+                    self.batch.push(msg);
+                }
+                b'H' | b'S' => {
+                    self.batch.push(msg);
+                    let batch = std::mem::take(&mut self.batch);
+                    extended::run(self, batch).await?;
+                }
+                b'X' => return Ok(()),
+                // CopyData, CopyDone, CopyFail outside COPY: PostgreSQL ignores them too.
+                b'd' | b'c' | b'f' => {}
+                other => return Err(Fatal::Protocol(format!("unexpected message type {:?}", other as char))),
+            }
+        }
+    }
+
+    /// Sends an error and ReadyForQuery; inside a transaction the router's error fails the transaction.
+    pub async fn report(&mut self, e: Reported) -> Result<(), Fatal> {
+        proto::error(&mut self.io.wbuf, "ERROR", &e.code, &e.message);
+        if !matches!(self.txn, Txn::Idle) {
+            self.failed = true;
+        }
+        let status = self.status();
+        proto::ready(&mut self.io.wbuf, status);
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    pub fn status(&self) -> u8 {
+        match (&self.txn, self.failed) {
+            (Txn::Idle, _) => proto::READY_IDLE,
+            (_, true) => proto::READY_FAILED,
+            _ => proto::READY_IN_TX,
+        }
+    }
+
+    /// A simple Query message.
+    async fn simple(&mut self, msg: Msg) -> Result<(), Fatal> {
+        let Some((text, _)) = proto::read_cstr(msg.body()) else {
+            return Err(Fatal::Protocol("Query message without a terminated string".into()));
+        };
+        let analysis = self.shared.planner.analyze(text);
+        match self.route_simple(&msg, &analysis).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.report(e).await,
+        }
+    }
+
+    async fn route_simple(&mut self, msg: &Msg, analysis: &Arc<Analysis>) -> Result<(), Reported> {
+        let kind = analysis.statements.first().map(|s| s.kind);
+        let single = analysis.statements.len() == 1;
+        // The router's own settings: SET gb.shard_key / gb.tenant, answered here.
+        if single {
+            if let Some(change) = analysis.statements[0].session.clone() {
+                return self.gb_setting(&change).await;
+            }
+        }
+        if self.failed {
+            if kind == Some(Kind::Transaction) && is_rollback(msg) {
+                return self.end_transaction(msg.frame.clone(), "ROLLBACK").await;
+            }
+            return Err(reported(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
+        }
+        let decision = self.shared.planner.decide_analyzed(analysis, &shardmap::NoParams, &self.session)?;
+        if single && kind == Some(Kind::Transaction) {
+            return self.transaction_control(msg).await;
+        }
+        if single && kind == Some(Kind::Session) && decision.target == Target::Session {
+            return self.session_statement(msg).await;
+        }
+        let frame = msg.frame.clone();
+        match decision.target.clone() {
+            Target::One(s) => self.on_shard(s, &decision, frame).await,
+            Target::Any => match self.txn {
+                Txn::Bound => self.relay_bound(frame).await,
+                _ => {
+                    let s = self.shared.any_shard();
+                    self.on_shard_outside_txn(s, &decision, frame).await
+                }
+            },
+            Target::Session => match self.txn {
+                Txn::Bound => self.relay_bound(frame).await,
+                _ => {
+                    let s = self.shared.any_shard();
+                    self.on_shard(s, &decision, frame).await
+                }
+            },
+            Target::All | Target::Set(_) => {
+                if !matches!(self.txn, Txn::Idle) {
+                    return Err(reported(
+                        "0A000",
+                        format!(
+                            "this statement goes to {} ({}), but the transaction is bound to one shard; multi-shard transactions are not supported yet",
+                            if decision.target == Target::All { "every shard".to_string() } else { "several shards".to_string() },
+                            decision.reason
+                        ),
+                    ));
+                }
+                if !single && !analysis.statements.iter().all(|s| s.kind == Kind::Ddl) {
+                    return Err(reported("0A000", "a multi-statement query that goes to several shards is not supported; send its statements one by one"));
+                }
+                let shards = decision.shards(&self.shared.map);
+                crate::fanout::simple(self, &shards, &decision, frame).await
+            }
+        }
+    }
+
+    /// `SET gb.shard_key`, `SET gb.tenant` and their RESET: the router's session state, not sent to servers.
+    async fn gb_setting(&mut self, change: &SessionChange) -> Result<(), Reported> {
+        let map = self.shared.map.clone();
+        self.session.apply(change, &map)?;
+        let tag = match change {
+            SessionChange::ShardKey(Some(_)) | SessionChange::Tenant(Some(_)) => "SET",
+            _ => "RESET",
+        };
+        proto::command_complete(&mut self.io.wbuf, tag);
+        let status = self.status();
+        proto::ready(&mut self.io.wbuf, status);
+        self.io.flush().await.map_err(|e| reported("08006", e.to_string()))
+    }
+
+    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT... in the simple protocol.
+    async fn transaction_control(&mut self, msg: &Msg) -> Result<(), Reported> {
+        let word = first_word(msg).to_ascii_uppercase();
+        match (&mut self.txn, word.as_str()) {
+            (Txn::Idle, "BEGIN" | "START") => {
+                self.txn = Txn::Held(vec![msg.frame.clone()]);
+                self.reply_synthetic("BEGIN").await
+            }
+            (Txn::Held(_), "COMMIT" | "END") => self.end_transaction(msg.frame.clone(), "COMMIT").await,
+            (Txn::Held(_), "ROLLBACK" | "ABORT") => self.end_transaction(msg.frame.clone(), "ROLLBACK").await,
+            (Txn::Held(held), "SAVEPOINT" | "RELEASE") => {
+                held.push(msg.frame.clone());
+                let tag = if word == "SAVEPOINT" { "SAVEPOINT" } else { "RELEASE" };
+                self.reply_synthetic(tag).await
+            }
+            (Txn::Bound, _) => self.relay_bound(msg.frame.clone()).await,
+            (Txn::Held(_), _) => {
+                Err(reported("0A000", format!("{word} before the transaction's first statement is not supported")))
+            }
+            (Txn::Idle, _) => {
+                // COMMIT outside a transaction and the like: the server warns; any shard will do.
+                let s = self.shared.any_shard();
+                let d = self.shared.planner.decide("SELECT 1", &shardmap::NoParams, &self.session)?;
+                self.on_shard(s, &d, msg.frame.clone()).await
+            }
+        }
+    }
+
+    /// COMMIT or ROLLBACK: on the bound connection, or answered here when nothing ran yet.
+    async fn end_transaction(&mut self, frame: Bytes, tag: &str) -> Result<(), Reported> {
+        self.failed = false;
+        match self.txn {
+            Txn::Bound => self.relay_bound(frame).await,
+            _ => {
+                self.txn = Txn::Idle;
+                self.reply_synthetic(tag).await
+            }
+        }
+    }
+
+    async fn reply_synthetic(&mut self, tag: &str) -> Result<(), Reported> {
+        proto::command_complete(&mut self.io.wbuf, tag);
+        let status = self.status();
+        proto::ready(&mut self.io.wbuf, status);
+        self.io.flush().await.map_err(|e| reported("08006", e.to_string()))
+    }
+
+    /// SET, RESET, SHOW, DISCARD...: run on the bound connection, or held with BEGIN, or run on any shard and
+    /// remembered, so that it is replayed on whatever connection the client gets next.
+    async fn session_statement(&mut self, msg: &Msg) -> Result<(), Reported> {
+        match &mut self.txn {
+            Txn::Bound => self.relay_bound(msg.frame.clone()).await,
+            Txn::Held(held) => {
+                held.push(msg.frame.clone());
+                let tag = first_word(msg).to_ascii_uppercase();
+                self.reply_synthetic(&tag).await
+            }
+            Txn::Idle => {
+                let text = proto::read_cstr(msg.body()).map(|(t, _)| t).unwrap_or("");
+                let change = self.settings.classify(text);
+                if let crate::settings::Change::Refused(why) = change {
+                    return Err(reported("0A000", why));
+                }
+                let s = self.shared.any_shard();
+                let d = self.shared.planner.decide("SELECT 1", &shardmap::NoParams, &self.session)?;
+                let ok = self.on_shard_checked(s, &d, msg.frame.clone()).await?;
+                if ok {
+                    self.settings.apply(change);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The pool of a shard for this client (and, under the tenant strategy, its database).
+    pub fn pool_for(&self, shard: ShardId, database: Option<&str>) -> Result<Arc<crate::pool::Pool>, Reported> {
+        let node = self.shared.map.node(shard);
+        let addr = node.addr.as_ref().ok_or_else(|| {
+            reported("08001", format!("shard {} has no address: add shard-node-{} to the config", node.name, node.name))
+        })?;
+        let (host, port) = addr.hosts[0].clone();
+        let user = addr.user.clone().unwrap_or_else(|| self.user.clone());
+        let password = addr.password.clone().or_else(|| {
+            (user == self.user).then(|| self.shared.config.router.users.get(&self.user).cloned()).flatten()
+        });
+        let database =
+            database.map(str::to_string).or_else(|| addr.dbname.clone()).unwrap_or_else(|| self.database.clone());
+        let target = ServerTarget { host, port, user, password, database };
+        Ok(self.shared.pools.pool(PoolKey { shard, target }, &node.name))
+    }
+
+    /// Checks out a connection and brings its session settings in line with the client's.
+    pub async fn checkout(&mut self, shard: ShardId, database: Option<&str>) -> Result<Pooled, Reported> {
+        let pool = self.pool_for(shard, database)?;
+        let mut p = pool.get().await?;
+        let conn = p.conn();
+        let want = self.settings.hash();
+        if conn.settings != want {
+            let sql = self.settings.replay_sql(conn.settings != 0);
+            if !sql.is_empty() {
+                conn.run_quiet(&sql).await?;
+            }
+            conn.settings = want;
+        }
+        Ok(p)
+    }
+
+    /// A statement for one shard: on the bound connection (same shard), or with the held BEGIN, or alone.
+    async fn on_shard(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
+        match std::mem::take(&mut self.txn) {
+            Txn::Bound => {
+                self.txn = Txn::Bound;
+                let bound_shard = self.bound.as_ref().map(|b| b.shard());
+                if bound_shard != Some(shard) {
+                    let name = |s: Option<ShardId>| s.map_or("?".into(), |s| self.shared.map.node(s).name.clone());
+                    return Err(reported(
+                        "0A000",
+                        format!(
+                            "the transaction is on shard {}, and this statement goes to shard {} ({}); multi-shard transactions are not supported yet",
+                            name(bound_shard),
+                            name(Some(shard)),
+                            d.reason
+                        ),
+                    ));
+                }
+                self.relay_bound(frame).await
+            }
+            Txn::Held(held) => {
+                let mut p = self.checkout(shard, d.database.as_deref()).await?;
+                let conn = p.conn();
+                for h in &held {
+                    conn.io.push(h);
+                }
+                conn.flush().await?;
+                for _ in &held {
+                    if let Err(e) = conn.drain_to_ready().await {
+                        // The held BEGIN or SET failed: nothing of the transaction ran.
+                        self.txn = Txn::Held(held);
+                        return Err(e.into());
+                    }
+                }
+                self.bound = Some(p);
+                self.txn = Txn::Bound;
+                self.relay_bound(frame).await
+            }
+            Txn::Idle => {
+                let mut p = self.checkout(shard, d.database.as_deref()).await?;
+                p.conn().io.push(&frame);
+                p.conn().flush().await?;
+                let status = self.relay_until_ready(&mut p).await?;
+                self.after_exchange(p, status);
+                Ok(())
+            }
+        }
+    }
+
+    /// Like `on_shard` outside a transaction, returning whether the server reported no error.
+    async fn on_shard_checked(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<bool, Reported> {
+        let mut p = self.checkout(shard, d.database.as_deref()).await?;
+        p.conn().io.push(&frame);
+        p.conn().flush().await?;
+        let mut ok = true;
+        let status = loop {
+            let m = p.conn().read().await?;
+            if m.tag == b'E' {
+                ok = false;
+            }
+            self.io.push(&m.frame);
+            if m.tag == b'Z' {
+                break m.body().first().copied().unwrap_or(proto::READY_IDLE);
+            }
+        };
+        self.io.flush().await.map_err(|e| reported("08006", e.to_string()))?;
+        self.after_exchange(p, status);
+        Ok(ok)
+    }
+
+    /// A read of non-sharded data while a transaction is held: answered outside the transaction.
+    async fn on_shard_outside_txn(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
+        if matches!(self.txn, Txn::Idle) {
+            return self.on_shard(shard, d, frame).await;
+        }
+        let mut p = self.checkout(shard, d.database.as_deref()).await?;
+        p.conn().io.push(&frame);
+        p.conn().flush().await?;
+        // The client's transaction is still held: the ReadyForQuery it sees carries its own status.
+        let held = self.status();
+        let status = self.relay_until_ready_as(&mut p, Some(held)).await?;
+        if status == proto::READY_IDLE {
+            p.release();
+        }
+        Ok(())
+    }
+
+    /// Sends a frame on the bound connection and relays the answer.
+    async fn relay_bound(&mut self, frame: Bytes) -> Result<(), Reported> {
+        let mut p = self.bound.take().ok_or_else(|| reported("XX000", "no bound connection"))?;
+        p.conn().io.push(&frame);
+        if let Err(e) = p.conn().flush().await {
+            self.txn = Txn::Idle;
+            return Err(e.into());
+        }
+        match self.relay_until_ready(&mut p).await {
+            Ok(status) => {
+                self.after_exchange(p, status);
+                Ok(())
+            }
+            Err(e) => {
+                // The server went away mid-transaction: the transaction is lost.
+                self.txn = Txn::Idle;
+                Err(e)
+            }
+        }
+    }
+
+    /// Relays server messages to the client up to and including ReadyForQuery; returns its status.
+    pub async fn relay_until_ready(&mut self, p: &mut Pooled) -> Result<u8, Reported> {
+        self.relay_until_ready_as(p, None).await
+    }
+
+    /// Like `relay_until_ready`, sending the client ReadyForQuery with `status` instead of the server's.
+    async fn relay_until_ready_as(&mut self, p: &mut Pooled, status_for_client: Option<u8>) -> Result<u8, Reported> {
+        loop {
+            let m = p.conn().read().await?;
+            if m.tag == b'Z' {
+                let status = m.body().first().copied().unwrap_or(proto::READY_IDLE);
+                p.conn().status = status;
+                match status_for_client {
+                    Some(s) => proto::ready(&mut self.io.wbuf, s),
+                    None => self.io.push(&m.frame),
+                }
+                self.io.flush().await.map_err(|e| reported("08006", e.to_string()))?;
+                return Ok(status);
+            }
+            self.io.push(&m.frame);
+            self.io.flush_if_full().await.map_err(|e| reported("08006", e.to_string()))?;
+        }
+    }
+
+    /// After ReadyForQuery: keep the connection for an open transaction, give it back when idle.
+    pub fn after_exchange(&mut self, p: Pooled, status: u8) {
+        match status {
+            proto::READY_IDLE => {
+                self.txn = Txn::Idle;
+                self.failed = false;
+                p.release();
+            }
+            _ => {
+                self.txn = Txn::Bound;
+                self.bound = Some(p);
+            }
+        }
+    }
+}
+
+fn first_word(msg: &Msg) -> String {
+    let text = proto::read_cstr(msg.body()).map(|(t, _)| t).unwrap_or("");
+    let t = text.trim_start();
+    t.split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or("").to_string()
+}
+
+fn is_rollback(msg: &Msg) -> bool {
+    let w = first_word(msg).to_ascii_uppercase();
+    w == "ROLLBACK" || w == "ABORT"
+}
+
+/// A stable hash of a statement's text and parameter types, for server-side statement names.
+pub fn statement_hash(text: &str, types: &[u32]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    types.hash(&mut h);
+    h.finish()
+}

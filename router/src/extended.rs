@@ -1,0 +1,581 @@
+//! The extended query protocol: Parse/Bind/Describe/Execute/Close up to a Sync (or Flush) form a batch that
+//! goes to one place. The route comes from each Bind's statement and parameters.
+//!
+//! Named prepared statements keep working under transaction pooling, as PgBouncer 1.21+ does: the router
+//! keeps each client's statements, names them on servers by a hash of their text and parameter types
+//! (`sr_<hash>`), and prepares them on whatever connection the client gets, leaving out a Parse the server
+//! already has (and answering ParseComplete itself) or adding one before a Bind that needs it (and
+//! swallowing its ParseComplete). Closing a client statement does not close the server's copy.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use shardmap::sql::Kind;
+use shardmap::{Decision, Target};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::backend::ServerConn;
+use crate::client::{statement_hash, BindParams, Client, ClientStmt, Fatal, Reported, Txn};
+use crate::pool::Pooled;
+use crate::proto;
+use crate::wire::Msg;
+
+/// What the client expects back for each message sent (or not sent) to the server.
+#[derive(Debug)]
+enum Exp {
+    /// A Parse sent; with the server-side name to record once it succeeds.
+    Parse(Option<String>),
+    /// A Parse the router added; its ParseComplete is not for the client.
+    SwallowParse(Option<String>),
+    /// A Parse left out (the server has the statement): the router answers ParseComplete.
+    InjectParse,
+    /// A Close of a client statement, answered by the router.
+    InjectClose,
+    Bind,
+    DescribeStmt,
+    DescribePortal,
+    Execute,
+    Close,
+    Sync,
+}
+
+/// How a connection's answers reach the client when a batch goes to several shards.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Only,
+    First,
+    Rest,
+}
+
+#[derive(Default)]
+struct Merge {
+    rows: u64,
+    verb: String,
+    error: Option<Bytes>,
+}
+
+fn reported(code: &str, message: impl Into<String>) -> Reported {
+    Reported { code: code.to_string(), message: message.into() }
+}
+
+/// Runs one batch; errors the router raises are reported the way a server would report them.
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: Vec<Msg>) -> Result<(), Fatal> {
+    let sync = batch.last().is_some_and(|m| m.tag == b'S');
+    match run_inner(c, &batch).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            proto::error(&mut c.io.wbuf, "ERROR", &e.code, &e.message);
+            if !matches!(c.txn, Txn::Idle) {
+                c.failed = true;
+            }
+            if sync {
+                let status = c.status();
+                proto::ready(&mut c.io.wbuf, status);
+            }
+            c.io.flush().await?;
+            Ok(())
+        }
+    }
+}
+
+/// Registers the batch's Parse messages as client statements.
+fn register<S>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
+    for m in batch.iter().filter(|m| m.tag == b'P') {
+        let p = proto::read_parse(m.body()).ok_or_else(|| reported("08P01", "malformed Parse message"))?;
+        let analysis = c.shared.planner.analyze(p.query);
+        let server_name =
+            if p.name.is_empty() { String::new() } else { format!("sr_{:016x}", statement_hash(p.query, &p.types)) };
+        c.statements
+            .insert(p.name.to_string(), ClientStmt { text: Arc::from(p.query), types: p.types, analysis, server_name });
+    }
+    Ok(())
+}
+
+/// The batch's route: every Bind must agree; a batch without Bind (Parse/Describe only) goes anywhere.
+fn decide<S>(c: &Client<S>, batch: &[Msg]) -> Result<(Option<Decision>, Option<Kind>), Reported> {
+    let mut decision: Option<Decision> = None;
+    let mut kind = None;
+    for m in batch.iter().filter(|m| m.tag == b'B') {
+        let bind = proto::read_bind(m.body()).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
+        let stmt = c
+            .statements
+            .get(bind.statement)
+            .ok_or_else(|| reported("26000", format!("prepared statement \"{}\" does not exist", bind.statement)))?;
+        let d = c.shared.planner.decide_analyzed(
+            &stmt.analysis,
+            &BindParams { bind: &bind, types: &stmt.types },
+            &c.session,
+        )?;
+        kind = kind.or(stmt.analysis.statements.first().map(|s| s.kind));
+        decision = Some(match decision {
+            None => d,
+            Some(prev) if prev.target == d.target || d.target == Target::Session || d.target == Target::Any => prev,
+            Some(prev) if prev.target == Target::Session || prev.target == Target::Any => d,
+            Some(prev) => {
+                return Err(reported(
+                    "0A000",
+                    format!(
+                        "the statements before this Sync go to different shards ({} and {}); send a Sync between them",
+                        prev.reason, d.reason
+                    ),
+                ))
+            }
+        });
+    }
+    Ok((decision, kind))
+}
+
+async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
+    register(c, batch)?;
+    let closes: Vec<String> = batch
+        .iter()
+        .filter(|m| m.tag == b'C' && m.body().first() == Some(&b'S'))
+        .filter_map(|m| proto::read_cstr(&m.body()[1..]).map(|(n, _)| n.to_string()))
+        .filter(|n| !n.is_empty())
+        .collect();
+    if c.failed && !batch_is_rollback(c, batch) {
+        // Inside a failed transaction only ROLLBACK is accepted, as on a server.
+        return Err(reported(
+            "25P02",
+            "current transaction is aborted, commands ignored until end of transaction block",
+        ));
+    }
+    let (decision, kind) = decide(c, batch)?;
+    if kind == Some(Kind::Transaction) && !matches!(c.txn, Txn::Bound) {
+        return synthesize_transaction(c, batch).await;
+    }
+    let result = match decision {
+        None => {
+            // Parse/Describe/Close only: any shard answers (schemas are the same everywhere).
+            match c.txn {
+                Txn::Bound => send_bound(c, batch).await,
+                _ => {
+                    let s = c.shared.any_shard();
+                    let p = c.checkout(s, None).await?;
+                    send_alone(c, batch, p).await
+                }
+            }
+        }
+        Some(d) => match d.target.clone() {
+            Target::One(s) => send_to_shard(c, batch, s, &d).await,
+            Target::Any | Target::Session => match c.txn {
+                Txn::Bound => send_bound(c, batch).await,
+                _ => {
+                    let s = c.shared.any_shard();
+                    send_to_shard(c, batch, s, &d).await
+                }
+            },
+            Target::All | Target::Set(_) => {
+                if !matches!(c.txn, Txn::Idle) {
+                    return Err(reported(
+                        "0A000",
+                        format!("this statement goes to several shards ({}), but the transaction is bound to one; multi-shard transactions are not supported yet", d.reason),
+                    ));
+                }
+                fan_out(c, batch, &d).await
+            }
+        },
+    };
+    for name in closes {
+        c.statements.remove(&name);
+    }
+    result
+}
+
+fn batch_is_rollback<S>(c: &Client<S>, batch: &[Msg]) -> bool {
+    batch.iter().filter(|m| m.tag == b'B').all(|m| {
+        proto::read_bind(m.body())
+            .and_then(|b| c.statements.get(b.statement))
+            .is_some_and(|s| s.text.trim_start().get(..8).is_some_and(|w| w.eq_ignore_ascii_case("ROLLBACK")))
+    })
+}
+
+/// BEGIN/COMMIT/ROLLBACK in the extended protocol while no connection is bound: answered by the router
+/// (BEGIN is held until a statement names a shard).
+async fn synthesize_transaction<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+) -> Result<(), Reported> {
+    let mut tag = String::new();
+    for m in batch.iter().filter(|m| m.tag == b'B') {
+        let bind = proto::read_bind(m.body()).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
+        let text = c.statements.get(bind.statement).map(|s| s.text.clone()).unwrap_or_default();
+        let word =
+            text.trim_start().split(|ch: char| !ch.is_ascii_alphabetic()).next().unwrap_or("").to_ascii_uppercase();
+        match (word.as_str(), &mut c.txn) {
+            ("BEGIN" | "START", Txn::Idle) => {
+                let mut q = BytesMut::new();
+                proto::query(&mut q, &text);
+                c.txn = Txn::Held(vec![q.freeze()]);
+                tag = "BEGIN".into();
+            }
+            ("COMMIT" | "END", _) => {
+                c.txn = Txn::Idle;
+                c.failed = false;
+                tag = "COMMIT".into();
+            }
+            ("ROLLBACK" | "ABORT", _) => {
+                c.txn = Txn::Idle;
+                c.failed = false;
+                tag = "ROLLBACK".into();
+            }
+            ("SAVEPOINT" | "RELEASE", Txn::Held(held)) => {
+                let mut q = BytesMut::new();
+                proto::query(&mut q, &text);
+                held.push(q.freeze());
+                tag = word.clone();
+            }
+            _ => {
+                return Err(reported(
+                    "0A000",
+                    format!("{word} here is not supported before the transaction's first statement"),
+                ))
+            }
+        }
+    }
+    for m in batch {
+        let b = &mut c.io.wbuf;
+        match m.tag {
+            b'P' => proto::parse_complete(b),
+            b'B' => proto::put(b, b'2', |_| {}),
+            b'D' if m.body().first() == Some(&b'S') => {
+                proto::put(b, b't', |b| b.put_i16(0));
+                proto::put(b, b'n', |_| {});
+            }
+            b'D' => proto::put(b, b'n', |_| {}),
+            b'E' => proto::command_complete(b, &tag),
+            b'C' => proto::close_complete(b),
+            b'S' => {
+                let status = c.status();
+                proto::ready(&mut c.io.wbuf, status);
+            }
+            _ => {}
+        }
+    }
+    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
+}
+
+/// Rewrites a batch for one server connection: statement names, Parses left out or added.
+fn rewrite<S>(c: &Client<S>, batch: &[Msg], conn: &ServerConn) -> Result<(BytesMut, VecDeque<Exp>), Reported> {
+    let mut out = BytesMut::with_capacity(batch.iter().map(|m| m.frame.len()).sum::<usize>() + 64);
+    let mut exps = VecDeque::with_capacity(batch.len() + 2);
+    let mut parsed_here: HashSet<String> = HashSet::new();
+    let mut unnamed_parsed = false;
+    let stmt = |name: &str| {
+        c.statements.get(name).ok_or_else(|| reported("26000", format!("prepared statement \"{name}\" does not exist")))
+    };
+    // Prepares a statement on this connection before a message that needs it.
+    let ensure = |name: &str,
+                  out: &mut BytesMut,
+                  exps: &mut VecDeque<Exp>,
+                  parsed_here: &mut HashSet<String>,
+                  unnamed_parsed: &mut bool|
+     -> Result<(), Reported> {
+        let st = stmt(name)?;
+        if name.is_empty() {
+            if !*unnamed_parsed {
+                proto::write_parse(out, "", &st.text, &st.types);
+                exps.push_back(Exp::SwallowParse(None));
+                *unnamed_parsed = true;
+            }
+        } else if !conn.prepared.contains(&st.server_name) && !parsed_here.contains(&st.server_name) {
+            proto::write_parse(out, &st.server_name, &st.text, &st.types);
+            exps.push_back(Exp::SwallowParse(Some(st.server_name.clone())));
+            parsed_here.insert(st.server_name.clone());
+        }
+        Ok(())
+    };
+    for m in batch {
+        let body = m.body();
+        match m.tag {
+            b'P' => {
+                let p = proto::read_parse(body).ok_or_else(|| reported("08P01", "malformed Parse message"))?;
+                if p.name.is_empty() {
+                    out.put_slice(&m.frame);
+                    exps.push_back(Exp::Parse(None));
+                    unnamed_parsed = true;
+                } else {
+                    let st = stmt(p.name)?;
+                    if conn.prepared.contains(&st.server_name) || parsed_here.contains(&st.server_name) {
+                        exps.push_back(Exp::InjectParse);
+                    } else {
+                        proto::write_parse(&mut out, &st.server_name, &st.text, &st.types);
+                        exps.push_back(Exp::Parse(Some(st.server_name.clone())));
+                        parsed_here.insert(st.server_name.clone());
+                    }
+                }
+            }
+            b'B' => {
+                let b = proto::read_bind(body).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
+                ensure(b.statement, &mut out, &mut exps, &mut parsed_here, &mut unnamed_parsed)?;
+                if b.statement.is_empty() {
+                    out.put_slice(&m.frame);
+                } else {
+                    proto::write_bind_renamed(&mut out, &b, &stmt(b.statement)?.server_name);
+                }
+                exps.push_back(Exp::Bind);
+            }
+            b'D' => {
+                let (&kind, rest) =
+                    body.split_first().ok_or_else(|| reported("08P01", "malformed Describe message"))?;
+                let (name, _) =
+                    proto::read_cstr(rest).ok_or_else(|| reported("08P01", "malformed Describe message"))?;
+                if kind == b'S' {
+                    ensure(name, &mut out, &mut exps, &mut parsed_here, &mut unnamed_parsed)?;
+                    if name.is_empty() {
+                        out.put_slice(&m.frame);
+                    } else {
+                        let sn = &stmt(name)?.server_name;
+                        proto::put(&mut out, b'D', |b| {
+                            b.put_u8(b'S');
+                            proto::cstr(b, sn);
+                        });
+                    }
+                    exps.push_back(Exp::DescribeStmt);
+                } else {
+                    out.put_slice(&m.frame);
+                    exps.push_back(Exp::DescribePortal);
+                }
+            }
+            b'E' => {
+                out.put_slice(&m.frame);
+                exps.push_back(Exp::Execute);
+            }
+            b'C' => {
+                let named_statement = body.first() == Some(&b'S') && body.get(1).is_some_and(|&b| b != 0);
+                if named_statement {
+                    exps.push_back(Exp::InjectClose);
+                } else {
+                    out.put_slice(&m.frame);
+                    exps.push_back(Exp::Close);
+                }
+            }
+            b'S' => {
+                out.put_slice(&m.frame);
+                exps.push_back(Exp::Sync);
+            }
+            _ => out.put_slice(&m.frame), // Flush
+        }
+    }
+    Ok((out, exps))
+}
+
+async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    shard: shardmap::ShardId,
+    d: &Decision,
+) -> Result<(), Reported> {
+    match std::mem::take(&mut c.txn) {
+        Txn::Bound => {
+            c.txn = Txn::Bound;
+            if c.bound.as_ref().map(|b| b.shard()) != Some(shard) {
+                let bound = c.bound.as_ref().map_or("?".to_string(), |b| c.shared.map.node(b.shard()).name.clone());
+                return Err(reported(
+                    "0A000",
+                    format!(
+                        "the transaction is on shard {bound}, and this statement goes to shard {} ({}); multi-shard transactions are not supported yet",
+                        c.shared.map.node(shard).name,
+                        d.reason
+                    ),
+                ));
+            }
+            send_bound(c, batch).await
+        }
+        Txn::Held(held) => {
+            let mut p = c.checkout(shard, d.database.as_deref()).await?;
+            let conn = p.conn();
+            for h in &held {
+                conn.io.push(h);
+            }
+            conn.flush().await?;
+            for _ in &held {
+                if let Err(e) = conn.drain_to_ready().await {
+                    c.txn = Txn::Held(held);
+                    return Err(e.into());
+                }
+            }
+            c.bound = Some(p);
+            c.txn = Txn::Bound;
+            send_bound(c, batch).await
+        }
+        Txn::Idle => {
+            let p = c.checkout(shard, d.database.as_deref()).await?;
+            send_alone(c, batch, p).await
+        }
+    }
+}
+
+async fn send_bound<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
+    let p = c.bound.take().ok_or_else(|| reported("XX000", "no bound connection"))?;
+    send_alone(c, batch, p).await
+}
+
+/// Sends a batch on one connection and relays the answers; the connection is kept while a transaction is
+/// open (or a Flush left the exchange unfinished) and given back when the server is idle.
+async fn send_alone<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    mut p: Pooled,
+) -> Result<(), Reported> {
+    let (out, exps) = rewrite(c, batch, p.conn())?;
+    p.conn().io.push(&out);
+    if let Err(e) = p.conn().flush().await {
+        c.txn = Txn::Idle;
+        return Err(e.into());
+    }
+    let mut merge = Merge::default();
+    let status = match relay(c, &mut p, exps, Role::Only, &mut merge).await {
+        Ok(s) => s,
+        Err(e) => {
+            c.txn = Txn::Idle;
+            return Err(e);
+        }
+    };
+    match status {
+        Some(status) => c.after_exchange(p, status),
+        None => {
+            // Flush without Sync: the exchange goes on; keep the connection until a Sync completes it.
+            c.txn = Txn::Bound;
+            c.bound = Some(p);
+        }
+    }
+    Ok(())
+}
+
+/// A read with no key in the extended protocol: the same batch on every shard, rows concatenated.
+async fn fan_out<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    d: &Decision,
+) -> Result<(), Reported> {
+    let executes = batch.iter().filter(|m| m.tag == b'E').count();
+    if executes > 1 || batch.last().map(|m| m.tag) != Some(b'S') {
+        return Err(reported("0A000", "a statement for several shards must be alone before its Sync"));
+    }
+    if d.analysis.statements.iter().any(|s| s.kind != Kind::Read) {
+        if d.analysis.statements.iter().all(|s| s.kind == Kind::Ddl) {
+            return crate::fanout::extended_ddl(c, batch, d).await;
+        }
+        return Err(reported("0A000", format!("this statement would write to several shards ({})", d.reason)));
+    }
+    let shards = d.shards(&c.shared.map);
+    let mut conns = Vec::with_capacity(shards.len());
+    for s in &shards {
+        conns.push(c.checkout(*s, d.database.as_deref()).await?);
+    }
+    let mut plans = Vec::with_capacity(conns.len());
+    for p in conns.iter_mut() {
+        let (out, exps) = rewrite(c, batch, p.conn())?;
+        p.conn().io.push(&out);
+        p.conn().flush().await?;
+        plans.push(exps);
+    }
+    let mut merge = Merge::default();
+    for (i, (mut p, exps)) in conns.into_iter().zip(plans).enumerate() {
+        let role = if i == 0 { Role::First } else { Role::Rest };
+        let status = relay(c, &mut p, exps, role, &mut merge).await?;
+        if status == Some(proto::READY_IDLE) {
+            p.release();
+        }
+    }
+    match merge.error.take() {
+        Some(e) => c.io.push(&e),
+        None if executes == 1 => proto::command_complete(&mut c.io.wbuf, &format!("{} {}", merge.verb, merge.rows)),
+        None => {}
+    }
+    proto::ready(&mut c.io.wbuf, proto::READY_IDLE);
+    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
+}
+
+/// Relays one connection's answers to a rewritten batch, injecting and swallowing what the rewrite
+/// changed. Returns the ReadyForQuery status, or `None` when the batch ended with Flush.
+async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    p: &mut Pooled,
+    mut exps: VecDeque<Exp>,
+    role: Role,
+    merge: &mut Merge,
+) -> Result<Option<u8>, Reported> {
+    let mut errored = false;
+    let mut status = None;
+    let to_client = |role: Role, tag: u8| match role {
+        Role::Only => true,
+        Role::First => !matches!(tag, b'C' | b'Z' | b'E'),
+        Role::Rest => tag == b'D',
+    };
+    loop {
+        while let Some(Exp::InjectParse | Exp::InjectClose) = exps.front() {
+            let e = exps.pop_front().expect("front exists");
+            if !errored && role != Role::Rest {
+                match e {
+                    Exp::InjectParse => proto::parse_complete(&mut c.io.wbuf),
+                    _ => proto::close_complete(&mut c.io.wbuf),
+                }
+            }
+        }
+        if exps.is_empty() {
+            break;
+        }
+        let m = p.conn().read().await?;
+        let mut relay = to_client(role, m.tag);
+        match m.tag {
+            b'E' => {
+                errored = true;
+                if role != Role::Only && merge.error.is_none() {
+                    merge.error = Some(m.frame.clone());
+                }
+                // The server skips everything up to Sync.
+                while exps.front().is_some_and(|e| !matches!(e, Exp::Sync)) {
+                    exps.pop_front();
+                }
+            }
+            b'1' => match exps.pop_front() {
+                Some(Exp::Parse(Some(n))) => {
+                    p.conn().prepared.insert(n);
+                }
+                Some(Exp::SwallowParse(name)) => {
+                    relay = false;
+                    if let Some(n) = name {
+                        p.conn().prepared.insert(n);
+                    }
+                }
+                _ => {}
+            },
+            b'2' | b'3' => {
+                exps.pop_front();
+            }
+            b'T' | b'n' => {
+                if matches!(exps.front(), Some(Exp::DescribeStmt | Exp::DescribePortal)) {
+                    exps.pop_front();
+                }
+            }
+            b'C' | b'I' | b's' => {
+                exps.pop_front();
+                if m.tag == b'C' && role != Role::Only {
+                    if let Some((tag, _)) = proto::read_cstr(m.body()) {
+                        let (verb, n) = proto::command_rows(tag).unwrap_or((tag, 0));
+                        merge.verb = verb.to_string();
+                        merge.rows += n;
+                    }
+                }
+            }
+            b'Z' => {
+                exps.pop_front();
+                let s = m.body().first().copied().unwrap_or(proto::READY_IDLE);
+                p.conn().status = s;
+                status = Some(s);
+            }
+            _ => {} // DataRow, ParameterDescription, notices, ParameterStatus, notifications
+        }
+        if relay {
+            c.io.push(&m.frame);
+            c.io.flush_if_full().await.map_err(|e| reported("08006", e.to_string()))?;
+        }
+    }
+    if role == Role::Only {
+        c.io.flush().await.map_err(|e| reported("08006", e.to_string()))?;
+    }
+    Ok(status)
+}

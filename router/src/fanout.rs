@@ -1,0 +1,144 @@
+//! Statements for several shards: reads with no key (the same statement on each, rows concatenated in shard
+//! order, one RowDescription, one CommandComplete with the total) and DDL (the same statement on each; the
+//! first error is reported). Ordered merging and aggregates come later.
+
+use bytes::Bytes;
+use shardmap::sql::Kind;
+use shardmap::{Decision, ShardId};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::client::{Client, Reported};
+use crate::pool::Pooled;
+use crate::proto;
+use crate::wire::Msg;
+
+fn reported(code: &str, message: impl Into<String>) -> Reported {
+    Reported { code: code.to_string(), message: message.into() }
+}
+
+async fn checkout_all<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    shards: &[ShardId],
+    d: &Decision,
+) -> Result<Vec<Pooled>, Reported> {
+    let mut conns = Vec::with_capacity(shards.len());
+    for s in shards {
+        conns.push(c.checkout(*s, d.database.as_deref()).await?);
+    }
+    Ok(conns)
+}
+
+/// A simple Query for several shards.
+pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    shards: &[ShardId],
+    d: &Decision,
+    frame: Bytes,
+) -> Result<(), Reported> {
+    let mut conns = checkout_all(c, shards, d).await?;
+    for p in conns.iter_mut() {
+        p.conn().io.push(&frame);
+        p.conn().flush().await?;
+    }
+    let read = d.analysis.statements.iter().all(|s| s.kind == Kind::Read);
+    let mut error: Option<Msg> = None;
+    let mut rows = 0u64;
+    let mut verb = String::from("SELECT");
+    let mut described = false;
+    for (i, p) in conns.iter_mut().enumerate() {
+        loop {
+            let m = p.conn().read().await?;
+            match m.tag {
+                b'Z' => {
+                    p.conn().status = m.body().first().copied().unwrap_or(proto::READY_IDLE);
+                    break;
+                }
+                b'E' if error.is_none() => error = Some(m),
+                b'E' => {}
+                b'T' if read && !described => {
+                    described = true;
+                    c.io.push(&m.frame);
+                }
+                b'D' if read && error.is_none() => {
+                    c.io.push(&m.frame);
+                    c.io.flush_if_full().await.map_err(|e| reported("08006", e.to_string()))?;
+                }
+                b'T' | b'D' if read => {}
+                b'C' if read => {
+                    if let Some((tag, _)) = proto::read_cstr(m.body()) {
+                        if let Some((v, n)) = proto::command_rows(tag) {
+                            verb = v.to_string();
+                            rows += n;
+                        }
+                    }
+                }
+                // DDL: the first shard's answers stand for all; notices of the first shard pass through.
+                _ if i == 0 => c.io.push(&m.frame),
+                _ => {}
+            }
+        }
+    }
+    match error {
+        Some(e) => c.io.push(&e.frame),
+        None if read => proto::command_complete(&mut c.io.wbuf, &format!("{verb} {rows}")),
+        None => {}
+    }
+    proto::ready(&mut c.io.wbuf, proto::READY_IDLE);
+    for p in conns {
+        p.release();
+    }
+    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
+}
+
+/// DDL in the extended protocol: run its text as a simple query on every shard, and answer the batch.
+pub async fn extended_ddl<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    d: &Decision,
+) -> Result<(), Reported> {
+    let shards = d.shards(&c.shared.map);
+    let bind = batch
+        .iter()
+        .find(|m| m.tag == b'B')
+        .and_then(|m| proto::read_bind(m.body()).map(|b| b.statement.to_string()))
+        .ok_or_else(|| reported("08P01", "no Bind in the batch"))?;
+    let text = c.statements.get(&bind).map(|s| s.text.clone()).ok_or_else(|| reported("26000", "unknown statement"))?;
+    let mut conns = checkout_all(c, &shards, d).await?;
+    let mut first_error = None;
+    let mut tag = String::new();
+    for p in conns.iter_mut() {
+        proto::query(&mut p.conn().io.wbuf, &text);
+        p.conn().flush().await?;
+        loop {
+            let m = p.conn().read().await?;
+            match m.tag {
+                b'E' if first_error.is_none() => first_error = Some(m.frame.clone()),
+                b'C' => tag = proto::read_cstr(m.body()).map(|(t, _)| t.to_string()).unwrap_or_default(),
+                b'Z' => {
+                    p.conn().status = m.body().first().copied().unwrap_or(proto::READY_IDLE);
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    for p in conns {
+        p.release();
+    }
+    for m in batch {
+        let b = &mut c.io.wbuf;
+        match m.tag {
+            b'P' => proto::parse_complete(b),
+            b'B' => proto::put(b, b'2', |_| {}),
+            b'D' => proto::put(b, b'n', |_| {}),
+            b'E' => match &first_error {
+                Some(e) => c.io.wbuf.extend_from_slice(e),
+                None => proto::command_complete(b, &tag),
+            },
+            b'C' => proto::close_complete(b),
+            b'S' => proto::ready(b, proto::READY_IDLE),
+            _ => {}
+        }
+    }
+    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
+}

@@ -1,0 +1,14 @@
+//! shard-router: the PostgreSQL-wire proxy. A client's messages are read as frames, each statement is routed
+//! by `shardmap`, and the frames are relayed as bytes to pooled server connections of the chosen shard.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod client;
+pub mod extended;
+pub mod fanout;
+pub mod pool;
+pub mod proto;
+pub mod server;
+pub mod settings;
+pub mod startup;
+pub mod wire;

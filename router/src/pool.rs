@@ -1,0 +1,141 @@
+//! Pools of server connections, one per (shard, database, user). A semaphore bounds each pool at
+//! `pool-size`; a checkout waits at most `pool-timeout-ms` and then fails with a clear error. Connections go
+//! back only when the server reported idle; anything else is closed, never handed to another client dirty.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shardmap::ShardId;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{BackendError, ServerConn, Target};
+use crate::proto;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub shard: ShardId,
+    pub target: Target,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection to shard {shard} became free within {ms} ms (pool-size {size}); raise pool-size or pool-timeout-ms")]
+    Timeout { shard: String, ms: u64, size: u32 },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl PoolError {
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            PoolError::Timeout { .. } => "53300",
+            PoolError::Backend(e) => e.sqlstate(),
+        }
+    }
+}
+
+pub struct Settings {
+    pub size: u32,
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+pub struct Pool {
+    key: PoolKey,
+    name: String,
+    idle: Mutex<Vec<ServerConn>>,
+    permits: Arc<Semaphore>,
+    settings: Arc<Settings>,
+    /// ParameterStatus of the first connection made, for clients' startup.
+    pub params: Mutex<Option<Vec<(String, String)>>>,
+}
+
+/// A checked-out connection. Give it back with [`Pooled::release`]; dropping it closes the connection.
+pub struct Pooled {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pool {
+    pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
+        let permit = match tokio::time::timeout(self.settings.timeout, self.permits.clone().acquire_owned()).await {
+            Ok(p) => p.expect("pool semaphore is never closed"),
+            Err(_) => {
+                return Err(PoolError::Timeout {
+                    shard: self.name.clone(),
+                    ms: self.settings.timeout.as_millis() as u64,
+                    size: self.settings.size,
+                })
+            }
+        };
+        let idle = {
+            let mut idle = self.idle.lock().expect("pool lock");
+            let cutoff = self.settings.idle_timeout;
+            idle.retain(|c| c.last_used.elapsed() < cutoff);
+            idle.pop()
+        };
+        let conn = match idle {
+            Some(c) => c,
+            None => {
+                let c = ServerConn::connect(&self.key.target, self.settings.timeout).await?;
+                let mut params = self.params.lock().expect("pool lock");
+                if params.is_none() {
+                    *params = Some(c.params.clone());
+                }
+                c
+            }
+        };
+        Ok(Pooled { conn: Some(conn), pool: self.clone(), _permit: permit })
+    }
+}
+
+impl Pooled {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        self.conn.as_mut().expect("present until released")
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.pool.key.shard
+    }
+
+    /// Returns the connection to its pool if the server said it is idle; otherwise closes it.
+    pub fn release(mut self) {
+        if let Some(mut c) = self.conn.take() {
+            if c.status == proto::READY_IDLE && c.io.buffered() == 0 {
+                c.last_used = Instant::now();
+                self.pool.idle.lock().expect("pool lock").push(c);
+            }
+        }
+    }
+}
+
+/// All pools of a router.
+pub struct Pools {
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    settings: Arc<Settings>,
+}
+
+impl Pools {
+    pub fn new(settings: Settings) -> Pools {
+        Pools { pools: Mutex::new(HashMap::new()), settings: Arc::new(settings) }
+    }
+
+    pub fn pool(&self, key: PoolKey, name: &str) -> Arc<Pool> {
+        let mut pools = self.pools.lock().expect("pools lock");
+        pools
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Pool {
+                    key,
+                    name: name.to_string(),
+                    idle: Mutex::new(Vec::new()),
+                    permits: Arc::new(Semaphore::new(self.settings.size as usize)),
+                    settings: self.settings.clone(),
+                    params: Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+}

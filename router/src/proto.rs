@@ -1,0 +1,196 @@
+//! Building and reading the few protocol messages the router itself makes or looks into. Message bodies are
+//! read in place; nothing here allocates per relayed row.
+
+use bytes::{BufMut, BytesMut};
+
+pub const READY_IDLE: u8 = b'I';
+pub const READY_IN_TX: u8 = b'T';
+pub const READY_FAILED: u8 = b'E';
+
+/// Appends a message with `tag` whose body `f` writes, filling in the length.
+pub fn put(buf: &mut BytesMut, tag: u8, f: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    let at = buf.len();
+    buf.put_i32(0);
+    f(buf);
+    let len = (buf.len() - at) as i32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+pub fn cstr(buf: &mut BytesMut, s: &str) {
+    buf.put_slice(s.as_bytes());
+    buf.put_u8(0);
+}
+
+pub fn ready(buf: &mut BytesMut, status: u8) {
+    put(buf, b'Z', |b| b.put_u8(status));
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    put(buf, b'C', |b| cstr(b, tag));
+}
+
+pub fn parse_complete(buf: &mut BytesMut) {
+    put(buf, b'1', |_| {});
+}
+
+pub fn close_complete(buf: &mut BytesMut) {
+    put(buf, b'3', |_| {});
+}
+
+pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+    put(buf, b'S', |b| {
+        cstr(b, name);
+        cstr(b, value);
+    });
+}
+
+/// An ErrorResponse (or, with `severity` "FATAL", the last words before closing).
+pub fn error(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
+    put(buf, b'E', |b| {
+        b.put_u8(b'S');
+        cstr(b, severity);
+        b.put_u8(b'V');
+        cstr(b, severity);
+        b.put_u8(b'C');
+        cstr(b, code);
+        b.put_u8(b'M');
+        cstr(b, message);
+        b.put_u8(0);
+    });
+}
+
+/// A simple Query message.
+pub fn query(buf: &mut BytesMut, sql: &str) {
+    put(buf, b'Q', |b| cstr(b, sql));
+}
+
+/// Reads a NUL-terminated string at the start of `b`: the string and the rest.
+pub fn read_cstr(b: &[u8]) -> Option<(&str, &[u8])> {
+    let end = b.iter().position(|&c| c == 0)?;
+    Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
+}
+
+pub fn read_i16(b: &[u8]) -> Option<(i16, &[u8])> {
+    Some((i16::from_be_bytes(b.get(..2)?.try_into().ok()?), &b[2..]))
+}
+
+pub fn read_i32(b: &[u8]) -> Option<(i32, &[u8])> {
+    Some((i32::from_be_bytes(b.get(..4)?.try_into().ok()?), &b[4..]))
+}
+
+/// The SQLSTATE and message of an ErrorResponse body.
+pub fn error_fields(body: &[u8]) -> (String, String) {
+    let (mut code, mut message) = (String::new(), String::new());
+    let mut b = body;
+    while let Some((&field, rest)) = b.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Some((value, rest)) = read_cstr(rest) else { break };
+        match field {
+            b'C' => code = value.to_string(),
+            b'M' => message = value.to_string(),
+            _ => {}
+        }
+        b = rest;
+    }
+    (code, message)
+}
+
+/// The row count of a CommandComplete tag (`SELECT 3`, `INSERT 0 3`, `UPDATE 3`), and the tag's verb.
+pub fn command_rows(tag: &str) -> Option<(&str, u64)> {
+    let (verb, rest) = tag.split_once(' ')?;
+    let n = rest.rsplit(' ').next()?.parse().ok()?;
+    Some((verb, n))
+}
+
+/// A Parse message body: statement name, query text, parameter type OIDs.
+pub struct Parse<'a> {
+    pub name: &'a str,
+    pub query: &'a str,
+    pub types: Vec<u32>,
+}
+
+pub fn read_parse(body: &[u8]) -> Option<Parse<'_>> {
+    let (name, rest) = read_cstr(body)?;
+    let (query, rest) = read_cstr(rest)?;
+    let (n, mut rest) = read_i16(rest)?;
+    let mut types = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let (t, r) = read_i32(rest)?;
+        types.push(t as u32);
+        rest = r;
+    }
+    Some(Parse { name, query, types })
+}
+
+pub fn write_parse(buf: &mut BytesMut, name: &str, query: &str, types: &[u32]) {
+    put(buf, b'P', |b| {
+        cstr(b, name);
+        cstr(b, query);
+        b.put_i16(types.len() as i16);
+        for t in types {
+            b.put_u32(*t);
+        }
+    });
+}
+
+/// A Bind message body, read in place.
+pub struct Bind<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    formats: Vec<i16>,
+    values: Vec<Option<&'a [u8]>>,
+    /// The bytes after the statement name (formats, values, result formats), for re-writing the name.
+    pub tail: &'a [u8],
+}
+
+pub fn read_bind(body: &[u8]) -> Option<Bind<'_>> {
+    let (portal, rest) = read_cstr(body)?;
+    let (statement, tail) = read_cstr(rest)?;
+    let (nf, mut rest) = read_i16(tail)?;
+    let mut formats = Vec::with_capacity(nf.max(0) as usize);
+    for _ in 0..nf {
+        let (f, r) = read_i16(rest)?;
+        formats.push(f);
+        rest = r;
+    }
+    let (nv, mut rest) = read_i16(rest)?;
+    let mut values = Vec::with_capacity(nv.max(0) as usize);
+    for _ in 0..nv {
+        let (len, r) = read_i32(rest)?;
+        if len < 0 {
+            values.push(None);
+            rest = r;
+        } else {
+            values.push(Some(r.get(..len as usize)?));
+            rest = &r[len as usize..];
+        }
+    }
+    Some(Bind { portal, statement, formats, values, tail })
+}
+
+impl Bind<'_> {
+    /// Whether parameter `i` is in binary format (format codes: none = all text, one = for all, else each).
+    pub fn binary(&self, i: usize) -> bool {
+        match self.formats.as_slice() {
+            [] => false,
+            [one] => *one == 1,
+            many => many.get(i).is_some_and(|f| *f == 1),
+        }
+    }
+
+    pub fn value(&self, i: usize) -> Option<Option<&[u8]>> {
+        self.values.get(i).copied()
+    }
+}
+
+/// Re-writes a Bind with another statement name.
+pub fn write_bind_renamed(buf: &mut BytesMut, bind: &Bind<'_>, statement: &str) {
+    put(buf, b'B', |b| {
+        cstr(b, bind.portal);
+        cstr(b, statement);
+        b.put_slice(bind.tail);
+    });
+}

@@ -1,0 +1,166 @@
+//! The proxy's accept loop: `run(listener, config, shutdown)` serves clients until `shutdown` resolves. The
+//! binary is only argument parsing plus this call, and tests start it in-process on port 0.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardmap::{Config, Planner, ShardId, ShardMap, Strategy};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::client::{Client, Txn};
+use crate::pool::{Pools, Settings as PoolSettings};
+use crate::settings::Settings;
+use crate::startup::{self, Hello, ScramCache, StartupError};
+use crate::wire::Framed;
+use crate::{proto, startup::backend_key};
+
+/// What every client task shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub map: Arc<ShardMap>,
+    pub planner: Planner,
+    pub pools: Pools,
+    pub scram: ScramCache,
+    next: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> anyhow::Result<Shared> {
+        let map = Arc::new(ShardMap::new(&config).map_err(anyhow::Error::msg)?);
+        let pools = Pools::new(PoolSettings {
+            size: config.pool.size,
+            timeout: Duration::from_millis(config.pool.timeout_ms),
+            idle_timeout: Duration::from_secs(config.pool.idle_timeout_s),
+        });
+        Ok(Shared {
+            planner: Planner::new(map.clone()),
+            map,
+            pools,
+            scram: ScramCache::default(),
+            config: Arc::new(config),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// A shard for statements any shard can answer, in turn.
+    pub fn any_shard(&self) -> ShardId {
+        let n = self.map.nodes.len().max(1);
+        ShardId((self.next.fetch_add(1, Ordering::Relaxed) % n) as u16)
+    }
+}
+
+/// Serves clients on `listener` until `shutdown` resolves.
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::new(config)?);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => {
+                let (sock, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                sock.set_nodelay(true).ok();
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_client(shared, sock).await {
+                        tracing::debug!("client: {e}");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()> {
+    let mut io = Framed::new(sock);
+    let hello = match startup::hello(&mut io).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(()),
+        Err(e) => return fatal(&mut io, e).await,
+    };
+    let params = match hello {
+        Hello::Cancel { .. } => return Ok(()), // cancel forwarding comes with the cancel work
+        Hello::Startup { params } => params,
+    };
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user") else {
+        return fatal(
+            &mut io,
+            StartupError::Refused { code: "28000", message: "no user name in the startup packet".into() },
+        )
+        .await;
+    };
+    let database = get("database").unwrap_or_else(|| user.clone());
+    let password = shared.config.router.users.get(&user).cloned();
+    if let Err(e) =
+        startup::authenticate(&mut io, shared.config.router.auth, &user, password.as_deref(), &shared.scram).await
+    {
+        return fatal(&mut io, e).await;
+    }
+    let mut client = Client {
+        io,
+        shared: shared.clone(),
+        user,
+        database: database.clone(),
+        session: shardmap::Session { database: Some(database.clone()), ..Default::default() },
+        settings: Settings::from_startup(&params),
+        txn: Txn::Idle,
+        bound: None,
+        failed: false,
+        statements: Default::default(),
+        batch: Vec::new(),
+    };
+    // One checkout validates the client's startup settings and gives the server's parameters.
+    let (shard, db) = match shared.map.strategy {
+        Strategy::Tenant => match shared.map.tenant_of_database(&database) {
+            Some(t) => (shared.map.tenant_shard(t), Some(database.clone())),
+            None => (shared.any_shard(), None),
+        },
+        _ => (shared.any_shard(), None),
+    };
+    let server_params = match client.checkout(shard, db.as_deref()).await {
+        Ok(mut p) => {
+            let params = p.conn().params.clone();
+            p.release();
+            params
+        }
+        Err(e) => {
+            proto::error(&mut client.io.wbuf, "FATAL", &e.code, &e.message);
+            client.io.flush().await.ok();
+            return Ok(());
+        }
+    };
+    for (k, v) in &server_params {
+        let own = params.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.as_str());
+        proto::parameter_status(&mut client.io.wbuf, k, own.unwrap_or(v));
+    }
+    backend_key(&mut client.io.wbuf, rand::random::<i32>() & 0x7fff_ffff, rand::random());
+    proto::ready(&mut client.io.wbuf, proto::READY_IDLE);
+    client.io.flush().await?;
+    match client.run().await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            proto::error(&mut client.io.wbuf, "FATAL", "08P01", &e.to_string());
+            client.io.flush().await.ok();
+            Ok(())
+        }
+    }
+}
+
+async fn fatal(io: &mut Framed<TcpStream>, e: StartupError) -> anyhow::Result<()> {
+    let (code, message) = match &e {
+        StartupError::Refused { code, message } => (*code, message.clone()),
+        StartupError::Wire(w) => ("08P01", w.to_string()),
+    };
+    proto::error(&mut io.wbuf, "FATAL", code, &message);
+    io.flush().await.ok();
+    Ok(())
+}

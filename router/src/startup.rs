@@ -1,0 +1,184 @@
+//! The client's startup: SSL negotiation (refused until TLS lands), the startup packet, and authentication
+//! (`router-auth`: SCRAM-SHA-256 by default, md5, or trust) against `router-user-<name>` passwords. SCRAM's
+//! exchange is pgwire's (`ScramServerAuth`); its Authentication messages are pgwire's too.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramServerAuth};
+use pgwire::api::auth::Password;
+use pgwire::messages::startup::Authentication;
+use pgwire::messages::Message;
+use shardmap::config::AuthMethod;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::proto;
+use crate::wire::{Framed, WireError};
+
+const SSL_REQUEST: i32 = 80877103;
+const GSSENC_REQUEST: i32 = 80877104;
+const CANCEL_REQUEST: i32 = 80877102;
+const PROTOCOL_3: i32 = 196608;
+const SCRAM_ITERATIONS: usize = 4096;
+
+/// What the client asked for at startup.
+pub enum Hello {
+    Startup { params: Vec<(String, String)> },
+    Cancel { pid: i32, secret: i32 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("{message}")]
+    Refused { code: &'static str, message: String },
+}
+
+impl From<std::io::Error> for StartupError {
+    fn from(e: std::io::Error) -> Self {
+        StartupError::Wire(e.into())
+    }
+}
+
+fn refused(code: &'static str, message: impl Into<String>) -> StartupError {
+    StartupError::Refused { code, message: message.into() }
+}
+
+/// Reads packets until a startup message or a cancel request.
+pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Framed<S>) -> Result<Option<Hello>, StartupError> {
+    loop {
+        let Some(packet) = io.read_startup().await? else { return Ok(None) };
+        let (code, rest) = proto::read_i32(&packet).ok_or_else(|| refused("08P01", "short startup packet"))?;
+        match code {
+            SSL_REQUEST | GSSENC_REQUEST => {
+                // No TLS yet: the client goes on in plain text or gives up, as with a server without ssl.
+                io.push(b"N");
+                io.flush().await?;
+            }
+            CANCEL_REQUEST => {
+                let (pid, rest) = proto::read_i32(rest).ok_or_else(|| refused("08P01", "short cancel request"))?;
+                let (secret, _) = proto::read_i32(rest).ok_or_else(|| refused("08P01", "short cancel request"))?;
+                return Ok(Some(Hello::Cancel { pid, secret }));
+            }
+            PROTOCOL_3 => {
+                let mut params = Vec::new();
+                let mut b = rest;
+                while let Some((k, r)) = proto::read_cstr(b) {
+                    if k.is_empty() {
+                        break;
+                    }
+                    let (v, r) = proto::read_cstr(r).ok_or_else(|| refused("08P01", "malformed startup packet"))?;
+                    params.push((k.to_string(), v.to_string()));
+                    b = r;
+                }
+                return Ok(Some(Hello::Startup { params }));
+            }
+            other => {
+                return Err(refused(
+                    "0A000",
+                    format!("unsupported frontend protocol {}.{}: the router speaks 3.0", other >> 16, other & 0xffff),
+                ))
+            }
+        }
+    }
+}
+
+/// A user's SCRAM salt and salted password.
+type Salted = (Vec<u8>, Vec<u8>);
+
+/// Salted SCRAM passwords, computed once per user (4096 PBKDF2 rounds cost milliseconds).
+#[derive(Default)]
+pub struct ScramCache {
+    salted: Mutex<HashMap<String, Salted>>,
+}
+
+impl ScramCache {
+    fn get(&self, user: &str, password: &str) -> (Vec<u8>, Vec<u8>) {
+        let mut m = self.salted.lock().expect("scram cache lock");
+        m.entry(user.to_string())
+            .or_insert_with(|| {
+                let salt: [u8; 16] = rand::random();
+                (salt.to_vec(), gen_salted_password(password, &salt, SCRAM_ITERATIONS))
+            })
+            .clone()
+    }
+}
+
+fn send_auth(buf: &mut BytesMut, a: Authentication) {
+    a.encode(buf).expect("authentication messages encode");
+}
+
+/// Authenticates `user`; on success AuthenticationOk has been queued.
+pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Framed<S>,
+    method: AuthMethod,
+    user: &str,
+    password: Option<&str>,
+    cache: &ScramCache,
+) -> Result<(), StartupError> {
+    let failed = || refused("28P01", format!("password authentication failed for user \"{user}\""));
+    if method == AuthMethod::Trust {
+        send_auth(&mut io.wbuf, Authentication::Ok);
+        return Ok(());
+    }
+    let Some(password) = password else {
+        return Err(refused("28000", format!("no such user \"{user}\": add router-user-{user} to the config")));
+    };
+    match method {
+        AuthMethod::Trust => unreachable!("handled above"),
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            send_auth(&mut io.wbuf, Authentication::MD5Password(salt.to_vec()));
+            io.flush().await?;
+            let msg = read_password(io).await?;
+            let given = proto::read_cstr(msg.as_ref()).map(|(s, _)| s).unwrap_or("");
+            let expected = postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
+            if given != expected {
+                return Err(failed());
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            send_auth(&mut io.wbuf, Authentication::SASL(vec!["SCRAM-SHA-256".to_string()]));
+            io.flush().await?;
+            let first = read_password(io).await?;
+            let (mechanism, rest) =
+                proto::read_cstr(&first).ok_or_else(|| refused("08P01", "malformed SASLInitialResponse"))?;
+            if mechanism != "SCRAM-SHA-256" {
+                return Err(refused("28000", format!("unsupported SASL mechanism {mechanism}")));
+            }
+            let (len, data) = proto::read_i32(rest).ok_or_else(|| refused("08P01", "malformed SASLInitialResponse"))?;
+            let data =
+                data.get(..len.max(0) as usize).ok_or_else(|| refused("08P01", "malformed SASLInitialResponse"))?;
+            let (salt, salted) = cache.get(user, password);
+            let mut server = ScramServerAuth::new();
+            server.set_iterations(SCRAM_ITERATIONS);
+            let (server_first, waiting) =
+                server.on_client_first_message(data, Password::new(Some(salt), salted)).map_err(|_| failed())?;
+            send_auth(&mut io.wbuf, Authentication::SASLContinue(Bytes::from(server_first)));
+            io.flush().await?;
+            let last = read_password(io).await?;
+            let server_final = waiting.on_client_final_message(&last).map_err(|_| failed())?;
+            send_auth(&mut io.wbuf, Authentication::SASLFinal(Bytes::from(server_final)));
+        }
+    }
+    send_auth(&mut io.wbuf, Authentication::Ok);
+    Ok(())
+}
+
+async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Framed<S>) -> Result<Bytes, StartupError> {
+    match io.read().await? {
+        Some(m) if m.tag == b'p' => Ok(m.frame.slice(5..)),
+        Some(m) => Err(refused("08P01", format!("expected a password message, got {:?}", m.tag as char))),
+        None => Err(StartupError::Wire(WireError::Truncated)),
+    }
+}
+
+/// BackendKeyData: the pid and secret a client will quote in a CancelRequest.
+pub fn backend_key(buf: &mut BytesMut, pid: i32, secret: i32) {
+    proto::put(buf, b'K', |b| {
+        b.put_i32(pid);
+        b.put_i32(secret);
+    });
+}

@@ -1,0 +1,133 @@
+//! Framing on the hot path: a protocol message is a tag byte, a big-endian length that counts itself, and a
+//! body. Frames are split off one reused read buffer as `Bytes` (a reference-counted view: no copy, no
+//! allocation per message), and outgoing frames are gathered in one write buffer so that a whole response
+//! goes out in one `write` call. pgwire's codec decodes each message into an owned struct, which would cost an
+//! allocation and a copy per relayed row; it serves the startup phase instead (see `startup.rs`).
+
+use std::io;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The largest message accepted from a client or a server (PostgreSQL's own limit for most messages is 1 GB;
+/// a proxy keeps it smaller so that one client cannot make it hold that much).
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+/// Flush the write buffer once it holds this much, even before the end of a response.
+pub const FLUSH_AT: usize = 64 << 10;
+
+/// A message: its tag and its whole frame (tag, length and body).
+#[derive(Clone, Debug)]
+pub struct Msg {
+    pub tag: u8,
+    pub frame: Bytes,
+}
+
+impl Msg {
+    pub fn body(&self) -> &[u8] {
+        &self.frame[5..]
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("message {tag:?} of {len} bytes is larger than the limit of {MAX_MESSAGE} bytes")]
+    TooLarge { tag: char, len: usize },
+    #[error("malformed message {tag:?}: length {len}")]
+    BadLength { tag: char, len: i64 },
+    #[error("the connection closed in the middle of a message")]
+    Truncated,
+}
+
+/// A stream with a read buffer and a write buffer.
+pub struct Framed<S> {
+    pub sock: S,
+    rbuf: BytesMut,
+    pub wbuf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    pub fn new(sock: S) -> Self {
+        Framed { sock, rbuf: BytesMut::with_capacity(16 << 10), wbuf: BytesMut::with_capacity(16 << 10) }
+    }
+
+    /// Bytes already read but not yet taken.
+    pub fn buffered(&self) -> usize {
+        self.rbuf.len()
+    }
+
+    /// The next message, or `None` at a clean end of stream.
+    pub async fn read(&mut self) -> Result<Option<Msg>, WireError> {
+        loop {
+            if self.rbuf.len() >= 5 {
+                let tag = self.rbuf[0];
+                let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as i64;
+                if len < 4 {
+                    return Err(WireError::BadLength { tag: tag as char, len });
+                }
+                let total = 1 + len as usize;
+                if total > MAX_MESSAGE {
+                    return Err(WireError::TooLarge { tag: tag as char, len: total });
+                }
+                if self.rbuf.len() >= total {
+                    let frame = self.rbuf.split_to(total).freeze();
+                    return Ok(Some(Msg { tag, frame }));
+                }
+                self.rbuf.reserve(total - self.rbuf.len());
+            }
+            if self.sock.read_buf(&mut self.rbuf).await? == 0 {
+                return if self.rbuf.is_empty() { Ok(None) } else { Err(WireError::Truncated) };
+            }
+        }
+    }
+
+    /// A startup-phase packet (no tag: a length that counts itself, then the body), returned without the
+    /// length. `None` at a clean end of stream.
+    pub async fn read_startup(&mut self) -> Result<Option<BytesMut>, WireError> {
+        loop {
+            if self.rbuf.len() >= 4 {
+                let len = i32::from_be_bytes([self.rbuf[0], self.rbuf[1], self.rbuf[2], self.rbuf[3]]) as i64;
+                if !(8..=10_000).contains(&len) {
+                    return Err(WireError::BadLength { tag: '\0', len });
+                }
+                if self.rbuf.len() >= len as usize {
+                    let mut packet = self.rbuf.split_to(len as usize);
+                    packet.advance(4);
+                    return Ok(Some(packet));
+                }
+            }
+            if self.sock.read_buf(&mut self.rbuf).await? == 0 {
+                return if self.rbuf.is_empty() { Ok(None) } else { Err(WireError::Truncated) };
+            }
+        }
+    }
+
+    /// Queues a frame for writing.
+    pub fn push(&mut self, frame: &[u8]) {
+        self.wbuf.extend_from_slice(frame);
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.sock.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes the queue when it has grown past [`FLUSH_AT`].
+    pub async fn flush_if_full(&mut self) -> io::Result<()> {
+        if self.wbuf.len() >= FLUSH_AT {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the stream back with what was read but not consumed (for TLS upgrades).
+    pub fn into_parts(self) -> (S, BytesMut) {
+        (self.sock, self.rbuf)
+    }
+}
