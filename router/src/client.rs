@@ -444,12 +444,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let mut p = self.checkout(shard, d.database.as_deref()).await?;
         p.conn().io.push(&frame);
         p.conn().flush().await?;
-        // The client's transaction is still held: the ReadyForQuery it sees carries its own status.
-        let held = self.status();
-        let status = self.relay_until_ready_as(&mut p, Some(held)).await?;
-        if status == proto::READY_IDLE {
-            p.release();
-        }
+        let status = self.relay_until_ready(&mut p).await?;
+        self.after_exchange(p, status);
         Ok(())
     }
 
@@ -476,7 +472,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Relays server messages to the client up to and including ReadyForQuery; returns its status.
     pub async fn relay_until_ready(&mut self, p: &mut Pooled) -> Result<u8, Reported> {
-        self.relay_until_ready_as(p, None).await
+        let over = self.status_override();
+        self.relay_until_ready_as(p, over).await
     }
 
     /// Like `relay_until_ready`, sending the client ReadyForQuery with `status` instead of the server's.
@@ -499,11 +496,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// After ReadyForQuery: keep the connection for an open transaction, give it back when idle.
+    /// A held transaction stays held: the exchange ran outside it (a Parse, a read of global data).
     pub fn after_exchange(&mut self, p: Pooled, status: u8) {
         match status {
             proto::READY_IDLE => {
-                self.txn = Txn::Idle;
-                self.failed = false;
+                if matches!(self.txn, Txn::Bound) {
+                    self.txn = Txn::Idle;
+                    self.failed = false;
+                }
                 p.release();
             }
             _ => {
@@ -511,6 +511,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 self.bound = Some(p);
             }
         }
+    }
+
+    /// The ReadyForQuery status to show the client instead of the server's, when they differ: a held
+    /// transaction is in progress for the client while the connection that answered is idle.
+    pub fn status_override(&self) -> Option<u8> {
+        matches!(self.txn, Txn::Held(_)).then(|| self.status())
     }
 }
 

@@ -566,6 +566,10 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 let s = m.body().first().copied().unwrap_or(proto::READY_IDLE);
                 p.conn().status = s;
                 status = Some(s);
+                if let (true, Some(own)) = (relay, c.status_override()) {
+                    proto::ready(&mut c.io.wbuf, own);
+                    relay = false;
+                }
             }
             _ => {} // DataRow, ParameterDescription, notices, ParameterStatus, notifications
         }

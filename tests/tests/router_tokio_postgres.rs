@@ -1,0 +1,115 @@
+//! tokio-postgres through the router: the extended protocol, prepared statements (kept working under
+//! transaction pooling), parameters in binary format as shard keys, every type passing through as bytes,
+//! transactions, session settings that follow the client and no one else.
+
+use integration::Cluster;
+use tokio_postgres::types::{FromSql, ToSql, Type};
+
+/// A value as the server sent it, whatever its type: to compare bytes through the router and direct.
+#[derive(Debug, PartialEq)]
+struct Raw(Vec<u8>);
+
+impl<'a> FromSql<'a> for Raw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw.to_vec()))
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+const SCHEMA: &str = "CREATE TABLE messages (user_id bigint, id int, body text, sid uuid, at timestamptz, meta jsonb, amount numeric, tags text[], PRIMARY KEY (user_id, id))";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_binary_keys_and_types() -> anyhow::Result<()> {
+    let c = Cluster::hash(4, "pool-size,1\n")?;
+    let db = c.client().await?;
+    db.batch_execute(SCHEMA).await?;
+
+    // Prepared once, executed with binary int8 keys on every shard through one-connection pools.
+    let insert = db
+        .prepare(
+            "INSERT INTO messages (user_id, id, body, sid, at, meta, amount, tags) \
+             VALUES ($1, $2, $3, $4::text::uuid, now(), '{\"k\": [1, 2]}', 12345.678, ARRAY['a', 'b'])",
+        )
+        .await?;
+    for k in 0..40i64 {
+        let sid = format!("00000000-0000-0000-0000-{k:012}");
+        let params: [&(dyn ToSql + Sync); 4] = [&k, &(k as i32), &format!("m{k}"), &sid];
+        assert_eq!(db.execute(&insert, &params).await?, 1);
+    }
+    for (shard, s) in c.shards.iter().enumerate() {
+        let direct = s.client("postgres").await?;
+        let rows = direct.query("SELECT user_id FROM messages", &[]).await?;
+        assert_eq!(rows.len(), 10);
+        assert!(rows.iter().all(|r| r.get::<_, i64>(0) % 4 == shard as i64));
+    }
+
+    // The same statement read through the router and directly: every column's bytes are identical.
+    let select =
+        db.prepare("SELECT user_id, id, body, sid, at, meta, amount, tags FROM messages WHERE user_id = $1").await?;
+    for k in [0i64, 1, 2, 3, 17, 39] {
+        let via = db.query_one(&select, &[&k]).await?;
+        let direct = c.shards[(k % 4) as usize].client("postgres").await?;
+        let d = direct.query_one(&direct.prepare(select_text()).await?, &[&k]).await?;
+        for col in 0..8 {
+            assert_eq!(via.get::<_, Raw>(col), d.get::<_, Raw>(col), "column {col} of key {k}");
+        }
+    }
+
+    // A second client shares the one-connection pools: statements of both keep working, interleaved.
+    let db2 = c.client().await?;
+    let count2 = db2.prepare("SELECT count(*) FROM messages WHERE user_id = $1 AND id >= $2").await?;
+    for k in 0..8i64 {
+        let a: String = db.query_one(&select, &[&k]).await?.get(2);
+        assert_eq!(a, format!("m{k}"));
+        let n: i64 = db2.query_one(&count2, &[&k, &0i32]).await?.get(0);
+        assert_eq!(n, 1);
+    }
+
+    // No key: the same prepared statement on every shard, rows concatenated.
+    let all = db.query("SELECT id FROM messages WHERE body LIKE $1", &[&"m1%"]).await?;
+    assert_eq!(all.len(), 11);
+
+    // A transaction through tokio-postgres' own BEGIN/COMMIT, bound to the first key's shard.
+    let mut db = db;
+    let tx = db.transaction().await?;
+    tx.execute("UPDATE messages SET body = 'changed' WHERE user_id = $1", &[&6i64]).await?;
+    let e = tx.execute("UPDATE messages SET body = 'changed' WHERE user_id = $1", &[&7i64]).await.unwrap_err();
+    let e = e.as_db_error().expect("an error from the router");
+    assert!(e.message().contains("multi-shard transactions"), "{e}");
+    drop(tx); // rolls back
+    let body: String = db.query_one("SELECT body FROM messages WHERE user_id = $1", &[&6i64]).await?.get(0);
+    assert_eq!(body, "m6");
+    let tx = db.transaction().await?;
+    tx.execute("UPDATE messages SET body = 'changed' WHERE user_id = $1", &[&6i64]).await?;
+    tx.commit().await?;
+    let body: String = db.query_one("SELECT body FROM messages WHERE user_id = $1", &[&6i64]).await?.get(0);
+    assert_eq!(body, "changed");
+    Ok(())
+}
+
+fn select_text() -> &'static str {
+    "SELECT user_id, id, body, sid, at, meta, amount, tags FROM messages WHERE user_id = $1"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_settings_follow_their_client_only() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "pool-size,1\n")?;
+    let a = c.client().await?;
+    let b = c.client().await?;
+    a.batch_execute("SET statement_timeout = 4321").await?;
+    for _ in 0..3 {
+        let ta: String = a.query_one("SHOW statement_timeout", &[]).await?.get(0);
+        let tb: String = b.query_one("SHOW statement_timeout", &[]).await?.get(0);
+        assert_eq!(ta, "4321ms");
+        assert_eq!(tb, "0");
+    }
+    a.batch_execute("RESET statement_timeout").await?;
+    let ta: String = a.query_one("SHOW statement_timeout", &[]).await?.get(0);
+    assert_eq!(ta, "0");
+    let e = a.batch_execute("LISTEN events").await.unwrap_err();
+    let e = e.as_db_error().expect("an error from the router");
+    assert!(e.message().contains("pool-mode,session"), "{e}");
+    Ok(())
+}
