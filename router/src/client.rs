@@ -177,10 +177,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             return Err(Fatal::Protocol("Query message without a terminated string".into()));
         };
         let analysis = self.shared.planner.analyze(text);
+        if let [st] = analysis.statements.as_slice() {
+            if let (Kind::CopyIn, Some(copy)) = (st.kind, &st.copy) {
+                return self.copy_in(&msg, &analysis, copy).await;
+            }
+        }
         match self.route_simple(&msg, &analysis).await {
             Ok(()) => Ok(()),
             Err(e) => self.report(e).await,
         }
+    }
+
+    /// COPY ... FROM STDIN: rows split by key across shards (outside a transaction for now).
+    async fn copy_in(
+        &mut self,
+        msg: &Msg,
+        analysis: &Arc<Analysis>,
+        copy: &shardmap::sql::CopyIn,
+    ) -> Result<(), Fatal> {
+        if !matches!(self.txn, Txn::Idle) {
+            return self
+                .report(reported(
+                    "0A000",
+                    "COPY FROM STDIN inside a transaction is not supported yet; run it on its own",
+                ))
+                .await;
+        }
+        let d = match self.shared.planner.decide_analyzed(analysis, &shardmap::NoParams, &self.session) {
+            Ok(d) => d,
+            Err(e) => return self.report(e.into()).await,
+        };
+        crate::copy::copy_in(self, &d, copy, msg.frame.clone()).await
     }
 
     async fn route_simple(&mut self, msg: &Msg, analysis: &Arc<Analysis>) -> Result<(), Reported> {

@@ -45,6 +45,7 @@ pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
     let mut rows = 0u64;
     let mut verb = String::from("SELECT");
     let mut described = false;
+    let mut copy_out = false;
     for (i, p) in conns.iter_mut().enumerate() {
         loop {
             let m = p.conn().read().await?;
@@ -64,6 +65,18 @@ pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
                     c.io.flush_if_full().await.map_err(|e| reported("08006", e.to_string()))?;
                 }
                 b'T' | b'D' if read => {}
+                // COPY ... TO STDOUT on every shard: one CopyOutResponse, every shard's data, one CopyDone.
+                b'H' if read => {
+                    if !copy_out {
+                        copy_out = true;
+                        c.io.push(&m.frame);
+                    }
+                }
+                b'd' if read => {
+                    c.io.push(&m.frame);
+                    c.io.flush_if_full().await.map_err(|e| reported("08006", e.to_string()))?;
+                }
+                b'c' if read => {}
                 b'C' if read => {
                     if let Some((tag, _)) = proto::read_cstr(m.body()) {
                         if let Some((v, n)) = proto::command_rows(tag) {
@@ -77,6 +90,9 @@ pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
                 _ => {}
             }
         }
+    }
+    if copy_out {
+        proto::put(&mut c.io.wbuf, b'c', |_| {});
     }
     match error {
         Some(e) => c.io.push(&e.frame),

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod copy;
 pub mod extended;
 pub mod fanout;
 pub mod pool;

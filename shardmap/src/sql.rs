@@ -629,7 +629,7 @@ impl Ctx<'_> {
                     }
                     (None, true) => format!("COPY {table}: the columns do not include {}", self.key),
                 };
-                if copy.key_column.is_none() {
+                if copy.key_column.is_none() && copy.columns_given {
                     a.refusal = Some(a.reason.clone());
                 }
                 if copy.format == CopyFormat::Binary {

@@ -220,7 +220,7 @@ shard 2 | | SELECT 1; SELECT * FROM users WHERE user_id = 42
 all | | COPY users (user_id, name) FROM STDIN
 all | | COPY users (name, user_id) FROM STDIN WITH (FORMAT csv, HEADER true)
 all | | COPY message_history (user_id, content) FROM STDIN CSV
-err refused | | COPY users FROM STDIN
+all | | COPY users FROM STDIN
 err refused | | COPY users (name) FROM STDIN
 err refused | | COPY users (user_id) FROM STDIN WITH (FORMAT binary)
 err refused | | COPY users FROM '/etc/passwd'
