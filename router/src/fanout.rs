@@ -66,12 +66,11 @@ pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 b'T' | b'D' if read => {}
                 // COPY ... TO STDOUT on every shard: one CopyOutResponse, every shard's data, one CopyDone.
-                b'H' if read => {
-                    if !copy_out {
-                        copy_out = true;
-                        c.io.push(&m.frame);
-                    }
+                b'H' if read && !copy_out => {
+                    copy_out = true;
+                    c.io.push(&m.frame);
                 }
+                b'H' if read => {}
                 b'd' if read => {
                     c.io.push(&m.frame);
                     c.io.flush_if_full().await.map_err(|e| reported("08006", e.to_string()))?;
