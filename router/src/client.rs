@@ -99,6 +99,8 @@ pub struct Client<S> {
     pub failed: bool,
     pub statements: HashMap<String, ClientStmt>,
     pub batch: Vec<Msg>,
+    /// Where a CancelRequest for this client finds its server connections.
+    pub cancel: Arc<crate::cancel::Slot>,
 }
 
 /// Bind parameters read in place from a Bind message.
@@ -381,6 +383,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn checkout(&mut self, shard: ShardId, database: Option<&str>) -> Result<Pooled, Reported> {
         let pool = self.pool_for(shard, database)?;
         let mut p = pool.get().await?;
+        p.register_cancel(&self.cancel);
         let conn = p.conn();
         let want = self.settings.hash();
         if conn.settings != want {

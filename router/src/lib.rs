@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod cancel;
 pub mod client;
 pub mod copy;
 pub mod extended;

@@ -10,6 +10,7 @@ use shardmap::ShardId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{BackendError, ServerConn, Target};
+use crate::cancel::{CancelKey, Slot};
 use crate::proto;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -56,6 +57,8 @@ pub struct Pooled {
     conn: Option<ServerConn>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
+    /// The client's cancel slot this connection is registered in while checked out.
+    cancel: Option<(Arc<Slot>, CancelKey)>,
 }
 
 impl Pool {
@@ -87,7 +90,7 @@ impl Pool {
                 c
             }
         };
-        Ok(Pooled { conn: Some(conn), pool: self.clone(), _permit: permit })
+        Ok(Pooled { conn: Some(conn), pool: self.clone(), _permit: permit, cancel: None })
     }
 }
 
@@ -96,17 +99,37 @@ impl Pooled {
         self.conn.as_mut().expect("present until released")
     }
 
+    /// Registers the connection in a client's cancel slot until it goes back or is closed.
+    pub fn register_cancel(&mut self, slot: &Arc<Slot>) {
+        let c = self.conn.as_ref().expect("present until released");
+        let (host, port) = (self.pool.key.target.host.clone(), self.pool.key.target.port);
+        let key = CancelKey { host, port, pid: c.pid, secret: c.secret };
+        slot.add(key.clone());
+        self.cancel = Some((slot.clone(), key));
+    }
+
     pub fn shard(&self) -> ShardId {
         self.pool.key.shard
     }
 
     /// Returns the connection to its pool if the server said it is idle; otherwise closes it.
     pub fn release(mut self) {
+        if let Some((slot, key)) = self.cancel.take() {
+            slot.remove(&key);
+        }
         if let Some(mut c) = self.conn.take() {
             if c.status == proto::READY_IDLE && c.io.buffered() == 0 {
                 c.last_used = Instant::now();
                 self.pool.idle.lock().expect("pool lock").push(c);
             }
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some((slot, key)) = self.cancel.take() {
+            slot.remove(&key);
         }
     }
 }

@@ -23,6 +23,7 @@ pub struct Shared {
     pub planner: Planner,
     pub pools: Pools,
     pub scram: ScramCache,
+    pub cancels: crate::cancel::Registry,
     next: AtomicUsize,
 }
 
@@ -39,6 +40,7 @@ impl Shared {
             map,
             pools,
             scram: ScramCache::default(),
+            cancels: Default::default(),
             config: Arc::new(config),
             next: AtomicUsize::new(0),
         })
@@ -87,7 +89,10 @@ async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()
         Err(e) => return fatal(&mut io, e).await,
     };
     let params = match hello {
-        Hello::Cancel { .. } => return Ok(()), // cancel forwarding comes with the cancel work
+        Hello::Cancel { pid, secret } => {
+            shared.cancels.cancel((pid, secret)).await;
+            return Ok(());
+        }
         Hello::Startup { params } => params,
     };
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
@@ -105,6 +110,8 @@ async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()
     {
         return fatal(&mut io, e).await;
     }
+    let (cancel_key, cancel) = shared.cancels.register();
+    let _unregister = Unregister(&shared, cancel_key);
     let mut client = Client {
         io,
         shared: shared.clone(),
@@ -117,6 +124,7 @@ async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()
         failed: false,
         statements: Default::default(),
         batch: Vec::new(),
+        cancel,
     };
     // One checkout validates the client's startup settings and gives the server's parameters.
     let (shard, db) = match shared.map.strategy {
@@ -142,7 +150,7 @@ async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()
         let own = params.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.as_str());
         proto::parameter_status(&mut client.io.wbuf, k, own.unwrap_or(v));
     }
-    backend_key(&mut client.io.wbuf, rand::random::<i32>() & 0x7fff_ffff, rand::random());
+    backend_key(&mut client.io.wbuf, cancel_key.0, cancel_key.1);
     proto::ready(&mut client.io.wbuf, proto::READY_IDLE);
     client.io.flush().await?;
     match client.run().await {
@@ -152,6 +160,15 @@ async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()
             client.io.flush().await.ok();
             Ok(())
         }
+    }
+}
+
+/// Removes a client's cancel key when its task ends, however it ends.
+struct Unregister<'a>(&'a Shared, (i32, i32));
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.0.cancels.remove(self.1);
     }
 }
 

@@ -113,3 +113,26 @@ async fn session_settings_follow_their_client_only() -> anyhow::Result<()> {
     assert!(e.message().contains("pool-mode,session"), "{e}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_reaches_the_running_query() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "")?;
+    let db = c.client().await?;
+    db.batch_execute("CREATE TABLE users (user_id bigint PRIMARY KEY)").await?;
+    db.execute("INSERT INTO users (user_id) VALUES (1)", &[]).await?;
+    let token = db.cancel_token();
+    let started = std::time::Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let e = db.query("SELECT pg_sleep(30) FROM users WHERE user_id = 1", &[]).await.unwrap_err();
+    canceller.await??;
+    let e = e.as_db_error().expect("the server's error");
+    assert_eq!(e.code().code(), "57014", "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // The connection and the session go on.
+    let n: i64 = db.query_one("SELECT count(*) FROM users WHERE user_id = $1", &[&1i64]).await?.get(0);
+    assert_eq!(n, 1);
+    Ok(())
+}
