@@ -70,6 +70,9 @@ impl From<BackendError> for Reported {
     }
 }
 
+/// The SQLSTATE of a failed connection attempt: nothing was sent, so another shard may be tried.
+pub const CONNECT_FAILED: &str = "08001";
+
 fn reported(code: &str, message: impl Into<String>) -> Reported {
     Reported { code: code.to_string(), message: message.into() }
 }
@@ -240,19 +243,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let frame = msg.frame.clone();
         match decision.target.clone() {
             Target::One(s) => self.on_shard(s, &decision, frame).await,
-            Target::Any => match self.txn {
+            Target::Any | Target::Session => match self.txn {
                 Txn::Bound => self.relay_bound(frame).await,
-                _ => {
-                    let s = self.shared.any_shard();
-                    self.on_shard_outside_txn(s, &decision, frame).await
-                }
-            },
-            Target::Session => match self.txn {
-                Txn::Bound => self.relay_bound(frame).await,
-                _ => {
-                    let s = self.shared.any_shard();
-                    self.on_shard(s, &decision, frame).await
-                }
+                _ => self.on_any_shard(&decision, frame).await,
             },
             Target::All | Target::Set(_) => {
                 if !matches!(self.txn, Txn::Idle) {
@@ -309,9 +302,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
             (Txn::Idle, _) => {
                 // COMMIT outside a transaction and the like: the server warns; any shard will do.
-                let s = self.shared.any_shard();
                 let d = self.shared.planner.decide("SELECT 1", &shardmap::NoParams, &self.session)?;
-                self.on_shard(s, &d, msg.frame.clone()).await
+                self.on_any_shard(&d, msg.frame.clone()).await
             }
         }
     }
@@ -351,12 +343,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 if let crate::settings::Change::Refused(why) = change {
                     return Err(reported("0A000", why));
                 }
-                let s = self.shared.any_shard();
-                let d = self.shared.planner.decide("SELECT 1", &shardmap::NoParams, &self.session)?;
-                let ok = self.on_shard_checked(s, &d, msg.frame.clone()).await?;
+                let mut p = self.checkout_any(None).await?;
+                p.conn().io.push(&msg.frame);
+                p.conn().flush().await?;
+                let mut ok = true;
+                let status = loop {
+                    let m = p.conn().read().await?;
+                    ok &= m.tag != b'E';
+                    self.io.push(&m.frame);
+                    if m.tag == b'Z' {
+                        break m.body().first().copied().unwrap_or(proto::READY_IDLE);
+                    }
+                };
+                p.conn().status = status;
+                self.io.flush().await.map_err(|e| reported("08006", e.to_string()))?;
                 if ok {
                     self.settings.apply(change);
+                    // The connection now carries exactly the client's settings.
+                    p.conn().settings = self.settings.hash();
+                    self.after_exchange(p, status);
                 }
+                // After a failure the connection's settings are uncertain: it is closed (dropped).
                 Ok(())
             }
         }
@@ -382,7 +389,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Checks out a connection and brings its session settings in line with the client's.
     pub async fn checkout(&mut self, shard: ShardId, database: Option<&str>) -> Result<Pooled, Reported> {
         let pool = self.pool_for(shard, database)?;
-        let mut p = pool.get().await?;
+        let mut p = match pool.get().await {
+            Ok(p) => p,
+            Err(e) => {
+                if e.sqlstate() == CONNECT_FAILED {
+                    self.shared.mark_down(shard);
+                }
+                return Err(e.into());
+            }
+        };
         p.register_cancel(&self.cancel);
         let conn = p.conn();
         let want = self.settings.hash();
@@ -394,6 +409,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             conn.settings = want;
         }
         Ok(p)
+    }
+
+    /// A connection to any live shard (for statements any shard answers).
+    pub async fn checkout_any(&mut self, database: Option<&str>) -> Result<Pooled, Reported> {
+        let mut last = None;
+        for _ in 0..self.shared.map.nodes.len() {
+            let s = self.shared.any_shard();
+            match self.checkout(s, database).await {
+                Err(e) if e.code == CONNECT_FAILED => last = Some(e),
+                r => return r,
+            }
+        }
+        Err(last.unwrap_or_else(|| reported(CONNECT_FAILED, "no shard is configured")))
+    }
+
+    /// A statement any shard answers: on the next live shard (nothing was sent if a connection failed).
+    async fn on_any_shard(&mut self, d: &Decision, frame: Bytes) -> Result<(), Reported> {
+        let mut last = None;
+        for _ in 0..self.shared.map.nodes.len() {
+            let s = self.shared.any_shard();
+            let r = if matches!(self.txn, Txn::Idle) {
+                self.on_shard(s, d, frame.clone()).await
+            } else {
+                self.on_shard_outside_txn(s, d, frame.clone()).await
+            };
+            match r {
+                Err(e) if e.code == CONNECT_FAILED => last = Some(e),
+                r => return r,
+            }
+        }
+        Err(last.unwrap_or_else(|| reported(CONNECT_FAILED, "no shard is configured")))
     }
 
     /// A statement for one shard: on the bound connection (same shard), or with the held BEGIN, or alone.
@@ -443,27 +489,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 Ok(())
             }
         }
-    }
-
-    /// Like `on_shard` outside a transaction, returning whether the server reported no error.
-    async fn on_shard_checked(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<bool, Reported> {
-        let mut p = self.checkout(shard, d.database.as_deref()).await?;
-        p.conn().io.push(&frame);
-        p.conn().flush().await?;
-        let mut ok = true;
-        let status = loop {
-            let m = p.conn().read().await?;
-            if m.tag == b'E' {
-                ok = false;
-            }
-            self.io.push(&m.frame);
-            if m.tag == b'Z' {
-                break m.body().first().copied().unwrap_or(proto::READY_IDLE);
-            }
-        };
-        self.io.flush().await.map_err(|e| reported("08006", e.to_string()))?;
-        self.after_exchange(p, status);
-        Ok(ok)
     }
 
     /// A read of non-sharded data while a transaction is held: answered outside the transaction.

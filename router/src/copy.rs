@@ -202,8 +202,7 @@ async fn key_position<S: AsyncRead + AsyncWrite + Unpin>(
     d: &Decision,
     table: &str,
 ) -> Result<usize, Reported> {
-    let shard = c.shared.any_shard();
-    let mut p = c.checkout(shard, d.database.as_deref()).await?;
+    let mut p = c.checkout_any(d.database.as_deref()).await?;
     let sql = format!(
         "SELECT attname FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
         table.replace('\'', "''")

@@ -53,6 +53,8 @@ struct Merge {
     rows: u64,
     verb: String,
     error: Option<Bytes>,
+    /// Whether any ErrorResponse came back.
+    failed: bool,
 }
 
 fn reported(code: &str, message: impl Into<String>) -> Reported {
@@ -151,8 +153,7 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
             match c.txn {
                 Txn::Bound => send_bound(c, batch).await,
                 _ => {
-                    let s = c.shared.any_shard();
-                    let p = c.checkout(s, None).await?;
+                    let p = c.checkout_any(None).await?;
                     send_alone(c, batch, p).await
                 }
             }
@@ -161,9 +162,18 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
             Target::One(s) => send_to_shard(c, batch, s, &d).await,
             Target::Any | Target::Session => match c.txn {
                 Txn::Bound => send_bound(c, batch).await,
-                _ => {
-                    let s = c.shared.any_shard();
-                    send_to_shard(c, batch, s, &d).await
+                Txn::Held(_) if d.target == Target::Session => Err(reported(
+                    "0A000",
+                    "a session statement before the transaction's first statement is not supported in the extended protocol; send it after a statement that names a shard, or before BEGIN",
+                )),
+                Txn::Held(_) => {
+                    let p = c.checkout_any(d.database.as_deref()).await?;
+                    send_alone(c, batch, p).await
+                }
+                Txn::Idle if d.target == Target::Session => session_statements(c, batch, &d).await,
+                Txn::Idle => {
+                    let p = c.checkout_any(d.database.as_deref()).await?;
+                    send_alone(c, batch, p).await
                 }
             },
             Target::All | Target::Set(_) => {
@@ -181,6 +191,45 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
         c.statements.remove(&name);
     }
     result
+}
+
+/// SET/RESET/SHOW in the extended protocol outside a transaction: tracked like their simple-protocol
+/// twins, so that a setting follows the client to its next connection and no other client.
+async fn session_statements<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    d: &Decision,
+) -> Result<(), Reported> {
+    let mut changes = Vec::new();
+    for m in batch.iter().filter(|m| m.tag == b'B') {
+        let bind = proto::read_bind(m.body()).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
+        let text = c.statements.get(bind.statement).map(|s| s.text.clone()).unwrap_or_default();
+        match c.settings.classify(&text) {
+            crate::settings::Change::Refused(why) => return Err(reported("0A000", why)),
+            change => changes.push(change),
+        }
+    }
+    let mut p = c.checkout_any(d.database.as_deref()).await?;
+    let (out, exps) = rewrite(c, batch, p.conn())?;
+    p.conn().io.push(&out);
+    p.conn().flush().await?;
+    let mut merge = Merge::default();
+    let status = relay(c, &mut p, exps, Role::Only, &mut merge).await?;
+    if !merge.failed {
+        for change in changes {
+            c.settings.apply(change);
+        }
+    }
+    // The connection now carries the client's settings (or, after a failure, an unknown mix: close it).
+    if merge.failed {
+        drop(p);
+    } else {
+        p.conn().settings = c.settings.hash();
+        if let Some(s) = status {
+            c.after_exchange(p, s);
+        }
+    }
+    Ok(())
 }
 
 fn batch_is_rollback<S>(c: &Client<S>, batch: &[Msg]) -> bool {
@@ -523,6 +572,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         match m.tag {
             b'E' => {
                 errored = true;
+                merge.failed = true;
                 if role != Role::Only && merge.error.is_none() {
                     merge.error = Some(m.frame.clone());
                 }

@@ -25,6 +25,9 @@ pub struct Shared {
     pub scram: ScramCache,
     pub cancels: crate::cancel::Registry,
     next: AtomicUsize,
+    /// Per shard: until when (ms since `epoch`) it is believed down after a failed connection attempt.
+    down_until: Vec<std::sync::atomic::AtomicU64>,
+    epoch: std::time::Instant,
 }
 
 impl Shared {
@@ -35,6 +38,7 @@ impl Shared {
             timeout: Duration::from_millis(config.pool.timeout_ms),
             idle_timeout: Duration::from_secs(config.pool.idle_timeout_s),
         });
+        let n = map.nodes.len();
         Ok(Shared {
             planner: Planner::new(map.clone()),
             map,
@@ -43,13 +47,31 @@ impl Shared {
             cancels: Default::default(),
             config: Arc::new(config),
             next: AtomicUsize::new(0),
+            down_until: (0..n).map(|_| Default::default()).collect(),
+            epoch: std::time::Instant::now(),
         })
     }
 
-    /// A shard for statements any shard can answer, in turn.
+    /// A shard for statements any shard can answer, in turn, skipping shards that just failed to connect.
     pub fn any_shard(&self) -> ShardId {
         let n = self.map.nodes.len().max(1);
-        ShardId((self.next.fetch_add(1, Ordering::Relaxed) % n) as u16)
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let mut pick = 0;
+        for _ in 0..n {
+            pick = self.next.fetch_add(1, Ordering::Relaxed) % n;
+            if self.down_until[pick].load(Ordering::Relaxed) <= now {
+                break;
+            }
+        }
+        ShardId(pick as u16)
+    }
+
+    /// Notes that a shard could not be reached: `any_shard` avoids it for a couple of seconds.
+    pub fn mark_down(&self, shard: ShardId) {
+        let until = self.epoch.elapsed().as_millis() as u64 + 2000;
+        if let Some(d) = self.down_until.get(shard.0 as usize) {
+            d.store(until, Ordering::Relaxed);
+        }
     }
 }
 
@@ -126,25 +148,36 @@ async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()
         batch: Vec::new(),
         cancel,
     };
-    // One checkout validates the client's startup settings and gives the server's parameters.
-    let (shard, db) = match shared.map.strategy {
+    // One checkout validates the client's startup settings and gives the server's parameters. Any live
+    // shard will do (the tenant's own under the tenant strategy).
+    let candidates: Vec<(ShardId, Option<String>)> = match shared.map.strategy {
         Strategy::Tenant => match shared.map.tenant_of_database(&database) {
-            Some(t) => (shared.map.tenant_shard(t), Some(database.clone())),
-            None => (shared.any_shard(), None),
+            Some(t) => vec![(shared.map.tenant_shard(t), Some(database.clone()))],
+            None => shared.map.all().map(|s| (s, None)).collect(),
         },
-        _ => (shared.any_shard(), None),
+        _ => {
+            let first = shared.any_shard().0 as usize;
+            let n = shared.map.nodes.len();
+            (0..n).map(|i| (ShardId(((first + i) % n) as u16), None)).collect()
+        }
     };
-    let server_params = match client.checkout(shard, db.as_deref()).await {
-        Ok(mut p) => {
-            let params = p.conn().params.clone();
-            p.release();
-            params
+    let mut server_params = None;
+    let mut last_error = None;
+    for (shard, db) in candidates {
+        match client.checkout(shard, db.as_deref()).await {
+            Ok(mut p) => {
+                server_params = Some(p.conn().params.clone());
+                p.release();
+                break;
+            }
+            Err(e) => last_error = Some(e),
         }
-        Err(e) => {
-            proto::error(&mut client.io.wbuf, "FATAL", &e.code, &e.message);
-            client.io.flush().await.ok();
-            return Ok(());
-        }
+    }
+    let Some(server_params) = server_params else {
+        let e = last_error.expect("at least one shard was tried");
+        proto::error(&mut client.io.wbuf, "FATAL", &e.code, &e.message);
+        client.io.flush().await.ok();
+        return Ok(());
     };
     for (k, v) in &server_params {
         let own = params.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.as_str());

@@ -95,10 +95,18 @@ fn select_text() -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_settings_follow_their_client_only() -> anyhow::Result<()> {
-    let c = Cluster::hash(2, "pool-size,1\n")?;
+    // One shard with one connection: every statement of both clients uses the same server connection.
+    let c = Cluster::hash(1, "pool-size,1\n")?;
     let a = c.client().await?;
     let b = c.client().await?;
     a.batch_execute("SET statement_timeout = 4321").await?;
+    let tb: String = b.query_one("SHOW statement_timeout", &[]).await?.get(0);
+    assert_eq!(tb, "0", "right after a's SET, b does not see it");
+    a.execute("SET application_name = 'client-a'", &[]).await?;
+    let nb: String = b.query_one("SHOW application_name", &[]).await?.get(0);
+    assert_ne!(nb, "client-a", "a SET in the extended protocol stays with its client too");
+    let na: String = a.query_one("SHOW application_name", &[]).await?.get(0);
+    assert_eq!(na, "client-a");
     for _ in 0..3 {
         let ta: String = a.query_one("SHOW statement_timeout", &[]).await?.get(0);
         let tb: String = b.query_one("SHOW statement_timeout", &[]).await?.get(0);

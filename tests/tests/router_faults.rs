@@ -1,0 +1,120 @@
+//! Bad input and faults: a malformed or oversized message ends that client with FATAL and nothing else; a
+//! shard that is down gives a prompt 08xxx error; a client that disconnects mid-transaction has its server
+//! connection rolled back, never handed to another client dirty.
+
+use std::time::{Duration, Instant};
+
+use integration::{free_port, Cluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A raw startup as user postgres (trust) up to the first ReadyForQuery.
+async fn raw_session(port: u16) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    let mut p = Vec::new();
+    p.extend_from_slice(&((8 + params.len()) as i32).to_be_bytes());
+    p.extend_from_slice(&196608i32.to_be_bytes());
+    p.extend_from_slice(params);
+    s.write_all(&p).await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(6).any(|w| w == [b'Z', 0, 0, 0, 5, b'I']) {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await??;
+        anyhow::ensure!(n > 0, "closed during startup");
+        got.extend_from_slice(&buf[..n]);
+    }
+    Ok(s)
+}
+
+/// Everything the router sends until it closes the connection.
+async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_messages_end_only_that_client() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "")?;
+    let db = c.client().await?;
+    db.batch_execute("CREATE TABLE users (user_id bigint PRIMARY KEY)").await?;
+
+    // A length that cannot be.
+    let mut s = raw_session(c.port).await?;
+    s.write_all(&[b'Q', 0, 0, 0, 2]).await?;
+    let got = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+    assert!(got.contains("FATAL") && got.contains("malformed message"), "{got:?}");
+
+    // An announced message over the limit: refused before it is read.
+    let mut s = raw_session(c.port).await?;
+    s.write_all(&[b'Q', 0x7f, 0xff, 0xff, 0xff]).await?;
+    let got = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+    assert!(got.contains("FATAL") && got.contains("larger than the limit"), "{got:?}");
+
+    // An unknown message type.
+    let mut s = raw_session(c.port).await?;
+    s.write_all(&[b'!', 0, 0, 0, 4]).await?;
+    let got = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+    assert!(got.contains("FATAL") && got.contains("unexpected message type"), "{got:?}");
+
+    // A garbage startup packet.
+    let mut s = TcpStream::connect(("127.0.0.1", c.port)).await?;
+    s.write_all(&[0, 0, 0, 8, 0, 9, 0, 9]).await?;
+    let got = String::from_utf8_lossy(&until_closed(&mut s).await).into_owned();
+    assert!(got.contains("FATAL") && got.contains("unsupported frontend protocol"), "{got:?}");
+
+    // The other client never noticed.
+    db.execute("INSERT INTO users (user_id) VALUES ($1)", &[&1i64]).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_is_down_fails_promptly() -> anyhow::Result<()> {
+    let dead = free_port();
+    let c =
+        Cluster::start(2, "shard-strategy,hash\nshard-count,2\nrouter-auth,trust\npool-timeout-ms,2000\n", |i, s| {
+            if i == 1 {
+                format!("shard-node-1,postgres://postgres@127.0.0.1:{dead}/postgres\n")
+            } else {
+                format!("shard-node-{i},{}\n", s.url("postgres"))
+            }
+        })?;
+    // Startup needs one live shard, not all of them.
+    let db = c.client().await?;
+    db.batch_execute("SELECT 1").await?;
+    let t = Instant::now();
+    let e = db.execute("CREATE TABLE IF NOT EXISTS users (user_id bigint)", &[]).await;
+    let e = e.expect_err("shard 1 is down");
+    let e = e.as_db_error().expect("a router error");
+    assert!(e.code().code().starts_with("08"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_transaction_leaves_nothing_dirty() -> anyhow::Result<()> {
+    let c = Cluster::hash(1, "pool-size,1\n")?;
+    let db = c.client().await?;
+    db.batch_execute("CREATE TABLE users (user_id bigint PRIMARY KEY, n int)").await?;
+    db.execute("INSERT INTO users (user_id, n) VALUES (1, 0)", &[]).await?;
+    {
+        let mut gone = raw_session(c.port).await?;
+        let q = b"BEGIN; UPDATE users SET n = 99 WHERE user_id = 1;\0";
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&((4 + q.len()) as i32).to_be_bytes());
+        m.extend_from_slice(q);
+        gone.write_all(&m).await?;
+        let mut buf = [0u8; 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(5), gone.read(&mut buf)).await;
+        // Dropped here: the connection closes with the transaction open.
+    }
+    // With a pool of one, the next client gets a connection that is not in that transaction.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let n: i32 = db.query_one("SELECT n FROM users WHERE user_id = $1", &[&1i64]).await?.get(0);
+    assert_eq!(n, 0);
+    db.execute("UPDATE users SET n = 1 WHERE user_id = $1", &[&1i64]).await?;
+    let n: i32 = db.query_one("SELECT n FROM users WHERE user_id = $1", &[&1i64]).await?.get(0);
+    assert_eq!(n, 1, "autocommit: not inside someone else's transaction");
+    Ok(())
+}
