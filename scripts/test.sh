@@ -18,6 +18,11 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
 fi
+# Python psycopg 3, one of the real clients the tests drive through the router.
+if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
+  echo "== installing psycopg"
+  python3 -m pip install --quiet 'psycopg[binary]'
+fi
 # PostgreSQL refuses to run as root: the harness runs the servers as the postgres user.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres

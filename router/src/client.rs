@@ -133,6 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     async fn serve(&mut self) -> Result<(), Fatal> {
         loop {
             let Some(msg) = self.io.read().await? else { return Ok(()) };
+            tracing::trace!(tag = %(msg.tag as char), len = msg.frame.len(), "client message");
             match msg.tag {
                 b'Q' => self.simple(msg).await?,
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
@@ -248,7 +249,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 _ => self.on_any_shard(&decision, frame).await,
             },
             Target::All | Target::Set(_) => {
-                if !matches!(self.txn, Txn::Idle) {
+                // A read while BEGIN is still held runs outside the (so far empty) transaction.
+                let held_read =
+                    matches!(self.txn, Txn::Held(_)) && analysis.statements.iter().all(|s| s.kind == Kind::Read);
+                if !matches!(self.txn, Txn::Idle) && !held_read {
                     return Err(reported(
                         "0A000",
                         format!(
@@ -330,6 +334,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// SET, RESET, SHOW, DISCARD...: run on the bound connection, or held with BEGIN, or run on any shard and
     /// remembered, so that it is replayed on whatever connection the client gets next.
     async fn session_statement(&mut self, msg: &Msg) -> Result<(), Reported> {
+        let text = proto::read_cstr(msg.body()).map(|(t, _)| t).unwrap_or("");
+        if let change @ (crate::settings::Change::Deallocate(_) | crate::settings::Change::DiscardAll) =
+            self.settings.classify(text)
+        {
+            let tag = self.local_session_change(change);
+            return self.reply_synthetic(tag).await;
+        }
         match &mut self.txn {
             Txn::Bound => self.relay_bound(msg.frame.clone()).await,
             Txn::Held(held) => {
@@ -340,8 +351,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             Txn::Idle => {
                 let text = proto::read_cstr(msg.body()).map(|(t, _)| t).unwrap_or("");
                 let change = self.settings.classify(text);
-                if let crate::settings::Change::Refused(why) = change {
-                    return Err(reported("0A000", why));
+                match change {
+                    crate::settings::Change::Refused(why) => return Err(reported("0A000", why)),
+                    crate::settings::Change::Deallocate(_) | crate::settings::Change::DiscardAll => {
+                        let tag = self.local_session_change(change);
+                        return self.reply_synthetic(tag).await;
+                    }
+                    _ => {}
                 }
                 let mut p = self.checkout_any(None).await?;
                 p.conn().io.push(&msg.frame);
@@ -365,6 +381,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 }
                 // After a failure the connection's settings are uncertain: it is closed (dropped).
                 Ok(())
+            }
+        }
+    }
+
+    /// DEALLOCATE and DISCARD ALL act on state the router keeps for the client; returns the command tag.
+    pub fn local_session_change(&mut self, change: crate::settings::Change) -> &'static str {
+        match change {
+            crate::settings::Change::Deallocate(None) => {
+                self.statements.clear();
+                "DEALLOCATE ALL"
+            }
+            crate::settings::Change::Deallocate(Some(name)) => {
+                self.statements.remove(&name);
+                "DEALLOCATE"
+            }
+            change => {
+                self.statements.clear();
+                self.settings.apply(change);
+                self.session.shard_key = None;
+                self.session.tenant = None;
+                "DISCARD ALL"
             }
         }
     }

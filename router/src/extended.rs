@@ -55,6 +55,8 @@ struct Merge {
     error: Option<Bytes>,
     /// Whether any ErrorResponse came back.
     failed: bool,
+    /// Keep ReadyForQuery from the client (a pipeline segment: the client gets one at the end).
+    hold_ready: bool,
 }
 
 fn reported(code: &str, message: impl Into<String>) -> Reported {
@@ -95,7 +97,8 @@ fn register<S>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
 }
 
 /// The batch's route: every Bind must agree; a batch without Bind (Parse/Describe only) goes anywhere.
-fn decide<S>(c: &Client<S>, batch: &[Msg]) -> Result<(Option<Decision>, Option<Kind>), Reported> {
+/// Also says whether the Binds disagree (a pipeline for several shards).
+fn decide<S>(c: &Client<S>, batch: &[Msg]) -> Result<(Option<Decision>, Option<Kind>, bool), Reported> {
     let mut decision: Option<Decision> = None;
     let mut kind = None;
     for m in batch.iter().filter(|m| m.tag == b'B') {
@@ -114,21 +117,22 @@ fn decide<S>(c: &Client<S>, batch: &[Msg]) -> Result<(Option<Decision>, Option<K
             None => d,
             Some(prev) if prev.target == d.target || d.target == Target::Session || d.target == Target::Any => prev,
             Some(prev) if prev.target == Target::Session || prev.target == Target::Any => d,
-            Some(prev) => {
-                return Err(reported(
-                    "0A000",
-                    format!(
-                        "the statements before this Sync go to different shards ({} and {}); send a Sync between them",
-                        prev.reason, d.reason
-                    ),
-                ))
-            }
+            Some(_) => return Ok((None, Some(Kind::Write), true)),
         });
     }
-    Ok((decision, kind))
+    Ok((decision, kind, false))
 }
 
 async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
+    if batch.iter().all(|m| m.tag == b'H') {
+        // A Flush with nothing before it (libpq's pipeline mode sends one after Sync): only our own output
+        // is waiting, and it has been written already; a bound exchange forwards it.
+        if let (Txn::Bound, Some(p)) = (&c.txn, c.bound.as_mut()) {
+            p.conn().io.push(&batch[0].frame);
+            p.conn().flush().await?;
+        }
+        return Ok(());
+    }
     register(c, batch)?;
     let closes: Vec<String> = batch
         .iter()
@@ -143,7 +147,16 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
             "current transaction is aborted, commands ignored until end of transaction block",
         ));
     }
-    let (decision, kind) = decide(c, batch)?;
+    let (decision, kind, mixed) = decide(c, batch)?;
+    if mixed {
+        if !matches!(c.txn, Txn::Idle) {
+            return Err(reported(
+                "0A000",
+                "the statements of this transaction go to different shards; multi-shard transactions are not supported yet",
+            ));
+        }
+        return pipeline(c, batch).await;
+    }
     if kind == Some(Kind::Transaction) && !matches!(c.txn, Txn::Bound) {
         return synthesize_transaction(c, batch).await;
     }
@@ -177,7 +190,8 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
                 }
             },
             Target::All | Target::Set(_) => {
-                if !matches!(c.txn, Txn::Idle) {
+                let held_read = matches!(c.txn, Txn::Held(_)) && d.analysis.statements.iter().all(|s| s.kind == Kind::Read);
+                if !matches!(c.txn, Txn::Idle) && !held_read {
                     return Err(reported(
                         "0A000",
                         format!("this statement goes to several shards ({}), but the transaction is bound to one; multi-shard transactions are not supported yet", d.reason),
@@ -209,6 +223,16 @@ async fn session_statements<S: AsyncRead + AsyncWrite + Unpin>(
             change => changes.push(change),
         }
     }
+    if let [change @ (crate::settings::Change::Deallocate(_) | crate::settings::Change::DiscardAll)] =
+        changes.as_slice()
+    {
+        let change = match change {
+            crate::settings::Change::Deallocate(n) => crate::settings::Change::Deallocate(n.clone()),
+            _ => crate::settings::Change::DiscardAll,
+        };
+        let tag = c.local_session_change(change);
+        return synthesize(c, batch, tag).await;
+    }
     let mut p = c.checkout_any(d.database.as_deref()).await?;
     let (out, exps) = rewrite(c, batch, p.conn())?;
     p.conn().io.push(&out);
@@ -230,6 +254,54 @@ async fn session_statements<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// A pipeline outside a transaction whose statements go to different shards (psycopg's executemany,
+/// libpq pipeline mode): cut into one segment per Bind/Execute, each run on its shard with a Sync of its
+/// own; an error skips the rest, as the server would skip to the Sync. Unlike one server's implicit
+/// transaction, the segments commit one by one (documented).
+async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
+    let Some(sync) = batch.last().filter(|m| m.tag == b'S').cloned() else {
+        return Err(reported("0A000", "statements for different shards must end with Sync, not Flush"));
+    };
+    let mut segments: Vec<Vec<Msg>> = Vec::new();
+    let mut current: Vec<Msg> = Vec::new();
+    for m in &batch[..batch.len() - 1] {
+        current.push(m.clone());
+        if m.tag == b'E' {
+            segments.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        segments.push(current);
+    }
+    for mut seg in segments {
+        seg.push(sync.clone());
+        let (d, _, _) = decide(c, &seg)?;
+        let mut p = match d.as_ref().map(|d| d.target.clone()) {
+            Some(Target::One(s)) => c.checkout(s, d.as_ref().and_then(|d| d.database.as_deref())).await?,
+            Some(Target::All | Target::Set(_)) => {
+                return Err(reported(
+                    "0A000",
+                    "a pipeline statement for several shards is not supported; send it with its own Sync",
+                ));
+            }
+            _ => c.checkout_any(None).await?,
+        };
+        let (out, exps) = rewrite(c, &seg, p.conn())?;
+        p.conn().io.push(&out);
+        p.conn().flush().await?;
+        let mut merge = Merge { hold_ready: true, ..Merge::default() };
+        let status = relay(c, &mut p, exps, Role::Only, &mut merge).await?;
+        if status == Some(proto::READY_IDLE) {
+            p.release();
+        }
+        if merge.failed {
+            break;
+        }
+    }
+    proto::ready(&mut c.io.wbuf, proto::READY_IDLE);
+    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
 }
 
 fn batch_is_rollback<S>(c: &Client<S>, batch: &[Msg]) -> bool {
@@ -283,6 +355,16 @@ async fn synthesize_transaction<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+    synthesize(c, batch, &tag).await
+}
+
+/// Answers a batch the router handled itself: ParseComplete, BindComplete, NoData, the command tag,
+/// CloseComplete and ReadyForQuery, in the batch's order.
+async fn synthesize<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    tag: &str,
+) -> Result<(), Reported> {
     for m in batch {
         let b = &mut c.io.wbuf;
         match m.tag {
@@ -293,7 +375,7 @@ async fn synthesize_transaction<S: AsyncRead + AsyncWrite + Unpin>(
                 proto::put(b, b'n', |_| {});
             }
             b'D' => proto::put(b, b'n', |_| {}),
-            b'E' => proto::command_complete(b, &tag),
+            b'E' => proto::command_complete(b, tag),
             b'C' => proto::close_complete(b),
             b'S' => {
                 let status = c.status();
@@ -534,7 +616,8 @@ async fn fan_out<S: AsyncRead + AsyncWrite + Unpin>(
         None if executes == 1 => proto::command_complete(&mut c.io.wbuf, &format!("{} {}", merge.verb, merge.rows)),
         None => {}
     }
-    proto::ready(&mut c.io.wbuf, proto::READY_IDLE);
+    let status = c.status();
+    proto::ready(&mut c.io.wbuf, status);
     c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
 }
 
@@ -616,7 +699,9 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 let s = m.body().first().copied().unwrap_or(proto::READY_IDLE);
                 p.conn().status = s;
                 status = Some(s);
-                if let (true, Some(own)) = (relay, c.status_override()) {
+                if merge.hold_ready {
+                    relay = false;
+                } else if let (true, Some(own)) = (relay, c.status_override()) {
                     proto::ready(&mut c.io.wbuf, own);
                     relay = false;
                 }

@@ -98,7 +98,8 @@ pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
         None if read => proto::command_complete(&mut c.io.wbuf, &format!("{verb} {rows}")),
         None => {}
     }
-    proto::ready(&mut c.io.wbuf, proto::READY_IDLE);
+    let status = c.status();
+    proto::ready(&mut c.io.wbuf, status);
     for p in conns {
         p.release();
     }

@@ -5,13 +5,18 @@
 
 use std::hash::{Hash, Hasher};
 
-/// What a session statement does to the remembered settings.
+/// What a session statement does to the remembered settings (and, for DEALLOCATE and DISCARD, to the
+/// client's prepared statements, which live in the router).
 pub enum Change {
     Set(String, String),
     Reset(String),
     ResetAll,
     /// No lasting effect (SHOW, SET LOCAL outside a transaction).
     Nothing,
+    /// `DEALLOCATE name` / `DEALLOCATE ALL` (`None`): the client's prepared statements, answered by the router.
+    Deallocate(Option<String>),
+    /// `DISCARD ALL`: the client's settings and prepared statements, answered by the router.
+    DiscardAll,
     Refused(String),
 }
 
@@ -69,7 +74,8 @@ impl Settings {
             }
             Change::Reset(name) => self.list.retain(|(n, _)| *n != name),
             Change::ResetAll => self.list.clear(),
-            Change::Nothing | Change::Refused(_) => return,
+            Change::DiscardAll => self.list.clear(),
+            Change::Nothing | Change::Refused(_) | Change::Deallocate(_) => return,
         }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.list.hash(&mut h);
@@ -106,9 +112,14 @@ impl Settings {
             }
             "reset" if w(1) == "all" => Change::ResetAll,
             "reset" => Change::Reset(w(1).trim_matches('"').to_string()),
-            "discard" => Change::Refused("DISCARD under transaction pooling would drop other clients' prepared statements; it is not forwarded".into()),
+            "discard" if w(1) == "all" => Change::DiscardAll,
+            "discard" => Change::Nothing,
+            "deallocate" => {
+                let name = if w(1) == "prepare" { w(2) } else { w(1) };
+                Change::Deallocate((name != "all").then(|| name.trim_matches('"').to_string()))
+            }
             "listen" | "unlisten" => Change::Refused("LISTEN needs a connection of its own: use pool-mode,session".into()),
-            "prepare" | "execute" | "deallocate" => {
+            "prepare" | "execute" => {
                 Change::Refused("SQL-level PREPARE/EXECUTE/DEALLOCATE cannot follow a client across pooled connections; use the protocol's prepared statements (every driver does)".into())
             }
             _ => Change::Nothing,
