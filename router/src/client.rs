@@ -87,6 +87,9 @@ pub enum Txn {
     Held(Vec<Bytes>),
     /// Running on the bound connection.
     Bound,
+    /// Running on a connection to every shard (`bound_all`): a transaction that began with a statement for
+    /// every shard, as migrations do (DDL, then the migration tool's bookkeeping). See `alltx.rs`.
+    BoundAll,
 }
 
 pub struct Client<S> {
@@ -98,6 +101,8 @@ pub struct Client<S> {
     pub settings: Settings,
     pub txn: Txn,
     pub bound: Option<Pooled>,
+    /// The connections of a `Txn::BoundAll` transaction, in shard order.
+    pub bound_all: Vec<Pooled>,
     /// An error the router raised inside a transaction: the client must roll back.
     pub failed: bool,
     pub statements: HashMap<String, ClientStmt>,
@@ -123,10 +128,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Serves the client until it leaves. Server connections it holds are given back or closed.
     pub async fn run(&mut self) -> Result<(), Fatal> {
         let result = self.serve().await;
-        if let Some(b) = self.bound.take() {
-            // Mid-transaction: closing the server connection rolls it back; it is never reused dirty.
-            drop(b);
-        }
+        // Mid-transaction: closing the server connections rolls them back; they are never reused dirty.
+        self.bound.take();
+        self.bound_all.clear();
         result
     }
 
@@ -242,6 +246,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             return self.session_statement(msg).await;
         }
         let frame = msg.frame.clone();
+        if matches!(self.txn, Txn::BoundAll) {
+            return crate::alltx::simple(self, &decision, frame).await;
+        }
         match decision.target.clone() {
             Target::One(s) => self.on_shard(s, &decision, frame).await,
             Target::Any | Target::Session => match self.txn {
@@ -252,6 +259,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 // A read while BEGIN is still held runs outside the (so far empty) transaction.
                 let held_read =
                     matches!(self.txn, Txn::Held(_)) && analysis.statements.iter().all(|s| s.kind == Kind::Read);
+                if matches!(self.txn, Txn::Held(_)) && !held_read && decision.target == Target::All {
+                    // The transaction's first statement is for every shard (a migration): bind them all.
+                    crate::alltx::bind_all(self, &decision).await?;
+                    return crate::alltx::simple(self, &decision, frame).await;
+                }
                 if !matches!(self.txn, Txn::Idle) && !held_read {
                     return Err(reported(
                         "0A000",
@@ -301,6 +313,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 self.reply_synthetic(tag).await
             }
             (Txn::Bound, _) => self.relay_bound(msg.frame.clone()).await,
+            (Txn::BoundAll, _) => crate::alltx::everywhere(self, msg.frame.clone()).await,
             (Txn::Held(_), _) => {
                 Err(reported("0A000", format!("{word} before the transaction's first statement is not supported")))
             }
@@ -317,6 +330,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.failed = false;
         match self.txn {
             Txn::Bound => self.relay_bound(frame).await,
+            Txn::BoundAll => crate::alltx::everywhere(self, frame).await,
             _ => {
                 self.txn = Txn::Idle;
                 self.reply_synthetic(tag).await
@@ -343,6 +357,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
         match &mut self.txn {
             Txn::Bound => self.relay_bound(msg.frame.clone()).await,
+            Txn::BoundAll => crate::alltx::everywhere(self, msg.frame.clone()).await,
             Txn::Held(held) => {
                 held.push(msg.frame.clone());
                 let tag = first_word(msg).to_ascii_uppercase();
@@ -482,6 +497,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// A statement for one shard: on the bound connection (same shard), or with the held BEGIN, or alone.
     async fn on_shard(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
         match std::mem::take(&mut self.txn) {
+            Txn::BoundAll => {
+                self.txn = Txn::BoundAll;
+                crate::alltx::simple(self, d, frame).await
+            }
             Txn::Bound => {
                 self.txn = Txn::Bound;
                 let bound_shard = self.bound.as_ref().map(|b| b.shard());

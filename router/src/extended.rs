@@ -46,6 +46,8 @@ enum Role {
     Only,
     First,
     Rest,
+    /// Nothing reaches the client; errors are kept in `Merge::error`.
+    Silent,
 }
 
 #[derive(Default)]
@@ -160,6 +162,13 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
     if kind == Some(Kind::Transaction) && !matches!(c.txn, Txn::Bound) {
         return synthesize_transaction(c, batch).await;
     }
+    if matches!(c.txn, Txn::BoundAll) {
+        let r = on_bound_all(c, batch, decision.as_ref()).await;
+        for name in closes {
+            c.statements.remove(&name);
+        }
+        return r;
+    }
     let result = match decision {
         None => {
             // Parse/Describe/Close only: any shard answers (schemas are the same everywhere).
@@ -175,6 +184,7 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
             Target::One(s) => send_to_shard(c, batch, s, &d).await,
             Target::Any | Target::Session => match c.txn {
                 Txn::Bound => send_bound(c, batch).await,
+                Txn::BoundAll => unreachable!("handled above"),
                 Txn::Held(_) if d.target == Target::Session => Err(reported(
                     "0A000",
                     "a session statement before the transaction's first statement is not supported in the extended protocol; send it after a statement that names a shard, or before BEGIN",
@@ -190,7 +200,16 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
                 }
             },
             Target::All | Target::Set(_) => {
-                let held_read = matches!(c.txn, Txn::Held(_)) && d.analysis.statements.iter().all(|s| s.kind == Kind::Read);
+                let read = d.analysis.statements.iter().all(|s| s.kind == Kind::Read);
+                let held_read = matches!(c.txn, Txn::Held(_)) && read;
+                if matches!(c.txn, Txn::Held(_)) && !read && d.target == Target::All {
+                    crate::alltx::bind_all(c, &d).await?;
+                    let r = on_bound_all(c, batch, Some(&d)).await;
+                    for name in closes {
+                        c.statements.remove(&name);
+                    }
+                    return r;
+                }
                 if !matches!(c.txn, Txn::Idle) && !held_read {
                     return Err(reported(
                         "0A000",
@@ -499,6 +518,10 @@ async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
     d: &Decision,
 ) -> Result<(), Reported> {
     match std::mem::take(&mut c.txn) {
+        Txn::BoundAll => {
+            c.txn = Txn::BoundAll;
+            on_bound_all(c, batch, Some(d)).await
+        }
         Txn::Bound => {
             c.txn = Txn::Bound;
             if c.bound.as_ref().map(|b| b.shard()) != Some(shard) {
@@ -586,10 +609,22 @@ async fn fan_out<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(reported("0A000", "a statement for several shards must be alone before its Sync"));
     }
     if d.analysis.statements.iter().any(|s| s.kind != Kind::Read) {
-        if d.analysis.statements.iter().all(|s| s.kind == Kind::Ddl) {
-            return crate::fanout::extended_ddl(c, batch, d).await;
+        if d.target != Target::All {
+            return Err(reported("0A000", format!("this statement would write to several shards ({})", d.reason)));
         }
-        return Err(reported("0A000", format!("this statement would write to several shards ({})", d.reason)));
+        // DDL and writes to global tables: the same batch on every shard.
+        let shards = d.shards(&c.shared.map);
+        let mut conns = Vec::with_capacity(shards.len());
+        for s in &shards {
+            conns.push(c.checkout(*s, d.database.as_deref()).await?);
+        }
+        let r = everywhere(c, batch, &mut conns).await;
+        for p in conns {
+            if p.conn_status() == proto::READY_IDLE {
+                p.release();
+            }
+        }
+        return r;
     }
     let shards = d.shards(&c.shared.map);
     let mut conns = Vec::with_capacity(shards.len());
@@ -621,6 +656,85 @@ async fn fan_out<S: AsyncRead + AsyncWrite + Unpin>(
     c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
 }
 
+/// A batch inside an all-shards transaction: on the shard it routes to, or on every shard.
+async fn on_bound_all<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    d: Option<&Decision>,
+) -> Result<(), Reported> {
+    let mut conns = std::mem::take(&mut c.bound_all);
+    let target = d.map(|d| d.target.clone()).unwrap_or(Target::Any);
+    let r = match target {
+        Target::One(s) => match conns.iter().position(|p| p.shard() == s) {
+            Some(i) => one_of(c, batch, &mut conns[i]).await,
+            None => Err(reported("XX000", "shard not in the transaction")),
+        },
+        Target::Any => one_of(c, batch, &mut conns[0]).await,
+        _ => everywhere(c, batch, &mut conns).await,
+    };
+    c.bound_all = conns;
+    crate::alltx::finish(c);
+    r
+}
+
+/// A batch on one connection the caller keeps.
+async fn one_of<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    p: &mut Pooled,
+) -> Result<(), Reported> {
+    let (out, exps) = rewrite(c, batch, p.conn())?;
+    p.conn().io.push(&out);
+    p.conn().flush().await?;
+    let mut merge = Merge::default();
+    relay(c, p, exps, Role::Only, &mut merge).await?;
+    Ok(())
+}
+
+/// The same batch on several connections the caller keeps: the first one's answers are relayed, the
+/// others' are checked for errors, and one ReadyForQuery ends it.
+async fn everywhere<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    conns: &mut [Pooled],
+) -> Result<(), Reported> {
+    let mut plans = Vec::with_capacity(conns.len());
+    for p in conns.iter_mut() {
+        let (out, exps) = rewrite(c, batch, p.conn())?;
+        p.conn().io.push(&out);
+        p.conn().flush().await?;
+        plans.push(exps);
+    }
+    let mut first = Merge { hold_ready: true, ..Merge::default() };
+    let mut others = Merge::default();
+    for (i, (p, exps)) in conns.iter_mut().zip(plans).enumerate() {
+        if i == 0 {
+            relay(c, p, exps, Role::Only, &mut first).await?;
+        } else {
+            relay(c, p, exps, Role::Silent, &mut others).await?;
+        }
+    }
+    if let (false, Some(e)) = (first.failed, others.error.take()) {
+        c.io.push(&e);
+    }
+    if batch.last().is_some_and(|m| m.tag == b'S') {
+        let statuses: Vec<u8> = conns.iter_mut().map(|p| p.conn().status).collect();
+        let status = if matches!(c.txn, Txn::BoundAll) {
+            if statuses.iter().all(|s| *s == proto::READY_IDLE) {
+                proto::READY_IDLE
+            } else if statuses.contains(&proto::READY_FAILED) {
+                proto::READY_FAILED
+            } else {
+                proto::READY_IN_TX
+            }
+        } else {
+            c.status()
+        };
+        proto::ready(&mut c.io.wbuf, status);
+    }
+    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
+}
+
 /// Relays one connection's answers to a rewritten batch, injecting and swallowing what the rewrite
 /// changed. Returns the ReadyForQuery status, or `None` when the batch ended with Flush.
 async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
@@ -636,11 +750,12 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         Role::Only => true,
         Role::First => !matches!(tag, b'C' | b'Z' | b'E'),
         Role::Rest => tag == b'D',
+        Role::Silent => false,
     };
     loop {
         while let Some(Exp::InjectParse | Exp::InjectClose) = exps.front() {
             let e = exps.pop_front().expect("front exists");
-            if !errored && role != Role::Rest {
+            if !errored && matches!(role, Role::Only | Role::First) {
                 match e {
                     Exp::InjectParse => proto::parse_complete(&mut c.io.wbuf),
                     _ => proto::close_complete(&mut c.io.wbuf),

@@ -36,6 +36,21 @@ pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
     frame: Bytes,
 ) -> Result<(), Reported> {
     let mut conns = checkout_all(c, shards, d).await?;
+    let r = merge_on(c, &mut conns, d, frame).await;
+    for p in conns {
+        p.release();
+    }
+    r
+}
+
+/// Sends a simple Query on each connection and merges the answers (see the module doc); ends with
+/// ReadyForQuery carrying the client's status. The connections stay with the caller.
+pub async fn merge_on<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    conns: &mut [Pooled],
+    d: &Decision,
+    frame: Bytes,
+) -> Result<(), Reported> {
     for p in conns.iter_mut() {
         p.conn().io.push(&frame);
         p.conn().flush().await?;
@@ -100,61 +115,5 @@ pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let status = c.status();
     proto::ready(&mut c.io.wbuf, status);
-    for p in conns {
-        p.release();
-    }
-    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
-}
-
-/// DDL in the extended protocol: run its text as a simple query on every shard, and answer the batch.
-pub async fn extended_ddl<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    d: &Decision,
-) -> Result<(), Reported> {
-    let shards = d.shards(&c.shared.map);
-    let bind = batch
-        .iter()
-        .find(|m| m.tag == b'B')
-        .and_then(|m| proto::read_bind(m.body()).map(|b| b.statement.to_string()))
-        .ok_or_else(|| reported("08P01", "no Bind in the batch"))?;
-    let text = c.statements.get(&bind).map(|s| s.text.clone()).ok_or_else(|| reported("26000", "unknown statement"))?;
-    let mut conns = checkout_all(c, &shards, d).await?;
-    let mut first_error = None;
-    let mut tag = String::new();
-    for p in conns.iter_mut() {
-        proto::query(&mut p.conn().io.wbuf, &text);
-        p.conn().flush().await?;
-        loop {
-            let m = p.conn().read().await?;
-            match m.tag {
-                b'E' if first_error.is_none() => first_error = Some(m.frame.clone()),
-                b'C' => tag = proto::read_cstr(m.body()).map(|(t, _)| t.to_string()).unwrap_or_default(),
-                b'Z' => {
-                    p.conn().status = m.body().first().copied().unwrap_or(proto::READY_IDLE);
-                    break;
-                }
-                _ => {}
-            }
-        }
-    }
-    for p in conns {
-        p.release();
-    }
-    for m in batch {
-        let b = &mut c.io.wbuf;
-        match m.tag {
-            b'P' => proto::parse_complete(b),
-            b'B' => proto::put(b, b'2', |_| {}),
-            b'D' => proto::put(b, b'n', |_| {}),
-            b'E' => match &first_error {
-                Some(e) => c.io.wbuf.extend_from_slice(e),
-                None => proto::command_complete(b, &tag),
-            },
-            b'C' => proto::close_complete(b),
-            b'S' => proto::ready(b, proto::READY_IDLE),
-            _ => {}
-        }
-    }
     c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
 }

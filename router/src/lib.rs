@@ -2,6 +2,7 @@
 //! by `shardmap`, and the frames are relayed as bytes to pooled server connections of the chosen shard.
 #![forbid(unsafe_code)]
 
+pub mod alltx;
 pub mod backend;
 pub mod cancel;
 pub mod client;

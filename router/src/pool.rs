@@ -108,6 +108,11 @@ impl Pooled {
         self.cancel = Some((slot.clone(), key));
     }
 
+    /// The status of the connection's last ReadyForQuery.
+    pub fn conn_status(&self) -> u8 {
+        self.conn.as_ref().map_or(crate::proto::READY_FAILED, |c| c.status)
+    }
+
     pub fn shard(&self) -> ShardId {
         self.pool.key.shard
     }

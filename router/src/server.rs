@@ -143,6 +143,7 @@ async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()
         settings: Settings::from_startup(&params),
         txn: Txn::Idle,
         bound: None,
+        bound_all: Vec::new(),
         failed: false,
         statements: Default::default(),
         batch: Vec::new(),
