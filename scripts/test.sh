@@ -9,6 +9,10 @@ need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
+command -v pgbench >/dev/null 2>&1 || need+=(postgresql-contrib)
+# Diesel links libpq.
+[ -f /usr/include/postgresql/libpq-fe.h ] || need+=(libpq-dev)
+command -v pip3 >/dev/null 2>&1 || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "scripts/test.sh: missing ${need[*]}; install them (apt-get install -y ${need[*]}) or run as root" >&2

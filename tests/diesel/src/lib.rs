@@ -1,0 +1,1 @@
+//! Diesel through shard-router: see tests/botserver.rs.
