@@ -443,6 +443,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let pool = self.pool_for(shard, database)?;
         let mut p = match pool.get().await {
             Ok(p) => p,
+            Err(e) if e.sqlstate() == "3D000" && self.shared.config.auto_create && database.is_some() => {
+                // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
+                let db = database.expect("checked");
+                crate::tenant::create(&self.shared, shard, db).await?;
+                pool.get().await?
+            }
             Err(e) => {
                 if e.sqlstate() == CONNECT_FAILED {
                     self.shared.mark_down(shard);
@@ -463,8 +469,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Ok(p)
     }
 
-    /// A connection to any live shard (for statements any shard answers).
+    /// Under the tenant strategy: the session's tenant database and the shard that holds it.
+    pub fn home(&self) -> Option<(ShardId, String)> {
+        let map = &self.shared.map;
+        if map.strategy != shardmap::Strategy::Tenant {
+            return None;
+        }
+        let tenant =
+            self.session.tenant.clone().or_else(|| map.tenant_of_database(&self.database).map(str::to_string))?;
+        Some((map.tenant_shard(&tenant), format!("{}{tenant}", map.tenant_prefix)))
+    }
+
+    /// A connection to any live shard (for statements any shard answers); the tenant's own under the
+    /// tenant strategy.
     pub async fn checkout_any(&mut self, database: Option<&str>) -> Result<Pooled, Reported> {
+        if let Some((shard, db)) = self.home() {
+            return self.checkout(shard, Some(&db)).await;
+        }
         let mut last = None;
         for _ in 0..self.shared.map.nodes.len() {
             let s = self.shared.any_shard();
@@ -478,6 +499,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// A statement any shard answers: on the next live shard (nothing was sent if a connection failed).
     async fn on_any_shard(&mut self, d: &Decision, frame: Bytes) -> Result<(), Reported> {
+        if let Some((shard, db)) = self.home() {
+            let mut d = d.clone();
+            d.database = Some(db);
+            return if matches!(self.txn, Txn::Idle) {
+                self.on_shard(shard, &d, frame).await
+            } else {
+                self.on_shard_outside_txn(shard, &d, frame).await
+            };
+        }
         let mut last = None;
         for _ in 0..self.shared.map.nodes.len() {
             let s = self.shared.any_shard();

@@ -14,4 +14,5 @@ pub mod proto;
 pub mod server;
 pub mod settings;
 pub mod startup;
+pub mod tenant;
 pub mod wire;

@@ -24,6 +24,8 @@ pub struct Shared {
     pub pools: Pools,
     pub scram: ScramCache,
     pub cancels: crate::cancel::Registry,
+    /// Serializes this router's tenant database creations (`shard-auto-create`).
+    pub creating: tokio::sync::Mutex<()>,
     next: AtomicUsize,
     /// Per shard: until when (ms since `epoch`) it is believed down after a failed connection attempt.
     down_until: Vec<std::sync::atomic::AtomicU64>,
@@ -32,6 +34,20 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config) -> anyhow::Result<Shared> {
+        // Settings the router reads but cannot honour yet: refuse them rather than run differently.
+        if config.pool.mode == shardmap::config::PoolMode::Session {
+            anyhow::bail!(
+                "{}: pool-mode,session is not supported yet (transaction pooling is); remove the key",
+                config.file
+            );
+        }
+        if config.router.tls_cert.is_some() {
+            anyhow::bail!(
+                "{}: router-tls-cert/router-tls-key: TLS for clients is not supported yet; remove the keys",
+                config.file
+            );
+        }
+
         let map = Arc::new(ShardMap::new(&config).map_err(anyhow::Error::msg)?);
         let pools = Pools::new(PoolSettings {
             size: config.pool.size,
@@ -45,6 +61,7 @@ impl Shared {
             pools,
             scram: ScramCache::default(),
             cancels: Default::default(),
+            creating: Default::default(),
             config: Arc::new(config),
             next: AtomicUsize::new(0),
             down_until: (0..n).map(|_| Default::default()).collect(),
