@@ -53,11 +53,39 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Try it on this machine: start four local PostgreSQL shards in a temporary directory, a hash-sharded
+    /// config and the router; print how to connect. Ctrl-C stops the shards and removes their data.
+    ///
+    /// Needs PostgreSQL's server binaries (initdb, pg_ctl, postgres) on PATH or in /usr/lib/postgresql/*/bin;
+    /// started as root, the shards run as the postgres user.
+    Demo {
+        /// How many shards.
+        #[arg(long, default_value_t = 4)]
+        shards: usize,
+        /// Where the router listens.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: String,
+    },
     /// Read a config.csv, report its errors, or print the settings it gives as JSON.
     Check {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+fn demo(shards: usize, listen: &str) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if !(1..=64).contains(&shards) {
+        anyhow::bail!("--shards must be between 1 and 64");
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(router::demo::run(shards, listen, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitCode> {
@@ -91,6 +119,7 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => explain::check(&config),
         Command::Serve { config, listen } => serve(&config, listen),
+        Command::Demo { shards, listen } => demo(shards, &listen),
     };
     match result {
         Ok(code) => code,

@@ -73,3 +73,52 @@ fn bad_config_exits_2_with_the_line() {
     assert_eq!(j["nodes"][1]["address"], "postgres://gb@10.0.0.11:5432/botserver", "no password printed");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `shard-router demo`: shards start, psql works through the router, Ctrl-C removes everything.
+#[test]
+fn demo_starts_serves_and_cleans_up() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shard-router"))
+        .args(["demo", "--shards", "2", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut conn = None;
+    let mut config = None;
+    let mut line = String::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(120) {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if let Some(c) = line.trim().strip_prefix("Connect:   psql ") {
+            conn = Some(c.trim_matches('"').to_string());
+            break;
+        }
+        if let Some(rest) = line.strip_prefix("shard-router demo: 2 shards, config ") {
+            config = Some(rest.trim().to_string());
+        }
+    }
+    let conn = conn.expect("the demo prints a psql line");
+    let config = std::path::PathBuf::from(config.expect("the demo prints its config path"));
+    assert!(config.exists());
+    let psql = Command::new("psql")
+        .args([&conn, "-X", "-A", "-t", "-q", "-c", "CREATE TABLE users (user_id bigint PRIMARY KEY, name text)"])
+        .args([
+            "-c",
+            "INSERT INTO users (user_id, name) VALUES (1, 'ana')",
+            "-c",
+            "SELECT name FROM users WHERE user_id = 1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&psql.stdout).trim(), "ana", "{}", String::from_utf8_lossy(&psql.stderr));
+    // Ctrl-C.
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    assert!(!config.exists(), "the demo's directory is removed");
+}

@@ -1,0 +1,151 @@
+//! Local PostgreSQL servers for `shard-router demo` and the tests: `initdb` and `pg_ctl` in a temporary
+//! directory, on a free loopback port, stopped (and the directory removed) when dropped.
+//!
+//! PostgreSQL refuses to run as root, so when started as root the servers run as the `postgres` OS user
+//! (`runuser`). Server binaries come from `$PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`, else the
+//! directory `pg_config --bindir` names.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{bail, Context, Result};
+
+/// The directory holding initdb, pg_ctl and postgres.
+pub fn pg_bin() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    if let Some((_, bin)) = found.pop() {
+        return Ok(bin);
+    }
+    let out = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .context("no PostgreSQL server binaries: install postgresql (see the README)")?;
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// One running PostgreSQL server.
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    as_postgres: bool,
+    pub port: u16,
+}
+
+impl PgServer {
+    /// initdb (trust authentication, user `postgres`) and start on a free port.
+    pub fn start() -> Result<PgServer> {
+        Self::start_with(&[])
+    }
+
+    /// Like [`PgServer::start`], with extra `-c name=value` server settings.
+    pub fn start_with(settings: &[&str]) -> Result<PgServer> {
+        let bin = pg_bin()?;
+        let as_postgres = is_root();
+        let dir = tempfile::Builder::new().prefix("shard-router-pg-").tempdir()?;
+        if as_postgres {
+            run(Command::new("chown").args(["postgres:", &dir.path().display().to_string()]))?;
+        }
+        let mut server = PgServer { dir, bin, as_postgres, port: 0 };
+        let data = server.data();
+        server.pg(
+            &server.bin.join("initdb"),
+            &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"],
+        )?;
+        let mut last = None;
+        for _ in 0..5 {
+            let port = free_port();
+            let mut opts = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                server.dir.path().display()
+            );
+            for s in settings {
+                opts.push_str(&format!(" -c {s}"));
+            }
+            let log = server.dir.path().join("log").display().to_string();
+            match server
+                .pg(&server.bin.join("pg_ctl"), &["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &opts, "start"])
+            {
+                Ok(_) => {
+                    server.port = port;
+                    return Ok(server);
+                }
+                Err(e) => last = Some(e), // the port was taken in between: try another
+            }
+        }
+        let log = std::fs::read_to_string(server.dir.path().join("log")).unwrap_or_default();
+        bail!("PostgreSQL did not start: {:?}\n{log}", last)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn pg(&self, program: &Path, args: &[&str]) -> Result<Output> {
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        cmd.args(args).current_dir(self.dir.path());
+        run(&mut cmd)
+    }
+
+    /// A libpq-style connection string for database `db`.
+    pub fn conn_str(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+    }
+
+    /// A `postgres://` URL for database `db`, as config.csv's `shard-node-*` wants it.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A tokio-postgres client on database `db`; its connection task runs on the current runtime.
+    pub async fn client(&self, db: &str) -> Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.conn_str(db), tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = self.pg(&self.bin.join("pg_ctl"), &["-D", &data, "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out)
+}
