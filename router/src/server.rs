@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardmap::{Config, Planner, ShardId, ShardMap, Strategy};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::client::{Client, Txn};
@@ -24,6 +25,8 @@ pub struct Shared {
     pub pools: Pools,
     pub scram: ScramCache,
     pub cancels: crate::cancel::Registry,
+    /// TLS for clients, when `router-tls-cert` and `router-tls-key` are set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Serializes this router's tenant database creations (`shard-auto-create`).
     pub creating: tokio::sync::Mutex<()>,
     next: AtomicUsize,
@@ -41,13 +44,10 @@ impl Shared {
                 config.file
             );
         }
-        if config.router.tls_cert.is_some() {
-            anyhow::bail!(
-                "{}: router-tls-cert/router-tls-key: TLS for clients is not supported yet; remove the keys",
-                config.file
-            );
-        }
-
+        let tls = match (&config.router.tls_cert, &config.router.tls_key) {
+            (Some(cert), Some(key)) => Some(startup::tls_acceptor(cert, key)?),
+            _ => None,
+        };
         let map = Arc::new(ShardMap::new(&config).map_err(anyhow::Error::msg)?);
         let pools = Pools::new(PoolSettings {
             size: config.pool.size,
@@ -61,6 +61,7 @@ impl Shared {
             pools,
             scram: ScramCache::default(),
             cancels: Default::default(),
+            tls,
             creating: Default::default(),
             config: Arc::new(config),
             next: AtomicUsize::new(0),
@@ -122,12 +123,36 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
 
 async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()> {
     let mut io = Framed::new(sock);
-    let hello = match startup::hello(&mut io).await {
+    let hello = startup::hello(&mut io, shared.tls.is_some()).await;
+    if let Ok(Some(Hello::Tls)) = hello {
+        let (mut sock, rest) = io.into_parts();
+        if !rest.is_empty() {
+            // Bytes after SSLRequest and before the handshake could be injected in plain text: refuse.
+            return Ok(());
+        }
+        sock.write_all(b"S").await?;
+        let acceptor = shared.tls.clone().expect("TLS is configured");
+        let tls = acceptor.accept(sock).await?;
+        let mut io = Framed::new(tls);
+        let hello = startup::hello(&mut io, false).await;
+        return session(shared, io, hello).await;
+    }
+    session(shared, io, hello).await
+}
+
+/// A client's session after the (optional) TLS handshake.
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut io: Framed<S>,
+    hello: Result<Option<Hello>, StartupError>,
+) -> anyhow::Result<()> {
+    let hello = match hello {
         Ok(Some(h)) => h,
         Ok(None) => return Ok(()),
         Err(e) => return fatal(&mut io, e).await,
     };
     let params = match hello {
+        Hello::Tls => return Ok(()),
         Hello::Cancel { pid, secret } => {
             shared.cancels.cancel((pid, secret)).await;
             return Ok(());
@@ -223,7 +248,7 @@ impl Drop for Unregister<'_> {
     }
 }
 
-async fn fatal(io: &mut Framed<TcpStream>, e: StartupError) -> anyhow::Result<()> {
+async fn fatal<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Framed<S>, e: StartupError) -> anyhow::Result<()> {
     let (code, message) = match &e {
         StartupError::Refused { code, message } => (*code, message.clone()),
         StartupError::Wire(w) => ("08P01", w.to_string()),

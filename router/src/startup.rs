@@ -24,8 +24,15 @@ const SCRAM_ITERATIONS: usize = 4096;
 
 /// What the client asked for at startup.
 pub enum Hello {
-    Startup { params: Vec<(String, String)> },
-    Cancel { pid: i32, secret: i32 },
+    /// SSLRequest, with TLS configured: the caller answers 'S' and upgrades the connection.
+    Tls,
+    Startup {
+        params: Vec<(String, String)>,
+    },
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,13 +54,18 @@ fn refused(code: &'static str, message: impl Into<String>) -> StartupError {
 }
 
 /// Reads packets until a startup message or a cancel request.
-pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Framed<S>) -> Result<Option<Hello>, StartupError> {
+/// With `tls`, an SSLRequest returns [`Hello::Tls`]; without, it is answered 'N' (the client goes on in plain
+/// text or gives up, as with a server without ssl).
+pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Framed<S>,
+    tls: bool,
+) -> Result<Option<Hello>, StartupError> {
     loop {
         let Some(packet) = io.read_startup().await? else { return Ok(None) };
         let (code, rest) = proto::read_i32(&packet).ok_or_else(|| refused("08P01", "short startup packet"))?;
         match code {
+            SSL_REQUEST if tls => return Ok(Some(Hello::Tls)),
             SSL_REQUEST | GSSENC_REQUEST => {
-                // No TLS yet: the client goes on in plain text or gives up, as with a server without ssl.
                 io.push(b"N");
                 io.flush().await?;
             }
@@ -173,6 +185,24 @@ async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Framed<S>) ->
         Some(m) => Err(refused("08P01", format!("expected a password message, got {:?}", m.tag as char))),
         None => Err(StartupError::Wire(WireError::Truncated)),
     }
+}
+
+/// The TLS acceptor for `router-tls-cert` and `router-tls-key` (PEM files).
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("router-tls-cert {}: {e}", cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("router-tls-key {}: {e}", key.display()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| anyhow::anyhow!("router-tls-cert/router-tls-key: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 /// BackendKeyData: the pid and secret a client will quote in a CancelRequest.
