@@ -221,6 +221,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     async fn route_simple(&mut self, msg: &Msg, analysis: &Arc<Analysis>) -> Result<(), Reported> {
+        refuse_session_locks(analysis)?;
         let kind = analysis.statements.first().map(|s| s.kind);
         let single = analysis.statements.len() == 1;
         // The router's own settings: SET gb.shard_key / gb.tenant, answered here.
@@ -659,6 +660,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub fn status_override(&self) -> Option<u8> {
         matches!(self.txn, Txn::Held(_)).then(|| self.status())
     }
+}
+
+/// Session-level advisory locks belong to a server connection, which transaction pooling shares.
+pub fn refuse_session_locks(analysis: &Analysis) -> Result<(), Reported> {
+    if analysis.statements.iter().any(|s| s.session_lock) {
+        return Err(reported(
+            "0A000",
+            "session-level advisory locks (pg_advisory_lock, pg_advisory_unlock...) would stay on a pooled server connection shared with other clients; use pg_advisory_xact_lock inside a transaction",
+        ));
+    }
+    Ok(())
 }
 
 fn first_word(msg: &Msg) -> String {

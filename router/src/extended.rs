@@ -109,6 +109,7 @@ fn decide<S>(c: &Client<S>, batch: &[Msg]) -> Result<(Option<Decision>, Option<K
             .statements
             .get(bind.statement)
             .ok_or_else(|| reported("26000", format!("prepared statement \"{}\" does not exist", bind.statement)))?;
+        crate::client::refuse_session_locks(&stmt.analysis)?;
         let d = c.shared.planner.decide_analyzed(
             &stmt.analysis,
             &BindParams { bind: &bind, types: &stmt.types },

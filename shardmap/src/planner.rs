@@ -324,6 +324,7 @@ impl Planner {
                     session: None,
                     copy: None,
                     reason: String::new(),
+                    session_lock: false,
                 };
                 let mut d = self.place(a, vec![kv], &st)?;
                 d.reason = format!("hint shard_key: {v}");

@@ -118,6 +118,9 @@ pub struct StatementAnalysis {
     pub copy: Option<CopyIn>,
     /// What decided the route, for `explain` and errors: `user_id = $1`.
     pub reason: String,
+    /// Whether it takes or releases a session-level advisory lock (`pg_advisory_lock` and friends), which
+    /// belongs to a server connection rather than to a transaction.
+    pub session_lock: bool,
 }
 
 /// A whole query string, analysed: one entry per statement, and the hint that applies to all.
@@ -143,6 +146,7 @@ pub fn analyze(sql: &str, key: &str, key_type: KeyType, global: &HashSet<String>
                 .iter()
                 .map(|s| {
                     let mut a = ctx.statement(s);
+                    a.session_lock = takes_session_lock(s);
                     if let Some(bad) = ctx.bad_literal.borrow_mut().take() {
                         a.refusal.get_or_insert(bad);
                     }
@@ -192,6 +196,7 @@ fn lexical(sql: &str, error: &str) -> StatementAnalysis {
         session: None,
         copy: None,
         reason: format!("unparsed {word}"),
+        session_lock: false,
     }
 }
 
@@ -315,6 +320,7 @@ impl Ctx<'_> {
             session: None,
             copy: None,
             reason: String::new(),
+            session_lock: false,
         };
         match s {
             Statement::Query(q) => {
@@ -956,6 +962,30 @@ impl Ctx<'_> {
             _ => Ok(None),
         }
     }
+}
+
+/// Whether a statement calls a session-level advisory lock function.
+fn takes_session_lock(s: &Statement) -> bool {
+    struct Finder(bool);
+    impl Visitor for Finder {
+        type Break = ();
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            if let Expr::Function(f) = e {
+                let name =
+                    f.name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.to_lowercase()).unwrap_or_default();
+                if name.starts_with("pg_advisory_") && !name.starts_with("pg_advisory_xact_")
+                    || name.starts_with("pg_try_advisory_") && !name.starts_with("pg_try_advisory_xact_")
+                {
+                    self.0 = true;
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut f = Finder(false);
+    let _ = s.visit(&mut f);
+    f.0
 }
 
 fn strip_cast(e: &Expr) -> &Expr {

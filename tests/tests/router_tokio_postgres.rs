@@ -116,6 +116,17 @@ async fn session_settings_follow_their_client_only() -> anyhow::Result<()> {
     a.batch_execute("RESET statement_timeout").await?;
     let ta: String = a.query_one("SHOW statement_timeout", &[]).await?.get(0);
     assert_eq!(ta, "0");
+    for sql in ["SELECT pg_advisory_lock(42)", "SELECT pg_try_advisory_lock(1, 2)"] {
+        let e = a.batch_execute(sql).await.unwrap_err();
+        let e = e.as_db_error().expect("an error from the router");
+        assert!(e.message().contains("pg_advisory_xact_lock"), "{e}");
+        let e = a.query(sql, &[]).await.unwrap_err();
+        assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("0A000"));
+    }
+    let mut a = a;
+    let tx = a.transaction().await?;
+    tx.query("SELECT pg_advisory_xact_lock(42)", &[]).await?;
+    tx.commit().await?;
     let e = a.batch_execute("LISTEN events").await.unwrap_err();
     let e = e.as_db_error().expect("an error from the router");
     assert!(e.message().contains("pool-mode,session"), "{e}");
