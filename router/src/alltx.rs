@@ -56,8 +56,8 @@ pub async fn bind_all<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, d: &
 pub fn finish<S>(c: &mut Client<S>) -> u8 {
     let statuses: Vec<u8> = c.bound_all.iter_mut().map(|p| p.conn().status).collect();
     if statuses.iter().all(|s| *s == proto::READY_IDLE) {
-        for p in c.bound_all.drain(..) {
-            p.release();
+        for p in std::mem::take(&mut c.bound_all) {
+            c.give_back(p);
         }
         c.txn = Txn::Idle;
         c.failed = false;

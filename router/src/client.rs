@@ -109,7 +109,16 @@ pub struct Client<S> {
     pub batch: Vec<Msg>,
     /// Where a CancelRequest for this client finds its server connections.
     pub cancel: Arc<crate::cancel::Slot>,
+    /// `pool-mode,session`: the server connections this client keeps for its whole session.
+    pub sticky: Vec<Pooled>,
+    /// Whether the client ran LISTEN (session mode): notifications are relayed as they arrive.
+    pub listening: bool,
+    /// The pools of the shards' default databases, by shard, so that a checkout does not look them up.
+    pub pools: Vec<Option<Arc<crate::pool::Pool>>>,
 }
+
+/// The shard that carries LISTEN, UNLISTEN and NOTIFY, so that listeners and notifiers meet.
+pub const NOTIFY_SHARD: ShardId = ShardId(0);
 
 /// Bind parameters read in place from a Bind message.
 pub struct BindParams<'a> {
@@ -124,6 +133,17 @@ impl Params for BindParams<'_> {
     }
 }
 
+impl<S> Client<S> {
+    /// Gives a connection back: to the pool, or in session mode to the client's own.
+    pub fn give_back(&mut self, p: Pooled) {
+        if self.shared.session_mode && p.conn_status() == proto::READY_IDLE {
+            self.sticky.push(p);
+        } else {
+            p.release();
+        }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Serves the client until it leaves. Server connections it holds are given back or closed.
     pub async fn run(&mut self) -> Result<(), Fatal> {
@@ -131,12 +151,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         // Mid-transaction: closing the server connections rolls them back; they are never reused dirty.
         self.bound.take();
         self.bound_all.clear();
+        // Session mode: the client's own connections are reset and go back.
+        for mut p in std::mem::take(&mut self.sticky) {
+            if p.conn_status() == proto::READY_IDLE && p.conn().run_quiet("DISCARD ALL").await.is_ok() {
+                let conn = p.conn();
+                conn.prepared.clear();
+                conn.settings = 0;
+                p.release();
+            }
+        }
         result
     }
 
     async fn serve(&mut self) -> Result<(), Fatal> {
         loop {
-            let Some(msg) = self.io.read().await? else { return Ok(()) };
+            let msg = if self.listening {
+                match self.read_or_notify().await? {
+                    Some(Some(m)) => m,
+                    Some(None) => return Ok(()),
+                    None => continue,
+                }
+            } else {
+                match self.io.read().await? {
+                    Some(m) => m,
+                    None => return Ok(()),
+                }
+            };
             tracing::trace!(tag = %(msg.tag as char), len = msg.frame.len(), "client message");
             match msg.tag {
                 b'Q' => self.simple(msg).await?,
@@ -157,6 +197,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 // CopyData, CopyDone, CopyFail outside COPY: PostgreSQL ignores them too.
                 b'd' | b'c' | b'f' => {}
                 other => return Err(Fatal::Protocol(format!("unexpected message type {:?}", other as char))),
+            }
+        }
+    }
+
+    /// Session mode after LISTEN: waits for the client's next message or a notification on the connection
+    /// that listens, relaying notifications at once. `None` when a notification was relayed.
+    async fn read_or_notify(&mut self) -> Result<Option<Option<Msg>>, Fatal> {
+        let Some(i) = self.sticky.iter().position(|p| p.shard() == NOTIFY_SHARD) else {
+            self.listening = false;
+            return Ok(Some(self.io.read().await?));
+        };
+        let (io, sticky) = (&mut self.io, &mut self.sticky);
+        tokio::select! {
+            m = io.read() => Ok(Some(m?)),
+            n = sticky[i].conn().read() => {
+                match n {
+                    Ok(m) => {
+                        io.push(&m.frame);
+                        io.flush().await?;
+                    }
+                    Err(_) => {
+                        // The listening connection is gone: so are its LISTENs.
+                        sticky.swap_remove(i);
+                        self.listening = false;
+                    }
+                }
+                Ok(None)
             }
         }
     }
@@ -221,7 +288,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     async fn route_simple(&mut self, msg: &Msg, analysis: &Arc<Analysis>) -> Result<(), Reported> {
-        refuse_session_locks(analysis)?;
+        if !self.shared.session_mode {
+            refuse_session_locks(analysis)?;
+        }
         let kind = analysis.statements.first().map(|s| s.kind);
         let single = analysis.statements.len() == 1;
         // The router's own settings: SET gb.shard_key / gb.tenant, answered here.
@@ -351,7 +420,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     async fn session_statement(&mut self, msg: &Msg) -> Result<(), Reported> {
         let text = proto::read_cstr(msg.body()).map(|(t, _)| t).unwrap_or("");
         if let change @ (crate::settings::Change::Deallocate(_) | crate::settings::Change::DiscardAll) =
-            self.settings.classify(text)
+            self.settings.classify_in(text, self.shared.session_mode)
         {
             let tag = self.local_session_change(change);
             return self.reply_synthetic(tag).await;
@@ -366,7 +435,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
             Txn::Idle => {
                 let text = proto::read_cstr(msg.body()).map(|(t, _)| t).unwrap_or("");
-                let change = self.settings.classify(text);
+                let change = self.settings.classify_in(text, self.shared.session_mode);
                 match change {
                     crate::settings::Change::Refused(why) => return Err(reported("0A000", why)),
                     crate::settings::Change::Deallocate(_) | crate::settings::Change::DiscardAll => {
@@ -375,7 +444,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     }
                     _ => {}
                 }
-                let mut p = self.checkout_any(None).await?;
+                let word = first_word(msg).to_ascii_uppercase();
+                let notify = matches!(word.as_str(), "LISTEN" | "UNLISTEN" | "NOTIFY");
+                let mut p =
+                    if notify { self.checkout(NOTIFY_SHARD, None).await? } else { self.checkout_any(None).await? };
                 p.conn().io.push(&msg.frame);
                 p.conn().flush().await?;
                 let mut ok = true;
@@ -389,6 +461,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 };
                 p.conn().status = status;
                 self.io.flush().await.map_err(|e| reported("08006", e.to_string()))?;
+                if ok && word == "LISTEN" {
+                    self.listening = true;
+                }
                 if ok {
                     self.settings.apply(change);
                     // The connection now carries exactly the client's settings.
@@ -441,7 +516,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Checks out a connection and brings its session settings in line with the client's.
     pub async fn checkout(&mut self, shard: ShardId, database: Option<&str>) -> Result<Pooled, Reported> {
-        let pool = self.pool_for(shard, database)?;
+        let pool = match (database, self.pools.get(shard.0 as usize).and_then(Option::as_ref)) {
+            (None, Some(p)) => p.clone(),
+            _ => {
+                let pool = self.pool_for(shard, database)?;
+                if database.is_none() {
+                    if self.pools.len() <= shard.0 as usize {
+                        self.pools.resize(shard.0 as usize + 1, None);
+                    }
+                    self.pools[shard.0 as usize] = Some(pool.clone());
+                }
+                pool
+            }
+        };
+        if let Some(i) = self.sticky.iter().position(|p| p.is_from(&pool)) {
+            // Session mode: the client's own connection, as it left it.
+            return Ok(self.sticky.swap_remove(i));
+        }
         let mut p = match pool.get().await {
             Ok(p) => p,
             Err(e) if e.sqlstate() == "3D000" && self.shared.config.auto_create && database.is_some() => {
@@ -487,6 +578,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if let Some((shard, db)) = self.home() {
             return self.checkout(shard, Some(&db)).await;
         }
+        if self.shared.session_mode && database.is_none() {
+            // Session mode: statements any shard answers go to the first shard (see `on_any_shard`).
+            if let Ok(p) = self.checkout(NOTIFY_SHARD, None).await {
+                return Ok(p);
+            }
+        }
         let mut last = None;
         for _ in 0..self.shared.map.nodes.len() {
             let s = self.shared.any_shard();
@@ -510,8 +607,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             };
         }
         let mut last = None;
-        for _ in 0..self.shared.map.nodes.len() {
-            let s = self.shared.any_shard();
+        for attempt in 0..self.shared.map.nodes.len() {
+            // Session mode: statements any shard answers all go to the first shard, so that every client's
+            // advisory locks and notifications meet there.
+            let s = if self.shared.session_mode && attempt == 0 { NOTIFY_SHARD } else { self.shared.any_shard() };
             let r = if matches!(self.txn, Txn::Idle) {
                 self.on_shard(s, d, frame.clone()).await
             } else {
@@ -646,7 +745,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     self.txn = Txn::Idle;
                     self.failed = false;
                 }
-                p.release();
+                self.give_back(p);
             }
             _ => {
                 self.txn = Txn::Bound;

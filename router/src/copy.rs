@@ -231,7 +231,7 @@ async fn key_position<S: AsyncRead + AsyncWrite + Unpin>(
             _ => {}
         }
     }
-    p.release();
+    c.give_back(p);
     if let Some((code, message)) = error {
         return Err(Reported { code, message });
     }
@@ -382,7 +382,7 @@ async fn copy_in_inner<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = abort(p, &why).await;
         }
         for p in conns {
-            p.release();
+            c.give_back(p);
         }
         return Err(reported("22P04", why).into());
     }
@@ -410,7 +410,7 @@ async fn copy_in_inner<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     for p in conns {
-        p.release();
+        c.give_back(p);
     }
     if let Some((code, message)) = error {
         // Shards that succeeded keep their rows: COPY across shards is not atomic (documented).

@@ -109,7 +109,9 @@ fn decide<S>(c: &Client<S>, batch: &[Msg]) -> Result<(Option<Decision>, Option<K
             .statements
             .get(bind.statement)
             .ok_or_else(|| reported("26000", format!("prepared statement \"{}\" does not exist", bind.statement)))?;
-        crate::client::refuse_session_locks(&stmt.analysis)?;
+        if !c.shared.session_mode {
+            crate::client::refuse_session_locks(&stmt.analysis)?;
+        }
         let d = c.shared.planner.decide_analyzed(
             &stmt.analysis,
             &BindParams { bind: &bind, types: &stmt.types },
@@ -238,7 +240,7 @@ async fn session_statements<S: AsyncRead + AsyncWrite + Unpin>(
     for m in batch.iter().filter(|m| m.tag == b'B') {
         let bind = proto::read_bind(m.body()).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
         let text = c.statements.get(bind.statement).map(|s| s.text.clone()).unwrap_or_default();
-        match c.settings.classify(&text) {
+        match c.settings.classify_in(&text, c.shared.session_mode) {
             crate::settings::Change::Refused(why) => return Err(reported("0A000", why)),
             change => changes.push(change),
         }
@@ -314,7 +316,7 @@ async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &
         let mut merge = Merge { hold_ready: true, ..Merge::default() };
         let status = relay(c, &mut p, exps, Role::Only, &mut merge).await?;
         if status == Some(proto::READY_IDLE) {
-            p.release();
+            c.give_back(p);
         }
         if merge.failed {
             break;
@@ -622,7 +624,7 @@ async fn fan_out<S: AsyncRead + AsyncWrite + Unpin>(
         let r = everywhere(c, batch, &mut conns).await;
         for p in conns {
             if p.conn_status() == proto::READY_IDLE {
-                p.release();
+                c.give_back(p);
             }
         }
         return r;
@@ -644,7 +646,7 @@ async fn fan_out<S: AsyncRead + AsyncWrite + Unpin>(
         let role = if i == 0 { Role::First } else { Role::Rest };
         let status = relay(c, &mut p, exps, role, &mut merge).await?;
         if status == Some(proto::READY_IDLE) {
-            p.release();
+            c.give_back(p);
         }
     }
     match merge.error.take() {

@@ -38,7 +38,7 @@ pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
     let mut conns = checkout_all(c, shards, d).await?;
     let r = merge_on(c, &mut conns, d, frame).await;
     for p in conns {
-        p.release();
+        c.give_back(p);
     }
     r
 }

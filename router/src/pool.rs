@@ -108,6 +108,11 @@ impl Pooled {
         self.cancel = Some((slot.clone(), key));
     }
 
+    /// Whether the connection belongs to `pool`.
+    pub fn is_from(&self, pool: &Arc<Pool>) -> bool {
+        Arc::ptr_eq(&self.pool, pool)
+    }
+
     /// The status of the connection's last ReadyForQuery.
     pub fn conn_status(&self) -> u8 {
         self.conn.as_ref().map_or(crate::proto::READY_FAILED, |c| c.status)

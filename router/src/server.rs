@@ -25,6 +25,8 @@ pub struct Shared {
     pub pools: Pools,
     pub scram: ScramCache,
     pub cancels: crate::cancel::Registry,
+    /// `pool-mode,session`: each client keeps the server connections it uses for its whole session.
+    pub session_mode: bool,
     /// TLS for clients, when `router-tls-cert` and `router-tls-key` are set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Serializes this router's tenant database creations (`shard-auto-create`).
@@ -38,12 +40,6 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Config) -> anyhow::Result<Shared> {
         // Settings the router reads but cannot honour yet: refuse them rather than run differently.
-        if config.pool.mode == shardmap::config::PoolMode::Session {
-            anyhow::bail!(
-                "{}: pool-mode,session is not supported yet (transaction pooling is); remove the key",
-                config.file
-            );
-        }
         let tls = match (&config.router.tls_cert, &config.router.tls_key) {
             (Some(cert), Some(key)) => Some(startup::tls_acceptor(cert, key)?),
             _ => None,
@@ -61,6 +57,7 @@ impl Shared {
             pools,
             scram: ScramCache::default(),
             cancels: Default::default(),
+            session_mode: config.pool.mode == shardmap::config::PoolMode::Session,
             tls,
             creating: Default::default(),
             config: Arc::new(config),
@@ -190,6 +187,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         statements: Default::default(),
         batch: Vec::new(),
         cancel,
+        sticky: Vec::new(),
+        listening: false,
+        pools: Vec::new(),
     };
     // One checkout validates the client's startup settings and gives the server's parameters. Any live
     // shard will do (the tenant's own under the tenant strategy).
@@ -210,7 +210,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         match client.checkout(shard, db.as_deref()).await {
             Ok(mut p) => {
                 server_params = Some(p.conn().params.clone());
-                p.release();
+                client.give_back(p);
                 break;
             }
             Err(e) => last_error = Some(e),

@@ -84,6 +84,11 @@ impl Settings {
 
     /// What a session statement (outside a transaction) would do.
     pub fn classify(&self, text: &str) -> Change {
+        self.classify_in(text, false)
+    }
+
+    /// Like [`Settings::classify`]; in session mode (`session`) statements tied to a connection are fine.
+    pub fn classify_in(&self, text: &str, session: bool) -> Change {
         let words: Vec<String> = text
             .split(|c: char| c.is_whitespace() || c == '=' || c == ';')
             .filter(|w| !w.is_empty())
@@ -91,6 +96,12 @@ impl Settings {
             .map(|w| w.to_lowercase())
             .collect();
         let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
+        if session && matches!(w(0), "prepare" | "execute" | "listen" | "unlisten")
+            || session && w(0) == "set" && matches!(w(1), "role") | (w(1) == "session" && w(2) == "authorization")
+        {
+            // Session pooling: the connection is the client's own, whatever it keeps.
+            return Change::Nothing;
+        }
         match w(0) {
             "set" => {
                 let mut i = 1;
@@ -118,6 +129,7 @@ impl Settings {
                 let name = if w(1) == "prepare" { w(2) } else { w(1) };
                 Change::Deallocate((name != "all").then(|| name.trim_matches('"').to_string()))
             }
+            "listen" | "unlisten" if session => Change::Nothing,
             "listen" | "unlisten" => Change::Refused("LISTEN needs a connection of its own: use pool-mode,session".into()),
             "prepare" | "execute" => {
                 Change::Refused("SQL-level PREPARE/EXECUTE/DEALLOCATE cannot follow a client across pooled connections; use the protocol's prepared statements (every driver does)".into())
