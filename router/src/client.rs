@@ -633,48 +633,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
             Txn::Bound => {
                 self.txn = Txn::Bound;
-                let bound_shard = self.bound.as_ref().map(|b| b.shard());
-                if bound_shard != Some(shard) {
-                    let name = |s: Option<ShardId>| s.map_or("?".into(), |s| self.shared.map.node(s).name.clone());
-                    return Err(reported(
-                        "0A000",
-                        format!(
-                            "the transaction is on shard {}, and this statement goes to shard {} ({}); multi-shard transactions are not supported yet",
-                            name(bound_shard),
-                            name(Some(shard)),
-                            d.reason
-                        ),
-                    ));
-                }
+                self.check_bound_shard(shard, d)?;
                 self.relay_bound(frame).await
             }
             Txn::Held(held) => {
-                let mut p = self.checkout(shard, d.database.as_deref()).await?;
-                let conn = p.conn();
-                for h in &held {
-                    conn.io.push(h);
-                }
-                conn.flush().await?;
-                for _ in &held {
-                    if let Err(e) = conn.drain_to_ready().await {
-                        // The held BEGIN or SET failed: nothing of the transaction ran.
-                        self.txn = Txn::Held(held);
-                        return Err(e.into());
-                    }
-                }
-                self.bound = Some(p);
-                self.txn = Txn::Bound;
+                self.open_held(shard, d, held).await?;
                 self.relay_bound(frame).await
             }
-            Txn::Idle => {
-                let mut p = self.checkout(shard, d.database.as_deref()).await?;
-                p.conn().io.push(&frame);
-                p.conn().flush().await?;
-                let status = self.relay_until_ready(&mut p).await?;
-                self.after_exchange(p, status);
-                Ok(())
+            Txn::Idle => self.exchange_once(shard, d, frame).await,
+        }
+    }
+
+    /// The error for a statement that routes away from the transaction's shard.
+    pub fn check_bound_shard(&self, shard: ShardId, d: &Decision) -> Result<(), Reported> {
+        let bound = self.bound.as_ref().map(|b| b.shard());
+        if bound == Some(shard) {
+            return Ok(());
+        }
+        let name = |s: Option<ShardId>| s.map_or("?".into(), |s| self.shared.map.node(s).name.clone());
+        Err(reported(
+            "0A000",
+            format!(
+                "the transaction is on shard {}, and this statement goes to shard {} ({}); multi-shard transactions are not supported yet",
+                name(bound),
+                name(Some(shard)),
+                d.reason
+            ),
+        ))
+    }
+
+    /// Opens the held transaction (BEGIN and what came with it) on `shard` and binds it there.
+    pub async fn open_held(&mut self, shard: ShardId, d: &Decision, held: Vec<Bytes>) -> Result<(), Reported> {
+        let mut p = match self.checkout(shard, d.database.as_deref()).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.txn = Txn::Held(held);
+                return Err(e);
+            }
+        };
+        let conn = p.conn();
+        for h in &held {
+            conn.io.push(h);
+        }
+        conn.flush().await?;
+        for _ in &held {
+            if let Err(e) = conn.drain_to_ready().await {
+                // The held BEGIN or SET failed: nothing of the transaction ran.
+                self.txn = Txn::Held(held);
+                return Err(e.into());
             }
         }
+        self.bound = Some(p);
+        self.txn = Txn::Bound;
+        Ok(())
+    }
+
+    /// One exchange on a connection checked out for it (kept if it opened a transaction).
+    async fn exchange_once(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
+        let mut p = self.checkout(shard, d.database.as_deref()).await?;
+        p.conn().io.push(&frame);
+        p.conn().flush().await?;
+        let status = self.relay_until_ready(&mut p).await?;
+        self.after_exchange(p, status);
+        Ok(())
     }
 
     /// A read of non-sharded data while a transaction is held: answered outside the transaction.
@@ -682,12 +703,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if matches!(self.txn, Txn::Idle) {
             return self.on_shard(shard, d, frame).await;
         }
-        let mut p = self.checkout(shard, d.database.as_deref()).await?;
-        p.conn().io.push(&frame);
-        p.conn().flush().await?;
-        let status = self.relay_until_ready(&mut p).await?;
-        self.after_exchange(p, status);
-        Ok(())
+        self.exchange_once(shard, d, frame).await
     }
 
     /// Sends a frame on the bound connection and relays the answer.

@@ -527,34 +527,11 @@ async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Txn::Bound => {
             c.txn = Txn::Bound;
-            if c.bound.as_ref().map(|b| b.shard()) != Some(shard) {
-                let bound = c.bound.as_ref().map_or("?".to_string(), |b| c.shared.map.node(b.shard()).name.clone());
-                return Err(reported(
-                    "0A000",
-                    format!(
-                        "the transaction is on shard {bound}, and this statement goes to shard {} ({}); multi-shard transactions are not supported yet",
-                        c.shared.map.node(shard).name,
-                        d.reason
-                    ),
-                ));
-            }
+            c.check_bound_shard(shard, d)?;
             send_bound(c, batch).await
         }
         Txn::Held(held) => {
-            let mut p = c.checkout(shard, d.database.as_deref()).await?;
-            let conn = p.conn();
-            for h in &held {
-                conn.io.push(h);
-            }
-            conn.flush().await?;
-            for _ in &held {
-                if let Err(e) = conn.drain_to_ready().await {
-                    c.txn = Txn::Held(held);
-                    return Err(e.into());
-                }
-            }
-            c.bound = Some(p);
-            c.txn = Txn::Bound;
+            c.open_held(shard, d, held).await?;
             send_bound(c, batch).await
         }
         Txn::Idle => {

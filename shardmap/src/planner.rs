@@ -316,16 +316,7 @@ impl Planner {
             Hint::ShardKey(v) | Hint::Tenant(v) => {
                 let kv = KeyValue::from_text(v, self.map.key_type)
                     .map_err(|why| RouteError::BadKey { value: v.clone(), why })?;
-                let st = StatementAnalysis {
-                    kind: Kind::Read,
-                    tables: Tables::None,
-                    keys: Keys::None,
-                    refusal: None,
-                    session: None,
-                    copy: None,
-                    reason: String::new(),
-                    session_lock: false,
-                };
+                let st = StatementAnalysis::new(Kind::Read, String::new());
                 let mut d = self.place(a, vec![kv], &st)?;
                 d.reason = format!("hint shard_key: {v}");
                 Ok(d)

@@ -123,6 +123,22 @@ pub struct StatementAnalysis {
     pub session_lock: bool,
 }
 
+impl StatementAnalysis {
+    /// A statement of `kind` with no table, no key and nothing else yet.
+    pub fn new(kind: Kind, reason: String) -> StatementAnalysis {
+        StatementAnalysis {
+            kind,
+            tables: Tables::None,
+            keys: Keys::None,
+            refusal: None,
+            session: None,
+            copy: None,
+            reason,
+            session_lock: false,
+        }
+    }
+}
+
 /// A whole query string, analysed: one entry per statement, and the hint that applies to all.
 #[derive(Clone, Debug)]
 pub struct Analysis {
@@ -187,17 +203,12 @@ fn lexical(sql: &str, error: &str) -> StatementAnalysis {
             )),
         ),
     };
-    let tables = if kind == Kind::Read { Tables::Sharded("?".into()) } else { Tables::None };
-    StatementAnalysis {
-        kind,
-        tables,
-        keys: Keys::None,
-        refusal,
-        session: None,
-        copy: None,
-        reason: format!("unparsed {word}"),
-        session_lock: false,
+    let mut st = StatementAnalysis::new(kind, format!("unparsed {word}"));
+    if kind == Kind::Read {
+        st.tables = Tables::Sharded("?".into());
     }
+    st.refusal = refusal;
+    st
 }
 
 fn first_word(sql: &str) -> &str {
@@ -312,16 +323,7 @@ fn is_catalog(name: &ObjectName, table: &str) -> bool {
 
 impl Ctx<'_> {
     fn statement(&self, s: &Statement) -> StatementAnalysis {
-        let mut a = StatementAnalysis {
-            kind: Kind::Ddl,
-            tables: Tables::None,
-            keys: Keys::None,
-            refusal: None,
-            session: None,
-            copy: None,
-            reason: String::new(),
-            session_lock: false,
-        };
+        let mut a = StatementAnalysis::new(Kind::Ddl, String::new());
         match s {
             Statement::Query(q) => {
                 a.kind = Kind::Read;
