@@ -115,6 +115,22 @@ impl PgServer {
         run(&mut cmd)
     }
 
+    /// Makes TCP connections need `password` for user `postgres`, checked with `method` (`scram-sha-256`
+    /// or `md5`), from now on.
+    pub async fn require_password(&self, method: &str, password: &str) -> Result<()> {
+        let db = self.client("postgres").await?;
+        let encryption = if method == "md5" { "md5" } else { "scram-sha-256" };
+        db.batch_execute(&format!(
+            "SET password_encryption = '{encryption}'; ALTER ROLE postgres PASSWORD '{}'",
+            password.replace('\'', "''")
+        ))
+        .await?;
+        let hba = format!("local all all trust\nhost all all 127.0.0.1/32 {method}\nhost all all ::1/128 {method}\n");
+        std::fs::write(self.dir.path().join("data").join("pg_hba.conf"), hba)?;
+        db.batch_execute("SELECT pg_reload_conf()").await?;
+        Ok(())
+    }
+
     /// A libpq-style connection string for database `db`.
     pub fn conn_str(&self, db: &str) -> String {
         format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)

@@ -155,6 +155,26 @@ impl Pools {
         Pools { pools: Mutex::new(HashMap::new()), settings: Arc::new(settings) }
     }
 
+    /// Closes idle connections older than `pool-idle-timeout`, in every pool.
+    pub fn reap(&self) {
+        let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
+        let cutoff = self.settings.idle_timeout;
+        for p in pools {
+            p.idle.lock().expect("pool lock").retain(|c| c.last_used.elapsed() < cutoff);
+        }
+    }
+
+    /// How often `reap` should run.
+    pub fn reap_every(&self) -> Duration {
+        (self.settings.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
+    /// Idle connections in all pools (for tests and, later, metrics).
+    pub fn idle_count(&self) -> usize {
+        let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
+        pools.iter().map(|p| p.idle.lock().expect("pool lock").len()).sum()
+    }
+
     pub fn pool(&self, key: PoolKey, name: &str) -> Arc<Pool> {
         let mut pools = self.pools.lock().expect("pools lock");
         pools

@@ -93,6 +93,18 @@ impl Shared {
 /// Serves clients on `listener` until `shutdown` resolves.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(config)?);
+    // Idle server connections past pool-idle-timeout are closed even in pools nobody uses any more.
+    let reaper = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(shared.pools.reap_every());
+            loop {
+                tick.tick().await;
+                shared.pools.reap();
+            }
+        })
+    };
+    let _stop_reaper = AbortOnDrop(reaper);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -236,6 +248,15 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             client.io.flush().await.ok();
             Ok(())
         }
+    }
+}
+
+/// Stops a background task when the server stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

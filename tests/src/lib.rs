@@ -28,6 +28,15 @@ impl Cluster {
     /// `n` servers and a config made of `head` plus one row per server from `node`.
     pub fn start(n: usize, head: &str, node: impl Fn(usize, &PgServer) -> String) -> Result<Cluster> {
         let shards = (0..n).map(|_| PgServer::start()).collect::<Result<Vec<_>>>()?;
+        Self::with_servers(shards, head, node)
+    }
+
+    /// A router in front of servers already started.
+    pub fn with_servers(
+        shards: Vec<PgServer>,
+        head: &str,
+        node: impl Fn(usize, &PgServer) -> String,
+    ) -> Result<Cluster> {
         let mut config = head.to_string();
         for (i, s) in shards.iter().enumerate() {
             config.push_str(&node(i, s));

@@ -118,3 +118,38 @@ async fn a_client_gone_mid_transaction_leaves_nothing_dirty() -> anyhow::Result<
     assert_eq!(n, 1, "autocommit: not inside someone else's transaction");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_bounds_wait_and_idle_timeout() -> anyhow::Result<()> {
+    let c = Cluster::hash(1, "pool-size,1\npool-timeout-ms,300\npool-idle-timeout,1\n")?;
+    let mut a = c.client().await?;
+    let b = c.client().await?;
+    a.batch_execute("CREATE TABLE users (user_id bigint PRIMARY KEY)").await?;
+    // a holds the only connection in a transaction: b waits pool-timeout-ms, then gets a clear error.
+    let tx = a.transaction().await?;
+    tx.execute("INSERT INTO users (user_id) VALUES ($1)", &[&1i64]).await?;
+    let t = Instant::now();
+    let e = b.query("SELECT * FROM users WHERE user_id = $1", &[&1i64]).await.unwrap_err();
+    let e = e.as_db_error().expect("a router error");
+    assert_eq!(e.code().code(), "53300", "{e}");
+    assert!(e.message().contains("pool-size") && e.message().contains("pool-timeout-ms"), "{e}");
+    assert!(t.elapsed() >= Duration::from_millis(250) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    tx.commit().await?;
+    // Now it is free again.
+    assert_eq!(b.query("SELECT * FROM users WHERE user_id = $1", &[&1i64]).await?.len(), 1);
+    // Idle server connections are closed after pool-idle-timeout (1 s here).
+    let direct = c.shards[0].client("postgres").await?;
+    let count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shard-router'";
+    let before: i64 = direct.query_one(count, &[]).await?.get(0);
+    assert!(before >= 1);
+    let mut after = before;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = direct.query_one(count, &[]).await?.get(0);
+        if after == 0 {
+            break;
+        }
+    }
+    assert_eq!(after, 0, "idle connections closed");
+    Ok(())
+}
