@@ -40,9 +40,9 @@ async fn scram_and_md5_on_both_sides() -> anyhow::Result<()> {
         let n: i64 = db.query_one("SELECT count(*) FROM users WHERE user_id = $1", &[&2i64]).await?.get(0);
         assert_eq!(n, 1, "{client_method}");
 
-        let e = connect(&c, "bot", "wrong").await.err().expect("a wrong password is refused");
+        let e = connect(&c, "bot", "wrong").await.expect_err("a wrong password is refused");
         assert_eq!(code(&e), "28P01", "{client_method}: {e}");
-        let e = connect(&c, "nobody", "x").await.err().expect("an unknown user is refused");
+        let e = connect(&c, "nobody", "x").await.expect_err("an unknown user is refused");
         assert_eq!(code(&e), "28000", "{client_method}: {e}");
     }
     Ok(())
