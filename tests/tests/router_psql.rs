@@ -115,6 +115,15 @@ async fn psql_scripts_through_four_hash_shards() -> anyhow::Result<()> {
     got.sort();
     assert_eq!(got, vec!["u11", "u15", "u19", "u3", "u7"], "only shard 3's rows");
 
+    // COPY TO STDOUT reads every shard; NOTICEs pass through.
+    let (out, err) = run(&c, "COPY (SELECT user_id FROM users WHERE user_id < 8 ORDER BY user_id) TO STDOUT;\nDROP TABLE IF EXISTS not_there;\n");
+    let mut copied: Vec<i64> = out.lines().map(|l| l.parse().unwrap()).collect();
+    copied.sort();
+    assert_eq!(copied, (0..8).collect::<Vec<i64>>(), "{out}");
+    assert!(err.contains("NOTICE") && err.contains("not_there"), "{err}");
+    let (out, _) = run(&c, "COPY users TO STDOUT;\n");
+    assert_eq!(out.lines().count(), 20);
+
     // A multi-statement string for one shard is relayed as is.
     let (out, err) = run(&c, "SELECT name FROM users WHERE user_id = 2; SELECT name FROM users WHERE user_id = 6;\n");
     assert!(err.is_empty(), "{err}");
