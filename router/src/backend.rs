@@ -61,6 +61,8 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// Status of the last ReadyForQuery: b'I' idle, b'T' in a transaction, b'E' failed transaction.
     pub status: u8,
+    /// How to cancel this connection's query (made once, shared with the client that holds it).
+    pub cancel_key: std::sync::Arc<crate::cancel::CancelKey>,
 }
 
 impl ServerConn {
@@ -104,6 +106,7 @@ impl ServerConn {
             since: Instant::now(),
             last_used: Instant::now(),
             status: proto::READY_IDLE,
+            cancel_key: Default::default(),
         };
         let password = || -> Result<&str, BackendError> {
             t.password.as_deref().ok_or_else(|| BackendError::Server {
@@ -191,7 +194,15 @@ impl ServerConn {
                         conn.secret = proto::read_i32(rest).map_or(0, |(s, _)| s);
                     }
                 }
-                b'Z' => return Ok(conn),
+                b'Z' => {
+                    conn.cancel_key = std::sync::Arc::new(crate::cancel::CancelKey {
+                        host: t.host.clone(),
+                        port: t.port,
+                        pid: conn.pid,
+                        secret: conn.secret,
+                    });
+                    return Ok(conn);
+                }
                 b'E' => {
                     let (code, message) = proto::error_fields(body);
                     return Err(BackendError::Server { addr: addr.to_string(), code, message });

@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// How to cancel the query running on one server connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct CancelKey {
     pub host: String,
     pub port: u16,
@@ -22,22 +22,22 @@ pub struct CancelKey {
 /// The server connections a client holds now.
 #[derive(Default)]
 pub struct Slot {
-    keys: Mutex<Vec<CancelKey>>,
+    keys: Mutex<Vec<Arc<CancelKey>>>,
 }
 
 impl Slot {
-    pub fn add(&self, k: CancelKey) {
+    pub fn add(&self, k: Arc<CancelKey>) {
         self.keys.lock().expect("slot lock").push(k);
     }
 
-    pub fn remove(&self, k: &CancelKey) {
+    pub fn remove(&self, k: &Arc<CancelKey>) {
         let mut keys = self.keys.lock().expect("slot lock");
-        if let Some(i) = keys.iter().position(|x| x == k) {
+        if let Some(i) = keys.iter().position(|x| Arc::ptr_eq(x, k)) {
             keys.swap_remove(i);
         }
     }
 
-    fn snapshot(&self) -> Vec<CancelKey> {
+    fn snapshot(&self) -> Vec<Arc<CancelKey>> {
         self.keys.lock().expect("slot lock").clone()
     }
 }

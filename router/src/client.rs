@@ -253,13 +253,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let Some((text, _)) = proto::read_cstr(msg.body()) else {
             return Err(Fatal::Protocol("Query message without a terminated string".into()));
         };
-        let analysis = self.shared.planner.analyze(text);
+        let (analysis, literals) = self.shared.planner.analyze_simple(text);
         if let [st] = analysis.statements.as_slice() {
             if let (Kind::CopyIn, Some(copy)) = (st.kind, &st.copy) {
                 return self.copy_in(&msg, &analysis, copy).await;
             }
         }
-        match self.route_simple(&msg, &analysis).await {
+        match self.route_simple(&msg, &analysis, &literals).await {
             Ok(()) => Ok(()),
             Err(e) => self.report(e).await,
         }
@@ -287,7 +287,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         crate::copy::copy_in(self, &d, copy, msg.frame.clone()).await
     }
 
-    async fn route_simple(&mut self, msg: &Msg, analysis: &Arc<Analysis>) -> Result<(), Reported> {
+    async fn route_simple(
+        &mut self,
+        msg: &Msg,
+        analysis: &Arc<Analysis>,
+        literals: &[shardmap::shape::Literal],
+    ) -> Result<(), Reported> {
         if !self.shared.session_mode {
             refuse_session_locks(analysis)?;
         }
@@ -308,7 +313,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 "current transaction is aborted, commands ignored until end of transaction block",
             ));
         }
-        let decision = self.shared.planner.decide_analyzed(analysis, &shardmap::NoParams, &self.session)?;
+        let decision = self.shared.planner.decide_with_literals(analysis, literals, &self.session)?;
         if single && kind == Some(Kind::Transaction) {
             return self.transaction_control(msg).await;
         }

@@ -58,7 +58,7 @@ pub struct Pooled {
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
     /// The client's cancel slot this connection is registered in while checked out.
-    cancel: Option<(Arc<Slot>, CancelKey)>,
+    cancel: Option<(Arc<Slot>, Arc<CancelKey>)>,
 }
 
 impl Pool {
@@ -73,11 +73,13 @@ impl Pool {
                 })
             }
         };
-        let idle = {
-            let mut idle = self.idle.lock().expect("pool lock");
-            let cutoff = self.settings.idle_timeout;
-            idle.retain(|c| c.last_used.elapsed() < cutoff);
-            idle.pop()
+        // The most recently used idle connection (the reaper closes old ones; one that aged since is skipped).
+        let idle = loop {
+            let c = self.idle.lock().expect("pool lock").pop();
+            match c {
+                Some(c) if c.last_used.elapsed() >= self.settings.idle_timeout => drop(c),
+                other => break other,
+            }
         };
         let conn = match idle {
             Some(c) => c,
@@ -101,9 +103,7 @@ impl Pooled {
 
     /// Registers the connection in a client's cancel slot until it goes back or is closed.
     pub fn register_cancel(&mut self, slot: &Arc<Slot>) {
-        let c = self.conn.as_ref().expect("present until released");
-        let (host, port) = (self.pool.key.target.host.clone(), self.pool.key.target.port);
-        let key = CancelKey { host, port, pid: c.pid, secret: c.secret };
+        let key = self.conn.as_ref().expect("present until released").cancel_key.clone();
         slot.add(key.clone());
         self.cancel = Some((slot.clone(), key));
     }

@@ -17,11 +17,12 @@ pub mod geo;
 pub mod hash;
 pub mod map;
 pub mod planner;
+pub mod shape;
 pub mod sql;
 pub mod value;
 
 pub use config::{Config, ConfigError, Strategy};
 pub use decision::{Decision, RouteError, Target};
 pub use map::{BucketId, ShardId, ShardMap};
-pub use planner::{NoParams, Param, Params, Planner, Session, TextParams};
+pub use planner::{LiteralParams, NoParams, Param, Params, Planner, Session, TextParams};
 pub use value::{KeyType, KeyValue};

@@ -10,8 +10,9 @@ use lru::LruCache;
 use crate::config::Strategy;
 use crate::decision::{Decision, RouteError, Target};
 use crate::map::{ShardId, ShardMap};
+use crate::shape::{Literal, LITERAL_BASE};
 use crate::sql::{self, Analysis, Hint, KeyExpr, Keys, Kind, SessionChange, StatementAnalysis, Tables};
-use crate::value::{KeyValue, ParamError};
+use crate::value::{KeyType, KeyValue, ParamError};
 
 /// Entries kept in the parse cache.
 pub const CACHE_ENTRIES: usize = 4096;
@@ -58,6 +59,25 @@ pub struct Param<'a> {
 /// Bind parameters, as the router holds them (slices of the Bind message, no copy).
 pub trait Params {
     fn param(&self, index: usize) -> Option<Param<'_>>;
+
+    /// A literal taken out of the statement's text by [`crate::shape::normalize`] (index from
+    /// [`LITERAL_BASE`]).
+    fn literal(&self, _index: usize) -> Option<&Literal> {
+        None
+    }
+}
+
+/// The literals of a simple-protocol statement, as virtual parameters of its shape.
+pub struct LiteralParams<'a>(pub &'a [Literal]);
+
+impl Params for LiteralParams<'_> {
+    fn param(&self, _: usize) -> Option<Param<'_>> {
+        None
+    }
+
+    fn literal(&self, index: usize) -> Option<&Literal> {
+        index.checked_sub(LITERAL_BASE).and_then(|i| self.0.get(i))
+    }
 }
 
 /// No parameters (simple query protocol).
@@ -111,6 +131,48 @@ impl Planner {
     /// Parses and analyses a statement text without looking in or filling the cache.
     pub fn analyze_uncached(&self, text: &str) -> Arc<Analysis> {
         Arc::new(sql::analyze(text, &self.map.key, self.map.key_type, &self.map.global_tables))
+    }
+
+    /// The analysis of a simple-protocol statement: by its shape (literals taken out, so that statements
+    /// differing only in their values share one parse), or by its text when it has no usable shape.
+    pub fn analyze_simple(&self, text: &str) -> (Arc<Analysis>, Vec<Literal>) {
+        if let Some((shape, lits)) = crate::shape::normalize(text) {
+            if !lits.is_empty() {
+                let a = self.analyze(&shape);
+                if a.parse_error.is_none() {
+                    return (a, lits);
+                }
+            }
+        }
+        (self.analyze(text), Vec::new())
+    }
+
+    /// Routes a simple-protocol statement (see [`Planner::analyze_simple`]).
+    pub fn decide_simple(&self, text: &str, session: &Session) -> Result<Decision, RouteError> {
+        let (a, lits) = self.analyze_simple(text);
+        self.decide_with_literals(&a, &lits, session)
+    }
+
+    /// Routes an analysis made by [`Planner::analyze_simple`] with its literals.
+    pub fn decide_with_literals(
+        &self,
+        a: &Arc<Analysis>,
+        lits: &[Literal],
+        session: &Session,
+    ) -> Result<Decision, RouteError> {
+        if lits.is_empty() {
+            return self.decide_analyzed(a, &NoParams, session);
+        }
+        let mut d = self.decide_analyzed(a, &LiteralParams(lits), session).map_err(|e| match e {
+            RouteError::SpansShards { what, shards } => {
+                RouteError::SpansShards { what: crate::shape::render(&what, lits), shards }
+            }
+            e => e,
+        })?;
+        if d.reason.contains('$') {
+            d.reason = crate::shape::render(&d.reason, lits);
+        }
+        Ok(d)
     }
 
     /// Routes a statement text.
@@ -256,6 +318,12 @@ impl Planner {
             match e {
                 KeyExpr::Value(v) => out.push(v.clone()),
                 KeyExpr::Param(i) => out.push(self.param(*i, params)?),
+                KeyExpr::ArrayParam(i) if *i >= LITERAL_BASE => {
+                    let lit = params.literal(*i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
+                    let vs = KeyValue::array_from_param(lit.text.as_bytes(), false, self.map.key_type)
+                        .map_err(|why| RouteError::BadKey { value: lit.text.clone(), why })?;
+                    out.extend(vs);
+                }
                 KeyExpr::ArrayParam(i) => {
                     let p = params.param(*i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
                     let bytes =
@@ -270,6 +338,19 @@ impl Planner {
     }
 
     fn param(&self, i: usize, params: &dyn Params) -> Result<KeyValue, RouteError> {
+        if i >= LITERAL_BASE {
+            let lit = params.literal(i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
+            // The same rules as for a literal analysed in place (`sql::Ctx::key_value`).
+            let bad = |why: String| RouteError::BadKey { value: lit.text.clone(), why };
+            return match (lit.number, self.map.key_type) {
+                (true, KeyType::Auto | KeyType::Int) => lit
+                    .text
+                    .parse::<i64>()
+                    .map(KeyValue::Int)
+                    .map_err(|_| bad(format!("{} is not an integer key", lit.text))),
+                _ => KeyValue::from_text(&lit.text, self.map.key_type).map_err(bad),
+            };
+        }
         let p = params.param(i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
         let bytes = p.value.ok_or(ParamError { index: i + 1, what: "NULL is not a shard key".into() })?;
         let v = if p.binary {

@@ -211,7 +211,7 @@ fn lexical(sql: &str, error: &str) -> StatementAnalysis {
     st
 }
 
-fn first_word(sql: &str) -> &str {
+pub(crate) fn first_word(sql: &str) -> &str {
     let mut s = sql;
     loop {
         s = s.trim_start();

@@ -294,6 +294,20 @@ fn run_table(p: &Planner, table: &str) -> usize {
         });
         n += 1;
         let got = p.decide(sql, &params, &Session::default());
+        if params.0.is_empty() {
+            // The simple protocol's path (literals taken out into a shared shape) decides the same.
+            let simple = p.decide_simple(sql, &Session::default());
+            let same = match (&got, &simple) {
+                (Ok(a), Ok(b)) => a.target == b.target && a.values == b.values,
+                (Err(a), Err(b)) => {
+                    err_kind(a) == err_kind(b) || (err_kind(a) == "refused" && err_kind(b) == "refused")
+                }
+                _ => false,
+            };
+            if !same {
+                failures.push(format!("{sql}\n    text path {got:?}\n    shape path {simple:?}"));
+            }
+        }
         let (word, arg) = expect.split_once(' ').unwrap_or((expect, ""));
         let ok = match (word, &got) {
             ("shard", Ok(d)) => d.target == Target::One(map.shard_by_name(arg).expect("shard name")),

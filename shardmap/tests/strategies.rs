@@ -269,6 +269,9 @@ proptest! {
         let p = Planner::new(map("shard-strategy,hash\nshard-count,7\nshard-algorithm,hash-buckets\n"));
         let lit = p.decide(&format!("SELECT * FROM users WHERE user_id = {k}"), &NoParams, &Session::default()).unwrap();
         let par = p.decide("SELECT * FROM users WHERE user_id = $1", &TextParams(vec![Some(k.to_string())]), &Session::default()).unwrap();
+        let simple = p.decide_simple(&format!("SELECT * FROM users WHERE user_id = {k}"), &Session::default()).unwrap();
+        prop_assert_eq!(&lit.target, &simple.target);
+        prop_assert_eq!(&lit.buckets, &simple.buckets);
         prop_assert_eq!(lit.target, par.target);
         prop_assert_eq!(lit.buckets, par.buckets);
     }

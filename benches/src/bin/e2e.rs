@@ -1,0 +1,462 @@
+//! The end-to-end benchmark: pgbench against a direct connection, PgBouncer (Debian's, transaction pooling)
+//! and shard-router (1 shard, and 4 hash shards with `pgbench_accounts` sharded by `aid`), in alternation
+//! (A B C D A B C D ...) so that drift shows, on servers it starts itself. Prints one table and keeps the raw
+//! pgbench output under `benches/results/<date>/`.
+//!
+//! Run: `bash benches/run.sh [--seconds 30] [--rounds 3] [--clients 16,64] [--quick]`
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use router::localpg::{free_port, PgServer};
+
+struct Args {
+    seconds: u64,
+    rounds: usize,
+    clients: Vec<u32>,
+    workloads: Vec<String>,
+    idle: usize,
+    scale: u32,
+    out: PathBuf,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        seconds: 30,
+        rounds: 3,
+        clients: vec![16, 64],
+        workloads: vec!["simple".into(), "extended".into(), "prepared".into(), "tpcb".into()],
+        idle: 10_000,
+        scale: 10,
+        out: PathBuf::from(format!("benches/results/{}", today())),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().with_context(|| format!("{k} needs a value"));
+        match k.as_str() {
+            "--seconds" => a.seconds = v()?.parse()?,
+            "--rounds" => a.rounds = v()?.parse()?,
+            "--clients" => a.clients = v()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--workloads" => a.workloads = v()?.split(',').map(str::to_string).collect(),
+            "--idle" => a.idle = v()?.parse()?,
+            "--scale" => a.scale = v()?.parse()?,
+            "--out" => a.out = PathBuf::from(v()?),
+            "--quick" => {
+                a.seconds = 5;
+                a.rounds = 2;
+                a.clients = vec![16];
+                a.idle = 1000;
+                a.scale = 2;
+            }
+            "--help" | "-h" => {
+                println!(
+                    "e2e: pgbench against direct, PgBouncer and shard-router, in alternation.\n\
+                     --seconds N (30) --rounds N (3) --clients 16,64 --workloads simple,extended,prepared,tpcb\n\
+                     --idle N (10000 idle clients for the RSS run; 0 skips it) --scale N (10) --out DIR --quick"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other} (see --help)"),
+        }
+    }
+    Ok(a)
+}
+
+fn today() -> String {
+    let out = Command::new("date").arg("+%F").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    out.unwrap_or_else(|_| "today".into())
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("{cmd:?} failed:\n{text}");
+    }
+    Ok(text)
+}
+
+fn psql(conn: &str, sql: &str) -> Result<String> {
+    run(Command::new("psql").args([conn, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]))
+}
+
+/// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
+fn cpu_and_rss(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = 100.0; // sysconf(_SC_CLK_TCK) on Linux
+    let cpu = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (cpu / ticks, hwm)
+}
+
+fn rss_now(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A background process stopped on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on {port}")
+}
+
+fn start_pgbouncer(dir: &Path, server: &PgServer, pool: u32) -> Result<(Proc, u16)> {
+    let port = free_port();
+    std::fs::create_dir_all(dir)?;
+    let ini = dir.join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres user=postgres\n\n[pgbouncer]\n\
+             listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {}\n\
+             pool_mode = transaction\ndefault_pool_size = {pool}\nmax_client_conn = 20000\nmax_db_connections = {pool}\n\
+             logfile = {}\npidfile = {}\n",
+            server.port,
+            dir.join("users.txt").display(),
+            dir.join("pgbouncer.log").display(),
+            dir.join("pgbouncer.pid").display()
+        ),
+    )?;
+    std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n")?;
+    let root = Command::new("id").arg("-u").output()?.stdout.starts_with(b"0\n");
+    let child = if root {
+        run(Command::new("chown").args(["-R", "postgres:", &dir.display().to_string()]))?;
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", "pgbouncer"])
+            .arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?
+    } else {
+        Command::new("pgbouncer").arg(&ini).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?
+    };
+    let p = Proc(child);
+    wait_port(port)?;
+    Ok((p, port))
+}
+
+fn start_router(dir: &Path, config: &str) -> Result<(Proc, u16)> {
+    let port = free_port();
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("config.csv");
+    std::fs::write(&path, config)?;
+    let exe = std::env::current_exe()?.with_file_name("shard-router");
+    let child = Command::new(&exe)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("{} (build it: cargo build --release -p router)", exe.display()))?;
+    let p = Proc(child);
+    wait_port(port)?;
+    Ok((p, port))
+}
+
+/// One target: a name, a connection string, and the process whose CPU it costs (none for direct).
+struct Target {
+    name: &'static str,
+    conn: String,
+    pid: Option<u32>,
+}
+
+#[derive(Default, Clone)]
+struct Figures {
+    tps: Vec<f64>,
+    lat_ms: Vec<f64>,
+    p99_ms: Vec<f64>,
+    cpu_per_10k: Vec<f64>,
+    failed: u64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+fn pgbench(
+    target: &Target,
+    workload: &str,
+    clients: u32,
+    seconds: u64,
+    log_dir: &Path,
+) -> Result<(String, f64, f64, f64, u64, u64)> {
+    let mut cmd = Command::new("pgbench");
+    cmd.args(["-n", "-T", &seconds.to_string(), "-c", &clients.to_string(), "-j", "2", "-r"]);
+    match workload {
+        "tpcb" => {
+            cmd.args(["-M", "extended"]);
+        }
+        mode => {
+            cmd.args(["-S", "-M", mode]);
+        }
+    }
+    std::fs::create_dir_all(log_dir)?;
+    cmd.current_dir(log_dir).args(["--log", "--sampling-rate", "0.1", "--log-prefix", "lat"]).arg(&target.conn);
+    let out = cmd.output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let num = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .and_then(|l| l.split(['=', ':']).nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let tps = num("tps");
+    let lat = num("latency average");
+    let processed = text
+        .lines()
+        .find(|l| l.starts_with("number of transactions actually processed"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().split('/').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0u64);
+    let failed = text
+        .lines()
+        .find(|l| l.starts_with("number of failed transactions"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if out.status.success() { 0 } else { u64::MAX });
+    // p99 from the sampled per-transaction log: the third column is the latency in microseconds.
+    let mut lats: Vec<f64> = Vec::new();
+    for e in std::fs::read_dir(log_dir)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with("lat") {
+            for line in std::fs::read_to_string(e.path())?.lines() {
+                if let Some(v) = line.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()) {
+                    lats.push(v / 1000.0);
+                }
+            }
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    lats.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let p99 = lats.get(lats.len().saturating_sub(1) * 99 / 100).copied().unwrap_or(f64::NAN);
+    Ok((text, tps, lat, p99, processed, failed))
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    std::fs::create_dir_all(&a.out)?;
+    let raw = a.out.join("raw");
+    std::fs::create_dir_all(&raw)?;
+    let work = tempfile::Builder::new().prefix("shard-router-e2e-").tempdir()?;
+    let pool = 20;
+    eprintln!("starting PostgreSQL (1 + 4 servers) ...");
+    let settings = ["max_connections=300", "shared_buffers=256MB"];
+    let one = PgServer::start_with(&settings)?;
+    let four = (0..4).map(|_| PgServer::start_with(&settings)).collect::<Result<Vec<_>>>()?;
+    eprintln!("loading pgbench data (scale {}) ...", a.scale);
+    run(Command::new("pgbench").args(["-i", "-q", "-s", &a.scale.to_string()]).arg(one.conn_str("postgres")))?;
+    for (i, s) in four.iter().enumerate() {
+        run(Command::new("pgbench").args(["-i", "-q", "-s", &a.scale.to_string()]).arg(s.conn_str("postgres")))?;
+        psql(&s.conn_str("postgres"), &format!("DELETE FROM pgbench_accounts WHERE aid % 4 <> {i}"))?;
+        psql(&s.conn_str("postgres"), "VACUUM ANALYZE pgbench_accounts")?;
+    }
+    let (bouncer, bouncer_port) = start_pgbouncer(&work.path().join("pgbouncer"), &one, pool)?;
+    let common = format!(
+        "shard-strategy,hash\nshard-key,aid\nrouter-auth,trust\npool-size,{pool}\npool-timeout-ms,20000\n\
+         shard-global-tables,pgbench_branches,pgbench_tellers,pgbench_history\n"
+    );
+    let (r1, r1_port) = start_router(
+        &work.path().join("r1"),
+        &format!("{common}shard-count,1\nshard-node-0,{}\n", one.url("postgres")),
+    )?;
+    let mut four_cfg = format!("{common}shard-count,4\n");
+    for (i, s) in four.iter().enumerate() {
+        writeln!(four_cfg, "shard-node-{i},{}", s.url("postgres"))?;
+    }
+    let (r4, r4_port) = start_router(&work.path().join("r4"), &four_cfg)?;
+    let conn = |port: u16| format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let targets = [
+        Target { name: "direct", conn: one.conn_str("postgres"), pid: None },
+        Target { name: "pgbouncer", conn: conn(bouncer_port), pid: Some(bouncer.0.id()) },
+        Target { name: "router-1", conn: conn(r1_port), pid: Some(r1.0.id()) },
+        Target { name: "router-4", conn: conn(r4_port), pid: Some(r4.0.id()) },
+    ];
+    // PgBouncer's pid is runuser's when started as root: find the child.
+    let bouncer_pid = Command::new("pgrep")
+        .args(["-n", "-x", "pgbouncer"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok());
+    let pid_of = |t: &Target| if t.name == "pgbouncer" { bouncer_pid.or(t.pid) } else { t.pid };
+
+    let mut results: BTreeMap<(String, u32, &'static str), Figures> = BTreeMap::new();
+    let mut cases: Vec<(String, u32)> = Vec::new();
+    for w in &a.workloads {
+        for c in &a.clients {
+            cases.push((w.clone(), *c));
+        }
+    }
+    if a.clients.iter().all(|c| *c != 512) {
+        cases.push(("simple".into(), 512));
+    }
+    let total = cases.len() * a.rounds * targets.len();
+    let mut done = 0;
+    for (workload, clients) in &cases {
+        for round in 0..a.rounds {
+            for t in &targets {
+                // The sharded router runs select-only workloads; PgBouncer 1.18 has no prepared statements in
+                // transaction mode.
+                if (t.name == "router-4" && workload == "tpcb") || (t.name == "pgbouncer" && workload == "prepared") {
+                    continue;
+                }
+                done += 1;
+                eprintln!("[{done}/{total}] {workload} c={clients} round {} {}", round + 1, t.name);
+                let before = pid_of(t).map(cpu_and_rss);
+                let (text, tps, lat, p99, processed, failed) =
+                    pgbench(t, workload, *clients, a.seconds, &work.path().join("log"))?;
+                let after = pid_of(t).map(cpu_and_rss);
+                std::fs::write(raw.join(format!("{workload}-c{clients}-{}-r{}.txt", t.name, round + 1)), &text)?;
+                let f = results.entry((workload.clone(), *clients, t.name)).or_default();
+                f.tps.push(tps);
+                f.lat_ms.push(lat);
+                f.p99_ms.push(p99);
+                f.failed = f.failed.saturating_add(failed);
+                if let (Some((c0, _)), Some((c1, _))) = (before, after) {
+                    if processed > 0 {
+                        f.cpu_per_10k.push((c1 - c0) / processed as f64 * 10_000.0);
+                    }
+                }
+            }
+        }
+    }
+    let peak = |p: Option<u32>| p.map(|p| cpu_and_rss(p).1).unwrap_or(0);
+    let mut table = String::new();
+    writeln!(
+        table,
+        "pgbench, {} s rounds x {}, alternating targets, pool {pool}, scale {}, -j 2; medians",
+        a.seconds, a.rounds, a.scale
+    )?;
+    writeln!(table)?;
+    writeln!(
+        table,
+        "| workload | clients | target | TPS | vs PgBouncer | vs direct | avg ms | p99 ms | CPU s / 10k tx | failed |"
+    )?;
+    writeln!(table, "|---|---|---|---|---|---|---|---|---|---|")?;
+    for (workload, clients) in &cases {
+        let get = |name: &str| {
+            results.get(&(
+                workload.clone(),
+                *clients,
+                match name {
+                    "direct" => "direct",
+                    "pgbouncer" => "pgbouncer",
+                    "router-1" => "router-1",
+                    _ => "router-4",
+                },
+            ))
+        };
+        let base = get("pgbouncer").map(|f| median(&f.tps));
+        let direct = get("direct").map(|f| median(&f.tps));
+        for t in &targets {
+            let Some(f) = get(t.name) else { continue };
+            let tps = median(&f.tps);
+            let ratio = |b: Option<f64>| {
+                b.filter(|b| b.is_finite() && *b > 0.0).map_or("–".to_string(), |b| format!("{:.2}×", tps / b))
+            };
+            let cpu =
+                if f.cpu_per_10k.is_empty() { "–".to_string() } else { format!("{:.3}", median(&f.cpu_per_10k)) };
+            writeln!(
+                table,
+                "| {workload} | {clients} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {cpu} | {} |",
+                t.name,
+                tps,
+                ratio(base),
+                ratio(direct),
+                median(&f.lat_ms),
+                median(&f.p99_ms),
+                f.failed
+            )?;
+        }
+    }
+    writeln!(table)?;
+    writeln!(
+        table,
+        "peak RSS: router-1 {} KiB, router-4 {} KiB, pgbouncer {} KiB",
+        peak(targets[2].pid),
+        peak(targets[3].pid),
+        peak(bouncer_pid)
+    )?;
+    if a.idle > 0 {
+        writeln!(table, "{}", idle_run(&targets[2], a.idle)?)?;
+    }
+    println!("{table}");
+    std::fs::write(a.out.join("table.md"), &table)?;
+    eprintln!("raw results in {}", a.out.display());
+    drop((r1, r4, bouncer));
+    Ok(())
+}
+
+/// Holds `n` idle client connections through the router and reports its RSS per client.
+fn idle_run(t: &Target, n: usize) -> Result<String> {
+    let pid = t.pid.context("router pid")?;
+    let port: u16 = t
+        .conn
+        .split("port=")
+        .nth(1)
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .context("port")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let before = rss_now(pid);
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (client, conn) = tokio_postgres::connect(
+                &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+                tokio_postgres::NoTls,
+            )
+            .await?;
+            held.push((client, tokio::spawn(conn)));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_now(pid);
+        let per = (after.saturating_sub(before)) as f64 / n as f64;
+        drop(held);
+        Ok::<String, anyhow::Error>(format!(
+            "idle clients: {n} held through router-1; RSS {before} KiB -> {after} KiB, {per:.1} KiB per client"
+        ))
+    })
+}

@@ -1,0 +1,300 @@
+//! Statement shapes: a DML text with its literals replaced by numbered placeholders, so that
+//! `... WHERE aid = 17` and `... WHERE aid = 42` share one parse and one cached analysis. The literals come
+//! back as virtual parameters (`$100001`, `$100002`, ...) when the decision is made. Clients of the simple
+//! protocol (psql, pgbench -M simple, many ORMs' "inline" mode) send a different text for every key, so
+//! without shapes every statement would be parsed anew.
+//!
+//! Normalizing is conservative: only SELECT, INSERT, UPDATE, DELETE and WITH statements, and only texts made
+//! of plain lexemes (no dollar quoting, no E'' or B'' strings). Anything else is analysed by its text.
+
+/// Placeholders for literals are numbered from here, far above any real parameter ($1..$65535).
+pub const LITERAL_BASE: usize = 100_000;
+
+/// A literal taken out of a statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Literal {
+    /// A numeric literal (`42`, `-7`, `1.5`) rather than a quoted string.
+    pub number: bool,
+    /// Its text, unquoted and unescaped.
+    pub text: String,
+}
+
+fn is_ident(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+/// Words after which a string literal is an ordinary value; after any other word (a type name) it is part of
+/// a typed literal.
+const VALUE_KEYWORDS: &[&str] = &[
+    "all",
+    "and",
+    "any",
+    "between",
+    "by",
+    "case",
+    "distinct",
+    "else",
+    "escape",
+    "from",
+    "ilike",
+    "in",
+    "is",
+    "like",
+    "limit",
+    "not",
+    "offset",
+    "on",
+    "or",
+    "returning",
+    "select",
+    "set",
+    "similar",
+    "some",
+    "then",
+    "to",
+    "using",
+    "values",
+    "when",
+    "where",
+];
+
+/// Whether the shape so far ends with a word that makes the next string a typed literal.
+fn typed_literal_before(out: &str) -> bool {
+    let t = out.trim_end();
+    let word_start = t.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |p| p + 1);
+    let word = &t[word_start..];
+    if word.is_empty() || word.starts_with(|c: char| c.is_ascii_digit()) || t[..word_start].ends_with('"') {
+        return false;
+    }
+    !VALUE_KEYWORDS.iter().any(|k| word.eq_ignore_ascii_case(k))
+}
+
+/// The shape of a DML statement and its literals, or `None` when the text is not normalized.
+pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
+    let word = crate::sql::first_word(sql);
+    let dml = ["select", "insert", "update", "delete", "with"].iter().any(|w| word.eq_ignore_ascii_case(w));
+    if !dml {
+        return None;
+    }
+    let b = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len());
+    let mut lits = Vec::new();
+    let mut i = 0;
+    // The last byte written that is not whitespace: decides whether '-' starts a negative literal.
+    let mut last = b'(';
+    let push_lit = |out: &mut String, lits: &mut Vec<Literal>, number: bool, text: String| {
+        lits.push(Literal { number, text });
+        out.push('$');
+        out.push_str(&(LITERAL_BASE + lits.len()).to_string());
+    };
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                let end = sql[i..].find('\n').map_or(b.len(), |e| i + e);
+                out.push_str(&sql[i..end]);
+                i = end;
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let end = i + 2 + sql[i + 2..].find("*/")? + 2;
+                if sql[i + 2..end - 2].contains("/*") {
+                    return None; // nested comments
+                }
+                out.push_str(&sql[i..end]);
+                i = end;
+                continue;
+            }
+            b'"' => {
+                let mut j = i + 1;
+                loop {
+                    match b.get(j) {
+                        None => return None,
+                        Some(b'"') if b.get(j + 1) == Some(&b'"') => j += 2,
+                        Some(b'"') => break,
+                        _ => j += 1,
+                    }
+                }
+                out.push_str(&sql[i..=j]);
+                last = b'"';
+                i = j + 1;
+                continue;
+            }
+            b'\'' => {
+                if i > 0 && is_ident(b[i - 1]) {
+                    return None; // E'..', B'..', X'..', U&'..', N'..'
+                }
+                if typed_literal_before(&out) {
+                    // `uuid '..'`, `DATE '..'`, `INTERVAL '..'`: the string is part of a typed literal, which
+                    // only a literal can follow; keep it in the shape.
+                    let mut j = i + 1;
+                    loop {
+                        match b.get(j) {
+                            None => return None,
+                            Some(b'\'') if b.get(j + 1) == Some(&b'\'') => j += 2,
+                            Some(b'\'') => break,
+                            _ => j += 1,
+                        }
+                    }
+                    out.push_str(&sql[i..=j]);
+                    last = b'\'';
+                    i = j + 1;
+                    continue;
+                }
+                let mut text = String::new();
+                let mut j = i + 1;
+                let mut start = j;
+                loop {
+                    match b.get(j) {
+                        None => return None,
+                        Some(b'\'') if b.get(j + 1) == Some(&b'\'') => {
+                            text.push_str(&sql[start..=j]);
+                            j += 2;
+                            start = j;
+                        }
+                        Some(b'\'') => break,
+                        _ => j += 1,
+                    }
+                }
+                text.push_str(&sql[start..j]);
+                push_lit(&mut out, &mut lits, false, text);
+                last = b'\'';
+                i = j + 1;
+                continue;
+            }
+            b'$' => {
+                if b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                    // A real parameter: $n.
+                    let mut j = i + 1;
+                    while b.get(j).is_some_and(u8::is_ascii_digit) {
+                        j += 1;
+                    }
+                    out.push_str(&sql[i..j]);
+                    last = b'0';
+                    i = j;
+                    continue;
+                }
+                if i == 0 || !is_ident(b[i - 1]) {
+                    return None; // dollar quoting
+                }
+            }
+            b'0'..=b'9' | b'.' | b'-' if i == 0 || !is_ident(b[i - 1]) => {
+                let negative = c == b'-';
+                let digits_at = if negative { i + 1 } else { i };
+                let starts_number = b.get(digits_at).is_some_and(u8::is_ascii_digit)
+                    || (b.get(digits_at) == Some(&b'.') && b.get(digits_at + 1).is_some_and(u8::is_ascii_digit));
+                let sign_ok = !negative || matches!(last, b'=' | b'(' | b',' | b'<' | b'>');
+                if starts_number && sign_ok {
+                    let mut j = digits_at;
+                    while b.get(j).is_some_and(|x| x.is_ascii_digit() || *x == b'.') {
+                        j += 1;
+                    }
+                    if matches!(b.get(j), Some(b'e' | b'E')) {
+                        let mut k = j + 1;
+                        if matches!(b.get(k), Some(b'+' | b'-')) {
+                            k += 1;
+                        }
+                        if b.get(k).is_some_and(u8::is_ascii_digit) {
+                            j = k;
+                            while b.get(j).is_some_and(u8::is_ascii_digit) {
+                                j += 1;
+                            }
+                        }
+                    }
+                    if b.get(j).is_some_and(|x| is_ident(*x)) {
+                        return None; // 1abc: not a plain number
+                    }
+                    push_lit(&mut out, &mut lits, true, sql[i..j].to_string());
+                    last = b'0';
+                    i = j;
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        // Any other byte is copied; multi-byte UTF-8 sequences are copied whole.
+        let len = match c {
+            0x00..=0x7f => 1,
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 3,
+            _ => 4,
+        };
+        let end = (i + len).min(b.len());
+        out.push_str(sql.get(i..end)?);
+        if !c.is_ascii_whitespace() {
+            last = c;
+        }
+        i = end;
+    }
+    Some((out, lits))
+}
+
+/// A text with literal placeholders written back as the literals (for messages).
+pub fn render(text: &str, lits: &[Literal]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let digits: String = rest[at + 1..].chars().take_while(char::is_ascii_digit).collect();
+        match digits.parse::<usize>().ok().filter(|n| *n > LITERAL_BASE).and_then(|n| lits.get(n - LITERAL_BASE - 1)) {
+            Some(l) if l.number => out.push_str(&l.text),
+            Some(l) => {
+                out.push('\'');
+                out.push_str(&l.text);
+                out.push('\'');
+            }
+            None => {
+                out.push('$');
+                out.push_str(&digits);
+            }
+        }
+        rest = &rest[at + 1 + digits.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lit(number: bool, text: &str) -> Literal {
+        Literal { number, text: text.into() }
+    }
+
+    #[test]
+    fn literals_become_placeholders() {
+        let (shape, lits) = normalize("SELECT abalance FROM pgbench_accounts WHERE aid = 4242;").unwrap();
+        assert_eq!(shape, "SELECT abalance FROM pgbench_accounts WHERE aid = $100001;");
+        assert_eq!(lits, vec![lit(true, "4242")]);
+        let (shape, lits) =
+            normalize("select * from t where a = 'it''s' and b in (1, -2, 3.5e2) and c = $1 and \"x'y\" = -4").unwrap();
+        assert_eq!(
+            shape,
+            "select * from t where a = $100001 and b in ($100002, $100003, $100004) and c = $1 and \"x'y\" = $100005"
+        );
+        assert_eq!(
+            lits,
+            vec![lit(false, "it's"), lit(true, "1"), lit(true, "-2"), lit(true, "3.5e2"), lit(true, "-4")]
+        );
+        assert_eq!(render("user_id = $100002 or x = $100001", &lits), "user_id = 1 or x = 'it's'");
+    }
+
+    #[test]
+    fn leaves_alone_what_it_cannot_shape() {
+        assert_eq!(normalize("SET x = 1"), None);
+        assert_eq!(normalize("SELECT $$x$$"), None);
+        assert_eq!(normalize("SELECT E'a\\nb'"), None);
+        assert_eq!(normalize("SELECT 1abc"), None);
+        // Comments (and the hints in them) and identifiers with digits stay as they are.
+        let (shape, lits) = normalize("/* shard_key: 42 */ SELECT t1.c2 - 3 FROM t1 -- 7\nWHERE x = 5").unwrap();
+        assert_eq!(shape, "/* shard_key: 42 */ SELECT t1.c2 - $100001 FROM t1 -- 7\nWHERE x = $100002");
+        assert_eq!(lits, vec![lit(true, "3"), lit(true, "5")]);
+        let (shape, _) = normalize("SELECT 'é', 'x' FROM ü").unwrap();
+        assert_eq!(shape, "SELECT $100001, $100002 FROM ü");
+        // Typed literals keep their string; ordinary values after keywords do not.
+        let (shape, _) =
+            normalize("SELECT * FROM t WHERE d > DATE '2026-01-01' AND u = uuid 'x' AND n LIKE 'a%'").unwrap();
+        assert_eq!(shape, "SELECT * FROM t WHERE d > DATE '2026-01-01' AND u = uuid 'x' AND n LIKE $100001");
+    }
+}
