@@ -190,8 +190,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 }
                 b'H' | b'S' => {
                     self.batch.push(msg);
-                    let batch = std::mem::take(&mut self.batch);
-                    extended::run(self, batch).await?;
+                    // The batch's vector is reused from one batch to the next.
+                    let mut batch = std::mem::take(&mut self.batch);
+                    extended::run(self, &batch).await?;
+                    batch.clear();
+                    self.batch = batch;
                 }
                 b'X' => return Ok(()),
                 // CopyData, CopyDone, CopyFail outside COPY: PostgreSQL ignores them too.

@@ -66,9 +66,9 @@ fn reported(code: &str, message: impl Into<String>) -> Reported {
 }
 
 /// Runs one batch; errors the router raises are reported the way a server would report them.
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: Vec<Msg>) -> Result<(), Fatal> {
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Fatal> {
     let sync = batch.last().is_some_and(|m| m.tag == b'S');
-    match run_inner(c, &batch).await {
+    match run_inner(c, batch).await {
         Ok(()) => Ok(()),
         Err(e) => {
             proto::error(&mut c.io.wbuf, "ERROR", &e.code, &e.message);
@@ -89,6 +89,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: Ve
 fn register<S>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
     for m in batch.iter().filter(|m| m.tag == b'P') {
         let p = proto::read_parse(m.body()).ok_or_else(|| reported("08P01", "malformed Parse message"))?;
+        if c.statements.get(p.name).is_some_and(|st| *st.text == *p.query && st.types == p.types) {
+            // The same statement again (drivers re-send the unnamed one with every execution).
+            continue;
+        }
         let analysis = c.shared.planner.analyze(p.query);
         let server_name =
             if p.name.is_empty() { String::new() } else { format!("sr_{:016x}", statement_hash(p.query, &p.types)) };
@@ -256,8 +260,7 @@ async fn session_statements<S: AsyncRead + AsyncWrite + Unpin>(
         return synthesize(c, batch, tag).await;
     }
     let mut p = c.checkout_any(d.database.as_deref()).await?;
-    let (out, exps) = rewrite(c, batch, p.conn())?;
-    p.conn().io.push(&out);
+    let exps = rewrite(c, batch, p.conn())?;
     p.conn().flush().await?;
     let mut merge = Merge::default();
     let status = relay(c, &mut p, exps, Role::Only, &mut merge).await?;
@@ -310,8 +313,7 @@ async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &
             }
             _ => c.checkout_any(None).await?,
         };
-        let (out, exps) = rewrite(c, &seg, p.conn())?;
-        p.conn().io.push(&out);
+        let exps = rewrite(c, &seg, p.conn())?;
         p.conn().flush().await?;
         let mut merge = Merge { hold_ready: true, ..Merge::default() };
         let status = relay(c, &mut p, exps, Role::Only, &mut merge).await?;
@@ -410,8 +412,22 @@ async fn synthesize<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Rewrites a batch for one server connection: statement names, Parses left out or added.
-fn rewrite<S>(c: &Client<S>, batch: &[Msg], conn: &ServerConn) -> Result<(BytesMut, VecDeque<Exp>), Reported> {
-    let mut out = BytesMut::with_capacity(batch.iter().map(|m| m.frame.len()).sum::<usize>() + 64);
+/// The rewritten batch is queued on the connection's write buffer (nothing is queued on error).
+fn rewrite<S>(c: &Client<S>, batch: &[Msg], conn: &mut ServerConn) -> Result<VecDeque<Exp>, Reported> {
+    let start = conn.io.wbuf.len();
+    let r = rewrite_into(c, batch, &conn.prepared, &mut conn.io.wbuf);
+    if r.is_err() {
+        conn.io.wbuf.truncate(start);
+    }
+    r
+}
+
+fn rewrite_into<S>(
+    c: &Client<S>,
+    batch: &[Msg],
+    prepared: &HashSet<String>,
+    out: &mut BytesMut,
+) -> Result<VecDeque<Exp>, Reported> {
     let mut exps = VecDeque::with_capacity(batch.len() + 2);
     let mut parsed_here: HashSet<String> = HashSet::new();
     let mut unnamed_parsed = false;
@@ -432,7 +448,7 @@ fn rewrite<S>(c: &Client<S>, batch: &[Msg], conn: &ServerConn) -> Result<(BytesM
                 exps.push_back(Exp::SwallowParse(None));
                 *unnamed_parsed = true;
             }
-        } else if !conn.prepared.contains(&st.server_name) && !parsed_here.contains(&st.server_name) {
+        } else if !prepared.contains(&st.server_name) && !parsed_here.contains(&st.server_name) {
             proto::write_parse(out, &st.server_name, &st.text, &st.types);
             exps.push_back(Exp::SwallowParse(Some(st.server_name.clone())));
             parsed_here.insert(st.server_name.clone());
@@ -450,10 +466,10 @@ fn rewrite<S>(c: &Client<S>, batch: &[Msg], conn: &ServerConn) -> Result<(BytesM
                     unnamed_parsed = true;
                 } else {
                     let st = stmt(p.name)?;
-                    if conn.prepared.contains(&st.server_name) || parsed_here.contains(&st.server_name) {
+                    if prepared.contains(&st.server_name) || parsed_here.contains(&st.server_name) {
                         exps.push_back(Exp::InjectParse);
                     } else {
-                        proto::write_parse(&mut out, &st.server_name, &st.text, &st.types);
+                        proto::write_parse(out, &st.server_name, &st.text, &st.types);
                         exps.push_back(Exp::Parse(Some(st.server_name.clone())));
                         parsed_here.insert(st.server_name.clone());
                     }
@@ -461,11 +477,11 @@ fn rewrite<S>(c: &Client<S>, batch: &[Msg], conn: &ServerConn) -> Result<(BytesM
             }
             b'B' => {
                 let b = proto::read_bind(body).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
-                ensure(b.statement, &mut out, &mut exps, &mut parsed_here, &mut unnamed_parsed)?;
+                ensure(b.statement, out, &mut exps, &mut parsed_here, &mut unnamed_parsed)?;
                 if b.statement.is_empty() {
                     out.put_slice(&m.frame);
                 } else {
-                    proto::write_bind_renamed(&mut out, &b, &stmt(b.statement)?.server_name);
+                    proto::write_bind_renamed(out, &b, &stmt(b.statement)?.server_name);
                 }
                 exps.push_back(Exp::Bind);
             }
@@ -475,12 +491,12 @@ fn rewrite<S>(c: &Client<S>, batch: &[Msg], conn: &ServerConn) -> Result<(BytesM
                 let (name, _) =
                     proto::read_cstr(rest).ok_or_else(|| reported("08P01", "malformed Describe message"))?;
                 if kind == b'S' {
-                    ensure(name, &mut out, &mut exps, &mut parsed_here, &mut unnamed_parsed)?;
+                    ensure(name, out, &mut exps, &mut parsed_here, &mut unnamed_parsed)?;
                     if name.is_empty() {
                         out.put_slice(&m.frame);
                     } else {
                         let sn = &stmt(name)?.server_name;
-                        proto::put(&mut out, b'D', |b| {
+                        proto::put(out, b'D', |b| {
                             b.put_u8(b'S');
                             proto::cstr(b, sn);
                         });
@@ -511,7 +527,7 @@ fn rewrite<S>(c: &Client<S>, batch: &[Msg], conn: &ServerConn) -> Result<(BytesM
             _ => out.put_slice(&m.frame), // Flush
         }
     }
-    Ok((out, exps))
+    Ok(exps)
 }
 
 async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
@@ -553,8 +569,7 @@ async fn send_alone<S: AsyncRead + AsyncWrite + Unpin>(
     batch: &[Msg],
     mut p: Pooled,
 ) -> Result<(), Reported> {
-    let (out, exps) = rewrite(c, batch, p.conn())?;
-    p.conn().io.push(&out);
+    let exps = rewrite(c, batch, p.conn())?;
     if let Err(e) = p.conn().flush().await {
         c.txn = Txn::Idle;
         return Err(e.into());
@@ -613,8 +628,7 @@ async fn fan_out<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let mut plans = Vec::with_capacity(conns.len());
     for p in conns.iter_mut() {
-        let (out, exps) = rewrite(c, batch, p.conn())?;
-        p.conn().io.push(&out);
+        let exps = rewrite(c, batch, p.conn())?;
         p.conn().flush().await?;
         plans.push(exps);
     }
@@ -663,8 +677,7 @@ async fn one_of<S: AsyncRead + AsyncWrite + Unpin>(
     batch: &[Msg],
     p: &mut Pooled,
 ) -> Result<(), Reported> {
-    let (out, exps) = rewrite(c, batch, p.conn())?;
-    p.conn().io.push(&out);
+    let exps = rewrite(c, batch, p.conn())?;
     p.conn().flush().await?;
     let mut merge = Merge::default();
     relay(c, p, exps, Role::Only, &mut merge).await?;
@@ -680,8 +693,7 @@ async fn everywhere<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), Reported> {
     let mut plans = Vec::with_capacity(conns.len());
     for p in conns.iter_mut() {
-        let (out, exps) = rewrite(c, batch, p.conn())?;
-        p.conn().io.push(&out);
+        let exps = rewrite(c, batch, p.conn())?;
         p.conn().flush().await?;
         plans.push(exps);
     }
