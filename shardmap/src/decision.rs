@@ -35,7 +35,7 @@ pub struct Decision {
     pub regions: Vec<Arc<str>>,
     /// Under `tenant`: the tenant's database.
     pub database: Option<String>,
-    pub reason: String,
+    pub reason: std::sync::Arc<str>,
     /// The analysis it came from (COPY details, session changes).
     pub analysis: Arc<Analysis>,
 }
@@ -108,7 +108,7 @@ impl Decision {
             "values": self.values.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
             "shards": names,
             "target": self.target.label(),
-            "reason": self.reason,
+            "reason": &*self.reason,
         });
         let o = j.as_object_mut().expect("object");
         match self.buckets.as_slice() {

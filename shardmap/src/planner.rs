@@ -170,7 +170,7 @@ impl Planner {
             e => e,
         })?;
         if d.reason.contains('$') {
-            d.reason = crate::shape::render(&d.reason, lits);
+            d.reason = crate::shape::render(&d.reason, lits).into();
         }
         Ok(d)
     }
@@ -193,7 +193,7 @@ impl Planner {
         let first = statements.next();
         let mut d = match first {
             Some(st) => self.decide_one(a, st, params, session)?,
-            None => return Ok(self.decision(a, Target::Any, "empty query".into())),
+            None => return Ok(self.decision(a, Target::Any, "empty query")),
         };
         for st in statements {
             let next = self.decide_one(a, st, params, session)?;
@@ -202,14 +202,14 @@ impl Planner {
         Ok(d)
     }
 
-    fn decision(&self, a: &Arc<Analysis>, target: Target, reason: String) -> Decision {
+    fn decision(&self, a: &Arc<Analysis>, target: Target, reason: impl Into<Arc<str>>) -> Decision {
         Decision {
             target,
             values: Vec::new(),
             buckets: Vec::new(),
             regions: Vec::new(),
             database: None,
-            reason,
+            reason: reason.into(),
             analysis: a.clone(),
         }
     }
@@ -278,7 +278,7 @@ impl Planner {
             Keys::None => match &session.shard_key {
                 Some(k) => {
                     let mut d = self.place(a, vec![k.clone()], st)?;
-                    d.reason = format!("session gb.shard_key = {k}");
+                    d.reason = format!("session gb.shard_key = {k}").into();
                     return Ok(d);
                 }
                 None if st.kind == Kind::Read => {
@@ -288,7 +288,7 @@ impl Planner {
                     return Err(RouteError::MissingKey {
                         statement: "a write to a sharded table",
                         key: self.map.key.clone(),
-                        reason: st.reason.clone(),
+                        reason: st.reason.to_string(),
                     });
                 }
             },
@@ -399,7 +399,7 @@ impl Planner {
                     .map_err(|why| RouteError::BadKey { value: v.clone(), why })?;
                 let st = StatementAnalysis::new(Kind::Read, String::new());
                 let mut d = self.place(a, vec![kv], &st)?;
-                d.reason = format!("hint shard_key: {v}");
+                d.reason = format!("hint shard_key: {v}").into();
                 Ok(d)
             }
         }
@@ -431,7 +431,7 @@ impl Planner {
                     });
                 }
                 if let Some(t) = names.pop() {
-                    reason = st.reason.clone();
+                    reason = st.reason.to_string();
                     tenant = Some(t);
                 }
             }

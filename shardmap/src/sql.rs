@@ -116,8 +116,9 @@ pub struct StatementAnalysis {
     pub refusal: Option<String>,
     pub session: Option<SessionChange>,
     pub copy: Option<CopyIn>,
-    /// What decided the route, for `explain` and errors: `user_id = $1`.
-    pub reason: String,
+    /// What decided the route, for `explain` and errors: `user_id = $1` (shared by every decision made from
+    /// this analysis, so a decision does not copy it).
+    pub reason: std::sync::Arc<str>,
     /// Whether it takes or releases a session-level advisory lock (`pg_advisory_lock` and friends), which
     /// belongs to a server connection rather than to a transaction.
     pub session_lock: bool,
@@ -125,7 +126,7 @@ pub struct StatementAnalysis {
 
 impl StatementAnalysis {
     /// A statement of `kind` with no table, no key and nothing else yet.
-    pub fn new(kind: Kind, reason: String) -> StatementAnalysis {
+    pub fn new(kind: Kind, reason: impl Into<std::sync::Arc<str>>) -> StatementAnalysis {
         StatementAnalysis {
             kind,
             tables: Tables::None,
@@ -133,7 +134,7 @@ impl StatementAnalysis {
             refusal: None,
             session: None,
             copy: None,
-            reason,
+            reason: reason.into(),
             session_lock: false,
         }
     }
@@ -454,12 +455,12 @@ impl Ctx<'_> {
         a.tables = o.tables();
         a.keys = o.keys();
         if a.reason.is_empty() {
-            a.reason = match (&a.keys, &a.tables) {
+            a.reason = std::sync::Arc::<str>::from(match (&a.keys, &a.tables) {
                 (Keys::Some(k), _) => self.describe(k),
                 (Keys::None, Tables::Sharded(t)) => format!("no {} condition on {t}", self.key),
                 (Keys::None, Tables::Global) => "global tables only".into(),
                 (Keys::None, Tables::None) => "no sharded table".into(),
-            };
+            });
         }
     }
 
@@ -492,23 +493,23 @@ impl Ctx<'_> {
         }
         if self.global.contains(&table) {
             a.tables = Tables::Global;
-            a.reason = format!("{table} is a global table: every shard");
+            a.reason = (format!("{table} is a global table: every shard")).into();
             return;
         }
         a.tables = Tables::Sharded(table.clone());
         let pos =
             ins.columns.iter().position(|c| c.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key));
         let Some(source) = &ins.source else {
-            a.reason = format!("INSERT into {table} with no rows");
+            a.reason = (format!("INSERT into {table} with no rows")).into();
             return;
         };
         if let SetExpr::Values(values) = source.body.as_ref() {
             let Some(pos) = pos else {
-                a.reason = if ins.columns.is_empty() {
+                a.reason = std::sync::Arc::<str>::from(if ins.columns.is_empty() {
                     format!("INSERT into {table} names no columns, so the position of {} is unknown", self.key)
                 } else {
                     format!("INSERT into {table} has no {} column", self.key)
-                };
+                });
                 return;
             };
             let mut keys = Vec::with_capacity(values.rows.len());
@@ -531,7 +532,7 @@ impl Ctx<'_> {
                     }
                 }
             }
-            a.reason = self.describe(&keys);
+            a.reason = (self.describe(&keys)).into();
             a.keys = Keys::Some(keys);
             let mut o = Outcome::default();
             // Subqueries inside VALUES (rare) still count.
@@ -548,10 +549,10 @@ impl Ctx<'_> {
         // INSERT ... SELECT: routed by the SELECT's key.
         let o = self.query(source, false, &mut Vec::new());
         a.keys = o.keys();
-        a.reason = match &a.keys {
+        a.reason = std::sync::Arc::<str>::from(match &a.keys {
             Keys::Some(k) => format!("INSERT ... SELECT with {}", self.describe(k)),
             Keys::None => format!("INSERT into {table} ... SELECT with no {} condition", self.key),
-        };
+        });
     }
 
     fn copy(
@@ -575,11 +576,11 @@ impl Ctx<'_> {
                 a.tables = if global { Tables::Global } else { Tables::Sharded(table.clone()) };
                 if to {
                     a.kind = Kind::Read;
-                    a.reason = if global {
+                    a.reason = std::sync::Arc::<str>::from(if global {
                         format!("COPY {table} TO: one shard")
                     } else {
                         format!("COPY {table} TO: every shard")
-                    };
+                    });
                     return;
                 }
                 if !matches!(target, CopyTarget::Stdin) {
@@ -591,7 +592,7 @@ impl Ctx<'_> {
                 }
                 if global {
                     a.kind = Kind::Write;
-                    a.reason = format!("{table} is a global table: every shard");
+                    a.reason = (format!("{table} is a global table: every shard")).into();
                     return;
                 }
                 a.kind = Kind::CopyIn;
@@ -630,15 +631,15 @@ impl Ctx<'_> {
                     }
                 }
                 copy.delimiter = delimiter.unwrap_or(if copy.format == CopyFormat::Csv { b',' } else { b'\t' });
-                a.reason = match (copy.key_column, copy.columns_given) {
+                a.reason = std::sync::Arc::<str>::from(match (copy.key_column, copy.columns_given) {
                     (Some(i), _) => format!("COPY {table}: rows split by {} (column {})", self.key, i + 1),
                     (None, false) => {
                         format!("COPY {table}: name the columns so that the position of {} is known", self.key)
                     }
                     (None, true) => format!("COPY {table}: the columns do not include {}", self.key),
-                };
+                });
                 if copy.key_column.is_none() && copy.columns_given {
-                    a.refusal = Some(a.reason.clone());
+                    a.refusal = Some(a.reason.to_string());
                 }
                 if copy.format == CopyFormat::Binary {
                     a.refusal = Some(format!("COPY {table} in binary format cannot be split by key; use text or csv"));
