@@ -41,6 +41,29 @@ pub enum WireError {
     Truncated,
 }
 
+/// Takes one whole message off the front of `buf`, if it holds one; reserves room for the rest of a partial
+/// one. The frame is a view of the buffer's memory (no copy).
+pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Msg>, WireError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as i64;
+    if len < 4 {
+        return Err(WireError::BadLength { tag: tag as char, len });
+    }
+    let total = 1 + len as usize;
+    if total > MAX_MESSAGE {
+        return Err(WireError::TooLarge { tag: tag as char, len: total });
+    }
+    if buf.len() >= total {
+        let frame = buf.split_to(total).freeze();
+        return Ok(Some(Msg { tag, frame }));
+    }
+    buf.reserve(total - buf.len());
+    Ok(None)
+}
+
 /// A stream with a read buffer and a write buffer.
 pub struct Framed<S> {
     pub sock: S,
@@ -61,21 +84,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// The next message, or `None` at a clean end of stream.
     pub async fn read(&mut self) -> Result<Option<Msg>, WireError> {
         loop {
-            if self.rbuf.len() >= 5 {
-                let tag = self.rbuf[0];
-                let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as i64;
-                if len < 4 {
-                    return Err(WireError::BadLength { tag: tag as char, len });
-                }
-                let total = 1 + len as usize;
-                if total > MAX_MESSAGE {
-                    return Err(WireError::TooLarge { tag: tag as char, len: total });
-                }
-                if self.rbuf.len() >= total {
-                    let frame = self.rbuf.split_to(total).freeze();
-                    return Ok(Some(Msg { tag, frame }));
-                }
-                self.rbuf.reserve(total - self.rbuf.len());
+            if let Some(m) = split_frame(&mut self.rbuf)? {
+                return Ok(Some(m));
             }
             if self.sock.read_buf(&mut self.rbuf).await? == 0 {
                 return if self.rbuf.is_empty() { Ok(None) } else { Err(WireError::Truncated) };

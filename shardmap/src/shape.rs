@@ -212,19 +212,24 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
             }
             _ => {}
         }
-        // Any other byte is copied; multi-byte UTF-8 sequences are copied whole.
-        let len = match c {
-            0x00..=0x7f => 1,
-            0xc0..=0xdf => 2,
-            0xe0..=0xef => 3,
-            _ => 4,
-        };
-        let end = (i + len).min(b.len());
-        out.push_str(sql.get(i..end)?);
-        if !c.is_ascii_whitespace() {
-            last = c;
+        // A run of bytes that start nothing special is copied at once. It ends on an ASCII byte, so never
+        // inside a UTF-8 sequence.
+        let mut j = i + 1;
+        while j < b.len() {
+            let x = b[j];
+            let special =
+                matches!(x, b'-' | b'/' | b'"' | b'\'' | b'$' | b'.') || (x.is_ascii_digit() && !is_ident(b[j - 1]));
+            if special {
+                break;
+            }
+            j += 1;
         }
-        i = end;
+        let run = sql.get(i..j)?;
+        out.push_str(run);
+        if let Some(&x) = run.as_bytes().iter().rev().find(|x| !x.is_ascii_whitespace()) {
+            last = x;
+        }
+        i = j;
     }
     Some((out, lits))
 }
