@@ -43,6 +43,7 @@ const KEYS: &[&str] = &[
     "router-tls-key",
     "router-http",
     "router-admin-users",
+    "router-threads",
     "pool-mode",
     "pool-size",
     "pool-timeout-ms",
@@ -165,6 +166,9 @@ pub struct RouterSettings {
     pub tls_key: Option<PathBuf>,
     pub http: Option<String>,
     pub admin_users: Vec<String>,
+    /// Worker threads serving clients: 0 (the default) is one per core; 1 is a single event loop, as
+    /// PgBouncer has.
+    pub threads: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -323,6 +327,7 @@ impl<'f> Builder<'f> {
                 tls_key: None,
                 http: None,
                 admin_users: Vec::new(),
+                threads: 0,
             },
             pool: PoolSettings { mode: PoolMode::Transaction, size: 20, timeout_ms: 5000, idle_timeout_s: 600 },
             health: HealthSettings {
@@ -445,6 +450,13 @@ impl<'f> Builder<'f> {
             "router-tls-key" => c.router.tls_key = Some(PathBuf::from(text(self)?)),
             "router-http" => c.router.http = Some(text(self)?),
             "router-admin-users" => c.router.admin_users = list(v),
+            "router-threads" => {
+                let n = number(self, 0)?;
+                if n > 1024 {
+                    return Err(self.err(row, format!("expected at most 1024 threads, got {n}")));
+                }
+                c.router.threads = n as u32;
+            }
             "pool-mode" => {
                 c.pool.mode =
                     de_enum(v).map_err(|_| self.err(row, format!("expected transaction or session, got {v:?}")))?

@@ -158,3 +158,11 @@ fn reading_from_a_file_names_it() {
     let e = Config::load(&dir.path().join("missing.csv")).unwrap_err().to_string();
     assert!(e.contains("missing.csv"), "{e}");
 }
+
+#[test]
+fn router_threads() {
+    assert_eq!(parse("shard-strategy,hash\nshard-count,1\n").unwrap().router.threads, 0);
+    assert_eq!(parse("shard-strategy,hash\nshard-count,1\nrouter-threads,1\n").unwrap().router.threads, 1);
+    assert!(err("shard-strategy,hash\nshard-count,1\nrouter-threads,many\n")
+        .starts_with("config.csv:3: router-threads: expected a whole number"));
+}
