@@ -122,3 +122,39 @@ fn demo_starts_serves_and_cleans_up() {
     assert!(status.success());
     assert!(!config.exists(), "the demo's directory is removed");
 }
+
+/// `shard-router serve` on a single event loop (`router-threads,1`) serves psql.
+#[test]
+fn serve_on_one_thread() {
+    let pg = router::localpg::PgServer::start().expect("a local PostgreSQL");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.csv");
+    std::fs::write(
+        &config,
+        format!(
+            "shard-strategy,hash\nshard-count,1\nrouter-auth,trust\nrouter-threads,1\nshard-node-0,{}\n",
+            pg.url("postgres")
+        ),
+    )
+    .unwrap();
+    let port = router::localpg::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shard-router"))
+        .args(["serve", "--config", config.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let mut out = String::new();
+    for _ in 0..50 {
+        let o = Command::new("psql").args([&conn, "-X", "-A", "-t", "-c", "SELECT 6 * 7"]).output().unwrap();
+        out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if out == "42" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(out, "42");
+}
