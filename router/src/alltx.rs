@@ -85,12 +85,9 @@ pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
             one(c, i, frame).await
         }
         Target::Any => one(c, 0, frame).await,
-        Target::Set(_) | Target::All if d.analysis.statements.iter().all(|s| s.kind == shardmap::sql::Kind::Read) => {
-            let mut conns = std::mem::take(&mut c.bound_all);
-            let r = crate::fanout::merge_on(c, &mut conns, d, frame).await;
-            c.bound_all = conns;
-            finish(c);
-            r
+        Target::Set(_) | Target::All => {
+            let read = d.analysis.statements.iter().all(|s| s.kind == shardmap::sql::Kind::Read);
+            on_all(c, frame, read).await
         }
         _ => everywhere(c, frame).await,
     }
@@ -115,38 +112,18 @@ async fn one<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, i: usize, fra
 /// The same simple Query on every connection of the transaction: the first shard's answer is relayed, the
 /// first error of any shard is reported.
 pub async fn everywhere<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, frame: Bytes) -> Result<(), Reported> {
+    on_all(c, frame, false).await
+}
+
+/// A simple Query on every connection of the transaction, merged (`fanout::merge_on`); the client's status
+/// comes from the connections' (all idle: the transaction ended).
+async fn on_all<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    frame: Bytes,
+    read: bool,
+) -> Result<(), Reported> {
     let mut conns = std::mem::take(&mut c.bound_all);
-    let r = async {
-        for p in conns.iter_mut() {
-            p.conn().io.push(&frame);
-            p.conn().flush().await?;
-        }
-        let mut first_ok = true;
-        let mut other_error = None;
-        for (i, p) in conns.iter_mut().enumerate() {
-            loop {
-                let m = p.conn().read().await?;
-                match m.tag {
-                    b'Z' => {
-                        p.conn().status = m.body().first().copied().unwrap_or(proto::READY_IDLE);
-                        break;
-                    }
-                    b'E' if i == 0 => {
-                        first_ok = false;
-                        c.io.push(&m.frame);
-                    }
-                    b'E' if other_error.is_none() => other_error = Some(m.frame),
-                    _ if i == 0 => c.io.push(&m.frame),
-                    _ => {}
-                }
-            }
-        }
-        if let (true, Some(e)) = (first_ok, other_error) {
-            c.io.push(&e);
-        }
-        Ok::<(), Reported>(())
-    }
-    .await;
+    let r = crate::fanout::merge_on(c, &mut conns, read, frame).await;
     c.bound_all = conns;
     r?;
     let status = finish(c);

@@ -36,26 +36,31 @@ pub async fn simple<S: AsyncRead + AsyncWrite + Unpin>(
     frame: Bytes,
 ) -> Result<(), Reported> {
     let mut conns = checkout_all(c, shards, d).await?;
-    let r = merge_on(c, &mut conns, d, frame).await;
+    let read = d.analysis.statements.iter().all(|s| s.kind == Kind::Read);
+    let r = merge_on(c, &mut conns, read, frame).await;
     for p in conns {
         c.give_back(p);
     }
-    r
+    r?;
+    let status = c.status();
+    proto::ready(&mut c.io.wbuf, status);
+    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
 }
 
-/// Sends a simple Query on each connection and merges the answers (see the module doc); ends with
-/// ReadyForQuery carrying the client's status. The connections stay with the caller.
+/// Sends a simple Query on each connection and merges the answers (see the module doc): for a read, rows
+/// concatenated under one RowDescription and one CommandComplete; otherwise the first connection's answer.
+/// The first error of any connection is reported. ReadyForQuery is the caller's to send (the status is the
+/// client's, which the caller knows once the connections' statuses are in); the connections stay with it.
 pub async fn merge_on<S: AsyncRead + AsyncWrite + Unpin>(
     c: &mut Client<S>,
     conns: &mut [Pooled],
-    d: &Decision,
+    read: bool,
     frame: Bytes,
 ) -> Result<(), Reported> {
     for p in conns.iter_mut() {
         p.conn().io.push(&frame);
         p.conn().flush().await?;
     }
-    let read = d.analysis.statements.iter().all(|s| s.kind == Kind::Read);
     let mut error: Option<Msg> = None;
     let mut rows = 0u64;
     let mut verb = String::from("SELECT");
@@ -113,7 +118,5 @@ pub async fn merge_on<S: AsyncRead + AsyncWrite + Unpin>(
         None if read => proto::command_complete(&mut c.io.wbuf, &format!("{verb} {rows}")),
         None => {}
     }
-    let status = c.status();
-    proto::ready(&mut c.io.wbuf, status);
-    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
+    Ok(())
 }

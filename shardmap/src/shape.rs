@@ -19,6 +19,20 @@ pub struct Literal {
     pub text: String,
 }
 
+/// The index of the quote that closes the one at `open` (a doubled quote inside is part of the text).
+fn closing_quote(b: &[u8], open: usize) -> Option<usize> {
+    let q = b[open];
+    let mut j = open + 1;
+    loop {
+        match b.get(j) {
+            None => return None,
+            Some(&x) if x == q && b.get(j + 1) == Some(&q) => j += 2,
+            Some(&x) if x == q => return Some(j),
+            _ => j += 1,
+        }
+    }
+}
+
 fn is_ident(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
@@ -106,15 +120,7 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                 continue;
             }
             b'"' => {
-                let mut j = i + 1;
-                loop {
-                    match b.get(j) {
-                        None => return None,
-                        Some(b'"') if b.get(j + 1) == Some(&b'"') => j += 2,
-                        Some(b'"') => break,
-                        _ => j += 1,
-                    }
-                }
+                let j = closing_quote(b, i)?;
                 out.push_str(&sql[i..=j]);
                 last = b'"';
                 i = j + 1;
@@ -127,36 +133,14 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                 if typed_literal_before(&out) {
                     // `uuid '..'`, `DATE '..'`, `INTERVAL '..'`: the string is part of a typed literal, which
                     // only a literal can follow; keep it in the shape.
-                    let mut j = i + 1;
-                    loop {
-                        match b.get(j) {
-                            None => return None,
-                            Some(b'\'') if b.get(j + 1) == Some(&b'\'') => j += 2,
-                            Some(b'\'') => break,
-                            _ => j += 1,
-                        }
-                    }
+                    let j = closing_quote(b, i)?;
                     out.push_str(&sql[i..=j]);
                     last = b'\'';
                     i = j + 1;
                     continue;
                 }
-                let mut text = String::new();
-                let mut j = i + 1;
-                let mut start = j;
-                loop {
-                    match b.get(j) {
-                        None => return None,
-                        Some(b'\'') if b.get(j + 1) == Some(&b'\'') => {
-                            text.push_str(&sql[start..=j]);
-                            j += 2;
-                            start = j;
-                        }
-                        Some(b'\'') => break,
-                        _ => j += 1,
-                    }
-                }
-                text.push_str(&sql[start..j]);
+                let j = closing_quote(b, i)?;
+                let text = sql[i + 1..j].replace("''", "'");
                 push_lit(&mut out, &mut lits, false, text);
                 last = b'\'';
                 i = j + 1;
