@@ -63,15 +63,19 @@ pub struct Pooled {
 
 impl Pool {
     pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
-        let permit = match tokio::time::timeout(self.settings.timeout, self.permits.clone().acquire_owned()).await {
-            Ok(p) => p.expect("pool semaphore is never closed"),
-            Err(_) => {
-                return Err(PoolError::Timeout {
-                    shard: self.name.clone(),
-                    ms: self.settings.timeout.as_millis() as u64,
-                    size: self.settings.size,
-                })
-            }
+        // A free permit is taken without setting up a timer; only a wait is bounded by pool-timeout-ms.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match tokio::time::timeout(self.settings.timeout, self.permits.clone().acquire_owned()).await {
+                Ok(p) => p.expect("pool semaphore is never closed"),
+                Err(_) => {
+                    return Err(PoolError::Timeout {
+                        shard: self.name.clone(),
+                        ms: self.settings.timeout.as_millis() as u64,
+                        size: self.settings.size,
+                    })
+                }
+            },
         };
         // The most recently used idle connection (the reaper closes old ones; one that aged since is skipped).
         let idle = loop {
