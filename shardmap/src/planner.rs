@@ -199,6 +199,10 @@ impl Planner {
             let next = self.decide_one(a, st, params, session)?;
             d = self.combine(d, next)?;
         }
+        if d.target == Target::All && self.map.nodes.len() == 1 {
+            // With one shard, "every shard" is that shard (a transaction on it may go on).
+            d.target = Target::One(ShardId(0));
+        }
         Ok(d)
     }
 
