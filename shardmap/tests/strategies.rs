@@ -280,7 +280,8 @@ proptest! {
 #[test]
 fn one_shard_every_shard_is_that_shard() {
     let p = Planner::new(map("shard-strategy,hash\nshard-count,1\nshard-global-tables,tellers\n"));
-    for sql in ["UPDATE tellers SET n = n + 1 WHERE tid = 3", "CREATE TABLE t (user_id bigint)", "SELECT * FROM users"] {
+    for sql in ["UPDATE tellers SET n = n + 1 WHERE tid = 3", "CREATE TABLE t (user_id bigint)", "SELECT * FROM users"]
+    {
         assert_eq!(p.decide(sql, &NoParams, &Session::default()).unwrap().target, Target::One(ShardId(0)), "{sql}");
     }
 }
