@@ -5,7 +5,6 @@
 //! Transaction pooling: outside a transaction a statement borrows a connection for the length of one
 //! exchange (up to ReadyForQuery) and gives it back when the server reports idle.
 
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -20,7 +19,7 @@ use crate::pool::{PoolError, PoolKey, Pooled};
 use crate::proto;
 use crate::server::Shared;
 use crate::settings::Settings;
-use crate::wire::{Framed, Msg, WireError};
+use crate::wire::{Framed, Msg, RelayError, WireError};
 
 /// A client statement prepared with Parse.
 pub struct ClientStmt {
@@ -105,7 +104,7 @@ pub struct Client<S> {
     pub bound_all: Vec<Pooled>,
     /// An error the router raised inside a transaction: the client must roll back.
     pub failed: bool,
-    pub statements: HashMap<String, ClientStmt>,
+    pub statements: foldhash::HashMap<String, ClientStmt>,
     pub batch: Vec<Msg>,
     /// Where a CancelRequest for this client finds its server connections.
     pub cancel: Arc<crate::cancel::Slot>,
@@ -166,7 +165,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     async fn serve(&mut self) -> Result<(), Fatal> {
         loop {
             let msg = if self.listening {
-                match self.read_or_notify().await? {
+                match Box::pin(self.read_or_notify()).await? {
                     Some(Some(m)) => m,
                     Some(None) => return Ok(()),
                     None => continue,
@@ -259,12 +258,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let (analysis, literals) = self.shared.planner.analyze_simple(text);
         if let [st] = analysis.statements.as_slice() {
             if let (Kind::CopyIn, Some(copy)) = (st.kind, &st.copy) {
-                return self.copy_in(&msg, &analysis, copy).await;
+                return Box::pin(self.copy_in(&msg, &analysis, copy)).await;
             }
         }
         match self.route_simple(&msg, &analysis, &literals).await {
             Ok(()) => Ok(()),
-            Err(e) => self.report(e).await,
+            Err(mut e) => {
+                // Decisions' reasons keep the shape's placeholders (see `decide_shaped`): shown, they get
+                // the statement's values back.
+                if !literals.is_empty() {
+                    e.message = shardmap::shape::render(&e.message, &literals);
+                }
+                Box::pin(self.report(e)).await
+            }
         }
     }
 
@@ -302,36 +308,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let kind = analysis.statements.first().map(|s| s.kind);
         let single = analysis.statements.len() == 1;
         // The router's own settings: SET gb.shard_key / gb.tenant, answered here.
+        // (Paths other than a statement for one shard are boxed: their futures are large, and inline they
+        // would be copied with every statement's.)
         if single {
             if let Some(change) = analysis.statements[0].session.clone() {
-                return self.gb_setting(&change).await;
+                return Box::pin(self.gb_setting(&change)).await;
             }
         }
         if self.failed {
             if kind == Some(Kind::Transaction) && is_rollback(msg) {
-                return self.end_transaction(msg.frame.clone(), "ROLLBACK").await;
+                return Box::pin(self.end_transaction(msg.frame.clone(), "ROLLBACK")).await;
             }
             return Err(reported(
                 "25P02",
                 "current transaction is aborted, commands ignored until end of transaction block",
             ));
         }
-        let decision = self.shared.planner.decide_with_literals(analysis, literals, &self.session)?;
+        let decision = self.shared.planner.decide_shaped(analysis, literals, &self.session)?;
         if single && kind == Some(Kind::Transaction) {
-            return self.transaction_control(msg).await;
+            return Box::pin(self.transaction_control(msg)).await;
         }
         if single && kind == Some(Kind::Session) && decision.target == Target::Session {
-            return self.session_statement(msg).await;
+            return Box::pin(self.session_statement(msg)).await;
         }
         let frame = msg.frame.clone();
         if matches!(self.txn, Txn::BoundAll) {
-            return crate::alltx::simple(self, &decision, frame).await;
+            return Box::pin(crate::alltx::simple(self, &decision, frame)).await;
         }
         match decision.target.clone() {
             Target::One(s) => self.on_shard(s, &decision, frame).await,
             Target::Any | Target::Session => match self.txn {
                 Txn::Bound => self.relay_bound(frame).await,
-                _ => self.on_any_shard(&decision, frame).await,
+                _ => Box::pin(self.on_any_shard(&decision, frame)).await,
             },
             Target::All | Target::Set(_) => {
                 // A read while BEGIN is still held runs outside the (so far empty) transaction.
@@ -339,8 +347,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     matches!(self.txn, Txn::Held(_)) && analysis.statements.iter().all(|s| s.kind == Kind::Read);
                 if matches!(self.txn, Txn::Held(_)) && !held_read && decision.target == Target::All {
                     // The transaction's first statement is for every shard (a migration): bind them all.
-                    crate::alltx::bind_all(self, &decision).await?;
-                    return crate::alltx::simple(self, &decision, frame).await;
+                    Box::pin(crate::alltx::bind_all(self, &decision)).await?;
+                    return Box::pin(crate::alltx::simple(self, &decision, frame)).await;
                 }
                 if !matches!(self.txn, Txn::Idle) && !held_read {
                     return Err(reported(
@@ -356,7 +364,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     return Err(reported("0A000", "a multi-statement query that goes to several shards is not supported; send its statements one by one"));
                 }
                 let shards = decision.shards(&self.shared.map);
-                crate::fanout::simple(self, &shards, &decision, frame).await
+                Box::pin(crate::fanout::simple(self, &shards, &decision, frame)).await
             }
         }
     }
@@ -546,7 +554,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             Err(e) if e.sqlstate() == "3D000" && self.shared.config.auto_create && database.is_some() => {
                 // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
                 let db = database.expect("checked");
-                crate::tenant::create(&self.shared, shard, db).await?;
+                Box::pin(crate::tenant::create(&self.shared, shard, db)).await?;
                 pool.get().await?
             }
             Err(e) => {
@@ -562,7 +570,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if conn.settings != want {
             let sql = self.settings.replay_sql(conn.settings != 0);
             if !sql.is_empty() {
-                conn.run_quiet(&sql).await?;
+                Box::pin(conn.run_quiet(&sql)).await?;
             }
             conn.settings = want;
         }
@@ -637,7 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         match std::mem::take(&mut self.txn) {
             Txn::BoundAll => {
                 self.txn = Txn::BoundAll;
-                crate::alltx::simple(self, d, frame).await
+                Box::pin(crate::alltx::simple(self, d, frame)).await
             }
             Txn::Bound => {
                 self.txn = Txn::Bound;
@@ -645,7 +653,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 self.relay_bound(frame).await
             }
             Txn::Held(held) => {
-                self.open_held(shard, d, held).await?;
+                Box::pin(self.open_held(shard, d, held)).await?;
                 self.relay_bound(frame).await
             }
             Txn::Idle => self.exchange_once(shard, d, frame).await,
@@ -699,8 +707,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// One exchange on a connection checked out for it (kept if it opened a transaction).
     async fn exchange_once(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
         let mut p = self.checkout(shard, d.database.as_deref()).await?;
-        p.conn().io.push(&frame);
-        p.conn().flush().await?;
+        p.conn().send(&frame).await?;
         let status = self.relay_until_ready(&mut p).await?;
         self.after_exchange(p, status);
         Ok(())
@@ -717,8 +724,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Sends a frame on the bound connection and relays the answer.
     async fn relay_bound(&mut self, frame: Bytes) -> Result<(), Reported> {
         let mut p = self.bound.take().ok_or_else(|| reported("XX000", "no bound connection"))?;
-        p.conn().io.push(&frame);
-        if let Err(e) = p.conn().flush().await {
+        if let Err(e) = p.conn().send(&frame).await {
             self.txn = Txn::Idle;
             return Err(e.into());
         }
@@ -743,20 +749,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Like `relay_until_ready`, sending the client ReadyForQuery with `status` instead of the server's.
     async fn relay_until_ready_as(&mut self, p: &mut Pooled, status_for_client: Option<u8>) -> Result<u8, Reported> {
-        loop {
-            let m = p.conn().read().await?;
-            if m.tag == b'Z' {
-                let status = m.body().first().copied().unwrap_or(proto::READY_IDLE);
-                p.conn().status = status;
-                match status_for_client {
-                    Some(s) => proto::ready(&mut self.io.wbuf, s),
-                    None => self.io.push(&m.frame),
-                }
-                self.io.flush().await.map_err(|e| reported("08006", e.to_string()))?;
-                return Ok(status);
+        let conn = p.conn();
+        match conn.io.relay_to_ready(&mut self.io, status_for_client).await {
+            Ok(status) => {
+                conn.status = status;
+                Ok(status)
             }
-            self.io.push(&m.frame);
-            self.io.flush_if_full().await.map_err(|e| reported("08006", e.to_string()))?;
+            Err(RelayError::Src(e)) => Err(BackendError::Wire(e, conn.addr.clone()).into()),
+            Err(RelayError::Dst(e)) => Err(reported("08006", e.to_string())),
         }
     }
 

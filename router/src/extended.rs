@@ -7,7 +7,9 @@
 //! already has (and answering ParseComplete itself) or adding one before a Bind that needs it (and
 //! swallowing its ParseComplete). Closing a client statement does not close the server's copy.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashSet;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -429,7 +431,7 @@ fn rewrite_into<S>(
     out: &mut BytesMut,
 ) -> Result<VecDeque<Exp>, Reported> {
     let mut exps = VecDeque::with_capacity(batch.len() + 2);
-    let mut parsed_here: HashSet<String> = HashSet::new();
+    let mut parsed_here: HashSet<String> = HashSet::default();
     let mut unnamed_parsed = false;
     let stmt = |name: &str| {
         c.statements.get(name).ok_or_else(|| reported("26000", format!("prepared statement \"{name}\" does not exist")))

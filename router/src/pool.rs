@@ -45,7 +45,9 @@ pub struct Settings {
 pub struct Pool {
     key: PoolKey,
     name: String,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed: a connection moves (pool → client → pool) with every transaction, a pointer is cheaper to move.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
     settings: Arc<Settings>,
     /// ParameterStatus of the first connection made, for clients' startup.
@@ -54,7 +56,7 @@ pub struct Pool {
 
 /// A checked-out connection. Give it back with [`Pooled::release`]; dropping it closes the connection.
 pub struct Pooled {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
     /// The client's cancel slot this connection is registered in while checked out.
@@ -66,7 +68,9 @@ impl Pool {
         // A free permit is taken without setting up a timer; only a wait is bounded by pool-timeout-ms.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
-            Err(_) => match tokio::time::timeout(self.settings.timeout, self.permits.clone().acquire_owned()).await {
+            Err(_) => match Box::pin(tokio::time::timeout(self.settings.timeout, self.permits.clone().acquire_owned()))
+                .await
+            {
                 Ok(p) => p.expect("pool semaphore is never closed"),
                 Err(_) => {
                     return Err(PoolError::Timeout {
@@ -88,12 +92,13 @@ impl Pool {
         let conn = match idle {
             Some(c) => c,
             None => {
-                let c = ServerConn::connect(&self.key.target, self.settings.timeout).await?;
+                // Boxed: a connect is rare and its future is large; inline it would be copied on every checkout.
+                let c = Box::pin(ServerConn::connect(&self.key.target, self.settings.timeout)).await?;
                 let mut params = self.params.lock().expect("pool lock");
                 if params.is_none() {
                     *params = Some(c.params.clone());
                 }
-                c
+                Box::new(c)
             }
         };
         Ok(Pooled { conn: Some(conn), pool: self.clone(), _permit: permit, cancel: None })

@@ -67,7 +67,7 @@ pub fn query(buf: &mut BytesMut, sql: &str) {
 
 /// Reads a NUL-terminated string at the start of `b`: the string and the rest.
 pub fn read_cstr(b: &[u8]) -> Option<(&str, &[u8])> {
-    let end = b.iter().position(|&c| c == 0)?;
+    let end = memchr::memchr(0, b)?;
     Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
 }
 

@@ -41,6 +41,15 @@ pub enum WireError {
     Truncated,
 }
 
+/// What failed while relaying from one stream to another.
+#[derive(Debug)]
+pub enum RelayError {
+    /// Reading from the source (a server).
+    Src(WireError),
+    /// Writing to the destination (a client).
+    Dst(io::Error),
+}
+
 /// Takes one whole message off the front of `buf`, if it holds one; reserves room for the rest of a partial
 /// one. The frame is a view of the buffer's memory (no copy).
 pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Msg>, WireError> {
@@ -134,6 +143,78 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Sends one frame now: written straight from `frame` when nothing else is queued (no copy).
+    pub async fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        if self.wbuf.is_empty() {
+            self.sock.write_all(frame).await
+        } else {
+            self.push(frame);
+            self.flush().await
+        }
+    }
+
+    /// Relays this stream's messages to `dst` up to and including the next ReadyForQuery, whose status byte
+    /// is returned (and, with `status`, replaced). The messages are not split apart: whole runs of frames
+    /// are written from this read buffer to `dst` (short ones gathered in `dst`'s write buffer), so a
+    /// response costs one read and one write, whatever the number of rows.
+    pub async fn relay_to_ready<D>(&mut self, dst: &mut Framed<D>, status: Option<u8>) -> Result<u8, RelayError>
+    where
+        D: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            let mut pos = 0;
+            let mut ready = None;
+            while self.rbuf.len() - pos >= 5 {
+                let b = &self.rbuf[pos..];
+                let tag = b[0];
+                let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as i64;
+                if len < 4 {
+                    return Err(RelayError::Src(WireError::BadLength { tag: tag as char, len }));
+                }
+                let total = 1 + len as usize;
+                if total > MAX_MESSAGE {
+                    return Err(RelayError::Src(WireError::TooLarge { tag: tag as char, len: total }));
+                }
+                if b.len() < total {
+                    break;
+                }
+                if tag == b'Z' && total == 6 {
+                    ready = Some(b[5]);
+                    if let Some(s) = status {
+                        self.rbuf[pos + 5] = s;
+                    }
+                    pos += total;
+                    break;
+                }
+                pos += total;
+            }
+            if pos > 0 {
+                let run = &self.rbuf[..pos];
+                if ready.is_some() || run.len() >= FLUSH_AT / 4 {
+                    dst.send(run).await.map_err(RelayError::Dst)?;
+                } else {
+                    dst.push(run);
+                    dst.flush_if_full().await.map_err(RelayError::Dst)?;
+                }
+                self.rbuf.advance(pos);
+            }
+            if let Some(s) = ready {
+                return Ok(s);
+            }
+            if self.rbuf.len() >= 5 {
+                let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize;
+                self.rbuf.reserve((1 + len).saturating_sub(self.rbuf.len()));
+            } else if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+                self.rbuf.reserve(16 << 10);
+            }
+            match self.sock.read_buf(&mut self.rbuf).await {
+                Ok(0) => return Err(RelayError::Src(WireError::Truncated)),
+                Ok(_) => {}
+                Err(e) => return Err(RelayError::Src(e.into())),
+            }
+        }
     }
 
     /// Takes the stream back with what was read but not consumed (for TLS upgrades).

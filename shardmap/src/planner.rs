@@ -160,19 +160,31 @@ impl Planner {
         lits: &[Literal],
         session: &Session,
     ) -> Result<Decision, RouteError> {
+        let mut d = self.decide_shaped(a, lits, session)?;
+        if !lits.is_empty() && d.reason.contains('$') {
+            d.reason = crate::shape::render(&d.reason, lits).into();
+        }
+        Ok(d)
+    }
+
+    /// Like [`Planner::decide_with_literals`], but the decision's reason keeps the shape's placeholders
+    /// (`aid = $100001`): rendering it costs two allocations, which the router's hot path skips and pays only
+    /// when it shows the reason ([`crate::shape::render`]). Errors are rendered.
+    pub fn decide_shaped(
+        &self,
+        a: &Arc<Analysis>,
+        lits: &[Literal],
+        session: &Session,
+    ) -> Result<Decision, RouteError> {
         if lits.is_empty() {
             return self.decide_analyzed(a, &NoParams, session);
         }
-        let mut d = self.decide_analyzed(a, &LiteralParams(lits), session).map_err(|e| match e {
+        self.decide_analyzed(a, &LiteralParams(lits), session).map_err(|e| match e {
             RouteError::SpansShards { what, shards } => {
                 RouteError::SpansShards { what: crate::shape::render(&what, lits), shards }
             }
             e => e,
-        })?;
-        if d.reason.contains('$') {
-            d.reason = crate::shape::render(&d.reason, lits).into();
-        }
-        Ok(d)
+        })
     }
 
     /// Routes a statement text.

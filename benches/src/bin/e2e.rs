@@ -21,6 +21,7 @@ struct Args {
     workloads: Vec<String>,
     idle: usize,
     scale: u32,
+    shard_pool: Option<u32>,
     out: PathBuf,
 }
 
@@ -32,6 +33,7 @@ fn args() -> Result<Args> {
         workloads: vec!["simple".into(), "extended".into(), "prepared".into(), "tpcb".into()],
         idle: 10_000,
         scale: 10,
+        shard_pool: None,
         out: PathBuf::from(format!("benches/results/{}", today())),
     };
     let mut it = std::env::args().skip(1);
@@ -44,6 +46,7 @@ fn args() -> Result<Args> {
             "--workloads" => a.workloads = v()?.split(',').map(str::to_string).collect(),
             "--idle" => a.idle = v()?.parse()?,
             "--scale" => a.scale = v()?.parse()?,
+            "--shard-pool" => a.shard_pool = Some(v()?.parse()?),
             "--out" => a.out = PathBuf::from(v()?),
             "--quick" => {
                 a.seconds = 5;
@@ -56,7 +59,9 @@ fn args() -> Result<Args> {
                 println!(
                     "e2e: pgbench against direct, PgBouncer and shard-router, in alternation.\n\
                      --seconds N (30) --rounds N (3) --clients 16,64 --workloads simple,extended,prepared,tpcb\n\
-                     --idle N (10000 idle clients for the RSS run; 0 skips it) --scale N (10) --out DIR --quick"
+                     --idle N (10000 idle clients for the RSS run; 0 skips it) --scale N (10) --out DIR --quick\n\
+                     --shard-pool N (pool-size per shard of the 4-shard router; default 5, so that its 4 pools\n\
+                     hold as many server connections as PgBouncer's one pool of 20)"
                 );
                 std::process::exit(0);
             }
@@ -112,10 +117,15 @@ fn rss_now(pid: u32) -> u64 {
 }
 
 /// A background process stopped on drop.
-struct Proc(Child);
+/// A child process, killed when dropped; with a pidfile, the process it names too (PgBouncer started through
+/// runuser is runuser's child, which killing runuser would leave behind).
+struct Proc(Child, Option<PathBuf>);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Some(pid) = self.1.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -162,7 +172,7 @@ fn start_pgbouncer(dir: &Path, server: &PgServer, pool: u32) -> Result<(Proc, u1
     } else {
         Command::new("pgbouncer").arg(&ini).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?
     };
-    let p = Proc(child);
+    let p = Proc(child, Some(dir.join("pgbouncer.pid")));
     wait_port(port)?;
     Ok((p, port))
 }
@@ -182,7 +192,7 @@ fn start_router(dir: &Path, config: &str) -> Result<(Proc, u16)> {
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("{} (build it: cargo build --release -p router)", exe.display()))?;
-    let p = Proc(child);
+    let p = Proc(child, None);
     wait_port(port)?;
     Ok((p, port))
 }
@@ -190,7 +200,7 @@ fn start_router(dir: &Path, config: &str) -> Result<(Proc, u16)> {
 /// One target: a name, a connection string, and the process whose CPU it costs (none for direct).
 struct Target {
     name: &'static str,
-    conn: String,
+    conns: Vec<String>,
     pid: Option<u32>,
 }
 
@@ -213,27 +223,58 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn pgbench(
-    target: &Target,
-    workload: &str,
-    clients: u32,
-    seconds: u64,
-    log_dir: &Path,
-) -> Result<(String, f64, f64, f64, u64, u64)> {
-    let mut cmd = Command::new("pgbench");
-    cmd.args(["-n", "-T", &seconds.to_string(), "-c", &clients.to_string(), "-j", "2", "-r"]);
-    match workload {
-        "tpcb" => {
-            cmd.args(["-M", "extended"]);
-        }
-        mode => {
-            cmd.args(["-S", "-M", mode]);
+/// One pgbench run's figures: output, TPS, average and p99 latency (ms), transactions, failures.
+type Run = (String, f64, f64, f64, u64, u64);
+
+/// Runs pgbench against a target. A target with several connection strings (direct-4: each shard on its own)
+/// gets one pgbench per string at the same time, the clients split between them, and the figures combined.
+fn pgbench(target: &Target, workload: &str, clients: u32, seconds: u64, log_dir: &Path) -> Result<Run> {
+    let n = target.conns.len() as u32;
+    let mut children = Vec::new();
+    for (i, conn) in target.conns.iter().enumerate() {
+        let dir = log_dir.join(i.to_string());
+        std::fs::create_dir_all(&dir)?;
+        let mut cmd = Command::new("pgbench");
+        let (c, j) = if n == 1 { (clients, 2) } else { ((clients / n).max(1), 1) };
+        cmd.args(["-n", "-T", &seconds.to_string(), "-c", &c.to_string(), "-j", &j.to_string(), "-r"]);
+        match workload {
+            "tpcb" => cmd.args(["-M", "extended"]),
+            mode => cmd.args(["-S", "-M", mode]),
+        };
+        cmd.current_dir(&dir).args(["--log", "--sampling-rate", "0.1", "--log-prefix", "lat"]).arg(conn);
+        children.push((cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?, dir));
+    }
+    let mut runs = Vec::new();
+    let mut lats: Vec<f64> = Vec::new();
+    for (child, dir) in children {
+        let out = child.wait_with_output()?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        runs.push(parse(text, out.status.success()));
+        // The sampled per-transaction log: the third column is the latency in microseconds.
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            if e.file_name().to_string_lossy().starts_with("lat") {
+                for line in std::fs::read_to_string(e.path())?.lines() {
+                    if let Some(v) = line.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()) {
+                        lats.push(v / 1000.0);
+                    }
+                }
+                std::fs::remove_file(e.path())?;
+            }
         }
     }
-    std::fs::create_dir_all(log_dir)?;
-    cmd.current_dir(log_dir).args(["--log", "--sampling-rate", "0.1", "--log-prefix", "lat"]).arg(&target.conn);
-    let out = cmd.output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    lats.sort_by(f64::total_cmp);
+    let p99 = lats.get(lats.len().saturating_sub(1) * 99 / 100).copied().unwrap_or(f64::NAN);
+    let text = runs.iter().map(|r| r.0.as_str()).collect::<Vec<_>>().join("\n----\n");
+    let tps = runs.iter().map(|r| r.1).sum();
+    let processed: u64 = runs.iter().map(|r| r.4).sum();
+    let lat = runs.iter().map(|r| r.2 * r.4 as f64).sum::<f64>() / processed.max(1) as f64;
+    let failed = runs.iter().map(|r| r.5).fold(0u64, u64::saturating_add);
+    Ok((text, tps, lat, p99, processed, failed))
+}
+
+/// The figures of one pgbench output (p99 is filled in from the log by the caller).
+fn parse(text: String, success: bool) -> Run {
     let num = |prefix: &str| -> f64 {
         text.lines()
             .find(|l| l.trim_start().starts_with(prefix))
@@ -257,25 +298,10 @@ fn pgbench(
         .and_then(|l| l.split(':').nth(1))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if out.status.success() { 0 } else { u64::MAX });
+        .unwrap_or(if success { 0 } else { u64::MAX });
     // An aborted run (a client got an error) counts as failed even when pgbench reports 0 failures.
     let failed = if text.contains("Run was aborted") || processed == 0 { failed.max(1) } else { failed };
-    // p99 from the sampled per-transaction log: the third column is the latency in microseconds.
-    let mut lats: Vec<f64> = Vec::new();
-    for e in std::fs::read_dir(log_dir)? {
-        let e = e?;
-        if e.file_name().to_string_lossy().starts_with("lat") {
-            for line in std::fs::read_to_string(e.path())?.lines() {
-                if let Some(v) = line.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()) {
-                    lats.push(v / 1000.0);
-                }
-            }
-            std::fs::remove_file(e.path())?;
-        }
-    }
-    lats.sort_by(f64::total_cmp);
-    let p99 = lats.get(lats.len().saturating_sub(1) * 99 / 100).copied().unwrap_or(f64::NAN);
-    Ok((text, tps, lat, p99, processed, failed))
+    (text, tps, lat, f64::NAN, processed, failed)
 }
 
 fn main() -> Result<()> {
@@ -305,24 +331,25 @@ fn main() -> Result<()> {
         &work.path().join("r1"),
         &format!("{common}shard-count,1\nshard-node-0,{}\n", one.url("postgres")),
     )?;
-    let mut four_cfg = format!("{common}shard-count,4\n");
+    let shard_pool = a.shard_pool.unwrap_or(pool / 4);
+    let mut four_cfg =
+        format!("{common}shard-count,4\n").replace(&format!("pool-size,{pool}"), &format!("pool-size,{shard_pool}"));
     for (i, s) in four.iter().enumerate() {
         writeln!(four_cfg, "shard-node-{i},{}", s.url("postgres"))?;
     }
     let (r4, r4_port) = start_router(&work.path().join("r4"), &four_cfg)?;
     let conn = |port: u16| format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
     let targets = [
-        Target { name: "direct", conn: one.conn_str("postgres"), pid: None },
-        Target { name: "pgbouncer", conn: conn(bouncer_port), pid: Some(bouncer.0.id()) },
-        Target { name: "router-1", conn: conn(r1_port), pid: Some(r1.0.id()) },
-        Target { name: "router-4", conn: conn(r4_port), pid: Some(r4.0.id()) },
+        Target { name: "direct", conns: vec![one.conn_str("postgres")], pid: None },
+        Target { name: "pgbouncer", conns: vec![conn(bouncer_port)], pid: Some(bouncer.0.id()) },
+        Target { name: "router-1", conns: vec![conn(r1_port)], pid: Some(r1.0.id()) },
+        Target { name: "router-4", conns: vec![conn(r4_port)], pid: Some(r4.0.id()) },
+        // The 4-shard baseline: each shard's server directly, a quarter of the clients each, all at once.
+        Target { name: "direct-4", conns: four.iter().map(|s| s.conn_str("postgres")).collect(), pid: None },
     ];
-    // PgBouncer's pid is runuser's when started as root: find the child.
-    let bouncer_pid = Command::new("pgrep")
-        .args(["-n", "-x", "pgbouncer"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok());
+    // PgBouncer's pid is runuser's when started as root: its pidfile names the process itself.
+    let bouncer_pid =
+        bouncer.1.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).and_then(|p| p.trim().parse().ok());
     let pid_of = |t: &Target| if t.name == "pgbouncer" { bouncer_pid.or(t.pid) } else { t.pid };
 
     let mut results: BTreeMap<(String, u32, &'static str), Figures> = BTreeMap::new();
@@ -342,7 +369,7 @@ fn main() -> Result<()> {
             for t in &targets {
                 // The sharded router runs select-only workloads; PgBouncer 1.18 has no prepared statements in
                 // transaction mode.
-                if (t.name == "router-4" && workload == "tpcb") || (t.name == "pgbouncer" && workload == "prepared") {
+                if (t.name.ends_with("-4") && workload == "tpcb") || (t.name == "pgbouncer" && workload == "prepared") {
                     continue;
                 }
                 done += 1;
@@ -369,13 +396,13 @@ fn main() -> Result<()> {
     let mut table = String::new();
     writeln!(
         table,
-        "pgbench, {} s rounds x {}, alternating targets, pool {pool}, scale {}, -j 2; medians",
+        "pgbench, {} s rounds x {}, alternating targets, pool {pool} (router-4: {shard_pool} per shard), scale {}, -j 2; medians",
         a.seconds, a.rounds, a.scale
     )?;
     writeln!(table)?;
     writeln!(
         table,
-        "| workload | clients | target | TPS | vs PgBouncer | vs direct | avg ms | p99 ms | CPU s / 10k tx | failed |"
+        "| workload | clients | target | TPS | vs PgBouncer | vs direct (-4: direct-4) | avg ms | p99 ms | CPU s / 10k tx | failed |"
     )?;
     writeln!(table, "|---|---|---|---|---|---|---|---|---|---|")?;
     for (workload, clients) in &cases {
@@ -387,12 +414,14 @@ fn main() -> Result<()> {
                     "direct" => "direct",
                     "pgbouncer" => "pgbouncer",
                     "router-1" => "router-1",
-                    _ => "router-4",
+                    "router-4" => "router-4",
+                    _ => "direct-4",
                 },
             ))
         };
         let base = get("pgbouncer").map(|f| median(&f.tps));
         let direct = get("direct").map(|f| median(&f.tps));
+        let direct4 = get("direct-4").map(|f| median(&f.tps));
         for t in &targets {
             let Some(f) = get(t.name) else { continue };
             let tps = median(&f.tps);
@@ -407,7 +436,7 @@ fn main() -> Result<()> {
                 t.name,
                 tps,
                 ratio(base),
-                ratio(direct),
+                ratio(if t.name.ends_with("-4") { direct4 } else { direct }),
                 median(&f.lat_ms),
                 median(&f.p99_ms),
                 f.failed
@@ -435,8 +464,7 @@ fn main() -> Result<()> {
 /// Holds `n` idle client connections through the router and reports its RSS per client.
 fn idle_run(t: &Target, n: usize) -> Result<String> {
     let pid = t.pid.context("router pid")?;
-    let port: u16 = t
-        .conn
+    let port: u16 = t.conns[0]
         .split("port=")
         .nth(1)
         .and_then(|p| p.split_whitespace().next())
