@@ -113,7 +113,8 @@ pub struct Client<S> {
     /// Whether the client ran LISTEN (session mode): notifications are relayed as they arrive.
     pub listening: bool,
     /// The pools of the shards' default databases, by shard, so that a checkout does not look them up.
-    pub pools: Vec<Option<Arc<crate::pool::Pool>>>,
+    /// Per shard: the pool last used and the generation of the shard's primary it was made for.
+    pub pools: Vec<Option<(u64, Arc<crate::pool::Pool>)>>,
 }
 
 /// The shard that carries LISTEN, UNLISTEN and NOTIFY, so that listeners and notifiers meet.
@@ -514,12 +515,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// The pool of a shard for this client (and, under the tenant strategy, its database).
-    pub fn pool_for(&self, shard: ShardId, database: Option<&str>) -> Result<Arc<crate::pool::Pool>, Reported> {
+    /// A shard without a primary right now (failover) makes this wait for one, within the failover buffer.
+    pub async fn pool_for(
+        &self,
+        shard: ShardId,
+        database: Option<&str>,
+    ) -> Result<(u64, Arc<crate::pool::Pool>), Reported> {
         let node = self.shared.map.node(shard);
         let addr = node.addr.as_ref().ok_or_else(|| {
             reported("08001", format!("shard {} has no address: add shard-node-{} to the config", node.name, node.name))
         })?;
-        let (host, port) = addr.hosts[0].clone();
+        let ((host, port), generation) =
+            self.shared.topology.primary(shard, &node.name).await.map_err(|e| reported(CONNECT_FAILED, e.0))?;
         let user = addr.user.clone().unwrap_or_else(|| self.user.clone());
         let password = addr.password.clone().or_else(|| {
             (user == self.user).then(|| self.shared.config.router.users.get(&self.user).cloned()).flatten()
@@ -527,20 +534,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let database =
             database.map(str::to_string).or_else(|| addr.dbname.clone()).unwrap_or_else(|| self.database.clone());
         let target = ServerTarget { host, port, user, password, database };
-        Ok(self.shared.pools.pool(PoolKey { shard, target }, &node.name))
+        Ok((generation, self.shared.pools.pool(PoolKey { shard, target }, &node.name)))
     }
 
     /// Checks out a connection and brings its session settings in line with the client's.
     pub async fn checkout(&mut self, shard: ShardId, database: Option<&str>) -> Result<Pooled, Reported> {
+        let generation = self.shared.topology.generation(shard);
         let pool = match (database, self.pools.get(shard.0 as usize).and_then(Option::as_ref)) {
-            (None, Some(p)) => p.clone(),
+            (None, Some((g, p))) if *g == generation => p.clone(),
             _ => {
-                let pool = self.pool_for(shard, database)?;
+                let (g, pool) = Box::pin(self.pool_for(shard, database)).await?;
                 if database.is_none() {
                     if self.pools.len() <= shard.0 as usize {
                         self.pools.resize(shard.0 as usize + 1, None);
                     }
-                    self.pools[shard.0 as usize] = Some(pool.clone());
+                    self.pools[shard.0 as usize] = Some((g, pool.clone()));
                 }
                 pool
             }
@@ -706,11 +714,74 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// One exchange on a connection checked out for it (kept if it opened a transaction).
     async fn exchange_once(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
+        if self.shared.topology.follows(shard) {
+            return Box::pin(self.exchange_following(shard, d, frame)).await;
+        }
         let mut p = self.checkout(shard, d.database.as_deref()).await?;
         p.conn().send(&frame).await?;
         let status = self.relay_until_ready(&mut p).await?;
         self.after_exchange(p, status);
         Ok(())
+    }
+
+    /// `exchange_once` on a shard that follows its primary: a statement that the old primary did not run
+    /// (the connection failed before it was sent, or the server answered that it is shutting down or
+    /// read-only) waits for the new primary and runs there, instead of failing.
+    async fn exchange_following(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
+        let name = self.shared.map.node(shard).name.clone();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let generation = self.shared.topology.generation(shard);
+            let mut p = match self.checkout(shard, d.database.as_deref()).await {
+                Ok(p) => p,
+                Err(e) if crate::topology::not_run(&e.code) && attempts < 10 => {
+                    self.wait_new_primary(shard, generation, &name, e).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let not_run = match p.conn().send(&frame).await {
+                Err(e) => Some(Reported::from(e)),
+                Ok(()) => match p.conn().io.front().await {
+                    Ok(Some((b'E', body))) => {
+                        let (code, message) = proto::error_fields(body);
+                        crate::topology::not_run(&code).then(|| reported(&code, message))
+                    }
+                    _ => None,
+                },
+            };
+            if let Some(e) = not_run {
+                drop(p);
+                if attempts >= 10 {
+                    return Err(e);
+                }
+                self.wait_new_primary(shard, generation, &name, e).await?;
+                continue;
+            }
+            let status = self.relay_until_ready(&mut p).await;
+            if status.is_err() {
+                self.shared.topology.suspect(shard);
+            }
+            self.after_exchange(p, status?);
+            return Ok(());
+        }
+    }
+
+    /// After a statement could not run on `shard`'s primary of `generation`: waits for another one (the
+    /// failover buffer); `e` is what the client gets if none comes.
+    pub async fn wait_new_primary(
+        &mut self,
+        shard: ShardId,
+        generation: u64,
+        name: &str,
+        e: Reported,
+    ) -> Result<(), Reported> {
+        tracing::info!(shard = name, code = %e.code, "{}; waiting for a new primary", e.message);
+        match self.shared.topology.changed_from(shard, generation, name).await {
+            Ok(()) => Ok(()),
+            Err(why) => Err(reported(&e.code, format!("{} ({})", e.message, why.0))),
+        }
     }
 
     /// A read of non-sharded data while a transaction is held: answered outside the transaction.

@@ -183,6 +183,7 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
             // Parse/Describe/Close only: any shard answers (schemas are the same everywhere).
             match c.txn {
                 Txn::Bound => send_bound(c, batch).await,
+                _ if c.shared.topology.follows_any() => Box::pin(send_following(c, batch, None)).await,
                 _ => {
                     let p = c.checkout_any(None).await?;
                     send_alone(c, batch, p).await
@@ -552,9 +553,76 @@ async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
             c.open_held(shard, d, held).await?;
             send_bound(c, batch).await
         }
+        Txn::Idle if c.shared.topology.follows(shard) => {
+            Box::pin(send_following(c, batch, Some((shard, d.database.as_deref())))).await
+        }
         Txn::Idle => {
             let p = c.checkout(shard, d.database.as_deref()).await?;
             send_alone(c, batch, p).await
+        }
+    }
+}
+
+/// `send_alone` outside a transaction on a shard that follows its primary: a batch that the old primary did
+/// not run (see `Client::exchange_following`) waits for the new primary and runs there.
+/// `to`: the shard (and tenant database), or none for a batch any shard answers (Parse/Describe only).
+async fn send_following<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    to: Option<(shardmap::ShardId, Option<&str>)>,
+) -> Result<(), Reported> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        // Where it goes this time (any shard: the next one; its generation read before the checkout).
+        let shard = match to {
+            Some((s, _)) => s,
+            None => c.home().map_or_else(|| c.shared.any_shard(), |(s, _)| s),
+        };
+        let name = c.shared.map.node(shard).name.clone();
+        let generation = c.shared.topology.generation(shard);
+        let checked_out = match to {
+            Some((s, db)) => c.checkout(s, db).await,
+            None => match c.home() {
+                Some((s, db)) => c.checkout(s, Some(&db)).await,
+                None => c.checkout(shard, None).await,
+            },
+        };
+        let mut p = match checked_out {
+            Ok(p) => p,
+            Err(e) if crate::topology::not_run(&e.code) && attempts < 10 => {
+                c.wait_new_primary(shard, generation, &name, e).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let exps = rewrite(c, batch, p.conn())?;
+        // A batch the router answers alone (a Parse the server has, and a Flush) gets nothing back to look at.
+        let answered = exps.iter().any(|e| !matches!(e, Exp::InjectParse | Exp::InjectClose));
+        let not_run = match p.conn().flush().await {
+            Err(e) => Some(Reported::from(e)),
+            Ok(()) if answered => match p.conn().io.front().await {
+                Ok(Some((b'E', body))) => {
+                    let (code, message) = proto::error_fields(body);
+                    crate::topology::not_run(&code).then(|| reported(&code, message))
+                }
+                _ => None,
+            },
+            Ok(()) => None,
+        };
+        match not_run {
+            Some(e) if attempts < 10 => {
+                drop(p);
+                c.wait_new_primary(shard, generation, &name, e).await?;
+            }
+            Some(e) => return Err(e),
+            None => {
+                let r = relay_alone(c, p, exps).await;
+                if r.as_ref().is_err_and(|e| e.code.starts_with("08")) {
+                    c.shared.topology.suspect(shard);
+                }
+                return r;
+            }
         }
     }
 }
@@ -576,6 +644,15 @@ async fn send_alone<S: AsyncRead + AsyncWrite + Unpin>(
         c.txn = Txn::Idle;
         return Err(e.into());
     }
+    relay_alone(c, p, exps).await
+}
+
+/// The answers to a batch sent on one connection (see `send_alone`).
+async fn relay_alone<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    mut p: Pooled,
+    exps: VecDeque<Exp>,
+) -> Result<(), Reported> {
     let mut merge = Merge::default();
     let status = match relay(c, &mut p, exps, Role::Only, &mut merge).await {
         Ok(s) => s,

@@ -17,4 +17,5 @@ pub mod server;
 pub mod settings;
 pub mod startup;
 pub mod tenant;
+pub mod topology;
 pub mod wire;

@@ -74,29 +74,62 @@ impl PgServer {
             &server.bin.join("initdb"),
             &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"],
         )?;
+        server.launch(settings)?;
+        Ok(server)
+    }
+
+    /// A streaming-replication standby of this server (`pg_basebackup -R`), started on its own free port.
+    pub fn standby(&self) -> Result<PgServer> {
+        let dir = tempfile::Builder::new().prefix("shard-router-pg-").tempdir()?;
+        if self.as_postgres {
+            run(Command::new("chown").args(["postgres:", &dir.path().display().to_string()]))?;
+        }
+        let mut server = PgServer { dir, bin: self.bin.clone(), as_postgres: self.as_postgres, port: 0 };
+        let data = server.data();
+        let port = self.port.to_string();
+        server.pg(
+            &self.bin.join("pg_basebackup"),
+            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-D", &data, "-R", "-X", "stream", "--no-sync"],
+        )?;
+        server.launch(&[])?;
+        Ok(server)
+    }
+
+    /// Starts the server in its data directory on a free port.
+    fn launch(&mut self, settings: &[&str]) -> Result<()> {
+        let data = self.data();
         let mut last = None;
         for _ in 0..5 {
             let port = free_port();
             let mut opts = format!(
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-                server.dir.path().display()
+                self.dir.path().display()
             );
             for s in settings {
                 opts.push_str(&format!(" -c {s}"));
             }
-            let log = server.dir.path().join("log").display().to_string();
-            match server
-                .pg(&server.bin.join("pg_ctl"), &["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &opts, "start"])
+            let log = self.dir.path().join("log").display().to_string();
+            match self.pg(&self.bin.join("pg_ctl"), &["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &opts, "start"])
             {
                 Ok(_) => {
-                    server.port = port;
-                    return Ok(server);
+                    self.port = port;
+                    return Ok(());
                 }
                 Err(e) => last = Some(e), // the port was taken in between: try another
             }
         }
-        let log = std::fs::read_to_string(server.dir.path().join("log")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
         bail!("PostgreSQL did not start: {:?}\n{log}", last)
+    }
+
+    /// Stops the server (`pg_ctl stop -m <mode>`: smart, fast or immediate); the directory stays until drop.
+    pub fn stop(&self, mode: &str) -> Result<()> {
+        self.pg(&self.bin.join("pg_ctl"), &["-D", &self.data(), "-m", mode, "-w", "stop"]).map(drop)
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    pub fn promote(&self) -> Result<()> {
+        self.pg(&self.bin.join("pg_ctl"), &["-D", &self.data(), "-w", "promote"]).map(drop)
     }
 
     fn data(&self) -> String {

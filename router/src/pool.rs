@@ -50,6 +50,8 @@ pub struct Pool {
     idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
     settings: Arc<Settings>,
+    /// Set when the shard's primary moved away from this pool's host: connections are not kept any more.
+    retired: std::sync::atomic::AtomicBool,
     /// ParameterStatus of the first connection made, for clients' startup.
     pub params: Mutex<Option<Vec<(String, String)>>>,
 }
@@ -137,7 +139,8 @@ impl Pooled {
             slot.remove(&key);
         }
         if let Some(mut c) = self.conn.take() {
-            if c.status == proto::READY_IDLE && c.io.buffered() == 0 {
+            let retired = self.pool.retired.load(std::sync::atomic::Ordering::Acquire);
+            if c.status == proto::READY_IDLE && c.io.buffered() == 0 && !retired {
                 c.last_used = Instant::now();
                 self.pool.idle.lock().expect("pool lock").push(c);
             }
@@ -173,6 +176,23 @@ impl Pools {
         }
     }
 
+    /// After a shard's primary changed: its pools for other hosts leave the map and their idle connections
+    /// are closed (connections checked out now are closed when given back: their pool is no longer found).
+    pub fn retire(&self, shard: ShardId, keep: Option<&(String, u16)>) {
+        let mut pools = self.pools.lock().expect("pools lock");
+        let gone: Vec<PoolKey> = pools
+            .keys()
+            .filter(|k| k.shard == shard && keep.is_none_or(|(h, p)| k.target.host != *h || k.target.port != *p))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(p) = pools.remove(&k) {
+                p.retired.store(true, std::sync::atomic::Ordering::Release);
+                p.idle.lock().expect("pool lock").clear();
+            }
+        }
+    }
+
     /// How often `reap` should run.
     pub fn reap_every(&self) -> Duration {
         (self.settings.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
@@ -196,6 +216,7 @@ impl Pools {
                     permits: Arc::new(Semaphore::new(self.settings.size as usize)),
                     settings: self.settings.clone(),
                     params: Mutex::new(None),
+                    retired: Default::default(),
                 })
             })
             .clone()

@@ -22,7 +22,9 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub map: Arc<ShardMap>,
     pub planner: Planner,
-    pub pools: Pools,
+    pub pools: Arc<Pools>,
+    /// Where each shard's primary is (and the failover buffer).
+    pub topology: Arc<crate::topology::Topology>,
     pub scram: ScramCache,
     pub cancels: crate::cancel::Registry,
     /// `pool-mode,session`: each client keeps the server connections it uses for its whole session.
@@ -45,16 +47,18 @@ impl Shared {
             _ => None,
         };
         let map = Arc::new(ShardMap::new(&config).map_err(anyhow::Error::msg)?);
-        let pools = Pools::new(PoolSettings {
+        let pools = Arc::new(Pools::new(PoolSettings {
             size: config.pool.size,
             timeout: Duration::from_millis(config.pool.timeout_ms),
             idle_timeout: Duration::from_secs(config.pool.idle_timeout_s),
-        });
+        }));
+        let topology = Arc::new(crate::topology::Topology::new(&map, &config));
         let n = map.nodes.len();
         Ok(Shared {
             planner: Planner::new(map.clone()),
             map,
             pools,
+            topology,
             scram: ScramCache::default(),
             cancels: Default::default(),
             session_mode: config.pool.mode == shardmap::config::PoolMode::Session,
@@ -93,6 +97,7 @@ impl Shared {
 /// Serves clients on `listener` until `shutdown` resolves.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(config)?);
+    crate::topology::Topology::start(&shared.topology, &shared.map, shared.pools.clone());
     // Idle server connections past pool-idle-timeout are closed even in pools nobody uses any more.
     let reaper = {
         let shared = shared.clone();

@@ -123,6 +123,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
+    /// The next message's tag and body, read in full but left in the buffer; `None` at end of stream.
+    pub async fn front(&mut self) -> Result<Option<(u8, &[u8])>, WireError> {
+        loop {
+            if self.rbuf.len() >= 5 {
+                let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as i64;
+                if len < 4 {
+                    return Err(WireError::BadLength { tag: self.rbuf[0] as char, len });
+                }
+                let total = 1 + len as usize;
+                if total > MAX_MESSAGE {
+                    return Err(WireError::TooLarge { tag: self.rbuf[0] as char, len: total });
+                }
+                if self.rbuf.len() >= total {
+                    return Ok(Some((self.rbuf[0], &self.rbuf[5..total])));
+                }
+                self.rbuf.reserve(total - self.rbuf.len());
+            }
+            if self.sock.read_buf(&mut self.rbuf).await? == 0 {
+                return if self.rbuf.is_empty() { Ok(None) } else { Err(WireError::Truncated) };
+            }
+        }
+    }
+
     /// Queues a frame for writing.
     pub fn push(&mut self, frame: &[u8]) {
         self.wbuf.extend_from_slice(frame);

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::value::KeyType;
 
 /// The prefixes this project owns: an unknown key under one of them is an error.
-pub const PREFIXES: &[&str] = &["shard-", "router-", "pool-", "circuit-breaker-", "health-"];
+pub const PREFIXES: &[&str] = &["shard-", "router-", "pool-", "circuit-breaker-", "health-", "patroni-", "failover-"];
 
 /// Every fixed key, for "did you mean" (dynamic keys are listed by their pattern).
 const KEYS: &[&str] = &[
@@ -57,6 +57,10 @@ const KEYS: &[&str] = &[
     "circuit-breaker-threshold",
     "circuit-breaker-timeout",
     "circuit-breaker-half-open-requests",
+    "patroni-interval-ms",
+    "failover-buffer-window-ms",
+    "failover-buffer-size",
+    "failover-buffer-max-ms",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +158,7 @@ pub struct Config {
     pub pool: PoolSettings,
     pub health: HealthSettings,
     pub circuit_breaker: CircuitBreakerSettings,
+    pub failover: FailoverSettings,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -186,6 +191,19 @@ pub struct HealthSettings {
     pub interval_s: u64,
     pub timeout_s: u64,
     pub retries: u32,
+}
+
+/// Following a node's primary, and buffering statements while it has none (see the README, "Failover").
+#[derive(Clone, Debug, Serialize)]
+pub struct FailoverSettings {
+    /// `patroni-interval-ms`: how often a node's primary is looked for again.
+    pub patroni_interval_ms: u64,
+    /// `failover-buffer-window-ms`: how long one statement may wait for a primary.
+    pub buffer_window_ms: u64,
+    /// `failover-buffer-size`: how many statements may wait at once, per node.
+    pub buffer_size: u32,
+    /// `failover-buffer-max-ms`: after a node has had no primary this long, statements fail at once.
+    pub buffer_max_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -343,6 +361,12 @@ impl<'f> Builder<'f> {
                 timeout_s: 30,
                 half_open_requests: 3,
             },
+            failover: FailoverSettings {
+                patroni_interval_ms: 1000,
+                buffer_window_ms: 10_000,
+                buffer_size: 1000,
+                buffer_max_ms: 20_000,
+            },
         };
         let mut strategy_set = false;
         for row in &rows {
@@ -464,6 +488,10 @@ impl<'f> Builder<'f> {
             "pool-size" => c.pool.size = number(self, 1)? as u32,
             "pool-timeout-ms" => c.pool.timeout_ms = number(self, 1)?,
             "pool-idle-timeout" => c.pool.idle_timeout_s = number(self, 0)?,
+            "patroni-interval-ms" => c.failover.patroni_interval_ms = number(self, 10)?,
+            "failover-buffer-window-ms" => c.failover.buffer_window_ms = number(self, 0)?,
+            "failover-buffer-size" => c.failover.buffer_size = number(self, 0)?.min(u32::MAX.into()) as u32,
+            "failover-buffer-max-ms" => c.failover.buffer_max_ms = number(self, 0)?,
             "health-enabled" => c.health.enabled = boolean(self)?,
             "health-endpoint" => {
                 let e = text(self)?;

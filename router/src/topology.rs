@@ -1,0 +1,237 @@
+//! Where each shard's primary is, and the failover buffer.
+//!
+//! A node with one host is that host, always. A node whose URL lists several hosts
+//! (`postgres://h1:5432,h2:5432/db`) follows its primary: a task per node asks each host
+//! `SELECT pg_is_in_recovery()` every `patroni-interval-ms`, and at once when a client's connection to the
+//! primary fails; the first host that answers `false` is the primary. Each change of primary bumps the node's
+//! generation: clients re-resolve their pools, and the old primary's idle connections are closed.
+//!
+//! While a following node has no primary (the old one is gone, no standby promoted yet), statements wait for
+//! one instead of failing: at most `failover-buffer-window-ms` each, at most `failover-buffer-size` at once,
+//! and not at all once the failover has lasted `failover-buffer-max-ms`. Past a bound the client gets a clear
+//! error (SQLSTATE 08001, nothing was sent).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardmap::config::NodeAddr;
+use shardmap::{Config, ShardId, ShardMap};
+use tokio::sync::{watch, Notify};
+
+/// A node's primary as last found, and the generation of that finding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Primary {
+    pub host: Option<(String, u16)>,
+    /// Bumped on every change of `host`.
+    pub generation: u64,
+    /// When the node lost its primary (for `failover-buffer-max-ms`).
+    pub lost_at: Option<Instant>,
+    /// Probes made so far (a waiter learns that the primary was confirmed, unchanged).
+    pub probes: u64,
+}
+
+struct Node {
+    /// Whether this node follows a primary among several hosts (else `host` never changes).
+    follows: bool,
+    tx: watch::Sender<Primary>,
+    generation: AtomicU64,
+    recheck: Notify,
+    buffered: AtomicUsize,
+}
+
+pub struct Topology {
+    nodes: Vec<Node>,
+    interval: Duration,
+    window: Duration,
+    buffer_size: usize,
+    buffer_max: Duration,
+}
+
+/// Why a statement could not wait for a primary.
+#[derive(Debug)]
+pub struct NoPrimary(pub String);
+
+impl Topology {
+    pub fn new(map: &ShardMap, config: &Config) -> Topology {
+        let nodes = map
+            .nodes
+            .iter()
+            .map(|n| {
+                let hosts = n.addr.as_ref().map(|a| a.hosts.clone()).unwrap_or_default();
+                let follows = hosts.len() > 1;
+                let host = if follows { None } else { hosts.first().cloned() };
+                let lost_at = follows.then(Instant::now);
+                Node {
+                    follows,
+                    tx: watch::Sender::new(Primary { host, generation: 0, lost_at, probes: 0 }),
+                    generation: AtomicU64::new(0),
+                    recheck: Notify::new(),
+                    buffered: AtomicUsize::new(0),
+                }
+            })
+            .collect();
+        Topology {
+            nodes,
+            interval: Duration::from_millis(config.failover.patroni_interval_ms),
+            window: Duration::from_millis(config.failover.buffer_window_ms),
+            buffer_size: config.failover.buffer_size as usize,
+            buffer_max: Duration::from_millis(config.failover.buffer_max_ms),
+        }
+    }
+
+    /// Starts a prober per following node; they stop when `topology` is dropped by everyone else.
+    pub fn start(topology: &Arc<Topology>, map: &ShardMap, pools: Arc<crate::pool::Pools>) {
+        for (i, node) in topology.nodes.iter().enumerate() {
+            if !node.follows {
+                continue;
+            }
+            let Some(addr) = map.nodes[i].addr.clone() else { continue };
+            let weak = Arc::downgrade(topology);
+            let pools = pools.clone();
+            tokio::spawn(async move {
+                let shard = ShardId(i as u16);
+                loop {
+                    let Some(t) = weak.upgrade() else { return };
+                    let found = probe(&addr, t.window.min(Duration::from_secs(2))).await;
+                    t.publish(shard, found, &pools);
+                    let node = &t.nodes[i];
+                    tokio::select! {
+                        _ = tokio::time::sleep(t.interval) => {}
+                        _ = node.recheck.notified() => {}
+                    }
+                }
+            });
+        }
+    }
+
+    fn publish(&self, shard: ShardId, found: Option<(String, u16)>, pools: &crate::pool::Pools) {
+        let node = &self.nodes[shard.0 as usize];
+        let mut changed = false;
+        node.tx.send_modify(|p| {
+            p.probes += 1;
+            if p.host == found {
+                return;
+            }
+            tracing::warn!(shard = shard.0, from = ?p.host, to = ?found, "primary changed");
+            p.lost_at = if found.is_none() { Some(Instant::now()) } else { None };
+            p.host = found.clone();
+            p.generation += 1;
+            node.generation.store(p.generation, Ordering::Release);
+            changed = true;
+        });
+        if changed {
+            // New transactions go to the new primary; idle connections to the old one are closed.
+            pools.retire(shard, found.as_ref());
+        }
+    }
+
+    /// Whether `shard` follows a primary among several hosts (and so buffers and retries around failover).
+    pub fn follows(&self, shard: ShardId) -> bool {
+        self.nodes.get(shard.0 as usize).is_some_and(|n| n.follows)
+    }
+
+    /// Whether any node follows its primary.
+    pub fn follows_any(&self) -> bool {
+        self.nodes.iter().any(|n| n.follows)
+    }
+
+    /// The generation of `shard`'s primary (one atomic load: checked on every checkout).
+    pub fn generation(&self, shard: ShardId) -> u64 {
+        self.nodes.get(shard.0 as usize).map_or(0, |n| n.generation.load(Ordering::Acquire))
+    }
+
+    /// Asks the prober to look again now (a connection to the primary failed).
+    pub fn suspect(&self, shard: ShardId) {
+        if let Some(n) = self.nodes.get(shard.0 as usize) {
+            n.recheck.notify_one();
+        }
+    }
+
+    /// The primary of `shard`, waiting for one (the failover buffer) when it has none right now.
+    pub async fn primary(&self, shard: ShardId, name: &str) -> Result<((String, u16), u64), NoPrimary> {
+        let node = &self.nodes[shard.0 as usize];
+        {
+            let p = node.tx.borrow();
+            if let Some(h) = &p.host {
+                return Ok((h.clone(), p.generation));
+            }
+        }
+        self.wait(shard, name, |p| p.host.is_some()).await?;
+        let p = node.tx.borrow();
+        Ok((p.host.clone().expect("waited for a host"), p.generation))
+    }
+
+    /// Waits until `shard`'s primary is not the one of generation `seen` any more (after a connection to it
+    /// failed), within the failover buffer's bounds.
+    /// A probe that finds the same primary again also ends the wait (one connection failed, not the server).
+    pub async fn changed_from(&self, shard: ShardId, seen: u64, name: &str) -> Result<(), NoPrimary> {
+        let probes = self.nodes[shard.0 as usize].tx.borrow().probes;
+        self.suspect(shard);
+        self.wait(shard, name, |p| p.host.is_some() && (p.generation != seen || p.probes > probes + 1)).await
+    }
+
+    async fn wait(&self, shard: ShardId, name: &str, done: impl Fn(&Primary) -> bool) -> Result<(), NoPrimary> {
+        let node = &self.nodes[shard.0 as usize];
+        if let Some(lost) = node.tx.borrow().lost_at {
+            if lost.elapsed() > self.buffer_max {
+                return Err(NoPrimary(format!(
+                    "shard {name} has had no primary for {} ms (failover-buffer-max-ms {}); statements are refused until one is found",
+                    lost.elapsed().as_millis(),
+                    self.buffer_max.as_millis()
+                )));
+            }
+        }
+        if node.buffered.fetch_add(1, Ordering::AcqRel) >= self.buffer_size {
+            node.buffered.fetch_sub(1, Ordering::AcqRel);
+            return Err(NoPrimary(format!(
+                "shard {name} has no primary and {} statements already wait for one (failover-buffer-size)",
+                self.buffer_size
+            )));
+        }
+        let mut rx = node.tx.subscribe();
+        let r = tokio::time::timeout(self.window, rx.wait_for(|p| done(p))).await;
+        node.buffered.fetch_sub(1, Ordering::AcqRel);
+        match r {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(NoPrimary(format!(
+                "shard {name} found no primary within failover-buffer-window-ms ({} ms)",
+                self.window.as_millis()
+            ))),
+        }
+    }
+}
+
+/// The first host of `addr` that accepts a connection and is not in recovery.
+async fn probe(addr: &NodeAddr, timeout: Duration) -> Option<(String, u16)> {
+    for (host, port) in &addr.hosts {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(host)
+            .port(*port)
+            .user(addr.user.as_deref().unwrap_or("postgres"))
+            .dbname(addr.dbname.as_deref().unwrap_or("postgres"))
+            .application_name("shard-router probe")
+            .connect_timeout(timeout);
+        if let Some(pw) = &addr.password {
+            cfg.password(pw);
+        }
+        let attempt = async {
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
+            let task = tokio::spawn(conn);
+            let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await.ok();
+            task.abort();
+            row.map(|r| r.get::<_, bool>(0))
+        };
+        if let Ok(Some(false)) = tokio::time::timeout(timeout, attempt).await {
+            return Some((host.clone(), *port));
+        }
+    }
+    None
+}
+
+/// Whether an error that a server sent as the first answer to a statement means the statement did not run:
+/// the server is shutting down (57P01-57P03), is read-only (25006: a demoted primary), or the connection
+/// failed (08xxx).
+pub fn not_run(code: &str) -> bool {
+    matches!(code, "57P01" | "57P02" | "57P03" | "25006") || code.starts_with("08")
+}
