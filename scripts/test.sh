@@ -12,6 +12,10 @@ command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # Diesel links libpq.
 [ -f /usr/include/postgresql/libpq-fe.h ] || need+=(libpq-dev)
+# The failover tests run a real Patroni cluster (etcd v3 API) and read its REST API with curl.
+command -v patroni >/dev/null 2>&1 || need+=(patroni)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v pip3 >/dev/null 2>&1 || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

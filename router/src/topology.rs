@@ -6,6 +6,12 @@
 //! primary fails; the first host that answers `false` is the primary. Each change of primary bumps the node's
 //! generation: clients re-resolve their pools, and the old primary's idle connections are closed.
 //!
+//! A node with `shard-node-<name>-patroni` follows Patroni instead: the prober asks the members' REST APIs
+//! (`GET /cluster`, the first member that answers) for the leader (role `leader`, `master` or `primary`,
+//! state `running`), and takes it as the primary only when the server agrees (`pg_is_in_recovery()` is
+//! false on it): when Patroni and the server disagree (a stale leader key, split brain), the node has no
+//! primary and writes wait rather than go to a server that may not be the primary.
+//!
 //! While a following node has no primary (the old one is gone, no standby promoted yet), statements wait for
 //! one instead of failing: at most `failover-buffer-window-ms` each, at most `failover-buffer-size` at once,
 //! and not at all once the failover has lasted `failover-buffer-max-ms`. Past a bound the client gets a clear
@@ -32,8 +38,10 @@ pub struct Primary {
 }
 
 struct Node {
-    /// Whether this node follows a primary among several hosts (else `host` never changes).
+    /// Whether this node follows a primary among several hosts or through Patroni (else `host` never changes).
     follows: bool,
+    /// `shard-node-<name>-patroni`: the members' REST API URLs.
+    patroni: Vec<String>,
     tx: watch::Sender<Primary>,
     generation: AtomicU64,
     recheck: Notify,
@@ -59,11 +67,13 @@ impl Topology {
             .iter()
             .map(|n| {
                 let hosts = n.addr.as_ref().map(|a| a.hosts.clone()).unwrap_or_default();
-                let follows = hosts.len() > 1;
+                let patroni = config.node_patroni.get(&n.name).cloned().unwrap_or_default();
+                let follows = hosts.len() > 1 || !patroni.is_empty();
                 let host = if follows { None } else { hosts.first().cloned() };
                 let lost_at = follows.then(Instant::now);
                 Node {
                     follows,
+                    patroni,
                     tx: watch::Sender::new(Primary { host, generation: 0, lost_at, probes: 0 }),
                     generation: AtomicU64::new(0),
                     recheck: Notify::new(),
@@ -89,11 +99,18 @@ impl Topology {
             let Some(addr) = map.nodes[i].addr.clone() else { continue };
             let weak = Arc::downgrade(topology);
             let pools = pools.clone();
+            let patroni = node.patroni.clone();
             tokio::spawn(async move {
                 let shard = ShardId(i as u16);
+                let http = reqwest::Client::new();
                 loop {
                     let Some(t) = weak.upgrade() else { return };
-                    let found = probe(&addr, t.window.min(Duration::from_secs(2))).await;
+                    let timeout = t.window.min(Duration::from_secs(2));
+                    let found = if patroni.is_empty() {
+                        probe(&addr, timeout).await
+                    } else {
+                        probe_patroni(&http, &patroni, &addr, timeout).await
+                    };
                     t.publish(shard, found, &pools);
                     let node = &t.nodes[i];
                     tokio::select! {
@@ -205,9 +222,69 @@ impl Topology {
 /// The first host of `addr` that accepts a connection and is not in recovery.
 async fn probe(addr: &NodeAddr, timeout: Duration) -> Option<(String, u16)> {
     for (host, port) in &addr.hosts {
+        if in_recovery(addr, host, *port, timeout).await == Some(false) {
+            return Some((host.clone(), *port));
+        }
+    }
+    None
+}
+
+/// A member of Patroni's `GET /cluster` answer (the fields the router reads).
+#[derive(serde::Deserialize, Debug)]
+struct Member {
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    state: String,
+    host: Option<String>,
+    port: Option<u16>,
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct Cluster {
+    #[serde(default)]
+    members: Vec<Member>,
+}
+
+/// The leader that Patroni names (asking each member's REST API in turn until one answers), if the server at
+/// that address agrees that it is a primary.
+async fn probe_patroni(
+    http: &reqwest::Client,
+    urls: &[String],
+    addr: &NodeAddr,
+    timeout: Duration,
+) -> Option<(String, u16)> {
+    for url in urls {
+        let answer = http.get(format!("{}/cluster", url.trim_end_matches('/'))).timeout(timeout).send().await;
+        let Ok(cluster) = (match answer {
+            Ok(r) if r.status().is_success() => r.json::<Cluster>().await,
+            _ => continue,
+        }) else {
+            continue;
+        };
+        let leader = cluster
+            .members
+            .iter()
+            .find(|m| matches!(m.role.as_str(), "leader" | "master" | "primary") && m.state == "running")?;
+        let host = (leader.host.clone()?, leader.port.unwrap_or(5432));
+        // Fencing: Patroni's word and the server's must agree.
+        return match in_recovery(addr, &host.0, host.1, timeout).await {
+            Some(false) => Some(host),
+            other => {
+                tracing::warn!(?host, in_recovery = ?other, "Patroni names a leader that is not a primary: writes wait");
+                None
+            }
+        };
+    }
+    None
+}
+
+/// Whether the server at `host:port` is in recovery (a standby); `None` if it cannot be asked.
+async fn in_recovery(addr: &NodeAddr, host: &str, port: u16, timeout: Duration) -> Option<bool> {
+    {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(host)
-            .port(*port)
+            .port(port)
             .user(addr.user.as_deref().unwrap_or("postgres"))
             .dbname(addr.dbname.as_deref().unwrap_or("postgres"))
             .application_name("shard-router probe")
@@ -222,11 +299,8 @@ async fn probe(addr: &NodeAddr, timeout: Duration) -> Option<(String, u16)> {
             task.abort();
             row.map(|r| r.get::<_, bool>(0))
         };
-        if let Ok(Some(false)) = tokio::time::timeout(timeout, attempt).await {
-            return Some((host.clone(), *port));
-        }
+        tokio::time::timeout(timeout, attempt).await.ok().flatten()
     }
-    None
 }
 
 /// Whether an error that a server sent as the first answer to a statement means the statement did not run:

@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 use anyhow::{Context, Result};
 pub use router::localpg::{free_port, pg_bin, PgServer};
 
+pub mod patroni;
+
 /// Several PostgreSQL shards and a router in front of them, running in this process on a free port.
 /// Dropping it stops the router and the servers.
 pub struct Cluster {

@@ -1,13 +1,20 @@
-//! Failover without Patroni: a node URL with two hosts (a primary and its streaming standby). While a client
-//! writes through the router at a steady rate, the primary is stopped and the standby promoted: the router
-//! finds the new primary by itself, statements that arrive in between wait for it instead of failing, and
-//! every acknowledged row is on the new primary.
+//! Failover while clients write through the router at a steady rate, in the simple and the extended protocol:
+//! - without Patroni: a node URL with two hosts (a primary and its streaming standby); the primary is stopped
+//!   and the standby promoted;
+//! - under a real Patroni cluster (etcd, two PostgreSQL nodes, synchronous mode): a planned `patronictl
+//!   switchover`, then a `kill -9` of the leader's Patroni and PostgreSQL.
+//!
+//! The router finds the new primary by itself, statements that arrive in between wait for it instead of
+//! failing, and every acknowledged row is on the new primary.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use integration::{Cluster, PgServer};
+
+/// What a writer saw: acknowledged keys, errors, latencies.
+type Written = (Vec<i64>, Vec<String>, Vec<Duration>);
 
 /// Writes `INSERT`s through the router until `stop` or the bounds, keys from `first` up, in the simple
 /// protocol or (`extended`) with a parameter; returns (acknowledged keys, errors, latencies).
@@ -16,7 +23,7 @@ async fn writer(
     stop: Arc<std::sync::atomic::AtomicBool>,
     first: i64,
     extended: bool,
-) -> (Vec<i64>, Vec<String>, Vec<Duration>) {
+) -> Written {
     let (mut acked, mut errors, mut lat) = (Vec::new(), Vec::new(), Vec::new());
     let start = Instant::now();
     for i in first..first + 20_000 {
@@ -100,5 +107,135 @@ async fn multi_host_node_follows_a_promoted_standby() -> Result<()> {
     let c = cluster.client().await?;
     c.simple_query("INSERT INTO events (user_id, n) VALUES (-1, -1)").await?;
     assert_eq!(db.query_one("SELECT n FROM events WHERE user_id = -1", &[]).await?.get::<_, i32>(0), -1);
+    Ok(())
+}
+
+/// Stops the writers, checks that every acknowledged row is on `server`, and returns the errors seen.
+async fn finish(
+    writers: Vec<tokio::task::JoinHandle<Written>>,
+    stop: &std::sync::atomic::AtomicBool,
+    conn_str: &str,
+    what: &str,
+) -> Result<Vec<String>> {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut errors) = (Vec::new(), Vec::new());
+    for (i, w) in writers.into_iter().enumerate() {
+        let (a, e, mut lat) = w.await?;
+        report(&format!("{what}, {} protocol", if i == 0 { "simple" } else { "extended" }), &mut lat);
+        assert!(a.len() > 100, "a writer made too little progress: {} statements", a.len());
+        acked.extend(a);
+        errors.extend(e);
+    }
+    let (db, conn) = tokio_postgres::connect(conn_str, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let rows = db.query("SELECT user_id FROM events", &[]).await?;
+    let on_new: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let lost: Vec<i64> = acked.iter().filter(|k| !on_new.contains(k)).copied().collect();
+    assert!(lost.is_empty(), "{what}: {} acknowledged rows are missing on the new primary: {lost:?}", lost.len());
+    println!("{what}: {} acknowledged rows, all on the new primary; {} statements failed", acked.len(), errors.len());
+    Ok(errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_patroni_through_switchover_and_kill() -> Result<()> {
+    let mut patroni = tokio::task::spawn_blocking(|| integration::patroni::PatroniCluster::start(2)).await??;
+    let leader = patroni.wait_leader(Duration::from_secs(30))?;
+    let first = &patroni.members[patroni.member_index(&leader)];
+    let leader_conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", first.pg_port);
+    let (db, conn) = tokio_postgres::connect(&leader_conn, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    db.batch_execute("CREATE TABLE events (user_id bigint PRIMARY KEY, n int)").await?;
+    // The node's URL names the first leader only: Patroni tells the router where the primary is after that.
+    let head = format!(
+        "shard-strategy,hash\nshard-count,1\nshard-key,user_id\nrouter-auth,trust\npatroni-interval-ms,200\n\
+         shard-node-0,postgres://postgres@127.0.0.1:{}/postgres\nshard-node-0-patroni,{}\n",
+        first.pg_port,
+        patroni.api_urls().join(",")
+    );
+    let cluster = Cluster::with_servers(Vec::new(), &head, |_, _| String::new())?;
+
+    // 1. Planned switchover: no client statement fails.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = vec![
+        tokio::spawn(writer(cluster.client().await?, stop.clone(), 0, false)),
+        tokio::spawn(writer(cluster.client().await?, stop.clone(), 1_000_000, true)),
+    ];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let candidate = patroni.members.iter().find(|m| m.name != leader).expect("two members").name.clone();
+    let (p, l, c) = (&patroni, leader.clone(), candidate.clone());
+    let out = tokio::task::block_in_place(|| p.switchover(&l, &c))?;
+    println!("{}", out.lines().last().unwrap_or_default());
+    let (new_leader, _) = tokio::task::block_in_place(|| patroni.wait_new_leader(&leader, Duration::from_secs(60)))?;
+    assert_eq!(new_leader, candidate);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let new_conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        patroni.members[patroni.member_index(&new_leader)].pg_port
+    );
+    let errors = finish(writers, &stop, &new_conn, "patroni switchover").await?;
+    assert!(errors.is_empty(), "statements failed during the switchover: {errors:?}");
+    // The old leader comes back as a replica (synchronous mode needs one for the next failover).
+    tokio::task::block_in_place(|| {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(60) {
+            let v = patroni.cluster_json().unwrap_or_default();
+            let ok = v["members"].as_array().is_some_and(|ms| {
+                ms.iter().any(|m| {
+                    m["name"] == leader.as_str()
+                        && m["role"] == "sync_standby"
+                        && matches!(m["state"].as_str(), Some("running" | "streaming"))
+                })
+            });
+            if ok {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        anyhow::bail!("the old leader did not rejoin as a synchronous standby\n{}", patroni.logs())
+    })?;
+
+    // 2. kill -9 of the leader's Patroni and PostgreSQL: only statements in flight at the kill may fail.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = vec![
+        tokio::spawn(writer(cluster.client().await?, stop.clone(), 2_000_000, false)),
+        tokio::spawn(writer(cluster.client().await?, stop.clone(), 3_000_000, true)),
+    ];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let victim = patroni.member_index(&new_leader);
+    let killed = Instant::now();
+    tokio::task::block_in_place(|| patroni.kill_member(victim))?;
+    let (third, published) =
+        tokio::task::block_in_place(|| patroni.wait_new_leader(&new_leader, Duration::from_secs(60)))?;
+    // The first write through the router that succeeds after Patroni named the new leader.
+    let probe = cluster.client().await?;
+    let mut k = 9_000_000i64;
+    let first_ok = loop {
+        k += 1;
+        if probe.simple_query(&format!("INSERT INTO events (user_id, n) VALUES ({k}, 9)")).await.is_ok() {
+            break Instant::now();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(60), "no write succeeded within 60 s of the kill");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!(
+        "kill -9: Patroni named {third} {:?} after the kill; first write through the router {:?} after the kill ({:?} after the new leader was published)",
+        published - killed,
+        first_ok - killed,
+        first_ok.saturating_duration_since(published)
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let third_conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        patroni.members[patroni.member_index(&third)].pg_port
+    );
+    let errors = finish(writers, &stop, &third_conn, "patroni kill -9").await?;
+    // Each writer has at most one statement in flight at the kill.
+    assert!(errors.len() <= 2, "more than the statements in flight failed: {errors:?}");
+    assert!(
+        first_ok.saturating_duration_since(published) < Duration::from_secs(2),
+        "the router took more than 2 s after Patroni published the new leader"
+    );
+    drop(cluster);
+    drop(patroni);
     Ok(())
 }
