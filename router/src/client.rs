@@ -104,6 +104,8 @@ pub struct Client<S> {
     pub bound_all: Vec<Pooled>,
     /// An error the router raised inside a transaction: the client must roll back.
     pub failed: bool,
+    /// Whether the last answer relayed by `relay_until_ready` held an ErrorResponse (for metrics).
+    pub answer_error: bool,
     pub statements: foldhash::HashMap<String, ClientStmt>,
     pub batch: Vec<Msg>,
     /// Where a CancelRequest for this client finds its server connections.
@@ -557,6 +559,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             // Session mode: the client's own connection, as it left it.
             return Ok(self.sticky.swap_remove(i));
         }
+        let breaker = &self.shared.breaker;
+        breaker
+            .admit(shard.0 as usize, generation, &self.shared.map.node(shard).name)
+            .map_err(|m| reported(CONNECT_FAILED, m))?;
         let mut p = match pool.get().await {
             Ok(p) => p,
             Err(e) if e.sqlstate() == "3D000" && self.shared.config.auto_create && database.is_some() => {
@@ -568,6 +574,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             Err(e) => {
                 if e.sqlstate() == CONNECT_FAILED {
                     self.shared.mark_down(shard);
+                }
+                if e.sqlstate().starts_with("08") {
+                    self.shared.breaker.failure(shard.0 as usize, generation);
                 }
                 return Err(e.into());
             }
@@ -718,10 +727,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             return Box::pin(self.exchange_following(shard, d, frame)).await;
         }
         let mut p = self.checkout(shard, d.database.as_deref()).await?;
-        p.conn().send(&frame).await?;
-        let status = self.relay_until_ready(&mut p).await?;
+        let started = std::time::Instant::now();
+        let sent = match p.conn().send(&frame).await {
+            Ok(()) => self.relay_until_ready(&mut p).await,
+            Err(e) => Err(e.into()),
+        };
+        let status = sent.inspect_err(|e| self.connection_failed(shard, e))?;
+        self.answered(shard, started);
         self.after_exchange(p, status);
         Ok(())
+    }
+
+    /// A statement on `shard` failed: a lost connection counts for the circuit breaker.
+    pub fn connection_failed(&self, shard: ShardId, e: &Reported) {
+        if e.code.starts_with("08") {
+            self.shared.breaker.failure(shard.0 as usize, self.shared.topology.generation(shard));
+        }
+    }
+
+    /// A statement got its answer from `shard`: metrics, and the circuit breaker's success.
+    pub fn answered(&self, shard: ShardId, started: std::time::Instant) {
+        self.shared.stats.record(shard.0 as usize, started.elapsed(), self.answer_error);
+        self.shared.breaker.success(shard.0 as usize);
     }
 
     /// `exchange_once` on a shard that follows its primary: a statement that the old primary did not run
@@ -759,11 +786,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 self.wait_new_primary(shard, generation, &name, e).await?;
                 continue;
             }
+            let started = std::time::Instant::now();
             let status = self.relay_until_ready(&mut p).await;
             if status.is_err() {
                 self.shared.topology.suspect(shard);
             }
             self.after_exchange(p, status?);
+            self.answered(shard, started);
             return Ok(());
         }
     }
@@ -799,9 +828,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             self.txn = Txn::Idle;
             return Err(e.into());
         }
+        let started = std::time::Instant::now();
+        let shard = p.shard();
         match self.relay_until_ready(&mut p).await {
             Ok(status) => {
                 self.after_exchange(p, status);
+                self.answered(shard, started);
                 Ok(())
             }
             Err(e) => {
@@ -822,8 +854,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     async fn relay_until_ready_as(&mut self, p: &mut Pooled, status_for_client: Option<u8>) -> Result<u8, Reported> {
         let conn = p.conn();
         match conn.io.relay_to_ready(&mut self.io, status_for_client).await {
-            Ok(status) => {
+            Ok((status, error)) => {
                 conn.status = status;
+                self.answer_error = error;
                 Ok(status)
             }
             Err(RelayError::Src(e)) => Err(BackendError::Wire(e, conn.addr.clone()).into()),

@@ -653,11 +653,16 @@ async fn relay_alone<S: AsyncRead + AsyncWrite + Unpin>(
     mut p: Pooled,
     exps: VecDeque<Exp>,
 ) -> Result<(), Reported> {
+    let started = std::time::Instant::now();
+    let shard = p.shard();
+    // Metrics count statements run (an Execute), not a driver's Parse/Describe round trips.
+    let executes = exps.iter().any(|e| matches!(e, Exp::Execute));
     let mut merge = Merge::default();
     let status = match relay(c, &mut p, exps, Role::Only, &mut merge).await {
         Ok(s) => s,
         Err(e) => {
             c.txn = Txn::Idle;
+            c.connection_failed(shard, &e);
             return Err(e);
         }
     };
@@ -668,6 +673,10 @@ async fn relay_alone<S: AsyncRead + AsyncWrite + Unpin>(
             c.txn = Txn::Bound;
             c.bound = Some(p);
         }
+    }
+    if executes {
+        c.answer_error = merge.failed;
+        c.answered(shard, started);
     }
     Ok(())
 }

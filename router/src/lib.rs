@@ -4,6 +4,7 @@
 
 pub mod alltx;
 pub mod backend;
+pub mod breaker;
 pub mod cancel;
 pub mod client;
 pub mod copy;
@@ -11,6 +12,7 @@ pub mod demo;
 pub mod extended;
 pub mod fanout;
 pub mod localpg;
+pub mod observe;
 pub mod pool;
 pub mod proto;
 pub mod server;

@@ -50,6 +50,8 @@ pub struct Pool {
     idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
     settings: Arc<Settings>,
+    /// Checkouts waiting for a free connection now (for metrics).
+    waiting: std::sync::atomic::AtomicUsize,
     /// Set when the shard's primary moved away from this pool's host: connections are not kept any more.
     retired: std::sync::atomic::AtomicBool,
     /// ParameterStatus of the first connection made, for clients' startup.
@@ -70,9 +72,7 @@ impl Pool {
         // A free permit is taken without setting up a timer; only a wait is bounded by pool-timeout-ms.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
-            Err(_) => match Box::pin(tokio::time::timeout(self.settings.timeout, self.permits.clone().acquire_owned()))
-                .await
-            {
+            Err(_) => match self.wait_permit().await {
                 Ok(p) => p.expect("pool semaphore is never closed"),
                 Err(_) => {
                     return Err(PoolError::Timeout {
@@ -105,6 +105,32 @@ impl Pool {
         };
         Ok(Pooled { conn: Some(conn), pool: self.clone(), _permit: permit, cancel: None })
     }
+}
+
+impl Pool {
+    /// The slow path of a checkout: every connection is taken; wait (bounded by pool-timeout-ms). Boxed:
+    /// a timer's future is large and would be copied on every checkout.
+    async fn wait_permit(
+        self: &Arc<Self>,
+    ) -> Result<Result<OwnedSemaphorePermit, tokio::sync::AcquireError>, tokio::time::error::Elapsed> {
+        use std::sync::atomic::Ordering;
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let r = Box::pin(tokio::time::timeout(self.settings.timeout, self.permits.clone().acquire_owned())).await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        r
+    }
+}
+
+/// A pool's figures for metrics and the health endpoint.
+pub struct PoolStat {
+    pub shard: ShardId,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub active: usize,
+    pub idle: usize,
+    pub waiting: usize,
 }
 
 impl Pooled {
@@ -198,6 +224,24 @@ impl Pools {
         (self.settings.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 
+    /// Every pool's figures.
+    pub fn stats(&self) -> Vec<PoolStat> {
+        let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
+        pools
+            .iter()
+            .map(|p| PoolStat {
+                shard: p.key.shard,
+                host: p.key.target.host.clone(),
+                port: p.key.target.port,
+                database: p.key.target.database.clone(),
+                user: p.key.target.user.clone(),
+                active: (self.settings.size as usize).saturating_sub(p.permits.available_permits()),
+                idle: p.idle.lock().expect("pool lock").len(),
+                waiting: p.waiting.load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect()
+    }
+
     /// Idle connections in all pools (for tests and, later, metrics).
     pub fn idle_count(&self) -> usize {
         let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
@@ -217,6 +261,7 @@ impl Pools {
                     settings: self.settings.clone(),
                     params: Mutex::new(None),
                     retired: Default::default(),
+                    waiting: Default::default(),
                 })
             })
             .clone()

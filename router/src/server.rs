@@ -25,6 +25,9 @@ pub struct Shared {
     pub pools: Arc<Pools>,
     /// Where each shard's primary is (and the failover buffer).
     pub topology: Arc<crate::topology::Topology>,
+    /// Counters for `/metrics` and the health endpoint.
+    pub stats: crate::observe::Stats,
+    pub breaker: crate::breaker::Breaker,
     pub scram: ScramCache,
     pub cancels: crate::cancel::Registry,
     /// `pool-mode,session`: each client keeps the server connections it uses for its whole session.
@@ -59,6 +62,8 @@ impl Shared {
             map,
             pools,
             topology,
+            stats: crate::observe::Stats::new(n),
+            breaker: crate::breaker::Breaker::new(&config.circuit_breaker, n),
             scram: ScramCache::default(),
             cancels: Default::default(),
             session_mode: config.pool.mode == shardmap::config::PoolMode::Session,
@@ -110,6 +115,27 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         })
     };
     let _stop_reaper = AbortOnDrop(reaper);
+    // router-http: the health endpoint and /metrics.
+    let _stop_http = match &shared.config.router.http {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr.as_str())
+                .await
+                .map_err(|e| anyhow::anyhow!("router-http {addr}: cannot listen: {e}"))?;
+            tracing::info!("health and metrics on http://{}", listener.local_addr()?);
+            let shared = shared.clone();
+            Some(AbortOnDrop(tokio::spawn(async move {
+                if let Err(e) = crate::observe::serve_http(listener, shared).await {
+                    tracing::error!("router-http: {e}");
+                }
+            })))
+        }
+        None => None,
+    };
+    let _stop_health = shared
+        .config
+        .health
+        .enabled
+        .then(|| AbortOnDrop(tokio::spawn(crate::observe::health_checks(Arc::downgrade(&shared)))));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -189,6 +215,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         return fatal(&mut io, e).await;
     }
     let (cancel_key, cancel) = shared.cancels.register();
+    shared.stats.clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let _unregister = Unregister(&shared, cancel_key);
     let mut client = Client {
         io,
@@ -201,6 +228,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         bound: None,
         bound_all: Vec::new(),
         failed: false,
+        answer_error: false,
         statements: Default::default(),
         batch: Vec::new(),
         cancel,
@@ -271,6 +299,7 @@ struct Unregister<'a>(&'a Shared, (i32, i32));
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
         self.0.cancels.remove(self.1);
+        self.0.stats.clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

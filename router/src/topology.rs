@@ -46,6 +46,8 @@ struct Node {
     generation: AtomicU64,
     recheck: Notify,
     buffered: AtomicUsize,
+    /// Changes of primary after the first one found (for metrics).
+    failovers: AtomicU64,
 }
 
 pub struct Topology {
@@ -78,6 +80,7 @@ impl Topology {
                     generation: AtomicU64::new(0),
                     recheck: Notify::new(),
                     buffered: AtomicUsize::new(0),
+                    failovers: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -132,6 +135,9 @@ impl Topology {
             }
             tracing::warn!(shard = shard.0, from = ?p.host, to = ?found, "primary changed");
             p.lost_at = if found.is_none() { Some(Instant::now()) } else { None };
+            if p.host.is_some() || p.generation > 1 {
+                node.failovers.fetch_add(1, Ordering::Relaxed);
+            }
             p.host = found.clone();
             p.generation += 1;
             node.generation.store(p.generation, Ordering::Release);
@@ -146,6 +152,21 @@ impl Topology {
     /// Whether `shard` follows a primary among several hosts (and so buffers and retries around failover).
     pub fn follows(&self, shard: ShardId) -> bool {
         self.nodes.get(shard.0 as usize).is_some_and(|n| n.follows)
+    }
+
+    /// Whether the router knows `shard`'s primary right now.
+    pub fn has_primary(&self, shard: ShardId) -> bool {
+        self.nodes.get(shard.0 as usize).is_some_and(|n| n.tx.borrow().host.is_some())
+    }
+
+    /// `shard`'s primary right now, without waiting.
+    pub fn current(&self, shard: ShardId) -> Option<(String, u16)> {
+        self.nodes.get(shard.0 as usize).and_then(|n| n.tx.borrow().host.clone())
+    }
+
+    /// Changes of `shard`'s primary seen so far.
+    pub fn failovers(&self, shard: ShardId) -> u64 {
+        self.nodes.get(shard.0 as usize).map_or(0, |n| n.failovers.load(Ordering::Relaxed))
     }
 
     /// Whether any node follows its primary.
@@ -280,7 +301,7 @@ async fn probe_patroni(
 }
 
 /// Whether the server at `host:port` is in recovery (a standby); `None` if it cannot be asked.
-async fn in_recovery(addr: &NodeAddr, host: &str, port: u16, timeout: Duration) -> Option<bool> {
+pub async fn in_recovery(addr: &NodeAddr, host: &str, port: u16, timeout: Duration) -> Option<bool> {
     {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(host)

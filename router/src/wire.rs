@@ -179,13 +179,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     }
 
     /// Relays this stream's messages to `dst` up to and including the next ReadyForQuery, whose status byte
-    /// is returned (and, with `status`, replaced). The messages are not split apart: whole runs of frames
+    /// is returned (and, with `status`, replaced), with whether an ErrorResponse was among them. The messages are not split apart: whole runs of frames
     /// are written from this read buffer to `dst` (short ones gathered in `dst`'s write buffer), so a
     /// response costs one read and one write, whatever the number of rows.
-    pub async fn relay_to_ready<D>(&mut self, dst: &mut Framed<D>, status: Option<u8>) -> Result<u8, RelayError>
+    pub async fn relay_to_ready<D>(&mut self, dst: &mut Framed<D>, status: Option<u8>) -> Result<(u8, bool), RelayError>
     where
         D: AsyncRead + AsyncWrite + Unpin,
     {
+        let mut error = false;
         loop {
             let mut pos = 0;
             let mut ready = None;
@@ -203,6 +204,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 if b.len() < total {
                     break;
                 }
+                error |= tag == b'E';
                 if tag == b'Z' && total == 6 {
                     ready = Some(b[5]);
                     if let Some(s) = status {
@@ -224,7 +226,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 self.rbuf.advance(pos);
             }
             if let Some(s) = ready {
-                return Ok(s);
+                return Ok((s, error));
             }
             if self.rbuf.len() >= 5 {
                 let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize;

@@ -1,0 +1,259 @@
+//! Observability over HTTP on `router-http`: the health endpoint of the design document (`health-endpoint`,
+//! default `/api/health`) and `/metrics` in Prometheus' text format.
+//!
+//! The counters are atomics bumped on the hot path (one `fetch_add` per statement and one for its latency
+//! bucket); everything else (pools, primaries, circuits) is read when a scrape asks.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+
+use crate::server::Shared;
+
+/// Upper bounds of the latency histogram's buckets, in microseconds (and `+Inf`).
+const BOUNDS_US: [u64; 12] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000, 5_000_000, 30_000_000];
+
+#[derive(Default)]
+struct ShardStats {
+    queries: AtomicU64,
+    errors: AtomicU64,
+    /// Per bucket (not cumulative); the last is `+Inf`.
+    buckets: [AtomicU64; BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+pub struct Stats {
+    shards: Vec<ShardStats>,
+    /// Client connections open now.
+    pub clients: AtomicI64,
+    /// Health checks: consecutive failures per shard (`health-enabled`).
+    pub health_failures: Vec<AtomicU64>,
+    started: Instant,
+}
+
+impl Stats {
+    pub fn new(shards: usize) -> Stats {
+        Stats {
+            shards: (0..shards).map(|_| ShardStats::default()).collect(),
+            clients: AtomicI64::new(0),
+            health_failures: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            started: Instant::now(),
+        }
+    }
+
+    /// A statement answered by shard `i` in `elapsed`; `error` if the server answered with an error.
+    pub fn record(&self, i: usize, elapsed: Duration, error: bool) {
+        let Some(s) = self.shards.get(i) else { return };
+        s.queries.fetch_add(1, Ordering::Relaxed);
+        if error {
+            s.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let us = elapsed.as_micros().min(u64::MAX as u128) as u64;
+        let b = BOUNDS_US.iter().position(|&le| us <= le).unwrap_or(BOUNDS_US.len());
+        s.buckets[b].fetch_add(1, Ordering::Relaxed);
+        s.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// Each shard's check for the health endpoint: `ok`, or why not.
+fn checks(shared: &Shared) -> Vec<(String, String)> {
+    let retries = shared.config.health.retries.max(1) as u64;
+    shared
+        .map
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let shard = shardmap::ShardId(i as u16);
+            let state = if !shared.topology.has_primary(shard) {
+                "no primary".to_string()
+            } else if shared.breaker.state(i) == "open" {
+                "circuit open".to_string()
+            } else if shared.config.health.enabled && shared.stats.health_failures[i].load(Ordering::Relaxed) >= retries
+            {
+                format!("unreachable ({retries} checks failed)")
+            } else {
+                "ok".to_string()
+            };
+            (n.name.clone(), state)
+        })
+        .collect()
+}
+
+/// The health document and its HTTP status: 200 when every shard is `ok`, 503 otherwise.
+pub fn health(shared: &Shared) -> (StatusCode, serde_json::Value) {
+    let checks = checks(shared);
+    let healthy = checks.iter().all(|(_, s)| s == "ok");
+    let pools = shared.pools.stats();
+    let body = serde_json::json!({
+        "status": if healthy { "healthy" } else { "unhealthy" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime": shared.stats.uptime().as_secs(),
+        "checks": checks.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect::<serde_json::Map<_, _>>(),
+        "metrics": {
+            "connections": shared.stats.clients.load(Ordering::Relaxed),
+            "server_connections": pools.iter().map(|p| p.active + p.idle).sum::<usize>(),
+            "waiting": pools.iter().map(|p| p.waiting).sum::<usize>(),
+        },
+    });
+    (if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
+}
+
+/// `/metrics` in Prometheus' text exposition format.
+pub fn metrics(shared: &Shared) -> String {
+    let mut out = String::new();
+    let names: Vec<&str> = shared.map.nodes.iter().map(|n| n.name.as_str()).collect();
+    let help = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP shard_router_{name} {help}\n# TYPE shard_router_{name} {kind}");
+    };
+    help(&mut out, "queries_total", "counter", "Statements answered by one shard.");
+    for (i, s) in shared.stats.shards.iter().enumerate() {
+        let _ =
+            writeln!(out, "shard_router_queries_total{{shard=\"{}\"}} {}", names[i], s.queries.load(Ordering::Relaxed));
+    }
+    help(&mut out, "errors_total", "counter", "Statements a shard answered with an error.");
+    for (i, s) in shared.stats.shards.iter().enumerate() {
+        let _ =
+            writeln!(out, "shard_router_errors_total{{shard=\"{}\"}} {}", names[i], s.errors.load(Ordering::Relaxed));
+    }
+    help(&mut out, "query_duration_seconds", "histogram", "Time from sending a statement to its ReadyForQuery.");
+    for (i, s) in shared.stats.shards.iter().enumerate() {
+        let mut cumulative = 0;
+        for (b, le) in BOUNDS_US.iter().enumerate() {
+            cumulative += s.buckets[b].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "shard_router_query_duration_seconds_bucket{{shard=\"{}\",le=\"{}\"}} {cumulative}",
+                names[i],
+                *le as f64 / 1e6
+            );
+        }
+        cumulative += s.buckets[BOUNDS_US.len()].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "shard_router_query_duration_seconds_bucket{{shard=\"{}\",le=\"+Inf\"}} {cumulative}",
+            names[i]
+        );
+        let _ = writeln!(
+            out,
+            "shard_router_query_duration_seconds_sum{{shard=\"{}\"}} {}",
+            names[i],
+            s.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "shard_router_query_duration_seconds_count{{shard=\"{}\"}} {cumulative}", names[i]);
+    }
+    let pools = shared.pools.stats();
+    for (metric, what) in [
+        ("pool_active", "Server connections checked out."),
+        ("pool_idle", "Idle server connections in the pool."),
+        ("pool_waiting", "Clients waiting for a server connection."),
+    ] {
+        help(&mut out, metric, "gauge", what);
+        for p in &pools {
+            let v = match metric {
+                "pool_active" => p.active,
+                "pool_idle" => p.idle,
+                _ => p.waiting,
+            };
+            let _ = writeln!(
+                out,
+                "shard_router_{metric}{{shard=\"{}\",server=\"{}:{}\",database=\"{}\",user=\"{}\"}} {v}",
+                names.get(p.shard.0 as usize).unwrap_or(&"?"),
+                p.host,
+                p.port,
+                escape(&p.database),
+                escape(&p.user)
+            );
+        }
+    }
+    help(&mut out, "failovers_total", "counter", "Changes of a shard's primary seen by the router.");
+    for (i, name) in names.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "shard_router_failovers_total{{shard=\"{name}\"}} {}",
+            shared.topology.failovers(shardmap::ShardId(i as u16))
+        );
+    }
+    help(&mut out, "has_primary", "gauge", "1 when the router knows the shard's primary.");
+    for (i, name) in names.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "shard_router_has_primary{{shard=\"{name}\"}} {}",
+            shared.topology.has_primary(shardmap::ShardId(i as u16)) as u8
+        );
+    }
+    help(&mut out, "circuit_state", "gauge", "The circuit breaker's state per shard (1 for the current one).");
+    for (i, name) in names.iter().enumerate() {
+        let now = shared.breaker.state(i);
+        for state in ["closed", "open", "half-open"] {
+            let _ = writeln!(
+                out,
+                "shard_router_circuit_state{{shard=\"{name}\",state=\"{state}\"}} {}",
+                (now == state) as u8
+            );
+        }
+    }
+    help(&mut out, "client_connections", "gauge", "Client connections open now.");
+    let _ = writeln!(out, "shard_router_client_connections {}", shared.stats.clients.load(Ordering::Relaxed));
+    help(&mut out, "uptime_seconds", "gauge", "Seconds since the router started.");
+    let _ = writeln!(out, "shard_router_uptime_seconds {}", shared.stats.uptime().as_secs());
+    out
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+async fn health_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let (code, body) = health(&shared);
+    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string())
+}
+
+async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics(&shared))
+}
+
+/// Serves the health endpoint and `/metrics` on `listener` until the task is dropped.
+pub async fn serve_http(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+    let path = shared.config.health.endpoint.clone();
+    let app = axum::Router::new()
+        .route(&path, axum::routing::get(health_handler))
+        .route("/metrics", axum::routing::get(metrics_handler))
+        .with_state(shared);
+    axum::serve(listener, app).await
+}
+
+/// `health-enabled`: checks each shard's primary with `SELECT 1` every `health-interval` seconds (within
+/// `health-timeout`); `health-retries` failures in a row make the shard unhealthy until a check passes.
+pub async fn health_checks(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let interval = Duration::from_secs(s.config.health.interval_s.max(1));
+        let timeout = Duration::from_secs(s.config.health.timeout_s.max(1));
+        for (i, node) in s.map.nodes.iter().enumerate() {
+            let Some(addr) = &node.addr else { continue };
+            let ok = match s.topology.current(shardmap::ShardId(i as u16)) {
+                Some((host, port)) => crate::topology::in_recovery(addr, &host, port, timeout).await.is_some(),
+                None => false,
+            };
+            let f = &s.stats.health_failures[i];
+            if ok {
+                f.store(0, Ordering::Relaxed);
+            } else {
+                f.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        drop(s);
+        tokio::time::sleep(interval).await;
+    }
+}
