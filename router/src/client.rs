@@ -529,14 +529,71 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         })?;
         let ((host, port), generation) =
             self.shared.topology.primary(shard, &node.name).await.map_err(|e| reported(CONNECT_FAILED, e.0))?;
+        let target = self.target(addr, (host, port), database);
+        Ok((generation, self.shared.pools.pool(PoolKey { shard, target }, &node.name)))
+    }
+
+    /// Where and as whom to connect on `host` for this client.
+    fn target(
+        &self,
+        addr: &shardmap::config::NodeAddr,
+        (host, port): (String, u16),
+        database: Option<&str>,
+    ) -> ServerTarget {
         let user = addr.user.clone().unwrap_or_else(|| self.user.clone());
         let password = addr.password.clone().or_else(|| {
             (user == self.user).then(|| self.shared.config.router.users.get(&self.user).cloned()).flatten()
         });
         let database =
             database.map(str::to_string).or_else(|| addr.dbname.clone()).unwrap_or_else(|| self.database.clone());
-        let target = ServerTarget { host, port, user, password, database };
-        Ok((generation, self.shared.pools.pool(PoolKey { shard, target }, &node.name)))
+        ServerTarget { host, port, user, password, database }
+    }
+
+    /// `shard-read-replicas`: a connection to a standby of `shard` that is fresh enough, if there is one and
+    /// it can be reached (`None`: read on the primary).
+    pub async fn checkout_replica(&mut self, shard: ShardId, database: Option<&str>) -> Option<Pooled> {
+        let config = &self.shared.config;
+        if !config.read_replicas || !matches!(self.txn, Txn::Idle) || self.shared.session_mode {
+            return None;
+        }
+        let at = self.shared.topology.replica(shard, config.max_replica_lag_bytes)?;
+        let node = self.shared.map.node(shard);
+        let target = self.target(node.addr.as_ref()?, at, database);
+        let pool = self.shared.pools.pool(PoolKey { shard, target }, &node.name);
+        let mut p = pool.get().await.ok()?;
+        p.register_cancel(&self.cancel);
+        let conn = p.conn();
+        let want = self.settings.hash();
+        if conn.settings != want {
+            let sql = self.settings.replay_sql(conn.settings != 0);
+            if !sql.is_empty() && Box::pin(conn.run_quiet(&sql)).await.is_err() {
+                return None;
+            }
+            conn.settings = want;
+        }
+        Some(p)
+    }
+
+    /// A read on a standby (`shard-read-replicas`): `Ok(false)` when there is none fit for it, or the standby
+    /// refused it before running it (a read that writes, `FOR UPDATE`: 25006), so the caller reads on the
+    /// primary.
+    async fn read_on_replica(&mut self, shard: ShardId, d: &Decision, frame: &Bytes) -> Result<bool, Reported> {
+        let Some(mut p) = Box::pin(self.checkout_replica(shard, d.database.as_deref())).await else {
+            return Ok(false);
+        };
+        if p.conn().send(frame).await.is_err() {
+            return Ok(false);
+        }
+        match p.conn().io.front().await {
+            Ok(Some((b'E', body))) if crate::topology::not_run(&proto::error_fields(body).0) => return Ok(false),
+            Ok(Some(_)) => {}
+            _ => return Ok(false),
+        }
+        let started = std::time::Instant::now();
+        let status = self.relay_until_ready(&mut p).await?;
+        self.shared.stats.record(shard.0 as usize, started.elapsed(), self.answer_error);
+        self.after_exchange(p, status);
+        Ok(true)
     }
 
     /// Checks out a connection and brings its session settings in line with the client's.
@@ -558,6 +615,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if let Some(i) = self.sticky.iter().position(|p| p.is_from(&pool)) {
             // Session mode: the client's own connection, as it left it.
             return Ok(self.sticky.swap_remove(i));
+        }
+        if self.shared.topology.is_paused(shard) {
+            // The admin console's PAUSE: a new transaction waits for RESUME.
+            Box::pin(self.shared.topology.wait_resumed(shard)).await;
         }
         let breaker = &self.shared.breaker;
         breaker
@@ -723,6 +784,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// One exchange on a connection checked out for it (kept if it opened a transaction).
     async fn exchange_once(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
+        if self.shared.config.read_replicas
+            && matches!(self.txn, Txn::Idle)
+            && d.analysis.statements.iter().all(|s| s.kind == Kind::Read)
+            && Box::pin(self.read_on_replica(shard, d, &frame)).await?
+        {
+            return Ok(());
+        }
         if self.shared.topology.follows(shard) {
             return Box::pin(self.exchange_following(shard, d, frame)).await;
         }

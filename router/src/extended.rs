@@ -553,6 +553,13 @@ async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
             c.open_held(shard, d, held).await?;
             send_bound(c, batch).await
         }
+        Txn::Idle
+            if c.shared.config.read_replicas
+                && d.analysis.statements.iter().all(|s| s.kind == Kind::Read)
+                && Box::pin(send_replica(c, batch, shard, d)).await? =>
+        {
+            Ok(())
+        }
         Txn::Idle if c.shared.topology.follows(shard) => {
             Box::pin(send_following(c, batch, Some((shard, d.database.as_deref())))).await
         }
@@ -561,6 +568,40 @@ async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
             send_alone(c, batch, p).await
         }
     }
+}
+
+/// Whether the server will answer this batch with a message past the preliminaries that `Framed::front`
+/// skips: something was sent, and it ends with Sync or holds an Execute (a Parse or Describe followed only by
+/// Flush would leave `front` waiting).
+fn awaits_result(batch: &[Msg], exps: &VecDeque<Exp>) -> bool {
+    exps.iter().any(|e| !matches!(e, Exp::InjectParse | Exp::InjectClose))
+        && batch.iter().any(|m| matches!(m.tag, b'S' | b'E'))
+}
+
+/// `shard-read-replicas`: a read batch on a standby that is fresh enough. `Ok(false)`: there is none, or it
+/// refused the batch before running it (25006), and the caller sends it to the primary.
+async fn send_replica<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    batch: &[Msg],
+    shard: shardmap::ShardId,
+    d: &Decision,
+) -> Result<bool, Reported> {
+    let Some(mut p) = c.checkout_replica(shard, d.database.as_deref()).await else {
+        return Ok(false);
+    };
+    let exps = rewrite(c, batch, p.conn())?;
+    let answered = awaits_result(batch, &exps);
+    if p.conn().flush().await.is_err() {
+        return Ok(false);
+    }
+    if answered {
+        match p.conn().io.front().await {
+            Ok(Some((b'E', body))) if crate::topology::not_run(&proto::error_fields(body).0) => return Ok(false),
+            Ok(Some(_)) => {}
+            _ => return Ok(false),
+        }
+    }
+    relay_alone(c, p, exps).await.map(|()| true)
 }
 
 /// `send_alone` outside a transaction on a shard that follows its primary: a batch that the old primary did
@@ -598,7 +639,7 @@ async fn send_following<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let exps = rewrite(c, batch, p.conn())?;
         // A batch the router answers alone (a Parse the server has, and a Flush) gets nothing back to look at.
-        let answered = exps.iter().any(|e| !matches!(e, Exp::InjectParse | Exp::InjectClose));
+        let answered = awaits_result(batch, &exps);
         let not_run = match p.conn().flush().await {
             Err(e) => Some(Reported::from(e)),
             Ok(()) if answered => match p.conn().io.front().await {

@@ -2,6 +2,7 @@
 //! by `shardmap`, and the frames are relayed as bytes to pooled server connections of the chosen shard.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod alltx;
 pub mod backend;
 pub mod breaker;

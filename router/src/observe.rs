@@ -60,6 +60,17 @@ impl Stats {
         s.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Shard `i`'s statements, errors and summed latency.
+    pub fn shard(&self, i: usize) -> (u64, u64, Duration) {
+        self.shards.get(i).map_or((0, 0, Duration::ZERO), |s| {
+            (
+                s.queries.load(Ordering::Relaxed),
+                s.errors.load(Ordering::Relaxed),
+                Duration::from_micros(s.sum_us.load(Ordering::Relaxed)),
+            )
+        })
+    }
+
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }

@@ -17,6 +17,15 @@ use crate::startup::{self, Hello, ScramCache, StartupError};
 use crate::wire::Framed;
 use crate::{proto, startup::backend_key};
 
+/// A client connection, as the admin console shows it.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    pub user: String,
+    pub database: String,
+    pub addr: String,
+    pub since: std::time::Instant,
+}
+
 /// What every client task shares.
 pub struct Shared {
     pub config: Arc<Config>,
@@ -27,6 +36,8 @@ pub struct Shared {
     pub topology: Arc<crate::topology::Topology>,
     /// Counters for `/metrics` and the health endpoint.
     pub stats: crate::observe::Stats,
+    /// Client connections, by cancel key (for the admin console's SHOW CLIENTS).
+    pub clients: std::sync::Mutex<std::collections::HashMap<(i32, i32), ClientInfo>>,
     pub breaker: crate::breaker::Breaker,
     pub scram: ScramCache,
     pub cancels: crate::cancel::Registry,
@@ -63,6 +74,7 @@ impl Shared {
             pools,
             topology,
             stats: crate::observe::Stats::new(n),
+            clients: Default::default(),
             breaker: crate::breaker::Breaker::new(&config.circuit_breaker, n),
             scram: ScramCache::default(),
             cancels: Default::default(),
@@ -76,14 +88,15 @@ impl Shared {
         })
     }
 
-    /// A shard for statements any shard can answer, in turn, skipping shards that just failed to connect.
+    /// A shard for statements any shard can answer, in turn, skipping shards that just failed to connect and
+    /// shards paused by the admin console.
     pub fn any_shard(&self) -> ShardId {
         let n = self.map.nodes.len().max(1);
         let now = self.epoch.elapsed().as_millis() as u64;
         let mut pick = 0;
         for _ in 0..n {
             pick = self.next.fetch_add(1, Ordering::Relaxed) % n;
-            if self.down_until[pick].load(Ordering::Relaxed) <= now {
+            if self.down_until[pick].load(Ordering::Relaxed) <= now && !self.topology.is_paused(ShardId(pick as u16)) {
                 break;
             }
         }
@@ -162,6 +175,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
 }
 
 async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()> {
+    let addr = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut io = Framed::new(sock);
     let hello = startup::hello(&mut io, shared.tls.is_some()).await;
     if let Ok(Some(Hello::Tls)) = hello {
@@ -175,9 +189,9 @@ async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()
         let tls = acceptor.accept(sock).await?;
         let mut io = Framed::new(tls);
         let hello = startup::hello(&mut io, false).await;
-        return session(shared, io, hello).await;
+        return session(shared, io, hello, addr).await;
     }
-    session(shared, io, hello).await
+    session(shared, io, hello, addr).await
 }
 
 /// A client's session after the (optional) TLS handshake.
@@ -185,6 +199,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     shared: Arc<Shared>,
     mut io: Framed<S>,
     hello: Result<Option<Hello>, StartupError>,
+    addr: String,
 ) -> anyhow::Result<()> {
     let hello = match hello {
         Ok(Some(h)) => h,
@@ -217,6 +232,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let (cancel_key, cancel) = shared.cancels.register();
     shared.stats.clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let _unregister = Unregister(&shared, cancel_key);
+    shared.clients.lock().expect("clients lock").insert(
+        cancel_key,
+        ClientInfo { user: user.clone(), database: database.clone(), addr, since: std::time::Instant::now() },
+    );
+    if database == crate::admin::ADMIN_DB {
+        return crate::admin::serve(shared.clone(), io, &user, cancel_key).await;
+    }
     let mut client = Client {
         io,
         shared: shared.clone(),
@@ -299,6 +321,7 @@ struct Unregister<'a>(&'a Shared, (i32, i32));
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
         self.0.cancels.remove(self.1);
+        self.0.clients.lock().expect("clients lock").remove(&self.1);
         self.0.stats.clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

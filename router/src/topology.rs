@@ -35,6 +35,15 @@ pub struct Primary {
     pub lost_at: Option<Instant>,
     /// Probes made so far (a waiter learns that the primary was confirmed, unchanged).
     pub probes: u64,
+    /// Standbys as last probed, with how far behind the primary they replay (bytes of WAL; `None` unknown).
+    pub replicas: Vec<((String, u16), Option<u64>)>,
+}
+
+/// What a probe found: the primary (if any) and the standbys with their lag.
+#[derive(Default)]
+struct Found {
+    primary: Option<(String, u16)>,
+    replicas: Vec<((String, u16), Option<u64>)>,
 }
 
 struct Node {
@@ -48,6 +57,11 @@ struct Node {
     buffered: AtomicUsize,
     /// Changes of primary after the first one found (for metrics).
     failovers: AtomicU64,
+    /// The admin console's PAUSE: new transactions wait until RESUME.
+    paused: std::sync::atomic::AtomicBool,
+    resumed: Notify,
+    /// Round-robin over the standbys for reads.
+    next_replica: AtomicUsize,
 }
 
 pub struct Topology {
@@ -76,11 +90,14 @@ impl Topology {
                 Node {
                     follows,
                     patroni,
-                    tx: watch::Sender::new(Primary { host, generation: 0, lost_at, probes: 0 }),
+                    tx: watch::Sender::new(Primary { host, generation: 0, lost_at, probes: 0, replicas: Vec::new() }),
                     generation: AtomicU64::new(0),
                     recheck: Notify::new(),
                     buffered: AtomicUsize::new(0),
                     failovers: AtomicU64::new(0),
+                    paused: Default::default(),
+                    resumed: Notify::new(),
+                    next_replica: AtomicUsize::new(0),
                 }
             })
             .collect();
@@ -125,11 +142,13 @@ impl Topology {
         }
     }
 
-    fn publish(&self, shard: ShardId, found: Option<(String, u16)>, pools: &crate::pool::Pools) {
+    fn publish(&self, shard: ShardId, found: Found, pools: &crate::pool::Pools) {
         let node = &self.nodes[shard.0 as usize];
+        let Found { primary: found, replicas } = found;
         let mut changed = false;
         node.tx.send_modify(|p| {
             p.probes += 1;
+            p.replicas = replicas;
             if p.host == found {
                 return;
             }
@@ -154,6 +173,25 @@ impl Topology {
         self.nodes.get(shard.0 as usize).is_some_and(|n| n.follows)
     }
 
+    /// A standby of `shard` whose replay is at most `max_lag` bytes behind the primary, taken in turn; `None`
+    /// when there is none (reads then go to the primary).
+    pub fn replica(&self, shard: ShardId, max_lag: u64) -> Option<(String, u16)> {
+        let n = self.nodes.get(shard.0 as usize)?;
+        let p = n.tx.borrow();
+        let fresh: Vec<&(String, u16)> =
+            p.replicas.iter().filter(|(_, lag)| lag.is_some_and(|l| l <= max_lag)).map(|(h, _)| h).collect();
+        if fresh.is_empty() {
+            return None;
+        }
+        let i = n.next_replica.fetch_add(1, Ordering::Relaxed) % fresh.len();
+        Some(fresh[i].clone())
+    }
+
+    /// `shard`'s standbys and their lag, as last probed.
+    pub fn replicas(&self, shard: ShardId) -> Vec<((String, u16), Option<u64>)> {
+        self.nodes.get(shard.0 as usize).map(|n| n.tx.borrow().replicas.clone()).unwrap_or_default()
+    }
+
     /// Whether the router knows `shard`'s primary right now.
     pub fn has_primary(&self, shard: ShardId) -> bool {
         self.nodes.get(shard.0 as usize).is_some_and(|n| n.tx.borrow().host.is_some())
@@ -167,6 +205,34 @@ impl Topology {
     /// Changes of `shard`'s primary seen so far.
     pub fn failovers(&self, shard: ShardId) -> u64 {
         self.nodes.get(shard.0 as usize).map_or(0, |n| n.failovers.load(Ordering::Relaxed))
+    }
+
+    /// PAUSE (`true`) or RESUME (`false`) a shard.
+    pub fn set_paused(&self, shard: ShardId, paused: bool) {
+        if let Some(n) = self.nodes.get(shard.0 as usize) {
+            n.paused.store(paused, Ordering::Release);
+            if !paused {
+                n.resumed.notify_waiters();
+            }
+        }
+    }
+
+    pub fn is_paused(&self, shard: ShardId) -> bool {
+        self.nodes.get(shard.0 as usize).is_some_and(|n| n.paused.load(Ordering::Acquire))
+    }
+
+    /// Waits while `shard` is paused.
+    pub async fn wait_resumed(&self, shard: ShardId) {
+        let Some(n) = self.nodes.get(shard.0 as usize) else { return };
+        loop {
+            let resumed = n.resumed.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            if !n.paused.load(Ordering::Acquire) {
+                return;
+            }
+            resumed.await;
+        }
     }
 
     /// Whether any node follows its primary.
@@ -241,13 +307,23 @@ impl Topology {
 }
 
 /// The first host of `addr` that accepts a connection and is not in recovery.
-async fn probe(addr: &NodeAddr, timeout: Duration) -> Option<(String, u16)> {
+async fn probe(addr: &NodeAddr, timeout: Duration) -> Found {
+    let mut found = Found::default();
+    let mut primary_lsn = None;
+    let mut standbys = Vec::new();
     for (host, port) in &addr.hosts {
-        if in_recovery(addr, host, *port, timeout).await == Some(false) {
-            return Some((host.clone(), *port));
+        match position(addr, host, *port, timeout).await {
+            Some((false, lsn)) if found.primary.is_none() => {
+                found.primary = Some((host.clone(), *port));
+                primary_lsn = lsn;
+            }
+            Some((true, lsn)) => standbys.push(((host.clone(), *port), lsn)),
+            _ => {}
         }
     }
-    None
+    found.replicas =
+        standbys.into_iter().map(|(h, lsn)| (h, primary_lsn.zip(lsn).map(|(p, r)| p.saturating_sub(r)))).collect();
+    found
 }
 
 /// A member of Patroni's `GET /cluster` answer (the fields the router reads).
@@ -259,6 +335,9 @@ struct Member {
     state: String,
     host: Option<String>,
     port: Option<u16>,
+    /// Bytes behind the leader (a number, or "unknown").
+    #[serde(default)]
+    lag: serde_json::Value,
 }
 
 #[derive(serde::Deserialize, Debug)]
@@ -269,12 +348,7 @@ struct Cluster {
 
 /// The leader that Patroni names (asking each member's REST API in turn until one answers), if the server at
 /// that address agrees that it is a primary.
-async fn probe_patroni(
-    http: &reqwest::Client,
-    urls: &[String],
-    addr: &NodeAddr,
-    timeout: Duration,
-) -> Option<(String, u16)> {
+async fn probe_patroni(http: &reqwest::Client, urls: &[String], addr: &NodeAddr, timeout: Duration) -> Found {
     for url in urls {
         let answer = http.get(format!("{}/cluster", url.trim_end_matches('/'))).timeout(timeout).send().await;
         let Ok(cluster) = (match answer {
@@ -283,25 +357,46 @@ async fn probe_patroni(
         }) else {
             continue;
         };
-        let leader = cluster
+        let replicas = cluster
             .members
             .iter()
-            .find(|m| matches!(m.role.as_str(), "leader" | "master" | "primary") && m.state == "running")?;
-        let host = (leader.host.clone()?, leader.port.unwrap_or(5432));
+            .filter(|m| {
+                matches!(m.role.as_str(), "replica" | "sync_standby" | "standby")
+                    && matches!(m.state.as_str(), "running" | "streaming")
+            })
+            .filter_map(|m| Some(((m.host.clone()?, m.port.unwrap_or(5432)), m.lag.as_u64())))
+            .collect();
+        let Some(leader) = cluster
+            .members
+            .iter()
+            .find(|m| matches!(m.role.as_str(), "leader" | "master" | "primary") && m.state == "running")
+        else {
+            return Found { primary: None, replicas };
+        };
+        let Some(host) = leader.host.clone().map(|h| (h, leader.port.unwrap_or(5432))) else {
+            return Found { primary: None, replicas };
+        };
         // Fencing: Patroni's word and the server's must agree.
-        return match in_recovery(addr, &host.0, host.1, timeout).await {
+        let primary = match in_recovery(addr, &host.0, host.1, timeout).await {
             Some(false) => Some(host),
             other => {
                 tracing::warn!(?host, in_recovery = ?other, "Patroni names a leader that is not a primary: writes wait");
                 None
             }
         };
+        return Found { primary, replicas };
     }
-    None
+    Found::default()
 }
 
 /// Whether the server at `host:port` is in recovery (a standby); `None` if it cannot be asked.
 pub async fn in_recovery(addr: &NodeAddr, host: &str, port: u16, timeout: Duration) -> Option<bool> {
+    position(addr, host, port, timeout).await.map(|(r, _)| r)
+}
+
+/// Whether the server is in recovery, and its WAL position (a primary's current LSN, a standby's replayed
+/// LSN) as a byte count.
+async fn position(addr: &NodeAddr, host: &str, port: u16, timeout: Duration) -> Option<(bool, Option<u64>)> {
     {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(host)
@@ -316,12 +411,25 @@ pub async fn in_recovery(addr: &NodeAddr, host: &str, port: u16, timeout: Durati
         let attempt = async {
             let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
             let task = tokio::spawn(conn);
-            let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await.ok();
+            let row = client
+                .query_one(
+                    "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                     ELSE pg_current_wal_lsn() END)::text",
+                    &[],
+                )
+                .await
+                .ok();
             task.abort();
-            row.map(|r| r.get::<_, bool>(0))
+            row.map(|r| (r.get::<_, bool>(0), r.get::<_, Option<String>>(1).as_deref().and_then(parse_lsn)))
         };
         tokio::time::timeout(timeout, attempt).await.ok().flatten()
     }
+}
+
+/// An LSN as PostgreSQL prints it (`16/B374D848`) as a byte position.
+fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 /// Whether an error that a server sent as the first answer to a statement means the statement did not run:

@@ -123,25 +123,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
-    /// The next message's tag and body, read in full but left in the buffer; `None` at end of stream.
+    /// The first message that tells how a statement went — past the ones that come before any execution
+    /// (ParseComplete, BindComplete, ParameterDescription, RowDescription, NoData) — read in full but left in
+    /// the buffer with those before it; `None` at end of stream.
     pub async fn front(&mut self) -> Result<Option<(u8, &[u8])>, WireError> {
+        let mut pos = 0;
         loop {
-            if self.rbuf.len() >= 5 {
-                let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as i64;
+            while self.rbuf.len() - pos >= 5 {
+                let b = &self.rbuf[pos..];
+                let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as i64;
                 if len < 4 {
-                    return Err(WireError::BadLength { tag: self.rbuf[0] as char, len });
+                    return Err(WireError::BadLength { tag: b[0] as char, len });
                 }
                 let total = 1 + len as usize;
                 if total > MAX_MESSAGE {
-                    return Err(WireError::TooLarge { tag: self.rbuf[0] as char, len: total });
+                    return Err(WireError::TooLarge { tag: b[0] as char, len: total });
                 }
-                if self.rbuf.len() >= total {
-                    return Ok(Some((self.rbuf[0], &self.rbuf[5..total])));
+                if b.len() < total {
+                    self.rbuf.reserve(pos + total - self.rbuf.len());
+                    break;
                 }
-                self.rbuf.reserve(total - self.rbuf.len());
+                if matches!(b[0], b'1' | b'2' | b't' | b'T' | b'n') {
+                    pos += total;
+                    continue;
+                }
+                return Ok(Some((self.rbuf[pos], &self.rbuf[pos + 5..pos + total])));
             }
             if self.sock.read_buf(&mut self.rbuf).await? == 0 {
-                return if self.rbuf.is_empty() { Ok(None) } else { Err(WireError::Truncated) };
+                return if self.rbuf.len() == pos { Ok(None) } else { Err(WireError::Truncated) };
             }
         }
     }
