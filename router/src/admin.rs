@@ -8,6 +8,7 @@
 //! - `SHOW STATS`: per shard: queries, errors, average latency;
 //! - `PAUSE [shard]` / `RESUME [shard]`: new transactions for the shard (all shards without a name) wait;
 //!   transactions already running finish; PAUSE returns once the shard's server connections are all back;
+//! - `RELOAD`: re-reads config.csv without dropping clients (see `Shared::reload` for what takes effect);
 //! - `SHOW HELP`.
 
 use std::sync::Arc;
@@ -62,7 +63,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     key: (i32, i32),
 ) -> anyhow::Result<()> {
-    if !shared.config.router.admin_users.iter().any(|u| u == user) {
+    if !shared.config.load().router.admin_users.iter().any(|u| u == user) {
         proto::error(
             &mut io.wbuf,
             "FATAL",
@@ -152,6 +153,7 @@ async fn command(shared: &Arc<Shared>, text: &str) -> Result<Reply, Failure> {
                     "new transactions wait (every shard without a name); returns when the shard's connections are back",
                 ),
                 ("RESUME [shard]", "ends a PAUSE"),
+                ("RELOAD", "re-reads config.csv without dropping clients; keys that need a restart are named"),
             ]
             .iter()
             .map(|(c, w)| vec![c.to_string(), w.to_string()])
@@ -159,6 +161,7 @@ async fn command(shared: &Arc<Shared>, text: &str) -> Result<Reply, Failure> {
         })),
         ["PAUSE"] | ["PAUSE", _] => pause(shared, arg.as_deref(), true).await,
         ["RESUME"] | ["RESUME", _] => pause(shared, arg.as_deref(), false).await,
+        ["RELOAD"] => reload(shared),
         _ => Err(("42601", format!("unknown admin command {:?}; try SHOW HELP", text.trim()))),
     }
 }
@@ -182,7 +185,7 @@ fn shards(shared: &Shared) -> Table {
                 shared.breaker.state(i).to_string(),
                 queries.to_string(),
                 errors.to_string(),
-                shared.config.node_patroni.get(&n.name).map(|u| u.join(",")).unwrap_or_default(),
+                shared.config.load().node_patroni.get(&n.name).map(|u| u.join(",")).unwrap_or_default(),
             ]
         })
         .collect();
@@ -275,4 +278,15 @@ async fn pause(shared: &Arc<Shared>, shard: Option<&str>, on: bool) -> Result<Re
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+fn reload(shared: &Arc<Shared>) -> Result<Reply, Failure> {
+    let file = shared.config.load().file.clone();
+    let new = shardmap::Config::load(std::path::Path::new(&file))
+        .map_err(|e| ("F0000", format!("RELOAD failed, the running config is kept: {e}")))?;
+    let restart = shared.reload(new);
+    tracing::info!(file, ?restart, "config reloaded");
+    let notice =
+        (!restart.is_empty()).then(|| format!("changed but not applied until a restart: {}", restart.join(", ")));
+    Ok(Reply::Done("RELOAD".into(), notice))
 }

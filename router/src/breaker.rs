@@ -9,7 +9,7 @@
 //! When the breaker is disabled (the default) every call returns at once.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shardmap::config::CircuitBreakerSettings;
@@ -34,10 +34,9 @@ struct Detail {
 }
 
 pub struct Breaker {
-    enabled: bool,
-    threshold: u32,
-    timeout: Duration,
-    half_open: u32,
+    enabled: std::sync::atomic::AtomicBool,
+    /// The `circuit-breaker-*` settings (replaced by RELOAD).
+    settings: arc_swap::ArcSwap<CircuitBreakerSettings>,
     nodes: Vec<Node>,
     /// Times any circuit opened (for metrics).
     pub opened_total: AtomicU64,
@@ -46,10 +45,8 @@ pub struct Breaker {
 impl Breaker {
     pub fn new(settings: &CircuitBreakerSettings, nodes: usize) -> Breaker {
         Breaker {
-            enabled: settings.enabled,
-            threshold: settings.threshold.max(1),
-            timeout: Duration::from_secs(settings.timeout_s),
-            half_open: settings.half_open_requests.max(1),
+            enabled: settings.enabled.into(),
+            settings: arc_swap::ArcSwap::from_pointee(settings.clone()),
             nodes: (0..nodes)
                 .map(|_| Node { phase: AtomicU8::new(CLOSED), failures: AtomicU32::new(0), detail: Default::default() })
                 .collect(),
@@ -57,9 +54,33 @@ impl Breaker {
         }
     }
 
+    /// RELOAD: new settings (a disabled breaker closes every circuit).
+    pub fn update(&self, settings: &CircuitBreakerSettings) {
+        self.settings.store(Arc::new(settings.clone()));
+        self.enabled.store(settings.enabled, Ordering::Release);
+        if !settings.enabled {
+            for node in &self.nodes {
+                let mut d = node.detail.lock().expect("breaker lock");
+                self.close(node, &mut d);
+            }
+        }
+    }
+
+    fn threshold(&self) -> u32 {
+        self.settings.load().threshold.max(1)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.settings.load().timeout_s)
+    }
+
+    fn half_open(&self) -> u32 {
+        self.settings.load().half_open_requests.max(1)
+    }
+
     /// May a statement go to node `i` (whose primary is of `generation`)? `Err` has the client's message.
     pub fn admit(&self, i: usize, generation: u64, name: &str) -> Result<(), String> {
-        if !self.enabled {
+        if !self.enabled.load(Ordering::Relaxed) {
             return Ok(());
         }
         let node = &self.nodes[i];
@@ -75,16 +96,17 @@ impl Breaker {
                     self.close(node, &mut d);
                     return Ok(());
                 }
-                if at.elapsed() < self.timeout {
+                let timeout = self.timeout();
+                if at.elapsed() < timeout {
                     return Err(format!(
                         "circuit breaker open for shard {name}: {} connection failures in a row; statements fail at once for {} s more (circuit-breaker-timeout), then {} trial statements go through",
-                        self.threshold,
-                        (self.timeout - at.elapsed()).as_secs() + 1,
-                        self.half_open
+                        self.threshold(),
+                        (timeout - at.elapsed()).as_secs() + 1,
+                        self.half_open()
                     ));
                 }
                 node.phase.store(HALF_OPEN, Ordering::Release);
-                d.trials_left = self.half_open - 1;
+                d.trials_left = self.half_open() - 1;
                 d.successes = 0;
                 Ok(())
             }
@@ -94,7 +116,7 @@ impl Breaker {
             }
             HALF_OPEN => Err(format!(
                 "circuit breaker half-open for shard {name}: {} trial statements are running; try again shortly",
-                self.half_open
+                self.half_open()
             )),
             _ => Ok(()),
         }
@@ -102,7 +124,7 @@ impl Breaker {
 
     /// A statement on node `i` reached its server and got an answer.
     pub fn success(&self, i: usize) {
-        if !self.enabled {
+        if !self.enabled.load(Ordering::Relaxed) {
             return;
         }
         let node = &self.nodes[i];
@@ -115,7 +137,7 @@ impl Breaker {
         let mut d = node.detail.lock().expect("breaker lock");
         if node.phase.load(Ordering::Acquire) == HALF_OPEN {
             d.successes += 1;
-            if d.successes >= self.half_open {
+            if d.successes >= self.half_open() {
                 self.close(node, &mut d);
             }
         }
@@ -123,12 +145,12 @@ impl Breaker {
 
     /// Node `i` (primary of `generation`) could not be reached, or dropped a connection.
     pub fn failure(&self, i: usize, generation: u64) {
-        if !self.enabled {
+        if !self.enabled.load(Ordering::Relaxed) {
             return;
         }
         let node = &self.nodes[i];
         let phase = node.phase.load(Ordering::Acquire);
-        if phase == CLOSED && node.failures.fetch_add(1, Ordering::AcqRel) + 1 < self.threshold {
+        if phase == CLOSED && node.failures.fetch_add(1, Ordering::AcqRel) + 1 < self.threshold() {
             return;
         }
         let mut d = node.detail.lock().expect("breaker lock");

@@ -542,7 +542,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     ) -> ServerTarget {
         let user = addr.user.clone().unwrap_or_else(|| self.user.clone());
         let password = addr.password.clone().or_else(|| {
-            (user == self.user).then(|| self.shared.config.router.users.get(&self.user).cloned()).flatten()
+            (user == self.user).then(|| self.shared.config.load().router.users.get(&self.user).cloned()).flatten()
         });
         let database =
             database.map(str::to_string).or_else(|| addr.dbname.clone()).unwrap_or_else(|| self.database.clone());
@@ -552,11 +552,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// `shard-read-replicas`: a connection to a standby of `shard` that is fresh enough, if there is one and
     /// it can be reached (`None`: read on the primary).
     pub async fn checkout_replica(&mut self, shard: ShardId, database: Option<&str>) -> Option<Pooled> {
-        let config = &self.shared.config;
-        if !config.read_replicas || !matches!(self.txn, Txn::Idle) || self.shared.session_mode {
+        let (read_replicas, max_lag) = {
+            let config = self.shared.config.load();
+            (config.read_replicas, config.max_replica_lag_bytes)
+        };
+        if !read_replicas || !matches!(self.txn, Txn::Idle) || self.shared.session_mode {
             return None;
         }
-        let at = self.shared.topology.replica(shard, config.max_replica_lag_bytes)?;
+        let at = self.shared.topology.replica(shard, max_lag)?;
         let node = self.shared.map.node(shard);
         let target = self.target(node.addr.as_ref()?, at, database);
         let pool = self.shared.pools.pool(PoolKey { shard, target }, &node.name);
@@ -626,7 +629,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .map_err(|m| reported(CONNECT_FAILED, m))?;
         let mut p = match pool.get().await {
             Ok(p) => p,
-            Err(e) if e.sqlstate() == "3D000" && self.shared.config.auto_create && database.is_some() => {
+            Err(e) if e.sqlstate() == "3D000" && self.shared.config.load().auto_create && database.is_some() => {
                 // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
                 let db = database.expect("checked");
                 Box::pin(crate::tenant::create(&self.shared, shard, db)).await?;
@@ -784,7 +787,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// One exchange on a connection checked out for it (kept if it opened a transaction).
     async fn exchange_once(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
-        if self.shared.config.read_replicas
+        let read_replicas = self.shared.config.load().read_replicas;
+        if read_replicas
             && matches!(self.txn, Txn::Idle)
             && d.analysis.statements.iter().all(|s| s.kind == Kind::Read)
             && Box::pin(self.read_on_replica(shard, d, &frame)).await?

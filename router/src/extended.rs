@@ -539,6 +539,7 @@ async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
     shard: shardmap::ShardId,
     d: &Decision,
 ) -> Result<(), Reported> {
+    let read_replicas = c.shared.config.load().read_replicas;
     match std::mem::take(&mut c.txn) {
         Txn::BoundAll => {
             c.txn = Txn::BoundAll;
@@ -554,7 +555,7 @@ async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
             send_bound(c, batch).await
         }
         Txn::Idle
-            if c.shared.config.read_replicas
+            if read_replicas
                 && d.analysis.statements.iter().all(|s| s.kind == Kind::Read)
                 && Box::pin(send_replica(c, batch, shard, d)).await? =>
         {

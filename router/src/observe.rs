@@ -78,7 +78,8 @@ impl Stats {
 
 /// Each shard's check for the health endpoint: `ok`, or why not.
 fn checks(shared: &Shared) -> Vec<(String, String)> {
-    let retries = shared.config.health.retries.max(1) as u64;
+    let config = shared.config.load();
+    let retries = config.health.retries.max(1) as u64;
     shared
         .map
         .nodes
@@ -90,8 +91,7 @@ fn checks(shared: &Shared) -> Vec<(String, String)> {
                 "no primary".to_string()
             } else if shared.breaker.state(i) == "open" {
                 "circuit open".to_string()
-            } else if shared.config.health.enabled && shared.stats.health_failures[i].load(Ordering::Relaxed) >= retries
-            {
+            } else if config.health.enabled && shared.stats.health_failures[i].load(Ordering::Relaxed) >= retries {
                 format!("unreachable ({retries} checks failed)")
             } else {
                 "ok".to_string()
@@ -236,7 +236,7 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse
 
 /// Serves the health endpoint and `/metrics` on `listener` until the task is dropped.
 pub async fn serve_http(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
-    let path = shared.config.health.endpoint.clone();
+    let path = shared.config.load().health.endpoint.clone();
     let app = axum::Router::new()
         .route(&path, axum::routing::get(health_handler))
         .route("/metrics", axum::routing::get(metrics_handler))
@@ -249,8 +249,21 @@ pub async fn serve_http(listener: tokio::net::TcpListener, shared: Arc<Shared>) 
 pub async fn health_checks(shared: std::sync::Weak<Shared>) {
     loop {
         let Some(s) = shared.upgrade() else { return };
-        let interval = Duration::from_secs(s.config.health.interval_s.max(1));
-        let timeout = Duration::from_secs(s.config.health.timeout_s.max(1));
+        let (interval, timeout, enabled) = {
+            let c = s.config.load();
+            (
+                Duration::from_secs(c.health.interval_s.max(1)),
+                Duration::from_secs(c.health.timeout_s.max(1)),
+                c.health.enabled,
+            )
+        };
+        if !enabled {
+            // RELOAD turned the checks off: no shard counts as failing any more.
+            s.stats.health_failures.iter().for_each(|f| f.store(0, Ordering::Relaxed));
+            drop(s);
+            tokio::time::sleep(interval).await;
+            continue;
+        }
         for (i, node) in s.map.nodes.iter().enumerate() {
             let Some(addr) = &node.addr else { continue };
             let ok = match s.topology.current(shardmap::ShardId(i as u16)) {

@@ -36,6 +36,7 @@ impl PoolError {
     }
 }
 
+#[derive(Clone, Debug)]
 pub struct Settings {
     pub size: u32,
     pub timeout: Duration,
@@ -49,7 +50,8 @@ pub struct Pool {
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
     permits: Arc<Semaphore>,
-    settings: Arc<Settings>,
+    /// Shared by all pools; RELOAD replaces it (the size stays: it is fixed at start).
+    settings: Arc<arc_swap::ArcSwap<Settings>>,
     /// Checkouts waiting for a free connection now (for metrics).
     waiting: std::sync::atomic::AtomicUsize,
     /// Set when the shard's primary moved away from this pool's host: connections are not kept any more.
@@ -77,8 +79,8 @@ impl Pool {
                 Err(_) => {
                     return Err(PoolError::Timeout {
                         shard: self.name.clone(),
-                        ms: self.settings.timeout.as_millis() as u64,
-                        size: self.settings.size,
+                        ms: self.settings.load().timeout.as_millis() as u64,
+                        size: self.settings.load().size,
                     })
                 }
             },
@@ -87,7 +89,7 @@ impl Pool {
         let idle = loop {
             let c = self.idle.lock().expect("pool lock").pop();
             match c {
-                Some(c) if c.last_used.elapsed() >= self.settings.idle_timeout => drop(c),
+                Some(c) if c.last_used.elapsed() >= self.settings.load().idle_timeout => drop(c),
                 other => break other,
             }
         };
@@ -95,7 +97,7 @@ impl Pool {
             Some(c) => c,
             None => {
                 // Boxed: a connect is rare and its future is large; inline it would be copied on every checkout.
-                let c = Box::pin(ServerConn::connect(&self.key.target, self.settings.timeout)).await?;
+                let c = Box::pin(ServerConn::connect(&self.key.target, self.settings.load().timeout)).await?;
                 let mut params = self.params.lock().expect("pool lock");
                 if params.is_none() {
                     *params = Some(c.params.clone());
@@ -115,7 +117,8 @@ impl Pool {
     ) -> Result<Result<OwnedSemaphorePermit, tokio::sync::AcquireError>, tokio::time::error::Elapsed> {
         use std::sync::atomic::Ordering;
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let r = Box::pin(tokio::time::timeout(self.settings.timeout, self.permits.clone().acquire_owned())).await;
+        let r =
+            Box::pin(tokio::time::timeout(self.settings.load().timeout, self.permits.clone().acquire_owned())).await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         r
     }
@@ -185,18 +188,19 @@ impl Drop for Pooled {
 /// All pools of a router.
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    settings: Arc<Settings>,
+    /// Shared by all pools; RELOAD replaces it (the size stays: it is fixed at start).
+    settings: Arc<arc_swap::ArcSwap<Settings>>,
 }
 
 impl Pools {
     pub fn new(settings: Settings) -> Pools {
-        Pools { pools: Mutex::new(HashMap::new()), settings: Arc::new(settings) }
+        Pools { pools: Mutex::new(HashMap::new()), settings: Arc::new(arc_swap::ArcSwap::from_pointee(settings)) }
     }
 
     /// Closes idle connections older than `pool-idle-timeout`, in every pool.
     pub fn reap(&self) {
         let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
-        let cutoff = self.settings.idle_timeout;
+        let cutoff = self.settings.load().idle_timeout;
         for p in pools {
             p.idle.lock().expect("pool lock").retain(|c| c.last_used.elapsed() < cutoff);
         }
@@ -219,9 +223,15 @@ impl Pools {
         }
     }
 
+    /// RELOAD: new `pool-timeout-ms` and `pool-idle-timeout` for every pool.
+    pub fn update(&self, timeout: Duration, idle_timeout: Duration) {
+        let size = self.settings.load().size;
+        self.settings.store(Arc::new(Settings { size, timeout, idle_timeout }));
+    }
+
     /// How often `reap` should run.
     pub fn reap_every(&self) -> Duration {
-        (self.settings.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        (self.settings.load().idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 
     /// Every pool's figures.
@@ -235,7 +245,7 @@ impl Pools {
                 port: p.key.target.port,
                 database: p.key.target.database.clone(),
                 user: p.key.target.user.clone(),
-                active: (self.settings.size as usize).saturating_sub(p.permits.available_permits()),
+                active: (self.settings.load().size as usize).saturating_sub(p.permits.available_permits()),
                 idle: p.idle.lock().expect("pool lock").len(),
                 waiting: p.waiting.load(std::sync::atomic::Ordering::Relaxed),
             })
@@ -257,7 +267,7 @@ impl Pools {
                     key,
                     name: name.to_string(),
                     idle: Mutex::new(Vec::new()),
-                    permits: Arc::new(Semaphore::new(self.settings.size as usize)),
+                    permits: Arc::new(Semaphore::new(self.settings.load().size as usize)),
                     settings: self.settings.clone(),
                     params: Mutex::new(None),
                     retired: Default::default(),

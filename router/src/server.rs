@@ -28,7 +28,8 @@ pub struct ClientInfo {
 
 /// What every client task shares.
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// The running config; RELOAD replaces it (structural settings keep their values from the start).
+    pub config: arc_swap::ArcSwap<Config>,
     pub map: Arc<ShardMap>,
     pub planner: Planner,
     pub pools: Arc<Pools>,
@@ -81,11 +82,63 @@ impl Shared {
             session_mode: config.pool.mode == shardmap::config::PoolMode::Session,
             tls,
             creating: Default::default(),
-            config: Arc::new(config),
+            config: arc_swap::ArcSwap::from_pointee(config),
             next: AtomicUsize::new(0),
             down_until: (0..n).map(|_| Default::default()).collect(),
             epoch: std::time::Instant::now(),
         })
+    }
+
+    /// RELOAD: takes the settings of `new` that can change while clients stay connected (users and their
+    /// passwords, `router-auth`, `router-admin-users`, pool timeouts, circuit breaker, failover buffer, health
+    /// checks, read replicas, auto-create) and returns the keys that changed but need a restart (the shard
+    /// map, nodes, listen addresses, threads, TLS, pool mode and size, the health endpoint's path), which
+    /// keep their running values.
+    pub fn reload(&self, mut new: Config) -> Vec<&'static str> {
+        let old = self.config.load_full();
+        let mut restart = Vec::new();
+        macro_rules! keep {
+            ($($field:ident).+, $key:expr) => {
+                if format!("{:?}", new.$($field).+) != format!("{:?}", old.$($field).+) {
+                    restart.push($key);
+                    new.$($field).+ = old.$($field).+.clone();
+                }
+            };
+        }
+        keep!(strategy, "shard-strategy");
+        keep!(shard_key, "shard-key");
+        keep!(key_type, "shard-key-type");
+        keep!(shard_count, "shard-count");
+        keep!(algorithm, "shard-algorithm");
+        keep!(buckets, "shard-buckets");
+        keep!(ranges, "shard-ranges");
+        keep!(geo_regions, "shard-geo-<region>");
+        keep!(geo_db, "shard-geo-db");
+        keep!(geo_country, "shard-geo-country-<CC>");
+        keep!(geo_continent, "shard-geo-continent-<CC>");
+        keep!(default, "shard-default");
+        keep!(nodes, "shard-node-<name>");
+        keep!(node_patroni, "shard-node-<name>-patroni");
+        keep!(global_tables, "shard-global-tables");
+        keep!(tenant_db_prefix, "shard-tenant-db-prefix");
+        keep!(catalog, "shard-catalog");
+        keep!(router.listen, "router-listen");
+        keep!(router.http, "router-http");
+        keep!(router.threads, "router-threads");
+        keep!(router.tls_cert, "router-tls-cert");
+        keep!(router.tls_key, "router-tls-key");
+        keep!(pool.mode, "pool-mode");
+        keep!(pool.size, "pool-size");
+        keep!(health.endpoint, "health-endpoint");
+        self.pools.update(Duration::from_millis(new.pool.timeout_ms), Duration::from_secs(new.pool.idle_timeout_s));
+        self.breaker.update(&new.circuit_breaker);
+        self.topology.update(&new.failover);
+        if new.router.users != old.router.users || new.router.auth != old.router.auth {
+            // Passwords changed: SCRAM secrets salted for the old ones must not be used.
+            self.scram.clear();
+        }
+        self.config.store(Arc::new(new));
+        restart
     }
 
     /// A shard for statements any shard can answer, in turn, skipping shards that just failed to connect and
@@ -129,7 +182,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     };
     let _stop_reaper = AbortOnDrop(reaper);
     // router-http: the health endpoint and /metrics.
-    let _stop_http = match &shared.config.router.http {
+    let http = shared.config.load().router.http.clone();
+    let _stop_http = match &http {
         Some(addr) => {
             let listener = TcpListener::bind(addr.as_str())
                 .await
@@ -144,11 +198,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         }
         None => None,
     };
-    let _stop_health = shared
-        .config
-        .health
-        .enabled
-        .then(|| AbortOnDrop(tokio::spawn(crate::observe::health_checks(Arc::downgrade(&shared)))));
+    // health-enabled: background checks (the task idles while disabled: RELOAD may enable it).
+    let _stop_health = AbortOnDrop(tokio::spawn(crate::observe::health_checks(Arc::downgrade(&shared))));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -223,10 +274,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
     };
     let database = get("database").unwrap_or_else(|| user.clone());
-    let password = shared.config.router.users.get(&user).cloned();
-    if let Err(e) =
-        startup::authenticate(&mut io, shared.config.router.auth, &user, password.as_deref(), &shared.scram).await
-    {
+    let (password, auth) = {
+        let config = shared.config.load();
+        (config.router.users.get(&user).cloned(), config.router.auth)
+    };
+    if let Err(e) = startup::authenticate(&mut io, auth, &user, password.as_deref(), &shared.scram).await {
         return fatal(&mut io, e).await;
     }
     let (cancel_key, cancel) = shared.cancels.register();

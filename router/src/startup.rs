@@ -107,6 +107,11 @@ pub struct ScramCache {
 }
 
 impl ScramCache {
+    /// Forgets every salted password (after RELOAD changed users or passwords).
+    pub fn clear(&self) {
+        self.salted.lock().expect("scram cache lock").clear();
+    }
+
     fn get(&self, user: &str, password: &str) -> (Vec<u8>, Vec<u8>) {
         let mut m = self.salted.lock().expect("scram cache lock");
         m.entry(user.to_string())

@@ -28,7 +28,7 @@ pub async fn create(shared: &Shared, shard: ShardId, database: &str) -> Result<(
     if let Some(p) = &addr.password {
         cfg.password(p);
     }
-    cfg.connect_timeout(std::time::Duration::from_millis(shared.config.pool.timeout_ms));
+    cfg.connect_timeout(std::time::Duration::from_millis(shared.config.load().pool.timeout_ms));
     let _one_at_a_time = shared.creating.lock().await;
     let (db, conn) =
         cfg.connect(tokio_postgres::NoTls).await.map_err(|e| reported("08001", format!("shard {}: {e}", node.name)))?;

@@ -39,10 +39,11 @@ pub struct Primary {
     pub replicas: Vec<((String, u16), Option<u64>)>,
 }
 
-/// What a probe found: the primary (if any) and the standbys with their lag.
+/// What a probe found: the primary (if any) with its timeline, and the standbys with their lag.
 #[derive(Default)]
 struct Found {
     primary: Option<(String, u16)>,
+    timeline: Option<u64>,
     replicas: Vec<((String, u16), Option<u64>)>,
 }
 
@@ -62,14 +63,14 @@ struct Node {
     resumed: Notify,
     /// Round-robin over the standbys for reads.
     next_replica: AtomicUsize,
+    /// The highest timeline seen on a primary of this node: a primary on an older one is stale (fencing).
+    timeline: AtomicU64,
 }
 
 pub struct Topology {
     nodes: Vec<Node>,
-    interval: Duration,
-    window: Duration,
-    buffer_size: usize,
-    buffer_max: Duration,
+    /// `patroni-interval-ms` and `failover-buffer-*` (replaced by RELOAD).
+    settings: arc_swap::ArcSwap<shardmap::config::FailoverSettings>,
 }
 
 /// Why a statement could not wait for a primary.
@@ -98,16 +99,24 @@ impl Topology {
                     paused: Default::default(),
                     resumed: Notify::new(),
                     next_replica: AtomicUsize::new(0),
+                    timeline: AtomicU64::new(0),
                 }
             })
             .collect();
-        Topology {
-            nodes,
-            interval: Duration::from_millis(config.failover.patroni_interval_ms),
-            window: Duration::from_millis(config.failover.buffer_window_ms),
-            buffer_size: config.failover.buffer_size as usize,
-            buffer_max: Duration::from_millis(config.failover.buffer_max_ms),
-        }
+        Topology { nodes, settings: arc_swap::ArcSwap::from_pointee(config.failover.clone()) }
+    }
+
+    /// RELOAD: new `patroni-interval-ms` and `failover-buffer-*` settings.
+    pub fn update(&self, settings: &shardmap::config::FailoverSettings) {
+        self.settings.store(Arc::new(settings.clone()));
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.settings.load().patroni_interval_ms)
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_millis(self.settings.load().buffer_window_ms)
     }
 
     /// Starts a prober per following node; they stop when `topology` is dropped by everyone else.
@@ -125,7 +134,7 @@ impl Topology {
                 let http = reqwest::Client::new();
                 loop {
                     let Some(t) = weak.upgrade() else { return };
-                    let timeout = t.window.min(Duration::from_secs(2));
+                    let timeout = t.window().min(Duration::from_secs(2));
                     let found = if patroni.is_empty() {
                         probe(&addr, timeout).await
                     } else {
@@ -134,7 +143,7 @@ impl Topology {
                     t.publish(shard, found, &pools);
                     let node = &t.nodes[i];
                     tokio::select! {
-                        _ = tokio::time::sleep(t.interval) => {}
+                        _ = tokio::time::sleep(t.interval()) => {}
                         _ = node.recheck.notified() => {}
                     }
                 }
@@ -144,7 +153,22 @@ impl Topology {
 
     fn publish(&self, shard: ShardId, found: Found, pools: &crate::pool::Pools) {
         let node = &self.nodes[shard.0 as usize];
-        let Found { primary: found, replicas } = found;
+        let Found { primary: mut found, timeline, replicas } = found;
+        // Fencing: a primary's timeline never goes backwards; one on an older timeline than a primary already
+        // seen is a stale server (an old primary back up), and gets no writes.
+        if let (Some(host), Some(tl)) = (&found, timeline) {
+            let seen = node.timeline.fetch_max(tl, Ordering::AcqRel);
+            if tl < seen {
+                tracing::warn!(
+                    shard = shard.0,
+                    ?host,
+                    timeline = tl,
+                    seen,
+                    "a primary on an older timeline: writes are held"
+                );
+                found = None;
+            }
+        }
         let mut changed = false;
         node.tx.send_modify(|p| {
             p.probes += 1;
@@ -277,49 +301,61 @@ impl Topology {
 
     async fn wait(&self, shard: ShardId, name: &str, done: impl Fn(&Primary) -> bool) -> Result<(), NoPrimary> {
         let node = &self.nodes[shard.0 as usize];
+        let (window, buffer_size) = (self.window(), self.settings.load().buffer_size as usize);
+        let buffer_max = Duration::from_millis(self.settings.load().buffer_max_ms);
         if let Some(lost) = node.tx.borrow().lost_at {
-            if lost.elapsed() > self.buffer_max {
+            if lost.elapsed() > buffer_max {
                 return Err(NoPrimary(format!(
                     "shard {name} has had no primary for {} ms (failover-buffer-max-ms {}); statements are refused until one is found",
                     lost.elapsed().as_millis(),
-                    self.buffer_max.as_millis()
+                    buffer_max.as_millis()
                 )));
             }
         }
-        if node.buffered.fetch_add(1, Ordering::AcqRel) >= self.buffer_size {
+        if node.buffered.fetch_add(1, Ordering::AcqRel) >= buffer_size {
             node.buffered.fetch_sub(1, Ordering::AcqRel);
             return Err(NoPrimary(format!(
                 "shard {name} has no primary and {} statements already wait for one (failover-buffer-size)",
-                self.buffer_size
+                buffer_size
             )));
         }
         let mut rx = node.tx.subscribe();
-        let r = tokio::time::timeout(self.window, rx.wait_for(|p| done(p))).await;
+        let r = tokio::time::timeout(window, rx.wait_for(|p| done(p))).await;
         node.buffered.fetch_sub(1, Ordering::AcqRel);
         match r {
             Ok(Ok(_)) => Ok(()),
             _ => Err(NoPrimary(format!(
                 "shard {name} found no primary within failover-buffer-window-ms ({} ms)",
-                self.window.as_millis()
+                window.as_millis()
             ))),
         }
     }
 }
 
 /// The first host of `addr` that accepts a connection and is not in recovery.
+/// Two hosts that both say they are the primary (a split brain: a standby promoted while the old primary
+/// still runs) give no primary: writes are held until one of them is gone or demoted.
 async fn probe(addr: &NodeAddr, timeout: Duration) -> Found {
     let mut found = Found::default();
     let mut primary_lsn = None;
     let mut standbys = Vec::new();
+    let mut primaries = 0;
     for (host, port) in &addr.hosts {
         match position(addr, host, *port, timeout).await {
-            Some((false, lsn)) if found.primary.is_none() => {
+            Some(Position { in_recovery: false, lsn, timeline }) => {
+                primaries += 1;
                 found.primary = Some((host.clone(), *port));
+                found.timeline = timeline;
                 primary_lsn = lsn;
             }
-            Some((true, lsn)) => standbys.push(((host.clone(), *port), lsn)),
-            _ => {}
+            Some(Position { in_recovery: true, lsn, .. }) => standbys.push(((host.clone(), *port), lsn)),
+            None => {}
         }
+    }
+    if primaries > 1 {
+        tracing::warn!(hosts = ?addr.hosts, "more than one host says it is the primary: writes are held");
+        found.primary = None;
+        found.timeline = None;
     }
     found.replicas =
         standbys.into_iter().map(|(h, lsn)| (h, primary_lsn.zip(lsn).map(|(p, r)| p.saturating_sub(r)))).collect();
@@ -371,32 +407,40 @@ async fn probe_patroni(http: &reqwest::Client, urls: &[String], addr: &NodeAddr,
             .iter()
             .find(|m| matches!(m.role.as_str(), "leader" | "master" | "primary") && m.state == "running")
         else {
-            return Found { primary: None, replicas };
+            return Found { primary: None, timeline: None, replicas };
         };
         let Some(host) = leader.host.clone().map(|h| (h, leader.port.unwrap_or(5432))) else {
-            return Found { primary: None, replicas };
+            return Found { primary: None, timeline: None, replicas };
         };
         // Fencing: Patroni's word and the server's must agree.
-        let primary = match in_recovery(addr, &host.0, host.1, timeout).await {
-            Some(false) => Some(host),
+        return match position(addr, &host.0, host.1, timeout).await {
+            Some(Position { in_recovery: false, timeline, .. }) => Found { primary: Some(host), timeline, replicas },
             other => {
-                tracing::warn!(?host, in_recovery = ?other, "Patroni names a leader that is not a primary: writes wait");
-                None
+                let in_recovery = other.map(|p| p.in_recovery);
+                tracing::warn!(?host, ?in_recovery, "Patroni names a leader that is not a primary: writes wait");
+                Found { primary: None, timeline: None, replicas }
             }
         };
-        return Found { primary, replicas };
     }
     Found::default()
 }
 
 /// Whether the server at `host:port` is in recovery (a standby); `None` if it cannot be asked.
 pub async fn in_recovery(addr: &NodeAddr, host: &str, port: u16, timeout: Duration) -> Option<bool> {
-    position(addr, host, port, timeout).await.map(|(r, _)| r)
+    position(addr, host, port, timeout).await.map(|p| p.in_recovery)
 }
 
-/// Whether the server is in recovery, and its WAL position (a primary's current LSN, a standby's replayed
-/// LSN) as a byte count.
-async fn position(addr: &NodeAddr, host: &str, port: u16, timeout: Duration) -> Option<(bool, Option<u64>)> {
+/// What a server says of itself.
+struct Position {
+    in_recovery: bool,
+    /// A primary's current LSN, a standby's replayed LSN, as a byte count.
+    lsn: Option<u64>,
+    /// A primary's current timeline (none for a standby).
+    timeline: Option<u64>,
+}
+
+/// Asks a server where it stands (`None` if it cannot be asked).
+async fn position(addr: &NodeAddr, host: &str, port: u16, timeout: Duration) -> Option<Position> {
     {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(host)
@@ -414,13 +458,19 @@ async fn position(addr: &NodeAddr, host: &str, port: u16, timeout: Duration) -> 
             let row = client
                 .query_one(
                     "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                     ELSE pg_current_wal_lsn() END)::text",
+                     ELSE pg_current_wal_lsn() END)::text, \
+                     CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_lsn()) END",
                     &[],
                 )
                 .await
                 .ok();
             task.abort();
-            row.map(|r| (r.get::<_, bool>(0), r.get::<_, Option<String>>(1).as_deref().and_then(parse_lsn)))
+            row.map(|r| Position {
+                in_recovery: r.get(0),
+                lsn: r.get::<_, Option<String>>(1).as_deref().and_then(parse_lsn),
+                // A primary's WAL file name starts with its current timeline (8 hex digits).
+                timeline: r.get::<_, Option<String>>(2).and_then(|f| u64::from_str_radix(f.get(..8)?, 16).ok()),
+            })
         };
         tokio::time::timeout(timeout, attempt).await.ok().flatten()
     }

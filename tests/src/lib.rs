@@ -16,6 +16,9 @@ pub struct Cluster {
     pub shards: Vec<PgServer>,
     pub port: u16,
     pub config: String,
+    /// The config file the router was started from (RELOAD re-reads it).
+    pub config_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -43,7 +46,10 @@ impl Cluster {
         for (i, s) in shards.iter().enumerate() {
             config.push_str(&node(i, s));
         }
-        let parsed = shardmap::Config::parse("test.csv", config.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let dir = tempfile::Builder::new().prefix("shard-router-config-").tempdir()?;
+        let config_path = dir.path().join("config.csv");
+        std::fs::write(&config_path, &config)?;
+        let parsed = shardmap::Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
@@ -59,7 +65,7 @@ impl Cluster {
                 .await;
             });
         });
-        Ok(Cluster { shards, port, config, stop: Some(stop), thread: Some(thread) })
+        Ok(Cluster { shards, port, config, config_path, _dir: dir, stop: Some(stop), thread: Some(thread) })
     }
 
     /// A libpq connection string to the router.

@@ -104,3 +104,63 @@ async fn admin_console_commands_and_pause() -> Result<()> {
     assert_eq!(n, 6 + 1 + 3);
     Ok(())
 }
+
+/// RELOAD under load: a client keeps writing through the router while the config changes; live settings take
+/// effect (a new admin user, the circuit breaker), structural ones are named as needing a restart, and a
+/// broken file leaves the running config in place. No client statement fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_without_dropping_clients() -> Result<()> {
+    let cluster = Cluster::hash(2, "router-admin-users,admin\n")?;
+    let c = cluster.client().await?;
+    c.batch_execute("CREATE TABLE notes (user_id bigint, body text)").await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let c = cluster.client().await?;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 50_000 {
+                c.execute("INSERT INTO notes (user_id, body) VALUES ($1, 'w')", &[&n]).await?;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            anyhow::Ok(n)
+        })
+    };
+    let (ok, text) = admin_psql(&cluster, "ops", "SHOW SHARDS");
+    assert!(!ok && text.contains("may not use the admin console"), "{text}");
+
+    // Live settings: a second admin user and the circuit breaker; a structural one: shard-count.
+    let changed = format!(
+        "{}router-admin-users,admin,ops\ncircuit-breaker-enabled,true\n",
+        cluster.config.replace("router-admin-users,admin\n", "")
+    );
+    std::fs::write(&cluster.config_path, &changed)?;
+    let (ok, text) = admin_psql(&cluster, "admin", "RELOAD");
+    assert!(ok, "{text}");
+    let (ok, text) = admin_psql(&cluster, "ops", "SHOW SHARDS");
+    assert!(ok, "the reloaded admin user gets in: {text}");
+
+    std::fs::write(
+        &cluster.config_path,
+        changed.replace("shard-count,2", "shard-count,3") + "shard-node-2,postgres://postgres@127.0.0.1:1/postgres\n",
+    )?;
+    let (ok, text) = admin_psql(&cluster, "admin", "RELOAD");
+    assert!(ok && text.contains("not applied until a restart: shard-count, shard-node-<name>"), "{text}");
+    let (_, text) = admin_psql(&cluster, "admin", "SHOW SHARDS");
+    assert_eq!(text.lines().count(), 2, "the shard map is the running one: {text}");
+
+    std::fs::write(&cluster.config_path, "shard-strategy,hash\nshard-count,two\n")?;
+    let (ok, text) = admin_psql(&cluster, "admin", "RELOAD");
+    assert!(!ok && text.contains("the running config is kept") && text.contains("shard-count"), "{text}");
+    let (ok, text) = admin_psql(&cluster, "ops", "SHOW STATS");
+    assert!(ok, "the running config (with ops) is still in place: {text}");
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.await??;
+    assert!(written > 20, "the writer kept going: {written}");
+    let total: i64 = c.query("SELECT count(*) FROM notes", &[]).await?.iter().map(|r| r.get::<_, i64>(0)).sum();
+    assert_eq!(total, written, "every acknowledged row is there");
+    Ok(())
+}

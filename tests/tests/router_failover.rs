@@ -239,3 +239,51 @@ async fn follows_patroni_through_switchover_and_kill() -> Result<()> {
     drop(patroni);
     Ok(())
 }
+
+/// Fencing without Patroni: a standby promoted while the old primary still runs (a split brain) makes two
+/// hosts say they are the primary; the router holds writes rather than pick one, fails them after the
+/// buffer window with a clear error, and resumes on the new primary once the old one is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_holds_writes() -> Result<()> {
+    let old = PgServer::start()?;
+    old.client("postgres").await?.batch_execute("CREATE TABLE events (user_id bigint PRIMARY KEY, n int)").await?;
+    let new = old.standby()?;
+    let head = format!(
+        "shard-strategy,hash\nshard-count,1\nshard-key,user_id\nrouter-auth,trust\npatroni-interval-ms,100\n\
+         failover-buffer-window-ms,1500\nshard-node-0,postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres\n",
+        old.port, new.port
+    );
+    let cluster = Cluster::with_servers(Vec::new(), &head, |_, _| String::new())?;
+    let c = cluster.client().await?;
+    c.simple_query("INSERT INTO events (user_id, n) VALUES (1, 1)").await?;
+
+    tokio::task::block_in_place(|| new.promote())?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    let e = c.simple_query("INSERT INTO events (user_id, n) VALUES (2, 2)").await.unwrap_err();
+    let db = e.as_db_error().expect("an error from the router");
+    assert_eq!(db.code().code(), "08001", "{e:?}");
+    assert!(db.message().contains("no primary"), "{}", db.message());
+    assert!(t.elapsed() >= Duration::from_millis(1400), "the write was held for the buffer window: {:?}", t.elapsed());
+    for server in [&old, &new] {
+        let n: i64 = server
+            .client("postgres")
+            .await?
+            .query_one("SELECT count(*) FROM events WHERE user_id = 2", &[])
+            .await?
+            .get(0);
+        assert_eq!(n, 0, "a held write reached no server");
+    }
+
+    // The old primary goes away: the new one (on a newer timeline) gets the writes.
+    tokio::task::block_in_place(|| old.stop("fast"))?;
+    c.simple_query("INSERT INTO events (user_id, n) VALUES (3, 3)").await?;
+    let n: i64 = new
+        .client("postgres")
+        .await?
+        .query_one("SELECT count(*) FROM events WHERE user_id IN (1, 3)", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 2);
+    Ok(())
+}
