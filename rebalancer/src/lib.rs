@@ -1,2 +1,5 @@
-//! The online move engine and the `rebalance` CLI (issue 6). Nothing is built here yet: this crate holds the
-//! place in the workspace so that its layout is the one the project keeps.
+//! The online move engine and the `rebalance` CLI (issue 6). Built so far: the shard-balance report
+//! (`rebalance report`), which reads every node's tables and says how even the data is.
+#![forbid(unsafe_code)]
+
+pub mod report;

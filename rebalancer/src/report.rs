@@ -1,0 +1,350 @@
+//! The shard-balance report: per node and per table, rows and bytes (`pg_total_relation_size`); per unit
+//! (hash buckets under `hash-buckets`, tenant databases under `tenant`) the largest ones; and skew figures
+//! (max/mean and the coefficient of variation of rows over the nodes) for each sharded table and for the
+//! nodes' totals. Rows are exact (`count(*)`), so the report reads every table once.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use shardmap::config::NodeAddr;
+use shardmap::{Config, Strategy};
+
+/// One table on one node.
+#[derive(Serialize, Clone, Debug)]
+pub struct TableFigures {
+    pub node: String,
+    pub table: String,
+    pub rows: i64,
+    pub bytes: i64,
+    /// Whether the table has the shard key (sharded) rather than being a global or local table.
+    pub sharded: bool,
+}
+
+/// A node's totals.
+#[derive(Serialize, Clone, Debug)]
+pub struct NodeFigures {
+    pub node: String,
+    /// Rows of sharded tables.
+    pub rows: i64,
+    /// Bytes of all tables.
+    pub bytes: i64,
+}
+
+/// How uneven a figure is over the nodes.
+#[derive(Serialize, Clone, Debug)]
+pub struct Skew {
+    /// A sharded table, or `(all sharded tables)` for the nodes' totals.
+    pub table: String,
+    pub mean: f64,
+    pub max: i64,
+    /// max / mean: 1.0 is perfectly even.
+    pub max_over_mean: f64,
+    /// Standard deviation / mean: 0.0 is perfectly even.
+    pub cv: f64,
+}
+
+/// One of the largest units: a bucket or a tenant.
+#[derive(Serialize, Clone, Debug)]
+pub struct Unit {
+    /// As the `rebalance` CLI writes units: `bucket:17`, `tenant:acme`.
+    pub unit: String,
+    pub node: String,
+    pub rows: i64,
+    pub bytes: i64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Report {
+    pub strategy: Strategy,
+    pub key: String,
+    pub nodes: Vec<NodeFigures>,
+    pub tables: Vec<TableFigures>,
+    pub skew: Vec<Skew>,
+    pub top_units: Vec<Unit>,
+}
+
+fn connect_config(addr: &NodeAddr, db: Option<&str>) -> tokio_postgres::Config {
+    let mut cfg = tokio_postgres::Config::new();
+    for (host, port) in &addr.hosts {
+        cfg.host(host).port(*port);
+    }
+    cfg.user(addr.user.as_deref().unwrap_or("postgres"))
+        .dbname(db.or(addr.dbname.as_deref()).unwrap_or("postgres"))
+        .application_name("rebalance report")
+        .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite)
+        .connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(pw) = &addr.password {
+        cfg.password(pw);
+    }
+    cfg
+}
+
+async fn connect(name: &str, addr: &NodeAddr, db: Option<&str>) -> Result<tokio_postgres::Client> {
+    let (client, conn) = connect_config(addr, db)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("node {name} ({addr})"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Reads every node named in the config and makes the report.
+pub async fn gather(config: &Config, top: usize) -> Result<Report> {
+    let mut tables = Vec::new();
+    let mut units = Vec::new();
+    for (name, addr) in &config.nodes {
+        if config.strategy == Strategy::Tenant {
+            // Units are the tenants' databases on this node.
+            let db = connect(name, addr, None).await?;
+            let rows = db
+                .query(
+                    "SELECT datname, pg_database_size(datname) FROM pg_database \
+                     WHERE datname LIKE $1 || '%' AND datname <> $1 || 'template' ORDER BY 2 DESC",
+                    &[&config.tenant_db_prefix],
+                )
+                .await?;
+            for r in rows {
+                let datname: String = r.get(0);
+                let tenant = datname.strip_prefix(config.tenant_db_prefix.as_str()).unwrap_or(&datname).to_string();
+                units.push(Unit { unit: format!("tenant:{tenant}"), node: name.clone(), rows: 0, bytes: r.get(1) });
+            }
+            continue;
+        }
+        let db = connect(name, addr, None).await?;
+        let listed = db
+            .query(
+                "SELECT n.nspname, c.relname, pg_total_relation_size(c.oid), \
+                 EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1, 2",
+                &[&config.shard_key],
+            )
+            .await
+            .with_context(|| format!("listing the tables of node {name}"))?;
+        for r in listed {
+            let (schema, table): (String, String) = (r.get(0), r.get(1));
+            let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+            let shown = if schema == "public" { table.clone() } else { format!("{schema}.{table}") };
+            let global = config.global_tables.iter().any(|g| g.eq_ignore_ascii_case(&table));
+            let sharded = r.get::<_, bool>(3) && !global;
+            let rows: i64 = db.query_one(&format!("SELECT count(*) FROM {qualified}"), &[]).await?.get(0);
+            tables.push(TableFigures { node: name.clone(), table: shown.clone(), rows, bytes: r.get(2), sharded });
+            if sharded
+                && config.algorithm == shardmap::config::Algorithm::HashBuckets
+                && config.strategy == Strategy::Hash
+            {
+                let slot =
+                    shardmap::hash::sql_slot_expr(&quote_ident(&config.shard_key), config.key_type, config.buckets);
+                let q = format!(
+                    "SELECT {slot} AS b, count(*) FROM {qualified} WHERE {key} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT {top}",
+                    key = quote_ident(&config.shard_key)
+                );
+                for b in db.query(&q, &[]).await? {
+                    let bucket: i64 = b.get(0);
+                    units.push(Unit { unit: format!("bucket:{bucket}"), node: name.clone(), rows: b.get(1), bytes: 0 });
+                }
+            }
+        }
+    }
+    // Buckets: the same bucket of several tables is one unit.
+    let mut merged: Vec<Unit> = Vec::new();
+    for u in units {
+        match merged.iter_mut().find(|m| m.unit == u.unit && m.node == u.node) {
+            Some(m) => {
+                m.rows += u.rows;
+                m.bytes += u.bytes;
+            }
+            None => merged.push(u),
+        }
+    }
+    merged.sort_by_key(|u| std::cmp::Reverse((u.rows, u.bytes)));
+    merged.truncate(top);
+
+    let node_names: Vec<String> = config.nodes.iter().map(|(n, _)| n.clone()).collect();
+    let nodes: Vec<NodeFigures> = node_names
+        .iter()
+        .map(|n| NodeFigures {
+            node: n.clone(),
+            rows: tables.iter().filter(|t| &t.node == n && t.sharded).map(|t| t.rows).sum(),
+            bytes: tables.iter().filter(|t| &t.node == n).map(|t| t.bytes).sum::<i64>()
+                + merged.iter().filter(|u| &u.node == n).map(|u| u.bytes).sum::<i64>(),
+        })
+        .collect();
+    let mut skew = Vec::new();
+    let mut sharded_tables: Vec<&str> = tables.iter().filter(|t| t.sharded).map(|t| t.table.as_str()).collect();
+    sharded_tables.sort();
+    sharded_tables.dedup();
+    for t in &sharded_tables {
+        let per_node: Vec<i64> = node_names
+            .iter()
+            .map(|n| tables.iter().find(|x| &x.node == n && x.table == *t).map_or(0, |x| x.rows))
+            .collect();
+        skew.push(skew_of(t, &per_node));
+    }
+    if !sharded_tables.is_empty() {
+        skew.push(skew_of("(all sharded tables)", &nodes.iter().map(|n| n.rows).collect::<Vec<_>>()));
+    }
+    Ok(Report { strategy: config.strategy, key: config.shard_key.clone(), nodes, tables, skew, top_units: merged })
+}
+
+/// max/mean and the coefficient of variation of `values`.
+pub fn skew_of(table: &str, values: &[i64]) -> Skew {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<i64>() as f64 / n;
+    let max = values.iter().copied().max().unwrap_or(0);
+    let var = values.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let (max_over_mean, cv) = if mean > 0.0 { (max as f64 / mean, var.sqrt() / mean) } else { (1.0, 0.0) };
+    Skew { table: table.to_string(), mean, max, max_over_mean, cv }
+}
+
+/// The report as a terminal table.
+pub fn to_table(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "strategy {:?}, key {}\n", r.strategy, r.key);
+    let _ = writeln!(out, "{:<16} {:>14} {:>14}", "node", "rows", "bytes");
+    for n in &r.nodes {
+        let _ = writeln!(out, "{:<16} {:>14} {:>14}", n.node, n.rows, n.bytes);
+    }
+    if !r.tables.is_empty() {
+        let _ = writeln!(out, "\n{:<16} {:<28} {:>12} {:>14} {:>8}", "node", "table", "rows", "bytes", "sharded");
+        for t in &r.tables {
+            let _ = writeln!(out, "{:<16} {:<28} {:>12} {:>14} {:>8}", t.node, t.table, t.rows, t.bytes, t.sharded);
+        }
+    }
+    if !r.skew.is_empty() {
+        let _ = writeln!(out, "\n{:<28} {:>12} {:>12} {:>9} {:>7}", "skew of rows", "mean", "max", "max/mean", "cv");
+        for s in &r.skew {
+            let _ =
+                writeln!(out, "{:<28} {:>12.1} {:>12} {:>9.2} {:>7.2}", s.table, s.mean, s.max, s.max_over_mean, s.cv);
+        }
+    }
+    if !r.top_units.is_empty() {
+        let _ = writeln!(out, "\n{:<20} {:<16} {:>12} {:>14}", "largest units", "node", "rows", "bytes");
+        for u in &r.top_units {
+            let _ = writeln!(out, "{:<20} {:<16} {:>12} {:>14}", u.unit, u.node, u.rows, u.bytes);
+        }
+    }
+    out
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The report as CSV: one row per table and node, then one per unit (`kind` tells which).
+pub fn to_csv(r: &Report) -> String {
+    let mut out = String::from("kind,node,name,rows,bytes\n");
+    for t in &r.tables {
+        let _ = writeln!(out, "table,{},{},{},{}", csv_field(&t.node), csv_field(&t.table), t.rows, t.bytes);
+    }
+    for u in &r.top_units {
+        let _ = writeln!(out, "unit,{},{},{},{}", csv_field(&u.node), csv_field(&u.unit), u.rows, u.bytes);
+    }
+    for n in &r.nodes {
+        let _ = writeln!(out, "node,{},,{},{}", csv_field(&n.node), n.rows, n.bytes);
+    }
+    out
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// A horizontal SVG bar chart of (label, value).
+fn bars(title: &str, items: &[(String, i64)]) -> String {
+    let max = items.iter().map(|(_, v)| *v).max().unwrap_or(0).max(1) as f64;
+    let h = 24 * items.len() + 30;
+    let mut svg = format!(
+        "<h2>{}</h2>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"640\" height=\"{h}\" role=\"img\">\n",
+        html_escape(title)
+    );
+    for (i, (label, v)) in items.iter().enumerate() {
+        let y = 10 + 24 * i;
+        let w = (*v as f64 / max * 400.0).round() as i64;
+        let _ = writeln!(
+            svg,
+            "<text x=\"0\" y=\"{}\" font-size=\"13\">{}</text><rect x=\"150\" y=\"{y}\" width=\"{w}\" height=\"18\" fill=\"#4a7ebb\"/><text x=\"{}\" y=\"{}\" font-size=\"12\">{v}</text>",
+            y + 14,
+            html_escape(label),
+            155 + w,
+            y + 14
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The report as one self-contained HTML page with SVG bar charts.
+pub fn to_html(r: &Report) -> String {
+    let mut out = String::from(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>shard balance</title>\n\
+         <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style>\n\
+         </head><body>\n<h1>Shard balance</h1>\n",
+    );
+    let _ = writeln!(out, "<p>strategy {:?}, key <code>{}</code></p>", r.strategy, html_escape(&r.key));
+    out.push_str(&bars(
+        "Rows of sharded tables per node",
+        &r.nodes.iter().map(|n| (n.node.clone(), n.rows)).collect::<Vec<_>>(),
+    ));
+    out.push_str(&bars("Bytes per node", &r.nodes.iter().map(|n| (n.node.clone(), n.bytes)).collect::<Vec<_>>()));
+    if !r.top_units.is_empty() {
+        out.push_str(&bars(
+            "Largest units",
+            &r.top_units.iter().map(|u| (format!("{} ({})", u.unit, u.node), u.rows.max(u.bytes))).collect::<Vec<_>>(),
+        ));
+    }
+    out.push_str(
+        "<h2>Skew of rows</h2>\n<table><tr><th>table</th><th>mean</th><th>max</th><th>max/mean</th><th>cv</th></tr>\n",
+    );
+    for s in &r.skew {
+        let _ = writeln!(
+            out,
+            "<tr><td>{}</td><td>{:.1}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+            html_escape(&s.table),
+            s.mean,
+            s.max,
+            s.max_over_mean,
+            s.cv
+        );
+    }
+    out.push_str("</table>\n<h2>Tables</h2>\n<table><tr><th>node</th><th>table</th><th>rows</th><th>bytes</th><th>sharded</th></tr>\n");
+    for t in &r.tables {
+        let _ = writeln!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            html_escape(&t.node),
+            html_escape(&t.table),
+            t.rows,
+            t.bytes,
+            t.sharded
+        );
+    }
+    out.push_str("</table>\n</body></html>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skew_figures() {
+        let s = skew_of("t", &[10, 10, 10, 10]);
+        assert_eq!((s.max_over_mean, s.cv), (1.0, 0.0));
+        let s = skew_of("t", &[30, 10]);
+        assert!((s.max_over_mean - 1.5).abs() < 1e-9);
+        assert!((s.cv - 0.5).abs() < 1e-9);
+        let s = skew_of("t", &[0, 0]);
+        assert_eq!((s.max_over_mean, s.cv), (1.0, 0.0));
+    }
+}
