@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// Moves data between shard-router's shards and reports how even they are.
 ///
-/// Exit status: 0 done, 1 a node could not be read, 2 bad config or arguments.
+/// Exit status: 0 done, 1 a node or a router could not be read, 2 bad config or arguments.
 #[derive(Parser)]
 #[command(name = "rebalance", version, about, long_about = None)]
 struct Cli {
@@ -44,6 +44,13 @@ enum Command {
         /// How many of the largest units to list.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// A router's metrics URL (`router-http` + /metrics), once per router: adds statements per second
+        /// and p99 latency per node.
+        #[arg(long = "metrics", value_name = "URL")]
+        metrics: Vec<String>,
+        /// How long to sample the routers' counters for statements per second.
+        #[arg(long, default_value_t = 2000)]
+        sample_ms: u64,
     },
 }
 
@@ -57,9 +64,10 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Report { format, out, top } => {
+        Command::Report { format, out, top, metrics, sample_ms } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-            let report = match rt.block_on(rebalancer::report::gather(&config, top)) {
+            let sample = std::time::Duration::from_millis(sample_ms);
+            let report = match rt.block_on(rebalancer::report::gather_with(&config, top, &metrics, sample)) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("rebalance report: {e:#}");

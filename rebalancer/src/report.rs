@@ -29,6 +29,107 @@ pub struct NodeFigures {
     pub rows: i64,
     /// Bytes of all tables.
     pub bytes: i64,
+    /// Statements per second the routers sent it during the sample (with `--metrics`).
+    pub statements_per_s: Option<f64>,
+    /// The 99th percentile of its statements' latency in ms, from the routers' histograms since they
+    /// started (the upper bound of the bucket that holds it).
+    pub p99_ms: Option<f64>,
+}
+
+/// What one scrape of a router's `/metrics` says, per shard.
+#[derive(Default, Clone, Debug)]
+pub struct Scrape {
+    /// shard → statements answered.
+    pub queries: std::collections::BTreeMap<String, f64>,
+    /// shard → (upper bound in seconds, cumulative count), in the order given.
+    pub buckets: std::collections::BTreeMap<String, Vec<(f64, f64)>>,
+}
+
+/// Parses Prometheus text from shard-router's `/metrics`.
+pub fn parse_metrics(text: &str) -> Scrape {
+    let mut s = Scrape::default();
+    let label = |series: &str, name: &str| -> Option<String> {
+        let start = series.find(&format!("{name}=\""))? + name.len() + 2;
+        let end = series[start..].find('"')? + start;
+        Some(series[start..end].to_string())
+    };
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(v) = value.parse::<f64>() else { continue };
+        if series.starts_with("shard_router_queries_total{") {
+            if let Some(shard) = label(series, "shard") {
+                s.queries.insert(shard, v);
+            }
+        } else if series.starts_with("shard_router_query_duration_seconds_bucket{") {
+            if let (Some(shard), Some(le)) = (label(series, "shard"), label(series, "le")) {
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+                s.buckets.entry(shard).or_default().push((le, v));
+            }
+        }
+    }
+    s
+}
+
+/// The upper bound (seconds) of the bucket holding the q-quantile of a cumulative histogram.
+pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    buckets.iter().find(|(_, c)| *c >= total * q).map(|(le, _)| *le)
+}
+
+/// Scrapes every router twice, `sample` apart: statements per second and p99 per shard.
+pub async fn router_figures(
+    urls: &[String],
+    sample: std::time::Duration,
+) -> Result<std::collections::BTreeMap<String, (f64, Option<f64>)>> {
+    let http = reqwest::Client::new();
+    let scrape_all = || async {
+        let mut all = Vec::new();
+        for url in urls {
+            let text = http
+                .get(url)
+                .timeout(std::time::Duration::from_secs(10))
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .with_context(|| format!("router metrics {url}"))?
+                .text()
+                .await?;
+            all.push(parse_metrics(&text));
+        }
+        anyhow::Ok(all)
+    };
+    let first = scrape_all().await?;
+    let t = std::time::Instant::now();
+    tokio::time::sleep(sample).await;
+    let second = scrape_all().await?;
+    let secs = t.elapsed().as_secs_f64().max(1e-3);
+    let mut out: std::collections::BTreeMap<String, (f64, Option<f64>)> = Default::default();
+    for (a, b) in first.iter().zip(&second) {
+        for (shard, q) in &b.queries {
+            let before = a.queries.get(shard).copied().unwrap_or(0.0);
+            out.entry(shard.clone()).or_insert((0.0, None)).0 += (q - before).max(0.0) / secs;
+        }
+    }
+    // p99 over all routers: their histograms summed bucket by bucket.
+    let shards: Vec<String> = out.keys().cloned().collect();
+    for shard in shards {
+        let mut summed: Vec<(f64, f64)> = Vec::new();
+        for s in &second {
+            for (i, (le, c)) in s.buckets.get(&shard).into_iter().flatten().enumerate() {
+                match summed.get_mut(i) {
+                    Some(x) => x.1 += c,
+                    None => summed.push((*le, *c)),
+                }
+            }
+        }
+        if let Some(e) = out.get_mut(&shard) {
+            e.1 = quantile(&summed, 0.99).map(|s| s * 1000.0);
+        }
+    }
+    Ok(out)
 }
 
 /// How uneven a figure is over the nodes.
@@ -95,6 +196,17 @@ fn quote_ident(s: &str) -> String {
 
 /// Reads every node named in the config and makes the report.
 pub async fn gather(config: &Config, top: usize) -> Result<Report> {
+    gather_with(config, top, &[], std::time::Duration::ZERO).await
+}
+
+/// [`gather`], with the routers' `/metrics` URLs (sampled `sample` apart) for statements per second and p99.
+pub async fn gather_with(
+    config: &Config,
+    top: usize,
+    metrics: &[String],
+    sample: std::time::Duration,
+) -> Result<Report> {
+    let traffic = if metrics.is_empty() { Default::default() } else { router_figures(metrics, sample).await? };
     let mut tables = Vec::new();
     let mut units = Vec::new();
     for (name, addr) in &config.nodes {
@@ -170,6 +282,8 @@ pub async fn gather(config: &Config, top: usize) -> Result<Report> {
     let nodes: Vec<NodeFigures> = node_names
         .iter()
         .map(|n| NodeFigures {
+            statements_per_s: traffic.get(n).map(|t| t.0),
+            p99_ms: traffic.get(n).and_then(|t| t.1),
             node: n.clone(),
             rows: tables.iter().filter(|t| &t.node == n && t.sharded).map(|t| t.rows).sum(),
             bytes: tables.iter().filter(|t| &t.node == n).map(|t| t.bytes).sum::<i64>()
@@ -207,9 +321,11 @@ pub fn skew_of(table: &str, values: &[i64]) -> Skew {
 pub fn to_table(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "strategy {:?}, key {}\n", r.strategy, r.key);
-    let _ = writeln!(out, "{:<16} {:>14} {:>14}", "node", "rows", "bytes");
+    let _ = writeln!(out, "{:<16} {:>14} {:>14} {:>14} {:>10}", "node", "rows", "bytes", "statements/s", "p99 ms");
     for n in &r.nodes {
-        let _ = writeln!(out, "{:<16} {:>14} {:>14}", n.node, n.rows, n.bytes);
+        let rate = n.statements_per_s.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let p99 = n.p99_ms.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let _ = writeln!(out, "{:<16} {:>14} {:>14} {rate:>14} {p99:>10}", n.node, n.rows, n.bytes);
     }
     if !r.tables.is_empty() {
         let _ = writeln!(out, "\n{:<16} {:<28} {:>12} {:>14} {:>8}", "node", "table", "rows", "bytes", "sharded");
@@ -243,15 +359,24 @@ fn csv_field(s: &str) -> String {
 
 /// The report as CSV: one row per table and node, then one per unit (`kind` tells which).
 pub fn to_csv(r: &Report) -> String {
-    let mut out = String::from("kind,node,name,rows,bytes\n");
+    let mut out = String::from("kind,node,name,rows,bytes,statements_per_s,p99_ms\n");
     for t in &r.tables {
-        let _ = writeln!(out, "table,{},{},{},{}", csv_field(&t.node), csv_field(&t.table), t.rows, t.bytes);
+        let _ = writeln!(out, "table,{},{},{},{},,", csv_field(&t.node), csv_field(&t.table), t.rows, t.bytes);
     }
     for u in &r.top_units {
-        let _ = writeln!(out, "unit,{},{},{},{}", csv_field(&u.node), csv_field(&u.unit), u.rows, u.bytes);
+        let _ = writeln!(out, "unit,{},{},{},{},,", csv_field(&u.node), csv_field(&u.unit), u.rows, u.bytes);
     }
     for n in &r.nodes {
-        let _ = writeln!(out, "node,{},,{},{}", csv_field(&n.node), n.rows, n.bytes);
+        let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
+        let _ = writeln!(
+            out,
+            "node,{},,{},{},{},{}",
+            csv_field(&n.node),
+            n.rows,
+            n.bytes,
+            opt(n.statements_per_s),
+            opt(n.p99_ms)
+        );
     }
     out
 }
@@ -297,6 +422,15 @@ pub fn to_html(r: &Report) -> String {
         &r.nodes.iter().map(|n| (n.node.clone(), n.rows)).collect::<Vec<_>>(),
     ));
     out.push_str(&bars("Bytes per node", &r.nodes.iter().map(|n| (n.node.clone(), n.bytes)).collect::<Vec<_>>()));
+    if r.nodes.iter().any(|n| n.statements_per_s.is_some()) {
+        out.push_str(&bars(
+            "Statements per second per node",
+            &r.nodes
+                .iter()
+                .map(|n| (n.node.clone(), n.statements_per_s.unwrap_or(0.0).round() as i64))
+                .collect::<Vec<_>>(),
+        ));
+    }
     if !r.top_units.is_empty() {
         out.push_str(&bars(
             "Largest units",
@@ -336,6 +470,19 @@ pub fn to_html(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_parse_and_quantile() {
+        let text = "# TYPE x counter\nshard_router_queries_total{shard=\"0\"} 100\n\
+            shard_router_query_duration_seconds_bucket{shard=\"0\",le=\"0.001\"} 90\n\
+            shard_router_query_duration_seconds_bucket{shard=\"0\",le=\"0.01\"} 99\n\
+            shard_router_query_duration_seconds_bucket{shard=\"0\",le=\"+Inf\"} 100\n";
+        let s = parse_metrics(text);
+        assert_eq!(s.queries["0"], 100.0);
+        assert_eq!(quantile(&s.buckets["0"], 0.99), Some(0.01));
+        assert_eq!(quantile(&s.buckets["0"], 0.5), Some(0.001));
+        assert_eq!(quantile(&[], 0.99), None);
+    }
 
     #[test]
     fn skew_figures() {

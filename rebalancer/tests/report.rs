@@ -11,7 +11,13 @@ fn rebalance(args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_shows_rows_bytes_units_and_skew() -> Result<()> {
-    let cluster = Cluster::hash(2, "shard-algorithm,hash-buckets\nshard-buckets,16\nshard-global-tables,bots\n")?;
+    let http = integration::free_port();
+    let cluster = Cluster::hash(
+        2,
+        &format!(
+            "shard-algorithm,hash-buckets\nshard-buckets,16\nshard-global-tables,bots\nrouter-http,127.0.0.1:{http}\n"
+        ),
+    )?;
     let c = cluster.client().await?;
     c.batch_execute("CREATE TABLE messages (user_id bigint, body text); CREATE TABLE bots (id int)").await?;
     for k in 0..20i64 {
@@ -52,13 +58,44 @@ async fn report_shows_rows_bytes_units_and_skew() -> Result<()> {
     assert!(out.status.success() && text.contains("skew of rows") && text.contains("bucket:"), "{text}");
     let out = rebalance(&["--config", &config, "report", "--format", "csv"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("kind,node,name,rows,bytes\n") && text.contains("table,0,messages,"), "{text}");
+    assert!(
+        text.starts_with("kind,node,name,rows,bytes,statements_per_s,p99_ms\n") && text.contains("table,0,messages,"),
+        "{text}"
+    );
     let html = tempfile_path("balance.html");
     let out = rebalance(&["--config", &config, "report", "--format", "html", "--out", &html]);
     assert!(out.status.success());
     let page = std::fs::read_to_string(&html)?;
     assert!(page.contains("<svg") && page.contains("Shard balance"), "{page}");
     std::fs::remove_file(&html)?;
+
+    // With the router's metrics: statements per second and p99 per node, sampled while a client reads.
+    let reader = cluster.client().await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut k = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && k < 100_000 {
+                reader.query("SELECT body FROM messages WHERE user_id = $1", &[&(k % 20)]).await?;
+                k += 1;
+            }
+            anyhow::Ok(k)
+        })
+    };
+    let metrics = format!("http://127.0.0.1:{http}/metrics");
+    let args = ["--config", &config, "report", "--format", "json", "--metrics", &metrics, "--sample-ms", "1000"];
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || Command::new(env!("CARGO_BIN_EXE_rebalance")).args(&args).output())
+        .await??;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = load.await??;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    for n in r["nodes"].as_array().expect("nodes") {
+        assert!(n["statements_per_s"].as_f64() > Some(1.0), "{n} ({sent} statements sent)");
+        assert!(n["p99_ms"].as_f64() > Some(0.0), "{n}");
+    }
 
     // A config that does not load: exit status 2 and the reason.
     let out = rebalance(&["--config", "/nonexistent/config.csv", "report"]);
