@@ -69,6 +69,20 @@ impl From<BackendError> for Reported {
     }
 }
 
+/// After a statement was sent on `conn`: `Ok(Some(error))` when the server's first answer says it did not
+/// run (`topology::not_run`: shutting down, read-only, connection failure), `Ok(None)` when it is running,
+/// `Err(())` when no answer came. Nothing is consumed: the answer is relayed as usual afterwards.
+pub async fn refused(conn: &mut crate::backend::ServerConn) -> Result<Option<Reported>, ()> {
+    match conn.io.front().await {
+        Ok(Some((b'E', body))) => {
+            let (code, message) = proto::error_fields(body);
+            Ok(crate::topology::not_run(&code).then(|| reported(&code, message)))
+        }
+        Ok(Some(_)) => Ok(None),
+        _ => Err(()),
+    }
+}
+
 /// The SQLSTATE of a failed connection attempt: nothing was sent, so another shard may be tried.
 pub const CONNECT_FAILED: &str = "08001";
 
@@ -549,32 +563,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         ServerTarget { host, port, user, password, database }
     }
 
-    /// `shard-read-replicas`: a connection to a standby of `shard` that is fresh enough, if there is one and
-    /// it can be reached (`None`: read on the primary).
+    /// `shard-read-replicas` (the caller checked it, and that no transaction is open): a connection to a
+    /// standby of `shard` that is fresh enough, if there is one and it can be reached (`None`: read on the
+    /// primary).
     pub async fn checkout_replica(&mut self, shard: ShardId, database: Option<&str>) -> Option<Pooled> {
-        let (read_replicas, max_lag) = {
-            let config = self.shared.config.load();
-            (config.read_replicas, config.max_replica_lag_bytes)
-        };
-        if !read_replicas || !matches!(self.txn, Txn::Idle) || self.shared.session_mode {
+        if self.shared.session_mode {
             return None;
         }
+        let max_lag = self.shared.config.load().max_replica_lag_bytes;
         let at = self.shared.topology.replica(shard, max_lag)?;
         let node = self.shared.map.node(shard);
         let target = self.target(node.addr.as_ref()?, at, database);
         let pool = self.shared.pools.pool(PoolKey { shard, target }, &node.name);
         let mut p = pool.get().await.ok()?;
+        self.take_up(&mut p).await.ok()?;
+        Some(p)
+    }
+
+    /// A connection just checked out becomes this client's: registered for its CancelRequests, with its
+    /// session settings replayed when the connection carries others.
+    async fn take_up(&mut self, p: &mut Pooled) -> Result<(), BackendError> {
         p.register_cancel(&self.cancel);
         let conn = p.conn();
         let want = self.settings.hash();
         if conn.settings != want {
             let sql = self.settings.replay_sql(conn.settings != 0);
-            if !sql.is_empty() && Box::pin(conn.run_quiet(&sql)).await.is_err() {
-                return None;
+            if !sql.is_empty() {
+                Box::pin(conn.run_quiet(&sql)).await?;
             }
             conn.settings = want;
         }
-        Some(p)
+        Ok(())
     }
 
     /// A read on a standby (`shard-read-replicas`): `Ok(false)` when there is none fit for it, or the standby
@@ -584,13 +603,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let Some(mut p) = Box::pin(self.checkout_replica(shard, d.database.as_deref())).await else {
             return Ok(false);
         };
-        if p.conn().send(frame).await.is_err() {
+        if p.conn().send(frame).await.is_err() || !matches!(refused(p.conn()).await, Ok(None)) {
             return Ok(false);
-        }
-        match p.conn().io.front().await {
-            Ok(Some((b'E', body))) if crate::topology::not_run(&proto::error_fields(body).0) => return Ok(false),
-            Ok(Some(_)) => {}
-            _ => return Ok(false),
         }
         let started = std::time::Instant::now();
         let status = self.relay_until_ready(&mut p).await?;
@@ -645,16 +659,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 return Err(e.into());
             }
         };
-        p.register_cancel(&self.cancel);
-        let conn = p.conn();
-        let want = self.settings.hash();
-        if conn.settings != want {
-            let sql = self.settings.replay_sql(conn.settings != 0);
-            if !sql.is_empty() {
-                Box::pin(conn.run_quiet(&sql)).await?;
-            }
-            conn.settings = want;
-        }
+        self.take_up(&mut p).await?;
         Ok(p)
     }
 
@@ -842,13 +847,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             };
             let not_run = match p.conn().send(&frame).await {
                 Err(e) => Some(Reported::from(e)),
-                Ok(()) => match p.conn().io.front().await {
-                    Ok(Some((b'E', body))) => {
-                        let (code, message) = proto::error_fields(body);
-                        crate::topology::not_run(&code).then(|| reported(&code, message))
-                    }
-                    _ => None,
-                },
+                Ok(()) => refused(p.conn()).await.unwrap_or(None),
             };
             if let Some(e) = not_run {
                 drop(p);

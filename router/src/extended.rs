@@ -595,12 +595,8 @@ async fn send_replica<S: AsyncRead + AsyncWrite + Unpin>(
     if p.conn().flush().await.is_err() {
         return Ok(false);
     }
-    if answered {
-        match p.conn().io.front().await {
-            Ok(Some((b'E', body))) if crate::topology::not_run(&proto::error_fields(body).0) => return Ok(false),
-            Ok(Some(_)) => {}
-            _ => return Ok(false),
-        }
+    if answered && !matches!(crate::client::refused(p.conn()).await, Ok(None)) {
+        return Ok(false);
     }
     relay_alone(c, p, exps).await.map(|()| true)
 }
@@ -643,13 +639,7 @@ async fn send_following<S: AsyncRead + AsyncWrite + Unpin>(
         let answered = awaits_result(batch, &exps);
         let not_run = match p.conn().flush().await {
             Err(e) => Some(Reported::from(e)),
-            Ok(()) if answered => match p.conn().io.front().await {
-                Ok(Some((b'E', body))) => {
-                    let (code, message) = proto::error_fields(body);
-                    crate::topology::not_run(&code).then(|| reported(&code, message))
-                }
-                _ => None,
-            },
+            Ok(()) if answered => crate::client::refused(p.conn()).await.unwrap_or(None),
             Ok(()) => None,
         };
         match not_run {

@@ -50,21 +50,28 @@ pub enum RelayError {
     Dst(io::Error),
 }
 
-/// Takes one whole message off the front of `buf`, if it holds one; reserves room for the rest of a partial
-/// one. The frame is a view of the buffer's memory (no copy).
-pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Msg>, WireError> {
-    if buf.len() < 5 {
+/// The whole length (tag included) of the message whose header starts `b`, checked; `None` while the header
+/// is incomplete.
+fn frame_len(b: &[u8]) -> Result<Option<usize>, WireError> {
+    if b.len() < 5 {
         return Ok(None);
     }
-    let tag = buf[0];
-    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as i64;
+    let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as i64;
     if len < 4 {
-        return Err(WireError::BadLength { tag: tag as char, len });
+        return Err(WireError::BadLength { tag: b[0] as char, len });
     }
     let total = 1 + len as usize;
     if total > MAX_MESSAGE {
-        return Err(WireError::TooLarge { tag: tag as char, len: total });
+        return Err(WireError::TooLarge { tag: b[0] as char, len: total });
     }
+    Ok(Some(total))
+}
+
+/// Takes one whole message off the front of `buf`, if it holds one; reserves room for the rest of a partial
+/// one. The frame is a view of the buffer's memory (no copy).
+pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Msg>, WireError> {
+    let Some(total) = frame_len(buf)? else { return Ok(None) };
+    let tag = buf[0];
     if buf.len() >= total {
         let frame = buf.split_to(total).freeze();
         return Ok(Some(Msg { tag, frame }));
@@ -129,16 +136,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     pub async fn front(&mut self) -> Result<Option<(u8, &[u8])>, WireError> {
         let mut pos = 0;
         loop {
-            while self.rbuf.len() - pos >= 5 {
+            while let Some(total) = frame_len(&self.rbuf[pos..])? {
                 let b = &self.rbuf[pos..];
-                let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as i64;
-                if len < 4 {
-                    return Err(WireError::BadLength { tag: b[0] as char, len });
-                }
-                let total = 1 + len as usize;
-                if total > MAX_MESSAGE {
-                    return Err(WireError::TooLarge { tag: b[0] as char, len: total });
-                }
                 if b.len() < total {
                     self.rbuf.reserve(pos + total - self.rbuf.len());
                     break;
@@ -199,17 +198,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         loop {
             let mut pos = 0;
             let mut ready = None;
-            while self.rbuf.len() - pos >= 5 {
+            while let Some(total) = frame_len(&self.rbuf[pos..]).map_err(RelayError::Src)? {
                 let b = &self.rbuf[pos..];
                 let tag = b[0];
-                let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as i64;
-                if len < 4 {
-                    return Err(RelayError::Src(WireError::BadLength { tag: tag as char, len }));
-                }
-                let total = 1 + len as usize;
-                if total > MAX_MESSAGE {
-                    return Err(RelayError::Src(WireError::TooLarge { tag: tag as char, len: total }));
-                }
                 if b.len() < total {
                     break;
                 }
@@ -237,9 +228,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             if let Some(s) = ready {
                 return Ok((s, error));
             }
-            if self.rbuf.len() >= 5 {
-                let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize;
-                self.rbuf.reserve((1 + len).saturating_sub(self.rbuf.len()));
+            // (The header, if whole, was checked by the scan above.)
+            if let Some(total) = frame_len(&self.rbuf).map_err(RelayError::Src)? {
+                self.rbuf.reserve(total.saturating_sub(self.rbuf.len()));
             } else if self.rbuf.capacity() - self.rbuf.len() < 4096 {
                 self.rbuf.reserve(16 << 10);
             }
