@@ -34,11 +34,13 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    /// The SQLSTATE a client sees: the server's own, or 08001/08006 for connection failures.
+    /// The SQLSTATE a client sees: the server's own, 08001/08006 for connection failures, or 40003
+    /// (statement_completion_unknown) when the server went away after committing locally.
     pub fn sqlstate(&self) -> &str {
         match self {
             BackendError::Server { code, .. } => code,
             BackendError::Connect { .. } | BackendError::Unsupported { .. } => "08001",
+            BackendError::Wire(WireError::CommitUnconfirmed, _) => "40003",
             BackendError::Wire(..) => "08006",
         }
     }
@@ -63,6 +65,9 @@ pub struct ServerConn {
     pub status: u8,
     /// How to cancel this connection's query (made once, shared with the client that holds it).
     pub cancel_key: std::sync::Arc<crate::cancel::CancelKey>,
+    /// A 57P01 warning came: the server is shutting down in the middle of a commit (see
+    /// [`WireError::CommitUnconfirmed`]).
+    pub shutdown_warning: bool,
 }
 
 impl ServerConn {
@@ -107,6 +112,7 @@ impl ServerConn {
             last_used: Instant::now(),
             status: proto::READY_IDLE,
             cancel_key: Default::default(),
+            shutdown_warning: false,
         };
         let password = || -> Result<&str, BackendError> {
             t.password.as_deref().ok_or_else(|| BackendError::Server {
@@ -214,8 +220,16 @@ impl ServerConn {
 
     pub async fn read(&mut self) -> Result<Msg, BackendError> {
         match self.io.read().await {
-            Ok(Some(m)) => Ok(m),
-            Ok(None) => Err(BackendError::Wire(WireError::Truncated, self.addr.clone())),
+            Ok(Some(m)) => {
+                if m.tag == b'N' && proto::error_fields(m.body()).0 == "57P01" {
+                    self.shutdown_warning = true;
+                }
+                Ok(m)
+            }
+            Ok(None) => {
+                let e = if self.shutdown_warning { WireError::CommitUnconfirmed } else { WireError::Closed };
+                Err(BackendError::Wire(e, self.addr.clone()))
+            }
             Err(e) => Err(BackendError::Wire(e, self.addr.clone())),
         }
     }

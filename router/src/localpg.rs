@@ -127,6 +127,11 @@ impl PgServer {
         self.pg(&self.bin.join("pg_ctl"), &["-D", &self.data(), "-m", mode, "-w", "stop"]).map(drop)
     }
 
+    /// Starts the server again after [`PgServer::stop`] (on a new free port).
+    pub fn restart(&mut self) -> Result<()> {
+        self.launch(&[])
+    }
+
     /// Promotes a standby to primary and waits until it accepts writes.
     pub fn promote(&self) -> Result<()> {
         self.pg(&self.bin.join("pg_ctl"), &["-D", &self.data(), "-w", "promote"]).map(drop)

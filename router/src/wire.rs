@@ -39,6 +39,15 @@ pub enum WireError {
     BadLength { tag: char, len: i64 },
     #[error("the connection closed in the middle of a message")]
     Truncated,
+    /// End of stream after a statement was sent and before its answer was complete.
+    #[error("the server closed the connection before it finished answering: the statement may or may not have run")]
+    Closed,
+    /// End of stream after PostgreSQL's 57P01 warning that it stopped waiting for a synchronous standby to
+    /// confirm a commit (a shutdown during the commit): the transaction committed on that server.
+    #[error(
+        "the server shut down after committing the statement locally, before a synchronous standby confirmed it: the statement may or may not be on the new primary"
+    )]
+    CommitUnconfirmed,
 }
 
 /// What failed while relaying from one stream to another.
@@ -187,14 +196,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     }
 
     /// Relays this stream's messages to `dst` up to and including the next ReadyForQuery, whose status byte
-    /// is returned (and, with `status`, replaced), with whether an ErrorResponse was among them. The messages are not split apart: whole runs of frames
-    /// are written from this read buffer to `dst` (short ones gathered in `dst`'s write buffer), so a
-    /// response costs one read and one write, whatever the number of rows.
+    /// is returned (and, with `status`, replaced), with whether an ErrorResponse was among them. The messages
+    /// are not split apart: whole runs of frames are written from this read buffer to `dst` (short ones
+    /// gathered in `dst`'s write buffer), so a response costs one read and one write, whatever the number of
+    /// rows. An end of stream before ReadyForQuery tells what is known of the statement's fate (see
+    /// [`WireError::Closed`] and [`WireError::CommitUnconfirmed`]).
     pub async fn relay_to_ready<D>(&mut self, dst: &mut Framed<D>, status: Option<u8>) -> Result<(u8, bool), RelayError>
     where
         D: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut error = false;
+        let (mut error, mut shutdown_notice) = (false, false);
         loop {
             let mut pos = 0;
             let mut ready = None;
@@ -205,6 +216,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                     break;
                 }
                 error |= tag == b'E';
+                if tag == b'N' {
+                    shutdown_notice |= crate::proto::error_fields(&b[5..total]).0 == "57P01";
+                }
                 if tag == b'Z' && total == 6 {
                     ready = Some(b[5]);
                     if let Some(s) = status {
@@ -235,7 +249,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 self.rbuf.reserve(16 << 10);
             }
             match self.sock.read_buf(&mut self.rbuf).await {
-                Ok(0) => return Err(RelayError::Src(WireError::Truncated)),
+                Ok(0) => {
+                    return Err(RelayError::Src(if shutdown_notice {
+                        WireError::CommitUnconfirmed
+                    } else if self.rbuf.is_empty() {
+                        WireError::Closed
+                    } else {
+                        WireError::Truncated
+                    }))
+                }
                 Ok(_) => {}
                 Err(e) => return Err(RelayError::Src(e.into())),
             }
