@@ -2,4 +2,5 @@
 //! (`rebalance report`), which reads every node's tables and says how even the data is.
 #![forbid(unsafe_code)]
 
+pub mod mover;
 pub mod report;

@@ -65,7 +65,7 @@ pub struct ServerConn {
     pub status: u8,
     /// How to cancel this connection's query (made once, shared with the client that holds it).
     pub cancel_key: std::sync::Arc<crate::cancel::CancelKey>,
-    /// A 57P01 warning came: the server is shutting down in the middle of a commit (see
+    /// PostgreSQL warned that a shutdown cut a commit's wait for the synchronous standby (see
     /// [`WireError::CommitUnconfirmed`]).
     pub shutdown_warning: bool,
 }
@@ -221,7 +221,7 @@ impl ServerConn {
     pub async fn read(&mut self) -> Result<Msg, BackendError> {
         match self.io.read().await {
             Ok(Some(m)) => {
-                if m.tag == b'N' && proto::error_fields(m.body()).0 == "57P01" {
+                if m.tag == b'N' && proto::is_commit_cut(m.body()) {
                     self.shutdown_warning = true;
                 }
                 Ok(m)

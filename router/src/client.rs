@@ -341,7 +341,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 "current transaction is aborted, commands ignored until end of transaction block",
             ));
         }
-        let decision = self.shared.planner.decide_shaped(analysis, literals, &self.session)?;
+        let mut decision = self.shared.planner.decide_shaped(analysis, literals, &self.session)?;
+        // A move is cutting over a bucket of this statement: wait for its new owner. (Not inside a transaction
+        // already running on a shard: the move waits for that transaction instead.)
+        while self.shared.map.any_frozen(&decision.buckets) && !matches!(self.txn, Txn::Bound) {
+            Box::pin(self.shared.thaw(&decision.buckets)).await?;
+            decision = self.shared.planner.decide_shaped(analysis, literals, &self.session)?;
+        }
         if single && kind == Some(Kind::Transaction) {
             return Box::pin(self.transaction_control(msg)).await;
         }

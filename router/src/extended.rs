@@ -158,7 +158,15 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
             "current transaction is aborted, commands ignored until end of transaction block",
         ));
     }
-    let (decision, kind, mixed) = decide(c, batch)?;
+    let (mut decision, mut kind, mut mixed) = decide(c, batch)?;
+    // A move is cutting over a bucket of this batch: wait for its new owner (see `route_simple`).
+    while let Some(d) = decision.as_ref().filter(|d| c.shared.map.any_frozen(&d.buckets)) {
+        if matches!(c.txn, Txn::Bound) {
+            break;
+        }
+        Box::pin(c.shared.thaw(&d.buckets)).await?;
+        (decision, kind, mixed) = decide(c, batch)?;
+    }
     if mixed {
         if !matches!(c.txn, Txn::Idle) {
             return Err(reported(

@@ -7,6 +7,7 @@ pub mod alltx;
 pub mod backend;
 pub mod breaker;
 pub mod cancel;
+pub mod catalog;
 pub mod client;
 pub mod copy;
 pub mod demo;

@@ -98,6 +98,28 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
     (code, message)
 }
 
+/// Whether a NoticeResponse body is PostgreSQL's warning that a shutdown cut a commit's wait for the
+/// synchronous standby (SQLSTATE 57P01 raised in `SyncRepWaitForLSN`: the transaction committed locally,
+/// and the session ends without an answer). Told by the routine field, which is never translated: an
+/// immediate shutdown sends a 57P01 warning too, to idle sessions.
+pub fn is_commit_cut(notice: &[u8]) -> bool {
+    let (mut code, mut routine) = ("", "");
+    let mut b = notice;
+    while let Some((&field, rest)) = b.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Some((value, rest)) = read_cstr(rest) else { break };
+        match field {
+            b'C' => code = value,
+            b'R' => routine = value,
+            _ => {}
+        }
+        b = rest;
+    }
+    code == "57P01" && routine == "SyncRepWaitForLSN"
+}
+
 /// The row count of a CommandComplete tag (`SELECT 3`, `INSERT 0 3`, `UPDATE 3`), and the tag's verb.
 pub fn command_rows(tag: &str) -> Option<(&str, u64)> {
     let (verb, rest) = tag.split_once(' ')?;

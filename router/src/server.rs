@@ -40,6 +40,8 @@ pub struct Shared {
     /// Client connections, by cancel key (for the admin console's SHOW CLIENTS).
     pub clients: std::sync::Mutex<std::collections::HashMap<(i32, i32), ClientInfo>>,
     pub breaker: crate::breaker::Breaker,
+    /// The catalog this router follows (bucket owners, frozen buckets), when there is one.
+    pub catalog: crate::catalog::Catalog,
     pub scram: ScramCache,
     pub cancels: crate::cancel::Registry,
     /// `pool-mode,session`: each client keeps the server connections it uses for its whole session.
@@ -69,7 +71,9 @@ impl Shared {
         }));
         let topology = Arc::new(crate::topology::Topology::new(&map, &config));
         let n = map.nodes.len();
+        let catalog = shardmap::catalog::address(&config).map_err(|e| anyhow::anyhow!("shard-catalog: {e}"))?;
         Ok(Shared {
+            catalog: crate::catalog::Catalog::new(catalog),
             planner: Planner::new(map.clone()),
             map,
             pools,
@@ -141,6 +145,15 @@ impl Shared {
         restart
     }
 
+    /// Waits while a move holds any of `buckets` frozen (see `catalog.rs`); the error is for the client.
+    pub async fn thaw(&self, buckets: &[shardmap::BucketId]) -> Result<(), crate::client::Reported> {
+        let limit = Duration::from_millis(self.config.load().rebalance.max_freeze_ms + 2000);
+        self.catalog
+            .thaw(&self.map, buckets, limit)
+            .await
+            .map_err(|message| crate::client::Reported { code: "55006".into(), message })
+    }
+
     /// A shard for statements any shard can answer, in turn, skipping shards that just failed to connect and
     /// shards paused by the admin console.
     pub fn any_shard(&self) -> ShardId {
@@ -200,6 +213,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     };
     // health-enabled: background checks (the task idles while disabled: RELOAD may enable it).
     let _stop_health = AbortOnDrop(tokio::spawn(crate::observe::health_checks(Arc::downgrade(&shared))));
+    // The catalog: bucket owners and moves' freezes.
+    let _stop_catalog = AbortOnDrop(tokio::spawn(crate::catalog::follow(Arc::downgrade(&shared))));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

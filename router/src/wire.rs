@@ -42,8 +42,8 @@ pub enum WireError {
     /// End of stream after a statement was sent and before its answer was complete.
     #[error("the server closed the connection before it finished answering: the statement may or may not have run")]
     Closed,
-    /// End of stream after PostgreSQL's 57P01 warning that it stopped waiting for a synchronous standby to
-    /// confirm a commit (a shutdown during the commit): the transaction committed on that server.
+    /// End of stream after PostgreSQL's 57P01 warning that a shutdown stopped its wait for a synchronous
+    /// standby to confirm a commit (`proto::is_commit_cut`): the transaction committed on that server.
     #[error(
         "the server shut down after committing the statement locally, before a synchronous standby confirmed it: the statement may or may not be on the new primary"
     )]
@@ -217,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 }
                 error |= tag == b'E';
                 if tag == b'N' {
-                    shutdown_notice |= crate::proto::error_fields(&b[5..total]).0 == "57P01";
+                    shutdown_notice |= crate::proto::is_commit_cut(&b[5..total]);
                 }
                 if tag == b'Z' && total == 6 {
                     ready = Some(b[5]);

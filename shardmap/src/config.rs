@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::value::KeyType;
 
 /// The prefixes this project owns: an unknown key under one of them is an error.
-pub const PREFIXES: &[&str] = &["shard-", "router-", "pool-", "circuit-breaker-", "health-", "patroni-", "failover-"];
+pub const PREFIXES: &[&str] =
+    &["shard-", "router-", "pool-", "circuit-breaker-", "health-", "patroni-", "failover-", "rebalance-"];
 
 /// Every fixed key, for "did you mean" (dynamic keys are listed by their pattern).
 const KEYS: &[&str] = &[
@@ -61,6 +62,9 @@ const KEYS: &[&str] = &[
     "failover-buffer-window-ms",
     "failover-buffer-size",
     "failover-buffer-max-ms",
+    "rebalance-cutover-lag-bytes",
+    "rebalance-max-freeze-ms",
+    "rebalance-grace-s",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +163,19 @@ pub struct Config {
     pub health: HealthSettings,
     pub circuit_breaker: CircuitBreakerSettings,
     pub failover: FailoverSettings,
+    pub rebalance: RebalanceSettings,
+}
+
+/// Moves between shards (the `rebalance` CLI; see the README, "Moving data").
+#[derive(Clone, Debug, Serialize)]
+pub struct RebalanceSettings {
+    /// `rebalance-cutover-lag-bytes`: the replication lag under which a move freezes its unit and cuts over.
+    pub cutover_lag_bytes: u64,
+    /// `rebalance-max-freeze-ms`: the longest a unit may stay frozen; past it the move rolls back.
+    pub max_freeze_ms: u64,
+    /// `rebalance-grace-s`: how long the moved rows stay on the source (unreachable behind the guard)
+    /// before they are deleted.
+    pub grace_s: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -361,6 +378,7 @@ impl<'f> Builder<'f> {
                 timeout_s: 30,
                 half_open_requests: 3,
             },
+            rebalance: RebalanceSettings { cutover_lag_bytes: 1 << 20, max_freeze_ms: 5000, grace_s: 0 },
             failover: FailoverSettings {
                 patroni_interval_ms: 1000,
                 buffer_window_ms: 10_000,
@@ -492,6 +510,9 @@ impl<'f> Builder<'f> {
             "failover-buffer-window-ms" => c.failover.buffer_window_ms = number(self, 0)?,
             "failover-buffer-size" => c.failover.buffer_size = number(self, 0)?.min(u32::MAX.into()) as u32,
             "failover-buffer-max-ms" => c.failover.buffer_max_ms = number(self, 0)?,
+            "rebalance-cutover-lag-bytes" => c.rebalance.cutover_lag_bytes = number(self, 0)?,
+            "rebalance-max-freeze-ms" => c.rebalance.max_freeze_ms = number(self, 100)?,
+            "rebalance-grace-s" => c.rebalance.grace_s = number(self, 0)?,
             "health-enabled" => c.health.enabled = boolean(self)?,
             "health-endpoint" => {
                 let e = text(self)?;

@@ -11,6 +11,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod config;
 pub mod decision;
 pub mod geo;

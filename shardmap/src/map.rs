@@ -2,6 +2,7 @@
 //! [`Config`]; placing a value is a pure function of the value.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::config::{Algorithm, Config, NodeAddr, Strategy};
@@ -27,11 +28,25 @@ pub struct Node {
 
 #[derive(Debug)]
 enum Placement {
-    Modulo { count: u32 },
-    Buckets { owners: Vec<ShardId> },
-    Range { ranges: Vec<(i64, Option<i64>, ShardId)> },
+    Modulo {
+        count: u32,
+    },
+    /// Each bucket's owner and whether a move holds it frozen: set from the catalog while statements are
+    /// placed (atomics: a placement reads them without a lock).
+    Buckets {
+        owners: Box<[AtomicU16]>,
+        frozen: Box<[AtomicBool]>,
+        frozen_count: AtomicUsize,
+    },
+    Range {
+        ranges: Vec<(i64, Option<i64>, ShardId)>,
+    },
     Tenant,
-    Geo { resolver: Box<GeoResolver>, regions: Vec<(Arc<str>, ShardId)>, default: Option<ShardId> },
+    Geo {
+        resolver: Box<GeoResolver>,
+        regions: Vec<(Arc<str>, ShardId)>,
+        default: Option<ShardId>,
+    },
 }
 
 /// Where one key value goes, and why.
@@ -81,9 +96,11 @@ impl ShardMap {
                 }
                 match c.algorithm {
                     Algorithm::Modulo => Placement::Modulo { count },
-                    Algorithm::HashBuckets => {
-                        Placement::Buckets { owners: (0..c.buckets).map(|b| ShardId((b % count) as u16)).collect() }
-                    }
+                    Algorithm::HashBuckets => Placement::Buckets {
+                        owners: (0..c.buckets).map(|b| AtomicU16::new((b % count) as u16)).collect(),
+                        frozen: (0..c.buckets).map(|_| AtomicBool::new(false)).collect(),
+                        frozen_count: AtomicUsize::new(0),
+                    },
                 }
             }
             Strategy::Range => {
@@ -174,8 +191,41 @@ impl ShardMap {
     /// The number of buckets under `hash-buckets`.
     pub fn bucket_count(&self) -> Option<u32> {
         match &self.placement {
-            Placement::Buckets { owners } => Some(owners.len() as u32),
+            Placement::Buckets { owners, .. } => Some(owners.len() as u32),
             _ => None,
+        }
+    }
+
+    /// The node that owns bucket `b` now.
+    pub fn bucket_owner(&self, b: BucketId) -> Option<ShardId> {
+        match &self.placement {
+            Placement::Buckets { owners, .. } => owners.get(b.0 as usize).map(|o| ShardId(o.load(Ordering::Acquire))),
+            _ => None,
+        }
+    }
+
+    /// Places bucket `b` on `owner` and freezes or thaws it (the catalog's state, applied by the router).
+    pub fn set_bucket(&self, b: BucketId, owner: ShardId, freeze: bool) {
+        if let Placement::Buckets { owners, frozen, frozen_count } = &self.placement {
+            if let (Some(o), Some(f)) = (owners.get(b.0 as usize), frozen.get(b.0 as usize)) {
+                o.store(owner.0, Ordering::Release);
+                match (f.swap(freeze, Ordering::AcqRel), freeze) {
+                    (false, true) => drop(frozen_count.fetch_add(1, Ordering::AcqRel)),
+                    (true, false) => drop(frozen_count.fetch_sub(1, Ordering::AcqRel)),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Whether any of `buckets` is frozen by a move (statements for it wait). One atomic load when no
+    /// bucket is frozen.
+    pub fn any_frozen(&self, buckets: &[BucketId]) -> bool {
+        match &self.placement {
+            Placement::Buckets { frozen, frozen_count, .. } if frozen_count.load(Ordering::Acquire) > 0 => {
+                buckets.iter().any(|b| frozen.get(b.0 as usize).is_some_and(|f| f.load(Ordering::Acquire)))
+            }
+            _ => false,
         }
     }
 
@@ -190,9 +240,10 @@ impl ShardMap {
                 };
                 Ok(here(ShardId(slot as u16)))
             }
-            Placement::Buckets { owners } => {
+            Placement::Buckets { owners, .. } => {
                 let b = hash::reduce(hash::hash_key(v), owners.len() as u32);
-                Ok(Located { shard: owners[b as usize], bucket: Some(BucketId(b)), region: None })
+                let shard = ShardId(owners[b as usize].load(Ordering::Acquire));
+                Ok(Located { shard, bucket: Some(BucketId(b)), region: None })
             }
             Placement::Range { ranges } => {
                 let KeyValue::Int(i) = v else {

@@ -1,0 +1,1027 @@
+//! A move of one unit from its node to another, online: a resumable state machine whose state is a row of
+//! the catalog's `gb_moves`.
+//!
+//! 1. `copying`: the unit's tables get a row-filtered publication on the source (the router's own hash,
+//!    computed in SQL) and a subscription on the target, which copies the rows and then streams changes.
+//! 2. `catching-up`: until the replication lag is under `rebalance-cutover-lag-bytes`.
+//! 3. `cutover`: the unit is frozen in the catalog and every live router acknowledges (it holds the unit's
+//!    new statements); a guard trigger on the source refuses writes to the unit's rows (creating it waits for
+//!    the transactions that wrote those tables); a marker row written on the source after the guard reaches
+//!    the target, so everything before it has too; rows and checksums are compared; the owner flips and the
+//!    unit thaws. Any failure, or a freeze longer than `rebalance-max-freeze-ms`, rolls back: guard dropped,
+//!    unit thawed, the old owner serves as before.
+//! 4. `cleanup`: subscription, publication and replication slot dropped, replica identities restored,
+//!    sequences on the target raised past the source's, and after `rebalance-grace-s` the unit's rows deleted
+//!    from the source in batches. The guard stays: a router that missed the flip cannot write to the old
+//!    owner.
+//!
+//! `resume` continues a move from its recorded state; `abort` rolls back one that has not flipped.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use shardmap::catalog::{unit_condition, Unit, CHANNEL, REBALANCER_LOCK, ROUTER_LIVE_S};
+use shardmap::config::NodeAddr;
+use shardmap::{Config, ShardMap};
+use tokio_postgres::Client;
+
+/// What a finished move reports (`--json`).
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub id: i64,
+    pub unit: String,
+    pub source: String,
+    pub target: String,
+    pub state: String,
+    pub rows: i64,
+    pub freeze_ms: Option<i64>,
+    pub seconds: f64,
+    pub error: Option<String>,
+}
+
+/// How a move shows its progress: a terminal gets bars; `--json` and pipes get nothing until the end.
+pub trait Progress: Send + Sync {
+    fn stage(&self, name: &str, total: Option<u64>);
+    fn set(&self, done: u64, message: String);
+    fn finish(&self);
+}
+
+/// No progress output.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn stage(&self, _: &str, _: Option<u64>) {}
+    fn set(&self, _: u64, _: String) {}
+    fn finish(&self) {}
+}
+
+/// Progress bars on standard error (hidden when it is not a terminal).
+pub struct Bars(std::sync::Mutex<Option<indicatif::ProgressBar>>);
+
+impl Bars {
+    pub fn new() -> Bars {
+        Bars(std::sync::Mutex::new(None))
+    }
+}
+
+impl Default for Bars {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Progress for Bars {
+    fn stage(&self, name: &str, total: Option<u64>) {
+        let mut slot = self.0.lock().expect("progress lock");
+        if let Some(b) = slot.take() {
+            b.finish();
+        }
+        let bar = match total {
+            Some(t) => indicatif::ProgressBar::new(t).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>12} [{bar:30}] {human_pos}/{human_len} rows {per_sec} eta {eta} {msg}",
+                )
+                .expect("a template")
+                .progress_chars("=> "),
+            ),
+            None => indicatif::ProgressBar::new_spinner().with_style(
+                indicatif::ProgressStyle::with_template("{prefix:>12} {spinner} {msg}").expect("a template"),
+            ),
+        };
+        bar.set_prefix(name.to_string());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        *slot = Some(bar);
+    }
+
+    fn set(&self, done: u64, message: String) {
+        if let Some(b) = self.0.lock().expect("progress lock").as_ref() {
+            b.set_position(done);
+            b.set_message(message);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = self.0.lock().expect("progress lock").take() {
+            b.finish();
+        }
+    }
+}
+
+/// One sharded table of a move.
+#[derive(Clone, Debug)]
+struct Table {
+    /// `"schema"."name"`, quoted.
+    name: String,
+    /// Whether the move set `REPLICA IDENTITY FULL` (restored at cleanup).
+    identity_full: bool,
+}
+
+/// The rebalancer: the catalog (with the one-rebalancer lock held) and the config.
+pub struct Rebalancer {
+    config: Config,
+    map: Arc<ShardMap>,
+    catalog: Client,
+    progress: Box<dyn Progress>,
+}
+
+/// A move's row in `gb_moves`.
+#[derive(Clone, Debug)]
+struct Move {
+    id: i64,
+    unit: Unit,
+    source: String,
+    target: String,
+    state: String,
+    started: Instant,
+}
+
+/// Errors with their exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    /// Another rebalancer holds the lock, or a move is already running / none is.
+    #[error("{0}")]
+    Busy(String),
+    /// The request cannot be done as asked (unknown unit or node, already there...).
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+impl From<tokio_postgres::Error> for MoveError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        MoveError::Failed(e.into())
+    }
+}
+
+impl MoveError {
+    /// The exit status the CLI documents: 1 failed (rolled back, or a node unreachable), 2 invalid request,
+    /// 3 busy.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MoveError::Failed(_) => 1,
+            MoveError::Invalid(_) => 2,
+            MoveError::Busy(_) => 3,
+        }
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// A libpq connection string for `addr` (for the target's subscription to reach the source's primary).
+pub fn conninfo(addr: &NodeAddr) -> String {
+    let hosts: Vec<&str> = addr.hosts.iter().map(|(h, _)| h.as_str()).collect();
+    let ports: Vec<String> = addr.hosts.iter().map(|(_, p)| p.to_string()).collect();
+    let mut s = format!(
+        "host={} port={} user={} dbname={} target_session_attrs=read-write",
+        quote_literal(&hosts.join(",")),
+        quote_literal(&ports.join(",")),
+        quote_literal(addr.user.as_deref().unwrap_or("postgres")),
+        quote_literal(addr.dbname.as_deref().unwrap_or("postgres")),
+    );
+    if let Some(pw) = &addr.password {
+        s.push_str(&format!(" password={}", quote_literal(pw)));
+    }
+    s
+}
+
+fn resource(id: i64) -> String {
+    format!("gb_move_{id}")
+}
+
+impl Rebalancer {
+    /// Connects to the catalog (creating it if needed) and takes the one-rebalancer lock.
+    pub async fn open(config: Config, progress: Box<dyn Progress>) -> Result<Rebalancer, MoveError> {
+        let map = Arc::new(ShardMap::new(&config).map_err(MoveError::Invalid)?);
+        let Some(addr) = shardmap::catalog::address(&config).map_err(MoveError::Invalid)? else {
+            return Err(MoveError::Invalid(
+                "there is no catalog: moves need shard-algorithm,hash-buckets (or shard-catalog set)".into(),
+            ));
+        };
+        let catalog = router::catalog::ensure(&addr, &map, "rebalance").await?;
+        let locked: bool =
+            catalog.query_one("SELECT pg_try_advisory_lock($1)", &[&REBALANCER_LOCK]).await.context("catalog")?.get(0);
+        if !locked {
+            return Err(MoveError::Busy("another rebalancer is running (it holds the catalog's lock)".into()));
+        }
+        router::catalog::load(&catalog, &map).await?;
+        Ok(Rebalancer { config, map, catalog, progress })
+    }
+
+    fn node_addr(&self, name: &str) -> Result<NodeAddr, MoveError> {
+        let id = self.map.shard_by_name(name).ok_or_else(|| MoveError::Invalid(format!("no node {name:?}")))?;
+        self.map.node(id).addr.clone().ok_or_else(|| MoveError::Invalid(format!("node {name} has no address")))
+    }
+
+    async fn node(&self, name: &str) -> Result<Client, MoveError> {
+        let addr = self.node_addr(name)?;
+        Ok(router::catalog::connect(&addr, None, "rebalance").await.with_context(|| format!("node {name}"))?)
+    }
+
+    async fn active(&self) -> Result<Option<Move>> {
+        let row = self
+            .catalog
+            .query_opt("SELECT id, unit, source, target, state FROM gb_moves WHERE finished IS NULL", &[])
+            .await?;
+        Ok(match row {
+            None => None,
+            Some(r) => Some(Move {
+                id: r.get(0),
+                unit: r.get::<_, String>(1).parse().map_err(anyhow::Error::msg)?,
+                source: r.get(2),
+                target: r.get(3),
+                state: r.get(4),
+                started: Instant::now(),
+            }),
+        })
+    }
+
+    async fn set_state(&self, m: &mut Move, state: &str) -> Result<()> {
+        self.catalog.execute("UPDATE gb_moves SET state = $2, updated = now() WHERE id = $1", &[&m.id, &state]).await?;
+        m.state = state.to_string();
+        Ok(())
+    }
+
+    /// `rebalance move UNIT --to NODE`.
+    pub async fn start(&mut self, unit: &str, to: &str) -> Result<Outcome, MoveError> {
+        let unit: Unit = unit.parse().map_err(MoveError::Invalid)?;
+        let Unit::Bucket(b) = unit else {
+            return Err(MoveError::Invalid(format!(
+                "{unit}: only hash buckets move so far (tenant and range moves are not built yet)"
+            )));
+        };
+        let buckets = self.map.bucket_count().unwrap_or(0);
+        if b >= buckets {
+            return Err(MoveError::Invalid(format!(
+                "{unit}: there are {buckets} buckets (0 to {})",
+                buckets.max(1) - 1
+            )));
+        }
+        self.node_addr(to)?;
+        if let Some(m) = self.active().await? {
+            return Err(MoveError::Busy(format!(
+                "move {} of {} ({} → {}) is unfinished, at {}: `rebalance resume` or `rebalance abort`",
+                m.id, m.unit, m.source, m.target, m.state
+            )));
+        }
+        let source: String = self
+            .catalog
+            .query_one("SELECT node FROM gb_units WHERE unit = $1", &[&unit.to_string()])
+            .await
+            .context("catalog")?
+            .get(0);
+        if source == to {
+            return Err(MoveError::Invalid(format!("{unit} is on {to} already")));
+        }
+        let id: i64 = self
+            .catalog
+            .query_one(
+                "INSERT INTO gb_moves (unit, source, target, state) VALUES ($1, $2, $3, 'copying') RETURNING id",
+                &[&unit.to_string(), &source, &to],
+            )
+            .await
+            .context("catalog")?
+            .get(0);
+        let mut m = Move { id, unit, source, target: to.to_string(), state: "copying".into(), started: Instant::now() };
+        self.drive(&mut m).await
+    }
+
+    /// `rebalance resume`: carries the unfinished move on from its recorded state.
+    pub async fn resume(&mut self) -> Result<Outcome, MoveError> {
+        let Some(mut m) = self.active().await? else {
+            return Err(MoveError::Busy("no move to resume".into()));
+        };
+        self.drive(&mut m).await
+    }
+
+    /// `rebalance abort`: rolls the unfinished move back (before its flip; after it, the move can only finish).
+    pub async fn abort(&mut self) -> Result<Outcome, MoveError> {
+        let Some(mut m) = self.active().await? else {
+            return Err(MoveError::Busy("no move to abort".into()));
+        };
+        if self.owner(&m.unit).await? == m.target {
+            return Err(MoveError::Invalid(format!(
+                "move {} has flipped {} to {} already: `rebalance resume` finishes its cleanup",
+                m.id, m.unit, m.target
+            )));
+        }
+        self.roll_back(&mut m, "aborted by `rebalance abort`").await?;
+        self.outcome(&m).await
+    }
+
+    async fn owner(&self, unit: &Unit) -> Result<String> {
+        Ok(self.catalog.query_one("SELECT node FROM gb_units WHERE unit = $1", &[&unit.to_string()]).await?.get(0))
+    }
+
+    async fn outcome(&self, m: &Move) -> Result<Outcome, MoveError> {
+        let r = self
+            .catalog
+            .query_one("SELECT state, coalesce(rows_moved, 0), freeze_ms, error FROM gb_moves WHERE id = $1", &[&m.id])
+            .await
+            .context("catalog")?;
+        Ok(Outcome {
+            id: m.id,
+            unit: m.unit.to_string(),
+            source: m.source.clone(),
+            target: m.target.clone(),
+            state: r.get(0),
+            rows: r.get(1),
+            freeze_ms: r.get(2),
+            seconds: m.started.elapsed().as_secs_f64(),
+            error: r.get(3),
+        })
+    }
+
+    /// Runs the state machine from `m.state` to the end.
+    async fn drive(&mut self, m: &mut Move) -> Result<Outcome, MoveError> {
+        let src = self.node(&m.source).await?;
+        let dst = self.node(&m.target).await?;
+        let tables = self.tables(&src, &dst, m).await?;
+        loop {
+            match m.state.as_str() {
+                "copying" => {
+                    self.subscribe(&src, &dst, m, &tables).await?;
+                    self.wait_copied(&src, &dst, m, &tables).await?;
+                    self.set_state(m, "catching-up").await?;
+                }
+                "catching-up" => {
+                    self.catch_up(&src, m).await?;
+                    self.set_state(m, "cutover").await?;
+                }
+                "cutover" => {
+                    if self.owner(&m.unit).await? == m.target {
+                        // Flipped before a crash: only the cleanup is left.
+                        self.set_state(m, "cleanup").await?;
+                        continue;
+                    }
+                    match self.cutover(&src, &dst, m, &tables).await {
+                        Ok(()) => self.set_state(m, "cleanup").await?,
+                        Err(e) => {
+                            let why = format!("{e:#}");
+                            self.roll_back(m, &why).await?;
+                            return Err(MoveError::Failed(anyhow::anyhow!("move {} rolled back: {why}", m.id)));
+                        }
+                    }
+                }
+                "cleanup" => {
+                    self.clean_up(&src, &dst, m, &tables, true).await?;
+                    self.catalog
+                        .execute(
+                            "UPDATE gb_moves SET state = 'done', finished = now(), updated = now() WHERE id = $1",
+                            &[&m.id],
+                        )
+                        .await
+                        .context("catalog")?;
+                    self.progress.finish();
+                    return self.outcome(m).await;
+                }
+                other => {
+                    return Err(MoveError::Failed(anyhow::anyhow!("move {} is in an unknown state {other:?}", m.id)))
+                }
+            }
+        }
+    }
+
+    /// The condition selecting the unit's rows.
+    fn condition(&self, unit: &Unit) -> String {
+        self.condition_on(unit, &quote_ident(&self.map.key))
+    }
+
+    /// The condition selecting the unit's rows, the key read from `column` (`NEW."user_id"`).
+    fn condition_on(&self, unit: &Unit, column: &str) -> String {
+        unit_condition(unit, column, self.map.key_type, self.map.bucket_count().unwrap_or(1))
+            .expect("bucket units have a condition")
+    }
+
+    /// The sharded tables on the source (a column named like the shard key, not in shard-global-tables),
+    /// created on the target when missing; each one's replica identity made to cover the key.
+    async fn tables(&self, src: &Client, dst: &Client, m: &Move) -> Result<Vec<Table>, MoveError> {
+        let rows = src
+            .query(
+                "SELECT n.nspname, c.relname, c.relreplident::text, \
+                        coalesce((SELECT bool_or(a.attname = $1) FROM pg_index i \
+                                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                                  WHERE i.indrelid = c.oid AND (i.indisreplident OR (c.relreplident = 'd' AND i.indisprimary))), false) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                   AND n.nspname NOT LIKE 'pg_toast%' \
+                   AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped) \
+                 ORDER BY 1, 2",
+                &[&self.map.key],
+            )
+            .await
+            .context("listing the source's tables")?;
+        let mut tables = Vec::new();
+        for r in rows {
+            let (schema, name): (String, String) = (r.get(0), r.get(1));
+            if self.map.global_tables.contains(&name) || self.map.global_tables.contains(&format!("{schema}.{name}")) {
+                continue;
+            }
+            let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+            let ident: String = r.get(2);
+            let covered: bool = r.get(3);
+            // A row filter on the key needs the key in the replica identity, or the application's own UPDATE
+            // and DELETE on the source fail; FULL for the move's duration, restored at cleanup. (A resumed
+            // move finds FULL already, and its own record of having set it.)
+            let identity_full = if !covered && ident != "f" {
+                self.mark_full(m, &qualified).await?;
+                src.batch_execute(&format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL")).await?;
+                true
+            } else {
+                ident == "f" && self.marked_full(m, &qualified).await?
+            };
+            let exists: bool =
+                dst.query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified]).await.context("the target")?.get(0);
+            if !exists {
+                self.copy_schema(&m.source, &m.target, &schema, &name).await?;
+            }
+            tables.push(Table { name: qualified, identity_full });
+        }
+        if tables.is_empty() {
+            return Err(MoveError::Invalid(format!("the source has no table with a {} column to move", self.map.key)));
+        }
+        for c in [src, dst] {
+            c.batch_execute("CREATE TABLE IF NOT EXISTS gb_move_marker (id bigint PRIMARY KEY, n bigint NOT NULL)")
+                .await?;
+        }
+        src.execute("INSERT INTO gb_move_marker VALUES ($1, 0) ON CONFLICT DO NOTHING", &[&m.id]).await?;
+        Ok(tables)
+    }
+
+    async fn marked_full(&self, m: &Move, table: &str) -> Result<bool> {
+        let r = self
+            .catalog
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM gb_move_identity WHERE move = $1 AND table_name = $2)",
+                &[&m.id, &table],
+            )
+            .await?;
+        Ok(r.get(0))
+    }
+
+    async fn mark_full(&self, m: &Move, table: &str) -> Result<()> {
+        self.catalog
+            .execute("INSERT INTO gb_move_identity VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&m.id, &table])
+            .await?;
+        Ok(())
+    }
+
+    /// `pg_dump --schema-only` of one table from the source, into the target.
+    async fn copy_schema(&self, source: &str, target: &str, schema: &str, name: &str) -> Result<()> {
+        let (s, t) = (self.node_addr(source)?, self.node_addr(target)?);
+        let dump = tokio::process::Command::new("pg_dump")
+            .args(["--schema-only", "--no-owner", "--no-privileges", "-t"])
+            .arg(format!("{}.{}", quote_ident(schema), quote_ident(name)))
+            .arg(conninfo(&s))
+            .output()
+            .await
+            .context("pg_dump (apt-get install postgresql-client)")?;
+        if !dump.status.success() {
+            bail!("pg_dump of {schema}.{name}: {}", String::from_utf8_lossy(&dump.stderr));
+        }
+        let sql = String::from_utf8_lossy(&dump.stdout).to_string();
+        let dst = router::catalog::connect(&t, None, "rebalance").await?;
+        dst.batch_execute(&sql).await.with_context(|| format!("creating {schema}.{name} on {target}"))?;
+        Ok(())
+    }
+
+    /// The publication on the source (after which its slot is made) and the subscription on the target.
+    async fn subscribe(&self, src: &Client, dst: &Client, m: &Move, tables: &[Table]) -> Result<()> {
+        let name = resource(m.id);
+        let exists: bool =
+            dst.query_one("SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = $1)", &[&name]).await?.get(0);
+        if exists {
+            return Ok(()); // resumed
+        }
+        let level: String = src.query_one("SHOW wal_level", &[]).await?.get(0);
+        if level != "logical" {
+            bail!(
+                "node {} has wal_level={level}; moves use logical replication: set wal_level=logical and restart it",
+                m.source
+            );
+        }
+        let cond = self.condition(&m.unit);
+        // Rows of the unit left on the target by an earlier, aborted move would collide with the copy.
+        for t in tables {
+            dst.batch_execute(&format!("DELETE FROM {} WHERE {cond}", t.name)).await?;
+        }
+        let published: bool =
+            src.query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&name]).await?.get(0);
+        if !published {
+            let list: Vec<String> = tables.iter().map(|t| format!("{} WHERE ({cond})", t.name)).collect();
+            src.batch_execute(&format!("CREATE PUBLICATION {name} FOR TABLE {}, gb_move_marker", list.join(", ")))
+                .await
+                .context("creating the publication on the source")?;
+        }
+        // A slot left by a crash between its creation and the subscription's: drop it, the subscription
+        // makes its own.
+        src.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+            &[&name],
+        )
+        .await?;
+        let source = self.node_addr(&m.source)?;
+        dst.batch_execute(&format!(
+            "CREATE SUBSCRIPTION {name} CONNECTION {} PUBLICATION {name} WITH (slot_name = {name})",
+            quote_literal_sql(&conninfo(&source))
+        ))
+        .await
+        .context("creating the subscription on the target")?;
+        Ok(())
+    }
+
+    /// Waits for the subscription's initial copy of every table, showing rows copied against the source's.
+    async fn wait_copied(&self, src: &Client, dst: &Client, m: &Move, tables: &[Table]) -> Result<()> {
+        let cond = self.condition(&m.unit);
+        let count_sql = tables
+            .iter()
+            .map(|t| format!("(SELECT count(*) FROM {} WHERE {cond})", t.name))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let count = format!("SELECT ({count_sql})::bigint");
+        let total: i64 = src.query_one(&count, &[]).await?.get(0);
+        self.progress.stage("copy", Some(total.max(0) as u64));
+        let started = Instant::now();
+        loop {
+            let pending: i64 = dst
+                .query_one(
+                    "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
+                     WHERE s.subname = $1 AND r.srsubstate NOT IN ('r', 's')",
+                    &[&resource(m.id)],
+                )
+                .await?
+                .get(0);
+            let copied: i64 = dst.query_one(&count, &[]).await?.get(0);
+            self.progress.set(copied.max(0) as u64, format!("{} tables left", pending));
+            if pending == 0 {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(3600 * 24) {
+                bail!("the initial copy has not finished in a day");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until the source's replication slot for the move is within `rebalance-cutover-lag-bytes`.
+    async fn catch_up(&self, src: &Client, m: &Move) -> Result<()> {
+        let limit = self.config.rebalance.cutover_lag_bytes as i64;
+        self.progress.stage("catch-up", None);
+        loop {
+            let row = src
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - coalesce(r.flush_lsn, s.confirmed_flush_lsn))::bigint \
+                     FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                     WHERE s.slot_name = $1",
+                    &[&resource(m.id)],
+                )
+                .await?;
+            let Some(row) = row else { bail!("the move's replication slot is gone from the source") };
+            let lag: Option<i64> = row.get(0);
+            let lag = lag.unwrap_or(i64::MAX);
+            self.progress.set(0, format!("lag {lag} bytes (cutover under {limit})"));
+            if lag <= limit {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Freeze, guard, drain, verify, flip. An error leaves the unit frozen and guarded: the caller rolls back.
+    async fn cutover(&self, src: &Client, dst: &Client, m: &mut Move, tables: &[Table]) -> Result<()> {
+        let budget = Duration::from_millis(self.config.rebalance.max_freeze_ms);
+        self.progress.stage("cutover", None);
+        let frozen_at = Instant::now();
+        let version = self.bump("UPDATE gb_units SET frozen = true WHERE unit = $1", &m.unit).await?;
+        // 1. Every live router has applied the freeze: new statements for the unit wait in the routers.
+        loop {
+            let late: Vec<String> = self
+                .catalog
+                .query(
+                    "SELECT id FROM gb_routers WHERE version < $1 AND seen > now() - make_interval(secs => $2)",
+                    &[&(version as i64), &(ROUTER_LIVE_S as f64)],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if late.is_empty() {
+                break;
+            }
+            if frozen_at.elapsed() > budget {
+                bail!("routers did not acknowledge the freeze within rebalance-max-freeze-ms: {}", late.join(", "));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.progress.set(0, format!("routers hold {} ({:?})", m.unit, frozen_at.elapsed()));
+        // 2. The guard: creating the triggers waits for the transactions that wrote these tables; after it,
+        //    no write to the unit can land on the source.
+        let left = budget.saturating_sub(frozen_at.elapsed()).max(Duration::from_millis(1));
+        self.guard(src, m, tables, left).await?;
+        // 3. The marker, written after the guard, reaches the target: so has every write before it.
+        let n: i64 =
+            src.query_one("UPDATE gb_move_marker SET n = n + 1 WHERE id = $1 RETURNING n", &[&m.id]).await?.get(0);
+        loop {
+            let seen: Option<i64> =
+                dst.query_opt("SELECT n FROM gb_move_marker WHERE id = $1", &[&m.id]).await?.map(|r| r.get(0));
+            if seen.is_some_and(|s| s >= n) {
+                break;
+            }
+            if frozen_at.elapsed() > budget {
+                bail!("the target did not catch up within rebalance-max-freeze-ms");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // 4. The same rows on both sides.
+        let rows = self.verify_with(src, dst, &m.unit, tables).await?;
+        if frozen_at.elapsed() > budget {
+            bail!("the freeze lasted longer than rebalance-max-freeze-ms ({} ms)", budget.as_millis());
+        }
+        // 5. Flip and thaw.
+        let target = m.target.clone();
+        let tx_sql =
+            format!("UPDATE gb_units SET node = {}, frozen = false WHERE unit = $1", quote_literal_sql(&target));
+        self.bump(&tx_sql, &m.unit).await?;
+        let freeze_ms = frozen_at.elapsed().as_millis() as i64;
+        self.catalog
+            .execute("UPDATE gb_moves SET freeze_ms = $2, rows_moved = $3 WHERE id = $1", &[&m.id, &freeze_ms, &rows])
+            .await?;
+        self.progress.set(0, format!("{} is on {target}; frozen {freeze_ms} ms", m.unit));
+        Ok(())
+    }
+
+    /// Runs `sql` (with the unit as $1) and raises the catalog's version in one transaction, then NOTIFY;
+    /// returns the new version.
+    async fn bump(&self, sql: &str, unit: &Unit) -> Result<u64> {
+        self.catalog.batch_execute("BEGIN").await?;
+        let r = async {
+            self.catalog.execute(sql, &[&unit.to_string()]).await?;
+            let v: i64 = self
+                .catalog
+                .query_one("UPDATE gb_catalog SET version = version + 1 RETURNING version", &[])
+                .await?
+                .get(0);
+            self.catalog.batch_execute(&format!("NOTIFY {CHANNEL}, '{v}'")).await?;
+            Ok::<_, tokio_postgres::Error>(v)
+        }
+        .await;
+        match r {
+            Ok(v) => {
+                self.catalog.batch_execute("COMMIT").await?;
+                Ok(v as u64)
+            }
+            Err(e) => {
+                self.catalog.batch_execute("ROLLBACK").await.ok();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The guard triggers on the source: writes to the unit's rows are refused there (SQLSTATE 55R01).
+    async fn guard(&self, src: &Client, m: &Move, tables: &[Table], lock_timeout: Duration) -> Result<()> {
+        let name = format!("gb_guard_{}", m.id);
+        let key = quote_ident(&self.map.key);
+        let on = |row: &str| self.condition_on(&m.unit, &format!("{row}.{key}"));
+        let mut sql = format!(
+            "BEGIN; SET LOCAL lock_timeout = {}; \
+             CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $g$ BEGIN \
+               IF (TG_OP <> 'DELETE' AND {new}) OR (TG_OP <> 'INSERT' AND {old}) THEN \
+                 RAISE EXCEPTION '{unit} has moved from this node to {target} (move {id}): this router''s shard map is stale' \
+                   USING ERRCODE = '55R01'; \
+               END IF; \
+               IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; RETURN NEW; END $g$; ",
+            lock_timeout.as_millis(),
+            new = on("NEW"),
+            old = on("OLD"),
+            unit = m.unit,
+            target = m.target.replace('\'', "''"),
+            id = m.id
+        );
+        for t in tables {
+            sql.push_str(&format!(
+                "DROP TRIGGER IF EXISTS {name} ON {t}; CREATE TRIGGER {name} BEFORE INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {name}(); ",
+                t = t.name
+            ));
+        }
+        sql.push_str("COMMIT;");
+        if let Err(e) = src.batch_execute(&sql).await {
+            src.batch_execute("ROLLBACK").await.ok();
+            return Err(e).context("installing the guard on the source");
+        }
+        Ok(())
+    }
+
+    async fn unguard(&self, src: &Client, m: &Move, tables: &[Table]) -> Result<()> {
+        let name = format!("gb_guard_{}", m.id);
+        let mut sql = String::new();
+        for t in tables {
+            sql.push_str(&format!("DROP TRIGGER IF EXISTS {name} ON {}; ", t.name));
+        }
+        sql.push_str(&format!("DROP FUNCTION IF EXISTS {name}();"));
+        src.batch_execute(&sql).await?;
+        Ok(())
+    }
+
+    /// Rows and a checksum of the unit in every table, on both sides; the number of rows.
+    async fn verify_with(&self, src: &Client, dst: &Client, unit: &Unit, tables: &[Table]) -> Result<i64> {
+        let cond = self.condition_on(unit, &format!("x.{}", quote_ident(&self.map.key)));
+        let mut rows = 0;
+        for t in tables {
+            let sql = format!(
+                "SELECT count(*), coalesce(sum(hashtextextended(x::text, 0)::numeric), 0)::text FROM {} x WHERE {cond}",
+                t.name
+            );
+            let a = src.query_one(&sql, &[]).await?;
+            let b = dst.query_one(&sql, &[]).await?;
+            let (na, ca): (i64, String) = (a.get(0), a.get(1));
+            let (nb, cb): (i64, String) = (b.get(0), b.get(1));
+            if na != nb || ca != cb {
+                bail!("{} differs: {na} rows on the source, {nb} on the target (checksums {ca} / {cb})", t.name);
+            }
+            rows += na;
+        }
+        Ok(rows)
+    }
+
+    /// `rebalance verify UNIT`: the unit's rows on its owner against any other node that has rows of it.
+    pub async fn verify(&self, unit: &str) -> Result<String, MoveError> {
+        let unit: Unit = unit.parse().map_err(MoveError::Invalid)?;
+        let owner = self.owner(&unit).await?;
+        let cond = self.condition(&unit);
+        let mut lines = Vec::new();
+        for n in &self.map.nodes {
+            let c = self.node(&n.name).await?;
+            let mut total = 0i64;
+            for t in self.table_names(&c).await? {
+                total += c.query_one(&format!("SELECT count(*) FROM {t} WHERE {cond}"), &[]).await?.get::<_, i64>(0);
+            }
+            lines.push(format!("{}: {total} rows{}", n.name, if n.name == owner { " (owner)" } else { "" }));
+        }
+        Ok(format!("{unit}\n{}\n", lines.join("\n")))
+    }
+
+    async fn table_names(&self, c: &Client) -> Result<Vec<String>> {
+        let rows = c
+            .query(
+                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                   AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped)",
+                &[&self.map.key],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Drops what replicated the unit: subscription, slot, publication; restores replica identities; raises
+    /// the target's sequences; and with `delete`, deletes the unit's rows from the source after the grace
+    /// period.
+    async fn clean_up(&self, src: &Client, dst: &Client, m: &Move, tables: &[Table], moved: bool) -> Result<()> {
+        self.progress.stage("cleanup", None);
+        let name = resource(m.id);
+        let sub: bool =
+            dst.query_one("SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = $1)", &[&name]).await?.get(0);
+        if sub {
+            dst.batch_execute(&format!("DROP SUBSCRIPTION {name}")).await.context("dropping the subscription")?;
+        }
+        // The slot is dropped with the subscription; one left behind (the source was unreachable then) is
+        // dropped here, so that no slot holds WAL on the source for ever.
+        src.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .context("dropping the replication slot")?;
+        src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await?;
+        for t in tables.iter().filter(|t| t.identity_full) {
+            src.batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY DEFAULT", t.name)).await?;
+        }
+        for c in [src, dst] {
+            c.execute("DELETE FROM gb_move_marker WHERE id = $1", &[&m.id]).await?;
+        }
+        if moved {
+            self.raise_sequences(src, dst, tables).await?;
+            let grace = self.config.rebalance.grace_s;
+            if grace > 0 {
+                self.progress.set(0, format!("rows stay on {} for rebalance-grace-s = {grace} s", m.source));
+                tokio::time::sleep(Duration::from_secs(grace)).await;
+            }
+            self.delete_from_source(src, m, tables).await?;
+        }
+        Ok(())
+    }
+
+    /// Rows copied keep their ids; the target's sequences for the same tables are raised to at least the
+    /// source's, so that ids it hands out next do not collide with moved rows.
+    async fn raise_sequences(&self, src: &Client, dst: &Client, tables: &[Table]) -> Result<()> {
+        let seq_sql = "SELECT s.oid::regclass::text, (SELECT last_value FROM pg_sequences q WHERE q.schemaname = n.nspname AND q.sequencename = s.relname) \
+                       FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' \
+                       JOIN pg_namespace n ON n.oid = s.relnamespace \
+                       WHERE d.refobjid = $1::text::regclass AND d.deptype IN ('a', 'i')";
+        for t in tables {
+            for r in src.query(seq_sql, &[&t.name]).await? {
+                let (seq, last): (String, Option<i64>) = (r.get(0), r.get(1));
+                if let Some(last) = last {
+                    dst.execute(
+                        "SELECT setval($1::text::regclass, greatest($2, (SELECT coalesce(last_value, 1) FROM pg_sequences WHERE format('%I.%I', schemaname, sequencename)::regclass = $1::text::regclass)))",
+                        &[&seq, &last],
+                    )
+                    .await
+                    .with_context(|| format!("raising {seq} on the target"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the unit's rows from the source in batches (past the guard: as a replica session would).
+    async fn delete_from_source(&self, src: &Client, m: &Move, tables: &[Table]) -> Result<()> {
+        let cond = self.condition(&m.unit);
+        src.batch_execute("SET session_replication_role = replica").await?;
+        let mut deleted = 0u64;
+        for t in tables {
+            loop {
+                let n = src
+                    .execute(
+                        &format!(
+                            "DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE {cond} LIMIT 10000))",
+                            t = t.name
+                        ),
+                        &[],
+                    )
+                    .await?;
+                deleted += n;
+                self.progress.set(0, format!("deleted {deleted} rows of {} from {}", m.unit, m.source));
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        src.batch_execute("RESET session_replication_role").await?;
+        Ok(())
+    }
+
+    /// Undoes a move that has not flipped: guard dropped, unit thawed, replication dropped, the target's
+    /// copy deleted. Idempotent (a crash in the middle is rolled back by `abort` again).
+    async fn roll_back(&self, m: &mut Move, why: &str) -> Result<(), MoveError> {
+        let src = self.node(&m.source).await?;
+        let dst = self.node(&m.target).await?;
+        let tables = self.tables(&src, &dst, m).await?;
+        self.unguard(&src, m, &tables).await?;
+        self.bump("UPDATE gb_units SET frozen = false WHERE unit = $1", &m.unit).await?;
+        self.clean_up(&src, &dst, m, &tables, false).await?;
+        let cond = self.condition(&m.unit);
+        for t in &tables {
+            dst.batch_execute(&format!("DELETE FROM {} WHERE {cond}", t.name)).await?;
+        }
+        self.catalog
+            .execute(
+                "UPDATE gb_moves SET state = 'aborted', finished = now(), updated = now(), error = $2 WHERE id = $1",
+                &[&m.id, &why],
+            )
+            .await
+            .context("catalog")?;
+        m.state = "aborted".into();
+        self.progress.finish();
+        Ok(())
+    }
+}
+
+fn quote_literal_sql(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `rebalance status` (read without the rebalancer's lock: it works while a move runs).
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub version: i64,
+    /// Units frozen by a cutover now.
+    pub frozen: Vec<String>,
+    /// Units placed elsewhere than config.csv places them, with their node.
+    pub moved: Vec<(String, String)>,
+    pub routers: Vec<RouterRow>,
+    /// The unfinished move first, then the last finished ones.
+    pub moves: Vec<MoveRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RouterRow {
+    pub id: String,
+    pub addr: String,
+    pub version: i64,
+    pub seen_s_ago: f64,
+    pub live: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MoveRow {
+    pub id: i64,
+    pub unit: String,
+    pub source: String,
+    pub target: String,
+    pub state: String,
+    pub started: String,
+    pub finished: Option<String>,
+    pub freeze_ms: Option<i64>,
+    pub rows: Option<i64>,
+    pub error: Option<String>,
+}
+
+pub async fn status(config: &Config) -> Result<Status, MoveError> {
+    let map = ShardMap::new(config).map_err(MoveError::Invalid)?;
+    let Some(addr) = shardmap::catalog::address(config).map_err(MoveError::Invalid)? else {
+        return Err(MoveError::Invalid("there is no catalog (moves need shard-algorithm,hash-buckets)".into()));
+    };
+    let c = router::catalog::ensure(&addr, &map, "rebalance status").await?;
+    let version: i64 = c.query_one("SELECT version FROM gb_catalog", &[]).await?.get(0);
+    let frozen = c.query("SELECT unit FROM gb_units WHERE frozen ORDER BY unit", &[]).await?;
+    let mut moved = Vec::new();
+    if map.bucket_count().is_some() {
+        for r in c.query("SELECT unit, node FROM gb_units WHERE unit LIKE 'bucket:%'", &[]).await? {
+            let (unit, node): (String, String) = (r.get(0), r.get(1));
+            if let Ok(Unit::Bucket(b)) = unit.parse::<Unit>() {
+                let configured = map.node(shardmap::ShardId((b % map.nodes.len() as u32) as u16)).name.clone();
+                if configured != node {
+                    moved.push((unit, node));
+                }
+            }
+        }
+    }
+    moved.sort();
+    let routers = c
+        .query(
+            "SELECT id, addr, version, extract(epoch FROM now() - seen)::float8, seen > now() - make_interval(secs => $1) \
+             FROM gb_routers WHERE seen > now() - interval '1 day' ORDER BY seen DESC",
+            &[&(ROUTER_LIVE_S as f64)],
+        )
+        .await?
+        .iter()
+        .map(|r| RouterRow { id: r.get(0), addr: r.get(1), version: r.get(2), seen_s_ago: r.get(3), live: r.get(4) })
+        .collect();
+    let moves = c
+        .query(
+            "SELECT id, unit, source, target, state, started::text, finished::text, freeze_ms, rows_moved, error \
+             FROM gb_moves ORDER BY finished IS NULL DESC, id DESC LIMIT 10",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| MoveRow {
+            id: r.get(0),
+            unit: r.get(1),
+            source: r.get(2),
+            target: r.get(3),
+            state: r.get(4),
+            started: r.get(5),
+            finished: r.get(6),
+            freeze_ms: r.get(7),
+            rows: r.get(8),
+            error: r.get(9),
+        })
+        .collect();
+    Ok(Status { version, frozen: frozen.iter().map(|r| r.get(0)).collect(), moved, routers, moves })
+}
+
+/// `status` for a terminal.
+pub fn status_text(s: &Status) -> String {
+    let mut out = format!("catalog version {}\n", s.version);
+    out.push_str(&format!("frozen: {}\n", if s.frozen.is_empty() { "none".to_string() } else { s.frozen.join(", ") }));
+    out.push_str(&format!("units moved from their config.csv node: {}\n", s.moved.len()));
+    for (u, n) in &s.moved {
+        out.push_str(&format!("  {u} on {n}\n"));
+    }
+    out.push_str("routers:\n");
+    for r in &s.routers {
+        out.push_str(&format!(
+            "  {} {} version {} seen {:.1} s ago{}\n",
+            r.id,
+            r.addr,
+            r.version,
+            r.seen_s_ago,
+            if r.live { "" } else { " (not live)" }
+        ));
+    }
+    out.push_str("moves:\n");
+    for m in &s.moves {
+        out.push_str(&format!(
+            "  #{} {} {} -> {}: {}{}{}{}\n",
+            m.id,
+            m.unit,
+            m.source,
+            m.target,
+            m.state,
+            m.rows.map(|r| format!(", {r} rows")).unwrap_or_default(),
+            m.freeze_ms.map(|f| format!(", frozen {f} ms")).unwrap_or_default(),
+            m.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+        ));
+    }
+    out
+}

@@ -1,0 +1,253 @@
+//! `rebalance move` through the real binary: a hash bucket moves between two real PostgreSQL shards while
+//! writers insert and update keys of that bucket through two routers at a steady rate.
+//!
+//! Checked: no writer sees an error; every acknowledged insert is on the target once and every acknowledged
+//! update is counted once; nothing of the bucket is left on the source; no replication slot, publication or
+//! subscription is left; both routers send the bucket to its new owner. Printed: the freeze window as the
+//! writers saw it (the extra wait of statements held during the cutover).
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use integration::{Cluster, PgServer};
+use shardmap::hash::{hash_key, reduce};
+use shardmap::KeyValue;
+
+const BUCKETS: u32 = 16;
+
+fn rebalance(config: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rebalance"))
+        .args(["--config", config])
+        .args(args)
+        .output()
+        .expect("the rebalance binary")
+}
+
+fn bucket_of(k: i64) -> u32 {
+    reduce(hash_key(&KeyValue::Int(k)), BUCKETS)
+}
+
+/// What a writer saw.
+#[derive(Default)]
+struct Seen {
+    inserted: Vec<i64>,
+    updates: HashMap<i64, i32>,
+    errors: Vec<String>,
+    latencies: Vec<(Instant, Duration)>,
+}
+
+/// Through one router: inserts new keys of `bucket` (simple protocol) and updates preloaded ones (extended),
+/// plus inserts elsewhere, every 5 ms, until `stop` (or 60 s / 20,000 statements).
+async fn writer(
+    client: tokio_postgres::Client,
+    stop: Arc<AtomicBool>,
+    fresh: Vec<i64>,
+    preloaded: Vec<i64>,
+    elsewhere: Vec<i64>,
+) -> Seen {
+    let mut seen = Seen::default();
+    let started = Instant::now();
+    let update = client.prepare("UPDATE events SET n = n + 1 WHERE user_id = $1").await.expect("prepare");
+    for i in 0..20_000usize {
+        if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(60) || i >= fresh.len() {
+            break;
+        }
+        let t = Instant::now();
+        let k = fresh[i];
+        match client.simple_query(&format!("INSERT INTO events (user_id, n) VALUES ({k}, 0)")).await {
+            Ok(_) => seen.inserted.push(k),
+            Err(e) => seen.errors.push(format!("insert {k}: {e:?}")),
+        }
+        seen.latencies.push((t, t.elapsed()));
+        let t = Instant::now();
+        let k = preloaded[i % preloaded.len()];
+        match client.execute(&update, &[&k]).await {
+            Ok(1) => *seen.updates.entry(k).or_default() += 1,
+            Ok(n) => seen.errors.push(format!("update {k}: {n} rows")),
+            Err(e) => seen.errors.push(format!("update {k}: {e:?}")),
+        }
+        seen.latencies.push((t, t.elapsed()));
+        let k = elsewhere[i % elsewhere.len()];
+        if let Err(e) = client.execute("UPDATE events SET n = n + 1 WHERE user_id = $1", &[&k]).await {
+            seen.errors.push(format!("update elsewhere {k}: {e:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    seen
+}
+
+async fn count(db: &tokio_postgres::Client, sql: &str) -> Result<i64> {
+    Ok(db.query_one(sql, &[]).await?.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
+    let servers = (0..2).map(|_| PgServer::start_with(&["wal_level=logical"])).collect::<Result<Vec<_>>>()?;
+    let nodes: String =
+        servers.iter().enumerate().map(|(i, s)| format!("shard-node-{i},{}\n", s.url("postgres"))).collect();
+    let head = format!(
+        "shard-strategy,hash\nshard-count,2\nshard-key,user_id\nshard-algorithm,hash-buckets\nshard-buckets,{BUCKETS}\n\
+         router-auth,trust\nrebalance-max-freeze-ms,5000\n"
+    );
+    let first = Cluster::with_servers(servers, &head, |i, s| format!("shard-node-{i},{}\n", s.url("postgres")))?;
+    // A second router in front of the same shards.
+    let second = Cluster::with_servers(Vec::new(), &format!("{head}{nodes}"), |_, _| String::new())?;
+    let config = first.config_path.display().to_string();
+
+    // Bucket `b` is on node 0 (bucket b's first owner is b % 2).
+    let b = 4u32;
+    let keys: Vec<i64> = (1..).filter(|k| bucket_of(*k) == b).take(3200).collect();
+    let (preloaded, fresh) = keys.split_at(200);
+    let elsewhere: Vec<i64> = (1..).filter(|k| bucket_of(*k) != b).take(100).collect();
+    let c = first.client().await?;
+    c.batch_execute("CREATE TABLE events (user_id bigint PRIMARY KEY, n int NOT NULL)").await?;
+    for k in preloaded.iter().chain(&elsewhere) {
+        c.execute("INSERT INTO events (user_id, n) VALUES ($1, 0)", &[k]).await?;
+    }
+
+    // Bulk: more rows of the bucket, written on its node directly (keys from 10,000,000: apart from the ones
+    // the writers use), so that the copy takes a while under the writes.
+    let shard0 = first.shards[0].client("postgres").await?;
+    let slot = shardmap::hash::sql_slot_expr("k", shardmap::KeyType::Int, BUCKETS);
+    let bulk = shard0
+        .execute(
+            &format!("INSERT INTO events SELECT k, 0 FROM generate_series(10000000, 10800000) k WHERE {slot} = {b}"),
+            &[],
+        )
+        .await? as i64;
+
+    // Both routers follow the catalog (they made and seeded it on their first start).
+    let t = Instant::now();
+    let catalog = loop {
+        if let Ok(cat) = first.shards[0].client("gb_shard_catalog").await {
+            let live = "SELECT count(*) FROM gb_routers WHERE seen > now() - interval '2 s' AND version > 0";
+            if count(&cat, live).await.unwrap_or(0) == 2 {
+                break cat;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the routers did not register in the catalog");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let half = fresh.len() / 2;
+    let writers = vec![
+        tokio::spawn(writer(
+            first.client().await?,
+            stop.clone(),
+            fresh[..half].to_vec(),
+            preloaded[..100].to_vec(),
+            elsewhere.clone(),
+        )),
+        tokio::spawn(writer(
+            second.client().await?,
+            stop.clone(),
+            fresh[half..].to_vec(),
+            preloaded[100..].to_vec(),
+            elsewhere.clone(),
+        )),
+    ];
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let move_started = Instant::now();
+    let unit = format!("bucket:{b}");
+    let out = tokio::task::spawn_blocking({
+        let config = config.clone();
+        let unit = unit.clone();
+        move || rebalance(&config, &["move", &unit, "--to", "1", "--json"])
+    })
+    .await?;
+    let move_ended = Instant::now();
+    assert!(
+        out.status.success(),
+        "rebalance move: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(outcome["state"], "done", "{outcome}");
+    // Writes go on a little on the new owner, then stop.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = Seen::default();
+    for w in writers {
+        let s = w.await?;
+        seen.inserted.extend(s.inserted);
+        for (k, n) in s.updates {
+            *seen.updates.entry(k).or_default() += n;
+        }
+        seen.errors.extend(s.errors);
+        seen.latencies.extend(s.latencies);
+    }
+    // The freeze window as the writers saw it: latencies of statements that ran during the move.
+    let mut during: Vec<Duration> =
+        seen.latencies.iter().filter(|(t, _)| *t >= move_started && *t <= move_ended).map(|(_, d)| *d).collect();
+    during.sort();
+    let q = |p: f64| during.get(((during.len() as f64 - 1.0) * p) as usize).copied().unwrap_or_default();
+    println!(
+        "move of {unit}: {:.1} s, {} rows, frozen {} ms (the rebalancer's figure); statements during the move: {}, latency p50 {:?} p99 {:?} max {:?}",
+        outcome["seconds"].as_f64().unwrap_or(0.0),
+        outcome["rows"],
+        outcome["freeze_ms"],
+        during.len(),
+        q(0.5),
+        q(0.99),
+        during.last().copied().unwrap_or_default()
+    );
+    assert!(seen.errors.is_empty(), "writers saw errors: {:?}", seen.errors);
+    assert!(seen.inserted.len() > 100, "the writers made too little progress");
+
+    // Every acknowledged write is on the target once; nothing of the bucket is left on the source.
+    let shard1 = first.shards[1].client("postgres").await?;
+    let slot = shardmap::hash::sql_slot_expr("user_id", shardmap::KeyType::Int, BUCKETS);
+    let on_target: HashMap<i64, i32> = shard1
+        .query(&format!("SELECT user_id, n FROM events WHERE {slot} = {b}"), &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let missing: Vec<&i64> = seen.inserted.iter().filter(|k| !on_target.contains_key(k)).collect();
+    assert!(missing.is_empty(), "{} acknowledged inserts are not on the target: {missing:?}", missing.len());
+    for k in preloaded {
+        let expected = seen.updates.get(k).copied().unwrap_or(0);
+        assert_eq!(on_target.get(k).copied(), Some(expected), "key {k}: acknowledged updates {expected}");
+    }
+    assert_eq!(
+        on_target.len() as i64,
+        bulk + (preloaded.len() + seen.inserted.len()) as i64,
+        "rows of the bucket on the target"
+    );
+    assert_eq!(count(&shard0, &format!("SELECT count(*) FROM events WHERE {slot} = {b}")).await?, 0);
+    // Other buckets stayed where they were.
+    let stayed = elsewhere.iter().filter(|k| bucket_of(**k).is_multiple_of(2)).count() as i64;
+    assert_eq!(count(&shard0, &format!("SELECT count(*) FROM events WHERE {slot} <> {b}")).await?, stayed);
+    // No replication left behind.
+    assert_eq!(count(&shard0, "SELECT count(*) FROM pg_replication_slots").await?, 0, "a slot leaked");
+    assert_eq!(count(&shard0, "SELECT count(*) FROM pg_publication").await?, 0, "a publication leaked");
+    assert_eq!(count(&shard1, "SELECT count(*) FROM pg_subscription").await?, 0, "a subscription leaked");
+    // The catalog says so, and both routers route the bucket to its new owner.
+    let owner: String = catalog.query_one("SELECT node FROM gb_units WHERE unit = $1", &[&unit]).await?.get(0);
+    assert_eq!(owner, "1");
+    for (i, router) in [&first, &second].into_iter().enumerate() {
+        let c = router.client().await?;
+        let k = 1_000_000_000 + 1_000_000 * i as i64;
+        let k = (k..).find(|k| bucket_of(*k) == b).expect("a key");
+        c.execute("INSERT INTO events (user_id, n) VALUES ($1, 7)", &[&k]).await?;
+        assert_eq!(count(&shard1, &format!("SELECT count(*) FROM events WHERE user_id = {k}")).await?, 1);
+    }
+    // The guard refuses a stale write on the old owner.
+    let stale = shard0.execute("INSERT INTO events (user_id, n) VALUES ($1, 0)", &[&fresh[0]]).await;
+    let e = stale.expect_err("the guard refuses the bucket's rows on the old owner");
+    assert_eq!(e.code().map(|c| c.code()), Some("55R01"), "{e}");
+
+    let out = rebalance(&config, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(&format!("{unit} on 1")) && text.contains("done"), "{text}");
+    let out = rebalance(&config, &["verify", &unit]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("1: ") && text.contains("(owner)"), "{text}");
+    Ok(())
+}

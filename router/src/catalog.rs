@@ -1,0 +1,265 @@
+//! Following the catalog: the live shard map kept in PostgreSQL (`shard-catalog`; see `shardmap::catalog` for
+//! its tables). A task per router creates the catalog when it is missing (seeded from config.csv), loads it,
+//! LISTENs for changes (re-reading every few seconds as well, in case a notification is lost), applies each
+//! version to the shard map — bucket owners, frozen buckets — and acknowledges it with a heartbeat row, so
+//! that a move knows when every live router holds a frozen unit's statements.
+//!
+//! Statements for a frozen bucket wait in [`Catalog::thaw`] until a new version thaws it; the other buckets
+//! flow on. Without a catalog connection the router serves with the map it has.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use shardmap::catalog::{Unit, CHANNEL, SCHEMA, SEED_LOCK};
+use shardmap::config::NodeAddr;
+use shardmap::{BucketId, ShardMap};
+use tokio::sync::watch;
+
+use crate::server::Shared;
+
+/// This router's view of the catalog.
+pub struct Catalog {
+    /// Where it is; `None`: no catalog (the map is config.csv's for good).
+    pub addr: Option<NodeAddr>,
+    /// This router's id in `gb_routers`.
+    pub id: String,
+    /// The version applied last (0 before the first load); every change wakes the statements in `thaw`.
+    version: watch::Sender<u64>,
+}
+
+impl Catalog {
+    pub fn new(addr: Option<NodeAddr>) -> Catalog {
+        let id = format!(
+            "{}-{}-{:08x}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "router".into()),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        Catalog { addr, id, version: watch::Sender::new(0) }
+    }
+
+    /// The version applied last.
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// Waits until none of `buckets` is frozen, at most `limit`; the error names the bucket still frozen.
+    pub async fn thaw(&self, map: &ShardMap, buckets: &[BucketId], limit: Duration) -> Result<(), String> {
+        let mut changes = self.version.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        while map.any_frozen(buckets) {
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                let frozen = buckets.iter().find(|b| map.any_frozen(&[**b])).map_or(0, |b| b.0);
+                return Err(format!(
+                    "bucket {frozen} has been frozen by a move for more than {} ms (is the rebalancer stuck? `rebalance status` tells; `rebalance abort` thaws it)",
+                    limit.as_millis()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tokio-postgres config for `addr`, database `db` (default: the address's own).
+pub fn pg_config(addr: &NodeAddr, db: Option<&str>, application: &str) -> tokio_postgres::Config {
+    let mut cfg = tokio_postgres::Config::new();
+    for (host, port) in &addr.hosts {
+        cfg.host(host).port(*port);
+    }
+    cfg.user(addr.user.as_deref().unwrap_or("postgres"))
+        .dbname(db.or(addr.dbname.as_deref()).unwrap_or("postgres"))
+        .application_name(application)
+        .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite)
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(pw) = &addr.password {
+        cfg.password(pw);
+    }
+    cfg
+}
+
+/// Connects, running the connection on its own task.
+pub async fn connect(addr: &NodeAddr, db: Option<&str>, application: &str) -> Result<tokio_postgres::Client> {
+    let (client, conn) = pg_config(addr, db, application)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("{addr}{}", db.map(|d| format!(" database {d}")).unwrap_or_default()))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Creates the catalog's database and tables when missing and seeds them from `map` (each bucket on the node
+/// config.csv gives it); checks that an existing catalog fits the map. Safe to run from several routers and
+/// rebalancers at once.
+pub async fn ensure(addr: &NodeAddr, map: &ShardMap, application: &str) -> Result<tokio_postgres::Client> {
+    let db_name = addr.dbname.clone().unwrap_or_else(|| shardmap::catalog::DEFAULT_DATABASE.into());
+    let client = match connect(addr, Some(&db_name), application).await {
+        Ok(c) => c,
+        Err(e) if missing_database(&e) => {
+            let admin = connect(addr, Some("postgres"), application).await?;
+            let create = format!("CREATE DATABASE \"{}\"", db_name.replace('"', "\"\""));
+            match admin.batch_execute(&create).await {
+                Ok(()) => tracing::info!("created the catalog database {db_name}"),
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+                Err(e) => return Err(e).context(format!("creating the catalog database {db_name}")),
+            }
+            connect(addr, Some(&db_name), application).await?
+        }
+        Err(e) => return Err(e),
+    };
+    let buckets = map.bucket_count().map(|b| b as i32);
+    let mut client = client;
+    let tx = client.transaction().await?;
+    tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&SEED_LOCK]).await?;
+    tx.batch_execute(SCHEMA).await.context("creating the catalog's tables")?;
+    let row = tx.query_opt("SELECT buckets FROM gb_catalog", &[]).await?;
+    match row {
+        None => {
+            tx.execute("INSERT INTO gb_catalog (version, strategy, buckets) VALUES (1, 'hash', $1)", &[&buckets])
+                .await?;
+            if let Some(n) = map.bucket_count() {
+                let (mut units, mut nodes) = (Vec::new(), Vec::new());
+                for b in 0..n {
+                    let owner = map.bucket_owner(BucketId(b)).expect("a bucket of the map");
+                    units.push(Unit::Bucket(b).to_string());
+                    nodes.push(map.node(owner).name.clone());
+                }
+                tx.execute(
+                    "INSERT INTO gb_units (unit, node) SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+                    &[&units, &nodes],
+                )
+                .await?;
+            }
+            tracing::info!("seeded the catalog from config.csv");
+        }
+        Some(r) => {
+            let theirs: Option<i32> = r.get(0);
+            if theirs != buckets {
+                bail!(
+                    "the catalog was made for {} buckets and config.csv has {} (shard-buckets cannot change once data is placed)",
+                    theirs.map_or("no".into(), |b| b.to_string()),
+                    buckets.map_or("none".into(), |b| b.to_string())
+                );
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(client)
+}
+
+fn missing_database(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tokio_postgres::Error>()
+        .and_then(|e| e.code())
+        .is_some_and(|c| *c == tokio_postgres::error::SqlState::INVALID_CATALOG_NAME)
+}
+
+/// Reads the catalog (one statement: one snapshot) and applies it to `map`; returns its version.
+pub async fn load(client: &tokio_postgres::Client, map: &ShardMap) -> Result<u64> {
+    let rows = client
+        .query(
+            "SELECT (SELECT version FROM gb_catalog), unit, node, frozen FROM gb_units WHERE unit LIKE 'bucket:%'",
+            &[],
+        )
+        .await?;
+    let mut version = 0;
+    for r in &rows {
+        version = r.get::<_, Option<i64>>(0).unwrap_or(0) as u64;
+        let unit: &str = r.get(1);
+        let node: &str = r.get(2);
+        let Ok(Unit::Bucket(b)) = unit.parse::<Unit>() else { continue };
+        match map.shard_by_name(node) {
+            Some(owner) => map.set_bucket(BucketId(b), owner, r.get(3)),
+            None => tracing::warn!("catalog: {unit} is on node {node:?}, which config.csv does not name; ignored"),
+        }
+    }
+    if rows.is_empty() {
+        version =
+            client.query_opt("SELECT version FROM gb_catalog", &[]).await?.map_or(0, |r| r.get::<_, i64>(0)) as u64;
+    }
+    Ok(version)
+}
+
+/// The router's catalog task: follows the catalog until the router stops, reconnecting after failures.
+pub async fn follow(shared: Weak<Shared>) {
+    let mut failures = 0u32;
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        if s.catalog.addr.is_none() {
+            return;
+        }
+        drop(s);
+        match follow_once(&shared).await {
+            Ok(()) => return,
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!("catalog: {e:#}; serving with the map as it is, trying again");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn follow_once(shared: &Weak<Shared>) -> Result<()> {
+    let (addr, id) = {
+        let s = shared.upgrade().context("stopping")?;
+        (s.catalog.addr.clone().expect("checked"), s.catalog.id.clone())
+    };
+    {
+        let s = shared.upgrade().context("stopping")?;
+        ensure(&addr, &s.map, "shard-router catalog").await?;
+    }
+    let (client, mut conn) =
+        pg_config(&addr, None, "shard-router catalog").connect(tokio_postgres::NoTls).await.context("catalog")?;
+    let (tx, mut notified) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("catalog connection: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    let listen = {
+        let s = shared.upgrade().context("stopping")?;
+        s.config.load().router.listen.clone()
+    };
+    let beat = "INSERT INTO gb_routers (id, addr, version) VALUES ($1, $2, $3) \
+                ON CONFLICT (id) DO UPDATE SET seen = now(), version = EXCLUDED.version";
+    let beat = client.prepare(beat).await?;
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
+    let mut reread = tokio::time::interval(Duration::from_secs(5));
+    let mut applied: Option<u64> = None;
+    loop {
+        let reload = tokio::select! {
+            n = notified.recv() => {
+                n.context("the catalog connection closed")?;
+                true
+            }
+            _ = reread.tick() => true,
+            _ = heartbeat.tick() => false,
+        };
+        let Some(s) = shared.upgrade() else { return Ok(()) };
+        if reload {
+            let v = load(&client, &s.map).await?;
+            if applied != Some(v) {
+                tracing::info!(version = v, "catalog applied");
+                applied = Some(v);
+                s.catalog.version.send_replace(v);
+            }
+        }
+        // The heartbeat carries the version applied: a move's cutover waits for it.
+        let v = s.catalog.version() as i64;
+        client.execute(&beat, &[&id, &listen, &v]).await?;
+    }
+}
