@@ -251,3 +251,160 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
     assert!(out.status.success() && text.contains("1: ") && text.contains("(owner)"), "{text}");
     Ok(())
 }
+
+/// Polls `sql` on `db` until it returns true (30 s at most).
+async fn until(db: &tokio_postgres::Client, sql: &str, what: &str) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        if db.query_opt(sql, &[]).await?.is_some_and(|r| r.get::<_, Option<bool>>(0) == Some(true)) {
+            return Ok(());
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// No replication objects of a move on either node.
+async fn no_leftovers(source: &tokio_postgres::Client, target: &tokio_postgres::Client) -> Result<()> {
+    assert_eq!(count(source, "SELECT count(*) FROM pg_replication_slots").await?, 0, "a slot leaked");
+    assert_eq!(count(source, "SELECT count(*) FROM pg_publication").await?, 0, "a publication leaked");
+    assert_eq!(count(target, "SELECT count(*) FROM pg_subscription").await?, 0, "a subscription leaked");
+    Ok(())
+}
+
+/// The rebalancer killed during the copy, then resumed; killed during a cutover (a router that never
+/// acknowledges holds it open), then aborted; a cutover that routers do not acknowledge rolls back by itself.
+/// A writer goes on through the router all along and sees no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_moves_resume_or_abort_and_unacknowledged_cutovers_roll_back() -> Result<()> {
+    let head = format!(
+        "shard-strategy,hash\nshard-count,2\nshard-key,user_id\nshard-algorithm,hash-buckets\nshard-buckets,{BUCKETS}\n\
+         router-auth,trust\nrebalance-max-freeze-ms,1500\n"
+    );
+    let servers = (0..2).map(|_| PgServer::start_with(&["wal_level=logical"])).collect::<Result<Vec<_>>>()?;
+    let cluster = Cluster::with_servers(servers, &head, |i, s| format!("shard-node-{i},{}\n", s.url("postgres")))?;
+    let config = cluster.config_path.display().to_string();
+    let (b1, b2) = (2u32, 6u32); // both on node 0 at first
+    let c = cluster.client().await?;
+    c.batch_execute("CREATE TABLE events (user_id bigint PRIMARY KEY, n int NOT NULL)").await?;
+    let shard0 = cluster.shards[0].client("postgres").await?;
+    let shard1 = cluster.shards[1].client("postgres").await?;
+    let slot = shardmap::hash::sql_slot_expr("k", shardmap::KeyType::Int, BUCKETS);
+    shard0
+        .execute(
+            &format!("INSERT INTO events SELECT k, 0 FROM generate_series(10000000, 11600000) k WHERE {slot} IN ({b1}, {b2})"),
+            &[],
+        )
+        .await?;
+    let t = Instant::now();
+    let catalog = loop {
+        if let Ok(cat) = cluster.shards[0].client("gb_shard_catalog").await {
+            if count(&cat, "SELECT count(*) FROM gb_routers WHERE version > 0").await.unwrap_or(0) == 1 {
+                break cat;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the router did not register in the catalog");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let keys = |b: u32| (1..).filter(move |k| bucket_of(*k) == b);
+    let stop = Arc::new(AtomicBool::new(false));
+    let fresh: Vec<i64> = keys(b1).take(3000).zip(keys(b2).take(3000)).flat_map(|(x, y)| [x, y]).collect();
+    let preloaded: Vec<i64> = keys(b1).skip(3000).take(20).chain(keys(b2).skip(3000).take(20)).collect();
+    for k in &preloaded {
+        c.execute("INSERT INTO events (user_id, n) VALUES ($1, 0)", &[k]).await?;
+    }
+    let elsewhere: Vec<i64> = (1..).filter(|k| ![b1, b2].contains(&bucket_of(*k))).take(50).collect();
+    for k in &elsewhere {
+        c.execute("INSERT INTO events (user_id, n) VALUES ($1, 0)", &[k]).await?;
+    }
+    let w = tokio::spawn(writer(cluster.client().await?, stop.clone(), fresh, preloaded.clone(), elsewhere));
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rebalance"))
+            .args(["--config", &config])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the rebalance binary")
+    };
+
+    // 1. Killed during the copy, then resumed.
+    let unit1 = format!("bucket:{b1}");
+    let mut child = spawn(&["move", &unit1, "--to", "1"]);
+    until(&shard1, "SELECT EXISTS (SELECT 1 FROM pg_subscription)", "the subscription").await?;
+    until(&catalog, "SELECT bool_or(state = 'copying') FROM gb_moves WHERE finished IS NULL", "copying").await?;
+    child.kill()?;
+    child.wait()?;
+    let out = rebalance(&config, &["resume", "--json"]);
+    assert!(out.status.success(), "resume: {}", String::from_utf8_lossy(&out.stderr));
+    let o: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!((o["unit"].as_str(), o["state"].as_str()), (Some(unit1.as_str()), Some("done")), "{o}");
+    no_leftovers(&shard0, &shard1).await?;
+    println!("killed during the copy, resumed: {o}");
+
+    // 2. A router that never acknowledges (alive: its heartbeat goes on) keeps the cutover waiting; the
+    //    rebalancer is killed then, with the bucket frozen; abort rolls it back.
+    catalog.execute("INSERT INTO gb_routers (id, addr, version) VALUES ('stuck', 'nowhere', 1)", &[]).await?;
+    let beating = Arc::new(AtomicBool::new(true));
+    let heartbeat = {
+        let beating = beating.clone();
+        let cat = cluster.shards[0].client("gb_shard_catalog").await?;
+        tokio::spawn(async move {
+            while beating.load(Ordering::Relaxed) {
+                cat.execute("UPDATE gb_routers SET seen = now() WHERE id = 'stuck'", &[]).await.ok();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let unit2 = format!("bucket:{b2}");
+    let mut child = spawn(&["move", &unit2, "--to", "1"]);
+    until(&catalog, &format!("SELECT frozen FROM gb_units WHERE unit = '{unit2}'"), "the freeze").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    child.kill()?;
+    child.wait()?;
+    let out = rebalance(&config, &["abort", "--json"]);
+    assert!(out.status.success(), "abort: {}", String::from_utf8_lossy(&out.stderr));
+    let o: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(o["state"], "aborted", "{o}");
+    no_leftovers(&shard0, &shard1).await?;
+    let frozen: bool = catalog.query_one("SELECT frozen FROM gb_units WHERE unit = $1", &[&unit2]).await?.get(0);
+    assert!(!frozen, "abort thaws the bucket");
+    let cond = shardmap::hash::sql_slot_expr("user_id", shardmap::KeyType::Int, BUCKETS);
+    assert_eq!(count(&shard1, &format!("SELECT count(*) FROM events WHERE {cond} = {b2}")).await?, 0);
+    println!("killed during the cutover, aborted: {o}");
+
+    // 3. Not killed: the cutover that is not acknowledged within rebalance-max-freeze-ms rolls back.
+    let t = Instant::now();
+    let out = rebalance(&config, &["move", &unit2, "--to", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rolled back") && err.contains("stuck"), "{err}");
+    println!("unacknowledged cutover rolled back after {:?}", t.elapsed());
+    no_leftovers(&shard0, &shard1).await?;
+
+    // 4. The stuck router goes silent (not live after 3 s): the move goes through.
+    beating.store(false, Ordering::Relaxed);
+    heartbeat.await?;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let out = rebalance(&config, &["move", &unit2, "--to", "1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    no_leftovers(&shard0, &shard1).await?;
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = w.await?;
+    assert!(seen.errors.is_empty(), "the writer saw errors: {:?}", seen.errors);
+    let mut lat: Vec<Duration> = seen.latencies.iter().map(|(_, d)| *d).collect();
+    lat.sort();
+    println!("writer: {} statements, max latency {:?}", lat.len(), lat.last().copied().unwrap_or_default());
+    // Everything acknowledged is on node 1, once; nothing of the two buckets is left on node 0.
+    for k in &seen.inserted {
+        assert_eq!(count(&shard1, &format!("SELECT count(*) FROM events WHERE user_id = {k}")).await?, 1, "key {k}");
+    }
+    for k in &preloaded {
+        let n: i32 = shard1.query_one("SELECT n FROM events WHERE user_id = $1", &[k]).await?.get(0);
+        assert_eq!(n, seen.updates.get(k).copied().unwrap_or(0), "key {k}");
+    }
+    assert_eq!(count(&shard0, &format!("SELECT count(*) FROM events WHERE {cond} IN ({b1}, {b2})")).await?, 0);
+    Ok(())
+}
