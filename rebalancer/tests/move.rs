@@ -252,6 +252,16 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
     Ok(())
 }
 
+/// A rebalancer run in the background, killed (SIGKILL) and reaped when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
 /// Polls `sql` on `db` until it returns true (30 s at most).
 async fn until(db: &tokio_postgres::Client, sql: &str, what: &str) -> Result<()> {
     let t = Instant::now();
@@ -325,16 +335,16 @@ async fn killed_moves_resume_or_abort_and_unacknowledged_cutovers_roll_back() ->
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
+            .map(Running)
             .expect("the rebalance binary")
     };
 
     // 1. Killed during the copy, then resumed.
     let unit1 = format!("bucket:{b1}");
-    let mut child = spawn(&["move", &unit1, "--to", "1"]);
+    let child = spawn(&["move", &unit1, "--to", "1"]);
     until(&shard1, "SELECT EXISTS (SELECT 1 FROM pg_subscription)", "the subscription").await?;
     until(&catalog, "SELECT bool_or(state = 'copying') FROM gb_moves WHERE finished IS NULL", "copying").await?;
-    child.kill()?;
-    child.wait()?;
+    drop(child); // kill -9
     let out = rebalance(&config, &["resume", "--json"]);
     assert!(out.status.success(), "resume: {}", String::from_utf8_lossy(&out.stderr));
     let o: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -357,11 +367,10 @@ async fn killed_moves_resume_or_abort_and_unacknowledged_cutovers_roll_back() ->
         })
     };
     let unit2 = format!("bucket:{b2}");
-    let mut child = spawn(&["move", &unit2, "--to", "1"]);
+    let child = spawn(&["move", &unit2, "--to", "1"]);
     until(&catalog, &format!("SELECT frozen FROM gb_units WHERE unit = '{unit2}'"), "the freeze").await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    child.kill()?;
-    child.wait()?;
+    drop(child); // kill -9
     let out = rebalance(&config, &["abort", "--json"]);
     assert!(out.status.success(), "abort: {}", String::from_utf8_lossy(&out.stderr));
     let o: serde_json::Value = serde_json::from_slice(&out.stdout)?;
