@@ -3,4 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod mover;
+pub mod plan;
 pub mod report;

@@ -46,6 +46,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Proposes moves (a dry run): even out rows, bytes or load over the nodes within --threshold, or fill
+    /// a node up to the mean (--fill), or move every bucket off one (--drain). Writes the plan file that
+    /// `apply` carries out.
+    ///
+    /// Example: rebalance --config config.csv plan --by bytes --out plan.json && rebalance apply plan.json
+    Plan {
+        /// rows, bytes (of the rows' data), or load (statements per second from --metrics, shared out to a
+        /// node's buckets by their rows).
+        #[arg(long, value_enum, default_value = "rows")]
+        by: rebalancer::plan::By,
+        /// Bring this node (a new one, or a light one) up to the mean.
+        #[arg(long, value_name = "NODE", conflicts_with = "drain")]
+        fill: Option<String>,
+        /// Move every bucket off this node (to the lightest others), empty ones included.
+        #[arg(long, value_name = "NODE")]
+        drain: Option<String>,
+        /// How far above the mean a node may stay (0.1: 10%).
+        #[arg(long, default_value_t = 0.1)]
+        threshold: f64,
+        /// Where to write the plan.
+        #[arg(long, default_value = "rebalance-plan.json")]
+        out: PathBuf,
+        /// A router's metrics URL, once per router (needed by --by load).
+        #[arg(long = "metrics", value_name = "URL")]
+        metrics: Vec<String>,
+        /// Print the plan as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Carries out a plan file, one move after the other; moves already done are skipped, so it can be run
+    /// again after a failure.
+    Apply {
+        /// The plan file written by `plan`.
+        plan: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The catalog: its version, frozen and moved units, routers and their heartbeats, moves.
     Status {
         #[arg(long)]
@@ -108,6 +145,91 @@ fn main() -> ExitCode {
         }
         Command::Resume { json } => moving(rt(), config, json, |mut r| async move { r.resume().await.map(|o| (r, o)) }),
         Command::Abort { json } => moving(rt(), config, json, |mut r| async move { r.abort().await.map(|o| (r, o)) }),
+        Command::Plan { by, fill, drain, threshold, out, metrics, json } => {
+            let goal = match (fill, drain) {
+                (Some(n), _) => rebalancer::plan::Goal::Fill(n),
+                (_, Some(n)) => rebalancer::plan::Goal::Drain(n),
+                _ => rebalancer::plan::Goal::Even,
+            };
+            if by == rebalancer::plan::By::Load && metrics.is_empty() {
+                eprintln!("rebalance plan: --by load needs the routers' --metrics URLs");
+                return ExitCode::from(2);
+            }
+            let nodes: Vec<String> = config.nodes.iter().map(|(n, _)| n.clone()).collect();
+            let r = rt().block_on(async {
+                let sizes = rebalancer::plan::bucket_sizes(&config).await?;
+                let load = if metrics.is_empty() {
+                    Default::default()
+                } else {
+                    rebalancer::report::router_figures(&metrics, std::time::Duration::from_secs(2))
+                        .await?
+                        .into_iter()
+                        .map(|(n, (qps, _))| (n, qps))
+                        .collect()
+                };
+                rebalancer::plan::propose(&sizes, &nodes, by, &goal, threshold, &load)
+            });
+            let plan = match r {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("rebalance plan: {e:#}");
+                    return ExitCode::from(1);
+                }
+            };
+            let text = serde_json::to_string_pretty(&plan).expect("a plan serializes") + "\n";
+            if let Err(e) = std::fs::write(&out, &text) {
+                eprintln!("rebalance plan: {}: {e}", out.display());
+                return ExitCode::from(2);
+            }
+            if json {
+                print!("{text}");
+            } else {
+                print!("{}", rebalancer::plan::to_text(&plan));
+                println!("written to {}; `rebalance apply {}` carries it out", out.display(), out.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Apply { plan, json } => {
+            let parsed: rebalancer::plan::Plan = match std::fs::read(&plan)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::from))
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("rebalance apply: {}: {e}", plan.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let progress: Box<dyn rebalancer::mover::Progress> =
+                if json { Box::new(rebalancer::mover::Quiet) } else { Box::new(rebalancer::mover::Bars::new()) };
+            let r = rt().block_on(async {
+                let mut r = rebalancer::mover::Rebalancer::open(config, progress).await?;
+                r.apply(&parsed).await
+            });
+            match r {
+                Ok(outcomes) if json => {
+                    println!("{}", serde_json::to_string_pretty(&outcomes).expect("outcomes serialize"));
+                    ExitCode::SUCCESS
+                }
+                Ok(outcomes) => {
+                    for o in outcomes {
+                        println!(
+                            "{} {} -> {}: {}{}",
+                            o.unit,
+                            o.source,
+                            o.target,
+                            o.state,
+                            o.freeze_ms.map(|f| format!(", {} rows, frozen {f} ms", o.rows)).unwrap_or_default()
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("rebalance apply: {e:#}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
         Command::Status { json } => match rt().block_on(rebalancer::mover::status(&config)) {
             Ok(s) if json => {
                 println!("{}", serde_json::to_string_pretty(&s).expect("status serializes"));

@@ -294,6 +294,51 @@ impl Rebalancer {
         self.drive(&mut m).await
     }
 
+    /// `rebalance apply PLAN`: the plan's moves one after the other. A move whose unit is already on its
+    /// target is skipped (an apply run again after a failure picks up where it stopped); one whose unit is no
+    /// longer on the plan's source is skipped with a note (the map changed since the plan). Stops at the first
+    /// failed move.
+    pub async fn apply(&mut self, plan: &crate::plan::Plan) -> Result<Vec<Outcome>, MoveError> {
+        let mut done = Vec::new();
+        for (i, pm) in plan.moves.iter().enumerate() {
+            let unit: Unit = pm.unit.parse().map_err(MoveError::Invalid)?;
+            let owner = self.owner(&unit).await?;
+            let skipped = |why: &str| Outcome {
+                id: 0,
+                unit: pm.unit.clone(),
+                source: pm.from.clone(),
+                target: pm.to.clone(),
+                state: why.to_string(),
+                rows: 0,
+                freeze_ms: None,
+                seconds: 0.0,
+                error: None,
+            };
+            if owner == pm.to {
+                done.push(skipped("skipped: already there"));
+                continue;
+            }
+            if owner != pm.from {
+                done.push(skipped(&format!("skipped: now on {owner}, not on {}", pm.from)));
+                continue;
+            }
+            self.progress.stage(&format!("move {}/{}", i + 1, plan.moves.len()), None);
+            match self.start(&pm.unit, &pm.to).await {
+                Ok(o) => done.push(o),
+                Err(e) => {
+                    return Err(MoveError::Failed(anyhow::anyhow!(
+                        "{} of {} moves done; {} -> {} failed: {e:#}",
+                        done.len(),
+                        plan.moves.len(),
+                        pm.unit,
+                        pm.to
+                    )))
+                }
+            }
+        }
+        Ok(done)
+    }
+
     /// `rebalance resume`: carries the unfinished move on from its recorded state.
     pub async fn resume(&mut self) -> Result<Outcome, MoveError> {
         let Some(mut m) = self.active().await? else {

@@ -163,6 +163,9 @@ pub struct Report {
     pub tables: Vec<TableFigures>,
     pub skew: Vec<Skew>,
     pub top_units: Vec<Unit>,
+    /// What `rebalance plan` (by rows, threshold 10%) would move; empty when balanced or when units do not
+    /// move (only hash buckets do so far).
+    pub plan: Vec<crate::plan::PlannedMove>,
 }
 
 fn connect_config(addr: &NodeAddr, db: Option<&str>) -> tokio_postgres::Config {
@@ -304,7 +307,22 @@ pub async fn gather_with(
     if !sharded_tables.is_empty() {
         skew.push(skew_of("(all sharded tables)", &nodes.iter().map(|n| n.rows).collect::<Vec<_>>()));
     }
-    Ok(Report { strategy: config.strategy, key: config.shard_key.clone(), nodes, tables, skew, top_units: merged })
+    let plan = if config.strategy == Strategy::Hash && config.algorithm == shardmap::config::Algorithm::HashBuckets {
+        let sizes = crate::plan::bucket_sizes(config).await?;
+        let goal = crate::plan::Goal::Even;
+        crate::plan::propose(&sizes, &node_names, crate::plan::By::Rows, &goal, 0.1, &Default::default())?.moves
+    } else {
+        Vec::new()
+    };
+    Ok(Report {
+        strategy: config.strategy,
+        key: config.shard_key.clone(),
+        nodes,
+        tables,
+        skew,
+        top_units: merged,
+        plan,
+    })
 }
 
 /// max/mean and the coefficient of variation of `values`.
@@ -346,6 +364,12 @@ pub fn to_table(r: &Report) -> String {
             let _ = writeln!(out, "{:<20} {:<16} {:>12} {:>14}", u.unit, u.node, u.rows, u.bytes);
         }
     }
+    if !r.plan.is_empty() {
+        let _ = writeln!(out, "\n`rebalance plan` would move {} units (by rows, 10%):", r.plan.len());
+        for m in &r.plan {
+            let _ = writeln!(out, "  {} {} -> {} ({:.0} rows)", m.unit, m.from, m.to, m.figure);
+        }
+    }
     out
 }
 
@@ -365,6 +389,16 @@ pub fn to_csv(r: &Report) -> String {
     }
     for u in &r.top_units {
         let _ = writeln!(out, "unit,{},{},{},{},,", csv_field(&u.node), csv_field(&u.unit), u.rows, u.bytes);
+    }
+    for m in &r.plan {
+        let _ = writeln!(
+            out,
+            "move,{},{} to {},{:.0},,,",
+            csv_field(&m.from),
+            csv_field(&m.unit),
+            csv_field(&m.to),
+            m.figure
+        );
     }
     for n in &r.nodes {
         let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
@@ -463,7 +497,25 @@ pub fn to_html(r: &Report) -> String {
             t.sharded
         );
     }
-    out.push_str("</table>\n</body></html>\n");
+    out.push_str("</table>\n");
+    if !r.plan.is_empty() {
+        let _ = writeln!(
+            out,
+            "<h2>What <code>rebalance plan</code> would move (by rows, 10%)</h2>\n<table><tr><th>unit</th><th>from</th><th>to</th><th>rows</th></tr>"
+        );
+        for m in &r.plan {
+            let _ = writeln!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td></tr>",
+                html_escape(&m.unit),
+                html_escape(&m.from),
+                html_escape(&m.to),
+                m.figure
+            );
+        }
+        out.push_str("</table>\n");
+    }
+    out.push_str("</body></html>\n");
     out
 }
 
