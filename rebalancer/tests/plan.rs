@@ -90,6 +90,9 @@ async fn plan_and_apply_even_out_a_hot_node() -> Result<()> {
     assert!(out.status.success());
     let page = std::fs::read_to_string(&html)?;
     std::fs::remove_file(&html)?;
+    if let Ok(keep) = std::env::var("KEEP_REPORT_HTML") {
+        std::fs::write(keep, &page)?; // for the README's screenshot
+    }
     for (title, field) in [("Rows of sharded tables per node", "rows"), ("Bytes per node", "bytes")] {
         let bars = chart(&page, title);
         let nodes = before["nodes"].as_array().unwrap();
