@@ -7,13 +7,15 @@
 //! 3. `cutover`: the unit is frozen in the catalog and every live router acknowledges (it holds the unit's
 //!    new statements); a guard trigger on the source refuses writes to the unit's rows (creating it waits for
 //!    the transactions that wrote those tables); a marker row written on the source after the guard reaches
-//!    the target, so everything before it has too; rows and checksums are compared; the owner flips and the
-//!    unit thaws. Any failure, or a freeze longer than `rebalance-max-freeze-ms`, rolls back: guard dropped,
+//!    the target, so everything before it has too; the target's sequences take the source's values; rows
+//!    and checksums are compared; the owner flips and the unit thaws. Any failure, or a freeze longer than `rebalance-max-freeze-ms`, rolls back: guard dropped,
 //!    unit thawed, the old owner serves as before.
-//! 4. `cleanup`: subscription, publication and replication slot dropped, replica identities restored,
-//!    sequences on the target raised past the source's, and after `rebalance-grace-s` the unit's rows deleted
-//!    from the source in batches. The guard stays: a router that missed the flip cannot write to the old
-//!    owner.
+//! 4. `cleanup`: subscription, publication and replication slot dropped, replica identities restored, and
+//!    after `rebalance-grace-s` the unit's rows deleted from the source in batches (a tenant's database
+//!    dropped). The guard stays: a router that missed the flip cannot write to the old owner.
+//!
+//! Units: a hash bucket (its rows in every sharded table, selected by the router's hash in SQL) or a
+//! tenant (its whole database: created on the target with the source's schema, every table published).
 //!
 //! `resume` continues a move from its recorded state; `abort` rolls back one that has not flipped.
 
@@ -253,17 +255,25 @@ impl Rebalancer {
     /// `rebalance move UNIT --to NODE`.
     pub async fn start(&mut self, unit: &str, to: &str) -> Result<Outcome, MoveError> {
         let unit: Unit = unit.parse().map_err(MoveError::Invalid)?;
-        let Unit::Bucket(b) = unit else {
-            return Err(MoveError::Invalid(format!(
-                "{unit}: only hash buckets move so far (tenant and range moves are not built yet)"
-            )));
-        };
-        let buckets = self.map.bucket_count().unwrap_or(0);
-        if b >= buckets {
-            return Err(MoveError::Invalid(format!(
-                "{unit}: there are {buckets} buckets (0 to {})",
-                buckets.max(1) - 1
-            )));
+        match &unit {
+            Unit::Bucket(b) => {
+                let Some(buckets) = self.map.bucket_count() else {
+                    return Err(MoveError::Invalid(format!("{unit}: buckets move under shard-algorithm,hash-buckets")));
+                };
+                if *b >= buckets {
+                    return Err(MoveError::Invalid(format!(
+                        "{unit}: there are {buckets} buckets (0 to {})",
+                        buckets.max(1) - 1
+                    )));
+                }
+            }
+            Unit::Tenant(_) if self.map.strategy != shardmap::Strategy::Tenant => {
+                return Err(MoveError::Invalid(format!("{unit}: tenants move under shard-strategy,tenant")));
+            }
+            Unit::Tenant(_) => {}
+            Unit::Range { .. } => {
+                return Err(MoveError::Invalid(format!("{unit}: range moves are not built yet")));
+            }
         }
         self.node_addr(to)?;
         if let Some(m) = self.active().await? {
@@ -272,12 +282,16 @@ impl Rebalancer {
                 m.id, m.unit, m.source, m.target, m.state
             )));
         }
-        let source: String = self
-            .catalog
-            .query_one("SELECT node FROM gb_units WHERE unit = $1", &[&unit.to_string()])
-            .await
-            .context("catalog")?
-            .get(0);
+        let source = self.owner(&unit).await?;
+        if let Unit::Tenant(t) = &unit {
+            let db = format!("{}{t}", self.map.tenant_prefix);
+            let src = self.node(&source).await?;
+            let exists: bool =
+                src.query_one("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", &[&db]).await?.get(0);
+            if !exists {
+                return Err(MoveError::Invalid(format!("{unit}: there is no database {db} on node {source}")));
+            }
+        }
         if source == to {
             return Err(MoveError::Invalid(format!("{unit} is on {to} already")));
         }
@@ -362,8 +376,57 @@ impl Rebalancer {
         self.outcome(&m).await
     }
 
+    /// The node that owns `unit` now: the catalog's, else where config.csv places it.
     async fn owner(&self, unit: &Unit) -> Result<String> {
-        Ok(self.catalog.query_one("SELECT node FROM gb_units WHERE unit = $1", &[&unit.to_string()]).await?.get(0))
+        let row = self.catalog.query_opt("SELECT node FROM gb_units WHERE unit = $1", &[&unit.to_string()]).await?;
+        match (row, unit) {
+            (Some(r), _) => Ok(r.get(0)),
+            (None, Unit::Tenant(t)) => Ok(self.map.node(self.map.tenant_shard(t)).name.clone()),
+            (None, _) => bail!("{unit} is not in the catalog"),
+        }
+    }
+
+    /// The database a unit lives in: a tenant's own, or the node's (`None`).
+    fn database(&self, unit: &Unit) -> Option<String> {
+        match unit {
+            Unit::Tenant(t) => Some(format!("{}{t}", self.map.tenant_prefix)),
+            _ => None,
+        }
+    }
+
+    async fn node_in(&self, name: &str, db: Option<&str>) -> Result<Client, MoveError> {
+        let addr = self.node_addr(name)?;
+        Ok(router::catalog::connect(&addr, db, "rebalance").await.with_context(|| format!("node {name}"))?)
+    }
+
+    /// A tenant's move: its database on the target, created (and its schema copied) when missing.
+    async fn prepare_target(&self, m: &Move) -> Result<(), MoveError> {
+        let Some(db) = self.database(&m.unit) else { return Ok(()) };
+        let admin = self.node(&m.target).await?;
+        let exists: bool =
+            admin.query_one("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", &[&db]).await?.get(0);
+        if !exists {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&db)))
+                .await
+                .context("creating the database on the target")?;
+            self.catalog.execute("UPDATE gb_moves SET created_target = true WHERE id = $1", &[&m.id]).await?;
+        }
+        let dst = self.node_in(&m.target, Some(&db)).await?;
+        let tables: i64 = dst
+            .query_one(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND c.relname <> 'gb_move_marker'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if tables == 0 {
+            let s = NodeAddr { dbname: Some(db.clone()), ..self.node_addr(&m.source)? };
+            let t = NodeAddr { dbname: Some(db.clone()), ..self.node_addr(&m.target)? };
+            copy_schema(&s, &t, &[]).await.with_context(|| format!("creating the schema of {db} on {}", m.target))?;
+        }
+        Ok(())
     }
 
     async fn outcome(&self, m: &Move) -> Result<Outcome, MoveError> {
@@ -387,8 +450,12 @@ impl Rebalancer {
 
     /// Runs the state machine from `m.state` to the end.
     async fn drive(&mut self, m: &mut Move) -> Result<Outcome, MoveError> {
-        let src = self.node(&m.source).await?;
-        let dst = self.node(&m.target).await?;
+        let db = self.database(&m.unit);
+        if m.state == "copying" {
+            self.prepare_target(m).await?;
+        }
+        let src = self.node_in(&m.source, db.as_deref()).await?;
+        let dst = self.node_in(&m.target, db.as_deref()).await?;
         let tables = self.tables(&src, &dst, m).await?;
         loop {
             match m.state.as_str() {
@@ -418,6 +485,21 @@ impl Rebalancer {
                 }
                 "cleanup" => {
                     self.clean_up(&src, &dst, m, &tables, true).await?;
+                    if let Some(db) = &db {
+                        // A tenant's database goes from the source whole, after the grace period.
+                        drop(src);
+                        let grace = self.config.rebalance.grace_s;
+                        if grace > 0 {
+                            self.progress
+                                .set(0, format!("{db} stays on {} for rebalance-grace-s = {grace} s", m.source));
+                            tokio::time::sleep(Duration::from_secs(grace)).await;
+                        }
+                        let admin = self.node(&m.source).await?;
+                        admin
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(db)))
+                            .await
+                            .with_context(|| format!("dropping {db} from {}", m.source))?;
+                    }
                     self.catalog
                         .execute(
                             "UPDATE gb_moves SET state = 'done', finished = now(), updated = now() WHERE id = $1",
@@ -443,31 +525,37 @@ impl Rebalancer {
     /// The condition selecting the unit's rows, the key read from `column` (`NEW."user_id"`).
     fn condition_on(&self, unit: &Unit, column: &str) -> String {
         unit_condition(unit, column, self.map.key_type, self.map.bucket_count().unwrap_or(1))
-            .expect("bucket units have a condition")
     }
 
     /// The sharded tables on the source (a column named like the shard key, not in shard-global-tables),
     /// created on the target when missing; each one's replica identity made to cover the key.
     async fn tables(&self, src: &Client, dst: &Client, m: &Move) -> Result<Vec<Table>, MoveError> {
+        // A tenant's database moves whole: every table; its replica identity must be a key or FULL.
+        let whole = matches!(m.unit, Unit::Tenant(_));
         let rows = src
             .query(
                 "SELECT n.nspname, c.relname, c.relreplident::text, \
                         coalesce((SELECT bool_or(a.attname = $1) FROM pg_index i \
                                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                                  WHERE i.indrelid = c.oid AND (i.indisreplident OR (c.relreplident = 'd' AND i.indisprimary))), false) \
+                                  WHERE i.indrelid = c.oid AND (i.indisreplident OR (c.relreplident = 'd' AND i.indisprimary))), false), \
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                    AND n.nspname NOT LIKE 'pg_toast%' \
-                   AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped) \
+                   AND c.relname <> 'gb_move_marker' \
+                   AND ($2 OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped)) \
                  ORDER BY 1, 2",
-                &[&self.map.key],
+                &[&self.map.key, &whole],
             )
             .await
             .context("listing the source's tables")?;
         let mut tables = Vec::new();
         for r in rows {
             let (schema, name): (String, String) = (r.get(0), r.get(1));
-            if self.map.global_tables.contains(&name) || self.map.global_tables.contains(&format!("{schema}.{name}")) {
+            if !whole
+                && (self.map.global_tables.contains(&name)
+                    || self.map.global_tables.contains(&format!("{schema}.{name}")))
+            {
                 continue;
             }
             let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
@@ -476,6 +564,8 @@ impl Rebalancer {
             // A row filter on the key needs the key in the replica identity, or the application's own UPDATE
             // and DELETE on the source fail; FULL for the move's duration, restored at cleanup. (A resumed
             // move finds FULL already, and its own record of having set it.)
+            let has_key: bool = r.get(4);
+            let covered = if whole { ident == "i" || (ident == "d" && has_key) } else { covered };
             let identity_full = if !covered && ident != "f" {
                 self.mark_full(m, &qualified).await?;
                 src.batch_execute(&format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL")).await?;
@@ -485,8 +575,10 @@ impl Rebalancer {
             };
             let exists: bool =
                 dst.query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified]).await.context("the target")?.get(0);
-            if !exists {
+            if !exists && !whole {
                 self.copy_schema(&m.source, &m.target, &schema, &name).await?;
+            } else if !exists {
+                return Err(MoveError::Failed(anyhow::anyhow!("{qualified} is missing on the target {}", m.target)));
             }
             tables.push(Table { name: qualified, identity_full });
         }
@@ -522,20 +614,8 @@ impl Rebalancer {
     /// `pg_dump --schema-only` of one table from the source, into the target.
     async fn copy_schema(&self, source: &str, target: &str, schema: &str, name: &str) -> Result<()> {
         let (s, t) = (self.node_addr(source)?, self.node_addr(target)?);
-        let dump = tokio::process::Command::new("pg_dump")
-            .args(["--schema-only", "--no-owner", "--no-privileges", "-t"])
-            .arg(format!("{}.{}", quote_ident(schema), quote_ident(name)))
-            .arg(conninfo(&s))
-            .output()
-            .await
-            .context("pg_dump (apt-get install postgresql-client)")?;
-        if !dump.status.success() {
-            bail!("pg_dump of {schema}.{name}: {}", String::from_utf8_lossy(&dump.stderr));
-        }
-        let sql = String::from_utf8_lossy(&dump.stdout).to_string();
-        let dst = router::catalog::connect(&t, None, "rebalance").await?;
-        dst.batch_execute(&sql).await.with_context(|| format!("creating {schema}.{name} on {target}"))?;
-        Ok(())
+        let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
+        copy_schema(&s, &t, &["-t", &table]).await.with_context(|| format!("creating {table} on {target}"))
     }
 
     /// The publication on the source (after which its slot is made) and the subscription on the target.
@@ -573,7 +653,10 @@ impl Rebalancer {
             &[&name],
         )
         .await?;
-        let source = self.node_addr(&m.source)?;
+        let mut source = self.node_addr(&m.source)?;
+        if let Some(db) = self.database(&m.unit) {
+            source.dbname = Some(db);
+        }
         dst.batch_execute(&format!(
             "CREATE SUBSCRIPTION {name} CONNECTION {} PUBLICATION {name} WITH (slot_name = {name})",
             quote_literal_sql(&conninfo(&source))
@@ -646,7 +729,11 @@ impl Rebalancer {
         let budget = Duration::from_millis(self.config.rebalance.max_freeze_ms);
         self.progress.stage("cutover", None);
         let frozen_at = Instant::now();
-        let version = self.bump("UPDATE gb_units SET frozen = true WHERE unit = $1", &m.unit).await?;
+        let freeze = format!(
+            "INSERT INTO gb_units (unit, node, frozen) VALUES ($1, {}, true) ON CONFLICT (unit) DO UPDATE SET frozen = true",
+            quote_literal_sql(&m.source)
+        );
+        let version = self.bump(&freeze, &m.unit).await?;
         // 1. Every live router has applied the freeze: new statements for the unit wait in the routers.
         loop {
             let late: Vec<String> = self
@@ -682,16 +769,30 @@ impl Rebalancer {
                 break;
             }
             if frozen_at.elapsed() > budget {
-                bail!("the target did not catch up within rebalance-max-freeze-ms");
+                let errors = dst
+                    .query_opt(
+                        "SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats WHERE subname = $1",
+                        &[&resource(m.id)],
+                    )
+                    .await?
+                    .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+                    .unwrap_or_default();
+                bail!(
+                    "the target did not catch up within rebalance-max-freeze-ms (the subscription's apply errors: {}, copy errors: {}; the target's server log tells why)",
+                    errors.0,
+                    errors.1
+                );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // 4. The same rows on both sides.
+        // 4. Sequences are not replicated: the target's take the source's values before it gets writes.
+        self.raise_sequences(src, dst, tables, matches!(m.unit, Unit::Tenant(_))).await?;
+        // 5. The same rows on both sides.
         let rows = self.verify_with(src, dst, &m.unit, tables).await?;
         if frozen_at.elapsed() > budget {
             bail!("the freeze lasted longer than rebalance-max-freeze-ms ({} ms)", budget.as_millis());
         }
-        // 5. Flip and thaw.
+        // 6. Flip and thaw.
         let target = m.target.clone();
         let tx_sql =
             format!("UPDATE gb_units SET node = {}, frozen = false WHERE unit = $1", quote_literal_sql(&target));
@@ -826,9 +927,9 @@ impl Rebalancer {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Drops what replicated the unit: subscription, slot, publication; restores replica identities; raises
-    /// the target's sequences; and with `delete`, deletes the unit's rows from the source after the grace
-    /// period.
+    /// Drops what replicated the unit: subscription, slot, publication; restores replica identities; and
+    /// with `moved`, deletes the unit's rows from the source after the grace period (a tenant's database is
+    /// dropped whole by the caller).
     async fn clean_up(&self, src: &Client, dst: &Client, m: &Move, tables: &[Table], moved: bool) -> Result<()> {
         self.progress.stage("cleanup", None);
         let name = resource(m.id);
@@ -853,7 +954,9 @@ impl Rebalancer {
             c.execute("DELETE FROM gb_move_marker WHERE id = $1", &[&m.id]).await?;
         }
         if moved {
-            self.raise_sequences(src, dst, tables).await?;
+            if matches!(m.unit, Unit::Tenant(_)) {
+                return Ok(()); // the database is dropped whole (see `drive`)
+            }
             let grace = self.config.rebalance.grace_s;
             if grace > 0 {
                 self.progress.set(0, format!("rows stay on {} for rebalance-grace-s = {grace} s", m.source));
@@ -866,7 +969,23 @@ impl Rebalancer {
 
     /// Rows copied keep their ids; the target's sequences for the same tables are raised to at least the
     /// source's, so that ids it hands out next do not collide with moved rows.
-    async fn raise_sequences(&self, src: &Client, dst: &Client, tables: &[Table]) -> Result<()> {
+    async fn raise_sequences(&self, src: &Client, dst: &Client, tables: &[Table], whole: bool) -> Result<()> {
+        if whole {
+            // A tenant's database: every sequence continues on the target where it stood on the source.
+            let seqs = src
+                .query(
+                    "SELECT format('%I.%I', schemaname, sequencename), last_value FROM pg_sequences WHERE last_value IS NOT NULL",
+                    &[],
+                )
+                .await?;
+            for r in seqs {
+                let (seq, last): (String, i64) = (r.get(0), r.get(1));
+                dst.execute("SELECT setval($1::text::regclass, $2)", &[&seq, &last])
+                    .await
+                    .with_context(|| format!("setting {seq} on the target"))?;
+            }
+            return Ok(());
+        }
         let seq_sql = "SELECT s.oid::regclass::text, (SELECT last_value FROM pg_sequences q WHERE q.schemaname = n.nspname AND q.sequencename = s.relname) \
                        FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' \
                        JOIN pg_namespace n ON n.oid = s.relnamespace \
@@ -917,15 +1036,45 @@ impl Rebalancer {
     /// Undoes a move that has not flipped: guard dropped, unit thawed, replication dropped, the target's
     /// copy deleted. Idempotent (a crash in the middle is rolled back by `abort` again).
     async fn roll_back(&self, m: &mut Move, why: &str) -> Result<(), MoveError> {
-        let src = self.node(&m.source).await?;
-        let dst = self.node(&m.target).await?;
-        let tables = self.tables(&src, &dst, m).await?;
+        let db = self.database(&m.unit);
+        let src = self.node_in(&m.source, db.as_deref()).await?;
+        let dst = match self.node_in(&m.target, db.as_deref()).await {
+            Ok(c) => Some(c),
+            Err(_) if db.is_some() => None, // the tenant's database was never made on the target
+            Err(e) => return Err(e),
+        };
+        let tables = match &dst {
+            Some(dst) => self.tables(&src, dst, m).await?,
+            None => Vec::new(),
+        };
         self.unguard(&src, m, &tables).await?;
         self.bump("UPDATE gb_units SET frozen = false WHERE unit = $1", &m.unit).await?;
-        self.clean_up(&src, &dst, m, &tables, false).await?;
-        let cond = self.condition(&m.unit);
-        for t in &tables {
-            dst.batch_execute(&format!("DELETE FROM {} WHERE {cond}", t.name)).await?;
+        if let Some(dst) = dst {
+            self.clean_up(&src, &dst, m, &tables, false).await?;
+            let cond = self.condition(&m.unit);
+            for t in &tables {
+                dst.batch_execute(&format!("DELETE FROM {} WHERE {cond}", t.name)).await?;
+            }
+            if let Some(db) = &db {
+                let created: bool =
+                    self.catalog.query_one("SELECT created_target FROM gb_moves WHERE id = $1", &[&m.id]).await?.get(0);
+                drop(dst);
+                if created {
+                    self.node(&m.target)
+                        .await?
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(db)))
+                        .await?;
+                }
+            }
+        } else {
+            // Nothing on the target: the publication and its slot are all there is to drop.
+            let name = resource(m.id);
+            src.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await?;
+            src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await?;
         }
         self.catalog
             .execute(
@@ -938,6 +1087,37 @@ impl Rebalancer {
         self.progress.finish();
         Ok(())
     }
+}
+
+/// `pg_dump --schema-only` from `source` (with `args`), run by `psql` on `target`: pg_dump's output may
+/// hold psql meta-commands (`\restrict`), so it is not sent as plain SQL.
+async fn copy_schema(source: &NodeAddr, target: &NodeAddr, args: &[&str]) -> Result<()> {
+    let dump = tokio::process::Command::new("pg_dump")
+        .args(["--schema-only", "--no-owner", "--no-privileges", "--no-publications", "--no-subscriptions"])
+        .args(args)
+        .arg(conninfo(source))
+        .output()
+        .await
+        .context("pg_dump (apt-get install postgresql-client)")?;
+    if !dump.status.success() {
+        bail!("pg_dump: {}", String::from_utf8_lossy(&dump.stderr));
+    }
+    let mut psql = tokio::process::Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+        .arg(conninfo(target))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("psql (apt-get install postgresql-client)")?;
+    let mut stdin = psql.stdin.take().expect("piped");
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, &dump.stdout).await?;
+    drop(stdin);
+    let out = psql.wait_with_output().await?;
+    if !out.status.success() {
+        bail!("psql: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
 }
 
 fn quote_literal_sql(s: &str) -> String {

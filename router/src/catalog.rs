@@ -44,15 +44,19 @@ impl Catalog {
         *self.version.borrow()
     }
 
-    /// Waits until none of `buckets` is frozen, at most `limit`; the error names the bucket still frozen.
-    pub async fn thaw(&self, map: &ShardMap, buckets: &[BucketId], limit: Duration) -> Result<(), String> {
+    /// Waits until the unit of `d` (its buckets, or its tenant) is not frozen, at most `limit`; the error
+    /// names the unit still frozen.
+    pub async fn thaw(&self, map: &ShardMap, d: &shardmap::Decision, limit: Duration) -> Result<(), String> {
         let mut changes = self.version.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
-        while map.any_frozen(buckets) {
+        while map.holds(d) {
             if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
-                let frozen = buckets.iter().find(|b| map.any_frozen(&[**b])).map_or(0, |b| b.0);
+                let unit = match d.buckets.iter().find(|b| map.any_frozen(&[**b])) {
+                    Some(b) => Unit::Bucket(b.0).to_string(),
+                    None => format!("tenant database {}", d.database.as_deref().unwrap_or("?")),
+                };
                 return Err(format!(
-                    "bucket {frozen} has been frozen by a move for more than {} ms (is the rebalancer stuck? `rebalance status` tells; `rebalance abort` thaws it)",
+                    "{unit} has been frozen by a move for more than {} ms (is the rebalancer stuck? `rebalance status` tells; `rebalance abort` thaws it)",
                     limit.as_millis()
                 ));
             }
@@ -115,8 +119,12 @@ pub async fn ensure(addr: &NodeAddr, map: &ShardMap, application: &str) -> Resul
     let row = tx.query_opt("SELECT buckets FROM gb_catalog", &[]).await?;
     match row {
         None => {
-            tx.execute("INSERT INTO gb_catalog (version, strategy, buckets) VALUES (1, 'hash', $1)", &[&buckets])
-                .await?;
+            let strategy = format!("{:?}", map.strategy).to_lowercase();
+            tx.execute(
+                "INSERT INTO gb_catalog (version, strategy, buckets) VALUES (1, $1, $2)",
+                &[&strategy, &buckets],
+            )
+            .await?;
             if let Some(n) = map.bucket_count() {
                 let (mut units, mut nodes) = (Vec::new(), Vec::new());
                 for b in 0..n {
@@ -157,7 +165,8 @@ fn missing_database(e: &anyhow::Error) -> bool {
 pub async fn load(client: &tokio_postgres::Client, map: &ShardMap) -> Result<u64> {
     let rows = client
         .query(
-            "SELECT (SELECT version FROM gb_catalog), unit, node, frozen FROM gb_units WHERE unit LIKE 'bucket:%'",
+            "SELECT (SELECT version FROM gb_catalog), unit, node, frozen FROM gb_units \
+             WHERE unit LIKE 'bucket:%' OR unit LIKE 'tenant:%'",
             &[],
         )
         .await?;
@@ -166,10 +175,14 @@ pub async fn load(client: &tokio_postgres::Client, map: &ShardMap) -> Result<u64
         version = r.get::<_, Option<i64>>(0).unwrap_or(0) as u64;
         let unit: &str = r.get(1);
         let node: &str = r.get(2);
-        let Ok(Unit::Bucket(b)) = unit.parse::<Unit>() else { continue };
-        match map.shard_by_name(node) {
-            Some(owner) => map.set_bucket(BucketId(b), owner, r.get(3)),
-            None => tracing::warn!("catalog: {unit} is on node {node:?}, which config.csv does not name; ignored"),
+        let Some(owner) = map.shard_by_name(node) else {
+            tracing::warn!("catalog: {unit} is on node {node:?}, which config.csv does not name; ignored");
+            continue;
+        };
+        match unit.parse::<Unit>() {
+            Ok(Unit::Bucket(b)) => map.set_bucket(BucketId(b), owner, r.get(3)),
+            Ok(Unit::Tenant(t)) => map.set_tenant(&t, owner, r.get(3)),
+            _ => {}
         }
     }
     if rows.is_empty() {

@@ -342,10 +342,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             ));
         }
         let mut decision = self.shared.planner.decide_shaped(analysis, literals, &self.session)?;
-        // A move is cutting over a bucket of this statement: wait for its new owner. (Not inside a transaction
+        // A move is cutting over the unit of this statement (a bucket, a tenant): wait for its new owner. (Not inside a transaction
         // already running on a shard: the move waits for that transaction instead.)
-        while self.shared.map.any_frozen(&decision.buckets) && !matches!(self.txn, Txn::Bound) {
-            Box::pin(self.shared.thaw(&decision.buckets)).await?;
+        while self.shared.map.holds(&decision) && !matches!(self.txn, Txn::Bound) {
+            Box::pin(self.shared.thaw(&decision)).await?;
             decision = self.shared.planner.decide_shaped(analysis, literals, &self.session)?;
         }
         if single && kind == Some(Kind::Transaction) {

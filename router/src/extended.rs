@@ -159,12 +159,12 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
         ));
     }
     let (mut decision, mut kind, mut mixed) = decide(c, batch)?;
-    // A move is cutting over a bucket of this batch: wait for its new owner (see `route_simple`).
-    while let Some(d) = decision.as_ref().filter(|d| c.shared.map.any_frozen(&d.buckets)) {
+    // A move is cutting over the unit (bucket, tenant) of this batch: wait for its new owner (see `route_simple`).
+    while let Some(d) = decision.as_ref().filter(|d| c.shared.map.holds(d)) {
         if matches!(c.txn, Txn::Bound) {
             break;
         }
-        Box::pin(c.shared.thaw(&d.buckets)).await?;
+        Box::pin(c.shared.thaw(d)).await?;
         (decision, kind, mixed) = decide(c, batch)?;
     }
     if mixed {

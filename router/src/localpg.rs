@@ -127,6 +127,11 @@ impl PgServer {
         self.pg(&self.bin.join("pg_ctl"), &["-D", &self.data(), "-m", mode, "-w", "stop"]).map(drop)
     }
 
+    /// The server's log so far (for a test's failure message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
     /// Starts the server again after [`PgServer::stop`] (on a new free port).
     pub fn restart(&mut self) -> Result<()> {
         self.launch(&[])

@@ -145,11 +145,11 @@ impl Shared {
         restart
     }
 
-    /// Waits while a move holds any of `buckets` frozen (see `catalog.rs`); the error is for the client.
-    pub async fn thaw(&self, buckets: &[shardmap::BucketId]) -> Result<(), crate::client::Reported> {
+    /// Waits while a move holds the unit of `d` frozen (see `catalog.rs`); the error is for the client.
+    pub async fn thaw(&self, d: &shardmap::Decision) -> Result<(), crate::client::Reported> {
         let limit = Duration::from_millis(self.config.load().rebalance.max_freeze_ms + 2000);
         self.catalog
-            .thaw(&self.map, buckets, limit)
+            .thaw(&self.map, d, limit)
             .await
             .map_err(|message| crate::client::Reported { code: "55006".into(), message })
     }

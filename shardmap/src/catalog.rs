@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS gb_move_identity (
     table_name text NOT NULL,
     PRIMARY KEY (move, table_name)
 );
+ALTER TABLE gb_moves ADD COLUMN IF NOT EXISTS created_target boolean NOT NULL DEFAULT false;
 CREATE UNIQUE INDEX IF NOT EXISTS gb_moves_one_active ON gb_moves ((true)) WHERE finished IS NULL;
 ";
 
@@ -111,12 +112,14 @@ impl FromStr for Unit {
 
 /// Where the catalog is: `shard-catalog`, or the database `gb_shard_catalog` on the first node. `None`
 /// when there is nothing a catalog would place (`shard-catalog,off`, or a strategy whose units do not move
-/// yet: only hash buckets do).
+/// yet: hash buckets and tenants do).
 pub fn address(c: &Config) -> Result<Option<NodeAddr>, String> {
     match c.catalog.as_deref() {
         Some("off") => Ok(None),
         Some(url) => parse_addr(url).map(Some),
-        None if c.strategy == Strategy::Hash && c.algorithm == Algorithm::HashBuckets => {
+        None if (c.strategy == Strategy::Hash && c.algorithm == Algorithm::HashBuckets)
+            || c.strategy == Strategy::Tenant =>
+        {
             let first = c.nodes.iter().find(|(n, _)| n == "0").or(c.nodes.first());
             Ok(first.map(|(_, a)| NodeAddr { dbname: Some(DEFAULT_DATABASE.into()), ..a.clone() }))
         }
@@ -125,12 +128,12 @@ pub fn address(c: &Config) -> Result<Option<NodeAddr>, String> {
 }
 
 /// The SQL condition that holds for the rows of `unit` in a table sharded on `key` (of `key_type`), for
-/// `buckets` buckets: the same hash the router computes.
-pub fn unit_condition(unit: &Unit, key: &str, key_type: crate::KeyType, buckets: u32) -> Option<String> {
+/// `buckets` buckets: the same hash the router computes (every row of a tenant's database).
+pub fn unit_condition(unit: &Unit, key: &str, key_type: crate::KeyType, buckets: u32) -> String {
     match unit {
-        Unit::Bucket(b) => Some(format!("{} = {b}", crate::hash::sql_slot_expr(key, key_type, buckets))),
-        Unit::Range { from, .. } => Some(format!("{key} >= {from}")),
-        Unit::Tenant(_) => None,
+        Unit::Bucket(b) => format!("{} = {b}", crate::hash::sql_slot_expr(key, key_type, buckets)),
+        Unit::Range { from, .. } => format!("{key} >= {from}"),
+        Unit::Tenant(_) => "true".into(),
     }
 }
 

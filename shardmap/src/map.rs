@@ -80,6 +80,11 @@ pub struct ShardMap {
     pub nodes: Vec<Node>,
     pub global_tables: HashSet<String>,
     placement: Placement,
+    /// Tenants placed by the catalog (moved off the node their name hashes to), and whether a move holds
+    /// them frozen; `tenants_placed` spares the lock while there are none.
+    tenants: std::sync::RwLock<std::collections::HashMap<String, (ShardId, bool)>>,
+    tenants_placed: AtomicBool,
+    tenants_frozen: AtomicUsize,
 }
 
 impl ShardMap {
@@ -173,6 +178,9 @@ impl ShardMap {
             nodes,
             global_tables: c.global_tables.iter().cloned().collect(),
             placement,
+            tenants: Default::default(),
+            tenants_placed: AtomicBool::new(false),
+            tenants_frozen: AtomicUsize::new(0),
         })
     }
 
@@ -270,8 +278,38 @@ impl ShardMap {
 
     /// The node that holds a tenant's database: the hash of its name over the nodes, in config order.
     pub fn tenant_shard(&self, tenant: &str) -> ShardId {
+        if self.tenants_placed.load(Ordering::Acquire) {
+            if let Some((shard, _)) = self.tenants.read().expect("tenants lock").get(tenant) {
+                return *shard;
+            }
+        }
         let slot = hash::reduce(hash::hash_key(&KeyValue::Text(tenant.into())), self.nodes.len() as u32);
         ShardId(slot as u16)
+    }
+
+    /// Places a tenant on `owner` and freezes or thaws it (the catalog's state, applied by the router).
+    pub fn set_tenant(&self, tenant: &str, owner: ShardId, freeze: bool) {
+        let mut t = self.tenants.write().expect("tenants lock");
+        let was = t.insert(tenant.to_string(), (owner, freeze)).is_some_and(|(_, f)| f);
+        match (was, freeze) {
+            (false, true) => drop(self.tenants_frozen.fetch_add(1, Ordering::AcqRel)),
+            (true, false) => drop(self.tenants_frozen.fetch_sub(1, Ordering::AcqRel)),
+            _ => {}
+        }
+        self.tenants_placed.store(true, Ordering::Release);
+    }
+
+    /// Whether a move holds the unit of this decision frozen (its buckets, or its tenant): its statements
+    /// wait. One atomic load per kind when nothing is frozen.
+    pub fn holds(&self, d: &crate::Decision) -> bool {
+        if self.any_frozen(&d.buckets) {
+            return true;
+        }
+        if self.tenants_frozen.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let Some(tenant) = d.database.as_deref().and_then(|db| self.tenant_of_database(db)) else { return false };
+        self.tenants.read().expect("tenants lock").get(tenant).is_some_and(|(_, frozen)| *frozen)
     }
 
     /// The tenant named by a database name (`gb_tenant_acme` → `acme`).
