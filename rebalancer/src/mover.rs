@@ -641,29 +641,65 @@ impl Rebalancer {
         let published: bool =
             src.query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&name]).await?.get(0);
         if !published {
-            let list: Vec<String> = tables.iter().map(|t| format!("{} WHERE ({cond})", t.name)).collect();
+            let filter = if cond == "true" { String::new() } else { format!(" WHERE ({cond})") };
+            let list: Vec<String> = tables.iter().map(|t| format!("{}{filter}", t.name)).collect();
             src.batch_execute(&format!("CREATE PUBLICATION {name} FOR TABLE {}, gb_move_marker", list.join(", ")))
                 .await
                 .context("creating the publication on the source")?;
         }
-        // A slot left by a crash between its creation and the subscription's: drop it, the subscription
-        // makes its own.
-        src.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-            &[&name],
-        )
-        .await?;
         let mut source = self.node_addr(&m.source)?;
         if let Some(db) = self.database(&m.unit) {
             source.dbname = Some(db);
         }
+        let create_slot = if let Some(mut patroni) = self.patroni(&m.source) {
+            // Patroni drops replication slots it does not know: the slot is registered as a permanent slot
+            // first (after the publication), made, and kept only once Patroni has seen it.
+            let db = source.dbname.clone().unwrap_or_else(|| "postgres".into());
+            patroni.register_slot(&name, &db).await?;
+            for attempt in 0.. {
+                src.execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput') WHERE NOT EXISTS \
+                     (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                    &[&name],
+                )
+                .await
+                .context("creating the replication slot")?;
+                tokio::time::sleep(patroni.loop_wait + Duration::from_secs(1)).await;
+                let kept: bool = src
+                    .query_one("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)", &[&name])
+                    .await?
+                    .get(0);
+                if kept {
+                    break;
+                }
+                if attempt == 3 {
+                    bail!("Patroni keeps dropping the move's replication slot {name} (is the slots config applied?)");
+                }
+            }
+            false
+        } else {
+            // A slot left by a crash between its creation and the subscription's: drop it, the subscription
+            // makes its own.
+            src.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&name],
+            )
+            .await?;
+            true
+        };
         dst.batch_execute(&format!(
-            "CREATE SUBSCRIPTION {name} CONNECTION {} PUBLICATION {name} WITH (slot_name = {name})",
+            "CREATE SUBSCRIPTION {name} CONNECTION {} PUBLICATION {name} WITH (slot_name = {name}, create_slot = {create_slot})",
             quote_literal_sql(&conninfo(&source))
         ))
         .await
         .context("creating the subscription on the target")?;
         Ok(())
+    }
+
+    /// The Patroni cluster of a node (`shard-node-<name>-patroni`), if it has one.
+    fn patroni(&self, node: &str) -> Option<Patroni> {
+        let urls = self.config.node_patroni.get(node).filter(|u| !u.is_empty())?;
+        Some(Patroni { urls: urls.clone(), loop_wait: Duration::from_secs(10) })
     }
 
     /// Waits for the subscription's initial copy of every table, showing rows copied against the source's.
@@ -939,7 +975,12 @@ impl Rebalancer {
             dst.batch_execute(&format!("DROP SUBSCRIPTION {name}")).await.context("dropping the subscription")?;
         }
         // The slot is dropped with the subscription; one left behind (the source was unreachable then) is
-        // dropped here, so that no slot holds WAL on the source for ever.
+        // dropped here, so that no slot holds WAL on the source for ever. Under Patroni the permanent slot is
+        // unregistered first, and dropped again if Patroni made it anew in between.
+        if let Some(mut patroni) = self.patroni(&m.source) {
+            patroni.unregister_slot(&name).await?;
+            tokio::time::sleep(patroni.loop_wait + Duration::from_secs(1)).await;
+        }
         src.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
             &[&name],
@@ -1069,6 +1110,10 @@ impl Rebalancer {
         } else {
             // Nothing on the target: the publication and its slot are all there is to drop.
             let name = resource(m.id);
+            if let Some(mut patroni) = self.patroni(&m.source) {
+                patroni.unregister_slot(&name).await?;
+                tokio::time::sleep(patroni.loop_wait + Duration::from_secs(1)).await;
+            }
             src.execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
                 &[&name],
@@ -1086,6 +1131,57 @@ impl Rebalancer {
         m.state = "aborted".into();
         self.progress.finish();
         Ok(())
+    }
+}
+
+/// A node's Patroni REST API: registering a move's slot as a permanent slot (`PATCH /config`), so that
+/// Patroni keeps it (and copies it to its replicas) instead of dropping it as unknown.
+struct Patroni {
+    urls: Vec<String>,
+    /// Patroni's `loop_wait` (read from `GET /config`): how long a change of its config takes to apply.
+    loop_wait: Duration,
+}
+
+impl Patroni {
+    async fn patch(&mut self, body: serde_json::Value) -> Result<()> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+        let mut last = String::new();
+        for url in &self.urls {
+            let url = url.trim_end_matches('/');
+            if let Ok(r) = http.get(format!("{url}/config")).send().await {
+                if let Ok(v) = r.text().await.map(|t| serde_json::from_str::<serde_json::Value>(&t)) {
+                    if let Some(w) = v.ok().and_then(|v| v["loop_wait"].as_u64()) {
+                        self.loop_wait = Duration::from_secs(w);
+                    }
+                }
+            }
+            match http
+                .patch(format!("{url}/config"))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => last = format!("{url}: {} {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => last = format!("{url}: {e}"),
+            }
+        }
+        bail!("Patroni's PATCH /config failed: {last}")
+    }
+
+    async fn register_slot(&mut self, name: &str, database: &str) -> Result<()> {
+        self.patch(
+            serde_json::json!({ "slots": { name: { "type": "logical", "database": database, "plugin": "pgoutput" } } }),
+        )
+        .await
+        .with_context(|| format!("registering {name} as a Patroni permanent slot"))
+    }
+
+    async fn unregister_slot(&mut self, name: &str) -> Result<()> {
+        self.patch(serde_json::json!({ "slots": { name: null } }))
+            .await
+            .with_context(|| format!("removing {name} from Patroni's permanent slots"))
     }
 }
 

@@ -118,7 +118,7 @@ bootstrap:
     postgresql:
       use_pg_rewind: true
       parameters:
-        wal_level: replica
+        wal_level: logical
         hot_standby: "on"
         wal_log_hints: "on"
         max_wal_senders: 10
