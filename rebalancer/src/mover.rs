@@ -271,8 +271,20 @@ impl Rebalancer {
                 return Err(MoveError::Invalid(format!("{unit}: tenants move under shard-strategy,tenant")));
             }
             Unit::Tenant(_) => {}
-            Unit::Range { .. } => {
-                return Err(MoveError::Invalid(format!("{unit}: range moves are not built yet")));
+            Unit::Range { .. } if self.map.strategy != shardmap::Strategy::Range => {
+                return Err(MoveError::Invalid(format!("{unit}: ranges move under shard-strategy,range")));
+            }
+            Unit::Range { node, from } => {
+                let inside = self
+                    .config
+                    .ranges
+                    .iter()
+                    .any(|r| &r.node == node && *from > r.start && r.end.is_none_or(|e| *from <= e));
+                if !inside {
+                    return Err(MoveError::Invalid(format!(
+                        "{unit}: {from} is not inside the range of shard-ranges that {node} holds (a split point is above the range's start and within it)"
+                    )));
+                }
             }
         }
         self.node_addr(to)?;
@@ -382,6 +394,12 @@ impl Rebalancer {
         match (row, unit) {
             (Some(r), _) => Ok(r.get(0)),
             (None, Unit::Tenant(t)) => Ok(self.map.node(self.map.tenant_shard(t)).name.clone()),
+            (None, Unit::Range { from, .. }) => {
+                router::catalog::load(&self.catalog, &self.map).await?;
+                let piece =
+                    self.map.range_pieces().into_iter().find(|p| p.start <= *from && p.end.is_none_or(|e| *from <= e));
+                Ok(self.map.node(piece.context("outside every range")?.shard).name.clone())
+            }
             (None, _) => bail!("{unit} is not in the catalog"),
         }
     }
@@ -450,6 +468,8 @@ impl Rebalancer {
 
     /// Runs the state machine from `m.state` to the end.
     async fn drive(&mut self, m: &mut Move) -> Result<Outcome, MoveError> {
+        // The map as the catalog has it now (range pieces: where this unit ends).
+        router::catalog::load(&self.catalog, &self.map).await?;
         let db = self.database(&m.unit);
         if m.state == "copying" {
             self.prepare_target(m).await?;
@@ -524,7 +544,24 @@ impl Rebalancer {
 
     /// The condition selecting the unit's rows, the key read from `column` (`NEW."user_id"`).
     fn condition_on(&self, unit: &Unit, column: &str) -> String {
-        unit_condition(unit, column, self.map.key_type, self.map.bucket_count().unwrap_or(1))
+        let lower = unit_condition(unit, column, self.map.key_type, self.map.bucket_count().unwrap_or(1));
+        match unit {
+            // A range piece ends where the piece holding its split point ends (the next split, or the range's
+            // end): one move at a time, so this does not change while the move runs.
+            Unit::Range { from, .. } => {
+                let end = self
+                    .map
+                    .range_pieces()
+                    .into_iter()
+                    .find(|p| p.start <= *from && p.end.is_none_or(|e| *from <= e))
+                    .and_then(|p| p.end);
+                match end {
+                    Some(e) => format!("{lower} AND {column} <= {e}"),
+                    None => lower,
+                }
+            }
+            _ => lower,
+        }
     }
 
     /// The sharded tables on the source (a column named like the shard key, not in shard-global-tables),
@@ -1275,6 +1312,10 @@ pub async fn status(config: &Config) -> Result<Status, MoveError> {
                 }
             }
         }
+    }
+    // Tenants and range pieces are in the catalog only once a move placed them.
+    for r in c.query("SELECT unit, node FROM gb_units WHERE unit NOT LIKE 'bucket:%'", &[]).await? {
+        moved.push((r.get(0), r.get(1)));
     }
     moved.sort();
     let routers = c

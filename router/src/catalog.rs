@@ -166,11 +166,12 @@ pub async fn load(client: &tokio_postgres::Client, map: &ShardMap) -> Result<u64
     let rows = client
         .query(
             "SELECT (SELECT version FROM gb_catalog), unit, node, frozen FROM gb_units \
-             WHERE unit LIKE 'bucket:%' OR unit LIKE 'tenant:%'",
+             WHERE unit LIKE 'bucket:%' OR unit LIKE 'tenant:%' OR unit LIKE 'range:%'",
             &[],
         )
         .await?;
     let mut version = 0;
+    let mut ranges = Vec::new();
     for r in &rows {
         version = r.get::<_, Option<i64>>(0).unwrap_or(0) as u64;
         let unit: &str = r.get(1);
@@ -182,7 +183,13 @@ pub async fn load(client: &tokio_postgres::Client, map: &ShardMap) -> Result<u64
         match unit.parse::<Unit>() {
             Ok(Unit::Bucket(b)) => map.set_bucket(BucketId(b), owner, r.get(3)),
             Ok(Unit::Tenant(t)) => map.set_tenant(&t, owner, r.get(3)),
-            _ => {}
+            Ok(Unit::Range { node, from }) => ranges.push((node, from, owner, r.get(3))),
+            Err(_) => {}
+        }
+    }
+    if map.strategy == shardmap::Strategy::Range {
+        for unit in map.set_range_pieces(&ranges) {
+            tracing::warn!("catalog: {unit} is inside no range of shard-ranges; ignored");
         }
     }
     if rows.is_empty() {

@@ -112,13 +112,13 @@ impl FromStr for Unit {
 
 /// Where the catalog is: `shard-catalog`, or the database `gb_shard_catalog` on the first node. `None`
 /// when there is nothing a catalog would place (`shard-catalog,off`, or a strategy whose units do not move
-/// yet: hash buckets and tenants do).
+/// yet: hash buckets, tenants and range pieces do).
 pub fn address(c: &Config) -> Result<Option<NodeAddr>, String> {
     match c.catalog.as_deref() {
         Some("off") => Ok(None),
         Some(url) => parse_addr(url).map(Some),
         None if (c.strategy == Strategy::Hash && c.algorithm == Algorithm::HashBuckets)
-            || c.strategy == Strategy::Tenant =>
+            || matches!(c.strategy, Strategy::Tenant | Strategy::Range) =>
         {
             let first = c.nodes.iter().find(|(n, _)| n == "0").or(c.nodes.first());
             Ok(first.map(|(_, a)| NodeAddr { dbname: Some(DEFAULT_DATABASE.into()), ..a.clone() }))

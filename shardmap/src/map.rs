@@ -38,8 +38,12 @@ enum Placement {
         frozen: Box<[AtomicBool]>,
         frozen_count: AtomicUsize,
     },
+    /// `config`: shard-ranges as written; `pieces`: the same cut at the catalog's split points, each piece
+    /// with its owner and whether a move holds it frozen (swapped whole when the catalog changes).
     Range {
-        ranges: Vec<(i64, Option<i64>, ShardId)>,
+        config: Vec<(i64, Option<i64>, ShardId)>,
+        pieces: arc_swap::ArcSwap<Vec<Piece>>,
+        frozen: AtomicBool,
     },
     Tenant,
     Geo {
@@ -47,6 +51,15 @@ enum Placement {
         regions: Vec<(Arc<str>, ShardId)>,
         default: Option<ShardId>,
     },
+}
+
+/// A piece of a range: `start..=end` (`None`: open), its owner, and whether a move holds it frozen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub start: i64,
+    pub end: Option<i64>,
+    pub shard: ShardId,
+    pub frozen: bool,
 }
 
 /// Where one key value goes, and why.
@@ -120,7 +133,13 @@ impl ShardMap {
                     };
                     ranges.push((r.start, r.end, ShardId(id as u16)));
                 }
-                Placement::Range { ranges }
+                let pieces =
+                    ranges.iter().map(|&(start, end, shard)| Piece { start, end, shard, frozen: false }).collect();
+                Placement::Range {
+                    config: ranges,
+                    pieces: arc_swap::ArcSwap::from_pointee(pieces),
+                    frozen: AtomicBool::new(false),
+                }
             }
             Strategy::Tenant => {
                 for (name, addr) in &c.nodes {
@@ -253,14 +272,13 @@ impl ShardMap {
                 let shard = ShardId(owners[b as usize].load(Ordering::Acquire));
                 Ok(Located { shard, bucket: Some(BucketId(b)), region: None })
             }
-            Placement::Range { ranges } => {
+            Placement::Range { pieces, .. } => {
                 let KeyValue::Int(i) = v else {
                     return Err(PlaceError::NotInteger { key: self.key.clone(), value: v.to_string() });
                 };
-                let idx = ranges.partition_point(|(start, _, _)| *start <= *i);
-                match idx.checked_sub(1).map(|k| ranges[k]) {
-                    Some((_, end, shard)) if end.is_none_or(|e| *i <= e) => Ok(here(shard)),
-                    _ => Err(PlaceError::OutOfRange { key: self.key.clone(), value: v.to_string() }),
+                match piece_of(&pieces.load(), *i) {
+                    Some(p) => Ok(here(p.shard)),
+                    None => Err(PlaceError::OutOfRange { key: self.key.clone(), value: v.to_string() }),
                 }
             }
             Placement::Tenant => Ok(here(self.tenant_shard(&v.to_string()))),
@@ -299,11 +317,65 @@ impl ShardMap {
         self.tenants_placed.store(true, Ordering::Release);
     }
 
+    /// The range pieces now (config ranges cut at the catalog's split points).
+    pub fn range_pieces(&self) -> Vec<Piece> {
+        match &self.placement {
+            Placement::Range { pieces, .. } => pieces.load().to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Applies the catalog's range units: each `(range's node, split point, owner, frozen)` cuts the config
+    /// range named by its node at the split point; the piece from there (up to the next cut) goes to the
+    /// owner. Returns the units that name no config range.
+    pub fn set_range_pieces(&self, units: &[(String, i64, ShardId, bool)]) -> Vec<String> {
+        let Placement::Range { config, pieces, frozen } = &self.placement else { return Vec::new() };
+        let inside = |name: &str, from: i64| {
+            config.iter().any(|&(start, end, shard)| {
+                self.node(shard).name == name && from > start && end.is_none_or(|e| from <= e)
+            })
+        };
+        let mut out = Vec::new();
+        for &(start, end, shard) in config {
+            let name = &self.node(shard).name;
+            let mut cuts: Vec<(i64, ShardId, bool)> = units
+                .iter()
+                .filter(|(n, from, _, _)| n == name && *from > start && end.is_none_or(|e| *from <= e))
+                .map(|(_, from, owner, f)| (*from, *owner, *f))
+                .collect();
+            cuts.sort();
+            cuts.dedup_by_key(|c| c.0);
+            let mut at = (start, shard, false);
+            for (from, owner, f) in cuts {
+                out.push(Piece { start: at.0, end: Some(from - 1), shard: at.1, frozen: at.2 });
+                at = (from, owner, f);
+            }
+            out.push(Piece { start: at.0, end, shard: at.1, frozen: at.2 });
+        }
+        frozen.store(out.iter().any(|p| p.frozen), Ordering::Release);
+        pieces.store(Arc::new(out));
+        units
+            .iter()
+            .filter(|(n, from, _, _)| !inside(n, *from))
+            .map(|(n, from, _, _)| format!("range:{n}@{from}"))
+            .collect()
+    }
+
     /// Whether a move holds the unit of this decision frozen (its buckets, or its tenant): its statements
     /// wait. One atomic load per kind when nothing is frozen.
     pub fn holds(&self, d: &crate::Decision) -> bool {
         if self.any_frozen(&d.buckets) {
             return true;
+        }
+        if let Placement::Range { pieces, frozen, .. } = &self.placement {
+            if frozen.load(Ordering::Acquire) {
+                let pieces = pieces.load();
+                return d.values.iter().any(|v| match v {
+                    KeyValue::Int(i) => piece_of(&pieces, *i).is_some_and(|p| p.frozen),
+                    _ => false,
+                });
+            }
+            return false;
         }
         if self.tenants_frozen.load(Ordering::Acquire) == 0 {
             return false;
@@ -316,4 +388,10 @@ impl ShardMap {
     pub fn tenant_of_database<'d>(&self, database: &'d str) -> Option<&'d str> {
         database.strip_prefix(self.tenant_prefix.as_str()).filter(|t| !t.is_empty())
     }
+}
+
+/// The piece that holds `i`.
+fn piece_of(pieces: &[Piece], i: i64) -> Option<Piece> {
+    let idx = pieces.partition_point(|p| p.start <= i);
+    idx.checked_sub(1).map(|k| pieces[k]).filter(|p| p.end.is_none_or(|e| i <= e))
 }
