@@ -395,3 +395,36 @@ fn piece_of(pieces: &[Piece], i: i64) -> Option<Piece> {
     let idx = pieces.partition_point(|p| p.start <= i);
     idx.checked_sub(1).map(|k| pieces[k]).filter(|p| p.end.is_none_or(|e| i <= e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(text: &str) -> ShardMap {
+        ShardMap::new(&Config::parse("config.csv", text.as_bytes()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn catalog_split_points_cut_ranges_and_freeze_pieces() {
+        let m = Arc::new(map("shard-strategy,range\nshard-key,id\nshard-ranges,0-999:a,1000-:b\n"));
+        let (a, b) = (m.shard_by_name("a").unwrap(), m.shard_by_name("b").unwrap());
+        let at = |k: i64| m.locate(&KeyValue::Int(k)).unwrap().shard;
+        assert_eq!((at(999), at(1000), at(5000)), (a, b, b));
+        // b's range from 1500 up moves to a, frozen first.
+        let unknown =
+            m.set_range_pieces(&[("b".into(), 1500, b, true), ("a".into(), 5, a, false), ("x".into(), 1, a, false)]);
+        assert_eq!(unknown, vec!["range:x@1".to_string()]);
+        let planner = crate::Planner::new(m.clone());
+        let d = |k: i64| {
+            let sql = format!("SELECT * FROM t WHERE id = {k}");
+            planner.decide(&sql, &crate::NoParams, &crate::Session::default()).unwrap()
+        };
+        assert!(m.holds(&d(1500)) && m.holds(&d(99_999)) && !m.holds(&d(1499)) && !m.holds(&d(3)));
+        m.set_range_pieces(&[("b".into(), 1500, a, false)]);
+        assert_eq!((at(1499), at(1500), at(1_000_000)), (b, a, a));
+        assert!(!m.holds(&d(1500)));
+        let pieces = m.range_pieces();
+        assert_eq!(pieces.len(), 3);
+        assert_eq!((pieces[1].start, pieces[1].end, pieces[2].start, pieces[2].end), (1000, Some(1499), 1500, None));
+    }
+}
