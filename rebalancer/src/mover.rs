@@ -1028,8 +1028,9 @@ impl Rebalancer {
         for t in tables.iter().filter(|t| t.identity_full) {
             src.batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY DEFAULT", t.name)).await?;
         }
+        // One move at a time: the marker table goes with the move.
         for c in [src, dst] {
-            c.execute("DELETE FROM gb_move_marker WHERE id = $1", &[&m.id]).await?;
+            c.batch_execute("DROP TABLE IF EXISTS gb_move_marker").await?;
         }
         if moved {
             if matches!(m.unit, Unit::Tenant(_)) {

@@ -222,8 +222,17 @@ pub fn propose(
 
 /// A plan for a terminal.
 pub fn to_text(p: &Plan) -> String {
-    let mut out =
-        format!("{} moves ({:?} by {:?}, threshold {:.0}%)\n", p.moves.len(), p.goal, p.by, p.threshold * 100.0);
+    let by = match p.by {
+        By::Rows => "rows",
+        By::Bytes => "bytes",
+        By::Load => "statements per second",
+    };
+    let goal = match &p.goal {
+        Goal::Even => format!("even out {by} within {:.0}% of the mean", p.threshold * 100.0),
+        Goal::Fill(n) => format!("fill {n} with {by} up to the mean"),
+        Goal::Drain(n) => format!("drain {n}"),
+    };
+    let mut out = format!("{} moves to {goal}\n", p.moves.len());
     out.push_str(&format!("{:<10} {:>14} {:>14}\n", "node", "now", "after"));
     for (n, f) in &p.before {
         out.push_str(&format!("{n:<10} {f:>14.0} {:>14.0}\n", p.after.get(n).copied().unwrap_or(0.0)));

@@ -104,7 +104,10 @@ pub async fn ensure(addr: &NodeAddr, map: &ShardMap, application: &str) -> Resul
             let create = format!("CREATE DATABASE \"{}\"", db_name.replace('"', "\"\""));
             match admin.batch_execute(&create).await {
                 Ok(()) => tracing::info!("created the catalog database {db_name}"),
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+                // Made in between by another router or rebalancer (a race shows as a unique violation).
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+                        || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {}
                 Err(e) => return Err(e).context(format!("creating the catalog database {db_name}")),
             }
             connect(addr, Some(&db_name), application).await?
