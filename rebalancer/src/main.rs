@@ -99,10 +99,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Counts a unit's rows on every node and names its owner.
+    /// Counts a unit's rows on every node and names its owner; exit status 1 if rows of it are on a node
+    /// that does not own it.
     Verify {
-        /// The unit: bucket:N.
+        /// The unit: bucket:N, tenant:NAME or range:NODE@START.
         unit: String,
+        #[arg(long)]
+        json: bool,
     },
     /// The shard-balance report: rows and bytes per node and per table, the largest units (buckets under
     /// hash-buckets, tenant databases under tenant), and skew (max/mean, coefficient of variation).
@@ -244,15 +247,23 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
-        Command::Verify { unit } => {
+        Command::Verify { unit, json } => {
             let r = rt().block_on(async {
-                let r = rebalancer::mover::Rebalancer::open(config, Box::new(rebalancer::mover::Quiet)).await?;
+                let r = rebalancer::mover::Rebalancer::reader(config).await?;
                 r.verify(&unit).await
             });
             match r {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
+                Ok(v) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+                    } else {
+                        print!("{}", v.to_text());
+                    }
+                    if v.clean() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
                 }
                 Err(e) => {
                     eprintln!("rebalance verify: {e:#}");

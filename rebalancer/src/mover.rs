@@ -202,6 +202,15 @@ fn resource(id: i64) -> String {
 impl Rebalancer {
     /// Connects to the catalog (creating it if needed) and takes the one-rebalancer lock.
     pub async fn open(config: Config, progress: Box<dyn Progress>) -> Result<Rebalancer, MoveError> {
+        Self::connect(config, progress, true).await
+    }
+
+    /// Like `open`, without the lock: for reading (`verify`) while a move may run.
+    pub async fn reader(config: Config) -> Result<Rebalancer, MoveError> {
+        Self::connect(config, Box::new(Quiet), false).await
+    }
+
+    async fn connect(config: Config, progress: Box<dyn Progress>, lock: bool) -> Result<Rebalancer, MoveError> {
         let map = Arc::new(ShardMap::new(&config).map_err(MoveError::Invalid)?);
         let Some(addr) = shardmap::catalog::address(&config).map_err(MoveError::Invalid)? else {
             return Err(MoveError::Invalid(
@@ -209,8 +218,12 @@ impl Rebalancer {
             ));
         };
         let catalog = router::catalog::ensure(&addr, &map, "rebalance").await?;
-        let locked: bool =
-            catalog.query_one("SELECT pg_try_advisory_lock($1)", &[&REBALANCER_LOCK]).await.context("catalog")?.get(0);
+        let locked: bool = !lock
+            || catalog
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&REBALANCER_LOCK])
+                .await
+                .context("catalog")?
+                .get(0);
         if !locked {
             return Err(MoveError::Busy("another rebalancer is running (it holds the catalog's lock)".into()));
         }
@@ -972,29 +985,47 @@ impl Rebalancer {
     }
 
     /// `rebalance verify UNIT`: the unit's rows on its owner against any other node that has rows of it.
-    pub async fn verify(&self, unit: &str) -> Result<String, MoveError> {
+    pub async fn verify(&self, unit: &str) -> Result<Verified, MoveError> {
         let unit: Unit = unit.parse().map_err(MoveError::Invalid)?;
+        router::catalog::load(&self.catalog, &self.map).await?;
         let owner = self.owner(&unit).await?;
         let cond = self.condition(&unit);
-        let mut lines = Vec::new();
+        let db = self.database(&unit);
+        let mut nodes = Vec::new();
         for n in &self.map.nodes {
-            let c = self.node(&n.name).await?;
+            let admin = self.node(&n.name).await?;
+            // A tenant: its database, where there is one.
+            let c = match &db {
+                Some(db) => {
+                    let there: bool = admin
+                        .query_one("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", &[db])
+                        .await?
+                        .get(0);
+                    if !there {
+                        nodes.push(VerifiedNode { node: n.name.clone(), owner: n.name == owner, rows: None });
+                        continue;
+                    }
+                    self.node_in(&n.name, Some(db)).await?
+                }
+                None => admin,
+            };
             let mut total = 0i64;
-            for t in self.table_names(&c).await? {
+            for t in self.table_names(&c, db.is_some()).await? {
                 total += c.query_one(&format!("SELECT count(*) FROM {t} WHERE {cond}"), &[]).await?.get::<_, i64>(0);
             }
-            lines.push(format!("{}: {total} rows{}", n.name, if n.name == owner { " (owner)" } else { "" }));
+            nodes.push(VerifiedNode { node: n.name.clone(), owner: n.name == owner, rows: Some(total) });
         }
-        Ok(format!("{unit}\n{}\n", lines.join("\n")))
+        Ok(Verified { unit: unit.to_string(), owner, nodes })
     }
 
-    async fn table_names(&self, c: &Client) -> Result<Vec<String>> {
+    /// The tables that hold a unit's rows: those with the shard key, or (`whole`, a tenant's database) all.
+    async fn table_names(&self, c: &Client, whole: bool) -> Result<Vec<String>> {
         let rows = c
             .query(
                 "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-                   AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped)",
-                &[&self.map.key],
+                 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND c.relname <> 'gb_move_marker' \
+                   AND ($2 OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped))",
+                &[&self.map.key, &whole],
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -1256,6 +1287,41 @@ async fn copy_schema(source: &NodeAddr, target: &NodeAddr, args: &[&str]) -> Res
 
 fn quote_literal_sql(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `rebalance verify UNIT`: the unit's rows on every node.
+#[derive(Debug, Serialize)]
+pub struct Verified {
+    pub unit: String,
+    pub owner: String,
+    pub nodes: Vec<VerifiedNode>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VerifiedNode {
+    pub node: String,
+    pub owner: bool,
+    /// `None`: the tenant has no database there.
+    pub rows: Option<i64>,
+}
+
+impl Verified {
+    /// Whether the unit's rows are on its owner only.
+    pub fn clean(&self) -> bool {
+        self.nodes.iter().all(|n| n.owner || n.rows.unwrap_or(0) == 0)
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = format!("{} (owner: {})\n", self.unit, self.owner);
+        for n in &self.nodes {
+            let rows = n.rows.map_or("no database".to_string(), |r| format!("{r} rows"));
+            out.push_str(&format!("  {}: {rows}{}\n", n.node, if n.owner { " (owner)" } else { "" }));
+        }
+        if !self.clean() {
+            out.push_str("rows of the unit are on a node that does not own it (a move's leftovers?)\n");
+        }
+        out
+    }
 }
 
 /// `rebalance status` (read without the rebalancer's lock: it works while a move runs).

@@ -163,5 +163,14 @@ async fn a_tenant_database_moves_under_writes() -> Result<()> {
     assert!(next > *seen.ids.iter().max().unwrap(), "the sequence continues: {next}");
     let here: i64 = moved.query_one("SELECT count(*) FROM messages WHERE body = 'after'", &[]).await?.get(0);
     assert_eq!(here, 1, "new sessions of the tenant go to its new node");
+    let v = Command::new(env!("CARGO_BIN_EXE_rebalance"))
+        .args(["--config", &config, "verify", "tenant:acme", "--json"])
+        .output()?;
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&v.stdout)?;
+    assert_eq!(v["owner"], names[target], "{v}");
+    let on = |n: &str| v["nodes"].as_array().unwrap().iter().find(|x| x["node"] == n).unwrap()["rows"].clone();
+    assert!(on(names[source]).is_null(), "no database left on the source: {v}");
+    assert!(on(names[target]).as_i64() > Some(20000), "{v}");
     Ok(())
 }
