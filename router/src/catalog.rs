@@ -7,7 +7,8 @@
 //! Statements for a frozen bucket wait in [`Catalog::thaw`] until a new version thaws it; the other buckets
 //! flow on. Without a catalog connection the router serves with the map it has.
 
-use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +19,58 @@ use tokio::sync::watch;
 
 use crate::server::Shared;
 
+/// The statements between their routing decision and their answer, so that a router acknowledges a freeze
+/// only once the statements it routed with the previous map have finished: a statement for the frozen unit
+/// is then either done on the old owner (and replicated) or held, never still on its way there. Two counters
+/// by the parity of an epoch that each applied catalog version raises.
+#[derive(Default)]
+pub struct Gate {
+    epoch: AtomicU64,
+    inflight: [AtomicUsize; 2],
+}
+
+/// A statement's place in the [`Gate`], given back when dropped.
+pub struct Pass {
+    gate: Arc<Gate>,
+    slot: usize,
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        self.gate.inflight[self.slot].fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Gate {
+    /// Counts a statement in (before its routing decision).
+    pub fn enter(self: &Arc<Self>) -> Pass {
+        loop {
+            let e = self.epoch.load(Ordering::Acquire);
+            let slot = (e & 1) as usize;
+            self.inflight[slot].fetch_add(1, Ordering::AcqRel);
+            // Counted under the epoch it read: a drain that began in between would not wait for it.
+            if self.epoch.load(Ordering::Acquire) == e {
+                return Pass { gate: self.clone(), slot };
+            }
+            self.inflight[slot].fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// After a new map is applied: waits (at most `limit`) for the statements counted in before it.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let old = self.epoch.fetch_add(1, Ordering::AcqRel);
+        let slot = &self.inflight[(old & 1) as usize];
+        let deadline = tokio::time::Instant::now() + limit;
+        while slot.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        true
+    }
+}
+
 /// This router's view of the catalog.
 pub struct Catalog {
     /// Where it is; `None`: no catalog (the map is config.csv's for good).
@@ -26,6 +79,7 @@ pub struct Catalog {
     pub id: String,
     /// The version applied last (0 before the first load); every change wakes the statements in `thaw`.
     version: watch::Sender<u64>,
+    gate: Arc<Gate>,
 }
 
 impl Catalog {
@@ -36,7 +90,12 @@ impl Catalog {
             std::process::id(),
             rand::random::<u32>()
         );
-        Catalog { addr, id, version: watch::Sender::new(0) }
+        Catalog { addr, id, version: watch::Sender::new(0), gate: Default::default() }
+    }
+
+    /// Counts a statement in the gate (none without a catalog: nothing moves).
+    pub fn enter(&self) -> Option<Pass> {
+        self.addr.as_ref().map(|_| self.gate.enter())
     }
 
     /// The version applied last.
@@ -279,6 +338,15 @@ async fn follow_once(shared: &Weak<Shared>) -> Result<()> {
                 tracing::info!(version = v, "catalog applied");
                 applied = Some(v);
                 s.catalog.version.send_replace(v);
+                // Acknowledge only once the statements routed with the previous map are done (bounded: a
+                // long statement leaves the rest to the source's guard).
+                let limit = Duration::from_millis(s.config.load().rebalance.max_freeze_ms / 2);
+                if !s.catalog.gate.drain(limit).await {
+                    tracing::warn!(
+                        version = v,
+                        "statements routed before catalog version {v} still run after {limit:?}"
+                    );
+                }
             }
         }
         // The heartbeat carries the version applied: a move's cutover waits for it.

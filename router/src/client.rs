@@ -341,13 +341,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 "current transaction is aborted, commands ignored until end of transaction block",
             ));
         }
-        let mut decision = self.shared.planner.decide_shaped(analysis, literals, &self.session)?;
-        // A move is cutting over the unit of this statement (a bucket, a tenant): wait for its new owner. (Not inside a transaction
-        // already running on a shard: the move waits for that transaction instead.)
-        while self.shared.map.holds(&decision) && !matches!(self.txn, Txn::Bound) {
-            Box::pin(self.shared.thaw(&decision)).await?;
-            decision = self.shared.planner.decide_shaped(analysis, literals, &self.session)?;
-        }
+        // Counted in the catalog's gate from the decision to the answer. A move is cutting over the unit of
+        // this statement (a bucket, a tenant, a range piece): wait for its new owner, out of the gate. (Not
+        // inside a transaction already running on a shard: the move waits for that transaction instead.)
+        let (decision, _pass) = loop {
+            let pass = self.shared.catalog.enter();
+            let d = self.shared.planner.decide_shaped(analysis, literals, &self.session)?;
+            if !self.shared.map.holds(&d) || matches!(self.txn, Txn::Bound) {
+                break (d, pass);
+            }
+            drop(pass);
+            Box::pin(self.shared.thaw(&d)).await?;
+        };
         if single && kind == Some(Kind::Transaction) {
             return Box::pin(self.transaction_control(msg)).await;
         }

@@ -158,15 +158,19 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
             "current transaction is aborted, commands ignored until end of transaction block",
         ));
     }
-    let (mut decision, mut kind, mut mixed) = decide(c, batch)?;
-    // A move is cutting over the unit (bucket, tenant) of this batch: wait for its new owner (see `route_simple`).
-    while let Some(d) = decision.as_ref().filter(|d| c.shared.map.holds(d)) {
-        if matches!(c.txn, Txn::Bound) {
-            break;
+    // In the catalog's gate from the decision to the answer; a batch for a unit a move is cutting over waits
+    // for its new owner, out of the gate (see `route_simple`).
+    let ((decision, kind, mixed), _pass) = loop {
+        let pass = c.shared.catalog.enter();
+        let decided = decide(c, batch)?;
+        match decided.0.as_ref() {
+            Some(d) if c.shared.map.holds(d) && !matches!(c.txn, Txn::Bound) => {
+                drop(pass);
+                Box::pin(c.shared.thaw(d)).await?;
+            }
+            _ => break (decided, pass),
         }
-        Box::pin(c.shared.thaw(d)).await?;
-        (decision, kind, mixed) = decide(c, batch)?;
-    }
+    };
     if mixed {
         if !matches!(c.txn, Txn::Idle) {
             return Err(reported(
