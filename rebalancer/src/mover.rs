@@ -492,14 +492,25 @@ impl Rebalancer {
         let tables = self.tables(&src, &dst, m).await?;
         loop {
             match m.state.as_str() {
-                "copying" => {
-                    self.subscribe(&src, &dst, m, &tables).await?;
-                    self.wait_copied(&src, &dst, m, &tables).await?;
-                    self.set_state(m, "catching-up").await?;
-                }
-                "catching-up" => {
-                    self.catch_up(&src, m).await?;
-                    self.set_state(m, "cutover").await?;
+                "copying" | "catching-up" => {
+                    // A copy that cannot succeed (keys that collide on the target, an error applying the
+                    // changes, the slot gone) rolls back: nothing keeps replicating, the source serves on.
+                    let r = async {
+                        if m.state == "copying" {
+                            self.check_keys(&src, &dst, m, &tables).await?;
+                            self.subscribe(&src, &dst, m, &tables).await?;
+                            self.wait_copied(&src, &dst, m, &tables).await?;
+                            self.set_state(m, "catching-up").await?;
+                        }
+                        self.catch_up(&src, &dst, m).await?;
+                        self.set_state(m, "cutover").await
+                    }
+                    .await;
+                    if let Err(e) = r {
+                        let why = format!("{e:#}");
+                        self.roll_back(m, &why).await?;
+                        return Err(MoveError::Failed(anyhow::anyhow!("move {} rolled back: {why}", m.id)));
+                    }
                 }
                 "cutover" => {
                     if self.owner(&m.unit).await? == m.target {
@@ -775,6 +786,7 @@ impl Rebalancer {
                 .get(0);
             let copied: i64 = dst.query_one(&count, &[]).await?.get(0);
             self.progress.set(copied.max(0) as u64, format!("{} tables left", pending));
+            replication_errors(dst, m).await?;
             if pending == 0 {
                 break;
             }
@@ -786,8 +798,74 @@ impl Rebalancer {
         Ok(())
     }
 
+    /// Before the copy: for tables whose primary key is one column other than the shard key (ids from each
+    /// node's own sequence, say), no key of the unit may exist on the target already, or the copy would fail
+    /// on it for ever. Checked by chunks of 10,000 keys.
+    async fn check_keys(&self, src: &Client, dst: &Client, m: &Move, tables: &[Table]) -> Result<()> {
+        if matches!(m.unit, Unit::Tenant(_)) {
+            return Ok(()); // a new database on the target: nothing to collide with
+        }
+        let cond = self.condition(&m.unit);
+        for t in tables {
+            let pk = src
+                .query_opt(
+                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_index i \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                     WHERE i.indrelid = $1::text::regclass AND i.indisprimary AND i.indnatts = 1",
+                    &[&t.name],
+                )
+                .await?;
+            let Some(pk) = pk else { continue };
+            let (col, ty): (String, String) = (pk.get(0), pk.get(1));
+            if col == self.map.key {
+                continue;
+            }
+            let col = quote_ident(&col);
+            let mut after: Option<String> = None;
+            loop {
+                let keys: Vec<String> = src
+                    .query(
+                        &format!(
+                            "SELECT {col}::text FROM {} WHERE {cond} AND ($1::text IS NULL OR {col} > $1::text::{ty}) ORDER BY {col} LIMIT 10000",
+                            t.name
+                        ),
+                        &[&after],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let Some(last) = keys.last().cloned() else { break };
+                let clash = dst
+                    .query_one(
+                        &format!(
+                            "SELECT count(*), min({col}::text) FROM {} WHERE {col} = ANY($1::text[]::{ty}[])",
+                            t.name
+                        ),
+                        &[&keys],
+                    )
+                    .await?;
+                let n: i64 = clash.get(0);
+                if n > 0 {
+                    let example: Option<String> = clash.get(1);
+                    bail!(
+                        "{}: keys of {} already exist on {} ({col} = {}, and more): its primary key {col} does not include {} and its values are not unique across nodes (a sequence on each node?); give the table a key that includes {}, or ids unique across nodes (uuid, or per-node sequence ranges)",
+                        t.name,
+                        m.unit,
+                        m.target,
+                        example.unwrap_or_default(),
+                        self.map.key,
+                        self.map.key
+                    );
+                }
+                after = Some(last);
+            }
+        }
+        Ok(())
+    }
+
     /// Waits until the source's replication slot for the move is within `rebalance-cutover-lag-bytes`.
-    async fn catch_up(&self, src: &Client, m: &Move) -> Result<()> {
+    async fn catch_up(&self, src: &Client, dst: &Client, m: &Move) -> Result<()> {
         let limit = self.config.rebalance.cutover_lag_bytes as i64;
         self.progress.stage("catch-up", None);
         loop {
@@ -800,6 +878,7 @@ impl Rebalancer {
                 )
                 .await?;
             let Some(row) = row else { bail!("the move's replication slot is gone from the source") };
+            replication_errors(dst, m).await?;
             let lag: Option<i64> = row.get(0);
             let lag = lag.unwrap_or(i64::MAX);
             self.progress.set(0, format!("lag {lag} bytes (cutover under {limit})"));
@@ -1201,6 +1280,27 @@ impl Rebalancer {
         self.progress.finish();
         Ok(())
     }
+}
+
+/// Fails when the move's subscription has met errors (its workers retry for ever: a duplicate key, a
+/// missing column...): the cause is in the target's server log.
+async fn replication_errors(dst: &Client, m: &Move) -> Result<()> {
+    let row = dst
+        .query_opt(
+            "SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats WHERE subname = $1",
+            &[&resource(m.id)],
+        )
+        .await?;
+    if let Some(r) = row {
+        let (apply, sync): (i64, i64) = (r.get(0), r.get(1));
+        if apply > 0 || sync > 0 {
+            bail!(
+                "replication to {} failed ({sync} errors copying tables, {apply} applying changes; the target's server log says why)",
+                m.target
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A node's Patroni REST API: registering a move's slot as a permanent slot (`PATCH /config`), so that

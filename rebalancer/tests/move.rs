@@ -52,6 +52,9 @@ async fn writer(
     let mut seen = Seen::default();
     let started = Instant::now();
     let update = client.prepare("UPDATE events SET n = n + 1 WHERE user_id = $1").await.expect("prepare");
+    // `notes`' primary key lacks the shard key: its UPDATEs fail on the source under a row-filtered
+    // publication unless the move makes its replica identity FULL.
+    let note = client.prepare("UPDATE notes SET n = n + 1 WHERE user_id = $1").await.expect("prepare");
     for i in 0..20_000usize {
         if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(60) || i >= fresh.len() {
             break;
@@ -66,7 +69,11 @@ async fn writer(
         let t = Instant::now();
         let k = preloaded[i % preloaded.len()];
         match client.execute(&update, &[&k]).await {
-            Ok(1) => *seen.updates.entry(k).or_default() += 1,
+            Ok(1) => match client.execute(&note, &[&k]).await {
+                Ok(1) => *seen.updates.entry(k).or_default() += 1,
+                Ok(n) => seen.errors.push(format!("update of note {k}: {n} rows")),
+                Err(e) => seen.errors.push(format!("update of note {k}: {e:?}")),
+            },
             Ok(n) => seen.errors.push(format!("update {k}: {n} rows")),
             Err(e) => seen.errors.push(format!("update {k}: {e:?}")),
         }
@@ -104,9 +111,14 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
     let (preloaded, fresh) = keys.split_at(200);
     let elsewhere: Vec<i64> = (1..).filter(|k| bucket_of(*k) != b).take(100).collect();
     let c = first.client().await?;
-    c.batch_execute("CREATE TABLE events (user_id bigint PRIMARY KEY, n int NOT NULL)").await?;
+    c.batch_execute(
+        "CREATE TABLE events (user_id bigint PRIMARY KEY, n int NOT NULL);
+         CREATE TABLE notes (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id bigint NOT NULL, n int NOT NULL)",
+    )
+    .await?;
     for k in preloaded.iter().chain(&elsewhere) {
         c.execute("INSERT INTO events (user_id, n) VALUES ($1, 0)", &[k]).await?;
+        c.execute("INSERT INTO notes (user_id, n) VALUES ($1, 0)", &[k]).await?;
     }
 
     // Bulk: more rows of the bucket, written on its node directly (keys from 10,000,000: apart from the ones
@@ -214,7 +226,13 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
     for k in preloaded {
         let expected = seen.updates.get(k).copied().unwrap_or(0);
         assert_eq!(on_target.get(k).copied(), Some(expected), "key {k}: acknowledged updates {expected}");
+        let note: i32 = shard1.query_one("SELECT n FROM notes WHERE user_id = $1", &[k]).await?.get(0);
+        assert_eq!(note, expected, "note of key {k}");
     }
+    // The replica identity the move set on `notes` is back to the default.
+    let ident: String =
+        shard0.query_one("SELECT relreplident::text FROM pg_class WHERE relname = 'notes'", &[]).await?.get(0);
+    assert_eq!(ident, "d");
     assert_eq!(
         on_target.len() as i64,
         bulk + (preloaded.len() + seen.inserted.len()) as i64,
@@ -249,6 +267,25 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
     let out = rebalance(&config, &["verify", &unit]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("1: ") && text.contains("(owner)"), "{text}");
+
+    // Ids from each node's own sequence collide across nodes: the move refuses before copying anything,
+    // and says why (rather than a copy that fails for ever).
+    c.batch_execute("CREATE TABLE clash (id bigserial PRIMARY KEY, user_id bigint NOT NULL)").await?;
+    let b2 = 6u32; // on node 0
+    for k in (1..).filter(|k| bucket_of(*k) == b2).take(5).chain((1..).filter(|k| bucket_of(*k) % 2 == 1).take(5)) {
+        c.execute("INSERT INTO clash (user_id) VALUES ($1)", &[&k]).await?;
+    }
+    let out = rebalance(&config, &["move", &format!("bucket:{b2}"), "--to", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("rolled back") && err.contains("already exist on 1") && err.contains("clash"), "{err}");
+    assert_eq!(count(&shard0, "SELECT count(*) FROM pg_replication_slots").await?, 0, "a slot leaked");
+    assert_eq!(count(&shard0, "SELECT count(*) FROM pg_publication").await?, 0, "a publication leaked");
+    assert_eq!(count(&shard1, "SELECT count(*) FROM pg_subscription").await?, 0, "a subscription leaked");
+    let owner: String =
+        catalog.query_one("SELECT node FROM gb_units WHERE unit = $1", &[&format!("bucket:{b2}")]).await?.get(0);
+    assert_eq!(owner, "0");
+    println!("a move whose keys collide on the target: {}", err.trim());
     Ok(())
 }
 
@@ -296,7 +333,11 @@ async fn killed_moves_resume_or_abort_and_unacknowledged_cutovers_roll_back() ->
     let config = cluster.config_path.display().to_string();
     let (b1, b2) = (2u32, 6u32); // both on node 0 at first
     let c = cluster.client().await?;
-    c.batch_execute("CREATE TABLE events (user_id bigint PRIMARY KEY, n int NOT NULL)").await?;
+    c.batch_execute(
+        "CREATE TABLE events (user_id bigint PRIMARY KEY, n int NOT NULL);
+         CREATE TABLE notes (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id bigint NOT NULL, n int NOT NULL)",
+    )
+    .await?;
     let shard0 = cluster.shards[0].client("postgres").await?;
     let shard1 = cluster.shards[1].client("postgres").await?;
     let slot = shardmap::hash::sql_slot_expr("k", shardmap::KeyType::Int, BUCKETS);
@@ -322,6 +363,7 @@ async fn killed_moves_resume_or_abort_and_unacknowledged_cutovers_roll_back() ->
     let preloaded: Vec<i64> = keys(b1).skip(3000).take(20).chain(keys(b2).skip(3000).take(20)).collect();
     for k in &preloaded {
         c.execute("INSERT INTO events (user_id, n) VALUES ($1, 0)", &[k]).await?;
+        c.execute("INSERT INTO notes (user_id, n) VALUES ($1, 0)", &[k]).await?;
     }
     let elsewhere: Vec<i64> = (1..).filter(|k| ![b1, b2].contains(&bucket_of(*k))).take(50).collect();
     for k in &elsewhere {
@@ -369,6 +411,10 @@ async fn killed_moves_resume_or_abort_and_unacknowledged_cutovers_roll_back() ->
     let unit2 = format!("bucket:{b2}");
     let child = spawn(&["move", &unit2, "--to", "1"]);
     until(&catalog, &format!("SELECT frozen FROM gb_units WHERE unit = '{unit2}'"), "the freeze").await?;
+    // One rebalancer at a time (replication runs one way at a time): a second one is refused, status 3.
+    let busy = rebalance(&config, &["move", &unit1, "--to", "0"]);
+    assert_eq!(busy.status.code(), Some(3), "{}", String::from_utf8_lossy(&busy.stderr));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("another rebalancer"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(child); // kill -9
     let out = rebalance(&config, &["abort", "--json"]);
