@@ -1121,19 +1121,7 @@ impl Rebalancer {
         if sub {
             dst.batch_execute(&format!("DROP SUBSCRIPTION {name}")).await.context("dropping the subscription")?;
         }
-        // The slot is dropped with the subscription; one left behind (the source was unreachable then) is
-        // dropped here, so that no slot holds WAL on the source for ever. Under Patroni the permanent slot is
-        // unregistered first, and dropped again if Patroni made it anew in between.
-        if let Some(mut patroni) = self.patroni(&m.source) {
-            patroni.unregister_slot(&name).await?;
-            tokio::time::sleep(patroni.loop_wait + Duration::from_secs(1)).await;
-        }
-        src.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&name],
-        )
-        .await
-        .context("dropping the replication slot")?;
+        self.drop_slot(src, m).await?;
         src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await?;
         for t in tables.iter().filter(|t| t.identity_full) {
             src.batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY DEFAULT", t.name)).await?;
@@ -1153,6 +1141,24 @@ impl Rebalancer {
             }
             self.delete_from_source(src, m, tables).await?;
         }
+        Ok(())
+    }
+
+    /// Drops the move's slot on the source. It goes with the subscription; one left behind (the source was
+    /// unreachable then) is dropped here, so that no slot holds WAL on the source for ever. Under Patroni
+    /// the permanent slot is unregistered first, and dropped again if Patroni made it anew in between.
+    async fn drop_slot(&self, src: &Client, m: &Move) -> Result<()> {
+        let name = resource(m.id);
+        if let Some(mut patroni) = self.patroni(&m.source) {
+            patroni.unregister_slot(&name).await?;
+            tokio::time::sleep(patroni.loop_wait + Duration::from_secs(1)).await;
+        }
+        src.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .context("dropping the replication slot")?;
         Ok(())
     }
 
@@ -1257,17 +1263,8 @@ impl Rebalancer {
             }
         } else {
             // Nothing on the target: the publication and its slot are all there is to drop.
-            let name = resource(m.id);
-            if let Some(mut patroni) = self.patroni(&m.source) {
-                patroni.unregister_slot(&name).await?;
-                tokio::time::sleep(patroni.loop_wait + Duration::from_secs(1)).await;
-            }
-            src.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&name],
-            )
-            .await?;
-            src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await?;
+            self.drop_slot(&src, m).await?;
+            src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", resource(m.id))).await?;
         }
         self.catalog
             .execute(

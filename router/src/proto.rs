@@ -79,21 +79,29 @@ pub fn read_i32(b: &[u8]) -> Option<(i32, &[u8])> {
     Some((i32::from_be_bytes(b.get(..4)?.try_into().ok()?), &b[4..]))
 }
 
+/// The fields of an ErrorResponse or NoticeResponse body: (field type, value).
+fn fields(body: &[u8]) -> impl Iterator<Item = (u8, &str)> {
+    let mut b = body;
+    std::iter::from_fn(move || {
+        let (&field, rest) = b.split_first()?;
+        if field == 0 {
+            return None;
+        }
+        let (value, rest) = read_cstr(rest)?;
+        b = rest;
+        Some((field, value))
+    })
+}
+
 /// The SQLSTATE and message of an ErrorResponse body.
 pub fn error_fields(body: &[u8]) -> (String, String) {
     let (mut code, mut message) = (String::new(), String::new());
-    let mut b = body;
-    while let Some((&field, rest)) = b.split_first() {
-        if field == 0 {
-            break;
-        }
-        let Some((value, rest)) = read_cstr(rest) else { break };
+    for (field, value) in fields(body) {
         match field {
             b'C' => code = value.to_string(),
             b'M' => message = value.to_string(),
             _ => {}
         }
-        b = rest;
     }
     (code, message)
 }
@@ -104,18 +112,12 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
 /// immediate shutdown sends a 57P01 warning too, to idle sessions.
 pub fn is_commit_cut(notice: &[u8]) -> bool {
     let (mut code, mut routine) = ("", "");
-    let mut b = notice;
-    while let Some((&field, rest)) = b.split_first() {
-        if field == 0 {
-            break;
-        }
-        let Some((value, rest)) = read_cstr(rest) else { break };
+    for (field, value) in fields(notice) {
         match field {
             b'C' => code = value,
             b'R' => routine = value,
             _ => {}
         }
-        b = rest;
     }
     code == "57P01" && routine == "SyncRepWaitForLSN"
 }
