@@ -1279,8 +1279,14 @@ impl Rebalancer {
     }
 }
 
-/// Fails when the move's subscription has met errors (its workers retry for ever: a duplicate key, a
-/// missing column...): the cause is in the target's server log.
+/// How many errors the move's subscription may meet before the move gives up. Its workers retry every 5 s
+/// (`wal_retrieve_retry_interval`) for ever: a passing error (a table's copy slot dropped under it by
+/// Patroni while it re-reads its slots, a connection lost) is retried, a lasting one (a duplicate key, a
+/// missing column) comes back every time.
+const REPLICATION_ERRORS: i64 = 5;
+
+/// Fails when the move's subscription has met errors [`REPLICATION_ERRORS`] times: the cause is in the
+/// target's server log.
 async fn replication_errors(dst: &Client, m: &Move) -> Result<()> {
     let row = dst
         .query_opt(
@@ -1290,7 +1296,7 @@ async fn replication_errors(dst: &Client, m: &Move) -> Result<()> {
         .await?;
     if let Some(r) = row {
         let (apply, sync): (i64, i64) = (r.get(0), r.get(1));
-        if apply > 0 || sync > 0 {
+        if apply + sync >= REPLICATION_ERRORS {
             bail!(
                 "replication to {} failed ({sync} errors copying tables, {apply} applying changes; the target's server log says why)",
                 m.target

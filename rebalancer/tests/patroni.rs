@@ -121,9 +121,10 @@ async fn a_bucket_moves_off_a_patroni_cluster() -> Result<()> {
     .await??;
     assert!(
         out.status.success(),
-        "{}\n{}\n{}",
+        "{}\n{}\n--- the target's log\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
+        cluster.shards[0].log(),
         patroni.logs()
     );
     let o: serde_json::Value = serde_json::from_slice(&out.stdout)?;
