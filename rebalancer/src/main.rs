@@ -52,10 +52,11 @@ enum Command {
     ///
     /// Example: rebalance --config config.csv plan --by bytes --out plan.json && rebalance apply plan.json
     Plan {
-        /// rows, bytes (of the rows' data), or load (statements per second from --metrics, shared out to a
-        /// node's buckets by their rows).
-        #[arg(long, value_enum, default_value = "rows")]
-        by: rebalancer::plan::By,
+        /// rows, bytes (of the rows' data; of the databases, for tenants), or load (statements per second
+        /// from --metrics, shared out to a node's units by their rows, or bytes for tenants). Default: rows
+        /// for buckets, bytes for tenants (their rows are not counted).
+        #[arg(long, value_enum)]
+        by: Option<rebalancer::plan::By>,
         /// Bring this node (a new one, or a light one) up to the mean.
         #[arg(long, value_name = "NODE", conflicts_with = "drain")]
         fill: Option<String>,
@@ -154,13 +155,19 @@ fn main() -> ExitCode {
                 (_, Some(n)) => rebalancer::plan::Goal::Drain(n),
                 _ => rebalancer::plan::Goal::Even,
             };
+            let tenants = config.strategy == shardmap::Strategy::Tenant;
+            let by = by.unwrap_or(if tenants { rebalancer::plan::By::Bytes } else { rebalancer::plan::By::Rows });
+            if tenants && by == rebalancer::plan::By::Rows {
+                eprintln!("rebalance plan: tenants are planned by bytes (their databases' sizes) or load, not rows");
+                return ExitCode::from(2);
+            }
             if by == rebalancer::plan::By::Load && metrics.is_empty() {
                 eprintln!("rebalance plan: --by load needs the routers' --metrics URLs");
                 return ExitCode::from(2);
             }
             let nodes: Vec<String> = config.nodes.iter().map(|(n, _)| n.clone()).collect();
             let r = rt().block_on(async {
-                let sizes = rebalancer::plan::bucket_sizes(&config).await?;
+                let sizes = rebalancer::plan::unit_sizes(&config).await?;
                 let load = if metrics.is_empty() {
                     Default::default()
                 } else {

@@ -33,10 +33,10 @@ pub enum Goal {
     Drain(String),
 }
 
-/// One bucket's size where it is.
+/// One unit's size where it is: a bucket (`bucket:17`) or a tenant (`tenant:acme`).
 #[derive(Clone, Debug, Serialize)]
-pub struct BucketSize {
-    pub bucket: u32,
+pub struct UnitSize {
+    pub unit: String,
     pub node: String,
     pub rows: i64,
     pub bytes: i64,
@@ -68,20 +68,24 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Every bucket's rows and bytes on the node that holds them, and each bucket's owner from the catalog
-/// (config.csv's placement when there is no catalog). Buckets with no rows are listed with zeros.
-pub async fn bucket_sizes(config: &Config) -> Result<Vec<BucketSize>> {
+/// Every unit's rows and bytes on the node that owns it: each bucket (rows counted, bytes of the rows'
+/// data) under `hash-buckets`, each tenant's database (bytes: `pg_database_size`) under `tenant`. Owners come
+/// from the catalog (config.csv's placement when there is none); buckets with no rows are listed with zeros.
+pub async fn unit_sizes(config: &Config) -> Result<Vec<UnitSize>> {
     let map = ShardMap::new(config).map_err(anyhow::Error::msg)?;
-    let Some(n) = map.bucket_count() else {
-        bail!("plan needs shard-algorithm,hash-buckets: only hash buckets move so far");
-    };
     if let Some(addr) = shardmap::catalog::address(config).map_err(anyhow::Error::msg)? {
         let catalog = router::catalog::ensure(&addr, &map, "rebalance plan").await?;
         router::catalog::load(&catalog, &map).await?;
     }
-    let mut sizes: Vec<BucketSize> = (0..n)
-        .map(|b| BucketSize {
-            bucket: b,
+    if map.strategy == shardmap::Strategy::Tenant {
+        return tenant_sizes(&map).await;
+    }
+    let Some(n) = map.bucket_count() else {
+        bail!("plan moves hash buckets (shard-algorithm,hash-buckets) and tenants (shard-strategy,tenant)");
+    };
+    let mut sizes: Vec<UnitSize> = (0..n)
+        .map(|b| UnitSize {
+            unit: Unit::Bucket(b).to_string(),
             node: map.node(map.bucket_owner(BucketId(b)).expect("a bucket")).name.clone(),
             rows: 0,
             bytes: 0,
@@ -125,21 +129,56 @@ pub async fn bucket_sizes(config: &Config) -> Result<Vec<BucketSize>> {
     Ok(sizes)
 }
 
+/// Each tenant's database size on the node that owns it.
+async fn tenant_sizes(map: &ShardMap) -> Result<Vec<UnitSize>> {
+    let mut sizes = Vec::new();
+    for node in &map.nodes {
+        let Some(addr) = &node.addr else { continue };
+        let db = router::catalog::connect(addr, Some("postgres"), "rebalance plan")
+            .await
+            .with_context(|| format!("node {}", node.name))?;
+        let rows = db
+            .query(
+                "SELECT datname::text, pg_database_size(datname) FROM pg_database \
+                 WHERE datname LIKE $1 || '%' AND datname <> $1 || 'template'",
+                &[&map.tenant_prefix],
+            )
+            .await?;
+        for r in rows {
+            let datname: String = r.get(0);
+            let Some(tenant) = map.tenant_of_database(&datname) else { continue };
+            // A copy left on a node that does not own the tenant (an aborted move) does not count.
+            if map.node(map.tenant_shard(tenant)).name != node.name {
+                continue;
+            }
+            sizes.push(UnitSize {
+                unit: Unit::Tenant(tenant.to_string()).to_string(),
+                node: node.name.clone(),
+                rows: 0,
+                bytes: r.get(1),
+            });
+        }
+    }
+    Ok(sizes)
+}
+
 /// The proposed moves for `goal`, by `by`, given bucket sizes, node names and (for `load`) each node's
 /// statements per second.
 pub fn propose(
-    sizes: &[BucketSize],
+    sizes: &[UnitSize],
     nodes: &[String],
     by: By,
     goal: &Goal,
     threshold: f64,
     load: &BTreeMap<String, f64>,
 ) -> Result<Plan> {
-    let rows_on = |n: &str| sizes.iter().filter(|s| s.node == n).map(|s| s.rows).sum::<i64>().max(1) as f64;
-    let figure = |s: &BucketSize| match by {
+    // Load is shared out by rows, or by bytes where rows are not counted (tenants).
+    let weight = |s: &UnitSize| if sizes.iter().any(|s| s.rows > 0) { s.rows } else { s.bytes };
+    let weight_on = |n: &str| sizes.iter().filter(|s| s.node == n).map(weight).sum::<i64>().max(1) as f64;
+    let figure = |s: &UnitSize| match by {
         By::Rows => s.rows as f64,
         By::Bytes => s.bytes as f64,
-        By::Load => load.get(&s.node).copied().unwrap_or(0.0) * s.rows as f64 / rows_on(&s.node),
+        By::Load => load.get(&s.node).copied().unwrap_or(0.0) * weight(s) as f64 / weight_on(&s.node),
     };
     for n in match goal {
         Goal::Fill(n) | Goal::Drain(n) => vec![n],
@@ -150,24 +189,24 @@ pub fn propose(
         }
     }
     let mut at: BTreeMap<String, f64> = nodes.iter().map(|n| (n.clone(), 0.0)).collect();
-    let mut buckets: Vec<(u32, String, f64)> = Vec::new();
+    let mut buckets: Vec<(String, String, f64)> = Vec::new();
     for s in sizes {
         let f = figure(s);
         *at.entry(s.node.clone()).or_default() += f;
-        buckets.push((s.bucket, s.node.clone(), f));
+        buckets.push((s.unit.clone(), s.node.clone(), f));
     }
     let before = at.clone();
     let mean = at.values().sum::<f64>() / at.len().max(1) as f64;
     let mut moves = Vec::new();
-    let mut take = |buckets: &mut Vec<(u32, String, f64)>, i: usize, to: &str, at: &mut BTreeMap<String, f64>| {
-        let (b, from, f) = buckets[i].clone();
+    let mut take = |buckets: &mut Vec<(String, String, f64)>, i: usize, to: &str, at: &mut BTreeMap<String, f64>| {
+        let (unit, from, f) = buckets[i].clone();
         *at.get_mut(&from).expect("a node") -= f;
         *at.get_mut(to).expect("a node") += f;
         buckets[i].1 = to.to_string();
-        moves.push(PlannedMove { unit: Unit::Bucket(b).to_string(), from, to: to.to_string(), figure: f });
+        moves.push(PlannedMove { unit, from, to: to.to_string(), figure: f });
     };
     // The largest bucket on `from` no larger than `room` (and not empty).
-    let pick = |buckets: &Vec<(u32, String, f64)>, from: &str, room: f64| {
+    let pick = |buckets: &Vec<(String, String, f64)>, from: &str, room: f64| {
         buckets
             .iter()
             .enumerate()
@@ -247,8 +286,10 @@ pub fn to_text(p: &Plan) -> String {
 mod tests {
     use super::*;
 
-    fn sizes(rows: &[(u32, &str, i64)]) -> Vec<BucketSize> {
-        rows.iter().map(|(b, n, r)| BucketSize { bucket: *b, node: n.to_string(), rows: *r, bytes: r * 10 }).collect()
+    fn sizes(rows: &[(u32, &str, i64)]) -> Vec<UnitSize> {
+        rows.iter()
+            .map(|(b, n, r)| UnitSize { unit: format!("bucket:{b}"), node: n.to_string(), rows: *r, bytes: r * 10 })
+            .collect()
     }
 
     #[test]

@@ -307,12 +307,18 @@ pub async fn gather_with(
     if !sharded_tables.is_empty() {
         skew.push(skew_of("(all sharded tables)", &nodes.iter().map(|n| n.rows).collect::<Vec<_>>()));
     }
-    let plan = if config.strategy == Strategy::Hash && config.algorithm == shardmap::config::Algorithm::HashBuckets {
-        let sizes = crate::plan::bucket_sizes(config).await?;
-        let goal = crate::plan::Goal::Even;
-        crate::plan::propose(&sizes, &node_names, crate::plan::By::Rows, &goal, 0.1, &Default::default())?.moves
-    } else {
-        Vec::new()
+    let by = match config.strategy {
+        Strategy::Hash if config.algorithm == shardmap::config::Algorithm::HashBuckets => Some(crate::plan::By::Rows),
+        Strategy::Tenant => Some(crate::plan::By::Bytes),
+        _ => None,
+    };
+    let plan = match by {
+        Some(by) => {
+            let sizes = crate::plan::unit_sizes(config).await?;
+            let goal = crate::plan::Goal::Even;
+            crate::plan::propose(&sizes, &node_names, by, &goal, 0.1, &Default::default())?.moves
+        }
+        None => Vec::new(),
     };
     Ok(Report {
         strategy: config.strategy,

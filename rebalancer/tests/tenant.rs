@@ -172,5 +172,20 @@ async fn a_tenant_database_moves_under_writes() -> Result<()> {
     let on = |n: &str| v["nodes"].as_array().unwrap().iter().find(|x| x["node"] == n).unwrap()["rows"].clone();
     assert!(on(names[source]).is_null(), "no database left on the source: {v}");
     assert!(on(names[target]).as_i64() > Some(20000), "{v}");
+    // plan knows tenants (by their databases' bytes): draining the new node would move acme back.
+    let plan_file = std::env::temp_dir().join(format!("tenant-plan-{}.json", std::process::id()));
+    let p = Command::new(env!("CARGO_BIN_EXE_rebalance"))
+        .args(["--config", &config, "plan", "--drain", names[target], "--json", "--out"])
+        .arg(&plan_file)
+        .output()?;
+    assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+    let p: serde_json::Value = serde_json::from_slice(&p.stdout)?;
+    assert_eq!(p["by"], "bytes", "{p}");
+    let moves = p["moves"].as_array().unwrap();
+    assert!(moves.iter().any(|m| m["unit"] == "tenant:acme" && m["to"] == names[source]), "{p}");
+    std::fs::remove_file(&plan_file)?;
+    let rows =
+        Command::new(env!("CARGO_BIN_EXE_rebalance")).args(["--config", &config, "plan", "--by", "rows"]).output()?;
+    assert_eq!(rows.status.code(), Some(2), "tenants are not planned by rows");
     Ok(())
 }
