@@ -497,7 +497,6 @@ impl Rebalancer {
                     // changes, the slot gone) rolls back: nothing keeps replicating, the source serves on.
                     let r = async {
                         if m.state == "copying" {
-                            self.check_keys(&src, &dst, m, &tables).await?;
                             self.subscribe(&src, &dst, m, &tables).await?;
                             self.wait_copied(&src, &dst, m, &tables).await?;
                             self.set_state(m, "catching-up").await?;
@@ -699,6 +698,7 @@ impl Rebalancer {
         for t in tables {
             dst.batch_execute(&format!("DELETE FROM {} WHERE {cond}", t.name)).await?;
         }
+        self.check_keys(src, dst, m, tables).await?;
         let published: bool =
             src.query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&name]).await?.get(0);
         if !published {

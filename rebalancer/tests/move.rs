@@ -1,9 +1,9 @@
 //! `rebalance move` through the real binary: a hash bucket moves between two real PostgreSQL shards while
 //! writers insert and update keys of that bucket through two routers at a steady rate.
 //!
-//! Checked: no writer sees an error; every acknowledged insert is on the target once and every acknowledged
-//! update is counted once; nothing of the bucket is left on the source; no replication slot, publication or
-//! subscription is left; both routers send the bucket to its new owner. Printed: the freeze window as the
+//! Checked (writers use the simple and extended protocols, and psql's `\copy`): no writer sees an error;
+//! every acknowledged insert is on the target once and every acknowledged update is counted once; nothing of
+//! the bucket is left on the source; no replication slot, publication or subscription is left; both routers send the bucket to its new owner. Printed: the freeze window as the
 //! writers saw it (the extra wait of statements held during the cutover).
 
 use std::collections::HashMap;
@@ -44,6 +44,7 @@ struct Seen {
 /// plus inserts elsewhere, every 5 ms, until `stop` (or 60 s / 20,000 statements).
 async fn writer(
     client: tokio_postgres::Client,
+    conn: String,
     stop: Arc<AtomicBool>,
     fresh: Vec<i64>,
     preloaded: Vec<i64>,
@@ -61,11 +62,24 @@ async fn writer(
         }
         let t = Instant::now();
         let k = fresh[i];
-        match client.simple_query(&format!("INSERT INTO events (user_id, n) VALUES ({k}, 0)")).await {
-            Ok(_) => seen.inserted.push(k),
+        // Every tenth key comes by COPY FROM STDIN (split by row in the router).
+        let r = if i % 10 == 5 {
+            copy_one(&conn, k).await
+        } else {
+            client
+                .simple_query(&format!("INSERT INTO events (user_id, n) VALUES ({k}, 0)"))
+                .await
+                .map(drop)
+                .map_err(|e| format!("{e:?}"))
+        };
+        match r {
+            Ok(()) => seen.inserted.push(k),
             Err(e) => seen.errors.push(format!("insert {k}: {e:?}")),
         }
-        seen.latencies.push((t, t.elapsed()));
+        // (A COPY's time is mostly starting psql: not a statement's latency.)
+        if i % 10 != 5 {
+            seen.latencies.push((t, t.elapsed()));
+        }
         let t = Instant::now();
         let k = preloaded[i % preloaded.len()];
         match client.execute(&update, &[&k]).await {
@@ -85,6 +99,27 @@ async fn writer(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     seen
+}
+
+/// One row by `COPY ... FROM STDIN` in the simple protocol (psql's `\copy`), through the router at `conn`.
+async fn copy_one(conn: &str, k: i64) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut psql = tokio::process::Command::new("psql")
+        .args([conn, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", "\\copy events (user_id, n) FROM STDIN"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("psql: {e}"))?;
+    let mut stdin = psql.stdin.take().expect("piped");
+    stdin.write_all(format!("{k}\t0\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    drop(stdin);
+    let out = psql.wait_with_output().await.map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
 }
 
 async fn count(db: &tokio_postgres::Client, sql: &str) -> Result<i64> {
@@ -150,6 +185,7 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
     let writers = vec![
         tokio::spawn(writer(
             first.client().await?,
+            first.conn_str(),
             stop.clone(),
             fresh[..half].to_vec(),
             preloaded[..100].to_vec(),
@@ -157,6 +193,7 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
         )),
         tokio::spawn(writer(
             second.client().await?,
+            second.conn_str(),
             stop.clone(),
             fresh[half..].to_vec(),
             preloaded[100..].to_vec(),
@@ -369,7 +406,14 @@ async fn killed_moves_resume_or_abort_and_unacknowledged_cutovers_roll_back() ->
     for k in &elsewhere {
         c.execute("INSERT INTO events (user_id, n) VALUES ($1, 0)", &[k]).await?;
     }
-    let w = tokio::spawn(writer(cluster.client().await?, stop.clone(), fresh, preloaded.clone(), elsewhere));
+    let w = tokio::spawn(writer(
+        cluster.client().await?,
+        cluster.conn_str(),
+        stop.clone(),
+        fresh,
+        preloaded.clone(),
+        elsewhere,
+    ));
     let spawn = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_rebalance"))
             .args(["--config", &config])

@@ -93,6 +93,22 @@ impl Catalog {
         Catalog { addr, id, version: watch::Sender::new(0), gate: Default::default() }
     }
 
+    /// Waits until no unit at all is frozen, at most `limit` (COPY and pipelines, whose units are known
+    /// only row by row or batch by batch; freezes last milliseconds).
+    pub async fn thaw_all(&self, map: &ShardMap, limit: Duration) -> Result<(), String> {
+        let mut changes = self.version.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        while map.anything_frozen() {
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return Err(format!(
+                    "a move has kept a unit frozen for more than {} ms (is the rebalancer stuck? `rebalance status` tells; `rebalance abort` thaws it)",
+                    limit.as_millis()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Counts a statement in the gate (none without a catalog: nothing moves).
     pub fn enter(&self) -> Option<Pass> {
         self.addr.as_ref().map(|_| self.gate.enter())

@@ -306,11 +306,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 ))
                 .await;
         }
+        // COPY's units are known row by row: it starts when no unit is frozen, and stays in the gate to its
+        // end, so that a move's freeze waits for it (or rolls back) instead of COPY meeting the guard.
+        let pass = loop {
+            let pass = self.shared.catalog.enter();
+            if !self.shared.map.anything_frozen() {
+                break pass;
+            }
+            drop(pass);
+            if let Err(e) = self.shared.thaw_all().await {
+                return self.report(e).await;
+            }
+        };
         let d = match self.shared.planner.decide_analyzed(analysis, &shardmap::NoParams, &self.session) {
             Ok(d) => d,
             Err(e) => return self.report(e.into()).await,
         };
-        crate::copy::copy_in(self, &d, copy, msg.frame.clone()).await
+        let r = crate::copy::copy_in(self, &d, copy, msg.frame.clone()).await;
+        drop(pass);
+        r
     }
 
     async fn route_simple(

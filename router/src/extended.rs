@@ -145,6 +145,19 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
         return Ok(());
     }
     register(c, batch)?;
+    // COPY FROM STDIN is split by row on the simple-protocol path only; through Bind/Execute the copy data
+    // would never be read (the exchange would hang), so it is refused, as a server refuses what it cannot do.
+    for m in batch.iter().filter(|m| m.tag == b'B') {
+        let copying = proto::read_bind(m.body())
+            .and_then(|b| c.statements.get(b.statement))
+            .is_some_and(|st| st.analysis.statements.iter().any(|s| s.kind == Kind::CopyIn));
+        if copying {
+            return Err(reported(
+                "0A000",
+                "COPY FROM STDIN through the extended query protocol (Bind/Execute, as tokio-postgres' copy_in sends it) is not supported yet; send it as a simple query (psql's \\copy, psycopg's copy, pgbench -i)",
+            ));
+        }
+    }
     let closes: Vec<String> = batch
         .iter()
         .filter(|m| m.tag == b'C' && m.body().first() == Some(&b'S'))
@@ -167,6 +180,11 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
             Some(d) if c.shared.map.holds(d) && !matches!(c.txn, Txn::Bound) => {
                 drop(pass);
                 Box::pin(c.shared.thaw(d)).await?;
+            }
+            // A pipeline for several shards: its units are known batch by batch; it waits out any freeze.
+            None if decided.2 && c.shared.map.anything_frozen() => {
+                drop(pass);
+                Box::pin(c.shared.thaw_all()).await?;
             }
             _ => break (decided, pass),
         }

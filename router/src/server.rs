@@ -154,6 +154,15 @@ impl Shared {
             .map_err(|message| crate::client::Reported { code: "55006".into(), message })
     }
 
+    /// Waits while a move holds any unit frozen (COPY, pipelines for several shards).
+    pub async fn thaw_all(&self) -> Result<(), crate::client::Reported> {
+        let limit = Duration::from_millis(self.config.load().rebalance.max_freeze_ms + 2000);
+        self.catalog
+            .thaw_all(&self.map, limit)
+            .await
+            .map_err(|message| crate::client::Reported { code: "55006".into(), message })
+    }
+
     /// A shard for statements any shard can answer, in turn, skipping shards that just failed to connect and
     /// shards paused by the admin console.
     pub fn any_shard(&self) -> ShardId {

@@ -361,6 +361,16 @@ impl ShardMap {
             .collect()
     }
 
+    /// Whether a move holds any unit frozen (for statements whose units are known only row by row: COPY).
+    pub fn anything_frozen(&self) -> bool {
+        let placed = match &self.placement {
+            Placement::Buckets { frozen_count, .. } => frozen_count.load(Ordering::Acquire) > 0,
+            Placement::Range { frozen, .. } => frozen.load(Ordering::Acquire),
+            _ => false,
+        };
+        placed || self.tenants_frozen.load(Ordering::Acquire) > 0
+    }
+
     /// Whether a move holds the unit of this decision frozen (its buckets, or its tenant): its statements
     /// wait. One atomic load per kind when nothing is frozen.
     pub fn holds(&self, d: &crate::Decision) -> bool {

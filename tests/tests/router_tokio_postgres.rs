@@ -155,3 +155,32 @@ async fn cancel_request_reaches_the_running_query() -> anyhow::Result<()> {
     assert_eq!(n, 1);
     Ok(())
 }
+
+/// tokio-postgres' `copy_in` sends COPY FROM STDIN through Bind/Execute: refused at once with a clear error
+/// (it used to hang). The router answers as a server whose Bind fails (ErrorResponse, ReadyForQuery);
+/// tokio-postgres then sends CopyFail and Sync, and treats the second ReadyForQuery as unexpected: its
+/// connection ends, as it would against PostgreSQL. The router serves new connections as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_through_the_extended_protocol_is_refused_not_hung() -> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    let cluster = Cluster::hash(2, "")?;
+    let c = cluster.client().await?;
+    c.batch_execute("CREATE TABLE events (user_id bigint, n int)").await?;
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let sink = c.copy_in("COPY events (user_id, n) FROM STDIN").await?;
+        futures_util::pin_mut!(sink);
+        sink.send(std::io::Cursor::new(b"5\t0\n".to_vec())).await?;
+        sink.finish().await
+    })
+    .await
+    .expect("copy_in answered within 10 s");
+    let e = r.expect_err("refused");
+    let db = e.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "0A000");
+    assert!(db.message().contains("simple query"), "{}", db.message());
+    let c = cluster.client().await?;
+    c.execute("INSERT INTO events (user_id, n) VALUES ($1, 1)", &[&5i64]).await?;
+    let n: i64 = c.query_one("SELECT count(*) FROM events WHERE user_id = 5", &[]).await?.get(0);
+    assert_eq!(n, 1);
+    Ok(())
+}
