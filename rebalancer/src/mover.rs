@@ -19,6 +19,7 @@
 //!
 //! `resume` continues a move from its recorded state; `abort` rolls back one that has not flipped.
 
+use crate::{quote_ident, quote_literal_sql};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -170,10 +171,6 @@ impl MoveError {
     }
 }
 
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
@@ -237,8 +234,7 @@ impl Rebalancer {
     }
 
     async fn node(&self, name: &str) -> Result<Client, MoveError> {
-        let addr = self.node_addr(name)?;
-        Ok(router::catalog::connect(&addr, None, "rebalance").await.with_context(|| format!("node {name}"))?)
+        self.node_in(name, None).await
     }
 
     async fn active(&self) -> Result<Option<Move>> {
@@ -1386,10 +1382,6 @@ async fn copy_schema(source: &NodeAddr, target: &NodeAddr, args: &[&str]) -> Res
         bail!("psql: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
-}
-
-fn quote_literal_sql(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// `rebalance verify UNIT`: the unit's rows on every node.

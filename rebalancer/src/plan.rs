@@ -2,6 +2,7 @@
 //! fill a new node, or drain one. A dry run: it reads the nodes and the catalog, and writes a plan file that
 //! `rebalance apply` carries out move by move.
 
+use crate::quote_ident;
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
@@ -62,10 +63,6 @@ pub struct Plan {
     pub before: BTreeMap<String, f64>,
     pub after: BTreeMap<String, f64>,
     pub moves: Vec<PlannedMove>,
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// Every unit's rows and bytes on the node that owns it: each bucket (rows counted, bytes of the rows'

@@ -3,6 +3,7 @@
 //! (max/mean and the coefficient of variation of rows over the nodes) for each sharded table and for the
 //! nodes' totals. Rows are exact (`count(*)`), so the report reads every table once.
 
+use crate::quote_ident;
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result};
@@ -168,33 +169,14 @@ pub struct Report {
     pub plan: Vec<crate::plan::PlannedMove>,
 }
 
-fn connect_config(addr: &NodeAddr, db: Option<&str>) -> tokio_postgres::Config {
-    let mut cfg = tokio_postgres::Config::new();
-    for (host, port) in &addr.hosts {
-        cfg.host(host).port(*port);
-    }
-    cfg.user(addr.user.as_deref().unwrap_or("postgres"))
-        .dbname(db.or(addr.dbname.as_deref()).unwrap_or("postgres"))
-        .application_name("rebalance report")
-        .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite)
-        .connect_timeout(std::time::Duration::from_secs(10));
-    if let Some(pw) = &addr.password {
-        cfg.password(pw);
-    }
-    cfg
-}
-
 async fn connect(name: &str, addr: &NodeAddr, db: Option<&str>) -> Result<tokio_postgres::Client> {
-    let (client, conn) = connect_config(addr, db)
+    let (client, conn) = router::catalog::pg_config(addr, db, "rebalance report")
+        .connect_timeout(std::time::Duration::from_secs(10))
         .connect(tokio_postgres::NoTls)
         .await
         .with_context(|| format!("node {name} ({addr})"))?;
     tokio::spawn(conn);
     Ok(client)
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// Reads every node named in the config and makes the report.

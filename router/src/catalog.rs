@@ -93,22 +93,6 @@ impl Catalog {
         Catalog { addr, id, version: watch::Sender::new(0), gate: Default::default() }
     }
 
-    /// Waits until no unit at all is frozen, at most `limit` (COPY and pipelines, whose units are known
-    /// only row by row or batch by batch; freezes last milliseconds).
-    pub async fn thaw_all(&self, map: &ShardMap, limit: Duration) -> Result<(), String> {
-        let mut changes = self.version.subscribe();
-        let deadline = tokio::time::Instant::now() + limit;
-        while map.anything_frozen() {
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
-                return Err(format!(
-                    "a move has kept a unit frozen for more than {} ms (is the rebalancer stuck? `rebalance status` tells; `rebalance abort` thaws it)",
-                    limit.as_millis()
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// Counts a statement in the gate (none without a catalog: nothing moves).
     pub fn enter(&self) -> Option<Pass> {
         self.addr.as_ref().map(|_| self.gate.enter())
@@ -119,24 +103,17 @@ impl Catalog {
         *self.version.borrow()
     }
 
-    /// Waits until the unit of `d` (its buckets, or its tenant) is not frozen, at most `limit`; the error
-    /// names the unit still frozen.
-    pub async fn thaw(&self, map: &ShardMap, d: &shardmap::Decision, limit: Duration) -> Result<(), String> {
+    /// Waits while `frozen()` holds (a move has frozen a unit), waking at each new catalog version, at most
+    /// `limit`; false if it still holds then.
+    pub async fn wait_thawed(&self, frozen: impl Fn() -> bool, limit: Duration) -> bool {
         let mut changes = self.version.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
-        while map.holds(d) {
+        while frozen() {
             if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
-                let unit = match d.buckets.iter().find(|b| map.any_frozen(&[**b])) {
-                    Some(b) => Unit::Bucket(b.0).to_string(),
-                    None => format!("tenant database {}", d.database.as_deref().unwrap_or("?")),
-                };
-                return Err(format!(
-                    "{unit} has been frozen by a move for more than {} ms (is the rebalancer stuck? `rebalance status` tells; `rebalance abort` thaws it)",
-                    limit.as_millis()
-                ));
+                return false;
             }
         }
-        Ok(())
+        true
     }
 }
 

@@ -314,7 +314,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 break pass;
             }
             drop(pass);
-            if let Err(e) = self.shared.thaw_all().await {
+            if let Err(e) = self.shared.thaw(None).await {
                 return self.report(e).await;
             }
         };
@@ -365,7 +365,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 break (d, pass);
             }
             drop(pass);
-            Box::pin(self.shared.thaw(&d)).await?;
+            Box::pin(self.shared.thaw(Some(&d))).await?;
         };
         if single && kind == Some(Kind::Transaction) {
             return Box::pin(self.transaction_control(msg)).await;

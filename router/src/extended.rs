@@ -179,12 +179,12 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
         match decided.0.as_ref() {
             Some(d) if c.shared.map.holds(d) && !matches!(c.txn, Txn::Bound) => {
                 drop(pass);
-                Box::pin(c.shared.thaw(d)).await?;
+                Box::pin(c.shared.thaw(Some(d))).await?;
             }
             // A pipeline for several shards: its units are known batch by batch; it waits out any freeze.
             None if decided.2 && c.shared.map.anything_frozen() => {
                 drop(pass);
-                Box::pin(c.shared.thaw_all()).await?;
+                Box::pin(c.shared.thaw(None)).await?;
             }
             _ => break (decided, pass),
         }

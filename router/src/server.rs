@@ -145,22 +145,27 @@ impl Shared {
         restart
     }
 
-    /// Waits while a move holds the unit of `d` frozen (see `catalog.rs`); the error is for the client.
-    pub async fn thaw(&self, d: &shardmap::Decision) -> Result<(), crate::client::Reported> {
+    /// Waits while a move holds the unit of `d` frozen (see `catalog.rs`), or with `None` (COPY, pipelines
+    /// for several shards, whose units are known row by row) any unit; the error is for the client.
+    pub async fn thaw(&self, d: Option<&shardmap::Decision>) -> Result<(), crate::client::Reported> {
         let limit = Duration::from_millis(self.config.load().rebalance.max_freeze_ms + 2000);
-        self.catalog
-            .thaw(&self.map, d, limit)
-            .await
-            .map_err(|message| crate::client::Reported { code: "55006".into(), message })
-    }
-
-    /// Waits while a move holds any unit frozen (COPY, pipelines for several shards).
-    pub async fn thaw_all(&self) -> Result<(), crate::client::Reported> {
-        let limit = Duration::from_millis(self.config.load().rebalance.max_freeze_ms + 2000);
-        self.catalog
-            .thaw_all(&self.map, limit)
-            .await
-            .map_err(|message| crate::client::Reported { code: "55006".into(), message })
+        let frozen = || d.map_or_else(|| self.map.anything_frozen(), |d| self.map.holds(d));
+        if self.catalog.wait_thawed(frozen, limit).await {
+            return Ok(());
+        }
+        let unit = match d {
+            None => "a unit".to_string(),
+            Some(d) => match (d.buckets.iter().find(|b| self.map.any_frozen(&[**b])), &d.database) {
+                (Some(b), _) => format!("bucket:{}", b.0),
+                (None, Some(db)) => format!("tenant database {db}"),
+                (None, None) => "the range piece of this statement's key".to_string(),
+            },
+        };
+        let message = format!(
+            "{unit} has been frozen by a move for more than {} ms (is the rebalancer stuck? `rebalance status` tells; `rebalance abort` thaws it)",
+            limit.as_millis()
+        );
+        Err(crate::client::Reported { code: "55006".into(), message })
     }
 
     /// A shard for statements any shard can answer, in turn, skipping shards that just failed to connect and
