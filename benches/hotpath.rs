@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion};
-use router::wire::split_frame;
+use router::net::wire::split_frame;
 use shardmap::{Config, Planner, Session, ShardMap};
 
 /// A pgbench -S answer: RowDescription, DataRow, CommandComplete, ReadyForQuery.

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use router::backend::Target;
-use router::cancel::Slot;
-use router::localpg::PgServer;
-use router::pool::{PoolKey, Pools, Settings};
+use localpg::PgServer;
+use router::backend::cancel::Slot;
+use router::backend::conn::Target;
+use router::backend::pool::{PoolKey, Pools, Settings};
 use shardmap::ShardId;
 
 fn pool(c: &mut Criterion) {
@@ -51,7 +51,7 @@ fn pool(c: &mut Criterion) {
     drop(pg);
 }
 
-async fn warm(pool: &Arc<router::pool::Pool>, n: usize) -> Vec<router::pool::Pooled> {
+async fn warm(pool: &Arc<router::backend::pool::Pool>, n: usize) -> Vec<router::backend::pool::Pooled> {
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         v.push(pool.get().await.unwrap());

@@ -214,7 +214,7 @@ impl Rebalancer {
                 "there is no catalog: moves need shard-algorithm,hash-buckets (or shard-catalog set)".into(),
             ));
         };
-        let catalog = router::catalog::ensure(&addr, &map, "rebalance").await?;
+        let catalog = shard_catalog::ensure(&addr, &map, "rebalance").await?;
         let locked: bool = !lock
             || catalog
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&REBALANCER_LOCK])
@@ -224,7 +224,7 @@ impl Rebalancer {
         if !locked {
             return Err(MoveError::Busy("another rebalancer is running (it holds the catalog's lock)".into()));
         }
-        router::catalog::load(&catalog, &map).await?;
+        shard_catalog::load(&catalog, &map).await?;
         Ok(Rebalancer { config, map, catalog, progress })
     }
 
@@ -404,7 +404,7 @@ impl Rebalancer {
             (Some(r), _) => Ok(r.get(0)),
             (None, Unit::Tenant(t)) => Ok(self.map.node(self.map.tenant_shard(t)).name.clone()),
             (None, Unit::Range { from, .. }) => {
-                router::catalog::load(&self.catalog, &self.map).await?;
+                shard_catalog::load(&self.catalog, &self.map).await?;
                 let piece =
                     self.map.range_pieces().into_iter().find(|p| p.start <= *from && p.end.is_none_or(|e| *from <= e));
                 Ok(self.map.node(piece.context("outside every range")?.shard).name.clone())
@@ -423,7 +423,7 @@ impl Rebalancer {
 
     async fn node_in(&self, name: &str, db: Option<&str>) -> Result<Client, MoveError> {
         let addr = self.node_addr(name)?;
-        Ok(router::catalog::connect(&addr, db, "rebalance").await.with_context(|| format!("node {name}"))?)
+        Ok(shard_catalog::connect(&addr, db, "rebalance").await.with_context(|| format!("node {name}"))?)
     }
 
     /// A tenant's move: its database on the target, created (and its schema copied) when missing.
@@ -478,7 +478,7 @@ impl Rebalancer {
     /// Runs the state machine from `m.state` to the end.
     async fn drive(&mut self, m: &mut Move) -> Result<Outcome, MoveError> {
         // The map as the catalog has it now (range pieces: where this unit ends).
-        router::catalog::load(&self.catalog, &self.map).await?;
+        shard_catalog::load(&self.catalog, &self.map).await?;
         let db = self.database(&m.unit);
         if m.state == "copying" {
             self.prepare_target(m).await?;
@@ -1062,7 +1062,7 @@ impl Rebalancer {
     /// `rebalance verify UNIT`: the unit's rows on its owner against any other node that has rows of it.
     pub async fn verify(&self, unit: &str) -> Result<Verified, MoveError> {
         let unit: Unit = unit.parse().map_err(MoveError::Invalid)?;
-        router::catalog::load(&self.catalog, &self.map).await?;
+        shard_catalog::load(&self.catalog, &self.map).await?;
         let owner = self.owner(&unit).await?;
         let cond = self.condition(&unit);
         let db = self.database(&unit);
@@ -1460,7 +1460,7 @@ pub async fn status(config: &Config) -> Result<Status, MoveError> {
     let Some(addr) = shardmap::catalog::address(config).map_err(MoveError::Invalid)? else {
         return Err(MoveError::Invalid("there is no catalog (moves need shard-algorithm,hash-buckets)".into()));
     };
-    let c = router::catalog::ensure(&addr, &map, "rebalance status").await?;
+    let c = shard_catalog::ensure(&addr, &map, "rebalance status").await?;
     let version: i64 = c.query_one("SELECT version FROM gb_catalog", &[]).await?.get(0);
     let frozen = c.query("SELECT unit FROM gb_units WHERE frozen ORDER BY unit", &[]).await?;
     let mut moved = Vec::new();

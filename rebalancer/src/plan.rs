@@ -71,8 +71,8 @@ pub struct Plan {
 pub async fn unit_sizes(config: &Config) -> Result<Vec<UnitSize>> {
     let map = ShardMap::new(config).map_err(anyhow::Error::msg)?;
     if let Some(addr) = shardmap::catalog::address(config).map_err(anyhow::Error::msg)? {
-        let catalog = router::catalog::ensure(&addr, &map, "rebalance plan").await?;
-        router::catalog::load(&catalog, &map).await?;
+        let catalog = shard_catalog::ensure(&addr, &map, "rebalance plan").await?;
+        shard_catalog::load(&catalog, &map).await?;
     }
     if map.strategy == shardmap::Strategy::Tenant {
         return tenant_sizes(&map).await;
@@ -92,7 +92,7 @@ pub async fn unit_sizes(config: &Config) -> Result<Vec<UnitSize>> {
     let slot = shardmap::hash::sql_slot_expr(&format!("x.{key}"), map.key_type, n);
     for node in &map.nodes {
         let Some(addr) = &node.addr else { continue };
-        let db = router::catalog::connect(addr, None, "rebalance plan")
+        let db = shard_catalog::connect(addr, None, "rebalance plan")
             .await
             .with_context(|| format!("node {}", node.name))?;
         let tables = db
@@ -131,7 +131,7 @@ async fn tenant_sizes(map: &ShardMap) -> Result<Vec<UnitSize>> {
     let mut sizes = Vec::new();
     for node in &map.nodes {
         let Some(addr) = &node.addr else { continue };
-        let db = router::catalog::connect(addr, Some("postgres"), "rebalance plan")
+        let db = shard_catalog::connect(addr, Some("postgres"), "rebalance plan")
             .await
             .with_context(|| format!("node {}", node.name))?;
         let rows = db

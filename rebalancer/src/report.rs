@@ -170,7 +170,7 @@ pub struct Report {
 }
 
 async fn connect(name: &str, addr: &NodeAddr, db: Option<&str>) -> Result<tokio_postgres::Client> {
-    let (client, conn) = router::catalog::pg_config(addr, db, "rebalance report")
+    let (client, conn) = shard_catalog::pg_config(addr, db, "rebalance report")
         .connect_timeout(std::time::Duration::from_secs(10))
         .connect(tokio_postgres::NoTls)
         .await

@@ -8,11 +8,11 @@ use anyhow::Context;
 use shardmap::Config;
 use tokio::net::TcpListener;
 
-use crate::localpg::PgServer;
+use localpg::PgServer;
 
 /// Runs the demo until Ctrl-C (or until `shutdown` resolves, for tests).
 pub async fn run(shards: usize, listen: &str, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    let bin = crate::localpg::pg_bin()
+    let bin = localpg::pg_bin()
         .context("the demo needs PostgreSQL's server binaries (Debian: apt-get install postgresql)")?;
     eprintln!("starting {shards} PostgreSQL shards from {} ...", bin.display());
     let mut servers = Vec::with_capacity(shards);

@@ -1,25 +1,17 @@
 //! shard-router: the PostgreSQL-wire proxy. A client's messages are read as frames, each statement is routed
 //! by `shardmap`, and the frames are relayed as bytes to pooled server connections of the chosen shard.
+//!
+//! The modules read as the path of a statement, each layer using only those below it:
+//! [`net`] (framing, protocol messages, the errors a client sees) → [`backend`] (server connections, pools,
+//! checkout with failover and replicas, topology, breaker, tenant databases) → [`frontend`] (startup, auth,
+//! the session and its transaction state machine; the simple and extended protocols, COPY and fan-out as
+//! views of one dispatch) → [`control`] (catalog follower, admin console, HTTP observability, reload) →
+//! [`server`] (the accept loop and the handles every client task shares).
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod alltx;
 pub mod backend;
-pub mod breaker;
-pub mod cancel;
-pub mod catalog;
-pub mod client;
-pub mod copy;
+pub mod control;
 pub mod demo;
-pub mod extended;
-pub mod fanout;
-pub mod localpg;
-pub mod observe;
-pub mod pool;
-pub mod proto;
+pub mod frontend;
+pub mod net;
 pub mod server;
-pub mod settings;
-pub mod startup;
-pub mod tenant;
-pub mod topology;
-pub mod wire;

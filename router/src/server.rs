@@ -2,223 +2,91 @@
 //! binary is only argument parsing plus this call, and tests start it in-process on port 0.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use shardmap::{Config, Planner, ShardId, ShardMap, Strategy};
+
+use crate::backend::Backends;
+use crate::frontend::{ClientInfo, Registry, Routing};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::client::{Client, Txn};
-use crate::pool::{Pools, Settings as PoolSettings};
-use crate::settings::Settings;
-use crate::startup::{self, Hello, ScramCache, StartupError};
-use crate::wire::Framed;
-use crate::{proto, startup::backend_key};
+use crate::frontend::session::{Client, Txn};
+use crate::frontend::settings::Settings;
+use crate::frontend::startup::backend_key;
+use crate::frontend::startup::{self, Hello, StartupError};
+use crate::net::proto;
+use crate::net::wire::Framed;
 
-/// A client connection, as the admin console shows it.
-#[derive(Clone, Debug)]
-pub struct ClientInfo {
-    pub user: String,
-    pub database: String,
-    pub addr: String,
-    pub since: std::time::Instant,
-}
-
-/// What every client task shares.
-pub struct Shared {
-    /// The running config; RELOAD replaces it (structural settings keep their values from the start).
-    pub config: arc_swap::ArcSwap<Config>,
-    pub map: Arc<ShardMap>,
-    pub planner: Planner,
-    pub pools: Arc<Pools>,
-    /// Where each shard's primary is (and the failover buffer).
-    pub topology: Arc<crate::topology::Topology>,
-    /// Counters for `/metrics` and the health endpoint.
-    pub stats: crate::observe::Stats,
-    /// Client connections, by cancel key (for the admin console's SHOW CLIENTS).
-    pub clients: std::sync::Mutex<std::collections::HashMap<(i32, i32), ClientInfo>>,
-    pub breaker: crate::breaker::Breaker,
-    /// The catalog this router follows (bucket owners, frozen buckets), when there is one.
-    pub catalog: crate::catalog::Catalog,
-    pub scram: ScramCache,
-    pub cancels: crate::cancel::Registry,
-    /// `pool-mode,session`: each client keeps the server connections it uses for its whole session.
-    pub session_mode: bool,
+/// What every client task shares: typed handles, each with the behaviour of what it owns.
+pub struct Router {
+    /// Where statements go: config, shard map, planner, catalog.
+    pub routing: Arc<Routing>,
+    /// The servers: pools, primaries, breakers, counters.
+    pub backends: Arc<Backends>,
+    /// The clients connected now.
+    pub registry: Arc<Registry>,
     /// TLS for clients, when `router-tls-cert` and `router-tls-key` are set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Serializes this router's tenant database creations (`shard-auto-create`).
-    pub creating: tokio::sync::Mutex<()>,
-    next: AtomicUsize,
-    /// Per shard: until when (ms since `epoch`) it is believed down after a failed connection attempt.
-    down_until: Vec<std::sync::atomic::AtomicU64>,
-    epoch: std::time::Instant,
 }
 
-impl Shared {
-    pub fn new(config: Config) -> anyhow::Result<Shared> {
-        // Settings the router reads but cannot honour yet: refuse them rather than run differently.
+impl Router {
+    pub fn new(config: Config) -> anyhow::Result<Router> {
         let tls = match (&config.router.tls_cert, &config.router.tls_key) {
             (Some(cert), Some(key)) => Some(startup::tls_acceptor(cert, key)?),
             _ => None,
         };
         let map = Arc::new(ShardMap::new(&config).map_err(anyhow::Error::msg)?);
-        let pools = Arc::new(Pools::new(PoolSettings {
-            size: config.pool.size,
-            timeout: Duration::from_millis(config.pool.timeout_ms),
-            idle_timeout: Duration::from_secs(config.pool.idle_timeout_s),
-        }));
-        let topology = Arc::new(crate::topology::Topology::new(&map, &config));
-        let n = map.nodes.len();
         let catalog = shardmap::catalog::address(&config).map_err(|e| anyhow::anyhow!("shard-catalog: {e}"))?;
-        Ok(Shared {
-            catalog: crate::catalog::Catalog::new(catalog),
-            planner: Planner::new(map.clone()),
-            map,
-            pools,
-            topology,
-            stats: crate::observe::Stats::new(n),
-            clients: Default::default(),
-            breaker: crate::breaker::Breaker::new(&config.circuit_breaker, n),
-            scram: ScramCache::default(),
-            cancels: Default::default(),
-            session_mode: config.pool.mode == shardmap::config::PoolMode::Session,
+        let session_mode = config.pool.mode == shardmap::config::PoolMode::Session;
+        let config = Arc::new(arc_swap::ArcSwap::from_pointee(config));
+        Ok(Router {
+            routing: Arc::new(Routing {
+                config: config.clone(),
+                map: map.clone(),
+                planner: Planner::new(map.clone()),
+                catalog: Arc::new(shard_catalog::Catalog::new(catalog)),
+                session_mode,
+            }),
+            backends: Arc::new(Backends::new(config, map)),
+            registry: Default::default(),
             tls,
-            creating: Default::default(),
-            config: arc_swap::ArcSwap::from_pointee(config),
-            next: AtomicUsize::new(0),
-            down_until: (0..n).map(|_| Default::default()).collect(),
-            epoch: std::time::Instant::now(),
         })
-    }
-
-    /// RELOAD: takes the settings of `new` that can change while clients stay connected (users and their
-    /// passwords, `router-auth`, `router-admin-users`, pool timeouts, circuit breaker, failover buffer, health
-    /// checks, read replicas, auto-create) and returns the keys that changed but need a restart (the shard
-    /// map, nodes, listen addresses, threads, TLS, pool mode and size, the health endpoint's path), which
-    /// keep their running values.
-    pub fn reload(&self, mut new: Config) -> Vec<&'static str> {
-        let old = self.config.load_full();
-        let mut restart = Vec::new();
-        macro_rules! keep {
-            ($($field:ident).+, $key:expr) => {
-                if format!("{:?}", new.$($field).+) != format!("{:?}", old.$($field).+) {
-                    restart.push($key);
-                    new.$($field).+ = old.$($field).+.clone();
-                }
-            };
-        }
-        keep!(strategy, "shard-strategy");
-        keep!(shard_key, "shard-key");
-        keep!(key_type, "shard-key-type");
-        keep!(shard_count, "shard-count");
-        keep!(algorithm, "shard-algorithm");
-        keep!(buckets, "shard-buckets");
-        keep!(ranges, "shard-ranges");
-        keep!(geo_regions, "shard-geo-<region>");
-        keep!(geo_db, "shard-geo-db");
-        keep!(geo_country, "shard-geo-country-<CC>");
-        keep!(geo_continent, "shard-geo-continent-<CC>");
-        keep!(default, "shard-default");
-        keep!(nodes, "shard-node-<name>");
-        keep!(node_patroni, "shard-node-<name>-patroni");
-        keep!(global_tables, "shard-global-tables");
-        keep!(tenant_db_prefix, "shard-tenant-db-prefix");
-        keep!(catalog, "shard-catalog");
-        keep!(router.listen, "router-listen");
-        keep!(router.http, "router-http");
-        keep!(router.threads, "router-threads");
-        keep!(router.tls_cert, "router-tls-cert");
-        keep!(router.tls_key, "router-tls-key");
-        keep!(pool.mode, "pool-mode");
-        keep!(pool.size, "pool-size");
-        keep!(health.endpoint, "health-endpoint");
-        self.pools.update(Duration::from_millis(new.pool.timeout_ms), Duration::from_secs(new.pool.idle_timeout_s));
-        self.breaker.update(&new.circuit_breaker);
-        self.topology.update(&new.failover);
-        if new.router.users != old.router.users || new.router.auth != old.router.auth {
-            // Passwords changed: SCRAM secrets salted for the old ones must not be used.
-            self.scram.clear();
-        }
-        self.config.store(Arc::new(new));
-        restart
-    }
-
-    /// Waits while a move holds the unit of `d` frozen (see `catalog.rs`), or with `None` (COPY, pipelines
-    /// for several shards, whose units are known row by row) any unit; the error is for the client.
-    pub async fn thaw(&self, d: Option<&shardmap::Decision>) -> Result<(), crate::client::Reported> {
-        let limit = Duration::from_millis(self.config.load().rebalance.max_freeze_ms + 2000);
-        let frozen = || d.map_or_else(|| self.map.anything_frozen(), |d| self.map.holds(d));
-        if self.catalog.wait_thawed(frozen, limit).await {
-            return Ok(());
-        }
-        let unit = match d {
-            None => "a unit".to_string(),
-            Some(d) => match (d.buckets.iter().find(|b| self.map.any_frozen(&[**b])), &d.database) {
-                (Some(b), _) => format!("bucket:{}", b.0),
-                (None, Some(db)) => format!("tenant database {db}"),
-                (None, None) => "the range piece of this statement's key".to_string(),
-            },
-        };
-        let message = format!(
-            "{unit} has been frozen by a move for more than {} ms (is the rebalancer stuck? `rebalance status` tells; `rebalance abort` thaws it)",
-            limit.as_millis()
-        );
-        Err(crate::client::Reported { code: "55006".into(), message })
-    }
-
-    /// A shard for statements any shard can answer, in turn, skipping shards that just failed to connect and
-    /// shards paused by the admin console.
-    pub fn any_shard(&self) -> ShardId {
-        let n = self.map.nodes.len().max(1);
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let mut pick = 0;
-        for _ in 0..n {
-            pick = self.next.fetch_add(1, Ordering::Relaxed) % n;
-            if self.down_until[pick].load(Ordering::Relaxed) <= now && !self.topology.is_paused(ShardId(pick as u16)) {
-                break;
-            }
-        }
-        ShardId(pick as u16)
-    }
-
-    /// Notes that a shard could not be reached: `any_shard` avoids it for a couple of seconds.
-    pub fn mark_down(&self, shard: ShardId) {
-        let until = self.epoch.elapsed().as_millis() as u64 + 2000;
-        if let Some(d) = self.down_until.get(shard.0 as usize) {
-            d.store(until, Ordering::Relaxed);
-        }
     }
 }
 
 /// Serves clients on `listener` until `shutdown` resolves.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let shared = Arc::new(Shared::new(config)?);
-    crate::topology::Topology::start(&shared.topology, &shared.map, shared.pools.clone());
+    let router = Arc::new(Router::new(config)?);
+    let backends = router.backends.clone();
+    crate::backend::topology::Topology::start(&backends.topology, &backends.map, backends.pools.clone());
     // Idle server connections past pool-idle-timeout are closed even in pools nobody uses any more.
     let reaper = {
-        let shared = shared.clone();
+        let pools = backends.pools.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(shared.pools.reap_every());
+            let mut tick = tokio::time::interval(pools.reap_every());
             loop {
                 tick.tick().await;
-                shared.pools.reap();
+                pools.reap();
             }
         })
     };
     let _stop_reaper = AbortOnDrop(reaper);
     // router-http: the health endpoint and /metrics.
-    let http = shared.config.load().router.http.clone();
+    let (http, listen) = {
+        let c = router.routing.config.load();
+        (c.router.http.clone(), c.router.listen.clone())
+    };
     let _stop_http = match &http {
         Some(addr) => {
             let listener = TcpListener::bind(addr.as_str())
                 .await
                 .map_err(|e| anyhow::anyhow!("router-http {addr}: cannot listen: {e}"))?;
             tracing::info!("health and metrics on http://{}", listener.local_addr()?);
-            let shared = shared.clone();
+            let backends = backends.clone();
             Some(AbortOnDrop(tokio::spawn(async move {
-                if let Err(e) = crate::observe::serve_http(listener, shared).await {
+                if let Err(e) = crate::control::observe::serve_http(listener, backends).await {
                     tracing::error!("router-http: {e}");
                 }
             })))
@@ -226,9 +94,20 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         None => None,
     };
     // health-enabled: background checks (the task idles while disabled: RELOAD may enable it).
-    let _stop_health = AbortOnDrop(tokio::spawn(crate::observe::health_checks(Arc::downgrade(&shared))));
+    let _stop_health = AbortOnDrop(tokio::spawn(crate::control::observe::health_checks(Arc::downgrade(&backends))));
     // The catalog: bucket owners and moves' freezes.
-    let _stop_catalog = AbortOnDrop(tokio::spawn(crate::catalog::follow(Arc::downgrade(&shared))));
+    let follower = {
+        let config = router.routing.config.clone();
+        shard_catalog::Follower {
+            listen,
+            max_freeze: Box::new(move || Duration::from_millis(config.load().rebalance.max_freeze_ms)),
+        }
+    };
+    let _stop_catalog = AbortOnDrop(tokio::spawn(shard_catalog::follow(
+        Arc::downgrade(&router.routing.catalog),
+        router.routing.map.clone(),
+        follower,
+    )));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -243,9 +122,9 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
                     }
                 };
                 sock.set_nodelay(true).ok();
-                let shared = shared.clone();
+                let router = router.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_client(shared, sock).await {
+                    if let Err(e) = serve_client(router, sock).await {
                         tracing::debug!("client: {e}");
                     }
                 });
@@ -254,7 +133,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     }
 }
 
-async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()> {
+async fn serve_client(shared: Arc<Router>, sock: TcpStream) -> anyhow::Result<()> {
     let addr = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut io = Framed::new(sock);
     let hello = startup::hello(&mut io, shared.tls.is_some()).await;
@@ -276,7 +155,7 @@ async fn serve_client(shared: Arc<Shared>, sock: TcpStream) -> anyhow::Result<()
 
 /// A client's session after the (optional) TLS handshake.
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
-    shared: Arc<Shared>,
+    shared: Arc<Router>,
     mut io: Framed<S>,
     hello: Result<Option<Hello>, StartupError>,
     addr: String,
@@ -289,7 +168,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let params = match hello {
         Hello::Tls => return Ok(()),
         Hello::Cancel { pid, secret } => {
-            shared.cancels.cancel((pid, secret)).await;
+            shared.registry.cancels.cancel((pid, secret)).await;
             return Ok(());
         }
         Hello::Startup { params } => params,
@@ -304,21 +183,21 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let database = get("database").unwrap_or_else(|| user.clone());
     let (password, auth) = {
-        let config = shared.config.load();
+        let config = shared.routing.config.load();
         (config.router.users.get(&user).cloned(), config.router.auth)
     };
-    if let Err(e) = startup::authenticate(&mut io, auth, &user, password.as_deref(), &shared.scram).await {
+    if let Err(e) = startup::authenticate(&mut io, auth, &user, password.as_deref(), &shared.registry.scram).await {
         return fatal(&mut io, e).await;
     }
-    let (cancel_key, cancel) = shared.cancels.register();
-    shared.stats.clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (cancel_key, cancel) = shared.registry.cancels.register();
+    shared.backends.stats.clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let _unregister = Unregister(&shared, cancel_key);
-    shared.clients.lock().expect("clients lock").insert(
+    shared.registry.clients.lock().expect("clients lock").insert(
         cancel_key,
         ClientInfo { user: user.clone(), database: database.clone(), addr, since: std::time::Instant::now() },
     );
-    if database == crate::admin::ADMIN_DB {
-        return crate::admin::serve(shared.clone(), io, &user, cancel_key).await;
+    if database == crate::control::admin::ADMIN_DB {
+        return crate::control::admin::serve(shared.clone(), io, &user, cancel_key).await;
     }
     let mut client = Client {
         io,
@@ -341,14 +220,14 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // One checkout validates the client's startup settings and gives the server's parameters. Any live
     // shard will do (the tenant's own under the tenant strategy).
-    let candidates: Vec<(ShardId, Option<String>)> = match shared.map.strategy {
-        Strategy::Tenant => match shared.map.tenant_of_database(&database) {
-            Some(t) => vec![(shared.map.tenant_shard(t), Some(database.clone()))],
-            None => shared.map.all().map(|s| (s, None)).collect(),
+    let candidates: Vec<(ShardId, Option<String>)> = match shared.routing.map.strategy {
+        Strategy::Tenant => match shared.routing.map.tenant_of_database(&database) {
+            Some(t) => vec![(shared.routing.map.tenant_shard(t), Some(database.clone()))],
+            None => shared.routing.map.all().map(|s| (s, None)).collect(),
         },
         _ => {
-            let first = shared.any_shard().0 as usize;
-            let n = shared.map.nodes.len();
+            let first = shared.backends.any_shard().0 as usize;
+            let n = shared.routing.map.nodes.len();
             (0..n).map(|i| (ShardId(((first + i) % n) as u16), None)).collect()
         }
     };
@@ -397,13 +276,13 @@ impl Drop for AbortOnDrop {
 }
 
 /// Removes a client's cancel key when its task ends, however it ends.
-struct Unregister<'a>(&'a Shared, (i32, i32));
+struct Unregister<'a>(&'a Router, (i32, i32));
 
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
-        self.0.cancels.remove(self.1);
-        self.0.clients.lock().expect("clients lock").remove(&self.1);
-        self.0.stats.clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.registry.cancels.remove(self.1);
+        self.0.registry.clients.lock().expect("clients lock").remove(&self.1);
+        self.0.backends.stats.clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -126,7 +126,7 @@ fn demo_starts_serves_and_cleans_up() {
 /// `shard-router serve` on a single event loop (`router-threads,1`) serves psql.
 #[test]
 fn serve_on_one_thread() {
-    let pg = router::localpg::PgServer::start().expect("a local PostgreSQL");
+    let pg = localpg::PgServer::start().expect("a local PostgreSQL");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.csv");
     std::fs::write(
@@ -137,7 +137,7 @@ fn serve_on_one_thread() {
         ),
     )
     .unwrap();
-    let port = router::localpg::free_port();
+    let port = localpg::free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_shard-router"))
         .args(["serve", "--config", config.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
         .stdout(std::process::Stdio::null())

@@ -6,7 +6,7 @@
 use std::process::{Command, Output};
 
 use anyhow::{Context, Result};
-pub use router::localpg::{free_port, pg_bin, PgServer};
+pub use localpg::{free_port, pg_bin, PgServer};
 
 pub mod patroni;
 

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use router::localpg::{free_port, PgServer};
+use localpg::{free_port, PgServer};
 
 struct Args {
     seconds: u64,

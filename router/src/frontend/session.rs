@@ -10,16 +10,17 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use shardmap::sql::{Analysis, Kind, SessionChange};
-use shardmap::{Decision, Param, Params, RouteError, Session, ShardId, Target};
+use shardmap::{Decision, Param, Params, Session, ShardId, Target};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::backend::{BackendError, Target as ServerTarget};
-use crate::extended;
-use crate::pool::{PoolError, PoolKey, Pooled};
-use crate::proto;
-use crate::server::Shared;
-use crate::settings::Settings;
-use crate::wire::{Framed, Msg, RelayError, WireError};
+use crate::backend::conn::{BackendError, Target as ServerTarget};
+use crate::backend::pool::{PoolKey, Pooled};
+use crate::frontend::extended;
+use crate::frontend::settings::Settings;
+use crate::net::proto;
+use crate::net::wire::{Framed, Msg, RelayError};
+pub use crate::net::{Fatal, Reported};
+use crate::server::Router;
 
 /// A client statement prepared with Parse.
 pub struct ClientStmt {
@@ -30,53 +31,14 @@ pub struct ClientStmt {
     pub server_name: String,
 }
 
-/// Errors that end the client's connection.
-#[derive(Debug, thiserror::Error)]
-pub enum Fatal {
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-}
-
-impl From<std::io::Error> for Fatal {
-    fn from(e: std::io::Error) -> Self {
-        Fatal::Wire(e.into())
-    }
-}
-
-/// An error reported to the client as an ErrorResponse; the session goes on.
-pub struct Reported {
-    pub code: String,
-    pub message: String,
-}
-
-impl From<RouteError> for Reported {
-    fn from(e: RouteError) -> Self {
-        Reported { code: e.sqlstate().to_string(), message: e.to_string() }
-    }
-}
-
-impl From<PoolError> for Reported {
-    fn from(e: PoolError) -> Self {
-        Reported { code: e.sqlstate().to_string(), message: e.to_string() }
-    }
-}
-
-impl From<BackendError> for Reported {
-    fn from(e: BackendError) -> Self {
-        Reported { code: e.sqlstate().to_string(), message: e.to_string() }
-    }
-}
-
 /// After a statement was sent on `conn`: `Ok(Some(error))` when the server's first answer says it did not
 /// run (`topology::not_run`: shutting down, read-only, connection failure), `Ok(None)` when it is running,
 /// `Err(())` when no answer came. Nothing is consumed: the answer is relayed as usual afterwards.
-pub async fn refused(conn: &mut crate::backend::ServerConn) -> Result<Option<Reported>, ()> {
+pub async fn refused(conn: &mut crate::backend::conn::ServerConn) -> Result<Option<Reported>, ()> {
     match conn.io.front().await {
         Ok(Some((b'E', body))) => {
             let (code, message) = proto::error_fields(body);
-            Ok(crate::topology::not_run(&code).then(|| reported(&code, message)))
+            Ok(crate::backend::topology::not_run(&code).then(|| reported(&code, message)))
         }
         Ok(Some(_)) => Ok(None),
         _ => Err(()),
@@ -107,7 +69,7 @@ pub enum Txn {
 
 pub struct Client<S> {
     pub io: Framed<S>,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Router>,
     pub user: String,
     pub database: String,
     pub session: Session,
@@ -123,14 +85,14 @@ pub struct Client<S> {
     pub statements: foldhash::HashMap<String, ClientStmt>,
     pub batch: Vec<Msg>,
     /// Where a CancelRequest for this client finds its server connections.
-    pub cancel: Arc<crate::cancel::Slot>,
+    pub cancel: Arc<crate::backend::cancel::Slot>,
     /// `pool-mode,session`: the server connections this client keeps for its whole session.
     pub sticky: Vec<Pooled>,
     /// Whether the client ran LISTEN (session mode): notifications are relayed as they arrive.
     pub listening: bool,
     /// The pools of the shards' default databases, by shard, so that a checkout does not look them up.
     /// Per shard: the pool last used and the generation of the shard's primary it was made for.
-    pub pools: Vec<Option<(u64, Arc<crate::pool::Pool>)>>,
+    pub pools: Vec<Option<(u64, Arc<crate::backend::pool::Pool>)>>,
 }
 
 /// The shard that carries LISTEN, UNLISTEN and NOTIFY, so that listeners and notifiers meet.
@@ -152,7 +114,7 @@ impl Params for BindParams<'_> {
 impl<S> Client<S> {
     /// Gives a connection back: to the pool, or in session mode to the client's own.
     pub fn give_back(&mut self, p: Pooled) {
-        if self.shared.session_mode && p.conn_status() == proto::READY_IDLE {
+        if self.shared.routing.session_mode && p.conn_status() == proto::READY_IDLE {
             self.sticky.push(p);
         } else {
             p.release();
@@ -272,7 +234,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let Some((text, _)) = proto::read_cstr(msg.body()) else {
             return Err(Fatal::Protocol("Query message without a terminated string".into()));
         };
-        let (analysis, literals) = self.shared.planner.analyze_simple(text);
+        let (analysis, literals) = self.shared.routing.planner.analyze_simple(text);
         if let [st] = analysis.statements.as_slice() {
             if let (Kind::CopyIn, Some(copy)) = (st.kind, &st.copy) {
                 return Box::pin(self.copy_in(&msg, &analysis, copy)).await;
@@ -309,20 +271,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         // COPY's units are known row by row: it starts when no unit is frozen, and stays in the gate to its
         // end, so that a move's freeze waits for it (or rolls back) instead of COPY meeting the guard.
         let pass = loop {
-            let pass = self.shared.catalog.enter();
-            if !self.shared.map.anything_frozen() {
+            let pass = self.shared.routing.catalog.enter();
+            if !self.shared.routing.map.anything_frozen() {
                 break pass;
             }
             drop(pass);
-            if let Err(e) = self.shared.thaw(None).await {
+            if let Err(e) = self.shared.routing.thaw(None).await {
                 return self.report(e).await;
             }
         };
-        let d = match self.shared.planner.decide_analyzed(analysis, &shardmap::NoParams, &self.session) {
+        let d = match self.shared.routing.planner.decide_analyzed(analysis, &shardmap::NoParams, &self.session) {
             Ok(d) => d,
             Err(e) => return self.report(e.into()).await,
         };
-        let r = crate::copy::copy_in(self, &d, copy, msg.frame.clone()).await;
+        let r = crate::frontend::copy::copy_in(self, &d, copy, msg.frame.clone()).await;
         drop(pass);
         r
     }
@@ -333,7 +295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         analysis: &Arc<Analysis>,
         literals: &[shardmap::shape::Literal],
     ) -> Result<(), Reported> {
-        if !self.shared.session_mode {
+        if !self.shared.routing.session_mode {
             refuse_session_locks(analysis)?;
         }
         let kind = analysis.statements.first().map(|s| s.kind);
@@ -359,13 +321,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         // this statement (a bucket, a tenant, a range piece): wait for its new owner, out of the gate. (Not
         // inside a transaction already running on a shard: the move waits for that transaction instead.)
         let (decision, _pass) = loop {
-            let pass = self.shared.catalog.enter();
-            let d = self.shared.planner.decide_shaped(analysis, literals, &self.session)?;
-            if !self.shared.map.holds(&d) || matches!(self.txn, Txn::Bound) {
+            let pass = self.shared.routing.catalog.enter();
+            let d = self.shared.routing.planner.decide_shaped(analysis, literals, &self.session)?;
+            if !self.shared.routing.map.holds(&d) || matches!(self.txn, Txn::Bound) {
                 break (d, pass);
             }
             drop(pass);
-            Box::pin(self.shared.thaw(Some(&d))).await?;
+            Box::pin(self.shared.routing.thaw(Some(&d))).await?;
         };
         if single && kind == Some(Kind::Transaction) {
             return Box::pin(self.transaction_control(msg)).await;
@@ -375,7 +337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
         let frame = msg.frame.clone();
         if matches!(self.txn, Txn::BoundAll) {
-            return Box::pin(crate::alltx::simple(self, &decision, frame)).await;
+            return Box::pin(crate::frontend::alltx::simple(self, &decision, frame)).await;
         }
         match decision.target.clone() {
             Target::One(s) => self.on_shard(s, &decision, frame).await,
@@ -389,8 +351,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     matches!(self.txn, Txn::Held(_)) && analysis.statements.iter().all(|s| s.kind == Kind::Read);
                 if matches!(self.txn, Txn::Held(_)) && !held_read && decision.target == Target::All {
                     // The transaction's first statement is for every shard (a migration): bind them all.
-                    Box::pin(crate::alltx::bind_all(self, &decision)).await?;
-                    return Box::pin(crate::alltx::simple(self, &decision, frame)).await;
+                    Box::pin(crate::frontend::alltx::bind_all(self, &decision)).await?;
+                    return Box::pin(crate::frontend::alltx::simple(self, &decision, frame)).await;
                 }
                 if !matches!(self.txn, Txn::Idle) && !held_read {
                     return Err(reported(
@@ -405,15 +367,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 if !single && !analysis.statements.iter().all(|s| s.kind == Kind::Ddl) {
                     return Err(reported("0A000", "a multi-statement query that goes to several shards is not supported; send its statements one by one"));
                 }
-                let shards = decision.shards(&self.shared.map);
-                Box::pin(crate::fanout::simple(self, &shards, &decision, frame)).await
+                let shards = decision.shards(&self.shared.routing.map);
+                Box::pin(crate::frontend::fanout::simple(self, &shards, &decision, frame)).await
             }
         }
     }
 
     /// `SET gb.shard_key`, `SET gb.tenant` and their RESET: the router's session state, not sent to servers.
     async fn gb_setting(&mut self, change: &SessionChange) -> Result<(), Reported> {
-        let map = self.shared.map.clone();
+        let map = self.shared.routing.map.clone();
         self.session.apply(change, &map)?;
         let tag = match change {
             SessionChange::ShardKey(Some(_)) | SessionChange::Tenant(Some(_)) => "SET",
@@ -441,13 +403,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 self.reply_synthetic(tag).await
             }
             (Txn::Bound, _) => self.relay_bound(msg.frame.clone()).await,
-            (Txn::BoundAll, _) => crate::alltx::everywhere(self, msg.frame.clone()).await,
+            (Txn::BoundAll, _) => crate::frontend::alltx::everywhere(self, msg.frame.clone()).await,
             (Txn::Held(_), _) => {
                 Err(reported("0A000", format!("{word} before the transaction's first statement is not supported")))
             }
             (Txn::Idle, _) => {
                 // COMMIT outside a transaction and the like: the server warns; any shard will do.
-                let d = self.shared.planner.decide("SELECT 1", &shardmap::NoParams, &self.session)?;
+                let d = self.shared.routing.planner.decide("SELECT 1", &shardmap::NoParams, &self.session)?;
                 self.on_any_shard(&d, msg.frame.clone()).await
             }
         }
@@ -458,7 +420,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.failed = false;
         match self.txn {
             Txn::Bound => self.relay_bound(frame).await,
-            Txn::BoundAll => crate::alltx::everywhere(self, frame).await,
+            Txn::BoundAll => crate::frontend::alltx::everywhere(self, frame).await,
             _ => {
                 self.txn = Txn::Idle;
                 self.reply_synthetic(tag).await
@@ -477,15 +439,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// remembered, so that it is replayed on whatever connection the client gets next.
     async fn session_statement(&mut self, msg: &Msg) -> Result<(), Reported> {
         let text = proto::read_cstr(msg.body()).map(|(t, _)| t).unwrap_or("");
-        if let change @ (crate::settings::Change::Deallocate(_) | crate::settings::Change::DiscardAll) =
-            self.settings.classify_in(text, self.shared.session_mode)
+        if let change @ (crate::frontend::settings::Change::Deallocate(_)
+        | crate::frontend::settings::Change::DiscardAll) =
+            self.settings.classify_in(text, self.shared.routing.session_mode)
         {
             let tag = self.local_session_change(change);
             return self.reply_synthetic(tag).await;
         }
         match &mut self.txn {
             Txn::Bound => self.relay_bound(msg.frame.clone()).await,
-            Txn::BoundAll => crate::alltx::everywhere(self, msg.frame.clone()).await,
+            Txn::BoundAll => crate::frontend::alltx::everywhere(self, msg.frame.clone()).await,
             Txn::Held(held) => {
                 held.push(msg.frame.clone());
                 let tag = first_word(msg).to_ascii_uppercase();
@@ -493,10 +456,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
             Txn::Idle => {
                 let text = proto::read_cstr(msg.body()).map(|(t, _)| t).unwrap_or("");
-                let change = self.settings.classify_in(text, self.shared.session_mode);
+                let change = self.settings.classify_in(text, self.shared.routing.session_mode);
                 match change {
-                    crate::settings::Change::Refused(why) => return Err(reported("0A000", why)),
-                    crate::settings::Change::Deallocate(_) | crate::settings::Change::DiscardAll => {
+                    crate::frontend::settings::Change::Refused(why) => return Err(reported("0A000", why)),
+                    crate::frontend::settings::Change::Deallocate(_)
+                    | crate::frontend::settings::Change::DiscardAll => {
                         let tag = self.local_session_change(change);
                         return self.reply_synthetic(tag).await;
                     }
@@ -535,13 +499,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// DEALLOCATE and DISCARD ALL act on state the router keeps for the client; returns the command tag.
-    pub fn local_session_change(&mut self, change: crate::settings::Change) -> &'static str {
+    pub fn local_session_change(&mut self, change: crate::frontend::settings::Change) -> &'static str {
         match change {
-            crate::settings::Change::Deallocate(None) => {
+            crate::frontend::settings::Change::Deallocate(None) => {
                 self.statements.clear();
                 "DEALLOCATE ALL"
             }
-            crate::settings::Change::Deallocate(Some(name)) => {
+            crate::frontend::settings::Change::Deallocate(Some(name)) => {
                 self.statements.remove(&name);
                 "DEALLOCATE"
             }
@@ -561,15 +525,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         &self,
         shard: ShardId,
         database: Option<&str>,
-    ) -> Result<(u64, Arc<crate::pool::Pool>), Reported> {
-        let node = self.shared.map.node(shard);
+    ) -> Result<(u64, Arc<crate::backend::pool::Pool>), Reported> {
+        let node = self.shared.routing.map.node(shard);
         let addr = node.addr.as_ref().ok_or_else(|| {
             reported("08001", format!("shard {} has no address: add shard-node-{} to the config", node.name, node.name))
         })?;
-        let ((host, port), generation) =
-            self.shared.topology.primary(shard, &node.name).await.map_err(|e| reported(CONNECT_FAILED, e.0))?;
+        let ((host, port), generation) = self
+            .shared
+            .backends
+            .topology
+            .primary(shard, &node.name)
+            .await
+            .map_err(|e| reported(CONNECT_FAILED, e.0))?;
         let target = self.target(addr, (host, port), database);
-        Ok((generation, self.shared.pools.pool(PoolKey { shard, target }, &node.name)))
+        Ok((generation, self.shared.backends.pools.pool(PoolKey { shard, target }, &node.name)))
     }
 
     /// Where and as whom to connect on `host` for this client.
@@ -581,7 +550,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     ) -> ServerTarget {
         let user = addr.user.clone().unwrap_or_else(|| self.user.clone());
         let password = addr.password.clone().or_else(|| {
-            (user == self.user).then(|| self.shared.config.load().router.users.get(&self.user).cloned()).flatten()
+            (user == self.user)
+                .then(|| self.shared.routing.config.load().router.users.get(&self.user).cloned())
+                .flatten()
         });
         let database =
             database.map(str::to_string).or_else(|| addr.dbname.clone()).unwrap_or_else(|| self.database.clone());
@@ -592,14 +563,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// standby of `shard` that is fresh enough, if there is one and it can be reached (`None`: read on the
     /// primary).
     pub async fn checkout_replica(&mut self, shard: ShardId, database: Option<&str>) -> Option<Pooled> {
-        if self.shared.session_mode {
+        if self.shared.routing.session_mode {
             return None;
         }
-        let max_lag = self.shared.config.load().max_replica_lag_bytes;
-        let at = self.shared.topology.replica(shard, max_lag)?;
-        let node = self.shared.map.node(shard);
+        let max_lag = self.shared.routing.config.load().max_replica_lag_bytes;
+        let at = self.shared.backends.topology.replica(shard, max_lag)?;
+        let node = self.shared.routing.map.node(shard);
         let target = self.target(node.addr.as_ref()?, at, database);
-        let pool = self.shared.pools.pool(PoolKey { shard, target }, &node.name);
+        let pool = self.shared.backends.pools.pool(PoolKey { shard, target }, &node.name);
         let mut p = pool.get().await.ok()?;
         self.take_up(&mut p).await.ok()?;
         Some(p)
@@ -633,14 +604,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
         let started = std::time::Instant::now();
         let status = self.relay_until_ready(&mut p).await?;
-        self.shared.stats.record(shard.0 as usize, started.elapsed(), self.answer_error);
+        self.shared.backends.stats.record(shard.0 as usize, started.elapsed(), self.answer_error);
         self.after_exchange(p, status);
         Ok(true)
     }
 
     /// Checks out a connection and brings its session settings in line with the client's.
     pub async fn checkout(&mut self, shard: ShardId, database: Option<&str>) -> Result<Pooled, Reported> {
-        let generation = self.shared.topology.generation(shard);
+        let generation = self.shared.backends.topology.generation(shard);
         let pool = match (database, self.pools.get(shard.0 as usize).and_then(Option::as_ref)) {
             (None, Some((g, p))) if *g == generation => p.clone(),
             _ => {
@@ -658,28 +629,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             // Session mode: the client's own connection, as it left it.
             return Ok(self.sticky.swap_remove(i));
         }
-        if self.shared.topology.is_paused(shard) {
+        if self.shared.backends.topology.is_paused(shard) {
             // The admin console's PAUSE: a new transaction waits for RESUME.
-            Box::pin(self.shared.topology.wait_resumed(shard)).await;
+            Box::pin(self.shared.backends.topology.wait_resumed(shard)).await;
         }
-        let breaker = &self.shared.breaker;
+        let breaker = &self.shared.backends.breaker;
         breaker
-            .admit(shard.0 as usize, generation, &self.shared.map.node(shard).name)
+            .admit(shard.0 as usize, generation, &self.shared.routing.map.node(shard).name)
             .map_err(|m| reported(CONNECT_FAILED, m))?;
         let mut p = match pool.get().await {
             Ok(p) => p,
-            Err(e) if e.sqlstate() == "3D000" && self.shared.config.load().auto_create && database.is_some() => {
+            Err(e)
+                if e.sqlstate() == "3D000" && self.shared.routing.config.load().auto_create && database.is_some() =>
+            {
                 // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
                 let db = database.expect("checked");
-                Box::pin(crate::tenant::create(&self.shared, shard, db)).await?;
+                Box::pin(crate::backend::tenant::create(&self.shared.backends, shard, db)).await?;
                 pool.get().await?
             }
             Err(e) => {
                 if e.sqlstate() == CONNECT_FAILED {
-                    self.shared.mark_down(shard);
+                    self.shared.backends.mark_down(shard);
                 }
                 if e.sqlstate().starts_with("08") {
-                    self.shared.breaker.failure(shard.0 as usize, generation);
+                    self.shared.backends.breaker.failure(shard.0 as usize, generation);
                 }
                 return Err(e.into());
             }
@@ -690,7 +663,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Under the tenant strategy: the session's tenant database and the shard that holds it.
     pub fn home(&self) -> Option<(ShardId, String)> {
-        let map = &self.shared.map;
+        let map = &self.shared.routing.map;
         if map.strategy != shardmap::Strategy::Tenant {
             return None;
         }
@@ -705,15 +678,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if let Some((shard, db)) = self.home() {
             return self.checkout(shard, Some(&db)).await;
         }
-        if self.shared.session_mode && database.is_none() {
+        if self.shared.routing.session_mode && database.is_none() {
             // Session mode: statements any shard answers go to the first shard (see `on_any_shard`).
             if let Ok(p) = self.checkout(NOTIFY_SHARD, None).await {
                 return Ok(p);
             }
         }
         let mut last = None;
-        for _ in 0..self.shared.map.nodes.len() {
-            let s = self.shared.any_shard();
+        for _ in 0..self.shared.routing.map.nodes.len() {
+            let s = self.shared.backends.any_shard();
             match self.checkout(s, database).await {
                 Err(e) if e.code == CONNECT_FAILED => last = Some(e),
                 r => return r,
@@ -734,10 +707,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             };
         }
         let mut last = None;
-        for attempt in 0..self.shared.map.nodes.len() {
+        for attempt in 0..self.shared.routing.map.nodes.len() {
             // Session mode: statements any shard answers all go to the first shard, so that every client's
             // advisory locks and notifications meet there.
-            let s = if self.shared.session_mode && attempt == 0 { NOTIFY_SHARD } else { self.shared.any_shard() };
+            let s = if self.shared.routing.session_mode && attempt == 0 {
+                NOTIFY_SHARD
+            } else {
+                self.shared.backends.any_shard()
+            };
             let r = if matches!(self.txn, Txn::Idle) {
                 self.on_shard(s, d, frame.clone()).await
             } else {
@@ -756,7 +733,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         match std::mem::take(&mut self.txn) {
             Txn::BoundAll => {
                 self.txn = Txn::BoundAll;
-                Box::pin(crate::alltx::simple(self, d, frame)).await
+                Box::pin(crate::frontend::alltx::simple(self, d, frame)).await
             }
             Txn::Bound => {
                 self.txn = Txn::Bound;
@@ -777,7 +754,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if bound == Some(shard) {
             return Ok(());
         }
-        let name = |s: Option<ShardId>| s.map_or("?".into(), |s| self.shared.map.node(s).name.clone());
+        let name = |s: Option<ShardId>| s.map_or("?".into(), |s| self.shared.routing.map.node(s).name.clone());
         Err(reported(
             "0A000",
             format!(
@@ -817,7 +794,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// One exchange on a connection checked out for it (kept if it opened a transaction).
     async fn exchange_once(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
-        let read_replicas = self.shared.config.load().read_replicas;
+        let read_replicas = self.shared.routing.config.load().read_replicas;
         if read_replicas
             && matches!(self.txn, Txn::Idle)
             && d.analysis.statements.iter().all(|s| s.kind == Kind::Read)
@@ -825,7 +802,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         {
             return Ok(());
         }
-        if self.shared.topology.follows(shard) {
+        if self.shared.backends.topology.follows(shard) {
             return Box::pin(self.exchange_following(shard, d, frame)).await;
         }
         let mut p = self.checkout(shard, d.database.as_deref()).await?;
@@ -843,28 +820,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// A statement on `shard` failed: a lost connection counts for the circuit breaker.
     pub fn connection_failed(&self, shard: ShardId, e: &Reported) {
         if e.code.starts_with("08") {
-            self.shared.breaker.failure(shard.0 as usize, self.shared.topology.generation(shard));
+            self.shared.backends.breaker.failure(shard.0 as usize, self.shared.backends.topology.generation(shard));
         }
     }
 
     /// A statement got its answer from `shard`: metrics, and the circuit breaker's success.
     pub fn answered(&self, shard: ShardId, started: std::time::Instant) {
-        self.shared.stats.record(shard.0 as usize, started.elapsed(), self.answer_error);
-        self.shared.breaker.success(shard.0 as usize);
+        self.shared.backends.stats.record(shard.0 as usize, started.elapsed(), self.answer_error);
+        self.shared.backends.breaker.success(shard.0 as usize);
     }
 
     /// `exchange_once` on a shard that follows its primary: a statement that the old primary did not run
     /// (the connection failed before it was sent, or the server answered that it is shutting down or
     /// read-only) waits for the new primary and runs there, instead of failing.
     async fn exchange_following(&mut self, shard: ShardId, d: &Decision, frame: Bytes) -> Result<(), Reported> {
-        let name = self.shared.map.node(shard).name.clone();
+        let name = self.shared.routing.map.node(shard).name.clone();
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let generation = self.shared.topology.generation(shard);
+            let generation = self.shared.backends.topology.generation(shard);
             let mut p = match self.checkout(shard, d.database.as_deref()).await {
                 Ok(p) => p,
-                Err(e) if crate::topology::not_run(&e.code) && attempts < 10 => {
+                Err(e) if crate::backend::topology::not_run(&e.code) && attempts < 10 => {
                     self.wait_new_primary(shard, generation, &name, e).await?;
                     continue;
                 }
@@ -885,7 +862,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             let started = std::time::Instant::now();
             let status = self.relay_until_ready(&mut p).await;
             if status.is_err() {
-                self.shared.topology.suspect(shard);
+                self.shared.backends.topology.suspect(shard);
             }
             self.after_exchange(p, status?);
             self.answered(shard, started);
@@ -903,7 +880,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         e: Reported,
     ) -> Result<(), Reported> {
         tracing::info!(shard = name, code = %e.code, "{}; waiting for a new primary", e.message);
-        match self.shared.topology.changed_from(shard, generation, name).await {
+        match self.shared.backends.topology.changed_from(shard, generation, name).await {
             Ok(()) => Ok(()),
             Err(why) => Err(reported(&e.code, format!("{} ({})", e.message, why.0))),
         }

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use shardmap::ShardId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::{BackendError, ServerConn, Target};
-use crate::cancel::{CancelKey, Slot};
-use crate::proto;
+use crate::backend::cancel::{CancelKey, Slot};
+use crate::backend::conn::{BackendError, ServerConn, Target};
+use crate::net::proto;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -155,7 +155,7 @@ impl Pooled {
 
     /// The status of the connection's last ReadyForQuery.
     pub fn conn_status(&self) -> u8 {
-        self.conn.as_ref().map_or(crate::proto::READY_FAILED, |c| c.status)
+        self.conn.as_ref().map_or(crate::net::proto::READY_FAILED, |c| c.status)
     }
 
     pub fn shard(&self) -> ShardId {
@@ -275,5 +275,11 @@ impl Pools {
                 })
             })
             .clone()
+    }
+}
+
+impl From<PoolError> for crate::net::Reported {
+    fn from(e: PoolError) -> Self {
+        crate::net::Reported { code: e.sqlstate().to_string(), message: e.to_string() }
     }
 }

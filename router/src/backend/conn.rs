@@ -8,8 +8,8 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::net::TcpStream;
 
-use crate::proto;
-use crate::wire::{Framed, Msg, WireError};
+use crate::net::proto;
+use crate::net::wire::{Framed, Msg, WireError};
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -64,7 +64,7 @@ pub struct ServerConn {
     /// Status of the last ReadyForQuery: b'I' idle, b'T' in a transaction, b'E' failed transaction.
     pub status: u8,
     /// How to cancel this connection's query (made once, shared with the client that holds it).
-    pub cancel_key: std::sync::Arc<crate::cancel::CancelKey>,
+    pub cancel_key: std::sync::Arc<crate::backend::cancel::CancelKey>,
     /// PostgreSQL warned that a shutdown cut a commit's wait for the synchronous standby (see
     /// [`WireError::CommitUnconfirmed`]).
     pub shutdown_warning: bool,
@@ -201,7 +201,7 @@ impl ServerConn {
                     }
                 }
                 b'Z' => {
-                    conn.cancel_key = std::sync::Arc::new(crate::cancel::CancelKey {
+                    conn.cancel_key = std::sync::Arc::new(crate::backend::cancel::CancelKey {
                         host: t.host.clone(),
                         port: t.port,
                         pid: conn.pid,
@@ -267,5 +267,11 @@ impl ServerConn {
                 _ => {}
             }
         }
+    }
+}
+
+impl From<BackendError> for crate::net::Reported {
+    fn from(e: BackendError) -> Self {
+        crate::net::Reported { code: e.sqlstate().to_string(), message: e.to_string() }
     }
 }

@@ -1,14 +1,17 @@
-//! Following the catalog: the live shard map kept in PostgreSQL (`shard-catalog`; see `shardmap::catalog` for
-//! its tables). A task per router creates the catalog when it is missing (seeded from config.csv), loads it,
-//! LISTENs for changes (re-reading every few seconds as well, in case a notification is lost), applies each
-//! version to the shard map — bucket owners, frozen buckets — and acknowledges it with a heartbeat row, so
-//! that a move knows when every live router holds a frozen unit's statements.
+//! The live shard map's catalog, kept in PostgreSQL (`shard-catalog`; see `shardmap::catalog` for its tables),
+//! shared by the router and the rebalancer: [`ensure`] creates it when it is missing (seeded from config.csv),
+//! [`load`] applies it to a [`ShardMap`], and [`follow`] is a router's task that LISTENs for changes
+//! (re-reading every few seconds as well, in case a notification is lost), applies each version to the shard
+//! map — bucket owners, frozen units — and acknowledges it with a heartbeat row, so that a move knows when
+//! every live router holds a frozen unit's statements.
 //!
-//! Statements for a frozen bucket wait in [`Catalog::thaw`] until a new version thaws it; the other buckets
+//! Statements for a frozen unit wait in [`Catalog::wait_thawed`] until a new version thaws it; the other units
 //! flow on. Without a catalog connection the router serves with the map it has.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -16,8 +19,6 @@ use shardmap::catalog::{Unit, CHANNEL, SCHEMA, SEED_LOCK};
 use shardmap::config::NodeAddr;
 use shardmap::{BucketId, ShardMap};
 use tokio::sync::watch;
-
-use crate::server::Shared;
 
 /// The statements between their routing decision and their answer, so that a router acknowledges a freeze
 /// only once the statements it routed with the previous map have finished: a statement for the frozen unit
@@ -254,16 +255,25 @@ pub async fn load(client: &tokio_postgres::Client, map: &ShardMap) -> Result<u64
     Ok(version)
 }
 
-/// The router's catalog task: follows the catalog until the router stops, reconnecting after failures.
-pub async fn follow(shared: Weak<Shared>) {
+/// What [`follow`] needs of the router that runs it, read at each step (RELOAD may change it).
+pub struct Follower {
+    /// The address the router listens on, written in its heartbeat row.
+    pub listen: String,
+    /// `rebalance-max-freeze-ms`: half of it bounds the wait for statements routed with the previous map.
+    pub max_freeze: Box<dyn Fn() -> Duration + Send + Sync>,
+}
+
+/// The router's catalog task: follows the catalog into `map` until the router drops `catalog`, reconnecting
+/// after failures.
+pub async fn follow(catalog: Weak<Catalog>, map: Arc<ShardMap>, follower: Follower) {
     let mut failures = 0u32;
     loop {
-        let Some(s) = shared.upgrade() else { return };
-        if s.catalog.addr.is_none() {
+        let Some(c) = catalog.upgrade() else { return };
+        if c.addr.is_none() {
             return;
         }
-        drop(s);
-        match follow_once(&shared).await {
+        drop(c);
+        match follow_once(&catalog, &map, &follower).await {
             Ok(()) => return,
             Err(e) => {
                 failures += 1;
@@ -276,15 +286,12 @@ pub async fn follow(shared: Weak<Shared>) {
     }
 }
 
-async fn follow_once(shared: &Weak<Shared>) -> Result<()> {
+async fn follow_once(catalog: &Weak<Catalog>, map: &Arc<ShardMap>, follower: &Follower) -> Result<()> {
     let (addr, id) = {
-        let s = shared.upgrade().context("stopping")?;
-        (s.catalog.addr.clone().expect("checked"), s.catalog.id.clone())
+        let c = catalog.upgrade().context("stopping")?;
+        (c.addr.clone().expect("checked"), c.id.clone())
     };
-    {
-        let s = shared.upgrade().context("stopping")?;
-        ensure(&addr, &s.map, "shard-router catalog").await?;
-    }
+    ensure(&addr, map, "shard-router catalog").await?;
     let (client, mut conn) =
         pg_config(&addr, None, "shard-router catalog").connect(tokio_postgres::NoTls).await.context("catalog")?;
     let (tx, mut notified) = tokio::sync::mpsc::unbounded_channel();
@@ -305,10 +312,6 @@ async fn follow_once(shared: &Weak<Shared>) -> Result<()> {
         }
     });
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-    let listen = {
-        let s = shared.upgrade().context("stopping")?;
-        s.config.load().router.listen.clone()
-    };
     let beat = "INSERT INTO gb_routers (id, addr, version) VALUES ($1, $2, $3) \
                 ON CONFLICT (id) DO UPDATE SET seen = now(), version = EXCLUDED.version";
     let beat = client.prepare(beat).await?;
@@ -324,17 +327,17 @@ async fn follow_once(shared: &Weak<Shared>) -> Result<()> {
             _ = reread.tick() => true,
             _ = heartbeat.tick() => false,
         };
-        let Some(s) = shared.upgrade() else { return Ok(()) };
+        let Some(c) = catalog.upgrade() else { return Ok(()) };
         if reload {
-            let v = load(&client, &s.map).await?;
+            let v = load(&client, map).await?;
             if applied != Some(v) {
                 tracing::info!(version = v, "catalog applied");
                 applied = Some(v);
-                s.catalog.version.send_replace(v);
+                c.version.send_replace(v);
                 // Acknowledge only once the statements routed with the previous map are done (bounded: a
                 // long statement leaves the rest to the source's guard).
-                let limit = Duration::from_millis(s.config.load().rebalance.max_freeze_ms / 2);
-                if !s.catalog.gate.drain(limit).await {
+                let limit = (follower.max_freeze)() / 2;
+                if !c.gate.drain(limit).await {
                     tracing::warn!(
                         version = v,
                         "statements routed before catalog version {v} still run after {limit:?}"
@@ -343,7 +346,7 @@ async fn follow_once(shared: &Weak<Shared>) -> Result<()> {
             }
         }
         // The heartbeat carries the version applied: a move's cutover waits for it.
-        let v = s.catalog.version() as i64;
-        client.execute(&beat, &[&id, &listen, &v]).await?;
+        let v = c.version() as i64;
+        client.execute(&beat, &[&id, &follower.listen, &v]).await?;
     }
 }

@@ -5,8 +5,8 @@
 
 use shardmap::ShardId;
 
-use crate::client::Reported;
-use crate::server::Shared;
+use crate::backend::Backends;
+use crate::frontend::session::Reported;
 
 fn reported(code: &str, message: impl Into<String>) -> Reported {
     Reported { code: code.to_string(), message: message.into() }
@@ -18,8 +18,8 @@ fn quote_ident(s: &str) -> String {
 
 /// Creates `database` on `shard`'s node. Another client or router creating it at the same time is not an
 /// error: the database exists either way.
-pub async fn create(shared: &Shared, shard: ShardId, database: &str) -> Result<(), Reported> {
-    let node = shared.map.node(shard);
+pub async fn create(backends: &Backends, shard: ShardId, database: &str) -> Result<(), Reported> {
+    let node = backends.map.node(shard);
     let addr = node.addr.as_ref().ok_or_else(|| reported("08001", format!("shard {} has no address", node.name)))?;
     let (host, port) = addr.hosts[0].clone();
     let mut cfg = tokio_postgres::Config::new();
@@ -28,14 +28,14 @@ pub async fn create(shared: &Shared, shard: ShardId, database: &str) -> Result<(
     if let Some(p) = &addr.password {
         cfg.password(p);
     }
-    cfg.connect_timeout(std::time::Duration::from_millis(shared.config.load().pool.timeout_ms));
-    let _one_at_a_time = shared.creating.lock().await;
+    cfg.connect_timeout(std::time::Duration::from_millis(backends.config.load().pool.timeout_ms));
+    let _one_at_a_time = backends.creating.lock().await;
     let (db, conn) =
         cfg.connect(tokio_postgres::NoTls).await.map_err(|e| reported("08001", format!("shard {}: {e}", node.name)))?;
     let task = tokio::spawn(async move {
         let _ = conn.await;
     });
-    let template = format!("{}template", shared.map.tenant_prefix);
+    let template = format!("{}template", backends.map.tenant_prefix);
     let has_template = db
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
         .await

@@ -8,7 +8,7 @@
 //! - `SHOW STATS`: per shard: queries, errors, average latency;
 //! - `PAUSE [shard]` / `RESUME [shard]`: new transactions for the shard (all shards without a name) wait;
 //!   transactions already running finish; PAUSE returns once the shard's server connections are all back;
-//! - `RELOAD`: re-reads config.csv without dropping clients (see `Shared::reload` for what takes effect);
+//! - `RELOAD`: re-reads config.csv without dropping clients (see `control::reload` for what takes effect);
 //! - `SHOW HELP`.
 
 use std::sync::Arc;
@@ -18,9 +18,9 @@ use bytes::{BufMut, BytesMut};
 use shardmap::ShardId;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::proto;
-use crate::server::Shared;
-use crate::wire::Framed;
+use crate::net::proto;
+use crate::net::wire::Framed;
+use crate::server::Router;
 
 /// The virtual database of the admin console.
 pub const ADMIN_DB: &str = "shard_admin";
@@ -58,12 +58,12 @@ fn write_table(buf: &mut BytesMut, t: &Table) {
 
 /// Serves an admin session after authentication: the startup's end, then commands until the client leaves.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    shared: Arc<Shared>,
+    shared: Arc<Router>,
     mut io: Framed<S>,
     user: &str,
     key: (i32, i32),
 ) -> anyhow::Result<()> {
-    if !shared.config.load().router.admin_users.iter().any(|u| u == user) {
+    if !shared.routing.config.load().router.admin_users.iter().any(|u| u == user) {
         proto::error(
             &mut io.wbuf,
             "FATAL",
@@ -84,7 +84,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     ] {
         proto::parameter_status(&mut io.wbuf, k, v);
     }
-    crate::startup::backend_key(&mut io.wbuf, key.0, key.1);
+    crate::frontend::startup::backend_key(&mut io.wbuf, key.0, key.1);
     proto::ready(&mut io.wbuf, proto::READY_IDLE);
     io.flush().await?;
     loop {
@@ -132,7 +132,7 @@ enum Reply {
 
 type Failure = (&'static str, String);
 
-async fn command(shared: &Arc<Shared>, text: &str) -> Result<Reply, Failure> {
+async fn command(shared: &Arc<Router>, text: &str) -> Result<Reply, Failure> {
     let words: Vec<String> =
         text.trim().trim_end_matches(';').split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
     let arg = text.trim().trim_end_matches(';').split_whitespace().nth(1).map(|s| s.trim_matches('"').to_string());
@@ -166,26 +166,27 @@ async fn command(shared: &Arc<Shared>, text: &str) -> Result<Reply, Failure> {
     }
 }
 
-fn shards(shared: &Shared) -> Table {
-    let t = &shared.topology;
+fn shards(shared: &Router) -> Table {
+    let t = &shared.backends.topology;
     let rows = shared
+        .routing
         .map
         .nodes
         .iter()
         .enumerate()
         .map(|(i, n)| {
             let s = ShardId(i as u16);
-            let (queries, errors, _) = shared.stats.shard(i);
+            let (queries, errors, _) = shared.backends.stats.shard(i);
             vec![
                 n.name.clone(),
                 t.current(s).map_or("(none)".to_string(), |(h, p)| format!("{h}:{p}")),
                 t.generation(s).to_string(),
                 t.failovers(s).to_string(),
                 if t.is_paused(s) { "paused".into() } else { "running".into() },
-                shared.breaker.state(i).to_string(),
+                shared.backends.breaker.state(i).to_string(),
                 queries.to_string(),
                 errors.to_string(),
-                shared.config.load().node_patroni.get(&n.name).map(|u| u.join(",")).unwrap_or_default(),
+                shared.routing.config.load().node_patroni.get(&n.name).map(|u| u.join(",")).unwrap_or_default(),
             ]
         })
         .collect();
@@ -205,14 +206,14 @@ fn shards(shared: &Shared) -> Table {
     }
 }
 
-fn pools(shared: &Shared) -> Table {
-    let mut stats = shared.pools.stats();
+fn pools(shared: &Router) -> Table {
+    let mut stats = shared.backends.pools.stats();
     stats.sort_by(|a, b| (a.shard.0, &a.host, a.port, &a.database).cmp(&(b.shard.0, &b.host, b.port, &b.database)));
     let rows = stats
         .into_iter()
         .map(|p| {
             vec![
-                shared.map.node(p.shard).name.clone(),
+                shared.routing.map.node(p.shard).name.clone(),
                 format!("{}:{}", p.host, p.port),
                 p.database,
                 p.user,
@@ -225,22 +226,23 @@ fn pools(shared: &Shared) -> Table {
     Table { columns: vec!["shard", "server", "database", "user", "active", "idle", "waiting"], rows }
 }
 
-fn clients(shared: &Shared) -> Table {
-    let mut list = shared.clients.lock().expect("clients lock").values().cloned().collect::<Vec<_>>();
+fn clients(shared: &Router) -> Table {
+    let mut list = shared.registry.clients.lock().expect("clients lock").values().cloned().collect::<Vec<_>>();
     list.sort_by_key(|c| c.since);
     let rows =
         list.into_iter().map(|c| vec![c.user, c.database, c.addr, c.since.elapsed().as_secs().to_string()]).collect();
     Table { columns: vec!["user", "database", "address", "connected_s"], rows }
 }
 
-fn stats(shared: &Shared) -> Table {
+fn stats(shared: &Router) -> Table {
     let rows = shared
+        .routing
         .map
         .nodes
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let (queries, errors, sum) = shared.stats.shard(i);
+            let (queries, errors, sum) = shared.backends.stats.shard(i);
             let avg = if queries == 0 { 0.0 } else { sum.as_secs_f64() * 1e6 / queries as f64 };
             vec![n.name.clone(), queries.to_string(), errors.to_string(), format!("{avg:.0}")]
         })
@@ -248,16 +250,16 @@ fn stats(shared: &Shared) -> Table {
     Table { columns: vec!["shard", "queries", "errors", "avg_us"], rows }
 }
 
-async fn pause(shared: &Arc<Shared>, shard: Option<&str>, on: bool) -> Result<Reply, Failure> {
+async fn pause(shared: &Arc<Router>, shard: Option<&str>, on: bool) -> Result<Reply, Failure> {
     let targets: Vec<ShardId> = match shard {
-        None => shared.map.all().collect(),
-        Some(name) => match shared.map.nodes.iter().position(|n| n.name == name) {
+        None => shared.routing.map.all().collect(),
+        Some(name) => match shared.routing.map.nodes.iter().position(|n| n.name == name) {
             Some(i) => vec![ShardId(i as u16)],
             None => return Err(("42704", format!("no shard named {name:?} (SHOW SHARDS lists them)"))),
         },
     };
     for s in &targets {
-        shared.topology.set_paused(*s, on);
+        shared.backends.topology.set_paused(*s, on);
     }
     if !on {
         return Ok(Reply::Done("RESUME".into(), None));
@@ -266,7 +268,8 @@ async fn pause(shared: &Arc<Shared>, shard: Option<&str>, on: bool) -> Result<Re
     // minute with a notice of what still runs.
     let t = Instant::now();
     loop {
-        let active: usize = shared.pools.stats().iter().filter(|p| targets.contains(&p.shard)).map(|p| p.active).sum();
+        let active: usize =
+            shared.backends.pools.stats().iter().filter(|p| targets.contains(&p.shard)).map(|p| p.active).sum();
         if active == 0 {
             return Ok(Reply::Done("PAUSE".into(), None));
         }
@@ -280,11 +283,11 @@ async fn pause(shared: &Arc<Shared>, shard: Option<&str>, on: bool) -> Result<Re
     }
 }
 
-fn reload(shared: &Arc<Shared>) -> Result<Reply, Failure> {
-    let file = shared.config.load().file.clone();
+fn reload(shared: &Arc<Router>) -> Result<Reply, Failure> {
+    let file = shared.routing.config.load().file.clone();
     let new = shardmap::Config::load(std::path::Path::new(&file))
         .map_err(|e| ("F0000", format!("RELOAD failed, the running config is kept: {e}")))?;
-    let restart = shared.reload(new);
+    let restart = crate::control::reload::reload(shared, new);
     tracing::info!(file, ?restart, "config reloaded");
     let notice =
         (!restart.is_empty()).then(|| format!("changed but not applied until a restart: {}", restart.join(", ")));

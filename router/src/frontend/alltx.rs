@@ -8,9 +8,9 @@ use bytes::Bytes;
 use shardmap::{Decision, ShardId, Target};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::client::{Client, Reported, Txn};
-use crate::pool::Pooled;
-use crate::proto;
+use crate::backend::pool::Pooled;
+use crate::frontend::session::{Client, Reported, Txn};
+use crate::net::proto;
 
 fn reported(code: &str, message: impl Into<String>) -> Reported {
     Reported { code: code.to_string(), message: message.into() }
@@ -21,7 +21,7 @@ pub async fn bind_all<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, d: &
     let Txn::Held(held) = std::mem::take(&mut c.txn) else {
         return Err(reported("XX000", "no held transaction to bind"));
     };
-    let shards: Vec<ShardId> = c.shared.map.all().collect();
+    let shards: Vec<ShardId> = c.shared.routing.map.all().collect();
     let mut conns = Vec::with_capacity(shards.len());
     for s in shards {
         let p = match c.checkout(s, d.database.as_deref()).await {
@@ -123,7 +123,7 @@ async fn on_all<S: AsyncRead + AsyncWrite + Unpin>(
     read: bool,
 ) -> Result<(), Reported> {
     let mut conns = std::mem::take(&mut c.bound_all);
-    let r = crate::fanout::merge_on(c, &mut conns, read, frame).await;
+    let r = crate::frontend::fanout::merge_on(c, &mut conns, read, frame).await;
     c.bound_all = conns;
     r?;
     let status = finish(c);

@@ -5,93 +5,33 @@
 //! bucket); everything else (pools, primaries, circuits) is read when a scrape asks.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 
-use crate::server::Shared;
-
-/// Upper bounds of the latency histogram's buckets, in microseconds (and `+Inf`).
-const BOUNDS_US: [u64; 12] =
-    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000, 5_000_000, 30_000_000];
-
-#[derive(Default)]
-struct ShardStats {
-    queries: AtomicU64,
-    errors: AtomicU64,
-    /// Per bucket (not cumulative); the last is `+Inf`.
-    buckets: [AtomicU64; BOUNDS_US.len() + 1],
-    sum_us: AtomicU64,
-}
-
-pub struct Stats {
-    shards: Vec<ShardStats>,
-    /// Client connections open now.
-    pub clients: AtomicI64,
-    /// Health checks: consecutive failures per shard (`health-enabled`).
-    pub health_failures: Vec<AtomicU64>,
-    started: Instant,
-}
-
-impl Stats {
-    pub fn new(shards: usize) -> Stats {
-        Stats {
-            shards: (0..shards).map(|_| ShardStats::default()).collect(),
-            clients: AtomicI64::new(0),
-            health_failures: (0..shards).map(|_| AtomicU64::new(0)).collect(),
-            started: Instant::now(),
-        }
-    }
-
-    /// A statement answered by shard `i` in `elapsed`; `error` if the server answered with an error.
-    pub fn record(&self, i: usize, elapsed: Duration, error: bool) {
-        let Some(s) = self.shards.get(i) else { return };
-        s.queries.fetch_add(1, Ordering::Relaxed);
-        if error {
-            s.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        let us = elapsed.as_micros().min(u64::MAX as u128) as u64;
-        let b = BOUNDS_US.iter().position(|&le| us <= le).unwrap_or(BOUNDS_US.len());
-        s.buckets[b].fetch_add(1, Ordering::Relaxed);
-        s.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    /// Shard `i`'s statements, errors and summed latency.
-    pub fn shard(&self, i: usize) -> (u64, u64, Duration) {
-        self.shards.get(i).map_or((0, 0, Duration::ZERO), |s| {
-            (
-                s.queries.load(Ordering::Relaxed),
-                s.errors.load(Ordering::Relaxed),
-                Duration::from_micros(s.sum_us.load(Ordering::Relaxed)),
-            )
-        })
-    }
-
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
-    }
-}
+use crate::backend::stats::BOUNDS_US;
+use crate::backend::Backends;
 
 /// Each shard's check for the health endpoint: `ok`, or why not.
-fn checks(shared: &Shared) -> Vec<(String, String)> {
-    let config = shared.config.load();
+fn checks(backends: &Backends) -> Vec<(String, String)> {
+    let config = backends.config.load();
     let retries = config.health.retries.max(1) as u64;
-    shared
+    backends
         .map
         .nodes
         .iter()
         .enumerate()
         .map(|(i, n)| {
             let shard = shardmap::ShardId(i as u16);
-            let state = if !shared.topology.has_primary(shard) {
+            let state = if !backends.topology.has_primary(shard) {
                 "no primary".to_string()
-            } else if shared.breaker.state(i) == "open" {
+            } else if backends.breaker.state(i) == "open" {
                 "circuit open".to_string()
-            } else if config.health.enabled && shared.stats.health_failures[i].load(Ordering::Relaxed) >= retries {
+            } else if config.health.enabled && backends.stats.health_failures[i].load(Ordering::Relaxed) >= retries {
                 format!("unreachable ({retries} checks failed)")
             } else {
                 "ok".to_string()
@@ -102,17 +42,17 @@ fn checks(shared: &Shared) -> Vec<(String, String)> {
 }
 
 /// The health document and its HTTP status: 200 when every shard is `ok`, 503 otherwise.
-pub fn health(shared: &Shared) -> (StatusCode, serde_json::Value) {
-    let checks = checks(shared);
+pub fn health(backends: &Backends) -> (StatusCode, serde_json::Value) {
+    let checks = checks(backends);
     let healthy = checks.iter().all(|(_, s)| s == "ok");
-    let pools = shared.pools.stats();
+    let pools = backends.pools.stats();
     let body = serde_json::json!({
         "status": if healthy { "healthy" } else { "unhealthy" },
         "version": env!("CARGO_PKG_VERSION"),
-        "uptime": shared.stats.uptime().as_secs(),
+        "uptime": backends.stats.uptime().as_secs(),
         "checks": checks.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect::<serde_json::Map<_, _>>(),
         "metrics": {
-            "connections": shared.stats.clients.load(Ordering::Relaxed),
+            "connections": backends.stats.clients.load(Ordering::Relaxed),
             "server_connections": pools.iter().map(|p| p.active + p.idle).sum::<usize>(),
             "waiting": pools.iter().map(|p| p.waiting).sum::<usize>(),
         },
@@ -121,24 +61,24 @@ pub fn health(shared: &Shared) -> (StatusCode, serde_json::Value) {
 }
 
 /// `/metrics` in Prometheus' text exposition format.
-pub fn metrics(shared: &Shared) -> String {
+pub fn metrics(backends: &Backends) -> String {
     let mut out = String::new();
-    let names: Vec<&str> = shared.map.nodes.iter().map(|n| n.name.as_str()).collect();
+    let names: Vec<&str> = backends.map.nodes.iter().map(|n| n.name.as_str()).collect();
     let help = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP shard_router_{name} {help}\n# TYPE shard_router_{name} {kind}");
     };
     help(&mut out, "queries_total", "counter", "Statements answered by one shard.");
-    for (i, s) in shared.stats.shards.iter().enumerate() {
+    for (i, s) in backends.stats.shards.iter().enumerate() {
         let _ =
             writeln!(out, "shard_router_queries_total{{shard=\"{}\"}} {}", names[i], s.queries.load(Ordering::Relaxed));
     }
     help(&mut out, "errors_total", "counter", "Statements a shard answered with an error.");
-    for (i, s) in shared.stats.shards.iter().enumerate() {
+    for (i, s) in backends.stats.shards.iter().enumerate() {
         let _ =
             writeln!(out, "shard_router_errors_total{{shard=\"{}\"}} {}", names[i], s.errors.load(Ordering::Relaxed));
     }
     help(&mut out, "query_duration_seconds", "histogram", "Time from sending a statement to its ReadyForQuery.");
-    for (i, s) in shared.stats.shards.iter().enumerate() {
+    for (i, s) in backends.stats.shards.iter().enumerate() {
         let mut cumulative = 0;
         for (b, le) in BOUNDS_US.iter().enumerate() {
             cumulative += s.buckets[b].load(Ordering::Relaxed);
@@ -163,7 +103,7 @@ pub fn metrics(shared: &Shared) -> String {
         );
         let _ = writeln!(out, "shard_router_query_duration_seconds_count{{shard=\"{}\"}} {cumulative}", names[i]);
     }
-    let pools = shared.pools.stats();
+    let pools = backends.pools.stats();
     for (metric, what) in [
         ("pool_active", "Server connections checked out."),
         ("pool_idle", "Idle server connections in the pool."),
@@ -192,7 +132,7 @@ pub fn metrics(shared: &Shared) -> String {
         let _ = writeln!(
             out,
             "shard_router_failovers_total{{shard=\"{name}\"}} {}",
-            shared.topology.failovers(shardmap::ShardId(i as u16))
+            backends.topology.failovers(shardmap::ShardId(i as u16))
         );
     }
     help(&mut out, "has_primary", "gauge", "1 when the router knows the shard's primary.");
@@ -200,12 +140,12 @@ pub fn metrics(shared: &Shared) -> String {
         let _ = writeln!(
             out,
             "shard_router_has_primary{{shard=\"{name}\"}} {}",
-            shared.topology.has_primary(shardmap::ShardId(i as u16)) as u8
+            backends.topology.has_primary(shardmap::ShardId(i as u16)) as u8
         );
     }
     help(&mut out, "circuit_state", "gauge", "The circuit breaker's state per shard (1 for the current one).");
     for (i, name) in names.iter().enumerate() {
-        let now = shared.breaker.state(i);
+        let now = backends.breaker.state(i);
         for state in ["closed", "open", "half-open"] {
             let _ = writeln!(
                 out,
@@ -215,9 +155,9 @@ pub fn metrics(shared: &Shared) -> String {
         }
     }
     help(&mut out, "client_connections", "gauge", "Client connections open now.");
-    let _ = writeln!(out, "shard_router_client_connections {}", shared.stats.clients.load(Ordering::Relaxed));
+    let _ = writeln!(out, "shard_router_client_connections {}", backends.stats.clients.load(Ordering::Relaxed));
     help(&mut out, "uptime_seconds", "gauge", "Seconds since the router started.");
-    let _ = writeln!(out, "shard_router_uptime_seconds {}", shared.stats.uptime().as_secs());
+    let _ = writeln!(out, "shard_router_uptime_seconds {}", backends.stats.uptime().as_secs());
     out
 }
 
@@ -225,30 +165,30 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-async fn health_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let (code, body) = health(&shared);
+async fn health_handler(State(backends): State<Arc<Backends>>) -> impl IntoResponse {
+    let (code, body) = health(&backends);
     (code, [(header::CONTENT_TYPE, "application/json")], body.to_string())
 }
 
-async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics(&shared))
+async fn metrics_handler(State(backends): State<Arc<Backends>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics(&backends))
 }
 
 /// Serves the health endpoint and `/metrics` on `listener` until the task is dropped.
-pub async fn serve_http(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
-    let path = shared.config.load().health.endpoint.clone();
+pub async fn serve_http(listener: tokio::net::TcpListener, backends: Arc<Backends>) -> std::io::Result<()> {
+    let path = backends.config.load().health.endpoint.clone();
     let app = axum::Router::new()
         .route(&path, axum::routing::get(health_handler))
         .route("/metrics", axum::routing::get(metrics_handler))
-        .with_state(shared);
+        .with_state(backends);
     axum::serve(listener, app).await
 }
 
 /// `health-enabled`: checks each shard's primary with `SELECT 1` every `health-interval` seconds (within
 /// `health-timeout`); `health-retries` failures in a row make the shard unhealthy until a check passes.
-pub async fn health_checks(shared: std::sync::Weak<Shared>) {
+pub async fn health_checks(backends: std::sync::Weak<Backends>) {
     loop {
-        let Some(s) = shared.upgrade() else { return };
+        let Some(s) = backends.upgrade() else { return };
         let (interval, timeout, enabled) = {
             let c = s.config.load();
             (
@@ -267,7 +207,7 @@ pub async fn health_checks(shared: std::sync::Weak<Shared>) {
         for (i, node) in s.map.nodes.iter().enumerate() {
             let Some(addr) = &node.addr else { continue };
             let ok = match s.topology.current(shardmap::ShardId(i as u16)) {
-                Some((host, port)) => crate::topology::in_recovery(addr, &host, port, timeout).await.is_some(),
+                Some((host, port)) => crate::backend::topology::in_recovery(addr, &host, port, timeout).await.is_some(),
                 None => false,
             };
             let f = &s.stats.health_failures[i];

@@ -120,7 +120,7 @@ impl Topology {
     }
 
     /// Starts a prober per following node; they stop when `topology` is dropped by everyone else.
-    pub fn start(topology: &Arc<Topology>, map: &ShardMap, pools: Arc<crate::pool::Pools>) {
+    pub fn start(topology: &Arc<Topology>, map: &ShardMap, pools: Arc<crate::backend::pool::Pools>) {
         for (i, node) in topology.nodes.iter().enumerate() {
             if !node.follows {
                 continue;
@@ -151,7 +151,7 @@ impl Topology {
         }
     }
 
-    fn publish(&self, shard: ShardId, found: Found, pools: &crate::pool::Pools) {
+    fn publish(&self, shard: ShardId, found: Found, pools: &crate::backend::pool::Pools) {
         let node = &self.nodes[shard.0 as usize];
         let Found { primary: mut found, timeline, replicas } = found;
         // Fencing: a primary's timeline never goes backwards; one on an older timeline than a primary already

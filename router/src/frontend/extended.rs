@@ -17,11 +17,11 @@ use shardmap::sql::Kind;
 use shardmap::{Decision, Target};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::backend::ServerConn;
-use crate::client::{statement_hash, BindParams, Client, ClientStmt, Fatal, Reported, Txn};
-use crate::pool::Pooled;
-use crate::proto;
-use crate::wire::Msg;
+use crate::backend::conn::ServerConn;
+use crate::backend::pool::Pooled;
+use crate::frontend::session::{statement_hash, BindParams, Client, ClientStmt, Fatal, Reported, Txn};
+use crate::net::proto;
+use crate::net::wire::Msg;
 
 /// What the client expects back for each message sent (or not sent) to the server.
 #[derive(Debug)]
@@ -95,7 +95,7 @@ fn register<S>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
             // The same statement again (drivers re-send the unnamed one with every execution).
             continue;
         }
-        let analysis = c.shared.planner.analyze(p.query);
+        let analysis = c.shared.routing.planner.analyze(p.query);
         let server_name =
             if p.name.is_empty() { String::new() } else { format!("sr_{:016x}", statement_hash(p.query, &p.types)) };
         c.statements
@@ -115,10 +115,10 @@ fn decide<S>(c: &Client<S>, batch: &[Msg]) -> Result<(Option<Decision>, Option<K
             .statements
             .get(bind.statement)
             .ok_or_else(|| reported("26000", format!("prepared statement \"{}\" does not exist", bind.statement)))?;
-        if !c.shared.session_mode {
-            crate::client::refuse_session_locks(&stmt.analysis)?;
+        if !c.shared.routing.session_mode {
+            crate::frontend::session::refuse_session_locks(&stmt.analysis)?;
         }
-        let d = c.shared.planner.decide_analyzed(
+        let d = c.shared.routing.planner.decide_analyzed(
             &stmt.analysis,
             &BindParams { bind: &bind, types: &stmt.types },
             &c.session,
@@ -174,17 +174,17 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
     // In the catalog's gate from the decision to the answer; a batch for a unit a move is cutting over waits
     // for its new owner, out of the gate (see `route_simple`).
     let ((decision, kind, mixed), _pass) = loop {
-        let pass = c.shared.catalog.enter();
+        let pass = c.shared.routing.catalog.enter();
         let decided = decide(c, batch)?;
         match decided.0.as_ref() {
-            Some(d) if c.shared.map.holds(d) && !matches!(c.txn, Txn::Bound) => {
+            Some(d) if c.shared.routing.map.holds(d) && !matches!(c.txn, Txn::Bound) => {
                 drop(pass);
-                Box::pin(c.shared.thaw(Some(d))).await?;
+                Box::pin(c.shared.routing.thaw(Some(d))).await?;
             }
             // A pipeline for several shards: its units are known batch by batch; it waits out any freeze.
-            None if decided.2 && c.shared.map.anything_frozen() => {
+            None if decided.2 && c.shared.routing.map.anything_frozen() => {
                 drop(pass);
-                Box::pin(c.shared.thaw(None)).await?;
+                Box::pin(c.shared.routing.thaw(None)).await?;
             }
             _ => break (decided, pass),
         }
@@ -213,7 +213,7 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
             // Parse/Describe/Close only: any shard answers (schemas are the same everywhere).
             match c.txn {
                 Txn::Bound => send_bound(c, batch).await,
-                _ if c.shared.topology.follows_any() => Box::pin(send_following(c, batch, None)).await,
+                _ if c.shared.backends.topology.follows_any() => Box::pin(send_following(c, batch, None)).await,
                 _ => {
                     let p = c.checkout_any(None).await?;
                     send_alone(c, batch, p).await
@@ -243,7 +243,7 @@ async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: 
                 let read = d.analysis.statements.iter().all(|s| s.kind == Kind::Read);
                 let held_read = matches!(c.txn, Txn::Held(_)) && read;
                 if matches!(c.txn, Txn::Held(_)) && !read && d.target == Target::All {
-                    crate::alltx::bind_all(c, &d).await?;
+                    crate::frontend::alltx::bind_all(c, &d).await?;
                     let r = on_bound_all(c, batch, Some(&d)).await;
                     for name in closes {
                         c.statements.remove(&name);
@@ -277,17 +277,19 @@ async fn session_statements<S: AsyncRead + AsyncWrite + Unpin>(
     for m in batch.iter().filter(|m| m.tag == b'B') {
         let bind = proto::read_bind(m.body()).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
         let text = c.statements.get(bind.statement).map(|s| s.text.clone()).unwrap_or_default();
-        match c.settings.classify_in(&text, c.shared.session_mode) {
-            crate::settings::Change::Refused(why) => return Err(reported("0A000", why)),
+        match c.settings.classify_in(&text, c.shared.routing.session_mode) {
+            crate::frontend::settings::Change::Refused(why) => return Err(reported("0A000", why)),
             change => changes.push(change),
         }
     }
-    if let [change @ (crate::settings::Change::Deallocate(_) | crate::settings::Change::DiscardAll)] =
+    if let [change @ (crate::frontend::settings::Change::Deallocate(_) | crate::frontend::settings::Change::DiscardAll)] =
         changes.as_slice()
     {
         let change = match change {
-            crate::settings::Change::Deallocate(n) => crate::settings::Change::Deallocate(n.clone()),
-            _ => crate::settings::Change::DiscardAll,
+            crate::frontend::settings::Change::Deallocate(n) => {
+                crate::frontend::settings::Change::Deallocate(n.clone())
+            }
+            _ => crate::frontend::settings::Change::DiscardAll,
         };
         let tag = c.local_session_change(change);
         return synthesize(c, batch, tag).await;
@@ -569,7 +571,7 @@ async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
     shard: shardmap::ShardId,
     d: &Decision,
 ) -> Result<(), Reported> {
-    let read_replicas = c.shared.config.load().read_replicas;
+    let read_replicas = c.shared.routing.config.load().read_replicas;
     match std::mem::take(&mut c.txn) {
         Txn::BoundAll => {
             c.txn = Txn::BoundAll;
@@ -591,7 +593,7 @@ async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
         {
             Ok(())
         }
-        Txn::Idle if c.shared.topology.follows(shard) => {
+        Txn::Idle if c.shared.backends.topology.follows(shard) => {
             Box::pin(send_following(c, batch, Some((shard, d.database.as_deref())))).await
         }
         Txn::Idle => {
@@ -625,7 +627,7 @@ async fn send_replica<S: AsyncRead + AsyncWrite + Unpin>(
     if p.conn().flush().await.is_err() {
         return Ok(false);
     }
-    if answered && !matches!(crate::client::refused(p.conn()).await, Ok(None)) {
+    if answered && !matches!(crate::frontend::session::refused(p.conn()).await, Ok(None)) {
         return Ok(false);
     }
     relay_alone(c, p, exps).await.map(|()| true)
@@ -645,10 +647,10 @@ async fn send_following<S: AsyncRead + AsyncWrite + Unpin>(
         // Where it goes this time (any shard: the next one; its generation read before the checkout).
         let shard = match to {
             Some((s, _)) => s,
-            None => c.home().map_or_else(|| c.shared.any_shard(), |(s, _)| s),
+            None => c.home().map_or_else(|| c.shared.backends.any_shard(), |(s, _)| s),
         };
-        let name = c.shared.map.node(shard).name.clone();
-        let generation = c.shared.topology.generation(shard);
+        let name = c.shared.routing.map.node(shard).name.clone();
+        let generation = c.shared.backends.topology.generation(shard);
         let checked_out = match to {
             Some((s, db)) => c.checkout(s, db).await,
             None => match c.home() {
@@ -658,7 +660,7 @@ async fn send_following<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let mut p = match checked_out {
             Ok(p) => p,
-            Err(e) if crate::topology::not_run(&e.code) && attempts < 10 => {
+            Err(e) if crate::backend::topology::not_run(&e.code) && attempts < 10 => {
                 c.wait_new_primary(shard, generation, &name, e).await?;
                 continue;
             }
@@ -669,7 +671,7 @@ async fn send_following<S: AsyncRead + AsyncWrite + Unpin>(
         let answered = awaits_result(batch, &exps);
         let not_run = match p.conn().flush().await {
             Err(e) => Some(Reported::from(e)),
-            Ok(()) if answered => crate::client::refused(p.conn()).await.unwrap_or(None),
+            Ok(()) if answered => crate::frontend::session::refused(p.conn()).await.unwrap_or(None),
             Ok(()) => None,
         };
         match not_run {
@@ -681,7 +683,7 @@ async fn send_following<S: AsyncRead + AsyncWrite + Unpin>(
             None => {
                 let r = relay_alone(c, p, exps).await;
                 if r.as_ref().is_err_and(|e| e.code.starts_with("08")) {
-                    c.shared.topology.suspect(shard);
+                    c.shared.backends.topology.suspect(shard);
                 }
                 return r;
             }
@@ -758,7 +760,7 @@ async fn fan_out<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(reported("0A000", format!("this statement would write to several shards ({})", d.reason)));
         }
         // DDL and writes to global tables: the same batch on every shard.
-        let shards = d.shards(&c.shared.map);
+        let shards = d.shards(&c.shared.routing.map);
         let mut conns = Vec::with_capacity(shards.len());
         for s in &shards {
             conns.push(c.checkout(*s, d.database.as_deref()).await?);
@@ -771,7 +773,7 @@ async fn fan_out<S: AsyncRead + AsyncWrite + Unpin>(
         }
         return r;
     }
-    let shards = d.shards(&c.shared.map);
+    let shards = d.shards(&c.shared.routing.map);
     let mut conns = Vec::with_capacity(shards.len());
     for s in &shards {
         conns.push(c.checkout(*s, d.database.as_deref()).await?);
@@ -817,7 +819,7 @@ async fn on_bound_all<S: AsyncRead + AsyncWrite + Unpin>(
         _ => everywhere(c, batch, &mut conns).await,
     };
     c.bound_all = conns;
-    crate::alltx::finish(c);
+    crate::frontend::alltx::finish(c);
     r
 }
 

@@ -7,10 +7,10 @@ use shardmap::sql::Kind;
 use shardmap::{Decision, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::client::{Client, Reported};
-use crate::pool::Pooled;
-use crate::proto;
-use crate::wire::Msg;
+use crate::backend::pool::Pooled;
+use crate::frontend::session::{Client, Reported};
+use crate::net::proto;
+use crate::net::wire::Msg;
 
 fn reported(code: &str, message: impl Into<String>) -> Reported {
     Reported { code: code.to_string(), message: message.into() }

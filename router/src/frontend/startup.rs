@@ -13,8 +13,8 @@ use pgwire::messages::Message;
 use shardmap::config::AuthMethod;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::proto;
-use crate::wire::{Framed, WireError};
+use crate::net::proto;
+use crate::net::wire::{Framed, WireError};
 
 const SSL_REQUEST: i32 = 80877103;
 const GSSENC_REQUEST: i32 = 80877104;

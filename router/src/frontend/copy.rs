@@ -7,9 +7,9 @@ use shardmap::sql::{CopyFormat, CopyIn};
 use shardmap::{Decision, KeyValue, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::client::{Client, Fatal, Reported};
-use crate::pool::Pooled;
-use crate::proto;
+use crate::backend::pool::Pooled;
+use crate::frontend::session::{Client, Fatal, Reported};
+use crate::net::proto;
 
 /// Send a shard's rows once this many bytes are waiting.
 const CHUNK: usize = 64 << 10;
@@ -235,7 +235,7 @@ async fn key_position<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some((code, message)) = error {
         return Err(Reported { code, message });
     }
-    let key = &c.shared.map.key;
+    let key = &c.shared.routing.map.key;
     names
         .iter()
         .position(|n| n == key)
@@ -267,8 +267,8 @@ impl From<Reported> for Outcome {
     }
 }
 
-impl From<crate::backend::BackendError> for Outcome {
-    fn from(e: crate::backend::BackendError) -> Self {
+impl From<crate::backend::conn::BackendError> for Outcome {
+    fn from(e: crate::backend::conn::BackendError) -> Self {
         Outcome::Reported(e.into())
     }
 }
@@ -288,7 +288,7 @@ async fn copy_in_inner<S: AsyncRead + AsyncWrite + Unpin>(
             )
         }
     };
-    let shards: Vec<ShardId> = d.shards(&c.shared.map);
+    let shards: Vec<ShardId> = d.shards(&c.shared.routing.map);
     let mut conns: Vec<Pooled> = Vec::with_capacity(shards.len());
     for s in &shards {
         conns.push(c.checkout(*s, d.database.as_deref()).await?);
@@ -317,7 +317,7 @@ async fn copy_in_inner<S: AsyncRead + AsyncWrite + Unpin>(
     c.io.push(&response.expect("at least one shard"));
     c.io.flush().await.map_err(|e| Outcome::Fatal(e.into()))?;
 
-    let map = c.shared.map.clone();
+    let map = c.shared.routing.map.clone();
     let key_type = map.key_type;
     let index_of: std::collections::HashMap<ShardId, usize> = shards.iter().enumerate().map(|(i, s)| (*s, i)).collect();
     let mut bufs: Vec<BytesMut> = vec![BytesMut::new(); shards.len()];
@@ -339,7 +339,7 @@ async fn copy_in_inner<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         let m = match c.io.read().await {
             Ok(Some(m)) => m,
-            Ok(None) => return Err(Outcome::Fatal(Fatal::Wire(crate::wire::WireError::Truncated))),
+            Ok(None) => return Err(Outcome::Fatal(Fatal::Wire(crate::net::wire::WireError::Truncated))),
             Err(e) => return Err(Outcome::Fatal(e.into())),
         };
         match m.tag {
@@ -422,7 +422,7 @@ async fn copy_in_inner<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn send_data(p: &mut Pooled, buf: &mut BytesMut) -> Result<(), crate::backend::BackendError> {
+async fn send_data(p: &mut Pooled, buf: &mut BytesMut) -> Result<(), crate::backend::conn::BackendError> {
     if buf.is_empty() {
         return Ok(());
     }
@@ -433,7 +433,7 @@ async fn send_data(p: &mut Pooled, buf: &mut BytesMut) -> Result<(), crate::back
 }
 
 /// Ends a shard's COPY with CopyFail and waits for its ReadyForQuery.
-async fn abort(p: &mut Pooled, why: &str) -> Result<(), crate::backend::BackendError> {
+async fn abort(p: &mut Pooled, why: &str) -> Result<(), crate::backend::conn::BackendError> {
     let conn = p.conn();
     proto::put(&mut conn.io.wbuf, b'f', |b| proto::cstr(b, why));
     conn.flush().await?;

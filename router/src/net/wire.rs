@@ -217,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 }
                 error |= tag == b'E';
                 if tag == b'N' {
-                    shutdown_notice |= crate::proto::is_commit_cut(&b[5..total]);
+                    shutdown_notice |= crate::net::proto::is_commit_cut(&b[5..total]);
                 }
                 if tag == b'Z' && total == 6 {
                     ready = Some(b[5]);

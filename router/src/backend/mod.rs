@@ -1,0 +1,85 @@
+//! Server side: raw server connections ([`conn`]), pools ([`pool`]), where each shard's primary is
+//! ([`topology`]), the circuit breaker ([`breaker`]), tenant databases ([`tenant`]), cancel keys ([`cancel`])
+//! and the per-shard counters ([`stats`]). [`Backends`] is the handle every client task holds for all of it.
+
+pub mod breaker;
+pub mod cancel;
+pub mod conn;
+pub mod pool;
+pub mod stats;
+pub mod tenant;
+pub mod topology;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use shardmap::{Config, ShardId, ShardMap};
+
+/// The servers behind the router: their pools, primaries, breakers and counters.
+pub struct Backends {
+    /// The running config (shared with the routing handle; RELOAD replaces it).
+    pub config: Arc<ArcSwap<Config>>,
+    pub map: Arc<ShardMap>,
+    pub pools: Arc<pool::Pools>,
+    /// Where each shard's primary is (and the failover buffer).
+    pub topology: Arc<topology::Topology>,
+    pub breaker: breaker::Breaker,
+    /// Counters for `/metrics` and the health endpoint.
+    pub stats: stats::Stats,
+    /// Serializes this router's tenant database creations (`shard-auto-create`).
+    pub creating: tokio::sync::Mutex<()>,
+    next: AtomicUsize,
+    /// Per shard: until when (ms since `epoch`) it is believed down after a failed connection attempt.
+    down_until: Vec<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Backends {
+    pub fn new(config: Arc<ArcSwap<Config>>, map: Arc<ShardMap>) -> Backends {
+        let c = config.load();
+        let pools = Arc::new(pool::Pools::new(pool::Settings {
+            size: c.pool.size,
+            timeout: Duration::from_millis(c.pool.timeout_ms),
+            idle_timeout: Duration::from_secs(c.pool.idle_timeout_s),
+        }));
+        let topology = Arc::new(topology::Topology::new(&map, &c));
+        let n = map.nodes.len();
+        Backends {
+            breaker: breaker::Breaker::new(&c.circuit_breaker, n),
+            stats: stats::Stats::new(n),
+            pools,
+            topology,
+            creating: Default::default(),
+            next: AtomicUsize::new(0),
+            down_until: (0..n).map(|_| Default::default()).collect(),
+            epoch: Instant::now(),
+            map,
+            config: config.clone(),
+        }
+    }
+
+    /// A shard for statements any shard can answer, in turn, skipping shards that just failed to connect and
+    /// shards paused by the admin console.
+    pub fn any_shard(&self) -> ShardId {
+        let n = self.map.nodes.len().max(1);
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let mut pick = 0;
+        for _ in 0..n {
+            pick = self.next.fetch_add(1, Ordering::Relaxed) % n;
+            if self.down_until[pick].load(Ordering::Relaxed) <= now && !self.topology.is_paused(ShardId(pick as u16)) {
+                break;
+            }
+        }
+        ShardId(pick as u16)
+    }
+
+    /// Notes that a shard could not be reached: `any_shard` avoids it for a couple of seconds.
+    pub fn mark_down(&self, shard: ShardId) {
+        let until = self.epoch.elapsed().as_millis() as u64 + 2000;
+        if let Some(d) = self.down_until.get(shard.0 as usize) {
+            d.store(until, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Client side: startup and authentication ([`startup`]), and one client's session ([`session`]) with the
+//! simple and extended protocols, COPY and statements for several shards. [`Routing`] is the handle to the
+//! routing decision (config, map, planner, catalog); [`Registry`] knows the connected clients.
+
+pub mod alltx;
+pub mod copy;
+pub mod extended;
+pub mod fanout;
+pub mod session;
+pub mod settings;
+pub mod startup;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use shardmap::{Config, Planner, ShardMap};
+
+use crate::net::Reported;
+
+/// What routing a statement needs: the running config, the shard map, the planner and the catalog that
+/// moves units between shards.
+pub struct Routing {
+    /// The running config; RELOAD replaces it (structural settings keep their values from the start).
+    pub config: Arc<ArcSwap<Config>>,
+    pub map: Arc<ShardMap>,
+    pub planner: Planner,
+    /// The catalog this router follows (bucket owners, frozen units).
+    pub catalog: Arc<shard_catalog::Catalog>,
+    /// `pool-mode,session`: each client keeps the server connections it uses for its whole session.
+    pub session_mode: bool,
+}
+
+impl Routing {
+    /// Waits while a move holds the unit of `d` frozen (see `shard_catalog`), or with `None` (COPY, pipelines
+    /// for several shards, whose units are known row by row) any unit; the error is for the client.
+    pub async fn thaw(&self, d: Option<&shardmap::Decision>) -> Result<(), Reported> {
+        let limit = Duration::from_millis(self.config.load().rebalance.max_freeze_ms + 2000);
+        let frozen = || d.map_or_else(|| self.map.anything_frozen(), |d| self.map.holds(d));
+        if self.catalog.wait_thawed(frozen, limit).await {
+            return Ok(());
+        }
+        let unit = match d {
+            None => "a unit".to_string(),
+            Some(d) => match (d.buckets.iter().find(|b| self.map.any_frozen(&[**b])), &d.database) {
+                (Some(b), _) => format!("bucket:{}", b.0),
+                (None, Some(db)) => format!("tenant database {db}"),
+                (None, None) => "the range piece of this statement's key".to_string(),
+            },
+        };
+        let message = format!(
+            "{unit} has been frozen by a move for more than {} ms (is the rebalancer stuck? `rebalance status` tells; `rebalance abort` thaws it)",
+            limit.as_millis()
+        );
+        Err(Reported::new("55006", message))
+    }
+}
+
+/// A client connection, as the admin console shows it.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    pub user: String,
+    pub database: String,
+    pub addr: String,
+    pub since: std::time::Instant,
+}
+
+/// The clients connected now: by cancel key (for SHOW CLIENTS and CancelRequest), and the SCRAM secrets
+/// salted for their users.
+#[derive(Default)]
+pub struct Registry {
+    pub clients: Mutex<HashMap<(i32, i32), ClientInfo>>,
+    pub cancels: crate::backend::cancel::Registry,
+    pub scram: startup::ScramCache,
+}
