@@ -5,16 +5,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardmap::{Config, Planner, ShardId, ShardMap, Strategy};
+use shardmap::{Config, Planner, ShardMap};
 
 use crate::backend::Backends;
 use crate::frontend::{ClientInfo, Registry, Routing};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::frontend::session::{Client, Txn};
-use crate::frontend::settings::Settings;
-use crate::frontend::startup::backend_key;
+use crate::frontend::session::Session;
 use crate::frontend::startup::{self, Hello, StartupError};
 use crate::net::proto;
 use crate::net::wire::Framed;
@@ -199,71 +197,18 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     if database == crate::control::admin::ADMIN_DB {
         return crate::control::admin::serve(shared.clone(), io, &user, cancel_key).await;
     }
-    let mut client = Client {
-        io,
-        shared: shared.clone(),
-        user,
-        database: database.clone(),
-        session: shardmap::Session { database: Some(database.clone()), ..Default::default() },
-        settings: Settings::from_startup(&params),
-        txn: Txn::Idle,
-        bound: None,
-        bound_all: Vec::new(),
-        failed: false,
-        answer_error: false,
-        statements: Default::default(),
-        batch: Vec::new(),
-        cancel,
-        sticky: Vec::new(),
-        listening: false,
-        pools: Vec::new(),
-    };
-    // One checkout validates the client's startup settings and gives the server's parameters. Any live
-    // shard will do (the tenant's own under the tenant strategy).
-    let candidates: Vec<(ShardId, Option<String>)> = match shared.routing.map.strategy {
-        Strategy::Tenant => match shared.routing.map.tenant_of_database(&database) {
-            Some(t) => vec![(shared.routing.map.tenant_shard(t), Some(database.clone()))],
-            None => shared.routing.map.all().map(|s| (s, None)).collect(),
-        },
-        _ => {
-            let first = shared.backends.any_shard().0 as usize;
-            let n = shared.routing.map.nodes.len();
-            (0..n).map(|i| (ShardId(((first + i) % n) as u16), None)).collect()
-        }
-    };
-    let mut server_params = None;
-    let mut last_error = None;
-    for (shard, db) in candidates {
-        match client.checkout(shard, db.as_deref()).await {
-            Ok(mut p) => {
-                server_params = Some(p.conn().params.clone());
-                client.give_back(p);
-                break;
-            }
-            Err(e) => last_error = Some(e),
-        }
-    }
-    let Some(server_params) = server_params else {
-        let e = last_error.expect("at least one shard was tried");
-        proto::error(&mut client.io.wbuf, "FATAL", &e.code, &e.message);
-        client.io.flush().await.ok();
+    let mut session =
+        Session::new(io, shared.routing.clone(), shared.backends.clone(), user, database, &params, cancel);
+    if let Err(e) = session.start(cancel_key).await {
+        proto::error(&mut session.io.wbuf, "FATAL", &e.code, &e.message);
+        session.io.flush().await.ok();
         return Ok(());
-    };
-    for (k, v) in &server_params {
-        let own = params.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.as_str());
-        proto::parameter_status(&mut client.io.wbuf, k, own.unwrap_or(v));
     }
-    backend_key(&mut client.io.wbuf, cancel_key.0, cancel_key.1);
-    proto::ready(&mut client.io.wbuf, proto::READY_IDLE);
-    client.io.flush().await?;
-    match client.run().await {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            proto::error(&mut client.io.wbuf, "FATAL", "08P01", &e.to_string());
-            client.io.flush().await.ok();
-            Ok(())
-        }
+    if let Err(e) = session.run().await {
+        proto::error(&mut session.io.wbuf, "FATAL", "08P01", &e.to_string());
+        session.io.flush().await.ok();
     }
+    Ok(())
 }
 
 /// Stops a background task when the server stops.

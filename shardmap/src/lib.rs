@@ -16,6 +16,7 @@ pub mod config;
 pub mod decision;
 pub mod geo;
 pub mod hash;
+mod lexical;
 pub mod map;
 pub mod planner;
 pub mod shape;

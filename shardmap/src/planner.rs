@@ -147,6 +147,20 @@ impl Planner {
         (self.analyze(text), Vec::new())
     }
 
+    /// Where every statement of `session` goes when that is known whatever the statement: the only node, or
+    /// the tenant's database (named at connection or by `SET gb.tenant`). The router then relays the session
+    /// as it is, without holding BEGIN.
+    pub fn fixed(&self, session: &Session) -> Option<(ShardId, Option<String>)> {
+        let map = &self.map;
+        if map.strategy == Strategy::Tenant {
+            let tenant = session.tenant.clone().or_else(|| {
+                session.database.as_deref().and_then(|db| map.tenant_of_database(db)).map(str::to_string)
+            })?;
+            return Some((map.tenant_shard(&tenant), Some(format!("{}{tenant}", map.tenant_prefix))));
+        }
+        (map.nodes.len() == 1).then_some((ShardId(0), None))
+    }
+
     /// Routes a simple-protocol statement (see [`Planner::analyze_simple`]).
     pub fn decide_simple(&self, text: &str, session: &Session) -> Result<Decision, RouteError> {
         let (a, lits) = self.analyze_simple(text);
@@ -267,15 +281,25 @@ impl Planner {
         params: &dyn Params,
         session: &Session,
     ) -> Result<Decision, RouteError> {
+        let follows_session = matches!(st.kind, Kind::Transaction | Kind::Session | Kind::Cursor);
+        if self.map.nodes.len() == 1 && self.map.strategy != Strategy::Tenant {
+            // One node: every statement goes there, as the client wrote it (PostgreSQL answers it).
+            let target = if follows_session { Target::Session } else { Target::One(ShardId(0)) };
+            return Ok(self.decision(a, target, "the only node"));
+        }
+        if self.map.strategy == Strategy::Tenant {
+            // The tenant's database answers whatever it is sent: only refusals about keys stand.
+            if st.refusal.is_some() && a.parse_error.is_none() && st.kind != Kind::CopyIn && a.hint.is_none() {
+                return Err(RouteError::Refused(st.refusal.clone().expect("checked")));
+            }
+            return self.decide_tenant(a, st, params, session);
+        }
         if let Some(r) = &st.refusal {
             if a.hint.is_none() || matches!(st.kind, Kind::CopyIn) {
                 return Err(RouteError::Refused(r.clone()));
             }
         }
-        if self.map.strategy == Strategy::Tenant {
-            return self.decide_tenant(a, st, params, session);
-        }
-        if matches!(st.kind, Kind::Transaction | Kind::Session) {
+        if follows_session {
             return Ok(self.decision(a, Target::Session, st.reason.clone()));
         }
         if let Some(h) = &a.hint {
@@ -465,12 +489,12 @@ impl Planner {
             }
         }
         let Some(tenant) = tenant else {
-            if matches!(st.kind, Kind::Transaction | Kind::Session) {
+            if matches!(st.kind, Kind::Transaction | Kind::Session | Kind::Cursor) {
                 return Ok(self.decision(a, Target::Session, st.reason.clone()));
             }
             return Err(RouteError::NoTenant { prefix: self.map.tenant_prefix.clone(), key: self.map.key.clone() });
         };
-        let target = if matches!(st.kind, Kind::Transaction | Kind::Session) {
+        let target = if matches!(st.kind, Kind::Transaction | Kind::Session | Kind::Cursor) {
             Target::Session
         } else {
             Target::One(self.map.tenant_shard(&tenant))

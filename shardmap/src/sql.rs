@@ -47,6 +47,9 @@ pub enum Kind {
     Transaction,
     /// SET, RESET, SHOW, LISTEN, DISCARD...: session state, follow the session.
     Session,
+    /// FETCH, MOVE, CLOSE: the cursor is where the session's transaction is (a DECLARE is a read, routed by
+    /// its query, with [`StatementAnalysis::cursor`] set).
+    Cursor,
     /// COPY ... FROM STDIN: rows are split by key (see [`CopyIn`]).
     CopyIn,
 }
@@ -76,6 +79,44 @@ pub enum Keys {
 pub enum SessionChange {
     ShardKey(Option<String>),
     Tenant(Option<String>),
+}
+
+/// What a transaction-control statement does (the router's transaction state machine reads it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnVerb {
+    /// BEGIN, START TRANSACTION.
+    Begin,
+    /// COMMIT, END.
+    Commit,
+    /// ROLLBACK, ABORT.
+    Rollback,
+    Savepoint,
+    /// RELEASE [SAVEPOINT].
+    Release,
+    /// ROLLBACK TO [SAVEPOINT].
+    RollbackTo,
+    /// PREPARE TRANSACTION 'gid'.
+    Prepare(String),
+    /// COMMIT PREPARED 'gid'.
+    CommitPrepared(String),
+    /// ROLLBACK PREPARED 'gid'.
+    RollbackPrepared(String),
+}
+
+/// What a SET or RESET does to the session's settings (SET LOCAL and SET TRANSACTION do nothing lasting).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// These parameters (lower case) get new values.
+    Set(Vec<String>),
+    /// This parameter goes back to its session default.
+    Reset(String),
+    ResetAll,
+}
+
+/// DECLARE of a cursor (`hold`: WITH HOLD, it outlives its transaction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Declare {
+    pub hold: bool,
 }
 
 /// A routing hint from a comment: `/* shard_key: 42 */`, `/* shard: name */` or `/* tenant: acme */`.
@@ -122,6 +163,12 @@ pub struct StatementAnalysis {
     /// Whether it takes or releases a session-level advisory lock (`pg_advisory_lock` and friends), which
     /// belongs to a server connection rather than to a transaction.
     pub session_lock: bool,
+    /// Transaction control: what it does.
+    pub txn: Option<TxnVerb>,
+    /// DECLARE ... CURSOR: a read routed by its query, whose cursor lives in the transaction.
+    pub declare: Option<Declare>,
+    /// SET/RESET: the session settings it changes.
+    pub setting: Option<Setting>,
 }
 
 impl StatementAnalysis {
@@ -136,6 +183,9 @@ impl StatementAnalysis {
             copy: None,
             reason: reason.into(),
             session_lock: false,
+            txn: None,
+            declare: None,
+            setting: None,
         }
     }
 }
@@ -174,45 +224,19 @@ pub fn analyze(sql: &str, key: &str, key_type: KeyType, global: &HashSet<String>
         }
         Err(sqlparser::parser::ParserError::RecursionLimitExceeded) => {
             let msg = format!("the statement is nested deeper than the recursion limit ({RECURSION_LIMIT} levels)");
-            let mut st = lexical(sql, &msg);
+            let mut st = crate::lexical::analyze(sql, &msg, key, global);
             st.refusal = Some(msg.clone());
             Analysis { statements: vec![st], hint: None, parse_error: Some(msg) }
         }
         Err(e) => {
             let msg = e.to_string();
-            Analysis { statements: vec![lexical(sql, &msg)], hint, parse_error: Some(msg) }
+            Analysis { statements: vec![crate::lexical::analyze(sql, &msg, key, global)], hint, parse_error: Some(msg) }
         }
     }
 }
 
-/// A statement sqlparser cannot parse, classified by its first word so that valid PostgreSQL the parser
-/// does not know still reaches the servers (which give the real error if it is not valid).
-fn lexical(sql: &str, error: &str) -> StatementAnalysis {
-    let word = first_word(sql).to_ascii_uppercase();
-    let (kind, refusal) = match word.as_str() {
-        "BEGIN" | "START" | "COMMIT" | "END" | "ROLLBACK" | "ABORT" | "SAVEPOINT" | "RELEASE" | "PREPARE" => {
-            (Kind::Transaction, None)
-        }
-        "SET" | "RESET" | "SHOW" | "DISCARD" | "LISTEN" | "UNLISTEN" | "DEALLOCATE" => (Kind::Session, None),
-        "CREATE" | "ALTER" | "DROP" | "COMMENT" | "GRANT" | "REVOKE" | "DO" | "VACUUM" | "ANALYZE" | "REINDEX"
-        | "CLUSTER" | "REFRESH" | "SECURITY" => (Kind::Ddl, None),
-        "SELECT" | "WITH" | "TABLE" | "VALUES" | "EXPLAIN" => (Kind::Read, None),
-        _ => (
-            Kind::Write,
-            Some(format!(
-                "cannot parse the statement ({error}); add a /* shard: name */ or /* shard_key: value */ hint"
-            )),
-        ),
-    };
-    let mut st = StatementAnalysis::new(kind, format!("unparsed {word}"));
-    if kind == Kind::Read {
-        st.tables = Tables::Sharded("?".into());
-    }
-    st.refusal = refusal;
-    st
-}
-
-pub(crate) fn first_word(sql: &str) -> &str {
+/// The first word of a statement, past comments.
+pub fn first_word(sql: &str) -> &str {
     let mut s = sql;
     loop {
         s = s.trim_start();
@@ -340,14 +364,7 @@ impl Ctx<'_> {
                 a.kind = Kind::Write;
                 let target = self.write_target(&u.table.relation);
                 if let Tables::Sharded(t) = &target {
-                    let changes_key = u.assignments.iter().any(|asg| {
-                        let names: Vec<&ObjectName> = match &asg.target {
-                            ast::AssignmentTarget::ColumnName(n) => vec![n],
-                            ast::AssignmentTarget::Tuple(ns) => ns.iter().collect(),
-                        };
-                        names.iter().any(|n| n.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key))
-                    });
-                    if changes_key {
+                    if self.assigns_key(&u.assignments) {
                         a.refusal = Some(format!(
                             "UPDATE {t} changes the shard key {}: that would move the row to another shard; delete it and insert it again",
                             self.key
@@ -382,6 +399,30 @@ impl Ctx<'_> {
             | Statement::ReleaseSavepoint { .. } => {
                 a.kind = Kind::Transaction;
                 a.reason = "transaction control follows the session".into();
+                a.txn = Some(match s {
+                    Statement::StartTransaction { .. } => TxnVerb::Begin,
+                    Statement::Commit { .. } => TxnVerb::Commit,
+                    Statement::Rollback { savepoint: Some(_), .. } => TxnVerb::RollbackTo,
+                    Statement::Rollback { .. } => TxnVerb::Rollback,
+                    Statement::Savepoint { .. } => TxnVerb::Savepoint,
+                    _ => TxnVerb::Release,
+                });
+            }
+            Statement::Declare { stmts, .. } => match stmts.as_slice() {
+                [d] if d.for_query.is_some() => {
+                    a.kind = Kind::Read;
+                    let o = self.query(d.for_query.as_ref().expect("checked"), false, &mut Vec::new());
+                    self.finish(&mut a, &o);
+                    a.declare = Some(Declare { hold: d.hold == Some(true) });
+                }
+                _ => {
+                    a.kind = Kind::Ddl;
+                    a.reason = "schema change or utility statement: every shard".into();
+                }
+            },
+            Statement::Fetch { .. } | Statement::Close { .. } => {
+                a.kind = Kind::Cursor;
+                a.reason = "a cursor is where the session's transaction is".into();
             }
             Statement::Set(set) => {
                 a.kind = Kind::Session;
@@ -389,12 +430,22 @@ impl Ctx<'_> {
                 if let ast::Set::SingleAssignment { variable, values, .. } = set {
                     a.session = self.gb_setting(variable, values.first());
                 }
+                if a.session.is_none() {
+                    a.setting = setting_of(set);
+                }
             }
             Statement::Reset(r) => {
                 a.kind = Kind::Session;
                 a.reason = "session setting".into();
                 if let ast::Reset::ConfigurationParameter(name) = &r.reset {
                     a.session = self.gb_setting(name, None);
+                }
+                if a.session.is_none() {
+                    a.setting = Some(match &r.reset {
+                        ast::Reset::ALL => Setting::ResetAll,
+                        ast::Reset::SessionAuthorization => Setting::Reset("session_authorization".into()),
+                        ast::Reset::ConfigurationParameter(n) => Setting::Reset(n.to_string().to_lowercase()),
+                    });
                 }
             }
             Statement::ShowVariable { .. }
@@ -414,6 +465,17 @@ impl Ctx<'_> {
             }
         }
         a
+    }
+
+    /// Whether assignments (`SET a = ..., (b, c) = ...`) set the shard key.
+    fn assigns_key(&self, assignments: &[ast::Assignment]) -> bool {
+        assignments.iter().any(|asg| {
+            let names: Vec<&ObjectName> = match &asg.target {
+                ast::AssignmentTarget::ColumnName(n) => vec![n],
+                ast::AssignmentTarget::Tuple(ns) => ns.iter().collect(),
+            };
+            names.iter().any(|n| n.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key))
+        })
     }
 
     /// `SET gb.shard_key = ...` / `SET gb.tenant = ...` (and RESET, with `value` None).
@@ -497,6 +559,16 @@ impl Ctx<'_> {
             return;
         }
         a.tables = Tables::Sharded(table.clone());
+        if let Some(ast::OnInsert::OnConflict(ast::OnConflict { action: ast::OnConflictAction::DoUpdate(u), .. })) =
+            &ins.on
+        {
+            if self.assigns_key(&u.assignments) {
+                a.refusal = Some(format!(
+                    "INSERT into {table} ... ON CONFLICT DO UPDATE changes the shard key {}: that would move the row to another shard; delete it and insert it again",
+                    self.key
+                ));
+            }
+        }
         let pos =
             ins.columns.iter().position(|c| c.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key));
         let Some(source) = &ins.source else {
@@ -546,13 +618,88 @@ impl Ctx<'_> {
             }
             return;
         }
-        // INSERT ... SELECT: routed by the SELECT's key.
+        // INSERT ... SELECT: the inserted key decides where the rows go; what the SELECT reads must be there.
+        self.insert_select(&table, pos, ins.columns.is_empty(), source, a);
+    }
+
+    /// `INSERT INTO table (..., key, ...) SELECT ...`: routed by the key the rows get (a value, a parameter,
+    /// or the key column of what the SELECT reads); refused when that cannot be known or when the SELECT reads
+    /// another shard than the one the rows go to.
+    fn insert_select(
+        &self,
+        table: &str,
+        pos: Option<usize>,
+        no_columns: bool,
+        source: &Query,
+        a: &mut StatementAnalysis,
+    ) {
+        let key = self.key;
         let o = self.query(source, false, &mut Vec::new());
-        a.keys = o.keys();
-        a.reason = std::sync::Arc::<str>::from(match &a.keys {
-            Keys::Some(k) => format!("INSERT ... SELECT with {}", self.describe(k)),
-            Keys::None => format!("INSERT into {table} ... SELECT with no {} condition", self.key),
-        });
+        let projection = match source.body.as_ref() {
+            SetExpr::Select(s) => Some(&s.projection),
+            _ => None,
+        };
+        let inserted = match (pos, projection) {
+            (None, _) if no_columns => {
+                a.reason =
+                    format!("INSERT into {table} ... SELECT names no columns, so the position of {key} is unknown")
+                        .into();
+                return;
+            }
+            (None, _) => {
+                a.reason = format!("INSERT into {table} ... SELECT has no {key} column").into();
+                return;
+            }
+            (Some(p), Some(items)) => match items.get(p) {
+                Some(ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. }) => Some(e),
+                _ => None,
+            },
+            (Some(_), None) => None,
+        };
+        let Some(e) = inserted else {
+            a.refusal = Some(format!(
+                "INSERT into {table} ... SELECT: the {key} of the rows cannot be read from the SELECT; give it as a value or parameter"
+            ));
+            return;
+        };
+        let keys = match self.key_value(e) {
+            Err(why) => {
+                a.refusal = Some(why);
+                return;
+            }
+            // A value or parameter: the rows go to its shard; a sharded table read must be read there.
+            Ok(Some(k)) => {
+                let mut keys = vec![k];
+                match o.keys() {
+                    _ if o.first_sharded.is_none() => {}
+                    Keys::Some(read) => keys.extend(read),
+                    Keys::None => {
+                        a.refusal = Some(format!(
+                            "INSERT into {table} ... SELECT reads {} on every shard, and the rows go to one shard; add a {key} condition to the SELECT",
+                            o.first_sharded.as_deref().unwrap_or("a sharded table")
+                        ));
+                        return;
+                    }
+                }
+                keys
+            }
+            // The key column of what the SELECT reads: the rows stay on the shard of the keys it reads.
+            Ok(None) if self.is_key(e) => match o.keys() {
+                Keys::Some(read) => read,
+                Keys::None => {
+                    a.reason = format!("INSERT into {table} ... SELECT with no {key} condition").into();
+                    return;
+                }
+            },
+            Ok(None) => {
+                a.refusal = Some(format!(
+                    "INSERT into {table} ... SELECT computes {key} as {e}; compute the key in the client and give it as a value or parameter"
+                ));
+                return;
+            }
+        };
+        a.reason = format!("INSERT ... SELECT with {}", self.describe(&keys)).into();
+        a.keys = Keys::Some(keys);
     }
 
     fn copy(
@@ -590,11 +737,6 @@ impl Ctx<'_> {
                     );
                     return;
                 }
-                if global {
-                    a.kind = Kind::Write;
-                    a.reason = (format!("{table} is a global table: every shard")).into();
-                    return;
-                }
                 a.kind = Kind::CopyIn;
                 let mut copy = CopyIn {
                     table: table.clone(),
@@ -616,6 +758,11 @@ impl Ctx<'_> {
                         }
                         CopyOption::Delimiter(c) => delimiter = Some(*c as u8),
                         CopyOption::Header(h) => copy.header = *h,
+                        CopyOption::Quote(c) | CopyOption::Escape(c) if *c != '"' && !global => {
+                            a.refusal = Some(format!(
+                                "COPY {table} with a quote or escape other than '\"' cannot be split by key"
+                            ));
+                        }
                         _ => {}
                     }
                 }
@@ -631,19 +778,9 @@ impl Ctx<'_> {
                     }
                 }
                 copy.delimiter = delimiter.unwrap_or(if copy.format == CopyFormat::Csv { b',' } else { b'\t' });
-                a.reason = std::sync::Arc::<str>::from(match (copy.key_column, copy.columns_given) {
-                    (Some(i), _) => format!("COPY {table}: rows split by {} (column {})", self.key, i + 1),
-                    (None, false) => {
-                        format!("COPY {table}: name the columns so that the position of {} is known", self.key)
-                    }
-                    (None, true) => format!("COPY {table}: the columns do not include {}", self.key),
-                });
-                if copy.key_column.is_none() && copy.columns_given {
-                    a.refusal = Some(a.reason.to_string());
-                }
-                if copy.format == CopyFormat::Binary {
-                    a.refusal = Some(format!("COPY {table} in binary format cannot be split by key; use text or csv"));
-                }
+                let odd = a.refusal.take();
+                describe_copy(a, &copy, self.key, global);
+                a.refusal = a.refusal.take().or(odd);
                 a.copy = Some(copy);
             }
         }
@@ -964,6 +1101,52 @@ impl Ctx<'_> {
             },
             _ => Ok(None),
         }
+    }
+}
+
+/// The parameters a SET changes for the session.
+fn setting_of(set: &ast::Set) -> Option<Setting> {
+    let name = |n: &ObjectName| n.to_string().trim_matches('"').to_lowercase();
+    let names = match set {
+        ast::Set::SingleAssignment { scope: Some(ast::ContextModifier::Local), .. } => return None,
+        ast::Set::SetTimeZone { local: true, .. } => return None,
+        ast::Set::SingleAssignment { variable, .. } => vec![name(variable)],
+        ast::Set::ParenthesizedAssignments { variables, .. } => variables.iter().map(name).collect(),
+        ast::Set::MultipleAssignments { assignments } => assignments.iter().map(|a| name(&a.name)).collect(),
+        ast::Set::SetSessionAuthorization(_) => vec!["session_authorization".into()],
+        ast::Set::SetSessionParam(_) => return None,
+        ast::Set::SetRole { context_modifier: Some(ast::ContextModifier::Local), .. } => return None,
+        ast::Set::SetRole { .. } => vec!["role".into()],
+        ast::Set::SetTimeZone { .. } => vec!["timezone".into()],
+        ast::Set::SetNames { .. } | ast::Set::SetNamesDefault {} => vec!["client_encoding".into()],
+        ast::Set::SetTransaction { session: true, .. } => vec![
+            "default_transaction_isolation".into(),
+            "default_transaction_read_only".into(),
+            "default_transaction_deferrable".into(),
+        ],
+        ast::Set::SetTransaction { .. } => return None,
+    };
+    Some(Setting::Set(names))
+}
+
+/// The reason (and refusal) of a `COPY table FROM STDIN`: rows split by the key's column, or copied to every
+/// shard for a global table.
+pub(crate) fn describe_copy(a: &mut StatementAnalysis, copy: &CopyIn, key: &str, global: bool) {
+    let table = &copy.table;
+    if global {
+        a.reason = format!("COPY {table}: a global table, the same rows on every shard").into();
+        return;
+    }
+    a.reason = std::sync::Arc::<str>::from(match (copy.key_column, copy.columns_given) {
+        (Some(i), _) => format!("COPY {table}: rows split by {key} (column {})", i + 1),
+        (None, false) => format!("COPY {table}: rows split by {key} (its position looked up)"),
+        (None, true) => format!("COPY {table}: the columns do not include {key}"),
+    });
+    if copy.key_column.is_none() && copy.columns_given {
+        a.refusal = Some(a.reason.to_string());
+    }
+    if copy.format == CopyFormat::Binary {
+        a.refusal = Some(format!("COPY {table} in binary format cannot be split by key; use text or csv"));
     }
 }
 

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 pub use localpg::{free_port, pg_bin, PgServer};
 
 pub mod patroni;
+pub mod wire;
 
 /// Several PostgreSQL shards and a router in front of them, running in this process on a free port.
 /// Dropping it stops the router and the servers.

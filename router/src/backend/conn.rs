@@ -57,6 +57,8 @@ pub struct ServerConn {
     /// Statements prepared on this connection, by the router's server-side name.
     /// (foldhash: looked up on every Parse and Bind; SipHash was a visible share of a prepared statement's cost.)
     pub prepared: foldhash::HashSet<String>,
+    /// Statements whose Parse was written here and whose ParseComplete has not come back yet (a pipeline).
+    pub parsing: foldhash::HashSet<String>,
     /// Hash of the session settings last replayed here (0: server defaults).
     pub settings: u64,
     pub since: Instant,
@@ -107,6 +109,7 @@ impl ServerConn {
             secret: 0,
             params: Vec::new(),
             prepared: Default::default(),
+            parsing: Default::default(),
             settings: 0,
             since: Instant::now(),
             last_used: Instant::now(),
@@ -223,6 +226,8 @@ impl ServerConn {
             Ok(Some(m)) => {
                 if m.tag == b'N' && proto::is_commit_cut(m.body()) {
                     self.shutdown_warning = true;
+                } else if m.tag == b'S' {
+                    self.reported(m.body());
                 }
                 Ok(m)
             }
@@ -250,11 +255,75 @@ impl ServerConn {
         self.drain_to_ready().await
     }
 
-    /// Reads and drops messages up to ReadyForQuery; the first ErrorResponse is returned.
-    pub async fn drain_to_ready(&mut self) -> Result<(), BackendError> {
+    /// A ParameterStatus body the server sent: `params` keeps the values in force on this connection.
+    pub fn reported(&mut self, body: &[u8]) {
+        let Some((k, rest)) = proto::read_cstr(body) else { return };
+        let Some((v, _)) = proto::read_cstr(rest) else { return };
+        match self.params.iter_mut().find(|(n, _)| n == k) {
+            Some(p) => p.1 = v.to_string(),
+            None => self.params.push((k.to_string(), v.to_string())),
+        }
+    }
+
+    /// Relays this connection's answer to `dst` up to ReadyForQuery (see [`Framed::relay_to_ready`]), keeping
+    /// `params` up to date.
+    pub async fn relay_to_ready<D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        dst: &mut Framed<D>,
+        status: &(dyn Fn(u8, bool) -> u8 + Sync),
+    ) -> Result<(u8, bool), crate::net::wire::RelayError> {
+        let mut reported = Vec::new();
+        let r = self.io.relay_to_ready(dst, status, &mut reported).await;
+        for m in reported {
+            self.reported(&m[5..]);
+        }
+        r
+    }
+
+    /// Runs a simple query and returns its first row's values as text (NULL as `None`); the first error is
+    /// returned.
+    pub async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, BackendError> {
+        proto::query(&mut self.io.wbuf, sql);
+        self.flush().await?;
+        let mut row = None;
         let mut err = None;
         loop {
             let m = self.read().await?;
+            match m.tag {
+                b'D' if row.is_none() => row = Some(proto::data_row(m.body())),
+                b'E' if err.is_none() => {
+                    let (code, message) = proto::error_fields(m.body());
+                    err = Some(BackendError::Server { addr: self.addr.clone(), code, message });
+                }
+                b'Z' => {
+                    self.status = m.body().first().copied().unwrap_or(proto::READY_IDLE);
+                    return match err {
+                        Some(e) => Err(e),
+                        None => Ok(row.unwrap_or_default()),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads and drops messages up to ReadyForQuery; the first ErrorResponse is returned.
+    pub async fn drain_to_ready(&mut self) -> Result<(), BackendError> {
+        self.drain_to_ready_relaying(None).await
+    }
+
+    /// Like [`ServerConn::drain_to_ready`], copying ParameterStatus and NoticeResponse messages to `relay`
+    /// when given.
+    pub async fn drain_to_ready_relaying(
+        &mut self,
+        mut relay: Option<&mut bytes::BytesMut>,
+    ) -> Result<(), BackendError> {
+        let mut err = None;
+        loop {
+            let m = self.read().await?;
+            if let (b'S' | b'N', Some(out)) = (m.tag, relay.as_deref_mut()) {
+                out.extend_from_slice(&m.frame);
+            }
             match m.tag {
                 b'E' if err.is_none() => {
                     let (code, message) = proto::error_fields(m.body());
@@ -273,5 +342,21 @@ impl ServerConn {
 impl From<BackendError> for crate::net::Reported {
     fn from(e: BackendError) -> Self {
         crate::net::Reported { code: e.sqlstate().to_string(), message: e.to_string() }
+    }
+}
+
+impl ServerConn {
+    /// After a statement was sent: `Ok(Some(error))` when the server's first answer says it did not run
+    /// (`topology::not_run`: shutting down, read-only, connection failure), `Ok(None)` when it is running,
+    /// `Err(())` when no answer came. Nothing is consumed: the answer is relayed as usual afterwards.
+    pub async fn refused(&mut self) -> Result<Option<crate::net::Reported>, ()> {
+        match self.io.front().await {
+            Ok(Some((b'E', body))) => {
+                let (code, message) = proto::error_fields(body);
+                Ok(super::topology::not_run(&code).then(|| crate::net::Reported::new(&code, message)))
+            }
+            Ok(Some(_)) => Ok(None),
+            _ => Err(()),
+        }
     }
 }

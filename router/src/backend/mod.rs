@@ -4,6 +4,7 @@
 
 pub mod breaker;
 pub mod cancel;
+pub mod checkout;
 pub mod conn;
 pub mod pool;
 pub mod stats;
@@ -16,6 +17,19 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use shardmap::{Config, ShardId, ShardMap};
+
+/// Where a statement runs: a shard, and under the tenant strategy the tenant's database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dest {
+    pub shard: ShardId,
+    pub db: Option<String>,
+}
+
+impl Dest {
+    pub fn of(shard: ShardId, d: &shardmap::Decision) -> Dest {
+        Dest { shard, db: d.database.clone() }
+    }
+}
 
 /// The servers behind the router: their pools, primaries, breakers and counters.
 pub struct Backends {
@@ -30,6 +44,9 @@ pub struct Backends {
     pub stats: stats::Stats,
     /// Serializes this router's tenant database creations (`shard-auto-create`).
     pub creating: tokio::sync::Mutex<()>,
+    /// Where the transactions prepared through this router (PREPARE TRANSACTION 'gid') are, until COMMIT
+    /// PREPARED or ROLLBACK PREPARED.
+    pub prepared: std::sync::Mutex<std::collections::HashMap<String, Dest>>,
     next: AtomicUsize,
     /// Per shard: until when (ms since `epoch`) it is believed down after a failed connection attempt.
     down_until: Vec<AtomicU64>,
@@ -52,6 +69,7 @@ impl Backends {
             pools,
             topology,
             creating: Default::default(),
+            prepared: Default::default(),
             next: AtomicUsize::new(0),
             down_until: (0..n).map(|_| Default::default()).collect(),
             epoch: Instant::now(),

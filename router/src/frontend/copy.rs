@@ -1,22 +1,25 @@
-//! COPY ... FROM STDIN with rows split by the shard key: the COPY statement is started on every shard, the
-//! client's CopyData stream is cut into rows (text or CSV, rows may straddle CopyData messages), each row's
-//! key field is read and the row goes to its shard's stream. CommandComplete reports the total.
+//! COPY ... FROM STDIN, in both protocols. Where the destination is one connection (one node, a tenant's
+//! database) the COPY and its data pass through as they are. Otherwise the COPY statement is started on every
+//! shard of the transaction (or every shard, outside one), the client's CopyData stream is cut into rows
+//! (text or CSV, rows may straddle CopyData messages), each row's key field is read and the row goes to its
+//! shard's stream; a global table's rows go to every shard. CommandComplete reports the total. Outside a
+//! transaction the shards' COPYs run in transactions the router commits once every shard has taken its rows
+//! (or rolls back if one failed); inside a transaction bound to one shard, every row must belong there.
 
-use bytes::{BufMut, BytesMut};
-use shardmap::sql::{CopyFormat, CopyIn};
+use bytes::{BufMut, Bytes, BytesMut};
+use shardmap::sql::{CopyFormat, CopyIn, Tables};
 use shardmap::{Decision, KeyValue, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::backend::pool::Pooled;
-use crate::frontend::session::{Client, Fatal, Reported};
-use crate::net::proto;
+use super::extended::{rewrite, Exp, Merge, Role};
+use super::session::{Failure, Session};
+use super::txn::{Dest, State, To};
+use crate::net::proto::{self, READY_IDLE};
+use crate::net::wire::Msg;
+use crate::net::{Fatal, Reported};
 
 /// Send a shard's rows once this many bytes are waiting.
 const CHUNK: usize = 64 << 10;
-
-fn reported(code: &str, message: impl Into<String>) -> Reported {
-    Reported { code: code.to_string(), message: message.into() }
-}
 
 /// Cuts a COPY data stream into rows and reads each row's key field.
 pub struct Splitter {
@@ -196,248 +199,488 @@ fn csv_field(row: &[u8], delimiter: u8, n: usize) -> Option<Option<String>> {
     }
 }
 
-/// Looks up the position of the key among a table's columns, for COPY without a column list.
-async fn key_position<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    d: &Decision,
-    table: &str,
-) -> Result<usize, Reported> {
-    let mut p = c.checkout_any(d.database.as_deref()).await?;
-    let sql = format!(
-        "SELECT attname FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-        table.replace('\'', "''")
-    );
-    proto::query(&mut p.conn().io.wbuf, &sql);
-    p.conn().flush().await?;
-    let mut names = Vec::new();
-    let mut error = None;
-    loop {
-        let m = p.conn().read().await?;
-        match m.tag {
-            b'D' => {
-                // One text column: i16 count, i32 length, bytes.
-                let body = m.body();
-                if let Some((len, rest)) = body.get(2..).and_then(proto::read_i32) {
-                    if len >= 0 {
-                        names.push(String::from_utf8_lossy(&rest[..len as usize]).into_owned());
+/// The COPY statement as the client sent it.
+pub enum Request {
+    Simple(Bytes),
+    /// Its segment (Parse?, Bind, Describe?, Execute); the Sync comes after the data.
+    Extended(Vec<Msg>),
+}
+
+/// Where the rows go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One connection: the data passes through unread.
+    Through,
+    /// Every connection gets every row (a global table).
+    Everywhere,
+    /// Each row to its shard's connection; `only`: inside a transaction on one shard, rows for others are
+    /// refused.
+    Split { only: Option<ShardId> },
+}
+
+/// How the client's data ended.
+enum End {
+    Done,
+    Failed(String),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Runs `COPY ... FROM STDIN` where the plan says (see the module doc).
+    pub async fn copy_in(&mut self, to: To, copy: &CopyIn, d: Option<&Decision>, req: Request) -> Result<(), Failure> {
+        let global = d.is_some_and(|d| d.analysis.statements.first().is_some_and(|s| s.tables == Tables::Global));
+        let fixed = self.fixed();
+        let db = d.and_then(|d| d.database.clone());
+        let mut _pass = None;
+        let mut wrap = false;
+        let (links, mode) = match to {
+            To::Once(dest) => (vec![self.link(&dest).await?], Mode::Through),
+            To::Bound if fixed.is_some() => (vec![self.txn_link()?], Mode::Through),
+            To::Bound if global => {
+                return Err(Reported::unsupported(format!(
+                    "COPY {} writes a global table on every shard, but the transaction is bound to one shard; multi-shard transactions are not supported yet",
+                    copy.table
+                ))
+                .into())
+            }
+            To::Bound => {
+                let i = self.txn_link()?;
+                (vec![i], Mode::Split { only: Some(self.links.get(i).dest.shard) })
+            }
+            To::Fan(shards) => {
+                // COPY's units are known row by row: it starts when no unit is frozen, and stays in the
+                // catalog's gate to its end, so that a move's freeze waits for it (or rolls back) instead of
+                // COPY meeting the guard.
+                _pass = loop {
+                    let pass = self.routing.catalog.enter();
+                    if !self.routing.map.anything_frozen() {
+                        break pass;
                     }
+                    drop(pass);
+                    self.routing.thaw(None).await?;
+                };
+                let shards = if shards.is_empty() || !global { self.routing.map.all().collect() } else { shards };
+                let dests: Vec<Dest> = shards.into_iter().map(|shard| Dest { shard, db: db.clone() }).collect();
+                for dest in &dests {
+                    self.link(dest).await?;
                 }
+                wrap = dests.len() > 1 && matches!(req, Request::Simple(_));
+                let links = dests.iter().filter_map(|d| self.links.find(d)).collect();
+                (links, if global { Mode::Everywhere } else { Mode::Split { only: None } })
             }
-            b'E' => error = Some(proto::error_fields(m.body())),
-            b'Z' => {
-                p.conn().status = m.body().first().copied().unwrap_or(proto::READY_IDLE);
-                break;
+            To::OpenAll => {
+                self.open_all_simple(d).await?;
+                (self.all_links(), if global { Mode::Everywhere } else { Mode::Split { only: None } })
             }
-            _ => {}
-        }
-    }
-    c.give_back(p);
-    if let Some((code, message)) = error {
-        return Err(Reported { code, message });
-    }
-    let key = &c.shared.routing.map.key;
-    names
-        .iter()
-        .position(|n| n == key)
-        .ok_or_else(|| reported("42703", format!("table {table} has no column {key}, the shard key")))
-}
-
-/// Runs `COPY ... FROM STDIN` for several shards.
-pub async fn copy_in<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    d: &Decision,
-    copy: &CopyIn,
-    frame: bytes::Bytes,
-) -> Result<(), Fatal> {
-    match copy_in_inner(c, d, copy, frame).await {
-        Ok(()) => Ok(()),
-        Err(Outcome::Reported(e)) => c.report(e).await,
-        Err(Outcome::Fatal(f)) => Err(f),
-    }
-}
-
-enum Outcome {
-    Reported(Reported),
-    Fatal(Fatal),
-}
-
-impl From<Reported> for Outcome {
-    fn from(e: Reported) -> Self {
-        Outcome::Reported(e)
-    }
-}
-
-impl From<crate::backend::conn::BackendError> for Outcome {
-    fn from(e: crate::backend::conn::BackendError) -> Self {
-        Outcome::Reported(e.into())
-    }
-}
-
-async fn copy_in_inner<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    d: &Decision,
-    copy: &CopyIn,
-    frame: bytes::Bytes,
-) -> Result<(), Outcome> {
-    let key_column = match copy.key_column {
-        Some(k) => k,
-        None if !copy.columns_given => key_position(c, d, &copy.table).await?,
-        None => {
-            return Err(
-                reported("0A000", format!("COPY {}: the columns do not include the shard key", copy.table)).into()
-            )
-        }
-    };
-    let shards: Vec<ShardId> = d.shards(&c.shared.routing.map);
-    let mut conns: Vec<Pooled> = Vec::with_capacity(shards.len());
-    for s in &shards {
-        conns.push(c.checkout(*s, d.database.as_deref()).await?);
-    }
-    // Start COPY everywhere; every shard must answer CopyInResponse.
-    let mut response = None;
-    for p in conns.iter_mut() {
-        p.conn().io.push(&frame);
-        p.conn().flush().await?;
-    }
-    for p in conns.iter_mut() {
-        let m = p.conn().read().await?;
-        match m.tag {
-            b'G' => response = Some(m.frame),
-            b'E' => {
-                // The statement failed (no such table...): finish every shard and report it.
-                let e = proto::error_fields(m.body());
-                for q in conns.iter_mut() {
-                    let _ = abort(q, "COPY failed on another shard").await;
-                }
-                return Err(Reported { code: e.0, message: e.1 }.into());
-            }
-            other => return Err(reported("08P01", format!("unexpected answer {:?} to COPY", other as char)).into()),
-        }
-    }
-    c.io.push(&response.expect("at least one shard"));
-    c.io.flush().await.map_err(|e| Outcome::Fatal(e.into()))?;
-
-    let map = c.shared.routing.map.clone();
-    let key_type = map.key_type;
-    let index_of: std::collections::HashMap<ShardId, usize> = shards.iter().enumerate().map(|(i, s)| (*s, i)).collect();
-    let mut bufs: Vec<BytesMut> = vec![BytesMut::new(); shards.len()];
-    let mut splitter = Splitter::new(copy, key_column);
-    let mut failure: Option<String> = None;
-    let route = |r: Row<'_>, bufs: &mut Vec<BytesMut>| -> Result<(), String> {
-        match r {
-            Row::Header(line) => bufs.iter_mut().for_each(|b| b.put_slice(line)),
-            Row::Data { line, key } => {
-                let key = key.ok_or("a row's shard key is NULL")?;
-                let v = KeyValue::from_text(&key, key_type).map_err(|e| format!("shard key {key:?}: {e}"))?;
-                let shard = map.locate(&v).map_err(|e| e.to_string())?.shard;
-                let i = *index_of.get(&shard).ok_or("a row for a shard outside the COPY")?;
-                bufs[i].put_slice(line);
-            }
-        }
-        Ok(())
-    };
-    loop {
-        let m = match c.io.read().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Err(Outcome::Fatal(Fatal::Wire(crate::net::wire::WireError::Truncated))),
-            Err(e) => return Err(Outcome::Fatal(e.into())),
+            To::AllEvery => (self.all_links(), if global { Mode::Everywhere } else { Mode::Split { only: None } }),
+            _ => return Err(Reported::unsupported("COPY FROM STDIN is not supported here").into()),
         };
-        match m.tag {
-            b'd' if failure.is_none() => {
-                if let Err(e) = splitter.feed(m.body(), |r| route(r, &mut bufs)) {
-                    failure = Some(e);
-                    continue;
+        let key_column = match (mode, copy.key_column) {
+            (Mode::Split { .. }, Some(k)) => k,
+            (Mode::Split { .. }, None) if !copy.columns_given => self.key_position(links[0], &copy.table).await?,
+            (Mode::Split { .. }, None) => {
+                return Err(Reported::unsupported(format!(
+                    "COPY {}: the columns do not include the shard key",
+                    copy.table
+                ))
+                .into())
+            }
+            _ => 0,
+        };
+        let extended = matches!(req, Request::Extended(_));
+        let Some(mut exps) = self.copy_start(&links, &req, wrap).await? else { return Ok(()) };
+        let end = Box::pin(self.copy_stream(&links, mode, copy, key_column)).await?;
+        Box::pin(self.copy_finish(&links, mode, end, &mut exps, extended, wrap)).await
+    }
+
+    /// Sends the COPY statement on each link and reads up to its CopyInResponse; the client gets the first
+    /// link's (after its ParseComplete/BindComplete in the extended protocol). Returns what each link still
+    /// owes for the statement (extended protocol: its CommandComplete), or `None` when the statement failed
+    /// and the client has been told (extended protocol: the sync group failed).
+    async fn copy_start(&mut self, links: &[usize], req: &Request, wrap: bool) -> Result<Option<Vec<Exps>>, Failure> {
+        let extended = matches!(req, Request::Extended(_));
+        let mut exps = Vec::with_capacity(links.len());
+        for &i in links {
+            let l = self.links.get(i);
+            let conn = l.conn.conn();
+            let e = match req {
+                Request::Simple(frame) => {
+                    if wrap {
+                        proto::query(&mut conn.io.wbuf, "BEGIN");
+                    }
+                    conn.io.push(frame);
+                    Exps::new()
                 }
-                for (i, b) in bufs.iter_mut().enumerate() {
-                    if b.len() >= CHUNK {
-                        send_data(&mut conns[i], b).await?;
+                Request::Extended(seg) => {
+                    l.pending = true;
+                    rewrite(&self.statements, seg, false, conn)?
+                }
+            };
+            exps.push(e);
+            if let Err(e) = self.links.get(i).conn.conn().flush().await {
+                return Err(self.copy_broken(links, e.into()).into());
+            }
+        }
+        let mut started = vec![false; links.len()];
+        // An error the client has not been told yet, or has (relayed from the first link).
+        let mut failure: Option<Bytes> = None;
+        let mut told = false;
+        for (n, &i) in links.iter().enumerate() {
+            if extended {
+                let role = if n == 0 { Role::Only } else { Role::Silent };
+                let mut merge = Merge::until_copy();
+                if let Err(e) = self.relay(i, &mut exps[n], role, &mut merge, None).await {
+                    return Err(self.copy_broken(links, e).into());
+                }
+                started[n] = merge.copy_in;
+                if merge.failed {
+                    match merge.take_error() {
+                        Some(frame) if n > 0 => failure = failure.or(Some(frame)),
+                        _ => told = true,
                     }
                 }
+                continue;
             }
-            b'd' => {}
-            b'c' => {
-                if failure.is_none() {
-                    if let Err(e) = splitter.finish(|r| route(r, &mut bufs)) {
-                        failure = Some(e);
-                    }
+            let conn = self.links.get(i).conn.conn();
+            if wrap {
+                if let Err(e) = conn.drain_to_ready().await {
+                    return Err(self.copy_broken(links, e.into()).into());
                 }
-                break;
             }
-            b'f' => {
-                failure = Some(
-                    proto::read_cstr(m.body())
-                        .map_or("COPY failed".to_string(), |(s, _)| format!("COPY from stdin failed: {s}")),
-                );
-                break;
-            }
-            b'H' | b'S' => {} // Flush and Sync during COPY are ignored, as by the server
-            other => {
-                failure = Some(format!("unexpected message type {:?} during COPY", other as char));
-                break;
-            }
-        }
-    }
-    if let Some(why) = failure {
-        for p in conns.iter_mut() {
-            let _ = abort(p, &why).await;
-        }
-        for p in conns {
-            c.give_back(p);
-        }
-        return Err(reported("22P04", why).into());
-    }
-    let mut total = 0u64;
-    let mut error = None;
-    for (i, p) in conns.iter_mut().enumerate() {
-        send_data(p, &mut bufs[i]).await?;
-        proto::put(&mut p.conn().io.wbuf, b'c', |_| {});
-        p.conn().flush().await?;
-    }
-    for p in conns.iter_mut() {
-        loop {
-            let m = p.conn().read().await?;
+            let m = match conn.read().await {
+                Ok(m) => m,
+                Err(e) => return Err(self.copy_broken(links, e.into()).into()),
+            };
             match m.tag {
-                b'C' => {
-                    total += proto::read_cstr(m.body()).and_then(|(t, _)| proto::command_rows(t)).map_or(0, |(_, n)| n)
+                b'G' => {
+                    started[n] = true;
+                    if n == 0 {
+                        self.io.push(&m.frame);
+                    }
                 }
-                b'E' if error.is_none() => error = Some(proto::error_fields(m.body())),
-                b'Z' => {
-                    p.conn().status = m.body().first().copied().unwrap_or(proto::READY_IDLE);
-                    break;
+                b'E' => {
+                    failure = failure.or(Some(m.frame.clone()));
+                    let _ = conn.drain_to_ready().await;
                 }
-                _ => {}
+                other => {
+                    let mut b = BytesMut::new();
+                    proto::error(&mut b, "ERROR", "08P01", &format!("unexpected answer {:?} to COPY", other as char));
+                    failure = failure.or(Some(b.freeze()));
+                }
+            }
+        }
+        if failure.is_none() && !told {
+            self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))?;
+            return Ok(Some(exps));
+        }
+        // The statement failed somewhere (no such table...): the others are ended and rolled back.
+        for (n, &i) in links.iter().enumerate() {
+            let conn = self.links.get(i).conn.conn();
+            if started[n] {
+                let _ = abort(conn, "COPY failed on another shard", !extended).await;
+            }
+            if wrap {
+                let _ = conn.run_quiet("ROLLBACK").await;
+            }
+            if extended {
+                self.links.get(i).errored = true;
+            }
+        }
+        if let (false, Some(frame)) = (told, &failure) {
+            self.io.push(frame);
+        }
+        self.txn.error_inside();
+        if extended {
+            self.group_failed = true;
+        } else {
+            for &i in links {
+                let dest = self.links.get(i).dest.clone();
+                let status = self.links.get(i).status();
+                self.txn.ready(&dest, status, true);
+            }
+            self.ready_for_query();
+        }
+        self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))?;
+        Ok(None)
+    }
+
+    /// The client's CopyData up to CopyDone (or CopyFail), sent on where `mode` says.
+    async fn copy_stream(
+        &mut self,
+        links: &[usize],
+        mode: Mode,
+        copy: &CopyIn,
+        key_column: usize,
+    ) -> Result<End, Failure> {
+        let map = self.routing.map.clone();
+        let key_type = map.key_type;
+        let mut bufs: Vec<BytesMut> = vec![BytesMut::new(); links.len()];
+        let shards: Vec<ShardId> = links.iter().map(|&i| self.links.get(i).dest.shard).collect();
+        let mut splitter = Splitter::new(copy, key_column);
+        let mut failure: Option<String> = None;
+        let route = |r: Row<'_>, bufs: &mut Vec<BytesMut>| -> Result<(), String> {
+            match r {
+                Row::Header(line) => bufs.iter_mut().for_each(|b| b.put_slice(line)),
+                Row::Data { line, key } => {
+                    let key = key.ok_or("a row's shard key is NULL")?;
+                    let v = KeyValue::from_text(&key, key_type).map_err(|e| format!("shard key {key:?}: {e}"))?;
+                    let shard = map.locate(&v).map_err(|e| e.to_string())?.shard;
+                    let i = shards.iter().position(|s| *s == shard).ok_or_else(|| {
+                        format!(
+                            "a row with shard key {key} belongs to shard {}, but the transaction is on shard {}; multi-shard transactions are not supported yet",
+                            map.node(shard).name,
+                            map.node(shards[0]).name
+                        )
+                    })?;
+                    bufs[i].put_slice(line);
+                }
+            }
+            Ok(())
+        };
+        let end = loop {
+            let m = match self.next().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Err(Failure::Fatal(Fatal::Wire(crate::net::wire::WireError::Truncated))),
+                Err(e) => return Err(Failure::Fatal(e)),
+            };
+            match m.tag {
+                b'd' if failure.is_some() => {}
+                b'd' => match mode {
+                    Mode::Through => bufs[0].put_slice(&m.frame),
+                    Mode::Everywhere => bufs.iter_mut().for_each(|b| b.put_slice(&m.frame)),
+                    Mode::Split { .. } => {
+                        if let Err(e) = splitter.feed(m.body(), |r| route(r, &mut bufs)) {
+                            failure = Some(e);
+                        }
+                    }
+                },
+                b'c' => {
+                    if let (Mode::Split { .. }, None) = (mode, &failure) {
+                        if let Err(e) = splitter.finish(|r| route(r, &mut bufs)) {
+                            failure = Some(e);
+                        }
+                    }
+                    break match failure {
+                        Some(why) => End::Failed(why),
+                        None => End::Done,
+                    };
+                }
+                b'f' => {
+                    break End::Failed(
+                        proto::read_cstr(m.body())
+                            .map_or("COPY failed".to_string(), |(s, _)| format!("COPY from stdin failed: {s}")),
+                    );
+                }
+                b'H' | b'S' => {} // Flush and Sync during COPY are ignored, as by the server
+                other => {
+                    break End::Failed(format!("unexpected message type {:?} during COPY from stdin", other as char))
+                }
+            }
+            for (n, b) in bufs.iter_mut().enumerate() {
+                if b.len() >= CHUNK {
+                    if let Err(e) = send_data(&mut self.links.get(links[n]).conn, b, mode == Mode::Through).await {
+                        return Err(self.copy_broken(links, e.into()).into());
+                    }
+                }
+            }
+        };
+        if let End::Done = end {
+            for (n, b) in bufs.iter_mut().enumerate() {
+                if let Err(e) = send_data(&mut self.links.get(links[n]).conn, b, mode == Mode::Through).await {
+                    return Err(self.copy_broken(links, e.into()).into());
+                }
+            }
+        }
+        Ok(end)
+    }
+
+    /// CopyDone (or CopyFail) on each link, and their answers: the total to the client, or the first error.
+    async fn copy_finish(
+        &mut self,
+        links: &[usize],
+        mode: Mode,
+        end: End,
+        exps: &mut [Exps],
+        extended: bool,
+        wrap: bool,
+    ) -> Result<(), Failure> {
+        for &i in links {
+            let conn = self.links.get(i).conn.conn();
+            match &end {
+                End::Done => proto::put(&mut conn.io.wbuf, b'c', |_| {}),
+                End::Failed(why) => proto::put(&mut conn.io.wbuf, b'f', |b| proto::cstr(b, why)),
+            }
+            if extended {
+                // The extended protocol keeps the answer until Sync or Flush: it is wanted now.
+                proto::put(&mut conn.io.wbuf, b'H', |_| {});
+            }
+            if let Err(e) = conn.flush().await {
+                return Err(self.copy_broken(links, e.into()).into());
+            }
+        }
+        if extended {
+            // The answer up to CommandComplete; the Sync comes after.
+            let mut merge = Merge::default();
+            for (n, &i) in links.iter().enumerate() {
+                let role = match (mode, n) {
+                    (Mode::Through, _) => Role::Only,
+                    (_, 0) => Role::First,
+                    _ => Role::Rest,
+                };
+                if let Err(e) = self.relay(i, &mut exps[n], role, &mut merge, None).await {
+                    return Err(self.copy_broken(links, e).into());
+                }
+            }
+            let failed = merge.failed;
+            if mode != Mode::Through {
+                match (&end, merge.take_error()) {
+                    (End::Failed(why), _) => proto::error(&mut self.io.wbuf, "ERROR", "22P04", why),
+                    (_, Some(e)) => self.io.push(&e),
+                    (End::Done, None) => proto::command_complete(&mut self.io.wbuf, &format!("COPY {}", merge.rows())),
+                }
+            }
+            if failed || matches!(end, End::Failed(_)) {
+                self.txn.error_inside();
+                self.group_failed = true;
+                for &i in links {
+                    self.links.get(i).errored = true;
+                }
+            }
+            return self.io.flush().await.map_err(|e| Failure::Fatal(e.into()));
+        }
+        if mode == Mode::Through {
+            // One server: its answer as it is, up to ReadyForQuery.
+            let i = links[0];
+            let map = self.status_map(i);
+            let r = self.links.get(i).conn.conn().relay_to_ready(&mut self.io, &map).await;
+            return match r {
+                Ok((status, error)) => {
+                    self.answered(i, status, error, &[], None).await;
+                    self.release();
+                    Ok(())
+                }
+                Err(crate::net::wire::RelayError::Src(e)) => {
+                    let e: Reported = crate::backend::conn::BackendError::Wire(e, String::new()).into();
+                    self.lost(i, &e);
+                    Err(e.into())
+                }
+                Err(crate::net::wire::RelayError::Dst(e)) => Err(Failure::Fatal(e.into())),
+            };
+        }
+        let mut total = 0u64;
+        let mut error: Option<Reported> = None;
+        for &i in links {
+            let conn = self.links.get(i).conn.conn();
+            loop {
+                let m = match conn.read().await {
+                    Ok(m) => m,
+                    Err(e) => return Err(self.copy_broken(links, e.into()).into()),
+                };
+                match m.tag {
+                    b'C' => {
+                        total +=
+                            proto::read_cstr(m.body()).and_then(|(t, _)| proto::command_rows(t)).map_or(0, |(_, n)| n)
+                    }
+                    b'E' if error.is_none() => {
+                        let (code, message) = proto::error_fields(m.body());
+                        error = Some(Reported { code, message });
+                    }
+                    b'Z' => {
+                        conn.status = m.body().first().copied().unwrap_or(READY_IDLE);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if wrap {
+            // Every shard took its rows (or one failed): commit them all, or none.
+            let end = if error.is_none() && matches!(end, End::Done) { "COMMIT" } else { "ROLLBACK" };
+            for &i in links {
+                if let Err(e) = self.links.get(i).conn.conn().run_quiet(end).await {
+                    error.get_or_insert(e.into());
+                }
+            }
+        }
+        let statuses: Vec<(usize, u8)> = links.iter().map(|&i| (i, self.links.get(i).status())).collect();
+        for (i, status) in statuses {
+            let dest = self.links.get(i).dest.clone();
+            if self.txn.state != State::All {
+                self.txn.ready(&dest, status, error.is_some());
+            }
+        }
+        match (end, error) {
+            (End::Failed(why), _) => Err(Reported::new("22P04", why).into()),
+            (End::Done, Some(e)) => Err(e.into()),
+            (End::Done, None) => {
+                proto::command_complete(&mut self.io.wbuf, &format!("COPY {total}"));
+                self.ready_for_query();
+                self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
             }
         }
     }
-    for p in conns {
-        c.give_back(p);
+
+    /// A link broke during COPY: every link of it is closed (what they took is rolled back).
+    fn copy_broken(&mut self, links: &[usize], e: Reported) -> Reported {
+        let mut sorted = links.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        for i in sorted.into_iter().rev() {
+            if i < self.links.len() {
+                self.lost(i, &e);
+            }
+        }
+        e
     }
-    if let Some((code, message)) = error {
-        // Shards that succeeded keep their rows: COPY across shards is not atomic (documented).
-        return Err(Reported { code, message }.into());
+
+    /// Looks up the position of the key among a table's columns, for COPY without a column list (on `at`,
+    /// a connection of the COPY: inside a transaction it sees a table made in it).
+    async fn key_position(&mut self, at: usize, table: &str) -> Result<usize, Reported> {
+        let sql = format!(
+            "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped",
+            table.replace('\'', "''")
+        );
+        let row = self.links.get(at).conn.conn().query_row(&sql).await?;
+        let names = row.into_iter().next().flatten().unwrap_or_default();
+        let key = &self.routing.map.key;
+        names
+            .split(',')
+            .position(|n| n == key)
+            .ok_or_else(|| Reported::new("42703", format!("table {table} has no column {key}, the shard key")))
     }
-    proto::command_complete(&mut c.io.wbuf, &format!("COPY {total}"));
-    proto::ready(&mut c.io.wbuf, proto::READY_IDLE);
-    c.io.flush().await.map_err(|e| Outcome::Fatal(e.into()))?;
-    Ok(())
 }
 
-async fn send_data(p: &mut Pooled, buf: &mut BytesMut) -> Result<(), crate::backend::conn::BackendError> {
+type Exps = std::collections::VecDeque<Exp>;
+
+async fn send_data(
+    p: &mut crate::backend::pool::Pooled,
+    buf: &mut BytesMut,
+    frames: bool,
+) -> Result<(), crate::backend::conn::BackendError> {
     if buf.is_empty() {
         return Ok(());
     }
     let conn = p.conn();
-    proto::put(&mut conn.io.wbuf, b'd', |b| b.put_slice(buf));
+    if frames {
+        // Passing through: the client's CopyData messages as they came.
+        conn.io.wbuf.put_slice(buf);
+    } else {
+        proto::put(&mut conn.io.wbuf, b'd', |b| b.put_slice(buf));
+    }
     buf.clear();
     conn.flush().await
 }
 
-/// Ends a shard's COPY with CopyFail and waits for its ReadyForQuery.
-async fn abort(p: &mut Pooled, why: &str) -> Result<(), crate::backend::conn::BackendError> {
-    let conn = p.conn();
+/// Ends a shard's COPY with CopyFail (and, in the simple protocol, waits for its ReadyForQuery).
+async fn abort(
+    conn: &mut crate::backend::conn::ServerConn,
+    why: &str,
+    simple: bool,
+) -> Result<(), crate::backend::conn::BackendError> {
     proto::put(&mut conn.io.wbuf, b'f', |b| proto::cstr(b, why));
     conn.flush().await?;
-    let _ = conn.drain_to_ready().await;
+    if simple {
+        let _ = conn.drain_to_ready().await;
+    }
     Ok(())
 }
 

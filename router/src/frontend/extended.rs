@@ -1,5 +1,9 @@
-//! The extended query protocol: Parse/Bind/Describe/Execute/Close up to a Sync (or Flush) form a batch that
-//! goes to one place. The route comes from each Bind's statement and parameters.
+//! The extended query protocol: Parse/Bind/Describe/Execute/Close up to a Sync (or Flush) form a batch, cut
+//! into segments at each Execute; each segment with a Bind is one statement for the transaction state
+//! machine, exactly as a Query is. A sync group (the messages up to a Sync) may span several connections:
+//! each gets its own Sync only when the client's comes, so that the statements of one group commit together
+//! or, after an error anywhere, not at all (the other connections of the group are closed, which rolls them
+//! back, as the server would roll back its implicit transaction); then one ReadyForQuery reaches the client.
 //!
 //! Named prepared statements keep working under transaction pooling, as PgBouncer 1.21+ does: the router
 //! keeps each client's statements, names them on servers by a hash of their text and parameter types
@@ -8,24 +12,26 @@
 //! swallowing its ParseComplete). Closing a client statement does not close the server's copy.
 
 use std::collections::VecDeque;
-
-use foldhash::HashSet;
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use shardmap::sql::Kind;
+use bytes::{BufMut, BytesMut};
+use foldhash::HashSet;
+use shardmap::sql::Setting;
 use shardmap::{Decision, Target};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::session::{
+    refuse_session_locks, settings_of, statement_hash, BindParams, ClientStmt, Failure, Session, Statements,
+};
+use super::txn::{Dest, Plan, State, Stmt, To};
 use crate::backend::conn::ServerConn;
-use crate::backend::pool::Pooled;
-use crate::frontend::session::{statement_hash, BindParams, Client, ClientStmt, Fatal, Reported, Txn};
-use crate::net::proto;
+use crate::net::proto::{self, READY_IDLE};
 use crate::net::wire::Msg;
+use crate::net::{Fatal, Reported};
 
 /// What the client expects back for each message sent (or not sent) to the server.
 #[derive(Debug)]
-enum Exp {
+pub enum Exp {
     /// A Parse sent; with the server-side name to record once it succeeds.
     Parse(Option<String>),
     /// A Parse the router added; its ParseComplete is not for the client.
@@ -40,434 +46,885 @@ enum Exp {
     Execute,
     Close,
     Sync,
+    /// A message of a replayed statement (the held transaction's queue), answered to nobody: ParseComplete,
+    /// BindComplete, then CommandComplete.
+    Quiet(u8),
 }
 
-/// How a connection's answers reach the client when a batch goes to several shards.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
+/// How a connection's answers reach the client when a statement goes to several connections.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
     Only,
+    /// A read on several shards: everything but CommandComplete (merged) from the first...
     First,
+    /// ...and only the rows from the others.
     Rest,
-    /// Nothing reaches the client; errors are kept in `Merge::error`.
+    /// Nothing reaches the client (the others of a statement sent everywhere); errors are kept.
     Silent,
 }
 
 #[derive(Default)]
-struct Merge {
+pub struct Merge {
     rows: u64,
     verb: String,
-    error: Option<Bytes>,
+    error: Option<bytes::Bytes>,
     /// Whether any ErrorResponse came back.
-    failed: bool,
-    /// Keep ReadyForQuery from the client (a pipeline segment: the client gets one at the end).
-    hold_ready: bool,
+    pub failed: bool,
+    /// Whether the statement was executed (an Execute was in it): the merged CommandComplete is owed.
+    executes: bool,
+    /// COPY ... FROM STDIN: stop at the CopyInResponse (the data comes next)...
+    pub stop_at_copy: bool,
+    /// ...which came.
+    pub copy_in: bool,
 }
 
-fn reported(code: &str, message: impl Into<String>) -> Reported {
-    Reported { code: code.to_string(), message: message.into() }
-}
+impl Merge {
+    /// A merge that stops at a CopyInResponse (see `stop_at_copy`).
+    pub fn until_copy() -> Merge {
+        Merge { stop_at_copy: true, ..Merge::default() }
+    }
 
-/// Runs one batch; errors the router raises are reported the way a server would report them.
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Fatal> {
-    let sync = batch.last().is_some_and(|m| m.tag == b'S');
-    match run_inner(c, batch).await {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            proto::error(&mut c.io.wbuf, "ERROR", &e.code, &e.message);
-            if !matches!(c.txn, Txn::Idle) {
-                c.failed = true;
-            }
-            if sync {
-                let status = c.status();
-                proto::ready(&mut c.io.wbuf, status);
-            }
-            c.io.flush().await?;
-            Ok(())
-        }
+    /// The first error of the others (roles other than `Only`), as its frame.
+    pub fn take_error(&mut self) -> Option<bytes::Bytes> {
+        self.error.take()
+    }
+
+    /// The rows counted in the others' CommandComplete.
+    pub fn rows(&self) -> u64 {
+        self.rows
     }
 }
 
-/// Registers the batch's Parse messages as client statements.
-fn register<S>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
-    for m in batch.iter().filter(|m| m.tag == b'P') {
-        let p = proto::read_parse(m.body()).ok_or_else(|| reported("08P01", "malformed Parse message"))?;
-        if c.statements.get(p.name).is_some_and(|st| *st.text == *p.query && st.types == p.types) {
-            // The same statement again (drivers re-send the unnamed one with every execution).
-            continue;
-        }
-        let analysis = c.shared.routing.planner.analyze(p.query);
-        let server_name =
-            if p.name.is_empty() { String::new() } else { format!("sr_{:016x}", statement_hash(p.query, &p.types)) };
-        c.statements
-            .insert(p.name.to_string(), ClientStmt { text: Arc::from(p.query), types: p.types, analysis, server_name });
-    }
-    Ok(())
+/// A segment sent and waiting for its answers.
+struct Entry {
+    dest: Dest,
+    exps: VecDeque<Exp>,
+    role: Role,
+    /// The merge of a statement sent to several connections (index in `Pending::merges`).
+    fan: Option<usize>,
+    /// The last entry of its fan-out: the merged CommandComplete follows it.
+    closes_fan: bool,
 }
 
-/// The batch's route: every Bind must agree; a batch without Bind (Parse/Describe only) goes anywhere.
-/// Also says whether the Binds disagree (a pipeline for several shards).
-fn decide<S>(c: &Client<S>, batch: &[Msg]) -> Result<(Option<Decision>, Option<Kind>, bool), Reported> {
-    let mut decision: Option<Decision> = None;
-    let mut kind = None;
-    for m in batch.iter().filter(|m| m.tag == b'B') {
-        let bind = proto::read_bind(m.body()).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
-        let stmt = c
-            .statements
-            .get(bind.statement)
-            .ok_or_else(|| reported("26000", format!("prepared statement \"{}\" does not exist", bind.statement)))?;
-        if !c.shared.routing.session_mode {
-            crate::frontend::session::refuse_session_locks(&stmt.analysis)?;
-        }
-        let d = c.shared.routing.planner.decide_analyzed(
-            &stmt.analysis,
-            &BindParams { bind: &bind, types: &stmt.types },
-            &c.session,
-        )?;
-        kind = kind.or(stmt.analysis.statements.first().map(|s| s.kind));
-        decision = Some(match decision {
-            None => d,
-            Some(prev) if prev.target == d.target || d.target == Target::Session || d.target == Target::Any => prev,
-            Some(prev) if prev.target == Target::Session || prev.target == Target::Any => d,
-            Some(_) => return Ok((None, Some(Kind::Write), true)),
-        });
-    }
-    Ok((decision, kind, false))
+/// Segments sent and not yet answered, in the client's order.
+#[derive(Default)]
+pub struct Pending {
+    entries: Vec<Entry>,
+    merges: Vec<Merge>,
 }
 
-async fn run_inner<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
-    if batch.iter().all(|m| m.tag == b'H') {
-        // A Flush with nothing before it (libpq's pipeline mode sends one after Sync): only our own output
-        // is waiting, and it has been written already; a bound exchange forwards it.
-        if let (Txn::Bound, Some(p)) = (&c.txn, c.bound.as_mut()) {
-            p.conn().io.push(&batch[0].frame);
-            p.conn().flush().await?;
-        }
-        return Ok(());
-    }
-    register(c, batch)?;
-    // COPY FROM STDIN is split by row on the simple-protocol path only; through Bind/Execute the copy data
-    // would never be read (the exchange would hang), so it is refused, as a server refuses what it cannot do.
-    for m in batch.iter().filter(|m| m.tag == b'B') {
-        let copying = proto::read_bind(m.body())
-            .and_then(|b| c.statements.get(b.statement))
-            .is_some_and(|st| st.analysis.statements.iter().any(|s| s.kind == Kind::CopyIn));
-        if copying {
-            return Err(reported(
-                "0A000",
-                "COPY FROM STDIN through the extended query protocol (Bind/Execute, as tokio-postgres' copy_in sends it) is not supported yet; send it as a simple query (psql's \\copy, psycopg's copy, pgbench -i)",
-            ));
-        }
-    }
-    let closes: Vec<String> = batch
-        .iter()
-        .filter(|m| m.tag == b'C' && m.body().first() == Some(&b'S'))
-        .filter_map(|m| proto::read_cstr(&m.body()[1..]).map(|(n, _)| n.to_string()))
-        .filter(|n| !n.is_empty())
-        .collect();
-    if c.failed && !batch_is_rollback(c, batch) {
-        // Inside a failed transaction only ROLLBACK is accepted, as on a server.
-        return Err(reported(
-            "25P02",
-            "current transaction is aborted, commands ignored until end of transaction block",
-        ));
-    }
-    // In the catalog's gate from the decision to the answer; a batch for a unit a move is cutting over waits
-    // for its new owner, out of the gate (see `route_simple`).
-    let ((decision, kind, mixed), _pass) = loop {
-        let pass = c.shared.routing.catalog.enter();
-        let decided = decide(c, batch)?;
-        match decided.0.as_ref() {
-            Some(d) if c.shared.routing.map.holds(d) && !matches!(c.txn, Txn::Bound) => {
-                drop(pass);
-                Box::pin(c.shared.routing.thaw(Some(d))).await?;
-            }
-            // A pipeline for several shards: its units are known batch by batch; it waits out any freeze.
-            None if decided.2 && c.shared.routing.map.anything_frozen() => {
-                drop(pass);
-                Box::pin(c.shared.routing.thaw(None)).await?;
-            }
-            _ => break (decided, pass),
-        }
+/// What a statement of the current sync group does when its connection's Sync comes back.
+pub struct Effect {
+    pub dest: Dest,
+    pub stmt: Stmt,
+    pub sets: Vec<Setting>,
+    pub text: Arc<str>,
+}
+
+/// How a segment ended.
+enum Seg {
+    /// Sent (or answered); the batch goes on.
+    Next,
+    /// Sent with the batch's Sync and answered up to ReadyForQuery (one connection, nothing else pending).
+    Synced,
+    /// A COPY took over the client's stream: the rest of the batch was put back in the inbox.
+    Copied,
+}
+
+/// Cuts a batch into segments: each ends after an Execute; what follows the last Execute (Parse/Describe/
+/// Close only) is a segment too. The final Sync or Flush is not in any.
+fn segments(batch: &[Msg]) -> Vec<std::ops::Range<usize>> {
+    let end = match batch.last().map(|m| m.tag) {
+        Some(b'S' | b'H') => batch.len() - 1,
+        _ => batch.len(),
     };
-    if mixed {
-        if !matches!(c.txn, Txn::Idle) {
-            return Err(reported(
-                "0A000",
-                "the statements of this transaction go to different shards; multi-shard transactions are not supported yet",
-            ));
-        }
-        return pipeline(c, batch).await;
-    }
-    if kind == Some(Kind::Transaction) && !matches!(c.txn, Txn::Bound) {
-        return synthesize_transaction(c, batch).await;
-    }
-    if matches!(c.txn, Txn::BoundAll) {
-        let r = on_bound_all(c, batch, decision.as_ref()).await;
-        for name in closes {
-            c.statements.remove(&name);
-        }
-        return r;
-    }
-    let result = match decision {
-        None => {
-            // Parse/Describe/Close only: any shard answers (schemas are the same everywhere).
-            match c.txn {
-                Txn::Bound => send_bound(c, batch).await,
-                _ if c.shared.backends.topology.follows_any() => Box::pin(send_following(c, batch, None)).await,
-                _ => {
-                    let p = c.checkout_any(None).await?;
-                    send_alone(c, batch, p).await
-                }
-            }
-        }
-        Some(d) => match d.target.clone() {
-            Target::One(s) => send_to_shard(c, batch, s, &d).await,
-            Target::Any | Target::Session => match c.txn {
-                Txn::Bound => send_bound(c, batch).await,
-                Txn::BoundAll => unreachable!("handled above"),
-                Txn::Held(_) if d.target == Target::Session => Err(reported(
-                    "0A000",
-                    "a session statement before the transaction's first statement is not supported in the extended protocol; send it after a statement that names a shard, or before BEGIN",
-                )),
-                Txn::Held(_) => {
-                    let p = c.checkout_any(d.database.as_deref()).await?;
-                    send_alone(c, batch, p).await
-                }
-                Txn::Idle if d.target == Target::Session => session_statements(c, batch, &d).await,
-                Txn::Idle => {
-                    let p = c.checkout_any(d.database.as_deref()).await?;
-                    send_alone(c, batch, p).await
-                }
-            },
-            Target::All | Target::Set(_) => {
-                let read = d.analysis.statements.iter().all(|s| s.kind == Kind::Read);
-                let held_read = matches!(c.txn, Txn::Held(_)) && read;
-                if matches!(c.txn, Txn::Held(_)) && !read && d.target == Target::All {
-                    crate::frontend::alltx::bind_all(c, &d).await?;
-                    let r = on_bound_all(c, batch, Some(&d)).await;
-                    for name in closes {
-                        c.statements.remove(&name);
-                    }
-                    return r;
-                }
-                if !matches!(c.txn, Txn::Idle) && !held_read {
-                    return Err(reported(
-                        "0A000",
-                        format!("this statement goes to several shards ({}), but the transaction is bound to one; multi-shard transactions are not supported yet", d.reason),
-                    ));
-                }
-                fan_out(c, batch, &d).await
-            }
-        },
-    };
-    for name in closes {
-        c.statements.remove(&name);
-    }
-    result
-}
-
-/// SET/RESET/SHOW in the extended protocol outside a transaction: tracked like their simple-protocol
-/// twins, so that a setting follows the client to its next connection and no other client.
-async fn session_statements<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    d: &Decision,
-) -> Result<(), Reported> {
-    let mut changes = Vec::new();
-    for m in batch.iter().filter(|m| m.tag == b'B') {
-        let bind = proto::read_bind(m.body()).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
-        let text = c.statements.get(bind.statement).map(|s| s.text.clone()).unwrap_or_default();
-        match c.settings.classify_in(&text, c.shared.routing.session_mode) {
-            crate::frontend::settings::Change::Refused(why) => return Err(reported("0A000", why)),
-            change => changes.push(change),
-        }
-    }
-    if let [change @ (crate::frontend::settings::Change::Deallocate(_) | crate::frontend::settings::Change::DiscardAll)] =
-        changes.as_slice()
-    {
-        let change = match change {
-            crate::frontend::settings::Change::Deallocate(n) => {
-                crate::frontend::settings::Change::Deallocate(n.clone())
-            }
-            _ => crate::frontend::settings::Change::DiscardAll,
-        };
-        let tag = c.local_session_change(change);
-        return synthesize(c, batch, tag).await;
-    }
-    let mut p = c.checkout_any(d.database.as_deref()).await?;
-    let exps = rewrite(c, batch, p.conn())?;
-    p.conn().flush().await?;
-    let mut merge = Merge::default();
-    let status = relay(c, &mut p, exps, Role::Only, &mut merge).await?;
-    if !merge.failed {
-        for change in changes {
-            c.settings.apply(change);
-        }
-    }
-    // The connection now carries the client's settings (or, after a failure, an unknown mix: close it).
-    if merge.failed {
-        drop(p);
-    } else {
-        p.conn().settings = c.settings.hash();
-        if let Some(s) = status {
-            c.after_exchange(p, s);
-        }
-    }
-    Ok(())
-}
-
-/// A pipeline outside a transaction whose statements go to different shards (psycopg's executemany,
-/// libpq pipeline mode): cut into one segment per Bind/Execute, each run on its shard with a Sync of its
-/// own; an error skips the rest, as the server would skip to the Sync. Unlike one server's implicit
-/// transaction, the segments commit one by one (documented).
-async fn pipeline<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
-    let Some(sync) = batch.last().filter(|m| m.tag == b'S').cloned() else {
-        return Err(reported("0A000", "statements for different shards must end with Sync, not Flush"));
-    };
-    let mut segments: Vec<Vec<Msg>> = Vec::new();
-    let mut current: Vec<Msg> = Vec::new();
-    for m in &batch[..batch.len() - 1] {
-        current.push(m.clone());
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, m) in batch[..end].iter().enumerate() {
         if m.tag == b'E' {
-            segments.push(std::mem::take(&mut current));
+            out.push(start..i + 1);
+            start = i + 1;
         }
     }
-    if !current.is_empty() {
-        segments.push(current);
+    if start < end {
+        out.push(start..end);
     }
-    for mut seg in segments {
-        seg.push(sync.clone());
-        let (d, _, _) = decide(c, &seg)?;
-        let mut p = match d.as_ref().map(|d| d.target.clone()) {
-            Some(Target::One(s)) => c.checkout(s, d.as_ref().and_then(|d| d.database.as_deref())).await?,
-            Some(Target::All | Target::Set(_)) => {
-                return Err(reported(
-                    "0A000",
-                    "a pipeline statement for several shards is not supported; send it with its own Sync",
-                ));
+    out
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Runs one batch; errors the router raises are reported the way a server would report them.
+    pub async fn batch(&mut self, batch: Vec<Msg>) -> Result<(), Fatal> {
+        let end = batch.last().map(|m| m.tag);
+        let segs = segments(&batch);
+        let mut pending = Pending::default();
+        let mut synced = false;
+        for (k, range) in segs.iter().enumerate() {
+            if self.group_failed {
+                // After an error the server skips everything up to Sync; so does the router.
+                continue;
             }
-            _ => c.checkout_any(None).await?,
+            let fast = k + 1 == segs.len() && end == Some(b'S') && !self.links.iter().any(|l| l.pending);
+            match self.segment(&batch[range.clone()], fast, &mut pending).await {
+                Ok(Seg::Next) => {}
+                Ok(Seg::Synced) => synced = true,
+                Ok(Seg::Copied) => {
+                    // The COPY read the client's stream itself; what followed it in this batch went back to
+                    // the inbox (ahead of anything the COPY did not consume).
+                    for m in batch[range.end..].iter().rev() {
+                        self.inbox.push_front(m.clone());
+                    }
+                    return Ok(());
+                }
+                Err(Failure::Reported(e)) => self.fail_group(e, &mut pending).await?,
+                Err(Failure::Fatal(f)) => return Err(f),
+            }
+        }
+        match end {
+            Some(b'S') if !synced => self.sync(&mut pending).await,
+            Some(b'S') => Ok(()),
+            Some(b'H') => {
+                self.drain(&mut pending).await?;
+                self.io.flush().await?;
+                Ok(())
+            }
+            _ => self.drain(&mut pending).await,
+        }
+    }
+
+    /// Registers a Parse message as a client statement.
+    fn register(&mut self, m: &Msg) -> Result<(), Reported> {
+        let p = proto::read_parse_bytes(m.body()).ok_or_else(|| Reported::new("08P01", "malformed Parse message"))?;
+        let query = self.encoding.decode(p.query);
+        if self.statements.get(p.name).is_some_and(|st| *st.text == *query && st.types == p.types) {
+            // The same statement again (drivers re-send the unnamed one with every execution).
+            return Ok(());
+        }
+        let analysis = self.routing.planner.analyze(&query);
+        let server_name =
+            if p.name.is_empty() { String::new() } else { format!("sr_{:016x}", statement_hash(&query, &p.types)) };
+        self.statements.insert(
+            p.name.to_string(),
+            ClientStmt {
+                text: Arc::from(&*query),
+                raw: bytes::Bytes::copy_from_slice(p.query),
+                types: p.types,
+                analysis,
+                server_name,
+            },
+        );
+        Ok(())
+    }
+
+    async fn segment(&mut self, seg: &[Msg], fast: bool, pending: &mut Pending) -> Result<Seg, Failure> {
+        // Parse and Close of client statements in their order; a statement closed last is forgotten once the
+        // segment is sent.
+        let mut closed: Vec<String> = Vec::new();
+        for m in seg {
+            match m.tag {
+                b'P' => {
+                    self.register(m)?;
+                    if let Some(p) = proto::read_parse_bytes(m.body()) {
+                        closed.retain(|n| n != p.name);
+                    }
+                }
+                b'C' if m.body().first() == Some(&b'S') => {
+                    if let Some((n, _)) = proto::read_cstr(&m.body()[1..]) {
+                        if !n.is_empty() {
+                            closed.push(n.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let r = match seg.iter().find(|m| m.tag == b'B') {
+            Some(bind) => self.statement(seg, bind, fast, pending).await,
+            None => self.prep(seg, fast, pending).await,
         };
-        let exps = rewrite(c, &seg, p.conn())?;
-        p.conn().flush().await?;
-        let mut merge = Merge { hold_ready: true, ..Merge::default() };
-        let status = relay(c, &mut p, exps, Role::Only, &mut merge).await?;
-        if status == Some(proto::READY_IDLE) {
-            c.give_back(p);
+        for n in closed {
+            self.statements.remove(&n);
         }
-        if merge.failed {
-            break;
-        }
+        r
     }
-    proto::ready(&mut c.io.wbuf, proto::READY_IDLE);
-    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
-}
 
-fn batch_is_rollback<S>(c: &Client<S>, batch: &[Msg]) -> bool {
-    batch.iter().filter(|m| m.tag == b'B').all(|m| {
-        proto::read_bind(m.body())
-            .and_then(|b| c.statements.get(b.statement))
-            .is_some_and(|s| s.text.trim_start().get(..8).is_some_and(|w| w.eq_ignore_ascii_case("ROLLBACK")))
-    })
-}
-
-/// BEGIN/COMMIT/ROLLBACK in the extended protocol while no connection is bound: answered by the router
-/// (BEGIN is held until a statement names a shard).
-async fn synthesize_transaction<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-) -> Result<(), Reported> {
-    let mut tag = String::new();
-    for m in batch.iter().filter(|m| m.tag == b'B') {
-        let bind = proto::read_bind(m.body()).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
-        let text = c.statements.get(bind.statement).map(|s| s.text.clone()).unwrap_or_default();
-        let word =
-            text.trim_start().split(|ch: char| !ch.is_ascii_alphabetic()).next().unwrap_or("").to_ascii_uppercase();
-        match (word.as_str(), &mut c.txn) {
-            ("BEGIN" | "START", Txn::Idle) => {
-                let mut q = BytesMut::new();
-                proto::query(&mut q, &text);
-                c.txn = Txn::Held(vec![q.freeze()]);
-                tag = "BEGIN".into();
-            }
-            ("COMMIT" | "END", _) => {
-                c.txn = Txn::Idle;
-                c.failed = false;
-                tag = "COMMIT".into();
-            }
-            ("ROLLBACK" | "ABORT", _) => {
-                c.txn = Txn::Idle;
-                c.failed = false;
-                tag = "ROLLBACK".into();
-            }
-            ("SAVEPOINT" | "RELEASE", Txn::Held(held)) => {
-                let mut q = BytesMut::new();
-                proto::query(&mut q, &text);
-                held.push(q.freeze());
-                tag = word.clone();
-            }
+    /// A segment without Bind (Parse, Describe, Close; or an Execute of a portal bound before): where the
+    /// current sync group is, else the transaction's connection, else any shard (schemas are the same
+    /// everywhere; alone before its Sync, with the failover retry, as a statement for one shard has it).
+    async fn prep(&mut self, seg: &[Msg], fast: bool, pending: &mut Pending) -> Result<Seg, Failure> {
+        let i = match &self.txn.state {
+            State::One(_) => self.txn_link()?,
+            State::All => self.all_link(None)?,
             _ => {
-                return Err(reported(
-                    "0A000",
-                    format!("{word} here is not supported before the transaction's first statement"),
-                ))
+                let in_group = self.links.iter().position(|l| l.pending && !l.replica);
+                match in_group {
+                    Some(i) => i,
+                    None if fast => {
+                        let effect = Effect {
+                            dest: Dest { shard: shardmap::ShardId(0), db: None },
+                            stmt: Stmt::default(),
+                            sets: Vec::new(),
+                            text: Arc::from(""),
+                        };
+                        return self.prep_alone(seg, effect).await;
+                    }
+                    None => self.link_any().await?,
+                }
+            }
+        };
+        let dest = self.links.get(i).dest.clone();
+        let exps = self.write_segment(i, seg, false)?;
+        pending.entries.push(Entry { dest, exps, role: Role::Only, fan: None, closes_fan: false });
+        Ok(Seg::Next)
+    }
+
+    /// A Parse/Describe/Close segment alone before its Sync, outside a transaction: on any shard, the next one
+    /// when a shard cannot be reached.
+    async fn prep_alone(&mut self, seg: &[Msg], mut effect: Effect) -> Result<Seg, Failure> {
+        let write = |stmts: &Statements, conn: &mut ServerConn| rewrite(stmts, seg, true, conn);
+        let mut last = None;
+        for attempt in 0..self.routing.map.nodes.len().max(1) {
+            let dest = self.any_dest(attempt);
+            match self.send_outside(&dest, false, &write, true).await {
+                Ok((i, exps)) => {
+                    self.links.get(i).pending = true;
+                    effect.dest = dest;
+                    return self.answer_synced(i, exps, effect).await;
+                }
+                Err(e) if e.code == crate::backend::checkout::CONNECT_FAILED => last = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| Reported::new(crate::backend::checkout::CONNECT_FAILED, "no shard is configured"))
+            .into())
+    }
+
+    /// Rewrites `seg` onto link `i`'s write buffer (plus the batch's Sync when `sync`); the link is in the
+    /// sync group from now on.
+    fn write_segment(&mut self, i: usize, seg: &[Msg], sync: bool) -> Result<VecDeque<Exp>, Reported> {
+        let l = self.links.get(i);
+        l.pending = true;
+        let conn = l.conn.conn();
+        rewrite(&self.statements, seg, sync, conn)
+    }
+
+    /// A segment with a Bind: one statement.
+    async fn statement(&mut self, seg: &[Msg], bind: &Msg, fast: bool, pending: &mut Pending) -> Result<Seg, Failure> {
+        let b = proto::read_bind(bind.body()).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
+        let st = self
+            .statements
+            .get(b.statement)
+            .ok_or_else(|| Reported::new("26000", format!("prepared statement \"{}\" does not exist", b.statement)))?;
+        let (text, analysis, types) = (st.text.clone(), st.analysis.clone(), st.types.clone());
+        if !self.routing.session_mode {
+            refuse_session_locks(&analysis)?;
+        }
+        let stmt = self.stmt(&analysis, &text);
+        let (route, _pass) = self
+            .decide(|| {
+                self.routing.planner.decide_analyzed(&analysis, &BindParams { bind: &b, types: &types }, &self.route)
+            })
+            .await?;
+        let fixed = self.fixed();
+        let map = self.routing.map.clone();
+        let plan =
+            self.txn.plan(&stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
+        let d = route.ok();
+        match plan {
+            Plan::Answer { tag, warning } => {
+                self.drain(pending).await?;
+                let tag = self.local(&stmt, &analysis, &text).await?.unwrap_or(tag);
+                if let Some((code, message)) = warning {
+                    proto::notice(&mut self.io.wbuf, "WARNING", code, message);
+                }
+                synthesize(&mut self.io.wbuf, seg, &tag);
+                Ok(Seg::Next)
+            }
+            Plan::Hold { tag } => {
+                self.drain(pending).await?;
+                self.txn.queue(text.to_string());
+                synthesize(&mut self.io.wbuf, seg, &tag);
+                Ok(Seg::Next)
+            }
+            Plan::Refuse(e) => Err(e.into()),
+            Plan::Run(to) if stmt.copy_in => {
+                self.drain(pending).await?;
+                let copy = analysis.statements[0].copy.clone().expect("COPY FROM STDIN has its details");
+                Box::pin(self.copy_in(to, &copy, d.as_ref(), super::copy::Request::Extended(seg.to_vec()))).await?;
+                Ok(Seg::Copied)
+            }
+            Plan::Run(to) => {
+                let effect = Effect {
+                    dest: Dest { shard: shardmap::ShardId(0), db: None },
+                    stmt,
+                    sets: settings_of(&analysis),
+                    text,
+                };
+                Box::pin(self.place(to, seg, d.as_ref(), effect, fast, pending)).await
             }
         }
     }
-    synthesize(c, batch, &tag).await
+
+    /// Sends a statement's segment where the plan says.
+    async fn place(
+        &mut self,
+        to: To,
+        seg: &[Msg],
+        d: Option<&Decision>,
+        mut effect: Effect,
+        fast: bool,
+        pending: &mut Pending,
+    ) -> Result<Seg, Failure> {
+        let verb = effect.stmt.verb.clone();
+        let read = effect.stmt.read;
+        let one = match to {
+            To::Bound => {
+                let i = self.txn_link()?;
+                self.txn.sent(verb.as_ref());
+                Some(i)
+            }
+            To::Once(dest) => {
+                if fast {
+                    // The common case: one statement, one connection, its Sync: sent at once, with the failover
+                    // retry and read replicas, and answered straight to ReadyForQuery.
+                    let write = |stmts: &Statements, conn: &mut ServerConn| rewrite(stmts, seg, true, conn);
+                    let (i, exps) = self.send_outside(&dest, read, &write, true).await?;
+                    self.links.get(i).pending = true;
+                    effect.dest = dest;
+                    return self.answer_synced(i, exps, effect).await;
+                }
+                Some(self.link(&dest).await?)
+            }
+            To::Prepared(gid) => {
+                let dest = self.prepared_dest(&gid).await?;
+                Some(self.link(&dest).await?)
+            }
+            To::Any => Some(self.link_any().await?),
+            To::Open(dest) => {
+                let i = self.link(&dest).await?;
+                self.replay_extended(i, pending)?;
+                self.txn.opened(dest);
+                self.txn.sent(verb.as_ref());
+                Some(i)
+            }
+            To::OpenAny => {
+                let dest = self.any_dest(0);
+                let i = self.link(&dest).await?;
+                self.replay_extended(i, pending)?;
+                self.txn.opened(dest);
+                self.txn.sent(verb.as_ref());
+                Some(i)
+            }
+            To::AllOne(shard) => Some(self.all_link(shard)?),
+            To::RollbackInstead => {
+                self.drain(pending).await?;
+                self.rollback_instead(false).await?;
+                synthesize(&mut self.io.wbuf, seg, "ROLLBACK");
+                return Ok(Seg::Next);
+            }
+            To::Fan(shards) => {
+                let shards = if shards.is_empty() { self.routing.map.all().collect() } else { shards };
+                let db = d.and_then(|d| d.database.clone());
+                let dests: Vec<Dest> = shards.into_iter().map(|shard| Dest { shard, db: db.clone() }).collect();
+                for dest in &dests {
+                    self.link(dest).await?;
+                }
+                let links: Vec<usize> = dests.iter().filter_map(|d| self.links.find(d)).collect();
+                self.fan_out(&links, seg, read && !d.is_some_and(|d| d.target == Target::All && !read), pending)?;
+                effect.dest = dests[0].clone();
+                self.group_effects.push(effect);
+                return Ok(Seg::Next);
+            }
+            To::OpenAll => {
+                let db = d.and_then(|d| d.database.clone());
+                for shard in self.routing.map.all().collect::<Vec<_>>() {
+                    let i = self.link(&Dest { shard, db: db.clone() }).await?;
+                    self.replay_extended(i, pending)?;
+                }
+                self.txn.opened_all();
+                let links = self.all_links();
+                self.fan_out(&links, seg, read, pending)?;
+                self.txn.sent(verb.as_ref());
+                effect.dest = self.links.get(links[0]).dest.clone();
+                self.group_effects.push(effect);
+                return Ok(Seg::Next);
+            }
+            To::AllEvery => {
+                let links = self.all_links();
+                self.fan_out(&links, seg, read && d.is_some_and(|d| d.target != Target::Session), pending)?;
+                self.txn.sent(verb.as_ref());
+                effect.dest = self.links.get(links[0]).dest.clone();
+                self.group_effects.push(effect);
+                return Ok(Seg::Next);
+            }
+        };
+        let i = one.expect("one connection");
+        let dest = self.links.get(i).dest.clone();
+        let alone =
+            fast && pending.entries.is_empty() && self.links.iter().enumerate().all(|(j, l)| j == i || !l.pending);
+        let exps = self.write_segment(i, seg, alone)?;
+        effect.dest = dest.clone();
+        if alone {
+            let conn = self.links.get(i).conn.conn();
+            if let Err(e) = conn.flush().await {
+                let e: Reported = e.into();
+                self.lost(i, &e);
+                return Err(e.into());
+            }
+            return self.answer_synced(i, exps, effect).await;
+        }
+        pending.entries.push(Entry { dest, exps, role: Role::Only, fan: None, closes_fan: false });
+        self.group_effects.push(effect);
+        Ok(Seg::Next)
+    }
+
+    /// The same segment on several links: a read's rows concatenated (first link's description, merged
+    /// CommandComplete); anything else answered by the first link, the others silent but for their errors.
+    fn fan_out(&mut self, links: &[usize], seg: &[Msg], read: bool, pending: &mut Pending) -> Result<(), Reported> {
+        let fan = pending.merges.len();
+        // A read's CommandComplete is the router's (the rows of all); otherwise the first link's stands.
+        pending.merges.push(Merge { executes: read && seg.iter().any(|m| m.tag == b'E'), ..Merge::default() });
+        for (n, &i) in links.iter().enumerate() {
+            let exps = self.write_segment(i, seg, false)?;
+            let role = match (read, n) {
+                (true, 0) => Role::First,
+                (true, _) => Role::Rest,
+                (false, 0) => Role::Only,
+                (false, _) => Role::Silent,
+            };
+            let dest = self.links.get(i).dest.clone();
+            pending.entries.push(Entry { dest, exps, role, fan: Some(fan), closes_fan: n + 1 == links.len() });
+        }
+        Ok(())
+    }
+
+    /// The held transaction's queue replayed on link `i` ahead of the statement that opens it: Parse, Bind
+    /// and Execute of each queued statement, answered to nobody (an error among them is the client's, and
+    /// the server then skips the statement itself).
+    fn replay_extended(&mut self, i: usize, pending: &mut Pending) -> Result<(), Reported> {
+        let queued = self.txn.queued().to_vec();
+        let l = self.links.get(i);
+        l.pending = true;
+        let conn = l.conn.conn();
+        let mut exps = VecDeque::new();
+        for q in &queued {
+            proto::write_parse_bytes(&mut conn.io.wbuf, "", &self.encoding.encode(q), &[]);
+            proto::put(&mut conn.io.wbuf, b'B', |b| {
+                b.put_slice(&[0, 0]);
+                b.put_i16(0);
+                b.put_i16(0);
+                b.put_i16(0);
+            });
+            proto::put(&mut conn.io.wbuf, b'E', |b| {
+                b.put_u8(0);
+                b.put_i32(0);
+            });
+            exps.extend([Exp::Quiet(b'1'), Exp::Quiet(b'2'), Exp::Quiet(b'C')]);
+        }
+        let dest = l.dest.clone();
+        pending.entries.push(Entry { dest, exps, role: Role::Only, fan: None, closes_fan: false });
+        // The queued settings run inside the transaction now.
+        for q in &queued {
+            let a = self.routing.planner.analyze(q);
+            let sets = settings_of(&a);
+            if !sets.is_empty() {
+                self.txn_settings.extend(sets);
+                self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
+            }
+        }
+        Ok(())
+    }
+
+    /// The answers to a segment sent with its Sync on link `i` alone, up to ReadyForQuery.
+    async fn answer_synced(&mut self, i: usize, exps: VecDeque<Exp>, effect: Effect) -> Result<Seg, Failure> {
+        let started = std::time::Instant::now();
+        let mut merge = Merge::default();
+        let map = self.status_map(i);
+        let executes = exps.iter().any(|e| matches!(e, Exp::Execute));
+        let mut exps = exps;
+        let status = match self.relay(i, &mut exps, Role::Only, &mut merge, Some(&map)).await {
+            Ok(s) => s.unwrap_or(READY_IDLE),
+            Err(e) => {
+                self.lost(i, &e);
+                return Err(e.into());
+            }
+        };
+        let l = self.links.get(i);
+        l.pending = false;
+        let shard = l.dest.shard;
+        let replica = l.replica;
+        if executes && !replica {
+            self.backend.answered(shard, started, merge.failed);
+        }
+        self.after_statement(i, &effect.stmt, status, merge.failed).await;
+        let text = (effect.sets.len() == 1).then_some(&*effect.text);
+        self.answered(i, status, merge.failed, &effect.sets, text).await;
+        self.release();
+        self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))?;
+        Ok(Seg::Synced)
+    }
+
+    /// Relays the answers of everything sent so far, in the client's order. Each connection written to is
+    /// sent a Flush first, so that its server answers now.
+    async fn drain(&mut self, pending: &mut Pending) -> Result<(), Fatal> {
+        self.drain_with(pending, b'H').await
+    }
+
+    /// [`Session::drain`], ending what is written to each connection of the group with `end`: Flush, or the
+    /// group's Sync (sent to every connection of the group, written to or not).
+    async fn drain_with(&mut self, pending: &mut Pending, end: u8) -> Result<(), Fatal> {
+        if pending.entries.is_empty() && end == b'H' {
+            return Ok(());
+        }
+        for l in self.links.iter_mut() {
+            let conn = l.conn.conn();
+            if end == b'S' && l.pending {
+                proto::put(&mut conn.io.wbuf, b'S', |_| {});
+            } else if !conn.io.wbuf.is_empty() {
+                proto::put(&mut conn.io.wbuf, b'H', |_| {});
+            }
+            if !conn.io.wbuf.is_empty() {
+                let _ = conn.flush().await;
+            }
+        }
+        let entries = std::mem::take(&mut pending.entries);
+        for mut e in entries {
+            let Some(i) = self.links.find(&e.dest) else { continue };
+            if self.group_failed {
+                if self.links.get(i).errored {
+                    // The server skips what came after its error.
+                    continue;
+                }
+                let in_txn = matches!(&self.txn.state, State::One(d) if *d == e.dest) || self.txn.state == State::All;
+                if !in_txn {
+                    // It ran in the failed group's implicit transaction: closing the connection rolls it back.
+                    drop(self.links.remove(i));
+                    continue;
+                }
+                e.role = Role::Silent;
+            }
+            let mut own = Merge::default();
+            let merge = match e.fan {
+                Some(f) => &mut pending.merges[f],
+                None => &mut own,
+            };
+            let r = self.relay(i, &mut e.exps, e.role, merge, None).await;
+            let failed = merge.failed;
+            if let Err(err) = r {
+                self.lost(i, &err);
+                proto::error(&mut self.io.wbuf, "ERROR", &err.code, &err.message);
+                self.fail_group_inner();
+                continue;
+            }
+            if failed {
+                self.links.get(i).errored = true;
+                if e.fan.is_none() || e.closes_fan {
+                    self.fail_group_inner();
+                }
+            }
+            if e.closes_fan {
+                let m = &mut pending.merges[e.fan.expect("a fan")];
+                match m.error.take() {
+                    Some(err) => {
+                        self.io.push(&err);
+                        self.fail_group_inner();
+                    }
+                    None if m.executes && !m.verb.is_empty() => {
+                        proto::command_complete(&mut self.io.wbuf, &format!("{} {}", m.verb, m.rows))
+                    }
+                    None => {}
+                }
+            }
+        }
+        self.io.flush_if_full().await?;
+        Ok(())
+    }
+
+    /// The router refused a statement of the sync group: what was sent before it is answered, then its
+    /// error; the rest of the group is skipped.
+    async fn fail_group(&mut self, e: Reported, pending: &mut Pending) -> Result<(), Fatal> {
+        self.drain(pending).await?;
+        proto::error(&mut self.io.wbuf, "ERROR", &e.code, &e.message);
+        self.txn.error_inside();
+        self.fail_group_inner();
+        Ok(())
+    }
+
+    /// The sync group failed: statements of it on connections outside the client's transaction are rolled
+    /// back (their connections closed), as the server rolls back an implicit transaction.
+    fn fail_group_inner(&mut self) {
+        self.group_failed = true;
+        let txn_dest = match &self.txn.state {
+            State::One(d) => Some(d.clone()),
+            _ => None,
+        };
+        let all = self.txn.state == State::All;
+        let gone = self.links.drain_unless(|l| !l.pending || l.errored || all || txn_dest.as_ref() == Some(&l.dest));
+        for l in gone {
+            drop(l);
+        }
+    }
+
+    /// The client's Sync: every connection of the group gets its own, their ReadyForQuery statuses settle the
+    /// transaction's state, and one ReadyForQuery reaches the client.
+    async fn sync(&mut self, pending: &mut Pending) -> Result<(), Fatal> {
+        let dests: Vec<Dest> = self.links.iter().filter(|l| l.pending).map(|l| l.dest.clone()).collect();
+        if dests.len() <= 1 {
+            // One connection: its Sync goes with what was written (after an error the server itself skips
+            // to it and rolls back).
+            self.drain_with(pending, b'S').await?;
+        } else {
+            // Several: the answers first, so that after an error anywhere the others are closed (rolled
+            // back) before any of them gets a Sync (which would commit it).
+            self.drain(pending).await?;
+            for l in self.links.iter_mut().filter(|l| l.pending) {
+                let conn = l.conn.conn();
+                proto::put(&mut conn.io.wbuf, b'S', |_| {});
+                let _ = conn.flush().await;
+            }
+        }
+        let effects = std::mem::take(&mut self.group_effects);
+        let mut statuses = Vec::new();
+        for dest in &dests {
+            let Some(i) = self.links.iter().position(|l| l.dest == *dest && l.pending) else { continue };
+            let mut error = self.links.get(i).errored;
+            let status = loop {
+                let m = match self.links.get(i).conn.conn().read().await {
+                    Ok(m) => m,
+                    Err(e) => break Err(Reported::from(e)),
+                };
+                match m.tag {
+                    b'Z' => {
+                        self.links.get(i).conn.conn().parsing.clear();
+                        break Ok(m.body().first().copied().unwrap_or(READY_IDLE));
+                    }
+                    // What a server sends ahead of ReadyForQuery: reported parameters, notices,
+                    // notifications (an error here is the Sync's own: a commit that failed).
+                    b'S' | b'N' | b'A' => self.io.push(&m.frame),
+                    b'E' => {
+                        error = true;
+                        self.io.push(&m.frame);
+                    }
+                    _ => {}
+                }
+            };
+            let status = match status {
+                Ok(s) => s,
+                Err(e) => {
+                    self.lost(i, &e);
+                    proto::error(&mut self.io.wbuf, "ERROR", &e.code, &e.message);
+                    continue;
+                }
+            };
+            let l = self.links.get(i);
+            l.pending = false;
+            l.errored = false;
+            l.conn.conn().status = status;
+            statuses.push(status);
+            let mine: Vec<&Effect> = effects.iter().filter(|e| e.dest == *dest).collect();
+            for e in &mine {
+                self.after_statement(i, &e.stmt, status, error).await;
+            }
+            let sets: Vec<Setting> = mine.iter().flat_map(|e| e.sets.iter().cloned()).collect();
+            let text = match mine.as_slice() {
+                [one] if one.sets.len() == 1 => Some(one.text.clone()),
+                _ => None,
+            };
+            if self.txn.state == State::All {
+                self.txn.ready(dest, status, error);
+                if !sets.is_empty() {
+                    self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
+                    self.txn_settings.extend(sets);
+                }
+            } else {
+                self.answered(i, status, error, &sets, text.as_deref()).await;
+            }
+        }
+        if self.txn.state == State::All && !statuses.is_empty() {
+            let all: Vec<u8> = self.all_links().iter().map(|&i| self.links.get(i).status()).collect();
+            self.txn.ready_all(&all);
+            if self.txn.state == State::Idle && !self.txn_settings.is_empty() {
+                if let Some(&first) = self.all_links().first() {
+                    let changes = std::mem::take(&mut self.txn_settings);
+                    self.settings_changed(first, &changes, None).await;
+                }
+            }
+        }
+        self.group_failed = false;
+        self.ready_for_query();
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// Relays one connection's answers to a rewritten segment, injecting and swallowing what the rewrite
+    /// changed. Returns the ReadyForQuery status, or `None` when the segment had no Sync. `status` maps the
+    /// server's ReadyForQuery status to the client's.
+    pub async fn relay(
+        &mut self,
+        i: usize,
+        exps: &mut VecDeque<Exp>,
+        role: Role,
+        merge: &mut Merge,
+        status: Option<&(dyn Fn(u8, bool) -> u8 + Sync)>,
+    ) -> Result<Option<u8>, Reported> {
+        let mut errored = false;
+        let mut ready = None;
+        let to_client = |role: Role, tag: u8| match role {
+            Role::Only => true,
+            Role::First => !matches!(tag, b'C' | b'Z' | b'E'),
+            Role::Rest => matches!(tag, b'D' | b'd'),
+            Role::Silent => false,
+        };
+        loop {
+            while let Some(Exp::InjectParse | Exp::InjectClose) = exps.front() {
+                let e = exps.pop_front().expect("front exists");
+                if !errored && matches!(role, Role::Only | Role::First) {
+                    match e {
+                        Exp::InjectParse => proto::parse_complete(&mut self.io.wbuf),
+                        _ => proto::close_complete(&mut self.io.wbuf),
+                    }
+                }
+            }
+            if exps.is_empty() {
+                break;
+            }
+            let conn = self.links.get(i).conn.conn();
+            let m = conn.read().await?;
+            let mut relay = to_client(role, m.tag);
+            match m.tag {
+                b'G' if merge.stop_at_copy => {
+                    merge.copy_in = true;
+                    if matches!(role, Role::Only | Role::First) {
+                        self.io.push(&m.frame);
+                    }
+                    return Ok(None);
+                }
+                b'E' => {
+                    errored = true;
+                    merge.failed = true;
+                    if role != Role::Only && merge.error.is_none() {
+                        merge.error = Some(m.frame.clone());
+                    }
+                    // The server skips everything up to Sync.
+                    while exps.front().is_some_and(|e| !matches!(e, Exp::Sync)) {
+                        exps.pop_front();
+                    }
+                }
+                b'1' => match exps.pop_front() {
+                    Some(Exp::Parse(Some(n))) => {
+                        conn.parsing.remove(&n);
+                        conn.prepared.insert(n);
+                    }
+                    Some(Exp::SwallowParse(name)) => {
+                        relay = false;
+                        if let Some(n) = name {
+                            conn.parsing.remove(&n);
+                            conn.prepared.insert(n);
+                        }
+                    }
+                    Some(Exp::Quiet(_)) => relay = false,
+                    _ => {}
+                },
+                b'2' => {
+                    if let Some(Exp::Quiet(_)) = exps.pop_front() {
+                        relay = false;
+                    }
+                }
+                b'3' => {
+                    exps.pop_front();
+                }
+                b'T' | b'n' => {
+                    if matches!(exps.front(), Some(Exp::DescribeStmt | Exp::DescribePortal)) {
+                        exps.pop_front();
+                    }
+                }
+                b'C' | b'I' | b's' => {
+                    if let Some(Exp::Quiet(_)) = exps.pop_front() {
+                        relay = false;
+                    } else if m.tag == b'C' && role != Role::Only {
+                        if let Some((tag, _)) = proto::read_cstr(m.body()) {
+                            let (verb, n) = proto::command_rows(tag).unwrap_or((tag, 0));
+                            merge.verb = verb.to_string();
+                            merge.rows += n;
+                        }
+                    }
+                }
+                b'Z' => {
+                    exps.pop_front();
+                    let s = m.body().first().copied().unwrap_or(READY_IDLE);
+                    conn.status = s;
+                    // A Parse not confirmed by now did not happen (an error skipped it).
+                    conn.parsing.clear();
+                    ready = Some(s);
+                    if relay {
+                        if let Some(map) = status {
+                            proto::ready(&mut self.io.wbuf, map(s, errored));
+                            relay = false;
+                        }
+                    }
+                }
+                _ => {} // DataRow, ParameterDescription, notices, ParameterStatus, notifications, COPY out
+            }
+            if relay {
+                self.io.push(&m.frame);
+                self.io.flush_if_full().await.map_err(|e| Reported::new("08006", e.to_string()))?;
+            }
+        }
+        Ok(ready)
+    }
 }
 
-/// Answers a batch the router handled itself: ParseComplete, BindComplete, NoData, the command tag,
-/// CloseComplete and ReadyForQuery, in the batch's order.
-async fn synthesize<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    tag: &str,
-) -> Result<(), Reported> {
-    for m in batch {
-        let b = &mut c.io.wbuf;
+/// Answers a segment the router handled itself: ParseComplete, BindComplete, NoData, the command tag,
+/// CloseComplete, in the segment's order.
+pub fn synthesize(out: &mut BytesMut, seg: &[Msg], tag: &str) {
+    for m in seg {
         match m.tag {
-            b'P' => proto::parse_complete(b),
-            b'B' => proto::put(b, b'2', |_| {}),
+            b'P' => proto::parse_complete(out),
+            b'B' => proto::put(out, b'2', |_| {}),
             b'D' if m.body().first() == Some(&b'S') => {
-                proto::put(b, b't', |b| b.put_i16(0));
-                proto::put(b, b'n', |_| {});
+                proto::put(out, b't', |b| b.put_i16(0));
+                proto::put(out, b'n', |_| {});
             }
-            b'D' => proto::put(b, b'n', |_| {}),
-            b'E' => proto::command_complete(b, tag),
-            b'C' => proto::close_complete(b),
-            b'S' => {
-                let status = c.status();
-                proto::ready(&mut c.io.wbuf, status);
-            }
+            b'D' => proto::put(out, b'n', |_| {}),
+            b'E' => proto::command_complete(out, tag),
+            b'C' => proto::close_complete(out),
             _ => {}
         }
     }
-    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
 }
 
-/// Rewrites a batch for one server connection: statement names, Parses left out or added.
-/// The rewritten batch is queued on the connection's write buffer (nothing is queued on error).
-fn rewrite<S>(c: &Client<S>, batch: &[Msg], conn: &mut ServerConn) -> Result<VecDeque<Exp>, Reported> {
+/// Rewrites a segment for one server connection: statement names, Parses left out or added; with `sync`, a
+/// Sync after it. Queued on the connection's write buffer (nothing is queued on error).
+pub fn rewrite(stmts: &Statements, seg: &[Msg], sync: bool, conn: &mut ServerConn) -> Result<VecDeque<Exp>, Reported> {
     let start = conn.io.wbuf.len();
-    let r = rewrite_into(c, batch, &conn.prepared, &mut conn.io.wbuf);
-    if r.is_err() {
-        conn.io.wbuf.truncate(start);
+    let r = rewrite_into(stmts, seg, &conn.prepared, &mut conn.parsing, &mut conn.io.wbuf);
+    match r {
+        Ok(mut exps) => {
+            if sync {
+                proto::put(&mut conn.io.wbuf, b'S', |_| {});
+                exps.push_back(Exp::Sync);
+            }
+            Ok(exps)
+        }
+        Err(e) => {
+            conn.io.wbuf.truncate(start);
+            Err(e)
+        }
     }
-    r
 }
 
-fn rewrite_into<S>(
-    c: &Client<S>,
+fn rewrite_into(
+    stmts: &Statements,
     batch: &[Msg],
     prepared: &HashSet<String>,
+    parsed_here: &mut HashSet<String>,
     out: &mut BytesMut,
 ) -> Result<VecDeque<Exp>, Reported> {
     let mut exps = VecDeque::with_capacity(batch.len() + 2);
-    let mut parsed_here: HashSet<String> = HashSet::default();
     let mut unnamed_parsed = false;
     let stmt = |name: &str| {
-        c.statements.get(name).ok_or_else(|| reported("26000", format!("prepared statement \"{name}\" does not exist")))
+        stmts.get(name).ok_or_else(|| Reported::new("26000", format!("prepared statement \"{name}\" does not exist")))
     };
     // Prepares a statement on this connection before a message that needs it.
     let ensure = |name: &str,
@@ -479,12 +936,12 @@ fn rewrite_into<S>(
         let st = stmt(name)?;
         if name.is_empty() {
             if !*unnamed_parsed {
-                proto::write_parse(out, "", &st.text, &st.types);
+                proto::write_parse_bytes(out, "", &st.raw, &st.types);
                 exps.push_back(Exp::SwallowParse(None));
                 *unnamed_parsed = true;
             }
         } else if !prepared.contains(&st.server_name) && !parsed_here.contains(&st.server_name) {
-            proto::write_parse(out, &st.server_name, &st.text, &st.types);
+            proto::write_parse_bytes(out, &st.server_name, &st.raw, &st.types);
             exps.push_back(Exp::SwallowParse(Some(st.server_name.clone())));
             parsed_here.insert(st.server_name.clone());
         }
@@ -494,7 +951,8 @@ fn rewrite_into<S>(
         let body = m.body();
         match m.tag {
             b'P' => {
-                let p = proto::read_parse(body).ok_or_else(|| reported("08P01", "malformed Parse message"))?;
+                let p =
+                    proto::read_parse_bytes(body).ok_or_else(|| Reported::new("08P01", "malformed Parse message"))?;
                 if p.name.is_empty() {
                     out.put_slice(&m.frame);
                     exps.push_back(Exp::Parse(None));
@@ -504,15 +962,15 @@ fn rewrite_into<S>(
                     if prepared.contains(&st.server_name) || parsed_here.contains(&st.server_name) {
                         exps.push_back(Exp::InjectParse);
                     } else {
-                        proto::write_parse(out, &st.server_name, &st.text, &st.types);
+                        proto::write_parse_bytes(out, &st.server_name, p.query, &st.types);
                         exps.push_back(Exp::Parse(Some(st.server_name.clone())));
                         parsed_here.insert(st.server_name.clone());
                     }
                 }
             }
             b'B' => {
-                let b = proto::read_bind(body).ok_or_else(|| reported("08P01", "malformed Bind message"))?;
-                ensure(b.statement, out, &mut exps, &mut parsed_here, &mut unnamed_parsed)?;
+                let b = proto::read_bind(body).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
+                ensure(b.statement, out, &mut exps, parsed_here, &mut unnamed_parsed)?;
                 if b.statement.is_empty() {
                     out.put_slice(&m.frame);
                 } else {
@@ -522,11 +980,11 @@ fn rewrite_into<S>(
             }
             b'D' => {
                 let (&kind, rest) =
-                    body.split_first().ok_or_else(|| reported("08P01", "malformed Describe message"))?;
+                    body.split_first().ok_or_else(|| Reported::new("08P01", "malformed Describe message"))?;
                 let (name, _) =
-                    proto::read_cstr(rest).ok_or_else(|| reported("08P01", "malformed Describe message"))?;
+                    proto::read_cstr(rest).ok_or_else(|| Reported::new("08P01", "malformed Describe message"))?;
                 if kind == b'S' {
-                    ensure(name, out, &mut exps, &mut parsed_here, &mut unnamed_parsed)?;
+                    ensure(name, out, &mut exps, parsed_here, &mut unnamed_parsed)?;
                     if name.is_empty() {
                         out.put_slice(&m.frame);
                     } else {
@@ -563,417 +1021,4 @@ fn rewrite_into<S>(
         }
     }
     Ok(exps)
-}
-
-async fn send_to_shard<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    shard: shardmap::ShardId,
-    d: &Decision,
-) -> Result<(), Reported> {
-    let read_replicas = c.shared.routing.config.load().read_replicas;
-    match std::mem::take(&mut c.txn) {
-        Txn::BoundAll => {
-            c.txn = Txn::BoundAll;
-            on_bound_all(c, batch, Some(d)).await
-        }
-        Txn::Bound => {
-            c.txn = Txn::Bound;
-            c.check_bound_shard(shard, d)?;
-            send_bound(c, batch).await
-        }
-        Txn::Held(held) => {
-            c.open_held(shard, d, held).await?;
-            send_bound(c, batch).await
-        }
-        Txn::Idle
-            if read_replicas
-                && d.analysis.statements.iter().all(|s| s.kind == Kind::Read)
-                && Box::pin(send_replica(c, batch, shard, d)).await? =>
-        {
-            Ok(())
-        }
-        Txn::Idle if c.shared.backends.topology.follows(shard) => {
-            Box::pin(send_following(c, batch, Some((shard, d.database.as_deref())))).await
-        }
-        Txn::Idle => {
-            let p = c.checkout(shard, d.database.as_deref()).await?;
-            send_alone(c, batch, p).await
-        }
-    }
-}
-
-/// Whether the server will answer this batch with a message past the preliminaries that `Framed::front`
-/// skips: something was sent, and it ends with Sync or holds an Execute (a Parse or Describe followed only by
-/// Flush would leave `front` waiting).
-fn awaits_result(batch: &[Msg], exps: &VecDeque<Exp>) -> bool {
-    exps.iter().any(|e| !matches!(e, Exp::InjectParse | Exp::InjectClose))
-        && batch.iter().any(|m| matches!(m.tag, b'S' | b'E'))
-}
-
-/// `shard-read-replicas`: a read batch on a standby that is fresh enough. `Ok(false)`: there is none, or it
-/// refused the batch before running it (25006), and the caller sends it to the primary.
-async fn send_replica<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    shard: shardmap::ShardId,
-    d: &Decision,
-) -> Result<bool, Reported> {
-    let Some(mut p) = c.checkout_replica(shard, d.database.as_deref()).await else {
-        return Ok(false);
-    };
-    let exps = rewrite(c, batch, p.conn())?;
-    let answered = awaits_result(batch, &exps);
-    if p.conn().flush().await.is_err() {
-        return Ok(false);
-    }
-    if answered && !matches!(crate::frontend::session::refused(p.conn()).await, Ok(None)) {
-        return Ok(false);
-    }
-    relay_alone(c, p, exps).await.map(|()| true)
-}
-
-/// `send_alone` outside a transaction on a shard that follows its primary: a batch that the old primary did
-/// not run (see `Client::exchange_following`) waits for the new primary and runs there.
-/// `to`: the shard (and tenant database), or none for a batch any shard answers (Parse/Describe only).
-async fn send_following<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    to: Option<(shardmap::ShardId, Option<&str>)>,
-) -> Result<(), Reported> {
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        // Where it goes this time (any shard: the next one; its generation read before the checkout).
-        let shard = match to {
-            Some((s, _)) => s,
-            None => c.home().map_or_else(|| c.shared.backends.any_shard(), |(s, _)| s),
-        };
-        let name = c.shared.routing.map.node(shard).name.clone();
-        let generation = c.shared.backends.topology.generation(shard);
-        let checked_out = match to {
-            Some((s, db)) => c.checkout(s, db).await,
-            None => match c.home() {
-                Some((s, db)) => c.checkout(s, Some(&db)).await,
-                None => c.checkout(shard, None).await,
-            },
-        };
-        let mut p = match checked_out {
-            Ok(p) => p,
-            Err(e) if crate::backend::topology::not_run(&e.code) && attempts < 10 => {
-                c.wait_new_primary(shard, generation, &name, e).await?;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let exps = rewrite(c, batch, p.conn())?;
-        // A batch the router answers alone (a Parse the server has, and a Flush) gets nothing back to look at.
-        let answered = awaits_result(batch, &exps);
-        let not_run = match p.conn().flush().await {
-            Err(e) => Some(Reported::from(e)),
-            Ok(()) if answered => crate::frontend::session::refused(p.conn()).await.unwrap_or(None),
-            Ok(()) => None,
-        };
-        match not_run {
-            Some(e) if attempts < 10 => {
-                drop(p);
-                c.wait_new_primary(shard, generation, &name, e).await?;
-            }
-            Some(e) => return Err(e),
-            None => {
-                let r = relay_alone(c, p, exps).await;
-                if r.as_ref().is_err_and(|e| e.code.starts_with("08")) {
-                    c.shared.backends.topology.suspect(shard);
-                }
-                return r;
-            }
-        }
-    }
-}
-
-async fn send_bound<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, batch: &[Msg]) -> Result<(), Reported> {
-    let p = c.bound.take().ok_or_else(|| reported("XX000", "no bound connection"))?;
-    send_alone(c, batch, p).await
-}
-
-/// Sends a batch on one connection and relays the answers; the connection is kept while a transaction is
-/// open (or a Flush left the exchange unfinished) and given back when the server is idle.
-async fn send_alone<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    mut p: Pooled,
-) -> Result<(), Reported> {
-    let exps = rewrite(c, batch, p.conn())?;
-    if let Err(e) = p.conn().flush().await {
-        c.txn = Txn::Idle;
-        return Err(e.into());
-    }
-    relay_alone(c, p, exps).await
-}
-
-/// The answers to a batch sent on one connection (see `send_alone`).
-async fn relay_alone<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    mut p: Pooled,
-    exps: VecDeque<Exp>,
-) -> Result<(), Reported> {
-    let started = std::time::Instant::now();
-    let shard = p.shard();
-    // Metrics count statements run (an Execute), not a driver's Parse/Describe round trips.
-    let executes = exps.iter().any(|e| matches!(e, Exp::Execute));
-    let mut merge = Merge::default();
-    let status = match relay(c, &mut p, exps, Role::Only, &mut merge).await {
-        Ok(s) => s,
-        Err(e) => {
-            c.txn = Txn::Idle;
-            c.connection_failed(shard, &e);
-            return Err(e);
-        }
-    };
-    match status {
-        Some(status) => c.after_exchange(p, status),
-        None => {
-            // Flush without Sync: the exchange goes on; keep the connection until a Sync completes it.
-            c.txn = Txn::Bound;
-            c.bound = Some(p);
-        }
-    }
-    if executes {
-        c.answer_error = merge.failed;
-        c.answered(shard, started);
-    }
-    Ok(())
-}
-
-/// A read with no key in the extended protocol: the same batch on every shard, rows concatenated.
-async fn fan_out<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    d: &Decision,
-) -> Result<(), Reported> {
-    let executes = batch.iter().filter(|m| m.tag == b'E').count();
-    if executes > 1 || batch.last().map(|m| m.tag) != Some(b'S') {
-        return Err(reported("0A000", "a statement for several shards must be alone before its Sync"));
-    }
-    if d.analysis.statements.iter().any(|s| s.kind != Kind::Read) {
-        if d.target != Target::All {
-            return Err(reported("0A000", format!("this statement would write to several shards ({})", d.reason)));
-        }
-        // DDL and writes to global tables: the same batch on every shard.
-        let shards = d.shards(&c.shared.routing.map);
-        let mut conns = Vec::with_capacity(shards.len());
-        for s in &shards {
-            conns.push(c.checkout(*s, d.database.as_deref()).await?);
-        }
-        let r = everywhere(c, batch, &mut conns).await;
-        for p in conns {
-            if p.conn_status() == proto::READY_IDLE {
-                c.give_back(p);
-            }
-        }
-        return r;
-    }
-    let shards = d.shards(&c.shared.routing.map);
-    let mut conns = Vec::with_capacity(shards.len());
-    for s in &shards {
-        conns.push(c.checkout(*s, d.database.as_deref()).await?);
-    }
-    let mut plans = Vec::with_capacity(conns.len());
-    for p in conns.iter_mut() {
-        let exps = rewrite(c, batch, p.conn())?;
-        p.conn().flush().await?;
-        plans.push(exps);
-    }
-    let mut merge = Merge::default();
-    for (i, (mut p, exps)) in conns.into_iter().zip(plans).enumerate() {
-        let role = if i == 0 { Role::First } else { Role::Rest };
-        let status = relay(c, &mut p, exps, role, &mut merge).await?;
-        if status == Some(proto::READY_IDLE) {
-            c.give_back(p);
-        }
-    }
-    match merge.error.take() {
-        Some(e) => c.io.push(&e),
-        None if executes == 1 => proto::command_complete(&mut c.io.wbuf, &format!("{} {}", merge.verb, merge.rows)),
-        None => {}
-    }
-    let status = c.status();
-    proto::ready(&mut c.io.wbuf, status);
-    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
-}
-
-/// A batch inside an all-shards transaction: on the shard it routes to, or on every shard.
-async fn on_bound_all<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    d: Option<&Decision>,
-) -> Result<(), Reported> {
-    let mut conns = std::mem::take(&mut c.bound_all);
-    let target = d.map(|d| d.target.clone()).unwrap_or(Target::Any);
-    let r = match target {
-        Target::One(s) => match conns.iter().position(|p| p.shard() == s) {
-            Some(i) => one_of(c, batch, &mut conns[i]).await,
-            None => Err(reported("XX000", "shard not in the transaction")),
-        },
-        Target::Any => one_of(c, batch, &mut conns[0]).await,
-        _ => everywhere(c, batch, &mut conns).await,
-    };
-    c.bound_all = conns;
-    crate::frontend::alltx::finish(c);
-    r
-}
-
-/// A batch on one connection the caller keeps.
-async fn one_of<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    p: &mut Pooled,
-) -> Result<(), Reported> {
-    let exps = rewrite(c, batch, p.conn())?;
-    p.conn().flush().await?;
-    let mut merge = Merge::default();
-    relay(c, p, exps, Role::Only, &mut merge).await?;
-    Ok(())
-}
-
-/// The same batch on several connections the caller keeps: the first one's answers are relayed, the
-/// others' are checked for errors, and one ReadyForQuery ends it.
-async fn everywhere<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    batch: &[Msg],
-    conns: &mut [Pooled],
-) -> Result<(), Reported> {
-    let mut plans = Vec::with_capacity(conns.len());
-    for p in conns.iter_mut() {
-        let exps = rewrite(c, batch, p.conn())?;
-        p.conn().flush().await?;
-        plans.push(exps);
-    }
-    let mut first = Merge { hold_ready: true, ..Merge::default() };
-    let mut others = Merge::default();
-    for (i, (p, exps)) in conns.iter_mut().zip(plans).enumerate() {
-        if i == 0 {
-            relay(c, p, exps, Role::Only, &mut first).await?;
-        } else {
-            relay(c, p, exps, Role::Silent, &mut others).await?;
-        }
-    }
-    if let (false, Some(e)) = (first.failed, others.error.take()) {
-        c.io.push(&e);
-    }
-    if batch.last().is_some_and(|m| m.tag == b'S') {
-        let statuses: Vec<u8> = conns.iter_mut().map(|p| p.conn().status).collect();
-        let status = if matches!(c.txn, Txn::BoundAll) {
-            if statuses.iter().all(|s| *s == proto::READY_IDLE) {
-                proto::READY_IDLE
-            } else if statuses.contains(&proto::READY_FAILED) {
-                proto::READY_FAILED
-            } else {
-                proto::READY_IN_TX
-            }
-        } else {
-            c.status()
-        };
-        proto::ready(&mut c.io.wbuf, status);
-    }
-    c.io.flush().await.map_err(|e| reported("08006", e.to_string()))
-}
-
-/// Relays one connection's answers to a rewritten batch, injecting and swallowing what the rewrite
-/// changed. Returns the ReadyForQuery status, or `None` when the batch ended with Flush.
-async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    p: &mut Pooled,
-    mut exps: VecDeque<Exp>,
-    role: Role,
-    merge: &mut Merge,
-) -> Result<Option<u8>, Reported> {
-    let mut errored = false;
-    let mut status = None;
-    let to_client = |role: Role, tag: u8| match role {
-        Role::Only => true,
-        Role::First => !matches!(tag, b'C' | b'Z' | b'E'),
-        Role::Rest => tag == b'D',
-        Role::Silent => false,
-    };
-    loop {
-        while let Some(Exp::InjectParse | Exp::InjectClose) = exps.front() {
-            let e = exps.pop_front().expect("front exists");
-            if !errored && matches!(role, Role::Only | Role::First) {
-                match e {
-                    Exp::InjectParse => proto::parse_complete(&mut c.io.wbuf),
-                    _ => proto::close_complete(&mut c.io.wbuf),
-                }
-            }
-        }
-        if exps.is_empty() {
-            break;
-        }
-        let m = p.conn().read().await?;
-        let mut relay = to_client(role, m.tag);
-        match m.tag {
-            b'E' => {
-                errored = true;
-                merge.failed = true;
-                if role != Role::Only && merge.error.is_none() {
-                    merge.error = Some(m.frame.clone());
-                }
-                // The server skips everything up to Sync.
-                while exps.front().is_some_and(|e| !matches!(e, Exp::Sync)) {
-                    exps.pop_front();
-                }
-            }
-            b'1' => match exps.pop_front() {
-                Some(Exp::Parse(Some(n))) => {
-                    p.conn().prepared.insert(n);
-                }
-                Some(Exp::SwallowParse(name)) => {
-                    relay = false;
-                    if let Some(n) = name {
-                        p.conn().prepared.insert(n);
-                    }
-                }
-                _ => {}
-            },
-            b'2' | b'3' => {
-                exps.pop_front();
-            }
-            b'T' | b'n' => {
-                if matches!(exps.front(), Some(Exp::DescribeStmt | Exp::DescribePortal)) {
-                    exps.pop_front();
-                }
-            }
-            b'C' | b'I' | b's' => {
-                exps.pop_front();
-                if m.tag == b'C' && role != Role::Only {
-                    if let Some((tag, _)) = proto::read_cstr(m.body()) {
-                        let (verb, n) = proto::command_rows(tag).unwrap_or((tag, 0));
-                        merge.verb = verb.to_string();
-                        merge.rows += n;
-                    }
-                }
-            }
-            b'Z' => {
-                exps.pop_front();
-                let s = m.body().first().copied().unwrap_or(proto::READY_IDLE);
-                p.conn().status = s;
-                status = Some(s);
-                if merge.hold_ready {
-                    relay = false;
-                } else if let (true, Some(own)) = (relay, c.status_override()) {
-                    proto::ready(&mut c.io.wbuf, own);
-                    relay = false;
-                }
-            }
-            _ => {} // DataRow, ParameterDescription, notices, ParameterStatus, notifications
-        }
-        if relay {
-            c.io.push(&m.frame);
-            c.io.flush_if_full().await.map_err(|e| reported("08006", e.to_string()))?;
-        }
-    }
-    if role == Role::Only {
-        c.io.flush().await.map_err(|e| reported("08006", e.to_string()))?;
-    }
-    Ok(status)
 }

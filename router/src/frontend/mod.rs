@@ -2,13 +2,15 @@
 //! simple and extended protocols, COPY and statements for several shards. [`Routing`] is the handle to the
 //! routing decision (config, map, planner, catalog); [`Registry`] knows the connected clients.
 
-pub mod alltx;
 pub mod copy;
 pub mod extended;
-pub mod fanout;
+pub mod links;
+pub mod merge;
 pub mod session;
 pub mod settings;
+pub mod simple;
 pub mod startup;
+pub mod txn;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

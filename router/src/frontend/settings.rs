@@ -22,7 +22,10 @@ pub enum Change {
 
 #[derive(Default, Clone)]
 pub struct Settings {
-    /// (lower-case name, statement that sets it), in the order set.
+    /// The startup packet's parameters, (lower-case name, statement that sets it): the session defaults that
+    /// RESET and RESET ALL go back to.
+    startup: Vec<(String, String)>,
+    /// (lower-case name, statement that sets it), in the order set since.
     list: Vec<(String, String)>,
     hash: u64,
 }
@@ -35,6 +38,11 @@ fn quote_ident(v: &str) -> String {
     format!("\"{}\"", v.replace('"', "\"\""))
 }
 
+/// A value read back from a server (`current_setting`), as a statement that sets it again.
+pub fn set_config(name: &str, value: &str) -> String {
+    format!("SELECT pg_catalog.set_config({}, {}, false)", quote_literal(name), quote_literal(value))
+}
+
 impl Settings {
     /// The settings of a startup packet (everything but user, database, options and replication).
     pub fn from_startup(params: &[(String, String)]) -> Settings {
@@ -43,8 +51,9 @@ impl Settings {
             if matches!(k.as_str(), "user" | "database" | "options" | "replication") {
                 continue;
             }
-            s.apply(Change::Set(k.to_lowercase(), format!("SET {} TO {}", quote_ident(k), quote_literal(v))));
+            s.startup.push((k.to_lowercase(), format!("SET {} TO {}", quote_ident(k), quote_literal(v))));
         }
+        s.rehash();
         s
     }
 
@@ -52,18 +61,31 @@ impl Settings {
         self.hash
     }
 
+    /// The settings in force, startup parameters first.
     pub fn values(&self) -> impl Iterator<Item = &(String, String)> {
-        self.list.iter()
+        self.startup.iter().filter(|(n, _)| !self.list.iter().any(|(m, _)| m == n)).chain(self.list.iter())
+    }
+
+    /// The statement that set parameter `name` (lower case), if the client set it.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.values().filter(|(n, _)| n == name).map(|(_, sql)| sql.as_str()).last()
     }
 
     /// The SQL that brings a connection to these settings (`RESET ALL` first when it had others).
     pub fn replay_sql(&self, reset_first: bool) -> String {
-        let mut parts: Vec<&str> = Vec::with_capacity(self.list.len() + 1);
+        let mut parts: Vec<&str> = Vec::with_capacity(self.startup.len() + self.list.len() + 1);
         if reset_first {
             parts.push("RESET ALL");
         }
-        parts.extend(self.list.iter().map(|(_, sql)| sql.as_str()));
+        parts.extend(self.values().map(|(_, sql)| sql.as_str()));
         parts.join("; ")
+    }
+
+    fn rehash(&mut self) {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.startup.hash(&mut h);
+        self.list.hash(&mut h);
+        self.hash = if self.startup.is_empty() && self.list.is_empty() { 0 } else { h.finish() | 1 };
     }
 
     pub fn apply(&mut self, change: Change) {
@@ -77,9 +99,7 @@ impl Settings {
             Change::DiscardAll => self.list.clear(),
             Change::Nothing | Change::Refused(_) | Change::Deallocate(_) => return,
         }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.list.hash(&mut h);
-        self.hash = if self.list.is_empty() { 0 } else { h.finish() | 1 };
+        self.rehash();
     }
 
     /// What a session statement (outside a transaction) would do.
@@ -106,7 +126,7 @@ impl Settings {
             "set" => {
                 let mut i = 1;
                 match w(1) {
-                    "local" => return Change::Nothing,
+                    "local" | "transaction" => return Change::Nothing,
                     "session" if matches!(w(2), "authorization") => {
                         return Change::Refused("SET SESSION AUTHORIZATION cannot follow a client across pooled connections; use pool-mode,session".into())
                     }
@@ -160,6 +180,7 @@ mod tests {
         let c = s.classify("RESET ALL");
         s.apply(c);
         assert_eq!(s.hash(), 0);
+        assert!(matches!(s.classify("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), Change::Nothing));
         assert!(matches!(s.classify("LISTEN x"), Change::Refused(_)));
         assert!(matches!(s.classify("SHOW x"), Change::Nothing));
     }
@@ -171,6 +192,12 @@ mod tests {
             ("application_name".into(), "it's".into()),
             ("database".into(), "d".into()),
         ]);
+        assert_eq!(s.replay_sql(false), "SET \"application_name\" TO 'it''s'");
+        // RESET ALL goes back to the startup packet's values, as on a server.
+        let mut s = s;
+        s.apply(Change::Set("application_name".into(), "SET application_name = 'x'".into()));
+        assert_eq!(s.replay_sql(false), "SET application_name = 'x'");
+        s.apply(Change::ResetAll);
         assert_eq!(s.replay_sql(false), "SET \"application_name\" TO 'it''s'");
     }
 }

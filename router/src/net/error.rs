@@ -6,7 +6,7 @@ use shardmap::RouteError;
 use super::wire::WireError;
 
 /// An error reported to the client as an ErrorResponse (with its SQLSTATE); the session goes on.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reported {
     pub code: String,
     pub message: String,

@@ -60,9 +60,32 @@ pub fn error(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
     });
 }
 
+/// A NoticeResponse (a WARNING the router gives in a server's place, as the server would).
+pub fn notice(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
+    put(buf, b'N', |b| {
+        b.put_u8(b'S');
+        cstr(b, severity);
+        b.put_u8(b'V');
+        cstr(b, severity);
+        b.put_u8(b'C');
+        cstr(b, code);
+        b.put_u8(b'M');
+        cstr(b, message);
+        b.put_u8(0);
+    });
+}
+
 /// A simple Query message.
 pub fn query(buf: &mut BytesMut, sql: &str) {
     put(buf, b'Q', |b| cstr(b, sql));
+}
+
+/// A simple Query message whose text is bytes (in the client's encoding).
+pub fn query_bytes(buf: &mut BytesMut, sql: &[u8]) {
+    put(buf, b'Q', |b| {
+        b.put_slice(sql);
+        b.put_u8(0);
+    });
 }
 
 /// Reads a NUL-terminated string at the start of `b`: the string and the rest.
@@ -77,6 +100,24 @@ pub fn read_i16(b: &[u8]) -> Option<(i16, &[u8])> {
 
 pub fn read_i32(b: &[u8]) -> Option<(i32, &[u8])> {
     Some((i32::from_be_bytes(b.get(..4)?.try_into().ok()?), &b[4..]))
+}
+
+/// The values of a DataRow body, as text (NULL as `None`).
+pub fn data_row(body: &[u8]) -> Vec<Option<String>> {
+    let Some((n, mut rest)) = read_i16(body) else { return Vec::new() };
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let Some((len, r)) = read_i32(rest) else { break };
+        if len < 0 {
+            out.push(None);
+            rest = r;
+        } else {
+            let Some(v) = r.get(..len as usize) else { break };
+            out.push(Some(String::from_utf8_lossy(v).into_owned()));
+            rest = &r[len as usize..];
+        }
+    }
+    out
 }
 
 /// The fields of an ErrorResponse or NoticeResponse body: (field type, value).
@@ -147,6 +188,39 @@ pub fn read_parse(body: &[u8]) -> Option<Parse<'_>> {
         rest = r;
     }
     Some(Parse { name, query, types })
+}
+
+/// A Parse message body whose query text is left as bytes (it is in the client's encoding).
+pub struct ParseBytes<'a> {
+    pub name: &'a str,
+    pub query: &'a [u8],
+    pub types: Vec<u32>,
+}
+
+pub fn read_parse_bytes(body: &[u8]) -> Option<ParseBytes<'_>> {
+    let (name, rest) = read_cstr(body)?;
+    let end = memchr::memchr(0, rest)?;
+    let (query, rest) = (&rest[..end], &rest[end + 1..]);
+    let (n, mut rest) = read_i16(rest)?;
+    let mut types = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let (t, r) = read_i32(rest)?;
+        types.push(t as u32);
+        rest = r;
+    }
+    Some(ParseBytes { name, query, types })
+}
+
+pub fn write_parse_bytes(buf: &mut BytesMut, name: &str, query: &[u8], types: &[u32]) {
+    put(buf, b'P', |b| {
+        cstr(b, name);
+        b.put_slice(query);
+        b.put_u8(0);
+        b.put_i16(types.len() as i16);
+        for t in types {
+            b.put_u32(*t);
+        }
+    });
 }
 
 pub fn write_parse(buf: &mut BytesMut, name: &str, query: &str, types: &[u32]) {

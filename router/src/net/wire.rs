@@ -196,12 +196,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     }
 
     /// Relays this stream's messages to `dst` up to and including the next ReadyForQuery, whose status byte
-    /// is returned (and, with `status`, replaced), with whether an ErrorResponse was among them. The messages
+    /// is returned (and replaced by what `status` makes of it and of whether an error came), with whether an
+    /// ErrorResponse was among them. The messages
     /// are not split apart: whole runs of frames are written from this read buffer to `dst` (short ones
     /// gathered in `dst`'s write buffer), so a response costs one read and one write, whatever the number of
     /// rows. An end of stream before ReadyForQuery tells what is known of the statement's fate (see
     /// [`WireError::Closed`] and [`WireError::CommitUnconfirmed`]).
-    pub async fn relay_to_ready<D>(&mut self, dst: &mut Framed<D>, status: Option<u8>) -> Result<(u8, bool), RelayError>
+    ///
+    /// ParameterStatus messages (rare: after a SET of a reported parameter) are also copied to `reported`.
+    pub async fn relay_to_ready<D>(
+        &mut self,
+        dst: &mut Framed<D>,
+        status: &(dyn Fn(u8, bool) -> u8 + Sync),
+        reported: &mut Vec<Bytes>,
+    ) -> Result<(u8, bool), RelayError>
     where
         D: AsyncRead + AsyncWrite + Unpin,
     {
@@ -218,12 +226,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 error |= tag == b'E';
                 if tag == b'N' {
                     shutdown_notice |= crate::net::proto::is_commit_cut(&b[5..total]);
+                } else if tag == b'S' {
+                    reported.push(Bytes::copy_from_slice(&b[..total]));
                 }
                 if tag == b'Z' && total == 6 {
-                    ready = Some(b[5]);
-                    if let Some(s) = status {
-                        self.rbuf[pos + 5] = s;
-                    }
+                    let theirs = b[5];
+                    ready = Some(theirs);
+                    self.rbuf[pos + 5] = status(theirs, error);
                     pos += total;
                     break;
                 }

@@ -1,0 +1,215 @@
+//! A client's way to the servers: who it connects as, the pools it used last, and a checkout that brings a
+//! connection to the client's session settings, waits for a primary during a failover (the failover
+//! buffer), respects PAUSE and the circuit breaker, and creates a tenant's database on first use.
+
+use std::sync::Arc;
+
+use shardmap::ShardId;
+
+use super::cancel::Slot;
+use super::conn::{BackendError, Target};
+use super::pool::{Pool, PoolKey, Pooled};
+use super::Backends;
+use crate::net::Reported;
+
+/// The SQLSTATE of a failed connection attempt: nothing was sent, so another shard may be tried.
+pub const CONNECT_FAILED: &str = "08001";
+
+/// The session settings a connection must carry for a client (its SETs and startup parameters).
+pub trait Carry {
+    /// A hash of the settings (0: none); a connection records the hash of what was replayed on it.
+    fn hash(&self) -> u64;
+    /// The SQL that brings a connection to them (`RESET ALL` first when it carries others).
+    fn replay_sql(&self, reset_first: bool) -> String;
+}
+
+/// A connection's settings hash when what it carries is not known (a RESET ran on it, a statement that
+/// changed settings failed): the next checkout replays the client's.
+pub const SETTINGS_UNKNOWN: u64 = u64::MAX;
+
+/// One client's access to the backends.
+pub struct Checkout {
+    pub backends: Arc<Backends>,
+    /// The user and database the client connected as (a node URL without them uses these).
+    pub user: String,
+    pub database: String,
+    /// Where a CancelRequest for this client finds its server connections.
+    pub cancel: Arc<Slot>,
+    /// The pools of the shards' default databases, by shard, with the generation of the shard's primary
+    /// they were made for: a checkout does not look them up again until a failover.
+    pools: Vec<Option<(u64, Arc<Pool>)>>,
+}
+
+impl Checkout {
+    pub fn new(backends: Arc<Backends>, user: String, database: String, cancel: Arc<Slot>) -> Checkout {
+        Checkout { backends, user, database, cancel, pools: Vec::new() }
+    }
+
+    /// The pool of a shard for this client (and, under the tenant strategy, its database). A shard without a
+    /// primary right now (failover) makes this wait for one, within the failover buffer.
+    pub async fn pool_for(&self, shard: ShardId, database: Option<&str>) -> Result<(u64, Arc<Pool>), Reported> {
+        let b = &self.backends;
+        let node = b.map.node(shard);
+        let addr = node.addr.as_ref().ok_or_else(|| {
+            Reported::new(
+                CONNECT_FAILED,
+                format!("shard {} has no address: add shard-node-{} to the config", node.name, node.name),
+            )
+        })?;
+        let ((host, port), generation) =
+            b.topology.primary(shard, &node.name).await.map_err(|e| Reported::new(CONNECT_FAILED, e.0))?;
+        let target = self.target(addr, (host, port), database);
+        Ok((generation, b.pools.pool(PoolKey { shard, target }, &node.name)))
+    }
+
+    /// Where and as whom to connect on `host` for this client.
+    fn target(&self, addr: &shardmap::config::NodeAddr, (host, port): (String, u16), database: Option<&str>) -> Target {
+        let user = addr.user.clone().unwrap_or_else(|| self.user.clone());
+        let password = addr.password.clone().or_else(|| {
+            (user == self.user).then(|| self.backends.config.load().router.users.get(&self.user).cloned()).flatten()
+        });
+        let database =
+            database.map(str::to_string).or_else(|| addr.dbname.clone()).unwrap_or_else(|| self.database.clone());
+        Target { host, port, user, password, database }
+    }
+
+    /// The pool for `shard` (cached per shard for the default database), and the generation it is for.
+    async fn pool(&mut self, shard: ShardId, database: Option<&str>) -> Result<(u64, Arc<Pool>), Reported> {
+        let generation = self.backends.topology.generation(shard);
+        if let (None, Some(Some((g, p)))) = (database, self.pools.get(shard.0 as usize)) {
+            if *g == generation {
+                return Ok((generation, p.clone()));
+            }
+        }
+        let (g, pool) = Box::pin(self.pool_for(shard, database)).await?;
+        if database.is_none() {
+            if self.pools.len() <= shard.0 as usize {
+                self.pools.resize(shard.0 as usize + 1, None);
+            }
+            self.pools[shard.0 as usize] = Some((g, pool.clone()));
+        }
+        Ok((generation, pool))
+    }
+
+    /// Whether `p` is a connection of the pool this client would get for `shard` now (after a failover, a
+    /// session-mode client's old connection is not).
+    pub async fn is_current(&mut self, p: &Pooled, database: Option<&str>) -> bool {
+        match self.pool(p.shard(), database).await {
+            Ok((_, pool)) => p.is_from(&pool),
+            Err(_) => false,
+        }
+    }
+
+    /// Checks out a connection and brings its session settings in line with the client's.
+    pub async fn get(
+        &mut self,
+        shard: ShardId,
+        database: Option<&str>,
+        carry: &(dyn Carry + Sync),
+    ) -> Result<Pooled, Reported> {
+        let (generation, pool) = self.pool(shard, database).await?;
+        let b = self.backends.clone();
+        if b.topology.is_paused(shard) {
+            // The admin console's PAUSE: a new transaction waits for RESUME.
+            Box::pin(b.topology.wait_resumed(shard)).await;
+        }
+        b.breaker
+            .admit(shard.0 as usize, generation, &b.map.node(shard).name)
+            .map_err(|m| Reported::new(CONNECT_FAILED, m))?;
+        let mut p = match pool.get().await {
+            Ok(p) => p,
+            Err(e) if e.sqlstate() == "3D000" && b.config.load().auto_create && database.is_some() => {
+                // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
+                let db = database.expect("checked");
+                Box::pin(super::tenant::create(&b, shard, db)).await?;
+                pool.get().await?
+            }
+            Err(e) => {
+                if e.sqlstate() == CONNECT_FAILED {
+                    b.mark_down(shard);
+                }
+                if e.sqlstate().starts_with("08") {
+                    b.breaker.failure(shard.0 as usize, generation);
+                }
+                return Err(e.into());
+            }
+        };
+        self.take_up(&mut p, carry).await?;
+        Ok(p)
+    }
+
+    /// `shard-read-replicas` (the caller checked that the statement may read there): a connection to a
+    /// standby of `shard` that is fresh enough, if there is one and it can be reached (`None`: read on the
+    /// primary).
+    pub async fn replica(
+        &mut self,
+        shard: ShardId,
+        database: Option<&str>,
+        carry: &(dyn Carry + Sync),
+    ) -> Option<Pooled> {
+        let b = self.backends.clone();
+        let max_lag = b.config.load().max_replica_lag_bytes;
+        let at = b.topology.replica(shard, max_lag)?;
+        let node = b.map.node(shard);
+        let target = self.target(node.addr.as_ref()?, at, database);
+        let pool = b.pools.pool(PoolKey { shard, target }, &node.name);
+        let mut p = pool.get().await.ok()?;
+        self.take_up(&mut p, carry).await.ok()?;
+        Some(p)
+    }
+
+    /// A connection just checked out becomes this client's: registered for its CancelRequests, with its
+    /// session settings replayed when the connection carries others.
+    pub async fn take_up(&self, p: &mut Pooled, carry: &(dyn Carry + Sync)) -> Result<(), BackendError> {
+        p.register_cancel(&self.cancel);
+        sync_settings(p, carry, None).await
+    }
+
+    /// After a statement could not run on `shard`'s primary of `generation`: waits for another one (the
+    /// failover buffer); `e` is what the client gets if none comes.
+    pub async fn wait_new_primary(&self, shard: ShardId, generation: u64, e: Reported) -> Result<(), Reported> {
+        let b = &self.backends;
+        let name = &b.map.node(shard).name;
+        tracing::info!(shard = %name, code = %e.code, "{}; waiting for a new primary", e.message);
+        match b.topology.changed_from(shard, generation, name).await {
+            Ok(()) => Ok(()),
+            Err(why) => Err(Reported::new(&e.code, format!("{} ({})", e.message, why.0))),
+        }
+    }
+
+    /// A statement on `shard` failed: a lost connection counts for the circuit breaker.
+    pub fn failed(&self, shard: ShardId, e: &Reported) {
+        if e.code.starts_with("08") {
+            self.backends.breaker.failure(shard.0 as usize, self.backends.topology.generation(shard));
+        }
+    }
+
+    /// A statement got its answer from `shard`: metrics, and the circuit breaker's success.
+    pub fn answered(&self, shard: ShardId, started: std::time::Instant, error: bool) {
+        self.backends.stats.record(shard.0 as usize, started.elapsed(), error);
+        self.backends.breaker.success(shard.0 as usize);
+    }
+}
+
+/// Brings a connection's session settings to `carry`'s when it carries others. The ParameterStatus messages
+/// the server sends meanwhile go to `relay` when given (the client's view changes: after a RESET), else
+/// nowhere (a replay on checkout restores what the client already knows).
+pub async fn sync_settings(
+    p: &mut Pooled,
+    carry: &(dyn Carry + Sync),
+    relay: Option<&mut bytes::BytesMut>,
+) -> Result<(), BackendError> {
+    let conn = p.conn();
+    let want = carry.hash();
+    if conn.settings == want {
+        return Ok(());
+    }
+    let sql = carry.replay_sql(conn.settings != 0);
+    if !sql.is_empty() {
+        crate::net::proto::query(&mut conn.io.wbuf, &sql);
+        conn.flush().await?;
+        Box::pin(conn.drain_to_ready_relaying(relay)).await?;
+    }
+    conn.settings = want;
+    Ok(())
+}

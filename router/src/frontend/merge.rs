@@ -1,0 +1,173 @@
+//! Simple queries on several connections at once: reads with no key outside a transaction (the same
+//! statement on each shard, rows concatenated in shard order, one RowDescription, one CommandComplete with
+//! the total), DDL and writes to global tables (the same statement on each; the first shard's answer stands
+//! for all, and the first error of any is reported), and every statement of an all-shards transaction.
+//! Ordered merging and aggregates come later (issue 11).
+
+use bytes::Bytes;
+use shardmap::sql::Setting;
+use shardmap::{Decision, ShardId};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::session::{Failure, Session};
+use super::simple::combined;
+use super::txn::{Dest, State, Stmt};
+use crate::backend::checkout::SETTINGS_UNKNOWN;
+use crate::net::proto::{self, READY_IDLE};
+use crate::net::wire::Msg;
+use crate::net::Reported;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A simple Query for several shards outside a transaction (or outside the held one).
+    pub async fn fan_simple(
+        &mut self,
+        shards: Vec<ShardId>,
+        frame: Bytes,
+        d: Option<&Decision>,
+        read: bool,
+    ) -> Result<(), Failure> {
+        let shards = if shards.is_empty() { self.routing.map.all().collect() } else { shards };
+        let db = d.and_then(|d| d.database.clone());
+        let dests: Vec<Dest> = shards.into_iter().map(|shard| Dest { shard, db: db.clone() }).collect();
+        for dest in &dests {
+            self.link(dest).await?;
+        }
+        let links: Vec<usize> = dests.iter().filter_map(|d| self.links.find(d)).collect();
+        // (Metrics count statements answered by one shard: not these.)
+        let answers = self.merge_on(&links, read, frame).await?;
+        for (&i, (status, error)) in links.iter().zip(&answers) {
+            let dest = self.links.get(i).dest.clone();
+            self.txn.ready(&dest, *status, *error);
+        }
+        self.ready_for_query();
+        self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
+    }
+
+    /// A simple Query on every connection of an all-shards transaction.
+    pub async fn all_simple(
+        &mut self,
+        frame: Bytes,
+        stmt: &Stmt,
+        sets: &[Setting],
+        d: Option<&Decision>,
+    ) -> Result<(), Failure> {
+        let links = self.all_links();
+        let read = stmt.read && d.is_some_and(|d| !matches!(d.target, shardmap::Target::One(_)));
+        let answers = self.merge_on(&links, read, frame).await?;
+        let statuses: Vec<u8> = answers.iter().map(|(s, _)| *s).collect();
+        if !sets.is_empty() {
+            for &i in &links {
+                self.links.get(i).conn.conn().settings = SETTINGS_UNKNOWN;
+            }
+            self.txn_settings.extend(sets.iter().cloned());
+        }
+        self.txn.ready_all(&statuses);
+        if combined(&statuses) == READY_IDLE && self.txn.state == State::Idle && !self.txn_settings.is_empty() {
+            if let Some(&first) = links.first() {
+                let changes = std::mem::take(&mut self.txn_settings);
+                self.settings_changed(first, &changes, None).await;
+            }
+        }
+        self.ready_for_query();
+        self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
+    }
+
+    /// Sends a simple Query on each link and merges the answers (see the module doc): for a read, rows
+    /// concatenated under one RowDescription and one CommandComplete; otherwise the first link's answer. The
+    /// first error of any link is reported. ReadyForQuery is the caller's to send; each link's status and
+    /// whether it failed are returned. A link that breaks loses its exchange: every link of it is closed.
+    pub async fn merge_on(&mut self, links: &[usize], read: bool, frame: Bytes) -> Result<Vec<(u8, bool)>, Reported> {
+        for &i in links {
+            let conn = self.links.get(i).conn.conn();
+            conn.io.push(&frame);
+            if let Err(e) = conn.flush().await {
+                return Err(self.merge_broken(links, e.into()));
+            }
+        }
+        let mut error: Option<Msg> = None;
+        let mut rows = 0u64;
+        let mut verb = String::from("SELECT");
+        let mut described = false;
+        let mut copy_out = false;
+        let mut out = Vec::with_capacity(links.len());
+        for (n, &i) in links.iter().enumerate() {
+            let mut failed = false;
+            loop {
+                let m = match self.links.get(i).conn.conn().read().await {
+                    Ok(m) => m,
+                    Err(e) => return Err(self.merge_broken(links, e.into())),
+                };
+                match m.tag {
+                    b'Z' => {
+                        let status = m.body().first().copied().unwrap_or(READY_IDLE);
+                        self.links.get(i).conn.conn().status = status;
+                        out.push((status, failed));
+                        break;
+                    }
+                    b'E' => {
+                        failed = true;
+                        if error.is_none() {
+                            error = Some(m);
+                        }
+                    }
+                    b'T' if read && !described => {
+                        described = true;
+                        self.io.push(&m.frame);
+                    }
+                    b'D' if read && error.is_none() => {
+                        self.io.push(&m.frame);
+                        self.io.flush_if_full().await.map_err(|e| Reported::new("08006", e.to_string()))?;
+                    }
+                    b'T' | b'D' if read => {}
+                    // COPY ... TO STDOUT on every shard: one CopyOutResponse, every shard's data, one CopyDone.
+                    b'H' if read && !copy_out => {
+                        copy_out = true;
+                        self.io.push(&m.frame);
+                    }
+                    b'H' if read => {}
+                    b'd' if read => {
+                        self.io.push(&m.frame);
+                        self.io.flush_if_full().await.map_err(|e| Reported::new("08006", e.to_string()))?;
+                    }
+                    b'c' if read => {}
+                    b'C' if read => {
+                        if let Some((tag, _)) = proto::read_cstr(m.body()) {
+                            if let Some((v, k)) = proto::command_rows(tag) {
+                                verb = v.to_string();
+                                rows += k;
+                            }
+                        }
+                    }
+                    // DDL: the first shard's answers stand for all; notices of the first shard pass through.
+                    _ if n == 0 => self.io.push(&m.frame),
+                    _ => {}
+                }
+            }
+        }
+        if copy_out {
+            proto::put(&mut self.io.wbuf, b'c', |_| {});
+        }
+        match error {
+            Some(e) => self.io.push(&e.frame),
+            None if read => proto::command_complete(&mut self.io.wbuf, &format!("{verb} {rows}")),
+            None => {}
+        }
+        Ok(out)
+    }
+
+    /// A link of a merged exchange broke: the others are mid-answer, so all of them are closed (an
+    /// all-shards transaction on them is lost).
+    fn merge_broken(&mut self, links: &[usize], e: Reported) -> Reported {
+        let mut sorted = links.to_vec();
+        sorted.sort_unstable();
+        for i in sorted.into_iter().rev() {
+            let l = self.links.remove(i);
+            self.backend.failed(l.dest.shard, &e);
+        }
+        if self.txn.state == State::All {
+            self.txn.rolled_back();
+            self.txn_settings.clear();
+        }
+        e
+    }
+}

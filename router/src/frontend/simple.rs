@@ -1,0 +1,550 @@
+//! The simple query protocol: a Query message is one statement (or a string of several) for the transaction
+//! state machine, and its answer is relayed in runs of whole frames, straight from the server connection's
+//! read buffer. Also the executors both protocols share: opening a held transaction, sending a statement
+//! outside a transaction (read replicas, the failover retry), the statement's ending effects.
+
+use bytes::Bytes;
+use shardmap::sql::{Analysis, Setting};
+use shardmap::Decision;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::links::Link;
+use super::session::{refuse_session_locks, settings_of, Failure, Session, Statements};
+use super::settings::Change;
+use super::txn::{Dest, Local, Plan, State, Stmt, To};
+use crate::backend::conn::ServerConn;
+use crate::backend::topology::not_run;
+use crate::net::proto::{self, READY_FAILED, READY_IDLE, READY_IN_TX};
+use crate::net::wire::{Msg, RelayError};
+use crate::net::{Fatal, Reported};
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A Query message.
+    pub async fn query(&mut self, msg: Msg) -> Result<(), Fatal> {
+        if self.links.iter().any(|l| l.pending) {
+            // An extended-protocol sync group left open by a Flush: a Query ends it, as on a server.
+            self.sync_group_quietly().await;
+        }
+        let body = msg.body();
+        let Some(end) = memchr::memchr(0, body) else {
+            return Err(Fatal::Protocol("Query message without a terminated string".into()));
+        };
+        let text = self.encoding.decode(&body[..end]).into_owned();
+        let (analysis, literals) = self.routing.planner.analyze_simple(&text);
+        match self.query_inner(&msg, &text, &analysis, &literals).await {
+            Ok(()) => Ok(()),
+            Err(Failure::Fatal(f)) => Err(f),
+            Err(Failure::Reported(mut e)) => {
+                // Decisions' reasons keep the shape's placeholders (see `decide_shaped`): shown, they get
+                // the statement's values back.
+                if !literals.is_empty() {
+                    e.message = shardmap::shape::render(&e.message, &literals);
+                }
+                Box::pin(self.report(e)).await
+            }
+        }
+    }
+
+    async fn query_inner(
+        &mut self,
+        msg: &Msg,
+        text: &str,
+        analysis: &std::sync::Arc<Analysis>,
+        literals: &[shardmap::shape::Literal],
+    ) -> Result<(), Failure> {
+        if !self.routing.session_mode {
+            refuse_session_locks(analysis)?;
+        }
+        let stmt = self.stmt(analysis, text);
+        let (route, _pass) =
+            self.decide(|| self.routing.planner.decide_shaped(analysis, literals, &self.route)).await?;
+        let fixed = self.fixed();
+        let map = self.routing.map.clone();
+        let plan =
+            self.txn.plan(&stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
+        let d = route.ok();
+        match plan {
+            Plan::Answer { tag, warning } => {
+                let tag = self.local(&stmt, analysis, text).await?.unwrap_or(tag);
+                if let Some((code, message)) = warning {
+                    proto::notice(&mut self.io.wbuf, "WARNING", code, message);
+                }
+                self.reply(&tag).await
+            }
+            Plan::Hold { tag } => {
+                self.txn.queue(text.to_string());
+                self.reply(&tag).await
+            }
+            Plan::Refuse(e) => Err(e.into()),
+            Plan::Run(to) if stmt.copy_in => {
+                let copy = analysis.statements[0].copy.clone().expect("COPY FROM STDIN has its details");
+                Box::pin(self.copy_in(to, &copy, d.as_ref(), super::copy::Request::Simple(msg.frame.clone()))).await
+            }
+            Plan::Run(to) => {
+                let sets = settings_of(analysis);
+                Box::pin(self.run_simple(to, msg.frame.clone(), d.as_ref(), &stmt, &sets, text)).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// CommandComplete with `tag`, then ReadyForQuery.
+    async fn reply(&mut self, tag: &str) -> Result<(), Failure> {
+        proto::command_complete(&mut self.io.wbuf, tag);
+        self.ready_for_query();
+        self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
+    }
+
+    /// What the router does itself for a statement it answers (`Local`); returns the command tag.
+    pub async fn local(&mut self, stmt: &Stmt, analysis: &Analysis, text: &str) -> Result<Option<String>, Reported> {
+        match stmt.local {
+            Local::Gb => {
+                let change = analysis.statements[0].session.clone().expect("a gb setting");
+                let map = self.routing.map.clone();
+                self.route.apply(&change, &map)?;
+                let set = matches!(
+                    change,
+                    shardmap::sql::SessionChange::ShardKey(Some(_)) | shardmap::sql::SessionChange::Tenant(Some(_))
+                );
+                Ok(Some(if set { "SET" } else { "RESET" }.into()))
+            }
+            Local::Deallocate => {
+                let Change::Deallocate(name) = self.settings.classify_in(text, self.routing.session_mode) else {
+                    return Ok(Some("DEALLOCATE".into()));
+                };
+                Ok(Some(match name {
+                    None => {
+                        self.statements.clear();
+                        "DEALLOCATE ALL".into()
+                    }
+                    Some(n) => {
+                        self.statements.remove(&n);
+                        "DEALLOCATE".into()
+                    }
+                }))
+            }
+            Local::DiscardAll => {
+                self.statements.clear();
+                self.settings.apply(Change::DiscardAll);
+                self.route.shard_key = None;
+                self.route.tenant = None;
+                if self.routing.session_mode {
+                    // The client's own connections: their temporary tables, cursors and LISTENs go too.
+                    for l in self.links.iter_mut() {
+                        let conn = l.conn.conn();
+                        if conn.run_quiet("DISCARD ALL").await.is_ok() {
+                            conn.prepared.clear();
+                            conn.settings = 0;
+                        }
+                    }
+                    self.listening = false;
+                }
+                Ok(Some("DISCARD ALL".into()))
+            }
+            Local::No => Ok(None),
+        }
+    }
+
+    /// Runs a simple Query where the plan says.
+    async fn run_simple(
+        &mut self,
+        to: To,
+        frame: Bytes,
+        d: Option<&Decision>,
+        stmt: &Stmt,
+        sets: &[Setting],
+        text: &str,
+    ) -> Result<(), Failure> {
+        let write = |_: &Statements, conn: &mut ServerConn| -> Result<(), Reported> {
+            conn.io.push(&frame);
+            Ok(())
+        };
+        let i = match to {
+            To::Bound => {
+                let i = self.txn_link()?;
+                self.txn.sent(stmt.verb.as_ref());
+                self.send_on(i, &write).await?;
+                i
+            }
+            To::Once(dest) => self.send_outside(&dest, stmt.read, &write, true).await?.0,
+            To::Prepared(gid) => {
+                let dest = self.prepared_dest(&gid).await?;
+                self.send_outside(&dest, false, &write, true).await?.0
+            }
+            To::Any => {
+                let i = self.link_any().await?;
+                self.send_on(i, &write).await?;
+                i
+            }
+            To::Fan(shards) => return self.fan_simple(shards, frame, d, stmt.read).await,
+            To::Open(dest) => {
+                self.open_simple(&dest).await?;
+                let i = self.txn_link()?;
+                self.txn.sent(stmt.verb.as_ref());
+                self.send_on(i, &write).await?;
+                i
+            }
+            To::OpenAny => {
+                let dest = self.any_dest(0);
+                self.open_simple(&dest).await?;
+                let i = self.txn_link()?;
+                self.txn.sent(stmt.verb.as_ref());
+                self.send_on(i, &write).await?;
+                i
+            }
+            To::OpenAll => {
+                self.open_all_simple(d).await?;
+                return self.all_simple(frame, stmt, sets, d).await;
+            }
+            To::AllEvery => {
+                self.txn.sent(stmt.verb.as_ref());
+                return self.all_simple(frame, stmt, sets, d).await;
+            }
+            To::AllOne(shard) => {
+                let i = self.all_link(shard)?;
+                self.send_on(i, &write).await?;
+                i
+            }
+            To::RollbackInstead => {
+                self.rollback_instead(true).await?;
+                proto::command_complete(&mut self.io.wbuf, "ROLLBACK");
+                self.ready_for_query();
+                return self.io.flush().await.map_err(|e| Failure::Fatal(e.into()));
+            }
+        };
+        self.relay_simple(i, sets, text, stmt).await
+    }
+
+    /// Relays link `i`'s answer to a simple Query up to ReadyForQuery, straight from its read buffer.
+    async fn relay_simple(&mut self, i: usize, sets: &[Setting], text: &str, stmt: &Stmt) -> Result<(), Failure> {
+        let started = std::time::Instant::now();
+        let map = self.status_map(i);
+        let shard = self.links.get(i).dest.shard;
+        let r = self.links.get(i).conn.conn().relay_to_ready(&mut self.io, &map).await;
+        match r {
+            Ok((status, error)) => {
+                self.links.get(i).conn.conn().status = status;
+                if !self.links.get(i).replica {
+                    self.backend.answered(shard, started, error);
+                }
+                self.after_statement(i, stmt, status, error).await;
+                self.answered(i, status, error, sets, Some(text)).await;
+                self.release();
+                Ok(())
+            }
+            Err(RelayError::Src(e)) => {
+                let e: Reported = crate::backend::conn::BackendError::Wire(e, String::new()).into();
+                let e = Reported::new(&e.code, e.message.trim_start_matches(": ").to_string());
+                self.lost(i, &e);
+                Err(e.into())
+            }
+            Err(RelayError::Dst(e)) => Err(Failure::Fatal(e.into())),
+        }
+    }
+
+    /// What the client is told in place of a server's ReadyForQuery status, given the transaction's state
+    /// (a held transaction is in progress for the client while the connection that answered is idle).
+    pub fn status_map(&self, i: usize) -> impl Fn(u8, bool) -> u8 {
+        let held = matches!(self.txn.state, State::Held(_));
+        let failed = self.txn.failed;
+        let others_failed = self.txn.state == State::All
+            && self.links.iter().enumerate().any(|(j, l)| j != i && !l.replica && l.status() == READY_FAILED);
+        move |server, error| {
+            if held {
+                if failed || error {
+                    READY_FAILED
+                } else {
+                    READY_IN_TX
+                }
+            } else if others_failed || (failed && server != READY_IDLE) {
+                READY_FAILED
+            } else {
+                server
+            }
+        }
+    }
+
+    /// A statement's own effects once it ran: PREPARE TRANSACTION and COMMIT/ROLLBACK PREPARED keep the
+    /// router's record of where prepared transactions are; LISTEN starts relaying notifications.
+    pub async fn after_statement(&mut self, i: usize, stmt: &Stmt, _status: u8, error: bool) {
+        if error {
+            return;
+        }
+        let dest = self.links.get(i).dest.clone();
+        let b = &self.backend.backends;
+        match &stmt.verb {
+            Some(shardmap::sql::TxnVerb::Prepare(gid)) => {
+                b.prepared.lock().expect("prepared lock").insert(gid.clone(), dest);
+            }
+            Some(shardmap::sql::TxnVerb::CommitPrepared(gid) | shardmap::sql::TxnVerb::RollbackPrepared(gid)) => {
+                b.prepared.lock().expect("prepared lock").remove(gid);
+            }
+            _ => {}
+        }
+        if stmt.tag == "LISTEN" && self.routing.session_mode {
+            self.listening = true;
+        }
+    }
+
+    /// Where a prepared transaction (`gid`) is: the router's record, else the shard whose
+    /// `pg_prepared_xacts` has it (prepared through another router, or before a restart), else any shard
+    /// (which answers that it does not exist).
+    pub async fn prepared_dest(&mut self, gid: &str) -> Result<Dest, Reported> {
+        if let Some(d) = self.backend.backends.prepared.lock().expect("prepared lock").get(gid) {
+            return Ok(d.clone());
+        }
+        let sql = format!("SELECT 1 FROM pg_catalog.pg_prepared_xacts WHERE gid = '{}'", gid.replace('\'', "''"));
+        for shard in self.routing.map.all() {
+            let dest = Dest { shard, db: self.fixed().and_then(|f| f.db) };
+            let i = self.link(&dest).await?;
+            if let Ok(row) = self.links.get(i).conn.conn().query_row(&sql).await {
+                if !row.is_empty() {
+                    return Ok(dest);
+                }
+            }
+        }
+        Ok(self.any_dest(0))
+    }
+
+    /// Writes a request on link `i` (with `write`) and sends it.
+    pub async fn send_on(
+        &mut self,
+        i: usize,
+        write: &(dyn Fn(&Statements, &mut ServerConn) -> Result<(), Reported> + Sync),
+    ) -> Result<(), Reported> {
+        let conn = self.links.get(i).conn.conn();
+        let start = conn.io.wbuf.len();
+        if let Err(e) = write(&self.statements, conn) {
+            conn.io.wbuf.truncate(start);
+            return Err(e);
+        }
+        if let Err(e) = conn.flush().await {
+            let e: Reported = e.into();
+            self.lost(i, &e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// A statement outside any transaction (or outside the held one) for `dest`: on a standby when it is a
+    /// read and `shard-read-replicas` allows; on a shard that follows its primary, a statement the old
+    /// primary did not run (the connection failed before it was sent, or the server answered that it is
+    /// shutting down or read-only) waits for the new primary and is sent again there. `answers`: the server
+    /// will answer what `write` writes (else nothing can be looked at before the caller reads). Returns the
+    /// link the request was sent on, and what `write` returned.
+    pub async fn send_outside<T>(
+        &mut self,
+        dest: &Dest,
+        read: bool,
+        write: &(dyn Fn(&Statements, &mut ServerConn) -> Result<T, Reported> + Sync),
+        answers: bool,
+    ) -> Result<(usize, T), Reported> {
+        let fresh = self.links.find(dest).is_none();
+        let b = self.backend.backends.clone();
+        if fresh && read && self.txn.state == State::Idle && !self.routing.session_mode && b.config.load().read_replicas
+        {
+            if let Some(mut p) = Box::pin(self.backend.replica(dest.shard, dest.db.as_deref(), &self.settings)).await {
+                let t = write(&self.statements, p.conn())?;
+                let sent = p.conn().flush().await.is_ok();
+                if sent && (!answers || matches!(p.conn().refused().await, Ok(None))) {
+                    let mut l = Link::new(dest.clone(), p);
+                    l.replica = true;
+                    return Ok((self.links.push(l), t));
+                }
+            }
+        }
+        if fresh && b.topology.follows(dest.shard) {
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let generation = b.topology.generation(dest.shard);
+                let mut p = match self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await {
+                    Ok(p) => p,
+                    Err(e) if not_run(&e.code) && attempts < 10 => {
+                        self.backend.wait_new_primary(dest.shard, generation, e).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let t = write(&self.statements, p.conn())?;
+                let not_run = match p.conn().flush().await {
+                    Err(e) => Some(Reported::from(e)),
+                    Ok(()) if answers => p.conn().refused().await.unwrap_or(None),
+                    Ok(()) => None,
+                };
+                match not_run {
+                    Some(e) if attempts < 10 => {
+                        drop(p);
+                        self.backend.wait_new_primary(dest.shard, generation, e).await?;
+                    }
+                    Some(e) => return Err(e),
+                    None => return Ok((self.links.push(Link::new(dest.clone(), p)), t)),
+                }
+            }
+        }
+        let i = self.link(dest).await?;
+        let conn = self.links.get(i).conn.conn();
+        let start = conn.io.wbuf.len();
+        let t = match write(&self.statements, conn) {
+            Ok(t) => t,
+            Err(e) => {
+                conn.io.wbuf.truncate(start);
+                return Err(e);
+            }
+        };
+        if let Err(e) = conn.flush().await {
+            let e: Reported = e.into();
+            self.lost(i, &e);
+            return Err(e);
+        }
+        Ok((i, t))
+    }
+
+    /// Link `i` failed (its server went away, or the exchange broke off): it is closed; a transaction on it
+    /// is lost (the server rolled it back).
+    pub fn lost(&mut self, i: usize, e: &Reported) {
+        let l = self.links.remove(i);
+        self.backend.failed(l.dest.shard, e);
+        if self.backend.backends.topology.follows(l.dest.shard) && e.code.starts_with("08") {
+            self.backend.backends.topology.suspect(l.dest.shard);
+        }
+        let in_txn = matches!(&self.txn.state, State::One(d) if *d == l.dest) || self.txn.state == State::All;
+        if in_txn {
+            self.txn.rolled_back();
+            self.txn_settings.clear();
+        }
+    }
+
+    /// Opens the held transaction on `dest` with a simple Query per queued statement (BEGIN first), before
+    /// the statement that named the shard is sent. If one fails, the connection is closed and the error is
+    /// the client's (the transaction stays held, and fails).
+    pub async fn open_simple(&mut self, dest: &Dest) -> Result<(), Reported> {
+        let i = self.link(dest).await?;
+        self.replay_simple(i).await?;
+        self.txn.opened(dest.clone());
+        Ok(())
+    }
+
+    async fn replay_simple(&mut self, i: usize) -> Result<(), Reported> {
+        let queued = self.txn.queued().to_vec();
+        let conn = self.links.get(i).conn.conn();
+        for q in &queued {
+            proto::query_bytes(&mut conn.io.wbuf, &self.encoding.encode(q));
+        }
+        let mut err = conn.flush().await.err();
+        if err.is_none() {
+            for _ in &queued {
+                // ParameterStatus of a replayed SET reaches the client now.
+                if let Err(e) = conn.drain_to_ready_relaying(Some(&mut self.io.wbuf)).await {
+                    let fatal = !matches!(e, crate::backend::conn::BackendError::Server { .. });
+                    err.get_or_insert(e);
+                    if fatal {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(e) = err {
+            drop(self.links.remove(i));
+            return Err(e.into());
+        }
+        self.queued_settings(i, &queued);
+        Ok(())
+    }
+
+    /// The settings queued statements change, replayed on link `i` inside the transaction.
+    fn queued_settings(&mut self, i: usize, queued: &[String]) {
+        for q in queued {
+            let a = self.routing.planner.analyze(q);
+            let sets = settings_of(&a);
+            if !sets.is_empty() {
+                self.txn_settings.extend(sets);
+                self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
+            }
+        }
+    }
+
+    /// Opens the held transaction on every shard.
+    pub async fn open_all_simple(&mut self, d: Option<&Decision>) -> Result<(), Reported> {
+        let db = d.and_then(|d| d.database.clone());
+        let mut opened = Vec::new();
+        for shard in self.routing.map.all().collect::<Vec<_>>() {
+            let dest = Dest { shard, db: db.clone() };
+            let i = self.link(&dest).await?;
+            opened.push(dest);
+            if let Err(e) = self.replay_simple(i).await {
+                // Those opened already are closed: nothing of the transaction ran.
+                for o in opened {
+                    if let Some(j) = self.links.find(&o) {
+                        drop(self.links.remove(j));
+                    }
+                }
+                return Err(e);
+            }
+        }
+        self.txn.opened_all();
+        Ok(())
+    }
+
+    /// The link of an all-shards transaction for `shard` (`None`: the first).
+    pub fn all_link(&self, shard: Option<shardmap::ShardId>) -> Result<usize, Reported> {
+        let shard = shard.unwrap_or(shardmap::ShardId(0));
+        self.links
+            .iter()
+            .position(|l| l.dest.shard == shard && !l.replica)
+            .ok_or_else(|| Reported::new("XX000", "shard not in the transaction"))
+    }
+
+    /// The links of an all-shards transaction, in shard order.
+    pub fn all_links(&self) -> Vec<usize> {
+        self.routing.map.all().filter_map(|s| self.links.iter().position(|l| l.dest.shard == s && !l.replica)).collect()
+    }
+
+    /// COMMIT of a transaction the router failed: ROLLBACK on its connections (the caller tells the client
+    /// "ROLLBACK", as PostgreSQL does). `_simple`: which protocol asked (both answer the same).
+    pub async fn rollback_instead(&mut self, _simple: bool) -> Result<(), Failure> {
+        let links: Vec<usize> = match &self.txn.state {
+            State::All => self.all_links(),
+            State::One(_) => self.txn_link().into_iter().collect(),
+            _ => Vec::new(),
+        };
+        for i in links.into_iter().rev() {
+            let conn = self.links.get(i).conn.conn();
+            if conn.run_quiet("ROLLBACK").await.is_err() {
+                drop(self.links.remove(i));
+            }
+        }
+        self.txn.rolled_back();
+        self.txn_settings.clear();
+        Ok(())
+    }
+
+    /// An extended-protocol sync group left open by a Flush when a Query comes: its connections get their
+    /// Sync (answers relayed up to it), as a server would close the group.
+    pub async fn sync_group_quietly(&mut self) {
+        let pending: Vec<usize> = (0..self.links.len()).filter(|&i| self.links.get(i).pending).collect();
+        for i in pending.into_iter().rev() {
+            let l = self.links.get(i);
+            l.pending = false;
+            let conn = l.conn.conn();
+            proto::put(&mut conn.io.wbuf, b'S', |_| {});
+            let ok = conn.flush().await.is_ok() && conn.drain_to_ready().await.is_ok();
+            if !ok {
+                drop(self.links.remove(i));
+            }
+        }
+        self.group_failed = false;
+        self.release();
+    }
+}
+
+/// The client's status when several connections answered (an all-shards transaction's).
+pub fn combined(statuses: &[u8]) -> u8 {
+    if statuses.contains(&READY_FAILED) {
+        READY_FAILED
+    } else if statuses.iter().all(|s| *s == READY_IDLE) {
+        READY_IDLE
+    } else {
+        READY_IN_TX
+    }
+}

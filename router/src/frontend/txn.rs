@@ -1,0 +1,550 @@
+//! The client's transaction as a state machine: every transition lives here, and the simple protocol, the
+//! extended protocol, pipelines and COPY all go through it. A Query of `COMMIT` and a Parse/Bind/Execute of
+//! `COMMIT` are the same event.
+//!
+//! States: `Idle`; `Held` (BEGIN answered by the router, and the statements that need no shard — SAVEPOINT,
+//! SET, NOTIFY... — queued, until a statement names a shard: then they are replayed there); `One` (on one
+//! shard's connection); `All` (on a connection to every shard: the transaction began with DDL or a write to
+//! a global table, as migrations do). `failed` is the router's own record that the transaction is aborted
+//! (it refused a statement, or one that ran outside the held transaction failed): only ROLLBACK, COMMIT
+//! (which rolls back, as PostgreSQL does) and ROLLBACK TO are accepted then. When the destination is known
+//! whatever the statement ([`shardmap::Planner::fixed`]: one node, or the tenant's database), BEGIN is not
+//! held: it goes to the server, which answers every statement itself.
+//!
+//! [`Txn::plan`] is pure: from the state, the statement and its route it says what to do ([`Plan`]) and makes
+//! the transitions that follow from the statement alone (BEGIN held, COMMIT of a held transaction, and the
+//! end of a transaction sent COMMIT or ROLLBACK: predicted, so that the statements after it in the same
+//! pipeline see the transaction ended). [`Txn::ready`] reconciles with what a server's ReadyForQuery says.
+
+use shardmap::sql::{Declare, TxnVerb};
+use shardmap::{Decision, ShardId, Target};
+
+use crate::net::proto::{READY_FAILED, READY_IDLE, READY_IN_TX};
+use crate::net::Reported;
+
+pub use crate::backend::Dest;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum State {
+    #[default]
+    Idle,
+    /// BEGIN and the statements queued after it (their SQL text), replayed where the transaction opens.
+    Held(Vec<String>),
+    One(Dest),
+    All,
+}
+
+/// What the transaction state machine needs to know of a statement (a simple Query, or one Bind/Execute).
+#[derive(Clone, Debug, Default)]
+pub struct Stmt {
+    /// A single transaction-control statement.
+    pub verb: Option<TxnVerb>,
+    /// What the router does with it itself.
+    pub local: Local,
+    /// Every statement in it reads.
+    pub read: bool,
+    /// A session statement (SET, SHOW, LISTEN...: target `Session`) that can be queued in a held
+    /// transaction (everything but SHOW, which needs an answer now).
+    pub queueable: bool,
+    pub declare: Option<Declare>,
+    /// COPY ... FROM STDIN.
+    pub copy_in: bool,
+    /// sqlparser could not parse it.
+    pub unparsed: bool,
+    /// The command tag a queued statement is answered with (`SET`, `SAVEPOINT`...).
+    pub tag: String,
+    /// Why transaction pooling cannot serve it (a LISTEN, SET ROLE, SQL-level PREPARE: state that would
+    /// stay on a pooled connection), when that is so.
+    pub pooling: Option<String>,
+}
+
+/// What the router answers itself, whatever the state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Local {
+    #[default]
+    No,
+    /// `SET gb.shard_key`, `SET gb.tenant` and their RESET: the router's own session state.
+    Gb,
+    /// `DEALLOCATE`: the client's prepared statements live in the router.
+    Deallocate,
+    /// `DISCARD ALL`: the router's state for the client (statements, settings, gb.*) too.
+    DiscardAll,
+}
+
+/// What to do with a statement.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// The router answers with this command tag (a warning first, when given); the state changed already.
+    Answer {
+        tag: String,
+        warning: Option<(&'static str, &'static str)>,
+    },
+    /// The router answers with the tag and queues the statement's text in the held transaction.
+    Hold {
+        tag: String,
+    },
+    /// Refused; inside a transaction this fails it.
+    Refuse(Reported),
+    Run(To),
+}
+
+/// Where a statement runs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum To {
+    /// The transaction's connection.
+    Bound,
+    /// Outside any transaction (or outside the held one): one exchange on this destination.
+    Once(Dest),
+    /// Outside any transaction (or outside the held one): any shard (no sharded table).
+    Any,
+    /// Outside any transaction (or outside the held one): several shards at once.
+    Fan(Vec<ShardId>),
+    /// Opens the held transaction here (replaying what was queued), then runs there.
+    Open(Dest),
+    /// Opens the held transaction on any shard (nothing named one), then runs there.
+    OpenAny,
+    /// Opens the held transaction on every shard, then runs on all of them.
+    OpenAll,
+    /// In an all-shards transaction: on one of its connections (`None`: any of them).
+    AllOne(Option<ShardId>),
+    /// In an all-shards transaction: on every connection.
+    AllEvery,
+    /// COMMIT of a transaction the router failed: ROLLBACK on its connections, answered "ROLLBACK".
+    RollbackInstead,
+    /// COMMIT PREPARED / ROLLBACK PREPARED: where that transaction was prepared.
+    Prepared(String),
+}
+
+#[derive(Debug, Default)]
+pub struct Txn {
+    pub state: State,
+    /// The router's record that the transaction is aborted (see the module doc).
+    pub failed: bool,
+    /// Session settings changed inside the transaction: read back from the server when it ends.
+    pub settings_changed: bool,
+}
+
+const ABORTED: &str = "current transaction is aborted, commands ignored until end of transaction block";
+
+fn tag_of(verb: &TxnVerb) -> &'static str {
+    match verb {
+        TxnVerb::Begin => "BEGIN",
+        TxnVerb::Commit => "COMMIT",
+        TxnVerb::Rollback => "ROLLBACK",
+        TxnVerb::Savepoint => "SAVEPOINT",
+        TxnVerb::Release => "RELEASE",
+        TxnVerb::RollbackTo => "ROLLBACK",
+        TxnVerb::Prepare(_) => "PREPARE TRANSACTION",
+        TxnVerb::CommitPrepared(_) => "COMMIT PREPARED",
+        TxnVerb::RollbackPrepared(_) => "ROLLBACK PREPARED",
+    }
+}
+
+impl Txn {
+    /// Whether the client is inside a transaction block.
+    pub fn open(&self) -> bool {
+        self.state != State::Idle
+    }
+
+    /// The status the client is told in ReadyForQuery; `conns` gives the statuses of the transaction's
+    /// connections (one for `One`, each for `All`).
+    pub fn status(&self, conns: impl Iterator<Item = u8>) -> u8 {
+        match &self.state {
+            State::Idle => READY_IDLE,
+            _ if self.failed => READY_FAILED,
+            State::Held(_) => READY_IN_TX,
+            State::One(_) | State::All => {
+                let mut status = READY_IN_TX;
+                for s in conns {
+                    if s == READY_FAILED {
+                        return READY_FAILED;
+                    }
+                    status = if s == READY_IDLE && status == READY_IN_TX { READY_IN_TX } else { status };
+                }
+                status
+            }
+        }
+    }
+
+    /// A statement the router refused, or one run outside the held transaction that failed: inside a
+    /// transaction, the transaction is aborted.
+    pub fn error_inside(&mut self) {
+        if self.open() {
+            self.failed = true;
+        }
+    }
+
+    fn end(&mut self) {
+        self.state = State::Idle;
+        self.failed = false;
+    }
+
+    /// Decides what to do with a statement (see the module doc). `route` is the planner's decision (errors
+    /// already turned into what the client would be told); `fixed` the destination every statement of the
+    /// session has, when there is one.
+    pub fn plan(
+        &mut self,
+        s: &Stmt,
+        route: Result<&Decision, Reported>,
+        fixed: Option<&Dest>,
+        name: &dyn Fn(ShardId) -> String,
+    ) -> Plan {
+        use State::*;
+        if self.failed && self.open() {
+            return self.plan_failed(s);
+        }
+        let answer = |tag: &str| Plan::Answer { tag: tag.to_string(), warning: None };
+        if let Some(why) = &s.pooling {
+            return Plan::Refuse(Reported::unsupported(why.clone()));
+        }
+        // The router's own session state.
+        match (&s.local, &self.state) {
+            (Local::Gb, _) => return answer(""),
+            (Local::Deallocate, _) => return answer(""),
+            (Local::DiscardAll, Idle) => return answer("DISCARD ALL"),
+            (Local::DiscardAll, _) => {
+                return Plan::Refuse(Reported::new("25001", "DISCARD ALL cannot run inside a transaction block"))
+            }
+            (Local::No, _) => {}
+        }
+        if let Some(verb) = &s.verb {
+            return self.plan_verb(verb, fixed);
+        }
+        let d = match route {
+            Ok(d) => d,
+            // What sqlparser cannot read goes where the transaction is: PostgreSQL answers it.
+            Err(_) if s.unparsed && matches!(self.state, One(_)) => return Plan::Run(To::Bound),
+            Err(e) => return Plan::Refuse(e),
+        };
+        let several = |what: &str| {
+            Plan::Refuse(Reported::unsupported(format!(
+                "this statement goes to {what} ({}), but the transaction is bound to one shard; multi-shard transactions are not supported yet",
+                d.reason
+            )))
+        };
+        match (&self.state, &d.target) {
+            // COPY: rows split over the transaction's connections (or every shard's).
+            (Idle, Target::One(shard)) if s.copy_in => Plan::Run(To::Once(Dest::of(*shard, d))),
+            (Idle, _) if s.copy_in => Plan::Run(To::Fan(d.shards_or_all())),
+            (Held(_), _) if s.copy_in => Plan::Run(To::OpenAll),
+            (One(_), _) if s.copy_in => Plan::Run(To::Bound),
+            (All, _) if s.copy_in => Plan::Run(To::AllEvery),
+
+            (Idle, Target::One(shard)) => Plan::Run(To::Once(Dest::of(*shard, d))),
+            (Idle, Target::Any | Target::Session) => match fixed {
+                Some(f) => Plan::Run(To::Once(f.clone())),
+                None => Plan::Run(To::Any),
+            },
+            (Idle, Target::Set(shards)) => Plan::Run(To::Fan(shards.clone())),
+            (Idle, Target::All) => Plan::Run(To::Fan(d.shards_or_all())),
+
+            (Held(_), Target::One(shard)) => Plan::Run(To::Open(Dest::of(*shard, d))),
+            (Held(_), Target::Session) if s.queueable => Plan::Hold { tag: s.tag.clone() },
+            (Held(_), Target::Session | Target::Any) if s.declare.is_some() => Plan::Run(To::OpenAny),
+            // Reads of no sharded table (and SHOW, FETCH of a cursor that cannot exist yet) run outside the
+            // transaction, which has not started anywhere.
+            (Held(_), Target::Session | Target::Any) => Plan::Run(To::Any),
+            (Held(_), Target::All | Target::Set(_)) if s.declare.is_some() => Plan::Refuse(Reported::unsupported(
+                format!("a cursor over several shards is not supported ({}); declare it with a shard key", d.reason),
+            )),
+            (Held(_), Target::All | Target::Set(_)) if s.read => Plan::Run(To::Fan(d.shards_or_all())),
+            (Held(_), Target::All) => Plan::Run(To::OpenAll),
+            (Held(_), Target::Set(_)) => several("several shards"),
+
+            (One(_), Target::Session | Target::Any) => Plan::Run(To::Bound),
+            (One(b), Target::One(shard)) if *b == Dest::of(*shard, d) => Plan::Run(To::Bound),
+            (One(b), Target::One(shard)) => Plan::Refuse(Reported::unsupported(format!(
+                "the transaction is on shard {}, and this statement goes to shard {} ({}); multi-shard transactions are not supported yet",
+                name(b.shard),
+                name(*shard),
+                d.reason
+            ))),
+            (One(_), Target::All) => several("every shard"),
+            (One(_), Target::Set(_)) => several("several shards"),
+
+            (All, Target::One(shard)) => Plan::Run(To::AllOne(Some(*shard))),
+            (All, Target::Any) => Plan::Run(To::AllOne(None)),
+            (All, _) => Plan::Run(To::AllEvery),
+        }
+    }
+
+    fn plan_verb(&mut self, verb: &TxnVerb, fixed: Option<&Dest>) -> Plan {
+        use State::*;
+        let answer = |tag: &str| Plan::Answer { tag: tag.to_string(), warning: None };
+        match (&mut self.state, verb) {
+            (Idle, TxnVerb::Begin) => match fixed {
+                Some(f) => {
+                    self.state = One(f.clone());
+                    Plan::Run(To::Once(f.clone()))
+                }
+                None => {
+                    self.state = Held(Vec::new());
+                    Plan::Hold { tag: "BEGIN".into() }
+                }
+            },
+            (Idle, TxnVerb::CommitPrepared(gid) | TxnVerb::RollbackPrepared(gid)) => {
+                Plan::Run(To::Prepared(gid.clone()))
+            }
+            // COMMIT outside a transaction and the like: the server warns or refuses, any shard will do.
+            (Idle, _) => Plan::Run(fixed.map_or(To::Any, |f| To::Once(f.clone()))),
+
+            (Held(_), TxnVerb::Begin) => Plan::Answer {
+                tag: "BEGIN".into(),
+                warning: Some(("25001", "there is already a transaction in progress")),
+            },
+            (Held(q), TxnVerb::Commit) if q.len() <= 1 => {
+                self.end();
+                answer("COMMIT")
+            }
+            // Queued statements (SET, NOTIFY...) that commit: they run on any shard.
+            (Held(_), TxnVerb::Commit | TxnVerb::Prepare(_)) => Plan::Run(To::OpenAny),
+            (Held(_), TxnVerb::Rollback) => {
+                self.end();
+                answer("ROLLBACK")
+            }
+            (Held(_), TxnVerb::Savepoint | TxnVerb::Release | TxnVerb::RollbackTo) => {
+                Plan::Hold { tag: tag_of(verb).into() }
+            }
+            (Held(_), TxnVerb::CommitPrepared(_) | TxnVerb::RollbackPrepared(_)) => {
+                Plan::Refuse(Reported::new("25001", format!("{} cannot run inside a transaction block", tag_of(verb))))
+            }
+
+            (One(_), _) => Plan::Run(To::Bound),
+            (All, _) => Plan::Run(To::AllEvery),
+        }
+    }
+
+    /// A transaction the router knows is aborted: only its end, or a way back to a savepoint.
+    fn plan_failed(&mut self, s: &Stmt) -> Plan {
+        use State::*;
+        let answer = |tag: &str| Plan::Answer { tag: tag.to_string(), warning: None };
+        match (&self.state, &s.verb) {
+            (Held(_), Some(TxnVerb::Rollback | TxnVerb::Commit | TxnVerb::Prepare(_))) => {
+                self.end();
+                answer("ROLLBACK")
+            }
+            (Held(_), Some(TxnVerb::RollbackTo)) => {
+                self.failed = false;
+                Plan::Hold { tag: "ROLLBACK".into() }
+            }
+            (One(_) | All, Some(TxnVerb::Commit | TxnVerb::Prepare(_))) => Plan::Run(To::RollbackInstead),
+            (One(_), Some(TxnVerb::Rollback)) => Plan::Run(To::Bound),
+            (All, Some(TxnVerb::Rollback)) => Plan::Run(To::AllEvery),
+            // The server's transaction is fine (the router refused a statement): it goes back to the
+            // savepoint, and so does the router's record.
+            (One(_), Some(TxnVerb::RollbackTo)) => {
+                self.failed = false;
+                Plan::Run(To::Bound)
+            }
+            (All, Some(TxnVerb::RollbackTo)) => {
+                self.failed = false;
+                Plan::Run(To::AllEvery)
+            }
+            _ if s.local == Local::Gb || s.local == Local::Deallocate => answer(""),
+            _ => Plan::Refuse(Reported::new("25P02", ABORTED)),
+        }
+    }
+
+    /// A statement was handed to the transaction's connection(s): COMMIT, ROLLBACK and PREPARE TRANSACTION
+    /// end the transaction (predicted, so that the next statement of a pipeline is outside it; the server's
+    /// ReadyForQuery confirms it in [`Txn::ready`]).
+    pub fn sent(&mut self, verb: Option<&TxnVerb>) {
+        let ends = matches!(verb, Some(TxnVerb::Commit | TxnVerb::Rollback | TxnVerb::Prepare(_)));
+        if ends && matches!(self.state, State::One(_) | State::All) {
+            self.end();
+        }
+    }
+
+    /// The end of a transaction the router rolled back itself (COMMIT of a failed one).
+    pub fn rolled_back(&mut self) {
+        self.end();
+    }
+
+    /// The held transaction opened on `dest` (its queue replayed there).
+    pub fn opened(&mut self, dest: Dest) {
+        self.state = State::One(dest);
+    }
+
+    /// The held transaction opened on every shard.
+    pub fn opened_all(&mut self) {
+        self.state = State::All;
+    }
+
+    /// The statements the held transaction queued (BEGIN first), to replay where it opens.
+    pub fn queued(&self) -> &[String] {
+        match &self.state {
+            State::Held(q) => q,
+            _ => &[],
+        }
+    }
+
+    /// Queues a statement of the held transaction.
+    pub fn queue(&mut self, sql: String) {
+        if let State::Held(q) = &mut self.state {
+            q.push(sql);
+        }
+    }
+
+    /// A connection to `dest` answered ReadyForQuery with `status` (`error`: an ErrorResponse came before it).
+    /// Returns whether the connection belongs to the transaction now.
+    pub fn ready(&mut self, dest: &Dest, status: u8, error: bool) -> bool {
+        match &self.state {
+            State::Idle if status != READY_IDLE => {
+                // A transaction began there (BEGIN inside a query string, or sent as is: `fixed`).
+                self.state = State::One(dest.clone());
+                true
+            }
+            State::Idle => false,
+            State::Held(_) => {
+                // The statement ran outside the held transaction.
+                if error {
+                    self.failed = true;
+                }
+                if status != READY_IDLE {
+                    self.state = State::One(dest.clone());
+                    return true;
+                }
+                false
+            }
+            State::One(b) if b == dest => {
+                if status == READY_IDLE {
+                    self.end();
+                    return false;
+                }
+                true
+            }
+            State::One(_) => false,
+            State::All => true,
+        }
+    }
+
+    /// Every connection of an all-shards transaction answered: the statuses decide whether it ended.
+    pub fn ready_all(&mut self, statuses: &[u8]) {
+        if self.state == State::All && statuses.iter().all(|s| *s == READY_IDLE) {
+            self.end();
+        }
+    }
+}
+
+trait Shards {
+    fn shards_or_all(&self) -> Vec<ShardId>;
+}
+
+impl Shards for Decision {
+    /// The shards a decision names; for `All`, none here: the caller takes every shard.
+    fn shards_or_all(&self) -> Vec<ShardId> {
+        match &self.target {
+            Target::One(s) => vec![*s],
+            Target::Set(s) => s.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn decision(target: Target) -> Decision {
+        Decision {
+            target,
+            values: Vec::new(),
+            buckets: Vec::new(),
+            regions: Vec::new(),
+            database: None,
+            reason: "test".into(),
+            analysis: Arc::new(shardmap::sql::Analysis { statements: Vec::new(), hint: None, parse_error: None }),
+        }
+    }
+
+    fn verb(v: TxnVerb) -> Stmt {
+        Stmt { verb: Some(v), ..Stmt::default() }
+    }
+
+    fn names(s: ShardId) -> String {
+        s.0.to_string()
+    }
+
+    fn one(s: u16) -> Dest {
+        Dest { shard: ShardId(s), db: None }
+    }
+
+    #[test]
+    fn begin_is_held_until_a_statement_names_a_shard() {
+        let mut t = Txn::default();
+        let session = decision(Target::Session);
+        assert_eq!(t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names), Plan::Hold { tag: "BEGIN".into() });
+        t.queue("BEGIN".into());
+        let set = Stmt { queueable: true, tag: "SET".into(), ..Stmt::default() };
+        assert_eq!(t.plan(&set, Ok(&session), None, &names), Plan::Hold { tag: "SET".into() });
+        let keyed = decision(Target::One(ShardId(2)));
+        assert_eq!(t.plan(&Stmt::default(), Ok(&keyed), None, &names), Plan::Run(To::Open(one(2))));
+        t.opened(one(2));
+        assert_eq!(t.plan(&Stmt::default(), Ok(&keyed), None, &names), Plan::Run(To::Bound));
+        let other = decision(Target::One(ShardId(3)));
+        assert!(matches!(t.plan(&Stmt::default(), Ok(&other), None, &names), Plan::Refuse(_)));
+        // COMMIT is predicted to end it once sent: a pipeline's next statement is outside.
+        assert_eq!(t.plan(&verb(TxnVerb::Commit), Ok(&session), None, &names), Plan::Run(To::Bound));
+        t.sent(Some(&TxnVerb::Commit));
+        assert_eq!(t.state, State::Idle);
+        assert!(!t.ready(&one(2), READY_IDLE, false));
+    }
+
+    #[test]
+    fn a_fixed_destination_sends_begin_as_is() {
+        let mut t = Txn::default();
+        let session = decision(Target::Session);
+        assert_eq!(t.plan(&verb(TxnVerb::Begin), Ok(&session), Some(&one(0)), &names), Plan::Run(To::Once(one(0))));
+        assert!(t.ready(&one(0), READY_IN_TX, false));
+        assert_eq!(
+            t.plan(&Stmt { queueable: true, ..Stmt::default() }, Ok(&session), Some(&one(0)), &names),
+            Plan::Run(To::Bound)
+        );
+    }
+
+    #[test]
+    fn commit_of_a_failed_transaction_rolls_back() {
+        let mut t = Txn::default();
+        let session = decision(Target::Session);
+        t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names);
+        t.opened(one(1));
+        t.error_inside();
+        assert_eq!(t.status(std::iter::once(READY_IN_TX)), READY_FAILED);
+        let select = decision(Target::One(ShardId(1)));
+        assert!(matches!(t.plan(&Stmt::default(), Ok(&select), None, &names), Plan::Refuse(e) if e.code == "25P02"));
+        assert_eq!(t.plan(&verb(TxnVerb::Commit), Ok(&session), None, &names), Plan::Run(To::RollbackInstead));
+        // Held and failed: answered here.
+        let mut t = Txn::default();
+        t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names);
+        t.error_inside();
+        assert_eq!(
+            t.plan(&verb(TxnVerb::Commit), Ok(&session), None, &names),
+            Plan::Answer { tag: "ROLLBACK".into(), warning: None }
+        );
+        assert_eq!(t.state, State::Idle);
+        assert!(!t.failed);
+    }
+
+    #[test]
+    fn ddl_opens_every_shard_and_unparsed_statements_follow_the_transaction() {
+        let mut t = Txn::default();
+        let session = decision(Target::Session);
+        t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names);
+        let ddl = decision(Target::All);
+        assert_eq!(t.plan(&Stmt::default(), Ok(&ddl), None, &names), Plan::Run(To::OpenAll));
+        t.opened_all();
+        assert_eq!(
+            t.plan(&Stmt::default(), Ok(&decision(Target::One(ShardId(1)))), None, &names),
+            Plan::Run(To::AllOne(Some(ShardId(1))))
+        );
+        let mut t = Txn { state: State::One(one(1)), ..Txn::default() };
+        let unparsed = Stmt { unparsed: true, ..Stmt::default() };
+        assert_eq!(t.plan(&unparsed, Err(Reported::unsupported("x")), None, &names), Plan::Run(To::Bound));
+        assert!(matches!(
+            Txn::default().plan(&unparsed, Err(Reported::unsupported("x")), None, &names),
+            Plan::Refuse(_)
+        ));
+    }
+}
