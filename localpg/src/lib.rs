@@ -46,7 +46,7 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
-/// One running PostgreSQL server.
+/// One running PostgreSQL server (fsync off, 200 connections, two-phase commit enabled).
 pub struct PgServer {
     dir: tempfile::TempDir,
     bin: PathBuf,
@@ -102,7 +102,7 @@ impl PgServer {
         for _ in 0..5 {
             let port = free_port();
             let mut opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200 -c max_prepared_transactions=50",
                 self.dir.path().display()
             );
             for s in settings {

@@ -1145,9 +1145,6 @@ pub(crate) fn describe_copy(a: &mut StatementAnalysis, copy: &CopyIn, key: &str,
     if copy.key_column.is_none() && copy.columns_given {
         a.refusal = Some(a.reason.to_string());
     }
-    if copy.format == CopyFormat::Binary {
-        a.refusal = Some(format!("COPY {table} in binary format cannot be split by key; use text or csv"));
-    }
 }
 
 /// Whether a statement calls a session-level advisory lock function.

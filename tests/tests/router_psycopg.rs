@@ -22,3 +22,28 @@ async fn psycopg3_workload() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// psycopg's own behaviour (`tests/clients/psycopg_protocol.py`): pipelines with errors, COPY in
+/// transactions (text, binary, an error mid-copy), server-side cursors, savepoints before the first keyed
+/// statement, two-phase commit, client_encoding, ParameterStatus, notices.
+fn psycopg_protocol(mode: &str) -> anyhow::Result<()> {
+    let c = Cluster::hash(2, &format!("pool-mode,{mode}\n"))?;
+    let out = c.psql("CREATE TABLE users (user_id bigint PRIMARY KEY, name text, n int)")?;
+    assert!(out.status.success(), "{out:?}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/psycopg_protocol.py");
+    let out = Command::new("timeout").args(["120", "python3", script]).arg(c.conn_str()).arg("2").output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let text = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.trim_end().ends_with("ok"), "{mode} pooling:\n{text}");
+    Ok(())
+}
+
+#[test]
+fn psycopg_behaviour_in_transaction_pooling() -> anyhow::Result<()> {
+    psycopg_protocol("transaction")
+}
+
+#[test]
+fn psycopg_behaviour_in_session_pooling() -> anyhow::Result<()> {
+    psycopg_protocol("session")
+}

@@ -36,10 +36,19 @@ pub struct Splitter {
 /// One complete row from the stream.
 pub enum Row<'a> {
     /// A data row and its key field (`None` for NULL).
-    Data { line: &'a [u8], key: Option<String> },
-    /// The CSV header: every shard gets it.
+    Data { line: &'a [u8], key: Option<Key<'a>> },
+    /// The CSV header, the binary format's header and trailer: every shard gets it.
     Header(&'a [u8]),
 }
+
+/// A row's key field: text (unescaped), or the binary format's bytes.
+pub enum Key<'a> {
+    Text(String),
+    Binary(&'a [u8]),
+}
+
+/// The binary format's signature, at the start of its header.
+const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
 impl Splitter {
     pub fn new(copy: &CopyIn, key_column: usize) -> Splitter {
@@ -48,7 +57,7 @@ impl Splitter {
             delimiter: copy.delimiter,
             key_column,
             partial: Vec::new(),
-            header: copy.header && copy.format == CopyFormat::Csv,
+            header: (copy.header && copy.format == CopyFormat::Csv) || copy.format == CopyFormat::Binary,
             ended: false,
         }
     }
@@ -56,6 +65,9 @@ impl Splitter {
     /// Feeds bytes; calls `row` for each complete row. Errors name the row's problem.
     pub fn feed(&mut self, data: &[u8], mut row: impl FnMut(Row<'_>) -> Result<(), String>) -> Result<(), String> {
         self.partial.extend_from_slice(data);
+        if self.format == CopyFormat::Binary {
+            return self.feed_binary(&mut row);
+        }
         let buf = std::mem::take(&mut self.partial);
         let mut start = 0;
         let mut quoted = false;
@@ -80,8 +92,87 @@ impl Splitter {
         Ok(())
     }
 
+    /// The binary format: a header (signature, flags, extension), then tuples (a field count, each field's
+    /// length and bytes; -1 for NULL), then a trailer (a field count of -1).
+    fn feed_binary(&mut self, row: &mut impl FnMut(Row<'_>) -> Result<(), String>) -> Result<(), String> {
+        let buf = std::mem::take(&mut self.partial);
+        let mut pos = 0;
+        let be32 = |b: &[u8]| i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        if self.header {
+            // Signature (11 bytes), flags (4), extension length (4) and extension.
+            if buf.len() < 19 {
+                self.partial = buf;
+                return Ok(());
+            }
+            if &buf[..11] != BINARY_SIGNATURE {
+                return Err("COPY data in binary format does not start with its signature".into());
+            }
+            let total = 19 + be32(&buf[15..19]).max(0) as usize;
+            if buf.len() < total {
+                self.partial = buf;
+                return Ok(());
+            }
+            row(Row::Header(&buf[..total]))?;
+            self.header = false;
+            pos = total;
+        }
+        while !self.ended {
+            let rest = &buf[pos..];
+            if rest.len() < 2 {
+                break;
+            }
+            let fields = i16::from_be_bytes([rest[0], rest[1]]);
+            if fields == -1 {
+                self.ended = true;
+                row(Row::Header(&rest[..2]))?;
+                pos += 2;
+                break;
+            }
+            // The tuple's length, and where its key field is, if it is all here.
+            let mut at = 2;
+            let mut key = None;
+            let mut whole = true;
+            for f in 0..fields.max(0) as usize {
+                if rest.len() < at + 4 {
+                    whole = false;
+                    break;
+                }
+                let len = be32(&rest[at..at + 4]);
+                at += 4;
+                let len = len.max(0) as usize;
+                if rest.len() < at + len {
+                    whole = false;
+                    break;
+                }
+                if f == self.key_column && be32(&rest[at - 4..at]) >= 0 {
+                    key = Some(at..at + len);
+                }
+                at += len;
+            }
+            if !whole {
+                break;
+            }
+            if self.key_column >= fields.max(0) as usize {
+                return Err(format!("a row has no column {}", self.key_column + 1));
+            }
+            let line = &rest[..at];
+            row(Row::Data { line, key: key.map(|r| Key::Binary(&rest[r])) })?;
+            pos += at;
+        }
+        self.partial = buf[pos..].to_vec();
+        Ok(())
+    }
+
     /// The rest at CopyDone: a last row without a newline.
     pub fn finish(&mut self, mut row: impl FnMut(Row<'_>) -> Result<(), String>) -> Result<(), String> {
+        if self.format == CopyFormat::Binary {
+            return match (self.ended, self.partial.is_empty()) {
+                (false, true) => Err("COPY data in binary format ended without its trailer".into()),
+                (_, false) => Err("COPY data in binary format ended in the middle of a row".into()),
+                _ => Ok(()),
+            };
+        }
+        let _ = &mut row;
         let rest = std::mem::take(&mut self.partial);
         if !rest.is_empty() && !self.ended {
             let mut line = rest;
@@ -109,7 +200,7 @@ impl Splitter {
         .ok_or_else(|| {
             format!("a row has no column {}: {:?}", self.key_column + 1, String::from_utf8_lossy(content))
         })?;
-        row(Row::Data { line, key })
+        row(Row::Data { line, key: key.map(Key::Text) })
     }
 }
 
@@ -274,9 +365,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             To::AllEvery => (self.all_links(), if global { Mode::Everywhere } else { Mode::Split { only: None } }),
             _ => return Err(Reported::unsupported("COPY FROM STDIN is not supported here").into()),
         };
-        let key_column = match (mode, copy.key_column) {
-            (Mode::Split { .. }, Some(k)) => k,
-            (Mode::Split { .. }, None) if !copy.columns_given => self.key_position(links[0], &copy.table).await?,
+        let key = match (mode, copy.key_column) {
+            (Mode::Split { .. }, Some(k)) if copy.format != CopyFormat::Binary => (k, 0),
+            (Mode::Split { .. }, Some(k)) => (k, self.key_column(links[0], &copy.table).await?.1),
+            (Mode::Split { .. }, None) if !copy.columns_given => self.key_column(links[0], &copy.table).await?,
             (Mode::Split { .. }, None) => {
                 return Err(Reported::unsupported(format!(
                     "COPY {}: the columns do not include the shard key",
@@ -284,11 +376,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ))
                 .into())
             }
-            _ => 0,
+            _ => (0, 0),
         };
         let extended = matches!(req, Request::Extended(_));
         let Some(mut exps) = self.copy_start(&links, &req, wrap).await? else { return Ok(()) };
-        let end = Box::pin(self.copy_stream(&links, mode, copy, key_column)).await?;
+        let end = Box::pin(self.copy_stream(&links, mode, copy, key)).await?;
         Box::pin(self.copy_finish(&links, mode, end, &mut exps, extended, wrap)).await
     }
 
@@ -409,7 +501,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         links: &[usize],
         mode: Mode,
         copy: &CopyIn,
-        key_column: usize,
+        (key_column, key_oid): (usize, u32),
     ) -> Result<End, Failure> {
         let map = self.routing.map.clone();
         let key_type = map.key_type;
@@ -421,8 +513,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match r {
                 Row::Header(line) => bufs.iter_mut().for_each(|b| b.put_slice(line)),
                 Row::Data { line, key } => {
-                    let key = key.ok_or("a row's shard key is NULL")?;
-                    let v = KeyValue::from_text(&key, key_type).map_err(|e| format!("shard key {key:?}: {e}"))?;
+                    let v = match key.ok_or("a row's shard key is NULL")? {
+                        Key::Text(key) => {
+                            KeyValue::from_text(&key, key_type).map_err(|e| format!("shard key {key:?}: {e}"))?
+                        }
+                        Key::Binary(b) => KeyValue::from_binary(b, key_oid, key_type)
+                            .map_err(|e| format!("shard key of {} bytes: {e}", b.len()))?,
+                    };
+                    let key = v.to_string();
                     let shard = map.locate(&v).map_err(|e| e.to_string())?.shard;
                     let i = shards.iter().position(|s| *s == shard).ok_or_else(|| {
                         format!(
@@ -632,20 +730,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         e
     }
 
-    /// Looks up the position of the key among a table's columns, for COPY without a column list (on `at`,
-    /// a connection of the COPY: inside a transaction it sees a table made in it).
-    async fn key_position(&mut self, at: usize, table: &str) -> Result<usize, Reported> {
+    /// The position of the key among a table's columns (for COPY without a column list) and its type (for
+    /// the binary format), looked up on `at`, a connection of the COPY: inside a transaction it sees a table
+    /// made in it.
+    async fn key_column(&mut self, at: usize, table: &str) -> Result<(usize, u32), Reported> {
         let sql = format!(
-            "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped",
+            "SELECT string_agg(attname, ',' ORDER BY attnum), max(atttypid::int) FILTER (WHERE attname = '{}') FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped",
+            self.routing.map.key.replace('\'', "''"),
             table.replace('\'', "''")
         );
         let row = self.links.get(at).conn.conn().query_row(&sql).await?;
-        let names = row.into_iter().next().flatten().unwrap_or_default();
+        let mut row = row.into_iter();
+        let names = row.next().flatten().unwrap_or_default();
+        let oid = row.next().flatten().and_then(|o| o.parse().ok()).unwrap_or(0);
         let key = &self.routing.map.key;
-        names
+        let pos = names
             .split(',')
             .position(|n| n == key)
-            .ok_or_else(|| Reported::new("42703", format!("table {table} has no column {key}, the shard key")))
+            .ok_or_else(|| Reported::new("42703", format!("table {table} has no column {key}, the shard key")))?;
+        Ok((pos, oid))
     }
 }
 
@@ -715,7 +818,10 @@ mod tests {
         let mut on = |r: Row<'_>| {
             match r {
                 Row::Header(_) => headers += 1,
-                Row::Data { key, .. } => keys.push(key),
+                Row::Data { key, .. } => keys.push(key.map(|k| match k {
+                    Key::Text(t) => t,
+                    Key::Binary(b) => format!("{b:?}"),
+                })),
             }
             Ok(())
         };
@@ -724,5 +830,52 @@ mod tests {
         s.finish(&mut on).unwrap();
         assert_eq!(headers, 1);
         assert_eq!(keys, vec![Some("1".into()), Some("2".into()), Some("3".into()), Some("4".into())]);
+    }
+
+    #[test]
+    fn binary_rows_straddle_messages() {
+        let copy = CopyIn {
+            table: "t".into(),
+            key_column: Some(1),
+            columns_given: true,
+            format: CopyFormat::Binary,
+            delimiter: b'\t',
+            header: false,
+        };
+        let mut data = BINARY_SIGNATURE.to_vec();
+        data.extend_from_slice(&0i32.to_be_bytes());
+        data.extend_from_slice(&0i32.to_be_bytes());
+        for (k, name) in [(7i64, "seven"), (8, "eight")] {
+            data.extend_from_slice(&2i16.to_be_bytes());
+            data.extend_from_slice(&(name.len() as i32).to_be_bytes());
+            data.extend_from_slice(name.as_bytes());
+            data.extend_from_slice(&8i32.to_be_bytes());
+            data.extend_from_slice(&k.to_be_bytes());
+        }
+        data.extend_from_slice(&(-1i16).to_be_bytes());
+        let mut s = Splitter::new(&copy, 1);
+        let (mut keys, mut headers, mut bytes) = (Vec::new(), 0, 0);
+        let mut on = |r: Row<'_>| {
+            match r {
+                Row::Header(h) => {
+                    headers += 1;
+                    bytes += h.len();
+                }
+                Row::Data { key: Some(Key::Binary(b)), line } => {
+                    keys.push(i64::from_be_bytes(b.try_into().expect("8 bytes")));
+                    bytes += line.len();
+                }
+                Row::Data { .. } => panic!("a key"),
+            }
+            Ok(())
+        };
+        // Fed a few bytes at a time: rows cut anywhere come out whole.
+        for chunk in data.chunks(5) {
+            s.feed(chunk, &mut on).unwrap();
+        }
+        s.finish(&mut on).unwrap();
+        assert_eq!(keys, vec![7, 8]);
+        assert_eq!(headers, 2, "the header and the trailer");
+        assert_eq!(bytes, data.len());
     }
 }
