@@ -76,6 +76,8 @@ pub struct Merge {
     pub stop_at_copy: bool,
     /// ...which came.
     pub copy_in: bool,
+    /// COPY TO STDOUT: a CopyOutResponse came (the merged answer ends with one CopyDone).
+    copy_out: bool,
 }
 
 impl Merge {
@@ -331,6 +333,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let plan =
             self.txn.plan(&stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
         let d = route.ok();
+        let plan = match plan {
+            Plan::Run(to) => Plan::Run(self.cursor_home(to, &stmt)),
+            other => other,
+        };
         match plan {
             Plan::Answer { tag, warning } => {
                 self.drain(pending).await?;
@@ -625,6 +631,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             if e.closes_fan {
                 let m = &mut pending.merges[e.fan.expect("a fan")];
+                if m.copy_out && m.error.is_none() {
+                    proto::put(&mut self.io.wbuf, b'c', |_| {});
+                }
                 match m.error.take() {
                     Some(err) => {
                         self.io.push(&err);
@@ -772,7 +781,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut ready = None;
         let to_client = |role: Role, tag: u8| match role {
             Role::Only => true,
-            Role::First => !matches!(tag, b'C' | b'Z' | b'E'),
+            // (COPY TO on several shards: one CopyOutResponse, every shard's data, one CopyDone at the end.)
+            Role::First => !matches!(tag, b'C' | b'Z' | b'E' | b'c'),
             Role::Rest => matches!(tag, b'D' | b'd'),
             Role::Silent => false,
         };
@@ -800,6 +810,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     return Ok(None);
                 }
+                b'H' => merge.copy_out = true,
                 b'E' => {
                     errored = true;
                     merge.failed = true;

@@ -153,6 +153,8 @@ pub struct Session<S> {
     pub group_failed: bool,
     /// What the statements of the open sync group do once their connections' Sync comes back.
     pub group_effects: Vec<super::extended::Effect>,
+    /// Session mode: cursors declared WITH HOLD, which outlive their transaction, and where they are.
+    pub held_cursors: std::collections::HashMap<String, Dest>,
 }
 
 /// A stable hash of a statement's text and parameter types, for server-side statement names.
@@ -203,6 +205,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             encoding,
             group_failed: false,
             group_effects: Vec::new(),
+            held_cursors: Default::default(),
         }
     }
 
@@ -375,6 +378,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.routing.planner.fixed(&self.route).map(|(shard, db)| Dest { shard, db })
     }
 
+    /// Session mode, outside a transaction: FETCH, MOVE and CLOSE of a cursor declared WITH HOLD go where
+    /// it is.
+    pub fn cursor_home(&self, to: super::txn::To, stmt: &Stmt) -> super::txn::To {
+        match (&to, &stmt.cursor, stmt.declare) {
+            (super::txn::To::Any, Some(name), None) => {
+                self.held_cursors.get(name).map_or(to, |d| super::txn::To::Once(d.clone()))
+            }
+            _ => to,
+        }
+    }
+
     /// What the transaction state machine needs of an analysed statement; `text` is its SQL.
     pub fn stmt(&self, analysis: &Analysis, text: &str) -> Stmt {
         let single = analysis.statements.len() == 1;
@@ -388,6 +402,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ..Stmt::default()
         };
         if let (true, Some(st)) = (single, first) {
+            if st.declare.is_some() || st.kind == Kind::Cursor {
+                s.cursor = cursor_name(text);
+                s.tag = shardmap::sql::first_word(text).to_ascii_uppercase();
+            }
+            if st.declare.is_some_and(|d| d.hold) && !self.routing.session_mode {
+                s.pooling = Some(
+                    "DECLARE ... WITH HOLD keeps the cursor on a pooled server connection after its transaction; use pool-mode,session".into(),
+                );
+            }
             if st.session.is_some() {
                 s.local = Local::Gb;
             } else if st.kind == Kind::Session {
@@ -648,6 +671,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.settings_changed(i, &changes, None).await;
         }
     }
+}
+
+/// The cursor a DECLARE (the word after it), FETCH, MOVE or CLOSE (the last word) names, as PostgreSQL
+/// folds it; `None` for CLOSE ALL.
+pub fn cursor_name(text: &str) -> Option<String> {
+    let t = text.trim().trim_end_matches(';').trim();
+    let declare = shardmap::sql::first_word(t).eq_ignore_ascii_case("declare");
+    let word = if declare {
+        let at = t.to_ascii_lowercase().find("declare")? + "declare".len();
+        t[at..].split_whitespace().next()?
+    } else {
+        t.rsplit(|c: char| c.is_whitespace()).next()?
+    };
+    if word.eq_ignore_ascii_case("all") && !declare {
+        return None;
+    }
+    Some(match word.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => word.to_lowercase(),
+    })
 }
 
 /// A Sync message.

@@ -63,6 +63,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let plan =
             self.txn.plan(&stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
         let d = route.ok();
+        let plan = match plan {
+            Plan::Run(to) => Plan::Run(self.cursor_home(to, &stmt)),
+            other => other,
+        };
         match plan {
             Plan::Answer { tag, warning } => {
                 let tag = self.local(&stmt, analysis, text).await?.unwrap_or(tag);
@@ -274,7 +278,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let b = &self.backend.backends;
         match &stmt.verb {
             Some(shardmap::sql::TxnVerb::Prepare(gid)) => {
-                b.prepared.lock().expect("prepared lock").insert(gid.clone(), dest);
+                b.prepared.lock().expect("prepared lock").insert(gid.clone(), dest.clone());
             }
             Some(shardmap::sql::TxnVerb::CommitPrepared(gid) | shardmap::sql::TxnVerb::RollbackPrepared(gid)) => {
                 b.prepared.lock().expect("prepared lock").remove(gid);
@@ -283,6 +287,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if stmt.tag == "LISTEN" && self.routing.session_mode {
             self.listening = true;
+        }
+        if self.routing.session_mode {
+            match (&stmt.cursor, stmt.declare) {
+                (Some(name), Some(d)) if d.hold => {
+                    self.held_cursors.insert(name.clone(), dest.clone());
+                }
+                (Some(name), None) if stmt.tag == "CLOSE" => {
+                    self.held_cursors.remove(name);
+                }
+                (None, None) if stmt.tag == "CLOSE" => self.held_cursors.clear(),
+                _ => {}
+            }
         }
     }
 

@@ -53,6 +53,8 @@ pub struct Stmt {
     pub unparsed: bool,
     /// The command tag a queued statement is answered with (`SET`, `SAVEPOINT`...).
     pub tag: String,
+    /// The cursor a DECLARE, FETCH, MOVE or CLOSE names.
+    pub cursor: Option<String>,
     /// Why transaction pooling cannot serve it (a LISTEN, SET ROLE, SQL-level PREPARE: state that would
     /// stay on a pooled connection), when that is so.
     pub pooling: Option<String>,

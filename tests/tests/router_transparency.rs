@@ -1,0 +1,214 @@
+//! Where the destination is known, the router relays what the client sent and PostgreSQL answers it: inside
+//! a transaction bound to a shard, with one node, under the tenant strategy. Elsewhere a statement sqlparser
+//! cannot parse is read by its words: to any shard when it names no sharded table, refused when it does.
+//! Also: `pgbench -i` through the router, COPY TO merged in both protocols, cursors WITH HOLD, client-driven
+//! two-phase commit, INSERT ... ON CONFLICT and INSERT ... SELECT by the inserted key.
+
+use integration::wire::{outline, RawClient, Reply};
+use integration::Cluster;
+
+fn codes(replies: &[Reply]) -> Vec<String> {
+    replies
+        .iter()
+        .filter_map(|r| match r {
+            Reply::Error { code, .. } => Some(code.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsed_statements_reach_postgresql_where_the_destination_is_known() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "shard-global-tables,bots\n")?;
+    let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    for sql in [
+        "CREATE TABLE users (user_id bigint PRIMARY KEY, name text)",
+        "CREATE TABLE bots (id int PRIMARY KEY, name text)",
+    ] {
+        assert!(codes(&cl.query(sql)?).is_empty(), "{sql}");
+    }
+    // Outside a transaction: a syntax error naming no sharded table reaches a server, which answers 42601.
+    let r = cl.query("SELEC 1")?;
+    assert_eq!(codes(&r), vec!["42601"], "{r:?}");
+    let r = cl.query("SELECT * FROM bots WHERE id = ANY('{1}') AND name SIMILAR TO 'x' ESCAPE")?;
+    assert_eq!(codes(&r), vec!["42601"], "PostgreSQL's own error: {r:?}");
+    // Naming a sharded table: refused, with the reason.
+    let r = cl.query("SELECT * FROM users WHERE user_id = 1 AND name SIMILAR TO 'x' ESCAPE")?;
+    assert_eq!(codes(&r), vec!["0A000"], "{r:?}");
+    // Inside a transaction bound to a shard: the server answers, whatever sqlparser thinks of it.
+    cl.query("BEGIN")?;
+    cl.query("INSERT INTO users (user_id, name) VALUES (1, 'one')")?;
+    let r = cl.query("SELECT name FROM users WHERE user_id = 1 AND name SIMILAR TO 'o%' ESCAPE '!'")?;
+    assert!(codes(&r).is_empty() && outline(&r).contains(&"row one".to_string()), "{r:?}");
+    let r = cl.query("SELEC 1")?;
+    assert_eq!(codes(&r), vec!["42601"], "{r:?}");
+    let r = cl.query("ROLLBACK")?;
+    assert_eq!(outline(&r), vec!["ROLLBACK", "ZI"]);
+
+    // One node: everything is PostgreSQL's to answer.
+    let one = Cluster::hash(1, "")?;
+    let mut cl = RawClient::connect(one.port, "postgres", "postgres", &[])?;
+    cl.query("CREATE TABLE users (user_id bigint PRIMARY KEY, name text)")?;
+    let r = cl.query("INSERT INTO users VALUES (1, 'no column list'), (2, 'keys') ON CONFLICT DO NOTHING")?;
+    assert!(codes(&r).is_empty(), "{r:?}");
+    let r = cl.query("UPDATE users SET user_id = user_id + 10")?;
+    assert!(codes(&r).is_empty(), "the key changes: fine on one node: {r:?}");
+    let r = cl.query("SELEC 1")?;
+    assert_eq!(codes(&r), vec!["42601"], "{r:?}");
+    // BEGIN is not held: SAVEPOINT, SET LOCAL and DECLARE run at once.
+    for sql in ["BEGIN", "SAVEPOINT a", "SET LOCAL work_mem = '8MB'", "DECLARE c CURSOR FOR SELECT 1", "FETCH c"] {
+        let r = cl.query(sql)?;
+        assert!(codes(&r).is_empty(), "{sql}: {r:?}");
+    }
+    let r = cl.query("SHOW work_mem")?;
+    assert!(outline(&r).contains(&"row 8MB".to_string()), "{r:?}");
+    let r = cl.query("COMMIT")?;
+    assert_eq!(outline(&r), vec!["COMMIT", "ZI"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_sessions_are_relayed_as_they_are() -> anyhow::Result<()> {
+    let c = Cluster::start(
+        2,
+        "shard-strategy,tenant\nshard-tenant-db-prefix,gb_tenant_\nshard-auto-create,true\nrouter-auth,trust\n",
+        |i, s| format!("shard-node-n{i},{}\n", s.url("postgres")),
+    )?;
+    let mut cl = RawClient::connect(c.port, "postgres", "gb_tenant_acme", &[])?;
+    for sql in [
+        "CREATE TABLE notes (id serial PRIMARY KEY, body text)",
+        "BEGIN",
+        "SAVEPOINT s",
+        "INSERT INTO notes (body) VALUES ('a') RETURNING id",
+        "ROLLBACK TO SAVEPOINT s",
+        "INSERT INTO notes (body) VALUES ('b')",
+        "COMMIT",
+    ] {
+        let r = cl.query(sql)?;
+        assert!(codes(&r).is_empty(), "{sql}: {r:?}");
+    }
+    let r = cl.query("SELECT body FROM notes")?;
+    assert_eq!(outline(&r), vec!["row b", "SELECT 1", "ZI"]);
+    let r = cl.query("SELEC 1")?;
+    assert_eq!(codes(&r), vec!["42601"], "{r:?}");
+    // COPY passes through (binary too: nothing to split).
+    let r = cl.query("COPY notes (body) TO STDOUT (FORMAT BINARY)")?;
+    assert!(codes(&r).is_empty(), "{r:?}");
+    Ok(())
+}
+
+#[test]
+fn pgbench_initializes_through_the_router() -> anyhow::Result<()> {
+    let c = Cluster::start(
+        2,
+        "shard-strategy,hash\nshard-count,2\nshard-key,aid\nrouter-auth,trust\n\
+         shard-global-tables,pgbench_branches,pgbench_tellers\n",
+        |i, s| format!("shard-node-{i},{}\n", s.url("postgres")),
+    )?;
+    let out = std::process::Command::new("pgbench")
+        .args(["-i", "-s", "2", "-h", "127.0.0.1", "-p", &c.port.to_string(), "-U", "postgres", "postgres"])
+        .output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("done"), "{text}");
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut accounts = 0;
+        for (i, s) in c.shards.iter().enumerate() {
+            let db = s.client("postgres").await?;
+            let n: i64 = db.query_one("SELECT count(*) FROM pgbench_accounts", &[]).await?.get(0);
+            let wrong: i64 =
+                db.query_one("SELECT count(*) FROM pgbench_accounts WHERE aid % 2 <> $1", &[&(i as i32)]).await?.get(0);
+            assert_eq!(wrong, 0, "shard {i} holds only its accounts");
+            accounts += n;
+            let branches: i64 = db.query_one("SELECT count(*) FROM pgbench_branches", &[]).await?.get(0);
+            assert_eq!(branches, 2, "a global table on every shard");
+        }
+        assert_eq!(accounts, 200_000);
+        anyhow::Ok(())
+    })?;
+    // And pgbench runs on what it made.
+    let out = std::process::Command::new("pgbench")
+        .args(["-S", "-t", "50", "-M", "extended", "-h", "127.0.0.1", "-p", &c.port.to_string(), "-U", "postgres"])
+        .arg("postgres")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("number of failed transactions: 0"), "{text}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_to_cursors_two_phase_commit_and_inserts() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "")?;
+    let db = c.client().await?;
+    db.batch_execute(
+        "CREATE TABLE users (user_id bigint PRIMARY KEY, name text); CREATE TABLE staged (user_id bigint, name text)",
+    )
+    .await?;
+    for k in 0..6i64 {
+        db.execute("INSERT INTO users (user_id, name) VALUES ($1, $2)", &[&k, &format!("u{k}")]).await?;
+    }
+    // COPY TO from every shard, through the extended protocol: one CopyOutResponse, every row, one CopyDone.
+    let stream = db.copy_out("COPY users TO STDOUT").await?;
+    let chunks: Vec<bytes::Bytes> = futures_util::TryStreamExt::try_collect(stream).await?;
+    let text: String = chunks.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort();
+    assert_eq!(lines.len(), 6, "{text}");
+    assert_eq!(lines[0], "0\tu0");
+
+    // A cursor WITH HOLD outlives its transaction: refused under transaction pooling.
+    let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    cl.query("BEGIN")?;
+    let r = cl.query("DECLARE h CURSOR WITH HOLD FOR SELECT name FROM users WHERE user_id = 1")?;
+    assert_eq!(codes(&r), vec!["0A000"], "{r:?}");
+    cl.query("ROLLBACK")?;
+    // ...and works under session pooling, where FETCH after the commit finds it.
+    let s = Cluster::hash(2, "pool-mode,session\n")?;
+    let mut cl = RawClient::connect(s.port, "postgres", "postgres", &[])?;
+    cl.query("CREATE TABLE users (user_id bigint PRIMARY KEY, name text)")?;
+    cl.query("INSERT INTO users (user_id, name) VALUES (3, 'three')")?;
+    for sql in ["BEGIN", "DECLARE h CURSOR WITH HOLD FOR SELECT name FROM users WHERE user_id = 3", "COMMIT"] {
+        assert!(codes(&cl.query(sql)?).is_empty(), "{sql}");
+    }
+    let r = cl.query("FETCH 1 FROM h")?;
+    assert_eq!(outline(&r), vec!["row three", "FETCH 1", "ZI"], "{r:?}");
+    assert!(codes(&cl.query("CLOSE h")?).is_empty());
+
+    // Client-driven two-phase commit on one shard, committed from another session.
+    let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    for sql in ["BEGIN", "UPDATE users SET name = 'prepared' WHERE user_id = 3", "PREPARE TRANSACTION 'router-gid'"] {
+        let r = cl.query(sql)?;
+        assert!(codes(&r).is_empty(), "{sql}: {r:?}");
+    }
+    let mut other = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let r = other.query("COMMIT PREPARED 'router-gid'")?;
+    assert_eq!(outline(&r), vec!["COMMIT PREPARED", "ZI"], "{r:?}");
+    let name: String = db.query_one("SELECT name FROM users WHERE user_id = 3", &[]).await?.get(0);
+    assert_eq!(name, "prepared");
+    let r = other.query("COMMIT PREPARED 'router-gid'")?;
+    assert_eq!(codes(&r), vec!["42704"], "no such prepared transaction any more: {r:?}");
+
+    // INSERT ... ON CONFLICT DO UPDATE that sets the key would move the row: refused, as UPDATE of the key.
+    let e = db
+        .execute(
+            "INSERT INTO users (user_id, name) VALUES (1, 'x') ON CONFLICT (user_id) DO UPDATE SET user_id = 2",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("0A000"), "{e}");
+    // INSERT ... SELECT goes where the inserted key says...
+    db.execute("INSERT INTO staged (user_id, name) SELECT 5, 'five'", &[]).await?;
+    let on1: i64 = c.shards[1].client("postgres").await?.query_one("SELECT count(*) FROM staged", &[]).await?.get(0);
+    assert_eq!(on1, 1, "key 5 is on shard 1");
+    // ...with a read of that shard's rows; refused when the read is of another shard.
+    db.execute("INSERT INTO staged (user_id, name) SELECT user_id, name FROM users WHERE user_id = 4", &[]).await?;
+    let on0: i64 = c.shards[0].client("postgres").await?.query_one("SELECT count(*) FROM staged", &[]).await?.get(0);
+    assert_eq!(on0, 1, "key 4 is on shard 0");
+    let e = db
+        .execute("INSERT INTO staged (user_id, name) SELECT 5, name FROM users WHERE user_id = 4", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("0A000"), "{e}");
+    Ok(())
+}
