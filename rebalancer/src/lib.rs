@@ -6,12 +6,4 @@ pub mod mover;
 pub mod plan;
 pub mod report;
 
-/// An SQL identifier, quoted.
-pub(crate) fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// An SQL string literal (standard_conforming_strings), quoted.
-pub(crate) fn quote_literal_sql(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
+pub(crate) use shardmap::sql::{quote_ident, quote_literal as quote_literal_sql};

@@ -171,7 +171,8 @@ impl MoveError {
     }
 }
 
-fn quote_literal(s: &str) -> String {
+/// A value in a libpq connection string, quoted (backslash escapes, not SQL's).
+fn conninfo_value(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
@@ -181,13 +182,13 @@ pub fn conninfo(addr: &NodeAddr) -> String {
     let ports: Vec<String> = addr.hosts.iter().map(|(_, p)| p.to_string()).collect();
     let mut s = format!(
         "host={} port={} user={} dbname={} target_session_attrs=read-write",
-        quote_literal(&hosts.join(",")),
-        quote_literal(&ports.join(",")),
-        quote_literal(addr.user.as_deref().unwrap_or("postgres")),
-        quote_literal(addr.dbname.as_deref().unwrap_or("postgres")),
+        conninfo_value(&hosts.join(",")),
+        conninfo_value(&ports.join(",")),
+        conninfo_value(addr.user.as_deref().unwrap_or("postgres")),
+        conninfo_value(addr.dbname.as_deref().unwrap_or("postgres")),
     );
     if let Some(pw) = &addr.password {
-        s.push_str(&format!(" password={}", quote_literal(pw)));
+        s.push_str(&format!(" password={}", conninfo_value(pw)));
     }
     s
 }

@@ -235,6 +235,16 @@ pub fn analyze(sql: &str, key: &str, key_type: KeyType, global: &HashSet<String>
     }
 }
 
+/// An SQL identifier, quoted (for statements the router and the rebalancer write).
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// An SQL string literal (standard_conforming_strings), quoted.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 /// The first word of a statement, past comments.
 pub fn first_word(sql: &str) -> &str {
     let mut s = sql;

@@ -137,6 +137,16 @@ err missing | | INSERT INTO users (name) VALUES ('x')
 err missing | | INSERT INTO users VALUES (42, 'x')
 err refused | | INSERT INTO users (user_id, name) VALUES (nextval('s'), 'x')
 err refused | | INSERT INTO users (user_id, name) VALUES (DEFAULT, 'x')
+err refused | | INSERT INTO users (user_id, name) VALUES (42, 'x') ON CONFLICT (user_id) DO UPDATE SET user_id = 43
+shard 2 | | INSERT INTO users (user_id, name) VALUES (42, 'x') ON CONFLICT (user_id) DO UPDATE SET name = 'y' WHERE users.user_id = 42
+# INSERT ... SELECT goes where the inserted key says; what it reads must be there
+shard 2 | | INSERT INTO archive (user_id, name) SELECT 42, name FROM bots
+shard 2 | 42 | INSERT INTO archive (user_id, name) SELECT $1, name FROM users WHERE user_id = $1
+err spans | | INSERT INTO archive (user_id, name) SELECT 42, name FROM users WHERE user_id = 43
+err refused | | INSERT INTO archive (user_id, name) SELECT 42, name FROM users
+err missing | | INSERT INTO archive (user_id, name) SELECT user_id, name FROM users
+err refused | | INSERT INTO archive (user_id, name) SELECT user_id + 1, name FROM users WHERE user_id = 42
+err missing | | INSERT INTO archive (name) SELECT name FROM users WHERE user_id = 42
 all | | INSERT INTO bots (id, name) VALUES ('b1', 'Helper')
 all | | INSERT INTO tools (bot_id, name) VALUES ('b1', 'search') ON CONFLICT DO NOTHING
 shard 2 | | WITH ins AS (INSERT INTO users (user_id, name) VALUES (42, 'x') RETURNING *) SELECT * FROM ins
@@ -175,6 +185,23 @@ session | | RESET gb.shard_key
 # transaction control and session statements
 session | | BEGIN
 session | | BEGIN ISOLATION LEVEL SERIALIZABLE
+session | | PREPARE TRANSACTION 'gid-1'
+session | | COMMIT PREPARED 'gid-1'
+session | | ROLLBACK PREPARED 'gid-1'
+# cursors: DECLARE by its query; FETCH, MOVE, CLOSE where the transaction is
+shard 2 | | DECLARE c CURSOR FOR SELECT * FROM users WHERE user_id = 42
+shard 2 | | DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT * FROM users WHERE user_id = 42
+all | | DECLARE c CURSOR FOR SELECT * FROM users
+session | | FETCH 10 FROM c
+session | | FETCH ALL IN c
+session | | MOVE FORWARD 2 IN c
+session | | CLOSE c
+# what sqlparser cannot parse: by its words
+any | | SELEC 1
+any | | SELECT * FROM bots WHERE name SIMILAR TO 'x' ESCAPE
+err refused | | SELECT * FROM users WHERE user_id = 1 AND name SIMILAR TO 'x' ESCAPE
+all | | VACUUM (VERBOSE, ANALYZE) users
+all | | TABLE users
 session | | START TRANSACTION READ ONLY
 session | | COMMIT
 session | | ROLLBACK
@@ -222,7 +249,9 @@ all | | COPY users (name, user_id) FROM STDIN WITH (FORMAT csv, HEADER true)
 all | | COPY message_history (user_id, content) FROM STDIN CSV
 all | | COPY users FROM STDIN
 err refused | | COPY users (name) FROM STDIN
-err refused | | COPY users (user_id) FROM STDIN WITH (FORMAT binary)
+all | | COPY users (user_id) FROM STDIN WITH (FORMAT binary)
+all | | copy users from stdin with (freeze on)
+all | | COPY users (user_id, name) FROM STDIN WITH (FORMAT csv, FREEZE true, HEADER match)
 err refused | | COPY users FROM '/etc/passwd'
 all | | COPY users TO STDOUT
 shard 2 | | COPY (SELECT * FROM users WHERE user_id = 42) TO STDOUT

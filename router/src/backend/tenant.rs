@@ -6,14 +6,12 @@
 use shardmap::ShardId;
 
 use crate::backend::Backends;
-use crate::frontend::session::Reported;
+use crate::net::Reported;
+
+use shardmap::sql::quote_ident;
 
 fn reported(code: &str, message: impl Into<String>) -> Reported {
-    Reported { code: code.to_string(), message: message.into() }
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
+    Reported::new(code, message)
 }
 
 /// Creates `database` on `shard`'s node. Another client or router creating it at the same time is not an

@@ -49,6 +49,8 @@ pub enum Exp {
     /// A message of a replayed statement (the held transaction's queue), answered to nobody: ParseComplete,
     /// BindComplete, then CommandComplete.
     Quiet(u8),
+    /// A simple Query: every statement's answers up to ReadyForQuery.
+    UntilReady,
 }
 
 /// How a connection's answers reach the client when a statement goes to several connections.
@@ -77,10 +79,17 @@ pub struct Merge {
     /// ...which came.
     pub copy_in: bool,
     /// COPY TO STDOUT: a CopyOutResponse came (the merged answer ends with one CopyDone).
-    copy_out: bool,
+    pub copy_out: bool,
+    /// Keep ReadyForQuery from the client (several connections answer: the caller sends one).
+    pub hold_ready: bool,
 }
 
 impl Merge {
+    /// A merge whose connections' ReadyForQuery the caller answers with one of its own.
+    pub fn holding_ready() -> Merge {
+        Merge { hold_ready: true, ..Merge::default() }
+    }
+
     /// A merge that stops at a CopyInResponse (see `stop_at_copy`).
     pub fn until_copy() -> Merge {
         Merge { stop_at_copy: true, ..Merge::default() }
@@ -94,6 +103,12 @@ impl Merge {
     /// The rows counted in the others' CommandComplete.
     pub fn rows(&self) -> u64 {
         self.rows
+    }
+
+    /// The merged CommandComplete of a read on several connections (`SELECT n`, `COPY n`).
+    pub fn tag(&self) -> String {
+        let verb = if self.verb.is_empty() { "SELECT" } else { &self.verb };
+        format!("{verb} {}", self.rows)
     }
 }
 
@@ -550,7 +565,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let executes = exps.iter().any(|e| matches!(e, Exp::Execute));
         let mut exps = exps;
         let status = match self.relay(i, &mut exps, Role::Only, &mut merge, Some(&map)).await {
-            Ok(s) => s.unwrap_or(READY_IDLE),
+            Ok((s, _)) => s.unwrap_or(READY_IDLE),
             Err(e) => {
                 self.lost(i, &e);
                 return Err(e.into());
@@ -639,9 +654,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.io.push(&err);
                         self.fail_group_inner();
                     }
-                    None if m.executes && !m.verb.is_empty() => {
-                        proto::command_complete(&mut self.io.wbuf, &format!("{} {}", m.verb, m.rows))
-                    }
+                    None if m.executes && !m.verb.is_empty() => proto::command_complete(&mut self.io.wbuf, &m.tag()),
                     None => {}
                 }
             }
@@ -776,7 +789,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         role: Role,
         merge: &mut Merge,
         status: Option<&(dyn Fn(u8, bool) -> u8 + Sync)>,
-    ) -> Result<Option<u8>, Reported> {
+    ) -> Result<(Option<u8>, bool), Reported> {
         let mut errored = false;
         let mut ready = None;
         let to_client = |role: Role, tag: u8| match role {
@@ -808,7 +821,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if matches!(role, Role::Only | Role::First) {
                         self.io.push(&m.frame);
                     }
-                    return Ok(None);
+                    return Ok((None, errored));
                 }
                 b'H' => merge.copy_out = true,
                 b'E' => {
@@ -817,8 +830,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if role != Role::Only && merge.error.is_none() {
                         merge.error = Some(m.frame.clone());
                     }
-                    // The server skips everything up to Sync.
-                    while exps.front().is_some_and(|e| !matches!(e, Exp::Sync)) {
+                    // The server skips everything up to Sync (a simple Query: to its ReadyForQuery).
+                    while exps.front().is_some_and(|e| !matches!(e, Exp::Sync | Exp::UntilReady)) {
                         exps.pop_front();
                     }
                 }
@@ -851,7 +864,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 b'C' | b'I' | b's' => {
-                    if let Some(Exp::Quiet(_)) = exps.pop_front() {
+                    let quiet = match exps.front() {
+                        Some(Exp::UntilReady) => false,
+                        Some(Exp::Quiet(_)) => {
+                            exps.pop_front();
+                            true
+                        }
+                        _ => {
+                            exps.pop_front();
+                            false
+                        }
+                    };
+                    if quiet {
                         relay = false;
                     } else if m.tag == b'C' && role != Role::Only {
                         if let Some((tag, _)) = proto::read_cstr(m.body()) {
@@ -868,7 +892,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // A Parse not confirmed by now did not happen (an error skipped it).
                     conn.parsing.clear();
                     ready = Some(s);
-                    if relay {
+                    if merge.hold_ready {
+                        relay = false;
+                    } else if relay {
                         if let Some(map) = status {
                             proto::ready(&mut self.io.wbuf, map(s, errored));
                             relay = false;
@@ -882,7 +908,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.io.flush_if_full().await.map_err(|e| Reported::new("08006", e.to_string()))?;
             }
         }
-        Ok(ready)
+        Ok((ready, errored))
     }
 }
 

@@ -4,17 +4,19 @@
 //! for all, and the first error of any is reported), and every statement of an all-shards transaction.
 //! Ordered merging and aggregates come later (issue 11).
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
 use shardmap::sql::Setting;
 use shardmap::{Decision, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::extended::{Exp, Merge, Role};
 use super::session::{Failure, Session};
 use super::simple::combined;
 use super::txn::{Dest, State, Stmt};
 use crate::backend::checkout::SETTINGS_UNKNOWN;
 use crate::net::proto::{self, READY_IDLE};
-use crate::net::wire::Msg;
 use crate::net::Reported;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -72,10 +74,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
     }
 
-    /// Sends a simple Query on each link and merges the answers (see the module doc): for a read, rows
-    /// concatenated under one RowDescription and one CommandComplete; otherwise the first link's answer. The
-    /// first error of any link is reported. ReadyForQuery is the caller's to send; each link's status and
-    /// whether it failed are returned. A link that breaks loses its exchange: every link of it is closed.
+    /// Sends a simple Query on each link and merges the answers (see the module doc) with the extended
+    /// protocol's relay and roles: for a read, rows concatenated under one RowDescription and one
+    /// CommandComplete; otherwise the first link's answer. The first error of any link is reported.
+    /// ReadyForQuery is the caller's to send; each link's status and whether it failed are returned. A link
+    /// that breaks loses its exchange: every link of it is closed.
     pub async fn merge_on(&mut self, links: &[usize], read: bool, frame: Bytes) -> Result<Vec<(u8, bool)>, Reported> {
         for &i in links {
             let conn = self.links.get(i).conn.conn();
@@ -84,72 +87,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Err(self.merge_broken(links, e.into()));
             }
         }
-        let mut error: Option<Msg> = None;
-        let mut rows = 0u64;
-        let mut verb = String::from("SELECT");
-        let mut described = false;
-        let mut copy_out = false;
+        let mut merged = Merge::holding_ready();
+        let mut first = Merge::holding_ready();
         let mut out = Vec::with_capacity(links.len());
         for (n, &i) in links.iter().enumerate() {
-            let mut failed = false;
-            loop {
-                let m = match self.links.get(i).conn.conn().read().await {
-                    Ok(m) => m,
-                    Err(e) => return Err(self.merge_broken(links, e.into())),
-                };
-                match m.tag {
-                    b'Z' => {
-                        let status = m.body().first().copied().unwrap_or(READY_IDLE);
-                        self.links.get(i).conn.conn().status = status;
-                        out.push((status, failed));
-                        break;
-                    }
-                    b'E' => {
-                        failed = true;
-                        if error.is_none() {
-                            error = Some(m);
-                        }
-                    }
-                    b'T' if read && !described => {
-                        described = true;
-                        self.io.push(&m.frame);
-                    }
-                    b'D' if read && error.is_none() => {
-                        self.io.push(&m.frame);
-                        self.io.flush_if_full().await.map_err(|e| Reported::new("08006", e.to_string()))?;
-                    }
-                    b'T' | b'D' if read => {}
-                    // COPY ... TO STDOUT on every shard: one CopyOutResponse, every shard's data, one CopyDone.
-                    b'H' if read && !copy_out => {
-                        copy_out = true;
-                        self.io.push(&m.frame);
-                    }
-                    b'H' if read => {}
-                    b'd' if read => {
-                        self.io.push(&m.frame);
-                        self.io.flush_if_full().await.map_err(|e| Reported::new("08006", e.to_string()))?;
-                    }
-                    b'c' if read => {}
-                    b'C' if read => {
-                        if let Some((tag, _)) = proto::read_cstr(m.body()) {
-                            if let Some((v, k)) = proto::command_rows(tag) {
-                                verb = v.to_string();
-                                rows += k;
-                            }
-                        }
-                    }
-                    // DDL: the first shard's answers stand for all; notices of the first shard pass through.
-                    _ if n == 0 => self.io.push(&m.frame),
-                    _ => {}
-                }
+            let (role, merge) = match (read, n) {
+                (true, 0) => (Role::First, &mut merged),
+                (true, _) => (Role::Rest, &mut merged),
+                (false, 0) => (Role::Only, &mut first),
+                (false, _) => (Role::Silent, &mut merged),
+            };
+            let mut exps = VecDeque::from([Exp::UntilReady]);
+            match self.relay(i, &mut exps, role, merge, None).await {
+                Ok((status, failed)) => out.push((status.unwrap_or(READY_IDLE), failed)),
+                Err(e) => return Err(self.merge_broken(links, e)),
             }
         }
-        if copy_out {
+        let error = merged.take_error();
+        if merged.copy_out && error.is_none() {
             proto::put(&mut self.io.wbuf, b'c', |_| {});
         }
         match error {
-            Some(e) => self.io.push(&e.frame),
-            None if read => proto::command_complete(&mut self.io.wbuf, &format!("{verb} {rows}")),
+            // (After the first link's own error, relayed, the others' are the same news.)
+            Some(e) if !first.failed => self.io.push(&e),
+            Some(_) => {}
+            None if read => proto::command_complete(&mut self.io.wbuf, &merged.tag()),
             None => {}
         }
         Ok(out)

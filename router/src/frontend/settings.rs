@@ -5,6 +5,8 @@
 
 use std::hash::{Hash, Hasher};
 
+use shardmap::sql::{quote_ident, quote_literal};
+
 /// What a session statement does to the remembered settings (and, for DEALLOCATE and DISCARD, to the
 /// client's prepared statements, which live in the router).
 pub enum Change {
@@ -28,14 +30,6 @@ pub struct Settings {
     /// (lower-case name, statement that sets it), in the order set since.
     list: Vec<(String, String)>,
     hash: u64,
-}
-
-fn quote_literal(v: &str) -> String {
-    format!("'{}'", v.replace('\'', "''"))
-}
-
-fn quote_ident(v: &str) -> String {
-    format!("\"{}\"", v.replace('"', "\"\""))
 }
 
 /// A value read back from a server (`current_setting`), as a statement that sets it again.
