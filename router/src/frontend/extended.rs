@@ -171,9 +171,9 @@ fn segments(batch: &[Msg]) -> Vec<std::ops::Range<usize>> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Runs one batch; errors the router raises are reported the way a server would report them.
-    pub async fn batch(&mut self, batch: Vec<Msg>) -> Result<(), Fatal> {
+    pub async fn batch(&mut self, batch: &[Msg]) -> Result<(), Fatal> {
         let end = batch.last().map(|m| m.tag);
-        let segs = segments(&batch);
+        let segs = segments(batch);
         let mut pending = Pending::default();
         let mut synced = false;
         for (k, range) in segs.iter().enumerate() {
@@ -333,14 +333,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .statements
             .get(b.statement)
             .ok_or_else(|| Reported::new("26000", format!("prepared statement \"{}\" does not exist", b.statement)))?;
-        let (text, analysis, types) = (st.text.clone(), st.analysis.clone(), st.types.clone());
+        let (text, analysis) = (st.text.clone(), st.analysis.clone());
         if !self.routing.session_mode {
             refuse_session_locks(&analysis)?;
         }
         let stmt = self.stmt(&analysis, &text);
         let (route, _pass) = self
             .decide(|| {
-                self.routing.planner.decide_analyzed(&analysis, &BindParams { bind: &b, types: &types }, &self.route)
+                let types = self.statements.get(b.statement).map_or(&[][..], |st| &st.types);
+                self.routing.planner.decide_analyzed(&analysis, &BindParams { bind: &b, types }, &self.route)
             })
             .await?;
         let fixed = self.fixed();

@@ -81,6 +81,18 @@ impl Links {
         out
     }
 
+    /// Gives back (or closes, see `Pooled::release`) the links `keep` rejects, without allocating.
+    pub fn release_unless(&mut self, mut keep: impl FnMut(&Link) -> bool) {
+        let mut i = 0;
+        while i < self.links.len() {
+            if keep(&self.links[i]) {
+                i += 1;
+            } else {
+                self.links.remove(i).conn.release();
+            }
+        }
+    }
+
     pub fn take_all(&mut self) -> Vec<Link> {
         std::mem::take(&mut self.links)
     }

@@ -282,7 +282,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         // A Query after extended messages without Sync: they are handled first, as a server
                         // would before the Query.
                         batch.push(sync_message());
-                        self.batch(std::mem::take(&mut batch)).await?;
+                        self.batch(&batch).await?;
+                        batch.clear();
                     }
                     self.query(msg).await?
                 }
@@ -297,12 +298,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if copy_starts {
                         // COPY FROM STDIN: the server answers CopyInResponse without waiting for a Sync, and
                         // some clients wait for it before sending one.
-                        self.batch(std::mem::take(&mut batch)).await?;
+                        self.batch(&batch).await?;
+                        batch.clear();
                     }
                 }
                 b'H' | b'S' => {
+                    // (The batch's vector is reused from one batch to the next.)
                     batch.push(msg);
-                    self.batch(std::mem::take(&mut batch)).await?;
+                    self.batch(&batch).await?;
+                    batch.clear();
                 }
                 b'X' => return Ok(()),
                 // CopyData, CopyDone, CopyFail outside COPY: PostgreSQL ignores them too.
@@ -485,14 +489,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let all = matches!(self.txn.state, State::All);
         let session_mode = self.routing.session_mode;
-        let gone = self.links.drain_unless(|l| {
+        self.links.release_unless(|l| {
             l.pending
                 || (!l.replica && (all || txn_dest.as_ref() == Some(&l.dest)))
                 || (session_mode && !l.replica && l.status() == proto::READY_IDLE)
         });
-        for l in gone {
-            l.conn.release();
-        }
     }
 
     /// Gives back a connection the session does not keep (session mode keeps it).

@@ -29,7 +29,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(end) = memchr::memchr(0, body) else {
             return Err(Fatal::Protocol("Query message without a terminated string".into()));
         };
-        let text = self.encoding.decode(&body[..end]).into_owned();
+        let text = self.encoding.decode(&body[..end]);
         let (analysis, literals) = self.routing.planner.analyze_simple(&text);
         match self.query_inner(&msg, &text, &analysis, &literals).await {
             Ok(()) => Ok(()),
