@@ -203,3 +203,49 @@ async fn send_rows(
     sink.send(bytes::Bytes::from(data)).await?;
     sink.finish().await
 }
+
+/// SET inside a transaction (held, or on a shard) takes effect for its client when the transaction commits,
+/// not when it rolls back, and never reaches another client through the shared connection; RESET ALL goes
+/// back to the startup packet's values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_inside_transactions_follow_their_client_only() -> anyhow::Result<()> {
+    for shards in [1, 2] {
+        let c = Cluster::hash(shards, "pool-size,1\n")?;
+        let conn = format!("{} application_name=first-app", c.conn_str());
+        let (a, a_conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
+        tokio::spawn(a_conn);
+        let b = c.client().await?;
+        a.batch_execute("CREATE TABLE t (user_id bigint)").await?;
+        // Committed: the client keeps it; the other client never sees it on the one shared connection.
+        a.batch_execute("BEGIN; SET statement_timeout = 1234; SELECT * FROM t WHERE user_id = 1; COMMIT").await?;
+        a.batch_execute("BEGIN").await?;
+        a.batch_execute("SET lock_timeout = 4321").await?;
+        a.batch_execute("SELECT * FROM t WHERE user_id = 1").await?;
+        a.batch_execute("COMMIT").await?;
+        assert_eq!(show(&b, "statement_timeout").await?, "0", "{shards} shard(s)");
+        assert_eq!(show(&b, "lock_timeout").await?, "0", "{shards} shard(s)");
+        assert_eq!(show(&a, "statement_timeout").await?, "1234ms", "{shards} shard(s)");
+        assert_eq!(show(&a, "lock_timeout").await?, "4321ms", "{shards} shard(s)");
+        // Rolled back: gone, as on a server.
+        a.batch_execute("BEGIN; SET statement_timeout = 999; SELECT * FROM t WHERE user_id = 1; ROLLBACK").await?;
+        assert_eq!(show(&a, "statement_timeout").await?, "1234ms", "{shards} shard(s)");
+        assert_eq!(show(&b, "statement_timeout").await?, "0", "{shards} shard(s)");
+        // RESET ALL: back to the startup packet's values.
+        a.batch_execute("SET application_name = 'second-app'").await?;
+        assert_eq!(show(&a, "application_name").await?, "second-app");
+        a.batch_execute("RESET ALL").await?;
+        assert_eq!(show(&a, "application_name").await?, "first-app", "{shards} shard(s)");
+        assert_eq!(show(&a, "statement_timeout").await?, "0", "{shards} shard(s)");
+    }
+    Ok(())
+}
+
+/// `SHOW name` through the simple protocol.
+async fn show(client: &tokio_postgres::Client, name: &str) -> anyhow::Result<String> {
+    let rows = client.simple_query(&format!("SHOW {name}")).await?;
+    let v = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    Ok(v.unwrap_or_default())
+}

@@ -403,6 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             declare: if single { first.and_then(|s| s.declare) } else { None },
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),
             unparsed: analysis.parse_error.is_some(),
+            single,
             ..Stmt::default()
         };
         if let (true, Some(st)) = (single, first) {
@@ -521,10 +522,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if l.pending || in_txn || !self.routing.session_mode {
                 return Ok(i);
             }
-            // Session mode: a connection to a primary that failed over is not used again.
+            // Session mode: a connection to a primary that failed over is not used again; one that carries
+            // other settings than the client's now (set through another shard's connection) gets them.
             let current = self.backend.is_current(&self.links.get(i).conn, dest.db.as_deref()).await;
             if current {
-                return Ok(i);
+                let l = self.links.get(i);
+                if l.conn.conn().settings == self.settings.hash()
+                    || checkout::sync_settings(&mut l.conn, &self.settings, None).await.is_ok()
+                {
+                    return Ok(i);
+                }
             }
             self.links.remove(i);
         }

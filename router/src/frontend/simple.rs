@@ -232,7 +232,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.backend.answered(shard, started, error);
                 }
                 self.after_statement(i, stmt, status, error).await;
-                self.answered(i, status, error, sets, Some(text)).await;
+                // (A SET's own text follows the client only when it came alone.)
+                self.answered(i, status, error, sets, stmt.single.then_some(text)).await;
                 self.release();
                 Ok(())
             }

@@ -51,6 +51,8 @@ pub struct Stmt {
     pub copy_in: bool,
     /// sqlparser could not parse it.
     pub unparsed: bool,
+    /// One statement (not a string of several).
+    pub single: bool,
     /// The command tag a queued statement is answered with (`SET`, `SAVEPOINT`...).
     pub tag: String,
     /// The cursor a DECLARE, FETCH, MOVE or CLOSE names.
