@@ -130,3 +130,35 @@ async fn psql_scripts_through_four_hash_shards() -> anyhow::Result<()> {
     assert_eq!(out.lines().collect::<Vec<_>>(), vec!["u2", "u6"]);
     Ok(())
 }
+
+/// What broke before one state machine owned the session, as psql sees it: `\copy` inside a transaction,
+/// COMMIT after a refused statement (answered ROLLBACK, the session goes on), savepoints and SET before the
+/// first keyed statement, a statement psql's server understands and sqlparser does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_transactions_copy_and_refusals() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "")?;
+    let (_, err) = run(&c, "CREATE TABLE users (user_id bigint PRIMARY KEY, name text);\n");
+    assert!(err.is_empty(), "{err}");
+    let data = c.config_path.parent().expect("a directory").join("users.csv");
+    std::fs::write(&data, (0..10).map(|k| format!("{k},c{k}\n")).collect::<String>())?;
+    let (out, err) = run(
+        &c,
+        &format!(
+            "BEGIN;\n\\copy users (user_id, name) FROM '{}' WITH (FORMAT csv)\nCOMMIT;\n\
+             BEGIN;\nSAVEPOINT a;\nSET LOCAL work_mem = '8MB';\nUPDATE users SET name = 'held' WHERE user_id = 2;\nROLLBACK TO SAVEPOINT a;\nUPDATE users SET name = 'kept' WHERE user_id = 4;\nCOMMIT;\n\
+             BEGIN;\nUPDATE users SET name = 'x' WHERE user_id = 1;\nUPDATE users SET name = 'y' WHERE user_id = 2;\nSELECT 1;\nCOMMIT;\n\
+             SELECT name FROM users WHERE user_id = 4;\n\
+             SELECT name FROM users WHERE user_id = 1;\n",
+            data.display()
+        ),
+    );
+    assert!(out.contains("COPY 10") || !err.contains("COPY"), "{out}{err}");
+    assert!(err.contains("multi-shard transactions"), "{err}");
+    // The SELECT after the refusal gets 25P02; the COMMIT does not (it rolls back, as on a server).
+    assert_eq!(err.matches("current transaction is aborted").count(), 1, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[lines.len() - 2..], ["kept", "c1"], "{out}");
+    let p = placement(&c, "users").await?;
+    assert_eq!(p, vec![vec![0, 2, 4, 6, 8], vec![1, 3, 5, 7, 9]]);
+    Ok(())
+}

@@ -47,3 +47,19 @@ fn psycopg_behaviour_in_transaction_pooling() -> anyhow::Result<()> {
 fn psycopg_behaviour_in_session_pooling() -> anyhow::Result<()> {
     psycopg_protocol("session")
 }
+
+/// psycopg's AsyncConnection (`tests/clients/psycopg_async.py`), with every statement prepared.
+#[test]
+fn psycopg_async() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "shard-global-tables,bots\n")?;
+    let out = c.psql(
+        "CREATE TABLE users (user_id bigint PRIMARY KEY, name text, n int); CREATE TABLE bots (id int PRIMARY KEY, name text);",
+    )?;
+    assert!(out.status.success(), "{out:?}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/psycopg_async.py");
+    let out = Command::new("timeout").args(["120", "python3", script]).arg(c.conn_str()).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let text = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.trim_end().ends_with("ok"), "{text}");
+    Ok(())
+}

@@ -10,15 +10,12 @@ use crate::net::Reported;
 
 use shardmap::sql::quote_ident;
 
-fn reported(code: &str, message: impl Into<String>) -> Reported {
-    Reported::new(code, message)
-}
-
 /// Creates `database` on `shard`'s node. Another client or router creating it at the same time is not an
 /// error: the database exists either way.
 pub async fn create(backends: &Backends, shard: ShardId, database: &str) -> Result<(), Reported> {
     let node = backends.map.node(shard);
-    let addr = node.addr.as_ref().ok_or_else(|| reported("08001", format!("shard {} has no address", node.name)))?;
+    let addr =
+        node.addr.as_ref().ok_or_else(|| Reported::new("08001", format!("shard {} has no address", node.name)))?;
     let (host, port) = addr.hosts[0].clone();
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&host).port(port).dbname(addr.dbname.as_deref().unwrap_or("postgres"));
@@ -28,8 +25,10 @@ pub async fn create(backends: &Backends, shard: ShardId, database: &str) -> Resu
     }
     cfg.connect_timeout(std::time::Duration::from_millis(backends.config.load().pool.timeout_ms));
     let _one_at_a_time = backends.creating.lock().await;
-    let (db, conn) =
-        cfg.connect(tokio_postgres::NoTls).await.map_err(|e| reported("08001", format!("shard {}: {e}", node.name)))?;
+    let (db, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| Reported::new("08001", format!("shard {}: {e}", node.name)))?;
     let task = tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -37,7 +36,7 @@ pub async fn create(backends: &Backends, shard: ShardId, database: &str) -> Resu
     let has_template = db
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
         .await
-        .map_err(|e| reported("58000", e.to_string()))?
+        .map_err(|e| Reported::new("58000", e.to_string()))?
         .is_some();
     let sql = if has_template {
         format!("CREATE DATABASE {} TEMPLATE {}", quote_ident(database), quote_ident(&template))
@@ -53,7 +52,7 @@ pub async fn create(backends: &Backends, shard: ShardId, database: &str) -> Resu
                 // The template is busy (another router copying it): wait a little and try again.
                 Some("55006") if attempt < 19 => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
                 _ => {
-                    result = Err(reported(
+                    result = Err(Reported::new(
                         e.as_db_error().map_or("58000", |d| d.code().code()),
                         format!("creating tenant database {database} on shard {}: {e}", node.name),
                     ));
