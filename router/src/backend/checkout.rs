@@ -73,14 +73,21 @@ impl Checkout {
         Target { host, port, user, password, database }
     }
 
+    /// The pool for `shard` as cached (the default database's, for the primary's current generation).
+    fn cached(&self, shard: ShardId, database: Option<&str>) -> Option<(u64, Arc<Pool>)> {
+        let generation = self.backends.topology.generation(shard);
+        match (database, self.pools.get(shard.0 as usize)) {
+            (None, Some(Some((g, p)))) if *g == generation => Some((generation, p.clone())),
+            _ => None,
+        }
+    }
+
     /// The pool for `shard` (cached per shard for the default database), and the generation it is for.
     async fn pool(&mut self, shard: ShardId, database: Option<&str>) -> Result<(u64, Arc<Pool>), Reported> {
-        let generation = self.backends.topology.generation(shard);
-        if let (None, Some(Some((g, p)))) = (database, self.pools.get(shard.0 as usize)) {
-            if *g == generation {
-                return Ok((generation, p.clone()));
-            }
+        if let Some(cached) = self.cached(shard, database) {
+            return Ok(cached);
         }
+        let generation = self.backends.topology.generation(shard);
         let (g, pool) = Box::pin(self.pool_for(shard, database)).await?;
         if database.is_none() {
             if self.pools.len() <= shard.0 as usize {
@@ -107,7 +114,10 @@ impl Checkout {
         database: Option<&str>,
         carry: &(dyn Carry + Sync),
     ) -> Result<Pooled, Reported> {
-        let (generation, pool) = self.pool(shard, database).await?;
+        let (generation, pool) = match self.cached(shard, database) {
+            Some(cached) => cached,
+            None => Box::pin(self.pool(shard, database)).await?,
+        };
         let b = self.backends.clone();
         if b.topology.is_paused(shard) {
             // The admin console's PAUSE: a new transaction waits for RESUME.
@@ -162,7 +172,10 @@ impl Checkout {
     /// session settings replayed when the connection carries others.
     pub async fn take_up(&self, p: &mut Pooled, carry: &(dyn Carry + Sync)) -> Result<(), BackendError> {
         p.register_cancel(&self.cancel);
-        sync_settings(p, carry, None).await
+        if p.conn().settings == carry.hash() {
+            return Ok(());
+        }
+        Box::pin(sync_settings(p, carry, None)).await
     }
 
     /// After a statement could not run on `shard`'s primary of `generation`: waits for another one (the

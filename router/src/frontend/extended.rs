@@ -209,13 +209,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// Registers a Parse message as a client statement.
-    fn register(&mut self, m: &Msg) -> Result<(), Reported> {
+    /// Registers a Parse message as a client statement; returns its name.
+    fn register<'m>(&mut self, m: &'m Msg) -> Result<&'m str, Reported> {
         let p = proto::read_parse_bytes(m.body()).ok_or_else(|| Reported::new("08P01", "malformed Parse message"))?;
-        let query = self.encoding.decode(p.query);
-        if self.statements.get(p.name).is_some_and(|st| *st.text == *query && st.types == p.types) {
+        if self.statements.get(p.name).is_some_and(|st| *st.raw == *p.query && st.types == p.types) {
             // The same statement again (drivers re-send the unnamed one with every execution).
-            return Ok(());
+            return Ok(p.name);
+        }
+        let query = self.encoding.decode(p.query);
+        if query.trim_start().get(..4).is_some_and(|w| w.eq_ignore_ascii_case("copy")) {
+            self.copy_statements = true;
         }
         let analysis = self.routing.planner.analyze(&query);
         let server_name =
@@ -230,7 +233,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 server_name,
             },
         );
-        Ok(())
+        Ok(p.name)
     }
 
     async fn segment(&mut self, seg: &[Msg], fast: bool, pending: &mut Pending) -> Result<Seg, Failure> {
@@ -240,9 +243,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for m in seg {
             match m.tag {
                 b'P' => {
-                    self.register(m)?;
-                    if let Some(p) = proto::read_parse_bytes(m.body()) {
-                        closed.retain(|n| n != p.name);
+                    let name = self.register(m)?;
+                    if !closed.is_empty() {
+                        closed.retain(|n| *n != name);
                     }
                 }
                 b'C' if m.body().first() == Some(&b'S') => {
@@ -377,13 +380,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(Seg::Copied)
             }
             Plan::Run(to) => {
-                let effect = Effect {
+                let mut effect = Effect {
                     dest: Dest { shard: shardmap::ShardId(0), db: None },
                     stmt,
                     sets: settings_of(&analysis),
                     text,
                 };
-                Box::pin(self.place(to, seg, d.as_ref(), effect, fast, pending)).await
+                // The common cases inline (a boxed future per statement costs an allocation): one statement
+                // and its Sync, on the transaction's connection or a plain one; the rest boxed.
+                let alone = fast && pending.entries.is_empty() && !self.links.iter().any(|l| l.pending);
+                let i = match &to {
+                    To::Bound if alone => {
+                        let i = self.txn_link()?;
+                        self.txn.sent(effect.stmt.verb.as_ref());
+                        Some(i)
+                    }
+                    To::Once(dest) if alone && !self.needs_care(dest, effect.stmt.read) => Some(self.link(dest).await?),
+                    _ => None,
+                };
+                let Some(i) = i else { return Box::pin(self.place(to, seg, d.as_ref(), effect, fast, pending)).await };
+                let exps = self.write_segment(i, seg, true)?;
+                effect.dest = self.links.get(i).dest.clone();
+                if let Err(e) = self.links.get(i).conn.conn().flush().await {
+                    let e: Reported = e.into();
+                    self.lost(i, &e);
+                    return Err(e.into());
+                }
+                self.answer_synced(i, exps, effect).await
             }
         }
     }
@@ -579,7 +602,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if executes && !replica {
             self.backend.answered(shard, started, merge.failed);
         }
-        self.after_statement(i, &effect.stmt, status, merge.failed).await;
+        self.after_statement(i, &effect.stmt, status, merge.failed);
         let text = (effect.sets.len() == 1).then_some(&*effect.text);
         self.answered(i, status, merge.failed, &effect.sets, text).await;
         self.release();
@@ -747,7 +770,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             statuses.push(status);
             let mine: Vec<&Effect> = effects.iter().filter(|e| e.dest == *dest).collect();
             for e in &mine {
-                self.after_statement(i, &e.stmt, status, error).await;
+                self.after_statement(i, &e.stmt, status, error);
             }
             let sets: Vec<Setting> = mine.iter().flat_map(|e| e.sets.iter().cloned()).collect();
             let text = match mine.as_slice() {

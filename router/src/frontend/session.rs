@@ -155,6 +155,10 @@ pub struct Session<S> {
     pub group_effects: Vec<super::extended::Effect>,
     /// Session mode: cursors declared WITH HOLD, which outlive their transaction, and where they are.
     pub held_cursors: std::collections::HashMap<String, Dest>,
+    /// A client statement starts with COPY (its Execute may start a COPY before any Sync).
+    pub copy_statements: bool,
+    /// Where every statement of the session goes, when that is known (see `Planner::fixed`).
+    fixed: Option<Dest>,
 }
 
 /// A stable hash of a statement's text and parameter types, for server-side statement names.
@@ -206,6 +210,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             group_failed: false,
             group_effects: Vec::new(),
             held_cursors: Default::default(),
+            copy_statements: false,
+            fixed: None,
         }
     }
 
@@ -213,6 +219,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// (any live shard will do; the tenant's own under the tenant strategy); then ParameterStatus,
     /// BackendKeyData and ReadyForQuery. `Err` is what the client is told before its connection closes.
     pub async fn start(&mut self, cancel_key: (i32, i32)) -> Result<(), Reported> {
+        self.refix();
         let map = self.routing.map.clone();
         let candidates: Vec<Dest> = match self.fixed() {
             Some(f) => vec![f],
@@ -318,6 +325,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Whether the last Bind of `batch` is of a COPY ... FROM STDIN.
     fn binds_copy_in(&self, batch: &[Msg]) -> bool {
+        // (Cheap first: no client statement is a COPY, and no Parse here starts with COPY.)
+        let copy_parse = |m: &Msg| {
+            m.tag == b'P'
+                && proto::read_parse_bytes(m.body()).is_some_and(|p| {
+                    let q = p.query.trim_ascii_start();
+                    q.len() >= 4 && q[..4].eq_ignore_ascii_case(b"copy")
+                })
+        };
+        if !self.copy_statements && !batch.iter().any(copy_parse) {
+            return false;
+        }
         let Some(bind) = batch.iter().rev().find(|m| m.tag == b'B').and_then(|m| proto::read_bind(m.body())) else {
             return false;
         };
@@ -379,12 +397,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Where every statement of the session goes, when that is known (see `Planner::fixed`).
     pub fn fixed(&self) -> Option<Dest> {
-        self.routing.planner.fixed(&self.route).map(|(shard, db)| Dest { shard, db })
+        self.fixed.clone()
+    }
+
+    /// Computes [`Session::fixed`] again (after `SET gb.tenant`, `DISCARD ALL`).
+    pub fn refix(&mut self) {
+        self.fixed = self.routing.planner.fixed(&self.route).map(|(shard, db)| Dest { shard, db });
     }
 
     /// Session mode, outside a transaction: FETCH, MOVE and CLOSE of a cursor declared WITH HOLD go where
     /// it is.
     pub fn cursor_home(&self, to: super::txn::To, stmt: &Stmt) -> super::txn::To {
+        if self.held_cursors.is_empty() {
+            return to;
+        }
         match (&to, &stmt.cursor, stmt.declare) {
             (super::txn::To::Any, Some(name), None) => {
                 self.held_cursors.get(name).map_or(to, |d| super::txn::To::Once(d.clone()))
@@ -484,6 +510,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Gives back the connections the session no longer needs: those outside the transaction whose
     /// exchange is over (session mode keeps the idle ones for the client).
     pub fn release(&mut self) {
+        if self.links.is_empty() {
+            return;
+        }
         let txn_dest = match &self.txn.state {
             State::One(d) => Some(d.clone()),
             _ => None,
@@ -649,9 +678,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// ReadyForQuery, and settings the statement changed follow the client (inside a transaction the
     /// connection's settings are unknown until it ends: then they are read back).
     pub async fn answered(&mut self, i: usize, status: u8, error: bool, stmt_settings: &[Setting], text: Option<&str>) {
-        let dest = self.links.get(i).dest.clone();
-        let in_txn = self.txn.ready(&dest, status, error);
-        self.settings_after(i, in_txn || status != proto::READY_IDLE, error, stmt_settings, text).await;
+        let in_txn = self.txn.ready(&self.links.get(i).dest, status, error);
+        if !stmt_settings.is_empty() || !self.txn_settings.is_empty() {
+            let in_txn = in_txn || status != proto::READY_IDLE;
+            Box::pin(self.settings_after(i, in_txn, error, stmt_settings, text)).await;
+        }
     }
 
     /// See [`Session::answered`]; `in_txn`: the connection is in the client's transaction now.
@@ -710,5 +741,8 @@ pub fn sync_message() -> Msg {
 
 /// The settings a statement's analysis changes, in order.
 pub fn settings_of(analysis: &Analysis) -> Vec<Setting> {
+    if let [one] = analysis.statements.as_slice() {
+        return one.setting.iter().cloned().collect();
+    }
     analysis.statements.iter().filter_map(|s| s.setting.clone()).collect()
 }

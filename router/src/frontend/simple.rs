@@ -84,12 +84,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let copy = analysis.statements[0].copy.clone().expect("COPY FROM STDIN has its details");
                 Box::pin(self.copy_in(to, &copy, d.as_ref(), super::copy::Request::Simple(msg.frame.clone()))).await
             }
+            // The common cases inline (a boxed future per statement costs an allocation); the rest boxed.
+            Plan::Run(To::Bound) => {
+                let i = self.txn_link()?;
+                self.txn.sent(stmt.verb.as_ref());
+                self.send_on(i, &|_, conn| conn.io.push(&msg.frame)).await?;
+                self.relay_simple(i, &settings_of(analysis), text, &stmt).await
+            }
+            Plan::Run(To::Once(dest)) if !self.needs_care(&dest, stmt.read) => {
+                let i = self.link(&dest).await?;
+                self.send_on(i, &|_, conn| conn.io.push(&msg.frame)).await?;
+                self.relay_simple(i, &settings_of(analysis), text, &stmt).await
+            }
             Plan::Run(to) => {
                 let sets = settings_of(analysis);
                 Box::pin(self.run_simple(to, msg.frame.clone(), d.as_ref(), &stmt, &sets, text)).await?;
                 Ok(())
             }
         }
+    }
+
+    /// Whether a statement outside a transaction for `dest` needs more than a connection: a standby may take
+    /// it (`shard-read-replicas`), or its shard follows a primary that may fail over (see `send_outside`).
+    pub fn needs_care(&self, dest: &Dest, read: bool) -> bool {
+        if self.links.find(dest).is_some() {
+            return false;
+        }
+        let b = &self.backend.backends;
+        b.topology.follows(dest.shard)
+            || (read && self.txn.state == State::Idle && !self.routing.session_mode && b.config.load().read_replicas)
     }
 
     /// CommandComplete with `tag`, then ReadyForQuery.
@@ -106,6 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let change = analysis.statements[0].session.clone().expect("a gb setting");
                 let map = self.routing.map.clone();
                 self.route.apply(&change, &map)?;
+                self.refix();
                 let set = matches!(
                     change,
                     shardmap::sql::SessionChange::ShardKey(Some(_)) | shardmap::sql::SessionChange::Tenant(Some(_))
@@ -132,6 +156,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.settings.apply(Change::DiscardAll);
                 self.route.shard_key = None;
                 self.route.tenant = None;
+                self.refix();
                 if self.routing.session_mode {
                     // The client's own connections: their temporary tables, cursors and LISTENs go too.
                     for l in self.links.iter_mut() {
@@ -163,11 +188,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             conn.io.push(&frame);
             Ok(())
         };
+        let push = |_: &Statements, conn: &mut ServerConn| conn.io.push(&frame);
         let i = match to {
             To::Bound => {
                 let i = self.txn_link()?;
                 self.txn.sent(stmt.verb.as_ref());
-                self.send_on(i, &write).await?;
+                self.send_on(i, &push).await?;
                 i
             }
             To::Once(dest) => self.send_outside(&dest, stmt.read, &write, true).await?.0,
@@ -177,7 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             To::Any => {
                 let i = self.link_any().await?;
-                self.send_on(i, &write).await?;
+                self.send_on(i, &push).await?;
                 i
             }
             To::Fan(shards) => return self.fan_simple(shards, frame, d, stmt.read).await,
@@ -185,7 +211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.open_simple(&dest).await?;
                 let i = self.txn_link()?;
                 self.txn.sent(stmt.verb.as_ref());
-                self.send_on(i, &write).await?;
+                self.send_on(i, &push).await?;
                 i
             }
             To::OpenAny => {
@@ -193,7 +219,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.open_simple(&dest).await?;
                 let i = self.txn_link()?;
                 self.txn.sent(stmt.verb.as_ref());
-                self.send_on(i, &write).await?;
+                self.send_on(i, &push).await?;
                 i
             }
             To::OpenAll => {
@@ -206,7 +232,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             To::AllOne(shard) => {
                 let i = self.all_link(shard)?;
-                self.send_on(i, &write).await?;
+                self.send_on(i, &push).await?;
                 i
             }
             To::RollbackInstead => {
@@ -231,7 +257,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if !self.links.get(i).replica {
                     self.backend.answered(shard, started, error);
                 }
-                self.after_statement(i, stmt, status, error).await;
+                self.after_statement(i, stmt, status, error);
                 // (A SET's own text follows the client only when it came alone.)
                 self.answered(i, status, error, sets, stmt.single.then_some(text)).await;
                 self.release();
@@ -271,8 +297,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// A statement's own effects once it ran: PREPARE TRANSACTION and COMMIT/ROLLBACK PREPARED keep the
     /// router's record of where prepared transactions are; LISTEN starts relaying notifications.
-    pub async fn after_statement(&mut self, i: usize, stmt: &Stmt, _status: u8, error: bool) {
-        if error {
+    pub fn after_statement(&mut self, i: usize, stmt: &Stmt, _status: u8, error: bool) {
+        if error || (stmt.verb.is_none() && stmt.tag.is_empty()) {
             return;
         }
         let dest = self.links.get(i).dest.clone();
@@ -327,14 +353,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub async fn send_on(
         &mut self,
         i: usize,
-        write: &(dyn Fn(&Statements, &mut ServerConn) -> Result<(), Reported> + Sync),
+        write: &(dyn Fn(&Statements, &mut ServerConn) + Sync),
     ) -> Result<(), Reported> {
         let conn = self.links.get(i).conn.conn();
-        let start = conn.io.wbuf.len();
-        if let Err(e) = write(&self.statements, conn) {
-            conn.io.wbuf.truncate(start);
-            return Err(e);
-        }
+        write(&self.statements, conn);
         if let Err(e) = conn.flush().await {
             let e: Reported = e.into();
             self.lost(i, &e);
@@ -350,6 +372,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// will answer what `write` writes (else nothing can be looked at before the caller reads). Returns the
     /// link the request was sent on, and what `write` returned.
     pub async fn send_outside<T>(
+        &mut self,
+        dest: &Dest,
+        read: bool,
+        write: &(dyn Fn(&Statements, &mut ServerConn) -> Result<T, Reported> + Sync),
+        answers: bool,
+    ) -> Result<(usize, T), Reported> {
+        if self.needs_care(dest, read) {
+            return Box::pin(self.send_outside_with_care(dest, read, write, answers)).await;
+        }
+        let i = self.link(dest).await?;
+        let conn = self.links.get(i).conn.conn();
+        let start = conn.io.wbuf.len();
+        let t = match write(&self.statements, conn) {
+            Ok(t) => t,
+            Err(e) => {
+                conn.io.wbuf.truncate(start);
+                return Err(e);
+            }
+        };
+        if let Err(e) = conn.flush().await {
+            let e: Reported = e.into();
+            self.lost(i, &e);
+            return Err(e);
+        }
+        Ok((i, t))
+    }
+
+    /// [`Session::send_outside`] with read replicas or the failover retry.
+    async fn send_outside_with_care<T>(
         &mut self,
         dest: &Dest,
         read: bool,

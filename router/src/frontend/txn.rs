@@ -392,6 +392,9 @@ impl Txn {
     /// A connection to `dest` answered ReadyForQuery with `status` (`error`: an ErrorResponse came before it).
     /// Returns whether the connection belongs to the transaction now.
     pub fn ready(&mut self, dest: &Dest, status: u8, error: bool) -> bool {
+        if self.state == State::Idle && status == READY_IDLE {
+            return false;
+        }
         match &self.state {
             State::Idle if status != READY_IDLE => {
                 // A transaction began there (BEGIN inside a query string, or sent as is: `fixed`).
