@@ -397,6 +397,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Where every statement of the session goes, when that is known (see `Planner::fixed`).
     pub fn fixed(&self) -> Option<Dest> {
+        if self.routing.map.strategy == shardmap::Strategy::Tenant {
+            // (A tenant's database can move to another node: asked each time.)
+            return self.routing.planner.fixed(&self.route).map(|(shard, db)| Dest { shard, db });
+        }
         self.fixed.clone()
     }
 
