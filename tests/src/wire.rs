@@ -279,6 +279,17 @@ fn data_row(body: &[u8]) -> Vec<Option<String>> {
     out
 }
 
+/// The SQLSTATEs of the ErrorResponses among replies, in order.
+pub fn error_codes(replies: &[Reply]) -> Vec<String> {
+    replies
+        .iter()
+        .filter_map(|r| match r {
+            Reply::Error { code, .. } => Some(code.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The CommandComplete tags and error codes of replies, in order (`!code` for an error), for comparisons.
 pub fn outline(replies: &[Reply]) -> Vec<String> {
     replies

@@ -9,7 +9,7 @@
 //! answered an error and left the session stuck instead of answering ROLLBACK; an error in a pipeline hung
 //! the client.
 
-use integration::wire::{outline, Path, RawClient, Reply, PATHS};
+use integration::wire::{error_codes, outline, Path, RawClient, Reply, PATHS};
 use integration::Cluster;
 
 /// One statement of a scenario; `ctl`: transaction control, sent on the cell's control path.
@@ -48,16 +48,6 @@ fn run(c: &mut RawClient, stmts: &[S], body_path: Path, ctl_path: Path) -> anyho
     Ok((replies, o))
 }
 
-fn errors(replies: &[Reply]) -> Vec<String> {
-    replies
-        .iter()
-        .filter_map(|r| match r {
-            Reply::Error { code, .. } => Some(code.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 async fn count(c: &Cluster, shard: usize, sql: &str) -> anyhow::Result<i64> {
     let db = c.shards[shard].client("postgres").await?;
     Ok(db.query_one(sql, &[]).await?.get(0))
@@ -72,7 +62,7 @@ async fn every_protocol_path_takes_the_same_decision_and_transition() -> anyhow:
         "CREATE TABLE bots (id int PRIMARY KEY, name text)",
     ] {
         let r = setup.query(sql)?;
-        assert!(errors(&r).is_empty(), "{sql}: {r:?}");
+        assert!(error_codes(&r).is_empty(), "{sql}: {r:?}");
     }
     let mut cell = 0i64;
     for body_path in PATHS {
@@ -143,7 +133,7 @@ async fn every_protocol_path_takes_the_same_decision_and_transition() -> anyhow:
                 body_path,
                 ctl_path,
             )?;
-            let errs = errors(&r);
+            let errs = error_codes(&r);
             assert_eq!(errs.first().map(String::as_str), Some("0A000"), "{label}: {o:?}");
             if body_path != Path::Pipelined {
                 assert_eq!(errs.get(1).map(String::as_str), Some("25P02"), "{label}: {o:?}");
@@ -160,7 +150,7 @@ async fn every_protocol_path_takes_the_same_decision_and_transition() -> anyhow:
             }
             let r = cl.send(body_path, "SELECT 1")?;
             let r = if body_path == Path::Pipelined { cl.sync()? } else { r };
-            assert!(errors(&r).is_empty(), "{label}: usable after: {r:?}");
+            assert!(error_codes(&r).is_empty(), "{label}: usable after: {r:?}");
 
             // SET gb.shard_key: a statement without a key goes to the session key's shard, in every path.
             let seed = count(&c, 1, &format!("SELECT count(*) FROM users WHERE user_id = {}", k + 5)).await?;
@@ -180,11 +170,11 @@ async fn every_protocol_path_takes_the_same_decision_and_transition() -> anyhow:
                 body_path,
                 ctl_path,
             )?;
-            assert!(errors(&r).is_empty(), "{label}: {o:?}");
+            assert!(error_codes(&r).is_empty(), "{label}: {o:?}");
             let n = count(&c, 1, &format!("SELECT count(*) FROM users WHERE name = 'gb{cell}'")).await?;
             assert_eq!(n, 1, "{label}: SET gb.shard_key took effect: {o:?}");
             let r = cl.query("UPDATE users SET name = 'z' WHERE name = 'nobody'")?;
-            assert_eq!(errors(&r), vec!["42000".to_string()], "{label}: RESET gb.shard_key took effect");
+            assert_eq!(error_codes(&r), vec!["42000".to_string()], "{label}: RESET gb.shard_key took effect");
 
             // A cursor in a transaction stays on the transaction's connection.
             let (r, o) = run(
@@ -200,7 +190,7 @@ async fn every_protocol_path_takes_the_same_decision_and_transition() -> anyhow:
                 body_path,
                 ctl_path,
             )?;
-            assert!(errors(&r).is_empty(), "{label}: {o:?}");
+            assert!(error_codes(&r).is_empty(), "{label}: {o:?}");
             assert!(o.contains(&"row b".to_string()), "{label}: the cursor's row: {o:?}");
 
             // An error in a pipeline (or alone): the client gets it, nothing hangs, the session goes on.
@@ -210,7 +200,7 @@ async fn every_protocol_path_takes_the_same_decision_and_transition() -> anyhow:
                 body_path,
                 ctl_path,
             )?;
-            assert_eq!(errors(&r), vec!["42P01".to_string()], "{label}: {o:?}");
+            assert_eq!(error_codes(&r), vec!["42P01".to_string()], "{label}: {o:?}");
             assert_eq!(o.last().map(String::as_str), Some("ZI"), "{label}: {o:?}");
             let r = cl.query("SELECT 2")?;
             assert!(outline(&r).contains(&"row 2".to_string()), "{label}: {r:?}");
@@ -225,11 +215,11 @@ async fn every_protocol_path_takes_the_same_decision_and_transition() -> anyhow:
 async fn copy_in_transactions_on_every_path() -> anyhow::Result<()> {
     let c = Cluster::hash(2, "")?;
     let mut setup = RawClient::connect(c.port, "postgres", "postgres", &[])?;
-    assert!(errors(&setup.query("CREATE TABLE events (user_id bigint, n int)")?).is_empty());
+    assert!(error_codes(&setup.query("CREATE TABLE events (user_id bigint, n int)")?).is_empty());
     for (cell, path) in [Path::Simple, Path::Unnamed, Path::Named].into_iter().enumerate() {
         let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
         let base = cell as i64 * 10;
-        assert!(errors(&cl.send(path, "BEGIN")?).is_empty());
+        assert!(error_codes(&cl.send(path, "BEGIN")?).is_empty());
         // The statement, then its CopyInResponse; the data; then the answer (and, extended, the Sync's).
         let mut replies = Vec::new();
         match path {

@@ -4,18 +4,8 @@
 //! Also: `pgbench -i` through the router, COPY TO merged in both protocols, cursors WITH HOLD, client-driven
 //! two-phase commit, INSERT ... ON CONFLICT and INSERT ... SELECT by the inserted key.
 
-use integration::wire::{outline, RawClient, Reply};
+use integration::wire::{error_codes, outline, RawClient};
 use integration::Cluster;
-
-fn codes(replies: &[Reply]) -> Vec<String> {
-    replies
-        .iter()
-        .filter_map(|r| match r {
-            Reply::Error { code, .. } => Some(code.clone()),
-            _ => None,
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unparsed_statements_reach_postgresql_where_the_destination_is_known() -> anyhow::Result<()> {
@@ -25,23 +15,23 @@ async fn unparsed_statements_reach_postgresql_where_the_destination_is_known() -
         "CREATE TABLE users (user_id bigint PRIMARY KEY, name text)",
         "CREATE TABLE bots (id int PRIMARY KEY, name text)",
     ] {
-        assert!(codes(&cl.query(sql)?).is_empty(), "{sql}");
+        assert!(error_codes(&cl.query(sql)?).is_empty(), "{sql}");
     }
     // Outside a transaction: a syntax error naming no sharded table reaches a server, which answers 42601.
     let r = cl.query("SELEC 1")?;
-    assert_eq!(codes(&r), vec!["42601"], "{r:?}");
+    assert_eq!(error_codes(&r), vec!["42601"], "{r:?}");
     let r = cl.query("SELECT * FROM bots WHERE id = ANY('{1}') AND name SIMILAR TO 'x' ESCAPE")?;
-    assert_eq!(codes(&r), vec!["42601"], "PostgreSQL's own error: {r:?}");
+    assert_eq!(error_codes(&r), vec!["42601"], "PostgreSQL's own error: {r:?}");
     // Naming a sharded table: refused, with the reason.
     let r = cl.query("SELECT * FROM users WHERE user_id = 1 AND name SIMILAR TO 'x' ESCAPE")?;
-    assert_eq!(codes(&r), vec!["0A000"], "{r:?}");
+    assert_eq!(error_codes(&r), vec!["0A000"], "{r:?}");
     // Inside a transaction bound to a shard: the server answers, whatever sqlparser thinks of it.
     cl.query("BEGIN")?;
     cl.query("INSERT INTO users (user_id, name) VALUES (1, 'one')")?;
     let r = cl.query("SELECT name FROM users WHERE user_id = 1 AND name SIMILAR TO 'o%' ESCAPE '!'")?;
-    assert!(codes(&r).is_empty() && outline(&r).contains(&"row one".to_string()), "{r:?}");
+    assert!(error_codes(&r).is_empty() && outline(&r).contains(&"row one".to_string()), "{r:?}");
     let r = cl.query("SELEC 1")?;
-    assert_eq!(codes(&r), vec!["42601"], "{r:?}");
+    assert_eq!(error_codes(&r), vec!["42601"], "{r:?}");
     let r = cl.query("ROLLBACK")?;
     assert_eq!(outline(&r), vec!["ROLLBACK", "ZI"]);
 
@@ -50,15 +40,15 @@ async fn unparsed_statements_reach_postgresql_where_the_destination_is_known() -
     let mut cl = RawClient::connect(one.port, "postgres", "postgres", &[])?;
     cl.query("CREATE TABLE users (user_id bigint PRIMARY KEY, name text)")?;
     let r = cl.query("INSERT INTO users VALUES (1, 'no column list'), (2, 'keys') ON CONFLICT DO NOTHING")?;
-    assert!(codes(&r).is_empty(), "{r:?}");
+    assert!(error_codes(&r).is_empty(), "{r:?}");
     let r = cl.query("UPDATE users SET user_id = user_id + 10")?;
-    assert!(codes(&r).is_empty(), "the key changes: fine on one node: {r:?}");
+    assert!(error_codes(&r).is_empty(), "the key changes: fine on one node: {r:?}");
     let r = cl.query("SELEC 1")?;
-    assert_eq!(codes(&r), vec!["42601"], "{r:?}");
+    assert_eq!(error_codes(&r), vec!["42601"], "{r:?}");
     // BEGIN is not held: SAVEPOINT, SET LOCAL and DECLARE run at once.
     for sql in ["BEGIN", "SAVEPOINT a", "SET LOCAL work_mem = '8MB'", "DECLARE c CURSOR FOR SELECT 1", "FETCH c"] {
         let r = cl.query(sql)?;
-        assert!(codes(&r).is_empty(), "{sql}: {r:?}");
+        assert!(error_codes(&r).is_empty(), "{sql}: {r:?}");
     }
     let r = cl.query("SHOW work_mem")?;
     assert!(outline(&r).contains(&"row 8MB".to_string()), "{r:?}");
@@ -85,15 +75,15 @@ async fn tenant_sessions_are_relayed_as_they_are() -> anyhow::Result<()> {
         "COMMIT",
     ] {
         let r = cl.query(sql)?;
-        assert!(codes(&r).is_empty(), "{sql}: {r:?}");
+        assert!(error_codes(&r).is_empty(), "{sql}: {r:?}");
     }
     let r = cl.query("SELECT body FROM notes")?;
     assert_eq!(outline(&r), vec!["row b", "SELECT 1", "ZI"]);
     let r = cl.query("SELEC 1")?;
-    assert_eq!(codes(&r), vec!["42601"], "{r:?}");
+    assert_eq!(error_codes(&r), vec!["42601"], "{r:?}");
     // COPY passes through (binary too: nothing to split).
     let r = cl.query("COPY notes (body) TO STDOUT (FORMAT BINARY)")?;
-    assert!(codes(&r).is_empty(), "{r:?}");
+    assert!(error_codes(&r).is_empty(), "{r:?}");
     Ok(())
 }
 
@@ -160,7 +150,7 @@ async fn copy_to_cursors_two_phase_commit_and_inserts() -> anyhow::Result<()> {
     let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
     cl.query("BEGIN")?;
     let r = cl.query("DECLARE h CURSOR WITH HOLD FOR SELECT name FROM users WHERE user_id = 1")?;
-    assert_eq!(codes(&r), vec!["0A000"], "{r:?}");
+    assert_eq!(error_codes(&r), vec!["0A000"], "{r:?}");
     cl.query("ROLLBACK")?;
     // ...and works under session pooling, where FETCH after the commit finds it.
     let s = Cluster::hash(2, "pool-mode,session\n")?;
@@ -168,17 +158,17 @@ async fn copy_to_cursors_two_phase_commit_and_inserts() -> anyhow::Result<()> {
     cl.query("CREATE TABLE users (user_id bigint PRIMARY KEY, name text)")?;
     cl.query("INSERT INTO users (user_id, name) VALUES (3, 'three')")?;
     for sql in ["BEGIN", "DECLARE h CURSOR WITH HOLD FOR SELECT name FROM users WHERE user_id = 3", "COMMIT"] {
-        assert!(codes(&cl.query(sql)?).is_empty(), "{sql}");
+        assert!(error_codes(&cl.query(sql)?).is_empty(), "{sql}");
     }
     let r = cl.query("FETCH 1 FROM h")?;
     assert_eq!(outline(&r), vec!["row three", "FETCH 1", "ZI"], "{r:?}");
-    assert!(codes(&cl.query("CLOSE h")?).is_empty());
+    assert!(error_codes(&cl.query("CLOSE h")?).is_empty());
 
     // Client-driven two-phase commit on one shard, committed from another session.
     let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
     for sql in ["BEGIN", "UPDATE users SET name = 'prepared' WHERE user_id = 3", "PREPARE TRANSACTION 'router-gid'"] {
         let r = cl.query(sql)?;
-        assert!(codes(&r).is_empty(), "{sql}: {r:?}");
+        assert!(error_codes(&r).is_empty(), "{sql}: {r:?}");
     }
     let mut other = RawClient::connect(c.port, "postgres", "postgres", &[])?;
     let r = other.query("COMMIT PREPARED 'router-gid'")?;
@@ -186,7 +176,7 @@ async fn copy_to_cursors_two_phase_commit_and_inserts() -> anyhow::Result<()> {
     let name: String = db.query_one("SELECT name FROM users WHERE user_id = 3", &[]).await?.get(0);
     assert_eq!(name, "prepared");
     let r = other.query("COMMIT PREPARED 'router-gid'")?;
-    assert_eq!(codes(&r), vec!["42704"], "no such prepared transaction any more: {r:?}");
+    assert_eq!(error_codes(&r), vec!["42704"], "no such prepared transaction any more: {r:?}");
 
     // INSERT ... ON CONFLICT DO UPDATE that sets the key would move the row: refused, as UPDATE of the key.
     let e = db

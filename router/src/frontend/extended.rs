@@ -347,15 +347,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.routing.planner.decide_analyzed(&analysis, &BindParams { bind: &b, types }, &self.route)
             })
             .await?;
-        let fixed = self.fixed();
-        let map = self.routing.map.clone();
-        let plan =
-            self.txn.plan(&stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
+        let plan = self.plan(&stmt, &route);
         let d = route.ok();
-        let plan = match plan {
-            Plan::Run(to) => Plan::Run(self.cursor_home(to, &stmt)),
-            other => other,
-        };
         match plan {
             Plan::Answer { tag, warning } => {
                 self.drain(pending).await?;
@@ -469,15 +462,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(Seg::Next);
             }
             To::Fan(shards) => {
-                let shards = if shards.is_empty() { self.routing.map.all().collect() } else { shards };
-                let db = d.and_then(|d| d.database.clone());
-                let dests: Vec<Dest> = shards.into_iter().map(|shard| Dest { shard, db: db.clone() }).collect();
-                for dest in &dests {
-                    self.link(dest).await?;
-                }
-                let links: Vec<usize> = dests.iter().filter_map(|d| self.links.find(d)).collect();
+                let links = self.links_to(shards, d).await?;
                 self.fan_out(&links, seg, read && !d.is_some_and(|d| d.target == Target::All && !read), pending)?;
-                effect.dest = dests[0].clone();
+                effect.dest = self.links.get(links[0]).dest.clone();
                 self.group_effects.push(effect);
                 return Ok(Seg::Next);
             }

@@ -20,6 +20,17 @@ use crate::net::proto::{self, READY_IDLE};
 use crate::net::Reported;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Connections to `shards` (none: every shard), in the decision's database, in shard order.
+    pub async fn links_to(&mut self, shards: Vec<ShardId>, d: Option<&Decision>) -> Result<Vec<usize>, Reported> {
+        let shards = if shards.is_empty() { self.routing.map.all().collect() } else { shards };
+        let db = d.and_then(|d| d.database.clone());
+        let dests: Vec<Dest> = shards.into_iter().map(|shard| Dest { shard, db: db.clone() }).collect();
+        for dest in &dests {
+            self.link(dest).await?;
+        }
+        Ok(dests.iter().filter_map(|d| self.links.find(d)).collect())
+    }
+
     /// A simple Query for several shards outside a transaction (or outside the held one).
     pub async fn fan_simple(
         &mut self,
@@ -28,13 +39,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         d: Option<&Decision>,
         read: bool,
     ) -> Result<(), Failure> {
-        let shards = if shards.is_empty() { self.routing.map.all().collect() } else { shards };
-        let db = d.and_then(|d| d.database.clone());
-        let dests: Vec<Dest> = shards.into_iter().map(|shard| Dest { shard, db: db.clone() }).collect();
-        for dest in &dests {
-            self.link(dest).await?;
-        }
-        let links: Vec<usize> = dests.iter().filter_map(|d| self.links.find(d)).collect();
+        let links = self.links_to(shards, d).await?;
         // (Metrics count statements answered by one shard: not these.)
         let answers = self.merge_on(&links, read, frame).await?;
         for (&i, (status, error)) in links.iter().zip(&answers) {

@@ -409,6 +409,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.fixed = self.routing.planner.fixed(&self.route).map(|(shard, db)| Dest { shard, db });
     }
 
+    /// What to do with a statement and its route: the transaction state machine's plan (with the session's
+    /// fixed destination and node names for messages), cursors WITH HOLD followed.
+    pub fn plan(&mut self, stmt: &Stmt, route: &Result<Decision, Reported>) -> super::txn::Plan {
+        let fixed = self.fixed();
+        let map = &self.routing.map;
+        let plan =
+            self.txn.plan(stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
+        match plan {
+            super::txn::Plan::Run(to) => super::txn::Plan::Run(self.cursor_home(to, stmt)),
+            other => other,
+        }
+    }
+
     /// Session mode, outside a transaction: FETCH, MOVE and CLOSE of a cursor declared WITH HOLD go where
     /// it is.
     pub fn cursor_home(&self, to: super::txn::To, stmt: &Stmt) -> super::txn::To {

@@ -58,15 +58,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let stmt = self.stmt(analysis, text);
         let (route, _pass) =
             self.decide(|| self.routing.planner.decide_shaped(analysis, literals, &self.route)).await?;
-        let fixed = self.fixed();
-        let map = self.routing.map.clone();
-        let plan =
-            self.txn.plan(&stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
+        let plan = self.plan(&stmt, &route);
         let d = route.ok();
-        let plan = match plan {
-            Plan::Run(to) => Plan::Run(self.cursor_home(to, &stmt)),
-            other => other,
-        };
         match plan {
             Plan::Answer { tag, warning } => {
                 let tag = self.local(&stmt, analysis, text).await?.unwrap_or(tag);
@@ -381,6 +374,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.needs_care(dest, read) {
             return Box::pin(self.send_outside_with_care(dest, read, write, answers)).await;
         }
+        self.send_on_dest(dest, write).await
+    }
+
+    /// Writes a request (with `write`) on the session's connection to `dest`, or a new one, and sends it.
+    async fn send_on_dest<T>(
+        &mut self,
+        dest: &Dest,
+        write: &(dyn Fn(&Statements, &mut ServerConn) -> Result<T, Reported> + Sync),
+    ) -> Result<(usize, T), Reported> {
         let i = self.link(dest).await?;
         let conn = self.links.get(i).conn.conn();
         let start = conn.io.wbuf.len();
@@ -450,22 +452,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
-        let i = self.link(dest).await?;
-        let conn = self.links.get(i).conn.conn();
-        let start = conn.io.wbuf.len();
-        let t = match write(&self.statements, conn) {
-            Ok(t) => t,
-            Err(e) => {
-                conn.io.wbuf.truncate(start);
-                return Err(e);
-            }
-        };
-        if let Err(e) = conn.flush().await {
-            let e: Reported = e.into();
-            self.lost(i, &e);
-            return Err(e);
-        }
-        Ok((i, t))
+        self.send_on_dest(dest, write).await
     }
 
     /// Link `i` failed (its server went away, or the exchange broke off): it is closed; a transaction on it

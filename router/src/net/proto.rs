@@ -47,22 +47,17 @@ pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
 
 /// An ErrorResponse (or, with `severity` "FATAL", the last words before closing).
 pub fn error(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
-    put(buf, b'E', |b| {
-        b.put_u8(b'S');
-        cstr(b, severity);
-        b.put_u8(b'V');
-        cstr(b, severity);
-        b.put_u8(b'C');
-        cstr(b, code);
-        b.put_u8(b'M');
-        cstr(b, message);
-        b.put_u8(0);
-    });
+    report(buf, b'E', severity, code, message);
 }
 
 /// A NoticeResponse (a WARNING the router gives in a server's place, as the server would).
 pub fn notice(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
-    put(buf, b'N', |b| {
+    report(buf, b'N', severity, code, message);
+}
+
+/// An ErrorResponse or NoticeResponse (`tag`) with its severity, SQLSTATE and message.
+fn report(buf: &mut BytesMut, tag: u8, severity: &str, code: &str, message: &str) {
+    put(buf, tag, |b| {
         b.put_u8(b'S');
         cstr(b, severity);
         b.put_u8(b'V');
