@@ -165,27 +165,8 @@ pub fn command_rows(tag: &str) -> Option<(&str, u64)> {
     Some((verb, n))
 }
 
-/// A Parse message body: statement name, query text, parameter type OIDs.
-pub struct Parse<'a> {
-    pub name: &'a str,
-    pub query: &'a str,
-    pub types: Vec<u32>,
-}
-
-pub fn read_parse(body: &[u8]) -> Option<Parse<'_>> {
-    let (name, rest) = read_cstr(body)?;
-    let (query, rest) = read_cstr(rest)?;
-    let (n, mut rest) = read_i16(rest)?;
-    let mut types = Vec::with_capacity(n.max(0) as usize);
-    for _ in 0..n {
-        let (t, r) = read_i32(rest)?;
-        types.push(t as u32);
-        rest = r;
-    }
-    Some(Parse { name, query, types })
-}
-
-/// A Parse message body whose query text is left as bytes (it is in the client's encoding).
+/// A Parse message body: statement name, query text (as bytes: it is in the client's encoding), parameter
+/// type OIDs.
 pub struct ParseBytes<'a> {
     pub name: &'a str,
     pub query: &'a [u8],
