@@ -205,7 +205,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(());
     }
     if let Err(e) = session.run().await {
-        proto::error(&mut session.io.wbuf, "FATAL", "08P01", &e.to_string());
+        let code = match &e {
+            crate::net::Fatal::ServerGone(r) => r.code.clone(),
+            _ => "08P01".to_string(),
+        };
+        proto::error(&mut session.io.wbuf, "FATAL", &code, &e.to_string());
         session.io.flush().await.ok();
     }
     Ok(())

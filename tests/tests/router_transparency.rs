@@ -146,23 +146,28 @@ async fn copy_to_cursors_two_phase_commit_and_inserts() -> anyhow::Result<()> {
     assert_eq!(lines.len(), 6, "{text}");
     assert_eq!(lines[0], "0\tu0");
 
-    // A cursor WITH HOLD outlives its transaction: refused under transaction pooling.
-    let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
-    cl.query("BEGIN")?;
-    let r = cl.query("DECLARE h CURSOR WITH HOLD FOR SELECT name FROM users WHERE user_id = 1")?;
-    assert_eq!(error_codes(&r), vec!["0A000"], "{r:?}");
-    cl.query("ROLLBACK")?;
-    // ...and works under session pooling, where FETCH after the commit finds it.
+    // A cursor WITH HOLD outlives its transaction: under transaction pooling its connection stays the
+    // client's until CLOSE (FETCH after the commit finds it); under session pooling too.
     let s = Cluster::hash(2, "pool-mode,session\n")?;
-    let mut cl = RawClient::connect(s.port, "postgres", "postgres", &[])?;
-    cl.query("CREATE TABLE users (user_id bigint PRIMARY KEY, name text)")?;
-    cl.query("INSERT INTO users (user_id, name) VALUES (3, 'three')")?;
-    for sql in ["BEGIN", "DECLARE h CURSOR WITH HOLD FOR SELECT name FROM users WHERE user_id = 3", "COMMIT"] {
-        assert!(error_codes(&cl.query(sql)?).is_empty(), "{sql}");
+    for port in [c.port, s.port] {
+        let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
+        if port == s.port {
+            cl.query("CREATE TABLE users (user_id bigint PRIMARY KEY, name text)")?;
+            cl.query("INSERT INTO users (user_id, name) VALUES (3, 'three')")?;
+        }
+        for sql in ["BEGIN", "DECLARE h CURSOR WITH HOLD FOR SELECT name FROM users WHERE user_id = 3", "COMMIT"] {
+            assert!(error_codes(&cl.query(sql)?).is_empty(), "{sql}");
+        }
+        // Other clients come and go meanwhile.
+        let other = c.client().await?;
+        other.query_one("SELECT 1", &[]).await?;
+        let r = cl.query("FETCH 1 FROM h")?;
+        let row = if port == s.port { "row three" } else { "row u3" };
+        assert_eq!(outline(&r), vec![row, "FETCH 1", "ZI"], "{r:?}");
+        assert!(error_codes(&cl.query("CLOSE h")?).is_empty());
+        let r = cl.query("FETCH 1 FROM h")?;
+        assert_eq!(error_codes(&r), vec!["34000"], "closed: {r:?}");
     }
-    let r = cl.query("FETCH 1 FROM h")?;
-    assert_eq!(outline(&r), vec!["row three", "FETCH 1", "ZI"], "{r:?}");
-    assert!(error_codes(&cl.query("CLOSE h")?).is_empty());
 
     // Client-driven two-phase commit on one shard, committed from another session.
     let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
@@ -200,5 +205,63 @@ async fn copy_to_cursors_two_phase_commit_and_inserts() -> anyhow::Result<()> {
         .await
         .unwrap_err();
     assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("0A000"), "{e}");
+    Ok(())
+}
+
+/// Server-side prepared statements: a statement parsed again after a schema change (DROP/CREATE TYPE) is
+/// parsed anew on the server, in both pooling modes; under session pooling what the client closes or
+/// deallocates is gone from the server too (`pg_prepared_statements` shows what the client prepared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_follow_schema_changes_and_deallocation() -> anyhow::Result<()> {
+    for mode in ["transaction", "session"] {
+        let c = Cluster::hash(1, &format!("pool-mode,{mode}\npool-size,1\n"))?;
+        let db = c.client().await?;
+        db.batch_execute("CREATE TYPE pe AS ENUM ('a', 'b'); CREATE TABLE pt (v pe[])").await?;
+        let insert = "INSERT INTO pt (v) VALUES ($1::text::pe[])";
+        let st = db.prepare(insert).await?;
+        db.execute(&st, &[&"{a}"]).await?;
+        drop(st);
+        db.batch_execute(
+            "DROP TABLE pt; DROP TYPE pe; CREATE TYPE pe AS ENUM ('a', 'b', 'c'); CREATE TABLE pt (v pe[])",
+        )
+        .await?;
+        let st = db.prepare(insert).await?;
+        db.execute(&st, &[&"{c}"]).await.map_err(|e| anyhow::anyhow!("{mode} pooling: {e}"))?;
+        if mode == "session" {
+            // tokio-postgres closed the first statement (Close) when it was dropped.
+            let n: i64 = db
+                .query_one("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'INSERT INTO pt%'", &[])
+                .await?
+                .get(0);
+            assert_eq!(n, 1, "the closed statement is gone from the server");
+            db.batch_execute("DEALLOCATE ALL").await?;
+            let n: i64 = db.query_one("SELECT count(*) FROM pg_prepared_statements", &[]).await?.get(0);
+            // (The count itself is a prepared statement now.)
+            assert!(n <= 1, "DEALLOCATE ALL reached the server: {n}");
+        }
+    }
+    Ok(())
+}
+
+/// What a server would refuse at connection, the router refuses at connection; under session pooling a
+/// terminated backend ends the client's connection, as it would on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_are_the_servers() -> anyhow::Result<()> {
+    let c = Cluster::hash(1, "pool-mode,session\n")?;
+    let conn = format!("host=127.0.0.1 port={} user=postgres dbname=nosuchdb", c.port);
+    let e = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.err().expect("refused");
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("3D000"), "{e}");
+    let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    // The backend's FATAL reaches the client, then the end of its connection (no ReadyForQuery).
+    let mut replies = Vec::new();
+    let ended = match cl.query("SELECT pg_terminate_backend(pg_backend_pid())") {
+        Ok(r) => {
+            replies = r;
+            false
+        }
+        Err(_) => true,
+    };
+    assert!(ended, "the client's connection ended with its backend: {replies:?}");
+    assert!(cl.query("SELECT 1").is_err());
     Ok(())
 }

@@ -12,6 +12,9 @@ use super::pool::{Pool, PoolKey, Pooled};
 use super::Backends;
 use crate::net::Reported;
 
+/// Server-side prepared statements a pooled connection keeps before they are all deallocated.
+pub const MAX_PREPARED: usize = 2000;
+
 /// The SQLSTATE of a failed connection attempt: nothing was sent, so another shard may be tried.
 pub const CONNECT_FAILED: &str = "08001";
 
@@ -172,6 +175,11 @@ impl Checkout {
     /// session settings replayed when the connection carries others.
     pub async fn take_up(&self, p: &mut Pooled, carry: &(dyn Carry + Sync)) -> Result<(), BackendError> {
         p.register_cancel(&self.cancel);
+        if p.conn().prepared.len() > MAX_PREPARED {
+            // Statements of old schema epochs and of clients long gone: start again.
+            Box::pin(p.conn().run_quiet("DEALLOCATE ALL")).await?;
+            p.conn().prepared.clear();
+        }
         if p.conn().settings == carry.hash() {
             return Ok(());
         }

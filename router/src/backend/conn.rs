@@ -341,7 +341,15 @@ impl ServerConn {
 
 impl From<BackendError> for crate::net::Reported {
     fn from(e: BackendError) -> Self {
-        crate::net::Reported { code: e.sqlstate().to_string(), message: e.to_string() }
+        match e {
+            // The server's own words, as a client of that server would read them (the router's log has
+            // which server it was).
+            BackendError::Server { addr, code, message } => {
+                tracing::debug!(server = %addr, code = %code, "{message}");
+                crate::net::Reported { code, message }
+            }
+            e => crate::net::Reported { code: e.sqlstate().to_string(), message: e.to_string() },
+        }
     }
 }
 

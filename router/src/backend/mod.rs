@@ -44,6 +44,10 @@ pub struct Backends {
     pub stats: stats::Stats,
     /// Serializes this router's tenant database creations (`shard-auto-create`).
     pub creating: tokio::sync::Mutex<()>,
+    /// Raised by every schema change (DDL) through this router: server-side names of statements prepared
+    /// after it differ from those prepared before, so that a statement parsed again after `DROP TYPE`/`CREATE
+    /// TYPE` (or `ALTER TABLE`) is parsed anew on the server instead of reusing a plan of the old schema.
+    pub schema_epoch: AtomicU64,
     /// Where the transactions prepared through this router (PREPARE TRANSACTION 'gid') are, until COMMIT
     /// PREPARED or ROLLBACK PREPARED.
     pub prepared: std::sync::Mutex<std::collections::HashMap<String, Dest>>,
@@ -70,6 +74,7 @@ impl Backends {
             topology,
             creating: Default::default(),
             prepared: Default::default(),
+            schema_epoch: AtomicU64::new(0),
             next: AtomicUsize::new(0),
             down_until: (0..n).map(|_| Default::default()).collect(),
             epoch: Instant::now(),

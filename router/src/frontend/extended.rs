@@ -221,8 +221,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.copy_statements = true;
         }
         let analysis = self.routing.planner.analyze(&query);
-        let server_name =
-            if p.name.is_empty() { String::new() } else { format!("sr_{:016x}", statement_hash(&query, &p.types)) };
+        let epoch = self.backend.backends.schema_epoch.load(std::sync::atomic::Ordering::Relaxed);
+        let server_name = if p.name.is_empty() {
+            String::new()
+        } else {
+            format!("sr_{:016x}", statement_hash(&query, &p.types) ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        };
         self.statements.insert(
             p.name.to_string(),
             ClientStmt {
@@ -252,6 +256,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if let Some((n, _)) = proto::read_cstr(&m.body()[1..]) {
                         if !n.is_empty() {
                             closed.push(n.to_string());
+                            if self.routing.session_mode {
+                                // Session mode: the client's own connections lose it too (see `tidy`).
+                                if let Some(st) = self.statements.get(n) {
+                                    self.to_close.push(st.server_name.clone());
+                                }
+                            }
                         }
                     }
                 }

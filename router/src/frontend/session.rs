@@ -159,6 +159,9 @@ pub struct Session<S> {
     pub copy_statements: bool,
     /// Where every statement of the session goes, when that is known (see `Planner::fixed`).
     fixed: Option<Dest>,
+    /// Session mode: server-side statements the client closed (or `*` for DEALLOCATE ALL), to close on its
+    /// connections once they are between exchanges (see `tidy`).
+    pub to_close: Vec<String>,
 }
 
 /// A stable hash of a statement's text and parameter types, for server-side statement names.
@@ -212,6 +215,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             held_cursors: Default::default(),
             copy_statements: false,
             fixed: None,
+            to_close: Vec::new(),
         }
     }
 
@@ -221,6 +225,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub async fn start(&mut self, cancel_key: (i32, i32)) -> Result<(), Reported> {
         self.refix();
         let map = self.routing.map.clone();
+        // Where every node serves one database, that is the database: another name does not exist, as a
+        // server would say (rather than serving the client from a database it did not ask for).
+        let names: Vec<Option<&str>> =
+            map.nodes.iter().map(|n| n.addr.as_ref().and_then(|a| a.dbname.as_deref())).collect();
+        // (Under the tenant strategy a tenant's database is also one: it is looked for at the checkout below.)
+        let tenant_db =
+            map.strategy == shardmap::Strategy::Tenant && map.tenant_of_database(&self.backend.database).is_some();
+        if let (Some(Some(only)), false) = (names.first(), tenant_db) {
+            if names.iter().all(|n| n == &Some(*only)) && self.backend.database != *only {
+                return Err(Reported::new(
+                    "3D000",
+                    format!(
+                        "database \"{}\" does not exist (this router serves database \"{only}\")",
+                        self.backend.database
+                    ),
+                ));
+            }
+        }
         let candidates: Vec<Dest> = match self.fixed() {
             Some(f) => vec![f],
             None if map.strategy == shardmap::Strategy::Tenant => {
@@ -281,6 +303,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn serve(&mut self) -> Result<(), Fatal> {
         let mut batch: Vec<Msg> = Vec::new();
         loop {
+            if !self.to_close.is_empty() && batch.is_empty() {
+                Box::pin(self.tidy()).await;
+            }
             let Some(msg) = self.next().await? else { return Ok(()) };
             tracing::trace!(tag = %(msg.tag as char), len = msg.frame.len(), "client message");
             match msg.tag {
@@ -319,6 +344,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // CopyData, CopyDone, CopyFail outside COPY: PostgreSQL ignores them too.
                 b'd' | b'c' | b'f' => {}
                 other => return Err(Fatal::Protocol(format!("unexpected message type {:?}", other as char))),
+            }
+        }
+    }
+
+    /// Session mode: closes on the client's connections the server-side statements it closed (`DEALLOCATE
+    /// ALL`: all of them), so that what the server holds is what the client prepared. Between exchanges only.
+    async fn tidy(&mut self) {
+        let names = std::mem::take(&mut self.to_close);
+        for l in self.links.iter_mut().filter(|l| !l.pending) {
+            let conn = l.conn.conn();
+            if names.iter().any(|n| n == "*") {
+                if conn.run_quiet("DEALLOCATE ALL").await.is_ok() {
+                    conn.prepared.clear();
+                }
+                continue;
+            }
+            for n in &names {
+                if conn.prepared.remove(n) {
+                    let _ = conn.run_quiet(&format!("DEALLOCATE {}", shardmap::sql::quote_ident(n))).await;
+                }
             }
         }
     }
@@ -440,6 +485,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub fn stmt(&self, analysis: &Analysis, text: &str) -> Stmt {
         let single = analysis.statements.len() == 1;
         let first = analysis.statements.first();
+        if analysis.statements.iter().any(|s| s.kind == Kind::Ddl) {
+            self.backend.backends.schema_epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut s = Stmt {
             verb: if single { first.and_then(|s| s.txn.clone()) } else { None },
             read: analysis.statements.iter().all(|s| s.kind == Kind::Read),
@@ -454,15 +502,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 s.cursor = cursor_name(text);
                 s.tag = shardmap::sql::first_word(text).to_ascii_uppercase();
             }
-            if st.declare.is_some_and(|d| d.hold) && !self.routing.session_mode {
-                s.pooling = Some(
-                    "DECLARE ... WITH HOLD keeps the cursor on a pooled server connection after its transaction; use pool-mode,session".into(),
-                );
-            }
+
             if st.session.is_some() {
                 s.local = Local::Gb;
             } else if st.kind == Kind::Session {
                 match self.settings.classify_in(text, self.routing.session_mode) {
+                    // Session mode: DEALLOCATE of a statement PREPAREd in SQL is the server's.
+                    Change::Deallocate(Some(n)) if self.routing.session_mode && !self.statements.contains_key(&n) => {}
                     Change::Deallocate(_) => s.local = Local::Deallocate,
                     Change::DiscardAll => s.local = Local::DiscardAll,
                     Change::Refused(why) => s.pooling = Some(why),
@@ -536,10 +582,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let all = matches!(self.txn.state, State::All);
         let session_mode = self.routing.session_mode;
+        let cursors = &self.held_cursors;
         self.links.release_unless(|l| {
             l.pending
                 || (!l.replica && (all || txn_dest.as_ref() == Some(&l.dest)))
                 || (session_mode && !l.replica && l.status() == proto::READY_IDLE)
+                || (!cursors.is_empty() && !l.replica && cursors.values().any(|d| *d == l.dest))
         });
     }
 

@@ -133,18 +133,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let Change::Deallocate(name) = self.settings.classify_in(text, self.routing.session_mode) else {
                     return Ok(Some("DEALLOCATE".into()));
                 };
+                let session = self.routing.session_mode;
                 Ok(Some(match name {
                     None => {
                         self.statements.clear();
+                        if session {
+                            self.to_close.push("*".into());
+                        }
                         "DEALLOCATE ALL".into()
                     }
                     Some(n) => {
-                        self.statements.remove(&n);
+                        if let (Some(st), true) = (self.statements.remove(&n), session) {
+                            self.to_close.push(st.server_name);
+                        }
                         "DEALLOCATE".into()
                     }
                 }))
             }
             Local::DiscardAll => {
+                if !self.held_cursors.is_empty() {
+                    // Cursors WITH HOLD go too, and their connections are the client's no more.
+                    let dests: Vec<Dest> = self.held_cursors.drain().map(|(_, d)| d).collect();
+                    for l in self.links.iter_mut().filter(|l| !l.pending && dests.contains(&l.dest)) {
+                        let _ = l.conn.conn().run_quiet("CLOSE ALL").await;
+                    }
+                }
                 self.statements.clear();
                 self.settings.apply(Change::DiscardAll);
                 self.route.shard_key = None;
@@ -259,11 +272,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(RelayError::Src(e)) => {
                 let e: Reported = crate::backend::conn::BackendError::Wire(e, String::new()).into();
                 let e = Reported::new(&e.code, e.message.trim_start_matches(": ").to_string());
-                self.lost(i, &e);
-                Err(e.into())
+                Err(self.broken(i, e))
             }
             Err(RelayError::Dst(e)) => Err(Failure::Fatal(e.into())),
         }
+    }
+
+    /// Link `i` broke mid-exchange: it is closed (`lost`), and the client hears of it — under session
+    /// pooling by the end of its own connection, since its session on that server is gone.
+    pub fn broken(&mut self, i: usize, e: Reported) -> Failure {
+        self.lost(i, &e);
+        if self.routing.session_mode {
+            return Failure::Fatal(Fatal::ServerGone(e));
+        }
+        Failure::Reported(e)
     }
 
     /// What the client is told in place of a server's ReadyForQuery status, given the transaction's state
@@ -292,6 +314,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// router's record of where prepared transactions are; LISTEN starts relaying notifications.
     pub fn after_statement(&mut self, i: usize, stmt: &Stmt, _status: u8, error: bool) {
         if error || (stmt.verb.is_none() && stmt.tag.is_empty()) {
+            if stmt.tag == "CLOSE" {
+                // (A CLOSE that failed: the cursor is gone all the same.)
+                self.forget_cursor(stmt);
+            }
             return;
         }
         let dest = self.links.get(i).dest.clone();
@@ -308,17 +334,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if stmt.tag == "LISTEN" && self.routing.session_mode {
             self.listening = true;
         }
-        if self.routing.session_mode {
-            match (&stmt.cursor, stmt.declare) {
-                (Some(name), Some(d)) if d.hold => {
-                    self.held_cursors.insert(name.clone(), dest.clone());
-                }
-                (Some(name), None) if stmt.tag == "CLOSE" => {
-                    self.held_cursors.remove(name);
-                }
-                (None, None) if stmt.tag == "CLOSE" => self.held_cursors.clear(),
-                _ => {}
+        match (&stmt.cursor, stmt.declare) {
+            // A cursor WITH HOLD outlives its transaction: its connection stays the client's until CLOSE.
+            (Some(name), Some(d)) if d.hold => {
+                self.held_cursors.insert(name.clone(), dest.clone());
             }
+            _ if stmt.tag == "CLOSE" => self.forget_cursor(stmt),
+            _ => {}
+        }
+    }
+
+    /// A CLOSE of a cursor WITH HOLD (or CLOSE ALL): its connection is no longer pinned for it.
+    fn forget_cursor(&mut self, stmt: &Stmt) {
+        match &stmt.cursor {
+            Some(name) => {
+                self.held_cursors.remove(name);
+            }
+            None => self.held_cursors.clear(),
         }
     }
 

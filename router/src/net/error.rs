@@ -36,6 +36,10 @@ pub enum Fatal {
     Wire(#[from] WireError),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// Session pooling: the client's own server connection ended (the server was shut down, or its backend
+    /// terminated): its session ends too, as it would on the server.
+    #[error("{}", .0.message)]
+    ServerGone(Reported),
 }
 
 impl From<std::io::Error> for Fatal {
