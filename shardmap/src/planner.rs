@@ -11,7 +11,7 @@ use crate::config::Strategy;
 use crate::decision::{Decision, RouteError, Target};
 use crate::map::{ShardId, ShardMap};
 use crate::shape::{Literal, LITERAL_BASE};
-use crate::sql::{self, Analysis, Hint, KeyExpr, Keys, Kind, SessionChange, StatementAnalysis, Tables};
+use crate::sql::{self, Analysis, Cross, Hint, KeyExpr, Keys, Kind, SessionChange, StatementAnalysis, Tables};
 use crate::value::{KeyType, KeyValue, ParamError};
 
 /// Entries kept in the parse cache.
@@ -322,7 +322,7 @@ impl Planner {
                     return Ok(d);
                 }
                 None if st.kind == Kind::Read => {
-                    return Ok(self.decision(a, Target::All, format!("{}: every shard", st.reason)))
+                    return self.spanning(a, st, self.decision(a, Target::All, format!("{}: every shard", st.reason)))
                 }
                 None => {
                     return Err(RouteError::MissingKey {
@@ -348,7 +348,26 @@ impl Planner {
                 return Err(RouteError::SpansShards { what, shards: names.join(", ") });
             }
         }
-        Ok(d)
+        self.spanning(a, st, d)
+    }
+
+    /// A read on several shards: refused when no combination of the shards' answers is the answer one
+    /// PostgreSQL would give (see [`Cross`]).
+    fn spanning(&self, a: &Arc<Analysis>, st: &StatementAnalysis, d: Decision) -> Result<Decision, RouteError> {
+        if st.kind != Kind::Read || !matches!(d.target, Target::All | Target::Set(_)) {
+            return Ok(d);
+        }
+        let key = &self.map.key;
+        match &st.cross {
+            Cross::Concat => Ok(d),
+            Cross::Refuse(why) => Err(RouteError::Refused(format!(
+                "{why} across shards is not supported: the shards' answers cannot be combined into one PostgreSQL's answer; add a {key} condition to read one shard"
+            ))),
+            Cross::Combine if a.statements.len() > 1 => Err(RouteError::Refused(
+                "a statement that combines rows of several shards (aggregates, GROUP BY, DISTINCT, ORDER BY, LIMIT) in a multi-statement query is not supported; send it alone".into(),
+            )),
+            Cross::Combine => Ok(d),
+        }
     }
 
     /// Reads key values out of literals and parameters.

@@ -23,6 +23,9 @@ use sqlparser::parser::Parser;
 
 use crate::value::{KeyType, KeyValue};
 
+mod cross;
+pub use cross::{is_aggregate, Cross, COMBINABLE};
+
 /// Deepest expression or query nesting the parser accepts; deeper input is refused with a clear error.
 pub const RECURSION_LIMIT: usize = 64;
 
@@ -169,6 +172,8 @@ pub struct StatementAnalysis {
     pub declare: Option<Declare>,
     /// SET/RESET: the session settings it changes.
     pub setting: Option<Setting>,
+    /// A read: how its shards' answers become the client's when it spans shards.
+    pub cross: Cross,
 }
 
 impl StatementAnalysis {
@@ -186,6 +191,7 @@ impl StatementAnalysis {
             txn: None,
             declare: None,
             setting: None,
+            cross: Cross::Concat,
         }
     }
 }
@@ -364,10 +370,12 @@ impl Ctx<'_> {
                 a.kind = Kind::Read;
                 let o = self.query(q, false, &mut Vec::new());
                 self.finish(&mut a, &o);
+                a.cross = self.cross(q);
             }
             Statement::Explain { statement, .. } => {
                 let inner = self.statement(statement);
-                a = StatementAnalysis { kind: Kind::Read, ..inner };
+                // (Across shards, each shard's plan: an explanation, not rows of data.)
+                a = StatementAnalysis { kind: Kind::Read, cross: Cross::Concat, ..inner };
             }
             Statement::Insert(ins) => self.insert(ins, &mut a),
             Statement::Update(u) => {
@@ -424,6 +432,10 @@ impl Ctx<'_> {
                     let o = self.query(d.for_query.as_ref().expect("checked"), false, &mut Vec::new());
                     self.finish(&mut a, &o);
                     a.declare = Some(Declare { hold: d.hold == Some(true) });
+                    a.cross = match self.cross(d.for_query.as_ref().expect("checked")) {
+                        Cross::Combine => Cross::Refuse("a cursor over rows combined from several shards".into()),
+                        c => c,
+                    };
                 }
                 _ => {
                     a.kind = Kind::Ddl;
@@ -726,6 +738,10 @@ impl Ctx<'_> {
                 a.kind = Kind::Read;
                 let o = self.query(q, false, &mut Vec::new());
                 self.finish(a, &o);
+                a.cross = match self.cross(q) {
+                    Cross::Combine => Cross::Refuse("COPY of rows combined from several shards".into()),
+                    c => c,
+                };
             }
             CopySource::Table { table_name: name, columns } => {
                 let table = table_name(name).unwrap_or_default();

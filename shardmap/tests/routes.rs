@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use shardmap::sql::Cross;
 use shardmap::{Config, KeyValue, Planner, RouteError, Session, ShardMap, Target, TextParams};
 
 const BIGINT: &str = "shard-strategy,hash\nshard-count,4\nshard-key,user_id\nshard-algorithm,modulo\nshard-global-tables,bots,tools,system_config\n";
@@ -94,7 +95,7 @@ shard 1 | {1,5} | SELECT * FROM users WHERE user_id = ANY($1)
 any | {} | SELECT * FROM users WHERE user_id = ANY($1)
 # no key: reads to every shard
 all | | SELECT * FROM users
-all | | SELECT count(*) FROM message_history
+combine | | SELECT count(*) FROM message_history
 all | | SELECT * FROM users WHERE email = 'a@b.c'
 all | | SELECT * FROM users WHERE user_id > 100
 all | | SELECT * FROM users WHERE user_id <> 5
@@ -102,11 +103,56 @@ all | | SELECT * FROM users WHERE NOT (user_id = 5)
 all | | SELECT * FROM users WHERE user_id = 5 OR email = 'x'
 all | | SELECT * FROM users WHERE user_id NOT IN (1, 2)
 all | | SELECT * FROM users WHERE user_id = other_id
-all | | SELECT * FROM users WHERE user_id = (SELECT max(user_id) FROM users)
+err refused | | SELECT * FROM users WHERE user_id = (SELECT max(user_id) FROM users)
 all | | SELECT * FROM message_history m JOIN users u ON u.user_id = m.user_id
 all | | TABLE users
 all | | WITH x AS (SELECT * FROM users) SELECT * FROM x
-all | | SELECT * FROM users ORDER BY created_at DESC LIMIT 10
+combine | | SELECT * FROM users ORDER BY created_at DESC LIMIT 10
+# across shards: concatenated, combined, or refused (never a different answer)
+all | | SELECT u.name, s.id FROM users u JOIN user_sessions s ON s.user_id = u.user_id WHERE s.active
+all | | SELECT * FROM users u JOIN user_sessions s USING (user_id)
+all | | SELECT * FROM users u, user_sessions s, message_history m WHERE s.user_id = u.user_id AND m.user_id = u.user_id
+all | | SELECT * FROM users u JOIN bots b ON b.id = u.bot_id
+all | | SELECT * FROM users u WHERE EXISTS (SELECT 1 FROM user_sessions s WHERE s.user_id = u.user_id)
+all | | SELECT * FROM users u WHERE u.user_id NOT IN (SELECT user_id FROM user_sessions)
+all | | SELECT u.*, (SELECT count(*) FROM message_history m WHERE m.user_id = u.user_id) AS n FROM users u
+all | | SELECT * FROM users WHERE bot_id IN (SELECT id FROM bots WHERE name = 'x')
+all | | SELECT * FROM users UNION ALL SELECT * FROM users
+all | | SELECT user_id, count(*) FROM message_history GROUP BY user_id
+all | | SELECT user_id, count(*) FROM message_history GROUP BY 1 HAVING count(*) > 2
+all | | SELECT * FROM users FOR UPDATE SKIP LOCKED
+all | | WITH m AS (SELECT * FROM message_history WHERE role = 'user') SELECT * FROM m JOIN users u ON u.user_id = m.user_id
+combine | | SELECT count(*), sum(tokens), avg(tokens), min(created_at), max(created_at) FROM message_history
+combine | | SELECT count(*) FILTER (WHERE role = 'user'), bool_and(ok), bool_or(ok), every(ok) FROM message_history
+combine | | SELECT role, count(*) FROM message_history GROUP BY role HAVING count(*) > 1 ORDER BY 2 DESC
+combine | | SELECT max(tokens) - min(tokens), sum(tokens)::float / count(*) FROM message_history
+combine | | SELECT DISTINCT role FROM message_history
+combine | | SELECT * FROM message_history ORDER BY created_at, id LIMIT 10 OFFSET 20
+combine | | SELECT * FROM users LIMIT 5
+combine | {1,2,3} | SELECT * FROM users WHERE user_id = ANY($1::int8[]) ORDER BY name
+combine | | SELECT count(*) FROM users WHERE user_id IN (1, 2, 3)
+combine | | SELECT user_id, count(*) FROM message_history GROUP BY user_id ORDER BY 2 DESC LIMIT 3
+combine | | SELECT count(*) FROM users u JOIN user_sessions s ON s.user_id = u.user_id
+combine | | SELECT b.name, count(*) FROM users u JOIN bots b ON b.id = u.bot_id GROUP BY b.name
+err refused | | SELECT count(DISTINCT role) FROM message_history
+err refused | | SELECT string_agg(content, ',') FROM message_history
+err refused | | SELECT array_agg(id ORDER BY id) FROM message_history
+err refused | | SELECT stddev(tokens) FROM message_history
+err refused | | SELECT id, row_number() OVER (ORDER BY created_at) FROM message_history
+err refused | | SELECT DISTINCT ON (user_id) * FROM message_history ORDER BY user_id, created_at DESC
+err refused | | SELECT * FROM users u JOIN user_sessions s ON s.id = u.session_id
+err refused | | SELECT * FROM users u, message_history m WHERE m.bot_id = u.bot_id
+err refused | | SELECT * FROM users WHERE created_at > (SELECT avg(created_at) FROM users)
+err refused | | SELECT * FROM users WHERE bot_id IN (SELECT bot_id FROM user_sessions)
+err refused | | SELECT * FROM (SELECT user_id, count(*) AS n FROM message_history GROUP BY user_id) t
+err refused | | SELECT role FROM message_history UNION SELECT role FROM user_sessions
+err refused | | SELECT user_id FROM users INTERSECT SELECT user_id FROM user_sessions
+err refused | | WITH c AS (SELECT count(*) FROM users) SELECT * FROM c
+err refused | | SELECT role, count(*) FROM message_history GROUP BY ROLLUP (role)
+err refused | | SELECT * FROM message_history ORDER BY id LIMIT 1 FOR UPDATE
+err refused | | SELECT * FROM users FETCH FIRST 3 ROWS ONLY
+err refused | | SELECT count(*) FROM users; SELECT 1
+err refused | | DECLARE c CURSOR FOR SELECT * FROM users ORDER BY name
 # global tables, no tables, catalogs: any shard
 any | | SELECT * FROM bots
 any | | SELECT * FROM bots WHERE id = 'b1'
@@ -350,7 +396,11 @@ fn run_table(p: &Planner, table: &str) -> usize {
                 let want = if shards.len() == 1 { Target::One(shards[0]) } else { Target::Set(shards) };
                 d.target == want
             }
-            ("all", Ok(d)) => d.target == Target::All,
+            ("all", Ok(d)) => d.target == Target::All && d.analysis.statements.iter().all(|s| s.cross == Cross::Concat),
+            ("combine", Ok(d)) => {
+                matches!(d.target, Target::All | Target::Set(_))
+                    && d.analysis.statements.iter().all(|s| s.cross == Cross::Combine)
+            }
             ("any", Ok(d)) => d.target == Target::Any,
             ("session", Ok(d)) => d.target == Target::Session,
             ("err", Err(e)) => err_kind(e) == arg,

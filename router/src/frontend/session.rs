@@ -461,8 +461,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let map = &self.routing.map;
         let plan =
             self.txn.plan(stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
+        use super::txn::{Plan, To};
         match plan {
-            super::txn::Plan::Run(to) => super::txn::Plan::Run(self.cursor_home(to, stmt)),
+            Plan::Run(To::Fan(_) | To::AllEvery | To::OpenAll) if stmt.combine => {
+                let reason = route.as_ref().map(|d| d.reason.to_string()).unwrap_or_default();
+                Plan::Refuse(Reported::unsupported(format!(
+                    "aggregates, GROUP BY, DISTINCT, ORDER BY and LIMIT across shards are not supported yet ({reason}); add a {} condition to read one shard",
+                    self.routing.map.key
+                )))
+            }
+            Plan::Run(to) => Plan::Run(self.cursor_home(to, stmt)),
             other => other,
         }
     }
@@ -495,6 +503,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),
             unparsed: analysis.parse_error.is_some(),
             single,
+            combine: single && first.is_some_and(|s| s.cross == shardmap::sql::Cross::Combine),
             ..Stmt::default()
         };
         if let (true, Some(st)) = (single, first) {

@@ -53,6 +53,8 @@ pub struct Stmt {
     pub unparsed: bool,
     /// One statement (not a string of several).
     pub single: bool,
+    /// A read whose rows the router combines when it spans shards (aggregates, ORDER BY, LIMIT...).
+    pub combine: bool,
     /// The command tag a queued statement is answered with (`SET`, `SAVEPOINT`...).
     pub tag: String,
     /// The cursor a DECLARE, FETCH, MOVE or CLOSE names.
