@@ -23,7 +23,9 @@ use sqlparser::parser::Parser;
 
 use crate::value::{KeyType, KeyValue};
 
+mod combine;
 mod cross;
+pub use combine::{plan as combine_plan, Column, CombinePlan, Source};
 pub use cross::{is_aggregate, Cross, COMBINABLE};
 
 /// Deepest expression or query nesting the parser accepts; deeper input is refused with a clear error.

@@ -17,7 +17,10 @@ pub enum Reply {
         code: String,
         message: String,
     },
+    /// A DataRow: text values as they are, other bytes (binary format) as `\\x` and hex.
     Row(Vec<Option<String>>),
+    /// A RowDescription: each column's name, type OID, type modifier and format code.
+    Columns(Vec<(String, u32, i32, i16)>),
     /// ReadyForQuery with its status.
     Ready(char),
     CopyIn,
@@ -115,6 +118,7 @@ impl RawClient {
             }
             b'N' => Reply::Notice(fields(&body).1),
             b'D' => Reply::Row(data_row(&body)),
+            b'T' => Reply::Columns(row_description(&body)),
             b'Z' => Reply::Ready(body.first().copied().unwrap_or(b'?') as char),
             b'G' => Reply::CopyIn,
             b'H' => Reply::CopyOut,
@@ -218,6 +222,42 @@ impl RawClient {
         self.until_ready()
     }
 
+    /// Parse/Bind/Describe/Execute/Sync of the unnamed statement with text parameters (`None`: NULL) and
+    /// results in binary format (`binary`) or text; the replies up to ReadyForQuery.
+    pub fn extended(&mut self, sql: &str, params: &[Option<&str>], binary: bool) -> Result<Vec<Reply>> {
+        let mut out = Vec::new();
+        let mut b = Vec::new();
+        cstr(&mut b, "");
+        cstr(&mut b, sql);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        put(&mut out, b'P', &b);
+        let mut b = Vec::new();
+        cstr(&mut b, "");
+        cstr(&mut b, "");
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            match p {
+                Some(v) => {
+                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    b.extend_from_slice(v.as_bytes());
+                }
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&i16::from(binary).to_be_bytes());
+        put(&mut out, b'B', &b);
+        put(&mut out, b'D', b"P\0");
+        let mut b = Vec::new();
+        cstr(&mut b, "");
+        b.extend_from_slice(&0i32.to_be_bytes());
+        put(&mut out, b'E', &b);
+        put(&mut out, b'S', &[]);
+        self.sock.write_all(&out)?;
+        self.until_ready()
+    }
+
     /// The Sync of a pipeline: the replies of everything sent since, up to ReadyForQuery.
     pub fn sync(&mut self) -> Result<Vec<Reply>> {
         let mut out = Vec::new();
@@ -272,9 +312,30 @@ fn data_row(body: &[u8]) -> Vec<Option<String>> {
         if len < 0 {
             out.push(None);
         } else {
-            out.push(Some(String::from_utf8_lossy(&rest[..len as usize]).into_owned()));
+            let v = &rest[..len as usize];
+            out.push(Some(match std::str::from_utf8(v) {
+                Ok(s) => s.to_string(),
+                Err(_) => format!("\\x{}", v.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            }));
             rest = &rest[len as usize..];
         }
+    }
+    out
+}
+
+fn row_description(body: &[u8]) -> Vec<(String, u32, i32, i16)> {
+    let n = i16::from_be_bytes([body[0], body[1]]);
+    let mut rest = &body[2..];
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+        let name = String::from_utf8_lossy(&rest[..end]).into_owned();
+        let f = &rest[end + 1..end + 19];
+        let ty = u32::from_be_bytes([f[6], f[7], f[8], f[9]]);
+        let typmod = i32::from_be_bytes([f[12], f[13], f[14], f[15]]);
+        let format = i16::from_be_bytes([f[16], f[17]]);
+        out.push((name, ty, typmod, format));
+        rest = &rest[end + 19..];
     }
     out
 }

@@ -544,7 +544,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 b'd' if failure.is_some() => {}
                 b'd' => match mode {
                     Mode::Through => bufs[0].put_slice(&m.frame),
-                    Mode::Everywhere => bufs.iter_mut().for_each(|b| b.put_slice(&m.frame)),
+                    Mode::Everywhere => bufs.iter_mut().for_each(|b| b.put_slice(m.body())),
                     Mode::Split { .. } => {
                         if let Err(e) = splitter.feed(m.body(), |r| route(r, &mut bufs)) {
                             failure = Some(e);

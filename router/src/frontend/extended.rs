@@ -471,6 +471,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 synthesize(&mut self.io.wbuf, seg, "ROLLBACK");
                 return Ok(Seg::Next);
             }
+            To::Combine { every, shards } => {
+                self.drain(pending).await?;
+                let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
+                let ok = self.combine_segment(&links, seg, &effect.text).await?;
+                effect.dest = self.links.get(links[0]).dest.clone();
+                self.group_effects.push(effect);
+                if !ok {
+                    self.txn.error_inside();
+                    self.fail_group_inner();
+                }
+                return Ok(Seg::Next);
+            }
             To::Fan(shards) => {
                 let links = self.links_to(shards, d).await?;
                 self.fan_out(&links, seg, read && !d.is_some_and(|d| d.target == Target::All && !read), pending)?;
@@ -539,6 +551,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             pending.entries.push(Entry { dest, exps, role, fan: Some(fan), closes_fan: n + 1 == links.len() });
         }
         Ok(())
+    }
+
+    /// A statement's segment whose rows are combined across `links` (see `combine`): the client's messages
+    /// answered in order, its parameters and formats used.
+    async fn combine_segment(&mut self, links: &[usize], seg: &[Msg], text: &str) -> Result<bool, Failure> {
+        let bind = seg.iter().find(|m| m.tag == b'B').expect("a statement's segment has a Bind");
+        let b = proto::read_bind(bind.body()).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
+        let types = self.statements.get(b.statement).map(|st| st.types.clone()).unwrap_or_default();
+        let results = b.result_formats().ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
+        let mut order = Vec::with_capacity(seg.len());
+        for m in seg {
+            match m.tag {
+                b'D' => order.push((b'D', m.body().first().copied().unwrap_or(b'P'))),
+                b'E' => {
+                    let limit = proto::read_cstr(m.body()).and_then(|(_, r)| proto::read_i32(r)).map_or(0, |(n, _)| n);
+                    if limit > 0 {
+                        return Err(Reported::unsupported(
+                            "fetching rows combined from several shards in portions (Execute with a row limit) is not supported; fetch them at once or add a shard key condition",
+                        )
+                        .into());
+                    }
+                    order.push((b'E', 0));
+                }
+                tag @ (b'P' | b'B' | b'C') => order.push((tag, 0)),
+                _ => {}
+            }
+        }
+        let c = super::combine::ClientPart {
+            params: b.values(),
+            param_formats: b.formats(),
+            param_types: &types,
+            result_formats: &results,
+            order: &order,
+        };
+        self.combine_on(links, text, &c).await
     }
 
     /// The held transaction's queue replayed on link `i` ahead of the statement that opens it: Parse, Bind

@@ -124,7 +124,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// A link of a merged exchange broke: the others are mid-answer, so all of them are closed (an
     /// all-shards transaction on them is lost).
-    fn merge_broken(&mut self, links: &[usize], e: Reported) -> Reported {
+    pub(super) fn merge_broken(&mut self, links: &[usize], e: Reported) -> Reported {
         let mut sorted = links.to_vec();
         sorted.sort_unstable();
         for i in sorted.into_iter().rev() {

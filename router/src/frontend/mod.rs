@@ -2,6 +2,7 @@
 //! simple and extended protocols, COPY and statements for several shards. [`Routing`] is the handle to the
 //! routing decision (config, map, planner, catalog); [`Registry`] knows the connected clients.
 
+pub mod combine;
 pub mod copy;
 pub mod extended;
 pub mod links;

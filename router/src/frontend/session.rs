@@ -463,13 +463,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.txn.plan(stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
         use super::txn::{Plan, To};
         match plan {
-            Plan::Run(To::Fan(_) | To::AllEvery | To::OpenAll) if stmt.combine => {
-                let reason = route.as_ref().map(|d| d.reason.to_string()).unwrap_or_default();
-                Plan::Refuse(Reported::unsupported(format!(
-                    "aggregates, GROUP BY, DISTINCT, ORDER BY and LIMIT across shards are not supported yet ({reason}); add a {} condition to read one shard",
-                    self.routing.map.key
-                )))
-            }
+            Plan::Run(To::Fan(shards)) if stmt.combine => Plan::Run(To::Combine { every: false, shards }),
+            Plan::Run(To::AllEvery) if stmt.combine => Plan::Run(To::Combine { every: true, shards: Vec::new() }),
             Plan::Run(to) => Plan::Run(self.cursor_home(to, stmt)),
             other => other,
         }

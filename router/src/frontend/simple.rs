@@ -213,6 +213,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 i
             }
             To::Fan(shards) => return self.fan_simple(shards, frame, d, stmt.read).await,
+            To::Combine { every, shards } => return self.combine_simple(every, shards, text, d).await,
             To::Open(dest) => {
                 self.open_simple(&dest).await?;
                 let i = self.txn_link()?;

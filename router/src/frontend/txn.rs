@@ -115,6 +115,9 @@ pub enum To {
     AllOne(Option<ShardId>),
     /// In an all-shards transaction: on every connection.
     AllEvery,
+    /// A read whose rows the router combines (aggregates, ORDER BY, LIMIT...): on these shards outside any
+    /// transaction (or outside the held one), or on every connection of the all-shards transaction (`every`).
+    Combine { every: bool, shards: Vec<ShardId> },
     /// COMMIT of a transaction the router failed: ROLLBACK on its connections, answered "ROLLBACK".
     RollbackInstead,
     /// COMMIT PREPARED / ROLLBACK PREPARED: where that transaction was prepared.

@@ -268,3 +268,136 @@ pub fn write_bind_renamed(buf: &mut BytesMut, bind: &Bind<'_>, statement: &str) 
         b.put_slice(bind.tail);
     });
 }
+
+impl Bind<'_> {
+    /// The parameter format codes as sent (none, one for all, or one each).
+    pub fn formats(&self) -> &[i16] {
+        &self.formats
+    }
+
+    pub fn values(&self) -> &[Option<&[u8]>] {
+        &self.values
+    }
+
+    /// The result-column format codes (after the values in the message).
+    pub fn result_formats(&self) -> Option<Vec<i16>> {
+        let (nf, mut rest) = read_i16(self.tail)?;
+        rest = rest.get(2 * nf.max(0) as usize..)?;
+        let (nv, mut rest) = read_i16(rest)?;
+        for _ in 0..nv {
+            let (len, r) = read_i32(rest)?;
+            rest = r.get(len.max(0) as usize..)?;
+        }
+        let (nr, mut rest) = read_i16(rest)?;
+        let mut out = Vec::with_capacity(nr.max(0) as usize);
+        for _ in 0..nr {
+            let (f, r) = read_i16(rest)?;
+            out.push(f);
+            rest = r;
+        }
+        Some(out)
+    }
+}
+
+/// A Bind message: portal, statement, parameter formats and values, result formats.
+pub fn write_bind(
+    buf: &mut BytesMut,
+    portal: &str,
+    statement: &str,
+    formats: &[i16],
+    values: &[Option<&[u8]>],
+    results: &[i16],
+) {
+    put(buf, b'B', |b| {
+        cstr(b, portal);
+        cstr(b, statement);
+        b.put_i16(formats.len() as i16);
+        for f in formats {
+            b.put_i16(*f);
+        }
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v);
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.put_i16(results.len() as i16);
+        for f in results {
+            b.put_i16(*f);
+        }
+    });
+}
+
+/// Describe of the unnamed portal (`b'P'`) or statement (`b'S'`), Execute of the unnamed portal with no row
+/// limit, Flush.
+pub fn describe_unnamed(buf: &mut BytesMut, kind: u8) {
+    put(buf, b'D', |b| {
+        b.put_u8(kind);
+        b.put_u8(0);
+    });
+}
+
+pub fn execute_unnamed(buf: &mut BytesMut) {
+    put(buf, b'E', |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    });
+}
+
+pub fn flush(buf: &mut BytesMut) {
+    put(buf, b'H', |_| {});
+}
+
+/// The values of a DataRow body, as bytes (NULL as `None`); `None` when malformed.
+pub fn data_row_values(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let (n, mut rest) = read_i16(body)?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let (len, r) = read_i32(rest)?;
+        if len < 0 {
+            out.push(None);
+            rest = r;
+        } else {
+            out.push(Some(r.get(..len as usize)?));
+            rest = &r[len as usize..];
+        }
+    }
+    Some(out)
+}
+
+/// One field of a RowDescription: its name, its type OID, and its bytes (name to format code).
+pub struct Field<'a> {
+    pub name: &'a str,
+    pub type_oid: u32,
+    pub raw: &'a [u8],
+}
+
+/// The fields of a RowDescription body; `None` when malformed.
+pub fn row_fields(body: &[u8]) -> Option<Vec<Field<'_>>> {
+    let (n, mut rest) = read_i16(body)?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let (name, r) = read_cstr(rest)?;
+        let fixed = r.get(..18)?;
+        let type_oid = u32::from_be_bytes(fixed[6..10].try_into().ok()?);
+        let len = rest.len() - r.len() + 18;
+        out.push(Field { name, type_oid, raw: &rest[..len] });
+        rest = &r[18..];
+    }
+    Some(out)
+}
+
+/// A RowDescription of these fields, each with the given format code.
+pub fn write_row_description(buf: &mut BytesMut, fields: &[(Vec<u8>, i16)]) {
+    put(buf, b'T', |b| {
+        b.put_i16(fields.len() as i16);
+        for (raw, format) in fields {
+            b.put_slice(&raw[..raw.len() - 2]);
+            b.put_i16(*format);
+        }
+    });
+}

@@ -1,0 +1,327 @@
+//! Reads whose rows are combined across shards (`shardmap::sql::combine`): each shard runs its part through
+//! the extended protocol (text results); the first connection then runs the final query with the shards'
+//! rows as its parameters, so that PostgreSQL itself finishes aggregates, merges groups, orders under its
+//! collation and limits; the client gets that answer, in the formats it asked for, described as one
+//! PostgreSQL would describe it (columns passed through keep the shards' description: table, column, type
+//! modifier). Nothing is sent to the client before every shard has answered, so an error anywhere is the
+//! client's only answer.
+//!
+//! The connections are left inside their exchange (no Sync): the simple protocol syncs them at once, the
+//! extended protocol at the client's Sync, as for any statement of its sync group.
+
+use bytes::Bytes;
+use shardmap::sql::{combine_plan, Column, Source};
+use shardmap::{Decision, ShardId};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::session::{Failure, Session};
+use crate::net::proto;
+use crate::net::Reported;
+
+/// The most values the final query can take as parameters (the protocol counts them in 16 bits).
+const MAX_VALUES: usize = 65_535;
+/// The most bytes of shards' rows held for one combined read.
+const MAX_BYTES: usize = 256 << 20;
+
+/// What the client sent with the statement, and what it expects back.
+pub struct ClientPart<'a> {
+    pub params: &'a [Option<&'a [u8]>],
+    /// Parameter format codes as sent (none, one for all, or one each).
+    pub param_formats: &'a [i16],
+    pub param_types: &'a [u32],
+    /// Result format codes as sent.
+    pub result_formats: &'a [i16],
+    /// The client's messages in order, each answered in turn: `P` ParseComplete, `B` BindComplete, `C`
+    /// CloseComplete, `D` a description (of the statement `S` or the portal `P`), `E` the rows and the
+    /// command tag.
+    pub order: &'a [(u8, u8)],
+}
+
+fn format_of(formats: &[i16], k: usize) -> i16 {
+    match formats {
+        [] => 0,
+        [one] => *one,
+        many => many.get(k).copied().unwrap_or(0),
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A simple Query whose rows are combined: on `shards` outside a transaction (or outside the held one),
+    /// or on every connection of the all-shards transaction (`every`); then each connection is synced and
+    /// one ReadyForQuery answers the client.
+    pub async fn combine_simple(
+        &mut self,
+        every: bool,
+        shards: Vec<ShardId>,
+        text: &str,
+        d: Option<&Decision>,
+    ) -> Result<(), Failure> {
+        let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
+        let order = [(b'D', b'P'), (b'E', 0)];
+        let c = ClientPart { params: &[], param_formats: &[], param_types: &[], result_formats: &[], order: &order };
+        self.combine_on(&links, text, &c).await?;
+        for &i in &links {
+            let conn = self.links.get(i).conn.conn();
+            proto::put(&mut conn.io.wbuf, b'S', |_| {});
+            if let Err(e) = conn.flush().await {
+                return Err(self.merge_broken(&links, e.into()).into());
+            }
+        }
+        let mut statuses = Vec::with_capacity(links.len());
+        for &i in &links {
+            let status = loop {
+                let m = match self.links.get(i).conn.conn().read().await {
+                    Ok(m) => m,
+                    Err(e) => return Err(self.merge_broken(&links, e.into()).into()),
+                };
+                match m.tag {
+                    b'Z' => break m.body().first().copied().unwrap_or(proto::READY_IDLE),
+                    // An error at Sync: the implicit transaction's commit failed.
+                    b'E' => {
+                        self.links.get(i).errored = true;
+                        self.io.push(&m.frame);
+                    }
+                    b'N' | b'S' | b'A' => self.io.push(&m.frame),
+                    _ => {}
+                }
+            };
+            let l = self.links.get(i);
+            let errored = std::mem::take(&mut l.errored);
+            l.pending = false;
+            l.conn.conn().parsing.clear();
+            statuses.push((l.dest.clone(), status, errored));
+        }
+        if every {
+            let s: Vec<u8> = statuses.iter().map(|(_, s, _)| *s).collect();
+            self.txn.ready_all(&s);
+        } else {
+            for (dest, status, errored) in &statuses {
+                self.txn.ready(dest, *status, *errored);
+            }
+        }
+        self.ready_for_query();
+        self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
+    }
+
+    /// Runs a combined read on `links` (see the module doc). `Ok(true)`: answered; `Ok(false)`: an error was
+    /// written for the client (the links are still to be synced). `Err` before anything was sent (the
+    /// statement is refused) or when a link broke (its exchange is lost: every link of it is closed).
+    pub async fn combine_on(&mut self, links: &[usize], text: &str, c: &ClientPart<'_>) -> Result<bool, Failure> {
+        let key = self.routing.map.key.clone();
+        let plan = combine_plan(text).map_err(|why| {
+            Reported::unsupported(format!(
+                "{why} across shards is not supported: the shards' answers cannot be combined into one PostgreSQL's answer; add a {key} condition to read one shard"
+            ))
+        })?;
+        let shard_sql = self.encoding.encode(&plan.shard_sql).into_owned();
+        let describe_stmt = c.order.iter().any(|&(t, k)| t == b'D' && k == b'S');
+        // The client's parameters the shards' statement uses, in its numbering.
+        let shard_types: Vec<u32> =
+            plan.shard_params.iter().map(|&k| c.param_types.get(k).copied().unwrap_or(0)).collect();
+        let shard_formats: Vec<i16> = plan.shard_params.iter().map(|&k| format_of(c.param_formats, k)).collect();
+        let shard_values: Vec<Option<&[u8]>> =
+            plan.shard_params.iter().map(|&k| c.params.get(k).copied().flatten()).collect();
+        for (n, &i) in links.iter().enumerate() {
+            let l = self.links.get(i);
+            l.pending = true;
+            let conn = l.conn.conn();
+            let buf = &mut conn.io.wbuf;
+            proto::write_parse_bytes(buf, "", &shard_sql, &shard_types);
+            if n == 0 && describe_stmt {
+                proto::describe_unnamed(buf, b'S');
+            }
+            proto::write_bind(buf, "", "", &shard_formats, &shard_values, &[]);
+            proto::describe_unnamed(buf, b'P');
+            proto::execute_unnamed(buf);
+            proto::flush(buf);
+            if let Err(e) = conn.flush().await {
+                return Err(self.merge_broken(links, e.into()).into());
+            }
+        }
+
+        // Every shard's rows (as their DataRow frames), its description, the first error.
+        let mut rows: Vec<Bytes> = Vec::new();
+        let mut desc: Option<Bytes> = None;
+        let mut param_desc: Option<Bytes> = None;
+        let mut error: Option<Bytes> = None;
+        let (mut bytes, mut too_big) = (0usize, false);
+        for (n, &i) in links.iter().enumerate() {
+            loop {
+                let m = match self.links.get(i).conn.conn().read().await {
+                    Ok(m) => m,
+                    Err(e) => return Err(self.merge_broken(links, e.into()).into()),
+                };
+                match m.tag {
+                    b't' if n == 0 => param_desc = Some(m.frame),
+                    b'T' if desc.is_none() || n == 0 => desc = Some(m.frame),
+                    b'D' => {
+                        bytes += m.frame.len();
+                        if bytes > MAX_BYTES {
+                            too_big = true;
+                        }
+                        if !too_big {
+                            rows.push(m.frame);
+                        }
+                    }
+                    b'C' => break,
+                    b'E' => {
+                        error.get_or_insert(m.frame);
+                        self.links.get(i).errored = true;
+                        break;
+                    }
+                    b'N' | b'S' | b'A' => self.io.push(&m.frame),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(e) = error {
+            self.io.push(&e);
+            return Ok(false);
+        }
+        let Some(desc) = desc else {
+            proto::error(&mut self.io.wbuf, "ERROR", "XX000", "the shards returned no row description");
+            return Ok(false);
+        };
+        let Some(fields) = proto::row_fields(&desc[5..]) else {
+            proto::error(&mut self.io.wbuf, "ERROR", "08P01", "malformed RowDescription from a shard");
+            return Ok(false);
+        };
+        let width = fields.len();
+        let values = rows.len().max(1) * width + plan.final_params.len();
+        if too_big || values > MAX_VALUES {
+            let message = format!(
+                "the rows to combine across shards are too many ({} rows of {width} columns, {} MB; at most {MAX_VALUES} values and {} MB): add a LIMIT, narrow the query, or add a {key} condition",
+                rows.len(),
+                bytes >> 20,
+                MAX_BYTES >> 20
+            );
+            proto::error(&mut self.io.wbuf, "ERROR", "54000", &message);
+            return Ok(false);
+        }
+        let columns: Vec<Column<'_>> = fields.iter().map(|f| Column { name: f.name, type_oid: f.type_oid }).collect();
+        let final_sql = match plan.final_sql(&columns, rows.len()) {
+            Ok(s) => s,
+            Err(why) => {
+                let message = format!(
+                    "{why} across shards is not supported: the shards' answers cannot be combined into one PostgreSQL's answer; add a {key} condition to read one shard"
+                );
+                proto::error(&mut self.io.wbuf, "ERROR", "0A000", &message);
+                return Ok(false);
+            }
+        };
+
+        // The final query's parameters: the client's it uses, then the shards' values row by row.
+        let mut types: Vec<u32> = Vec::with_capacity(values);
+        let mut formats: Vec<i16> = Vec::with_capacity(values);
+        let mut vals: Vec<Option<&[u8]>> = Vec::with_capacity(values);
+        for &k in &plan.final_params {
+            types.push(c.param_types.get(k).copied().unwrap_or(0));
+            formats.push(format_of(c.param_formats, k));
+            vals.push(c.params.get(k).copied().flatten());
+        }
+        for r in &rows {
+            let Some(row) = proto::data_row_values(&r[5..]).filter(|v| v.len() == width) else {
+                proto::error(&mut self.io.wbuf, "ERROR", "08P01", "malformed DataRow from a shard");
+                return Ok(false);
+            };
+            for (f, v) in fields.iter().zip(row) {
+                types.push(f.type_oid);
+                formats.push(0);
+                vals.push(v);
+            }
+        }
+        if rows.is_empty() {
+            for f in &fields {
+                types.push(f.type_oid);
+                formats.push(0);
+                vals.push(None);
+            }
+        }
+        let first = links[0];
+        {
+            let conn = self.links.get(first).conn.conn();
+            let buf = &mut conn.io.wbuf;
+            proto::write_parse_bytes(buf, "", &self.encoding.encode(&final_sql), &types);
+            proto::write_bind(buf, "", "", &formats, &vals, c.result_formats);
+            proto::describe_unnamed(buf, b'P');
+            proto::execute_unnamed(buf);
+            proto::flush(buf);
+        }
+        drop(vals);
+        if let Err(e) = self.links.get(first).conn.conn().flush().await {
+            return Err(self.merge_broken(links, e.into()).into());
+        }
+        let sources = plan.sources(width);
+        let mut described = false;
+        loop {
+            let m = match self.links.get(first).conn.conn().read().await {
+                Ok(m) => m,
+                Err(e) => return Err(self.merge_broken(links, e.into()).into()),
+            };
+            match m.tag {
+                b'T' if !described => {
+                    described = true;
+                    let Some(finals) = proto::row_fields(m.body()) else {
+                        proto::error(&mut self.io.wbuf, "ERROR", "08P01", "malformed RowDescription from a shard");
+                        return Ok(false);
+                    };
+                    // The client's description: the shards' for columns passed through, else the final's.
+                    let described_as = |formats: &[i16]| -> Vec<(Vec<u8>, i16)> {
+                        sources
+                            .iter()
+                            .enumerate()
+                            .map(|(k, (s, name))| {
+                                let field = match *s {
+                                    Source::Partial(j) => &fields[j],
+                                    Source::Final(j) => finals.get(j).unwrap_or(&fields[0]),
+                                };
+                                let raw = match name {
+                                    // (The description after the name: table, column, type, size, modifier, format.)
+                                    Some(n) => [n.as_bytes(), &field.raw[field.name.len()..]].concat(),
+                                    None => field.raw.to_vec(),
+                                };
+                                (raw, format_of(formats, k))
+                            })
+                            .collect()
+                    };
+                    for &(tag, kind) in c.order {
+                        match (tag, kind) {
+                            (b'P', _) => proto::parse_complete(&mut self.io.wbuf),
+                            (b'B', _) => proto::put(&mut self.io.wbuf, b'2', |_| {}),
+                            (b'C', _) => proto::close_complete(&mut self.io.wbuf),
+                            (b'D', b'S') => {
+                                if let Some(p) = &param_desc {
+                                    self.io.push(p);
+                                }
+                                let f = described_as(&[]);
+                                proto::write_row_description(&mut self.io.wbuf, &f);
+                            }
+                            (b'D', _) => {
+                                let f = described_as(c.result_formats);
+                                proto::write_row_description(&mut self.io.wbuf, &f);
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                b'D' => {
+                    self.io.push(&m.frame);
+                    if self.io.wbuf.len() > 1 << 16 {
+                        self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))?;
+                    }
+                }
+                b'C' => {
+                    self.io.push(&m.frame);
+                    return Ok(true);
+                }
+                b'E' => {
+                    self.links.get(first).errored = true;
+                    self.io.push(&m.frame);
+                    return Ok(false);
+                }
+                b'N' | b'S' | b'A' => self.io.push(&m.frame),
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! Differential test of reads across shards: the same schema and data on one plain PostgreSQL and on four
+//! hash shards behind the router; a corpus of statements (aggregates, GROUP BY, HAVING, DISTINCT, ORDER BY,
+//! LIMIT/OFFSET, joins, subqueries, NULLs, empty results, ties) each run as a simple Query, through
+//! Parse/Bind/Execute with text results and with binary results. Every answer must be the plain server's,
+//! row for row (as multisets where the statement does not order its rows totally), with the same column
+//! names, types and formats and the same command tag — or a refusal (0A000), which the test lists with its
+//! reason. Nothing else passes.
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use integration::wire::{RawClient, Reply};
+use integration::{Cluster, PgServer};
+
+const SCHEMA: &str = "
+CREATE TABLE users (user_id bigint PRIMARY KEY, name text, email text, age int, score numeric(10,2),
+  ratio float8, active bool, created_at timestamptz, bot_id int, nick varchar(20));
+CREATE TABLE messages (user_id bigint NOT NULL, id int NOT NULL, role text, tokens int, big bigint,
+  content text, created_at timestamptz, PRIMARY KEY (user_id, id));
+CREATE TABLE bots (id int PRIMARY KEY, name text);
+";
+
+const USERS: usize = 160;
+
+/// The rows, as COPY text.
+fn data() -> (String, String, String) {
+    let names = ["Ana", "bob", "ana", "Zoë", "Çelik", "zed", "Bob", "émile", "", "O'Neil"];
+    let roles = ["user", "assistant", "system"];
+    let mut users = String::new();
+    let mut messages = String::new();
+    for k in 1..=USERS {
+        let name = if k % 13 == 0 { "\\N".to_string() } else { names[k % names.len()].to_string() };
+        let age = if k % 11 == 0 { "\\N".to_string() } else { ((k * 7) % 50 + 18).to_string() };
+        let score = format!("{}.{:02}", (k * 37) % 1000, (k * 13) % 100);
+        let ratio = format!("{}", (k % 40) as f64 * 0.25);
+        let active = if k % 3 == 0 { "f" } else { "t" };
+        let created = format!("2026-01-{:02} {:02}:{:02}:00+00", 1 + k % 28, k % 24, (k * 7) % 60);
+        let bot = if k % 9 == 0 { "\\N".to_string() } else { (k % 5 + 1).to_string() };
+        users.push_str(&format!(
+            "{k}\t{name}\tu{k}@example.com\t{age}\t{score}\t{ratio}\t{active}\t{created}\t{bot}\tn{}\n",
+            k % 17
+        ));
+        for id in 1..=(k % 17) {
+            let tokens = if (k + id) % 10 == 0 { "\\N".to_string() } else { ((k * id * 13) % 500).to_string() };
+            let created = format!("2026-02-{:02} {:02}:00:00+00", 1 + (k + id) % 28, (k * id) % 24);
+            messages.push_str(&format!(
+                "{k}\t{id}\t{}\t{tokens}\t{}\tmessage {id} of {k}\t{created}\n",
+                roles[(k + id) % 3],
+                k as i64 * 1_000_000_000_000 + id as i64
+            ));
+        }
+    }
+    let bots = (1..=5).map(|b| format!("{b}\tbot{}\n", b % 3)).collect();
+    (users, messages, bots)
+}
+
+async fn load(db: &tokio_postgres::Client) -> anyhow::Result<()> {
+    db.batch_execute(SCHEMA).await?;
+    let (users, messages, bots) = data();
+    for (table, rows) in [("users", users), ("messages", messages), ("bots", bots)] {
+        let sink = db.copy_in(&format!("COPY {table} FROM STDIN")).await?;
+        futures_util::pin_mut!(sink);
+        sink.send(Bytes::from(rows)).await?;
+        sink.close().await?;
+    }
+    Ok(())
+}
+
+/// One statement of the corpus: its text (`$n` parameters), the parameters' text, and whether its ORDER BY
+/// orders the rows totally (else rows are compared as multisets).
+struct Case {
+    sql: String,
+    params: Vec<String>,
+    ordered: bool,
+}
+
+fn case(sql: impl Into<String>, params: &[String], ordered: bool) -> Case {
+    Case { sql: sql.into(), params: params.to_vec(), ordered }
+}
+
+fn corpus() -> Vec<Case> {
+    let mut out = Vec::new();
+    let p = |v: &[i64]| -> Vec<String> { v.iter().map(|x| x.to_string()).collect() };
+    for t in [0i64, 50, 120, 200, 250, 333, 499, 10_000] {
+        let tp = p(&[t]);
+        out.push(case("SELECT count(*) FROM messages WHERE tokens > $1", &tp, true));
+        out.push(case(
+            "SELECT count(tokens), sum(tokens), min(tokens), max(tokens), avg(tokens) FROM messages WHERE tokens < $1",
+            &tp,
+            true,
+        ));
+        out.push(case(
+            "SELECT count(*) FILTER (WHERE role = 'user'), count(*) FILTER (WHERE tokens > $1), count(*) FROM messages",
+            &tp,
+            true,
+        ));
+        out.push(case("SELECT role, count(*), sum(tokens), avg(tokens) FROM messages WHERE tokens > $1 GROUP BY role ORDER BY role", &tp, true));
+        out.push(case(
+            "SELECT role, count(*) FROM messages WHERE tokens > $1 GROUP BY 1 ORDER BY 2 DESC, 1",
+            &tp,
+            true,
+        ));
+        out.push(case("SELECT role, count(*) FROM messages WHERE tokens > $1 GROUP BY role", &tp, false));
+        out.push(case(
+            "SELECT count(*) FROM users u JOIN messages m ON m.user_id = u.user_id WHERE m.tokens > $1",
+            &tp,
+            true,
+        ));
+        out.push(case(
+            "SELECT u.user_id, m.id FROM users u JOIN messages m USING (user_id) WHERE m.tokens > $1",
+            &tp,
+            false,
+        ));
+        out.push(case("SELECT user_id FROM users u WHERE EXISTS (SELECT 1 FROM messages m WHERE m.user_id = u.user_id AND m.tokens > $1)", &tp, false));
+        out.push(case(
+            "SELECT role, count(*) FROM messages GROUP BY role HAVING avg(tokens) > $1 ORDER BY role",
+            &tp,
+            true,
+        ));
+        out.push(case(
+            "SELECT max(tokens) - min(tokens), sum(tokens)::float8 / count(*) FROM messages WHERE tokens > $1",
+            &tp,
+            true,
+        ));
+        out.push(case("SELECT user_id, id, tokens FROM messages WHERE tokens > $1 ORDER BY tokens DESC NULLS LAST, user_id, id LIMIT 7", &tp, true));
+        out.push(case("SELECT DISTINCT role FROM messages WHERE tokens > $1 ORDER BY role", &tp, true));
+        out.push(case(
+            "SELECT sum(tokens), avg(tokens), max(tokens) FROM messages WHERE tokens > $1 + 100000",
+            &tp,
+            true,
+        ));
+        out.push(case(
+            "SELECT user_id, sum(tokens) FROM messages WHERE tokens > $1 GROUP BY user_id HAVING sum(tokens) > 300",
+            &tp,
+            false,
+        ));
+    }
+    for a in [0i64, 20, 25, 30, 38, 45, 52, 60, 100] {
+        let ap = p(&[a]);
+        out.push(case("SELECT sum(score), avg(score), min(score), max(score) FROM users WHERE age > $1", &ap, true));
+        out.push(case("SELECT sum(ratio), avg(ratio), min(ratio), max(ratio) FROM users WHERE age > $1", &ap, true));
+        out.push(case("SELECT bool_and(active), bool_or(active), every(active) FROM users WHERE age < $1", &ap, true));
+        out.push(case("SELECT avg(age), count(age), count(*) FROM users WHERE age >= $1", &ap, true));
+        out.push(case("SELECT * FROM users WHERE age > $1", &ap, false));
+        out.push(case(
+            "SELECT name FROM users WHERE age > $1 ORDER BY age DESC NULLS LAST, user_id LIMIT 9",
+            &ap,
+            true,
+        ));
+        out.push(case(
+            "SELECT age % 3 AS bucket, count(*), avg(score) FROM users WHERE age > $1 GROUP BY 1 ORDER BY 1",
+            &ap,
+            true,
+        ));
+        out.push(case("SELECT active, min(name), max(email), min(created_at), max(nick) FROM users WHERE age > $1 GROUP BY active ORDER BY active", &ap, true));
+        out.push(case("SELECT DISTINCT bot_id, active FROM users WHERE age > $1", &ap, false));
+        out.push(case(
+            "SELECT count(*) AS n, max(age) - min(age) AS spread FROM users WHERE age > $1 HAVING count(*) > 0",
+            &ap,
+            true,
+        ));
+    }
+    for l in [1i64, 3, 10, 50, 500] {
+        for o in [0i64, 2, 17, 200] {
+            let lo = p(&[l, o]);
+            out.push(case("SELECT user_id, name FROM users ORDER BY user_id LIMIT $1 OFFSET $2", &lo, true));
+            out.push(case(
+                "SELECT user_id, name FROM users ORDER BY name NULLS FIRST, user_id DESC LIMIT $1 OFFSET $2",
+                &lo,
+                true,
+            ));
+            out.push(case("SELECT * FROM users ORDER BY created_at DESC, user_id LIMIT $1 OFFSET $2", &lo, true));
+            out.push(case("SELECT user_id, id FROM messages ORDER BY big DESC LIMIT $1 OFFSET $2", &lo, true));
+            out.push(case(
+                "SELECT age, count(*) FROM users GROUP BY age ORDER BY age NULLS FIRST LIMIT $1 OFFSET $2",
+                &lo,
+                true,
+            ));
+            out.push(case(
+                "SELECT user_id, count(*) FROM messages GROUP BY user_id ORDER BY 2 DESC, 1 LIMIT $1 OFFSET $2",
+                &lo,
+                true,
+            ));
+            out.push(case("SELECT DISTINCT age FROM users ORDER BY age LIMIT $1 OFFSET $2", &lo, true));
+            out.push(case(
+                "SELECT user_id, name AS n FROM users ORDER BY n DESC, user_id LIMIT $1 OFFSET $2",
+                &lo,
+                true,
+            ));
+            out.push(case("SELECT date_trunc('day', created_at) AS d, count(*) FROM messages GROUP BY d ORDER BY d LIMIT $1 OFFSET $2", &lo, true));
+            out.push(case("SELECT bot_id, count(*) AS n FROM users GROUP BY bot_id HAVING count(*) > $2 ORDER BY n DESC, bot_id NULLS FIRST LIMIT $1", &lo, true));
+        }
+    }
+    for k in [1i64, 2, 5, 8, 40, 77, 159, 160, 161] {
+        let kp = p(&[k]);
+        out.push(case("SELECT count(*) FROM users WHERE user_id IN (1, 2, 3, $1)", &kp, true));
+        out.push(case(
+            "SELECT user_id, name FROM users WHERE user_id IN (1, 2, 3, $1) ORDER BY user_id DESC",
+            &kp,
+            true,
+        ));
+        out.push(case(
+            "SELECT count(*), sum(tokens) FROM messages WHERE user_id = ANY(ARRAY[$1::int8, 7, 9, 10])",
+            &kp,
+            true,
+        ));
+        out.push(case(
+            "SELECT user_id, count(*) FROM messages WHERE user_id <= $1 GROUP BY user_id ORDER BY user_id",
+            &kp,
+            true,
+        ));
+        out.push(case("SELECT * FROM messages WHERE user_id >= $1 ORDER BY user_id, id OFFSET 300", &kp, true));
+        out.push(case("SELECT u.user_id, (SELECT count(*) FROM messages m WHERE m.user_id = u.user_id) FROM users u WHERE u.user_id > $1", &kp, false));
+        out.push(case("SELECT * FROM users WHERE age > $1 + 1000 ORDER BY user_id LIMIT 5", &kp, true));
+        out.push(case(
+            "SELECT role, min(created_at), max(content) FROM messages WHERE user_id > $1 GROUP BY role ORDER BY role",
+            &kp,
+            true,
+        ));
+        out.push(case(
+            "SELECT content FROM messages WHERE user_id > $1 ORDER BY content DESC, user_id, id LIMIT 25",
+            &kp,
+            true,
+        ));
+        out.push(case(
+            "SELECT count(*) FROM messages m JOIN bots b ON b.id = m.tokens % 5 WHERE m.user_id > $1",
+            &kp,
+            true,
+        ));
+    }
+    let fixed = [
+        "SELECT count(*) FROM users",
+        "SELECT * FROM messages ORDER BY big",
+        "SELECT user_id, id, content FROM messages ORDER BY created_at DESC, user_id, id",
+        "SELECT count(*), sum(tokens) FROM messages WHERE tokens IS NULL",
+        "SELECT avg(tokens)::float8, avg(score)::int FROM messages, users WHERE users.user_id = messages.user_id",
+        "SELECT count(*) FROM users WHERE age > 1000",
+        "SELECT sum(big), avg(big), min(big), max(big) FROM messages",
+        "SELECT min(name), max(name), min(created_at), max(created_at) FROM users",
+        "SELECT count(*) FROM users u JOIN bots b ON b.id = u.bot_id",
+        "SELECT b.name, count(*) FROM users u JOIN bots b ON b.id = u.bot_id GROUP BY b.name ORDER BY b.name",
+        "SELECT count(*) AS n, avg(age)::numeric(10,3) AS a FROM users",
+        "SELECT count(*) FROM users LIMIT 1",
+        "SELECT role, count(*) FROM messages GROUP BY role HAVING count(*) > 100000 ORDER BY role",
+        "SELECT DISTINCT role FROM messages ORDER BY role DESC",
+        "SELECT name, count(*) FROM users GROUP BY name ORDER BY name NULLS LAST",
+        "SELECT nick, count(*) FROM users GROUP BY nick ORDER BY count(*) DESC, nick",
+        "SELECT user_id FROM users WHERE bot_id IN (SELECT id FROM bots WHERE name = 'bot1') ORDER BY user_id",
+        // Refused: no combination of per-shard answers is the answer.
+        "SELECT count(DISTINCT role) FROM messages",
+        "SELECT string_agg(role, ',' ORDER BY role) FROM messages WHERE user_id < 3",
+        "SELECT user_id, row_number() OVER (ORDER BY created_at, user_id) FROM users ORDER BY user_id",
+        "SELECT role FROM messages UNION SELECT name FROM users ORDER BY 1",
+        "SELECT count(*) FROM users u JOIN messages m ON m.id = u.age",
+    ];
+    for sql in fixed {
+        out.push(case(sql, &[], true));
+    }
+    out
+}
+
+/// What a statement's answer is, for comparison.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Rows { columns: Vec<(String, u32, i32, i16)>, rows: Vec<Vec<Option<String>>>, tag: String },
+    Error { code: String, message: String },
+}
+
+fn answer(replies: Vec<Reply>, ordered: bool) -> Answer {
+    let mut columns = Vec::new();
+    let mut rows = Vec::new();
+    let mut tag = String::new();
+    for r in replies {
+        match r {
+            Reply::Error { code, message } => return Answer::Error { code, message },
+            Reply::Columns(c) => columns = c,
+            Reply::Row(v) => rows.push(v),
+            Reply::Done(t) => tag = t,
+            _ => {}
+        }
+    }
+    if !ordered {
+        rows.sort();
+    }
+    Answer::Rows { columns, rows, tag }
+}
+
+/// The statement's text with its parameters written in as literals, for the simple protocol.
+fn inline(c: &Case) -> String {
+    let mut sql = c.sql.clone();
+    for (i, v) in c.params.iter().enumerate().rev() {
+        sql = sql.replace(&format!("${}", i + 1), &format!("'{v}'"));
+    }
+    sql
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_across_shards_give_one_postgresql_answer() -> anyhow::Result<()> {
+    let plain = PgServer::start()?;
+    let c = Cluster::hash(4, "shard-global-tables,bots\n")?;
+    load(&plain.client("postgres").await?).await.map_err(|e| anyhow::anyhow!("plain: {e:?}"))?;
+    load(&c.client().await?).await.map_err(|e| anyhow::anyhow!("router: {e:?}"))?;
+    let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+    let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+
+    let cases = corpus();
+    let (mut runs, mut different, mut refused) = (0, Vec::new(), Vec::new());
+    for case in &cases {
+        let params: Vec<Option<&str>> = case.params.iter().map(|p| Some(p.as_str())).collect();
+        for mode in ["simple", "text", "binary"] {
+            let run = |db: &mut RawClient| match mode {
+                "simple" => db.query(&inline(case)),
+                "text" => db.extended(&case.sql, &params, false),
+                _ => db.extended(&case.sql, &params, true),
+            };
+            let want = answer(run(&mut reference)?, case.ordered);
+            let got = answer(run(&mut routed)?, case.ordered);
+            runs += 1;
+            if runs == 40 {
+                println!("sample: {}\n  {got:?}", case.sql);
+            }
+            match (&want, &got) {
+                _ if want == got => {}
+                (Answer::Error { code: a, .. }, Answer::Error { code: b, .. }) if a == b => {}
+                (Answer::Rows { .. }, Answer::Error { code, message }) if code == "0A000" => {
+                    refused.push(format!("[{mode}] {}\n    {message}", case.sql));
+                }
+                _ => different.push(format!("[{mode}] {}\n    plain:  {want:?}\n    router: {got:?}", case.sql)),
+            }
+        }
+    }
+    println!("{} statements, {runs} runs; {} refused:", cases.len(), refused.len());
+    for r in &refused {
+        println!("  {r}");
+    }
+    assert!(different.is_empty(), "{} of {runs} answers differ:\n{}", different.len(), different.join("\n"));
+    assert!(cases.len() >= 500, "the corpus has {} statements", cases.len());
+    assert!(refused.len() * 10 < runs, "{} of {runs} runs refused", refused.len());
+    Ok(())
+}
