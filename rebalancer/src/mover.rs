@@ -119,6 +119,8 @@ struct Table {
     name: String,
     /// Whether the move set `REPLICA IDENTITY FULL` (restored at cleanup).
     identity_full: bool,
+    /// Its shard key column (`shard-table-<table>` or `shard-key`), unquoted.
+    key: String,
 }
 
 /// The rebalancer: the catalog (with the one-rebalancer lock held) and the config.
@@ -557,9 +559,14 @@ impl Rebalancer {
         }
     }
 
-    /// The condition selecting the unit's rows.
-    fn condition(&self, unit: &Unit) -> String {
-        self.condition_on(unit, &quote_ident(&self.map.key))
+    /// The condition selecting the unit's rows of table `t` (by its own key column).
+    fn cond_of(&self, unit: &Unit, t: &Table) -> String {
+        self.condition_on(unit, &quote_ident(&t.key))
+    }
+
+    /// The `shard-table-<table>` keys as two arrays (tables, columns), for the catalog queries.
+    fn table_key_arrays(&self) -> (Vec<String>, Vec<String>) {
+        self.map.table_keys.iter().map(|(t, k)| (t.clone(), k.clone())).unzip()
     }
 
     /// The condition selecting the unit's rows, the key read from `column` (`NEW."user_id"`).
@@ -589,20 +596,22 @@ impl Rebalancer {
     async fn tables(&self, src: &Client, dst: &Client, m: &Move) -> Result<Vec<Table>, MoveError> {
         // A tenant's database moves whole: every table; its replica identity must be a key or FULL.
         let whole = matches!(m.unit, Unit::Tenant(_));
+        let (key_tables, key_columns) = self.table_key_arrays();
         let rows = src
             .query(
                 "SELECT n.nspname, c.relname, c.relreplident::text, \
-                        coalesce((SELECT bool_or(a.attname = $1) FROM pg_index i \
+                        coalesce((SELECT bool_or(a.attname = k.key) FROM pg_index i \
                                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
                                   WHERE i.indrelid = c.oid AND (i.indisreplident OR (c.relreplident = 'd' AND i.indisprimary))), false), \
-                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), k.key \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, \
+                   LATERAL (SELECT coalesce((SELECT tk.k FROM unnest($3::text[], $4::text[]) AS tk(t, k) WHERE tk.t = c.relname), $1) AS key) k \
                  WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                    AND n.nspname NOT LIKE 'pg_toast%' \
                    AND c.relname <> 'gb_move_marker' \
-                   AND ($2 OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped)) \
+                   AND ($2 OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = k.key AND NOT a.attisdropped)) \
                  ORDER BY 1, 2",
-                &[&self.map.key, &whole],
+                &[&self.map.key, &whole, &key_tables, &key_columns],
             )
             .await
             .context("listing the source's tables")?;
@@ -637,7 +646,7 @@ impl Rebalancer {
             } else if !exists {
                 return Err(MoveError::Failed(anyhow::anyhow!("{qualified} is missing on the target {}", m.target)));
             }
-            tables.push(Table { name: qualified, identity_full });
+            tables.push(Table { name: qualified, identity_full, key: r.get(5) });
         }
         if tables.is_empty() {
             return Err(MoveError::Invalid(format!("the source has no table with a {} column to move", self.map.key)));
@@ -690,17 +699,21 @@ impl Rebalancer {
                 m.source
             );
         }
-        let cond = self.condition(&m.unit);
         // Rows of the unit left on the target by an earlier, aborted move would collide with the copy.
         for t in tables {
-            dst.batch_execute(&format!("DELETE FROM {} WHERE {cond}", t.name)).await?;
+            dst.batch_execute(&format!("DELETE FROM {} WHERE {}", t.name, self.cond_of(&m.unit, t))).await?;
         }
         self.check_keys(src, dst, m, tables).await?;
         let published: bool =
             src.query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&name]).await?.get(0);
         if !published {
-            let filter = if cond == "true" { String::new() } else { format!(" WHERE ({cond})") };
-            let list: Vec<String> = tables.iter().map(|t| format!("{}{filter}", t.name)).collect();
+            let list: Vec<String> = tables
+                .iter()
+                .map(|t| match self.cond_of(&m.unit, t) {
+                    cond if cond == "true" => t.name.clone(),
+                    cond => format!("{} WHERE ({cond})", t.name),
+                })
+                .collect();
             src.batch_execute(&format!("CREATE PUBLICATION {name} FOR TABLE {}, gb_move_marker", list.join(", ")))
                 .await
                 .context("creating the publication on the source")?;
@@ -762,10 +775,9 @@ impl Rebalancer {
 
     /// Waits for the subscription's initial copy of every table, showing rows copied against the source's.
     async fn wait_copied(&self, src: &Client, dst: &Client, m: &Move, tables: &[Table]) -> Result<()> {
-        let cond = self.condition(&m.unit);
         let count_sql = tables
             .iter()
-            .map(|t| format!("(SELECT count(*) FROM {} WHERE {cond})", t.name))
+            .map(|t| format!("(SELECT count(*) FROM {} WHERE {})", t.name, self.cond_of(&m.unit, t)))
             .collect::<Vec<_>>()
             .join(" + ");
         let count = format!("SELECT ({count_sql})::bigint");
@@ -802,8 +814,8 @@ impl Rebalancer {
         if matches!(m.unit, Unit::Tenant(_)) {
             return Ok(()); // a new database on the target: nothing to collide with
         }
-        let cond = self.condition(&m.unit);
         for t in tables {
+            let cond = self.cond_of(&m.unit, t);
             let pk = src
                 .query_opt(
                     "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_index i \
@@ -814,7 +826,7 @@ impl Rebalancer {
                 .await?;
             let Some(pk) = pk else { continue };
             let (col, ty): (String, String) = (pk.get(0), pk.get(1));
-            if col == self.map.key {
+            if col == t.key {
                 continue;
             }
             let col = quote_ident(&col);
@@ -851,8 +863,8 @@ impl Rebalancer {
                         m.unit,
                         m.target,
                         example.unwrap_or_default(),
-                        self.map.key,
-                        self.map.key
+                        t.key,
+                        t.key
                     );
                 }
                 after = Some(last);
@@ -997,27 +1009,36 @@ impl Rebalancer {
     /// The guard triggers on the source: writes to the unit's rows are refused there (SQLSTATE 55R01).
     async fn guard(&self, src: &Client, m: &Move, tables: &[Table], lock_timeout: Duration) -> Result<()> {
         let name = format!("gb_guard_{}", m.id);
-        let key = quote_ident(&self.map.key);
-        let on = |row: &str| self.condition_on(&m.unit, &format!("{row}.{key}"));
-        let mut sql = format!(
-            "BEGIN; SET LOCAL lock_timeout = {}; \
-             CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $g$ BEGIN \
-               IF (TG_OP <> 'DELETE' AND {new}) OR (TG_OP <> 'INSERT' AND {old}) THEN \
-                 RAISE EXCEPTION '{unit} has moved from this node to {target} (move {id}): this router''s shard map is stale' \
-                   USING ERRCODE = '55R01'; \
-               END IF; \
-               IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; RETURN NEW; END $g$; ",
-            lock_timeout.as_millis(),
-            new = on("NEW"),
-            old = on("OLD"),
-            unit = m.unit,
-            target = m.target.replace('\'', "''"),
-            id = m.id
-        );
+        let mut sql = format!("BEGIN; SET LOCAL lock_timeout = {}; ", lock_timeout.as_millis());
+        // One function per key column (tables keyed by `shard-table-<table>` columns read theirs).
+        let mut functions: Vec<&str> = Vec::new();
+        for t in tables {
+            if functions.contains(&t.key.as_str()) {
+                continue;
+            }
+            functions.push(&t.key);
+            let key = quote_ident(&t.key);
+            let on = |row: &str| self.condition_on(&m.unit, &format!("{row}.{key}"));
+            sql.push_str(&format!(
+                "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $g$ BEGIN \
+                   IF (TG_OP <> 'DELETE' AND {new}) OR (TG_OP <> 'INSERT' AND {old}) THEN \
+                     RAISE EXCEPTION '{unit} has moved from this node to {target} (move {id}): this router''s shard map is stale' \
+                       USING ERRCODE = '55R01'; \
+                   END IF; \
+                   IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; RETURN NEW; END $g$; ",
+                f = self.guard_function(m, &t.key),
+                new = on("NEW"),
+                old = on("OLD"),
+                unit = m.unit,
+                target = m.target.replace('\'', "''"),
+                id = m.id
+            ));
+        }
         for t in tables {
             sql.push_str(&format!(
-                "DROP TRIGGER IF EXISTS {name} ON {t}; CREATE TRIGGER {name} BEFORE INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {name}(); ",
-                t = t.name
+                "DROP TRIGGER IF EXISTS {name} ON {t}; CREATE TRIGGER {name} BEFORE INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {f}(); ",
+                t = t.name,
+                f = self.guard_function(m, &t.key)
             ));
         }
         sql.push_str("COMMIT;");
@@ -1028,22 +1049,37 @@ impl Rebalancer {
         Ok(())
     }
 
+    /// The guard's trigger function for tables keyed by `key`: `gb_guard_<move>` for `shard-key`,
+    /// `gb_guard_<move>_<column>` for another column.
+    fn guard_function(&self, m: &Move, key: &str) -> String {
+        if key == self.map.key {
+            format!("gb_guard_{}", m.id)
+        } else {
+            quote_ident(&format!("gb_guard_{}_{key}", m.id))
+        }
+    }
+
     async fn unguard(&self, src: &Client, m: &Move, tables: &[Table]) -> Result<()> {
         let name = format!("gb_guard_{}", m.id);
         let mut sql = String::new();
         for t in tables {
             sql.push_str(&format!("DROP TRIGGER IF EXISTS {name} ON {}; ", t.name));
         }
-        sql.push_str(&format!("DROP FUNCTION IF EXISTS {name}();"));
+        sql.push_str(&format!("DROP FUNCTION IF EXISTS {name}(); "));
+        for t in tables {
+            if t.key != self.map.key {
+                sql.push_str(&format!("DROP FUNCTION IF EXISTS {}(); ", self.guard_function(m, &t.key)));
+            }
+        }
         src.batch_execute(&sql).await?;
         Ok(())
     }
 
     /// Rows and a checksum of the unit in every table, on both sides; the number of rows.
     async fn verify_with(&self, src: &Client, dst: &Client, unit: &Unit, tables: &[Table]) -> Result<i64> {
-        let cond = self.condition_on(unit, &format!("x.{}", quote_ident(&self.map.key)));
         let mut rows = 0;
         for t in tables {
+            let cond = self.condition_on(unit, &format!("x.{}", quote_ident(&t.key)));
             let sql = format!(
                 "SELECT count(*), coalesce(sum(hashtextextended(x::text, 0)::numeric), 0)::text FROM {} x WHERE {cond}",
                 t.name
@@ -1065,7 +1101,6 @@ impl Rebalancer {
         let unit: Unit = unit.parse().map_err(MoveError::Invalid)?;
         shard_catalog::load(&self.catalog, &self.map).await?;
         let owner = self.owner(&unit).await?;
-        let cond = self.condition(&unit);
         let db = self.database(&unit);
         let mut nodes = Vec::new();
         for n in &self.map.nodes {
@@ -1086,7 +1121,8 @@ impl Rebalancer {
                 None => admin,
             };
             let mut total = 0i64;
-            for t in self.table_names(&c, db.is_some()).await? {
+            for (t, key) in self.table_names(&c, db.is_some()).await? {
+                let cond = self.condition_on(&unit, &quote_ident(&key));
                 total += c.query_one(&format!("SELECT count(*) FROM {t} WHERE {cond}"), &[]).await?.get::<_, i64>(0);
             }
             nodes.push(VerifiedNode { node: n.name.clone(), owner: n.name == owner, rows: Some(total) });
@@ -1094,17 +1130,20 @@ impl Rebalancer {
         Ok(Verified { unit: unit.to_string(), owner, nodes })
     }
 
-    /// The tables that hold a unit's rows: those with the shard key, or (`whole`, a tenant's database) all.
-    async fn table_names(&self, c: &Client, whole: bool) -> Result<Vec<String>> {
+    /// The tables that hold a unit's rows, with their key columns: those with their shard key, or (`whole`,
+    /// a tenant's database) all.
+    async fn table_names(&self, c: &Client, whole: bool) -> Result<Vec<(String, String)>> {
+        let (key_tables, key_columns) = self.table_key_arrays();
         let rows = c
             .query(
-                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                "SELECT format('%I.%I', n.nspname, c.relname), k.key FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, \
+                   LATERAL (SELECT coalesce((SELECT tk.k FROM unnest($3::text[], $4::text[]) AS tk(t, k) WHERE tk.t = c.relname), $1) AS key) k \
                  WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND c.relname <> 'gb_move_marker' \
-                   AND ($2 OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped))",
-                &[&self.map.key, &whole],
+                   AND ($2 OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = k.key AND NOT a.attisdropped))",
+                &[&self.map.key, &whole, &key_tables, &key_columns],
             )
             .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Drops what replicated the unit: subscription, slot, publication; restores replica identities; and
@@ -1200,10 +1239,10 @@ impl Rebalancer {
 
     /// Deletes the unit's rows from the source in batches (past the guard: as a replica session would).
     async fn delete_from_source(&self, src: &Client, m: &Move, tables: &[Table]) -> Result<()> {
-        let cond = self.condition(&m.unit);
         src.batch_execute("SET session_replication_role = replica").await?;
         let mut deleted = 0u64;
         for t in tables {
+            let cond = self.cond_of(&m.unit, t);
             loop {
                 let n = src
                     .execute(
@@ -1243,9 +1282,8 @@ impl Rebalancer {
         self.bump("UPDATE gb_units SET frozen = false WHERE unit = $1", &m.unit).await?;
         if let Some(dst) = dst {
             self.clean_up(&src, &dst, m, &tables, false).await?;
-            let cond = self.condition(&m.unit);
             for t in &tables {
-                dst.batch_execute(&format!("DELETE FROM {} WHERE {cond}", t.name)).await?;
+                dst.batch_execute(&format!("DELETE FROM {} WHERE {}", t.name, self.cond_of(&m.unit, t))).await?;
             }
             if let Some(db) = &db {
                 let created: bool =

@@ -88,8 +88,8 @@ pub async fn unit_sizes(config: &Config) -> Result<Vec<UnitSize>> {
             bytes: 0,
         })
         .collect();
-    let key = quote_ident(&map.key);
-    let slot = shardmap::hash::sql_slot_expr(&format!("x.{key}"), map.key_type, n);
+    let (key_tables, key_columns): (Vec<String>, Vec<String>) =
+        map.table_keys.iter().map(|(t, k)| (t.clone(), k.clone())).unzip();
     for node in &map.nodes {
         let Some(addr) = &node.addr else { continue };
         let db = shard_catalog::connect(addr, None, "rebalance plan")
@@ -97,14 +97,17 @@ pub async fn unit_sizes(config: &Config) -> Result<Vec<UnitSize>> {
             .with_context(|| format!("node {}", node.name))?;
         let tables = db
             .query(
-                "SELECT format('%I.%I', n.nspname, c.relname), c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                "SELECT format('%I.%I', n.nspname, c.relname), c.relname, k.key FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, \
+                   LATERAL (SELECT coalesce((SELECT tk.k FROM unnest($2::text[], $3::text[]) AS tk(t, k) WHERE tk.t = c.relname), $1) AS key) k \
                  WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' \
-                   AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped)",
-                &[&map.key],
+                   AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = k.key AND NOT a.attisdropped)",
+                &[&map.key, &key_tables, &key_columns],
             )
             .await?;
         for t in tables {
-            let (qualified, name): (String, String) = (t.get(0), t.get(1));
+            let (qualified, name, key): (String, String, String) = (t.get(0), t.get(1), t.get(2));
+            let key = quote_ident(&key);
+            let slot = shardmap::hash::sql_slot_expr(&format!("x.{key}"), map.key_type, n);
             if map.global_tables.contains(&name) {
                 continue;
             }

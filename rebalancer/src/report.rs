@@ -213,14 +213,17 @@ pub async fn gather_with(
             continue;
         }
         let db = connect(name, addr, None).await?;
+        let (key_tables, key_columns): (Vec<String>, Vec<String>) =
+            config.table_keys.iter().map(|(t, k)| (t.clone(), k.clone())).unzip();
         let listed = db
             .query(
                 "SELECT n.nspname, c.relname, pg_total_relation_size(c.oid), \
-                 EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1 AND NOT a.attisdropped) \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = k.key AND NOT a.attisdropped) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, \
+                   LATERAL (SELECT coalesce((SELECT tk.k FROM unnest($2::text[], $3::text[]) AS tk(t, k) WHERE tk.t = c.relname), $1) AS key) k \
                  WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                  AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1, 2",
-                &[&config.shard_key],
+                &[&config.shard_key, &key_tables, &key_columns],
             )
             .await
             .with_context(|| format!("listing the tables of node {name}"))?;
@@ -236,11 +239,10 @@ pub async fn gather_with(
                 && config.algorithm == shardmap::config::Algorithm::HashBuckets
                 && config.strategy == Strategy::Hash
             {
-                let slot =
-                    shardmap::hash::sql_slot_expr(&quote_ident(&config.shard_key), config.key_type, config.buckets);
+                let key = quote_ident(config.table_keys.get(&table).unwrap_or(&config.shard_key));
+                let slot = shardmap::hash::sql_slot_expr(&key, config.key_type, config.buckets);
                 let q = format!(
-                    "SELECT {slot} AS b, count(*) FROM {qualified} WHERE {key} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT {top}",
-                    key = quote_ident(&config.shard_key)
+                    "SELECT {slot} AS b, count(*) FROM {qualified} WHERE {key} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC LIMIT {top}"
                 );
                 for b in db.query(&q, &[]).await? {
                     let bucket: i64 = b.get(0);

@@ -133,7 +133,7 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
         servers.iter().enumerate().map(|(i, s)| format!("shard-node-{i},{}\n", s.url("postgres"))).collect();
     let head = format!(
         "shard-strategy,hash\nshard-count,2\nshard-key,user_id\nshard-algorithm,hash-buckets\nshard-buckets,{BUCKETS}\n\
-         router-auth,trust\nrebalance-max-freeze-ms,5000\n"
+         shard-table-profiles,id\nrouter-auth,trust\nrebalance-max-freeze-ms,5000\n"
     );
     let first = Cluster::with_servers(servers, &head, |i, s| format!("shard-node-{i},{}\n", s.url("postgres")))?;
     // A second router in front of the same shards.
@@ -148,12 +148,15 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
     let c = first.client().await?;
     c.batch_execute(
         "CREATE TABLE events (user_id bigint PRIMARY KEY, n int NOT NULL);
-         CREATE TABLE notes (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id bigint NOT NULL, n int NOT NULL)",
+         CREATE TABLE notes (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id bigint NOT NULL, n int NOT NULL);
+         CREATE TABLE profiles (id bigint PRIMARY KEY, user_id bigint, n int NOT NULL)",
     )
     .await?;
     for k in preloaded.iter().chain(&elsewhere) {
         c.execute("INSERT INTO events (user_id, n) VALUES ($1, 0)", &[k]).await?;
         c.execute("INSERT INTO notes (user_id, n) VALUES ($1, 0)", &[k]).await?;
+        // A table keyed by its own column (shard-table-profiles,id); its user_id is another user's.
+        c.execute("INSERT INTO profiles (id, user_id, n) VALUES ($1, $2, 0)", &[k, &(k + 1)]).await?;
     }
 
     // Bulk: more rows of the bucket, written on its node directly (keys from 10,000,000: apart from the ones
@@ -266,6 +269,11 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
         let note: i32 = shard1.query_one("SELECT n FROM notes WHERE user_id = $1", &[k]).await?.get(0);
         assert_eq!(note, expected, "note of key {k}");
     }
+    // `profiles` moved by its own key column: the bucket's ids are all on the target, none on the source.
+    let by_id = shardmap::hash::sql_slot_expr("id", shardmap::KeyType::Int, BUCKETS);
+    let profiles = format!("SELECT count(*) FROM profiles WHERE {by_id} = {b}");
+    assert_eq!(count(&shard1, &profiles).await?, preloaded.len() as i64, "profiles of the bucket on the target");
+    assert_eq!(count(&shard0, &profiles).await?, 0, "profiles of the bucket left on the source");
     // The replica identity the move set on `notes` is back to the default.
     let ident: String =
         shard0.query_one("SELECT relreplident::text FROM pg_class WHERE relname = 'notes'", &[]).await?.get(0);

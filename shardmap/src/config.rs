@@ -29,6 +29,7 @@ const KEYS: &[&str] = &[
     "shard-default",
     "shard-geo-db",
     "shard-global-tables",
+    "shard-table-<table>",
     "shard-read-replicas",
     "shard-max-replica-lag-bytes",
     "shard-catalog",
@@ -155,6 +156,8 @@ pub struct Config {
     pub nodes: Vec<(String, NodeAddr)>,
     pub node_patroni: BTreeMap<String, Vec<String>>,
     pub global_tables: Vec<String>,
+    /// `shard-table-<table>,<column>`: the shard key column of one table (others use `shard-key`).
+    pub table_keys: std::collections::BTreeMap<String, String>,
     pub read_replicas: bool,
     pub max_replica_lag_bytes: u64,
     pub catalog: Option<String>,
@@ -351,6 +354,7 @@ impl<'f> Builder<'f> {
             nodes: Vec::new(),
             node_patroni: BTreeMap::new(),
             global_tables: Vec::new(),
+            table_keys: Default::default(),
             read_replicas: false,
             max_replica_lag_bytes: 16 * 1024 * 1024,
             catalog: None,
@@ -533,7 +537,8 @@ impl<'f> Builder<'f> {
         Ok(())
     }
 
-    /// Keys with a name inside them: `shard-node-<name>[-patroni]`, `shard-geo-...`, `router-user-<name>`.
+    /// Keys with a name inside them: `shard-node-<name>[-patroni]`, `shard-table-<table>`, `shard-geo-...`,
+    /// `router-user-<name>`.
     fn dynamic(&mut self, c: &mut Config, row: &Row, name: &str) -> Result<(), ConfigError> {
         let v = row.value.as_str();
         // Names keep their case from the file (node names appear in shard-ranges).
@@ -557,6 +562,17 @@ impl<'f> Builder<'f> {
             }
             let addr = self.addr(row, v)?;
             c.nodes.push((rest.to_string(), addr));
+            return Ok(());
+        }
+        if let Some(table) = name.strip_prefix("shard-table-") {
+            let column = v.trim().to_lowercase();
+            if !valid_name(table) || table.is_empty() {
+                return Err(self.err(row, format!("{table:?} is not a table name (letters, digits and '_')")));
+            }
+            if column.is_empty() || !column.chars().all(|ch| ch.is_alphanumeric() || ch == '_') {
+                return Err(self.err(row, format!("expected the shard key column of table {table}, got {v:?}")));
+            }
+            c.table_keys.insert(table.to_lowercase(), column);
             return Ok(());
         }
         if let Some(cc) = name.strip_prefix("shard-geo-country-") {
@@ -654,6 +670,14 @@ impl<'f> Builder<'f> {
                 Strategy::Tenant => "tenant_id".into(),
                 Strategy::Hash | Strategy::Range => "user_id".into(),
             };
+        }
+        for t in c.table_keys.keys() {
+            if c.global_tables.contains(t) {
+                return Err(self.err_at(
+                    "shard-global-tables",
+                    format!("{t} is global and has a shard-table-{t} key: a global table has no shard key"),
+                ));
+            }
         }
         let names: Vec<&str> = c.nodes.iter().map(|(n, _)| n.as_str()).collect();
         match c.strategy {

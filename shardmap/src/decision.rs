@@ -102,9 +102,19 @@ impl Decision {
     /// The decision as `explain` prints it.
     pub fn to_json(&self, map: &ShardMap) -> Json {
         let names: Vec<&str> = self.shards(map).iter().map(|s| map.node(*s).name.as_str()).collect();
+        // The key column of the first sharded table the statement names (`shard-table-<table>` or `shard-key`).
+        let key = self
+            .analysis
+            .statements
+            .iter()
+            .find_map(|s| match &s.tables {
+                crate::sql::Tables::Sharded(t) => Some(map.key_of(t)),
+                _ => None,
+            })
+            .unwrap_or(&map.key);
         let mut j = json!({
             "strategy": map.strategy,
-            "key": map.key,
+            "key": key,
             "values": self.values.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
             "shards": names,
             "target": self.target.label(),

@@ -92,6 +92,8 @@ pub struct ShardMap {
     pub tenant_prefix: String,
     pub nodes: Vec<Node>,
     pub global_tables: HashSet<String>,
+    /// `shard-table-<table>,<column>`: tables whose key column is not `key`.
+    pub table_keys: std::collections::HashMap<String, String>,
     placement: Placement,
     /// Tenants placed by the catalog (moved off the node their name hashes to), and whether a move holds
     /// them frozen; `tenants_placed` spares the lock while there are none.
@@ -101,6 +103,11 @@ pub struct ShardMap {
 }
 
 impl ShardMap {
+    /// The shard key column of `table` (lower case): its `shard-table-<table>` column, else `shard-key`.
+    pub fn key_of(&self, table: &str) -> &str {
+        self.table_keys.get(table).map_or(&self.key, |k| k.as_str())
+    }
+
     /// Builds the map; opens the GeoIP database when one is configured.
     pub fn new(c: &Config) -> Result<ShardMap, String> {
         let addr_of = |name: &str| c.nodes.iter().find(|(n, _)| n == name).map(|(_, a)| a.clone());
@@ -196,6 +203,7 @@ impl ShardMap {
             tenant_prefix: c.tenant_db_prefix.clone(),
             nodes,
             global_tables: c.global_tables.iter().cloned().collect(),
+            table_keys: c.table_keys.iter().map(|(t, k)| (t.clone(), k.clone())).collect(),
             placement,
             tenants: Default::default(),
             tenants_placed: AtomicBool::new(false),

@@ -130,7 +130,8 @@ impl Planner {
 
     /// Parses and analyses a statement text without looking in or filling the cache.
     pub fn analyze_uncached(&self, text: &str) -> Arc<Analysis> {
-        Arc::new(sql::analyze(text, &self.map.key, self.map.key_type, &self.map.global_tables))
+        let m = &self.map;
+        Arc::new(sql::analyze_keys(text, &m.key, &m.table_keys, m.key_type, &m.global_tables))
     }
 
     /// The analysis of a simple-protocol statement: by its shape (literals taken out, so that statements
@@ -327,7 +328,10 @@ impl Planner {
                 None => {
                     return Err(RouteError::MissingKey {
                         statement: "a write to a sharded table",
-                        key: self.map.key.clone(),
+                        key: match &st.tables {
+                            Tables::Sharded(t) => self.map.key_of(t).to_string(),
+                            _ => self.map.key.clone(),
+                        },
                         reason: st.reason.to_string(),
                     });
                 }

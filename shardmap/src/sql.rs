@@ -10,7 +10,7 @@
 //! lives on K's shard in every sharded table. So a block of a query constrained to K also decides its
 //! subqueries and CTEs, while a block that reads a sharded table with no constraint needs every shard.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
@@ -209,8 +209,19 @@ pub struct Analysis {
 
 /// Analyses `sql` for shard key `key` (lower case) with the given key type and global tables.
 pub fn analyze(sql: &str, key: &str, key_type: KeyType, global: &HashSet<String>) -> Analysis {
+    analyze_keys(sql, key, &HashMap::new(), key_type, global)
+}
+
+/// Like [`analyze`], with tables whose key column is not `key` (`shard-table-<table>`).
+pub fn analyze_keys(
+    sql: &str,
+    key: &str,
+    table_keys: &HashMap<String, String>,
+    key_type: KeyType,
+    global: &HashSet<String>,
+) -> Analysis {
     let hint = find_hint(sql);
-    let ctx = Ctx { key, key_type, global, bad_literal: Default::default() };
+    let ctx = Ctx { key, table_keys, scopes: Default::default(), key_type, global, bad_literal: Default::default() };
     let parsed = Parser::new(&PostgreSqlDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
         .try_with_sql(sql)
@@ -293,6 +304,10 @@ fn find_hint(sql: &str) -> Option<Hint> {
 
 struct Ctx<'a> {
     key: &'a str,
+    /// `shard-table-<table>` keys (tables whose key column is not `key`).
+    table_keys: &'a HashMap<String, String>,
+    /// The tables in scope, innermost last: (name or alias as written, table).
+    scopes: std::cell::RefCell<Vec<Vec<(String, String)>>>,
     key_type: KeyType,
     global: &'a HashSet<String>,
     /// The first key literal that cannot be a key of the configured type (`user_id = 'not-a-uuid'`).
@@ -384,10 +399,10 @@ impl Ctx<'_> {
                 a.kind = Kind::Write;
                 let target = self.write_target(&u.table.relation);
                 if let Tables::Sharded(t) = &target {
-                    if self.assigns_key(&u.assignments) {
+                    if self.assigns_key(&u.assignments, self.key_of(t)) {
                         a.refusal = Some(format!(
                             "UPDATE {t} changes the shard key {}: that would move the row to another shard; delete it and insert it again",
-                            self.key
+                            self.key_of(t)
                         ));
                     }
                 }
@@ -492,13 +507,13 @@ impl Ctx<'_> {
     }
 
     /// Whether assignments (`SET a = ..., (b, c) = ...`) set the shard key.
-    fn assigns_key(&self, assignments: &[ast::Assignment]) -> bool {
+    fn assigns_key(&self, assignments: &[ast::Assignment], key: &str) -> bool {
         assignments.iter().any(|asg| {
             let names: Vec<&ObjectName> = match &asg.target {
                 ast::AssignmentTarget::ColumnName(n) => vec![n],
                 ast::AssignmentTarget::Tuple(ns) => ns.iter().collect(),
             };
-            names.iter().any(|n| n.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key))
+            names.iter().any(|n| n.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == key))
         })
     }
 
@@ -541,16 +556,20 @@ impl Ctx<'_> {
         a.tables = o.tables();
         a.keys = o.keys();
         if a.reason.is_empty() {
+            let key = match &a.tables {
+                Tables::Sharded(t) => self.key_of(t),
+                _ => self.key,
+            };
             a.reason = std::sync::Arc::<str>::from(match (&a.keys, &a.tables) {
-                (Keys::Some(k), _) => self.describe(k),
-                (Keys::None, Tables::Sharded(t)) => format!("no {} condition on {t}", self.key),
+                (Keys::Some(k), _) => self.describe(key, k),
+                (Keys::None, Tables::Sharded(t)) => format!("no {key} condition on {t}"),
                 (Keys::None, Tables::Global) => "global tables only".into(),
                 (Keys::None, Tables::None) => "no sharded table".into(),
             });
         }
     }
 
-    fn describe(&self, keys: &[KeyExpr]) -> String {
+    fn describe(&self, key: &str, keys: &[KeyExpr]) -> String {
         let show = |k: &KeyExpr| match k {
             KeyExpr::Value(KeyValue::Int(v)) => v.to_string(),
             KeyExpr::Value(v) => format!("'{v}'"),
@@ -558,10 +577,10 @@ impl Ctx<'_> {
             KeyExpr::ArrayParam(i) => format!("ANY(${})", i + 1),
         };
         match keys {
-            [KeyExpr::ArrayParam(i)] => format!("{} = ANY(${})", self.key, i + 1),
-            [one] => format!("{} = {}", self.key, show(one)),
-            many if many.len() > 8 => format!("{} IN ({} values)", self.key, many.len()),
-            many => format!("{} IN ({})", self.key, many.iter().map(show).collect::<Vec<_>>().join(", ")),
+            [KeyExpr::ArrayParam(i)] => format!("{key} = ANY(${})", i + 1),
+            [one] => format!("{key} = {}", show(one)),
+            many if many.len() > 8 => format!("{key} IN ({} values)", many.len()),
+            many => format!("{key} IN ({})", many.iter().map(show).collect::<Vec<_>>().join(", ")),
         }
     }
 
@@ -586,15 +605,16 @@ impl Ctx<'_> {
         if let Some(ast::OnInsert::OnConflict(ast::OnConflict { action: ast::OnConflictAction::DoUpdate(u), .. })) =
             &ins.on
         {
-            if self.assigns_key(&u.assignments) {
+            if self.assigns_key(&u.assignments, self.key_of(&table)) {
                 a.refusal = Some(format!(
                     "INSERT into {table} ... ON CONFLICT DO UPDATE changes the shard key {}: that would move the row to another shard; delete it and insert it again",
-                    self.key
+                    self.key_of(&table)
                 ));
             }
         }
+        let key = self.key_of(&table);
         let pos =
-            ins.columns.iter().position(|c| c.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key));
+            ins.columns.iter().position(|c| c.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == key));
         let Some(source) = &ins.source else {
             a.reason = (format!("INSERT into {table} with no rows")).into();
             return;
@@ -602,9 +622,9 @@ impl Ctx<'_> {
         if let SetExpr::Values(values) = source.body.as_ref() {
             let Some(pos) = pos else {
                 a.reason = std::sync::Arc::<str>::from(if ins.columns.is_empty() {
-                    format!("INSERT into {table} names no columns, so the position of {} is unknown", self.key)
+                    format!("INSERT into {table} names no columns, so the position of {key} is unknown")
                 } else {
-                    format!("INSERT into {table} has no {} column", self.key)
+                    format!("INSERT into {table} has no {key} column")
                 });
                 return;
             };
@@ -620,15 +640,14 @@ impl Ctx<'_> {
                     _ => {
                         let what = row.get(pos).map_or("nothing".to_string(), |e| e.to_string());
                         a.refusal = Some(format!(
-                            "INSERT into {table}: row {} gives {} as {what}, not a value or parameter; compute the key in the client",
+                            "INSERT into {table}: row {} gives {key} as {what}, not a value or parameter; compute the key in the client",
                             n + 1,
-                            self.key
                         ));
                         return;
                     }
                 }
             }
-            a.reason = (self.describe(&keys)).into();
+            a.reason = (self.describe(key, &keys)).into();
             a.keys = Keys::Some(keys);
             let mut o = Outcome::default();
             // Subqueries inside VALUES (rare) still count.
@@ -657,7 +676,7 @@ impl Ctx<'_> {
         source: &Query,
         a: &mut StatementAnalysis,
     ) {
-        let key = self.key;
+        let key = self.key_of(table);
         let o = self.query(source, false, &mut Vec::new());
         let projection = match source.body.as_ref() {
             SetExpr::Select(s) => Some(&s.projection),
@@ -722,7 +741,7 @@ impl Ctx<'_> {
                 return;
             }
         };
-        a.reason = format!("INSERT ... SELECT with {}", self.describe(&keys)).into();
+        a.reason = format!("INSERT ... SELECT with {}", self.describe(key, &keys)).into();
         a.keys = Keys::Some(keys);
     }
 
@@ -768,7 +787,7 @@ impl Ctx<'_> {
                 a.kind = Kind::CopyIn;
                 let mut copy = CopyIn {
                     table: table.clone(),
-                    key_column: columns.iter().position(|c| fold(c) == self.key),
+                    key_column: columns.iter().position(|c| fold(c) == self.key_of(&table)),
                     columns_given: !columns.is_empty(),
                     format: CopyFormat::Text,
                     delimiter: b'\t',
@@ -807,7 +826,7 @@ impl Ctx<'_> {
                 }
                 copy.delimiter = delimiter.unwrap_or(if copy.format == CopyFormat::Csv { b',' } else { b'\t' });
                 let odd = a.refusal.take();
-                describe_copy(a, &copy, self.key, global);
+                describe_copy(a, &copy, self.key_of(&table), global);
                 a.refusal = a.refusal.take().or(odd);
                 a.copy = Some(copy);
             }
@@ -831,22 +850,26 @@ impl Ctx<'_> {
         o
     }
 
+    /// A SELECT block: its FROM and WHERE, then the subqueries of its select list and HAVING.
+    fn select(&self, s: &ast::Select, tables: &[&TableWithJoins], inherited: bool, ctes: &mut Vec<String>) -> Outcome {
+        let mut o = self.block(tables, s.selection.as_ref(), inherited, ctes);
+        let inh = inherited || o.constrained;
+        for item in &s.projection {
+            if let ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } = item {
+                self.subqueries_expr(e, inh, ctes, &mut o);
+            }
+        }
+        if let Some(h) = &s.having {
+            self.subqueries_expr(h, inh, ctes, &mut o);
+        }
+        o
+    }
+
     fn set_expr(&self, body: &SetExpr, inherited: bool, ctes: &mut Vec<String>) -> Outcome {
         match body {
             SetExpr::Select(s) => {
                 let tables: Vec<&TableWithJoins> = s.from.iter().collect();
-                let mut o = self.block(&tables, s.selection.as_ref(), inherited, ctes);
-                // Subqueries in the select list and HAVING.
-                let inh = inherited || o.constrained;
-                for item in &s.projection {
-                    if let ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } = item {
-                        self.subqueries_expr(e, inh, ctes, &mut o);
-                    }
-                }
-                if let Some(h) = &s.having {
-                    self.subqueries_expr(h, inh, ctes, &mut o);
-                }
-                o
+                self.scoped(&tables, || self.select(s, &tables, inherited, ctes))
             }
             SetExpr::Query(q) => self.query(q, inherited, ctes),
             SetExpr::SetOperation { left, right, .. } => {
@@ -892,6 +915,16 @@ impl Ctx<'_> {
     /// One query block: its FROM tables, its WHERE and JOIN conditions, and the subqueries inside them.
     /// `target` marks an UPDATE/DELETE block, whose tables are written.
     fn block(
+        &self,
+        from: &[&TableWithJoins],
+        selection: Option<&Expr>,
+        inherited: bool,
+        ctes: &mut Vec<String>,
+    ) -> Outcome {
+        self.scoped(from, || self.block_in_scope(from, selection, inherited, ctes))
+    }
+
+    fn block_in_scope(
         &self,
         from: &[&TableWithJoins],
         selection: Option<&Expr>,
@@ -1050,7 +1083,7 @@ impl Ctx<'_> {
                 let SetExpr::Select(s) = q.body.as_ref() else { return None };
                 match s.projection.as_slice() {
                     [ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. }]
-                        if self.is_key(e) =>
+                        if self.selects_key(s, e) =>
                     {
                         let o = self.query(q, false, &mut Vec::new());
                         match o.keys() {
@@ -1089,10 +1122,83 @@ impl Ctx<'_> {
 
     fn is_key(&self, e: &Expr) -> bool {
         match strip_cast(e) {
-            Expr::Identifier(i) => fold(i) == self.key,
-            Expr::CompoundIdentifier(parts) => parts.last().is_some_and(|i| fold(i) == self.key),
+            Expr::Identifier(i) => self.is_key_name(None, &fold(i)),
+            Expr::CompoundIdentifier(parts) => parts.last().is_some_and(|i| {
+                let qualifier = parts.len().checked_sub(2).map(|q| fold(&parts[q]));
+                self.is_key_name(qualifier.as_deref(), &fold(i))
+            }),
             _ => false,
         }
+    }
+
+    /// Whether `e`, in the select list of `s`, is a key column of the tables `s` reads.
+    fn selects_key(&self, s: &ast::Select, e: &Expr) -> bool {
+        let from: Vec<&TableWithJoins> = s.from.iter().collect();
+        self.scoped(&from, || self.is_key(e))
+    }
+
+    /// The key column of `table`.
+    fn key_of<'t>(&'t self, table: &str) -> &'t str {
+        self.table_keys.get(table).map_or(self.key, |k| k.as_str())
+    }
+
+    /// Whether column `col` (of the table or alias `qualifier`) is a shard key: the key of its table, found
+    /// through the tables in scope (innermost first); with no `shard-table-*` keys, any column named
+    /// `shard-key`.
+    fn is_key_name(&self, qualifier: Option<&str>, col: &str) -> bool {
+        if self.table_keys.is_empty() {
+            return col == self.key;
+        }
+        let scopes = self.scopes.borrow();
+        for scope in scopes.iter().rev() {
+            match qualifier {
+                Some(q) => {
+                    if let Some((_, t)) = scope.iter().find(|(a, _)| a == q) {
+                        return self.key_of(t) == col;
+                    }
+                }
+                // Unqualified: a table in scope has it as its key (two tables with that column would make
+                // the name ambiguous to PostgreSQL).
+                None if scope.iter().any(|(_, t)| self.key_of(t) == col) => return true,
+                None => {}
+            }
+        }
+        scopes.is_empty() && col == self.key
+    }
+
+    /// Runs `f` with the plain tables of `from` in scope.
+    fn scoped<T>(&self, from: &[&TableWithJoins], f: impl FnOnce() -> T) -> T {
+        if self.table_keys.is_empty() {
+            return f();
+        }
+        fn factor(f: &TableFactor, out: &mut Vec<(String, String)>) {
+            match f {
+                TableFactor::Table { name, alias, .. } => {
+                    if let Some(t) = table_name(name) {
+                        let seen = alias.as_ref().map_or_else(|| t.clone(), |a| fold(&a.name));
+                        out.push((seen, t));
+                    }
+                }
+                TableFactor::NestedJoin { table_with_joins, .. } => {
+                    factor(&table_with_joins.relation, out);
+                    for j in &table_with_joins.joins {
+                        factor(&j.relation, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut scope = Vec::new();
+        for t in from {
+            factor(&t.relation, &mut scope);
+            for j in &t.joins {
+                factor(&j.relation, &mut scope);
+            }
+        }
+        self.scopes.borrow_mut().push(scope);
+        let r = f();
+        self.scopes.borrow_mut().pop();
+        r
     }
 
     /// A literal or parameter as a key value: `Ok(None)` when the expression is something else (a column, a

@@ -166,3 +166,17 @@ fn router_threads() {
     assert!(err("shard-strategy,hash\nshard-count,1\nrouter-threads,many\n")
         .starts_with("config.csv:3: router-threads: expected a whole number"));
 }
+
+#[test]
+fn each_table_its_own_key_column() {
+    let c = parse("shard-strategy,hash\nshard-count,2\nshard-table-Users,ID\nshard-table-session_tools,session_id\n")
+        .unwrap();
+    assert_eq!(c.table_keys.get("users").map(String::as_str), Some("id"));
+    assert_eq!(c.table_keys.get("session_tools").map(String::as_str), Some("session_id"));
+    assert_eq!(
+        err("shard-strategy,hash\nshard-count,2\nshard-table-users,id;drop\n"),
+        "config.csv:3: shard-table-users: expected the shard key column of table users, got \"id;drop\""
+    );
+    let e = err("shard-strategy,hash\nshard-count,2\nshard-global-tables,bots\nshard-table-bots,id\n");
+    assert!(e.contains("bots is global and has a shard-table-bots key"), "{e}");
+}

@@ -333,6 +333,39 @@ all | | SELECT * FROM users WHERE email = 'x'
 err missing | | UPDATE users SET name = 'x' WHERE email = 'y'
 "#;
 
+/// Each table its own key: `users` by `id`, `session_tools` by `session_id`, the rest by `user_id`.
+const TABLE_KEYS: &str = "shard-strategy,hash\nshard-count,4\nshard-key,user_id\nshard-algorithm,modulo\nshard-global-tables,bots\nshard-table-users,id\nshard-table-session_tools,session_id\n";
+
+const TABLE_KEY_ROUTES: &str = r#"
+keys 5 | | SELECT * FROM users WHERE id = 5
+keys 5 | | SELECT * FROM users u WHERE u.id = 5
+all | | SELECT * FROM users WHERE user_id = 5
+keys 5 | | SELECT * FROM messages WHERE user_id = 5
+all | | SELECT * FROM messages WHERE id = 5
+keys 5 | | SELECT * FROM users u JOIN messages m ON m.user_id = u.id WHERE u.id = 5
+keys 5 | | SELECT * FROM users u JOIN messages m ON m.user_id = u.id WHERE m.user_id = 5
+keys 5 | | SELECT * FROM users WHERE id = 5 AND EXISTS (SELECT 1 FROM messages m WHERE m.user_id = users.id)
+all | | SELECT * FROM users u JOIN messages m ON m.user_id = u.id
+all | | SELECT * FROM users u WHERE EXISTS (SELECT 1 FROM messages m WHERE m.user_id = u.id)
+err refused | | SELECT * FROM users u JOIN messages m ON m.id = u.id
+err refused | | SELECT * FROM users u JOIN messages m ON m.user_id = u.user_id
+combine | | SELECT count(*) FROM users u JOIN messages m ON m.user_id = u.id
+keys 7 | | SELECT * FROM session_tools WHERE session_id = 7
+all | | SELECT * FROM session_tools WHERE user_id = 7
+keys 9 | | INSERT INTO users (id, name) VALUES (9, 'x')
+keys 9 | 9 | INSERT INTO users (name, id) VALUES ('x', $1)
+err missing | | INSERT INTO users (user_id, name) VALUES (9, 'x')
+keys 9 | | INSERT INTO messages (user_id, id) VALUES (9, 1)
+keys 9 | | INSERT INTO session_tools (session_id, user_id) VALUES (9, 1)
+err refused | | UPDATE users SET id = 3 WHERE id = 2
+keys 7 | | UPDATE users SET user_id = 3 WHERE id = 7
+err missing | | UPDATE users SET name = 'x' WHERE user_id = 7
+err refused | | INSERT INTO users (id, name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET id = 2
+all | | COPY users (id, name) FROM STDIN
+err refused | | COPY users (user_id, name) FROM STDIN
+keys 4 | | SELECT * FROM users WHERE id IN (SELECT user_id FROM messages WHERE user_id = 4)
+"#;
+
 fn planner(config: &str) -> Planner {
     let c = Config::parse("test.csv", config.as_bytes()).expect("config");
     Planner::new(Arc::new(ShardMap::new(&c).expect("map")))
@@ -412,6 +445,17 @@ fn run_table(p: &Planner, table: &str) -> usize {
     }
     assert!(failures.is_empty(), "{} of {n} routes wrong:\n{}", failures.len(), failures.join("\n"));
     n
+}
+
+#[test]
+fn each_table_its_own_key() {
+    run_table(&planner(TABLE_KEYS), TABLE_KEY_ROUTES);
+    // explain names the column it used.
+    let p = planner(TABLE_KEYS);
+    let d = p.decide("SELECT * FROM users WHERE id = 5", &TextParams(Vec::new()), &Session::default()).unwrap();
+    assert_eq!(d.to_json(p.map())["key"], "id");
+    let d = p.decide("SELECT * FROM messages WHERE user_id = 5", &TextParams(Vec::new()), &Session::default()).unwrap();
+    assert_eq!(d.to_json(p.map())["key"], "user_id");
 }
 
 #[test]

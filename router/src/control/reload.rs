@@ -38,6 +38,7 @@ pub fn reload(router: &Router, mut new: Config) -> Vec<&'static str> {
     keep!(nodes, "shard-node-<name>");
     keep!(node_patroni, "shard-node-<name>-patroni");
     keep!(global_tables, "shard-global-tables");
+    keep!(table_keys, "shard-table-<table>");
     keep!(tenant_db_prefix, "shard-tenant-db-prefix");
     keep!(catalog, "shard-catalog");
     keep!(router.listen, "router-listen");

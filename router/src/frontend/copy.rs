@@ -736,14 +736,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn key_column(&mut self, at: usize, table: &str) -> Result<(usize, u32), Reported> {
         let sql = format!(
             "SELECT string_agg(attname, ',' ORDER BY attnum), max(atttypid::int) FILTER (WHERE attname = '{}') FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped",
-            self.routing.map.key.replace('\'', "''"),
+            self.routing.map.key_of(table).replace('\'', "''"),
             table.replace('\'', "''")
         );
         let row = self.links.get(at).conn.conn().query_row(&sql).await?;
         let mut row = row.into_iter();
         let names = row.next().flatten().unwrap_or_default();
         let oid = row.next().flatten().and_then(|o| o.parse().ok()).unwrap_or(0);
-        let key = &self.routing.map.key;
+        let key = self.routing.map.key_of(table);
         let pos = names
             .split(',')
             .position(|n| n == key)

@@ -183,6 +183,16 @@ impl Ctx<'_> {
 
     /// One SELECT block: refused constructs, or whether its rows need combining.
     fn cross_select(&self, s: &Select, order_by: Option<&ast::OrderBy>, ctes: &[String]) -> Result<bool, String> {
+        let from: Vec<&ast::TableWithJoins> = s.from.iter().collect();
+        self.scoped(&from, || self.cross_select_in_scope(s, order_by, ctes))
+    }
+
+    fn cross_select_in_scope(
+        &self,
+        s: &Select,
+        order_by: Option<&ast::OrderBy>,
+        ctes: &[String],
+    ) -> Result<bool, String> {
         // The sharded tables it scans, joined on the key.
         let mut sharded = Vec::new();
         let mut key_joins = 0;
@@ -388,7 +398,8 @@ impl Ctx<'_> {
                     let selects_key = match subquery.body.as_ref() {
                         SetExpr::Select(s) => match s.projection.as_slice() {
                             [ast::SelectItem::UnnamedExpr(k) | ast::SelectItem::ExprWithAlias { expr: k, .. }] => {
-                                self.ctx.is_key_column(k)
+                                matches!(k, Expr::Identifier(_) | Expr::CompoundIdentifier(_))
+                                    && self.ctx.selects_key(s, k)
                             }
                             _ => false,
                         },
@@ -427,8 +438,11 @@ impl Ctx<'_> {
     fn correlated_on_key(&self, q: &Query) -> bool {
         match q.body.as_ref() {
             SetExpr::Select(s) => {
-                s.selection.as_ref().is_some_and(|w| self.key_equalities(w) > 0)
-                    || s.from.iter().any(|t| t.joins.iter().any(|j| self.join_on_key(&j.join_operator) > 0))
+                let from: Vec<&ast::TableWithJoins> = s.from.iter().collect();
+                self.scoped(&from, || {
+                    s.selection.as_ref().is_some_and(|w| self.key_equalities(w) > 0)
+                        || s.from.iter().any(|t| t.joins.iter().any(|j| self.join_on_key(&j.join_operator) > 0))
+                })
             }
             _ => false,
         }
@@ -448,6 +462,17 @@ impl Ctx<'_> {
             }
             _ => 0,
         }
+    }
+
+    /// `USING (col)`: `col` is the key of every sharded table in scope.
+    fn using_key(&self, col: &str) -> bool {
+        if self.table_keys.is_empty() {
+            return col == self.key;
+        }
+        let scopes = self.scopes.borrow();
+        scopes.last().is_some_and(|scope| {
+            scope.iter().filter(|(_, t)| !self.global.contains(t)).all(|(_, t)| self.key_of(t) == col)
+        })
     }
 
     fn is_key_column(&self, e: &Expr) -> bool {
@@ -470,7 +495,7 @@ impl Ctx<'_> {
         match c {
             ast::JoinConstraint::On(e) => self.key_equalities(e).min(1),
             ast::JoinConstraint::Using(cols) => usize::from(
-                cols.iter().any(|c| c.0.last().and_then(|p| p.as_ident()).is_some_and(|i| fold(i) == self.key)),
+                cols.iter().any(|c| c.0.last().and_then(|p| p.as_ident()).is_some_and(|i| self.using_key(&fold(i)))),
             ),
             _ => 0,
         }
