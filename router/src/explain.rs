@@ -23,7 +23,7 @@ pub fn run(
 ) -> anyhow::Result<ExitCode> {
     let (_, map) = load(path)?;
     let planner = Planner::new(map.clone());
-    let mut session = Session { database, tenant, shard_key: None };
+    let mut session = Session { database, tenant, ..Default::default() };
     if let Some(k) = shard_key {
         session.apply(&shardmap::sql::SessionChange::ShardKey(Some(k)), &map)?;
     }

@@ -62,6 +62,10 @@ pub enum RouteError {
     NoTenant { prefix: String, key: String },
     #[error("shard key {value:?}: {why}")]
     BadKey { value: String, why: String },
+    /// `INSERT INTO table VALUES (...)` without a column list: the key's position in the table is needed
+    /// (the router reads it from the server and decides again).
+    #[error("the position of the shard key among the columns of {table} is not known")]
+    KeyPosition { table: String },
 }
 
 impl RouteError {
@@ -72,6 +76,7 @@ impl RouteError {
             RouteError::SpansShards { .. } | RouteError::Refused(_) => "0A000",
             RouteError::Param(_) | RouteError::BadKey { .. } => "22023",
             RouteError::Place(_) | RouteError::UnknownShard(_) => "22023",
+            RouteError::KeyPosition { .. } => "0A000",
         }
     }
 }

@@ -29,6 +29,9 @@ pub struct Session {
     pub shard_key: Option<KeyValue>,
     /// `SET gb.tenant = ...`.
     pub tenant: Option<String>,
+    /// The zero-based position of each table's key among its columns (`None`: it has none), as the router
+    /// read it from the server, for `INSERT INTO table VALUES (...)` without a column list.
+    pub key_positions: std::collections::HashMap<String, Option<usize>>,
 }
 
 impl Session {
@@ -314,7 +317,37 @@ impl Planner {
             (Kind::Write, Tables::Global) => return Ok(self.decision(a, Target::All, st.reason.clone())),
             _ => {}
         }
-        let values = match &st.keys {
+        let positional;
+        let keys = match (&st.keys, &st.positional, &st.tables) {
+            (Keys::None, Some(rows), Tables::Sharded(t)) => {
+                let key = self.map.key_of(t);
+                positional = match session.key_positions.get(t) {
+                    None => return Err(RouteError::KeyPosition { table: t.clone() }),
+                    Some(None) => {
+                        return Err(RouteError::Refused(format!("table {t} has no column {key}, its shard key")))
+                    }
+                    Some(Some(pos)) => {
+                        let mut keys = Vec::with_capacity(rows.len());
+                        for (n, row) in rows.iter().enumerate() {
+                            match row.get(*pos) {
+                                Some(Some(k)) => keys.push(k.clone()),
+                                _ => {
+                                    return Err(RouteError::Refused(format!(
+                                        "INSERT into {t}: row {} gives {key} (column {}) as something other than a value or parameter; compute the key in the client",
+                                        n + 1,
+                                        pos + 1
+                                    )))
+                                }
+                            }
+                        }
+                        Keys::Some(keys)
+                    }
+                };
+                &positional
+            }
+            (keys, _, _) => keys,
+        };
+        let values = match keys {
             Keys::Some(exprs) => self.values(exprs, params)?,
             Keys::None => match &session.shard_key {
                 Some(k) => {

@@ -176,6 +176,9 @@ pub struct StatementAnalysis {
     pub setting: Option<Setting>,
     /// A read: how its shards' answers become the client's when it spans shards.
     pub cross: Cross,
+    /// `INSERT INTO table VALUES (...)` with no column list: each row's values (a literal or parameter, or
+    /// `None` for anything else), to be read at the key's position in the table once that is known.
+    pub positional: Option<Vec<Vec<Option<KeyExpr>>>>,
 }
 
 impl StatementAnalysis {
@@ -194,6 +197,7 @@ impl StatementAnalysis {
             declare: None,
             setting: None,
             cross: Cross::Concat,
+            positional: None,
         }
     }
 }
@@ -620,6 +624,15 @@ impl Ctx<'_> {
             return;
         };
         if let SetExpr::Values(values) = source.body.as_ref() {
+            if ins.columns.is_empty() {
+                // The key's position is the table's: the router looks it up (see `Session::key_positions`).
+                let rows = values
+                    .rows
+                    .iter()
+                    .map(|row| row.content.iter().map(|e| self.key_value(e).ok().flatten()).collect())
+                    .collect();
+                a.positional = Some(rows);
+            }
             let Some(pos) = pos else {
                 a.reason = std::sync::Arc::<str>::from(if ins.columns.is_empty() {
                     format!("INSERT into {table} names no columns, so the position of {key} is unknown")

@@ -180,7 +180,7 @@ shard 2 | | INSERT INTO usage_analytics (user_id, bot_id, tokens) VALUES (42, 'b
 shard 2 | | INSERT INTO message_history (user_id, content) SELECT user_id, content FROM message_history WHERE user_id = 42
 err missing | | INSERT INTO archive SELECT * FROM message_history
 err missing | | INSERT INTO users (name) VALUES ('x')
-err missing | | INSERT INTO users VALUES (42, 'x')
+err position | | INSERT INTO users VALUES (42, 'x')
 err refused | | INSERT INTO users (user_id, name) VALUES (nextval('s'), 'x')
 err refused | | INSERT INTO users (user_id, name) VALUES (DEFAULT, 'x')
 err refused | | INSERT INTO users (user_id, name) VALUES (42, 'x') ON CONFLICT (user_id) DO UPDATE SET user_id = 43
@@ -380,6 +380,7 @@ fn err_kind(e: &RouteError) -> &'static str {
         RouteError::UnknownShard(_) => "unknown",
         RouteError::NoTenant { .. } => "notenant",
         RouteError::Place(_) => "place",
+        RouteError::KeyPosition { .. } => "position",
     }
 }
 
@@ -456,6 +457,32 @@ fn each_table_its_own_key() {
     assert_eq!(d.to_json(p.map())["key"], "id");
     let d = p.decide("SELECT * FROM messages WHERE user_id = 5", &TextParams(Vec::new()), &Session::default()).unwrap();
     assert_eq!(d.to_json(p.map())["key"], "user_id");
+}
+
+#[test]
+fn insert_without_a_column_list_reads_the_key_at_its_position() {
+    let p = planner(TABLE_KEYS);
+    let none = TextParams(Vec::new());
+    let mut session = Session::default();
+    let d = p.decide("INSERT INTO messages VALUES (1, 5, 'x')", &none, &session);
+    assert!(matches!(d, Err(RouteError::KeyPosition { ref table }) if table == "messages"), "{d:?}");
+    session.key_positions.insert("messages".into(), Some(1));
+    session.key_positions.insert("users".into(), Some(0));
+    let at = |v: i64| Target::One(p.map().locate(&KeyValue::Int(v)).unwrap().shard);
+    let d = p.decide("INSERT INTO messages VALUES (1, 5, 'x')", &none, &session).unwrap();
+    assert_eq!(d.target, at(5));
+    let d =
+        p.decide("INSERT INTO messages VALUES (1, $1, 'x')", &TextParams(vec![Some("6".into())]), &session).unwrap();
+    assert_eq!(d.target, at(6));
+    let d = p.decide("INSERT INTO users VALUES (7, 'x'), (11, 'y')", &none, &session).unwrap();
+    assert_eq!(d.target, at(7));
+    let d = p.decide("INSERT INTO users VALUES (7, 'x'), (8, 'y')", &none, &session);
+    assert!(matches!(d, Err(RouteError::SpansShards { .. })), "{d:?}");
+    let d = p.decide("INSERT INTO users VALUES (DEFAULT, 'x')", &none, &session);
+    assert!(matches!(d, Err(RouteError::Refused(ref m)) if m.contains("row 1 gives id")), "{d:?}");
+    session.key_positions.insert("users".into(), None);
+    let d = p.decide("INSERT INTO users VALUES (7, 'x')", &none, &session);
+    assert!(matches!(d, Err(RouteError::Refused(ref m)) if m.contains("has no column id")), "{d:?}");
 }
 
 #[test]

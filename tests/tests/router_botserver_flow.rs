@@ -42,11 +42,13 @@ async fn flow(db: &Client) -> anyhow::Result<Vec<String>> {
         db.execute("INSERT INTO users (id, name) VALUES ($1, $2)", &[&u, &format!("user{}", u % 7)]).await?;
         for s in 0..(u % 3 + 1) {
             let session = u * 100 + s;
-            db.execute(
-                "INSERT INTO user_sessions (id, user_id, title) VALUES ($1, $2, $3)",
-                &[&session, &u, &format!("chat {s}")],
-            )
-            .await?;
+            // No column list: the router reads the key's place (user_id, the second column) from the table.
+            if s % 2 == 0 {
+                db.execute("INSERT INTO user_sessions VALUES ($1, $2, $3)", &[&session, &u, &format!("chat {s}")])
+                    .await?;
+            } else {
+                db.batch_execute(&format!("INSERT INTO user_sessions VALUES ({session}, {u}, 'chat {s}')")).await?;
+            }
             db.execute(
                 "INSERT INTO session_tools (session_id, tool) VALUES ($1, 'search'), ($1, 'calendar')",
                 &[&session],
@@ -66,6 +68,9 @@ async fn flow(db: &Client) -> anyhow::Result<Vec<String>> {
             ));
         }
     }
+    // A table the server does not know: the server's own error.
+    let e = db.batch_execute("INSERT INTO no_such_table VALUES (1, 2)").await.expect_err("no such table");
+    seen.push(format!("{:?}", e.code()));
     // Reports across shards.
     for sql in [
         "SELECT count(*) FROM users",

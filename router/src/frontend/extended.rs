@@ -351,6 +351,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             refuse_session_locks(&analysis)?;
         }
         let stmt = self.stmt(&analysis, &text);
+        if analysis.statements.iter().any(|s| s.positional.is_some()) {
+            self.learn_key_positions(&analysis).await?;
+        }
         let (route, _pass) = self
             .decide(|| {
                 let types = self.statements.get(b.statement).map_or(&[][..], |st| &st.types);

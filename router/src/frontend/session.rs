@@ -162,6 +162,8 @@ pub struct Session<S> {
     /// Session mode: server-side statements the client closed (or `*` for DEALLOCATE ALL), to close on its
     /// connections once they are between exchanges (see `tidy`).
     pub to_close: Vec<String>,
+    /// The schema epoch `route.key_positions` was read in (a schema change through the router forgets them).
+    positions_epoch: u64,
 }
 
 /// A stable hash of a statement's text and parameter types, for server-side statement names.
@@ -216,7 +218,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             copy_statements: false,
             fixed: None,
             to_close: Vec::new(),
+            positions_epoch: 0,
         }
+    }
+
+    /// `INSERT INTO table VALUES (...)` without a column list: the position of the table's key among its
+    /// columns, read from a shard (as the client's search path resolves the name) once per session and
+    /// table, and again after a schema change through the router. A table the server does not know gets the
+    /// server's error.
+    pub async fn learn_key_positions(&mut self, analysis: &Analysis) -> Result<(), Reported> {
+        let epoch = self.backend.backends.schema_epoch.load(std::sync::atomic::Ordering::Relaxed);
+        if self.positions_epoch != epoch {
+            self.route.key_positions.clear();
+            self.positions_epoch = epoch;
+        }
+        for st in &analysis.statements {
+            let (Some(_), shardmap::sql::Tables::Sharded(t)) = (&st.positional, &st.tables) else { continue };
+            if self.route.key_positions.contains_key(t) {
+                continue;
+            }
+            let sql = format!(
+                "SELECT (SELECT count(*) FROM pg_attribute b WHERE b.attrelid = a.attrelid AND b.attnum > 0 \
+                   AND NOT b.attisdropped AND b.attnum < a.attnum) \
+                 FROM pg_attribute a WHERE a.attrelid = {}::regclass AND a.attname = {} AND NOT a.attisdropped",
+                shardmap::sql::quote_literal(&shardmap::sql::quote_ident(t)),
+                shardmap::sql::quote_literal(self.routing.map.key_of(t)),
+            );
+            let dest = self.any_dest(0);
+            let mut p = self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?;
+            let row = p.conn().query_row(&sql).await;
+            let pos = match row {
+                Ok(row) => row.into_iter().next().flatten().and_then(|v| v.parse::<usize>().ok()),
+                Err(crate::backend::conn::BackendError::Server { code, message, .. }) => {
+                    p.release();
+                    return Err(Reported::new(&code, message));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            p.release();
+            self.route.key_positions.insert(t.clone(), pos);
+        }
+        Ok(())
     }
 
     /// The client's startup: one checkout validates its startup settings and gives the server's parameters

@@ -56,6 +56,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             refuse_session_locks(analysis)?;
         }
         let stmt = self.stmt(analysis, text);
+        if analysis.statements.iter().any(|s| s.positional.is_some()) {
+            self.learn_key_positions(analysis).await?;
+        }
         let (route, _pass) =
             self.decide(|| self.routing.planner.decide_shaped(analysis, literals, &self.route)).await?;
         let plan = self.plan(&stmt, &route);
