@@ -490,6 +490,7 @@ impl Planner {
                 let s = self.map.shard_by_name(name).ok_or_else(|| RouteError::UnknownShard(name.clone()))?;
                 Ok(self.decision(a, Target::One(s), format!("hint shard: {name}")))
             }
+            Hint::AllShards => Ok(self.decision(a, Target::All, "hint shards: all")),
             Hint::ShardKey(v) | Hint::Tenant(v) => {
                 let kv = KeyValue::from_text(v, self.map.key_type)
                     .map_err(|why| RouteError::BadKey { value: v.clone(), why })?;

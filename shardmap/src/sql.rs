@@ -124,12 +124,15 @@ pub struct Declare {
     pub hold: bool,
 }
 
-/// A routing hint from a comment: `/* shard_key: 42 */`, `/* shard: name */` or `/* tenant: acme */`.
+/// A routing hint from a comment: `/* shard_key: 42 */`, `/* shard: name */`, `/* tenant: acme */` or
+/// `/* shards: all */`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hint {
     ShardKey(String),
     Shard(String),
     Tenant(String),
+    /// `/* shards: all */`: every shard, as a write (a function that writes global tables).
+    AllShards,
 }
 
 /// `COPY table [(columns)] FROM STDIN`: what the router needs to split rows by key.
@@ -297,6 +300,7 @@ fn find_hint(sql: &str) -> Option<Hint> {
             match name.trim().to_ascii_lowercase().as_str() {
                 "shard_key" | "shard-key" => return Some(Hint::ShardKey(value)),
                 "shard" => return Some(Hint::Shard(value)),
+                "shards" if value.eq_ignore_ascii_case("all") => return Some(Hint::AllShards),
                 "tenant" => return Some(Hint::Tenant(value)),
                 _ => {}
             }
@@ -1367,6 +1371,7 @@ mod tests {
     fn hints() {
         assert_eq!(find_hint("/* shard_key: 42 */ SELECT 1"), Some(Hint::ShardKey("42".into())));
         assert_eq!(find_hint("SELECT 1 /* x */ /* shard: eu */"), Some(Hint::Shard("eu".into())));
+        assert_eq!(find_hint("/* shards: all */ SELECT refresh_bots()"), Some(Hint::AllShards));
         assert_eq!(first_word("  -- c\n /* x */ select"), "select");
     }
 }

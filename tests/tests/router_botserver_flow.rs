@@ -106,6 +106,18 @@ async fn a_botserver_flow_with_a_key_per_table_answers_as_one_postgresql() -> an
         assert_eq!(w, g);
     }
     assert_eq!(want.len(), got.len());
+    // A function that writes a global table runs where its SELECT goes: one shard without a hint, every
+    // shard (one answer) with `/* shards: all */`.
+    let db = c.client().await?;
+    db.batch_execute("CREATE FUNCTION add_bot(int, text) RETURNS int LANGUAGE sql AS 'INSERT INTO bots VALUES ($1, $2) RETURNING $1'").await?;
+    let r = db.query("/* shards: all */ SELECT add_bot(9, 'everywhere')", &[]).await?;
+    assert_eq!(r.len(), 1, "one answer");
+    assert_eq!(r[0].get::<_, i32>(0), 9);
+    for shard in &c.shards {
+        let n: i64 =
+            shard.client("postgres").await?.query_one("SELECT count(*) FROM bots WHERE id = 9", &[]).await?.get(0);
+        assert_eq!(n, 1, "the hint ran it on every shard");
+    }
     // Rows are where their table's key puts them: users by id, session tools by session_id.
     for (i, shard) in c.shards.iter().enumerate() {
         let db = shard.client("postgres").await?;

@@ -535,12 +535,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let mut s = Stmt {
             verb: if single { first.and_then(|s| s.txn.clone()) } else { None },
-            read: analysis.statements.iter().all(|s| s.kind == Kind::Read),
+            // (`/* shards: all */` sends it everywhere as a write: one answer, in an all-shards transaction.)
+            read: analysis.statements.iter().all(|s| s.kind == Kind::Read)
+                && analysis.hint != Some(shardmap::sql::Hint::AllShards),
             declare: if single { first.and_then(|s| s.declare) } else { None },
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),
             unparsed: analysis.parse_error.is_some(),
             single,
-            combine: single && first.is_some_and(|s| s.cross == shardmap::sql::Cross::Combine),
+            combine: single
+                && analysis.hint != Some(shardmap::sql::Hint::AllShards)
+                && first.is_some_and(|s| s.cross == shardmap::sql::Cross::Combine),
             ..Stmt::default()
         };
         if let (true, Some(st)) = (single, first) {
