@@ -314,7 +314,12 @@ impl Planner {
             (Kind::CopyIn, _) => return Ok(self.decision(a, Target::All, st.reason.clone())),
             (Kind::Read, Tables::None | Tables::Global) => return Ok(self.decision(a, Target::Any, st.reason.clone())),
             (_, Tables::None) => return Ok(self.decision(a, Target::Any, st.reason.clone())),
-            (Kind::Write, Tables::Global) => return Ok(self.decision(a, Target::All, st.reason.clone())),
+            (Kind::Write, Tables::Global) => {
+                if let Some(why) = &st.global_refusal {
+                    return Err(RouteError::Refused(why.clone()));
+                }
+                return Ok(self.decision(a, Target::All, st.reason.clone()));
+            }
             _ => {}
         }
         let positional;

@@ -25,8 +25,10 @@ use crate::value::{KeyType, KeyValue};
 
 mod combine;
 mod cross;
+mod global;
 pub use combine::{plan as combine_plan, Column, CombinePlan, Source};
 pub use cross::{is_aggregate, Cross, COMBINABLE};
+pub use global::{global_insert, GlobalInsert};
 
 /// Deepest expression or query nesting the parser accepts; deeper input is refused with a clear error.
 pub const RECURSION_LIMIT: usize = 64;
@@ -182,6 +184,11 @@ pub struct StatementAnalysis {
     /// `INSERT INTO table VALUES (...)` with no column list: each row's values (a literal or parameter, or
     /// `None` for anything else), to be read at the key's position in the table once that is known.
     pub positional: Option<Vec<Vec<Option<KeyExpr>>>>,
+    /// An INSERT into a global table: it runs on one shard first, and the rows it wrote go to the others
+    /// (see `sql::global`).
+    pub global_insert: bool,
+    /// A write to a global table that cannot leave every copy identical (see `global_write`).
+    pub global_refusal: Option<String>,
 }
 
 impl StatementAnalysis {
@@ -201,6 +208,8 @@ impl StatementAnalysis {
             setting: None,
             cross: Cross::Concat,
             positional: None,
+            global_insert: false,
+            global_refusal: None,
         }
     }
 }
@@ -240,6 +249,7 @@ pub fn analyze_keys(
                 .map(|s| {
                     let mut a = ctx.statement(s);
                     a.session_lock = takes_session_lock(s);
+                    ctx.global_write(s, &mut a);
                     if let Some(bad) = ctx.bad_literal.borrow_mut().take() {
                         a.refusal.get_or_insert(bad);
                     }
@@ -512,6 +522,52 @@ impl Ctx<'_> {
             }
         }
         a
+    }
+
+    /// A write to a global table must leave every copy identical: it may not read sharded tables (each
+    /// shard would write from its own part); UPDATE and DELETE may not call functions whose value differs
+    /// between copies; an INSERT is marked to run on one shard first (its rows then copied to the others).
+    fn global_write(&self, s: &Statement, a: &mut StatementAnalysis) {
+        if a.kind != Kind::Write || a.tables != Tables::Global || a.refusal.is_some() {
+            return;
+        }
+        let verb = match s {
+            Statement::Insert(_) => "INSERT into",
+            Statement::Update(_) => "UPDATE of",
+            Statement::Delete(_) => "DELETE from",
+            _ => "a write to",
+        };
+        struct Sharded<'c, 'a>(&'c Ctx<'a>, Option<String>);
+        impl Visitor for Sharded<'_, '_> {
+            type Break = ();
+            fn pre_visit_relation(&mut self, name: &ObjectName) -> ControlFlow<()> {
+                if let Some(t) = table_name(name) {
+                    if !is_catalog(name, &t) && !self.0.global.contains(&t) {
+                        self.1 = Some(t);
+                        return ControlFlow::Break(());
+                    }
+                }
+                ControlFlow::Continue(())
+            }
+        }
+        let mut v = Sharded(self, None);
+        let _ = s.visit(&mut v);
+        if let Some(t) = v.1 {
+            a.global_refusal = Some(format!(
+                "{verb} a global table reading the sharded table {t}: each shard would write from its own part of {t}, and the copies would differ; read the rows in the client and write them"
+            ));
+            return;
+        }
+        match s {
+            Statement::Insert(_) => a.global_insert = true,
+            _ => {
+                if let Some(f) = global::volatile_call(s) {
+                    a.global_refusal = Some(format!(
+                        "{verb} a global table calling {f}(), whose value would differ between the shards' copies; compute the value in the client and pass it as a literal or parameter"
+                    ));
+                }
+            }
+        }
     }
 
     /// Whether assignments (`SET a = ..., (b, c) = ...`) set the shard key.

@@ -215,8 +215,14 @@ shard 2 | | DELETE FROM message_history WHERE user_id = 42 AND session_id IN (SE
 err missing | | DELETE FROM message_history
 err missing | | DELETE FROM message_history WHERE created_at < now() - interval '30 days'
 all | | DELETE FROM tools WHERE bot_id = 'b1'
-all | | UPDATE bots SET owner = u.name FROM users u WHERE u.user_id = 42 AND bots.id = u.bot_id
-all | | DELETE FROM bots USING users u WHERE u.user_id = 42 AND bots.id = u.bot_id
+err refused | | UPDATE bots SET owner = u.name FROM users u WHERE u.user_id = 42 AND bots.id = u.bot_id
+# global tables stay identical
+all | | INSERT INTO bots (id, name, created_at) VALUES (gen_random_uuid(), 'x', now())
+all | | UPDATE bots SET name = upper(name) WHERE id = 'b1'
+err refused | | UPDATE bots SET seen = now() WHERE id = 'b1'
+err refused | | DELETE FROM bots WHERE random() < 0.5
+err refused | | INSERT INTO bots (id, name) SELECT bot_id, name FROM users
+err refused | | DELETE FROM bots USING users u WHERE u.user_id = 42 AND bots.id = u.bot_id
 shard 2 | | DELETE FROM message_history m USING user_sessions s WHERE s.id = m.session_id AND m.user_id = 42
 any | | UPDATE pg_catalog.pg_settings SET setting = '1' WHERE name = 'x'
 # hints and session keys

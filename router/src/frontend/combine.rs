@@ -19,9 +19,9 @@ use crate::net::proto;
 use crate::net::Reported;
 
 /// The most values the final query can take as parameters (the protocol counts them in 16 bits).
-const MAX_VALUES: usize = 65_535;
+pub(super) const MAX_VALUES: usize = 65_535;
 /// The most bytes of shards' rows held for one combined read.
-const MAX_BYTES: usize = 256 << 20;
+pub(super) const MAX_BYTES: usize = 256 << 20;
 
 /// What the client sent with the statement, and what it expects back.
 pub struct ClientPart<'a> {
@@ -37,7 +37,7 @@ pub struct ClientPart<'a> {
     pub order: &'a [(u8, u8)],
 }
 
-fn format_of(formats: &[i16], k: usize) -> i16 {
+pub(super) fn format_of(formats: &[i16], k: usize) -> i16 {
     match formats {
         [] => 0,
         [one] => *one,
@@ -60,6 +60,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let order = [(b'D', b'P'), (b'E', 0)];
         let c = ClientPart { params: &[], param_formats: &[], param_types: &[], result_formats: &[], order: &order };
         self.combine_on(&links, text, &c).await?;
+        self.sync_links(&links, every).await
+    }
+
+    /// Syncs `links` after an exchange left open (combined reads, global inserts): their ReadyForQuery
+    /// statuses settle the transaction (`every`: the all-shards transaction's links), then one ReadyForQuery
+    /// answers the client.
+    pub async fn sync_links(&mut self, links: &[usize], every: bool) -> Result<(), Failure> {
+        let links = links.to_vec();
         for &i in &links {
             let conn = self.links.get(i).conn.conn();
             proto::put(&mut conn.io.wbuf, b'S', |_| {});

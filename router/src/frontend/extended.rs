@@ -474,10 +474,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 synthesize(&mut self.io.wbuf, seg, "ROLLBACK");
                 return Ok(Seg::Next);
             }
+            To::GlobalInsert { every, open, shards } => {
+                if open {
+                    let db = d.and_then(|d| d.database.clone());
+                    for shard in self.routing.map.all().collect::<Vec<_>>() {
+                        let i = self.link(&Dest { shard, db: db.clone() }).await?;
+                        self.replay_extended(i, pending)?;
+                    }
+                    self.txn.opened_all();
+                }
+                self.drain(pending).await?;
+                if self.group_failed {
+                    // A replayed statement failed: the server skips the rest of the group, so does the router.
+                    return Ok(Seg::Next);
+                }
+                let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
+                let ok = self.client_segment(&links, seg, &effect.text, true).await?;
+                effect.dest = self.links.get(links[0]).dest.clone();
+                self.group_effects.push(effect);
+                if !ok {
+                    self.txn.error_inside();
+                    self.fail_group_inner();
+                }
+                return Ok(Seg::Next);
+            }
             To::Combine { every, shards } => {
                 self.drain(pending).await?;
                 let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
-                let ok = self.combine_segment(&links, seg, &effect.text).await?;
+                let ok = self.client_segment(&links, seg, &effect.text, false).await?;
                 effect.dest = self.links.get(links[0]).dest.clone();
                 self.group_effects.push(effect);
                 if !ok {
@@ -556,9 +580,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
-    /// A statement's segment whose rows are combined across `links` (see `combine`): the client's messages
-    /// answered in order, its parameters and formats used.
-    async fn combine_segment(&mut self, links: &[usize], seg: &[Msg], text: &str) -> Result<bool, Failure> {
+    /// A statement's segment run by the router on several `links`: a read whose rows are combined (see
+    /// `combine`) or an INSERT into a global table (`global`, see `global`); the client's messages answered in
+    /// order, its parameters and formats used.
+    async fn client_segment(
+        &mut self,
+        links: &[usize],
+        seg: &[Msg],
+        text: &str,
+        global: bool,
+    ) -> Result<bool, Failure> {
         let bind = seg.iter().find(|m| m.tag == b'B').expect("a statement's segment has a Bind");
         let b = proto::read_bind(bind.body()).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
         let types = self.statements.get(b.statement).map(|st| st.types.clone()).unwrap_or_default();
@@ -588,6 +619,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             result_formats: &results,
             order: &order,
         };
+        if global {
+            return self.global_insert_on(links, text, &c).await;
+        }
         self.combine_on(links, text, &c).await
     }
 

@@ -5,6 +5,7 @@
 pub mod combine;
 pub mod copy;
 pub mod extended;
+pub mod global;
 pub mod links;
 pub mod merge;
 pub mod session;

@@ -507,6 +507,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match plan {
             Plan::Run(To::Fan(shards)) if stmt.combine => Plan::Run(To::Combine { every: false, shards }),
             Plan::Run(To::AllEvery) if stmt.combine => Plan::Run(To::Combine { every: true, shards: Vec::new() }),
+            Plan::Run(To::Fan(shards)) if stmt.global_insert => {
+                Plan::Run(To::GlobalInsert { every: false, open: false, shards })
+            }
+            Plan::Run(To::AllEvery) if stmt.global_insert => {
+                Plan::Run(To::GlobalInsert { every: true, open: false, shards: Vec::new() })
+            }
+            Plan::Run(To::OpenAll) if stmt.global_insert => {
+                Plan::Run(To::GlobalInsert { every: true, open: true, shards: Vec::new() })
+            }
             Plan::Run(to) => Plan::Run(self.cursor_home(to, stmt)),
             other => other,
         }
@@ -542,6 +551,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),
             unparsed: analysis.parse_error.is_some(),
             single,
+            global_insert: single && first.is_some_and(|s| s.global_insert),
             combine: single
                 && analysis.hint != Some(shardmap::sql::Hint::AllShards)
                 && first.is_some_and(|s| s.cross == shardmap::sql::Cross::Combine),

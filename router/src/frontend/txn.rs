@@ -55,6 +55,8 @@ pub struct Stmt {
     pub single: bool,
     /// A read whose rows the router combines when it spans shards (aggregates, ORDER BY, LIMIT...).
     pub combine: bool,
+    /// An INSERT into a global table (run on one shard, its rows copied to the others).
+    pub global_insert: bool,
     /// The command tag a queued statement is answered with (`SET`, `SAVEPOINT`...).
     pub tag: String,
     /// The cursor a DECLARE, FETCH, MOVE or CLOSE names.
@@ -118,6 +120,9 @@ pub enum To {
     /// A read whose rows the router combines (aggregates, ORDER BY, LIMIT...): on these shards outside any
     /// transaction (or outside the held one), or on every connection of the all-shards transaction (`every`).
     Combine { every: bool, shards: Vec<ShardId> },
+    /// An INSERT into a global table: on these shards outside any transaction, or on every connection of the
+    /// all-shards transaction (`every`), which it opens first when it is held (`open`).
+    GlobalInsert { every: bool, open: bool, shards: Vec<ShardId> },
     /// COMMIT of a transaction the router failed: ROLLBACK on its connections, answered "ROLLBACK".
     RollbackInstead,
     /// COMMIT PREPARED / ROLLBACK PREPARED: where that transaction was prepared.

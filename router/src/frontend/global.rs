@@ -1,0 +1,249 @@
+//! INSERT into a global table (`shardmap::sql::global`): the first shard runs the client's statement and
+//! returns every column of the rows it wrote; the other shards insert exactly those rows (their values as
+//! typed parameters, the client's ON CONFLICT and RETURNING kept), so that defaults and volatile calls
+//! (`gen_random_uuid()`, `now()`, `nextval()`) are evaluated once and every copy is identical. The shards'
+//! row counts must agree; otherwise the client gets an error and the write is undone (no connection has
+//! been synced yet: outside a transaction they are closed, which rolls their part back; inside, the
+//! transaction is failed). The client's answer is the second shard's (RETURNING evaluated over the same
+//! rows), sent only once every shard has answered.
+
+use bytes::Bytes;
+use shardmap::sql::global_insert;
+use shardmap::{Decision, ShardId};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::combine::{ClientPart, MAX_BYTES, MAX_VALUES};
+use super::session::{Failure, Session};
+use crate::net::proto;
+use crate::net::Reported;
+
+/// The row count of a CommandComplete body (`INSERT 0 3` → 3).
+fn count(tag: &[u8]) -> Option<u64> {
+    let tag = std::str::from_utf8(tag.strip_suffix(&[0]).unwrap_or(tag)).ok()?;
+    proto::command_rows(tag).map(|(_, n)| n)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A simple Query inserting into a global table: on `shards` outside a transaction, or on every
+    /// connection of the all-shards transaction (`every`); then each connection is synced (or, after a
+    /// failure outside a transaction, closed) and one ReadyForQuery answers the client.
+    pub async fn global_simple(
+        &mut self,
+        every: bool,
+        shards: Vec<ShardId>,
+        text: &str,
+        d: Option<&Decision>,
+    ) -> Result<(), Failure> {
+        let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
+        let order = [(b'D', b'p'), (b'E', 0)];
+        let c = ClientPart { params: &[], param_formats: &[], param_types: &[], result_formats: &[], order: &order };
+        let ok = self.global_insert_on(&links, text, &c).await?;
+        if !ok && !every {
+            // Nothing was committed anywhere: closing the connections rolls every part back.
+            let mut sorted = links.clone();
+            sorted.sort_unstable();
+            for i in sorted.into_iter().rev() {
+                drop(self.links.remove(i));
+            }
+            self.ready_for_query();
+            return self.io.flush().await.map_err(|e| Failure::Fatal(e.into()));
+        }
+        if !ok {
+            self.txn.error_inside();
+        }
+        self.sync_links(&links, every).await
+    }
+
+    /// Runs an INSERT into a global table on `links` (see the module doc). `Ok(false)`: an error was
+    /// written for the client; the links are still to be synced or closed by the caller.
+    pub async fn global_insert_on(&mut self, links: &[usize], text: &str, c: &ClientPart<'_>) -> Result<bool, Failure> {
+        let plan = global_insert(text).map_err(|why| {
+            Reported::unsupported(format!(
+                "{why} is not supported: a write to a global table must leave every shard's copy identical"
+            ))
+        })?;
+        let describe_stmt = c.order.iter().any(|&(t, k)| t == b'D' && k == b'S');
+        let first = links[0];
+        {
+            let l = self.links.get(first);
+            l.pending = true;
+            let buf = &mut l.conn.conn().io.wbuf;
+            proto::write_parse_bytes(buf, "", &self.encoding.encode(&plan.first_sql), c.param_types);
+            if describe_stmt {
+                proto::describe_unnamed(buf, b'S');
+            }
+            proto::write_bind(buf, "", "", c.param_formats, c.params, &[]);
+            proto::describe_unnamed(buf, b'P');
+            proto::execute_unnamed(buf);
+            proto::flush(buf);
+        }
+        if let Err(e) = self.links.get(first).conn.conn().flush().await {
+            return Err(self.merge_broken(links, e.into()).into());
+        }
+        let (mut desc, mut param_desc, mut rows) = (None::<Bytes>, None::<Bytes>, Vec::<Bytes>::new());
+        let mut bytes = 0usize;
+        let written = loop {
+            let m = match self.links.get(first).conn.conn().read().await {
+                Ok(m) => m,
+                Err(e) => return Err(self.merge_broken(links, e.into()).into()),
+            };
+            match m.tag {
+                b't' => param_desc = Some(m.frame),
+                b'T' => desc = Some(m.frame),
+                b'D' => {
+                    bytes += m.frame.len();
+                    rows.push(m.frame);
+                }
+                b'C' => break count(m.body()),
+                b'E' => {
+                    self.links.get(first).errored = true;
+                    self.io.push(&m.frame);
+                    return Ok(false);
+                }
+                b'N' | b'S' | b'A' => self.io.push(&m.frame),
+                _ => {}
+            }
+        };
+        let Some(fields) = desc.as_ref().and_then(|d| proto::row_fields(&d[5..])) else {
+            proto::error(&mut self.io.wbuf, "ERROR", "XX000", "the first shard did not describe the rows it wrote");
+            return Ok(false);
+        };
+        let width = fields.len();
+        if bytes > MAX_BYTES || rows.len().max(1) * width > MAX_VALUES {
+            let message = format!(
+                "the INSERT into a global table wrote {} rows of {width} columns on the first shard; at most {MAX_VALUES} values are copied to the others in one statement: insert fewer rows at a time",
+                rows.len()
+            );
+            proto::error(&mut self.io.wbuf, "ERROR", "54000", &message);
+            return Ok(false);
+        }
+        let names: Vec<&str> = fields.iter().map(|f| f.name).collect();
+        let others_sql = plan.others_sql(&names, rows.len());
+        let mut types = Vec::with_capacity(rows.len().max(1) * width);
+        let mut vals: Vec<Option<&[u8]>> = Vec::with_capacity(types.capacity());
+        for r in &rows {
+            let Some(row) = proto::data_row_values(&r[5..]).filter(|v| v.len() == width) else {
+                proto::error(&mut self.io.wbuf, "ERROR", "08P01", "malformed DataRow from a shard");
+                return Ok(false);
+            };
+            for (f, v) in fields.iter().zip(row) {
+                types.push(f.type_oid);
+                vals.push(v);
+            }
+        }
+        if rows.is_empty() {
+            for f in &fields {
+                types.push(f.type_oid);
+                vals.push(None);
+            }
+        }
+        let formats = vec![0i16; vals.len()];
+        let others_sql = self.encoding.encode(&others_sql).into_owned();
+        for (n, &i) in links[1..].iter().enumerate() {
+            let l = self.links.get(i);
+            l.pending = true;
+            let buf = &mut l.conn.conn().io.wbuf;
+            proto::write_parse_bytes(buf, "", &others_sql, &types);
+            proto::write_bind(buf, "", "", &formats, &vals, if n == 0 { c.result_formats } else { &[] });
+            proto::describe_unnamed(buf, b'P');
+            proto::execute_unnamed(buf);
+            proto::flush(buf);
+            if let Err(e) = l.conn.conn().flush().await {
+                return Err(self.merge_broken(links, e.into()).into());
+            }
+        }
+        drop(vals);
+        // The second shard's answer is the client's (held until every shard agreed).
+        let (mut answer_desc, mut answer_rows, mut answer_tag) = (None::<Bytes>, Vec::<Bytes>::new(), None::<Bytes>);
+        let mut error: Option<Bytes> = None;
+        let mut disagree: Option<String> = None;
+        let shard_names: Vec<String> = links
+            .iter()
+            .map(|&i| {
+                self.links.iter().nth(i).map(|l| self.routing.map.node(l.dest.shard).name.clone()).unwrap_or_default()
+            })
+            .collect();
+        for (n, &i) in links[1..].iter().enumerate() {
+            loop {
+                let m = match self.links.get(i).conn.conn().read().await {
+                    Ok(m) => m,
+                    Err(e) => return Err(self.merge_broken(links, e.into()).into()),
+                };
+                match m.tag {
+                    b'T' | b'n' if n == 0 => answer_desc = Some(m.frame),
+                    b'D' if n == 0 => answer_rows.push(m.frame),
+                    b'C' => {
+                        let got = count(m.body());
+                        if got != written && disagree.is_none() {
+                            let name = |k: usize| shard_names[k].clone();
+                            disagree = Some(format!(
+                                "the copies of a global table differ: the INSERT wrote {} rows on shard {} and {} on shard {}; it was undone on every shard (make the copies identical again, then retry)",
+                                written.unwrap_or(0),
+                                name(0),
+                                got.unwrap_or(0),
+                                name(n + 1)
+                            ));
+                        }
+                        if n == 0 {
+                            answer_tag = Some(m.frame);
+                        }
+                        break;
+                    }
+                    b'E' => {
+                        self.links.get(i).errored = true;
+                        error.get_or_insert(m.frame);
+                        break;
+                    }
+                    b'N' | b'S' | b'A' => self.io.push(&m.frame),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(e) = error {
+            self.io.push(&e);
+            return Ok(false);
+        }
+        if let Some(why) = disagree {
+            proto::error(&mut self.io.wbuf, "ERROR", "55000", &why);
+            return Ok(false);
+        }
+        for &(tag, kind) in c.order {
+            match (tag, kind) {
+                (b'P', _) => proto::parse_complete(&mut self.io.wbuf),
+                (b'B', _) => proto::put(&mut self.io.wbuf, b'2', |_| {}),
+                (b'C', _) => proto::close_complete(&mut self.io.wbuf),
+                (b'D', b'S') => {
+                    if let Some(p) = &param_desc {
+                        self.io.push(p);
+                    }
+                    match answer_desc.as_ref().and_then(|d| proto::row_fields(&d[5..])) {
+                        Some(f) => {
+                            let f: Vec<(Vec<u8>, i16)> = f.iter().map(|f| (f.raw.to_vec(), 0)).collect();
+                            proto::write_row_description(&mut self.io.wbuf, &f);
+                        }
+                        None => proto::put(&mut self.io.wbuf, b'n', |_| {}),
+                    }
+                }
+                (b'D', b'P') => {
+                    if let Some(d) = &answer_desc {
+                        self.io.push(d);
+                    }
+                }
+                // The simple protocol: a description only when there are rows to describe.
+                (b'D', _) => {
+                    if let Some(d) = answer_desc.as_ref().filter(|d| d[0] == b'T') {
+                        self.io.push(d);
+                    }
+                }
+                _ => break,
+            }
+        }
+        for r in &answer_rows {
+            self.io.push(r);
+        }
+        if let Some(t) = &answer_tag {
+            self.io.push(t);
+        }
+        Ok(true)
+    }
+}
