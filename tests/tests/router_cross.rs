@@ -229,6 +229,10 @@ fn corpus() -> Vec<Case> {
     }
     let fixed = [
         "SELECT count(*) FROM users",
+        "SELECT user_id, ARRAY[age, bot_id] AS pair FROM users ORDER BY user_id LIMIT 20",
+        "SELECT json_build_object('id', user_id, 'name', name) AS j FROM users ORDER BY user_id DESC LIMIT 7",
+        "SELECT role, max(created_at) - min(created_at) AS span FROM messages GROUP BY role ORDER BY role",
+        "SELECT name, count(*) FROM users WHERE name LIKE '%e%' OR name = '' GROUP BY name ORDER BY name",
         "SELECT * FROM messages ORDER BY big",
         "SELECT user_id, id, content FROM messages ORDER BY created_at DESC, user_id, id",
         "SELECT count(*), sum(tokens) FROM messages WHERE tokens IS NULL",

@@ -10,7 +10,7 @@
 //! extended protocol at the client's Sync, as for any statement of its sync group.
 
 use bytes::Bytes;
-use shardmap::sql::{combine_plan, Column, Source};
+use shardmap::sql::{array_literal, array_oid, combine_plan, Column, Source};
 use shardmap::{Decision, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -147,8 +147,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
 
-        // Every shard's rows (as their DataRow frames), its description, the first error.
-        let mut rows: Vec<Bytes> = Vec::new();
+        // Every shard's rows (their DataRow bodies copied into one arena: views of the connections' read
+        // buffers would pin those buffers), its description, the first error.
+        let mut arena: Vec<u8> = Vec::new();
+        let mut rows: Vec<std::ops::Range<usize>> = Vec::new();
         let mut desc: Option<Bytes> = None;
         let mut param_desc: Option<Bytes> = None;
         let mut error: Option<Bytes> = None;
@@ -168,7 +170,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             too_big = true;
                         }
                         if !too_big {
-                            rows.push(m.frame);
+                            let start = arena.len();
+                            arena.extend_from_slice(m.body());
+                            rows.push(start..arena.len());
                         }
                     }
                     b'C' => break,
@@ -195,8 +199,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(false);
         };
         let width = fields.len();
+        // The shards' rows go to the final query as one array per column when every column's type has a
+        // known array type (unbounded but by MAX_BYTES), else as VALUES of single parameters.
+        let arrays = fields.iter().all(|f| array_oid(f.type_oid).is_some());
         let values = rows.len().max(1) * width + plan.final_params.len();
-        if too_big || values > MAX_VALUES {
+        if too_big || (!arrays && values > MAX_VALUES) {
             let message = format!(
                 "the rows to combine across shards are too many ({} rows of {width} columns, {} MB; at most {MAX_VALUES} values and {} MB): add a LIMIT, narrow the query, or add a {key} condition",
                 rows.len(),
@@ -207,7 +214,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(false);
         }
         let columns: Vec<Column<'_>> = fields.iter().map(|f| Column { name: f.name, type_oid: f.type_oid }).collect();
-        let final_sql = match plan.final_sql(&columns, rows.len()) {
+        let final_sql = if arrays { plan.final_sql_arrays(&columns) } else { plan.final_sql(&columns, rows.len()) };
+        let final_sql = match final_sql {
             Ok(s) => s,
             Err(why) => {
                 let message = format!(
@@ -227,18 +235,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             formats.push(format_of(c.param_formats, k));
             vals.push(c.params.get(k).copied().flatten());
         }
+        let mut parsed = Vec::with_capacity(rows.len());
         for r in &rows {
-            let Some(row) = proto::data_row_values(&r[5..]).filter(|v| v.len() == width) else {
+            let Some(row) = proto::data_row_values(&arena[r.clone()]).filter(|v| v.len() == width) else {
                 proto::error(&mut self.io.wbuf, "ERROR", "08P01", "malformed DataRow from a shard");
                 return Ok(false);
             };
-            for (f, v) in fields.iter().zip(row) {
-                types.push(f.type_oid);
+            parsed.push(row);
+        }
+        let literals: Vec<Vec<u8>> = if arrays {
+            (0..width).map(|c| array_literal(parsed.iter().map(|row| row[c]))).collect()
+        } else {
+            Vec::new()
+        };
+        if arrays {
+            for (f, lit) in fields.iter().zip(&literals) {
+                types.push(array_oid(f.type_oid).unwrap_or(0));
                 formats.push(0);
-                vals.push(v);
+                vals.push(Some(lit));
+            }
+        } else {
+            for row in &parsed {
+                for (f, v) in fields.iter().zip(row) {
+                    types.push(f.type_oid);
+                    formats.push(0);
+                    vals.push(*v);
+                }
             }
         }
-        if rows.is_empty() {
+        if rows.is_empty() && !arrays {
             for f in &fields {
                 types.push(f.type_oid);
                 formats.push(0);

@@ -530,23 +530,38 @@ impl CombinePlan {
     /// `$k+1...` after the client's `k` = `final_params.len()`, row by row. With no rows, one row of NULLs
     /// that no clause lets through.
     pub fn final_sql(&self, columns: &[Column<'_>], rows: usize) -> Result<String, String> {
+        self.final_sql_from(columns, rows, false)
+    }
+
+    /// Like [`CombinePlan::final_sql`], but the shards' rows come as one array parameter per column
+    /// (`$k+1...`, typed [`array_oid`] of the column's type: see [`array_literal`]), unnested together, so that
+    /// their number is not bounded by the protocol's 65,535 parameters.
+    pub fn final_sql_arrays(&self, columns: &[Column<'_>]) -> Result<String, String> {
+        self.final_sql_from(columns, 0, true)
+    }
+
+    fn final_sql_from(&self, columns: &[Column<'_>], rows: usize, arrays: bool) -> Result<String, String> {
         let n = columns.len();
         let visible = n.checked_sub(self.hidden).ok_or("the shards' rows have fewer columns than planned")?;
         let first = self.final_params.len() + 1;
-        let mut values = String::with_capacity(rows.max(1) * n * 6);
-        for r in 0..rows.max(1) {
-            values.push_str(if r == 0 { "(" } else { ",(" });
-            for c in 0..n {
-                if c > 0 {
-                    values.push(',');
-                }
-                values.push_str(&format!("${}", first + r * n + c));
-            }
-            values.push(')');
-        }
         let names: Vec<String> = (1..=n).map(|k| format!("c{k}")).collect();
-        let from =
-            format!(" FROM (VALUES {values}) AS p({}){}", names.join(","), if rows == 0 { " WHERE false" } else { "" });
+        let from = if arrays {
+            let params: Vec<String> = (0..n).map(|c| format!("${}", first + c)).collect();
+            format!(" FROM unnest({}) AS p({})", params.join(", "), names.join(","))
+        } else {
+            let mut values = String::with_capacity(rows.max(1) * n * 6);
+            for r in 0..rows.max(1) {
+                values.push_str(if r == 0 { "(" } else { ",(" });
+                for c in 0..n {
+                    if c > 0 {
+                        values.push(',');
+                    }
+                    values.push_str(&format!("${}", first + r * n + c));
+                }
+                values.push(')');
+            }
+            format!(" FROM (VALUES {values}) AS p({}){}", names.join(","), if rows == 0 { " WHERE false" } else { "" })
+        };
         match &self.mode {
             Mode::Rows { distinct, order, tail } => {
                 let cols: Vec<String> = columns[..visible]
@@ -616,6 +631,64 @@ impl CombinePlan {
                 .collect(),
         }
     }
+}
+
+/// The OID of the array type of a built-in scalar type (`None` for others: their rows go as VALUES).
+pub fn array_oid(type_oid: u32) -> Option<u32> {
+    Some(match type_oid {
+        16 => 1000,   // bool
+        17 => 1001,   // bytea
+        18 => 1002,   // char
+        19 => 1003,   // name
+        20 => 1016,   // int8
+        21 => 1005,   // int2
+        23 => 1007,   // int4
+        25 => 1009,   // text
+        26 => 1028,   // oid
+        114 => 199,   // json
+        700 => 1021,  // float4
+        701 => 1022,  // float8
+        790 => 791,   // money
+        869 => 1041,  // inet
+        1042 => 1014, // bpchar
+        1043 => 1015, // varchar
+        1082 => 1182, // date
+        1083 => 1183, // time
+        1114 => 1115, // timestamp
+        1184 => 1185, // timestamptz
+        1186 => 1187, // interval
+        1266 => 1270, // timetz
+        1700 => 1231, // numeric
+        2950 => 2951, // uuid
+        3802 => 3807, // jsonb
+        _ => return None,
+    })
+}
+
+/// An array literal of values in text format (`{"a","b\"c",NULL}`): every element quoted, `"` and `\`
+/// escaped, NULL as NULL.
+pub fn array_literal<'v>(values: impl Iterator<Item = Option<&'v [u8]>>) -> Vec<u8> {
+    let mut out = vec![b'{'];
+    for (i, v) in values.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match v {
+            None => out.extend_from_slice(b"NULL"),
+            Some(v) => {
+                out.push(b'"');
+                for &b in v {
+                    if b == b'"' || b == b'\\' {
+                        out.push(b'\\');
+                    }
+                    out.push(b);
+                }
+                out.push(b'"');
+            }
+        }
+    }
+    out.push(b'}');
+    out
 }
 
 /// An aggregate's final form over the shards' partial columns, by the partials' types.
@@ -697,6 +770,17 @@ mod tests {
             f,
             "SELECT p.c1 AS \"id\", p.c2 AS \"name\" FROM (VALUES ($1,$2,$3)) AS p(c1,c2,c3) ORDER BY p.c3 DESC NULLS LAST, p.c2 LIMIT 10 OFFSET 20"
         );
+    }
+
+    #[test]
+    fn rows_as_arrays() {
+        let p = plan("SELECT id FROM t ORDER BY id LIMIT 5").unwrap();
+        assert_eq!(
+            p.final_sql_arrays(&cols(&[("id", 20)])).unwrap(),
+            "SELECT p.c1 AS \"id\" FROM unnest($1) AS p(c1) ORDER BY p.c1 LIMIT 5"
+        );
+        let vals: Vec<Option<&[u8]>> = vec![Some(b"a\"b"), None, Some(b"c\\d"), Some(b"NULL"), Some(b"")];
+        assert_eq!(array_literal(vals.into_iter()), b"{\"a\\\"b\",NULL,\"c\\\\d\",\"NULL\",\"\"}".to_vec());
     }
 
     #[test]
