@@ -134,7 +134,7 @@ combine | | SELECT count(*) FROM users WHERE user_id IN (1, 2, 3)
 combine | | SELECT user_id, count(*) FROM message_history GROUP BY user_id ORDER BY 2 DESC LIMIT 3
 combine | | SELECT count(*) FROM users u JOIN user_sessions s ON s.user_id = u.user_id
 combine | | SELECT b.name, count(*) FROM users u JOIN bots b ON b.id = u.bot_id GROUP BY b.name
-err refused | | SELECT count(DISTINCT role) FROM message_history
+combine | | SELECT count(DISTINCT role) FROM message_history
 err refused | | SELECT string_agg(content, ',') FROM message_history
 err refused | | SELECT array_agg(id ORDER BY id) FROM message_history
 err refused | | SELECT stddev(tokens) FROM message_history

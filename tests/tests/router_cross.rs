@@ -249,8 +249,12 @@ fn corpus() -> Vec<Case> {
         "SELECT name, count(*) FROM users GROUP BY name ORDER BY name NULLS LAST",
         "SELECT nick, count(*) FROM users GROUP BY nick ORDER BY count(*) DESC, nick",
         "SELECT user_id FROM users WHERE bot_id IN (SELECT id FROM bots WHERE name = 'bot1') ORDER BY user_id",
-        // Refused: no combination of per-shard answers is the answer.
         "SELECT count(DISTINCT role) FROM messages",
+        "SELECT role, count(DISTINCT user_id), sum(DISTINCT user_id), avg(DISTINCT user_id) FROM messages GROUP BY role ORDER BY role",
+        "SELECT count(DISTINCT tokens) FROM messages WHERE tokens > 300",
+        "SELECT count(DISTINCT name) AS names FROM users HAVING count(DISTINCT name) > 1",
+        // Refused: no combination of per-shard answers is the answer.
+        "SELECT count(DISTINCT role), count(*) FROM messages",
         "SELECT string_agg(role, ',' ORDER BY role) FROM messages WHERE user_id < 3",
         "SELECT user_id, row_number() OVER (ORDER BY created_at, user_id) FROM users ORDER BY user_id",
         "SELECT role FROM messages UNION SELECT name FROM users ORDER BY 1",

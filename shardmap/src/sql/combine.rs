@@ -88,6 +88,8 @@ struct Item {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AggKind {
+    /// `name(DISTINCT x)`, finished as itself over the shards' distinct values.
+    Distinct(&'static str),
     Count,
     Sum,
     Min,
@@ -134,6 +136,8 @@ pub fn plan(sql: &str) -> Result<CombinePlan, String> {
 struct Planning {
     /// Client parameters the final query uses, in order (zero-based).
     params: Vec<usize>,
+    /// DISTINCT aggregates: the column of the shards' rows holding the distinct values.
+    distinct_col: Option<usize>,
 }
 
 impl Planning {
@@ -260,6 +264,35 @@ impl Planning {
         let group_text: Vec<String> = group_exprs.iter().map(|g| g.to_string()).collect();
         let mut partial: Vec<SelectItem> = group_exprs.iter().map(|g| SelectItem::UnnamedExpr(g.clone())).collect();
         let mut aggs = Vec::new();
+        // DISTINCT aggregates (`count(DISTINCT x)`): each shard returns its groups' distinct x, and the final
+        // query aggregates the distinct values of all shards. Every aggregate must then be over DISTINCT x.
+        let mut calls: Vec<ast::Function> = Vec::new();
+        let having = select.having.clone();
+        for e in projection.iter().filter_map(item_expr).chain(having.as_ref()).chain(order.iter().map(|o| &o.expr)) {
+            super::cross::calls(e, |f| {
+                if f.over.is_none() && is_aggregate(&function_name(f)) {
+                    calls.push(f.clone());
+                }
+            });
+        }
+        if calls.iter().any(is_distinct) {
+            let arg = |f: &ast::Function| match &f.args {
+                FunctionArguments::List(l) if l.args.len() == 1 && l.clauses.is_empty() && f.filter.is_none() => {
+                    Some(l.args[0].to_string())
+                }
+                _ => None,
+            };
+            let first = arg(&calls[0]);
+            if first.is_none() || calls.iter().any(|f| !is_distinct(f) || arg(f) != first) {
+                return Err("DISTINCT aggregates together with other aggregates (or over different expressions)".into());
+            }
+            let Some(FunctionArguments::List(l)) = calls.first().map(|f| &f.args) else { unreachable!("checked") };
+            let ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(x)) = &l.args[0] else {
+                return Err("a DISTINCT aggregate of this argument".into());
+            };
+            self.distinct_col = Some(partial.len());
+            partial.push(SelectItem::UnnamedExpr(x.clone()));
+        }
         let mut items = Vec::with_capacity(projection.len());
         for item in &projection {
             let (expr, alias) = match item {
@@ -289,9 +322,10 @@ impl Planning {
             };
             final_order.push(format!("{key}{}", o.options));
         }
+        let grouped = group_exprs.len() + usize::from(self.distinct_col.is_some());
         select.projection = partial;
         select.group_by = GroupByExpr::Expressions(
-            (1..=group_exprs.len()).map(|k| Expr::Value(Value::Number(k.to_string(), false).into())).collect(),
+            (1..=grouped).map(|k| Expr::Value(Value::Number(k.to_string(), false).into())).collect(),
             Vec::new(),
         );
         select.distinct = None;
@@ -315,7 +349,9 @@ impl Planning {
         partial: &mut Vec<SelectItem>,
         aggs: &mut Vec<Agg>,
     ) -> Result<String, String> {
+        let distinct_col = self.distinct_col;
         struct R<'a> {
+            distinct_col: Option<usize>,
             groups: &'a [String],
             partial: &'a mut Vec<SelectItem>,
             aggs: &'a mut Vec<Agg>,
@@ -334,6 +370,14 @@ impl Planning {
                     return ControlFlow::Continue(());
                 }
                 match e {
+                    Expr::Function(f) if f.over.is_none() && is_aggregate(&function_name(f)) && is_distinct(f) => {
+                        let (Some(col), Some(name)) = (self.distinct_col, distinct_name(&function_name(f))) else {
+                            self.error = Some(format!("{}(DISTINCT ...)", function_name(f)));
+                            return ControlFlow::Break(());
+                        };
+                        self.aggs.push(Agg { kind: AggKind::Distinct(name), col });
+                        *e = Expr::Identifier(Ident::new(format!("sr_agg_{}_", self.aggs.len() - 1)));
+                    }
                     Expr::Function(f) if f.over.is_none() && is_aggregate(&function_name(f)) => match agg_partials(f) {
                         Ok((kind, parts)) => {
                             let col = self.partial.len();
@@ -360,7 +404,7 @@ impl Planning {
             }
         }
         let mut e = e.clone();
-        let mut r = R { groups, partial, aggs, error: None };
+        let mut r = R { distinct_col, groups, partial, aggs, error: None };
         let _ = e.visit(&mut r);
         if let Some(why) = r.error {
             return Err(why);
@@ -390,6 +434,15 @@ fn shard_params(q: &mut Query) -> Vec<usize> {
 /// `p.c<k+1>`: the k-th column of the shards' rows in the final query.
 fn column(k: usize) -> Expr {
     Expr::CompoundIdentifier(vec![Ident::new("p"), Ident::new(format!("c{}", k + 1))])
+}
+
+fn is_distinct(f: &ast::Function) -> bool {
+    matches!(&f.args, FunctionArguments::List(l) if l.duplicate_treatment == Some(ast::DuplicateTreatment::Distinct))
+}
+
+/// The aggregates whose DISTINCT form is combined.
+fn distinct_name(name: &str) -> Option<&'static str> {
+    ["count", "sum", "avg", "min", "max", "bool_and", "bool_or", "every"].into_iter().find(|n| *n == name)
 }
 
 /// An aggregate's kind and what each shard computes for it.
@@ -696,6 +749,7 @@ fn agg_final(a: &Agg, columns: &[Column<'_>]) -> Result<String, String> {
     let c = a.col + 1;
     let ty = columns.get(a.col).ok_or("the shards' rows have fewer columns than planned")?.type_oid;
     Ok(match a.kind {
+        AggKind::Distinct(name) => format!("{name}(DISTINCT p.c{c})"),
         AggKind::Count => format!("sum(p.c{c})::int8"),
         // sum(int2/int4) is bigint; the sum of bigints would be numeric.
         AggKind::Sum if ty == INT8 => format!("sum(p.c{c})::int8"),
@@ -770,6 +824,19 @@ mod tests {
             f,
             "SELECT p.c1 AS \"id\", p.c2 AS \"name\" FROM (VALUES ($1,$2,$3)) AS p(c1,c2,c3) ORDER BY p.c3 DESC NULLS LAST, p.c2 LIMIT 10 OFFSET 20"
         );
+    }
+
+    #[test]
+    fn distinct_aggregates() {
+        let p = plan("SELECT role, count(DISTINCT user_id), sum(DISTINCT user_id) FROM m GROUP BY role").unwrap();
+        assert_eq!(p.shard_sql, "SELECT role, user_id FROM m GROUP BY 1, 2");
+        let f = p.final_sql_arrays(&cols(&[("role", 25), ("user_id", 20)])).unwrap();
+        assert_eq!(
+            f,
+            "SELECT p.c1 AS \"role\", count(DISTINCT p.c2) AS \"count\", sum(DISTINCT p.c2) AS \"sum\" FROM unnest($1, $2) AS p(c1,c2) GROUP BY p.c1"
+        );
+        assert!(plan("SELECT count(DISTINCT a), count(*) FROM m").is_err());
+        assert!(plan("SELECT count(DISTINCT a), count(DISTINCT b) FROM m").is_err());
     }
 
     #[test]

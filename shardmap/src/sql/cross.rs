@@ -280,13 +280,9 @@ impl Ctx<'_> {
                 if by_key || bad.is_some() {
                     return;
                 }
-                let distinct = matches!(&f.args, FunctionArguments::List(l)
-                    if l.duplicate_treatment == Some(ast::DuplicateTreatment::Distinct));
                 let ordered = matches!(&f.args, FunctionArguments::List(l) if !l.clauses.is_empty());
                 bad = if !COMBINABLE.contains(&name.as_str()) {
                     Some(format!("the aggregate {name}()"))
-                } else if distinct {
-                    Some(format!("{name}(DISTINCT ...)"))
                 } else if ordered || !f.within_group.is_empty() {
                     Some(format!("{name}() with ORDER BY"))
                 } else {
