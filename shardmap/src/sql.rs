@@ -28,7 +28,7 @@ mod cross;
 mod global;
 pub use combine::{array_literal, array_oid, plan as combine_plan, Column, CombinePlan, Source};
 pub use cross::{is_aggregate, Cross, COMBINABLE};
-pub use global::{global_insert, GlobalInsert};
+pub use global::{global_insert, global_write, GlobalInsert, GlobalWrite};
 
 /// Deepest expression or query nesting the parser accepts; deeper input is refused with a clear error.
 pub const RECURSION_LIMIT: usize = 64;
@@ -187,6 +187,8 @@ pub struct StatementAnalysis {
     /// An INSERT into a global table: it runs on one shard first, and the rows it wrote go to the others
     /// (see `sql::global`).
     pub global_insert: bool,
+    /// An UPDATE or DELETE of a global table: the transaction's clock read once, row counts compared.
+    pub global_write: bool,
     /// A write to a global table that cannot leave every copy identical (see `global_write`).
     pub global_refusal: Option<String>,
 }
@@ -209,6 +211,7 @@ impl StatementAnalysis {
             cross: Cross::Concat,
             positional: None,
             global_insert: false,
+            global_write: false,
             global_refusal: None,
         }
     }
@@ -560,6 +563,7 @@ impl Ctx<'_> {
         }
         match s {
             Statement::Insert(_) => a.global_insert = true,
+            Statement::Update(_) | Statement::Delete(_) if global::unstable_call(s).is_none() => a.global_write = true,
             _ => {
                 if let Some(f) = global::volatile_call(s) {
                     a.global_refusal = Some(format!(

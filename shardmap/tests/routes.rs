@@ -219,7 +219,8 @@ err refused | | UPDATE bots SET owner = u.name FROM users u WHERE u.user_id = 42
 # global tables stay identical
 all | | INSERT INTO bots (id, name, created_at) VALUES (gen_random_uuid(), 'x', now())
 all | | UPDATE bots SET name = upper(name) WHERE id = 'b1'
-err refused | | UPDATE bots SET seen = now() WHERE id = 'b1'
+all | | UPDATE bots SET seen = now() WHERE id = 'b1'
+err refused | | UPDATE bots SET token = gen_random_uuid() WHERE id = 'b1'
 err refused | | DELETE FROM bots WHERE random() < 0.5
 err refused | | INSERT INTO bots (id, name) SELECT bot_id, name FROM users
 err refused | | DELETE FROM bots USING users u WHERE u.user_id = 42 AND bots.id = u.bot_id

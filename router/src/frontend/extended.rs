@@ -138,6 +138,14 @@ pub struct Effect {
     pub text: Arc<str>,
 }
 
+/// A statement the router runs itself on several connections (see `client_segment`).
+#[derive(Clone, Copy)]
+enum RouterRun {
+    Combine,
+    GlobalInsert,
+    GlobalWrite,
+}
+
 /// How a segment ended.
 enum Seg {
     /// Sent (or answered); the batch goes on.
@@ -474,7 +482,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 synthesize(&mut self.io.wbuf, seg, "ROLLBACK");
                 return Ok(Seg::Next);
             }
-            To::GlobalInsert { every, open, shards } => {
+            To::GlobalInsert { every, open, shards } | To::GlobalWrite { every, open, shards } => {
+                let run = if effect.stmt.global_insert { RouterRun::GlobalInsert } else { RouterRun::GlobalWrite };
                 if open {
                     let db = d.and_then(|d| d.database.clone());
                     for shard in self.routing.map.all().collect::<Vec<_>>() {
@@ -489,7 +498,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Ok(Seg::Next);
                 }
                 let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
-                let ok = self.client_segment(&links, seg, &effect.text, true).await?;
+                let ok = self.client_segment(&links, seg, &effect.text, run).await?;
                 effect.dest = self.links.get(links[0]).dest.clone();
                 self.group_effects.push(effect);
                 if !ok {
@@ -501,7 +510,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             To::Combine { every, shards } => {
                 self.drain(pending).await?;
                 let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
-                let ok = self.client_segment(&links, seg, &effect.text, false).await?;
+                let ok = self.client_segment(&links, seg, &effect.text, RouterRun::Combine).await?;
                 effect.dest = self.links.get(links[0]).dest.clone();
                 self.group_effects.push(effect);
                 if !ok {
@@ -588,7 +597,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         links: &[usize],
         seg: &[Msg],
         text: &str,
-        global: bool,
+        run: RouterRun,
     ) -> Result<bool, Failure> {
         let bind = seg.iter().find(|m| m.tag == b'B').expect("a statement's segment has a Bind");
         let b = proto::read_bind(bind.body()).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
@@ -619,10 +628,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             result_formats: &results,
             order: &order,
         };
-        if global {
-            return self.global_insert_on(links, text, &c).await;
+        match run {
+            RouterRun::Combine => self.combine_on(links, text, &c).await,
+            RouterRun::GlobalInsert => self.global_insert_on(links, text, &c).await,
+            RouterRun::GlobalWrite => self.global_write_on(links, text, &c).await,
         }
-        self.combine_on(links, text, &c).await
     }
 
     /// The held transaction's queue replayed on link `i` ahead of the statement that opens it: Parse, Bind

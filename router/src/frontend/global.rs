@@ -8,7 +8,7 @@
 //! rows), sent only once every shard has answered.
 
 use bytes::Bytes;
-use shardmap::sql::global_insert;
+use shardmap::sql::{global_insert, global_write};
 use shardmap::{Decision, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -33,11 +33,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         shards: Vec<ShardId>,
         text: &str,
         d: Option<&Decision>,
+        insert: bool,
     ) -> Result<(), Failure> {
         let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
         let order = [(b'D', b'p'), (b'E', 0)];
         let c = ClientPart { params: &[], param_formats: &[], param_types: &[], result_formats: &[], order: &order };
-        let ok = self.global_insert_on(&links, text, &c).await?;
+        let ok = if insert {
+            self.global_insert_on(&links, text, &c).await?
+        } else {
+            self.global_write_on(&links, text, &c).await?
+        };
         if !ok && !every {
             // Nothing was committed anywhere: closing the connections rolls every part back.
             let mut sorted = links.clone();
@@ -207,16 +212,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             proto::error(&mut self.io.wbuf, "ERROR", "55000", &why);
             return Ok(false);
         }
-        for &(tag, kind) in c.order {
-            match (tag, kind) {
+        self.answer_in_order(c, param_desc.as_ref(), answer_desc.as_ref(), &answer_rows, answer_tag.as_ref());
+        Ok(true)
+    }
+
+    /// The client's messages answered in order, with one shard's answer: ParseComplete, BindComplete,
+    /// CloseComplete, descriptions, then the rows and the command tag.
+    fn answer_in_order(
+        &mut self,
+        c: &ClientPart<'_>,
+        param_desc: Option<&Bytes>,
+        desc: Option<&Bytes>,
+        rows: &[Bytes],
+        tag: Option<&Bytes>,
+    ) {
+        for &(t, kind) in c.order {
+            match (t, kind) {
                 (b'P', _) => proto::parse_complete(&mut self.io.wbuf),
                 (b'B', _) => proto::put(&mut self.io.wbuf, b'2', |_| {}),
                 (b'C', _) => proto::close_complete(&mut self.io.wbuf),
                 (b'D', b'S') => {
-                    if let Some(p) = &param_desc {
+                    if let Some(p) = param_desc {
                         self.io.push(p);
                     }
-                    match answer_desc.as_ref().and_then(|d| proto::row_fields(&d[5..])) {
+                    match desc.and_then(|d| proto::row_fields(&d[5..])) {
                         Some(f) => {
                             let f: Vec<(Vec<u8>, i16)> = f.iter().map(|f| (f.raw.to_vec(), 0)).collect();
                             proto::write_row_description(&mut self.io.wbuf, &f);
@@ -225,25 +244,142 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 (b'D', b'P') => {
-                    if let Some(d) = &answer_desc {
+                    if let Some(d) = desc {
                         self.io.push(d);
                     }
                 }
                 // The simple protocol: a description only when there are rows to describe.
                 (b'D', _) => {
-                    if let Some(d) = answer_desc.as_ref().filter(|d| d[0] == b'T') {
+                    if let Some(d) = desc.filter(|d| d[0] == b'T') {
                         self.io.push(d);
                     }
                 }
                 _ => break,
             }
         }
-        for r in &answer_rows {
+        for r in rows {
             self.io.push(r);
         }
-        if let Some(t) = &answer_tag {
+        if let Some(t) = tag {
             self.io.push(t);
         }
+    }
+
+    /// Runs an UPDATE or DELETE of a global table on `links`: the transaction's clock read once on the first
+    /// (`now()` and the like written in as literals), the statement on every link, their row counts compared;
+    /// the first link's answer is the client's. `Ok(false)`: an error was written for the client.
+    pub async fn global_write_on(&mut self, links: &[usize], text: &str, c: &ClientPart<'_>) -> Result<bool, Failure> {
+        let plan = global_write(text).map_err(|why| {
+            Reported::unsupported(format!(
+                "a write to a global table {why} is not supported: it must leave every shard's copy identical"
+            ))
+        })?;
+        let first = links[0];
+        let mut values = Vec::new();
+        if let Some(eval) = plan.eval_sql() {
+            let l = self.links.get(first);
+            l.pending = true;
+            let buf = &mut l.conn.conn().io.wbuf;
+            proto::write_parse_bytes(buf, "", eval.as_bytes(), &[]);
+            proto::write_bind(buf, "", "", &[], &[], &[]);
+            proto::execute_unnamed(buf);
+            proto::flush(buf);
+            if let Err(e) = l.conn.conn().flush().await {
+                return Err(self.merge_broken(links, e.into()).into());
+            }
+            loop {
+                let m = match self.links.get(first).conn.conn().read().await {
+                    Ok(m) => m,
+                    Err(e) => return Err(self.merge_broken(links, e.into()).into()),
+                };
+                match m.tag {
+                    b'D' => values = proto::data_row(m.body()).into_iter().map(Option::unwrap_or_default).collect(),
+                    b'C' => break,
+                    b'E' => {
+                        self.links.get(first).errored = true;
+                        self.io.push(&m.frame);
+                        return Ok(false);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let sql = self.encoding.encode(&plan.fill(&values)).into_owned();
+        let describe_stmt = c.order.iter().any(|&(t, k)| t == b'D' && k == b'S');
+        for (n, &i) in links.iter().enumerate() {
+            let l = self.links.get(i);
+            l.pending = true;
+            let buf = &mut l.conn.conn().io.wbuf;
+            proto::write_parse_bytes(buf, "", &sql, c.param_types);
+            if n == 0 && describe_stmt {
+                proto::describe_unnamed(buf, b'S');
+            }
+            proto::write_bind(buf, "", "", c.param_formats, c.params, if n == 0 { c.result_formats } else { &[] });
+            proto::describe_unnamed(buf, b'P');
+            proto::execute_unnamed(buf);
+            proto::flush(buf);
+            if let Err(e) = l.conn.conn().flush().await {
+                return Err(self.merge_broken(links, e.into()).into());
+            }
+        }
+        let shard_names: Vec<String> = links
+            .iter()
+            .map(|&i| {
+                self.links.iter().nth(i).map(|l| self.routing.map.node(l.dest.shard).name.clone()).unwrap_or_default()
+            })
+            .collect();
+        let (mut param_desc, mut desc, mut rows, mut tag) =
+            (None::<Bytes>, None::<Bytes>, Vec::<Bytes>::new(), None::<Bytes>);
+        let (mut error, mut disagree, mut counted) = (None::<Bytes>, None::<String>, None::<Option<u64>>);
+        for (n, &i) in links.iter().enumerate() {
+            loop {
+                let m = match self.links.get(i).conn.conn().read().await {
+                    Ok(m) => m,
+                    Err(e) => return Err(self.merge_broken(links, e.into()).into()),
+                };
+                match m.tag {
+                    b't' if n == 0 => param_desc = Some(m.frame),
+                    b'T' | b'n' if n == 0 => desc = Some(m.frame),
+                    b'D' if n == 0 => rows.push(m.frame),
+                    b'C' => {
+                        let got = count(m.body());
+                        match counted {
+                            None => counted = Some(got),
+                            Some(first) if first != got && disagree.is_none() => {
+                                disagree = Some(format!(
+                                    "the copies of a global table differ: the statement changed {} rows on shard {} and {} on shard {}; it was undone on every shard (make the copies identical again, then retry)",
+                                    first.unwrap_or(0),
+                                    shard_names[0],
+                                    got.unwrap_or(0),
+                                    shard_names[n]
+                                ))
+                            }
+                            Some(_) => {}
+                        }
+                        if n == 0 {
+                            tag = Some(m.frame);
+                        }
+                        break;
+                    }
+                    b'E' => {
+                        self.links.get(i).errored = true;
+                        error.get_or_insert(m.frame);
+                        break;
+                    }
+                    b'N' | b'S' | b'A' => self.io.push(&m.frame),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(e) = error {
+            self.io.push(&e);
+            return Ok(false);
+        }
+        if let Some(why) = disagree {
+            proto::error(&mut self.io.wbuf, "ERROR", "55000", &why);
+            return Ok(false);
+        }
+        self.answer_in_order(c, param_desc.as_ref(), desc.as_ref(), &rows, tag.as_ref());
         Ok(true)
     }
 }

@@ -516,6 +516,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Plan::Run(To::OpenAll) if stmt.global_insert => {
                 Plan::Run(To::GlobalInsert { every: true, open: true, shards: Vec::new() })
             }
+            Plan::Run(To::Fan(shards)) if stmt.global_write => {
+                Plan::Run(To::GlobalWrite { every: false, open: false, shards })
+            }
+            Plan::Run(To::AllEvery) if stmt.global_write => {
+                Plan::Run(To::GlobalWrite { every: true, open: false, shards: Vec::new() })
+            }
+            Plan::Run(To::OpenAll) if stmt.global_write => {
+                Plan::Run(To::GlobalWrite { every: true, open: true, shards: Vec::new() })
+            }
             Plan::Run(to) => Plan::Run(self.cursor_home(to, stmt)),
             other => other,
         }
@@ -552,6 +561,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             unparsed: analysis.parse_error.is_some(),
             single,
             global_insert: single && first.is_some_and(|s| s.global_insert),
+            global_write: single && first.is_some_and(|s| s.global_write),
             combine: single
                 && analysis.hint != Some(shardmap::sql::Hint::AllShards)
                 && first.is_some_and(|s| s.cross == shardmap::sql::Cross::Combine),

@@ -57,6 +57,8 @@ pub struct Stmt {
     pub combine: bool,
     /// An INSERT into a global table (run on one shard, its rows copied to the others).
     pub global_insert: bool,
+    /// An UPDATE or DELETE of a global table (the clock read once, row counts compared).
+    pub global_write: bool,
     /// The command tag a queued statement is answered with (`SET`, `SAVEPOINT`...).
     pub tag: String,
     /// The cursor a DECLARE, FETCH, MOVE or CLOSE names.
@@ -123,6 +125,8 @@ pub enum To {
     /// An INSERT into a global table: on these shards outside any transaction, or on every connection of the
     /// all-shards transaction (`every`), which it opens first when it is held (`open`).
     GlobalInsert { every: bool, open: bool, shards: Vec<ShardId> },
+    /// An UPDATE or DELETE of a global table, where `GlobalInsert` would run.
+    GlobalWrite { every: bool, open: bool, shards: Vec<ShardId> },
     /// COMMIT of a transaction the router failed: ROLLBACK on its connections, answered "ROLLBACK".
     RollbackInstead,
     /// COMMIT PREPARED / ROLLBACK PREPARED: where that transaction was prepared.

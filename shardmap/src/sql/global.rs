@@ -41,25 +41,111 @@ const VOLATILE: &[&str] = &[
     "localtime",
 ];
 
+/// Functions constant within a statement (the transaction's clock): evaluated once by the router and
+/// written into an UPDATE or DELETE of a global table as literals of their type.
+const STABLE: &[(&str, &str)] = &[
+    ("now", "timestamptz"),
+    ("current_timestamp", "timestamptz"),
+    ("transaction_timestamp", "timestamptz"),
+    ("statement_timestamp", "timestamptz"),
+    ("current_date", "date"),
+    ("current_time", "timetz"),
+    ("localtimestamp", "timestamp"),
+    ("localtime", "time"),
+];
+
+/// The name of a call (`now()`) or keyword (`CURRENT_TIMESTAMP`) expression, lower case.
+fn call_name(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Function(f) => Some(function_name(f)),
+        Expr::Identifier(i) if i.quote_style.is_none() => Some(i.value.to_lowercase()),
+        _ => None,
+    }
+}
+
+/// An UPDATE or DELETE of a global table, with the transaction's clock read once: `template` has
+/// `sr_clock_<k>` where the k-th call was; the router evaluates `eval_sql` on one shard and fills them in.
+#[derive(Clone, Debug)]
+pub struct GlobalWrite {
+    template: String,
+    /// The calls, as written, with their types.
+    calls: Vec<(String, &'static str)>,
+}
+
+/// Plans an UPDATE or DELETE of a global table; volatile calls other than the clock are refused.
+pub fn global_write(sql: &str) -> Result<GlobalWrite, String> {
+    let mut stmts = Parser::new(&PostgreSqlDialect {})
+        .with_recursion_limit(RECURSION_LIMIT)
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_statements())
+        .map_err(|e| e.to_string())?;
+    let Some(mut s) = stmts.pop() else { return Err("an empty statement".into()) };
+    struct R(Vec<(String, &'static str)>);
+    impl sqlparser::ast::VisitorMut for R {
+        type Break = ();
+        fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+            if let Some(ty) = call_name(e).and_then(|n| STABLE.iter().find(|(s, _)| *s == n).map(|(_, t)| *t)) {
+                self.0.push((e.to_string(), ty));
+                *e = Expr::Identifier(ast::Ident::new(format!("sr_clock_{}", self.0.len() - 1)));
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut r = R(Vec::new());
+    let _ = sqlparser::ast::VisitMut::visit(&mut s, &mut r);
+    if let Some(f) = volatile_call(&s) {
+        return Err(format!(
+            "calling {f}(), whose value would differ between the shards' copies (compute the value in the client and pass it as a literal or parameter)"
+        ));
+    }
+    Ok(GlobalWrite { template: s.to_string(), calls: r.0 })
+}
+
+impl GlobalWrite {
+    /// What reads the clock once (`None`: the statement does not read it).
+    pub fn eval_sql(&self) -> Option<String> {
+        if self.calls.is_empty() {
+            return None;
+        }
+        let cols: Vec<String> = self.calls.iter().map(|(c, _)| format!("({c})::text")).collect();
+        Some(format!("SELECT {}", cols.join(", ")))
+    }
+
+    /// The statement every shard runs, with the clock's values (as `eval_sql` returned them) written in.
+    pub fn fill(&self, values: &[String]) -> String {
+        let mut s = self.template.clone();
+        for (k, ((_, ty), v)) in self.calls.iter().zip(values).enumerate().rev() {
+            s = s.replace(&format!("sr_clock_{k}"), &format!("{}::{ty}", super::quote_literal(v)));
+        }
+        s
+    }
+}
+
 /// The first call in a statement whose value would differ between shards' copies, by name.
 pub fn volatile_call(s: &Statement) -> Option<String> {
-    struct V(Option<String>);
-    impl Visitor for V {
+    volatile_call_but(s, &[])
+}
+
+/// Like [`volatile_call`], the transaction's clock aside (read once by the router: see [`GlobalWrite`]).
+pub fn unstable_call(s: &Statement) -> Option<String> {
+    let clock: Vec<&str> = STABLE.iter().map(|(n, _)| *n).collect();
+    volatile_call_but(s, &clock)
+}
+
+fn volatile_call_but(s: &Statement, except: &[&str]) -> Option<String> {
+    struct V<'e>(Option<String>, &'e [&'e str]);
+    impl Visitor for V<'_> {
         type Break = ();
         fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-            let name = match e {
-                Expr::Function(f) => function_name(f),
-                Expr::Identifier(i) if i.quote_style.is_none() => i.value.to_lowercase(),
-                _ => return ControlFlow::Continue(()),
-            };
-            if VOLATILE.contains(&name.as_str()) {
+            let Some(name) = call_name(e) else { return ControlFlow::Continue(()) };
+            if VOLATILE.contains(&name.as_str()) && !self.1.contains(&name.as_str()) {
                 self.0 = Some(name);
                 return ControlFlow::Break(());
             }
             ControlFlow::Continue(())
         }
     }
-    let mut v = V(None);
+    let mut v = V(None, except);
     let _ = s.visit(&mut v);
     v.0
 }
@@ -165,6 +251,18 @@ mod tests {
             g.others_sql(&["id", "name"], 0),
             "INSERT INTO bots (\"id\", \"name\") OVERRIDING SYSTEM VALUE SELECT * FROM (VALUES ($1,$2)) AS v WHERE false ON CONFLICT (id) DO UPDATE SET \"id\" = EXCLUDED.\"id\", \"name\" = EXCLUDED.\"name\""
         );
+    }
+
+    #[test]
+    fn the_clock_is_read_once() {
+        let w = global_write("UPDATE bots SET seen = now(), day = CURRENT_DATE WHERE id = $1").unwrap();
+        assert_eq!(w.eval_sql().unwrap(), "SELECT (now())::text, (CURRENT_DATE)::text");
+        assert_eq!(
+            w.fill(&["2026-12-04 10:00:00+00".into(), "2026-12-04".into()]),
+            "UPDATE bots SET seen = '2026-12-04 10:00:00+00'::timestamptz, day = '2026-12-04'::date WHERE id = $1"
+        );
+        assert!(global_write("DELETE FROM bots WHERE id = 1").unwrap().eval_sql().is_none());
+        assert!(global_write("UPDATE bots SET id = gen_random_uuid()").is_err());
     }
 
     #[test]
