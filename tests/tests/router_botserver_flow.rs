@@ -14,6 +14,8 @@ CREATE TABLE message_history (user_id bigint NOT NULL, session_id bigint NOT NUL
   role text NOT NULL, content text NOT NULL, PRIMARY KEY (user_id, session_id, message_index));
 CREATE TABLE session_tools (session_id bigint NOT NULL, tool text NOT NULL, PRIMARY KEY (session_id, tool));
 CREATE TABLE bots (id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE automations (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), bot_id int NOT NULL, name text NOT NULL,
+  runs int NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now());
 ";
 
 /// Text rows of a simple query (each row its values joined by `|`).
@@ -68,6 +70,16 @@ async fn flow(db: &Client) -> anyhow::Result<Vec<String>> {
             ));
         }
     }
+    // Automations: a global table with random uuid defaults, updated by the bots as they run.
+    for k in 0..6 {
+        db.execute("INSERT INTO automations (bot_id, name) VALUES ($1, $2)", &[&(k % 2 + 1), &format!("job {k}")])
+            .await?;
+    }
+    for _ in 0..3 {
+        db.execute("UPDATE automations SET runs = runs + 1, updated_at = now() WHERE bot_id = 1", &[]).await?;
+    }
+    db.batch_execute("DELETE FROM automations WHERE name = 'job 5'").await?;
+    seen.push(format!("{:?}", rows(db, "SELECT bot_id, name, runs FROM automations ORDER BY name").await?));
     // A table the server does not know: the server's own error.
     let e = db.batch_execute("INSERT INTO no_such_table VALUES (1, 2)").await.expect_err("no such table");
     seen.push(format!("{:?}", e.code()));
@@ -99,7 +111,10 @@ async fn flow(db: &Client) -> anyhow::Result<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_botserver_flow_with_a_key_per_table_answers_as_one_postgresql() -> anyhow::Result<()> {
     let plain = PgServer::start()?;
-    let c = Cluster::hash(4, "shard-global-tables,bots\nshard-table-users,id\nshard-table-session_tools,session_id\n")?;
+    let c = Cluster::hash(
+        4,
+        "shard-global-tables,bots,automations\nshard-table-users,id\nshard-table-session_tools,session_id\n",
+    )?;
     let want = flow(&plain.client("postgres").await?).await?;
     let got = flow(&c.client().await?).await?;
     for (w, g) in want.iter().zip(&got) {
@@ -118,6 +133,13 @@ async fn a_botserver_flow_with_a_key_per_table_answers_as_one_postgresql() -> an
             shard.client("postgres").await?.query_one("SELECT count(*) FROM bots WHERE id = 9", &[]).await?.get(0);
         assert_eq!(n, 1, "the hint ran it on every shard");
     }
+    // Every shard's copy of the global table is the same, random uuids and clocks included.
+    let mut copies = Vec::new();
+    for shard in &c.shards {
+        let db = shard.client("postgres").await?;
+        copies.push(rows(&db, "SELECT id, bot_id, name, runs, updated_at FROM automations ORDER BY id").await?);
+    }
+    assert!(copies.iter().all(|x| *x == copies[0]) && copies[0].len() == 5, "{copies:?}");
     // Rows are where their table's key puts them: users by id, session tools by session_id.
     for (i, shard) in c.shards.iter().enumerate() {
         let db = shard.client("postgres").await?;
