@@ -26,7 +26,7 @@ use crate::value::{KeyType, KeyValue};
 mod combine;
 mod cross;
 mod global;
-pub use combine::{array_literal, array_oid, plan as combine_plan, Column, CombinePlan, Source};
+pub use combine::{array_literal, array_oid, plan as combine_plan, Column, CombinePlan, Source, StreamPlan};
 pub use cross::{is_aggregate, Cross, COMBINABLE};
 pub use global::{global_insert, global_write, GlobalInsert, GlobalWrite};
 

@@ -229,6 +229,12 @@ fn corpus() -> Vec<Case> {
     }
     let fixed = [
         "SELECT count(*) FROM users",
+        // Many rows in an order: merged as they come (integer, float, numeric, timestamp keys).
+        "SELECT user_id, id, tokens FROM messages ORDER BY tokens DESC NULLS LAST, user_id, id LIMIT 6000 OFFSET 3",
+        "SELECT * FROM users ORDER BY score, ratio DESC, created_at, user_id",
+        "SELECT user_id, name FROM users ORDER BY active, age NULLS FIRST, user_id DESC",
+        "SELECT user_id, id FROM messages WHERE tokens > 100 ORDER BY created_at DESC, big LIMIT 9000",
+        "SELECT user_id FROM users ORDER BY name, user_id",
         "SELECT user_id, ARRAY[age, bot_id] AS pair FROM users ORDER BY user_id LIMIT 20",
         "SELECT json_build_object('id', user_id, 'name', name) AS j FROM users ORDER BY user_id DESC LIMIT 7",
         "SELECT role, max(created_at) - min(created_at) AS span FROM messages GROUP BY role ORDER BY role",

@@ -124,6 +124,8 @@ async fn main() -> Result<()> {
         "SELECT user_id, v FROM big ORDER BY v DESC, user_id LIMIT 100",
         "SELECT user_id, v, payload FROM big ORDER BY v, user_id LIMIT 10000",
         "SELECT user_id, v FROM big ORDER BY v DESC, user_id LIMIT 100 OFFSET 50000",
+        "SELECT user_id, v FROM big ORDER BY v, user_id LIMIT 100000 OFFSET 100",
+        "SELECT user_id, v, payload FROM big ORDER BY v DESC, user_id",
         "SELECT count(*), sum(user_id), avg(user_id), min(payload), max(v) FROM big",
         "SELECT user_id % 10 AS g, count(*), avg(user_id), max(v) FROM big GROUP BY 1 ORDER BY 1",
     ];

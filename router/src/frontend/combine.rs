@@ -121,6 +121,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "{why} across shards is not supported: the shards' answers cannot be combined into one PostgreSQL's answer; add a {key} condition to read one shard"
             ))
         })?;
+        if let Some(stream) = &plan.stream {
+            // Many rows in an order: merged as they come (one row per shard held), when the keys allow.
+            if stream.limit.is_none_or(|l| l + stream.offset >= super::stream::STREAM_FROM) {
+                match self.stream_describe(links, stream, c).await? {
+                    Ok(Some(described)) => return self.stream_on(links, stream, c, described).await,
+                    Ok(None) => {}
+                    Err(()) => return Ok(false),
+                }
+            }
+        }
         let shard_sql = self.encoding.encode(&plan.shard_sql).into_owned();
         let describe_stmt = c.order.iter().any(|&(t, k)| t == b'D' && k == b'S');
         // The client's parameters the shards' statement uses, in its numbering.

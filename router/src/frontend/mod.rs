@@ -12,6 +12,7 @@ pub mod session;
 pub mod settings;
 pub mod simple;
 pub mod startup;
+pub mod stream;
 pub mod txn;
 
 use std::collections::HashMap;

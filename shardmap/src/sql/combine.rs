@@ -41,7 +41,24 @@ pub struct CombinePlan {
     pub hidden: usize,
     /// The client's parameters the final query uses (zero-based), in the final query's order.
     pub final_params: Vec<usize>,
+    /// Rows in an order with no DISTINCT: how the router can merge the shards' sorted streams itself
+    /// (memory for one row per shard), when the sort keys' types allow.
+    pub stream: Option<StreamPlan>,
     mode: Mode,
+}
+
+/// A k-way merge of the shards' sorted rows: each shard runs `sql` (the client's columns, then every sort
+/// key again as a hidden column, its ORDER BY, `LIMIT n + m`); the router compares the hidden keys, skips
+/// `offset` rows and stops after `limit`.
+#[derive(Clone, Debug)]
+pub struct StreamPlan {
+    pub sql: String,
+    /// The client's parameters `sql` uses (zero-based), in its numbering.
+    pub params: Vec<usize>,
+    /// Each sort key: descending, and whether NULLs come first.
+    pub keys: Vec<(bool, bool)>,
+    pub limit: Option<u64>,
+    pub offset: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -185,6 +202,8 @@ impl Planning {
             };
             keys.push(OrderKey { col, suffix: format!("{collate}{}", o.options) });
         }
+        let stream = if distinct { None } else { stream_plan(&q, &order, limit.as_ref(), offset.as_ref())? };
+        let SetExpr::Select(select) = q.body.as_mut() else { unreachable!("checked above") };
         for (i, e) in hidden.iter().enumerate() {
             select
                 .projection
@@ -201,6 +220,7 @@ impl Planning {
         Ok(CombinePlan {
             shard_sql: q.to_string(),
             shard_params,
+            stream,
             hidden: hidden.len(),
             final_params: self.params,
             mode: Mode::Rows { distinct, order: keys, tail },
@@ -333,6 +353,7 @@ impl Planning {
         Ok(CombinePlan {
             shard_sql: q.to_string(),
             shard_params,
+            stream: None,
             hidden: 0,
             final_params: self.params,
             mode: Mode::Groups { groups: group_exprs.len(), items, aggs, having, order: final_order, distinct, tail },
@@ -411,6 +432,68 @@ impl Planning {
         }
         Ok(self.final_expr(e).to_string())
     }
+}
+
+/// The k-way merge of a rows-shaped read (see [`StreamPlan`]), when LIMIT and OFFSET are absent or numbers
+/// and no key has a collation or an operator of its own (text keys are compared by the servers only).
+fn stream_plan(
+    q: &Query,
+    order: &[ast::OrderByExpr],
+    limit: Option<&Expr>,
+    offset: Option<&Expr>,
+) -> Result<Option<StreamPlan>, String> {
+    let number = |e: Option<&Expr>| -> Option<Option<u64>> {
+        match e {
+            None => Some(None),
+            Some(Expr::Value(v)) => match &v.value {
+                Value::Number(n, _) => n.parse().ok().map(Some),
+                _ => None,
+            },
+            Some(_) => None,
+        }
+    };
+    let (Some(limit), Some(offset)) = (number(limit), number(offset)) else { return Ok(None) };
+    if order.is_empty() {
+        return Ok(None);
+    }
+    let mut keys = Vec::with_capacity(order.len());
+    for o in order {
+        if matches!(o.expr, Expr::Collate { .. })
+            || matches!(&o.expr, Expr::Value(v) if matches!(v.value, Value::Number(..)))
+        {
+            return Ok(None);
+        }
+        let desc = match &o.options.sort {
+            None | Some(ast::OrderBySort::Asc) => false,
+            Some(ast::OrderBySort::Desc) => true,
+            Some(ast::OrderBySort::Using(_)) => return Ok(None),
+        };
+        keys.push((desc, o.options.nulls_first.unwrap_or(desc)));
+    }
+    let mut sq = q.clone();
+    let SetExpr::Select(select) = sq.body.as_mut() else { return Ok(None) };
+    // An ORDER BY naming an output column by its alias: the alias means nothing in the select list.
+    let aliases: Vec<String> = select
+        .projection
+        .iter()
+        .filter_map(|i| match i {
+            SelectItem::ExprWithAlias { alias, .. } => Some(fold(alias)),
+            _ => None,
+        })
+        .collect();
+    for (i, o) in order.iter().enumerate() {
+        if matches!(&o.expr, Expr::Identifier(id) if aliases.contains(&fold(id))) {
+            return Ok(None);
+        }
+        select
+            .projection
+            .push(SelectItem::ExprWithAlias { expr: o.expr.clone(), alias: Ident::new(format!("sr_k{i}")) });
+    }
+    sq.order_by = Some(ast::OrderBy { kind: ast::OrderByKind::Expressions(order.to_vec()), interpolate: None });
+    sq.limit_clause =
+        limit.map(|l| limit_clause(Expr::Value(Value::Number((l + offset.unwrap_or(0)).to_string(), false).into())));
+    let params = shard_params(&mut sq);
+    Ok(Some(StreamPlan { sql: sq.to_string(), params, keys, limit, offset: offset.unwrap_or(0) }))
 }
 
 /// Renumbers the parameters a query uses (`$1...` in order of first use); returns the client's numbers
