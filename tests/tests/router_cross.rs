@@ -13,7 +13,7 @@ use integration::{Cluster, PgServer};
 
 const SCHEMA: &str = "
 CREATE TABLE users (user_id bigint PRIMARY KEY, name text, email text, age int, score numeric(10,2),
-  ratio float8, active bool, created_at timestamptz, bot_id int, nick varchar(20));
+  ratio float8, active bool, created_at timestamptz, bot_id int, nick varchar(20), label text COLLATE \"und-x-icu\");
 CREATE TABLE messages (user_id bigint NOT NULL, id int NOT NULL, role text, tokens int, big bigint,
   content text, created_at timestamptz, PRIMARY KEY (user_id, id));
 CREATE TABLE bots (id int PRIMARY KEY, name text);
@@ -36,7 +36,7 @@ fn data() -> (String, String, String) {
         let created = format!("2026-01-{:02} {:02}:{:02}:00+00", 1 + k % 28, k % 24, (k * 7) % 60);
         let bot = if k % 9 == 0 { "\\N".to_string() } else { (k % 5 + 1).to_string() };
         users.push_str(&format!(
-            "{k}\t{name}\tu{k}@example.com\t{age}\t{score}\t{ratio}\t{active}\t{created}\t{bot}\tn{}\n",
+            "{k}\t{name}\tu{k}@example.com\t{age}\t{score}\t{ratio}\t{active}\t{created}\t{bot}\tn{}\t{name}\n",
             k % 17
         ));
         for id in 1..=(k % 17) {
@@ -229,6 +229,10 @@ fn corpus() -> Vec<Case> {
     }
     let fixed = [
         "SELECT count(*) FROM users",
+        // A column with a collation of its own (ICU): compared under it, not the database's C.
+        "SELECT label, user_id FROM users ORDER BY label, user_id LIMIT 40",
+        "SELECT DISTINCT label FROM users ORDER BY label",
+        "SELECT label, count(*) FROM users GROUP BY label ORDER BY label DESC",
         // Many rows in an order: merged as they come (integer, float, numeric, timestamp keys).
         "SELECT user_id, id, tokens FROM messages ORDER BY tokens DESC NULLS LAST, user_id, id LIMIT 6000 OFFSET 3",
         "SELECT * FROM users ORDER BY score, ratio DESC, created_at, user_id",

@@ -45,7 +45,89 @@ pub(super) fn format_of(formats: &[i16], k: usize) -> i16 {
     }
 }
 
+/// Text types, whose order and equality follow a collation.
+const TEXT_TYPES: [u32; 3] = [25, 1042, 1043];
+
+/// A RowDescription field's table OID and column number (0 for an expression).
+fn origin(f: &proto::Field<'_>) -> (u32, i16) {
+    let fixed = &f.raw[f.name.len() + 1..];
+    (u32::from_be_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]), i16::from_be_bytes([fixed[4], fixed[5]]))
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// The collation of each text column of the shards' rows that is a table column declared with a collation
+    /// of its own (others: `None`, the database's default), read on the first link inside its open exchange
+    /// and remembered for the session. `Err(())`: the server's error, written for the client.
+    async fn collations_of(
+        &mut self,
+        links: &[usize],
+        fields: &[proto::Field<'_>],
+    ) -> Result<Result<Vec<Option<String>>, ()>, Failure> {
+        self.schema_checked();
+        let wanted: Vec<(u32, i16)> = fields
+            .iter()
+            .filter(|f| TEXT_TYPES.contains(&f.type_oid))
+            .map(origin)
+            .filter(|(t, a)| *t != 0 && *a > 0 && !self.collations.contains_key(&(*t, *a)))
+            .collect();
+        if !wanted.is_empty() {
+            let list: Vec<String> = wanted.iter().map(|(t, a)| format!("({t}::oid, {a}::int2)")).collect();
+            let sql = format!(
+                "SELECT a.attrelid::int8, a.attnum, format('%I.%I', n.nspname, c.collname) FROM pg_attribute a \
+                 JOIN pg_collation c ON c.oid = a.attcollation JOIN pg_namespace n ON n.oid = c.collnamespace \
+                 WHERE a.attcollation NOT IN (0, 100) AND (a.attrelid, a.attnum) IN (VALUES {})",
+                list.join(", ")
+            );
+            let first = links[0];
+            {
+                let buf = &mut self.links.get(first).conn.conn().io.wbuf;
+                proto::write_parse_bytes(buf, "", sql.as_bytes(), &[]);
+                proto::write_bind(buf, "", "", &[], &[], &[]);
+                proto::execute_unnamed(buf);
+                proto::flush(buf);
+            }
+            if let Err(e) = self.links.get(first).conn.conn().flush().await {
+                return Err(self.merge_broken(links, e.into()).into());
+            }
+            for w in &wanted {
+                self.collations.insert(*w, None);
+            }
+            loop {
+                let m = match self.links.get(first).conn.conn().read().await {
+                    Ok(m) => m,
+                    Err(e) => return Err(self.merge_broken(links, e.into()).into()),
+                };
+                match m.tag {
+                    b'D' => {
+                        let row = proto::data_row(m.body());
+                        let table = row.first().cloned().flatten().and_then(|v| v.parse::<u32>().ok());
+                        let att = row.get(1).cloned().flatten().and_then(|v| v.parse::<i16>().ok());
+                        if let (Some(t), Some(a), Some(Some(c))) = (table, att, row.get(2).cloned()) {
+                            self.collations.insert((t, a), Some(c));
+                        }
+                    }
+                    b'C' => break,
+                    b'E' => {
+                        self.links.get(first).errored = true;
+                        self.io.push(&m.frame);
+                        return Ok(Err(()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Ok(fields
+            .iter()
+            .map(|f| {
+                if TEXT_TYPES.contains(&f.type_oid) {
+                    self.collations.get(&origin(f)).cloned().flatten()
+                } else {
+                    None
+                }
+            })
+            .collect()))
+    }
+
     /// A simple Query whose rows are combined: on `shards` outside a transaction (or outside the held one),
     /// or on every connection of the all-shards transaction (`every`); then each connection is synced and
     /// one ReadyForQuery answers the client.
@@ -223,7 +305,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             proto::error(&mut self.io.wbuf, "ERROR", "54000", &message);
             return Ok(false);
         }
-        let columns: Vec<Column<'_>> = fields.iter().map(|f| Column { name: f.name, type_oid: f.type_oid }).collect();
+        let collations = match self.collations_of(links, &fields).await? {
+            Ok(c) => c,
+            Err(()) => return Ok(false),
+        };
+        let columns: Vec<Column<'_>> = fields
+            .iter()
+            .zip(&collations)
+            .map(|(f, c)| Column { name: f.name, type_oid: f.type_oid, collation: c.as_deref() })
+            .collect();
         let final_sql = if arrays { plan.final_sql_arrays(&columns) } else { plan.final_sql(&columns, rows.len()) };
         let final_sql = match final_sql {
             Ok(s) => s,

@@ -162,8 +162,12 @@ pub struct Session<S> {
     /// Session mode: server-side statements the client closed (or `*` for DEALLOCATE ALL), to close on its
     /// connections once they are between exchanges (see `tidy`).
     pub to_close: Vec<String>,
-    /// The schema epoch `route.key_positions` was read in (a schema change through the router forgets them).
+    /// The schema epoch `route.key_positions` and `collations` were read in (a schema change through the
+    /// router forgets them).
     positions_epoch: u64,
+    /// Table columns' collations other than the database's default, by (table OID, column number), as read
+    /// for combined reads (`None`: the default).
+    pub collations: std::collections::HashMap<(u32, i16), Option<String>>,
 }
 
 /// A stable hash of a statement's text and parameter types, for server-side statement names.
@@ -219,6 +223,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             fixed: None,
             to_close: Vec::new(),
             positions_epoch: 0,
+            collations: Default::default(),
+        }
+    }
+
+    /// Forgets what was read of the schema (key positions, collations) after a schema change through the
+    /// router.
+    pub fn schema_checked(&mut self) {
+        let epoch = self.backend.backends.schema_epoch.load(std::sync::atomic::Ordering::Relaxed);
+        if self.positions_epoch != epoch {
+            self.route.key_positions.clear();
+            self.collations.clear();
+            self.positions_epoch = epoch;
         }
     }
 
@@ -227,11 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// table, and again after a schema change through the router. A table the server does not know gets the
     /// server's error.
     pub async fn learn_key_positions(&mut self, analysis: &Analysis) -> Result<(), Reported> {
-        let epoch = self.backend.backends.schema_epoch.load(std::sync::atomic::Ordering::Relaxed);
-        if self.positions_epoch != epoch {
-            self.route.key_positions.clear();
-            self.positions_epoch = epoch;
-        }
+        self.schema_checked();
         for st in &analysis.statements {
             let (Some(_), shardmap::sql::Tables::Sharded(t)) = (&st.positional, &st.tables) else { continue };
             if self.route.key_positions.contains_key(t) {

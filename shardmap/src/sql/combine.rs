@@ -128,6 +128,9 @@ struct Agg {
 pub struct Column<'a> {
     pub name: &'a str,
     pub type_oid: u32,
+    /// The column's collation when it is not the database's default (a table column declared with its own),
+    /// already quoted (`"de-x-icu"`): the final query compares the shards' values under it.
+    pub collation: Option<&'a str>,
 }
 
 /// Where a client-visible column of the combined answer comes from: the shards' rows (their description
@@ -698,6 +701,20 @@ impl CombinePlan {
             }
             format!(" FROM (VALUES {values}) AS p({}){}", names.join(","), if rows == 0 { " WHERE false" } else { "" })
         };
+        // Columns with a collation of their own keep it in the final query (every use of p.cN compares under it).
+        let from = if columns.iter().any(|c| c.collation.is_some()) {
+            let cols: Vec<String> = columns
+                .iter()
+                .enumerate()
+                .map(|(k, c)| match c.collation {
+                    Some(coll) => format!("p.c{} COLLATE {coll} AS c{}", k + 1, k + 1),
+                    None => format!("p.c{} AS c{}", k + 1, k + 1),
+                })
+                .collect();
+            format!(" FROM (SELECT {}{from}) AS p", cols.join(", "))
+        } else {
+            from
+        };
         match &self.mode {
             Mode::Rows { distinct, order, tail } => {
                 let cols: Vec<String> = columns[..visible]
@@ -863,7 +880,7 @@ mod tests {
     use super::*;
 
     fn cols<'a>(spec: &[(&'a str, u32)]) -> Vec<Column<'a>> {
-        spec.iter().map(|&(name, type_oid)| Column { name, type_oid }).collect()
+        spec.iter().map(|&(name, type_oid)| Column { name, type_oid, collation: None }).collect()
     }
 
     #[test]
