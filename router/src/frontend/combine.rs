@@ -45,6 +45,14 @@ pub(super) fn format_of(formats: &[i16], k: usize) -> i16 {
     }
 }
 
+/// How the answer's rows are described to the client.
+pub enum Described<'a> {
+    /// Fields the router put together (name to format code, each with the client's format).
+    Fields(&'a [(Vec<u8>, i16)]),
+    /// A shard's own RowDescription (or NoData) frame, as it is.
+    Frame(Option<&'a Bytes>),
+}
+
 /// Text types, whose order and equality follow a collation.
 const TEXT_TYPES: [u32; 3] = [25, 1042, 1043];
 
@@ -55,6 +63,47 @@ fn origin(f: &proto::Field<'_>) -> (u32, i16) {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// The client's messages answered in order up to its Execute, for a statement the router ran itself:
+    /// ParseComplete, BindComplete, CloseComplete, and descriptions (a statement's with its
+    /// ParameterDescription and format codes 0; a portal's; `(D, p)`, the simple protocol's, only when there
+    /// are rows to describe). The rows and the command tag follow.
+    pub fn answer_prefix(&mut self, c: &ClientPart<'_>, param_desc: Option<&Bytes>, described: Described<'_>) {
+        for &(tag, kind) in c.order {
+            match (tag, kind, &described) {
+                (b'P', ..) => proto::parse_complete(&mut self.io.wbuf),
+                (b'B', ..) => proto::put(&mut self.io.wbuf, b'2', |_| {}),
+                (b'C', ..) => proto::close_complete(&mut self.io.wbuf),
+                (b'D', b'S', d) => {
+                    if let Some(p) = param_desc {
+                        self.io.push(p);
+                    }
+                    let fields: Option<Vec<(Vec<u8>, i16)>> = match d {
+                        Described::Fields(f) => Some(f.iter().map(|(raw, _)| (raw.clone(), 0)).collect()),
+                        Described::Frame(f) => f
+                            .and_then(|f| proto::row_fields(&f[5..]))
+                            .map(|f| f.iter().map(|f| (f.raw.to_vec(), 0)).collect()),
+                    };
+                    match fields {
+                        Some(f) => proto::write_row_description(&mut self.io.wbuf, &f),
+                        None => proto::put(&mut self.io.wbuf, b'n', |_| {}),
+                    }
+                }
+                (b'D', _, Described::Fields(f)) => proto::write_row_description(&mut self.io.wbuf, f),
+                (b'D', b'p', Described::Frame(f)) => {
+                    if let Some(f) = f.filter(|f| f[0] == b'T') {
+                        self.io.push(f);
+                    }
+                }
+                (b'D', _, Described::Frame(f)) => {
+                    if let Some(f) = f {
+                        self.io.push(f);
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
     /// The collation of each text column of the shards' rows that is a table column declared with a collation
     /// of its own (others: `None`, the database's default), read on the first link inside its open exchange
     /// and remembered for the session. `Err(())`: the server's error, written for the client.
@@ -417,25 +466,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             })
                             .collect()
                     };
-                    for &(tag, kind) in c.order {
-                        match (tag, kind) {
-                            (b'P', _) => proto::parse_complete(&mut self.io.wbuf),
-                            (b'B', _) => proto::put(&mut self.io.wbuf, b'2', |_| {}),
-                            (b'C', _) => proto::close_complete(&mut self.io.wbuf),
-                            (b'D', b'S') => {
-                                if let Some(p) = &param_desc {
-                                    self.io.push(p);
-                                }
-                                let f = described_as(&[]);
-                                proto::write_row_description(&mut self.io.wbuf, &f);
-                            }
-                            (b'D', _) => {
-                                let f = described_as(c.result_formats);
-                                proto::write_row_description(&mut self.io.wbuf, &f);
-                            }
-                            _ => break,
-                        }
-                    }
+                    let described = described_as(c.result_formats);
+                    self.answer_prefix(c, param_desc.as_ref(), Described::Fields(&described));
                 }
                 b'D' => {
                     self.io.push(&m.frame);

@@ -497,27 +497,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // A replayed statement failed: the server skips the rest of the group, so does the router.
                     return Ok(Seg::Next);
                 }
-                let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
-                let ok = self.client_segment(&links, seg, &effect.text, run).await?;
-                effect.dest = self.links.get(links[0]).dest.clone();
-                self.group_effects.push(effect);
-                if !ok {
-                    self.txn.error_inside();
-                    self.fail_group_inner();
-                }
-                return Ok(Seg::Next);
+                return self.router_run(every, shards, seg, d, effect, run).await;
             }
             To::Combine { every, shards } => {
                 self.drain(pending).await?;
-                let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
-                let ok = self.client_segment(&links, seg, &effect.text, RouterRun::Combine).await?;
-                effect.dest = self.links.get(links[0]).dest.clone();
-                self.group_effects.push(effect);
-                if !ok {
-                    self.txn.error_inside();
-                    self.fail_group_inner();
-                }
-                return Ok(Seg::Next);
+                return self.router_run(every, shards, seg, d, effect, RouterRun::Combine).await;
             }
             To::Fan(shards) => {
                 let links = self.links_to(shards, d).await?;
@@ -587,6 +571,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             pending.entries.push(Entry { dest, exps, role, fan: Some(fan), closes_fan: n + 1 == links.len() });
         }
         Ok(())
+    }
+
+    /// A statement the router runs itself (see `client_segment`) on `shards` outside a transaction or on
+    /// every connection of the all-shards transaction (`every`); a failure fails the sync group.
+    async fn router_run(
+        &mut self,
+        every: bool,
+        shards: Vec<shardmap::ShardId>,
+        seg: &[Msg],
+        d: Option<&Decision>,
+        mut effect: Effect,
+        run: RouterRun,
+    ) -> Result<Seg, Failure> {
+        let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
+        let ok = self.client_segment(&links, seg, &effect.text, run).await?;
+        effect.dest = self.links.get(links[0]).dest.clone();
+        self.group_effects.push(effect);
+        if !ok {
+            self.txn.error_inside();
+            self.fail_group_inner();
+        }
+        Ok(Seg::Next)
     }
 
     /// A statement's segment run by the router on several `links`: a read whose rows are combined (see

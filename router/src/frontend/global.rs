@@ -12,10 +12,19 @@ use shardmap::sql::{global_insert, global_write};
 use shardmap::{Decision, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::combine::{ClientPart, MAX_BYTES, MAX_VALUES};
+use super::combine::{ClientPart, Described, MAX_BYTES, MAX_VALUES};
 use super::session::{Failure, Session};
 use crate::net::proto;
 use crate::net::Reported;
+
+/// One shard's answer to a write, held for the client until every shard agreed.
+#[derive(Default)]
+struct Answer {
+    param_desc: Option<Bytes>,
+    desc: Option<Bytes>,
+    rows: Vec<Bytes>,
+    tag: Option<Bytes>,
+}
 
 /// The row count of a CommandComplete body (`INSERT 0 3` → 3).
 fn count(tag: &[u8]) -> Option<u64> {
@@ -159,38 +168,70 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         drop(vals);
         // The second shard's answer is the client's (held until every shard agreed).
-        let (mut answer_desc, mut answer_rows, mut answer_tag) = (None::<Bytes>, Vec::<Bytes>::new(), None::<Bytes>);
-        let mut error: Option<Bytes> = None;
-        let mut disagree: Option<String> = None;
-        let shard_names: Vec<String> = links
-            .iter()
-            .map(|&i| {
-                self.links.iter().nth(i).map(|l| self.routing.map.node(l.dest.shard).name.clone()).unwrap_or_default()
-            })
-            .collect();
-        for (n, &i) in links[1..].iter().enumerate() {
+        let Some(mut answer) =
+            self.agreeing_answers(links, &links[1..], Some((0, written)), "the INSERT wrote").await?
+        else {
+            return Ok(false);
+        };
+        // (The client's statement was described on the first shard.)
+        answer.param_desc = answer.param_desc.or(param_desc);
+        self.answer_with(c, &answer);
+        Ok(true)
+    }
+
+    /// The client's answer from one shard's: its messages answered in order, the rows, the tag.
+    fn answer_with(&mut self, c: &ClientPart<'_>, a: &Answer) {
+        self.answer_prefix(c, a.param_desc.as_ref(), Described::Frame(a.desc.as_ref()));
+        for r in &a.rows {
+            self.io.push(r);
+        }
+        if let Some(t) = &a.tag {
+            self.io.push(t);
+        }
+    }
+
+    /// Reads the answers of `read` (links of `all`) to the same write: the first's kept for the client, every
+    /// row count compared with the `reference` link's (an index in `all`, and its count), else the first
+    /// read's. `None`: an error, written for the client.
+    async fn agreeing_answers(
+        &mut self,
+        all: &[usize],
+        read: &[usize],
+        mut reference: Option<(usize, Option<u64>)>,
+        what: &str,
+    ) -> Result<Option<Answer>, Failure> {
+        let name = |s: &Self, i: usize| {
+            s.links.iter().nth(i).map(|l| s.routing.map.node(l.dest.shard).name.clone()).unwrap_or_default()
+        };
+        let mut answer = Answer::default();
+        let (mut error, mut disagree) = (None::<Bytes>, None::<String>);
+        for (n, &i) in read.iter().enumerate() {
             loop {
                 let m = match self.links.get(i).conn.conn().read().await {
                     Ok(m) => m,
-                    Err(e) => return Err(self.merge_broken(links, e.into()).into()),
+                    Err(e) => return Err(self.merge_broken(all, e.into()).into()),
                 };
                 match m.tag {
-                    b'T' | b'n' if n == 0 => answer_desc = Some(m.frame),
-                    b'D' if n == 0 => answer_rows.push(m.frame),
+                    b't' if n == 0 => answer.param_desc = Some(m.frame),
+                    b'T' | b'n' if n == 0 => answer.desc = Some(m.frame),
+                    b'D' if n == 0 => answer.rows.push(m.frame),
                     b'C' => {
                         let got = count(m.body());
-                        if got != written && disagree.is_none() {
-                            let name = |k: usize| shard_names[k].clone();
-                            disagree = Some(format!(
-                                "the copies of a global table differ: the INSERT wrote {} rows on shard {} and {} on shard {}; it was undone on every shard (make the copies identical again, then retry)",
-                                written.unwrap_or(0),
-                                name(0),
-                                got.unwrap_or(0),
-                                name(n + 1)
-                            ));
+                        match reference {
+                            None => reference = Some((all.iter().position(|&x| x == i).unwrap_or(0), got)),
+                            Some((r, want)) if want != got && disagree.is_none() => {
+                                disagree = Some(format!(
+                                    "the copies of a global table differ: {what} {} rows on shard {} and {} on shard {}; it was undone on every shard (make the copies identical again, then retry)",
+                                    want.unwrap_or(0),
+                                    name(self, all[r]),
+                                    got.unwrap_or(0),
+                                    name(self, i)
+                                ));
+                            }
+                            Some(_) => {}
                         }
                         if n == 0 {
-                            answer_tag = Some(m.frame);
+                            answer.tag = Some(m.frame);
                         }
                         break;
                     }
@@ -206,63 +247,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if let Some(e) = error {
             self.io.push(&e);
-            return Ok(false);
+            return Ok(None);
         }
         if let Some(why) = disagree {
             proto::error(&mut self.io.wbuf, "ERROR", "55000", &why);
-            return Ok(false);
+            return Ok(None);
         }
-        self.answer_in_order(c, param_desc.as_ref(), answer_desc.as_ref(), &answer_rows, answer_tag.as_ref());
-        Ok(true)
-    }
-
-    /// The client's messages answered in order, with one shard's answer: ParseComplete, BindComplete,
-    /// CloseComplete, descriptions, then the rows and the command tag.
-    fn answer_in_order(
-        &mut self,
-        c: &ClientPart<'_>,
-        param_desc: Option<&Bytes>,
-        desc: Option<&Bytes>,
-        rows: &[Bytes],
-        tag: Option<&Bytes>,
-    ) {
-        for &(t, kind) in c.order {
-            match (t, kind) {
-                (b'P', _) => proto::parse_complete(&mut self.io.wbuf),
-                (b'B', _) => proto::put(&mut self.io.wbuf, b'2', |_| {}),
-                (b'C', _) => proto::close_complete(&mut self.io.wbuf),
-                (b'D', b'S') => {
-                    if let Some(p) = param_desc {
-                        self.io.push(p);
-                    }
-                    match desc.and_then(|d| proto::row_fields(&d[5..])) {
-                        Some(f) => {
-                            let f: Vec<(Vec<u8>, i16)> = f.iter().map(|f| (f.raw.to_vec(), 0)).collect();
-                            proto::write_row_description(&mut self.io.wbuf, &f);
-                        }
-                        None => proto::put(&mut self.io.wbuf, b'n', |_| {}),
-                    }
-                }
-                (b'D', b'P') => {
-                    if let Some(d) = desc {
-                        self.io.push(d);
-                    }
-                }
-                // The simple protocol: a description only when there are rows to describe.
-                (b'D', _) => {
-                    if let Some(d) = desc.filter(|d| d[0] == b'T') {
-                        self.io.push(d);
-                    }
-                }
-                _ => break,
-            }
-        }
-        for r in rows {
-            self.io.push(r);
-        }
-        if let Some(t) = tag {
-            self.io.push(t);
-        }
+        Ok(Some(answer))
     }
 
     /// Runs an UPDATE or DELETE of a global table on `links`: the transaction's clock read once on the first
@@ -322,64 +313,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Err(self.merge_broken(links, e.into()).into());
             }
         }
-        let shard_names: Vec<String> = links
-            .iter()
-            .map(|&i| {
-                self.links.iter().nth(i).map(|l| self.routing.map.node(l.dest.shard).name.clone()).unwrap_or_default()
-            })
-            .collect();
-        let (mut param_desc, mut desc, mut rows, mut tag) =
-            (None::<Bytes>, None::<Bytes>, Vec::<Bytes>::new(), None::<Bytes>);
-        let (mut error, mut disagree, mut counted) = (None::<Bytes>, None::<String>, None::<Option<u64>>);
-        for (n, &i) in links.iter().enumerate() {
-            loop {
-                let m = match self.links.get(i).conn.conn().read().await {
-                    Ok(m) => m,
-                    Err(e) => return Err(self.merge_broken(links, e.into()).into()),
-                };
-                match m.tag {
-                    b't' if n == 0 => param_desc = Some(m.frame),
-                    b'T' | b'n' if n == 0 => desc = Some(m.frame),
-                    b'D' if n == 0 => rows.push(m.frame),
-                    b'C' => {
-                        let got = count(m.body());
-                        match counted {
-                            None => counted = Some(got),
-                            Some(first) if first != got && disagree.is_none() => {
-                                disagree = Some(format!(
-                                    "the copies of a global table differ: the statement changed {} rows on shard {} and {} on shard {}; it was undone on every shard (make the copies identical again, then retry)",
-                                    first.unwrap_or(0),
-                                    shard_names[0],
-                                    got.unwrap_or(0),
-                                    shard_names[n]
-                                ))
-                            }
-                            Some(_) => {}
-                        }
-                        if n == 0 {
-                            tag = Some(m.frame);
-                        }
-                        break;
-                    }
-                    b'E' => {
-                        self.links.get(i).errored = true;
-                        error.get_or_insert(m.frame);
-                        break;
-                    }
-                    b'N' | b'S' | b'A' => self.io.push(&m.frame),
-                    _ => {}
-                }
-            }
-        }
-        if let Some(e) = error {
-            self.io.push(&e);
+        let Some(answer) = self.agreeing_answers(links, links, None, "the statement changed").await? else {
             return Ok(false);
-        }
-        if let Some(why) = disagree {
-            proto::error(&mut self.io.wbuf, "ERROR", "55000", &why);
-            return Ok(false);
-        }
-        self.answer_in_order(c, param_desc.as_ref(), desc.as_ref(), &rows, tag.as_ref());
+        };
+        self.answer_with(c, &answer);
         Ok(true)
     }
 }

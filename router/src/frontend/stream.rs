@@ -11,7 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use shardmap::sql::StreamPlan;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::combine::{format_of, ClientPart};
+use super::combine::{format_of, ClientPart, Described};
 use super::session::{Failure, Session};
 use crate::net::proto;
 
@@ -256,22 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .enumerate()
             .map(|(k, f)| (f.raw.to_vec(), format_of(c.result_formats, k)))
             .collect();
-        for &(tag, kind) in c.order {
-            match (tag, kind) {
-                (b'P', _) => proto::parse_complete(&mut self.io.wbuf),
-                (b'B', _) => proto::put(&mut self.io.wbuf, b'2', |_| {}),
-                (b'C', _) => proto::close_complete(&mut self.io.wbuf),
-                (b'D', b'S') => {
-                    if let Some(p) = &param_desc {
-                        self.io.push(p);
-                    }
-                    let f: Vec<(Vec<u8>, i16)> = described.iter().map(|(r, _)| (r.clone(), 0)).collect();
-                    proto::write_row_description(&mut self.io.wbuf, &f);
-                }
-                (b'D', _) => proto::write_row_description(&mut self.io.wbuf, &described),
-                _ => break,
-            }
-        }
+        self.answer_prefix(c, param_desc.as_ref(), Described::Fields(&described));
         let (mut skipped, mut sent) = (0u64, 0u64);
         loop {
             if plan.limit.is_some_and(|l| sent >= l) {
