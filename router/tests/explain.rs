@@ -158,3 +158,18 @@ fn serve_on_one_thread() {
     let _ = child.wait();
     assert_eq!(out, "42");
 }
+
+#[test]
+fn reads_across_shards_say_how_rows_are_combined() {
+    let (code, j) = explain("examples/hash.csv", &["SELECT * FROM message_history WHERE role = 'user'"]);
+    assert_eq!((code, j["rows"].as_str()), (0, Some("concatenated")), "{j}");
+    let (code, j) =
+        explain("examples/hash.csv", &["SELECT role, count(*) FROM message_history GROUP BY role ORDER BY 2 DESC"]);
+    assert_eq!((code, j["rows"].as_str()), (0, Some("combined")), "{j}");
+    assert_eq!(j["shard_sql"], "SELECT role, count(*) FROM message_history GROUP BY 1");
+    let (_, j) = explain("examples/hash.csv", &["SELECT * FROM message_history ORDER BY created_at"]);
+    assert!(j["merge"].as_str().unwrap().starts_with("merged as they come"), "{j}");
+    let (code, j) = explain("examples/hash.csv", &["SELECT string_agg(content, ',') FROM message_history"]);
+    assert_eq!((code, j["sqlstate"].as_str()), (1, Some("0A000")), "{j}");
+    assert!(j["error"].as_str().unwrap().contains("string_agg()"), "{j}");
+}
