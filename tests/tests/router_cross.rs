@@ -263,8 +263,10 @@ fn corpus() -> Vec<Case> {
         "SELECT role, count(DISTINCT user_id), sum(DISTINCT user_id), avg(DISTINCT user_id) FROM messages GROUP BY role ORDER BY role",
         "SELECT count(DISTINCT tokens) FROM messages WHERE tokens > 300",
         "SELECT count(DISTINCT name) AS names FROM users HAVING count(DISTINCT name) > 1",
+        "SELECT count(DISTINCT role), count(*), sum(tokens), avg(tokens), max(created_at) FROM messages",
+        "SELECT user_id % 3 AS g, count(DISTINCT role), min(tokens), count(tokens) FROM messages GROUP BY 1 ORDER BY 1",
         // Refused: no combination of per-shard answers is the answer.
-        "SELECT count(DISTINCT role), count(*) FROM messages",
+        "SELECT count(DISTINCT role), count(DISTINCT user_id) FROM messages",
         "SELECT string_agg(role, ',' ORDER BY role) FROM messages WHERE user_id < 3",
         "SELECT user_id, row_number() OVER (ORDER BY created_at, user_id) FROM users ORDER BY user_id",
         "SELECT role FROM messages UNION SELECT name FROM users ORDER BY 1",
