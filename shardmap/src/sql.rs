@@ -241,11 +241,7 @@ pub fn analyze_keys(
 ) -> Analysis {
     let hint = find_hint(sql);
     let ctx = Ctx { key, table_keys, scopes: Default::default(), key_type, global, bad_literal: Default::default() };
-    let parsed = Parser::new(&PostgreSqlDialect {})
-        .with_recursion_limit(RECURSION_LIMIT)
-        .try_with_sql(sql)
-        .and_then(|mut p| p.parse_statements());
-    match parsed {
+    match parse(sql) {
         Ok(stmts) => {
             let statements = stmts
                 .iter()
@@ -272,6 +268,19 @@ pub fn analyze_keys(
             Analysis { statements: vec![crate::lexical::analyze(sql, &msg, key, global)], hint, parse_error: Some(msg) }
         }
     }
+}
+
+/// The statements of a text, parsed as PostgreSQL's (nesting bounded by [`RECURSION_LIMIT`]).
+fn parse(sql: &str) -> Result<Vec<Statement>, sqlparser::parser::ParserError> {
+    Parser::new(&PostgreSqlDialect {})
+        .with_recursion_limit(RECURSION_LIMIT)
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_statements())
+}
+
+/// The last statement of a text (the router plans a single statement), or the parser's error.
+fn parse_last(sql: &str) -> Result<Statement, String> {
+    parse(sql).map_err(|e| e.to_string())?.pop().ok_or_else(|| "an empty statement".to_string())
 }
 
 /// An SQL identifier, quoted (for statements the router and the rebalancer write).

@@ -357,3 +357,42 @@ async fn reads_across_shards_give_one_postgresql_answer() -> anyhow::Result<()> 
     assert!(refused.len() * 10 < runs, "{} of {runs} runs refused", refused.len());
     Ok(())
 }
+
+/// A combined read that fails inside a transaction fails the transaction, as any error does on one server,
+/// through every protocol path: later statements get 25P02 and COMMIT answers ROLLBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_combined_read_fails_its_transaction_on_every_path() -> anyhow::Result<()> {
+    use integration::wire::{outline, Path, PATHS};
+    let plain = PgServer::start()?;
+    let c = Cluster::hash(2, "")?;
+    let setup = "CREATE TABLE t (user_id bigint PRIMARY KEY, x int)";
+    plain.client("postgres").await?.batch_execute(setup).await?;
+    let db = c.client().await?;
+    db.batch_execute(setup).await?;
+    for k in 1..=6i64 {
+        db.execute("INSERT INTO t VALUES ($1, 1)", &[&k]).await?;
+        plain.client("postgres").await?.execute("INSERT INTO t VALUES ($1, 1)", &[&k]).await?;
+    }
+    for path in PATHS {
+        let mut outlines = Vec::new();
+        for port in [plain.port, c.port] {
+            let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
+            let mut all = Vec::new();
+            for (p, sql) in [
+                (Path::Simple, "BEGIN"),
+                (path, "SELECT count(*) FROM t WHERE 1 / (x - x) = 1"),
+                (Path::Simple, "SELECT 1"),
+                (Path::Simple, "COMMIT"),
+            ] {
+                let mut r = cl.send(p, sql)?;
+                if p == Path::Pipelined {
+                    r.extend(cl.sync()?);
+                }
+                all.extend(outline(&r));
+            }
+            outlines.push(all);
+        }
+        assert_eq!(outlines[0], outlines[1], "{path:?}: plain, then router");
+    }
+    Ok(())
+}

@@ -15,6 +15,7 @@ use shardmap::{Decision, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::session::{Failure, Session};
+use super::txn::Run;
 use crate::net::proto;
 use crate::net::Reported;
 
@@ -35,6 +36,20 @@ pub struct ClientPart<'a> {
     /// CloseComplete, `D` a description (of the statement `S` or the portal `P`), `E` the rows and the
     /// command tag.
     pub order: &'a [(u8, u8)],
+}
+
+/// Parameters to bind: their types, format codes and values.
+pub type Bound<'a> = (Vec<u32>, Vec<i16>, Vec<Option<&'a [u8]>>);
+
+impl<'a> ClientPart<'a> {
+    /// The types, format codes and values of these of the client's parameters (zero-based), in this order:
+    /// what a statement the router writes in the client's place binds.
+    pub fn params_of(&self, which: &[usize]) -> Bound<'a> {
+        let types = which.iter().map(|&k| self.param_types.get(k).copied().unwrap_or(0)).collect();
+        let formats = which.iter().map(|&k| format_of(self.param_formats, k)).collect();
+        let values = which.iter().map(|&k| self.params.get(k).copied().flatten()).collect();
+        (types, formats, values)
+    }
 }
 
 pub(super) fn format_of(formats: &[i16], k: usize) -> i16 {
@@ -62,7 +77,40 @@ fn origin(f: &proto::Field<'_>) -> (u32, i16) {
     (u32::from_be_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]), i16::from_be_bytes([fixed[4], fixed[5]]))
 }
 
+/// How a link's answer to one statement ended: its CommandComplete or its ErrorResponse frame.
+pub enum Ended {
+    Done(Bytes),
+    Failed(Bytes),
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Reads link `i`'s answer to one statement of an exchange left open (Flush, no Sync) up to its
+    /// CommandComplete or ErrorResponse (which marks the link errored); every other message goes to `each`,
+    /// but notices, parameter changes and notifications, which go to the client. A link that breaks loses
+    /// the exchange of all `links`.
+    pub(super) async fn read_answer(
+        &mut self,
+        links: &[usize],
+        i: usize,
+        mut each: impl FnMut(crate::net::wire::Msg),
+    ) -> Result<Ended, Failure> {
+        loop {
+            let m = match self.links.get(i).conn.conn().read().await {
+                Ok(m) => m,
+                Err(e) => return Err(self.merge_broken(links, e.into()).into()),
+            };
+            match m.tag {
+                b'C' => return Ok(Ended::Done(m.frame)),
+                b'E' => {
+                    self.links.get(i).errored = true;
+                    return Ok(Ended::Failed(m.frame));
+                }
+                b'N' | b'S' | b'A' => self.io.push(&m.frame),
+                _ => each(m),
+            }
+        }
+    }
+
     /// The client's messages answered in order up to its Execute, for a statement the router ran itself:
     /// ParseComplete, BindComplete, CloseComplete, and descriptions (a statement's with its
     /// ParameterDescription and format codes 0; a portal's; `(D, p)`, the simple protocol's, only when there
@@ -141,28 +189,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             for w in &wanted {
                 self.collations.insert(*w, None);
             }
-            loop {
-                let m = match self.links.get(first).conn.conn().read().await {
-                    Ok(m) => m,
-                    Err(e) => return Err(self.merge_broken(links, e.into()).into()),
-                };
-                match m.tag {
-                    b'D' => {
-                        let row = proto::data_row(m.body());
-                        let table = row.first().cloned().flatten().and_then(|v| v.parse::<u32>().ok());
-                        let att = row.get(1).cloned().flatten().and_then(|v| v.parse::<i16>().ok());
-                        if let (Some(t), Some(a), Some(Some(c))) = (table, att, row.get(2).cloned()) {
-                            self.collations.insert((t, a), Some(c));
-                        }
+            let mut found = Vec::new();
+            let ended = self
+                .read_answer(links, first, |m| {
+                    if m.tag != b'D' {
+                        return;
                     }
-                    b'C' => break,
-                    b'E' => {
-                        self.links.get(first).errored = true;
-                        self.io.push(&m.frame);
-                        return Ok(Err(()));
+                    let row = proto::data_row(m.body());
+                    let table = row.first().cloned().flatten().and_then(|v| v.parse::<u32>().ok());
+                    let att = row.get(1).cloned().flatten().and_then(|v| v.parse::<i16>().ok());
+                    if let (Some(t), Some(a), Some(Some(c))) = (table, att, row.get(2).cloned()) {
+                        found.push(((t, a), c));
                     }
-                    _ => {}
-                }
+                })
+                .await?;
+            if let Ended::Failed(e) = ended {
+                self.io.push(&e);
+                return Ok(Err(()));
+            }
+            for (k, c) in found {
+                self.collations.insert(k, Some(c));
             }
         }
         Ok(Ok(fields
@@ -177,21 +223,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .collect()))
     }
 
-    /// A simple Query whose rows are combined: on `shards` outside a transaction (or outside the held one),
-    /// or on every connection of the all-shards transaction (`every`); then each connection is synced and
-    /// one ReadyForQuery answers the client.
-    pub async fn combine_simple(
+    /// A statement the router runs itself (`run`) on `links`: `Ok(false)` after an error written for the
+    /// client, the links still to be synced or closed.
+    pub async fn run_on(&mut self, run: Run, links: &[usize], text: &str, c: &ClientPart<'_>) -> Result<bool, Failure> {
+        match run {
+            Run::Combine => self.combine_on(links, text, c).await,
+            Run::GlobalInsert => self.global_insert_on(links, text, c).await,
+            Run::GlobalWrite => self.global_write_on(links, text, c).await,
+        }
+    }
+
+    /// A simple Query the router runs itself: on `shards` outside a transaction (or outside the held one),
+    /// or on every connection of the all-shards transaction (`every`). Then each connection is synced and
+    /// one ReadyForQuery answers the client; after a failure the transaction, if any, is failed (as by any
+    /// error in it), and a write outside it is undone by closing its connections (nothing was committed).
+    pub async fn router_simple(
         &mut self,
+        run: Run,
         every: bool,
         shards: Vec<ShardId>,
         text: &str,
         d: Option<&Decision>,
     ) -> Result<(), Failure> {
         let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
-        let order = [(b'D', b'P'), (b'E', 0)];
+        let order = [(b'D', b'p'), (b'E', 0)];
         let c = ClientPart { params: &[], param_formats: &[], param_types: &[], result_formats: &[], order: &order };
-        self.combine_on(&links, text, &c).await?;
-        self.sync_links(&links, every).await
+        if self.run_on(run, &links, text, &c).await? {
+            return self.sync_links(&links, every).await;
+        }
+        self.txn.error_inside();
+        if every || run == Run::Combine {
+            return self.sync_links(&links, every).await;
+        }
+        let mut sorted = links;
+        sorted.sort_unstable();
+        for i in sorted.into_iter().rev() {
+            drop(self.links.remove(i));
+        }
+        self.ready_for_query();
+        self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
     }
 
     /// Syncs `links` after an exchange left open (combined reads, global inserts): their ReadyForQuery
@@ -265,11 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let shard_sql = self.encoding.encode(&plan.shard_sql).into_owned();
         let describe_stmt = c.order.iter().any(|&(t, k)| t == b'D' && k == b'S');
         // The client's parameters the shards' statement uses, in its numbering.
-        let shard_types: Vec<u32> =
-            plan.shard_params.iter().map(|&k| c.param_types.get(k).copied().unwrap_or(0)).collect();
-        let shard_formats: Vec<i16> = plan.shard_params.iter().map(|&k| format_of(c.param_formats, k)).collect();
-        let shard_values: Vec<Option<&[u8]>> =
-            plan.shard_params.iter().map(|&k| c.params.get(k).copied().flatten()).collect();
+        let (shard_types, shard_formats, shard_values) = c.params_of(&plan.shard_params);
         for (n, &i) in links.iter().enumerate() {
             let l = self.links.get(i);
             l.pending = true;
@@ -297,34 +363,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut error: Option<Bytes> = None;
         let (mut bytes, mut too_big) = (0usize, false);
         for (n, &i) in links.iter().enumerate() {
-            loop {
-                let m = match self.links.get(i).conn.conn().read().await {
-                    Ok(m) => m,
-                    Err(e) => return Err(self.merge_broken(links, e.into()).into()),
-                };
-                match m.tag {
+            let ended = self
+                .read_answer(links, i, |m| match m.tag {
                     b't' if n == 0 => param_desc = Some(m.frame),
                     b'T' if desc.is_none() || n == 0 => desc = Some(m.frame),
                     b'D' => {
                         bytes += m.frame.len();
-                        if bytes > MAX_BYTES {
-                            too_big = true;
-                        }
+                        too_big |= bytes > MAX_BYTES;
                         if !too_big {
                             let start = arena.len();
                             arena.extend_from_slice(m.body());
                             rows.push(start..arena.len());
                         }
                     }
-                    b'C' => break,
-                    b'E' => {
-                        error.get_or_insert(m.frame);
-                        self.links.get(i).errored = true;
-                        break;
-                    }
-                    b'N' | b'S' | b'A' => self.io.push(&m.frame),
                     _ => {}
-                }
+                })
+                .await?;
+            if let Ended::Failed(e) = ended {
+                error.get_or_insert(e);
             }
         }
         if let Some(e) = error {
@@ -379,11 +435,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut types: Vec<u32> = Vec::with_capacity(values);
         let mut formats: Vec<i16> = Vec::with_capacity(values);
         let mut vals: Vec<Option<&[u8]>> = Vec::with_capacity(values);
-        for &k in &plan.final_params {
-            types.push(c.param_types.get(k).copied().unwrap_or(0));
-            formats.push(format_of(c.param_formats, k));
-            vals.push(c.params.get(k).copied().flatten());
-        }
+        let (t, f, v) = c.params_of(&plan.final_params);
+        types.extend(t);
+        formats.extend(f);
+        vals.extend(v);
         let mut parsed = Vec::with_capacity(rows.len());
         for r in &rows {
             let Some(row) = proto::data_row_values(&arena[r.clone()]).filter(|v| v.len() == width) else {

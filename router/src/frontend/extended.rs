@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::session::{
     refuse_session_locks, settings_of, statement_hash, BindParams, ClientStmt, Failure, Session, Statements,
 };
-use super::txn::{Dest, Plan, State, Stmt, To};
+use super::txn::{Dest, Plan, Run, State, Stmt, To};
 use crate::backend::conn::ServerConn;
 use crate::net::proto::{self, READY_IDLE};
 use crate::net::wire::Msg;
@@ -136,14 +136,6 @@ pub struct Effect {
     pub stmt: Stmt,
     pub sets: Vec<Setting>,
     pub text: Arc<str>,
-}
-
-/// A statement the router runs itself on several connections (see `client_segment`).
-#[derive(Clone, Copy)]
-enum RouterRun {
-    Combine,
-    GlobalInsert,
-    GlobalWrite,
 }
 
 /// How a segment ended.
@@ -482,8 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 synthesize(&mut self.io.wbuf, seg, "ROLLBACK");
                 return Ok(Seg::Next);
             }
-            To::GlobalInsert { every, open, shards } | To::GlobalWrite { every, open, shards } => {
-                let run = if effect.stmt.global_insert { RouterRun::GlobalInsert } else { RouterRun::GlobalWrite };
+            To::Router { run, every, open, shards } => {
                 if open {
                     let db = d.and_then(|d| d.database.clone());
                     for shard in self.routing.map.all().collect::<Vec<_>>() {
@@ -498,10 +489,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Ok(Seg::Next);
                 }
                 return self.router_run(every, shards, seg, d, effect, run).await;
-            }
-            To::Combine { every, shards } => {
-                self.drain(pending).await?;
-                return self.router_run(every, shards, seg, d, effect, RouterRun::Combine).await;
             }
             To::Fan(shards) => {
                 let links = self.links_to(shards, d).await?;
@@ -582,7 +569,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         seg: &[Msg],
         d: Option<&Decision>,
         mut effect: Effect,
-        run: RouterRun,
+        run: Run,
     ) -> Result<Seg, Failure> {
         let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
         let ok = self.client_segment(&links, seg, &effect.text, run).await?;
@@ -598,13 +585,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A statement's segment run by the router on several `links`: a read whose rows are combined (see
     /// `combine`) or an INSERT into a global table (`global`, see `global`); the client's messages answered in
     /// order, its parameters and formats used.
-    async fn client_segment(
-        &mut self,
-        links: &[usize],
-        seg: &[Msg],
-        text: &str,
-        run: RouterRun,
-    ) -> Result<bool, Failure> {
+    async fn client_segment(&mut self, links: &[usize], seg: &[Msg], text: &str, run: Run) -> Result<bool, Failure> {
         let bind = seg.iter().find(|m| m.tag == b'B').expect("a statement's segment has a Bind");
         let b = proto::read_bind(bind.body()).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
         let types = self.statements.get(b.statement).map(|st| st.types.clone()).unwrap_or_default();
@@ -634,11 +615,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             result_formats: &results,
             order: &order,
         };
-        match run {
-            RouterRun::Combine => self.combine_on(links, text, &c).await,
-            RouterRun::GlobalInsert => self.global_insert_on(links, text, &c).await,
-            RouterRun::GlobalWrite => self.global_write_on(links, text, &c).await,
-        }
+        self.run_on(run, links, text, &c).await
     }
 
     /// The held transaction's queue replayed on link `i` ahead of the statement that opens it: Parse, Bind

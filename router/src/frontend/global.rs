@@ -9,10 +9,9 @@
 
 use bytes::Bytes;
 use shardmap::sql::{global_insert, global_write};
-use shardmap::{Decision, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::combine::{ClientPart, Described, MAX_BYTES, MAX_VALUES};
+use super::combine::{ClientPart, Described, Ended, MAX_BYTES, MAX_VALUES};
 use super::session::{Failure, Session};
 use crate::net::proto;
 use crate::net::Reported;
@@ -33,41 +32,6 @@ fn count(tag: &[u8]) -> Option<u64> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// A simple Query inserting into a global table: on `shards` outside a transaction, or on every
-    /// connection of the all-shards transaction (`every`); then each connection is synced (or, after a
-    /// failure outside a transaction, closed) and one ReadyForQuery answers the client.
-    pub async fn global_simple(
-        &mut self,
-        every: bool,
-        shards: Vec<ShardId>,
-        text: &str,
-        d: Option<&Decision>,
-        insert: bool,
-    ) -> Result<(), Failure> {
-        let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
-        let order = [(b'D', b'p'), (b'E', 0)];
-        let c = ClientPart { params: &[], param_formats: &[], param_types: &[], result_formats: &[], order: &order };
-        let ok = if insert {
-            self.global_insert_on(&links, text, &c).await?
-        } else {
-            self.global_write_on(&links, text, &c).await?
-        };
-        if !ok && !every {
-            // Nothing was committed anywhere: closing the connections rolls every part back.
-            let mut sorted = links.clone();
-            sorted.sort_unstable();
-            for i in sorted.into_iter().rev() {
-                drop(self.links.remove(i));
-            }
-            self.ready_for_query();
-            return self.io.flush().await.map_err(|e| Failure::Fatal(e.into()));
-        }
-        if !ok {
-            self.txn.error_inside();
-        }
-        self.sync_links(&links, every).await
-    }
-
     /// Runs an INSERT into a global table on `links` (see the module doc). `Ok(false)`: an error was
     /// written for the client; the links are still to be synced or closed by the caller.
     pub async fn global_insert_on(&mut self, links: &[usize], text: &str, c: &ClientPart<'_>) -> Result<bool, Failure> {
@@ -96,26 +60,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let (mut desc, mut param_desc, mut rows) = (None::<Bytes>, None::<Bytes>, Vec::<Bytes>::new());
         let mut bytes = 0usize;
-        let written = loop {
-            let m = match self.links.get(first).conn.conn().read().await {
-                Ok(m) => m,
-                Err(e) => return Err(self.merge_broken(links, e.into()).into()),
-            };
-            match m.tag {
+        let ended = self
+            .read_answer(links, first, |m| match m.tag {
                 b't' => param_desc = Some(m.frame),
                 b'T' => desc = Some(m.frame),
                 b'D' => {
                     bytes += m.frame.len();
                     rows.push(m.frame);
                 }
-                b'C' => break count(m.body()),
-                b'E' => {
-                    self.links.get(first).errored = true;
-                    self.io.push(&m.frame);
-                    return Ok(false);
-                }
-                b'N' | b'S' | b'A' => self.io.push(&m.frame),
                 _ => {}
+            })
+            .await?;
+        let written = match ended {
+            Ended::Done(tag) => count(&tag[5..]),
+            Ended::Failed(e) => {
+                self.io.push(&e);
+                return Ok(false);
             }
         };
         let Some(fields) = desc.as_ref().and_then(|d| proto::row_fields(&d[5..])) else {
@@ -206,43 +166,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut answer = Answer::default();
         let (mut error, mut disagree) = (None::<Bytes>, None::<String>);
         for (n, &i) in read.iter().enumerate() {
-            loop {
-                let m = match self.links.get(i).conn.conn().read().await {
-                    Ok(m) => m,
-                    Err(e) => return Err(self.merge_broken(all, e.into()).into()),
-                };
-                match m.tag {
+            let ended = self
+                .read_answer(all, i, |m| match m.tag {
                     b't' if n == 0 => answer.param_desc = Some(m.frame),
                     b'T' | b'n' if n == 0 => answer.desc = Some(m.frame),
                     b'D' if n == 0 => answer.rows.push(m.frame),
-                    b'C' => {
-                        let got = count(m.body());
-                        match reference {
-                            None => reference = Some((all.iter().position(|&x| x == i).unwrap_or(0), got)),
-                            Some((r, want)) if want != got && disagree.is_none() => {
-                                disagree = Some(format!(
-                                    "the copies of a global table differ: {what} {} rows on shard {} and {} on shard {}; it was undone on every shard (make the copies identical again, then retry)",
-                                    want.unwrap_or(0),
-                                    name(self, all[r]),
-                                    got.unwrap_or(0),
-                                    name(self, i)
-                                ));
-                            }
-                            Some(_) => {}
-                        }
-                        if n == 0 {
-                            answer.tag = Some(m.frame);
-                        }
-                        break;
-                    }
-                    b'E' => {
-                        self.links.get(i).errored = true;
-                        error.get_or_insert(m.frame);
-                        break;
-                    }
-                    b'N' | b'S' | b'A' => self.io.push(&m.frame),
                     _ => {}
+                })
+                .await?;
+            let tag = match ended {
+                Ended::Done(tag) => tag,
+                Ended::Failed(e) => {
+                    error.get_or_insert(e);
+                    continue;
                 }
+            };
+            let got = count(&tag[5..]);
+            match reference {
+                None => reference = Some((all.iter().position(|&x| x == i).unwrap_or(0), got)),
+                Some((r, want)) if want != got && disagree.is_none() => {
+                    disagree = Some(format!(
+                        "the copies of a global table differ: {what} {} rows on shard {} and {} on shard {}; it was undone on every shard (make the copies identical again, then retry)",
+                        want.unwrap_or(0),
+                        name(self, all[r]),
+                        got.unwrap_or(0),
+                        name(self, i)
+                    ));
+                }
+                Some(_) => {}
+            }
+            if n == 0 {
+                answer.tag = Some(tag);
             }
         }
         if let Some(e) = error {
@@ -278,21 +232,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let Err(e) = l.conn.conn().flush().await {
                 return Err(self.merge_broken(links, e.into()).into());
             }
-            loop {
-                let m = match self.links.get(first).conn.conn().read().await {
-                    Ok(m) => m,
-                    Err(e) => return Err(self.merge_broken(links, e.into()).into()),
-                };
-                match m.tag {
-                    b'D' => values = proto::data_row(m.body()).into_iter().map(Option::unwrap_or_default).collect(),
-                    b'C' => break,
-                    b'E' => {
-                        self.links.get(first).errored = true;
-                        self.io.push(&m.frame);
-                        return Ok(false);
+            let ended = self
+                .read_answer(links, first, |m| {
+                    if m.tag == b'D' {
+                        values = proto::data_row(m.body()).into_iter().map(Option::unwrap_or_default).collect();
                     }
-                    _ => {}
-                }
+                })
+                .await?;
+            if let Ended::Failed(e) = ended {
+                self.io.push(&e);
+                return Ok(false);
             }
         }
         let sql = self.encoding.encode(&plan.fill(&values)).into_owned();

@@ -516,29 +516,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let plan =
             self.txn.plan(stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
         use super::txn::{Plan, To};
-        match plan {
-            Plan::Run(To::Fan(shards)) if stmt.combine => Plan::Run(To::Combine { every: false, shards }),
-            Plan::Run(To::AllEvery) if stmt.combine => Plan::Run(To::Combine { every: true, shards: Vec::new() }),
-            Plan::Run(To::Fan(shards)) if stmt.global_insert => {
-                Plan::Run(To::GlobalInsert { every: false, open: false, shards })
+        // Where the plan sends a statement to several shards, one the router runs itself runs there.
+        match (plan, stmt.router) {
+            (Plan::Run(To::Fan(shards)), Some(run)) => Plan::Run(To::Router { run, every: false, open: false, shards }),
+            (Plan::Run(To::AllEvery), Some(run)) => {
+                Plan::Run(To::Router { run, every: true, open: false, shards: vec![] })
             }
-            Plan::Run(To::AllEvery) if stmt.global_insert => {
-                Plan::Run(To::GlobalInsert { every: true, open: false, shards: Vec::new() })
+            (Plan::Run(To::OpenAll), Some(run)) => {
+                Plan::Run(To::Router { run, every: true, open: true, shards: vec![] })
             }
-            Plan::Run(To::OpenAll) if stmt.global_insert => {
-                Plan::Run(To::GlobalInsert { every: true, open: true, shards: Vec::new() })
-            }
-            Plan::Run(To::Fan(shards)) if stmt.global_write => {
-                Plan::Run(To::GlobalWrite { every: false, open: false, shards })
-            }
-            Plan::Run(To::AllEvery) if stmt.global_write => {
-                Plan::Run(To::GlobalWrite { every: true, open: false, shards: Vec::new() })
-            }
-            Plan::Run(To::OpenAll) if stmt.global_write => {
-                Plan::Run(To::GlobalWrite { every: true, open: true, shards: Vec::new() })
-            }
-            Plan::Run(to) => Plan::Run(self.cursor_home(to, stmt)),
-            other => other,
+            (Plan::Run(to), _) => Plan::Run(self.cursor_home(to, stmt)),
+            (other, _) => other,
         }
     }
 
@@ -572,11 +560,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),
             unparsed: analysis.parse_error.is_some(),
             single,
-            global_insert: single && first.is_some_and(|s| s.global_insert),
-            global_write: single && first.is_some_and(|s| s.global_write),
-            combine: single
-                && analysis.hint != Some(shardmap::sql::Hint::AllShards)
-                && first.is_some_and(|s| s.cross == shardmap::sql::Cross::Combine),
+            router: match first.filter(|_| single) {
+                Some(s) if s.global_insert => Some(super::txn::Run::GlobalInsert),
+                Some(s) if s.global_write => Some(super::txn::Run::GlobalWrite),
+                Some(s)
+                    if s.cross == shardmap::sql::Cross::Combine
+                        && analysis.hint != Some(shardmap::sql::Hint::AllShards) =>
+                {
+                    Some(super::txn::Run::Combine)
+                }
+                _ => None,
+            },
             ..Stmt::default()
         };
         if let (true, Some(st)) = (single, first) {

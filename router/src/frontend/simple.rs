@@ -216,13 +216,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 i
             }
             To::Fan(shards) => return self.fan_simple(shards, frame, d, stmt.read).await,
-            To::Combine { every, shards } => return self.combine_simple(every, shards, text, d).await,
-            To::GlobalInsert { every, open, shards } | To::GlobalWrite { every, open, shards } => {
-                let insert = stmt.global_insert;
+            To::Router { run, every, open, shards } => {
                 if open {
                     self.open_all_simple(d).await?;
                 }
-                return self.global_simple(every, shards, text, d, insert).await;
+                return self.router_simple(run, every, shards, text, d).await;
             }
             To::Open(dest) => {
                 self.open_simple(&dest).await?;

@@ -166,7 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         c: &ClientPart<'_>,
     ) -> Result<Result<Option<(Option<Bytes>, Vec<u32>)>, ()>, Failure> {
         let first = links[0];
-        let types: Vec<u32> = plan.params.iter().map(|&k| c.param_types.get(k).copied().unwrap_or(0)).collect();
+        let (types, _, _) = c.params_of(&plan.params);
         {
             let l = self.links.get(first);
             l.pending = true;
@@ -217,9 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         (param_desc, oids): (Option<Bytes>, Vec<u32>),
     ) -> Result<bool, Failure> {
         let sql = self.encoding.encode(&plan.sql).into_owned();
-        let types: Vec<u32> = plan.params.iter().map(|&k| c.param_types.get(k).copied().unwrap_or(0)).collect();
-        let formats: Vec<i16> = plan.params.iter().map(|&k| format_of(c.param_formats, k)).collect();
-        let values: Vec<Option<&[u8]>> = plan.params.iter().map(|&k| c.params.get(k).copied().flatten()).collect();
+        let (types, formats, values) = c.params_of(&plan.params);
         let n = plan.keys.len();
         let visible = oids.len() - n;
         // The client's columns in its formats, the keys in the router's.

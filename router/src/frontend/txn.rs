@@ -53,12 +53,8 @@ pub struct Stmt {
     pub unparsed: bool,
     /// One statement (not a string of several).
     pub single: bool,
-    /// A read whose rows the router combines when it spans shards (aggregates, ORDER BY, LIMIT...).
-    pub combine: bool,
-    /// An INSERT into a global table (run on one shard, its rows copied to the others).
-    pub global_insert: bool,
-    /// An UPDATE or DELETE of a global table (the clock read once, row counts compared).
-    pub global_write: bool,
+    /// What the router runs itself when the statement goes to several shards.
+    pub router: Option<Run>,
     /// The command tag a queued statement is answered with (`SET`, `SAVEPOINT`...).
     pub tag: String,
     /// The cursor a DECLARE, FETCH, MOVE or CLOSE names.
@@ -119,18 +115,25 @@ pub enum To {
     AllOne(Option<ShardId>),
     /// In an all-shards transaction: on every connection.
     AllEvery,
-    /// A read whose rows the router combines (aggregates, ORDER BY, LIMIT...): on these shards outside any
-    /// transaction (or outside the held one), or on every connection of the all-shards transaction (`every`).
-    Combine { every: bool, shards: Vec<ShardId> },
-    /// An INSERT into a global table: on these shards outside any transaction, or on every connection of the
-    /// all-shards transaction (`every`), which it opens first when it is held (`open`).
-    GlobalInsert { every: bool, open: bool, shards: Vec<ShardId> },
-    /// An UPDATE or DELETE of a global table, where `GlobalInsert` would run.
-    GlobalWrite { every: bool, open: bool, shards: Vec<ShardId> },
+    /// A statement the router runs itself (see [`Run`]): on these shards outside any transaction (or
+    /// outside the held one), or on every connection of the all-shards transaction (`every`), which it opens
+    /// first when it is held (`open`).
+    Router { run: Run, every: bool, open: bool, shards: Vec<ShardId> },
     /// COMMIT of a transaction the router failed: ROLLBACK on its connections, answered "ROLLBACK".
     RollbackInstead,
     /// COMMIT PREPARED / ROLLBACK PREPARED: where that transaction was prepared.
     Prepared(String),
+}
+
+/// Statements the router runs itself on several shards, rather than relaying them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Run {
+    /// A read whose rows are combined (aggregates, ORDER BY, LIMIT...).
+    Combine,
+    /// An INSERT into a global table (run on one shard, its rows copied to the others).
+    GlobalInsert,
+    /// An UPDATE or DELETE of a global table (the clock read once, row counts compared).
+    GlobalWrite,
 }
 
 #[derive(Debug, Default)]

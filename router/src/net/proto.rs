@@ -230,18 +230,7 @@ pub fn read_bind(body: &[u8]) -> Option<Bind<'_>> {
         formats.push(f);
         rest = r;
     }
-    let (nv, mut rest) = read_i16(rest)?;
-    let mut values = Vec::with_capacity(nv.max(0) as usize);
-    for _ in 0..nv {
-        let (len, r) = read_i32(rest)?;
-        if len < 0 {
-            values.push(None);
-            rest = r;
-        } else {
-            values.push(Some(r.get(..len as usize)?));
-            rest = &r[len as usize..];
-        }
-    }
+    let (values, _) = read_values(rest)?;
     Some(Bind { portal, statement, formats, values, tail })
 }
 
@@ -354,7 +343,16 @@ pub fn flush(buf: &mut BytesMut) {
 
 /// The values of a DataRow body, as bytes (NULL as `None`); `None` when malformed.
 pub fn data_row_values(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
-    let (n, mut rest) = read_i16(body)?;
+    read_values(body).map(|(v, _)| v)
+}
+
+/// Values of a message, as bytes (NULL as `None`).
+type Values<'a> = Vec<Option<&'a [u8]>>;
+
+/// A count, then that many values, each its length (-1: NULL) and bytes, as in DataRow and Bind; what
+/// follows them.
+fn read_values(b: &[u8]) -> Option<(Values<'_>, &[u8])> {
+    let (n, mut rest) = read_i16(b)?;
     let mut out = Vec::with_capacity(n.max(0) as usize);
     for _ in 0..n {
         let (len, r) = read_i32(rest)?;
@@ -366,7 +364,7 @@ pub fn data_row_values(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
             rest = &r[len as usize..];
         }
     }
-    Some(out)
+    Some((out, rest))
 }
 
 /// One field of a RowDescription: its name, its type OID, and its bytes (name to format code).

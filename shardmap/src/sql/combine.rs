@@ -22,7 +22,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::cross::{function_name, is_aggregate};
-use super::{fold, quote_ident, RECURSION_LIMIT};
+use super::{fold, quote_ident};
 
 /// Type OIDs the final query needs to tell apart.
 const INT8: u32 = 20;
@@ -143,12 +143,7 @@ pub enum Source {
 
 /// Builds the plan of a combined read from its text.
 pub fn plan(sql: &str) -> Result<CombinePlan, String> {
-    let mut stmts = Parser::new(&PostgreSqlDialect {})
-        .with_recursion_limit(RECURSION_LIMIT)
-        .try_with_sql(sql)
-        .and_then(|mut p| p.parse_statements())
-        .map_err(|e| e.to_string())?;
-    let Some(ast::Statement::Query(q)) = stmts.pop() else { return Err("not a query".into()) };
+    let ast::Statement::Query(q) = super::parse_last(sql)? else { return Err("not a query".into()) };
     Planning::default().query(*q)
 }
 

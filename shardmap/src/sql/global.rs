@@ -7,11 +7,9 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{self, Expr, Statement, Visit, Visitor};
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
 
 use super::cross::function_name;
-use super::{quote_ident, RECURSION_LIMIT};
+use super::quote_ident;
 
 /// Functions whose value differs from one evaluation (or one server, or one transaction) to the next.
 const VOLATILE: &[&str] = &[
@@ -74,12 +72,7 @@ pub struct GlobalWrite {
 
 /// Plans an UPDATE or DELETE of a global table; volatile calls other than the clock are refused.
 pub fn global_write(sql: &str) -> Result<GlobalWrite, String> {
-    let mut stmts = Parser::new(&PostgreSqlDialect {})
-        .with_recursion_limit(RECURSION_LIMIT)
-        .try_with_sql(sql)
-        .and_then(|mut p| p.parse_statements())
-        .map_err(|e| e.to_string())?;
-    let Some(mut s) = stmts.pop() else { return Err("an empty statement".into()) };
+    let mut s = super::parse_last(sql)?;
     struct R(Vec<(String, &'static str)>);
     impl sqlparser::ast::VisitorMut for R {
         type Break = ();
@@ -164,12 +157,7 @@ pub struct GlobalInsert {
 
 /// Plans an INSERT into a global table.
 pub fn global_insert(sql: &str) -> Result<GlobalInsert, String> {
-    let mut stmts = Parser::new(&PostgreSqlDialect {})
-        .with_recursion_limit(RECURSION_LIMIT)
-        .try_with_sql(sql)
-        .and_then(|mut p| p.parse_statements())
-        .map_err(|e| e.to_string())?;
-    let Some(Statement::Insert(mut ins)) = stmts.pop() else { return Err("not an INSERT".into()) };
+    let Statement::Insert(mut ins) = super::parse_last(sql)? else { return Err("not an INSERT".into()) };
     let returning =
         ins.returning.take().map(|items| items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
     if returning.as_deref().is_some_and(|r| r.contains('$')) {
@@ -237,6 +225,8 @@ impl GlobalInsert {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sqlparser::dialect::PostgreSqlDialect;
+    use sqlparser::parser::Parser;
 
     #[test]
     fn the_first_shard_returns_the_rows_the_others_insert() {
