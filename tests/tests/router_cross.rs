@@ -396,3 +396,46 @@ async fn a_failing_combined_read_fails_its_transaction_on_every_path() -> anyhow
     }
     Ok(())
 }
+
+/// Combined reads through every protocol path (simple, unnamed, named, pipelined), outside and inside a
+/// transaction: the same answers as one PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_reads_on_every_path_in_and_out_of_transactions() -> anyhow::Result<()> {
+    use integration::wire::{Path, PATHS};
+    let plain = PgServer::start()?;
+    let c = Cluster::hash(4, "shard-global-tables,bots\n")?;
+    load(&plain.client("postgres").await?).await?;
+    load(&c.client().await?).await?;
+    let statements = [
+        ("SELECT count(*), sum(tokens), avg(tokens) FROM messages", true),
+        ("SELECT role, count(DISTINCT user_id), max(tokens) FROM messages GROUP BY role ORDER BY role", true),
+        ("SELECT user_id, name FROM users ORDER BY name NULLS FIRST, user_id LIMIT 10 OFFSET 5", true),
+        ("SELECT user_id, id, big FROM messages ORDER BY big DESC", true),
+        ("SELECT DISTINCT role FROM messages", false),
+    ];
+    for path in PATHS {
+        for in_txn in [false, true] {
+            let mut got = Vec::new();
+            for port in [plain.port, c.port] {
+                let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
+                let mut answers = Vec::new();
+                if in_txn {
+                    cl.query("BEGIN")?;
+                }
+                for (sql, ordered) in statements {
+                    let mut r = cl.send(path, sql)?;
+                    if path == Path::Pipelined {
+                        r.extend(cl.sync()?);
+                    }
+                    answers.push(answer(r, ordered));
+                }
+                if in_txn {
+                    cl.query("COMMIT")?;
+                }
+                got.push(answers);
+            }
+            assert_eq!(got[0], got[1], "{path:?}, in a transaction: {in_txn}");
+        }
+    }
+    Ok(())
+}
