@@ -20,6 +20,9 @@ use shardmap::config::NodeAddr;
 use shardmap::{BucketId, ShardMap};
 use tokio::sync::watch;
 
+pub mod decisions;
+pub use decisions::{Decisions, RecordError};
+
 /// The statements between their routing decision and their answer, so that a router acknowledges a freeze
 /// only once the statements it routed with the previous map have finished: a statement for the frozen unit
 /// is then either done on the old owner (and replicated) or held, never still on its way there. Two counters
@@ -145,10 +148,9 @@ pub async fn connect(addr: &NodeAddr, db: Option<&str>, application: &str) -> Re
     Ok(client)
 }
 
-/// Creates the catalog's database and tables when missing and seeds them from `map` (each bucket on the node
-/// config.csv gives it); checks that an existing catalog fits the map. Safe to run from several routers and
-/// rebalancers at once.
-pub async fn ensure(addr: &NodeAddr, map: &ShardMap, application: &str) -> Result<tokio_postgres::Client> {
+/// Connects to the catalog's database, creating it first when it is missing (safe from several processes
+/// at once).
+pub async fn connect_creating(addr: &NodeAddr, application: &str) -> Result<tokio_postgres::Client> {
     let db_name = addr.dbname.clone().unwrap_or_else(|| shardmap::catalog::DEFAULT_DATABASE.into());
     let client = match connect(addr, Some(&db_name), application).await {
         Ok(c) => c,
@@ -167,8 +169,15 @@ pub async fn ensure(addr: &NodeAddr, map: &ShardMap, application: &str) -> Resul
         }
         Err(e) => return Err(e),
     };
+    Ok(client)
+}
+
+/// Creates the catalog's database and tables when missing and seeds them from `map` (each bucket on the node
+/// config.csv gives it); checks that an existing catalog fits the map. Safe to run from several routers and
+/// rebalancers at once.
+pub async fn ensure(addr: &NodeAddr, map: &ShardMap, application: &str) -> Result<tokio_postgres::Client> {
+    let mut client = connect_creating(addr, application).await?;
     let buckets = map.bucket_count().map(|b| b as i32);
-    let mut client = client;
     let tx = client.transaction().await?;
     tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&SEED_LOCK]).await?;
     tx.batch_execute(SCHEMA).await.context("creating the catalog's tables")?;

@@ -37,6 +37,13 @@ impl Router {
         };
         let map = Arc::new(ShardMap::new(&config).map_err(anyhow::Error::msg)?);
         let catalog = shardmap::catalog::address(&config).map_err(|e| anyhow::anyhow!("shard-catalog: {e}"))?;
+        let decisions =
+            shardmap::catalog::decisions_address(&config).map_err(|e| anyhow::anyhow!("shard-catalog: {e}"))?;
+        let catalog = Arc::new(shard_catalog::Catalog::new(catalog));
+        let two_phase = crate::backend::twophase::TwoPhase::new(
+            decisions.filter(|_| config.two_phase_commit).map(shard_catalog::Decisions::new),
+            catalog.id.clone(),
+        );
         let session_mode = config.pool.mode == shardmap::config::PoolMode::Session;
         let config = Arc::new(arc_swap::ArcSwap::from_pointee(config));
         Ok(Router {
@@ -44,10 +51,10 @@ impl Router {
                 config: config.clone(),
                 map: map.clone(),
                 planner: Planner::new(map.clone()),
-                catalog: Arc::new(shard_catalog::Catalog::new(catalog)),
+                catalog,
                 session_mode,
             }),
-            backends: Arc::new(Backends::new(config, map)),
+            backends: Arc::new(Backends::new(config, map, two_phase)),
             registry: Default::default(),
             tls,
         })
@@ -106,6 +113,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         router.routing.map.clone(),
         follower,
     )));
+    // Transactions left prepared by two-phase commit (a router or a shard that stopped mid-commit).
+    let _stop_recovery = AbortOnDrop(tokio::spawn(crate::control::recovery::run(Arc::downgrade(&backends))));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

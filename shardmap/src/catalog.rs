@@ -66,6 +66,33 @@ ALTER TABLE gb_moves ADD COLUMN IF NOT EXISTS created_target boolean NOT NULL DE
 CREATE UNIQUE INDEX IF NOT EXISTS gb_moves_one_active ON gb_moves ((true)) WHERE finished IS NULL;
 ";
 
+/// The two-phase commit decision log, in the catalog database (created there by the first router that
+/// commits across shards, with or without a shard map kept there): one row per transaction prepared on several
+/// shards, written before the first `COMMIT PREPARED` (`commit`), or by a recovery that found it prepared and
+/// undecided for too long (`abort`). The primary key is the arbiter: the first decision stands.
+pub const TWO_PHASE_SCHEMA: &str = "\
+CREATE TABLE IF NOT EXISTS gb_2pc (
+    txid text PRIMARY KEY,
+    outcome text NOT NULL CHECK (outcome IN ('commit', 'abort')),
+    router text NOT NULL,
+    gids text[] NOT NULL DEFAULT '{}',
+    decided timestamptz NOT NULL DEFAULT now()
+);
+";
+
+/// The prefix of the names of transactions the router prepares: `gb_2pc_<router tag>_<number>_<shard>`
+/// (the transaction's id is the name up to the last `_`).
+pub const TWO_PHASE_PREFIX: &str = "gb_2pc_";
+
+/// Where the decision log is: the catalog's database, else `gb_shard_catalog` on the first node.
+pub fn decisions_address(c: &Config) -> Result<Option<NodeAddr>, String> {
+    if let Some(a) = address(c)? {
+        return Ok(Some(a));
+    }
+    let first = c.nodes.iter().find(|(n, _)| n == "0").or(c.nodes.first()).or(c.geo_regions.first());
+    Ok(first.map(|(_, a)| NodeAddr { dbname: Some(DEFAULT_DATABASE.into()), ..a.clone() }))
+}
+
 /// How long a router may go without a heartbeat and still count as live (a cutover waits for every live
 /// router's acknowledgement; one silent longer is taken for gone, and the source's guard stops its writes).
 pub const ROUTER_LIVE_S: u32 = 3;

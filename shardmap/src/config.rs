@@ -33,6 +33,7 @@ const KEYS: &[&str] = &[
     "shard-read-replicas",
     "shard-max-replica-lag-bytes",
     "shard-catalog",
+    "shard-two-phase-commit",
     "shard-node-<name>",
     "shard-node-<name>-patroni",
     "shard-geo-<region>",
@@ -161,6 +162,9 @@ pub struct Config {
     pub read_replicas: bool,
     pub max_replica_lag_bytes: u64,
     pub catalog: Option<String>,
+    /// `shard-two-phase-commit`: transactions that write to several shards commit with two-phase commit
+    /// (`false`: such transactions are refused, and all-shards transactions commit shard by shard).
+    pub two_phase_commit: bool,
     pub router: RouterSettings,
     pub pool: PoolSettings,
     pub health: HealthSettings,
@@ -358,6 +362,7 @@ impl<'f> Builder<'f> {
             read_replicas: false,
             max_replica_lag_bytes: 16 * 1024 * 1024,
             catalog: None,
+            two_phase_commit: true,
             router: RouterSettings {
                 listen: "127.0.0.1:6432".into(),
                 auth: AuthMethod::ScramSha256,
@@ -487,6 +492,7 @@ impl<'f> Builder<'f> {
             "shard-read-replicas" => c.read_replicas = boolean(self)?,
             "shard-max-replica-lag-bytes" => c.max_replica_lag_bytes = number(self, 0)?,
             "shard-catalog" => c.catalog = Some(text(self)?),
+            "shard-two-phase-commit" => c.two_phase_commit = boolean(self)?,
             "router-listen" => c.router.listen = text(self)?,
             "router-auth" => {
                 c.router.auth =

@@ -94,6 +94,8 @@ pub struct ShardMap {
     pub global_tables: HashSet<String>,
     /// `shard-table-<table>,<column>`: tables whose key column is not `key`.
     pub table_keys: std::collections::HashMap<String, String>,
+    /// `shard-two-phase-commit`: writes may span shards (committed with two-phase commit).
+    pub two_phase: bool,
     placement: Placement,
     /// Tenants placed by the catalog (moved off the node their name hashes to), and whether a move holds
     /// them frozen; `tenants_placed` spares the lock while there are none.
@@ -204,6 +206,7 @@ impl ShardMap {
             nodes,
             global_tables: c.global_tables.iter().cloned().collect(),
             table_keys: c.table_keys.iter().map(|(t, k)| (t.clone(), k.clone())).collect(),
+            two_phase: c.two_phase_commit,
             placement,
             tenants: Default::default(),
             tenants_placed: AtomicBool::new(false),

@@ -380,7 +380,10 @@ impl Planner {
             return Ok(self.decision(a, Target::Any, st.reason.clone()));
         }
         let d = self.place(a, values, st)?;
-        if st.kind == Kind::Write {
+        // With two-phase commit, UPDATE and DELETE with keys on several shards run on each of them, and an
+        // INSERT's rows are split by shard (`sql::split_insert`); both commit atomically.
+        let spans_ok = self.map.two_phase && a.statements.len() == 1 && (!st.insert || st.insert_rows);
+        if st.kind == Kind::Write && !spans_ok {
             if let Target::Set(shards) = &d.target {
                 let names: Vec<&str> = shards.iter().map(|s| self.map.node(*s).name.as_str()).collect();
                 let what = match &st.tables {

@@ -191,6 +191,11 @@ pub struct StatementAnalysis {
     pub global_write: bool,
     /// A write to a global table that cannot leave every copy identical (see `global_write`).
     pub global_refusal: Option<String>,
+    /// `INSERT ... VALUES`: `keys` (or `positional`) has one key per row, in order, so that rows for several
+    /// shards can be split into one INSERT per shard.
+    pub insert_rows: bool,
+    /// An INSERT (of any source).
+    pub insert: bool,
 }
 
 impl StatementAnalysis {
@@ -213,6 +218,8 @@ impl StatementAnalysis {
             global_insert: false,
             global_write: false,
             global_refusal: None,
+            insert_rows: false,
+            insert: false,
         }
     }
 }
@@ -663,6 +670,7 @@ impl Ctx<'_> {
 
     fn insert(&self, ins: &ast::Insert, a: &mut StatementAnalysis) {
         a.kind = Kind::Write;
+        a.insert = true;
         let TableObject::TableName(name) = &ins.table else {
             a.reason = "INSERT into a table function".into();
             return;
@@ -697,6 +705,7 @@ impl Ctx<'_> {
             return;
         };
         if let SetExpr::Values(values) = source.body.as_ref() {
+            a.insert_rows = true;
             if ins.columns.is_empty() {
                 // The key's position is the table's: the router looks it up (see `Session::key_positions`).
                 let rows = values

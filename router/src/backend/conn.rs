@@ -285,6 +285,12 @@ impl ServerConn {
     pub async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, BackendError> {
         proto::query(&mut self.io.wbuf, sql);
         self.flush().await?;
+        self.answer_row().await
+    }
+
+    /// Reads the answer to a simple query sent before, up to ReadyForQuery: its first row's values as text
+    /// (none when it has no rows), or its first error.
+    pub async fn answer_row(&mut self) -> Result<Vec<Option<String>>, BackendError> {
         let mut row = None;
         let mut err = None;
         loop {

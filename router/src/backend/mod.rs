@@ -10,6 +10,7 @@ pub mod pool;
 pub mod stats;
 pub mod tenant;
 pub mod topology;
+pub mod twophase;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub struct Backends {
     /// Where the transactions prepared through this router (PREPARE TRANSACTION 'gid') are, until COMMIT
     /// PREPARED or ROLLBACK PREPARED.
     pub prepared: std::sync::Mutex<std::collections::HashMap<String, Dest>>,
+    /// Two-phase commit of transactions on several shards: names, decision log, counters.
+    pub two_phase: twophase::TwoPhase,
     next: AtomicUsize,
     /// Per shard: until when (ms since `epoch`) it is believed down after a failed connection attempt.
     down_until: Vec<AtomicU64>,
@@ -58,7 +61,7 @@ pub struct Backends {
 }
 
 impl Backends {
-    pub fn new(config: Arc<ArcSwap<Config>>, map: Arc<ShardMap>) -> Backends {
+    pub fn new(config: Arc<ArcSwap<Config>>, map: Arc<ShardMap>, two_phase: twophase::TwoPhase) -> Backends {
         let c = config.load();
         let pools = Arc::new(pool::Pools::new(pool::Settings {
             size: c.pool.size,
@@ -74,6 +77,7 @@ impl Backends {
             topology,
             creating: Default::default(),
             prepared: Default::default(),
+            two_phase,
             schema_epoch: AtomicU64::new(0),
             next: AtomicUsize::new(0),
             down_until: (0..n).map(|_| Default::default()).collect(),

@@ -154,6 +154,62 @@ pub fn metrics(backends: &Backends) -> String {
             );
         }
     }
+    let c = &backends.two_phase.counters;
+    help(
+        &mut out,
+        "two_phase_commits_total",
+        "counter",
+        "Transactions on several shards committed with two-phase commit.",
+    );
+    let _ = writeln!(out, "shard_router_two_phase_commits_total {}", c.committed.load(Ordering::Relaxed));
+    help(
+        &mut out,
+        "one_phase_multi_shard_commits_total",
+        "counter",
+        "Transactions on several shards that wrote to at most one, committed without two-phase commit.",
+    );
+    let _ = writeln!(out, "shard_router_one_phase_multi_shard_commits_total {}", c.one_phase.load(Ordering::Relaxed));
+    help(&mut out, "two_phase_rollbacks_total", "counter", "Transactions on several shards rolled back at COMMIT (a PREPARE failed, or the decision could not be recorded).");
+    let _ = writeln!(out, "shard_router_two_phase_rollbacks_total {}", c.rolled_back.load(Ordering::Relaxed));
+    help(
+        &mut out,
+        "two_phase_recovered_total",
+        "counter",
+        "Prepared transactions in doubt that recovery finished, by outcome.",
+    );
+    let _ = writeln!(
+        out,
+        "shard_router_two_phase_recovered_total{{outcome=\"commit\"}} {}",
+        c.recovered_commit.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "shard_router_two_phase_recovered_total{{outcome=\"rollback\"}} {}",
+        c.recovered_abort.load(Ordering::Relaxed)
+    );
+    help(
+        &mut out,
+        "two_phase_commit_duration_seconds",
+        "histogram",
+        "Two-phase commit: from the first PREPARE TRANSACTION to the last COMMIT PREPARED.",
+    );
+    let mut cumulative = 0;
+    for (b, le) in BOUNDS_US.iter().enumerate() {
+        cumulative += c.buckets[b].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "shard_router_two_phase_commit_duration_seconds_bucket{{le=\"{}\"}} {cumulative}",
+            *le as f64 / 1e6
+        );
+    }
+    cumulative += c.buckets[BOUNDS_US.len()].load(Ordering::Relaxed);
+    let _ = writeln!(out, "shard_router_two_phase_commit_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(
+        out,
+        "shard_router_two_phase_commit_duration_seconds_sum {}",
+        c.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(out, "shard_router_two_phase_commit_duration_seconds_count {cumulative}");
     help(&mut out, "client_connections", "gauge", "Client connections open now.");
     let _ = writeln!(out, "shard_router_client_connections {}", backends.stats.clients.load(Ordering::Relaxed));
     help(&mut out, "uptime_seconds", "gauge", "Seconds since the router started.");

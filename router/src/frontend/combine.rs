@@ -245,7 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         text: &str,
         d: Option<&Decision>,
     ) -> Result<(), Failure> {
-        let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
+        let links = if every { self.join_simple(&shards, d).await? } else { self.links_to(shards, d).await? };
         let order = [(b'D', b'p'), (b'E', 0)];
         let c = ClientPart { params: &[], param_formats: &[], param_types: &[], result_formats: &[], order: &order };
         if self.run_on(run, &links, text, &c).await? {

@@ -358,11 +358,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let links = dests.iter().filter_map(|d| self.links.find(d)).collect();
                 (links, if global { Mode::Everywhere } else { Mode::Split { only: None } })
             }
-            To::OpenAll => {
-                self.open_all_simple(d).await?;
-                (self.all_links(), if global { Mode::Everywhere } else { Mode::Split { only: None } })
+            To::OpenParts(shards) | To::Parts(shards) => {
+                let links = self.join_simple(&shards, d).await?;
+                (links, if global { Mode::Everywhere } else { Mode::Split { only: None } })
             }
-            To::AllEvery => (self.all_links(), if global { Mode::Everywhere } else { Mode::Split { only: None } }),
+            To::Every => (self.part_links(&[]), if global { Mode::Everywhere } else { Mode::Split { only: None } }),
             _ => return Err(Reported::unsupported("COPY FROM STDIN is not supported here").into()),
         };
         let key = match (mode, copy.key_column) {
@@ -702,7 +702,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let statuses: Vec<(usize, u8)> = links.iter().map(|&i| (i, self.links.get(i).status())).collect();
         for (i, status) in statuses {
             let dest = self.links.get(i).dest.clone();
-            if self.txn.state != State::All {
+            if !matches!(self.txn.state, State::Many(_)) {
                 self.txn.ready(&dest, status, error.is_some());
             }
         }

@@ -107,8 +107,12 @@ impl Merge {
 
     /// The merged CommandComplete of a read on several connections (`SELECT n`, `COPY n`).
     pub fn tag(&self) -> String {
-        let verb = if self.verb.is_empty() { "SELECT" } else { &self.verb };
-        format!("{verb} {}", self.rows)
+        match self.verb.as_str() {
+            "" => format!("SELECT {}", self.rows),
+            // (An INSERT's tag keeps PostgreSQL's OID field, always 0.)
+            "INSERT" => format!("INSERT 0 {}", self.rows),
+            verb => format!("{verb} {}", self.rows),
+        }
     }
 }
 
@@ -284,7 +288,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn prep(&mut self, seg: &[Msg], fast: bool, pending: &mut Pending) -> Result<Seg, Failure> {
         let i = match &self.txn.state {
             State::One(_) => self.txn_link()?,
-            State::All => self.all_link(None)?,
+            State::Many(_) => self
+                .part_links(&[])
+                .first()
+                .copied()
+                .ok_or_else(|| Reported::new("XX000", "the transaction's connection is gone"))?,
             _ => {
                 let in_group = self.links.iter().position(|l| l.pending && !l.replica);
                 match in_group {
@@ -467,28 +475,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.txn.sent(verb.as_ref());
                 Some(i)
             }
-            To::AllOne(shard) => Some(self.all_link(shard)?),
+            To::Part(Some(shard)) => {
+                let links = self.join_extended(&[shard], d, pending).await?;
+                Some(
+                    links
+                        .first()
+                        .copied()
+                        .ok_or_else(|| Reported::new("XX000", "the transaction's connection is gone"))?,
+                )
+            }
+            To::Part(None) => Some(
+                self.part_links(&[])
+                    .first()
+                    .copied()
+                    .ok_or_else(|| Reported::new("XX000", "the transaction's connection is gone"))?,
+            ),
+            To::Commit => {
+                self.drain(pending).await?;
+                if self.group_failed {
+                    return Ok(Seg::Next);
+                }
+                match self.commit_parts().await {
+                    Ok(tag) => synthesize(&mut self.io.wbuf, seg, tag),
+                    Err(e) => {
+                        proto::error(&mut self.io.wbuf, "ERROR", &e.code, &e.message);
+                        self.fail_group_inner();
+                    }
+                }
+                return Ok(Seg::Next);
+            }
             To::RollbackInstead => {
                 self.drain(pending).await?;
                 self.rollback_instead(false).await?;
                 synthesize(&mut self.io.wbuf, seg, "ROLLBACK");
                 return Ok(Seg::Next);
             }
-            To::Router { run, every, open, shards } => {
-                if open {
-                    let db = d.and_then(|d| d.database.clone());
-                    for shard in self.routing.map.all().collect::<Vec<_>>() {
-                        let i = self.link(&Dest { shard, db: db.clone() }).await?;
-                        self.replay_extended(i, pending)?;
-                    }
-                    self.txn.opened_all();
-                }
+            To::Router { run, every, open: _, shards } => {
+                let links = if every { Some(self.join_extended(&shards, d, pending).await?) } else { None };
                 self.drain(pending).await?;
                 if self.group_failed {
                     // A replayed statement failed: the server skips the rest of the group, so does the router.
                     return Ok(Seg::Next);
                 }
-                return self.router_run(every, shards, seg, d, effect, run).await;
+                return self.router_run(links, shards, seg, d, effect, run).await;
             }
             To::Fan(shards) => {
                 let links = self.links_to(shards, d).await?;
@@ -497,23 +526,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.group_effects.push(effect);
                 return Ok(Seg::Next);
             }
-            To::OpenAll => {
-                let db = d.and_then(|d| d.database.clone());
-                for shard in self.routing.map.all().collect::<Vec<_>>() {
-                    let i = self.link(&Dest { shard, db: db.clone() }).await?;
-                    self.replay_extended(i, pending)?;
+            To::OpenParts(shards) | To::Parts(shards) => {
+                let links = self.join_extended(&shards, d, pending).await?;
+                if links.is_empty() {
+                    return Err(Reported::new("XX000", "the transaction's connections are gone").into());
                 }
-                self.txn.opened_all();
-                let links = self.all_links();
-                self.fan_out(&links, seg, read, pending)?;
-                self.txn.sent(verb.as_ref());
+                self.fan_out(&links, seg, super::merge::sums(&effect.stmt, d), pending)?;
                 effect.dest = self.links.get(links[0]).dest.clone();
                 self.group_effects.push(effect);
                 return Ok(Seg::Next);
             }
-            To::AllEvery => {
-                let links = self.all_links();
-                self.fan_out(&links, seg, read && d.is_some_and(|d| d.target != Target::Session), pending)?;
+            To::Every => {
+                let links = self.part_links(&[]);
+                if links.is_empty() {
+                    return Err(Reported::new("XX000", "the transaction's connections are gone").into());
+                }
+                self.fan_out(&links, seg, super::merge::sums(&effect.stmt, d), pending)?;
                 self.txn.sent(verb.as_ref());
                 effect.dest = self.links.get(links[0]).dest.clone();
                 self.group_effects.push(effect);
@@ -564,14 +592,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// every connection of the all-shards transaction (`every`); a failure fails the sync group.
     async fn router_run(
         &mut self,
-        every: bool,
+        links: Option<Vec<usize>>,
         shards: Vec<shardmap::ShardId>,
         seg: &[Msg],
         d: Option<&Decision>,
         mut effect: Effect,
         run: Run,
     ) -> Result<Seg, Failure> {
-        let links = if every { self.all_links() } else { self.links_to(shards, d).await? };
+        let links = match links {
+            Some(links) => links,
+            None => self.links_to(shards, d).await?,
+        };
         let ok = self.client_segment(&links, seg, &effect.text, run).await?;
         effect.dest = self.links.get(links[0]).dest.clone();
         self.group_effects.push(effect);
@@ -655,6 +686,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
+    /// Joins the transaction on `shards` (none: every shard) in the decision's database: each shard it has not
+    /// joined yet gets its replay log in the sync group first (see `replay_extended`). Returns the
+    /// transaction's links to those shards, in shard order.
+    async fn join_extended(
+        &mut self,
+        shards: &[shardmap::ShardId],
+        d: Option<&Decision>,
+        pending: &mut Pending,
+    ) -> Result<Vec<usize>, Reported> {
+        let shards: Vec<shardmap::ShardId> =
+            if shards.is_empty() { self.routing.map.all().collect() } else { shards.to_vec() };
+        let db = d.and_then(|d| d.database.clone());
+        for &shard in &shards {
+            let dest = Dest { shard, db: db.clone() };
+            if self.txn.holds(&dest) {
+                continue;
+            }
+            let i = self.link(&dest).await?;
+            self.replay_extended(i, pending)?;
+            self.txn.joined(dest);
+        }
+        Ok(self.part_links(&shards))
+    }
+
     /// The answers to a segment sent with its Sync on link `i` alone, up to ReadyForQuery.
     async fn answer_synced(&mut self, i: usize, exps: VecDeque<Exp>, effect: Effect) -> Result<Seg, Failure> {
         let started = std::time::Instant::now();
@@ -715,8 +770,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // The server skips what came after its error.
                     continue;
                 }
-                let in_txn = matches!(&self.txn.state, State::One(d) if *d == e.dest) || self.txn.state == State::All;
-                if !in_txn {
+                if !self.txn.holds(&e.dest) {
                     // It ran in the failed group's implicit transaction: closing the connection rolls it back.
                     drop(self.links.remove(i));
                     continue;
@@ -775,12 +829,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// back (their connections closed), as the server rolls back an implicit transaction.
     fn fail_group_inner(&mut self) {
         self.group_failed = true;
-        let txn_dest = match &self.txn.state {
-            State::One(d) => Some(d.clone()),
-            _ => None,
-        };
-        let all = self.txn.state == State::All;
-        let gone = self.links.drain_unless(|l| !l.pending || l.errored || all || txn_dest.as_ref() == Some(&l.dest));
+        let txn = &self.txn;
+        let gone = self.links.drain_unless(|l| !l.pending || l.errored || txn.holds(&l.dest));
         for l in gone {
             drop(l);
         }
@@ -851,7 +901,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 [one] if one.sets.len() == 1 => Some(one.text.clone()),
                 _ => None,
             };
-            if self.txn.state == State::All {
+            if matches!(self.txn.state, State::Many(_)) {
                 self.txn.ready(dest, status, error);
                 if !sets.is_empty() {
                     self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
@@ -861,11 +911,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.answered(i, status, error, &sets, text.as_deref()).await;
             }
         }
-        if self.txn.state == State::All && !statuses.is_empty() {
-            let all: Vec<u8> = self.all_links().iter().map(|&i| self.links.get(i).status()).collect();
+        if matches!(self.txn.state, State::Many(_)) && !statuses.is_empty() {
+            let links = self.part_links(&[]);
+            let all: Vec<u8> = links.iter().map(|&i| self.links.get(i).status()).collect();
             self.txn.ready_all(&all);
             if self.txn.state == State::Idle && !self.txn_settings.is_empty() {
-                if let Some(&first) = self.all_links().first() {
+                if let Some(&first) = links.first() {
                     let changes = std::mem::take(&mut self.txn_settings);
                     self.settings_changed(first, &changes, None).await;
                 }

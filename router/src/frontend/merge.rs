@@ -50,17 +50,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
     }
 
-    /// A simple Query on every connection of an all-shards transaction.
+    /// A simple Query on connections of the transaction (`links`): answers summed where each shard's is its
+    /// part of the answer (see [`sums`]), else the first one's.
     pub async fn all_simple(
         &mut self,
+        links: Vec<usize>,
         frame: Bytes,
         stmt: &Stmt,
         sets: &[Setting],
         d: Option<&Decision>,
     ) -> Result<(), Failure> {
-        let links = self.all_links();
-        let read = stmt.read && d.is_some_and(|d| !matches!(d.target, shardmap::Target::One(_)));
-        let answers = self.merge_on(&links, read, frame).await?;
+        let answers = self.merge_on(&links, sums(stmt, d), frame).await?;
         let statuses: Vec<u8> = answers.iter().map(|(s, _)| *s).collect();
         if !sets.is_empty() {
             for &i in &links {
@@ -130,11 +130,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for i in sorted.into_iter().rev() {
             let l = self.links.remove(i);
             self.backend.failed(l.dest.shard, &e);
-        }
-        if self.txn.state == State::All {
-            self.txn.rolled_back();
-            self.txn_settings.clear();
+            if self.txn.lose(&l.dest) {
+                self.txn_settings.clear();
+            }
         }
         e
     }
+}
+
+/// Whether the answers of a statement sent to several connections of a transaction are summed (rows
+/// concatenated, counts added: each shard's answer is its part — a read, or a write whose keys are on several
+/// shards) rather than the first one's standing for all (DDL, writes to global tables, SET...).
+pub fn sums(stmt: &Stmt, d: Option<&Decision>) -> bool {
+    d.is_some_and(|d| match d.target {
+        shardmap::Target::Set(_) => true,
+        shardmap::Target::All => stmt.read,
+        _ => false,
+    })
 }

@@ -3,6 +3,7 @@
 //! routing decision (config, map, planner, catalog); [`Registry`] knows the connected clients.
 
 pub mod combine;
+pub mod commit;
 pub mod copy;
 pub mod extended;
 pub mod global;

@@ -203,13 +203,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("client_encoding"))
             .map_or(Encoding::Utf8, |(_, v)| Encoding::named(v));
+        let two_phase = routing.map.two_phase;
         Session {
             io,
             routing,
             backend: Checkout::new(backends, user, database.clone(), cancel),
             settings,
             route: shardmap::Session { database: Some(database), ..Default::default() },
-            txn: Txn::default(),
+            txn: Txn { two_phase, ..Txn::default() },
             links: Links::default(),
             statements: Default::default(),
             listening: false,
@@ -519,11 +520,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Where the plan sends a statement to several shards, one the router runs itself runs there.
         match (plan, stmt.router) {
             (Plan::Run(To::Fan(shards)), Some(run)) => Plan::Run(To::Router { run, every: false, open: false, shards }),
-            (Plan::Run(To::AllEvery), Some(run)) => {
-                Plan::Run(To::Router { run, every: true, open: false, shards: vec![] })
+            (Plan::Run(To::Parts(shards)), Some(run)) => {
+                Plan::Run(To::Router { run, every: true, open: false, shards })
             }
-            (Plan::Run(To::OpenAll), Some(run)) => {
-                Plan::Run(To::Router { run, every: true, open: true, shards: vec![] })
+            (Plan::Run(To::OpenParts(shards)), Some(run)) => {
+                Plan::Run(To::Router { run, every: true, open: true, shards })
             }
             (Plan::Run(to), _) => Plan::Run(self.cursor_home(to, stmt)),
             (other, _) => other,
@@ -573,6 +574,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             },
             ..Stmt::default()
         };
+        if let (true, Some(st), true) = (single, first, self.txn.two_phase && self.txn.on_shards()) {
+            // What a shard joining the transaction later must run too (see `txn.rs`).
+            let savepoint = matches!(
+                s.verb,
+                Some(
+                    shardmap::sql::TxnVerb::Savepoint
+                        | shardmap::sql::TxnVerb::Release
+                        | shardmap::sql::TxnVerb::RollbackTo
+                )
+            );
+            if savepoint || (st.setting.is_some() && st.session.is_none()) {
+                s.replay = Some(text.to_string());
+            }
+        }
         if let (true, Some(st)) = (single, first) {
             if st.declare.is_some() || st.kind == Kind::Cursor {
                 s.cursor = cursor_name(text);
@@ -610,7 +625,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let pass = self.routing.catalog.enter();
             let d = decide();
             match &d {
-                Ok(d) if self.routing.map.holds(d) && !matches!(self.txn.state, State::One(_) | State::All) => {
+                Ok(d) if self.routing.map.holds(d) && !self.txn.on_shards() => {
                     drop(pass);
                     Box::pin(self.routing.thaw(Some(d))).await?;
                 }
@@ -630,13 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// The status the client is told now.
     pub fn status(&self) -> u8 {
-        let dests: Vec<&Dest> = match &self.txn.state {
-            State::One(d) => vec![d],
-            _ => Vec::new(),
-        };
-        let all = matches!(self.txn.state, State::All);
-        self.txn
-            .status(self.links.iter().filter(|l| !l.replica && (all || dests.contains(&&l.dest))).map(|l| l.status()))
+        self.txn.status(self.links.iter().filter(|l| !l.replica && self.txn.holds(&l.dest)).map(|l| l.status()))
     }
 
     /// Queues ReadyForQuery with the client's status, and gives back what the session no longer needs.
@@ -652,16 +661,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.links.is_empty() {
             return;
         }
-        let txn_dest = match &self.txn.state {
-            State::One(d) => Some(d.clone()),
-            _ => None,
-        };
-        let all = matches!(self.txn.state, State::All);
+        let txn = &self.txn;
         let session_mode = self.routing.session_mode;
         let cursors = &self.held_cursors;
         self.links.release_unless(|l| {
             l.pending
-                || (!l.replica && (all || txn_dest.as_ref() == Some(&l.dest)))
+                || (!l.replica && txn.holds(&l.dest))
                 || (session_mode && !l.replica && l.status() == proto::READY_IDLE)
                 || (!cursors.is_empty() && !l.replica && cursors.values().any(|d| *d == l.dest))
         });
@@ -688,8 +693,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub async fn link(&mut self, dest: &Dest) -> Result<usize, Reported> {
         if let Some(i) = self.links.find(dest) {
             let l = self.links.get(i);
-            let in_txn = matches!(&self.txn.state, State::One(d) if d == dest) || self.txn.state == State::All;
-            if l.pending || in_txn || !self.routing.session_mode {
+            if l.pending || self.txn.holds(dest) || !self.routing.session_mode {
                 return Ok(i);
             }
             // Session mode: a connection to a primary that failed over is not used again; one that carries
@@ -724,11 +728,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A connection for a statement any shard answers: one already in the current sync group (or, outside a
     /// transaction, any the session holds), else a checkout; a shard that cannot be reached is skipped.
     pub async fn link_any(&mut self) -> Result<usize, Reported> {
-        let in_txn = |l: &Link| match &self.txn.state {
-            State::One(d) => *d == l.dest,
-            State::All => true,
-            _ => false,
-        };
+        let in_txn = |l: &Link| self.txn.holds(&l.dest);
         if let Some(i) = self.links.iter().position(|l| l.pending && !l.replica && !in_txn(l)) {
             return Ok(i);
         }

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use shardmap::sql::{Analysis, Setting};
-use shardmap::Decision;
+use shardmap::{Decision, ShardId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::links::Link;
@@ -216,10 +216,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 i
             }
             To::Fan(shards) => return self.fan_simple(shards, frame, d, stmt.read).await,
-            To::Router { run, every, open, shards } => {
-                if open {
-                    self.open_all_simple(d).await?;
-                }
+            To::Router { run, every, open: _, shards } => {
                 return self.router_simple(run, every, shards, text, d).await;
             }
             To::Open(dest) => {
@@ -237,19 +234,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.send_on(i, &push).await?;
                 i
             }
-            To::OpenAll => {
-                self.open_all_simple(d).await?;
-                return self.all_simple(frame, stmt, sets, d).await;
+            To::OpenParts(shards) | To::Parts(shards) => {
+                let links = self.join_simple(&shards, d).await?;
+                return self.all_simple(links, frame, stmt, sets, d).await;
             }
-            To::AllEvery => {
+            To::Every => {
                 self.txn.sent(stmt.verb.as_ref());
-                return self.all_simple(frame, stmt, sets, d).await;
+                let links = self.part_links(&[]);
+                return self.all_simple(links, frame, stmt, sets, d).await;
             }
-            To::AllOne(shard) => {
-                let i = self.all_link(shard)?;
+            To::Part(shard) => {
+                let i = self.part_simple(shard, d).await?;
                 self.send_on(i, &push).await?;
                 i
             }
+            To::Commit => return self.commit_simple().await,
             To::RollbackInstead => {
                 self.rollback_instead(true).await?;
                 proto::command_complete(&mut self.io.wbuf, "ROLLBACK");
@@ -302,8 +301,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub fn status_map(&self, i: usize) -> impl Fn(u8, bool) -> u8 {
         let held = matches!(self.txn.state, State::Held(_));
         let failed = self.txn.failed;
-        let others_failed = self.txn.state == State::All
-            && self.links.iter().enumerate().any(|(j, l)| j != i && !l.replica && l.status() == READY_FAILED);
+        let others_failed = matches!(self.txn.state, State::Many(_))
+            && self
+                .links
+                .iter()
+                .enumerate()
+                .any(|(j, l)| j != i && !l.replica && self.txn.holds(&l.dest) && l.status() == READY_FAILED);
         move |server, error| {
             if held {
                 if failed || error {
@@ -504,9 +507,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.backend.backends.topology.follows(l.dest.shard) && e.code.starts_with("08") {
             self.backend.backends.topology.suspect(l.dest.shard);
         }
-        let in_txn = matches!(&self.txn.state, State::One(d) if *d == l.dest) || self.txn.state == State::All;
-        if in_txn {
-            self.txn.rolled_back();
+        if self.txn.lose(&l.dest) {
             self.txn_settings.clear();
         }
     }
@@ -560,50 +561,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// Opens the held transaction on every shard.
-    pub async fn open_all_simple(&mut self, d: Option<&Decision>) -> Result<(), Reported> {
+    /// Joins the transaction on `shards` (none: every shard), in the decision's database: each shard it has
+    /// not joined yet runs its replay log first (the held transaction opens there). Returns the
+    /// transaction's links to those shards, in shard order. A shard that fails to join is not part of it
+    /// (its error is the client's, and fails the transaction).
+    pub async fn join_simple(&mut self, shards: &[ShardId], d: Option<&Decision>) -> Result<Vec<usize>, Reported> {
+        let shards: Vec<ShardId> = if shards.is_empty() { self.routing.map.all().collect() } else { shards.to_vec() };
         let db = d.and_then(|d| d.database.clone());
-        let mut opened = Vec::new();
-        for shard in self.routing.map.all().collect::<Vec<_>>() {
+        for &shard in &shards {
             let dest = Dest { shard, db: db.clone() };
-            let i = self.link(&dest).await?;
-            opened.push(dest);
-            if let Err(e) = self.replay_simple(i).await {
-                // Those opened already are closed: nothing of the transaction ran.
-                for o in opened {
-                    if let Some(j) = self.links.find(&o) {
-                        drop(self.links.remove(j));
-                    }
-                }
-                return Err(e);
+            if self.txn.holds(&dest) {
+                continue;
             }
+            let i = self.link(&dest).await?;
+            self.replay_simple(i).await?;
+            self.txn.joined(dest);
         }
-        self.txn.opened_all();
-        Ok(())
+        Ok(self.part_links(&shards))
     }
 
-    /// The link of an all-shards transaction for `shard` (`None`: the first).
-    pub fn all_link(&self, shard: Option<shardmap::ShardId>) -> Result<usize, Reported> {
-        let shard = shard.unwrap_or(shardmap::ShardId(0));
-        self.links
-            .iter()
-            .position(|l| l.dest.shard == shard && !l.replica)
-            .ok_or_else(|| Reported::new("XX000", "shard not in the transaction"))
+    /// The transaction's link to `shard`, which joins it first when it has not (`None`: its first link).
+    pub async fn part_simple(&mut self, shard: Option<ShardId>, d: Option<&Decision>) -> Result<usize, Reported> {
+        match shard {
+            Some(s) => self.join_simple(&[s], d).await?.first().copied(),
+            None => self.part_links(&[]).first().copied(),
+        }
+        .ok_or_else(|| Reported::new("XX000", "the transaction's connection is gone"))
     }
 
-    /// The links of an all-shards transaction, in shard order.
-    pub fn all_links(&self) -> Vec<usize> {
-        self.routing.map.all().filter_map(|s| self.links.iter().position(|l| l.dest.shard == s && !l.replica)).collect()
+    /// The transaction's links to `shards` (none: all of them), in shard order.
+    pub fn part_links(&self, shards: &[ShardId]) -> Vec<usize> {
+        let mut parts: Vec<&Dest> =
+            self.txn.parts().iter().filter(|d| shards.is_empty() || shards.contains(&d.shard)).collect();
+        parts.sort_by_key(|d| d.shard);
+        parts.iter().filter_map(|d| self.links.find(d)).collect()
     }
 
     /// COMMIT of a transaction the router failed: ROLLBACK on its connections (the caller tells the client
     /// "ROLLBACK", as PostgreSQL does). `_simple`: which protocol asked (both answer the same).
     pub async fn rollback_instead(&mut self, _simple: bool) -> Result<(), Failure> {
-        let links: Vec<usize> = match &self.txn.state {
-            State::All => self.all_links(),
-            State::One(_) => self.txn_link().into_iter().collect(),
-            _ => Vec::new(),
-        };
+        let mut links = self.part_links(&[]);
+        links.sort_unstable();
         for i in links.into_iter().rev() {
             let conn = self.links.get(i).conn.conn();
             if conn.run_quiet("ROLLBACK").await.is_err() {

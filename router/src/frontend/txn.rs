@@ -4,8 +4,12 @@
 //!
 //! States: `Idle`; `Held` (BEGIN answered by the router, and the statements that need no shard — SAVEPOINT,
 //! SET, NOTIFY... — queued, until a statement names a shard: then they are replayed there); `One` (on one
-//! shard's connection); `All` (on a connection to every shard: the transaction began with DDL or a write to
-//! a global table, as migrations do). `failed` is the router's own record that the transaction is aborted
+//! shard's connection); `Many` (on several shards' connections: a statement for another shard joins its
+//! shard, which gets the transaction's replay log first — BEGIN, what was queued, and the SET, SAVEPOINT,
+//! RELEASE and ROLLBACK TO sent since — so that it is where the others are; DDL and writes to global tables
+//! join every shard, as migrations need). A transaction on several shards commits with two-phase commit
+//! (`commit.rs`); without `shard-two-phase-commit` only DDL and global writes open one, and a statement for a
+//! second shard is refused. `failed` is the router's own record that the transaction is aborted
 //! (it refused a statement, or one that ran outside the held transaction failed): only ROLLBACK, COMMIT
 //! (which rolls back, as PostgreSQL does) and ROLLBACK TO are accepted then. When the destination is known
 //! whatever the statement ([`shardmap::Planner::fixed`]: one node, or the tenant's database), BEGIN is not
@@ -31,7 +35,8 @@ pub enum State {
     /// BEGIN and the statements queued after it (their SQL text), replayed where the transaction opens.
     Held(Vec<String>),
     One(Dest),
-    All,
+    /// The shards the transaction has joined, in the order it joined them.
+    Many(Vec<Dest>),
 }
 
 /// What the transaction state machine needs to know of a statement (a simple Query, or one Bind/Execute).
@@ -59,6 +64,9 @@ pub struct Stmt {
     pub tag: String,
     /// The cursor a DECLARE, FETCH, MOVE or CLOSE names.
     pub cursor: Option<String>,
+    /// Its text, when a shard that joins the transaction later must run it too (SET, SAVEPOINT, RELEASE,
+    /// ROLLBACK TO: see the module doc).
+    pub replay: Option<String>,
     /// Why transaction pooling cannot serve it (a LISTEN, SET ROLE, SQL-level PREPARE: state that would
     /// stay on a pooled connection), when that is so.
     pub pooling: Option<String>,
@@ -109,15 +117,21 @@ pub enum To {
     Open(Dest),
     /// Opens the held transaction on any shard (nothing named one), then runs there.
     OpenAny,
-    /// Opens the held transaction on every shard, then runs on all of them.
-    OpenAll,
-    /// In an all-shards transaction: on one of its connections (`None`: any of them).
-    AllOne(Option<ShardId>),
-    /// In an all-shards transaction: on every connection.
-    AllEvery,
+    /// Opens the held transaction on these shards (none: every shard), then runs on all of them.
+    OpenParts(Vec<ShardId>),
+    /// In a transaction: on its connection to this shard, which joins it first when it has not (`None`: any
+    /// of its connections).
+    Part(Option<ShardId>),
+    /// In a transaction: on its connections to these shards (none: every shard), joining those it has not.
+    Parts(Vec<ShardId>),
+    /// In a transaction on several shards: on every connection it has.
+    Every,
+    /// COMMIT of a transaction on several shards: the router commits it (two-phase commit where more than
+    /// one shard wrote).
+    Commit,
     /// A statement the router runs itself (see [`Run`]): on these shards outside any transaction (or
-    /// outside the held one), or on every connection of the all-shards transaction (`every`), which it opens
-    /// first when it is held (`open`).
+    /// outside the held one), or inside the transaction (`every`) on its connections to these shards (none:
+    /// every shard), which join it first, as the held transaction opens there first (`open`).
     Router { run: Run, every: bool, open: bool, shards: Vec<ShardId> },
     /// COMMIT of a transaction the router failed: ROLLBACK on its connections, answered "ROLLBACK".
     RollbackInstead,
@@ -143,6 +157,10 @@ pub struct Txn {
     pub failed: bool,
     /// Session settings changed inside the transaction: read back from the server when it ends.
     pub settings_changed: bool,
+    /// What a shard that joins the open transaction runs first (see the module doc).
+    pub log: Vec<String>,
+    /// `shard-two-phase-commit`: a transaction may go on to other shards.
+    pub two_phase: bool,
 }
 
 const ABORTED: &str = "current transaction is aborted, commands ignored until end of transaction block";
@@ -174,7 +192,7 @@ impl Txn {
             State::Idle => READY_IDLE,
             _ if self.failed => READY_FAILED,
             State::Held(_) => READY_IN_TX,
-            State::One(_) | State::All => {
+            State::One(_) | State::Many(_) => {
                 let mut status = READY_IN_TX;
                 for s in conns {
                     if s == READY_FAILED {
@@ -198,6 +216,30 @@ impl Txn {
     fn end(&mut self) {
         self.state = State::Idle;
         self.failed = false;
+        self.log.clear();
+    }
+
+    /// Whether the connection to `dest` belongs to the open transaction.
+    pub fn holds(&self, dest: &Dest) -> bool {
+        match &self.state {
+            State::One(d) => d == dest,
+            State::Many(parts) => parts.contains(dest),
+            _ => false,
+        }
+    }
+
+    /// The transaction's destinations (one for `One`, each part for `Many`).
+    pub fn parts(&self) -> &[Dest] {
+        match &self.state {
+            State::One(d) => std::slice::from_ref(d),
+            State::Many(parts) => parts,
+            _ => &[],
+        }
+    }
+
+    /// Whether the transaction is on shards' connections now (`One` or `Many`).
+    pub fn on_shards(&self) -> bool {
+        matches!(self.state, State::One(_) | State::Many(_))
     }
 
     /// Decides what to do with a statement (see the module doc). `route` is the planner's decision (errors
@@ -229,7 +271,9 @@ impl Txn {
             (Local::No, _) => {}
         }
         if let Some(verb) = &s.verb {
-            return self.plan_verb(verb, fixed);
+            let plan = self.plan_verb(verb, fixed);
+            self.logged(s, &plan);
+            return plan;
         }
         let d = match route {
             Ok(d) => d,
@@ -237,19 +281,20 @@ impl Txn {
             Err(_) if s.unparsed && matches!(self.state, One(_)) => return Plan::Run(To::Bound),
             Err(e) => return Plan::Refuse(e),
         };
+        let two_phase = self.two_phase;
         let several = |what: &str| {
             Plan::Refuse(Reported::unsupported(format!(
-                "this statement goes to {what} ({}), but the transaction is bound to one shard; multi-shard transactions are not supported yet",
+                "this statement goes to {what} ({}), but the transaction is bound to one shard; transactions on several shards need shard-two-phase-commit",
                 d.reason
             )))
         };
-        match (&self.state, &d.target) {
+        let plan = match (&self.state, &d.target) {
             // COPY: rows split over the transaction's connections (or every shard's).
             (Idle, Target::One(shard)) if s.copy_in => Plan::Run(To::Once(Dest::of(*shard, d))),
             (Idle, _) if s.copy_in => Plan::Run(To::Fan(d.shards_or_all())),
-            (Held(_), _) if s.copy_in => Plan::Run(To::OpenAll),
-            (One(_), _) if s.copy_in => Plan::Run(To::Bound),
-            (All, _) if s.copy_in => Plan::Run(To::AllEvery),
+            (Held(_), _) if s.copy_in => Plan::Run(To::OpenParts(Vec::new())),
+            (One(_), _) if s.copy_in && (!two_phase || fixed.is_some()) => Plan::Run(To::Bound),
+            (One(_) | Many(_), _) if s.copy_in => Plan::Run(To::Parts(Vec::new())),
 
             (Idle, Target::One(shard)) => Plan::Run(To::Once(Dest::of(*shard, d))),
             (Idle, Target::Any | Target::Session) => match fixed {
@@ -269,23 +314,50 @@ impl Txn {
                 format!("a cursor over several shards is not supported ({}); declare it with a shard key", d.reason),
             )),
             (Held(_), Target::All | Target::Set(_)) if s.read => Plan::Run(To::Fan(d.shards_or_all())),
-            (Held(_), Target::All) => Plan::Run(To::OpenAll),
+            (Held(_), Target::All) => Plan::Run(To::OpenParts(Vec::new())),
+            (Held(_), Target::Set(shards)) if two_phase => Plan::Run(To::OpenParts(shards.clone())),
             (Held(_), Target::Set(_)) => several("several shards"),
 
             (One(_), Target::Session | Target::Any) => Plan::Run(To::Bound),
             (One(b), Target::One(shard)) if *b == Dest::of(*shard, d) => Plan::Run(To::Bound),
+            (One(_), _) if s.declare.is_some() && !matches!(d.target, Target::One(_)) => {
+                Plan::Refuse(Reported::unsupported(format!(
+                    "a cursor over several shards is not supported ({}); declare it with a shard key",
+                    d.reason
+                )))
+            }
+            (One(_), Target::One(shard)) if two_phase => Plan::Run(To::Part(Some(*shard))),
             (One(b), Target::One(shard)) => Plan::Refuse(Reported::unsupported(format!(
-                "the transaction is on shard {}, and this statement goes to shard {} ({}); multi-shard transactions are not supported yet",
+                "the transaction is on shard {}, and this statement goes to shard {} ({}); transactions on several shards need shard-two-phase-commit",
                 name(b.shard),
                 name(*shard),
                 d.reason
             ))),
+            (One(_), Target::All) if two_phase => Plan::Run(To::Parts(Vec::new())),
+            (One(_), Target::Set(shards)) if two_phase => Plan::Run(To::Parts(shards.clone())),
             (One(_), Target::All) => several("every shard"),
             (One(_), Target::Set(_)) => several("several shards"),
 
-            (All, Target::One(shard)) => Plan::Run(To::AllOne(Some(*shard))),
-            (All, Target::Any) => Plan::Run(To::AllOne(None)),
-            (All, _) => Plan::Run(To::AllEvery),
+            (Many(_), _) if s.declare.is_some() && !matches!(d.target, Target::One(_) | Target::Any) => {
+                Plan::Refuse(Reported::unsupported(format!(
+                    "a cursor over several shards is not supported ({}); declare it with a shard key",
+                    d.reason
+                )))
+            }
+            (Many(_), Target::One(shard)) => Plan::Run(To::Part(Some(*shard))),
+            (Many(_), Target::Any) => Plan::Run(To::Part(None)),
+            (Many(_), Target::Session) => Plan::Run(To::Every),
+            (Many(_), Target::Set(shards)) => Plan::Run(To::Parts(shards.clone())),
+            (Many(_), Target::All) => Plan::Run(To::Parts(Vec::new())),
+        };
+        self.logged(s, &plan);
+        plan
+    }
+
+    /// A statement that a shard joining the transaction later must run too goes in the replay log.
+    fn logged(&mut self, s: &Stmt, plan: &Plan) {
+        if let (Some(text), Plan::Run(_), true) = (&s.replay, plan, self.on_shards()) {
+            self.log.push(text.clone());
         }
     }
 
@@ -326,12 +398,16 @@ impl Txn {
             (Held(_), TxnVerb::Savepoint | TxnVerb::Release | TxnVerb::RollbackTo) => {
                 Plan::Hold { tag: tag_of(verb).into() }
             }
-            (Held(_), TxnVerb::CommitPrepared(_) | TxnVerb::RollbackPrepared(_)) => {
+            (Held(_) | One(_) | Many(_), TxnVerb::CommitPrepared(_) | TxnVerb::RollbackPrepared(_)) => {
                 Plan::Refuse(Reported::new("25001", format!("{} cannot run inside a transaction block", tag_of(verb))))
             }
 
             (One(_), _) => Plan::Run(To::Bound),
-            (All, _) => Plan::Run(To::AllEvery),
+            (Many(_), TxnVerb::Commit) if self.two_phase => Plan::Run(To::Commit),
+            (Many(parts), TxnVerb::Prepare(_)) if parts.len() > 1 => Plan::Refuse(Reported::unsupported(
+                "PREPARE TRANSACTION of a transaction on several shards is not supported (the router commits it with two-phase commit itself: send COMMIT)",
+            )),
+            (Many(_), _) => Plan::Run(To::Every),
         }
     }
 
@@ -339,7 +415,7 @@ impl Txn {
     fn plan_failed(&mut self, s: &Stmt) -> Plan {
         use State::*;
         let answer = |tag: &str| Plan::Answer { tag: tag.to_string(), warning: None };
-        match (&self.state, &s.verb) {
+        let plan = match (&self.state, &s.verb) {
             (Held(_), Some(TxnVerb::Rollback | TxnVerb::Commit | TxnVerb::Prepare(_))) => {
                 self.end();
                 answer("ROLLBACK")
@@ -348,22 +424,24 @@ impl Txn {
                 self.failed = false;
                 Plan::Hold { tag: "ROLLBACK".into() }
             }
-            (One(_) | All, Some(TxnVerb::Commit | TxnVerb::Prepare(_))) => Plan::Run(To::RollbackInstead),
+            (One(_) | Many(_), Some(TxnVerb::Commit | TxnVerb::Prepare(_))) => Plan::Run(To::RollbackInstead),
             (One(_), Some(TxnVerb::Rollback)) => Plan::Run(To::Bound),
-            (All, Some(TxnVerb::Rollback)) => Plan::Run(To::AllEvery),
+            (Many(_), Some(TxnVerb::Rollback)) => Plan::Run(To::Every),
             // The server's transaction is fine (the router refused a statement): it goes back to the
             // savepoint, and so does the router's record.
             (One(_), Some(TxnVerb::RollbackTo)) => {
                 self.failed = false;
                 Plan::Run(To::Bound)
             }
-            (All, Some(TxnVerb::RollbackTo)) => {
+            (Many(_), Some(TxnVerb::RollbackTo)) => {
                 self.failed = false;
-                Plan::Run(To::AllEvery)
+                Plan::Run(To::Every)
             }
             _ if s.local == Local::Gb || s.local == Local::Deallocate => answer(""),
             _ => Plan::Refuse(Reported::new("25P02", ABORTED)),
-        }
+        };
+        self.logged(s, &plan);
+        plan
     }
 
     /// A statement was handed to the transaction's connection(s): COMMIT, ROLLBACK and PREPARE TRANSACTION
@@ -371,31 +449,69 @@ impl Txn {
     /// ReadyForQuery confirms it in [`Txn::ready`]).
     pub fn sent(&mut self, verb: Option<&TxnVerb>) {
         let ends = matches!(verb, Some(TxnVerb::Commit | TxnVerb::Rollback | TxnVerb::Prepare(_)));
-        if ends && matches!(self.state, State::One(_) | State::All) {
+        if ends && self.on_shards() {
             self.end();
         }
     }
 
-    /// The end of a transaction the router rolled back itself (COMMIT of a failed one).
+    /// The end of a transaction the router ended itself (COMMIT of a failed one, or of one on several
+    /// shards).
     pub fn rolled_back(&mut self) {
         self.end();
     }
 
-    /// The held transaction opened on `dest` (its queue replayed there).
+    /// The connection to `dest` of the open transaction was lost (the server rolled back its part): a
+    /// transaction on one shard is over; one on several is failed (the client's ROLLBACK ends the rest).
+    /// Returns whether the transaction ended.
+    pub fn lose(&mut self, dest: &Dest) -> bool {
+        match &mut self.state {
+            State::One(d) if d == dest => {
+                self.end();
+                true
+            }
+            State::Many(parts) if parts.contains(dest) => {
+                parts.retain(|p| p != dest);
+                if parts.is_empty() {
+                    self.end();
+                    return true;
+                }
+                self.failed = true;
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// The held transaction opened on `dest` (its queue replayed there, and kept to replay on shards that
+    /// join later).
     pub fn opened(&mut self, dest: Dest) {
+        if let State::Held(q) = &mut self.state {
+            self.log = std::mem::take(q);
+        }
         self.state = State::One(dest);
     }
 
-    /// The held transaction opened on every shard.
-    pub fn opened_all(&mut self) {
-        self.state = State::All;
+    /// A shard's connection joined the transaction (the held one opens there, a `One` becomes `Many`).
+    pub fn joined(&mut self, dest: Dest) {
+        match &mut self.state {
+            State::Held(q) => {
+                self.log = std::mem::take(q);
+                self.state = State::Many(vec![dest]);
+            }
+            State::One(d) if *d != dest => {
+                let first = d.clone();
+                self.state = State::Many(vec![first, dest]);
+            }
+            State::Many(parts) if !parts.contains(&dest) => parts.push(dest),
+            _ => {}
+        }
     }
 
-    /// The statements the held transaction queued (BEGIN first), to replay where it opens.
+    /// The statements a shard runs first where the transaction opens or joins it (BEGIN first).
     pub fn queued(&self) -> &[String] {
         match &self.state {
             State::Held(q) => q,
-            _ => &[],
+            _ => &self.log,
         }
     }
 
@@ -425,7 +541,7 @@ impl Txn {
                     self.failed = true;
                 }
                 if status != READY_IDLE {
-                    self.state = State::One(dest.clone());
+                    self.opened(dest.clone());
                     return true;
                 }
                 false
@@ -438,13 +554,13 @@ impl Txn {
                 true
             }
             State::One(_) => false,
-            State::All => true,
+            State::Many(parts) => parts.contains(dest),
         }
     }
 
-    /// Every connection of an all-shards transaction answered: the statuses decide whether it ended.
+    /// Every connection of a transaction on several shards answered: the statuses decide whether it ended.
     pub fn ready_all(&mut self, statuses: &[u8]) {
-        if self.state == State::All && statuses.iter().all(|s| *s == READY_IDLE) {
+        if matches!(self.state, State::Many(_)) && statuses.iter().all(|s| *s == READY_IDLE) {
             self.end();
         }
     }
@@ -557,11 +673,12 @@ mod tests {
         let session = decision(Target::Session);
         t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names);
         let ddl = decision(Target::All);
-        assert_eq!(t.plan(&Stmt::default(), Ok(&ddl), None, &names), Plan::Run(To::OpenAll));
-        t.opened_all();
+        assert_eq!(t.plan(&Stmt::default(), Ok(&ddl), None, &names), Plan::Run(To::OpenParts(vec![])));
+        t.joined(one(0));
+        t.joined(one(1));
         assert_eq!(
             t.plan(&Stmt::default(), Ok(&decision(Target::One(ShardId(1)))), None, &names),
-            Plan::Run(To::AllOne(Some(ShardId(1))))
+            Plan::Run(To::Part(Some(ShardId(1))))
         );
         let mut t = Txn { state: State::One(one(1)), ..Txn::default() };
         let unparsed = Stmt { unparsed: true, ..Stmt::default() };
