@@ -26,9 +26,11 @@ use crate::value::{KeyType, KeyValue};
 mod combine;
 mod cross;
 mod global;
+mod split;
 pub use combine::{array_literal, array_oid, plan as combine_plan, Column, CombinePlan, Source, StreamPlan};
 pub use cross::{is_aggregate, Cross, COMBINABLE};
 pub use global::{global_insert, global_write, GlobalInsert, GlobalWrite};
+pub use split::{split_insert, InsertPart};
 
 /// Deepest expression or query nesting the parser accepts; deeper input is refused with a clear error.
 pub const RECURSION_LIMIT: usize = 64;

@@ -225,8 +225,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// A statement the router runs itself (`run`) on `links`: `Ok(false)` after an error written for the
     /// client, the links still to be synced or closed.
-    pub async fn run_on(&mut self, run: Run, links: &[usize], text: &str, c: &ClientPart<'_>) -> Result<bool, Failure> {
+    pub async fn run_on(
+        &mut self,
+        run: Run,
+        links: &[usize],
+        text: &str,
+        c: &ClientPart<'_>,
+        d: Option<&Decision>,
+    ) -> Result<bool, Failure> {
         match run {
+            Run::SplitInsert => self.split_insert_on(links, text, c, d).await,
             Run::Combine => self.combine_on(links, text, c).await,
             Run::GlobalInsert => self.global_insert_on(links, text, c).await,
             Run::GlobalWrite => self.global_write_on(links, text, c).await,
@@ -248,7 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let links = if every { self.join_simple(&shards, d).await? } else { self.links_to(shards, d).await? };
         let order = [(b'D', b'p'), (b'E', 0)];
         let c = ClientPart { params: &[], param_formats: &[], param_types: &[], result_formats: &[], order: &order };
-        if self.run_on(run, &links, text, &c).await? {
+        if self.run_on(run, &links, text, &c, d).await? {
             return self.sync_links(&links, every).await;
         }
         self.txn.error_inside();
@@ -308,6 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.txn.ready(dest, *status, *errored);
             }
         }
+        self.end_implicit().await;
         self.ready_for_query();
         self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
     }

@@ -60,6 +60,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         r
     }
 
+    /// Ends the router's own transaction (`Txn::implicit`) before the client's ReadyForQuery: committed, or
+    /// rolled back when anything in it failed; a failed commit's error goes to the client.
+    pub async fn end_implicit(&mut self) {
+        if !self.txn.implicit {
+            return;
+        }
+        if !self.txn.on_shards() {
+            // (It never opened anywhere: a join failed.)
+            self.txn.rolled_back();
+            return;
+        }
+        if self.txn.failed {
+            let dests = self.txn.parts().to_vec();
+            self.run_each(dests.into_iter().map(|d| (d, "ROLLBACK".to_string())).collect()).await;
+            self.txn.rolled_back();
+            self.txn_settings.clear();
+            return;
+        }
+        if let Err(e) = self.commit_parts().await {
+            proto::error(&mut self.io.wbuf, "ERROR", &e.code, &e.message);
+        }
+    }
+
     async fn commit_dests(&mut self, dests: &[Dest]) -> Result<&'static str, Reported> {
         // A part the server failed (an error inside it): COMMIT rolls back, as PostgreSQL's does.
         let failed =

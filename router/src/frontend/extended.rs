@@ -603,7 +603,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Some(links) => links,
             None => self.links_to(shards, d).await?,
         };
-        let ok = self.client_segment(&links, seg, &effect.text, run).await?;
+        let ok = self.client_segment(&links, seg, &effect.text, run, d).await?;
         effect.dest = self.links.get(links[0]).dest.clone();
         self.group_effects.push(effect);
         if !ok {
@@ -616,7 +616,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A statement's segment run by the router on several `links`: a read whose rows are combined (see
     /// `combine`) or an INSERT into a global table (`global`, see `global`); the client's messages answered in
     /// order, its parameters and formats used.
-    async fn client_segment(&mut self, links: &[usize], seg: &[Msg], text: &str, run: Run) -> Result<bool, Failure> {
+    async fn client_segment(
+        &mut self,
+        links: &[usize],
+        seg: &[Msg],
+        text: &str,
+        run: Run,
+        d: Option<&Decision>,
+    ) -> Result<bool, Failure> {
         let bind = seg.iter().find(|m| m.tag == b'B').expect("a statement's segment has a Bind");
         let b = proto::read_bind(bind.body()).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
         let types = self.statements.get(b.statement).map(|st| st.types.clone()).unwrap_or_default();
@@ -646,7 +653,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             result_formats: &results,
             order: &order,
         };
-        self.run_on(run, links, text, &c).await
+        self.run_on(run, links, text, &c, d).await
     }
 
     /// The held transaction's queue replayed on link `i` ahead of the statement that opens it: Parse, Bind
@@ -922,6 +929,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
+        if self.group_failed && self.txn.implicit {
+            self.txn.error_inside();
+        }
+        self.end_implicit().await;
         self.group_failed = false;
         self.ready_for_query();
         self.io.flush().await?;

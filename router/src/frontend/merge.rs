@@ -69,6 +69,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.txn_settings.extend(sets.iter().cloned());
         }
         self.txn.ready_all(&statuses);
+        if self.txn.implicit && answers.iter().any(|(_, error)| *error) {
+            self.txn.error_inside();
+        }
+        self.end_implicit().await;
         if combined(&statuses) == READY_IDLE && self.txn.state == State::Idle && !self.txn_settings.is_empty() {
             if let Some(&first) = links.first() {
                 let changes = std::mem::take(&mut self.txn_settings);

@@ -12,6 +12,7 @@ pub mod merge;
 pub mod session;
 pub mod settings;
 pub mod simple;
+pub mod split;
 pub mod startup;
 pub mod stream;
 pub mod txn;

@@ -565,6 +565,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Some(s) if s.global_insert => Some(super::txn::Run::GlobalInsert),
                 Some(s) if s.global_write => Some(super::txn::Run::GlobalWrite),
                 Some(s)
+                    if s.insert_rows
+                        && analysis.hint.is_none()
+                        && matches!(s.tables, shardmap::sql::Tables::Sharded(_)) =>
+                {
+                    Some(super::txn::Run::SplitInsert)
+                }
+                Some(s)
                     if s.cross == shardmap::sql::Cross::Combine
                         && analysis.hint != Some(shardmap::sql::Hint::AllShards) =>
                 {
@@ -638,6 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub async fn report(&mut self, e: Reported) -> Result<(), Fatal> {
         proto::error(&mut self.io.wbuf, "ERROR", &e.code, &e.message);
         self.txn.error_inside();
+        self.end_implicit().await;
         self.ready_for_query();
         self.io.flush().await?;
         Ok(())

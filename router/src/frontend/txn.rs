@@ -148,6 +148,8 @@ pub enum Run {
     GlobalInsert,
     /// An UPDATE or DELETE of a global table (the clock read once, row counts compared).
     GlobalWrite,
+    /// An INSERT whose rows are for several shards: one INSERT per shard, RETURNING rows in VALUES order.
+    SplitInsert,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +163,10 @@ pub struct Txn {
     pub log: Vec<String>,
     /// `shard-two-phase-commit`: a transaction may go on to other shards.
     pub two_phase: bool,
+    /// The transaction is the router's own, for a write outside any transaction whose keys are on several
+    /// shards (or a write to a global table): it ends at the end of the Query, or at the client's Sync
+    /// (committed, or rolled back after an error), as PostgreSQL's implicit transaction does.
+    pub implicit: bool,
 }
 
 const ABORTED: &str = "current transaction is aborted, commands ignored until end of transaction block";
@@ -216,7 +222,14 @@ impl Txn {
     fn end(&mut self) {
         self.state = State::Idle;
         self.failed = false;
+        self.implicit = false;
         self.log.clear();
+    }
+
+    /// Opens the router's own transaction for a statement outside any (see `implicit`).
+    fn begin_implicit(&mut self) {
+        self.state = State::Held(vec!["BEGIN".into()]);
+        self.implicit = true;
     }
 
     /// Whether the connection to `dest` belongs to the open transaction.
@@ -301,6 +314,15 @@ impl Txn {
                 Some(f) => Plan::Run(To::Once(f.clone())),
                 None => Plan::Run(To::Any),
             },
+            // Writes on several shards outside a transaction: in one of the router's own, committed at once.
+            (Idle, Target::Set(shards)) if !s.read && two_phase => {
+                self.begin_implicit();
+                Plan::Run(To::OpenParts(shards.clone()))
+            }
+            (Idle, Target::All) if !s.read && two_phase && s.router.is_some() => {
+                self.begin_implicit();
+                Plan::Run(To::OpenParts(Vec::new()))
+            }
             (Idle, Target::Set(shards)) => Plan::Run(To::Fan(shards.clone())),
             (Idle, Target::All) => Plan::Run(To::Fan(d.shards_or_all())),
 

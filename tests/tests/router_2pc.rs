@@ -1,0 +1,148 @@
+//! Writes and transactions on several shards commit atomically with two-phase commit: a multi-row INSERT
+//! whose rows are for several shards (RETURNING in VALUES order), UPDATE and DELETE with keys on several
+//! shards, and BEGIN ... two shards ... COMMIT / ROLLBACK, through every protocol path; a failure on one
+//! shard leaves nothing on any; no prepared transaction stays behind.
+
+use integration::wire::{error_codes, outline, Path, RawClient, Reply, PATHS};
+use integration::{free_port, Cluster};
+
+/// A sample of the router's `/metrics` (curl).
+fn metric(http: u16, series: &str) -> anyhow::Result<f64> {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{http}/metrics"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '));
+    Ok(line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN))
+}
+
+fn run(cl: &mut RawClient, path: Path, sql: &str) -> anyhow::Result<Vec<Reply>> {
+    let mut r = cl.send(path, sql)?;
+    if path == Path::Pipelined {
+        r.extend(cl.sync()?);
+    }
+    Ok(r)
+}
+
+/// Runs statements in a row on `path` (pipelined: one Sync at the end); every reply.
+fn run_all(cl: &mut RawClient, path: Path, sqls: &[&str]) -> anyhow::Result<Vec<Reply>> {
+    let mut out = Vec::new();
+    for sql in sqls {
+        out.extend(cl.send(path, sql)?);
+    }
+    if path == Path::Pipelined {
+        out.extend(cl.sync()?);
+    }
+    Ok(out)
+}
+
+/// `user_id:balance` of every row on every shard, each shard's sorted.
+async fn balances(c: &Cluster) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut out = Vec::new();
+    for s in &c.shards {
+        let db = s.client("postgres").await?;
+        let rows = db.query("SELECT user_id, balance FROM accounts ORDER BY user_id", &[]).await?;
+        out.push(rows.iter().map(|r| format!("{}:{}", r.get::<_, i64>(0), r.get::<_, i32>(1))).collect());
+    }
+    Ok(out)
+}
+
+/// Transactions left prepared on the shards.
+async fn prepared(c: &Cluster) -> anyhow::Result<i64> {
+    let mut n = 0;
+    for s in &c.shards {
+        let db = s.client("postgres").await?;
+        n += db.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).await?.get::<_, i64>(0);
+    }
+    Ok(n)
+}
+
+fn rows(r: &[Reply]) -> Vec<String> {
+    outline(r).into_iter().filter(|x| x.starts_with("row ")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_and_transactions_on_two_shards_commit_atomically() -> anyhow::Result<()> {
+    let http = free_port();
+    let c = Cluster::hash(2, &format!("router-http,127.0.0.1:{http}\n"))?;
+    let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let r =
+        cl.query("CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0))")?;
+    assert!(error_codes(&r).is_empty(), "{r:?}");
+    for (k, path) in PATHS.into_iter().enumerate() {
+        let (a, b, x) = (100 * k + 1, 100 * k + 2, 100 * k + 3);
+        // Shards by modulo 2: a and x on shard 1, b on shard 0.
+        let r = run(
+            &mut cl,
+            path,
+            &format!("INSERT INTO accounts (user_id, balance) VALUES ({a}, 1), ({b}, 2), ({x}, 3) RETURNING user_id, balance"),
+        )?;
+        assert_eq!(error_codes(&r), Vec::<String>::new(), "{path:?}: {r:?}");
+        assert_eq!(rows(&r), [format!("row {a},1"), format!("row {b},2"), format!("row {x},3")], "{path:?}: {r:?}");
+        assert!(outline(&r).contains(&"INSERT 0 3".to_string()), "{path:?}: {r:?}");
+
+        let r = run(&mut cl, path, &format!("UPDATE accounts SET balance = balance + 10 WHERE user_id IN ({a}, {b})"))?;
+        assert!(outline(&r).contains(&"UPDATE 2".to_string()), "{path:?}: {r:?}");
+
+        // A transaction on both shards: all of it, or nothing.
+        let r = run_all(
+            &mut cl,
+            path,
+            &[
+                "BEGIN",
+                &format!("UPDATE accounts SET balance = 100 WHERE user_id = {a}"),
+                &format!("UPDATE accounts SET balance = 200 WHERE user_id = {b}"),
+                "COMMIT",
+            ],
+        )?;
+        assert_eq!(error_codes(&r), Vec::<String>::new(), "{path:?}: {r:?}");
+        assert!(outline(&r).contains(&"COMMIT".to_string()), "{path:?}: {r:?}");
+        let r = run_all(
+            &mut cl,
+            path,
+            &[
+                "BEGIN",
+                &format!("UPDATE accounts SET balance = 1 WHERE user_id = {a}"),
+                &format!("UPDATE accounts SET balance = 2 WHERE user_id = {b}"),
+                "ROLLBACK",
+            ],
+        )?;
+        assert_eq!(error_codes(&r), Vec::<String>::new(), "{path:?}: {r:?}");
+        let r = run(
+            &mut cl,
+            path,
+            &format!("SELECT user_id, balance FROM accounts WHERE user_id IN ({a}, {b}, {x}) ORDER BY user_id"),
+        )?;
+        assert_eq!(rows(&r), [format!("row {a},100"), format!("row {b},200"), format!("row {x},3")], "{path:?}: {r:?}");
+
+        // A row that fails on one shard: nothing of the statement anywhere.
+        let r = run(
+            &mut cl,
+            path,
+            &format!("INSERT INTO accounts (user_id, balance) VALUES ({}, 5), ({b}, 5)", 100 * k + 5),
+        )?;
+        assert_eq!(error_codes(&r), ["23505"], "{path:?}: {r:?}");
+        let r =
+            run(&mut cl, path, &format!("UPDATE accounts SET balance = balance - 150 WHERE user_id IN ({a}, {b})"))?;
+        assert_eq!(error_codes(&r), ["23514"], "{path:?}: {r:?}");
+        let r = run(
+            &mut cl,
+            path,
+            &format!("SELECT count(*), sum(balance) FROM accounts WHERE user_id BETWEEN {a} AND {}", 100 * k + 9),
+        )?;
+        assert_eq!(rows(&r), ["row 3,303"], "{path:?}: {r:?}");
+
+        let r = run(&mut cl, path, &format!("DELETE FROM accounts WHERE user_id IN ({a}, {x})"))?;
+        assert!(outline(&r).contains(&"DELETE 2".to_string()), "{path:?}: {r:?}");
+        assert_eq!(prepared(&c).await?, 0, "{path:?}");
+    }
+    let all = balances(&c).await?;
+    let want: Vec<Vec<String>> =
+        vec![["2:200", "102:200", "202:200", "302:200"].map(String::from).to_vec(), Vec::new()];
+    assert_eq!(all, want);
+    // Per path: the INSERT, the UPDATE and the transaction wrote to both shards.
+    assert_eq!(metric(http, "shard_router_two_phase_commits_total")?, 12.0);
+    assert_eq!(metric(http, "shard_router_two_phase_commit_duration_seconds_count")?, 12.0);
+    Ok(())
+}
