@@ -576,7 +576,14 @@ impl Txn {
                 true
             }
             State::One(_) => false,
-            State::Many(parts) => parts.contains(dest),
+            State::Many(parts) => {
+                let mine = parts.contains(dest);
+                // An error on one shard aborts the whole transaction, as on one server.
+                if mine && (error || status == READY_FAILED) {
+                    self.failed = true;
+                }
+                mine
+            }
         }
     }
 
@@ -584,6 +591,8 @@ impl Txn {
     pub fn ready_all(&mut self, statuses: &[u8]) {
         if matches!(self.state, State::Many(_)) && statuses.iter().all(|s| *s == READY_IDLE) {
             self.end();
+        } else if matches!(self.state, State::Many(_)) && statuses.contains(&READY_FAILED) {
+            self.failed = true;
         }
     }
 }
