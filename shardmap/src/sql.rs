@@ -198,6 +198,9 @@ pub struct StatementAnalysis {
     pub insert_rows: bool,
     /// An INSERT (of any source).
     pub insert: bool,
+    /// CREATE TABLE or ALTER TABLE of a sharded table (its name as written): sequences it makes for
+    /// `serial`/identity columns are interleaved across shards once it ran (see the router's `sequences.rs`).
+    pub sequences_of: Option<String>,
 }
 
 impl StatementAnalysis {
@@ -222,6 +225,7 @@ impl StatementAnalysis {
             global_refusal: None,
             insert_rows: false,
             insert: false,
+            sequences_of: None,
         }
     }
 }
@@ -540,6 +544,16 @@ impl Ctx<'_> {
             _ => {
                 a.kind = Kind::Ddl;
                 a.reason = "schema change or utility statement: every shard".into();
+                let (name, temporary) = match s {
+                    Statement::CreateTable(ct) => (Some(&ct.name), ct.temporary),
+                    Statement::AlterTable(at) => (Some(&at.name), false),
+                    _ => (None, false),
+                };
+                if let (Some(name), false) = (name, temporary) {
+                    if table_name(name).is_some_and(|t| !self.global.contains(&t) && !is_catalog(name, &t)) {
+                        a.sequences_of = Some(name.to_string());
+                    }
+                }
             }
         }
         a

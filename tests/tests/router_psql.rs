@@ -73,7 +73,8 @@ async fn psql_scripts_through_four_hash_shards() -> anyhow::Result<()> {
     assert_eq!(lines[5], "helper");
     assert_eq!(lines[6], "done");
 
-    // A transaction: BEGIN is held, then the transaction stays on the shard of its first statement.
+    // Transactions: BEGIN is held until a statement names a shard; one on two shards commits or rolls back
+    // on both (two-phase commit).
     let (out, err) = run(
         &c,
         "BEGIN;\n\
@@ -87,7 +88,7 @@ async fn psql_scripts_through_four_hash_shards() -> anyhow::Result<()> {
          SELECT name FROM users WHERE user_id IN (5, 9) ORDER BY user_id;\n\
          SELECT name FROM users WHERE user_id = 6;\n",
     );
-    assert!(err.contains("multi-shard transactions are not supported"), "{err}");
+    assert!(err.is_empty(), "{err}");
     assert_eq!(out.lines().collect::<Vec<_>>(), vec!["x5", "x9", "u6"], "the second transaction rolled back: {out}");
 
     // The router's own errors, with their SQLSTATE, leave the session usable.
@@ -96,13 +97,15 @@ async fn psql_scripts_through_four_hash_shards() -> anyhow::Result<()> {
         "\\set VERBOSITY verbose\n\
          DELETE FROM users;\n\
          UPDATE users SET user_id = 100 WHERE user_id = 1;\n\
-         INSERT INTO users (user_id, name) VALUES (1, 'a'), (2, 'b');\n\
+         INSERT INTO users (user_id, name) VALUES (200, 'a'), (1, 'b');\n\
+         SELECT count(*) FROM users WHERE user_id = 200;\n\
          SELECT 'still here';\n",
     );
     assert!(err.contains("42000") && err.contains("needs the shard key user_id"), "{err}");
     assert!(err.contains("0A000") && err.contains("changes the shard key"), "{err}");
-    assert!(err.contains("spans shards"), "{err}");
-    assert_eq!(out.trim(), "still here");
+    // Rows for two shards, one of which fails: nothing of the INSERT anywhere.
+    assert!(err.contains("23505"), "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["0", "still here"], "{out}");
 
     // Session keys: SET gb.shard_key routes statements that cannot carry the key.
     let (out, err) =
@@ -133,8 +136,9 @@ async fn psql_scripts_through_four_hash_shards() -> anyhow::Result<()> {
 }
 
 /// What broke before one state machine owned the session, as psql sees it: `\copy` inside a transaction,
-/// COMMIT after a refused statement (answered ROLLBACK, the session goes on), savepoints and SET before the
-/// first keyed statement, a statement psql's server understands and sqlparser does not.
+/// COMMIT after a failed statement (answered ROLLBACK, the session goes on), savepoints and SET before the
+/// first keyed statement, a statement psql's server understands and sqlparser does not; a transaction on
+/// both shards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_transactions_copy_and_refusals() -> anyhow::Result<()> {
     let c = Cluster::hash(2, "")?;
@@ -148,17 +152,18 @@ async fn psql_transactions_copy_and_refusals() -> anyhow::Result<()> {
             "BEGIN;\n\\copy users (user_id, name) FROM '{}' WITH (FORMAT csv)\nCOMMIT;\n\
              BEGIN;\nSAVEPOINT a;\nSET LOCAL work_mem = '8MB';\nUPDATE users SET name = 'held' WHERE user_id = 2;\nROLLBACK TO SAVEPOINT a;\nUPDATE users SET name = 'kept' WHERE user_id = 4;\nCOMMIT;\n\
              BEGIN;\nUPDATE users SET name = 'x' WHERE user_id = 1;\nUPDATE users SET name = 'y' WHERE user_id = 2;\nSELECT 1;\nCOMMIT;\n\
+             BEGIN;\nUPDATE users SET name = 'z' WHERE user_id = 3;\nUPDATE users SET name = 'w' WHERE user_id = 2;\nSELECT 1/0;\nSELECT 1;\nCOMMIT;\n\
              SELECT name FROM users WHERE user_id = 4;\n\
-             SELECT name FROM users WHERE user_id = 1;\n",
+             SELECT name FROM users WHERE user_id IN (1, 2, 3) ORDER BY user_id;\n",
             data.display()
         ),
     );
     assert!(out.contains("COPY 10") || !err.contains("COPY"), "{out}{err}");
-    assert!(err.contains("multi-shard transactions"), "{err}");
-    // The SELECT after the refusal gets 25P02; the COMMIT does not (it rolls back, as on a server).
+    assert!(err.contains("division by zero"), "{err}");
+    // The SELECT after the error gets 25P02; the COMMIT does not (it rolls back, as on a server).
     assert_eq!(err.matches("current transaction is aborted").count(), 1, "{err}");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[lines.len() - 2..], ["kept", "c1"], "{out}");
+    assert_eq!(lines[lines.len() - 4..], ["kept", "x", "y", "c3"], "{out}");
     let p = placement(&c, "users").await?;
     assert_eq!(p, vec![vec![0, 2, 4, 6, 8], vec![1, 3, 5, 7, 9]]);
     Ok(())

@@ -168,6 +168,9 @@ pub struct Session<S> {
     /// Table columns' collations other than the database's default, by (table OID, column number), as read
     /// for combined reads (`None`: the default).
     pub collations: std::collections::HashMap<(u32, i16), Option<String>>,
+    /// Sharded tables created or altered since the last exchange: their new sequences are interleaved
+    /// across shards (`sequences.rs`).
+    pub new_sequences: Vec<String>,
 }
 
 /// A stable hash of a statement's text and parameter types, for server-side statement names.
@@ -225,6 +228,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             to_close: Vec::new(),
             positions_epoch: 0,
             collations: Default::default(),
+            new_sequences: Vec::new(),
         }
     }
 
@@ -360,6 +364,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         loop {
             if !self.to_close.is_empty() && batch.is_empty() {
                 Box::pin(self.tidy()).await;
+            }
+            if !self.new_sequences.is_empty() && batch.is_empty() {
+                Box::pin(self.interleave_sequences()).await;
             }
             let Some(msg) = self.next().await? else { return Ok(()) };
             tracing::trace!(tag = %(msg.tag as char), len = msg.frame.len(), "client message");
@@ -546,7 +553,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// What the transaction state machine needs of an analysed statement; `text` is its SQL.
-    pub fn stmt(&self, analysis: &Analysis, text: &str) -> Stmt {
+    pub fn stmt(&mut self, analysis: &Analysis, text: &str) -> Stmt {
+        if self.routing.map.strategy != shardmap::Strategy::Tenant {
+            for st in &analysis.statements {
+                if let Some(t) = &st.sequences_of {
+                    self.new_sequences.push(t.clone());
+                }
+            }
+        }
         let single = analysis.statements.len() == 1;
         let first = analysis.statements.first();
         if analysis.statements.iter().any(|s| s.kind == Kind::Ddl) {
