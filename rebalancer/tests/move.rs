@@ -313,9 +313,12 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("1: ") && text.contains("(owner)"), "{text}");
 
-    // Ids from each node's own sequence collide across nodes: the move refuses before copying anything,
-    // and says why (rather than a copy that fails for ever).
-    c.batch_execute("CREATE TABLE clash (id bigserial PRIMARY KEY, user_id bigint NOT NULL)").await?;
+    // Ids from each node's own sequence collide across nodes (a table made on each node directly: through
+    // the router its sequences would be interleaved): the move refuses before copying anything, and says why
+    // (rather than a copy that fails for ever).
+    for node in [&shard0, &shard1] {
+        node.batch_execute("CREATE TABLE clash (id bigserial PRIMARY KEY, user_id bigint NOT NULL)").await?;
+    }
     let b2 = 6u32; // on node 0
     for k in (1..).filter(|k| bucket_of(*k) == b2).take(5).chain((1..).filter(|k| bucket_of(*k) % 2 == 1).take(5)) {
         c.execute("INSERT INTO clash (user_id) VALUES ($1)", &[&k]).await?;

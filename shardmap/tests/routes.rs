@@ -175,7 +175,10 @@ shard 2 | | INSERT INTO message_history (user_id, session_id, role, content) VAL
 shard 2 | | INSERT INTO users (user_id, name) VALUES (42, 'x') ON CONFLICT (user_id) DO UPDATE SET name = EXCLUDED.name RETURNING *
 shard 2 | | INSERT INTO users (user_id, name) VALUES (42, 'x') ON CONFLICT DO NOTHING
 shard 1 | | INSERT INTO users (user_id, name) VALUES (1, 'a'), (5, 'b'), (9, 'c')
-err spans | | INSERT INTO users (user_id, name) VALUES (1, 'a'), (2, 'b')
+keys 1 2 | | INSERT INTO users (user_id, name) VALUES (1, 'a'), (2, 'b')
+keys 1 2 5 | 1;2 | INSERT INTO users (user_id, name) VALUES ($1, 'a'), ($2, 'b'), (5, 'c') RETURNING user_id
+err spans | | INSERT INTO message_history (user_id, content) SELECT user_id, content FROM message_history WHERE user_id IN (1, 2)
+err spans | | INSERT INTO users (user_id, name) VALUES (1, 'a'); INSERT INTO users (user_id, name) VALUES (2, 'b')
 shard 2 | | INSERT INTO usage_analytics (user_id, bot_id, tokens) VALUES (42, 'b1', 10)
 shard 2 | | INSERT INTO message_history (user_id, content) SELECT user_id, content FROM message_history WHERE user_id = 42
 err missing | | INSERT INTO archive SELECT * FROM message_history
@@ -205,7 +208,8 @@ shard 2 | | UPDATE usage_analytics SET tokens = tokens + 1 WHERE user_id = 42 AN
 shard 2 | | UPDATE users SET bot_id = b.id FROM bots b WHERE b.name = 'x' AND users.user_id = 42
 err missing | | UPDATE users SET name = 'x'
 err missing | | UPDATE users SET name = 'x' WHERE email = 'a@b.c'
-err spans | | UPDATE users SET name = 'x' WHERE user_id IN (1, 2)
+keys 1 2 | | UPDATE users SET name = 'x' WHERE user_id IN (1, 2)
+keys 1 2 | | DELETE FROM users WHERE user_id IN (1, 2) RETURNING name
 err refused | | UPDATE users SET user_id = 7 WHERE user_id = 42
 all | | UPDATE bots SET name = 'y' WHERE id = 'b1'
 shard 2 | | DELETE FROM message_history WHERE user_id = 42
@@ -483,7 +487,13 @@ fn insert_without_a_column_list_reads_the_key_at_its_position() {
     assert_eq!(d.target, at(6));
     let d = p.decide("INSERT INTO users VALUES (7, 'x'), (11, 'y')", &none, &session).unwrap();
     assert_eq!(d.target, at(7));
-    let d = p.decide("INSERT INTO users VALUES (7, 'x'), (8, 'y')", &none, &session);
+    let d = p.decide("INSERT INTO users VALUES (7, 'x'), (8, 'y')", &none, &session).unwrap();
+    assert!(matches!(d.target, Target::Set(ref s) if s.len() == 2), "{d:?}");
+    // Without two-phase commit, rows for several shards are refused.
+    let off = planner(&format!("{TABLE_KEYS}shard-two-phase-commit,false\n"));
+    let d = off.decide("INSERT INTO users VALUES (7, 'x'), (8, 'y')", &none, &session);
+    assert!(matches!(d, Err(RouteError::SpansShards { .. })), "{d:?}");
+    let d = off.decide("UPDATE messages SET body = 'x' WHERE user_id IN (1, 2)", &none, &session);
     assert!(matches!(d, Err(RouteError::SpansShards { .. })), "{d:?}");
     let d = p.decide("INSERT INTO users VALUES (DEFAULT, 'x')", &none, &session);
     assert!(matches!(d, Err(RouteError::Refused(ref m)) if m.contains("row 1 gives id")), "{d:?}");

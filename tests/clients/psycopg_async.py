@@ -35,15 +35,20 @@ async def main():
         assert cur.rowcount == 1, cur.rowcount
         await conn.execute("RESET gb.shard_key")
         await conn.commit()
-        # A refused statement aborts the transaction; COMMIT rolls it back; the session goes on.
+        # A transaction on two shards commits on both (two-phase commit); a failed one, on neither.
         await conn.execute("INSERT INTO users (user_id, name) VALUES (5002, 'x')")
-        try:
-            await conn.execute("INSERT INTO users (user_id, name) VALUES (5003, 'y')")
-            raise AssertionError("a second shard in one transaction was accepted")
-        except errors.FeatureNotSupported:
-            pass
+        await conn.execute("INSERT INTO users (user_id, name) VALUES (5003, 'y')")
         await conn.commit()
-        assert await total(conn, "SELECT count(*) FROM users WHERE user_id IN (5002, 5003)") == 0
+        assert await total(conn, "SELECT count(*) FROM users WHERE user_id IN (5002, 5003)") == 2
+        await conn.commit()
+        await conn.execute("INSERT INTO users (user_id, name) VALUES (5004, 'x')")
+        try:
+            await conn.execute("INSERT INTO users (user_id, name) VALUES (5003, 'again')")
+            raise AssertionError("a duplicate key was accepted")
+        except errors.UniqueViolation:
+            pass
+        await conn.rollback()
+        assert await total(conn, "SELECT count(*) FROM users WHERE user_id = 5004") == 0
         await conn.commit()
 
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:

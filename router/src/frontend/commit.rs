@@ -83,7 +83,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn commit_dests(&mut self, dests: &[Dest]) -> Result<&'static str, Reported> {
+    /// Commits the transactions open on `dests`' connections as one (see the module doc): the tag, or the
+    /// error the client is told. The router's transaction state is the caller's.
+    pub(super) async fn commit_dests(&mut self, dests: &[Dest]) -> Result<&'static str, Reported> {
         // A part the server failed (an error inside it): COMMIT rolls back, as PostgreSQL's does.
         let failed =
             dests.iter().any(|d| self.links.find(d).is_none_or(|i| self.links.get(i).status() == READY_FAILED));

@@ -690,15 +690,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
+        let dests: Vec<Dest> = links.iter().map(|&i| self.links.get(i).dest.clone()).collect();
         if wrap {
-            // Every shard took its rows (or one failed): commit them all, or none.
-            let end = if error.is_none() && matches!(end, End::Done) { "COMMIT" } else { "ROLLBACK" };
-            for &i in links {
-                if let Err(e) = self.links.get(i).conn.conn().run_quiet(end).await {
-                    error.get_or_insert(e.into());
+            // Every shard took its rows (or one failed): commit them all (with two-phase commit), or none.
+            let ok = error.is_none() && matches!(end, End::Done);
+            if ok && self.txn.two_phase {
+                if let Err(e) = self.commit_dests(&dests).await {
+                    error.get_or_insert(e);
+                }
+            } else {
+                let end = if ok { "COMMIT" } else { "ROLLBACK" };
+                for &i in links {
+                    if let Err(e) = self.links.get(i).conn.conn().run_quiet(end).await {
+                        error.get_or_insert(e.into());
+                    }
                 }
             }
         }
+        // (A connection that broke at the commit is gone.)
+        let links: Vec<usize> = dests.iter().filter_map(|d| self.links.find(d)).collect();
         let statuses: Vec<(usize, u8)> = links.iter().map(|&i| (i, self.links.get(i).status())).collect();
         for (i, status) in statuses {
             let dest = self.links.get(i).dest.clone();

@@ -239,8 +239,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.all_simple(links, frame, stmt, sets, d).await;
             }
             To::Every => {
-                self.txn.sent(stmt.verb.as_ref());
                 let links = self.part_links(&[]);
+                self.txn.sent(stmt.verb.as_ref());
                 return self.all_simple(links, frame, stmt, sets, d).await;
             }
             To::Part(shard) => {
