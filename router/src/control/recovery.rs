@@ -19,21 +19,25 @@ use crate::backend::Backends;
 /// A prepared transaction of a router found on a node.
 struct Found {
     shard: ShardId,
+    /// The database it was prepared in (COMMIT PREPARED must run there).
+    database: String,
     gid: String,
     txid: String,
     age: Duration,
 }
 
+/// Connections to the nodes' primaries, by (host, port, database), kept from round to round.
+type Clients = std::collections::HashMap<(String, u16, String), tokio_postgres::Client>;
+
 /// The recovery task: runs until the router drops `backends`.
 pub async fn run(backends: Weak<Backends>) {
-    let mut clients: Vec<Option<((String, u16), tokio_postgres::Client)>> = Vec::new();
+    let mut clients = Clients::new();
     let mut warned = false;
     loop {
         let Some(b) = backends.upgrade() else { return };
         if b.two_phase.decisions.is_none() {
             return;
         }
-        clients.resize_with(b.map.nodes.len(), || None);
         if !warned {
             warned = true;
             check_settings(&b, &mut clients).await;
@@ -46,43 +50,49 @@ pub async fn run(backends: Weak<Backends>) {
     }
 }
 
-/// A connection to shard `shard`'s primary (kept from round to round while it is the primary).
+/// A connection to shard `shard`'s primary, in `database` (default: the node's), as the node's user (or,
+/// for a node URL without one, the first `router-user-<name>`, as clients' connections authenticate).
 async fn client<'a>(
     b: &Backends,
-    clients: &'a mut [Option<((String, u16), tokio_postgres::Client)>],
+    clients: &'a mut Clients,
     shard: ShardId,
+    database: Option<&str>,
 ) -> Option<&'a tokio_postgres::Client> {
     let node = b.map.nodes.get(shard.0 as usize)?;
     let addr = node.addr.as_ref()?;
     let (host, port) = b.topology.current(shard)?;
-    let slot = &mut clients[shard.0 as usize];
-    let fresh = match slot {
-        Some((at, c)) => *at != (host.clone(), port) || c.is_closed(),
-        None => true,
-    };
-    if fresh {
+    let db = database.or(addr.dbname.as_deref()).unwrap_or("postgres").to_string();
+    let key = (host.clone(), port, db.clone());
+    if clients.get(&key).is_none_or(|c| c.is_closed()) {
+        let config = b.config.load();
+        let first_user = config.router.users.iter().next();
+        let (user, password) = match (&addr.user, first_user) {
+            (Some(u), _) => (u.clone(), addr.password.clone()),
+            (None, Some((u, p))) => (u.clone(), Some(p.clone())),
+            (None, None) => ("postgres".to_string(), None),
+        };
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&host)
             .port(port)
-            .user(addr.user.as_deref().unwrap_or("postgres"))
-            .dbname(addr.dbname.as_deref().unwrap_or("postgres"))
+            .user(&user)
+            .dbname(&db)
             .application_name("shard-router 2pc recovery")
             .connect_timeout(Duration::from_secs(3));
-        if let Some(pw) = &addr.password {
+        if let Some(pw) = &password {
             cfg.password(pw);
         }
         let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
         tokio::spawn(conn);
-        *slot = Some(((host, port), c));
+        clients.insert(key.clone(), c);
     }
-    slot.as_ref().map(|(_, c)| c)
+    clients.get(&key)
 }
 
 /// At startup: a shard that cannot prepare transactions makes every commit of a transaction that wrote to
 /// several shards fail; the router says so.
-async fn check_settings(b: &Backends, clients: &mut [Option<((String, u16), tokio_postgres::Client)>]) {
+async fn check_settings(b: &Backends, clients: &mut Clients) {
     for shard in b.map.all() {
-        let Some(c) = client(b, clients, shard).await else { continue };
+        let Some(c) = client(b, clients, shard, None).await else { continue };
         if let Ok(row) = c.query_one("SELECT current_setting('max_prepared_transactions')::int", &[]).await {
             let n: i32 = row.get(0);
             if n == 0 {
@@ -97,19 +107,21 @@ async fn check_settings(b: &Backends, clients: &mut [Option<((String, u16), toki
 }
 
 /// One look at every node.
-async fn round(b: &Backends, clients: &mut [Option<((String, u16), tokio_postgres::Client)>]) -> anyhow::Result<()> {
+async fn round(b: &Backends, clients: &mut Clients) -> anyhow::Result<()> {
     let decisions = b.two_phase.decisions.as_ref().expect("checked by the caller");
     let mut found = Vec::new();
     let mut complete = true;
     for shard in b.map.all() {
-        let Some(c) = client(b, clients, shard).await else {
+        let Some(c) = client(b, clients, shard, None).await else {
             complete = false;
             continue;
         };
+        // (Every database of the server: clients' connections are in the database they asked for when the
+        // node's URL names none.)
         let rows = c
             .query(
-                "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_catalog.pg_prepared_xacts \
-                 WHERE database = current_database() AND gid LIKE 'gb\\_2pc\\_%'",
+                "SELECT gid, database::text, extract(epoch FROM now() - prepared)::float8 \
+                 FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE 'gb\\_2pc\\_%'",
                 &[],
             )
             .await;
@@ -118,14 +130,11 @@ async fn round(b: &Backends, clients: &mut [Option<((String, u16), tokio_postgre
                 for r in rows {
                     let gid: String = r.get(0);
                     let Some(txid) = twophase::txid_of(&gid).map(str::to_string) else { continue };
-                    let age = Duration::from_secs_f64(r.get::<_, f64>(1).max(0.0));
-                    found.push(Found { shard, gid, txid, age });
+                    let age = Duration::from_secs_f64(r.get::<_, f64>(2).max(0.0));
+                    found.push(Found { shard, database: r.get(1), gid, txid, age });
                 }
             }
-            Err(_) => {
-                complete = false;
-                clients[shard.0 as usize] = None;
-            }
+            Err(_) => complete = false,
         }
     }
     let mut txids: Vec<String> = found.iter().map(|f| f.txid.clone()).collect();
@@ -146,7 +155,7 @@ async fn round(b: &Backends, clients: &mut [Option<((String, u16), tokio_postgre
             // Its session finishes it.
             continue;
         }
-        let Some(c) = client(b, clients, f.shard).await else { continue };
+        let Some(c) = client(b, clients, f.shard, Some(&f.database)).await else { continue };
         let sql = format!("{} PREPARED '{}'", if outcome { "COMMIT" } else { "ROLLBACK" }, f.gid);
         match c.batch_execute(&sql).await {
             Ok(()) => {

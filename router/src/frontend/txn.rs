@@ -664,6 +664,65 @@ mod tests {
     }
 
     #[test]
+    fn with_two_phase_commit_a_transaction_joins_the_shards_it_names() {
+        let mut t = Txn { two_phase: true, ..Txn::default() };
+        let session = decision(Target::Session);
+        t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names);
+        t.queue("BEGIN ISOLATION LEVEL REPEATABLE READ".into());
+        let keyed = decision(Target::One(ShardId(1)));
+        assert_eq!(t.plan(&Stmt::default(), Ok(&keyed), None, &names), Plan::Run(To::Open(one(1))));
+        t.opened(one(1));
+        // A SAVEPOINT goes where the transaction is, and into the replay log.
+        let sp = Stmt { verb: Some(TxnVerb::Savepoint), replay: Some("SAVEPOINT a".into()), ..Stmt::default() };
+        assert_eq!(t.plan(&sp, Ok(&session), None, &names), Plan::Run(To::Bound));
+        assert_eq!(t.queued(), ["BEGIN ISOLATION LEVEL REPEATABLE READ", "SAVEPOINT a"]);
+        // Another shard: joined (after the log), the transaction is on both.
+        let other = decision(Target::One(ShardId(2)));
+        assert_eq!(t.plan(&Stmt::default(), Ok(&other), None, &names), Plan::Run(To::Part(Some(ShardId(2)))));
+        t.joined(one(2));
+        assert_eq!(t.parts(), [one(1), one(2)]);
+        // Keys on several shards, and DDL (every shard), join those.
+        let set = decision(Target::Set(vec![ShardId(0), ShardId(1)]));
+        assert_eq!(
+            t.plan(&Stmt::default(), Ok(&set), None, &names),
+            Plan::Run(To::Parts(vec![ShardId(0), ShardId(1)]))
+        );
+        assert_eq!(t.plan(&Stmt::default(), Ok(&decision(Target::All)), None, &names), Plan::Run(To::Parts(vec![])));
+        // SET goes to every shard it is on; PREPARE TRANSACTION is refused; COMMIT is the router's.
+        let set_stmt = Stmt { queueable: true, replay: Some("SET x = 1".into()), ..Stmt::default() };
+        assert_eq!(t.plan(&set_stmt, Ok(&session), None, &names), Plan::Run(To::Every));
+        assert!(matches!(t.plan(&verb(TxnVerb::Prepare("g".into())), Ok(&session), None, &names), Plan::Refuse(_)));
+        assert_eq!(t.plan(&verb(TxnVerb::Commit), Ok(&session), None, &names), Plan::Run(To::Commit));
+        // An error on one shard fails the whole transaction: COMMIT rolls back.
+        assert!(t.ready(&one(2), READY_FAILED, true));
+        assert!(t.failed);
+        assert_eq!(t.plan(&verb(TxnVerb::Commit), Ok(&session), None, &names), Plan::Run(To::RollbackInstead));
+        // A lost connection: the rest stays, failed.
+        assert!(!t.lose(&one(2)));
+        assert_eq!(t.parts(), [one(1)]);
+        t.rolled_back();
+        assert_eq!(t.state, State::Idle);
+        assert!(t.queued().is_empty());
+    }
+
+    #[test]
+    fn writes_on_several_shards_outside_a_transaction_get_the_routers_own() {
+        let mut t = Txn { two_phase: true, ..Txn::default() };
+        let set = decision(Target::Set(vec![ShardId(0), ShardId(1)]));
+        assert_eq!(
+            t.plan(&Stmt::default(), Ok(&set), None, &names),
+            Plan::Run(To::OpenParts(vec![ShardId(0), ShardId(1)]))
+        );
+        assert!(t.implicit);
+        assert_eq!(t.queued(), ["BEGIN"]);
+        // Reads on several shards are not written: no transaction.
+        let mut t = Txn { two_phase: true, ..Txn::default() };
+        let read = Stmt { read: true, ..Stmt::default() };
+        assert_eq!(t.plan(&read, Ok(&set), None, &names), Plan::Run(To::Fan(vec![ShardId(0), ShardId(1)])));
+        assert!(!t.implicit);
+    }
+
+    #[test]
     fn a_fixed_destination_sends_begin_as_is() {
         let mut t = Txn::default();
         let session = decision(Target::Session);
