@@ -1,7 +1,8 @@
-//! COMMIT of a transaction on several shards (`txn.rs`: state `Many`). Each shard's connection is asked
-//! whether its part wrote (`txid_current_if_assigned`: a transaction without a transaction id wrote
-//! nothing); where no more than one did, every part just commits (the one that wrote last). Otherwise
-//! two-phase commit:
+//! COMMIT of a transaction on several shards (`txn.rs`: state `Many`). A shard the router sent a write to
+//! wrote; every other shard's connection is asked whether its part wrote anyway (a function called by a
+//! SELECT, `SELECT ... FOR UPDATE`: `txid_current_if_assigned`, as a transaction without a transaction id
+//! wrote nothing). Where no more than one wrote, every part just commits (the one that wrote last).
+//! Otherwise two-phase commit:
 //!
 //! 1. `PREPARE TRANSACTION 'gb_2pc_<router>_<n>_<shard>'` on each shard that wrote (those that only read
 //!    commit at once);
@@ -24,6 +25,7 @@ use crate::backend::conn::BackendError;
 use crate::backend::twophase::{self, DECIDE_WITHIN};
 use crate::net::proto::{self, READY_FAILED};
 use crate::net::Reported;
+use shardmap::ShardId;
 
 /// Whether a transaction has written (it has a transaction id).
 const WROTE: &str = "SELECT pg_catalog.txid_current_if_assigned() IS NOT NULL";
@@ -47,7 +49,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub async fn commit_parts(&mut self) -> Result<&'static str, Reported> {
         let mut dests: Vec<Dest> = self.txn.parts().to_vec();
         dests.sort_by_key(|d| d.shard);
-        let r = self.commit_dests(&dests).await;
+        let wrote = std::mem::take(&mut self.txn.wrote);
+        let r = self.commit_dests(&dests, &wrote).await;
         self.txn.rolled_back();
         if r == Ok("COMMIT") && !self.txn_settings.is_empty() {
             // Settings changed inside the transaction stay: what the server has now is the client's.
@@ -85,7 +88,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Commits the transactions open on `dests`' connections as one (see the module doc): the tag, or the
     /// error the client is told. The router's transaction state is the caller's.
-    pub(super) async fn commit_dests(&mut self, dests: &[Dest]) -> Result<&'static str, Reported> {
+    /// `wrote`: shards known to have written (not asked).
+    pub(super) async fn commit_dests(&mut self, dests: &[Dest], wrote: &[ShardId]) -> Result<&'static str, Reported> {
         // A part the server failed (an error inside it): COMMIT rolls back, as PostgreSQL's does.
         let failed =
             dests.iter().any(|d| self.links.find(d).is_none_or(|i| self.links.get(i).status() == READY_FAILED));
@@ -93,9 +97,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.run_each(dests.iter().map(|d| (d.clone(), "ROLLBACK".to_string())).collect()).await;
             return Ok("ROLLBACK");
         }
-        let wrote = self.run_each(dests.iter().map(|d| (d.clone(), WROTE.to_string())).collect()).await;
         let (mut writers, mut readers) = (Vec::new(), Vec::new());
-        for (d, a) in dests.iter().zip(wrote) {
+        let (known, ask): (Vec<&Dest>, Vec<&Dest>) = dests.iter().partition(|d| wrote.contains(&d.shard));
+        writers.extend(known.into_iter().cloned());
+        let answers = self.run_each(ask.iter().map(|d| ((*d).clone(), WROTE.to_string())).collect()).await;
+        for (d, a) in ask.into_iter().zip(answers) {
             match a {
                 Ok(row) if row.first() == Some(&Some("t".to_string())) => writers.push(d.clone()),
                 Ok(_) => readers.push(d.clone()),

@@ -695,7 +695,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // Every shard took its rows (or one failed): commit them all (with two-phase commit), or none.
             let ok = error.is_none() && matches!(end, End::Done);
             if ok && self.txn.two_phase {
-                if let Err(e) = self.commit_dests(&dests).await {
+                if let Err(e) = self.commit_dests(&dests, &[]).await {
                     error.get_or_insert(e);
                 }
             } else {

@@ -161,6 +161,8 @@ pub struct Txn {
     pub settings_changed: bool,
     /// What a shard that joins the open transaction runs first (see the module doc).
     pub log: Vec<String>,
+    /// Shards a write was sent to in this transaction (their parts wrote; the others' are asked at COMMIT).
+    pub wrote: Vec<ShardId>,
     /// `shard-two-phase-commit`: a transaction may go on to other shards.
     pub two_phase: bool,
     /// The transaction is the router's own, for a write outside any transaction whose keys are on several
@@ -224,6 +226,28 @@ impl Txn {
         self.failed = false;
         self.implicit = false;
         self.log.clear();
+        self.wrote.clear();
+    }
+
+    /// Records the shards a write goes to (see `wrote`).
+    fn note_writes(&mut self, s: &Stmt, plan: &Plan) {
+        if s.read || s.verb.is_some() {
+            return;
+        }
+        let shards: Vec<ShardId> = match plan {
+            Plan::Run(To::Bound) => self.parts().iter().take(1).map(|d| d.shard).collect(),
+            Plan::Run(To::Open(d)) => vec![d.shard],
+            Plan::Run(To::Part(Some(s))) => vec![*s],
+            Plan::Run(To::Parts(v) | To::OpenParts(v)) if !v.is_empty() => v.clone(),
+            Plan::Run(To::Every) => self.parts().iter().map(|d| d.shard).collect(),
+            // (Every shard: DDL, global tables, COPY; unknown shards are asked at COMMIT.)
+            _ => return,
+        };
+        for sh in shards {
+            if !self.wrote.contains(&sh) {
+                self.wrote.push(sh);
+            }
+        }
     }
 
     /// Opens the router's own transaction for a statement outside any (see `implicit`).
@@ -373,6 +397,7 @@ impl Txn {
             (Many(_), Target::All) => Plan::Run(To::Parts(Vec::new())),
         };
         self.logged(s, &plan);
+        self.note_writes(s, &plan);
         plan
     }
 
