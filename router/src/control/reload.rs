@@ -41,6 +41,7 @@ pub fn reload(router: &Router, mut new: Config) -> Vec<&'static str> {
     keep!(table_keys, "shard-table-<table>");
     keep!(tenant_db_prefix, "shard-tenant-db-prefix");
     keep!(catalog, "shard-catalog");
+    keep!(two_phase_commit, "shard-two-phase-commit");
     keep!(router.listen, "router-listen");
     keep!(router.http, "router-http");
     keep!(router.threads, "router-threads");

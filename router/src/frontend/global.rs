@@ -3,8 +3,8 @@
 //! typed parameters, the client's ON CONFLICT and RETURNING kept), so that defaults and volatile calls
 //! (`gen_random_uuid()`, `now()`, `nextval()`) are evaluated once and every copy is identical. The shards'
 //! row counts must agree; otherwise the client gets an error and the write is undone (no connection has
-//! been synced yet: outside a transaction they are closed, which rolls their part back; inside, the
-//! transaction is failed). The client's answer is the second shard's (RETURNING evaluated over the same
+//! been synced yet: outside a transaction the router's own transaction on them is rolled back — or, without
+//! two-phase commit, they are closed, which rolls their part back; inside, the transaction is failed). The client's answer is the second shard's (RETURNING evaluated over the same
 //! rows), sent only once every shard has answered.
 
 use bytes::Bytes;
