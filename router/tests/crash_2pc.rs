@@ -57,6 +57,107 @@ async fn transfer(c: &tokio_postgres::Client, txn: i64, simple: bool) -> Result<
     Ok(())
 }
 
+/// What the writers share: when to stop, the transactions acknowledged, the errors (of those that count them).
+#[derive(Clone, Default)]
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<BTreeSet<i64>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl Writers {
+    /// Writer `w` through the router at `port`: transactions until stopped (at most 90 s, 100,000), reconnecting
+    /// while the router is down; `count_errors`: its errors are recorded.
+    fn spawn(&self, w: i64, port: u16, count_errors: bool) -> tokio::task::JoinHandle<()> {
+        let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
+        let me = self.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let mut n = 0i64;
+            while !me.stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let Some(c) = connect(&url).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                while !me.stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 100_000 {
+                    n += 1;
+                    let txn = w * 1_000_000 + n;
+                    match transfer(&c, txn, w % 2 == 0).await {
+                        Ok(()) => {
+                            me.acked.lock().unwrap().insert(txn);
+                        }
+                        Err(e) => {
+                            if count_errors {
+                                me.errors.lock().unwrap().push(e.to_string());
+                            }
+                            if c.is_closed() {
+                                break;
+                            }
+                            let _ = c.batch_execute("ROLLBACK").await;
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Direct connections to the shards, with the ledger table made on each.
+async fn ledgers(shards: &[PgServer]) -> Vec<tokio_postgres::Client> {
+    let mut clients = Vec::new();
+    for s in shards {
+        let c = connect(&s.url("postgres")).await.expect("a shard");
+        c.batch_execute(
+            "CREATE TABLE ledger (user_id bigint NOT NULL, txn bigint NOT NULL, PRIMARY KEY (user_id, txn))",
+        )
+        .await
+        .unwrap();
+        clients.push(c);
+    }
+    clients
+}
+
+/// Checks that no prepared transaction is left on the shards within 15 s of `since`, that every transaction
+/// is on both shards or neither, and that every acknowledged one is there. Returns how many committed.
+async fn check(
+    clients: &[tokio_postgres::Client],
+    since: Instant,
+    acked: &BTreeSet<i64>,
+    log: &std::path::Path,
+) -> usize {
+    let mut left = i64::MAX;
+    while since.elapsed() < Duration::from_secs(15) {
+        left = 0;
+        for c in clients {
+            left += c.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).await.unwrap().get::<_, i64>(0);
+        }
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let router_log = std::fs::read_to_string(log).unwrap_or_default();
+    assert_eq!(left, 0, "prepared transactions left 15 s after the restart\n{router_log}");
+    let mut on = Vec::new();
+    for user in [1i64, 2] {
+        let rows =
+            clients[(user % 2) as usize].query("SELECT txn FROM ledger WHERE user_id = $1", &[&user]).await.unwrap();
+        on.push(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<BTreeSet<i64>>());
+    }
+    let half: Vec<&i64> = on[0].symmetric_difference(&on[1]).collect();
+    assert!(half.is_empty(), "transactions on one shard only: {half:?}\n{router_log}");
+    let lost: Vec<&i64> = acked.difference(&on[0]).collect();
+    assert!(lost.is_empty(), "acknowledged commits lost: {lost:?}\n{router_log}");
+    let recovered = router_log.lines().filter(|l| l.contains("2PC recovery: committed")).count();
+    let rolled_back = router_log.lines().filter(|l| l.contains("2PC recovery: rolled back")).count();
+    eprintln!(
+        "{} transactions acknowledged, {} committed; recovery committed {recovered} and rolled back {rolled_back} prepared transactions",
+        acked.len(),
+        on[0].len()
+    );
+    on[0].len()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_are_all_or_nothing_across_router_and_shard_crashes() {
     let mut shards = vec![PgServer::start().unwrap(), PgServer::start().unwrap()];
@@ -64,49 +165,11 @@ async fn commits_are_all_or_nothing_across_router_and_shard_crashes() {
     let config = dir.path().join("config.csv");
     let log = dir.path().join("router.log");
     write_config(&config, &shards);
-    for s in &shards {
-        let (c, conn) = tokio_postgres::connect(&s.url("postgres"), tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
-        c.batch_execute(
-            "CREATE TABLE ledger (user_id bigint NOT NULL, txn bigint NOT NULL, PRIMARY KEY (user_id, txn))",
-        )
-        .await
-        .unwrap();
-    }
+    ledgers(&shards).await;
     let port = free_port();
-    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
     let mut router = start_router(&config, port, &log);
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(BTreeSet::<i64>::new()));
-    let mut writers = Vec::new();
-    for w in 0..4i64 {
-        let (stop, acked, url) = (stop.clone(), acked.clone(), url.clone());
-        writers.push(tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(90);
-            let mut n = 0i64;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let Some(c) = connect(&url).await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 100_000 {
-                    n += 1;
-                    let txn = w * 1_000_000 + n;
-                    match transfer(&c, txn, w % 2 == 0).await {
-                        Ok(()) => {
-                            acked.lock().unwrap().insert(txn);
-                        }
-                        Err(_) if c.is_closed() => break,
-                        Err(_) => {
-                            let _ = c.batch_execute("ROLLBACK").await;
-                        }
-                    }
-                }
-            }
-        }));
-    }
-
+    let writers = Writers::default();
+    let tasks: Vec<_> = (0..4).map(|w| writers.spawn(w, port, false)).collect();
     for round in 0..4 {
         tokio::time::sleep(Duration::from_millis(900 + 200 * round)).await;
         router.kill().unwrap(); // SIGKILL
@@ -121,58 +184,14 @@ async fn commits_are_all_or_nothing_across_router_and_shard_crashes() {
     }
     let restarted = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
+    writers.stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
     }
-
-    // No prepared transaction left within 15 s of the restart.
-    let mut clients = Vec::new();
-    for s in &shards {
-        let (c, conn) = tokio_postgres::connect(&s.url("postgres"), tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
-        clients.push(c);
-    }
-    let mut left = i64::MAX;
-    while restarted.elapsed() < Duration::from_secs(15) {
-        left = 0;
-        for c in &clients {
-            left += c.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).await.unwrap().get::<_, i64>(0);
-        }
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let router_log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(left, 0, "prepared transactions left 15 s after the restart\n{router_log}");
-
-    // All or nothing; every acknowledged COMMIT is there.
-    let on = |user: i64| {
-        let c = &clients[(user % 2) as usize];
-        async move {
-            c.query("SELECT txn FROM ledger WHERE user_id = $1", &[&user])
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<_, i64>(0))
-                .collect::<BTreeSet<i64>>()
-        }
-    };
-    let (one, two) = (on(1).await, on(2).await);
-    let acked = acked.lock().unwrap().clone();
-    let half: Vec<&i64> = one.symmetric_difference(&two).collect();
-    assert!(half.is_empty(), "transactions on one shard only: {half:?}\n{router_log}");
-    let lost: Vec<&i64> = acked.difference(&one).collect();
-    assert!(lost.is_empty(), "acknowledged commits lost: {lost:?}\n{router_log}");
+    let clients = ledgers_of(&shards).await;
+    let acked = writers.acked.lock().unwrap().clone();
+    check(&clients, restarted, &acked, &log).await;
     assert!(acked.len() > 20, "only {} transactions committed", acked.len());
-    let recovered = router_log.lines().filter(|l| l.contains("2PC recovery: committed")).count();
-    let rolled_back = router_log.lines().filter(|l| l.contains("2PC recovery: rolled back")).count();
-    eprintln!(
-        "{} transactions acknowledged, {} committed; recovery committed {recovered} and rolled back {rolled_back} prepared transactions",
-        acked.len(),
-        one.len()
-    );
     router.kill().unwrap();
     router.wait().unwrap();
 }
@@ -187,57 +206,12 @@ async fn two_routers_do_not_fight_over_each_others_transactions() {
     let config = dir.path().join("config.csv");
     let log = dir.path().join("router.log");
     write_config(&config, &shards);
-    let mut clients = Vec::new();
-    for s in &shards {
-        let (c, conn) = tokio_postgres::connect(&s.url("postgres"), tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
-        c.batch_execute(
-            "CREATE TABLE ledger (user_id bigint NOT NULL, txn bigint NOT NULL, PRIMARY KEY (user_id, txn))",
-        )
-        .await
-        .unwrap();
-        clients.push(c);
-    }
+    let clients = ledgers(&shards).await;
     let (port_a, port_b) = (free_port(), free_port());
     let mut a = start_router(&config, port_a, &log);
-    let mut b = start_router(&config, port_b, &log);
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(BTreeSet::<i64>::new()));
-    let errors_on_b = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut writers = Vec::new();
-    for w in 0..4i64 {
-        let port = if w < 2 { port_a } else { port_b };
-        let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
-        let (stop, acked, errors_on_b) = (stop.clone(), acked.clone(), errors_on_b.clone());
-        writers.push(tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut n = 0i64;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let Some(c) = connect(&url).await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 100_000 {
-                    n += 1;
-                    let txn = w * 1_000_000 + n;
-                    match transfer(&c, txn, w % 2 == 0).await {
-                        Ok(()) => {
-                            acked.lock().unwrap().insert(txn);
-                        }
-                        Err(e) => {
-                            if w >= 2 {
-                                errors_on_b.lock().unwrap().push(e.to_string());
-                            }
-                            if c.is_closed() {
-                                break;
-                            }
-                            let _ = c.batch_execute("ROLLBACK").await;
-                        }
-                    }
-                }
-            }
-        }));
-    }
+    let b = start_router(&config, port_b, &log);
+    let writers = Writers::default();
+    let tasks: Vec<_> = (0..4).map(|w| writers.spawn(w, if w < 2 { port_a } else { port_b }, w >= 2)).collect();
     for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(800 + 300 * round)).await;
         a.kill().unwrap();
@@ -246,51 +220,27 @@ async fn two_routers_do_not_fight_over_each_others_transactions() {
     }
     let restarted = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
+    writers.stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
     }
-    let mut left = i64::MAX;
-    while restarted.elapsed() < Duration::from_secs(15) {
-        left = 0;
-        for c in &clients {
-            left += c.query_one("SELECT count(*) FROM pg_prepared_xacts", &[]).await.unwrap().get::<_, i64>(0);
-        }
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let router_log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(left, 0, "prepared transactions left 15 s after the restart\n{router_log}");
-    let errors = errors_on_b.lock().unwrap().clone();
-    assert!(errors.is_empty(), "the router that was not killed failed transactions: {errors:?}\n{router_log}");
-    let on = |user: i64| {
-        let c = &clients[(user % 2) as usize];
-        async move {
-            c.query("SELECT txn FROM ledger WHERE user_id = $1", &[&user])
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<_, i64>(0))
-                .collect::<BTreeSet<i64>>()
-        }
-    };
-    let (one, two) = (on(1).await, on(2).await);
-    let acked = acked.lock().unwrap().clone();
-    let half: Vec<&i64> = one.symmetric_difference(&two).collect();
-    assert!(half.is_empty(), "transactions on one shard only: {half:?}\n{router_log}");
-    let lost: Vec<&i64> = acked.difference(&one).collect();
-    assert!(lost.is_empty(), "acknowledged commits lost: {lost:?}\n{router_log}");
+    let acked = writers.acked.lock().unwrap().clone();
+    check(&clients, restarted, &acked, &log).await;
+    let errors = writers.errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "the router that was not killed failed transactions: {errors:?}");
     let through_b = acked.iter().filter(|t| **t >= 2_000_000).count();
     assert!(through_b > 20, "only {through_b} transactions through the router that was not killed");
-    eprintln!(
-        "{} transactions acknowledged ({through_b} through the router not killed), {} committed",
-        acked.len(),
-        one.len()
-    );
     for mut r in [a, b] {
         r.kill().unwrap();
         r.wait().unwrap();
     }
+}
+
+/// Direct connections to the shards (as they are now).
+async fn ledgers_of(shards: &[PgServer]) -> Vec<tokio_postgres::Client> {
+    let mut clients = Vec::new();
+    for s in shards {
+        clients.push(connect(&s.url("postgres")).await.expect("a shard"));
+    }
+    clients
 }

@@ -6,21 +6,11 @@
 //!
 //! `cargo build --release -p router -p benches && target/release/merge [--rounds N] [--rows N]`
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use localpg::{free_port, PgServer};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use anyhow::{bail, Result};
+use benches::start_router;
+use localpg::PgServer;
 
 fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -30,30 +20,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn start_router(dir: &Path, config: &str) -> Result<(Proc, u16)> {
-    let port = free_port();
-    let path = dir.join("config.csv");
-    std::fs::write(&path, config)?;
-    let exe: PathBuf = std::env::current_exe()?.with_file_name("shard-router");
-    let child = Command::new(&exe)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("{} (build it: cargo build --release -p router)", exe.display()))?;
-    let p = Proc(child);
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("the router did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((p, port))
 }
 
 async fn connect(port: u16) -> Result<tokio_postgres::Client> {

@@ -79,29 +79,8 @@ pub fn metrics(backends: &Backends) -> String {
     }
     help(&mut out, "query_duration_seconds", "histogram", "Time from sending a statement to its ReadyForQuery.");
     for (i, s) in backends.stats.shards.iter().enumerate() {
-        let mut cumulative = 0;
-        for (b, le) in BOUNDS_US.iter().enumerate() {
-            cumulative += s.buckets[b].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "shard_router_query_duration_seconds_bucket{{shard=\"{}\",le=\"{}\"}} {cumulative}",
-                names[i],
-                *le as f64 / 1e6
-            );
-        }
-        cumulative += s.buckets[BOUNDS_US.len()].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "shard_router_query_duration_seconds_bucket{{shard=\"{}\",le=\"+Inf\"}} {cumulative}",
-            names[i]
-        );
-        let _ = writeln!(
-            out,
-            "shard_router_query_duration_seconds_sum{{shard=\"{}\"}} {}",
-            names[i],
-            s.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "shard_router_query_duration_seconds_count{{shard=\"{}\"}} {cumulative}", names[i]);
+        let labels = format!("shard=\"{}\"", names[i]);
+        histogram(&mut out, "query_duration_seconds", &labels, &s.buckets, s.sum_us.load(Ordering::Relaxed));
     }
     let pools = backends.pools.stats();
     for (metric, what) in [
@@ -193,28 +172,28 @@ pub fn metrics(backends: &Backends) -> String {
         "histogram",
         "Two-phase commit: from the first PREPARE TRANSACTION to the last COMMIT PREPARED.",
     );
-    let mut cumulative = 0;
-    for (b, le) in BOUNDS_US.iter().enumerate() {
-        cumulative += c.buckets[b].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "shard_router_two_phase_commit_duration_seconds_bucket{{le=\"{}\"}} {cumulative}",
-            *le as f64 / 1e6
-        );
-    }
-    cumulative += c.buckets[BOUNDS_US.len()].load(Ordering::Relaxed);
-    let _ = writeln!(out, "shard_router_two_phase_commit_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-    let _ = writeln!(
-        out,
-        "shard_router_two_phase_commit_duration_seconds_sum {}",
-        c.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-    );
-    let _ = writeln!(out, "shard_router_two_phase_commit_duration_seconds_count {cumulative}");
+    histogram(&mut out, "two_phase_commit_duration_seconds", "", &c.buckets, c.sum_us.load(Ordering::Relaxed));
     help(&mut out, "client_connections", "gauge", "Client connections open now.");
     let _ = writeln!(out, "shard_router_client_connections {}", backends.stats.clients.load(Ordering::Relaxed));
     help(&mut out, "uptime_seconds", "gauge", "Seconds since the router started.");
     let _ = writeln!(out, "shard_router_uptime_seconds {}", backends.stats.uptime().as_secs());
     out
+}
+
+/// A histogram's samples: cumulative buckets (`buckets` holds one count per bound of `BOUNDS_US`, then
+/// `+Inf`), sum and count; `labels` (`shard="0"`, or empty) come before `le`.
+fn histogram(out: &mut String, name: &str, labels: &str, buckets: &[std::sync::atomic::AtomicU64], sum_us: u64) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut cumulative = 0;
+    for (b, le) in BOUNDS_US.iter().enumerate() {
+        cumulative += buckets[b].load(Ordering::Relaxed);
+        let _ = writeln!(out, "shard_router_{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}", *le as f64 / 1e6);
+    }
+    cumulative += buckets[BOUNDS_US.len()].load(Ordering::Relaxed);
+    let _ = writeln!(out, "shard_router_{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+    let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+    let _ = writeln!(out, "shard_router_{name}_sum{braces} {}", sum_us as f64 / 1e6);
+    let _ = writeln!(out, "shard_router_{name}_count{braces} {cumulative}");
 }
 
 fn escape(v: &str) -> String {

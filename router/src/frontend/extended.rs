@@ -702,14 +702,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         d: Option<&Decision>,
         pending: &mut Pending,
     ) -> Result<Vec<usize>, Reported> {
-        let shards: Vec<shardmap::ShardId> =
-            if shards.is_empty() { self.routing.map.all().collect() } else { shards.to_vec() };
-        let db = d.and_then(|d| d.database.clone());
-        for &shard in &shards {
-            let dest = Dest { shard, db: db.clone() };
-            if self.txn.holds(&dest) {
-                continue;
-            }
+        let (shards, new) = self.to_join(shards, d);
+        for dest in new {
             let i = self.link(&dest).await?;
             self.replay_extended(i, pending)?;
             self.txn.joined(dest);

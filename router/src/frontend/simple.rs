@@ -566,18 +566,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// transaction's links to those shards, in shard order. A shard that fails to join is not part of it
     /// (its error is the client's, and fails the transaction).
     pub async fn join_simple(&mut self, shards: &[ShardId], d: Option<&Decision>) -> Result<Vec<usize>, Reported> {
-        let shards: Vec<ShardId> = if shards.is_empty() { self.routing.map.all().collect() } else { shards.to_vec() };
-        let db = d.and_then(|d| d.database.clone());
-        for &shard in &shards {
-            let dest = Dest { shard, db: db.clone() };
-            if self.txn.holds(&dest) {
-                continue;
-            }
+        let (shards, new) = self.to_join(shards, d);
+        for dest in new {
             let i = self.link(&dest).await?;
             self.replay_simple(i).await?;
             self.txn.joined(dest);
         }
         Ok(self.part_links(&shards))
+    }
+
+    /// The shards a statement for `shards` (none: every shard) needs, and the destinations among them the
+    /// transaction has not joined yet (in the decision's database).
+    pub fn to_join(&self, shards: &[ShardId], d: Option<&Decision>) -> (Vec<ShardId>, Vec<Dest>) {
+        let shards: Vec<ShardId> = if shards.is_empty() { self.routing.map.all().collect() } else { shards.to_vec() };
+        let db = d.and_then(|d| d.database.clone());
+        let new = shards.iter().map(|&shard| Dest { shard, db: db.clone() }).filter(|d| !self.txn.holds(d)).collect();
+        (shards, new)
     }
 
     /// The transaction's link to `shard`, which joins it first when it has not (`None`: its first link).

@@ -239,28 +239,7 @@ impl Planning {
 
     /// An expression of the final query: the client's parameters renumbered in it.
     fn final_expr(&mut self, mut e: Expr) -> Expr {
-        struct Renumber<'p>(&'p mut Vec<usize>);
-        impl VisitorMut for Renumber<'_> {
-            type Break = ();
-            fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
-                if let Expr::Value(v) = e {
-                    if let Value::Placeholder(p) = &v.value {
-                        if let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()).filter(|n| *n > 0) {
-                            let i = match self.0.iter().position(|&x| x == n - 1) {
-                                Some(i) => i,
-                                None => {
-                                    self.0.push(n - 1);
-                                    self.0.len() - 1
-                                }
-                            };
-                            *e = Expr::Value(Value::Placeholder(format!("${}", i + 1)).into());
-                        }
-                    }
-                }
-                ControlFlow::Continue(())
-            }
-        }
-        let _ = e.visit(&mut Renumber(&mut self.params));
+        let _ = e.visit(&mut super::split::Renumber(&mut self.params));
         e
     }
 

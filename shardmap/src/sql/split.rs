@@ -39,17 +39,18 @@ pub fn split_insert(sql: &str, groups: &[Vec<usize>]) -> Result<Vec<InsertPart>,
             v.rows = group.iter().map(|&r| all[r].clone()).collect();
         }
         let mut stmt = Statement::Insert(part);
-        let mut renumber = Renumber(Vec::new());
-        let _ = stmt.visit(&mut renumber);
-        parts.push(InsertPart { sql: stmt.to_string(), params: renumber.0 });
+        let mut params = Vec::new();
+        let _ = stmt.visit(&mut Renumber(&mut params));
+        parts.push(InsertPart { sql: stmt.to_string(), params });
     }
     Ok(parts)
 }
 
-/// Renumbers `$n` placeholders in the order they appear, recording the original (zero-based) of each.
-struct Renumber(Vec<usize>);
+/// Renumbers `$n` placeholders in the order they first appear after those already in the list, recording
+/// the original (zero-based) of each: `$1` of the result binds the client's parameter `list[0]`.
+pub(super) struct Renumber<'p>(pub &'p mut Vec<usize>);
 
-impl VisitorMut for Renumber {
+impl VisitorMut for Renumber<'_> {
     type Break = ();
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
         if let Expr::Value(v) = e {
