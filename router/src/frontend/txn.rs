@@ -392,6 +392,8 @@ impl Txn {
             }
             (Many(_), Target::One(shard)) => Plan::Run(To::Part(Some(*shard))),
             (Many(_), Target::Any) => Plan::Run(To::Part(None)),
+            // (NOTIFY once, where session mode's listeners are.)
+            (Many(_), Target::Session) if s.tag == "NOTIFY" => Plan::Run(To::Part(Some(ShardId(0)))),
             (Many(_), Target::Session) => Plan::Run(To::Every),
             (Many(_), Target::Set(shards)) => Plan::Run(To::Parts(shards.clone())),
             (Many(_), Target::All) => Plan::Run(To::Parts(Vec::new())),
@@ -533,7 +535,7 @@ impl Txn {
     /// join later).
     pub fn opened(&mut self, dest: Dest) {
         if let State::Held(q) = &mut self.state {
-            self.log = std::mem::take(q);
+            self.log = replayable(std::mem::take(q));
         }
         self.state = State::One(dest);
     }
@@ -542,7 +544,7 @@ impl Txn {
     pub fn joined(&mut self, dest: Dest) {
         match &mut self.state {
             State::Held(q) => {
-                self.log = std::mem::take(q);
+                self.log = replayable(std::mem::take(q));
                 self.state = State::Many(vec![dest]);
             }
             State::One(d) if *d != dest => {
@@ -622,6 +624,13 @@ impl Txn {
     }
 }
 
+/// What of the held transaction's queue a shard joining later replays: all but NOTIFY, which the first shard
+/// sent (listeners hear it once).
+fn replayable(mut queue: Vec<String>) -> Vec<String> {
+    queue.retain(|q| !shardmap::sql::first_word(q).eq_ignore_ascii_case("notify"));
+    queue
+}
+
 trait Shards {
     fn shards_or_all(&self) -> Vec<ShardId>;
 }
@@ -694,6 +703,7 @@ mod tests {
         let session = decision(Target::Session);
         t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names);
         t.queue("BEGIN ISOLATION LEVEL REPEATABLE READ".into());
+        t.queue("NOTIFY ch".into());
         let keyed = decision(Target::One(ShardId(1)));
         assert_eq!(t.plan(&Stmt::default(), Ok(&keyed), None, &names), Plan::Run(To::Open(one(1))));
         t.opened(one(1));
@@ -717,6 +727,9 @@ mod tests {
         let set_stmt = Stmt { queueable: true, replay: Some("SET x = 1".into()), ..Stmt::default() };
         assert_eq!(t.plan(&set_stmt, Ok(&session), None, &names), Plan::Run(To::Every));
         assert!(matches!(t.plan(&verb(TxnVerb::Prepare("g".into())), Ok(&session), None, &names), Plan::Refuse(_)));
+        // NOTIFY once (not once per shard).
+        let notify = Stmt { queueable: true, tag: "NOTIFY".into(), ..Stmt::default() };
+        assert_eq!(t.plan(&notify, Ok(&session), None, &names), Plan::Run(To::Part(Some(ShardId(0)))));
         assert_eq!(t.plan(&verb(TxnVerb::Commit), Ok(&session), None, &names), Plan::Run(To::Commit));
         // An error on one shard fails the whole transaction: COMMIT rolls back.
         assert!(t.ready(&one(2), READY_FAILED, true));
