@@ -140,10 +140,29 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     }
 }
 
+/// The startup phase's deadline passed (`router-startup-timeout-ms`): what the client is told.
+fn startup_timeout(limits: &shardmap::config::ClientLimits) -> StartupError {
+    StartupError::Refused {
+        code: "57014",
+        message: format!(
+            "canceling authentication due to timeout (router-startup-timeout-ms is {})",
+            limits.startup_timeout_ms
+        ),
+    }
+}
+
 async fn serve_client(shared: Arc<Router>, sock: TcpStream) -> anyhow::Result<()> {
     let addr = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let limits = shared.routing.config.load().router.limits.clone();
+    // From the connection to the end of authentication, at most router-startup-timeout-ms.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.startup_timeout_ms);
+    let client_limit = crate::net::wire::Limit { bytes: limits.max_message_bytes as usize, client: true };
     let mut io = Framed::new(sock);
-    let hello = startup::hello(&mut io, shared.tls.is_some()).await;
+    io.limit = client_limit;
+    let hello = match tokio::time::timeout_at(deadline, startup::hello(&mut io, shared.tls.is_some())).await {
+        Ok(h) => h,
+        Err(_) => return fatal(&mut io, startup_timeout(&limits)).await,
+    };
     if let Ok(Some(Hello::Tls)) = hello {
         let (mut sock, rest) = io.into_parts();
         if !rest.is_empty() {
@@ -152,12 +171,16 @@ async fn serve_client(shared: Arc<Router>, sock: TcpStream) -> anyhow::Result<()
         }
         sock.write_all(b"S").await?;
         let acceptor = shared.tls.clone().expect("TLS is configured");
-        let tls = acceptor.accept(sock).await?;
-        let mut io = Framed::new(tls);
-        let hello = startup::hello(&mut io, false).await;
-        return session(shared, io, hello, addr).await;
+        let Ok(tls) = tokio::time::timeout_at(deadline, acceptor.accept(sock)).await else { return Ok(()) };
+        let mut io = Framed::new(tls?);
+        io.limit = client_limit;
+        let hello = match tokio::time::timeout_at(deadline, startup::hello(&mut io, false)).await {
+            Ok(h) => h,
+            Err(_) => return fatal(&mut io, startup_timeout(&limits)).await,
+        };
+        return session(shared, io, hello, addr, deadline).await;
     }
-    session(shared, io, hello, addr).await
+    session(shared, io, hello, addr, deadline).await
 }
 
 /// A client's session after the (optional) TLS handshake.
@@ -166,6 +189,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     mut io: Framed<S>,
     hello: Result<Option<Hello>, StartupError>,
     addr: String,
+    deadline: tokio::time::Instant,
 ) -> anyhow::Result<()> {
     let hello = match hello {
         Ok(Some(h)) => h,
@@ -189,12 +213,24 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
     };
     let database = get("database").unwrap_or_else(|| user.clone());
-    let (password, auth) = {
+    let (password, auth, limits) = {
         let config = shared.routing.config.load();
-        (config.router.users.get(&user).cloned(), config.router.auth)
+        (config.router.users.get(&user).cloned(), config.router.auth, config.router.limits.clone())
     };
-    if let Err(e) = startup::authenticate(&mut io, auth, &user, password.as_deref(), &shared.registry.scram).await {
-        return fatal(&mut io, e).await;
+    // (The admin console is reachable past the limits, as PostgreSQL keeps slots for superusers.)
+    let _slot = if database == crate::control::admin::ADMIN_DB {
+        None
+    } else {
+        match shared.registry.admit(&user, &limits) {
+            Ok(slot) => Some(slot),
+            Err(e) => return fatal(&mut io, StartupError::Refused { code: "53300", message: e.message }).await,
+        }
+    };
+    let auth = startup::authenticate(&mut io, auth, &user, password.as_deref(), &shared.registry.scram);
+    match tokio::time::timeout_at(deadline, auth).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return fatal(&mut io, e).await,
+        Err(_) => return fatal(&mut io, startup_timeout(&limits)).await,
     }
     let (cancel_key, cancel) = shared.registry.cancels.register();
     shared.backends.stats.clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -215,7 +251,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if let Err(e) = session.run().await {
         let code = match &e {
-            crate::net::Fatal::ServerGone(r) => r.code.clone(),
+            crate::net::Fatal::ServerGone(r) | crate::net::Fatal::Limit(r) => r.code.clone(),
             _ => "08P01".to_string(),
         };
         proto::error(&mut session.io.wbuf, "FATAL", &code, &e.to_string());

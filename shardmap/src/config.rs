@@ -47,6 +47,13 @@ const KEYS: &[&str] = &[
     "router-http",
     "router-admin-users",
     "router-threads",
+    "router-max-clients",
+    "router-max-clients-per-user",
+    "router-startup-timeout-ms",
+    "router-max-message-bytes",
+    "router-max-client-buffer-bytes",
+    "router-client-idle-timeout-s",
+    "router-idle-transaction-timeout-s",
     "pool-mode",
     "pool-size",
     "pool-timeout-ms",
@@ -198,6 +205,41 @@ pub struct RouterSettings {
     /// Worker threads serving clients: 0 (the default) is one per core; 1 is a single event loop, as
     /// PgBouncer has.
     pub threads: u32,
+    pub limits: ClientLimits,
+}
+
+/// What one client, and all of them, may take of the router (see the README, "Limits").
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientLimits {
+    /// `router-max-clients`: client connections at once; one more is refused (53300).
+    pub max_clients: u64,
+    /// `router-max-clients-per-user`: client connections of one user at once (0: no limit of its own).
+    pub max_clients_per_user: u64,
+    /// `router-startup-timeout-ms`: from the connection to the end of authentication.
+    pub startup_timeout_ms: u64,
+    /// `router-max-message-bytes`: the largest message a client may send (COPY data included).
+    pub max_message_bytes: u64,
+    /// `router-max-client-buffer-bytes`: what a client's extended-protocol messages not yet synced may hold.
+    pub max_client_buffer_bytes: u64,
+    /// `router-client-idle-timeout-s`: a client idle outside a transaction this long is closed (0: never).
+    pub client_idle_timeout_s: u64,
+    /// `router-idle-transaction-timeout-s`: a client idle inside a transaction this long is closed, its
+    /// transaction rolled back (0: never).
+    pub idle_transaction_timeout_s: u64,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            max_clients: 10_000,
+            max_clients_per_user: 0,
+            startup_timeout_ms: 15_000,
+            max_message_bytes: 64 << 20,
+            max_client_buffer_bytes: 64 << 20,
+            client_idle_timeout_s: 0,
+            idle_transaction_timeout_s: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -372,6 +414,7 @@ impl<'f> Builder<'f> {
                 http: None,
                 admin_users: Vec::new(),
                 threads: 0,
+                limits: ClientLimits::default(),
             },
             pool: PoolSettings { mode: PoolMode::Transaction, size: 20, timeout_ms: 5000, idle_timeout_s: 600 },
             health: HealthSettings {
@@ -509,6 +552,19 @@ impl<'f> Builder<'f> {
                 }
                 c.router.threads = n as u32;
             }
+            "router-max-clients" => c.router.limits.max_clients = number(self, 1)?,
+            "router-max-clients-per-user" => c.router.limits.max_clients_per_user = number(self, 0)?,
+            "router-startup-timeout-ms" => c.router.limits.startup_timeout_ms = number(self, 100)?,
+            "router-max-message-bytes" => {
+                let n = number(self, 1024)?;
+                if n > 1 << 30 {
+                    return Err(self.err(row, format!("expected at most 1073741824 (PostgreSQL's own limit), got {n}")));
+                }
+                c.router.limits.max_message_bytes = n;
+            }
+            "router-max-client-buffer-bytes" => c.router.limits.max_client_buffer_bytes = number(self, 1024)?,
+            "router-client-idle-timeout-s" => c.router.limits.client_idle_timeout_s = number(self, 0)?,
+            "router-idle-transaction-timeout-s" => c.router.limits.idle_transaction_timeout_s = number(self, 0)?,
             "pool-mode" => {
                 c.pool.mode =
                     de_enum(v).map_err(|_| self.err(row, format!("expected transaction or session, got {v:?}")))?

@@ -180,3 +180,28 @@ fn each_table_its_own_key_column() {
     let e = err("shard-strategy,hash\nshard-count,2\nshard-global-tables,bots\nshard-table-bots,id\n");
     assert!(e.contains("bots is global and has a shard-table-bots key"), "{e}");
 }
+
+#[test]
+fn client_limits_and_two_phase_commit() {
+    let base = "shard-strategy,hash\nshard-count,2\n";
+    let c = parse(base).unwrap();
+    assert_eq!((c.router.limits.max_clients, c.router.limits.client_idle_timeout_s), (10_000, 0));
+    assert!(c.two_phase_commit);
+    let c = parse(&format!(
+        "{base}router-max-clients,50\nrouter-max-clients-per-user,5\nrouter-startup-timeout-ms,2000\n\
+         router-max-message-bytes,1048576\nrouter-max-client-buffer-bytes,4194304\nrouter-client-idle-timeout-s,300\n\
+         router-idle-transaction-timeout-s,60\nshard-two-phase-commit,false\n"
+    ))
+    .unwrap();
+    let l = &c.router.limits;
+    assert_eq!(
+        (l.max_clients, l.max_clients_per_user, l.startup_timeout_ms, l.max_message_bytes),
+        (50, 5, 2000, 1 << 20)
+    );
+    assert_eq!((l.max_client_buffer_bytes, l.client_idle_timeout_s, l.idle_transaction_timeout_s), (4 << 20, 300, 60));
+    assert!(!c.two_phase_commit);
+    let e = err(&format!("{base}router-max-message-bytes,2000000000\n"));
+    assert!(e.contains("config.csv:3") && e.contains("router-max-message-bytes") && e.contains("1073741824"), "{e}");
+    let e = err(&format!("{base}router-max-clients,0\n"));
+    assert!(e.contains("router-max-clients"), "{e}");
+}

@@ -325,7 +325,8 @@ fn main() -> Result<()> {
     let (bouncer, bouncer_port) = start_pgbouncer(&work.path().join("pgbouncer"), &one, pool)?;
     let common = format!(
         "shard-strategy,hash\nshard-key,aid\nrouter-auth,trust\npool-size,{pool}\npool-timeout-ms,20000\n\
-         shard-global-tables,pgbench_branches,pgbench_tellers,pgbench_history\n"
+         shard-global-tables,pgbench_branches,pgbench_tellers,pgbench_history\nrouter-max-clients,{}\n",
+        a.idle + 1000
     );
     let (r1, r1_port) = start_router(
         &work.path().join("r1"),

@@ -81,4 +81,58 @@ pub struct Registry {
     pub clients: Mutex<HashMap<(i32, i32), ClientInfo>>,
     pub cancels: crate::backend::cancel::Registry,
     pub scram: startup::ScramCache,
+    /// Client connections past their startup packet (authenticating or in session), in all and per user:
+    /// what `router-max-clients` and `router-max-clients-per-user` bound.
+    connected: std::sync::atomic::AtomicU64,
+    per_user: Mutex<HashMap<String, u64>>,
+}
+
+/// A client's place under the connection limits, given back when dropped.
+pub struct Slot<'a> {
+    registry: &'a Registry,
+    user: String,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.registry.connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let mut per_user = self.registry.per_user.lock().expect("per_user lock");
+        if let Some(n) = per_user.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                per_user.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// Takes a place for a client of `user` under `limits`, or says which limit it would pass (53300, as
+    /// PostgreSQL's `max_connections` and a role's connection limit say it).
+    pub fn admit(&self, user: &str, limits: &shardmap::config::ClientLimits) -> Result<Slot<'_>, Reported> {
+        let n = self.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let n_user = {
+            let mut per_user = self.per_user.lock().expect("per_user lock");
+            let e = per_user.entry(user.to_string()).or_insert(0);
+            *e += 1;
+            *e
+        };
+        let slot = Slot { registry: self, user: user.to_string() };
+        if n > limits.max_clients {
+            return Err(Reported::new(
+                "53300",
+                format!("sorry, too many clients already (router-max-clients is {})", limits.max_clients),
+            ));
+        }
+        if limits.max_clients_per_user > 0 && n_user > limits.max_clients_per_user {
+            return Err(Reported::new(
+                "53300",
+                format!(
+                    "too many connections for role \"{user}\" (router-max-clients-per-user is {})",
+                    limits.max_clients_per_user
+                ),
+            ));
+        }
+        Ok(slot)
+    }
 }

@@ -361,6 +361,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn serve(&mut self) -> Result<(), Fatal> {
         let mut batch: Vec<Msg> = Vec::new();
+        // The bytes of `batch` (router-max-client-buffer-bytes bounds them).
+        let mut held = 0usize;
+        let max_held = self.routing.config.load().router.limits.max_client_buffer_bytes as usize;
         loop {
             if !self.to_close.is_empty() && batch.is_empty() {
                 Box::pin(self.tidy()).await;
@@ -368,7 +371,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if !self.new_sequences.is_empty() && batch.is_empty() {
                 Box::pin(self.interleave_sequences()).await;
             }
-            let Some(msg) = self.next().await? else { return Ok(()) };
+            // (Between exchanges the idle timeouts apply; in the middle of a batch, not.)
+            let next = if batch.is_empty() { self.next_idle().await } else { self.next().await };
+            let Some(msg) = next? else { return Ok(()) };
             tracing::trace!(tag = %(msg.tag as char), len = msg.frame.len(), "client message");
             match msg.tag {
                 b'Q' => {
@@ -378,6 +383,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         batch.push(sync_message());
                         self.batch(&batch).await?;
                         batch.clear();
+                        held = 0;
                     }
                     self.query(msg).await?
                 }
@@ -387,6 +393,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             "more than 10000 extended-protocol messages without a Sync".into(),
                         ));
                     }
+                    held += msg.frame.len();
+                    if held > max_held {
+                        return Err(Fatal::Limit(Reported::new(
+                            "54000",
+                            format!(
+                                "the extended-protocol messages sent without a Sync hold more than {max_held} bytes (router-max-client-buffer-bytes): send a Sync (or a Flush) more often"
+                            ),
+                        )));
+                    }
                     let copy_starts = msg.tag == b'E' && self.binds_copy_in(&batch);
                     batch.push(msg);
                     if copy_starts {
@@ -394,6 +409,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         // some clients wait for it before sending one.
                         self.batch(&batch).await?;
                         batch.clear();
+                        held = 0;
                     }
                 }
                 b'H' | b'S' => {
@@ -401,6 +417,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     batch.push(msg);
                     self.batch(&batch).await?;
                     batch.clear();
+                    held = 0;
                 }
                 b'X' => return Ok(()),
                 // CopyData, CopyDone, CopyFail outside COPY: PostgreSQL ignores them too.
@@ -471,6 +488,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let Some(m) = Box::pin(self.read_or_notify()).await? {
                 return Ok(m);
             }
+        }
+    }
+
+    /// The client's next message between exchanges (see [`Session::next`]), waiting at most `router-idle-transaction-timeout-s` inside a
+    /// transaction and `router-client-idle-timeout-s` outside one (0: for ever); past it the connection ends
+    /// as PostgreSQL ends it for `idle_in_transaction_session_timeout` (25P03, the transaction rolled back)
+    /// and `idle_session_timeout` (57P05).
+    async fn next_idle(&mut self) -> Result<Option<Msg>, Fatal> {
+        if !self.inbox.is_empty() || self.listening || self.io.buffered() > 0 {
+            return self.next().await;
+        }
+        let limits = &self.routing.config.load().router.limits;
+        let (secs, code, what, key) = if self.txn.open() {
+            (
+                limits.idle_transaction_timeout_s,
+                "25P03",
+                "terminating connection due to idle-in-transaction timeout",
+                "router-idle-transaction-timeout-s",
+            )
+        } else {
+            (
+                limits.client_idle_timeout_s,
+                "57P05",
+                "terminating connection due to idle-session timeout",
+                "router-client-idle-timeout-s",
+            )
+        };
+        if secs == 0 {
+            return Ok(self.io.read().await?);
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(secs), self.io.read()).await {
+            Ok(m) => Ok(m?),
+            Err(_) => Err(Fatal::Limit(Reported::new(code, format!("{what} ({key} is {secs})")))),
         }
     }
 

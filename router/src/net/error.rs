@@ -40,6 +40,10 @@ pub enum Fatal {
     /// terminated): its session ends too, as it would on the server.
     #[error("{}", .0.message)]
     ServerGone(Reported),
+    /// A limit of the router's (a config key the message names) ended the connection, with PostgreSQL's
+    /// SQLSTATE for it.
+    #[error("{}", .0.message)]
+    Limit(Reported),
 }
 
 impl From<std::io::Error> for Fatal {

@@ -33,8 +33,8 @@ impl Msg {
 pub enum WireError {
     #[error("{0}")]
     Io(#[from] io::Error),
-    #[error("message {tag:?} of {len} bytes is larger than the limit of {MAX_MESSAGE} bytes")]
-    TooLarge { tag: char, len: usize },
+    #[error("message {tag:?} of {len} bytes is larger than the limit of {limit} bytes{}", if *.client { " (router-max-message-bytes)" } else { "" })]
+    TooLarge { tag: char, len: usize, limit: usize, client: bool },
     #[error("malformed message {tag:?}: length {len}")]
     BadLength { tag: char, len: i64 },
     #[error("the connection closed in the middle of a message")]
@@ -61,7 +61,7 @@ pub enum RelayError {
 
 /// The whole length (tag included) of the message whose header starts `b`, checked; `None` while the header
 /// is incomplete.
-fn frame_len(b: &[u8]) -> Result<Option<usize>, WireError> {
+fn frame_len(b: &[u8], limit: Limit) -> Result<Option<usize>, WireError> {
     if b.len() < 5 {
         return Ok(None);
     }
@@ -70,16 +70,35 @@ fn frame_len(b: &[u8]) -> Result<Option<usize>, WireError> {
         return Err(WireError::BadLength { tag: b[0] as char, len });
     }
     let total = 1 + len as usize;
-    if total > MAX_MESSAGE {
-        return Err(WireError::TooLarge { tag: b[0] as char, len: total });
+    if total > limit.bytes {
+        return Err(WireError::TooLarge { tag: b[0] as char, len: total, limit: limit.bytes, client: limit.client });
     }
     Ok(Some(total))
 }
 
+/// The largest message a stream accepts, and whether it is a client's (`router-max-message-bytes`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
+    pub bytes: usize,
+    pub client: bool,
+}
+
+impl Default for Limit {
+    fn default() -> Self {
+        Limit { bytes: MAX_MESSAGE, client: false }
+    }
+}
+
 /// Takes one whole message off the front of `buf`, if it holds one; reserves room for the rest of a partial
-/// one. The frame is a view of the buffer's memory (no copy).
+/// one (the header is checked first: a message over the limit is refused before anything is reserved). The
+/// frame is a view of the buffer's memory (no copy).
 pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Msg>, WireError> {
-    let Some(total) = frame_len(buf)? else { return Ok(None) };
+    split_frame_within(buf, Limit::default())
+}
+
+/// [`split_frame`] under `limit`.
+pub fn split_frame_within(buf: &mut BytesMut, limit: Limit) -> Result<Option<Msg>, WireError> {
+    let Some(total) = frame_len(buf, limit)? else { return Ok(None) };
     let tag = buf[0];
     if buf.len() >= total {
         let frame = buf.split_to(total).freeze();
@@ -94,11 +113,18 @@ pub struct Framed<S> {
     pub sock: S,
     rbuf: BytesMut,
     pub wbuf: BytesMut,
+    /// The largest message read from the stream.
+    pub limit: Limit,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     pub fn new(sock: S) -> Self {
-        Framed { sock, rbuf: BytesMut::with_capacity(16 << 10), wbuf: BytesMut::with_capacity(16 << 10) }
+        Framed {
+            sock,
+            rbuf: BytesMut::with_capacity(16 << 10),
+            wbuf: BytesMut::with_capacity(16 << 10),
+            limit: Limit::default(),
+        }
     }
 
     /// Bytes already read but not yet taken.
@@ -109,7 +135,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// The next message, or `None` at a clean end of stream.
     pub async fn read(&mut self) -> Result<Option<Msg>, WireError> {
         loop {
-            if let Some(m) = split_frame(&mut self.rbuf)? {
+            if let Some(m) = split_frame_within(&mut self.rbuf, self.limit)? {
                 return Ok(Some(m));
             }
             if self.sock.read_buf(&mut self.rbuf).await? == 0 {
@@ -145,7 +171,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     pub async fn front(&mut self) -> Result<Option<(u8, &[u8])>, WireError> {
         let mut pos = 0;
         loop {
-            while let Some(total) = frame_len(&self.rbuf[pos..])? {
+            while let Some(total) = frame_len(&self.rbuf[pos..], self.limit)? {
                 let b = &self.rbuf[pos..];
                 if b.len() < total {
                     self.rbuf.reserve(pos + total - self.rbuf.len());
@@ -217,7 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         loop {
             let mut pos = 0;
             let mut ready = None;
-            while let Some(total) = frame_len(&self.rbuf[pos..]).map_err(RelayError::Src)? {
+            while let Some(total) = frame_len(&self.rbuf[pos..], self.limit).map_err(RelayError::Src)? {
                 let b = &self.rbuf[pos..];
                 let tag = b[0];
                 if b.len() < total {
@@ -252,7 +278,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 return Ok((s, error));
             }
             // (The header, if whole, was checked by the scan above.)
-            if let Some(total) = frame_len(&self.rbuf).map_err(RelayError::Src)? {
+            if let Some(total) = frame_len(&self.rbuf, self.limit).map_err(RelayError::Src)? {
                 self.rbuf.reserve(total.saturating_sub(self.rbuf.len()));
             } else if self.rbuf.capacity() - self.rbuf.len() < 4096 {
                 self.rbuf.reserve(16 << 10);

@@ -1,0 +1,173 @@
+//! Limits: each a config key with PostgreSQL's SQLSTATE and a message naming the key, and a well-behaved
+//! client beside the one past the limit is served all the same: a client that sends nothing (or half a
+//! startup packet), an oversized message, too many extended-protocol bytes without a Sync, too many clients
+//! (in all and per user), a client idle too long outside and inside a transaction.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use integration::wire::{error_codes, RawClient, Reply};
+use integration::Cluster;
+
+/// Every reply up to the end of the connection (the FATAL a limit sends, then the close).
+fn until_closed(cl: &mut RawClient) -> Vec<Reply> {
+    let mut out = Vec::new();
+    while let Ok(r) = cl.reply() {
+        out.push(r);
+    }
+    out
+}
+
+/// The ErrorResponse of a refused startup, as text.
+fn refused(port: u16, user: &str, database: &str) -> String {
+    match RawClient::connect(port, user, database, &[]) {
+        Ok(_) => String::new(),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// A well-behaved client: one statement, answered.
+async fn served(c: &Cluster) -> anyhow::Result<()> {
+    let db = c.client().await?;
+    let row = db.query_one("SELECT 6 * 7", &[]).await?;
+    assert_eq!(row.get::<_, i32>(0), 42);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_startups_oversized_messages_and_buffers_are_cut_off() -> anyhow::Result<()> {
+    let c = Cluster::hash(
+        2,
+        "router-startup-timeout-ms,800\nrouter-max-message-bytes,65536\nrouter-max-client-buffer-bytes,200000\n",
+    )?;
+    // A client that connects and sends nothing, and one that sends half a startup packet.
+    let mut silent = TcpStream::connect(("127.0.0.1", c.port))?;
+    let mut half = TcpStream::connect(("127.0.0.1", c.port))?;
+    half.write_all(&[0, 0, 0, 40, 0, 3])?;
+    let started = Instant::now();
+    // Meanwhile another client is served.
+    served(&c).await?;
+    assert!(started.elapsed() < Duration::from_millis(800), "the well-behaved client waited");
+    for s in [&mut silent, &mut half] {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?; // the router closes it
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("57014") && text.contains("router-startup-timeout-ms"), "{text}");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(700), "closed before the timeout");
+
+    // A message over router-max-message-bytes: FATAL 08P01 naming the key; others go on.
+    let mut big = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let mut other = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let sql = format!("SELECT '{}'", "x".repeat(100_000));
+    let r = big.send_raw(&query_bytes(&sql)).map(|_| until_closed(&mut big))?;
+    assert_eq!(error_codes(&r), ["08P01"], "{r:?}");
+    assert!(format!("{r:?}").contains("router-max-message-bytes"), "{r:?}");
+    // Just under it is fine.
+    let r = other.query(&format!("SELECT length('{}')", "x".repeat(60_000)))?;
+    assert!(r.contains(&Reply::Row(vec![Some("60000".into())])), "{r:?}");
+
+    // Extended-protocol messages without a Sync past router-max-client-buffer-bytes: 54000.
+    let mut piling = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let mut parses = Vec::new();
+    for k in 0..10 {
+        parses.extend(parse_bytes(&format!("s{k}"), &format!("SELECT '{}'", "y".repeat(30_000))));
+    }
+    piling.send_raw(&parses)?;
+    let r = until_closed(&mut piling);
+    assert_eq!(error_codes(&r), ["54000"], "{r:?}");
+    assert!(format!("{r:?}").contains("router-max-client-buffer-bytes"), "{r:?}");
+    let r = other.query("SELECT 1")?;
+    assert!(error_codes(&r).is_empty(), "{r:?}");
+    served(&c).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_clients_are_refused_in_all_and_per_user() -> anyhow::Result<()> {
+    let c = Cluster::hash(
+        2,
+        "router-max-clients,4\nrouter-max-clients-per-user,2\nrouter-user-alice,a\nrouter-user-bob,b\nrouter-admin-users,postgres\n",
+    )?;
+    let a1 = RawClient::connect(c.port, "alice", "postgres", &[])?;
+    let _a2 = RawClient::connect(c.port, "alice", "postgres", &[])?;
+    let e = refused(c.port, "alice", "postgres");
+    assert!(e.contains("53300") && e.contains("router-max-clients-per-user is 2"), "{e}");
+    let _b1 = RawClient::connect(c.port, "bob", "postgres", &[])?;
+    let _p1 = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let e = refused(c.port, "bob", "postgres");
+    assert!(e.contains("53300") && e.contains("router-max-clients is 4"), "{e}");
+    // The admin console stays reachable.
+    let mut admin = RawClient::connect(c.port, "postgres", "shard_admin", &[])?;
+    let r = admin.query("SHOW CLIENTS")?;
+    assert!(error_codes(&r).is_empty(), "{r:?}");
+    // A place freed is taken again.
+    drop(a1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match RawClient::connect(c.port, "alice", "postgres", &[]) {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline && format!("{e:#}").contains("53300") => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_closed_outside_and_inside_transactions() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "router-client-idle-timeout-s,1\nrouter-idle-transaction-timeout-s,1\n")?;
+    let mut setup = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let r = setup.query("CREATE TABLE notes (user_id bigint, body text)")?;
+    assert!(error_codes(&r).is_empty(), "{r:?}");
+    drop(setup);
+
+    let mut idle = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let mut in_txn = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    for sql in ["BEGIN", "INSERT INTO notes VALUES (1, 'never committed')"] {
+        let r = in_txn.query(sql)?;
+        assert!(error_codes(&r).is_empty(), "{r:?}");
+    }
+    // A client that keeps talking is not idle.
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(400));
+        served(&c).await?;
+    }
+    let r = until_closed(&mut idle);
+    assert_eq!(error_codes(&r), ["57P05"], "{r:?}");
+    assert!(format!("{r:?}").contains("router-client-idle-timeout-s is 1"), "{r:?}");
+    let r = until_closed(&mut in_txn);
+    assert_eq!(error_codes(&r), ["25P03"], "{r:?}");
+    assert!(format!("{r:?}").contains("router-idle-transaction-timeout-s is 1"), "{r:?}");
+    // Its transaction was rolled back.
+    let db = c.shards[1].client("postgres").await?;
+    let n: i64 = db.query_one("SELECT count(*) FROM notes", &[]).await?.get(0);
+    assert_eq!(n, 0);
+    Ok(())
+}
+
+fn query_bytes(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    let mut out = vec![b'Q'];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn parse_bytes(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    body.extend_from_slice(sql.as_bytes());
+    body.push(0);
+    body.extend_from_slice(&0i16.to_be_bytes());
+    let mut out = vec![b'P'];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
