@@ -102,19 +102,50 @@ fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitC
         0 => tokio::runtime::Runtime::new()?,
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n as usize).enable_all().build()?,
     };
+    let grace = std::time::Duration::from_secs(config.router.limits.shutdown_timeout_s);
     rt.block_on(async move {
-        let listener =
-            tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let listener = listen_reusable(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let local = listener.local_addr()?;
         println!("shard-router listening on {local}");
         tracing::info!("listening on {local}");
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+        // SIGTERM: stop accepting, let transactions finish (router-shutdown-timeout-s); SIGINT: the same, with
+        // at most a second for them. A second signal while draining stops at once.
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => router::server::Stop::Drain(grace),
+                _ = int.recv() => router::server::Stop::Drain(grace.min(std::time::Duration::from_secs(1))),
+            }
         };
-        router::server::run(listener, config, shutdown).await
+        let again = || async {
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        router::server::run_with(listener, config, stop, again).await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A listening socket with SO_REUSEPORT: a new router can listen on the same port while this one drains
+/// (zero-downtime upgrade; see the README).
+async fn listen_reusable(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        match socket.bind(a) {
+            Ok(()) => return socket.listen(1024),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr} names no address"))))
 }
 
 fn main() -> ExitCode {

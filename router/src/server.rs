@@ -61,8 +61,38 @@ impl Router {
     }
 }
 
-/// Serves clients on `listener` until `shutdown` resolves.
+/// How the router stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// At once: sessions are dropped (their servers roll back what was open).
+    Now,
+    /// Stop accepting; end every session at its next moment outside a transaction, waiting at most this long
+    /// for the transactions in progress; then stop.
+    Drain(Duration),
+}
+
+/// Serves clients on `listener` until `shutdown` resolves, then stops at once.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_with(
+        listener,
+        config,
+        async {
+            shutdown.await;
+            Stop::Now
+        },
+        std::future::pending,
+    )
+    .await
+}
+
+/// Serves clients on `listener` until `stop` resolves, then stops as it says; while draining, the future
+/// `again` makes (a second signal) stops at once.
+pub async fn run_with<G: Future<Output = ()>>(
+    listener: TcpListener,
+    config: Config,
+    stop: impl Future<Output = Stop>,
+    again: impl FnOnce() -> G,
+) -> anyhow::Result<()> {
     let router = Arc::new(Router::new(config)?);
     let backends = router.backends.clone();
     crate::backend::topology::Topology::start(&backends.topology, &backends.map, backends.pools.clone());
@@ -115,10 +145,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     )));
     // Transactions left prepared by two-phase commit (a router or a shard that stopped mid-commit).
     let _stop_recovery = AbortOnDrop(tokio::spawn(crate::control::recovery::run(Arc::downgrade(&backends))));
-    tokio::pin!(shutdown);
-    loop {
+    tokio::pin!(stop);
+    let stop = loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            stop = &mut stop => break stop,
             accepted = listener.accept() => {
                 let (sock, _) = match accepted {
                     Ok(a) => a,
@@ -137,7 +167,30 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
                 });
             }
         }
+    };
+    // No new clients (a new router listening on the same port with SO_REUSEPORT takes them).
+    drop(listener);
+    let Stop::Drain(grace) = stop else { return Ok(()) };
+    router.registry.draining.send_replace(true);
+    let clients = || backends.stats.clients.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!("shutting down: {} clients to end, transactions in progress have {grace:?}", clients());
+    let deadline = tokio::time::Instant::now() + grace;
+    let again = again();
+    tokio::pin!(again);
+    while clients() > 0 {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("shutting down: {} clients still in a transaction after {grace:?}; closing them", clients());
+                break;
+            }
+            _ = &mut again => {
+                tracing::warn!("shutting down at once: {} clients closed", clients());
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
     }
+    Ok(())
 }
 
 /// The startup phase's deadline passed (`router-startup-timeout-ms`): what the client is told.
@@ -244,6 +297,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let mut session =
         Session::new(io, shared.routing.clone(), shared.backends.clone(), user, database, &params, cancel);
+    session.draining = Some(shared.registry.draining.subscribe());
     if let Err(e) = session.start(cancel_key).await {
         proto::error(&mut session.io.wbuf, "FATAL", &e.code, &e.message);
         session.io.flush().await.ok();

@@ -54,6 +54,7 @@ const KEYS: &[&str] = &[
     "router-max-client-buffer-bytes",
     "router-client-idle-timeout-s",
     "router-idle-transaction-timeout-s",
+    "router-shutdown-timeout-s",
     "pool-mode",
     "pool-size",
     "pool-timeout-ms",
@@ -226,6 +227,8 @@ pub struct ClientLimits {
     /// `router-idle-transaction-timeout-s`: a client idle inside a transaction this long is closed, its
     /// transaction rolled back (0: never).
     pub idle_transaction_timeout_s: u64,
+    /// `router-shutdown-timeout-s`: on SIGTERM, how long transactions in progress may take to finish.
+    pub shutdown_timeout_s: u64,
 }
 
 impl Default for ClientLimits {
@@ -238,6 +241,7 @@ impl Default for ClientLimits {
             max_client_buffer_bytes: 64 << 20,
             client_idle_timeout_s: 0,
             idle_transaction_timeout_s: 0,
+            shutdown_timeout_s: 30,
         }
     }
 }
@@ -565,6 +569,7 @@ impl<'f> Builder<'f> {
             "router-max-client-buffer-bytes" => c.router.limits.max_client_buffer_bytes = number(self, 1024)?,
             "router-client-idle-timeout-s" => c.router.limits.client_idle_timeout_s = number(self, 0)?,
             "router-idle-transaction-timeout-s" => c.router.limits.idle_transaction_timeout_s = number(self, 0)?,
+            "router-shutdown-timeout-s" => c.router.limits.shutdown_timeout_s = number(self, 0)?,
             "pool-mode" => {
                 c.pool.mode =
                     de_enum(v).map_err(|_| self.err(row, format!("expected transaction or session, got {v:?}")))?

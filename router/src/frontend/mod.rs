@@ -85,6 +85,8 @@ pub struct Registry {
     /// what `router-max-clients` and `router-max-clients-per-user` bound.
     connected: std::sync::atomic::AtomicU64,
     per_user: Mutex<HashMap<String, u64>>,
+    /// The router is shutting down: sessions end at their next moment outside a transaction.
+    pub draining: tokio::sync::watch::Sender<bool>,
 }
 
 /// A client's place under the connection limits, given back when dropped.
@@ -104,6 +106,11 @@ impl Drop for Slot<'_> {
             }
         }
     }
+}
+
+/// What a session is told when the router shuts down (as PostgreSQL's smart/fast shutdown tells its clients).
+pub fn shutting_down() -> Reported {
+    Reported::new("57P01", "terminating connection due to administrator command (the router is shutting down)")
 }
 
 impl Registry {

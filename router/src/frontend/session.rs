@@ -171,6 +171,8 @@ pub struct Session<S> {
     /// Sharded tables created or altered since the last exchange: their new sequences are interleaved
     /// across shards (`sequences.rs`).
     pub new_sequences: Vec<String>,
+    /// Set when the router shuts down: the session ends at its next moment outside a transaction.
+    pub draining: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// A stable hash of a statement's text and parameter types, for server-side statement names.
@@ -229,6 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             positions_epoch: 0,
             collations: Default::default(),
             new_sequences: Vec::new(),
+            draining: None,
         }
     }
 
@@ -370,6 +373,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             if !self.new_sequences.is_empty() && batch.is_empty() {
                 Box::pin(self.interleave_sequences()).await;
+            }
+            if batch.is_empty() && !self.txn.open() && self.draining.as_ref().is_some_and(|d| *d.borrow()) {
+                return Err(Fatal::Limit(super::shutting_down()));
             }
             // (Between exchanges the idle timeouts apply; in the middle of a batch, not.)
             let next = if batch.is_empty() { self.next_idle().await } else { self.next().await };
@@ -515,12 +521,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "router-client-idle-timeout-s",
             )
         };
-        if secs == 0 {
-            return Ok(self.io.read().await?);
-        }
-        match tokio::time::timeout(std::time::Duration::from_secs(secs), self.io.read()).await {
-            Ok(m) => Ok(m?),
-            Err(_) => Err(Fatal::Limit(Reported::new(code, format!("{what} ({key} is {secs})")))),
+        let idle = async {
+            match secs {
+                0 => std::future::pending().await,
+                s => tokio::time::sleep(std::time::Duration::from_secs(s)).await,
+            }
+        };
+        // A shutdown ends an idle session at once; inside a transaction it waits for the transaction's end.
+        let mut draining = self.draining.clone().filter(|_| !self.txn.open());
+        let stop = async {
+            match &mut draining {
+                Some(d) => drop(d.wait_for(|v| *v).await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            m = self.io.read() => Ok(m?),
+            _ = idle => Err(Fatal::Limit(Reported::new(code, format!("{what} ({key} is {secs})")))),
+            _ = stop => Err(Fatal::Limit(super::shutting_down())),
         }
     }
 

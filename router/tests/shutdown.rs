@@ -1,0 +1,129 @@
+//! Graceful shutdown and zero-downtime upgrade, through the real binary: a second router listens on the same
+//! port (SO_REUSEPORT) while the first, sent SIGTERM, stops accepting, ends its idle clients (57P01), lets a
+//! transaction in progress finish and commit, and exits by itself; new clients are served all along. SIGINT
+//! does the same with at most a second for transactions: one left open is rolled back.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use localpg::{free_port, PgServer};
+
+fn start_router(config: &std::path::Path, port: u16) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_shard-router"))
+        .args(["serve", "--config", config.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+}
+
+async fn connect(port: u16) -> Option<tokio_postgres::Client> {
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2");
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(conn);
+    Some(c)
+}
+
+/// A client through the router, once it accepts connections.
+async fn client(port: u16) -> tokio_postgres::Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(c) = connect(port).await {
+            if c.simple_query("SELECT 1").await.is_ok() {
+                return c;
+            }
+        }
+        assert!(Instant::now() < deadline, "the router did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for the process to exit (at most `limit`); its exit status.
+fn exited(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn signal(child: &Child, sig: &str) {
+    assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_while_a_new_router_takes_the_port() {
+    let pg = PgServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.csv");
+    std::fs::write(
+        &config,
+        format!(
+            "shard-strategy,hash\nshard-count,1\nrouter-auth,trust\nrouter-shutdown-timeout-s,10\nshard-node-0,{}\n",
+            pg.url("postgres")
+        ),
+    )
+    .unwrap();
+    let direct = pg.client("postgres").await.unwrap();
+    direct.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let port = free_port();
+    let mut old = start_router(&config, port);
+    let in_txn = client(port).await;
+    let idle = client(port).await;
+    in_txn.batch_execute("BEGIN").await.unwrap();
+    in_txn.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+
+    // The new router listens on the same port beside the old one.
+    let mut new = start_router(&config, port);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(new.try_wait().unwrap().is_none(), "the second router could not listen on the same port");
+    signal(&old, "-TERM");
+
+    // The idle client is ended at once, with 57P01.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !idle.is_closed() {
+        assert!(Instant::now() < deadline, "the idle client was not ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // New clients are served (by the new router).
+    for _ in 0..5 {
+        let c = client(port).await;
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    // The transaction goes on and commits; then its session ends and the old router exits by itself.
+    assert!(old.try_wait().unwrap().is_none(), "the old router left before its transaction ended");
+    in_txn.execute("INSERT INTO t VALUES (2)", &[]).await.unwrap();
+    in_txn.batch_execute("COMMIT").await.unwrap();
+    let status = exited(&mut old, Duration::from_secs(8)).expect("the old router exits once its clients are gone");
+    assert!(status.success(), "{status:?}");
+    let n: i64 = direct.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+
+    // SIGINT: a transaction left open gets at most a second, then is rolled back.
+    let open = client(port).await;
+    open.batch_execute("BEGIN").await.unwrap();
+    open.execute("INSERT INTO t VALUES (3)", &[]).await.unwrap();
+    let t = Instant::now();
+    signal(&new, "-INT");
+    let status = exited(&mut new, Duration::from_secs(5)).expect("SIGINT stops within its second");
+    assert!(status.success(), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(4));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n: i64 = direct.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+        let open_txns: i64 = direct
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 2 && open_txns == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the open transaction was not rolled back: {n} rows, {open_txns} open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
