@@ -171,3 +171,32 @@ fn parse_bytes(name: &str, sql: &str) -> Vec<u8> {
     out.extend_from_slice(&body);
     out
 }
+
+/// Fan-outs take their connections all or none: many clients reading and writing several shards at once
+/// through pools of one connection per shard all finish, none timing out on another's half-taken set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_fan_outs_on_one_connection_pools_finish() -> anyhow::Result<()> {
+    let c = Cluster::hash(3, "pool-size,1\npool-timeout-ms,5000\n")?;
+    let db = c.client().await?;
+    db.batch_execute("CREATE TABLE t (user_id bigint PRIMARY KEY, n int NOT NULL)").await?;
+    db.batch_execute("INSERT INTO t VALUES (0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (5, 0)").await?;
+    let mut tasks = Vec::new();
+    for k in 0..6i64 {
+        let db = c.client().await?;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25i64 {
+                let (a, b) = ((k + i) % 6, (k + i + 1) % 6);
+                db.query("SELECT count(*), sum(n) FROM t", &[]).await?;
+                db.execute("UPDATE t SET n = n + 1 WHERE user_id IN ($1, $2)", &[&a, &b]).await?;
+                db.query("SELECT * FROM t WHERE user_id = ANY($1)", &[&vec![a, b]]).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let total: i64 = db.query_one("SELECT sum(n)::bigint FROM t", &[]).await?.get(0);
+    assert_eq!(total, 6 * 25 * 2);
+    Ok(())
+}

@@ -117,6 +117,17 @@ impl Checkout {
         database: Option<&str>,
         carry: &(dyn Carry + Sync),
     ) -> Result<Pooled, Reported> {
+        Ok(self.get_with(shard, database, carry, true).await?.expect("a checkout that waits gets one or fails"))
+    }
+
+    /// [`Checkout::get`]; `wait: false`: `None` at once when the shard's pool has no connection free.
+    pub async fn get_with(
+        &mut self,
+        shard: ShardId,
+        database: Option<&str>,
+        carry: &(dyn Carry + Sync),
+        wait: bool,
+    ) -> Result<Option<Pooled>, Reported> {
         let (generation, pool) = match self.cached(shard, database) {
             Some(cached) => cached,
             None => Box::pin(self.pool(shard, database)).await?,
@@ -129,8 +140,9 @@ impl Checkout {
         b.breaker
             .admit(shard.0 as usize, generation, &b.map.node(shard).name)
             .map_err(|m| Reported::new(CONNECT_FAILED, m))?;
-        let mut p = match pool.get().await {
-            Ok(p) => p,
+        let mut p = match pool.get_with(wait).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(None),
             Err(e) if e.sqlstate() == "3D000" && b.config.load().auto_create && database.is_some() => {
                 // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
                 let db = database.expect("checked");
@@ -148,7 +160,7 @@ impl Checkout {
             }
         };
         self.take_up(&mut p, carry).await?;
-        Ok(p)
+        Ok(Some(p))
     }
 
     /// `shard-read-replicas` (the caller checked that the statement may read there): a connection to a

@@ -71,9 +71,15 @@ pub struct Pooled {
 
 impl Pool {
     pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
+        Ok(self.get_with(true).await?.expect("a checkout that waits gets a connection or an error"))
+    }
+
+    /// A checkout; `wait: false`: `None` at once when every connection is taken (no waiting).
+    pub async fn get_with(self: &Arc<Self>, wait: bool) -> Result<Option<Pooled>, PoolError> {
         // A free permit is taken without setting up a timer; only a wait is bounded by pool-timeout-ms.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
+            Err(_) if !wait => return Ok(None),
             Err(_) => match self.wait_permit().await {
                 Ok(p) => p.expect("pool semaphore is never closed"),
                 Err(_) => {
@@ -105,7 +111,7 @@ impl Pool {
                 Box::new(c)
             }
         };
-        Ok(Pooled { conn: Some(conn), pool: self.clone(), _permit: permit, cancel: None })
+        Ok(Some(Pooled { conn: Some(conn), pool: self.clone(), _permit: permit, cancel: None }))
     }
 }
 

@@ -351,6 +351,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 };
                 let shards = if shards.is_empty() || !global { self.routing.map.all().collect() } else { shards };
                 let dests: Vec<Dest> = shards.into_iter().map(|shard| Dest { shard, db: db.clone() }).collect();
+                self.hold_all(&dests).await?;
                 for dest in &dests {
                     self.link(dest).await?;
                 }

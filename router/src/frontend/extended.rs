@@ -703,6 +703,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         pending: &mut Pending,
     ) -> Result<Vec<usize>, Reported> {
         let (shards, new) = self.to_join(shards, d);
+        self.hold_all(&new).await?;
         for dest in new {
             let i = self.link(&dest).await?;
             self.replay_extended(i, pending)?;

@@ -25,6 +25,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let shards = if shards.is_empty() { self.routing.map.all().collect() } else { shards };
         let db = d.and_then(|d| d.database.clone());
         let dests: Vec<Dest> = shards.into_iter().map(|shard| Dest { shard, db: db.clone() }).collect();
+        self.hold_all(&dests).await?;
         for dest in &dests {
             self.link(dest).await?;
         }

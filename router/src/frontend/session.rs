@@ -803,6 +803,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(self.links.push(Link::new(dest.clone(), p)))
     }
 
+    /// Connections to every one of `dests` (those the session does not hold yet), taken all or none: each is
+    /// checked out without waiting while others are held; when one would wait, those this call took are given
+    /// back first and that one alone is waited for (bounded by `pool-timeout-ms`), then the rest tried again.
+    /// So two fan-outs on small pools never hold one connection each while waiting for the other's.
+    pub async fn hold_all(&mut self, dests: &[Dest]) -> Result<(), Reported> {
+        let missing: Vec<Dest> = dests.iter().filter(|d| self.links.find(d).is_none()).cloned().collect();
+        if missing.len() <= 1 {
+            for d in &missing {
+                self.link(d).await?;
+            }
+            return Ok(());
+        }
+        let timeout = std::time::Duration::from_millis(self.backend.backends.config.load().pool.timeout_ms);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut taken: Vec<Dest> = Vec::new();
+        loop {
+            let mut blocked = None;
+            for d in &missing {
+                if self.links.find(d).is_some() {
+                    continue;
+                }
+                match self.backend.get_with(d.shard, d.db.as_deref(), &self.settings, false).await {
+                    Ok(Some(p)) => {
+                        self.links.push(Link::new(d.clone(), p));
+                        taken.push(d.clone());
+                    }
+                    Ok(None) => {
+                        blocked = Some(d.clone());
+                        break;
+                    }
+                    Err(e) => {
+                        self.give_back_all(&mut taken);
+                        return Err(e);
+                    }
+                }
+            }
+            let Some(busy) = blocked else { return Ok(()) };
+            self.give_back_all(&mut taken);
+            if std::time::Instant::now() >= deadline {
+                // (The pool's own timeout error, as a plain checkout would give it.)
+                self.link(&busy).await?;
+                return Ok(());
+            }
+            let p = self.backend.get(busy.shard, busy.db.as_deref(), &self.settings).await?;
+            self.links.push(Link::new(busy.clone(), p));
+            taken.push(busy);
+        }
+    }
+
+    /// Gives back the connections `hold_all` took (idle, outside any transaction).
+    fn give_back_all(&mut self, taken: &mut Vec<Dest>) {
+        for d in taken.drain(..) {
+            if let Some(i) = self.links.find(&d) {
+                self.links.remove(i).conn.release();
+            }
+        }
+    }
+
     /// The destination of a statement any shard answers: the fixed one, else (session mode) the first shard,
     /// so that every client's advisory locks and notifications meet there, else the next live shard.
     pub fn any_dest(&self, attempt: usize) -> Dest {

@@ -567,6 +567,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// (its error is the client's, and fails the transaction).
     pub async fn join_simple(&mut self, shards: &[ShardId], d: Option<&Decision>) -> Result<Vec<usize>, Reported> {
         let (shards, new) = self.to_join(shards, d);
+        self.hold_all(&new).await?;
         for dest in new {
             let i = self.link(&dest).await?;
             self.replay_simple(i).await?;
