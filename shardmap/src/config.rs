@@ -36,6 +36,8 @@ const KEYS: &[&str] = &[
     "shard-two-phase-commit",
     "shard-node-<name>",
     "shard-node-<name>-patroni",
+    "shard-node-<name>-password-file",
+    "shard-node-<name>-password-env",
     "shard-geo-<region>",
     "shard-geo-country-<CC>",
     "shard-geo-continent-<CC>",
@@ -134,6 +136,13 @@ pub struct NodeAddr {
     pub params: Vec<(String, String)>,
 }
 
+/// Where a node's password is read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PasswordFrom {
+    File(PathBuf),
+    Env(String),
+}
+
 /// One row of `shard-ranges`: `start-end:name` (both bounds inclusive) or `start-:name` (open).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RangeSpec {
@@ -164,6 +173,10 @@ pub struct Config {
     /// `shard-node-<name>` in file order.
     pub nodes: Vec<(String, NodeAddr)>,
     pub node_patroni: BTreeMap<String, Vec<String>>,
+    /// `shard-node-<name>-password-file` / `-password-env`: where a node's password comes from instead of
+    /// its URL (read when the config is loaded; never printed).
+    #[serde(skip_serializing)]
+    pub node_password_from: BTreeMap<String, PasswordFrom>,
     pub global_tables: Vec<String>,
     /// `shard-table-<table>,<column>`: the shard key column of one table (others use `shard-key`).
     pub table_keys: std::collections::BTreeMap<String, String>,
@@ -403,6 +416,7 @@ impl<'f> Builder<'f> {
             default: None,
             nodes: Vec::new(),
             node_patroni: BTreeMap::new(),
+            node_password_from: BTreeMap::new(),
             global_tables: Vec::new(),
             table_keys: Default::default(),
             read_replicas: false,
@@ -611,6 +625,18 @@ impl<'f> Builder<'f> {
         // Names keep their case from the file (node names appear in shard-ranges).
         let original = &row.name[row.name.len() - name.len()..];
         if let Some(rest) = name.starts_with("shard-node-").then(|| &original["shard-node-".len()..]) {
+            let lower = rest.to_ascii_lowercase();
+            let file = lower.strip_suffix("-password-file").map(|n| (&rest[..n.len()], true));
+            let env = lower.strip_suffix("-password-env").map(|n| (&rest[..n.len()], false));
+            if let Some((node, file)) = file.or(env) {
+                if v.trim().is_empty() {
+                    return Err(self.err(row, "expected a value, got nothing"));
+                }
+                let from =
+                    if file { PasswordFrom::File(PathBuf::from(v.trim())) } else { PasswordFrom::Env(v.trim().into()) };
+                c.node_password_from.insert(node.to_string(), from);
+                return Ok(());
+            }
             if let Some(node) = rest.strip_suffix("-patroni").or_else(|| rest.strip_suffix("-PATRONI")) {
                 let urls = list(v);
                 if urls.is_empty() || urls.iter().any(|u| !u.starts_with("http://") && !u.starts_with("https://")) {
@@ -804,6 +830,26 @@ impl<'f> Builder<'f> {
                     message: format!("shard-node-{node}-patroni names a node that has no shard-node-{node} key"),
                 });
             }
+        }
+        for (node, from) in &c.node_password_from {
+            let key = match from {
+                PasswordFrom::File(_) => format!("shard-node-{node}-password-file"),
+                PasswordFrom::Env(_) => format!("shard-node-{node}-password-env"),
+            };
+            let err = |message: String| ConfigError::File { file: self.file.into(), message };
+            let Some((_, addr)) = c.nodes.iter_mut().find(|(n, _)| n == node) else {
+                return Err(err(format!("{key} names a node that has no shard-node-{node} key")));
+            };
+            let password = match from {
+                PasswordFrom::File(path) => std::fs::read_to_string(path)
+                    .map_err(|e| err(format!("{key}: cannot read {}: {e}", path.display())))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+                PasswordFrom::Env(var) => {
+                    std::env::var(var).map_err(|_| err(format!("{key}: the environment variable {var} is not set")))?
+                }
+            };
+            addr.password = Some(password);
         }
         if c.router.tls_cert.is_some() != c.router.tls_key.is_some() {
             return Err(ConfigError::File {

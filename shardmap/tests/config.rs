@@ -205,3 +205,30 @@ fn client_limits_and_two_phase_commit() {
     let e = err(&format!("{base}router-max-clients,0\n"));
     assert!(e.contains("router-max-clients"), "{e}");
 }
+
+#[test]
+fn node_passwords_from_a_file_or_the_environment() {
+    let dir = std::env::temp_dir().join(format!("gb-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pw");
+    std::fs::write(&file, "from-file\n").unwrap();
+    std::env::set_var("GB_CONFIG_TEST_NODE1_PW", "from-env");
+    let text = format!(
+        "shard-strategy,hash\nshard-count,2\nshard-node-0-password-file,{}\nshard-node-0,postgres://gb@h0/db\n\
+         shard-node-1,postgres://gb@h1/db\nshard-node-1-password-env,GB_CONFIG_TEST_NODE1_PW\n",
+        file.display()
+    );
+    let c = parse(&text).unwrap();
+    let pw = |n: &str| c.nodes.iter().find(|(name, _)| name == n).unwrap().1.password.clone();
+    assert_eq!((pw("0").as_deref(), pw("1").as_deref()), (Some("from-file"), Some("from-env")));
+    let e = err("shard-strategy,hash\nshard-count,1\nshard-node-0,postgres://h/db\nshard-node-0-password-env,GB_CONFIG_TEST_UNSET\n");
+    assert!(e.contains("shard-node-0-password-env") && e.contains("GB_CONFIG_TEST_UNSET"), "{e}");
+    let e = err("shard-strategy,hash\nshard-count,1\nshard-node-0,postgres://h/db\nshard-node-7-password-file,/x\n");
+    assert!(e.contains("no shard-node-7 key"), "{e}");
+    let e = err(&format!(
+        "shard-strategy,hash\nshard-count,1\nshard-node-0,postgres://h/db\nshard-node-0-password-file,{}\n",
+        dir.join("missing").display()
+    ));
+    assert!(e.contains("cannot read"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -9,6 +9,7 @@ pub mod extended;
 pub mod global;
 pub mod links;
 pub mod merge;
+pub mod scram;
 pub mod sequences;
 pub mod session;
 pub mod settings;

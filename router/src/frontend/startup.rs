@@ -1,13 +1,12 @@
-//! The client's startup: SSL negotiation (refused until TLS lands), the startup packet, and authentication
-//! (`router-auth`: SCRAM-SHA-256 by default, md5, or trust) against `router-user-<name>` passwords. SCRAM's
-//! exchange is pgwire's (`ScramServerAuth`); its Authentication messages are pgwire's too.
+//! The client's startup: SSL negotiation (TLS when configured), the startup packet, and authentication
+//! (`router-auth`: SCRAM-SHA-256 by default, md5, or trust) against `router-user-<name>` passwords or SCRAM
+//! verifiers. The SCRAM exchange is `scram.rs` (from a verifier, so no clear password is needed); the
+//! Authentication messages are pgwire's.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramServerAuth};
-use pgwire::api::auth::Password;
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::Message;
 use shardmap::config::AuthMethod;
@@ -97,13 +96,11 @@ pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// A user's SCRAM salt and salted password.
-type Salted = (Vec<u8>, Vec<u8>);
-
-/// Salted SCRAM passwords, computed once per user (4096 PBKDF2 rounds cost milliseconds).
+/// SCRAM verifiers of users configured with a clear password, computed once per user (4096 PBKDF2 rounds
+/// cost milliseconds); users configured with a verifier use it as it is.
 #[derive(Default)]
 pub struct ScramCache {
-    salted: Mutex<HashMap<String, Salted>>,
+    salted: Mutex<HashMap<String, super::scram::Verifier>>,
 }
 
 impl ScramCache {
@@ -112,12 +109,15 @@ impl ScramCache {
         self.salted.lock().expect("scram cache lock").clear();
     }
 
-    fn get(&self, user: &str, password: &str) -> (Vec<u8>, Vec<u8>) {
+    fn get(&self, user: &str, secret: &str) -> super::scram::Verifier {
+        if let Some(v) = super::scram::Verifier::parse(secret) {
+            return v;
+        }
         let mut m = self.salted.lock().expect("scram cache lock");
         m.entry(user.to_string())
             .or_insert_with(|| {
                 let salt: [u8; 16] = rand::random();
-                (salt.to_vec(), gen_salted_password(password, &salt, SCRAM_ITERATIONS))
+                super::scram::Verifier::from_password(secret, &salt, SCRAM_ITERATIONS as u32)
             })
             .clone()
     }
@@ -145,6 +145,12 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     };
     match method {
         AuthMethod::Trust => unreachable!("handled above"),
+        AuthMethod::Md5 if super::scram::Verifier::parse(password).is_some() => {
+            return Err(refused(
+                "28000",
+                format!("router-user-{user} holds a SCRAM verifier, and router-auth md5 needs the clear password: use scram-sha-256"),
+            ));
+        }
         AuthMethod::Md5 => {
             let salt: [u8; 4] = rand::random();
             send_auth(&mut io.wbuf, Authentication::MD5Password(salt.to_vec()));
@@ -168,15 +174,16 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             let (len, data) = proto::read_i32(rest).ok_or_else(|| refused("08P01", "malformed SASLInitialResponse"))?;
             let data =
                 data.get(..len.max(0) as usize).ok_or_else(|| refused("08P01", "malformed SASLInitialResponse"))?;
-            let (salt, salted) = cache.get(user, password);
-            let mut server = ScramServerAuth::new();
-            server.set_iterations(SCRAM_ITERATIONS);
-            let (server_first, waiting) =
-                server.on_client_first_message(data, Password::new(Some(salt), salted)).map_err(|_| failed())?;
+            let verifier = cache.get(user, password);
+            let scram_error = |e: super::scram::ScramError| match e {
+                super::scram::ScramError::Malformed(why) => refused("08P01", format!("SCRAM exchange: {why}")),
+                super::scram::ScramError::BadProof => failed(),
+            };
+            let (server_first, exchange) = super::scram::server_first(&verifier, data).map_err(scram_error)?;
             send_auth(&mut io.wbuf, Authentication::SASLContinue(Bytes::from(server_first)));
             io.flush().await?;
             let last = read_password(io).await?;
-            let server_final = waiting.on_client_final_message(&last).map_err(|_| failed())?;
+            let server_final = exchange.server_final(&verifier, &last).map_err(scram_error)?;
             send_auth(&mut io.wbuf, Authentication::SASLFinal(Bytes::from(server_final)));
         }
     }
