@@ -25,6 +25,7 @@ fn pool(c: &mut Criterion) {
         user: "postgres".into(),
         password: None,
         database: "postgres".into(),
+        tls: Default::default(),
     };
     let pool = pools.pool(PoolKey { shard: ShardId(0), target }, "0");
     let slot = Arc::new(Slot::default());

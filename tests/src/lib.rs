@@ -31,6 +31,12 @@ impl Cluster {
         Self::start(n, &head, |i, s| format!("shard-node-{i},{}\n", s.url("postgres")))
     }
 
+    /// A router in front of one node at `url` (a server started elsewhere), `trust` authentication.
+    pub fn start_url(url: &str) -> Result<Cluster> {
+        let config = format!("shard-strategy,hash\nshard-count,1\nrouter-auth,trust\nshard-node-0,{url}\n");
+        Self::with_servers(Vec::new(), &config, |_, _| String::new())
+    }
+
     /// `n` servers and a config made of `head` plus one row per server from `node`.
     pub fn start(n: usize, head: &str, node: impl Fn(usize, &PgServer) -> String) -> Result<Cluster> {
         let shards = (0..n).map(|_| PgServer::start()).collect::<Result<Vec<_>>>()?;

@@ -33,3 +33,135 @@ fn psql_over_tls() -> anyhow::Result<()> {
     assert!(!out.contains("SSL connection") && out.contains("42"), "{out}{err}");
     Ok(())
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA and a server certificate it signed for `sans` (as `subjectAltName`), in `dir`.
+fn certificates(dir: &std::path::Path, ca: &str, server: &str, sans: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=db",
+            "-keyout",
+            &format!("{server}.key"),
+            "-out",
+            &format!("{server}.csr"),
+        ],
+    );
+    std::fs::write(dir.join(format!("{server}.ext")), format!("subjectAltName={sans}\n")).unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{server}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &format!("{server}.crt"),
+            "-extfile",
+            &format!("{server}.ext"),
+        ],
+    );
+}
+
+/// TLS to the shards: a node URL's `sslmode` and `sslrootcert`, against PostgreSQL servers with `ssl = on`
+/// and certificates the test makes: `require` and `verify-full` connect over TLS (the server's
+/// `pg_stat_ssl` says so), `verify-ca` accepts a certificate for another name and `verify-full` refuses it,
+/// a certificate from another CA is refused, and `require` against a server without TLS says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_shards() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    certificates(d, "ca", "good", "IP:127.0.0.1,DNS:localhost");
+    certificates(d, "other", "misnamed", "DNS:db.example.org");
+    // The server runs as the postgres user when the tests run as root: its key must be its own, 0600.
+    let root = Command::new("id").arg("-u").output()?.stdout == b"0\n";
+    for f in ["good", "misnamed"] {
+        let key = d.join(format!("{f}.key"));
+        Command::new("chmod").arg("600").arg(&key).status()?;
+        if root {
+            Command::new("chown").arg("postgres:").arg(&key).arg(d.join(format!("{f}.crt"))).status()?;
+        }
+    }
+    if root {
+        Command::new("chmod").arg("755").arg(d).status()?;
+    }
+    let server = |name: &str| {
+        let cert = format!("ssl_cert_file={}", d.join(format!("{name}.crt")).display());
+        let key = format!("ssl_key_file={}", d.join(format!("{name}.key")).display());
+        integration::PgServer::start_with(&["ssl=on", &cert, &key])
+    };
+    let good = server("good")?;
+    let misnamed = server("misnamed")?;
+    let plain = integration::PgServer::start()?;
+    let ca = d.join("ca.crt").display().to_string();
+    let other_ca = d.join("other.crt").display().to_string();
+
+    // Through a one-node router (the server answers every statement): whether the session is encrypted.
+    async fn ssl_through(url: &str) -> Result<String, String> {
+        let c = Cluster::start_url(url).map_err(|e| e.to_string())?;
+        let db = c.client().await.map_err(|e| {
+            let db = e.downcast_ref::<tokio_postgres::Error>().and_then(|e| e.as_db_error());
+            db.map_or(e.to_string(), |d| d.message().to_string())
+        })?;
+        let row = db
+            .query_one("SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .await
+            .map_err(|e| e.as_db_error().map_or(e.to_string(), |d| d.message().to_string()))?;
+        Ok(row.get(0))
+    }
+    let url = |s: &integration::PgServer, params: &str| format!("{}?{params}", s.url("postgres"));
+    assert_eq!(ssl_through(&url(&good, "sslmode=require")).await, Ok("true".into()));
+    assert_eq!(ssl_through(&url(&good, &format!("sslmode=verify-full&sslrootcert={ca}"))).await, Ok("true".into()));
+    assert_eq!(ssl_through(&url(&good, "sslmode=disable")).await, Ok("false".into()));
+    assert_eq!(ssl_through(&url(&plain, "sslmode=prefer")).await, Ok("false".into()));
+    // Another name: verify-ca accepts it (the chain is checked), verify-full does not.
+    let misnamed_ca = d.join("other.crt").display().to_string();
+    assert_eq!(
+        ssl_through(&url(&misnamed, &format!("sslmode=verify-ca&sslrootcert={misnamed_ca}"))).await,
+        Ok("true".into())
+    );
+    let e = ssl_through(&url(&misnamed, &format!("sslmode=verify-full&sslrootcert={misnamed_ca}"))).await.unwrap_err();
+    assert!(e.contains("TLS") && e.to_lowercase().contains("name"), "{e}");
+    // Another CA: refused.
+    let e = ssl_through(&url(&good, &format!("sslmode=verify-ca&sslrootcert={other_ca}"))).await.unwrap_err();
+    assert!(e.contains("TLS"), "{e}");
+    // A server without TLS under require: said so.
+    let e = ssl_through(&url(&plain, "sslmode=require")).await.unwrap_err();
+    assert!(e.contains("does not accept TLS"), "{e}");
+    Ok(())
+}

@@ -68,12 +68,16 @@ impl Checkout {
     /// Where and as whom to connect on `host` for this client.
     fn target(&self, addr: &shardmap::config::NodeAddr, (host, port): (String, u16), database: Option<&str>) -> Target {
         let user = addr.user.clone().unwrap_or_else(|| self.user.clone());
+        // (A client's SCRAM verifier is no password to give a server.)
         let password = addr.password.clone().or_else(|| {
-            (user == self.user).then(|| self.backends.config.load().router.users.get(&self.user).cloned()).flatten()
+            (user == self.user)
+                .then(|| self.backends.config.load().router.users.get(&self.user).cloned())
+                .flatten()
+                .filter(|p| !p.starts_with("SCRAM-SHA-256$"))
         });
         let database =
             database.map(str::to_string).or_else(|| addr.dbname.clone()).unwrap_or_else(|| self.database.clone());
-        Target { host, port, user, password, database }
+        Target { host, port, user, password, database, tls: super::tls::Tls::of(&addr.params) }
     }
 
     /// The pool for `shard` as cached (the default database's, for the primary's current generation).

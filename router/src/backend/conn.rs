@@ -19,6 +19,8 @@ pub struct Target {
     pub user: String,
     pub password: Option<String>,
     pub database: String,
+    /// The node URL's `sslmode` and `sslrootcert`.
+    pub tls: super::tls::Tls,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +50,7 @@ impl BackendError {
 
 /// One server connection.
 pub struct ServerConn {
-    pub io: Framed<TcpStream>,
+    pub io: Framed<super::tls::ServerStream>,
     pub addr: String,
     pub pid: i32,
     pub secret: i32,
@@ -86,6 +88,9 @@ impl ServerConn {
             .await
             .map_err(|e| BackendError::Connect { addr: addr.to_string(), why: e.to_string() })?;
         sock.set_nodelay(true).ok();
+        let sock = super::tls::negotiate(sock, &t.host, &t.tls)
+            .await
+            .map_err(|why| BackendError::Connect { addr: addr.to_string(), why })?;
         let mut io = Framed::new(sock);
         let wire = |e: WireError| BackendError::Wire(e, addr.to_string());
         let mut buf = BytesMut::new();

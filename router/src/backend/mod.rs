@@ -9,6 +9,7 @@ pub mod conn;
 pub mod pool;
 pub mod stats;
 pub mod tenant;
+pub mod tls;
 pub mod topology;
 pub mod twophase;
 
