@@ -274,7 +274,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let _slot = if database == crate::control::admin::ADMIN_DB {
         None
     } else {
-        match shared.registry.admit(&user, &limits) {
+        let tenant = (shared.routing.map.strategy == shardmap::Strategy::Tenant)
+            .then(|| shared.routing.map.tenant_of_database(&database))
+            .flatten();
+        match shared.registry.admit(&user, tenant, &limits) {
             Ok(slot) => Some(slot),
             Err(e) => return fatal(&mut io, StartupError::Refused { code: "53300", message: e.message }).await,
         }

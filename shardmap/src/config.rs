@@ -51,6 +51,7 @@ const KEYS: &[&str] = &[
     "router-threads",
     "router-max-clients",
     "router-max-clients-per-user",
+    "router-max-clients-per-tenant",
     "router-startup-timeout-ms",
     "router-max-message-bytes",
     "router-max-client-buffer-bytes",
@@ -229,6 +230,9 @@ pub struct ClientLimits {
     pub max_clients: u64,
     /// `router-max-clients-per-user`: client connections of one user at once (0: no limit of its own).
     pub max_clients_per_user: u64,
+    /// `router-max-clients-per-tenant`: client connections to one tenant's database at once (tenant strategy;
+    /// 0: no limit of its own).
+    pub max_clients_per_tenant: u64,
     /// `router-startup-timeout-ms`: from the connection to the end of authentication.
     pub startup_timeout_ms: u64,
     /// `router-max-message-bytes`: the largest message a client may send (COPY data included).
@@ -249,6 +253,7 @@ impl Default for ClientLimits {
         ClientLimits {
             max_clients: 10_000,
             max_clients_per_user: 0,
+            max_clients_per_tenant: 0,
             startup_timeout_ms: 15_000,
             max_message_bytes: 64 << 20,
             max_client_buffer_bytes: 64 << 20,
@@ -572,6 +577,7 @@ impl<'f> Builder<'f> {
             }
             "router-max-clients" => c.router.limits.max_clients = number(self, 1)?,
             "router-max-clients-per-user" => c.router.limits.max_clients_per_user = number(self, 0)?,
+            "router-max-clients-per-tenant" => c.router.limits.max_clients_per_tenant = number(self, 0)?,
             "router-startup-timeout-ms" => c.router.limits.startup_timeout_ms = number(self, 100)?,
             "router-max-message-bytes" => {
                 let n = number(self, 1024)?;

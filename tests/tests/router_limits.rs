@@ -200,3 +200,26 @@ async fn concurrent_fan_outs_on_one_connection_pools_finish() -> anyhow::Result<
     assert_eq!(total, 6 * 25 * 2);
     Ok(())
 }
+
+/// Under the tenant strategy, `router-max-clients-per-tenant` bounds one tenant's connections; another tenant
+/// is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_clients_of_one_tenant_are_refused() -> anyhow::Result<()> {
+    let c = Cluster::start(
+        2,
+        "shard-strategy,tenant\nshard-tenant-db-prefix,gb_tenant_\nshard-auto-create,true\nrouter-auth,trust\n\
+         router-max-clients-per-tenant,2\n",
+        |i, s| format!("shard-node-n{i},{}\n", s.url("postgres")),
+    )?;
+    let _a1 = RawClient::connect(c.port, "postgres", "gb_tenant_acme", &[])?;
+    let _a2 = RawClient::connect(c.port, "postgres", "gb_tenant_acme", &[])?;
+    let e = refused(c.port, "postgres", "gb_tenant_acme");
+    assert!(
+        e.contains("53300") && e.contains("tenant") && e.contains("acme") && e.contains("router-max-clients-per-tenant is 2"),
+        "{e}"
+    );
+    let mut beta = RawClient::connect(c.port, "postgres", "gb_tenant_beta", &[])?;
+    let r = beta.query("SELECT current_database()")?;
+    assert!(r.contains(&Reply::Row(vec![Some("gb_tenant_beta".into())])), "{r:?}");
+    Ok(())
+}

@@ -85,7 +85,7 @@ pub struct Registry {
     /// Client connections past their startup packet (authenticating or in session), in all and per user:
     /// what `router-max-clients` and `router-max-clients-per-user` bound.
     connected: std::sync::atomic::AtomicU64,
-    per_user: Mutex<HashMap<String, u64>>,
+    per_key: Mutex<HashMap<String, u64>>,
     /// The router is shutting down: sessions end at their next moment outside a transaction.
     pub draining: tokio::sync::watch::Sender<bool>,
 }
@@ -93,17 +93,20 @@ pub struct Registry {
 /// A client's place under the connection limits, given back when dropped.
 pub struct Slot<'a> {
     registry: &'a Registry,
-    user: String,
+    /// Its keys in `per_key`: `user:<name>`, and `tenant:<name>` under the tenant strategy.
+    keys: Vec<String>,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.registry.connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        let mut per_user = self.registry.per_user.lock().expect("per_user lock");
-        if let Some(n) = per_user.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                per_user.remove(&self.user);
+        let mut per_key = self.registry.per_key.lock().expect("per_key lock");
+        for k in &self.keys {
+            if let Some(n) = per_key.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    per_key.remove(k);
+                }
             }
         }
     }
@@ -115,17 +118,41 @@ pub fn shutting_down() -> Reported {
 }
 
 impl Registry {
-    /// Takes a place for a client of `user` under `limits`, or says which limit it would pass (53300, as
-    /// PostgreSQL's `max_connections` and a role's connection limit say it).
-    pub fn admit(&self, user: &str, limits: &shardmap::config::ClientLimits) -> Result<Slot<'_>, Reported> {
+    /// Takes a place for a client of `user` (connecting to `tenant`'s database, under the tenant strategy)
+    /// under `limits`, or says which limit it would pass (53300, as PostgreSQL's `max_connections` and a
+    /// role's or database's connection limit say it).
+    pub fn admit(
+        &self,
+        user: &str,
+        tenant: Option<&str>,
+        limits: &shardmap::config::ClientLimits,
+    ) -> Result<Slot<'_>, Reported> {
         let n = self.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let n_user = {
-            let mut per_user = self.per_user.lock().expect("per_user lock");
-            let e = per_user.entry(user.to_string()).or_insert(0);
-            *e += 1;
-            *e
+        let mut keys = vec![format!("user:{user}")];
+        keys.extend(tenant.map(|t| format!("tenant:{t}")));
+        let counts: Vec<u64> = {
+            let mut per_key = self.per_key.lock().expect("per_key lock");
+            keys.iter()
+                .map(|k| {
+                    let e = per_key.entry(k.clone()).or_insert(0);
+                    *e += 1;
+                    *e
+                })
+                .collect()
         };
-        let slot = Slot { registry: self, user: user.to_string() };
+        let n_user = counts[0];
+        let slot = Slot { registry: self, keys };
+        if let (Some(t), Some(&n_tenant)) = (tenant, counts.get(1)) {
+            if limits.max_clients_per_tenant > 0 && n_tenant > limits.max_clients_per_tenant {
+                return Err(Reported::new(
+                    "53300",
+                    format!(
+                        "too many connections for tenant \"{t}\" (router-max-clients-per-tenant is {})",
+                        limits.max_clients_per_tenant
+                    ),
+                ));
+            }
+        }
         if n > limits.max_clients {
             return Err(Reported::new(
                 "53300",
