@@ -25,8 +25,9 @@ pub struct Router {
     pub backends: Arc<Backends>,
     /// The clients connected now.
     pub registry: Arc<Registry>,
-    /// TLS for clients, when `router-tls-cert` and `router-tls-key` are set.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS for clients, when `router-tls-cert` and `router-tls-key` are set, and the hash of the certificate
+    /// for SCRAM channel binding.
+    pub tls: Option<(tokio_rustls::TlsAcceptor, [u8; 32])>,
 }
 
 impl Router {
@@ -223,7 +224,7 @@ async fn serve_client(shared: Arc<Router>, sock: TcpStream) -> anyhow::Result<()
             return Ok(());
         }
         sock.write_all(b"S").await?;
-        let acceptor = shared.tls.clone().expect("TLS is configured");
+        let (acceptor, endpoint) = shared.tls.clone().expect("TLS is configured");
         let Ok(tls) = tokio::time::timeout_at(deadline, acceptor.accept(sock)).await else { return Ok(()) };
         let mut io = Framed::new(tls?);
         io.limit = client_limit;
@@ -231,9 +232,9 @@ async fn serve_client(shared: Arc<Router>, sock: TcpStream) -> anyhow::Result<()
             Ok(h) => h,
             Err(_) => return fatal(&mut io, startup_timeout(&limits)).await,
         };
-        return session(shared, io, hello, addr, deadline).await;
+        return session(shared, io, hello, addr, deadline, Some(endpoint)).await;
     }
-    session(shared, io, hello, addr, deadline).await
+    session(shared, io, hello, addr, deadline, None).await
 }
 
 /// A client's session after the (optional) TLS handshake.
@@ -243,6 +244,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     hello: Result<Option<Hello>, StartupError>,
     addr: String,
     deadline: tokio::time::Instant,
+    endpoint: Option<[u8; 32]>,
 ) -> anyhow::Result<()> {
     let hello = match hello {
         Ok(Some(h)) => h,
@@ -282,7 +284,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             Err(e) => return fatal(&mut io, StartupError::Refused { code: "53300", message: e.message }).await,
         }
     };
-    let auth = startup::authenticate(&mut io, auth, &user, password.as_deref(), &shared.registry.scram);
+    let auth =
+        startup::authenticate(&mut io, auth, &user, password.as_deref(), &shared.registry.scram, endpoint.as_ref());
     match tokio::time::timeout_at(deadline, auth).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return fatal(&mut io, e).await,

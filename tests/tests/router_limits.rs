@@ -215,7 +215,10 @@ async fn too_many_clients_of_one_tenant_are_refused() -> anyhow::Result<()> {
     let _a2 = RawClient::connect(c.port, "postgres", "gb_tenant_acme", &[])?;
     let e = refused(c.port, "postgres", "gb_tenant_acme");
     assert!(
-        e.contains("53300") && e.contains("tenant") && e.contains("acme") && e.contains("router-max-clients-per-tenant is 2"),
+        e.contains("53300")
+            && e.contains("tenant")
+            && e.contains("acme")
+            && e.contains("router-max-clients-per-tenant is 2"),
         "{e}"
     );
     let mut beta = RawClient::connect(c.port, "postgres", "gb_tenant_beta", &[])?;

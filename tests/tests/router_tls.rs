@@ -165,3 +165,46 @@ async fn tls_to_the_shards() -> anyhow::Result<()> {
     assert!(e.contains("does not accept TLS"), "{e}");
     Ok(())
 }
+
+/// SCRAM channel binding over TLS (SCRAM-SHA-256-PLUS, `tls-server-end-point`): psql with
+/// `channel_binding=require` authenticates through the router over TLS; in plain text the router offers no
+/// binding, so such a client refuses to go on; a wrong password is still refused.
+#[test]
+fn scram_channel_binding_over_tls() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let extra = format!(
+        "router-tls-cert,{}\nrouter-tls-key,{}\nrouter-auth,scram-sha-256\nrouter-user-bob,bob-pw\n",
+        cert.display(),
+        key.display()
+    );
+    let c = Cluster::start(1, &format!("shard-strategy,hash\nshard-count,1\n{extra}"), |i, s| {
+        format!("shard-node-{i},{}\n", s.url("postgres"))
+    })?;
+    let run = |params: &str| {
+        let out = Command::new("psql")
+            .arg(format!("host=127.0.0.1 port={} user=bob dbname=postgres {params}", c.port))
+            .args(["-X", "-A", "-t", "-c", "\\conninfo", "-c", "SELECT 40 + 2"])
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .expect("psql");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (out, err) = run("password=bob-pw sslmode=require channel_binding=require");
+    assert!(out.contains("SSL connection") && out.contains("42"), "{out}{err}");
+    let (out, err) = run("password=bob-pw sslmode=disable channel_binding=require");
+    assert!(!out.contains("42") && err.contains("channel binding"), "{out}{err}");
+    let (out, err) = run("password=wrong sslmode=require channel_binding=require");
+    assert!(!out.contains("42") && err.contains("password authentication failed"), "{out}{err}");
+    let (out, err) = run("password=bob-pw sslmode=disable");
+    assert!(out.contains("42"), "{out}{err}");
+    Ok(())
+}

@@ -72,7 +72,9 @@ pub struct Exchange {
     client_first_bare: String,
     server_first: String,
     nonce: String,
-    gs2_header: String,
+    /// What the client's `c=` must be (base64-decoded): its GS2 header, plus the channel binding data when it
+    /// bound the channel.
+    binding: Vec<u8>,
 }
 
 /// Why an exchange failed: the client's message is malformed (08P01) or its proof is wrong (28P01).
@@ -82,17 +84,29 @@ pub enum ScramError {
     BadProof,
 }
 
-/// The client's first message (`n,,n=<user>,r=<nonce>`): the server's first message to send, and the state.
-/// Channel binding is not offered (`p=` is refused; `y` is accepted, as the router advertises no `-PLUS`).
-pub fn server_first(v: &Verifier, client_first: &[u8]) -> Result<(Vec<u8>, Exchange), ScramError> {
+/// The client's first message (`n,,n=<user>,r=<nonce>`, or `p=tls-server-end-point,,...` binding the TLS
+/// channel): the server's first message to send, and the state. `endpoint`: over TLS, the hash of the
+/// router's certificate (RFC 5929 `tls-server-end-point`), when SCRAM-SHA-256-PLUS was offered; then a
+/// client saying `y` (it could have bound, and believes the server cannot) is refused as a downgrade.
+pub fn server_first(
+    v: &Verifier,
+    client_first: &[u8],
+    endpoint: Option<&[u8; 32]>,
+) -> Result<(Vec<u8>, Exchange), ScramError> {
     let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
     let mut parts = text.splitn(3, ',');
     let flag = parts.next().ok_or(ScramError::Malformed("no GS2 header"))?;
     let authzid = parts.next().ok_or(ScramError::Malformed("no GS2 header"))?;
     let bare = parts.next().ok_or(ScramError::Malformed("no client-first-message-bare"))?;
-    if !(flag == "n" || flag == "y") {
-        return Err(ScramError::Malformed("channel binding is not supported"));
-    }
+    let gs2_header = format!("{flag},{authzid},");
+    let binding = match (flag, endpoint) {
+        ("n", _) | ("y", None) => gs2_header.clone().into_bytes(),
+        ("y", Some(_)) => {
+            return Err(ScramError::Malformed("channel binding was offered and the client did not use it"))
+        }
+        ("p=tls-server-end-point", Some(hash)) => [gs2_header.as_bytes(), hash].concat(),
+        _ => return Err(ScramError::Malformed("unsupported channel binding")),
+    };
     let client_nonce = bare
         .split(',')
         .find_map(|a| a.strip_prefix("r="))
@@ -101,12 +115,7 @@ pub fn server_first(v: &Verifier, client_first: &[u8]) -> Result<(Vec<u8>, Excha
     let server_nonce: [u8; 18] = rand::random();
     let nonce = format!("{client_nonce}{}", B64.encode(server_nonce));
     let server_first = format!("r={nonce},s={},i={}", B64.encode(&v.salt), v.iterations);
-    let exchange = Exchange {
-        client_first_bare: bare.to_string(),
-        server_first: server_first.clone(),
-        nonce,
-        gs2_header: format!("{flag},{authzid},"),
-    };
+    let exchange = Exchange { client_first_bare: bare.to_string(), server_first: server_first.clone(), nonce, binding };
     Ok((server_first.into_bytes(), exchange))
 }
 
@@ -125,7 +134,7 @@ impl Exchange {
                 nonce = Some(n);
             }
         }
-        if binding.and_then(|b| B64.decode(b).ok()).as_deref() != Some(self.gs2_header.as_bytes()) {
+        if binding.and_then(|b| B64.decode(b).ok()).as_deref() != Some(self.binding.as_slice()) {
             return Err(ScramError::Malformed("channel binding does not match"));
         }
         if nonce != Some(self.nonce.as_str()) {
@@ -164,7 +173,7 @@ mod tests {
         );
         assert_eq!(Verifier::parse(&text), Some(v.clone()));
         // The RFC's messages, with the server nonce replaced by ours.
-        let (first, ex) = server_first(&v, b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO").unwrap();
+        let (first, ex) = server_first(&v, b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO", None).unwrap();
         let first = String::from_utf8(first).unwrap();
         assert!(first.starts_with("r=rOprNGfwEbeRWgbNEkqO") && first.ends_with(",s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"));
         // A client computes its proof from the password.
@@ -181,10 +190,21 @@ mod tests {
         let expect = hmac(&hmac(&salted, b"Server Key"), auth.as_bytes());
         assert_eq!(String::from_utf8(server_final).unwrap(), format!("v={}", B64.encode(expect)));
         // A wrong proof is refused.
-        let (_, ex) = server_first(&v, b"n,,n=user,r=abc").unwrap();
+        let (_, ex) = server_first(&v, b"n,,n=user,r=abc", None).unwrap();
         assert_eq!(
             ex.server_final(&v, b"c=biws,r=abc,p=AAAA").unwrap_err(),
             ScramError::Malformed("nonce does not match")
+        );
+        // Channel binding: offered over TLS, a `y` client is a downgrade; `p=` must carry the certificate hash.
+        let hash = [7u8; 32];
+        assert!(server_first(&v, b"y,,n=user,r=abc", Some(&hash)).is_err());
+        assert!(server_first(&v, b"p=tls-server-end-point,,n=user,r=abc", None).is_err());
+        let (first, ex) = server_first(&v, b"p=tls-server-end-point,,n=user,r=abc", Some(&hash)).unwrap();
+        let nonce = String::from_utf8(first).unwrap().split(',').next().unwrap().trim_start_matches("r=").to_string();
+        let wrong = format!("c={},r={nonce},p=AAAA", B64.encode(b"p=tls-server-end-point,,"));
+        assert_eq!(
+            ex.server_final(&v, wrong.as_bytes()).unwrap_err(),
+            ScramError::Malformed("channel binding does not match")
         );
         // RFC 7677's own salted password check: the known StoredKey of "pencil".
         assert_eq!(B64.encode(v.stored_key), "WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=");

@@ -134,6 +134,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     password: Option<&str>,
     cache: &ScramCache,
+    endpoint: Option<&[u8; 32]>,
 ) -> Result<(), StartupError> {
     let failed = || refused("28P01", format!("password authentication failed for user \"{user}\""));
     if method == AuthMethod::Trust {
@@ -163,14 +164,21 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         AuthMethod::ScramSha256 => {
-            send_auth(&mut io.wbuf, Authentication::SASL(vec!["SCRAM-SHA-256".to_string()]));
+            // Over TLS, channel binding too (SCRAM-SHA-256-PLUS, tls-server-end-point).
+            let mut mechanisms = vec!["SCRAM-SHA-256".to_string()];
+            if endpoint.is_some() {
+                mechanisms.insert(0, "SCRAM-SHA-256-PLUS".to_string());
+            }
+            send_auth(&mut io.wbuf, Authentication::SASL(mechanisms));
             io.flush().await?;
             let first = read_password(io).await?;
             let (mechanism, rest) =
                 proto::read_cstr(&first).ok_or_else(|| refused("08P01", "malformed SASLInitialResponse"))?;
-            if mechanism != "SCRAM-SHA-256" {
-                return Err(refused("28000", format!("unsupported SASL mechanism {mechanism}")));
-            }
+            let endpoint = match (mechanism, endpoint) {
+                ("SCRAM-SHA-256", e) => e,
+                ("SCRAM-SHA-256-PLUS", Some(e)) => Some(e),
+                _ => return Err(refused("28000", format!("unsupported SASL mechanism {mechanism}"))),
+            };
             let (len, data) = proto::read_i32(rest).ok_or_else(|| refused("08P01", "malformed SASLInitialResponse"))?;
             let data =
                 data.get(..len.max(0) as usize).ok_or_else(|| refused("08P01", "malformed SASLInitialResponse"))?;
@@ -179,7 +187,8 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
                 super::scram::ScramError::Malformed(why) => refused("08P01", format!("SCRAM exchange: {why}")),
                 super::scram::ScramError::BadProof => failed(),
             };
-            let (server_first, exchange) = super::scram::server_first(&verifier, data).map_err(scram_error)?;
+            let (server_first, exchange) =
+                super::scram::server_first(&verifier, data, endpoint).map_err(scram_error)?;
             send_auth(&mut io.wbuf, Authentication::SASLContinue(Bytes::from(server_first)));
             io.flush().await?;
             let last = read_password(io).await?;
@@ -199,8 +208,13 @@ async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Framed<S>) ->
     }
 }
 
-/// The TLS acceptor for `router-tls-cert` and `router-tls-key` (PEM files).
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+/// The TLS acceptor for `router-tls-cert` and `router-tls-key` (PEM files), and the SHA-256 hash of the
+/// certificate (SCRAM channel binding's `tls-server-end-point`, RFC 5929: SHA-256 for certificates signed with
+/// SHA-256 or a weaker hash, as nearly all are).
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<(tokio_rustls::TlsAcceptor, [u8; 32])> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(cert)
@@ -208,13 +222,19 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Re
         .map_err(|e| anyhow::anyhow!("router-tls-cert {}: {e}", cert.display()))?;
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("router-tls-key {}: {e}", key.display()))?;
+    let endpoint: [u8; 32] = {
+        use sha2::Digest;
+        let first =
+            certs.first().ok_or_else(|| anyhow::anyhow!("router-tls-cert {}: no certificate", cert.display()))?;
+        sha2::Sha256::digest(first.as_ref()).into()
+    };
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| anyhow::anyhow!("router-tls-cert/router-tls-key: {e}"))?;
-    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+    Ok((tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)), endpoint))
 }
 
 /// BackendKeyData: the pid and secret a client will quote in a CancelRequest.
