@@ -44,6 +44,7 @@ const KEYS: &[&str] = &[
     "router-listen",
     "router-auth",
     "router-user-<name>",
+    "router-user-<name>-tenants",
     "router-tls-cert",
     "router-tls-key",
     "router-http",
@@ -221,6 +222,8 @@ pub struct RouterSettings {
     /// PgBouncer has.
     pub threads: u32,
     pub limits: ClientLimits,
+    /// `router-user-<name>-tenants`: the only tenants (tenant strategy) a user may reach.
+    pub user_tenants: BTreeMap<String, Vec<String>>,
 }
 
 /// What one client, and all of them, may take of the router (see the README, "Limits").
@@ -438,6 +441,7 @@ impl<'f> Builder<'f> {
                 admin_users: Vec::new(),
                 threads: 0,
                 limits: ClientLimits::default(),
+                user_tenants: BTreeMap::new(),
             },
             pool: PoolSettings { mode: PoolMode::Transaction, size: 20, timeout_ms: 5000, idle_timeout_s: 600 },
             health: HealthSettings {
@@ -702,6 +706,14 @@ impl<'f> Builder<'f> {
             if user.is_empty() {
                 return Err(self.err(row, "expected router-user-<name>"));
             }
+            if let Some(u) = user.strip_suffix("-tenants").filter(|u| !u.is_empty()) {
+                let tenants = list(v);
+                if tenants.is_empty() {
+                    return Err(self.err(row, "expected the tenants the user may reach, comma-separated"));
+                }
+                c.router.user_tenants.insert(u.to_string(), tenants);
+                return Ok(());
+            }
             c.router.users.insert(user.to_string(), v.to_string());
             return Ok(());
         }
@@ -856,6 +868,12 @@ impl<'f> Builder<'f> {
                 }
             };
             addr.password = Some(password);
+        }
+        if let (Some(user), false) = (c.router.user_tenants.keys().next(), c.strategy == Strategy::Tenant) {
+            return Err(ConfigError::File {
+                file: self.file.into(),
+                message: format!("router-user-{user}-tenants limits a user to tenants: it needs shard-strategy,tenant"),
+            });
         }
         if c.router.tls_cert.is_some() != c.router.tls_key.is_some() {
             return Err(ConfigError::File {

@@ -232,3 +232,12 @@ fn node_passwords_from_a_file_or_the_environment() {
     assert!(e.contains("cannot read"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn users_limited_to_tenants() {
+    let c = parse("shard-strategy,tenant\nrouter-user-mallory,pw\nrouter-user-mallory-tenants,acme, beta\n").unwrap();
+    assert_eq!(c.router.user_tenants["mallory"], ["acme", "beta"]);
+    assert_eq!(c.router.users["mallory"], "pw");
+    let e = err("shard-strategy,hash\nshard-count,1\nrouter-user-mallory-tenants,acme\n");
+    assert!(e.contains("needs shard-strategy,tenant"), "{e}");
+}

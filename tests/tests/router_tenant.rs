@@ -56,3 +56,47 @@ async fn tenants_get_their_own_database_created_once() -> anyhow::Result<()> {
     assert_eq!(t, "1234ms");
     Ok(())
 }
+
+/// `router-user-<name>-tenants`: an attacker limited to tenant `acme` tries every way to another tenant's
+/// database — connecting to it, to a database of no tenant, `SET gb.tenant`, a tenant hint, a search_path —
+/// and gets 42501 each time (or stays in its own database); another user is not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_limited_to_its_tenants_reaches_no_other() -> anyhow::Result<()> {
+    use integration::wire::{error_codes, RawClient, Reply};
+    let c = Cluster::start(
+        2,
+        "shard-strategy,tenant\nshard-tenant-db-prefix,gb_tenant_\nshard-auto-create,true\nrouter-auth,trust\n\
+         router-user-mallory-tenants,acme\n",
+        |i, s| format!("shard-node-n{i},{}\n", s.url("postgres")),
+    )?;
+    // Another user makes both tenants' databases.
+    for t in ["acme", "beta"] {
+        let mut cl = RawClient::connect(c.port, "postgres", &format!("gb_tenant_{t}"), &[])?;
+        let r = cl.query("SELECT current_database()")?;
+        assert!(r.contains(&Reply::Row(vec![Some(format!("gb_tenant_{t}"))])), "{r:?}");
+    }
+    for db in ["gb_tenant_beta", "postgres"] {
+        let e = RawClient::connect(c.port, "mallory", db, &[]).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(e.contains("42501") && e.contains("router-user-mallory-tenants"), "{db}: {e}");
+    }
+    let mut m = RawClient::connect(c.port, "mallory", "gb_tenant_acme", &[])?;
+    let own = Reply::Row(vec![Some("gb_tenant_acme".to_string())]);
+    let r = m.query("SELECT current_database()")?;
+    assert!(r.contains(&own), "{r:?}");
+    for attempt in ["/* tenant: beta */ SELECT current_database()", "/* shard_key: beta */ SELECT current_database()"] {
+        let r = m.query(attempt)?;
+        assert!(error_codes(&r) == ["42501"] || r.contains(&own), "{attempt}: {r:?}");
+    }
+    let r = m.query("SET gb.tenant = 'beta'")?;
+    assert!(error_codes(&r).is_empty() || error_codes(&r) == ["42501"], "{r:?}");
+    let r = m.query("SELECT current_database()")?;
+    assert_eq!(error_codes(&r), ["42501"], "{r:?}");
+    assert!(!format!("{r:?}").contains("gb_tenant_beta\")]"), "{r:?}");
+    let r = m.query("RESET gb.tenant")?;
+    assert!(error_codes(&r).is_empty(), "{r:?}");
+    let r = m.query("SET search_path TO beta, public")?;
+    assert!(error_codes(&r).is_empty(), "{r:?}");
+    let r = m.query("SELECT current_database()")?;
+    assert!(r.contains(&own), "{r:?}");
+    Ok(())
+}

@@ -124,6 +124,28 @@ impl Checkout {
         Ok(self.get_with(shard, database, carry, true).await?.expect("a checkout that waits gets one or fails"))
     }
 
+    /// `router-user-<name>-tenants`: a user limited to tenants reaches their databases only — whatever led to
+    /// the database (the one it connected to, `SET gb.tenant`, a hint, a key value): every server connection
+    /// is checked out here.
+    fn may_reach(&self, shard: ShardId, database: Option<&str>) -> Result<(), Reported> {
+        let config = self.backends.config.load();
+        let Some(tenants) = config.router.user_tenants.get(&self.user) else { return Ok(()) };
+        let node_db = self.backends.map.node(shard).addr.as_ref().and_then(|a| a.dbname.clone());
+        let db = database.map(str::to_string).or(node_db).unwrap_or_else(|| self.database.clone());
+        match self.backends.map.tenant_of_database(&db) {
+            Some(t) if tenants.iter().any(|x| x == t) => Ok(()),
+            _ => Err(Reported::new(
+                "42501",
+                format!(
+                    "permission denied: user \"{}\" may reach only the databases of its tenants ({}: router-user-{}-tenants), not {db}",
+                    self.user,
+                    tenants.join(", "),
+                    self.user
+                ),
+            )),
+        }
+    }
+
     /// [`Checkout::get`]; `wait: false`: `None` at once when the shard's pool has no connection free.
     pub async fn get_with(
         &mut self,
@@ -132,6 +154,7 @@ impl Checkout {
         carry: &(dyn Carry + Sync),
         wait: bool,
     ) -> Result<Option<Pooled>, Reported> {
+        self.may_reach(shard, database)?;
         let (generation, pool) = match self.cached(shard, database) {
             Some(cached) => cached,
             None => Box::pin(self.pool(shard, database)).await?,
@@ -176,6 +199,7 @@ impl Checkout {
         database: Option<&str>,
         carry: &(dyn Carry + Sync),
     ) -> Option<Pooled> {
+        self.may_reach(shard, database).ok()?;
         let b = self.backends.clone();
         let max_lag = b.config.load().max_replica_lag_bytes;
         let at = b.topology.replica(shard, max_lag)?;
