@@ -5,18 +5,25 @@ use std::process::Command;
 
 use integration::Cluster;
 
-#[test]
-fn psql_over_tls() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+/// A self-signed certificate for localhost and its key, in `dir`.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let ok = Command::new("openssl")
         .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
         .arg(&cert)
-        .output()?;
+        .output()
+        .expect("openssl");
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    (cert, key)
+}
+
+#[test]
+fn psql_over_tls() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = self_signed(dir.path());
     let extra = format!("router-tls-cert,{}\nrouter-tls-key,{}\n", cert.display(), key.display());
     let c = Cluster::hash(2, &extra)?;
     let run = |sslmode: &str| {
@@ -172,15 +179,7 @@ async fn tls_to_the_shards() -> anyhow::Result<()> {
 #[test]
 fn scram_channel_binding_over_tls() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()?;
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let (cert, key) = self_signed(dir.path());
     let extra = format!(
         "router-tls-cert,{}\nrouter-tls-key,{}\nrouter-auth,scram-sha-256\nrouter-user-bob,bob-pw\n",
         cert.display(),
