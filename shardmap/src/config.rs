@@ -73,6 +73,7 @@ const KEYS: &[&str] = &[
     "circuit-breaker-timeout",
     "circuit-breaker-half-open-requests",
     "patroni-interval-ms",
+    "patroni-ca-file",
     "failover-buffer-window-ms",
     "failover-buffer-size",
     "failover-buffer-max-ms",
@@ -295,6 +296,8 @@ pub struct FailoverSettings {
     pub buffer_size: u32,
     /// `failover-buffer-max-ms`: after a node has had no primary this long, statements fail at once.
     pub buffer_max_ms: u64,
+    /// `patroni-ca-file`: the CA (PEM) that signed the Patroni REST APIs' certificates, for https:// URLs.
+    pub patroni_ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -460,6 +463,7 @@ impl<'f> Builder<'f> {
             rebalance: RebalanceSettings { cutover_lag_bytes: 1 << 20, max_freeze_ms: 5000, grace_s: 0 },
             failover: FailoverSettings {
                 patroni_interval_ms: 1000,
+                patroni_ca_file: None,
                 buffer_window_ms: 10_000,
                 buffer_size: 1000,
                 buffer_max_ms: 20_000,
@@ -602,6 +606,7 @@ impl<'f> Builder<'f> {
             "pool-timeout-ms" => c.pool.timeout_ms = number(self, 1)?,
             "pool-idle-timeout" => c.pool.idle_timeout_s = number(self, 0)?,
             "patroni-interval-ms" => c.failover.patroni_interval_ms = number(self, 10)?,
+            "patroni-ca-file" => c.failover.patroni_ca_file = Some(PathBuf::from(text(self)?)),
             "failover-buffer-window-ms" => c.failover.buffer_window_ms = number(self, 0)?,
             "failover-buffer-size" => c.failover.buffer_size = number(self, 0)?.min(u32::MAX.into()) as u32,
             "failover-buffer-max-ms" => c.failover.buffer_max_ms = number(self, 0)?,
@@ -840,6 +845,15 @@ impl<'f> Builder<'f> {
         }
         if matches!(c.strategy, Strategy::Range | Strategy::Geo) && self.lines.contains_key("shard-count") {
             return Err(self.err_at("shard-count", "shard-count belongs to the hash strategy"));
+        }
+        let https = c.node_patroni.iter().find(|(_, urls)| urls.iter().any(|u| u.starts_with("https://")));
+        if let (Some((node, _)), None) = (https, &c.failover.patroni_ca_file) {
+            return Err(ConfigError::File {
+                file: self.file.into(),
+                message: format!(
+                    "shard-node-{node}-patroni has https:// URLs: set patroni-ca-file to the CA that signed their certificates"
+                ),
+            });
         }
         for node in c.node_patroni.keys() {
             if !names.contains(&node.as_str()) {

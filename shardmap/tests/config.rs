@@ -241,3 +241,13 @@ fn users_limited_to_tenants() {
     let e = err("shard-strategy,hash\nshard-count,1\nrouter-user-mallory-tenants,acme\n");
     assert!(e.contains("needs shard-strategy,tenant"), "{e}");
 }
+
+#[test]
+fn patroni_over_https_needs_its_ca() {
+    let base =
+        "shard-strategy,hash\nshard-count,1\nshard-node-0,postgres://h/db\nshard-node-0-patroni,https://h:8008\n";
+    let e = err(base);
+    assert!(e.contains("patroni-ca-file"), "{e}");
+    let c = parse(&format!("{base}patroni-ca-file,/etc/patroni/ca.pem\n")).unwrap();
+    assert_eq!(c.failover.patroni_ca_file.as_deref(), Some(std::path::Path::new("/etc/patroni/ca.pem")));
+}

@@ -26,6 +26,8 @@ pub struct PatroniCluster {
     pub etcd_port: u16,
     pub members: Vec<Member>,
     as_postgres: bool,
+    /// The REST API's certificate and key, when it serves HTTPS.
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 fn is_root() -> bool {
@@ -46,6 +48,16 @@ fn command(as_postgres: bool, program: &str) -> Command {
 impl PatroniCluster {
     /// Starts etcd and `n` Patroni members, and waits until there is a leader and `n - 1` streaming replicas.
     pub fn start(n: usize) -> Result<PatroniCluster> {
+        Self::start_with(n, None)
+    }
+
+    /// Like [`PatroniCluster::start`], the REST API serving HTTPS with this certificate and key (PEM files
+    /// readable by the user Patroni runs as).
+    pub fn start_tls(n: usize, cert: &std::path::Path, key: &std::path::Path) -> Result<PatroniCluster> {
+        Self::start_with(n, Some((cert.to_path_buf(), key.to_path_buf())))
+    }
+
+    fn start_with(n: usize, tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> Result<PatroniCluster> {
         for tool in ["patroni", "patronictl", "etcd"] {
             if Command::new(tool).arg("--version").output().is_err() {
                 bail!("{tool} is not installed (apt-get install patroni etcd-server; scripts/test.sh does it)");
@@ -74,7 +86,7 @@ impl PatroniCluster {
             .stderr(etcd_log)
             .spawn()
             .context("etcd")?;
-        let mut cluster = PatroniCluster { dir, etcd, etcd_port, members: Vec::new(), as_postgres };
+        let mut cluster = PatroniCluster { dir, etcd, etcd_port, members: Vec::new(), as_postgres, tls };
         wait_for(Duration::from_secs(30), "etcd to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", etcd_port)).is_ok()
         })?;
@@ -106,7 +118,7 @@ log:
 restapi:
   listen: 127.0.0.1:{api_port}
   connect_address: 127.0.0.1:{api_port}
-etcd3:
+{restapi_tls}etcd3:
   hosts: 127.0.0.1:{etcd}
 bootstrap:
   dcs:
@@ -154,6 +166,11 @@ postgresql:
 "#,
             home = home.display(),
             etcd = self.etcd_port,
+            restapi_tls = match &self.tls {
+                Some((cert, key)) =>
+                    format!("  certfile: {}\n  keyfile: {}\nctl:\n  insecure: true\n", cert.display(), key.display()),
+                None => String::new(),
+            },
             bin = bin.display(),
         );
         let config = home.join("patroni.yml");
@@ -179,16 +196,25 @@ postgresql:
         Ok(())
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// The members' REST API URLs, for `shard-node-<name>-patroni`.
     pub fn api_urls(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.api_port)).collect()
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        self.members.iter().map(|m| format!("{scheme}://127.0.0.1:{}", m.api_port)).collect()
     }
 
     /// `GET /cluster` from the first member that answers.
     pub fn cluster_json(&self) -> Option<serde_json::Value> {
         self.members.iter().find_map(|m| {
             let out = Command::new("curl")
-                .args(["-s", "--max-time", "2", &format!("http://127.0.0.1:{}/cluster", m.api_port)])
+                .args(["-s", "-k", "--max-time", "2", &format!("{}://127.0.0.1:{}/cluster", self.scheme(), m.api_port)])
                 .output()
                 .ok()?;
             serde_json::from_slice(&out.stdout).ok()

@@ -355,3 +355,88 @@ async fn split_brain_holds_writes() -> Result<()> {
     assert_eq!(n, 2);
     Ok(())
 }
+
+/// Patroni's REST API over HTTPS (`patroni-ca-file`): the node URL names the replica, so only Patroni can
+/// tell the router where to write; with the CA that signed the API's certificate it does, and with another
+/// CA the router trusts no answer (no primary: the statement fails after the failover buffer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_patroni_over_https() -> Result<()> {
+    use std::process::Command;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().to_path_buf();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").current_dir(&d).args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    for ca in ["ca", "other"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+        ]);
+    }
+    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=patroni", "-keyout", "api.key", "-out", "api.csr"]);
+    std::fs::write(d.join("api.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "api.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "api.crt",
+        "-extfile",
+        "api.ext",
+    ]);
+    if Command::new("id").arg("-u").output()?.stdout == b"0\n" {
+        Command::new("chmod").arg("755").arg(&d).status()?;
+        Command::new("chown").arg("postgres:").arg(d.join("api.key")).arg(d.join("api.crt")).status()?;
+    }
+    Command::new("chmod").arg("600").arg(d.join("api.key")).status()?;
+    let (cert, key) = (d.join("api.crt"), d.join("api.key"));
+    let patroni =
+        tokio::task::spawn_blocking(move || integration::patroni::PatroniCluster::start_tls(2, &cert, &key)).await??;
+    let leader = patroni.wait_leader(Duration::from_secs(30))?;
+    let replica = patroni.members.iter().find(|m| m.name != leader).expect("two members");
+    assert!(patroni.api_urls()[0].starts_with("https://"));
+    let head = |ca: &str| {
+        format!(
+            "shard-strategy,hash\nshard-count,1\nshard-key,user_id\nrouter-auth,trust\npatroni-interval-ms,200\n\
+             failover-buffer-window-ms,2000\npatroni-ca-file,{}\n\
+             shard-node-0,postgres://postgres@127.0.0.1:{}/postgres\nshard-node-0-patroni,{}\n",
+            d.join(ca).display(),
+            replica.pg_port,
+            patroni.api_urls().join(",")
+        )
+    };
+    let cluster = Cluster::with_servers(Vec::new(), &head("ca.crt"), |_, _| String::new())?;
+    let db = cluster.client().await?;
+    db.batch_execute("CREATE TABLE t (user_id bigint PRIMARY KEY)").await?;
+    db.execute("INSERT INTO t VALUES (1)", &[]).await?;
+    drop(cluster);
+    let wrong = Cluster::with_servers(Vec::new(), &head("other.crt"), |_, _| String::new())?;
+    let started = std::time::Instant::now();
+    let r = match wrong.client().await {
+        Ok(db) => db.execute("INSERT INTO t VALUES (2)", &[]).await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(r.is_err(), "a router that cannot verify Patroni's certificate wrote");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    Ok(())
+}

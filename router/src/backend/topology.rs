@@ -119,6 +119,28 @@ impl Topology {
         Duration::from_millis(self.settings.load().buffer_window_ms)
     }
 
+    /// The HTTP client for Patroni's REST API: rustls with the ring provider, trusting `patroni-ca-file` (and
+    /// checking the name) for https:// URLs.
+    fn patroni_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(path) = ca {
+            use rustls_pki_types::pem::PemObject;
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("patroni-ca-file {}: {e}", path.display()))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| format!("patroni-ca-file {}: {e}", path.display()))?;
+                roots.add(cert).map_err(|e| format!("patroni-ca-file {}: {e}", path.display()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        reqwest::Client::builder().use_preconfigured_tls(tls).build().map_err(|e| e.to_string())
+    }
+
     /// Starts a prober per following node; they stop when `topology` is dropped by everyone else.
     pub fn start(topology: &Arc<Topology>, map: &ShardMap, pools: Arc<crate::backend::pool::Pools>) {
         for (i, node) in topology.nodes.iter().enumerate() {
@@ -129,9 +151,16 @@ impl Topology {
             let weak = Arc::downgrade(topology);
             let pools = pools.clone();
             let patroni = node.patroni.clone();
+            let ca = topology.settings.load().patroni_ca_file.clone();
             tokio::spawn(async move {
                 let shard = ShardId(i as u16);
-                let http = reqwest::Client::new();
+                let http = match Self::patroni_client(ca.as_deref()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(shard = i, "Patroni's REST API cannot be reached: {e}");
+                        return;
+                    }
+                };
                 loop {
                     let Some(t) = weak.upgrade() else { return };
                     let timeout = t.window().min(Duration::from_secs(2));
