@@ -770,7 +770,8 @@ impl Rebalancer {
     /// The Patroni cluster of a node (`shard-node-<name>-patroni`), if it has one.
     fn patroni(&self, node: &str) -> Option<Patroni> {
         let urls = self.config.node_patroni.get(node).filter(|u| !u.is_empty())?;
-        Some(Patroni { urls: urls.clone(), loop_wait: Duration::from_secs(10) })
+        let ca = self.config.failover.patroni_ca_file.clone();
+        Some(Patroni { urls: urls.clone(), ca, loop_wait: Duration::from_secs(10) })
     }
 
     /// Waits for the subscription's initial copy of every table, showing rows copied against the source's.
@@ -1345,13 +1346,15 @@ async fn replication_errors(dst: &Client, m: &Move) -> Result<()> {
 /// Patroni keeps it (and copies it to its replicas) instead of dropping it as unknown.
 struct Patroni {
     urls: Vec<String>,
+    /// `patroni-ca-file`, for https:// URLs.
+    ca: Option<std::path::PathBuf>,
     /// Patroni's `loop_wait` (read from `GET /config`): how long a change of its config takes to apply.
     loop_wait: Duration,
 }
 
 impl Patroni {
     async fn patch(&mut self, body: serde_json::Value) -> Result<()> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+        let http = crate::http_client(self.ca.as_deref(), Duration::from_secs(5))?;
         let mut last = String::new();
         for url in &self.urls {
             let url = url.trim_end_matches('/');

@@ -85,14 +85,7 @@ pub async fn router_figures(
     urls: &[String],
     sample: std::time::Duration,
 ) -> Result<std::collections::BTreeMap<String, (f64, Option<f64>)>> {
-    // (The routers' /metrics are plain HTTP; reqwest is built with rustls and no default crypto provider, so
-    // its TLS configuration is given: ring, no roots.)
-    let tls =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-    let http = reqwest::Client::builder().use_preconfigured_tls(tls).build()?;
+    let http = crate::http_client(None, std::time::Duration::from_secs(30))?;
     let scrape_all = || async {
         let mut all = Vec::new();
         for url in urls {
