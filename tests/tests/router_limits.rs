@@ -39,16 +39,16 @@ async fn served(c: &Cluster) -> anyhow::Result<()> {
 async fn slow_startups_oversized_messages_and_buffers_are_cut_off() -> anyhow::Result<()> {
     let c = Cluster::hash(
         2,
-        "router-startup-timeout-ms,800\nrouter-max-message-bytes,65536\nrouter-max-client-buffer-bytes,200000\n",
+        "router-startup-timeout-ms,3000\nrouter-max-message-bytes,65536\nrouter-max-client-buffer-bytes,200000\n",
     )?;
     // A client that connects and sends nothing, and one that sends half a startup packet.
     let mut silent = TcpStream::connect(("127.0.0.1", c.port))?;
     let mut half = TcpStream::connect(("127.0.0.1", c.port))?;
     half.write_all(&[0, 0, 0, 40, 0, 3])?;
     let started = Instant::now();
-    // Meanwhile another client is served.
+    // Meanwhile another client is served (long before the silent ones are cut off).
     served(&c).await?;
-    assert!(started.elapsed() < Duration::from_millis(800), "the well-behaved client waited");
+    assert!(started.elapsed() < Duration::from_millis(3000), "the well-behaved client waited");
     for s in [&mut silent, &mut half] {
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut got = Vec::new();
@@ -56,7 +56,7 @@ async fn slow_startups_oversized_messages_and_buffers_are_cut_off() -> anyhow::R
         let text = String::from_utf8_lossy(&got);
         assert!(text.contains("57014") && text.contains("router-startup-timeout-ms"), "{text}");
     }
-    assert!(started.elapsed() >= Duration::from_millis(700), "closed before the timeout");
+    assert!(started.elapsed() >= Duration::from_millis(2900), "closed before the timeout");
 
     // A message over router-max-message-bytes: FATAL 08P01 naming the key; others go on.
     let mut big = RawClient::connect(c.port, "postgres", "postgres", &[])?;
