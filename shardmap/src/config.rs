@@ -227,7 +227,7 @@ pub struct RouterSettings {
     pub user_tenants: BTreeMap<String, Vec<String>>,
 }
 
-/// What one client, and all of them, may take of the router (see the README, "Limits").
+/// What one client, and all of them, may take of the router (see the README, "Router and pool").
 #[derive(Clone, Debug, Serialize)]
 pub struct ClientLimits {
     /// `router-max-clients`: client connections at once; one more is refused (53300).
