@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use anyhow::{Context, Result};
 pub use localpg::{free_port, pg_bin, PgServer};
 
+pub mod certs;
 pub mod patroni;
 pub mod wire;
 

@@ -361,54 +361,13 @@ async fn split_brain_holds_writes() -> Result<()> {
 /// CA the router trusts no answer (no primary: the statement fails after the failover buffer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_patroni_over_https() -> Result<()> {
-    use std::process::Command;
     let dir = tempfile::tempdir()?;
     let d = dir.path().to_path_buf();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl").current_dir(&d).args(args).output().expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    for ca in ["ca", "other"] {
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.crt"),
-        ]);
-    }
-    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=patroni", "-keyout", "api.key", "-out", "api.csr"]);
-    std::fs::write(d.join("api.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "api.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        "api.crt",
-        "-extfile",
-        "api.ext",
-    ]);
-    if Command::new("id").arg("-u").output()?.stdout == b"0\n" {
-        Command::new("chmod").arg("755").arg(&d).status()?;
-        Command::new("chown").arg("postgres:").arg(d.join("api.key")).arg(d.join("api.crt")).status()?;
-    }
-    Command::new("chmod").arg("600").arg(d.join("api.key")).status()?;
+    use integration::certs;
+    certs::ca(&d, "ca");
+    certs::ca(&d, "other");
+    certs::signed(&d, "ca", "api", "IP:127.0.0.1,DNS:localhost");
+    certs::for_server(&d, "api");
     let (cert, key) = (d.join("api.crt"), d.join("api.key"));
     let patroni =
         tokio::task::spawn_blocking(move || integration::patroni::PatroniCluster::start_tls(2, &cert, &key)).await??;

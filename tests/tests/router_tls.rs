@@ -5,25 +5,10 @@ use std::process::Command;
 
 use integration::Cluster;
 
-/// A self-signed certificate for localhost and its key, in `dir`.
-fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    (cert, key)
-}
-
 #[test]
 fn psql_over_tls() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (cert, key) = self_signed(dir.path());
+    let (cert, key) = integration::certs::self_signed(dir.path());
     let extra = format!("router-tls-cert,{}\nrouter-tls-key,{}\n", cert.display(), key.display());
     let c = Cluster::hash(2, &extra)?;
     let run = |sslmode: &str| {
@@ -41,70 +26,6 @@ fn psql_over_tls() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs openssl with `args` in `dir`.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A CA and a server certificate it signed for `sans` (as `subjectAltName`), in `dir`.
-fn certificates(dir: &std::path::Path, ca: &str, server: &str, sans: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.crt"),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=db",
-            "-keyout",
-            &format!("{server}.key"),
-            "-out",
-            &format!("{server}.csr"),
-        ],
-    );
-    std::fs::write(dir.join(format!("{server}.ext")), format!("subjectAltName={sans}\n")).unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{server}.csr"),
-            "-CA",
-            &format!("{ca}.crt"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &format!("{server}.crt"),
-            "-extfile",
-            &format!("{server}.ext"),
-        ],
-    );
-}
-
 /// TLS to the shards: a node URL's `sslmode` and `sslrootcert`, against PostgreSQL servers with `ssl = on`
 /// and certificates the test makes: `require` and `verify-full` connect over TLS (the server's
 /// `pg_stat_ssl` says so), `verify-ca` accepts a certificate for another name and `verify-full` refuses it,
@@ -113,20 +34,14 @@ fn certificates(dir: &std::path::Path, ca: &str, server: &str, sans: &str) {
 async fn tls_to_the_shards() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    certificates(d, "ca", "good", "IP:127.0.0.1,DNS:localhost");
-    certificates(d, "other", "misnamed", "DNS:db.example.org");
-    // The server runs as the postgres user when the tests run as root: its key must be its own, 0600.
-    let root = Command::new("id").arg("-u").output()?.stdout == b"0\n";
-    for f in ["good", "misnamed"] {
-        let key = d.join(format!("{f}.key"));
-        Command::new("chmod").arg("600").arg(&key).status()?;
-        if root {
-            Command::new("chown").arg("postgres:").arg(&key).arg(d.join(format!("{f}.crt"))).status()?;
-        }
-    }
-    if root {
-        Command::new("chmod").arg("755").arg(d).status()?;
-    }
+    use integration::certs;
+    certs::ca(d, "ca");
+    certs::signed(d, "ca", "good", "IP:127.0.0.1,DNS:localhost");
+    certs::ca(d, "other");
+    certs::signed(d, "other", "misnamed", "DNS:db.example.org");
+    // (The server runs as the postgres user when the tests run as root: its key must be its own, 0600.)
+    certs::for_server(d, "good");
+    certs::for_server(d, "misnamed");
     let server = |name: &str| {
         let cert = format!("ssl_cert_file={}", d.join(format!("{name}.crt")).display());
         let key = format!("ssl_key_file={}", d.join(format!("{name}.key")).display());
@@ -179,7 +94,7 @@ async fn tls_to_the_shards() -> anyhow::Result<()> {
 #[test]
 fn scram_channel_binding_over_tls() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (cert, key) = self_signed(dir.path());
+    let (cert, key) = integration::certs::self_signed(dir.path());
     let extra = format!(
         "router-tls-cert,{}\nrouter-tls-key,{}\nrouter-auth,scram-sha-256\nrouter-user-bob,bob-pw\n",
         cert.display(),
