@@ -42,3 +42,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
+echo "== cargo fuzz (a short run of every target; README, \"Fuzzing\")"
+bash scripts/fuzz.sh 10

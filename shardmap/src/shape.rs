@@ -75,7 +75,8 @@ const VALUE_KEYWORDS: &[&str] = &[
 /// Whether the shape so far ends with a word that makes the next string a typed literal.
 fn typed_literal_before(out: &str) -> bool {
     let t = out.trim_end();
-    let word_start = t.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |p| p + 1);
+    // Counted in ASCII bytes, so the word starts on a character boundary whatever comes before it.
+    let word_start = t.len() - t.bytes().rev().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_').count();
     let word = &t[word_start..];
     if word.is_empty() || word.starts_with(|c: char| c.is_ascii_digit()) || t[..word_start].ends_with('"') {
         return false;
@@ -140,6 +141,9 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                     continue;
                 }
                 let j = closing_quote(b, i)?;
+                if b.get(j + 1).is_some_and(|x| is_ident(*x) || *x == b'$') {
+                    return None; // 'a'b: the placeholder would run into the word after it ($100001b)
+                }
                 let text = sql[i + 1..j].replace("''", "'");
                 push_lit(&mut out, &mut lits, false, text);
                 last = b'\'';
@@ -168,9 +172,19 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                 let starts_number = b.get(digits_at).is_some_and(u8::is_ascii_digit)
                     || (b.get(digits_at) == Some(&b'.') && b.get(digits_at + 1).is_some_and(u8::is_ascii_digit));
                 let sign_ok = !negative || matches!(last, b'=' | b'(' | b',' | b'<' | b'>');
+                if starts_number && i > 0 && b[i - 1] == b'.' {
+                    return None; // a.5: not a number the way PostgreSQL reads it either
+                }
                 if starts_number && sign_ok {
                     let mut j = digits_at;
-                    while b.get(j).is_some_and(|x| x.is_ascii_digit() || *x == b'.') {
+                    let mut dot = false;
+                    while let Some(&x) = b.get(j) {
+                        match x {
+                            b'0'..=b'9' => {}
+                            b'.' if !dot => dot = true,
+                            b'.' => return None, // 1.2.3, 0..e3: not one number
+                            _ => break,
+                        }
                         j += 1;
                     }
                     if matches!(b.get(j), Some(b'e' | b'E')) {

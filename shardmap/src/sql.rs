@@ -262,8 +262,12 @@ pub fn analyze_keys(
                     let mut a = ctx.statement(s);
                     a.session_lock = takes_session_lock(s);
                     ctx.global_write(s, &mut a);
+                    // A literal that cannot be a key matters only where keys decide (as for a literal the
+                    // simple protocol takes out of the text, read only when the statement is placed).
                     if let Some(bad) = ctx.bad_literal.borrow_mut().take() {
-                        a.refusal.get_or_insert(bad);
+                        if matches!(a.tables, Tables::Sharded(_)) {
+                            a.refusal.get_or_insert(bad);
+                        }
                     }
                     a
                 })
@@ -1336,10 +1340,13 @@ impl Ctx<'_> {
             },
             Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match strip_cast(expr) {
                 Expr::Value(v) => match &v.value {
-                    Value::Number(n, _) => format!("-{n}")
-                        .parse::<i64>()
-                        .map(|i| Some(KeyExpr::Value(KeyValue::Int(i))))
-                        .map_err(|_| format!("-{n} is not an integer key")),
+                    Value::Number(n, _) => match self.key_type {
+                        KeyType::Auto | KeyType::Int => format!("-{n}")
+                            .parse::<i64>()
+                            .map(|i| Some(KeyExpr::Value(KeyValue::Int(i))))
+                            .map_err(|_| format!("-{n} is not an integer key")),
+                        _ => text(&format!("-{n}")),
+                    },
                     _ => Ok(None),
                 },
                 _ => Ok(None),

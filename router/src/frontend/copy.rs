@@ -28,9 +28,37 @@ pub struct Splitter {
     key_column: usize,
     /// Bytes of an incomplete row.
     partial: Vec<u8>,
+    /// How far into `partial` the text and CSV formats have looked for the row's end (past its length when
+    /// the last byte was an escaping backslash), and whether that point is inside a CSV quote: each byte is
+    /// scanned once however many pieces a long row arrives in.
+    scanned: usize,
+    quoted: bool,
+    /// The binary format: how far the fields of the tuple at the start of `partial` have been walked.
+    walk: Walk,
+    /// The longest row (or binary header) waited for: past it the COPY fails rather than buffer more.
+    max_row: usize,
     /// The header line (CSV HEADER) still to come.
     header: bool,
     ended: bool,
+}
+
+/// The fields of a binary tuple read so far: the offset of the next one, its number, the key field's bytes.
+struct Walk {
+    at: usize,
+    field: usize,
+    key: Option<std::ops::Range<usize>>,
+}
+
+impl Default for Walk {
+    fn default() -> Walk {
+        Walk { at: 2, field: 0, key: None }
+    }
+}
+
+impl From<Walk> for (usize, usize, Option<std::ops::Range<usize>>) {
+    fn from(w: Walk) -> Self {
+        (w.at, w.field, w.key)
+    }
 }
 
 /// One complete row from the stream.
@@ -51,12 +79,18 @@ pub enum Key<'a> {
 const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
 impl Splitter {
-    pub fn new(copy: &CopyIn, key_column: usize) -> Splitter {
+    /// A splitter for `copy`'s data, reading the key in column `key_column`; a row longer than `max_row`
+    /// bytes fails the COPY (the router keeps no more than that of one client's COPY in memory).
+    pub fn new(copy: &CopyIn, key_column: usize, max_row: usize) -> Splitter {
         Splitter {
             format: copy.format,
             delimiter: copy.delimiter,
             key_column,
             partial: Vec::new(),
+            scanned: 0,
+            quoted: false,
+            walk: Walk::default(),
+            max_row,
             header: (copy.header && copy.format == CopyFormat::Csv) || copy.format == CopyFormat::Binary,
             ended: false,
         }
@@ -66,20 +100,20 @@ impl Splitter {
     pub fn feed(&mut self, data: &[u8], mut row: impl FnMut(Row<'_>) -> Result<(), String>) -> Result<(), String> {
         self.partial.extend_from_slice(data);
         if self.format == CopyFormat::Binary {
-            return self.feed_binary(&mut row);
+            self.feed_binary(&mut row)?;
+            return self.bounded();
         }
-        let buf = std::mem::take(&mut self.partial);
+        let mut buf = std::mem::take(&mut self.partial);
         let mut start = 0;
-        let mut quoted = false;
-        let mut i = 0;
+        let mut i = self.scanned;
         while i < buf.len() {
             let b = buf[i];
             match self.format {
-                CopyFormat::Csv if b == b'"' => quoted = !quoted,
+                CopyFormat::Csv if b == b'"' => self.quoted = !self.quoted,
                 CopyFormat::Text if b == b'\\' => i += 1, // an escaped byte never ends a row
                 _ => {}
             }
-            if b == b'\n' && !quoted {
+            if b == b'\n' && !self.quoted {
                 let line = &buf[start..=i];
                 start = i + 1;
                 if !self.ended {
@@ -88,14 +122,29 @@ impl Splitter {
             }
             i += 1;
         }
-        self.partial = buf[start.min(buf.len())..].to_vec();
+        // What is left is the start of one row, within this piece when a row ended in it: removing what
+        // came before costs no more than the piece.
+        self.scanned = i - start;
+        buf.drain(..start);
+        self.partial = buf;
+        self.bounded()
+    }
+
+    /// Fails when the incomplete row waited for has grown past `max_row`.
+    fn bounded(&self) -> Result<(), String> {
+        if self.partial.len() > self.max_row {
+            return Err(format!(
+                "a COPY row is longer than {} bytes, the router's limit (router-max-message-bytes)",
+                self.max_row
+            ));
+        }
         Ok(())
     }
 
     /// The binary format: a header (signature, flags, extension), then tuples (a field count, each field's
     /// length and bytes; -1 for NULL), then a trailer (a field count of -1).
     fn feed_binary(&mut self, row: &mut impl FnMut(Row<'_>) -> Result<(), String>) -> Result<(), String> {
-        let buf = std::mem::take(&mut self.partial);
+        let mut buf = std::mem::take(&mut self.partial);
         let mut pos = 0;
         let be32 = |b: &[u8]| i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
         if self.header {
@@ -128,26 +177,30 @@ impl Splitter {
                 pos += 2;
                 break;
             }
-            // The tuple's length, and where its key field is, if it is all here.
-            let mut at = 2;
-            let mut key = None;
+            // The tuple's length, and where its key field is, if it is all here; the first tuple goes on from
+            // where the last piece left it.
+            let (mut at, first, mut key) = match pos {
+                0 => std::mem::take(&mut self.walk),
+                _ => Walk::default(),
+            }
+            .into();
             let mut whole = true;
-            for f in 0..fields.max(0) as usize {
+            for f in first..fields.max(0) as usize {
                 if rest.len() < at + 4 {
                     whole = false;
+                } else {
+                    let len = be32(&rest[at..at + 4]);
+                    if rest.len() < at + 4 + len.max(0) as usize {
+                        whole = false;
+                    } else if f == self.key_column && len >= 0 {
+                        key = Some(at + 4..at + 4 + len as usize);
+                    }
+                }
+                if !whole {
+                    self.walk = Walk { at, field: f, key: key.take() };
                     break;
                 }
-                let len = be32(&rest[at..at + 4]);
-                at += 4;
-                let len = len.max(0) as usize;
-                if rest.len() < at + len {
-                    whole = false;
-                    break;
-                }
-                if f == self.key_column && be32(&rest[at - 4..at]) >= 0 {
-                    key = Some(at..at + len);
-                }
-                at += len;
+                at += 4 + be32(&rest[at..at + 4]).max(0) as usize;
             }
             if !whole {
                 break;
@@ -159,7 +212,8 @@ impl Splitter {
             row(Row::Data { line, key: key.map(|r| Key::Binary(&rest[r])) })?;
             pos += at;
         }
-        self.partial = buf[pos..].to_vec();
+        buf.drain(..pos);
+        self.partial = buf;
         Ok(())
     }
 
@@ -508,7 +562,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let key_type = map.key_type;
         let mut bufs: Vec<BytesMut> = vec![BytesMut::new(); links.len()];
         let shards: Vec<ShardId> = links.iter().map(|&i| self.links.get(i).dest.shard).collect();
-        let mut splitter = Splitter::new(copy, key_column);
+        let mut splitter = Splitter::new(copy, key_column, self.io.limit.bytes);
         let mut failure: Option<String> = None;
         let route = |r: Row<'_>, bufs: &mut Vec<BytesMut>| -> Result<(), String> {
             match r {
@@ -823,7 +877,7 @@ mod tests {
             delimiter: b',',
             header: true,
         };
-        let mut s = Splitter::new(&copy, 0);
+        let mut s = Splitter::new(&copy, 0, 1 << 20);
         let mut keys = Vec::new();
         let mut headers = 0;
         let mut on = |r: Row<'_>| {
@@ -841,6 +895,51 @@ mod tests {
         s.finish(&mut on).unwrap();
         assert_eq!(headers, 1);
         assert_eq!(keys, vec![Some("1".into()), Some("2".into()), Some("3".into()), Some("4".into())]);
+    }
+
+    #[test]
+    fn long_rows_in_small_pieces_and_rows_past_the_limit() {
+        let copy = |format| CopyIn {
+            table: "t".into(),
+            key_column: Some(0),
+            columns_given: true,
+            format,
+            delimiter: b',',
+            header: false,
+        };
+        // A 1 MB CSV row with a quoted newline, in 16-byte pieces: each byte is looked at once (this took
+        // minutes when every piece rescanned the row from its start).
+        let mut data = b"7,\"".to_vec();
+        data.extend(std::iter::repeat_n(b'x', 1 << 20));
+        data.extend_from_slice(b"\n\"\n8,y\n");
+        let mut s = Splitter::new(&copy(CopyFormat::Csv), 0, 2 << 20);
+        let mut keys = Vec::new();
+        let mut on = |r: Row<'_>| {
+            if let Row::Data { key: Some(Key::Text(k)), line } = r {
+                keys.push((k, line.len()));
+            }
+            Ok(())
+        };
+        for piece in data.chunks(16) {
+            s.feed(piece, &mut on).unwrap();
+        }
+        s.finish(&mut on).unwrap();
+        assert_eq!(keys, vec![("7".to_string(), (1 << 20) + 6), ("8".to_string(), 4)]);
+        // Past the limit, the COPY fails naming it, in every format, before the row is complete.
+        for format in [CopyFormat::Text, CopyFormat::Csv, CopyFormat::Binary] {
+            let mut s = Splitter::new(&copy(format), 0, 1000);
+            if format == CopyFormat::Binary {
+                let mut start = BINARY_SIGNATURE.to_vec();
+                start.extend_from_slice(&[0; 8]);
+                start.extend_from_slice(&1i16.to_be_bytes());
+                start.extend_from_slice(&100_000i32.to_be_bytes());
+                s.feed(&start, |_| Ok(())).unwrap();
+            }
+            let piece = [b'1'; 600];
+            s.feed(&piece, |_| Ok(())).unwrap();
+            let e = s.feed(&piece, |_| Ok(())).unwrap_err();
+            assert!(e.contains("router-max-message-bytes"), "{format:?}: {e}");
+        }
     }
 
     #[test]
@@ -864,7 +963,7 @@ mod tests {
             data.extend_from_slice(&k.to_be_bytes());
         }
         data.extend_from_slice(&(-1i16).to_be_bytes());
-        let mut s = Splitter::new(&copy, 1);
+        let mut s = Splitter::new(&copy, 1, 1 << 20);
         let (mut keys, mut headers, mut bytes) = (Vec::new(), 0, 0);
         let mut on = |r: Row<'_>| {
             match r {
