@@ -23,44 +23,63 @@ pub enum RecordError {
     Unknown(anyhow::Error),
 }
 
+/// A node address's hosts, in the order tried.
+type Hosts = Vec<(String, u16)>;
+
 /// The decision log's connections.
 pub struct Decisions {
-    pub addr: NodeAddr,
-    pool: deadpool_postgres::Pool,
+    /// Where it is (moved to a new primary by the router's topology).
+    pub addr: crate::Place,
+    /// The pool for the hosts it was made for; made again when the address changes.
+    pool: std::sync::Mutex<Option<(Hosts, deadpool_postgres::Pool)>>,
     /// The table was made (once per process).
     made: OnceCell<()>,
 }
 
 impl Decisions {
     /// The log at `addr` (its database is created when missing, at first use). Connects lazily.
-    pub fn new(addr: NodeAddr) -> Decisions {
-        let mut cfg = crate::pg_config(&addr, None, "shard-router 2pc");
+    pub fn new(addr: crate::Place) -> Decisions {
+        Decisions { addr, pool: Default::default(), made: OnceCell::new() }
+    }
+
+    /// The pool for the address as it is now.
+    fn pool(&self, addr: &NodeAddr) -> deadpool_postgres::Pool {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((hosts, p)) = pool.as_ref() {
+            if *hosts == addr.hosts {
+                return p.clone();
+            }
+        }
+        let mut cfg = crate::pg_config(addr, None, "shard-router 2pc");
         cfg.connect_timeout(Duration::from_secs(3));
         let manager = deadpool_postgres::Manager::from_config(
             cfg,
             tokio_postgres::NoTls,
             deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
         );
-        let pool = deadpool_postgres::Pool::builder(manager)
+        let p = deadpool_postgres::Pool::builder(manager)
             .max_size(16)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(Duration::from_secs(5)))
             .create_timeout(Some(Duration::from_secs(5)))
             .build()
             .expect("a pool with a runtime and no hooks builds");
-        Decisions { addr, pool, made: OnceCell::new() }
+        // The old pool's connections close as their last users return them.
+        *pool = Some((addr.hosts.clone(), p.clone()));
+        p
     }
 
     /// A connection, the database and table made first when missing.
     async fn client(&self) -> Result<deadpool_postgres::Object> {
+        let addr = self.addr.get();
         self.made
             .get_or_try_init(|| async {
-                let client = crate::connect_creating(&self.addr, "shard-router 2pc").await?;
+                let client = crate::connect_creating(&addr, "shard-router 2pc").await?;
                 client.batch_execute(TWO_PHASE_SCHEMA).await.context("creating gb_2pc")?;
                 anyhow::Ok(())
             })
             .await?;
-        self.pool.get().await.with_context(|| format!("the 2PC decision log at {}", self.addr))
+        self.pool(&addr).get().await.with_context(|| format!("the 2PC decision log at {addr}"))
     }
 
     /// Records the decision to commit `txid` (prepared as `gids`) by `router`. `Ok(false)`: an abort was

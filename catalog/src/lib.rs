@@ -75,10 +75,43 @@ impl Gate {
     }
 }
 
+/// Where the catalog (or the decision log) is, shared by everything that connects to it. When it lives on a
+/// shard's node that fails over (Patroni, a multi-host URL), the router's topology moves it to the node's new
+/// primary ([`Place::set_primary`]); every new connection reads it afresh.
+#[derive(Clone, Debug)]
+pub struct Place(Arc<std::sync::RwLock<NodeAddr>>);
+
+impl Place {
+    pub fn new(addr: NodeAddr) -> Place {
+        Place(Arc::new(std::sync::RwLock::new(addr)))
+    }
+
+    /// The address now.
+    pub fn get(&self) -> NodeAddr {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The node's primary is now `host`: it is tried first, then the other hosts the address had (a
+    /// connection insists on a server that accepts writes, so a stale order costs a try, never a wrong write).
+    pub fn set_primary(&self, host: &(String, u16)) {
+        let mut a = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if a.hosts.first() != Some(host) {
+            a.hosts.retain(|h| h != host);
+            a.hosts.insert(0, host.clone());
+        }
+    }
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
 /// This router's view of the catalog.
 pub struct Catalog {
     /// Where it is; `None`: no catalog (the map is config.csv's for good).
-    pub addr: Option<NodeAddr>,
+    pub addr: Option<Place>,
     /// This router's id in `gb_routers`.
     pub id: String,
     /// The version applied last (0 before the first load); every change wakes the statements in `thaw`.
@@ -87,7 +120,7 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn new(addr: Option<NodeAddr>) -> Catalog {
+    pub fn new(addr: Option<Place>) -> Catalog {
         let id = format!(
             "{}-{}-{:08x}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "router".into()),
@@ -298,7 +331,7 @@ pub async fn follow(catalog: Weak<Catalog>, map: Arc<ShardMap>, follower: Follow
 async fn follow_once(catalog: &Weak<Catalog>, map: &Arc<ShardMap>, follower: &Follower) -> Result<()> {
     let (addr, id) = {
         let c = catalog.upgrade().context("stopping")?;
-        (c.addr.clone().expect("checked"), c.id.clone())
+        (c.addr.as_ref().expect("checked").get(), c.id.clone())
     };
     ensure(&addr, map, "shard-router catalog").await?;
     let (client, mut conn) =

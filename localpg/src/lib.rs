@@ -95,12 +95,23 @@ impl PgServer {
         Ok(server)
     }
 
+    /// Starts the server again after [`PgServer::stop`] on the port it had (as a restarted database
+    /// server comes back where its clients and the router's config expect it).
+    pub fn start_again(&mut self) -> Result<()> {
+        self.launch_at(Some(self.port), &[])
+    }
+
     /// Starts the server in its data directory on a free port.
     fn launch(&mut self, settings: &[&str]) -> Result<()> {
+        self.launch_at(None, settings)
+    }
+
+    /// Starts the server on `port`, or on a free port (another one if it was taken in between).
+    fn launch_at(&mut self, fixed: Option<u16>, settings: &[&str]) -> Result<()> {
         let data = self.data();
         let mut last = None;
         for _ in 0..5 {
-            let port = free_port();
+            let port = fixed.unwrap_or_else(free_port);
             let mut opts = format!(
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200 -c max_prepared_transactions=50",
                 self.dir.path().display()

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardmap::{Config, Planner, ShardMap};
+use shardmap::{Config, Planner, ShardId, ShardMap};
 
 use crate::backend::Backends;
 use crate::frontend::{ClientInfo, Registry, Routing};
@@ -40,6 +40,12 @@ impl Router {
         let catalog = shardmap::catalog::address(&config).map_err(|e| anyhow::anyhow!("shard-catalog: {e}"))?;
         let decisions =
             shardmap::catalog::decisions_address(&config).map_err(|e| anyhow::anyhow!("shard-catalog: {e}"))?;
+        let (catalog, decisions) = (catalog.map(shard_catalog::Place::new), decisions.map(shard_catalog::Place::new));
+        // On a shard's node (no shard-catalog URL), they follow that node's primary.
+        let home = shardmap::catalog::home_node(&config)
+            .and_then(|name| map.nodes.iter().position(|n| n.name == name))
+            .map(|i| ShardId(i as u16));
+        let homes: Vec<shard_catalog::Place> = catalog.iter().chain(&decisions).cloned().collect();
         let catalog = Arc::new(shard_catalog::Catalog::new(catalog));
         let two_phase = crate::backend::twophase::TwoPhase::new(
             decisions.filter(|_| config.two_phase_commit).map(shard_catalog::Decisions::new),
@@ -47,15 +53,15 @@ impl Router {
         );
         let session_mode = config.pool.mode == shardmap::config::PoolMode::Session;
         let config = Arc::new(arc_swap::ArcSwap::from_pointee(config));
+        let backends = Arc::new(Backends::new(config.clone(), map.clone(), two_phase));
+        if let Some(home) = home {
+            for place in homes {
+                backends.topology.carry(home, place);
+            }
+        }
         Ok(Router {
-            routing: Arc::new(Routing {
-                config: config.clone(),
-                map: map.clone(),
-                planner: Planner::new(map.clone()),
-                catalog,
-                session_mode,
-            }),
-            backends: Arc::new(Backends::new(config, map, two_phase)),
+            routing: Arc::new(Routing { config, map: map.clone(), planner: Planner::new(map), catalog, session_mode }),
+            backends,
             registry: Default::default(),
             tls,
         })

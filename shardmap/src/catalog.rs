@@ -89,8 +89,22 @@ pub fn decisions_address(c: &Config) -> Result<Option<NodeAddr>, String> {
     if let Some(a) = address(c)? {
         return Ok(Some(a));
     }
-    let first = c.nodes.iter().find(|(n, _)| n == "0").or(c.nodes.first()).or(c.geo_regions.first());
-    Ok(first.map(|(_, a)| NodeAddr { dbname: Some(DEFAULT_DATABASE.into()), ..a.clone() }))
+    Ok(first_node(c).map(|(_, a)| NodeAddr { dbname: Some(DEFAULT_DATABASE.into()), ..a.clone() }))
+}
+
+/// The node named `0`, else the first one: where the catalog and the decision log are when `shard-catalog`
+/// does not say.
+fn first_node(c: &Config) -> Option<&(String, NodeAddr)> {
+    c.nodes.iter().find(|(n, _)| n == "0").or(c.nodes.first()).or(c.geo_regions.first())
+}
+
+/// The node whose server holds the catalog and the decision log when `shard-catalog` does not name one: they
+/// follow that node's primary through a failover. `None` when `shard-catalog` is set (its URL says where).
+pub fn home_node(c: &Config) -> Option<&str> {
+    match c.catalog {
+        Some(_) => None,
+        None => first_node(c).map(|(n, _)| n.as_str()),
+    }
 }
 
 /// How long a router may go without a heartbeat and still count as live (a cutover waits for every live

@@ -137,6 +137,7 @@ bootstrap:
         max_replication_slots: 10
         fsync: "on"
         synchronous_commit: "on"
+        max_prepared_transactions: 50
   initdb:
   - encoding: UTF8
   - locale: C

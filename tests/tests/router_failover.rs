@@ -2,7 +2,8 @@
 //! - without Patroni: a node URL with two hosts (a primary and its streaming standby); the primary is stopped
 //!   and the standby promoted;
 //! - under a real Patroni cluster (etcd, two PostgreSQL nodes, synchronous mode): a planned `patronictl
-//!   switchover`, then a `kill -9` of the leader's Patroni and PostgreSQL.
+//!   switchover`, then a `kill -9` of the leader's Patroni and PostgreSQL; and the two-phase commit decision
+//!   log, kept on shard 0, following shard 0's switchover.
 //!
 //! The router finds the new primary by itself, statements that arrive in between wait for it instead of
 //! failing, and every acknowledged row is on the new primary.
@@ -397,5 +398,73 @@ async fn follows_patroni_over_https() -> Result<()> {
     };
     assert!(r.is_err(), "a router that cannot verify Patroni's certificate wrote");
     assert!(started.elapsed() < Duration::from_secs(30));
+    Ok(())
+}
+
+/// The two-phase commit decision log lives on shard 0's server (no `shard-catalog`); when Patroni switches
+/// shard 0 over, the log follows the new primary, and transactions on two shards commit again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decision_log_follows_a_patroni_switchover() -> Result<()> {
+    let patroni = tokio::task::spawn_blocking(|| integration::patroni::PatroniCluster::start(2)).await??;
+    let leader = patroni.wait_leader(Duration::from_secs(30))?;
+    let first = patroni.members[patroni.member_index(&leader)].pg_port;
+    let plain = PgServer::start()?;
+    for url in [format!("host=127.0.0.1 port={first} user=postgres dbname=postgres"), plain.conn_str("postgres")] {
+        let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        db.batch_execute("CREATE TABLE kv (user_id bigint PRIMARY KEY)").await?;
+    }
+    let head = format!(
+        "shard-strategy,hash\nshard-count,2\nshard-key,user_id\nshard-algorithm,modulo\nrouter-auth,trust\n\
+         patroni-interval-ms,200\nshard-node-0,postgres://postgres@127.0.0.1:{first}/postgres\n\
+         shard-node-0-patroni,{}\n",
+        patroni.api_urls().join(",")
+    );
+    let cluster = Cluster::with_servers(vec![plain], &head, |_, s| format!("shard-node-1,{}\n", s.url("postgres")))?;
+    // Keys 2n and 2n+1: one on each shard.
+    async fn both(db: &tokio_postgres::Client, n: i64) -> Result<(), tokio_postgres::Error> {
+        db.batch_execute("BEGIN").await?;
+        db.execute("INSERT INTO kv VALUES ($1)", &[&(2 * n)]).await?;
+        db.execute("INSERT INTO kv VALUES ($1)", &[&(2 * n + 1)]).await?;
+        db.batch_execute("COMMIT").await
+    }
+    let db = cluster.client().await?;
+    both(&db, 0).await?;
+
+    let candidate = patroni.members.iter().find(|m| m.name != leader).expect("two members").name.clone();
+    tokio::task::block_in_place(|| patroni.switchover(&leader, &candidate))?;
+    let (new_leader, _) = tokio::task::block_in_place(|| patroni.wait_new_leader(&leader, Duration::from_secs(60)))?;
+    // Transactions may fail while the switchover is under way; soon after, they commit again.
+    let started = Instant::now();
+    let mut n = 1;
+    loop {
+        let last = match cluster.client().await {
+            Ok(db) => match both(&db, n).await {
+                Ok(()) => break,
+                Err(e) => format!("{e:?}"),
+            },
+            Err(e) => e.to_string(),
+        };
+        n += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no transaction on two shards committed within 30 s of the switchover; the last error: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Its rows are on both shards: the new primary of shard 0 and shard 1.
+    let new_port = patroni.members[patroni.member_index(&new_leader)].pg_port;
+    let url = format!("host=127.0.0.1 port={new_port} user=postgres dbname=postgres");
+    let (db0, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let (db1, conn) = tokio_postgres::connect(&cluster.shards[0].conn_str("postgres"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    async fn on(db: &tokio_postgres::Client, k: i64) -> Result<bool, tokio_postgres::Error> {
+        db.query_opt("SELECT 1 FROM kv WHERE user_id = $1", &[&k]).await.map(|r| r.is_some())
+    }
+    assert!(on(&db0, 2 * n).await? && on(&db1, 2 * n + 1).await?, "the committed transaction's rows are missing");
+    println!("a transaction on two shards committed {:?} after the switchover", started.elapsed());
+    drop(cluster);
+    drop(patroni);
     Ok(())
 }

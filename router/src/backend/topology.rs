@@ -65,6 +65,8 @@ struct Node {
     next_replica: AtomicUsize,
     /// The highest timeline seen on a primary of this node: a primary on an older one is stale (fencing).
     timeline: AtomicU64,
+    /// The catalog and the decision log when they live on this node: moved to each new primary.
+    homes: std::sync::Mutex<Vec<shard_catalog::Place>>,
 }
 
 pub struct Topology {
@@ -100,6 +102,7 @@ impl Topology {
                     resumed: Notify::new(),
                     next_replica: AtomicUsize::new(0),
                     timeline: AtomicU64::new(0),
+                    homes: Default::default(),
                 }
             })
             .collect();
@@ -218,7 +221,22 @@ impl Topology {
         if changed {
             // New transactions go to the new primary; idle connections to the old one are closed.
             pools.retire(shard, found.as_ref());
+            if let Some(host) = &found {
+                for place in node.homes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    place.set_primary(host);
+                }
+            }
         }
+    }
+
+    /// `place` (the catalog's or the decision log's database) is on `shard`'s server: it follows the
+    /// shard's primary from now on.
+    pub fn carry(&self, shard: ShardId, place: shard_catalog::Place) {
+        let node = &self.nodes[shard.0 as usize];
+        if let Some(host) = &node.tx.borrow().host {
+            place.set_primary(host);
+        }
+        node.homes.lock().unwrap_or_else(|e| e.into_inner()).push(place);
     }
 
     /// Whether `shard` follows a primary among several hosts (and so buffers and retries around failover).
