@@ -43,18 +43,18 @@ impl Decisions {
     }
 
     /// The pool for the address as it is now.
-    fn pool(&self, addr: &NodeAddr) -> deadpool_postgres::Pool {
+    fn pool(&self, addr: &NodeAddr) -> Result<deadpool_postgres::Pool> {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((hosts, p)) = pool.as_ref() {
             if *hosts == addr.hosts {
-                return p.clone();
+                return Ok(p.clone());
             }
         }
-        let mut cfg = crate::pg_config(addr, None, "shard-router 2pc");
+        let (mut cfg, tls) = crate::pg_config(addr, None, "shard-router 2pc")?;
         cfg.connect_timeout(Duration::from_secs(3));
         let manager = deadpool_postgres::Manager::from_config(
             cfg,
-            tokio_postgres::NoTls,
+            tls,
             deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
         );
         let p = deadpool_postgres::Pool::builder(manager)
@@ -66,7 +66,7 @@ impl Decisions {
             .expect("a pool with a runtime and no hooks builds");
         // The old pool's connections close as their last users return them.
         *pool = Some((addr.hosts.clone(), p.clone()));
-        p
+        Ok(p)
     }
 
     /// A connection, the database and table made first when missing.
@@ -79,7 +79,7 @@ impl Decisions {
                 anyhow::Ok(())
             })
             .await?;
-        self.pool(&addr).get().await.with_context(|| format!("the 2PC decision log at {addr}"))
+        self.pool(&addr)?.get().await.with_context(|| format!("the 2PC decision log at {addr}"))
     }
 
     /// Records the decision to commit `txid` (prepared as `gids`) by `router`. `Ok(false)`: an abort was

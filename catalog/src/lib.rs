@@ -21,6 +21,7 @@ use shardmap::{BucketId, ShardMap};
 use tokio::sync::watch;
 
 pub mod decisions;
+pub mod tls;
 pub use decisions::{Decisions, RecordError};
 
 /// The statements between their routing decision and their answer, so that a router acknowledges a freeze
@@ -154,8 +155,13 @@ impl Catalog {
     }
 }
 
-/// A tokio-postgres config for `addr`, database `db` (default: the address's own).
-pub fn pg_config(addr: &NodeAddr, db: Option<&str>, application: &str) -> tokio_postgres::Config {
+/// A tokio-postgres config for `addr`, database `db` (default: the address's own), and the TLS connector
+/// its `sslmode` asks for.
+pub fn pg_config(
+    addr: &NodeAddr,
+    db: Option<&str>,
+    application: &str,
+) -> Result<(tokio_postgres::Config, tls::Connector)> {
     let mut cfg = tokio_postgres::Config::new();
     for (host, port) in &addr.hosts {
         cfg.host(host).port(*port);
@@ -168,13 +174,15 @@ pub fn pg_config(addr: &NodeAddr, db: Option<&str>, application: &str) -> tokio_
     if let Some(pw) = &addr.password {
         cfg.password(pw);
     }
-    cfg
+    let tls = tls::connector(&mut cfg, &addr.params).map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+    Ok((cfg, tls))
 }
 
 /// Connects, running the connection on its own task.
 pub async fn connect(addr: &NodeAddr, db: Option<&str>, application: &str) -> Result<tokio_postgres::Client> {
-    let (client, conn) = pg_config(addr, db, application)
-        .connect(tokio_postgres::NoTls)
+    let (cfg, tls) = pg_config(addr, db, application)?;
+    let (client, conn) = cfg
+        .connect(tls)
         .await
         .with_context(|| format!("{addr}{}", db.map(|d| format!(" database {d}")).unwrap_or_default()))?;
     tokio::spawn(conn);
@@ -334,8 +342,8 @@ async fn follow_once(catalog: &Weak<Catalog>, map: &Arc<ShardMap>, follower: &Fo
         (c.addr.as_ref().expect("checked").get(), c.id.clone())
     };
     ensure(&addr, map, "shard-router catalog").await?;
-    let (client, mut conn) =
-        pg_config(&addr, None, "shard-router catalog").connect(tokio_postgres::NoTls).await.context("catalog")?;
+    let (cfg, tls) = pg_config(&addr, None, "shard-router catalog")?;
+    let (client, mut conn) = cfg.connect(tls).await.context("catalog")?;
     let (tx, mut notified) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {

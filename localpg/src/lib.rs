@@ -185,6 +185,15 @@ impl PgServer {
         Ok(())
     }
 
+    /// Refuses TCP connections without TLS from now on (`hostssl` only; the server must run with `ssl=on`).
+    pub async fn require_ssl(&self) -> Result<()> {
+        let db = self.client("postgres").await?;
+        let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n";
+        std::fs::write(self.dir.path().join("data").join("pg_hba.conf"), hba)?;
+        db.batch_execute("SELECT pg_reload_conf()").await?;
+        Ok(())
+    }
+
     /// A libpq-style connection string for database `db`.
     pub fn conn_str(&self, db: &str) -> String {
         format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)

@@ -192,6 +192,12 @@ pub fn conninfo(addr: &NodeAddr) -> String {
     if let Some(pw) = &addr.password {
         s.push_str(&format!(" password={}", conninfo_value(pw)));
     }
+    // TLS as the node URL asks (the target's server reads sslrootcert's path).
+    for (k, v) in &addr.params {
+        if k == "sslmode" || k == "sslrootcert" {
+            s.push_str(&format!(" {k}={}", conninfo_value(v)));
+        }
+    }
     s
 }
 

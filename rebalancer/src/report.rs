@@ -170,9 +170,10 @@ pub struct Report {
 }
 
 async fn connect(name: &str, addr: &NodeAddr, db: Option<&str>) -> Result<tokio_postgres::Client> {
-    let (client, conn) = shard_catalog::pg_config(addr, db, "rebalance report")
+    let (mut cfg, tls) = shard_catalog::pg_config(addr, db, "rebalance report")?;
+    let (client, conn) = cfg
         .connect_timeout(std::time::Duration::from_secs(10))
-        .connect(tokio_postgres::NoTls)
+        .connect(tls)
         .await
         .with_context(|| format!("node {name} ({addr})"))?;
     tokio::spawn(conn);

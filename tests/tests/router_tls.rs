@@ -88,6 +88,42 @@ async fn tls_to_the_shards() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The control plane over TLS too: with shards that refuse connections without TLS (`hostssl` only) and
+/// `sslmode=verify-full` in the node URLs, a transaction on two shards commits — its decision is recorded in
+/// the decision log on node 0 through a TLS connection of the router's own — and each part is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_over_tls() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    use integration::certs;
+    certs::ca(d, "ca");
+    certs::signed(d, "ca", "good", "IP:127.0.0.1,DNS:localhost");
+    certs::for_server(d, "good");
+    let cert = format!("ssl_cert_file={}", d.join("good.crt").display());
+    let key = format!("ssl_key_file={}", d.join("good.key").display());
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let s = integration::PgServer::start_with(&["ssl=on", &cert, &key])?;
+        s.client("postgres").await?.batch_execute("CREATE TABLE kv (user_id bigint PRIMARY KEY)").await?;
+        s.require_ssl().await?;
+        servers.push(s);
+    }
+    assert!(servers[0].client("postgres").await.is_err(), "the server still takes connections without TLS");
+    let ca = d.join("ca.crt").display().to_string();
+    let head = "shard-strategy,hash\nshard-count,2\nshard-key,user_id\nshard-algorithm,modulo\nrouter-auth,trust\n";
+    let cluster = Cluster::with_servers(servers, head, |i, s| {
+        format!("shard-node-{i},{}?sslmode=verify-full&sslrootcert={ca}\n", s.url("postgres"))
+    })?;
+    let db = cluster.client().await?;
+    db.batch_execute("BEGIN").await?;
+    db.execute("INSERT INTO kv VALUES (0)", &[]).await?;
+    db.execute("INSERT INTO kv VALUES (1)", &[]).await?;
+    db.batch_execute("COMMIT").await?;
+    let rows = db.query("SELECT user_id FROM kv ORDER BY 1", &[]).await?;
+    assert_eq!(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>(), vec![0, 1]);
+    Ok(())
+}
+
 /// SCRAM channel binding over TLS (SCRAM-SHA-256-PLUS, `tls-server-end-point`): psql with
 /// `channel_binding=require` authenticates through the router over TLS; in plain text the router offers no
 /// binding, so such a client refuses to go on; a wrong password is still refused.

@@ -24,11 +24,10 @@ pub async fn create(backends: &Backends, shard: ShardId, database: &str) -> Resu
         cfg.password(p);
     }
     cfg.connect_timeout(std::time::Duration::from_millis(backends.config.load().pool.timeout_ms));
-    let _one_at_a_time = backends.creating.lock().await;
-    let (db, conn) = cfg
-        .connect(tokio_postgres::NoTls)
-        .await
+    let tls = shard_catalog::tls::connector(&mut cfg, &addr.params)
         .map_err(|e| Reported::new("08001", format!("shard {}: {e}", node.name)))?;
+    let _one_at_a_time = backends.creating.lock().await;
+    let (db, conn) = cfg.connect(tls).await.map_err(|e| Reported::new("08001", format!("shard {}: {e}", node.name)))?;
     let task = tokio::spawn(async move {
         let _ = conn.await;
     });

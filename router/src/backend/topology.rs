@@ -499,8 +499,9 @@ async fn position(addr: &NodeAddr, host: &str, port: u16, timeout: Duration) -> 
         if let Some(pw) = &addr.password {
             cfg.password(pw);
         }
+        let tls = shard_catalog::tls::connector(&mut cfg, &addr.params).ok()?;
         let attempt = async {
-            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
+            let (client, conn) = cfg.connect(tls).await.ok()?;
             let task = tokio::spawn(conn);
             let row = client
                 .query_one(

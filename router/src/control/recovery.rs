@@ -81,7 +81,8 @@ async fn client<'a>(
         if let Some(pw) = &password {
             cfg.password(pw);
         }
-        let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
+        let tls = shard_catalog::tls::connector(&mut cfg, &addr.params).ok()?;
+        let (c, conn) = cfg.connect(tls).await.ok()?;
         tokio::spawn(conn);
         clients.insert(key.clone(), c);
     }
