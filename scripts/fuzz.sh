@@ -57,6 +57,8 @@ for t in "${targets[@]}"; do
     tail -n 60 "$work/$t.log"
     failed+=("$t")
   else
+    # The last status line's coverage (edges, features, corpus), then the totals.
+    grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+' "$work/$t.log" | tail -n 1 | tr '\n' ' '
     grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$work/$t.log" | tr '\n' ' '
     echo
   fi

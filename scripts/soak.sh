@@ -4,7 +4,7 @@
 # restarted and a Patroni switchover; then it checks for clean errors, no leaked server connection and the
 # router's RSS back to its baseline. Installs what it needs when missing (like scripts/test.sh).
 #
-#   bash scripts/soak.sh                              # 2000 clients, 240 s in 3 rounds
+#   bash scripts/soak.sh                              # 2000 clients, 300 s in 6 rounds
 #   bash scripts/soak.sh --clients 500 --seconds 60   # any of: --clients N --seconds S --rounds R --keys K
 set -euo pipefail
 cd "$(dirname "$0")/.."

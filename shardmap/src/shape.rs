@@ -84,6 +84,15 @@ fn typed_literal_before(out: &str) -> bool {
     !VALUE_KEYWORDS.iter().any(|k| word.eq_ignore_ascii_case(k))
 }
 
+/// Whether the shape so far ends with `ANY(`, `ALL(` or `SOME(`: a literal there is not what a placeholder
+/// would be (`ANY(21)` is a scalar where `ANY($1)` takes an array).
+fn array_operand_before(out: &str) -> bool {
+    let Some(t) = out.trim_end().strip_suffix('(') else { return false };
+    let t = t.trim_end();
+    let word_start = t.len() - t.bytes().rev().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_').count();
+    ["any", "all", "some"].iter().any(|k| t[word_start..].eq_ignore_ascii_case(k))
+}
+
 /// The shape of a DML statement and its literals, or `None` when the text is not normalized.
 pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
     let word = crate::sql::first_word(sql);
@@ -131,6 +140,11 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                 if i > 0 && is_ident(b[i - 1]) {
                     return None; // E'..', B'..', X'..', U&'..', N'..'
                 }
+                if array_operand_before(&out) {
+                    // ANY('{1,2}'): the statement's own text takes no keys from an array literal; a shape
+                    // (ANY($1), an array parameter) would, and the two protocols would route it differently.
+                    return None;
+                }
                 if typed_literal_before(&out) {
                     // `uuid '..'`, `DATE '..'`, `INTERVAL '..'`: the string is part of a typed literal, which
                     // only a literal can follow; keep it in the shape.
@@ -176,6 +190,9 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                     return None; // a.5: not a number the way PostgreSQL reads it either
                 }
                 if starts_number && sign_ok {
+                    if array_operand_before(&out) {
+                        return None; // ANY(21): a scalar, where ANY($1) would take an array
+                    }
                     let mut j = digits_at;
                     let mut dot = false;
                     while let Some(&x) = b.get(j) {

@@ -74,3 +74,15 @@ fn words_after_multibyte_characters() {
     );
     agree(&p, "SELECT * FROM users WHERE user_id = ünï'x'");
 }
+
+/// `ANY(21)` is a scalar where `ANY($1)` takes an array: a literal there is not taken out into a shape.
+#[test]
+fn any_of_a_number_is_not_any_of_a_placeholder() {
+    let p = planner(UUID);
+    agree(&p, "SELECT * DELETE FROM messages WHERE user_id = ANY(21)");
+    agree(&p, "SELECT * FROM messages WHERE user_id = ANY(21)");
+    agree(&p, "SELECT * FROM messages WHERE user_id = some ( 21 )");
+    let p = planner(BIGINT);
+    agree(&p, "SELECT * FROM messages WHERE user_id = ANY(21)");
+    assert_eq!(agree(&p, "SELECT * FROM messages WHERE user_id = ANY('{21,22}')"), Some(Target::All));
+}

@@ -8,8 +8,11 @@
 //!   without a word;
 //! - no server connection leaked: once the clients are gone, no backend is active or idle in a transaction,
 //!   every pool's connections are idle (`SHOW POOLS`), no prepared transaction is left;
-//! - the router's RSS came back to its baseline: read once the clients are gone after each round, the last
-//!   round's figure is within a quarter (or 16 MiB) of the first's.
+//! - the router's RSS comes back to its baseline: it is read once the clients are gone after each round; the
+//!   first half of the rounds is the warm-up (glibc's malloc keeps fragments of what each peak took, less
+//!   with every round: with 2000 clients 76, 84, 87, 91, 93, 96 MiB, and with `MALLOC_ARENA_MAX=2` 107, 132,
+//!   138, 141, 143, 144 MiB), the figure after it the baseline, and the last round's figure must be within
+//!   an eighth of it (or 8 MiB). A leak grows by about the same amount every round and fails that.
 //!
 //! Prints its figures and exits non-zero when a check fails.
 
@@ -26,7 +29,7 @@ use integration::{free_port, PgServer};
 use rand::{Rng, SeedableRng};
 
 const USAGE: &str =
-    "usage: soak --router PATH [--clients N (2000)] [--seconds S (240)] [--rounds R (3)] [--keys K (10000)]";
+    "usage: soak --router PATH [--clients N (2000)] [--seconds S (300)] [--rounds R (6)] [--keys K (10000)]";
 
 struct Args {
     router: PathBuf,
@@ -37,7 +40,7 @@ struct Args {
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args { router: PathBuf::new(), clients: 2000, seconds: 240, rounds: 3, keys: 10_000 };
+    let mut a = Args { router: PathBuf::new(), clients: 2000, seconds: 300, rounds: 6, keys: 10_000 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value\n{USAGE}"));
@@ -54,8 +57,8 @@ fn args() -> Result<Args> {
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
-    if a.rounds == 0 {
-        bail!("--rounds must be at least 1\n{USAGE}");
+    if a.rounds < 2 {
+        bail!("--rounds must be at least 2 (the first half is the warm-up)\n{USAGE}");
     }
     if a.router.as_os_str().is_empty() {
         bail!("--router is required\n{USAGE}");
@@ -285,9 +288,9 @@ async fn main() -> Result<()> {
     }
 
     // Rounds of the same load, each with shard 1 killed and restarted at 30% of it and a Patroni switchover of
-    // shard 0 at 60%; the router's RSS is read after each, once its clients are gone. The first round's figure
-    // is the baseline (the allocator keeps some of what a peak took): memory that grows from round to round
-    // is a leak.
+    // shard 0 at 60%; the router's RSS is read after each, once its clients are gone. The figure after the first
+    // half of the rounds is the baseline (the allocator keeps some of what each peak took, less with every
+    // round): memory that still grows after it is a leak.
     let stats = Arc::new(Stats::default());
     let peak = Arc::new(AtomicU64::new(0));
     let watching = Arc::new(AtomicBool::new(true));
@@ -345,7 +348,8 @@ async fn main() -> Result<()> {
     let soak_time = soak_start.elapsed();
 
     // What is left.
-    let (baseline, after) = (after_rounds[0], *after_rounds.last().expect("a round"));
+    let warm = after_rounds.len().div_ceil(2);
+    let (baseline, after) = (after_rounds[warm - 1], *after_rounds.last().expect("a round"));
     let new_port = patroni.members[patroni.member_index(&leader)].pg_port;
     let shard0 = format!("host=127.0.0.1 port={new_port} user=postgres dbname=postgres");
     let shard1 = plain.conn_str("postgres");
@@ -389,7 +393,7 @@ async fn main() -> Result<()> {
         println!("  {e}");
     }
     println!(
-        "router RSS: after each round {:?} MiB (baseline: the first), peak {} MiB",
+        "router RSS: after each round {:?} MiB (baseline: after round {warm}), peak {} MiB",
         after_rounds.iter().map(|r| r / 1024).collect::<Vec<_>>(),
         peak.load(Relaxed) / 1024
     );
@@ -418,8 +422,8 @@ async fn main() -> Result<()> {
     if left_prepared != (0, 0) {
         failures.push(format!("prepared transactions left: {left_prepared:?}"));
     }
-    // Back to the baseline: within a quarter of it (allocator caches) or 16 MiB, whichever is larger.
-    if after > baseline + (baseline / 4).max(16 * 1024) {
+    // Back to the baseline: within an eighth of it or 8 MiB, whichever is larger.
+    if after > baseline + (baseline / 8).max(8 * 1024) {
         failures.push(format!("router RSS {} MiB after, baseline {} MiB", after / 1024, baseline / 1024));
     }
     if statements == 0 {
