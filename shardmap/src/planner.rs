@@ -422,6 +422,9 @@ impl Planner {
             match e {
                 KeyExpr::Value(v) => out.push(v.clone()),
                 KeyExpr::Param(i) => out.push(self.param(*i, params)?),
+                KeyExpr::Bad { value, why } => {
+                    return Err(RouteError::BadKey { value: value.clone(), why: why.clone() })
+                }
                 KeyExpr::ArrayParam(i) if *i >= LITERAL_BASE => {
                     let lit = params.literal(*i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
                     let vs = KeyValue::array_from_param(lit.text.as_bytes(), false, self.map.key_type)

@@ -43,6 +43,13 @@ pub enum KeyExpr {
     Param(usize),
     /// `= ANY($n)`: every element of the array parameter.
     ArrayParam(usize),
+    /// A literal that cannot be a key of the configured type: refused (22023) when the statement is placed by
+    /// it — as a literal the simple protocol takes out of the text is read only then, so that both protocols
+    /// decide alike.
+    Bad {
+        value: String,
+        why: String,
+    },
 }
 
 /// What a statement does, as far as routing cares.
@@ -253,7 +260,7 @@ pub fn analyze_keys(
     global: &HashSet<String>,
 ) -> Analysis {
     let hint = find_hint(sql);
-    let ctx = Ctx { key, table_keys, scopes: Default::default(), key_type, global, bad_literal: Default::default() };
+    let ctx = Ctx { key, table_keys, scopes: Default::default(), key_type, global };
     match parse(sql) {
         Ok(stmts) => {
             let statements = stmts
@@ -262,13 +269,6 @@ pub fn analyze_keys(
                     let mut a = ctx.statement(s);
                     a.session_lock = takes_session_lock(s);
                     ctx.global_write(s, &mut a);
-                    // A literal that cannot be a key matters only where keys decide (as for a literal the
-                    // simple protocol takes out of the text, read only when the statement is placed).
-                    if let Some(bad) = ctx.bad_literal.borrow_mut().take() {
-                        if matches!(a.tables, Tables::Sharded(_)) {
-                            a.refusal.get_or_insert(bad);
-                        }
-                    }
                     a
                 })
                 .collect();
@@ -357,8 +357,6 @@ struct Ctx<'a> {
     scopes: std::cell::RefCell<Vec<Vec<(String, String)>>>,
     key_type: KeyType,
     global: &'a HashSet<String>,
-    /// The first key literal that cannot be a key of the configured type (`user_id = 'not-a-uuid'`).
-    bad_literal: std::cell::RefCell<Option<String>>,
 }
 
 /// A key constraint on a query block: `None` means unconstrained.
@@ -679,6 +677,7 @@ impl Ctx<'_> {
             KeyExpr::Value(v) => format!("'{v}'"),
             KeyExpr::Param(i) => format!("${}", i + 1),
             KeyExpr::ArrayParam(i) => format!("ANY(${})", i + 1),
+            KeyExpr::Bad { value, .. } => value.clone(),
         };
         match keys {
             [KeyExpr::ArrayParam(i)] => format!("{key} = ANY(${})", i + 1),
@@ -1223,15 +1222,12 @@ impl Ctx<'_> {
         }
     }
 
-    /// [`Ctx::key_value`], remembering a literal that cannot be a key so that the statement is refused with
-    /// the reason rather than sent everywhere.
+    /// [`Ctx::key_value`], keeping a literal that cannot be a key as [`KeyExpr::Bad`], so that the statement
+    /// is refused with the reason (when it is placed by it) rather than sent everywhere.
     fn checked(&self, e: &Expr) -> Option<KeyExpr> {
         match self.key_value(e) {
             Ok(k) => k,
-            Err(why) => {
-                self.bad_literal.borrow_mut().get_or_insert_with(|| format!("shard key {}: {why}", self.key));
-                None
-            }
+            Err(why) => Some(KeyExpr::Bad { value: e.to_string(), why }),
         }
     }
 

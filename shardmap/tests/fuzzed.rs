@@ -86,3 +86,15 @@ fn any_of_a_number_is_not_any_of_a_placeholder() {
     agree(&p, "SELECT * FROM messages WHERE user_id = ANY(21)");
     assert_eq!(agree(&p, "SELECT * FROM messages WHERE user_id = ANY('{21,22}')"), Some(Target::All));
 }
+
+/// A literal that cannot be a key matters only where it places the statement, as a literal the simple
+/// protocol takes out: one in a CTE that does not decide where the statement goes is no refusal; one that
+/// does is refused (22023) on both paths.
+#[test]
+fn a_bad_literal_refuses_only_where_it_places_the_statement() {
+    let p = planner(UUID);
+    assert_eq!(agree(&p, "WITH d AS (SELECT * FRsers WHERE user_id = 3) SELECT * FROM t"), Some(Target::All));
+    assert_eq!(agree(&p, "SELECT * FROM t WHERE user_id = 3"), None);
+    let e = p.decide("SELECT * FROM t WHERE user_id = 3", &NoParams, &Session::default()).unwrap_err();
+    assert_eq!(e.sqlstate(), "22023", "{e}");
+}
