@@ -329,22 +329,71 @@ pub fn first_word(sql: &str) -> &str {
 
 /// The first `/* name: value */` hint in the text.
 fn find_hint(sql: &str) -> Option<Hint> {
-    let mut rest = sql;
-    while let Some(start) = rest.find("/*") {
-        let after = &rest[start + 2..];
-        let end = after.find("*/")?;
-        let body = after[..end].trim();
-        if let Some((name, value)) = body.split_once(':') {
-            let value = value.trim().trim_matches(|c| c == '\'' || c == '"').to_string();
-            match name.trim().to_ascii_lowercase().as_str() {
-                "shard_key" | "shard-key" => return Some(Hint::ShardKey(value)),
-                "shard" => return Some(Hint::Shard(value)),
-                "shards" if value.eq_ignore_ascii_case("all") => return Some(Hint::AllShards),
-                "tenant" => return Some(Hint::Tenant(value)),
-                _ => {}
+    // Only block comments hold hints: string literals, quoted identifiers, dollar quotes and line comments
+    // are skipped, so that `'see /* shard: 0 */'` is data, not a hint.
+    let b = sql.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\'' => {
+                // E'...' takes backslash escapes; '' is a quote either way.
+                let escapes = i > 0 && matches!(b[i - 1], b'e' | b'E') && (i < 2 || !ident(b[i - 2]));
+                i += 1;
+                while i < b.len() {
+                    match b[i] {
+                        b'\\' if escapes => i += 2,
+                        b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
+                        b'\'' => break,
+                        _ => i += 1,
+                    }
+                }
+                i += 1;
             }
+            b'"' => {
+                i += 1;
+                while i < b.len() {
+                    match b[i] {
+                        b'"' if b.get(i + 1) == Some(&b'"') => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                i += 1;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = sql[i..].find('\n').map_or(b.len(), |n| i + n + 1);
+            }
+            b'$' if i == 0 || !ident(b[i - 1]) => {
+                // $tag$ ... $tag$ (not $1, a parameter).
+                let tag_len = b[i + 1..].iter().take_while(|c| ident(**c) && **c < 0x80).count();
+                let opens = b.get(i + 1 + tag_len) == Some(&b'$') && !b.get(i + 1).is_some_and(|c| c.is_ascii_digit());
+                if opens {
+                    let tag = &sql[i..i + tag_len + 2];
+                    let body = i + tag.len();
+                    i = sql[body..].find(tag).map_or(b.len(), |n| body + n + tag.len());
+                } else {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let after = &sql[i + 2..];
+                let end = after.find("*/")?;
+                let body = after[..end].trim();
+                if let Some((name, value)) = body.split_once(':') {
+                    let value = value.trim().trim_matches(|c| c == '\'' || c == '"').to_string();
+                    match name.trim().to_ascii_lowercase().as_str() {
+                        "shard_key" | "shard-key" => return Some(Hint::ShardKey(value)),
+                        "shard" => return Some(Hint::Shard(value)),
+                        "shards" if value.eq_ignore_ascii_case("all") => return Some(Hint::AllShards),
+                        "tenant" => return Some(Hint::Tenant(value)),
+                        _ => {}
+                    }
+                }
+                i += 2 + end + 2;
+            }
+            _ => i += 1,
         }
-        rest = &after[end + 2..];
     }
     None
 }

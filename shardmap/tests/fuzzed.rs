@@ -98,3 +98,23 @@ fn a_bad_literal_refuses_only_where_it_places_the_statement() {
     let e = p.decide("SELECT * FROM t WHERE user_id = 3", &NoParams, &Session::default()).unwrap_err();
     assert_eq!(e.sqlstate(), "22023", "{e}");
 }
+
+/// A comment-like text inside a string literal is no hint: `'... /* shard: ... */ ...'` is data.
+#[test]
+fn a_hint_inside_a_string_is_data() {
+    let p = planner(TEXT);
+    let sql = "SELECT * FROM users WHERE user_id = 'a\u{7}\u{3}/* tenant: &acme nant: /eL Sn UEt:PDATE\u{7}\u{3}/* `enant: Et: UPDA(TE\u{7}\u{3}/* `enacq*/*AA6d'";
+    agree(&p, sql);
+    // Data that looks like a hint does not move a row; a real hint still places the statement.
+    let p = planner(BIGINT);
+    let session = Session::default();
+    let keyed = p.decide("INSERT INTO messages (user_id, body) VALUES (5, 'see /* shard: 0 */')", &NoParams, &session);
+    assert_eq!(keyed.unwrap().target, Target::One(shardmap::ShardId(1)));
+    let quoted =
+        p.decide("SELECT \"/* shard: 0 */\", $x$ /* shard: 0 */ $x$ FROM bots -- /* shard: 0 */", &NoParams, &session);
+    assert_eq!(quoted.unwrap().target, Target::Any);
+    let hinted = p.decide("/* shard: 2 */ SELECT * FROM messages", &NoParams, &session).unwrap();
+    assert_eq!(hinted.target, Target::One(shardmap::ShardId(2)));
+    let escaped = p.decide(r"SELECT * FROM bots WHERE name = E'it\'s /* shard: 0 */'", &NoParams, &session);
+    assert_eq!(escaped.unwrap().target, Target::Any);
+}
