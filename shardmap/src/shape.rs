@@ -72,11 +72,16 @@ const VALUE_KEYWORDS: &[&str] = &[
     "where",
 ];
 
+/// Where the word that ends `t` starts (`t.len()` when it ends with no word). Counted in ASCII bytes, so the
+/// word starts on a character boundary whatever comes before it.
+fn last_word_start(t: &str) -> usize {
+    t.len() - t.bytes().rev().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_').count()
+}
+
 /// Whether the shape so far ends with a word that makes the next string a typed literal.
 fn typed_literal_before(out: &str) -> bool {
     let t = out.trim_end();
-    // Counted in ASCII bytes, so the word starts on a character boundary whatever comes before it.
-    let word_start = t.len() - t.bytes().rev().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_').count();
+    let word_start = last_word_start(t);
     let word = &t[word_start..];
     if word.is_empty() || word.starts_with(|c: char| c.is_ascii_digit()) || t[..word_start].ends_with('"') {
         return false;
@@ -89,8 +94,8 @@ fn typed_literal_before(out: &str) -> bool {
 fn array_operand_before(out: &str) -> bool {
     let Some(t) = out.trim_end().strip_suffix('(') else { return false };
     let t = t.trim_end();
-    let word_start = t.len() - t.bytes().rev().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_').count();
-    ["any", "all", "some"].iter().any(|k| t[word_start..].eq_ignore_ascii_case(k))
+    let word = &t[last_word_start(t)..];
+    ["any", "all", "some"].iter().any(|k| word.eq_ignore_ascii_case(k))
 }
 
 /// The shape of a DML statement and its literals, or `None` when the text is not normalized.
