@@ -28,6 +28,8 @@ enum Format {
     Csv,
     Json,
     Html,
+    /// Prometheus' text exposition format (gauges named shard_balance_*).
+    Prom,
 }
 
 #[derive(Subcommand)]
@@ -113,8 +115,16 @@ enum Command {
     ///
     /// Reads every table once (exact row counts). Example:
     /// rebalance --config config.csv report --format html --out balance.html
+    ///
+    /// --format prom prints the figures as Prometheus text (gauges shard_balance_node_rows/_bytes{node},
+    /// shard_balance_table_rows/_bytes{node,table,sharded}, shard_balance_skew_ratio/_cv{by="rows"|"bytes"},
+    /// shard_balance_table_skew_ratio/_cv{table}, shard_balance_unit_rows/_bytes{unit,node},
+    /// shard_balance_planned_moves, shard_balance_report_timestamp_seconds), for node_exporter's textfile
+    /// collector, e.g. from cron:
+    /// rebalance --config config.csv report --format prom --out /var/lib/node_exporter/textfile/shard_balance.prom
     Report {
-        /// table (for a terminal), csv, json, or html (one self-contained page with SVG bar charts).
+        /// table (for a terminal), csv, json, html (one self-contained page with SVG bar charts), or prom
+        /// (Prometheus text exposition format: gauges named shard_balance_*).
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
         /// Write to this file instead of standard output.
@@ -293,6 +303,7 @@ fn main() -> ExitCode {
                 Format::Csv => rebalancer::report::to_csv(&report),
                 Format::Json => serde_json::to_string_pretty(&report).expect("a report serializes") + "\n",
                 Format::Html => rebalancer::report::to_html(&report),
+                Format::Prom => rebalancer::report::to_prom(&report),
             };
             match out {
                 Some(path) => {

@@ -146,6 +146,9 @@ pub struct Skew {
     pub cv: f64,
 }
 
+/// The name of the skew entry for the nodes' totals of all sharded tables.
+pub const ALL_SHARDED: &str = "(all sharded tables)";
+
 /// One of the largest units: a bucket or a tenant.
 #[derive(Serialize, Clone, Debug)]
 pub struct Unit {
@@ -290,7 +293,7 @@ pub async fn gather_with(
         skew.push(skew_of(t, &per_node));
     }
     if !sharded_tables.is_empty() {
-        skew.push(skew_of("(all sharded tables)", &nodes.iter().map(|n| n.rows).collect::<Vec<_>>()));
+        skew.push(skew_of(ALL_SHARDED, &nodes.iter().map(|n| n.rows).collect::<Vec<_>>()));
     }
     let by = match config.strategy {
         Strategy::Hash if config.algorithm == shardmap::config::Algorithm::HashBuckets => Some(crate::plan::By::Rows),
@@ -510,6 +513,146 @@ pub fn to_html(r: &Report) -> String {
     out
 }
 
+/// A label value in Prometheus' text format.
+fn prom_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// A sample value in Prometheus' text format (`+Inf`, `-Inf`, `NaN` as it spells them).
+fn prom_value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".to_string()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.to_string()
+    } else {
+        format!("{v}")
+    }
+}
+
+/// The report in Prometheus' text exposition format (`--format prom`), for node_exporter's textfile
+/// collector or a push from cron: gauges with the prefix `shard_balance_`, each family with HELP and TYPE.
+///
+/// - `shard_balance_node_rows{node}`, `shard_balance_node_bytes{node}`: the nodes' totals (rows of sharded
+///   tables; bytes of all tables, and of tenant databases);
+/// - `shard_balance_table_rows{node,table,sharded}`, `shard_balance_table_bytes{...}`: per table and node;
+/// - `shard_balance_skew_ratio{by}`, `shard_balance_skew_cv{by}`: max/mean and the coefficient of variation
+///   over the nodes of their rows (`by="rows"`, the report's "(all sharded tables)" skew, when there are
+///   sharded tables) and of their bytes (`by="bytes"`);
+/// - `shard_balance_table_skew_ratio{table}`, `shard_balance_table_skew_cv{table}`: the same per sharded table;
+/// - `shard_balance_unit_rows{unit,node}`, `shard_balance_unit_bytes{unit,node}`: the largest units (`--top`);
+/// - `shard_balance_planned_moves`: how many moves `rebalance plan` (by rows, 10%) would make;
+/// - `shard_balance_node_statements_per_second{node}`, `shard_balance_node_p99_seconds{node}` (with `--metrics`);
+/// - `shard_balance_report_timestamp_seconds`: when the report was made (Unix time), to alert on a stale file.
+pub fn to_prom(r: &Report) -> String {
+    let mut out = String::new();
+    let family = |out: &mut String, name: &str, help: &str| {
+        let _ = writeln!(out, "# HELP shard_balance_{name} {help}\n# TYPE shard_balance_{name} gauge");
+    };
+    family(&mut out, "node_rows", "Rows of sharded tables on the node.");
+    for n in &r.nodes {
+        let _ = writeln!(out, "shard_balance_node_rows{{node=\"{}\"}} {}", prom_label(&n.node), n.rows);
+    }
+    family(&mut out, "node_bytes", "Bytes of the node's tables (pg_total_relation_size) and tenant databases.");
+    for n in &r.nodes {
+        let _ = writeln!(out, "shard_balance_node_bytes{{node=\"{}\"}} {}", prom_label(&n.node), n.bytes);
+    }
+    if !r.tables.is_empty() {
+        for (metric, help) in
+            [("table_rows", "Rows of a table on a node."), ("table_bytes", "Bytes of a table on a node.")]
+        {
+            family(&mut out, metric, help);
+            for t in &r.tables {
+                let v = if metric == "table_rows" { t.rows } else { t.bytes };
+                let _ = writeln!(
+                    out,
+                    "shard_balance_{metric}{{node=\"{}\",table=\"{}\",sharded=\"{}\"}} {v}",
+                    prom_label(&t.node),
+                    prom_label(&t.table),
+                    t.sharded
+                );
+            }
+        }
+    }
+    let all = r.skew.iter().find(|s| s.table == ALL_SHARDED);
+    let bytes = skew_of("bytes", &r.nodes.iter().map(|n| n.bytes).collect::<Vec<_>>());
+    family(&mut out, "skew_ratio", "Max over mean of the nodes' rows (by=rows) or bytes (by=bytes); 1 is even.");
+    if let Some(s) = all {
+        let _ = writeln!(out, "shard_balance_skew_ratio{{by=\"rows\"}} {}", prom_value(s.max_over_mean));
+    }
+    let _ = writeln!(out, "shard_balance_skew_ratio{{by=\"bytes\"}} {}", prom_value(bytes.max_over_mean));
+    family(&mut out, "skew_cv", "Coefficient of variation (stddev/mean) of the nodes' rows or bytes; 0 is even.");
+    if let Some(s) = all {
+        let _ = writeln!(out, "shard_balance_skew_cv{{by=\"rows\"}} {}", prom_value(s.cv));
+    }
+    let _ = writeln!(out, "shard_balance_skew_cv{{by=\"bytes\"}} {}", prom_value(bytes.cv));
+    let tables: Vec<&Skew> = r.skew.iter().filter(|s| s.table != ALL_SHARDED).collect();
+    if !tables.is_empty() {
+        family(&mut out, "table_skew_ratio", "Max over mean of a sharded table's rows over the nodes; 1 is even.");
+        for s in &tables {
+            let _ = writeln!(
+                out,
+                "shard_balance_table_skew_ratio{{table=\"{}\"}} {}",
+                prom_label(&s.table),
+                prom_value(s.max_over_mean)
+            );
+        }
+        family(&mut out, "table_skew_cv", "Coefficient of variation of a sharded table's rows over the nodes.");
+        for s in &tables {
+            let _ =
+                writeln!(out, "shard_balance_table_skew_cv{{table=\"{}\"}} {}", prom_label(&s.table), prom_value(s.cv));
+        }
+    }
+    if !r.top_units.is_empty() {
+        for (metric, help) in [
+            ("unit_rows", "Rows of one of the largest units (bucket, tenant)."),
+            ("unit_bytes", "Bytes of one of the largest units (tenant databases)."),
+        ] {
+            family(&mut out, metric, help);
+            for u in &r.top_units {
+                let v = if metric == "unit_rows" { u.rows } else { u.bytes };
+                let _ = writeln!(
+                    out,
+                    "shard_balance_{metric}{{unit=\"{}\",node=\"{}\"}} {v}",
+                    prom_label(&u.unit),
+                    prom_label(&u.node)
+                );
+            }
+        }
+    }
+    family(&mut out, "planned_moves", "Moves rebalance plan (by rows, 10%) would make; 0 when balanced.");
+    let _ = writeln!(out, "shard_balance_planned_moves {}", r.plan.len());
+    if r.nodes.iter().any(|n| n.statements_per_s.is_some()) {
+        family(&mut out, "node_statements_per_second", "Statements per second the routers sent the node (sampled).");
+        for n in &r.nodes {
+            if let Some(v) = n.statements_per_s {
+                let _ = writeln!(
+                    out,
+                    "shard_balance_node_statements_per_second{{node=\"{}\"}} {}",
+                    prom_label(&n.node),
+                    prom_value(v)
+                );
+            }
+        }
+    }
+    if r.nodes.iter().any(|n| n.p99_ms.is_some()) {
+        family(&mut out, "node_p99_seconds", "99th percentile of the node's statement latency (routers' histograms).");
+        for n in &r.nodes {
+            if let Some(v) = n.p99_ms {
+                let _ = writeln!(
+                    out,
+                    "shard_balance_node_p99_seconds{{node=\"{}\"}} {}",
+                    prom_label(&n.node),
+                    prom_value(v / 1000.0)
+                );
+            }
+        }
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    family(&mut out, "report_timestamp_seconds", "When this report was made (Unix time).");
+    let _ = writeln!(out, "shard_balance_report_timestamp_seconds {now}");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,6 +668,30 @@ mod tests {
         assert_eq!(quantile(&s.buckets["0"], 0.99), Some(0.01));
         assert_eq!(quantile(&s.buckets["0"], 0.5), Some(0.001));
         assert_eq!(quantile(&[], 0.99), None);
+    }
+
+    #[test]
+    fn prom_text() {
+        let r = Report {
+            strategy: Strategy::Hash,
+            key: "user_id".into(),
+            nodes: vec![
+                NodeFigures { node: "0".into(), rows: 30, bytes: 100, statements_per_s: None, p99_ms: None },
+                NodeFigures { node: "1\"x".into(), rows: 10, bytes: 100, statements_per_s: None, p99_ms: None },
+            ],
+            tables: vec![],
+            skew: vec![skew_of("t", &[30, 10]), skew_of(ALL_SHARDED, &[30, 10])],
+            top_units: vec![],
+            plan: vec![],
+        };
+        let text = to_prom(&r);
+        assert!(text.contains("shard_balance_node_rows{node=\"1\\\"x\"} 10\n"), "{text}");
+        assert!(text.contains("shard_balance_skew_ratio{by=\"rows\"} 1.5\n"), "{text}");
+        assert!(text.contains("shard_balance_skew_ratio{by=\"bytes\"} 1\n"), "{text}");
+        assert!(text.contains("shard_balance_table_skew_cv{table=\"t\"} 0.5\n"), "{text}");
+        assert!(text.contains("# TYPE shard_balance_planned_moves gauge\nshard_balance_planned_moves 0\n"), "{text}");
+        assert!(!text.contains("statements_per_second"), "{text}");
+        assert_eq!(prom_value(f64::INFINITY), "+Inf");
     }
 
     #[test]

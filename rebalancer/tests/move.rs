@@ -301,6 +301,19 @@ async fn a_bucket_moves_under_writes_through_two_routers() -> Result<()> {
         c.execute("INSERT INTO events (user_id, n) VALUES ($1, 7)", &[&k]).await?;
         assert_eq!(count(&shard1, &format!("SELECT count(*) FROM events WHERE user_id = {k}")).await?, 1);
     }
+    // `shard-router explain` answers from the live catalog: the new owner; --offline, from config.csv: the old.
+    let sql = format!("SELECT * FROM events WHERE user_id = {}", preloaded[0]);
+    for (offline, owner, source) in [(false, "1", "catalog"), (true, "0", "config")] {
+        let (config, sql) = (config.clone(), sql.clone());
+        let (j, routed) = tokio::task::spawn_blocking(move || {
+            let q = router::explain::Question { offline, ..Default::default() };
+            router::explain::explain(std::path::Path::new(&config), q, &sql)
+        })
+        .await??;
+        assert!(routed, "{j}");
+        assert_eq!(j["shards"], serde_json::json!([owner]), "offline {offline}: {j}");
+        assert_eq!(j["source"], source, "{j}");
+    }
     // The guard refuses a stale write on the old owner.
     let stale = shard0.execute("INSERT INTO events (user_id, n) VALUES ($1, 0)", &[&fresh[0]]).await;
     let e = stale.expect_err("the guard refuses the bucket's rows on the old owner");

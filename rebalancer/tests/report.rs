@@ -62,6 +62,55 @@ async fn report_shows_rows_bytes_units_and_skew() -> Result<()> {
         text.starts_with("kind,node,name,rows,bytes,statements_per_s,p99_ms\n") && text.contains("table,0,messages,"),
         "{text}"
     );
+
+    // Prometheus text: HELP and TYPE for every family, and the JSON format's figures.
+    let out = rebalance(&["--config", &config, "report", "--format", "prom"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let prom = prom_samples(&String::from_utf8(out.stdout)?);
+    for n in nodes {
+        let node = n["node"].as_str().expect("a node name");
+        let labels = format!("node=\"{node}\"");
+        assert_eq!(prom[&format!("shard_balance_node_rows{{{labels}}}")], n["rows"].as_f64().unwrap(), "{prom:?}");
+        assert_eq!(prom[&format!("shard_balance_node_bytes{{{labels}}}")], n["bytes"].as_f64().unwrap(), "{prom:?}");
+    }
+    for t in tables {
+        let labels = format!(
+            "node=\"{}\",table=\"{}\",sharded=\"{}\"",
+            t["node"].as_str().unwrap(),
+            t["table"].as_str().unwrap(),
+            t["sharded"]
+        );
+        assert_eq!(prom[&format!("shard_balance_table_rows{{{labels}}}")], t["rows"].as_f64().unwrap());
+        assert_eq!(prom[&format!("shard_balance_table_bytes{{{labels}}}")], t["bytes"].as_f64().unwrap());
+    }
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+    for s in skew {
+        let (ratio, cv) = (s["max_over_mean"].as_f64().unwrap(), s["cv"].as_f64().unwrap());
+        let (r, c) = if s["table"] == "(all sharded tables)" {
+            (prom["shard_balance_skew_ratio{by=\"rows\"}"], prom["shard_balance_skew_cv{by=\"rows\"}"])
+        } else {
+            let t = s["table"].as_str().unwrap();
+            (
+                prom[&format!("shard_balance_table_skew_ratio{{table=\"{t}\"}}")],
+                prom[&format!("shard_balance_table_skew_cv{{table=\"{t}\"}}")],
+            )
+        };
+        assert!(close(r, ratio) && close(c, cv), "{s}: {r} {c}");
+    }
+    assert!(prom["shard_balance_skew_ratio{by=\"rows\"}"] > 1.3);
+    // Bytes' skew: max/mean of the nodes' bytes.
+    let bytes: Vec<f64> = nodes.iter().map(|n| n["bytes"].as_f64().unwrap()).collect();
+    let mean = bytes.iter().sum::<f64>() / bytes.len() as f64;
+    let max = bytes.iter().copied().fold(0.0, f64::max);
+    assert!(close(prom["shard_balance_skew_ratio{by=\"bytes\"}"], max / mean), "{prom:?}");
+    for u in r["top_units"].as_array().expect("top units") {
+        let labels = format!("unit=\"{}\",node=\"{}\"", u["unit"].as_str().unwrap(), u["node"].as_str().unwrap());
+        assert_eq!(prom[&format!("shard_balance_unit_rows{{{labels}}}")], u["rows"].as_f64().unwrap());
+    }
+    assert_eq!(prom["shard_balance_planned_moves"], r["plan"].as_array().expect("plan").len() as f64);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    assert!((now - prom["shard_balance_report_timestamp_seconds"]).abs() < 600.0);
+
     let html = tempfile_path("balance.html");
     let out = rebalance(&["--config", &config, "report", "--format", "html", "--out", &html]);
     assert!(out.status.success());
@@ -102,6 +151,32 @@ async fn report_shows_rows_bytes_units_and_skew() -> Result<()> {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/config.csv"));
     Ok(())
+}
+
+/// Prometheus text: `name{labels}` → value; every sample's family has HELP and TYPE lines before it, and
+/// each family is a gauge named `shard_balance_*`.
+fn prom_samples(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut out = std::collections::HashMap::new();
+    let (mut helped, mut typed) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').expect("# HELP name text");
+            assert!(!help.trim().is_empty(), "{line}");
+            helped.insert(name.to_string());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
+            assert_eq!(kind, "gauge", "{line}");
+            typed.insert(name.to_string());
+        } else if !line.is_empty() {
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("a sample: {line}"));
+            let family = series.split('{').next().expect("a name");
+            assert!(family.starts_with("shard_balance_"), "{line}");
+            assert!(helped.contains(family) && typed.contains(family), "HELP and TYPE before {line}");
+            let v: f64 = value.parse().unwrap_or_else(|_| panic!("a number: {line}"));
+            assert!(out.insert(series.to_string(), v).is_none(), "one sample per series: {line}");
+        }
+    }
+    out
 }
 
 fn tempfile_path(name: &str) -> String {

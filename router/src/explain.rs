@@ -1,4 +1,5 @@
-//! `shard-router explain` and `check`: the routing decision and the config, printed as JSON.
+//! `shard-router explain` and `check`: the routing decision (on the live shard map) and the config, printed as
+//! JSON.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -13,21 +14,94 @@ fn load(path: &Path) -> anyhow::Result<(Config, Arc<ShardMap>)> {
     Ok((config, Arc::new(map)))
 }
 
-pub fn run(
-    path: &Path,
-    params: Vec<String>,
-    tenant: Option<String>,
-    database: Option<String>,
-    shard_key: Option<String>,
-    sql: &str,
-) -> anyhow::Result<ExitCode> {
-    let (_, map) = load(path)?;
+/// Brings `map` to what the live catalog says (bucket owners, range splits, tenant placements), unless
+/// `offline`; returns the JSON fields that say which map the answer is from: `"source": "catalog"` (with the
+/// catalog's `catalog_version`) or `"source": "config"` (with `catalog` saying why, when one is configured).
+fn live(config: &Config, map: &ShardMap, offline: bool) -> serde_json::Map<String, serde_json::Value> {
+    let mut o = serde_json::Map::new();
+    o.insert("source".into(), "config".into());
+    if offline {
+        o.insert("catalog".into(), "not read (--offline)".into());
+        return o;
+    }
+    let addr = match shardmap::catalog::address(config) {
+        Ok(Some(a)) => a,
+        Ok(None) => return o,
+        Err(e) => {
+            o.insert("catalog".into(), format!("shard-catalog: {e}").into());
+            return o;
+        }
+    };
+    let read = async {
+        let client = shard_catalog::connect(&addr, None, "shard-router explain").await?;
+        shard_catalog::load(&client, map).await
+    };
+    let answer =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
+            |rt| {
+                rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), read).await })
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 5 s")))
+            },
+        );
+    match answer {
+        Ok(version) => {
+            o.insert("source".into(), "catalog".into());
+            o.insert("catalog_version".into(), version.into());
+        }
+        Err(e) if missing_catalog(&e) => {
+            // Nothing was ever moved: config.csv is the live map.
+            o.insert("catalog".into(), format!("{addr}: not made yet, nothing has moved").into());
+        }
+        Err(e) => {
+            eprintln!(
+                "shard-router explain: the catalog cannot be read ({e:#}); answering from config.csv alone, \
+                 which does not know the moves made since (--offline says so without trying)"
+            );
+            o.insert("catalog".into(), format!("unreachable: {e:#}").into());
+        }
+    }
+    o
+}
+
+/// Whether `e` says that the catalog's database or tables do not exist.
+fn missing_catalog(e: &anyhow::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .filter_map(|e| e.code())
+        .any(|c| *c == SqlState::INVALID_CATALOG_NAME || *c == SqlState::UNDEFINED_TABLE)
+}
+
+/// What `explain` asks.
+#[derive(Default)]
+pub struct Question {
+    /// Bind parameter values in text format (`None`: NULL).
+    pub params: Vec<Option<String>>,
+    pub tenant: Option<String>,
+    pub database: Option<String>,
+    pub shard_key: Option<String>,
+    /// Read config.csv alone, not the catalog.
+    pub offline: bool,
+}
+
+/// `shard-router explain`: prints the decision's JSON; exit status 0 routed, 1 refused.
+pub fn run(path: &Path, q: Question, sql: &str) -> anyhow::Result<ExitCode> {
+    let (json, routed) = explain(path, q, sql)?;
+    println!("{json}");
+    Ok(if routed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The decision for `sql` as JSON, and whether it was routed (not refused).
+pub fn explain(path: &Path, q: Question, sql: &str) -> anyhow::Result<(serde_json::Value, bool)> {
+    let Question { params, tenant, database, shard_key, offline } = q;
+    let (config, map) = load(path)?;
+    let source = live(&config, &map, offline);
     let planner = Planner::new(map.clone());
     let mut session = Session { database, tenant, ..Default::default() };
     if let Some(k) = shard_key {
         session.apply(&shardmap::sql::SessionChange::ShardKey(Some(k)), &map)?;
     }
-    let params = TextParams(params.into_iter().map(|p| (p != "NULL").then_some(p)).collect());
+    let params = TextParams(params);
     let (json, code) = match planner.decide(sql, &params, &session) {
         Ok(d) => match rows(&d, sql, &map) {
             Ok(rows) => {
@@ -35,14 +109,17 @@ pub fn run(
                 if let (Some(o), Some(rows)) = (j.as_object_mut(), rows) {
                     o.extend(rows);
                 }
-                (j, ExitCode::SUCCESS)
+                (j, true)
             }
-            Err(e) => (e.to_json(&map), ExitCode::from(1)),
+            Err(e) => (e.to_json(&map), false),
         },
-        Err(e) => (e.to_json(&map), ExitCode::from(1)),
+        Err(e) => (e.to_json(&map), false),
     };
-    println!("{json}");
-    Ok(code)
+    let mut json = json;
+    if let Some(o) = json.as_object_mut() {
+        o.extend(source);
+    }
+    Ok((json, code))
 }
 
 /// For a read on several shards: how their rows become the answer (`"rows"`: `concatenated` or
@@ -71,7 +148,7 @@ fn rows(
     o.insert("rows".into(), "combined".into());
     o.insert("shard_sql".into(), plan.shard_sql.clone().into());
     let merge = match &plan.stream {
-        Some(s) if s.limit.is_none_or(|l| l + s.offset >= router::frontend::stream::STREAM_FROM) => {
+        Some(s) if s.limit.is_none_or(|l| l + s.offset >= crate::frontend::stream::STREAM_FROM) => {
             "merged as they come when the sort keys are integers, floats, numeric, bool, dates, times or uuids; else a final query over the shards' rows"
         }
         _ => "a final query over the shards' rows, on the first shard's connection",

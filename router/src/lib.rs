@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod control;
 pub mod demo;
+pub mod explain;
 pub mod frontend;
 pub mod net;
 pub mod server;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod explain;
+use router::explain;
 
 /// A PostgreSQL sharding proxy: point a connection string at it and each statement goes to its shard.
 #[derive(Parser)]
@@ -18,7 +18,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print where a statement would go, as JSON, without connecting anywhere.
+    /// Print where a statement would go, as JSON, as the running routers would place it.
+    ///
+    /// The shard map is the live one: when config.csv has a catalog (hash-buckets, range and tenant
+    /// strategies, or shard-catalog), bucket owners, range splits and tenant placements are read from it, so
+    /// that after `rebalance move` explain names the new owner ("source":"catalog"); --offline reads
+    /// config.csv alone ("source":"config"), as does a catalog that cannot be reached (with a warning).
     ///
     /// Example: shard-router explain --config config.csv "SELECT * FROM users WHERE user_id = 12345"
     /// prints {"strategy":"hash","key":"user_id","values":["12345"],"shards":["1"],...}.
@@ -39,6 +44,9 @@ enum Command {
         /// The session's shard key (as if the client had run SET gb.shard_key).
         #[arg(long)]
         shard_key: Option<String>,
+        /// Use config.csv alone: do not read the catalog (no connection is made).
+        #[arg(long)]
+        offline: bool,
         /// The SQL statement (or several, separated by ';').
         sql: String,
     },
@@ -151,8 +159,9 @@ async fn listen_reusable(addr: &str) -> std::io::Result<tokio::net::TcpListener>
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Explain { config, params, tenant, database, shard_key, sql } => {
-            explain::run(&config, params, tenant, database, shard_key, &sql)
+        Command::Explain { config, params, tenant, database, shard_key, offline, sql } => {
+            let params = params.into_iter().map(|p| (p != "NULL").then_some(p)).collect();
+            explain::run(&config, explain::Question { params, tenant, database, shard_key, offline }, &sql)
         }
         Command::Check { config } => explain::check(&config),
         Command::Serve { config, listen } => serve(&config, listen),

@@ -60,7 +60,14 @@ impl Router {
             }
         }
         Ok(Router {
-            routing: Arc::new(Routing { config, map: map.clone(), planner: Planner::new(map), catalog, session_mode }),
+            routing: Arc::new(Routing {
+                config,
+                map: map.clone(),
+                planner: Planner::new(map),
+                catalog,
+                session_mode,
+                rates: Default::default(),
+            }),
             backends,
             registry: Default::default(),
             tls,
@@ -150,6 +157,8 @@ pub async fn run_with<G: Future<Output = ()>>(
         router.routing.map.clone(),
         follower,
     )));
+    // SIGHUP: RELOAD.
+    let _stop_hup = AbortOnDrop(tokio::spawn(crate::control::reload::on_sighup(Arc::downgrade(&router))));
     // Transactions left prepared by two-phase commit (a router or a shard that stopped mid-commit).
     let _stop_recovery = AbortOnDrop(tokio::spawn(crate::control::recovery::run(Arc::downgrade(&backends))));
     tokio::pin!(stop);

@@ -22,7 +22,7 @@ fn readme_hash_example() {
     assert_eq!(code, 0);
     assert_eq!(
         j.to_string(),
-        r#"{"strategy":"hash","key":"user_id","values":["12345"],"shards":["1"],"target":"one","reason":"user_id = 12345"}"#
+        r#"{"strategy":"hash","key":"user_id","values":["12345"],"shards":["1"],"target":"one","reason":"user_id = 12345","source":"config"}"#
     );
     let (_, j) = explain("examples/hash.csv", &["--param", "7", "UPDATE users SET name = 'x' WHERE user_id = $1"]);
     assert_eq!(j["shards"][0], "3");
@@ -172,4 +172,22 @@ fn reads_across_shards_say_how_rows_are_combined() {
     let (code, j) = explain("examples/hash.csv", &["SELECT string_agg(content, ',') FROM message_history"]);
     assert_eq!((code, j["sqlstate"].as_str()), (1, Some("0A000")), "{j}");
     assert!(j["error"].as_str().unwrap().contains("string_agg()"), "{j}");
+}
+
+#[test]
+fn explain_says_which_map_it_used() {
+    // A strategy whose units move (ranges): the catalog is read unless --offline; one that cannot be reached
+    // leaves config.csv's answer, with a warning and the reason in the JSON.
+    let (code, j) = explain("examples/range.csv", &["--offline", "SELECT * FROM users WHERE user_id = 1500000"]);
+    assert_eq!(code, 0, "{j}");
+    assert_eq!(j["source"], "config");
+    assert_eq!(j["catalog"], "not read (--offline)");
+    let (code, j) = explain("examples/range.csv", &["SELECT * FROM users WHERE user_id = 1500000"]);
+    assert_eq!(code, 0, "{j}");
+    assert_eq!((j["source"].as_str(), j["shards"].clone()), (Some("config"), serde_json::json!(["shard2"])));
+    assert!(j["catalog"].as_str().is_some_and(|c| c.starts_with("unreachable")), "{j}");
+    // Modulo hashing has no catalog: nothing to read.
+    let (_, j) = explain("examples/hash.csv", &["SELECT * FROM users WHERE user_id = 12345"]);
+    assert_eq!(j["source"], "config");
+    assert!(j.get("catalog").is_none(), "{j}");
 }

@@ -127,3 +127,51 @@ async fn sigterm_drains_while_a_new_router_takes_the_port() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// SIGHUP is RELOAD (systemd's `ExecReload`): config.csv is read again, clients stay connected; a file with
+/// errors changes nothing and the router goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config() {
+    let pg = PgServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.csv");
+    let head = format!("shard-strategy,hash\nshard-count,1\nrouter-auth,trust\nshard-node-0,{}\n", pg.url("postgres"));
+    std::fs::write(&config, &head).unwrap();
+    let port = free_port();
+    let mut router = start_router(&config, port);
+    let c = client(port).await;
+    for _ in 0..5 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    // A rate limit of 3 statements a minute, reloaded: the 4th is refused on the same connection.
+    std::fs::write(&config, format!("{head}router-rate-limit-statements,3\nrouter-rate-limit-window-s,60\n")).unwrap();
+    signal(&router, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        match c.simple_query("SELECT 1").await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "SIGHUP did not reload the config");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(refused.code().map(|c| c.code()), Some("53400"), "{refused}");
+    // A broken file: the running config stays (still limited), the router keeps serving.
+    std::fs::write(&config, format!("{head}router-rate-limit-statements,lots\n")).unwrap();
+    signal(&router, "-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(router.try_wait().unwrap().is_none(), "the router stopped on a bad reload");
+    let e = c.simple_query("SELECT 1").await.expect_err("still limited");
+    assert_eq!(e.code().map(|c| c.code()), Some("53400"));
+    // The limit removed: served again.
+    std::fs::write(&config, &head).unwrap();
+    signal(&router, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.simple_query("SELECT 1").await.is_err() {
+        assert!(Instant::now() < deadline, "SIGHUP did not lift the limit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&router, "-TERM");
+    assert!(exited(&mut router, Duration::from_secs(10)).is_some());
+}

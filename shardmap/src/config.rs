@@ -32,6 +32,8 @@ const KEYS: &[&str] = &[
     "shard-table-<table>",
     "shard-read-replicas",
     "shard-max-replica-lag-bytes",
+    "shard-replica-policy",
+    "shard-degraded-reads",
     "shard-catalog",
     "shard-two-phase-commit",
     "shard-node-<name>",
@@ -59,6 +61,9 @@ const KEYS: &[&str] = &[
     "router-client-idle-timeout-s",
     "router-idle-transaction-timeout-s",
     "router-shutdown-timeout-s",
+    "router-rate-limit-statements",
+    "router-rate-limit-window-s",
+    "router-rate-limit-burst",
     "pool-mode",
     "pool-size",
     "pool-timeout-ms",
@@ -107,6 +112,22 @@ pub enum Algorithm {
     #[default]
     Modulo,
     HashBuckets,
+}
+
+/// `shard-replica-policy`: which fresh-enough standby takes a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaPolicy {
+    /// Each standby in turn.
+    #[default]
+    RoundRobin,
+    /// The standby whose pool has the fewest connections checked out now.
+    LeastConn,
+    /// A standby drawn at random.
+    Random,
+    /// The first standby in the node's order (its URL's hosts, or Patroni's member list), the others only
+    /// when it lags or is down.
+    First,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -185,6 +206,11 @@ pub struct Config {
     pub table_keys: std::collections::BTreeMap<String, String>,
     pub read_replicas: bool,
     pub max_replica_lag_bytes: u64,
+    /// `shard-replica-policy`: how a read picks among the standbys that pass the lag limit.
+    pub replica_policy: ReplicaPolicy,
+    /// `shard-degraded-reads`: while a shard has no primary, reads outside transactions go to a fresh-enough
+    /// standby instead of waiting in the failover buffer.
+    pub degraded_reads: bool,
     pub catalog: Option<String>,
     /// `shard-two-phase-commit`: transactions that write to several shards commit with two-phase commit
     /// (`false`: such transactions are refused, and all-shards transactions commit shard by shard).
@@ -250,6 +276,32 @@ pub struct ClientLimits {
     pub idle_transaction_timeout_s: u64,
     /// `router-shutdown-timeout-s`: on SIGTERM, how long transactions in progress may take to finish.
     pub shutdown_timeout_s: u64,
+    /// `router-rate-limit-*`: statements per user and per tenant.
+    pub rate: RateLimit,
+}
+
+/// `router-rate-limit-statements` per `router-rate-limit-window-s`, with bursts up to
+/// `router-rate-limit-burst`: a token bucket per user and one per tenant; a statement past it is refused
+/// (53400).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct RateLimit {
+    /// Statements a user (and a tenant) may run per window; 0: no limit.
+    pub statements: u64,
+    pub window_s: u64,
+    /// The bucket's size: statements that may run at once after a quiet spell (0: `statements`).
+    pub burst: u64,
+}
+
+impl RateLimit {
+    /// The bucket's size.
+    pub fn capacity(&self) -> f64 {
+        (if self.burst == 0 { self.statements } else { self.burst }) as f64
+    }
+
+    /// How fast the bucket fills.
+    pub fn per_second(&self) -> f64 {
+        self.statements as f64 / self.window_s.max(1) as f64
+    }
 }
 
 impl Default for ClientLimits {
@@ -264,6 +316,7 @@ impl Default for ClientLimits {
             client_idle_timeout_s: 0,
             idle_transaction_timeout_s: 0,
             shutdown_timeout_s: 30,
+            rate: RateLimit { statements: 0, window_s: 1, burst: 0 },
         }
     }
 }
@@ -432,6 +485,8 @@ impl<'f> Builder<'f> {
             table_keys: Default::default(),
             read_replicas: false,
             max_replica_lag_bytes: 16 * 1024 * 1024,
+            replica_policy: ReplicaPolicy::RoundRobin,
+            degraded_reads: false,
             catalog: None,
             two_phase_commit: true,
             router: RouterSettings {
@@ -565,6 +620,12 @@ impl<'f> Builder<'f> {
             "shard-global-tables" => c.global_tables = list(v).into_iter().map(|t| t.to_lowercase()).collect(),
             "shard-read-replicas" => c.read_replicas = boolean(self)?,
             "shard-max-replica-lag-bytes" => c.max_replica_lag_bytes = number(self, 0)?,
+            "shard-replica-policy" => {
+                c.replica_policy = de_enum(v).map_err(|_| {
+                    self.err(row, format!("expected round_robin, least_conn, random or first, got {v:?}"))
+                })?
+            }
+            "shard-degraded-reads" => c.degraded_reads = boolean(self)?,
             "shard-catalog" => c.catalog = Some(text(self)?),
             "shard-two-phase-commit" => c.two_phase_commit = boolean(self)?,
             "router-listen" => c.router.listen = text(self)?,
@@ -598,6 +659,9 @@ impl<'f> Builder<'f> {
             "router-client-idle-timeout-s" => c.router.limits.client_idle_timeout_s = number(self, 0)?,
             "router-idle-transaction-timeout-s" => c.router.limits.idle_transaction_timeout_s = number(self, 0)?,
             "router-shutdown-timeout-s" => c.router.limits.shutdown_timeout_s = number(self, 0)?,
+            "router-rate-limit-statements" => c.router.limits.rate.statements = number(self, 0)?,
+            "router-rate-limit-window-s" => c.router.limits.rate.window_s = number(self, 1)?,
+            "router-rate-limit-burst" => c.router.limits.rate.burst = number(self, 0)?,
             "pool-mode" => {
                 c.pool.mode =
                     de_enum(v).map_err(|_| self.err(row, format!("expected transaction or session, got {v:?}")))?

@@ -1,7 +1,8 @@
 //! Limits: each a config key with PostgreSQL's SQLSTATE and a message naming the key, and a well-behaved
 //! client beside the one past the limit is served all the same: a client that sends nothing (or half a
 //! startup packet), an oversized message, too many extended-protocol bytes without a Sync, too many clients
-//! (in all and per user), a client idle too long outside and inside a transaction.
+//! (in all and per user), a client idle too long outside and inside a transaction, statements past a user's
+//! or a tenant's rate (`router-rate-limit-*`, 53400).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -224,5 +225,104 @@ async fn too_many_clients_of_one_tenant_are_refused() -> anyhow::Result<()> {
     let mut beta = RawClient::connect(c.port, "postgres", "gb_tenant_beta", &[])?;
     let r = beta.query("SELECT current_database()")?;
     assert!(r.contains(&Reply::Row(vec![Some("gb_tenant_beta".into())])), "{r:?}");
+    Ok(())
+}
+
+/// A tokio-postgres client through `c`'s router as `user` on `database`.
+async fn client_as(c: &Cluster, user: &str, database: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let conn = format!("host=127.0.0.1 port={} user={user} dbname={database}", c.port);
+    let (client, conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// The SQLSTATE of a failed statement.
+fn code(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_past_a_users_rate_are_refused_on_every_path() -> anyhow::Result<()> {
+    // 10 statements a minute with bursts of 10: the 11th in a row is refused (the bucket refills one
+    // statement every 6 s, longer than the test needs).
+    let c = Cluster::hash(
+        2,
+        "router-rate-limit-statements,10\nrouter-rate-limit-window-s,60\nrouter-rate-limit-burst,10\n",
+    )?;
+    let noisy = client_as(&c, "alice", "postgres").await?;
+    noisy.batch_execute("CREATE TABLE t (user_id bigint PRIMARY KEY, n int)").await?;
+    let insert = noisy.prepare("INSERT INTO t VALUES ($1, 0)").await?; // (Parse/Describe: not a statement run)
+                                                                       // Simple protocol, unnamed statements, a named prepared statement: 9 more to the burst's 10.
+    for k in 0..3i64 {
+        noisy.simple_query(&format!("SELECT * FROM t WHERE user_id = {k}")).await?;
+        noisy.query("SELECT * FROM t WHERE user_id = $1", &[&k]).await?;
+        noisy.execute(&insert, &[&k]).await?;
+    }
+    // Past it: refused with 53400 naming the user and the keys, through each path; the session goes on.
+    let checks: Vec<Result<u64, tokio_postgres::Error>> = vec![
+        noisy.simple_query("SELECT * FROM t WHERE user_id = 1").await.map(|_| 0),
+        noisy.query("SELECT * FROM t WHERE user_id = $1", &[&1i64]).await.map(|_| 0),
+        noisy.execute(&insert, &[&100i64]).await,
+    ];
+    for r in checks {
+        let e = r.expect_err("past the rate");
+        let db = e.as_db_error().expect("an ErrorResponse");
+        assert_eq!(db.code().code(), "53400", "{db:?}");
+        assert!(
+            db.message().contains("user \"alice\"") && db.message().contains("router-rate-limit-statements"),
+            "{}",
+            db.message()
+        );
+    }
+    // Pipelined (two statements before one Sync each, sent together): both refused.
+    let (x, y) =
+        tokio::join!(noisy.query("SELECT * FROM t WHERE user_id = $1", &[&1i64]), noisy.execute(&insert, &[&101i64]));
+    assert_eq!(
+        (code(&x.expect_err("past the rate")), code(&y.expect_err("past the rate"))),
+        ("53400".into(), "53400".into())
+    );
+    // Nothing refused ran.
+    let n: i64 = c.client().await?.query_one("SELECT count(*) FROM t WHERE user_id IN (100, 101)", &[]).await?.get(0);
+    assert_eq!(n, 0);
+    // Another user is served meanwhile.
+    let calm = client_as(&c, "bob", "postgres").await?;
+    for k in 0..5i64 {
+        calm.query("SELECT * FROM t WHERE user_id = $1", &[&k]).await?;
+    }
+    let e = noisy.batch_execute("BEGIN").await.expect_err("BEGIN is a statement too");
+    assert_eq!(code(&e), "53400");
+    // What ends a transaction is never refused: an open transaction can always be let go of.
+    noisy.batch_execute("ROLLBACK").await?;
+    noisy.execute("ROLLBACK", &[]).await?;
+    let other = client_as(&c, "alice", "postgres").await?;
+    assert_eq!(code(&other.simple_query("SELECT 1").await.expect_err("one bucket per user")), "53400");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_past_a_tenants_rate_are_refused() -> anyhow::Result<()> {
+    let c = integration::Cluster::start(
+        2,
+        "shard-strategy,tenant\nshard-tenant-db-prefix,gb_tenant_\nshard-auto-create,true\nrouter-auth,trust\n\
+         router-rate-limit-statements,6\nrouter-rate-limit-window-s,60\n",
+        |i, s| format!("shard-node-{i},{}\n", s.url("postgres")),
+    )?;
+    // Two users on tenant acme share its bucket (6); each user's own bucket (6) is not the one that runs out.
+    let (a, b) = (client_as(&c, "alice", "gb_tenant_acme").await?, client_as(&c, "bob", "gb_tenant_acme").await?);
+    for _ in 0..3 {
+        a.simple_query("SELECT 1").await?;
+        b.query("SELECT 1", &[]).await?;
+    }
+    for r in [a.simple_query("SELECT 1").await.map(|_| ()), b.query("SELECT 1", &[]).await.map(|_| ())] {
+        let e = r.expect_err("past the tenant's rate");
+        let db = e.as_db_error().expect("an ErrorResponse");
+        assert_eq!(db.code().code(), "53400");
+        assert!(db.message().contains("tenant \"acme\""), "{}", db.message());
+    }
+    // Another tenant, by the same user: served.
+    let globex = client_as(&c, "carol", "gb_tenant_globex").await?;
+    for _ in 0..5 {
+        globex.simple_query("SELECT 1").await?;
+    }
     Ok(())
 }

@@ -201,11 +201,33 @@ impl Checkout {
     ) -> Option<Pooled> {
         self.may_reach(shard, database).ok()?;
         let b = self.backends.clone();
-        let max_lag = b.config.load().max_replica_lag_bytes;
-        let at = b.topology.replica(shard, max_lag)?;
+        let (max_lag, policy) = {
+            let c = b.config.load();
+            (c.max_replica_lag_bytes, c.replica_policy)
+        };
+        let fresh = b.topology.fresh_replicas(shard, max_lag);
+        if fresh.is_empty() {
+            return None;
+        }
         let node = b.map.node(shard);
-        let target = self.target(node.addr.as_ref()?, at, database);
-        let pool = b.pools.pool(PoolKey { shard, target }, &node.name);
+        let addr = node.addr.as_ref()?;
+        let pool_of = |at: &(String, u16)| {
+            b.pools.pool(PoolKey { shard, target: self.target(addr, at.clone(), database) }, &node.name)
+        };
+        use shardmap::config::ReplicaPolicy;
+        let pool = match policy {
+            ReplicaPolicy::RoundRobin => pool_of(&fresh[b.topology.replica_turn(shard) % fresh.len()]),
+            ReplicaPolicy::Random => pool_of(&fresh[rand::random_range(0..fresh.len())]),
+            ReplicaPolicy::First => pool_of(&fresh[0]),
+            ReplicaPolicy::LeastConn => {
+                // Ties (all idle, say) go round: the turn picks where the search starts.
+                let start = b.topology.replica_turn(shard);
+                (0..fresh.len())
+                    .map(|k| pool_of(&fresh[(start + k) % fresh.len()]))
+                    .min_by_key(|p| p.in_use())
+                    .expect("at least one standby")
+            }
+        };
         let mut p = pool.get().await.ok()?;
         self.take_up(&mut p, carry).await.ok()?;
         Some(p)

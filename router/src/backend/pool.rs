@@ -70,6 +70,11 @@ pub struct Pooled {
 }
 
 impl Pool {
+    /// Connections checked out of this pool now.
+    pub fn in_use(&self) -> usize {
+        (self.settings.load().size as usize).saturating_sub(self.permits.available_permits())
+    }
+
     pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
         Ok(self.get_with(true).await?.expect("a checkout that waits gets a connection or an error"))
     }

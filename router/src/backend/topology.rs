@@ -204,6 +204,14 @@ impl Topology {
         let mut changed = false;
         node.tx.send_modify(|p| {
             p.probes += 1;
+            let mut replicas = replicas;
+            if found.is_none() {
+                // No primary to measure against: a standby is as far behind as it was when one was last seen
+                // (without a primary, no WAL it lacks is being written).
+                for (host, lag) in replicas.iter_mut().filter(|(_, lag)| lag.is_none()) {
+                    *lag = p.replicas.iter().find(|(h, _)| h == host).and_then(|(_, l)| *l);
+                }
+            }
             p.replicas = replicas;
             if p.host == found {
                 return;
@@ -244,18 +252,18 @@ impl Topology {
         self.nodes.get(shard.0 as usize).is_some_and(|n| n.follows)
     }
 
-    /// A standby of `shard` whose replay is at most `max_lag` bytes behind the primary, taken in turn; `None`
-    /// when there is none (reads then go to the primary).
-    pub fn replica(&self, shard: ShardId, max_lag: u64) -> Option<(String, u16)> {
-        let n = self.nodes.get(shard.0 as usize)?;
+    /// The standbys of `shard` whose replay is at most `max_lag` bytes behind the primary (while the shard
+    /// has no primary: behind the last one seen), in the node's order; empty when there is none (reads then
+    /// go to the primary).
+    pub fn fresh_replicas(&self, shard: ShardId, max_lag: u64) -> Vec<(String, u16)> {
+        let Some(n) = self.nodes.get(shard.0 as usize) else { return Vec::new() };
         let p = n.tx.borrow();
-        let fresh: Vec<&(String, u16)> =
-            p.replicas.iter().filter(|(_, lag)| lag.is_some_and(|l| l <= max_lag)).map(|(h, _)| h).collect();
-        if fresh.is_empty() {
-            return None;
-        }
-        let i = n.next_replica.fetch_add(1, Ordering::Relaxed) % fresh.len();
-        Some(fresh[i].clone())
+        p.replicas.iter().filter(|(_, lag)| lag.is_some_and(|l| l <= max_lag)).map(|(h, _)| h.clone()).collect()
+    }
+
+    /// The next turn of `shard`'s round robin over its standbys.
+    pub fn replica_turn(&self, shard: ShardId) -> usize {
+        self.nodes.get(shard.0 as usize).map_or(0, |n| n.next_replica.fetch_add(1, Ordering::Relaxed))
     }
 
     /// `shard`'s standbys and their lag, as last probed.

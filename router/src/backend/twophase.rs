@@ -47,6 +47,10 @@ pub struct Counters {
     /// Prepared transactions recovery committed / rolled back.
     pub recovered_commit: AtomicU64,
     pub recovered_abort: AtomicU64,
+    /// Prepared transactions of routers that the last recovery round found and left prepared, not counting
+    /// this router's in flight nor any younger than `DECIDE_WITHIN` (a session may still be deciding them):
+    /// in doubt until recovery finishes them (a gauge).
+    pub in_doubt: AtomicU64,
     /// Two-phase commit latency (first PREPARE to the last COMMIT PREPARED), per bucket; the last is `+Inf`.
     pub buckets: [AtomicU64; BOUNDS_US.len() + 1],
     pub sum_us: AtomicU64,

@@ -284,11 +284,8 @@ async fn pause(shared: &Arc<Router>, shard: Option<&str>, on: bool) -> Result<Re
 }
 
 fn reload(shared: &Arc<Router>) -> Result<Reply, Failure> {
-    let file = shared.routing.config.load().file.clone();
-    let new = shardmap::Config::load(std::path::Path::new(&file))
+    let restart = crate::control::reload::reload_file(shared)
         .map_err(|e| ("F0000", format!("RELOAD failed, the running config is kept: {e}")))?;
-    let restart = crate::control::reload::reload(shared, new);
-    tracing::info!(file, ?restart, "config reloaded");
     let notice =
         (!restart.is_empty()).then(|| format!("changed but not applied until a restart: {}", restart.join(", ")));
     Ok(Reply::Done("RELOAD".into(), notice))

@@ -28,7 +28,13 @@ fn checks(backends: &Backends) -> Vec<(String, String)> {
         .map(|(i, n)| {
             let shard = shardmap::ShardId(i as u16);
             let state = if !backends.topology.has_primary(shard) {
-                "no primary".to_string()
+                if config.degraded_reads
+                    && !backends.topology.fresh_replicas(shard, config.max_replica_lag_bytes).is_empty()
+                {
+                    DEGRADED.to_string()
+                } else {
+                    "no primary".to_string()
+                }
             } else if backends.breaker.state(i) == "open" {
                 "circuit open".to_string()
             } else if config.health.enabled && backends.stats.health_failures[i].load(Ordering::Relaxed) >= retries {
@@ -41,13 +47,22 @@ fn checks(backends: &Backends) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The health document and its HTTP status: 200 when every shard is `ok`, 503 otherwise.
+/// A shard without a primary whose reads go to a standby (`shard-degraded-reads`).
+const DEGRADED: &str = "degraded";
+
+/// The health document and its HTTP status: 200 when every shard is `ok` (`healthy`) or some are degraded
+/// (`degraded`), 503 otherwise (`unhealthy`).
 pub fn health(backends: &Backends) -> (StatusCode, serde_json::Value) {
     let checks = checks(backends);
-    let healthy = checks.iter().all(|(_, s)| s == "ok");
+    let healthy = checks.iter().all(|(_, s)| s == "ok" || s == DEGRADED);
+    let degraded = checks.iter().any(|(_, s)| s == DEGRADED);
     let pools = backends.pools.stats();
     let body = serde_json::json!({
-        "status": if healthy { "healthy" } else { "unhealthy" },
+        "status": match (healthy, degraded) {
+            (false, _) => "unhealthy",
+            (true, true) => "degraded",
+            (true, false) => "healthy",
+        },
         "version": env!("CARGO_PKG_VERSION"),
         "uptime": backends.stats.uptime().as_secs(),
         "checks": checks.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect::<serde_json::Map<_, _>>(),
@@ -133,6 +148,7 @@ pub fn metrics(backends: &Backends) -> String {
             );
         }
     }
+    replica_lag(&mut out, backends, &names);
     let c = &backends.two_phase.counters;
     help(
         &mut out,
@@ -168,6 +184,17 @@ pub fn metrics(backends: &Backends) -> String {
     );
     help(
         &mut out,
+        "two_phase_in_doubt",
+        "gauge",
+        &format!(
+            "Prepared transactions of routers the last recovery round left prepared: not in flight in this router, \
+             older than {} s.",
+            crate::backend::twophase::DECIDE_WITHIN.as_secs()
+        ),
+    );
+    let _ = writeln!(out, "shard_router_two_phase_in_doubt {}", c.in_doubt.load(Ordering::Relaxed));
+    help(
+        &mut out,
         "two_phase_commit_duration_seconds",
         "histogram",
         "Two-phase commit: from the first PREPARE TRANSACTION to the last COMMIT PREPARED.",
@@ -178,6 +205,31 @@ pub fn metrics(backends: &Backends) -> String {
     help(&mut out, "uptime_seconds", "gauge", "Seconds since the router started.");
     let _ = writeln!(out, "shard_router_uptime_seconds {}", backends.stats.uptime().as_secs());
     out
+}
+
+/// Each standby's replay lag as last probed (standbys whose lag is unknown have no sample), and the limit
+/// `shard-max-replica-lag-bytes` over which reads leave it, so that an alert can compare the two.
+fn replica_lag(out: &mut String, backends: &Backends, names: &[&str]) {
+    let _ = writeln!(
+        out,
+        "# HELP shard_router_replica_lag_bytes Bytes of WAL a standby's replay is behind its primary, as last probed.\n\
+         # TYPE shard_router_replica_lag_bytes gauge"
+    );
+    for (i, name) in names.iter().enumerate() {
+        for ((host, port), lag) in backends.topology.replicas(shardmap::ShardId(i as u16)) {
+            if let Some(lag) = lag {
+                let _ =
+                    writeln!(out, "shard_router_replica_lag_bytes{{shard=\"{name}\",server=\"{host}:{port}\"}} {lag}");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP shard_router_replica_max_lag_bytes The configured shard-max-replica-lag-bytes: standbys further behind get no reads.\n\
+         # TYPE shard_router_replica_max_lag_bytes gauge\n\
+         shard_router_replica_max_lag_bytes {}",
+        backends.config.load().max_replica_lag_bytes
+    );
 }
 
 /// A histogram's samples: cumulative buckets (`buckets` holds one count per bound of `BOUNDS_US`, then

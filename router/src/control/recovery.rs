@@ -138,11 +138,17 @@ async fn round(b: &Backends, clients: &mut Clients) -> anyhow::Result<()> {
             Err(_) => complete = false,
         }
     }
+    // In doubt: left by a session that is gone or past its time to decide (`/metrics`); each one this round
+    // finishes is taken off below.
+    let in_doubt: Vec<bool> =
+        found.iter().map(|f| f.age >= twophase::DECIDE_WITHIN && !b.two_phase.in_flight(&f.txid)).collect();
+    let doubtful = &b.two_phase.counters.in_doubt;
+    doubtful.store(in_doubt.iter().filter(|d| **d).count() as u64, Ordering::Relaxed);
     let mut txids: Vec<String> = found.iter().map(|f| f.txid.clone()).collect();
     txids.sort();
     txids.dedup();
     let mut outcomes = decisions.outcomes(&txids).await?;
-    for f in &found {
+    for (f, &counted) in found.iter().zip(&in_doubt) {
         let outcome = match outcomes.get(&f.txid) {
             Some(o) => *o,
             None if b.two_phase.in_flight(&f.txid) || f.age < ABORT_AFTER => continue,
@@ -158,8 +164,14 @@ async fn round(b: &Backends, clients: &mut Clients) -> anyhow::Result<()> {
         }
         let Some(c) = client(b, clients, f.shard, Some(&f.database)).await else { continue };
         let sql = format!("{} PREPARED '{}'", if outcome { "COMMIT" } else { "ROLLBACK" }, f.gid);
+        let finished = || {
+            if counted {
+                let _ = doubtful.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            }
+        };
         match c.batch_execute(&sql).await {
             Ok(()) => {
+                finished();
                 let counter = if outcome {
                     &b.two_phase.counters.recovered_commit
                 } else {
@@ -169,7 +181,7 @@ async fn round(b: &Backends, clients: &mut Clients) -> anyhow::Result<()> {
                 tracing::info!(gid = %f.gid, "2PC recovery: {}", if outcome { "committed" } else { "rolled back" });
             }
             // Finished in between by its session or another router.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {}
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => finished(),
             Err(e) => tracing::warn!(gid = %f.gid, "2PC recovery: {sql}: {e}"),
         }
     }

@@ -1,6 +1,6 @@
 //! RELOAD: config.csv read again while clients stay connected. The settings that can change take effect at
 //! once (users and passwords, `router-auth`, admin users, pool timeouts, circuit breaker, failover buffer,
-//! health checks, read replicas, auto-create); structural ones (the shard map, nodes, listen addresses,
+//! health checks, read replicas and their policy, degraded reads, rate limits, auto-create); structural ones (the shard map, nodes, listen addresses,
 //! threads, TLS, pool mode and size, the health endpoint's path) keep their running values and are named.
 
 use std::sync::Arc;
@@ -9,6 +9,42 @@ use std::time::Duration;
 use shardmap::Config;
 
 use crate::server::Router;
+
+/// RELOAD (the admin console's, or SIGHUP): reads config.csv again from the file the router started with
+/// and applies it; returns the keys that changed but need a restart. A file with errors changes nothing.
+pub fn reload_file(router: &Router) -> Result<Vec<&'static str>, shardmap::config::ConfigError> {
+    let file = router.routing.config.load().file.clone();
+    let new = Config::load(std::path::Path::new(&file))?;
+    let restart = reload(router, new);
+    tracing::info!(file, ?restart, "config reloaded");
+    Ok(restart)
+}
+
+/// SIGHUP: RELOAD, as PostgreSQL and PgBouncer read their configuration again on it (systemd's
+/// `ExecReload`). Errors are logged; the running config stays.
+pub async fn on_sighup(router: std::sync::Weak<Router>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("SIGHUP cannot be caught ({e}): reload through the admin console's RELOAD");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let Some(router) = router.upgrade() else { return };
+        match reload_file(&router) {
+            Ok(restart) if !restart.is_empty() => {
+                tracing::warn!(
+                    "SIGHUP: config reloaded; changed but not applied until a restart: {}",
+                    restart.join(", ")
+                )
+            }
+            Ok(_) => tracing::info!("SIGHUP: config reloaded"),
+            Err(e) => tracing::error!("SIGHUP: reload failed, the running config is kept: {e}"),
+        }
+    }
+}
 
 /// Applies `new` to a running router; returns the keys that changed but need a restart.
 pub fn reload(router: &Router, mut new: Config) -> Vec<&'static str> {

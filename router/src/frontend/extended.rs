@@ -323,7 +323,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut last = None;
         for attempt in 0..self.routing.map.nodes.len().max(1) {
             let dest = self.any_dest(attempt);
-            match self.send_outside(&dest, false, &write, true).await {
+            // While the shard fails over (shard-degraded-reads), a standby describes as its primary would.
+            let on_standby = self.degraded(&dest);
+            match self.send_outside(&dest, on_standby, &write, true).await {
                 Ok((i, exps)) => {
                     self.links.get(i).pending = true;
                     effect.dest = dest;
@@ -362,6 +364,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if analysis.statements.iter().any(|s| s.positional.is_some()) {
             self.learn_key_positions(&analysis).await?;
         }
+        self.rate_limit(&analysis)?;
         let (route, _pass) = self
             .decide(|| {
                 let types = self.statements.get(b.statement).map_or(&[][..], |st| &st.types);
@@ -409,7 +412,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.txn.sent(effect.stmt.verb.as_ref());
                         Some(i)
                     }
-                    To::Once(dest) if alone && !self.needs_care(dest, effect.stmt.read) => Some(self.link(dest).await?),
+                    To::Once(dest) if alone && !self.needs_care(dest, effect.stmt.read) => {
+                        match self.link(dest).await {
+                            Ok(i) => Some(i),
+                            Err(e) => {
+                                self.unopened(&effect.stmt, dest);
+                                return Err(e.into());
+                            }
+                        }
+                    }
                     _ => None,
                 };
                 let Some(i) = i else { return Box::pin(self.place(to, seg, d.as_ref(), effect, fast, pending)).await };
@@ -448,12 +459,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // The common case: one statement, one connection, its Sync: sent at once, with the failover
                     // retry and read replicas, and answered straight to ReadyForQuery.
                     let write = |stmts: &Statements, conn: &mut ServerConn| rewrite(stmts, seg, true, conn);
-                    let (i, exps) = self.send_outside(&dest, read, &write, true).await?;
+                    let (i, exps) = match self.send_outside(&dest, read, &write, true).await {
+                        Ok(sent) => sent,
+                        Err(e) => {
+                            self.unopened(&effect.stmt, &dest);
+                            return Err(e.into());
+                        }
+                    };
                     self.links.get(i).pending = true;
                     effect.dest = dest;
                     return self.answer_synced(i, exps, effect).await;
                 }
-                Some(self.link(&dest).await?)
+                match self.link(&dest).await {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        self.unopened(&effect.stmt, &dest);
+                        return Err(e.into());
+                    }
+                }
             }
             To::Prepared(gid) => {
                 let dest = self.prepared_dest(&gid).await?;

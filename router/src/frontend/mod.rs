@@ -9,6 +9,7 @@ pub mod extended;
 pub mod global;
 pub mod links;
 pub mod merge;
+pub mod rate;
 pub mod scram;
 pub mod sequences;
 pub mod session;
@@ -37,6 +38,8 @@ pub struct Routing {
     pub planner: Planner,
     /// The catalog this router follows (bucket owners, frozen units).
     pub catalog: Arc<shard_catalog::Catalog>,
+    /// `router-rate-limit-*`: the buckets of users and tenants.
+    pub rates: rate::RateLimits,
     /// `pool-mode,session`: each client keeps the server connections it uses for its whole session.
     pub session_mode: bool,
 }

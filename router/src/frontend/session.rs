@@ -723,6 +723,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// `router-rate-limit-*`: one statement from the user's bucket and the tenant's (the session's
+    /// `gb.tenant`, else the tenant whose database the client connected to), or 53400. Statements that end
+    /// a transaction are never refused: a client over its limit can always let go of what it holds.
+    pub fn rate_limit(&self, analysis: &Analysis) -> Result<(), Reported> {
+        let limit = self.routing.config.load().router.limits.rate;
+        if limit.statements == 0 {
+            return Ok(());
+        }
+        use shardmap::sql::TxnVerb;
+        let ends = |s: &shardmap::sql::StatementAnalysis| {
+            matches!(
+                s.txn,
+                Some(
+                    TxnVerb::Commit
+                        | TxnVerb::Rollback
+                        | TxnVerb::RollbackTo
+                        | TxnVerb::CommitPrepared(_)
+                        | TxnVerb::RollbackPrepared(_)
+                )
+            )
+        };
+        if !analysis.statements.is_empty() && analysis.statements.iter().all(ends) {
+            return Ok(());
+        }
+        use super::rate::Kind;
+        let tenant = self.route.tenant.as_deref().or_else(|| {
+            (self.routing.map.strategy == shardmap::Strategy::Tenant)
+                .then(|| self.routing.map.tenant_of_database(&self.backend.database))
+                .flatten()
+        });
+        let mut keys = vec![(Kind::User, self.backend.user.as_str())];
+        keys.extend(tenant.map(|t| (Kind::Tenant, t)));
+        self.routing.rates.take(&keys, &limit)
+    }
+
     /// Sends an error and ReadyForQuery; inside a transaction the router's error fails the transaction.
     pub async fn report(&mut self, e: Reported) -> Result<(), Fatal> {
         proto::error(&mut self.io.wbuf, "ERROR", &e.code, &e.message);

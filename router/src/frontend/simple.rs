@@ -59,6 +59,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if analysis.statements.iter().any(|s| s.positional.is_some()) {
             self.learn_key_positions(analysis).await?;
         }
+        self.rate_limit(analysis)?;
         let (route, _pass) =
             self.decide(|| self.routing.planner.decide_shaped(analysis, literals, &self.route)).await?;
         let plan = self.plan(&stmt, &route);
@@ -88,7 +89,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.relay_simple(i, &settings_of(analysis), text, &stmt).await
             }
             Plan::Run(To::Once(dest)) if !self.needs_care(&dest, stmt.read) => {
-                let i = self.link(&dest).await?;
+                let i = match self.link(&dest).await {
+                    Ok(i) => i,
+                    Err(e) => {
+                        self.unopened(&stmt, &dest);
+                        return Err(e.into());
+                    }
+                };
                 self.send_on(i, &|_, conn| conn.io.push(&msg.frame)).await?;
                 self.relay_simple(i, &settings_of(analysis), text, &stmt).await
             }
@@ -107,8 +114,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return false;
         }
         let b = &self.backend.backends;
-        b.topology.follows(dest.shard)
-            || (read && self.txn.state == State::Idle && !self.routing.session_mode && b.config.load().read_replicas)
+        b.topology.follows(dest.shard) || self.may_read_standby(dest, read)
+    }
+
+    /// A BEGIN sent to a session's fixed destination that reached no server (no primary within the failover
+    /// buffer, say) opened no transaction: the session is back outside one, as the client was told.
+    pub fn unopened(&mut self, stmt: &Stmt, dest: &Dest) {
+        if matches!(stmt.verb, Some(shardmap::sql::TxnVerb::Begin))
+            && matches!(&self.txn.state, State::One(d) if d == dest)
+            && self.links.find(dest).is_none()
+        {
+            self.txn.end();
+        }
+    }
+
+    /// Whether a statement outside a transaction may read on a standby of `dest`'s shard:
+    /// `shard-read-replicas`, or `shard-degraded-reads` while the shard has no primary.
+    fn may_read_standby(&self, dest: &Dest, read: bool) -> bool {
+        if !read || self.txn.state != State::Idle || self.routing.session_mode {
+            return false;
+        }
+        self.backend.backends.config.load().read_replicas || self.degraded(dest)
+    }
+
+    /// `shard-degraded-reads` applies to `dest` now: its shard has no primary, and the session is outside a
+    /// transaction.
+    pub fn degraded(&self, dest: &Dest) -> bool {
+        let b = &self.backend.backends;
+        self.txn.state == State::Idle
+            && !self.routing.session_mode
+            && b.config.load().degraded_reads
+            && !b.topology.has_primary(dest.shard)
     }
 
     /// CommandComplete with `tag`, then ReadyForQuery.
@@ -205,7 +241,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.send_on(i, &push).await?;
                 i
             }
-            To::Once(dest) => self.send_outside(&dest, stmt.read, &write, true).await?.0,
+            To::Once(dest) => match self.send_outside(&dest, stmt.read, &write, true).await {
+                Ok((i, _)) => i,
+                Err(e) => {
+                    self.unopened(stmt, &dest);
+                    return Err(e.into());
+                }
+            },
             To::Prepared(gid) => {
                 let dest = self.prepared_dest(&gid).await?;
                 self.send_outside(&dest, false, &write, true).await?.0
@@ -455,8 +497,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<(usize, T), Reported> {
         let fresh = self.links.find(dest).is_none();
         let b = self.backend.backends.clone();
-        if fresh && read && self.txn.state == State::Idle && !self.routing.session_mode && b.config.load().read_replicas
-        {
+        if fresh && self.may_read_standby(dest, read) {
             if let Some(mut p) = Box::pin(self.backend.replica(dest.shard, dest.db.as_deref(), &self.settings)).await {
                 let t = write(&self.statements, p.conn())?;
                 let sent = p.conn().flush().await.is_ok();

@@ -221,7 +221,7 @@ impl Txn {
         }
     }
 
-    fn end(&mut self) {
+    pub fn end(&mut self) {
         self.state = State::Idle;
         self.failed = false;
         self.implicit = false;
