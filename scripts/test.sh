@@ -15,3 +15,5 @@ echo "== cargo test"
 cargo test --workspace
 echo "== cargo fuzz (a short run of every target; README, \"Fuzzing\")"
 bash scripts/fuzz.sh 10
+echo "== the documentation's commands (README's tour, docs/*.md; scripts/doc-commands.sh)"
+bash scripts/doc-commands.sh

@@ -1,6 +1,7 @@
-//! `shard-router demo`: four local PostgreSQL shards in a temporary directory, a hash-sharded config, the
-//! router in front, a `psql` line and an example session to try; Ctrl-C stops the shards and removes their
-//! data.
+//! `shard-router demo`: four local PostgreSQL shards in a temporary directory, a hash-sharded config (written
+//! where `--config-file` says, `./shard-router-demo.csv` by default, for `explain` and `rebalance`), the
+//! router in front, a `psql` line and an example session to try; Ctrl-C (or SIGTERM) stops the shards and
+//! removes their data and the config file.
 
 use std::io::Write;
 
@@ -10,14 +11,23 @@ use tokio::net::TcpListener;
 
 use localpg::PgServer;
 
-/// Runs the demo until Ctrl-C (or until `shutdown` resolves, for tests).
-pub async fn run(shards: usize, listen: &str, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+/// Runs the demo until Ctrl-C (or until `shutdown` resolves, for tests); its config is written to
+/// `config_path`.
+pub async fn run(
+    shards: usize,
+    listen: &str,
+    config_path: &std::path::Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let bin = localpg::pg_bin()
         .context("the demo needs PostgreSQL's server binaries (Debian: apt-get install postgresql)")?;
     eprintln!("starting {shards} PostgreSQL shards from {} ...", bin.display());
     let mut servers = Vec::with_capacity(shards);
     for i in 0..shards {
-        let s = tokio::task::spawn_blocking(PgServer::start).await?.with_context(|| format!("starting shard {i}"))?;
+        // Logical decoding: `rebalance move` copies a unit's rows with logical replication.
+        let s = tokio::task::spawn_blocking(|| PgServer::start_with(&["wal_level=logical"]))
+            .await?
+            .with_context(|| format!("starting shard {i}"))?;
         servers.push(s);
     }
     let mut config = format!(
@@ -28,9 +38,15 @@ pub async fn run(shards: usize, listen: &str, shutdown: impl std::future::Future
     for (i, s) in servers.iter().enumerate() {
         config.push_str(&format!("shard-node-{i},{}\n", s.url("postgres")));
     }
-    let dir = tempfile::Builder::new().prefix("shard-router-demo-").tempdir()?;
-    let config_path = dir.path().join("config.csv");
-    std::fs::write(&config_path, &config)?;
+    std::fs::write(config_path, &config).with_context(|| format!("writing {}", config_path.display()))?;
+    // The file goes with the shards, whatever happens after this.
+    struct Remove<'a>(&'a std::path::Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _remove = Remove(config_path);
     let parsed = Config::parse(&config_path.display().to_string(), config.as_bytes())?;
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
@@ -55,6 +71,5 @@ pub async fn run(shards: usize, listen: &str, shutdown: impl std::future::Future
     crate::server::run(listener, parsed, shutdown).await?;
     eprintln!("stopping the shards and removing their data ...");
     drop(servers);
-    drop(dir);
     Ok(())
 }

@@ -73,6 +73,10 @@ enum Command {
         /// Where the router listens.
         #[arg(long, default_value = "127.0.0.1:6432")]
         listen: String,
+        /// Where the demo writes its config.csv (for `shard-router explain` and `rebalance`); removed when
+        /// the demo stops.
+        #[arg(long, default_value = "shard-router-demo.csv")]
+        config_file: PathBuf,
     },
     /// Read a config.csv, report its errors, or print the settings it gives as JSON.
     Check {
@@ -81,7 +85,7 @@ enum Command {
     },
 }
 
-fn demo(shards: usize, listen: &str) -> anyhow::Result<ExitCode> {
+fn demo(shards: usize, listen: &str, config_file: &std::path::Path) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -90,9 +94,17 @@ fn demo(shards: usize, listen: &str) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--shards must be between 1 and 64");
     }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(router::demo::run(shards, listen, async {
-        let _ = tokio::signal::ctrl_c().await;
-    }))?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        router::demo::run(shards, listen, config_file, async {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -165,7 +177,7 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => explain::check(&config),
         Command::Serve { config, listen } => serve(&config, listen),
-        Command::Demo { shards, listen } => demo(shards, &listen),
+        Command::Demo { shards, listen, config_file } => demo(shards, &listen, &config_file),
     };
     match result {
         Ok(code) => code,

@@ -78,8 +78,10 @@ fn bad_config_exits_2_with_the_line() {
 #[test]
 fn demo_starts_serves_and_cleans_up() {
     use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("demo.csv");
     let mut child = Command::new(env!("CARGO_BIN_EXE_shard-router"))
-        .args(["demo", "--shards", "2", "--listen", "127.0.0.1:0"])
+        .args(["demo", "--shards", "2", "--listen", "127.0.0.1:0", "--config-file", file.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -104,6 +106,7 @@ fn demo_starts_serves_and_cleans_up() {
     }
     let conn = conn.expect("the demo prints a psql line");
     let config = std::path::PathBuf::from(config.expect("the demo prints its config path"));
+    assert_eq!(config, file);
     assert!(config.exists());
     let psql = Command::new("psql")
         .args([&conn, "-X", "-A", "-t", "-q", "-c", "CREATE TABLE users (user_id bigint PRIMARY KEY, name text)"])
@@ -120,7 +123,7 @@ fn demo_starts_serves_and_cleans_up() {
     Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     let status = child.wait().unwrap();
     assert!(status.success());
-    assert!(!config.exists(), "the demo's directory is removed");
+    assert!(!config.exists(), "the demo's config is removed");
 }
 
 /// `shard-router serve` on a single event loop (`router-threads,1`) serves psql.
