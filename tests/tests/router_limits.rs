@@ -245,9 +245,12 @@ fn code(e: &tokio_postgres::Error) -> String {
 async fn statements_past_a_users_rate_are_refused_on_every_path() -> anyhow::Result<()> {
     // 10 statements a minute with bursts of 10: the 11th in a row is refused (the bucket refills one
     // statement every 6 s, longer than the test needs).
+    let http = integration::free_port();
     let c = Cluster::hash(
         2,
-        "router-rate-limit-statements,10\nrouter-rate-limit-window-s,60\nrouter-rate-limit-burst,10\n",
+        &format!(
+            "router-rate-limit-statements,10\nrouter-rate-limit-window-s,60\nrouter-rate-limit-burst,10\nrouter-http,127.0.0.1:{http}\n"
+        ),
     )?;
     let noisy = client_as(&c, "alice", "postgres").await?;
     noisy.batch_execute("CREATE TABLE t (user_id bigint PRIMARY KEY, n int)").await?;
@@ -296,6 +299,11 @@ async fn statements_past_a_users_rate_are_refused_on_every_path() -> anyhow::Res
     noisy.execute("ROLLBACK", &[]).await?;
     let other = client_as(&c, "alice", "postgres").await?;
     assert_eq!(code(&other.simple_query("SELECT 1").await.expect_err("one bucket per user")), "53400");
+    // Counted in /metrics: 3 paths, 2 pipelined, BEGIN, the other connection.
+    let metrics =
+        tokio::process::Command::new("curl").args(["-s", &format!("http://127.0.0.1:{http}/metrics")]).output().await?;
+    let metrics = String::from_utf8(metrics.stdout)?;
+    assert!(metrics.contains("shard_router_rate_limited_total{bucket=\"user\"} 7"), "{metrics}");
     Ok(())
 }
 

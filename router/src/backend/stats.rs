@@ -23,6 +23,8 @@ pub struct Stats {
     pub clients: AtomicI64,
     /// Health checks: consecutive failures per shard (`health-enabled`).
     pub health_failures: Vec<AtomicU64>,
+    /// Statements refused by `router-rate-limit-*`: a user's bucket was empty, a tenant's.
+    pub rate_limited: [AtomicU64; 2],
     started: Instant,
 }
 
@@ -32,6 +34,7 @@ impl Stats {
             shards: (0..shards).map(|_| ShardStats::default()).collect(),
             clients: AtomicI64::new(0),
             health_failures: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            rate_limited: Default::default(),
             started: Instant::now(),
         }
     }

@@ -200,6 +200,19 @@ pub fn metrics(backends: &Backends) -> String {
         "Two-phase commit: from the first PREPARE TRANSACTION to the last COMMIT PREPARED.",
     );
     histogram(&mut out, "two_phase_commit_duration_seconds", "", &c.buckets, c.sum_us.load(Ordering::Relaxed));
+    help(
+        &mut out,
+        "rate_limited_total",
+        "counter",
+        "Statements refused by router-rate-limit-* (SQLSTATE 53400), by the bucket that was empty.",
+    );
+    for (i, kind) in ["user", "tenant"].iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "shard_router_rate_limited_total{{bucket=\"{kind}\"}} {}",
+            backends.stats.rate_limited[i].load(Ordering::Relaxed)
+        );
+    }
     help(&mut out, "client_connections", "gauge", "Client connections open now.");
     let _ = writeln!(out, "shard_router_client_connections {}", backends.stats.clients.load(Ordering::Relaxed));
     help(&mut out, "uptime_seconds", "gauge", "Seconds since the router started.");

@@ -41,8 +41,8 @@ impl Bucket {
 
 impl RateLimits {
     /// Takes one statement from the bucket of each key, or refuses (taking nothing) naming the first key
-    /// whose bucket is empty. `limit.statements == 0`: no limit.
-    pub fn take(&self, keys: &[(Kind, &str)], limit: &RateLimit) -> Result<(), Reported> {
+    /// whose bucket is empty, with its kind. `limit.statements == 0`: no limit.
+    pub fn take(&self, keys: &[(Kind, &str)], limit: &RateLimit) -> Result<(), (Kind, Reported)> {
         if limit.statements == 0 {
             return Ok(());
         }
@@ -63,7 +63,7 @@ impl RateLimits {
                     Kind::User => "user",
                     Kind::Tenant => "tenant",
                 };
-                return Err(Reported::new(
+                return Err((kind, Reported::new(
                     "53400",
                     format!(
                         "rate limit exceeded for {what} \"{name}\": {} statements per {} s (router-rate-limit-statements, router-rate-limit-window-s), bursts of {} (router-rate-limit-burst); try again later",
@@ -71,7 +71,7 @@ impl RateLimits {
                         limit.window_s.max(1),
                         limit.capacity()
                     ),
-                ));
+                )));
             }
         }
         for &(kind, name) in keys {
@@ -95,8 +95,8 @@ mod tests {
         for _ in 0..5 {
             r.take(&keys, &limit).unwrap();
         }
-        let e = r.take(&keys, &limit).unwrap_err();
-        assert_eq!(e.code, "53400");
+        let (kind, e) = r.take(&keys, &limit).unwrap_err();
+        assert_eq!((kind, e.code.as_str()), (Kind::User, "53400"));
         assert!(e.message.contains("user \"bot\""), "{}", e.message);
         std::thread::sleep(std::time::Duration::from_millis(20));
         // 1000/s for 20 ms: about 20 statements earned, 5 kept.
@@ -112,7 +112,7 @@ mod tests {
         let limit = RateLimit { statements: 1, window_s: 3600, burst: 2 };
         r.take(&[(Kind::Tenant, "acme")], &limit).unwrap();
         r.take(&[(Kind::Tenant, "acme")], &limit).unwrap();
-        let e = r.take(&[(Kind::User, "bot"), (Kind::Tenant, "acme")], &limit).unwrap_err();
+        let (_, e) = r.take(&[(Kind::User, "bot"), (Kind::Tenant, "acme")], &limit).unwrap_err();
         assert!(e.message.contains("tenant \"acme\""), "{}", e.message);
         // The user's bucket was not charged by the refused statement.
         r.take(&[(Kind::User, "bot")], &limit).unwrap();

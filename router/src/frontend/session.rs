@@ -755,7 +755,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         });
         let mut keys = vec![(Kind::User, self.backend.user.as_str())];
         keys.extend(tenant.map(|t| (Kind::Tenant, t)));
-        self.routing.rates.take(&keys, &limit)
+        self.routing.rates.take(&keys, &limit).map_err(|(kind, e)| {
+            self.backend.backends.stats.rate_limited[kind as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            e
+        })
     }
 
     /// Sends an error and ReadyForQuery; inside a transaction the router's error fails the transaction.
