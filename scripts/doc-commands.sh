@@ -5,7 +5,7 @@
 #   bash scripts/doc-commands.sh [FILE.md ...]
 #
 # Each file's `sh` blocks run in order in one bash shell (set -euo pipefail) in a scratch copy of the
-# repository's examples, with the debug `shard-router` and `rebalance` on PATH. README.md's tour starts its
+# repository's examples/ and deploy/, with the debug `shard-router` and `rebalance` on PATH. README.md's tour starts its
 # own demo; for every docs/*.md file a fresh `shard-router demo` runs first (four local shards, the router on
 # 127.0.0.1:6432, its config in ./shard-router-demo.csv) and is stopped after. A block that fails stops the
 # run with its file, line and output. Expected output in the docs is written as `#` comments, which bash
@@ -62,7 +62,7 @@ for f in "$@"; do
   [ "$n" -gt 0 ] || { echo "== $f: no commands"; continue; }
   dir="$work/$(basename "$f" .md)"
   mkdir -p "$dir"
-  cp -r examples "$dir/examples"
+  cp -r examples deploy "$dir/"
   chmod -R a+rX "$dir"
   if [ "$(basename "$f")" != README.md ]; then
     (cd "$dir" && exec shard-router demo > demo.log 2>&1) &

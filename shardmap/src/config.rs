@@ -16,7 +16,7 @@ pub const PREFIXES: &[&str] =
     &["shard-", "router-", "pool-", "circuit-breaker-", "health-", "patroni-", "failover-", "rebalance-"];
 
 /// Every fixed key, for "did you mean" (dynamic keys are listed by their pattern).
-const KEYS: &[&str] = &[
+pub const KEYS: &[&str] = &[
     "shard-strategy",
     "shard-tenant-db-prefix",
     "shard-auto-create",

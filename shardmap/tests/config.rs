@@ -251,3 +251,12 @@ fn patroni_over_https_needs_its_ca() {
     let c = parse(&format!("{base}patroni-ca-file,/etc/patroni/ca.pem\n")).unwrap();
     assert_eq!(c.failover.patroni_ca_file.as_deref(), Some(std::path::Path::new("/etc/patroni/ca.pem")));
 }
+
+/// Every key config.csv takes is documented in docs/configuration.md (the users' interface).
+#[test]
+fn every_key_is_documented() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md"))
+        .expect("docs/configuration.md");
+    let missing: Vec<&&str> = shardmap::config::KEYS.iter().filter(|k| !doc.contains(&format!("`{k}`"))).collect();
+    assert!(missing.is_empty(), "keys not in docs/configuration.md: {missing:?}");
+}
