@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The soak test (README, "Soak test"): thousands of clients through the release `shard-router` binary for
+# The soak test (docs/testing.md, "Soak test"): thousands of clients through the release `shard-router` binary for
 # minutes, on a Patroni shard and a plain one, with clients cut off mid-statement, a shard killed and
 # restarted and a Patroni switchover; then it checks for clean errors, no leaked server connection and the
 # router's RSS back to its baseline. Installs what it needs when missing (like scripts/test.sh).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's test command (README, "Tests"). On a fresh Debian machine it installs what the tests need
+# The project's test command (README, "Two commands"; docs/testing.md). On a fresh Debian machine it installs what the tests need
 # when it is missing (as root: apt-get update, then apt-get install -y), then checks formatting and lints and
 # runs every test. The tests start their own PostgreSQL servers on free loopback ports.
 set -euo pipefail

@@ -223,7 +223,7 @@ pub struct Config {
     pub rebalance: RebalanceSettings,
 }
 
-/// Moves between shards (the `rebalance` CLI; see the README, "Moving data").
+/// Moves between shards (the `rebalance` CLI; see docs/moving-data.md).
 #[derive(Clone, Debug, Serialize)]
 pub struct RebalanceSettings {
     /// `rebalance-cutover-lag-bytes`: the replication lag under which a move freezes its unit and cuts over.
@@ -253,7 +253,7 @@ pub struct RouterSettings {
     pub user_tenants: BTreeMap<String, Vec<String>>,
 }
 
-/// What one client, and all of them, may take of the router (see the README, "Router and pool").
+/// What one client, and all of them, may take of the router (see docs/configuration.md, "Router and pool").
 #[derive(Clone, Debug, Serialize)]
 pub struct ClientLimits {
     /// `router-max-clients`: client connections at once; one more is refused (53300).
@@ -338,7 +338,7 @@ pub struct HealthSettings {
     pub retries: u32,
 }
 
-/// Following a node's primary, and buffering statements while it has none (see the README, "Failover").
+/// Following a node's primary, and buffering statements while it has none (see docs/failover.md).
 #[derive(Clone, Debug, Serialize)]
 pub struct FailoverSettings {
     /// `patroni-interval-ms`: how often a node's primary is looked for again.

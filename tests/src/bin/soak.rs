@@ -1,4 +1,4 @@
-//! The soak test (`bash scripts/soak.sh`; README, "Soak test"): thousands of clients through the real
+//! The soak test (`bash scripts/soak.sh`; docs/testing.md, "Soak test"): thousands of clients through the real
 //! `shard-router` binary for minutes, on two shards — shard 0 a Patroni cluster (etcd, two PostgreSQL
 //! nodes), shard 1 a plain PostgreSQL — while clients disconnect at random in the middle of statements and
 //! transactions. The time is cut into rounds; in each, shard 1 is killed (`pg_ctl stop -m immediate`) and
