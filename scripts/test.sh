@@ -13,7 +13,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
-echo "== cargo fuzz (a short run of every target; README, \"Fuzzing\")"
+echo "== cargo fuzz (a short run of every target; docs/testing.md, \"Fuzzing\")"
 bash scripts/fuzz.sh 10
 echo "== the documentation's commands (README's tour, docs/*.md; scripts/doc-commands.sh)"
 bash scripts/doc-commands.sh
