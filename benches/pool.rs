@@ -17,8 +17,12 @@ use shardmap::ShardId;
 fn pool(c: &mut Criterion) {
     let pg = PgServer::start().expect("a local PostgreSQL (see the README's prerequisites)");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let pools =
-        Pools::new(Settings { size: 4, timeout: Duration::from_secs(5), idle_timeout: Duration::from_secs(600) });
+    let pools = Pools::new(Settings {
+        size: 4,
+        timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(600),
+        homes: 1,
+    });
     let target = Target {
         host: "127.0.0.1".into(),
         port: pg.port,
@@ -41,7 +45,7 @@ fn pool(c: &mut Criterion) {
             rt.block_on(async {
                 let start = std::time::Instant::now();
                 for _ in 0..iters {
-                    let mut p = pool.get().await.unwrap();
+                    let mut p = pool.get(0).await.unwrap();
                     p.register_cancel(&slot);
                     p.release();
                 }
@@ -55,7 +59,7 @@ fn pool(c: &mut Criterion) {
 async fn warm(pool: &Arc<router::backend::pool::Pool>, n: usize) -> Vec<router::backend::pool::Pooled> {
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
-        v.push(pool.get().await.unwrap());
+        v.push(pool.get(0).await.unwrap());
     }
     v
 }

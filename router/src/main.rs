@@ -115,17 +115,33 @@ fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitC
         .init();
     let config = shardmap::Config::load(path)?;
     let addr = listen.unwrap_or_else(|| config.router.listen.clone());
-    // router-threads: one worker per core by default; 1 is a single event loop (fewer cross-thread wake-ups,
-    // but on a small machine shared with PostgreSQL it measured no cheaper per statement and slower).
-    let rt = match config.router.threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
-        0 => tokio::runtime::Runtime::new()?,
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n as usize).enable_all().build()?,
+    // router-threads: event loops, one per core by default (0). Each is a single-threaded runtime with a
+    // listener of its own on the same address (SO_REUSEPORT): a client and its server connections stay on
+    // one thread (see docs/performance.md). SHARD_ROUTER_RUNTIME=work-stealing runs the earlier design
+    // instead, one multi-threaded runtime, for side-by-side measurements.
+    let loops = match config.router.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
     };
+    let work_stealing = std::env::var("SHARD_ROUTER_RUNTIME").is_ok_and(|v| v == "work-stealing");
+    let rt = if work_stealing && loops > 1 {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(loops).enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    };
+    let loops = if work_stealing { 1 } else { loops };
     let grace = std::time::Duration::from_secs(config.router.limits.shutdown_timeout_s);
     rt.block_on(async move {
         let listener = listen_reusable(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let local = listener.local_addr()?;
+        // The other event loops' listeners, on the port the first got (it may have been 0).
+        let mut others = Vec::with_capacity(loops - 1);
+        for _ in 1..loops {
+            let l = listen_reusable(&local.to_string())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?;
+            others.push(l.into_std()?);
+        }
         println!("shard-router listening on {local}");
         tracing::info!("listening on {local}");
         use tokio::signal::unix::{signal, SignalKind};
@@ -147,7 +163,7 @@ fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitC
                 _ = int.recv() => {}
             }
         };
-        router::server::run_with(listener, config, stop, again).await
+        router::server::run_homes(listener, others, config, stop, again).await
     })?;
     Ok(ExitCode::SUCCESS)
 }

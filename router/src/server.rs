@@ -31,7 +31,8 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(config: Config) -> anyhow::Result<Router> {
+    /// `homes`: the event loops that serve clients (each with its share of the pools' idle connections).
+    pub fn new(config: Config, event_loops: usize) -> anyhow::Result<Router> {
         let tls = match (&config.router.tls_cert, &config.router.tls_key) {
             (Some(cert), Some(key)) => Some(startup::tls_acceptor(cert, key)?),
             _ => None,
@@ -53,7 +54,7 @@ impl Router {
         );
         let session_mode = config.pool.mode == shardmap::config::PoolMode::Session;
         let config = Arc::new(arc_swap::ArcSwap::from_pointee(config));
-        let backends = Arc::new(Backends::new(config.clone(), map.clone(), two_phase));
+        let backends = Arc::new(Backends::new(config.clone(), map.clone(), two_phase, event_loops));
         if let Some(home) = home {
             for place in homes {
                 backends.topology.carry(home, place);
@@ -107,7 +108,57 @@ pub async fn run_with<G: Future<Output = ()>>(
     stop: impl Future<Output = Stop>,
     again: impl FnOnce() -> G,
 ) -> anyhow::Result<()> {
-    let router = Arc::new(Router::new(config)?);
+    run_homes(listener, Vec::new(), config, stop, again).await
+}
+
+/// [`run_with`] on several event loops (thread per core): `listener` is served on the calling task's runtime,
+/// which also runs the background tasks; each of `others` (listening on the same address, with SO_REUSEPORT,
+/// so that the kernel spreads new connections over them) on a thread of its own with a single-threaded
+/// runtime. A client's session and the server connections it uses stay on the thread that accepted it.
+pub async fn run_homes<G: Future<Output = ()>>(
+    listener: TcpListener,
+    others: Vec<std::net::TcpListener>,
+    config: Config,
+    stop: impl Future<Output = Stop>,
+    again: impl FnOnce() -> G,
+) -> anyhow::Result<()> {
+    let router = Arc::new(Router::new(config, 1 + others.len())?);
+    // The other homes: 1 stops their accepting, 2 ends their runtimes (after the drain, or at once).
+    let (halt, halted) = tokio::sync::watch::channel(0u8);
+    let mut homes = Vec::new();
+    for (i, l) in others.into_iter().enumerate() {
+        let (router, mut halted) = (router.clone(), halted.clone());
+        let home = i + 1;
+        let thread = std::thread::Builder::new().name(format!("shard-router-{home}")).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!("event loop {home}: {e}"),
+            };
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(l) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!("event loop {home}: {e}"),
+                };
+                let mut stop = halted.clone();
+                accept(&router, &listener, home, async move {
+                    let _ = stop.wait_for(|h| *h >= 1).await;
+                })
+                .await;
+                drop(listener);
+                // Its clients finish their transactions here while the router drains.
+                let _ = halted.wait_for(|h| *h >= 2).await;
+            });
+        })?;
+        homes.push(thread);
+    }
+    struct Halt(tokio::sync::watch::Sender<u8>);
+    impl Drop for Halt {
+        fn drop(&mut self) {
+            self.0.send_replace(2);
+        }
+    }
+    let halt = Halt(halt);
+    drop(halted);
     let backends = router.backends.clone();
     crate::backend::topology::Topology::start(&backends.topology, &backends.map, backends.pools.clone());
     // Idle server connections past pool-idle-timeout are closed even in pools nobody uses any more.
@@ -161,31 +212,10 @@ pub async fn run_with<G: Future<Output = ()>>(
     let _stop_hup = AbortOnDrop(tokio::spawn(crate::control::reload::on_sighup(Arc::downgrade(&router))));
     // Transactions left prepared by two-phase commit (a router or a shard that stopped mid-commit).
     let _stop_recovery = AbortOnDrop(tokio::spawn(crate::control::recovery::run(Arc::downgrade(&backends))));
-    tokio::pin!(stop);
-    let stop = loop {
-        tokio::select! {
-            stop = &mut stop => break stop,
-            accepted = listener.accept() => {
-                let (sock, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!("accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                sock.set_nodelay(true).ok();
-                let router = router.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = serve_client(router, sock).await {
-                        tracing::debug!("client: {e}");
-                    }
-                });
-            }
-        }
-    };
+    let stop = accept(&router, &listener, 0, stop).await;
     // No new clients (a new router listening on the same port with SO_REUSEPORT takes them).
     drop(listener);
+    halt.0.send_replace(1);
     let Stop::Drain(grace) = stop else { return Ok(()) };
     router.registry.draining.send_replace(true);
     let clients = || backends.stats.clients.load(std::sync::atomic::Ordering::Relaxed);
@@ -220,7 +250,35 @@ fn startup_timeout(limits: &shardmap::config::ClientLimits) -> StartupError {
     }
 }
 
-async fn serve_client(shared: Arc<Router>, sock: TcpStream) -> anyhow::Result<()> {
+/// Accepts clients on `listener` for event loop `home`, each served by a task of its own, until `stop`
+/// resolves; returns what it resolved to.
+async fn accept<T>(router: &Arc<Router>, listener: &TcpListener, home: usize, stop: impl Future<Output = T>) -> T {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            stop = &mut stop => return stop,
+            accepted = listener.accept() => {
+                let (sock, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                sock.set_nodelay(true).ok();
+                let router = router.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_client(router, sock, home).await {
+                        tracing::debug!("client: {e}");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve_client(shared: Arc<Router>, sock: TcpStream, home: usize) -> anyhow::Result<()> {
     let addr = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let limits = shared.routing.config.load().router.limits.clone();
     // From the connection to the end of authentication, at most router-startup-timeout-ms.
@@ -247,9 +305,9 @@ async fn serve_client(shared: Arc<Router>, sock: TcpStream) -> anyhow::Result<()
             Ok(h) => h,
             Err(_) => return fatal(&mut io, startup_timeout(&limits)).await,
         };
-        return session(shared, io, hello, addr, deadline, Some(endpoint)).await;
+        return session(shared, io, hello, addr, deadline, Some(endpoint), home).await;
     }
-    session(shared, io, hello, addr, deadline, None).await
+    session(shared, io, hello, addr, deadline, None, home).await
 }
 
 /// A client's session after the (optional) TLS handshake.
@@ -260,6 +318,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     addr: String,
     deadline: tokio::time::Instant,
     endpoint: Option<[u8; 32]>,
+    home: usize,
 ) -> anyhow::Result<()> {
     let hello = match hello {
         Ok(Some(h)) => h,
@@ -318,6 +377,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let mut session =
         Session::new(io, shared.routing.clone(), shared.backends.clone(), user, database, &params, cancel);
+    session.backend.home = home;
     session.draining = Some(shared.registry.draining.subscribe());
     if let Err(e) = session.start(cancel_key).await {
         proto::error(&mut session.io.wbuf, "FATAL", &e.code, &e.message);

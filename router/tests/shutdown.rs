@@ -175,3 +175,69 @@ async fn sighup_reloads_the_config() {
     signal(&router, "-TERM");
     assert!(exited(&mut router, Duration::from_secs(10)).is_some());
 }
+
+/// Several event loops (`router-threads,4`: four single-threaded runtimes, each with its own listener on the
+/// port): clients spread over them by the kernel share one pool bound (`pool-size,3`), transactions commit,
+/// and every server connection goes back idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_event_loops_share_the_pools() {
+    let pg = PgServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.csv");
+    std::fs::write(
+        &config,
+        format!(
+            "shard-strategy,hash\nshard-count,1\nrouter-auth,trust\nrouter-threads,4\npool-size,3\n\
+             router-admin-users,postgres\nshard-node-0,{}\n",
+            pg.url("postgres")
+        ),
+    )
+    .unwrap();
+    let direct = pg.client("postgres").await.unwrap();
+    direct.batch_execute("CREATE TABLE t (id int PRIMARY KEY, client int)").await.unwrap();
+    let port = free_port();
+    let mut router = start_router(&config, port);
+    let _ = client(port).await;
+    let mut tasks = Vec::new();
+    for c in 0..24 {
+        tasks.push(tokio::spawn(async move {
+            let db = client(port).await;
+            for k in 0..40 {
+                let id = c * 1000 + k;
+                db.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({id}, {c}); COMMIT")).await.unwrap();
+                let n: i64 = db.query_one("SELECT count(*) FROM t WHERE client = $1", &[&c]).await.unwrap().get(0);
+                assert_eq!(n, k as i64 + 1);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n: i64 = direct.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(n, 24 * 40);
+    // At most pool-size server connections, all idle.
+    let backends: Vec<String> = direct
+        .query(
+            "SELECT application_name FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND pid <> pg_backend_pid() AND application_name NOT LIKE 'shard-router %'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(backends.len() <= 3, "server connections for pool-size 3: {backends:?}");
+    let admin = format!("host=127.0.0.1 port={port} user=postgres dbname=shard_admin");
+    let (a, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let rows = a.simple_query("SHOW POOLS").await.unwrap();
+    for m in rows {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            assert_eq!(r.get("active"), Some("0"));
+            assert_eq!(r.get("waiting"), Some("0"));
+        }
+    }
+    signal(&router, "-TERM");
+    assert!(exited(&mut router, Duration::from_secs(10)).is_some_and(|s| s.success()));
+}

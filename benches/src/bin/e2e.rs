@@ -23,6 +23,11 @@ struct Args {
     scale: u32,
     shard_pool: Option<u32>,
     out: PathBuf,
+    /// `--targets`: only these (default: all).
+    targets: Option<Vec<String>>,
+    /// `--work-stealing`: also the router with one shard on the earlier runtime (one multi-threaded tokio
+    /// runtime), beside the default event loop per core, for a side-by-side comparison.
+    work_stealing: bool,
 }
 
 fn args() -> Result<Args> {
@@ -35,6 +40,8 @@ fn args() -> Result<Args> {
         scale: 10,
         shard_pool: None,
         out: PathBuf::from(format!("benches/results/{}", today())),
+        targets: None,
+        work_stealing: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -48,6 +55,8 @@ fn args() -> Result<Args> {
             "--scale" => a.scale = v()?.parse()?,
             "--shard-pool" => a.shard_pool = Some(v()?.parse()?),
             "--out" => a.out = PathBuf::from(v()?),
+            "--targets" => a.targets = Some(v()?.split(',').map(str::to_string).collect()),
+            "--work-stealing" => a.work_stealing = true,
             "--quick" => {
                 a.seconds = 5;
                 a.rounds = 2;
@@ -61,7 +70,9 @@ fn args() -> Result<Args> {
                      --seconds N (30) --rounds N (3) --clients 16,64 --workloads simple,extended,prepared,tpcb\n\
                      --idle N (10000 idle clients for the RSS run; 0 skips it) --scale N (10) --out DIR --quick\n\
                      --shard-pool N (pool-size per shard of the 4-shard router; default 5, so that its 4 pools\n\
-                     hold as many server connections as PgBouncer's one pool of 20)"
+                     hold as many server connections as PgBouncer's one pool of 20)\n\
+                     --targets direct,pgbouncer,router-1,router-4,direct-4 (default: all)\n\
+                     --work-stealing (also router-1ws: one shard on the earlier multi-threaded runtime)"
                 );
                 std::process::exit(0);
             }
@@ -177,7 +188,7 @@ fn start_pgbouncer(dir: &Path, server: &PgServer, pool: u32) -> Result<(Proc, u1
     Ok((p, port))
 }
 
-fn start_router(dir: &Path, config: &str) -> Result<(Proc, u16)> {
+fn start_router(dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<(Proc, u16)> {
     let port = free_port();
     std::fs::create_dir_all(dir)?;
     let path = dir.join("config.csv");
@@ -188,6 +199,7 @@ fn start_router(dir: &Path, config: &str) -> Result<(Proc, u16)> {
         .arg(&path)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -328,19 +340,22 @@ fn main() -> Result<()> {
          shard-global-tables,pgbench_branches,pgbench_tellers,pgbench_history\nrouter-max-clients,{}\n",
         a.idle + 1000
     );
-    let (r1, r1_port) = start_router(
-        &work.path().join("r1"),
-        &format!("{common}shard-count,1\nshard-node-0,{}\n", one.url("postgres")),
-    )?;
+    let one_cfg = format!("{common}shard-count,1\nshard-node-0,{}\n", one.url("postgres"));
+    let (r1, r1_port) = start_router(&work.path().join("r1"), &one_cfg, &[])?;
+    let ws = if a.work_stealing {
+        Some(start_router(&work.path().join("r1ws"), &one_cfg, &[("SHARD_ROUTER_RUNTIME", "work-stealing")])?)
+    } else {
+        None
+    };
     let shard_pool = a.shard_pool.unwrap_or(pool / 4);
     let mut four_cfg =
         format!("{common}shard-count,4\n").replace(&format!("pool-size,{pool}"), &format!("pool-size,{shard_pool}"));
     for (i, s) in four.iter().enumerate() {
         writeln!(four_cfg, "shard-node-{i},{}", s.url("postgres"))?;
     }
-    let (r4, r4_port) = start_router(&work.path().join("r4"), &four_cfg)?;
+    let (r4, r4_port) = start_router(&work.path().join("r4"), &four_cfg, &[])?;
     let conn = |port: u16| format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-    let targets = [
+    let mut targets = vec![
         Target { name: "direct", conns: vec![one.conn_str("postgres")], pid: None },
         Target { name: "pgbouncer", conns: vec![conn(bouncer_port)], pid: Some(bouncer.0.id()) },
         Target { name: "router-1", conns: vec![conn(r1_port)], pid: Some(r1.0.id()) },
@@ -348,6 +363,12 @@ fn main() -> Result<()> {
         // The 4-shard baseline: each shard's server directly, a quarter of the clients each, all at once.
         Target { name: "direct-4", conns: four.iter().map(|s| s.conn_str("postgres")).collect(), pid: None },
     ];
+    if let Some((p, port)) = &ws {
+        targets.insert(3, Target { name: "router-1ws", conns: vec![conn(*port)], pid: Some(p.0.id()) });
+    }
+    if let Some(only) = &a.targets {
+        targets.retain(|t| only.iter().any(|o| o == t.name) || (t.name == "router-1ws" && a.work_stealing));
+    }
     // PgBouncer's pid is runuser's when started as root: its pidfile names the process itself.
     let bouncer_pid =
         bouncer.1.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).and_then(|p| p.trim().parse().ok());
@@ -415,6 +436,7 @@ fn main() -> Result<()> {
                     "direct" => "direct",
                     "pgbouncer" => "pgbouncer",
                     "router-1" => "router-1",
+                    "router-1ws" => "router-1ws",
                     "router-4" => "router-4",
                     _ => "direct-4",
                 },
@@ -445,15 +467,16 @@ fn main() -> Result<()> {
         }
     }
     writeln!(table)?;
+    let pid = |name: &str| targets.iter().find(|t| t.name == name).and_then(|t| t.pid);
     writeln!(
         table,
         "peak RSS: router-1 {} KiB, router-4 {} KiB, pgbouncer {} KiB",
-        peak(targets[2].pid),
-        peak(targets[3].pid),
+        peak(pid("router-1")),
+        peak(pid("router-4")),
         peak(bouncer_pid)
     )?;
-    if a.idle > 0 {
-        writeln!(table, "{}", idle_run(&targets[2], a.idle)?)?;
+    if let (true, Some(r1)) = (a.idle > 0, targets.iter().find(|t| t.name == "router-1")) {
+        writeln!(table, "{}", idle_run(r1, a.idle)?)?;
     }
     println!("{table}");
     std::fs::write(a.out.join("table.md"), &table)?;

@@ -38,6 +38,8 @@ pub struct Checkout {
     pub database: String,
     /// Where a CancelRequest for this client finds its server connections.
     pub cancel: Arc<Slot>,
+    /// The event loop this client is served on: its pools' idle connections of this home come first.
+    pub home: usize,
     /// The pools of the shards' default databases, by shard, with the generation of the shard's primary
     /// they were made for: a checkout does not look them up again until a failover.
     pools: Vec<Option<(u64, Arc<Pool>)>>,
@@ -45,7 +47,7 @@ pub struct Checkout {
 
 impl Checkout {
     pub fn new(backends: Arc<Backends>, user: String, database: String, cancel: Arc<Slot>) -> Checkout {
-        Checkout { backends, user, database, cancel, pools: Vec::new() }
+        Checkout { backends, user, database, cancel, home: 0, pools: Vec::new() }
     }
 
     /// The pool of a shard for this client (and, under the tenant strategy, its database). A shard without a
@@ -167,14 +169,14 @@ impl Checkout {
         b.breaker
             .admit(shard.0 as usize, generation, &b.map.node(shard).name)
             .map_err(|m| Reported::new(CONNECT_FAILED, m))?;
-        let mut p = match pool.get_with(wait).await {
+        let mut p = match pool.get_with(wait, self.home).await {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(None),
             Err(e) if e.sqlstate() == "3D000" && b.config.load().auto_create && database.is_some() => {
                 // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
                 let db = database.expect("checked");
                 Box::pin(super::tenant::create(&b, shard, db)).await?;
-                pool.get().await?
+                pool.get(self.home).await?
             }
             Err(e) => {
                 if e.sqlstate() == CONNECT_FAILED {
@@ -228,7 +230,7 @@ impl Checkout {
                     .expect("at least one standby")
             }
         };
-        let mut p = pool.get().await.ok()?;
+        let mut p = pool.get(self.home).await.ok()?;
         self.take_up(&mut p, carry).await.ok()?;
         Some(p)
     }

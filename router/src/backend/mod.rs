@@ -62,12 +62,19 @@ pub struct Backends {
 }
 
 impl Backends {
-    pub fn new(config: Arc<ArcSwap<Config>>, map: Arc<ShardMap>, two_phase: twophase::TwoPhase) -> Backends {
+    /// `homes`: the event loops whose clients use the pools (see `pool.rs`).
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        map: Arc<ShardMap>,
+        two_phase: twophase::TwoPhase,
+        homes: usize,
+    ) -> Backends {
         let c = config.load();
         let pools = Arc::new(pool::Pools::new(pool::Settings {
             size: c.pool.size,
             timeout: Duration::from_millis(c.pool.timeout_ms),
             idle_timeout: Duration::from_secs(c.pool.idle_timeout_s),
+            homes,
         }));
         let topology = Arc::new(topology::Topology::new(&map, &c));
         let n = map.nodes.len();

@@ -1,6 +1,12 @@
 //! Pools of server connections, one per (shard, database, user). A semaphore bounds each pool at
 //! `pool-size`; a checkout waits at most `pool-timeout-ms` and then fails with a clear error. Connections go
 //! back only when the server reported idle; anything else is closed, never handed to another client dirty.
+//!
+//! Each of the router's event loops (`router-threads`: one per core) is a *home*: a pool keeps its idle
+//! connections in one list per home, and a checkout takes from its own home's list first, so that a client's
+//! session and the server connections it uses stay on one thread (no wake-ups across threads). Only when its
+//! home has none idle does it take one from another home's list (the connection's I/O stays registered with
+//! the thread that opened it), which it gives back to that list.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,14 +47,17 @@ pub struct Settings {
     pub size: u32,
     pub timeout: Duration,
     pub idle_timeout: Duration,
+    /// The event loops (homes) whose clients use the pools; fixed at start.
+    pub homes: usize,
 }
 
 pub struct Pool {
     key: PoolKey,
     name: String,
-    /// Boxed: a connection moves (pool → client → pool) with every transaction, a pointer is cheaper to move.
+    /// Idle connections, one list per home. Boxed: a connection moves (pool → client → pool) with every
+    /// transaction, a pointer is cheaper to move.
     #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<ServerConn>>>,
+    idle: Box<[Mutex<Vec<Box<ServerConn>>>]>,
     permits: Arc<Semaphore>,
     /// Shared by all pools; RELOAD replaces it (the size stays: it is fixed at start).
     settings: Arc<arc_swap::ArcSwap<Settings>>,
@@ -64,6 +73,8 @@ pub struct Pool {
 pub struct Pooled {
     conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
+    /// The home whose idle list the connection goes back to (the thread that opened it).
+    home: usize,
     _permit: OwnedSemaphorePermit,
     /// The client's cancel slot this connection is registered in while checked out.
     cancel: Option<(Arc<Slot>, Arc<CancelKey>)>,
@@ -75,12 +86,13 @@ impl Pool {
         (self.settings.load().size as usize).saturating_sub(self.permits.available_permits())
     }
 
-    pub async fn get(self: &Arc<Self>) -> Result<Pooled, PoolError> {
-        Ok(self.get_with(true).await?.expect("a checkout that waits gets a connection or an error"))
+    pub async fn get(self: &Arc<Self>, home: usize) -> Result<Pooled, PoolError> {
+        Ok(self.get_with(true, home).await?.expect("a checkout that waits gets a connection or an error"))
     }
 
-    /// A checkout; `wait: false`: `None` at once when every connection is taken (no waiting).
-    pub async fn get_with(self: &Arc<Self>, wait: bool) -> Result<Option<Pooled>, PoolError> {
+    /// A checkout for a client of `home`; `wait: false`: `None` at once when every connection is taken (no
+    /// waiting).
+    pub async fn get_with(self: &Arc<Self>, wait: bool, home: usize) -> Result<Option<Pooled>, PoolError> {
         // A free permit is taken without setting up a timer; only a wait is bounded by pool-timeout-ms.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -96,15 +108,8 @@ impl Pool {
                 }
             },
         };
-        // The most recently used idle connection (the reaper closes old ones; one that aged since is skipped).
-        let idle = loop {
-            let c = self.idle.lock().expect("pool lock").pop();
-            match c {
-                Some(c) if c.last_used.elapsed() >= self.settings.load().idle_timeout => drop(c),
-                other => break other,
-            }
-        };
-        let conn = match idle {
+        let home = home % self.idle.len();
+        let (conn, home) = match self.idle_conn(home) {
             Some(c) => c,
             None => {
                 // Boxed: a connect is rare and its future is large; inline it would be copied on every checkout.
@@ -113,10 +118,27 @@ impl Pool {
                 if params.is_none() {
                     *params = Some(c.params.clone());
                 }
-                Box::new(c)
+                (Box::new(c), home)
             }
         };
-        Ok(Some(Pooled { conn: Some(conn), pool: self.clone(), _permit: permit, cancel: None }))
+        Ok(Some(Pooled { conn: Some(conn), pool: self.clone(), home, _permit: permit, cancel: None }))
+    }
+
+    /// The most recently used idle connection of `home`, else of another home (with the home it is from);
+    /// the reaper closes old ones, and one that aged since is skipped.
+    fn idle_conn(&self, home: usize) -> Option<(Box<ServerConn>, usize)> {
+        let n = self.idle.len();
+        (0..n).map(|k| (home + k) % n).find_map(|h| loop {
+            let c = self.idle[h].lock().expect("pool lock").pop();
+            match c {
+                Some(c) if c.last_used.elapsed() >= self.settings.load().idle_timeout => drop(c),
+                other => break other.map(|c| (c, h)),
+            }
+        })
+    }
+
+    fn idle_len(&self) -> usize {
+        self.idle.iter().map(|l| l.lock().expect("pool lock").len()).sum()
     }
 }
 
@@ -182,7 +204,7 @@ impl Pooled {
             let retired = self.pool.retired.load(std::sync::atomic::Ordering::Acquire);
             if c.status == proto::READY_IDLE && c.io.buffered() == 0 && !retired {
                 c.last_used = Instant::now();
-                self.pool.idle.lock().expect("pool lock").push(c);
+                self.pool.idle[self.home].lock().expect("pool lock").push(c);
             }
         }
     }
@@ -213,7 +235,9 @@ impl Pools {
         let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
         let cutoff = self.settings.load().idle_timeout;
         for p in pools {
-            p.idle.lock().expect("pool lock").retain(|c| c.last_used.elapsed() < cutoff);
+            for list in p.idle.iter() {
+                list.lock().expect("pool lock").retain(|c| c.last_used.elapsed() < cutoff);
+            }
         }
     }
 
@@ -229,15 +253,17 @@ impl Pools {
         for k in gone {
             if let Some(p) = pools.remove(&k) {
                 p.retired.store(true, std::sync::atomic::Ordering::Release);
-                p.idle.lock().expect("pool lock").clear();
+                for list in p.idle.iter() {
+                    list.lock().expect("pool lock").clear();
+                }
             }
         }
     }
 
     /// RELOAD: new `pool-timeout-ms` and `pool-idle-timeout` for every pool.
     pub fn update(&self, timeout: Duration, idle_timeout: Duration) {
-        let size = self.settings.load().size;
-        self.settings.store(Arc::new(Settings { size, timeout, idle_timeout }));
+        let Settings { size, homes, .. } = **self.settings.load();
+        self.settings.store(Arc::new(Settings { size, timeout, idle_timeout, homes }));
     }
 
     /// How often `reap` should run.
@@ -257,7 +283,7 @@ impl Pools {
                 database: p.key.target.database.clone(),
                 user: p.key.target.user.clone(),
                 active: (self.settings.load().size as usize).saturating_sub(p.permits.available_permits()),
-                idle: p.idle.lock().expect("pool lock").len(),
+                idle: p.idle_len(),
                 waiting: p.waiting.load(std::sync::atomic::Ordering::Relaxed),
             })
             .collect()
@@ -266,7 +292,7 @@ impl Pools {
     /// Idle connections in all pools (for tests and, later, metrics).
     pub fn idle_count(&self) -> usize {
         let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
-        pools.iter().map(|p| p.idle.lock().expect("pool lock").len()).sum()
+        pools.iter().map(|p| p.idle_len()).sum()
     }
 
     pub fn pool(&self, key: PoolKey, name: &str) -> Arc<Pool> {
@@ -277,7 +303,7 @@ impl Pools {
                 Arc::new(Pool {
                     key,
                     name: name.to_string(),
-                    idle: Mutex::new(Vec::new()),
+                    idle: (0..self.settings.load().homes.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
                     permits: Arc::new(Semaphore::new(self.settings.load().size as usize)),
                     settings: self.settings.clone(),
                     params: Mutex::new(None),

@@ -87,8 +87,19 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     crate::frontend::startup::backend_key(&mut io.wbuf, key.0, key.1);
     proto::ready(&mut io.wbuf, proto::READY_IDLE);
     io.flush().await?;
+    // A shutdown ends the admin session too (between commands), as it ends clients outside a transaction.
+    let mut draining = shared.registry.draining.subscribe();
     loop {
-        let Some(msg) = io.read().await? else { return Ok(()) };
+        let msg = tokio::select! {
+            m = io.read() => m?,
+            _ = async { drop(draining.wait_for(|d| *d).await) } => {
+                let e = crate::frontend::shutting_down();
+                proto::error(&mut io.wbuf, "FATAL", &e.code, &e.message);
+                io.flush().await.ok();
+                return Ok(());
+            }
+        };
+        let Some(msg) = msg else { return Ok(()) };
         match msg.tag {
             b'Q' => {
                 let text = proto::read_cstr(msg.body()).map(|(t, _)| t.to_string()).unwrap_or_default();

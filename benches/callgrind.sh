@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Instructions per transaction in the router's user space, counted by callgrind (repeatable on a noisy
+# machine, unlike time): pgbench -S through the release router under valgrind, twice (N1 and N2
+# transactions per client), and the difference divided by the extra transactions, so that start-up and
+# connection set-up cancel out. For each protocol (simple, extended, prepared) and each runtime design: the
+# default (an event loop per core) and SHARD_ROUTER_RUNTIME=work-stealing (the earlier multi-threaded
+# runtime). Kernel time (wake-ups, syscalls) is not in these counts: the CPU columns of benches/run.sh are.
+#
+#   bash benches/callgrind.sh [clients (4)] [N1 (500)] [N2 (1500)]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+clients=${1:-4}
+n1=${2:-500}
+n2=${3:-1500}
+command -v valgrind >/dev/null || { apt-get update && apt-get install -y valgrind; }
+cargo build --release --quiet -p router
+bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+work=$(mktemp -d /tmp/callgrind.XXXXXX)
+chmod 755 "$work"
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+[ "$(id -u)" = 0 ] && chown postgres "$work"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pgport=$(free_port)
+as_pg "$bin/initdb" -D "$work/pg" -U postgres -A trust >/dev/null
+as_pg "$bin/pg_ctl" -D "$work/pg" -o "-p $pgport -k $work -c listen_addresses=127.0.0.1 -c max_connections=100" -l "$work/pg.log" -w start >/dev/null
+router=""
+cleanup() {
+  [ -n "$router" ] && kill -INT "$router" 2>/dev/null && wait "$router" 2>/dev/null || true
+  as_pg "$bin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+pgbench -i -q -s 1 -h 127.0.0.1 -p "$pgport" -U postgres postgres >/dev/null 2>&1
+printf 'shard-strategy,hash\nshard-count,1\nrouter-auth,trust\npool-size,%s\nshard-node-0,postgres://postgres@127.0.0.1:%s/postgres\n' \
+  "$clients" "$pgport" > "$work/config.csv"
+
+# Instructions (Ir) of one router run serving `n` transactions per client.
+run() {
+  local design=$1 mode=$2 n=$3 port out
+  port=$(free_port)
+  out="$work/cg.$design.$mode.$n"
+  if [ "$design" = work-stealing ]; then export SHARD_ROUTER_RUNTIME=work-stealing; else unset SHARD_ROUTER_RUNTIME; fi
+  valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
+    target/release/shard-router serve --config "$work/config.csv" --listen "127.0.0.1:$port" >/dev/null 2>"$out.log" &
+  router=$!
+  for _ in $(seq 1 300); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.2; done
+  pgbench -n -S -M "$mode" -c "$clients" -j 1 -t "$n" -h 127.0.0.1 -p "$port" -U postgres postgres >/dev/null
+  kill -INT "$router"
+  wait "$router" || true
+  router=""
+  # The totals of every thread's file.
+  cat "$out".* 2>/dev/null | awk '/^summary:/ { s += $2 } END { print s }'
+}
+
+printf '| protocol | design | instructions per transaction |\n|---|---|---|\n'
+for mode in simple extended prepared; do
+  for design in event-loops work-stealing; do
+    a=$(run "$design" "$mode" "$n1")
+    b=$(run "$design" "$mode" "$n2")
+    echo "| $mode | $design | $(( (b - a) / ((n2 - n1) * clients) )) |"
+  done
+done
