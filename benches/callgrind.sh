@@ -3,10 +3,12 @@
 # machine, unlike time): pgbench -S through the release router under valgrind, twice (N1 and N2
 # transactions per client), and the difference divided by the extra transactions, so that start-up and
 # connection set-up cancel out. For each protocol (simple, extended, prepared) and each runtime design: the
-# default (an event loop per core) and SHARD_ROUTER_RUNTIME=work-stealing (the earlier multi-threaded
-# runtime). Kernel time (wake-ups, syscalls) is not in these counts: the CPU columns of benches/run.sh are.
+# default (one work-stealing runtime, a worker per core) and SHARD_ROUTER_RUNTIME=event-loops (a
+# single-threaded runtime per core). BASELINE=path/to/another/shard-router adds that binary (an older build,
+# say) as a third row. Kernel time (wake-ups, syscalls) is not in these counts: the CPU columns of
+# benches/run.sh are.
 #
-#   bash benches/callgrind.sh [clients (4)] [N1 (500)] [N2 (1500)]
+#   [BASELINE=...] bash benches/callgrind.sh [clients (4)] [N1 (500)] [N2 (1500)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 clients=${1:-4}
@@ -39,9 +41,11 @@ run() {
   local design=$1 mode=$2 n=$3 port out
   port=$(free_port)
   out="$work/cg.$design.$mode.$n"
-  if [ "$design" = work-stealing ]; then export SHARD_ROUTER_RUNTIME=work-stealing; else unset SHARD_ROUTER_RUNTIME; fi
+  if [ "$design" = event-loops ]; then export SHARD_ROUTER_RUNTIME=event-loops; else unset SHARD_ROUTER_RUNTIME; fi
+  local exe=target/release/shard-router
+  [ "$design" = baseline ] && exe=$BASELINE
   valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
-    target/release/shard-router serve --config "$work/config.csv" --listen "127.0.0.1:$port" >/dev/null 2>"$out.log" &
+    "$exe" serve --config "$work/config.csv" --listen "127.0.0.1:$port" >/dev/null 2>"$out.log" &
   router=$!
   for _ in $(seq 1 300); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.2; done
   pgbench -n -S -M "$mode" -c "$clients" -j 1 -t "$n" -h 127.0.0.1 -p "$port" -U postgres postgres >/dev/null
@@ -54,7 +58,7 @@ run() {
 
 printf '| protocol | design | instructions per transaction |\n|---|---|---|\n'
 for mode in simple extended prepared; do
-  for design in event-loops work-stealing; do
+  for design in work-stealing event-loops ${BASELINE:+baseline}; do
     a=$(run "$design" "$mode" "$n1")
     b=$(run "$design" "$mode" "$n2")
     echo "| $mode | $design | $(( (b - a) / ((n2 - n1) * clients) )) |"

@@ -115,21 +115,22 @@ fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitC
         .init();
     let config = shardmap::Config::load(path)?;
     let addr = listen.unwrap_or_else(|| config.router.listen.clone());
-    // router-threads: event loops, one per core by default (0). Each is a single-threaded runtime with a
-    // listener of its own on the same address (SO_REUSEPORT): a client and its server connections stay on
-    // one thread (see docs/performance.md). SHARD_ROUTER_RUNTIME=work-stealing runs the earlier design
-    // instead, one multi-threaded runtime, for side-by-side measurements.
-    let loops = match config.router.threads {
+    // router-threads: worker threads, one per core by default (0), of one work-stealing runtime (1: a single
+    // event loop). SHARD_ROUTER_RUNTIME=event-loops runs as many single-threaded runtimes instead, each with a
+    // listener of its own on the same address (SO_REUSEPORT), so that a client and its server connections
+    // stay on one thread: on 2 cores it measured no cheaper and slower under pool saturation
+    // (docs/performance.md, "Event loops or work stealing"); it stays for the many-core measurement.
+    let threads = match config.router.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n as usize,
     };
-    let work_stealing = std::env::var("SHARD_ROUTER_RUNTIME").is_ok_and(|v| v == "work-stealing");
-    let rt = if work_stealing && loops > 1 {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(loops).enable_all().build()?
+    let event_loops = std::env::var("SHARD_ROUTER_RUNTIME").is_ok_and(|v| v == "event-loops");
+    let rt = if !event_loops && threads > 1 {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
     } else {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     };
-    let loops = if work_stealing { 1 } else { loops };
+    let loops = if event_loops { threads } else { 1 };
     let grace = std::time::Duration::from_secs(config.router.limits.shutdown_timeout_s);
     rt.block_on(async move {
         let listener = listen_reusable(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;

@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 use localpg::{free_port, PgServer};
 
 fn start_router(config: &std::path::Path, port: u16) -> Child {
+    start_router_with(config, port, &[])
+}
+
+fn start_router_with(config: &std::path::Path, port: u16, env: &[(&str, &str)]) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_shard-router"))
         .args(["serve", "--config", config.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -176,11 +181,18 @@ async fn sighup_reloads_the_config() {
     assert!(exited(&mut router, Duration::from_secs(10)).is_some());
 }
 
-/// Several event loops (`router-threads,4`: four single-threaded runtimes, each with its own listener on the
-/// port): clients spread over them by the kernel share one pool bound (`pool-size,3`), transactions commit,
-/// and every server connection goes back idle.
+/// Four worker threads (`router-threads,4`), in both runtime designs — one work-stealing runtime (the
+/// default), and four single-threaded runtimes each with its own listener on the port
+/// (`SHARD_ROUTER_RUNTIME=event-loops`), clients spread over them by the kernel: one pool bound
+/// (`pool-size,3`) for all, transactions commit, every server connection goes back idle, SIGTERM ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn several_event_loops_share_the_pools() {
+async fn four_threads_share_the_pools_in_both_runtime_designs() {
+    for env in [&[][..], &[("SHARD_ROUTER_RUNTIME", "event-loops")][..]] {
+        threads_share_the_pools(env).await;
+    }
+}
+
+async fn threads_share_the_pools(env: &[(&str, &str)]) {
     let pg = PgServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.csv");
@@ -196,7 +208,7 @@ async fn several_event_loops_share_the_pools() {
     let direct = pg.client("postgres").await.unwrap();
     direct.batch_execute("CREATE TABLE t (id int PRIMARY KEY, client int)").await.unwrap();
     let port = free_port();
-    let mut router = start_router(&config, port);
+    let mut router = start_router_with(&config, port, env);
     let _ = client(port).await;
     let mut tasks = Vec::new();
     for c in 0..24 {

@@ -25,9 +25,9 @@ struct Args {
     out: PathBuf,
     /// `--targets`: only these (default: all).
     targets: Option<Vec<String>>,
-    /// `--work-stealing`: also the router with one shard on the earlier runtime (one multi-threaded tokio
-    /// runtime), beside the default event loop per core, for a side-by-side comparison.
-    work_stealing: bool,
+    /// `--event-loops`: also the router with one shard as an event loop per core
+    /// (`SHARD_ROUTER_RUNTIME=event-loops`), beside the default work-stealing runtime, side by side.
+    event_loops: bool,
 }
 
 fn args() -> Result<Args> {
@@ -41,7 +41,7 @@ fn args() -> Result<Args> {
         shard_pool: None,
         out: PathBuf::from(format!("benches/results/{}", today())),
         targets: None,
-        work_stealing: false,
+        event_loops: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -56,7 +56,7 @@ fn args() -> Result<Args> {
             "--shard-pool" => a.shard_pool = Some(v()?.parse()?),
             "--out" => a.out = PathBuf::from(v()?),
             "--targets" => a.targets = Some(v()?.split(',').map(str::to_string).collect()),
-            "--work-stealing" => a.work_stealing = true,
+            "--event-loops" => a.event_loops = true,
             "--quick" => {
                 a.seconds = 5;
                 a.rounds = 2;
@@ -72,7 +72,7 @@ fn args() -> Result<Args> {
                      --shard-pool N (pool-size per shard of the 4-shard router; default 5, so that its 4 pools\n\
                      hold as many server connections as PgBouncer's one pool of 20)\n\
                      --targets direct,pgbouncer,router-1,router-4,direct-4 (default: all)\n\
-                     --work-stealing (also router-1ws: one shard on the earlier multi-threaded runtime)"
+                     --event-loops (also router-1el: one shard, an event loop per core)"
                 );
                 std::process::exit(0);
             }
@@ -342,8 +342,8 @@ fn main() -> Result<()> {
     );
     let one_cfg = format!("{common}shard-count,1\nshard-node-0,{}\n", one.url("postgres"));
     let (r1, r1_port) = start_router(&work.path().join("r1"), &one_cfg, &[])?;
-    let ws = if a.work_stealing {
-        Some(start_router(&work.path().join("r1ws"), &one_cfg, &[("SHARD_ROUTER_RUNTIME", "work-stealing")])?)
+    let el = if a.event_loops {
+        Some(start_router(&work.path().join("r1el"), &one_cfg, &[("SHARD_ROUTER_RUNTIME", "event-loops")])?)
     } else {
         None
     };
@@ -363,11 +363,11 @@ fn main() -> Result<()> {
         // The 4-shard baseline: each shard's server directly, a quarter of the clients each, all at once.
         Target { name: "direct-4", conns: four.iter().map(|s| s.conn_str("postgres")).collect(), pid: None },
     ];
-    if let Some((p, port)) = &ws {
-        targets.insert(3, Target { name: "router-1ws", conns: vec![conn(*port)], pid: Some(p.0.id()) });
+    if let Some((p, port)) = &el {
+        targets.insert(3, Target { name: "router-1el", conns: vec![conn(*port)], pid: Some(p.0.id()) });
     }
     if let Some(only) = &a.targets {
-        targets.retain(|t| only.iter().any(|o| o == t.name) || (t.name == "router-1ws" && a.work_stealing));
+        targets.retain(|t| only.iter().any(|o| o == t.name) || (t.name == "router-1el" && a.event_loops));
     }
     // PgBouncer's pid is runuser's when started as root: its pidfile names the process itself.
     let bouncer_pid =
@@ -436,7 +436,7 @@ fn main() -> Result<()> {
                     "direct" => "direct",
                     "pgbouncer" => "pgbouncer",
                     "router-1" => "router-1",
-                    "router-1ws" => "router-1ws",
+                    "router-1el" => "router-1el",
                     "router-4" => "router-4",
                     _ => "direct-4",
                 },

@@ -2,8 +2,8 @@
 //! `pool-size`; a checkout waits at most `pool-timeout-ms` and then fails with a clear error. Connections go
 //! back only when the server reported idle; anything else is closed, never handed to another client dirty.
 //!
-//! Each of the router's event loops (`router-threads`: one per core) is a *home*: a pool keeps its idle
-//! connections in one list per home, and a checkout takes from its own home's list first, so that a client's
+//! Under `SHARD_ROUTER_RUNTIME=event-loops` each of the router's single-threaded event loops is a *home* (the
+//! default work-stealing runtime is one home): a pool keeps its idle connections in one list per home, and a checkout takes from its own home's list first, so that a client's
 //! session and the server connections it uses stay on one thread (no wake-ups across threads). Only when its
 //! home has none idle does it take one from another home's list (the connection's I/O stays registered with
 //! the thread that opened it), which it gives back to that list.
