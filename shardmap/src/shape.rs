@@ -106,15 +106,16 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
         return None;
     }
     let b = sql.as_bytes();
-    let mut out = String::with_capacity(sql.len());
+    // Room for placeholders longer than their literals (`$100001` for `5`): no growth for a few of them.
+    let mut out = String::with_capacity(sql.len() + 32);
     let mut lits = Vec::new();
     let mut i = 0;
     // The last byte written that is not whitespace: decides whether '-' starts a negative literal.
     let mut last = b'(';
     let push_lit = |out: &mut String, lits: &mut Vec<Literal>, number: bool, text: String| {
         lits.push(Literal { number, text });
-        out.push('$');
-        out.push_str(&(LITERAL_BASE + lits.len()).to_string());
+        use std::fmt::Write as _;
+        let _ = write!(out, "${}", LITERAL_BASE + lits.len());
     };
     while i < b.len() {
         let c = b[i];
