@@ -118,8 +118,8 @@ fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitC
     // router-threads: worker threads, one per core by default (0), of one work-stealing runtime (1: a single
     // event loop). SHARD_ROUTER_RUNTIME=event-loops runs as many single-threaded runtimes instead, each with a
     // listener of its own on the same address (SO_REUSEPORT), so that a client and its server connections
-    // stay on one thread: on 2 cores it measured no cheaper and slower under pool saturation
-    // (docs/performance.md, "Event loops or work stealing"); it stays for the many-core measurement.
+    // stay on one thread: on 2 cores it measured no cheaper, and its p99 was higher (docs/performance.md, "Event
+    // loops or work stealing"); it stays for the many-core measurement.
     let threads = match config.router.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n as usize,

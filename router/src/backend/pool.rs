@@ -1,12 +1,15 @@
-//! Pools of server connections, one per (shard, database, user). A semaphore bounds each pool at
-//! `pool-size`; a checkout waits at most `pool-timeout-ms` and then fails with a clear error. Connections go
-//! back only when the server reported idle; anything else is closed, never handed to another client dirty.
+//! Pools of server connections, one per (shard, database, user). Semaphores bound each pool at `pool-size`;
+//! a checkout waits at most `pool-timeout-ms` and then fails with a clear error. Connections go back only
+//! when the server reported idle; anything else is closed, never handed to another client dirty.
 //!
 //! Under `SHARD_ROUTER_RUNTIME=event-loops` each of the router's single-threaded event loops is a *home* (the
-//! default work-stealing runtime is one home): a pool keeps its idle connections in one list per home, and a checkout takes from its own home's list first, so that a client's
-//! session and the server connections it uses stay on one thread (no wake-ups across threads). Only when its
-//! home has none idle does it take one from another home's list (the connection's I/O stays registered with
-//! the thread that opened it), which it gives back to that list.
+//! default work-stealing runtime is one home). `pool-size` is split into one share of permits per home, and
+//! a pool keeps its idle connections in one list per home: a checkout takes its own home's permit and idle
+//! connection first, so that a client's session and the server connections it uses stay on one thread (no
+//! wake-ups across threads); another home's only when its own has none (the connection's I/O stays
+//! registered with the thread that opened it, and it goes back to that thread's list); and a checkout that
+//! must wait waits on its own home's share, whose permits come back with its own home's connections. A new
+//! connection is made only when no list holds an idle one, so the pool never holds more than `pool-size`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -58,7 +61,9 @@ pub struct Pool {
     /// transaction, a pointer is cheaper to move.
     #[allow(clippy::vec_box)]
     idle: Box<[Mutex<Vec<Box<ServerConn>>>]>,
-    permits: Arc<Semaphore>,
+    /// `pool-size` in shares, one per home (one share under the default runtime); a home's clients take
+    /// their own share's permits first, another's only when theirs are all taken, and wait on their own.
+    permits: Box<[Arc<Semaphore>]>,
     /// Shared by all pools; RELOAD replaces it (the size stays: it is fixed at start).
     settings: Arc<arc_swap::ArcSwap<Settings>>,
     /// Checkouts waiting for a free connection now (for metrics).
@@ -83,7 +88,7 @@ pub struct Pooled {
 impl Pool {
     /// Connections checked out of this pool now.
     pub fn in_use(&self) -> usize {
-        (self.settings.load().size as usize).saturating_sub(self.permits.available_permits())
+        (self.settings.load().size as usize).saturating_sub(self.available())
     }
 
     pub async fn get(self: &Arc<Self>, home: usize) -> Result<Pooled, PoolError> {
@@ -93,11 +98,15 @@ impl Pool {
     /// A checkout for a client of `home`; `wait: false`: `None` at once when every connection is taken (no
     /// waiting).
     pub async fn get_with(self: &Arc<Self>, wait: bool, home: usize) -> Result<Option<Pooled>, PoolError> {
-        // A free permit is taken without setting up a timer; only a wait is bounded by pool-timeout-ms.
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) if !wait => return Ok(None),
-            Err(_) => match self.wait_permit().await {
+        // A free permit is taken without setting up a timer (the home's own share first); only a wait is
+        // bounded by pool-timeout-ms.
+        let n = self.permits.len();
+        let own = self.share_of(home);
+        let free = (0..n).find_map(|k| self.permits[(own + k) % n].clone().try_acquire_owned().ok());
+        let permit = match free {
+            Some(p) => p,
+            None if !wait => return Ok(None),
+            None => match self.wait_permit(own).await {
                 Ok(p) => p.expect("pool semaphore is never closed"),
                 Err(_) => {
                     return Err(PoolError::Timeout {
@@ -137,6 +146,24 @@ impl Pool {
         })
     }
 
+    /// The share a client of `home` waits on: its own, or (more homes than `pool-size`: a home without a
+    /// share) another's.
+    fn share_of(&self, home: usize) -> usize {
+        let h = home % self.permits.len();
+        // (Home h has a share of its own exactly when h < pool-size: see `shares`.)
+        let size = (self.settings.load().size as usize).max(1);
+        if h < size {
+            h
+        } else {
+            h % size
+        }
+    }
+
+    /// Permits free in all shares.
+    fn available(&self) -> usize {
+        self.permits.iter().map(|p| p.available_permits()).sum()
+    }
+
     fn idle_len(&self) -> usize {
         self.idle.iter().map(|l| l.lock().expect("pool lock").len()).sum()
     }
@@ -147,11 +174,12 @@ impl Pool {
     /// a timer's future is large and would be copied on every checkout.
     async fn wait_permit(
         self: &Arc<Self>,
+        share: usize,
     ) -> Result<Result<OwnedSemaphorePermit, tokio::sync::AcquireError>, tokio::time::error::Elapsed> {
         use std::sync::atomic::Ordering;
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let r =
-            Box::pin(tokio::time::timeout(self.settings.load().timeout, self.permits.clone().acquire_owned())).await;
+        let permits = self.permits[share].clone();
+        let r = Box::pin(tokio::time::timeout(self.settings.load().timeout, permits.acquire_owned())).await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         r
     }
@@ -282,7 +310,7 @@ impl Pools {
                 port: p.key.target.port,
                 database: p.key.target.database.clone(),
                 user: p.key.target.user.clone(),
-                active: (self.settings.load().size as usize).saturating_sub(p.permits.available_permits()),
+                active: (self.settings.load().size as usize).saturating_sub(p.available()),
                 idle: p.idle_len(),
                 waiting: p.waiting.load(std::sync::atomic::Ordering::Relaxed),
             })
@@ -304,7 +332,13 @@ impl Pools {
                     key,
                     name: name.to_string(),
                     idle: (0..self.settings.load().homes.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
-                    permits: Arc::new(Semaphore::new(self.settings.load().size as usize)),
+                    permits: {
+                        let s = self.settings.load();
+                        shares(s.size as usize, s.homes.max(1))
+                            .into_iter()
+                            .map(|n| Arc::new(Semaphore::new(n)))
+                            .collect()
+                    },
                     settings: self.settings.clone(),
                     params: Mutex::new(None),
                     retired: Default::default(),
@@ -315,8 +349,28 @@ impl Pools {
     }
 }
 
+/// `size` split over `homes` shares as evenly as can be (the first ones get the remainder).
+fn shares(size: usize, homes: usize) -> Vec<usize> {
+    (0..homes).map(|i| size / homes + usize::from(i < size % homes)).collect()
+}
+
 impl From<PoolError> for crate::net::Reported {
     fn from(e: PoolError) -> Self {
         crate::net::Reported { code: e.sqlstate().to_string(), message: e.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shares;
+
+    #[test]
+    fn pool_size_is_split_over_homes() {
+        assert_eq!(shares(20, 1), vec![20]);
+        assert_eq!(shares(20, 2), vec![10, 10]);
+        assert_eq!(shares(5, 2), vec![3, 2]);
+        // More homes than connections: the first ones get one each, the others none (they borrow).
+        assert_eq!(shares(3, 4), vec![1, 1, 1, 0]);
+        assert_eq!(shares(3, 4).iter().sum::<usize>(), 3);
     }
 }
