@@ -8,6 +8,18 @@ use std::time::{Duration, Instant};
 
 use localpg::{free_port, PgServer};
 
+/// A PostgreSQL server and a config.csv for a router in front of it (one hash shard, trust) with `extra`
+/// rows; the directory holds the file.
+fn one_node(extra: &str) -> (PgServer, tempfile::TempDir, std::path::PathBuf) {
+    let pg = PgServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.csv");
+    let rows =
+        format!("shard-strategy,hash\nshard-count,1\nrouter-auth,trust\n{extra}shard-node-0,{}\n", pg.url("postgres"));
+    std::fs::write(&config, rows).unwrap();
+    (pg, dir, config)
+}
+
 fn start_router(config: &std::path::Path, port: u16) -> Child {
     start_router_with(config, port, &[])
 }
@@ -62,17 +74,7 @@ fn signal(child: &Child, sig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_while_a_new_router_takes_the_port() {
-    let pg = PgServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.csv");
-    std::fs::write(
-        &config,
-        format!(
-            "shard-strategy,hash\nshard-count,1\nrouter-auth,trust\nrouter-shutdown-timeout-s,10\nshard-node-0,{}\n",
-            pg.url("postgres")
-        ),
-    )
-    .unwrap();
+    let (pg, _dir, config) = one_node("router-shutdown-timeout-s,10\n");
     let direct = pg.client("postgres").await.unwrap();
     direct.batch_execute("CREATE TABLE t (id int)").await.unwrap();
     let port = free_port();
@@ -137,11 +139,8 @@ async fn sigterm_drains_while_a_new_router_takes_the_port() {
 /// errors changes nothing and the router goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_config() {
-    let pg = PgServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.csv");
-    let head = format!("shard-strategy,hash\nshard-count,1\nrouter-auth,trust\nshard-node-0,{}\n", pg.url("postgres"));
-    std::fs::write(&config, &head).unwrap();
+    let (_pg, _dir, config) = one_node("");
+    let head = std::fs::read_to_string(&config).unwrap();
     let port = free_port();
     let mut router = start_router(&config, port);
     let c = client(port).await;
@@ -193,18 +192,7 @@ async fn four_threads_share_the_pools_in_both_runtime_designs() {
 }
 
 async fn threads_share_the_pools(env: &[(&str, &str)]) {
-    let pg = PgServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.csv");
-    std::fs::write(
-        &config,
-        format!(
-            "shard-strategy,hash\nshard-count,1\nrouter-auth,trust\nrouter-threads,4\npool-size,3\n\
-             router-admin-users,postgres\nshard-node-0,{}\n",
-            pg.url("postgres")
-        ),
-    )
-    .unwrap();
+    let (pg, _dir, config) = one_node("router-threads,4\npool-size,3\nrouter-admin-users,postgres\n");
     let direct = pg.client("postgres").await.unwrap();
     direct.batch_execute("CREATE TABLE t (id int PRIMARY KEY, client int)").await.unwrap();
     let port = free_port();
