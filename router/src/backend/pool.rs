@@ -149,6 +149,9 @@ impl Pool {
     /// The share a client of `home` waits on: its own, or (more homes than `pool-size`: a home without a
     /// share) another's.
     fn share_of(&self, home: usize) -> usize {
+        if self.permits.len() == 1 {
+            return 0;
+        }
         let h = home % self.permits.len();
         // (Home h has a share of its own exactly when h < pool-size: see `shares`.)
         let size = (self.settings.load().size as usize).max(1);

@@ -17,13 +17,16 @@ const SWEEP_ABOVE: usize = 4096;
 
 #[derive(Default)]
 pub struct RateLimits {
-    buckets: Mutex<HashMap<(Kind, String), Bucket>>,
+    /// The buckets of users and of tenants (indexed by `Kind`), looked up by a borrowed name: a statement
+    /// allocates nothing once its buckets exist.
+    buckets: Mutex<[HashMap<String, Bucket>; 2]>,
 }
 
+/// The kind of a bucket (its index in `RateLimits::buckets` and `Stats::rate_limited`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
-    User,
-    Tenant,
+    User = 0,
+    Tenant = 1,
 }
 
 struct Bucket {
@@ -48,15 +51,18 @@ impl RateLimits {
         }
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() > SWEEP_ABOVE {
-            buckets.retain(|_, b| {
+        for map in buckets.iter_mut().filter(|m| m.len() > SWEEP_ABOVE) {
+            map.retain(|_, b| {
                 b.refill(now, limit);
                 b.tokens < limit.capacity()
             });
         }
         for &(kind, name) in keys {
-            let b =
-                buckets.entry((kind, name.to_string())).or_insert_with(|| Bucket { tokens: limit.capacity(), at: now });
+            let map = &mut buckets[kind as usize];
+            if !map.contains_key(name) {
+                map.insert(name.to_string(), Bucket { tokens: limit.capacity(), at: now });
+            }
+            let b = map.get_mut(name).expect("inserted above");
             b.refill(now, limit);
             if b.tokens < 1.0 {
                 let what = match kind {
@@ -75,7 +81,7 @@ impl RateLimits {
             }
         }
         for &(kind, name) in keys {
-            if let Some(b) = buckets.get_mut(&(kind, name.to_string())) {
+            if let Some(b) = buckets[kind as usize].get_mut(name) {
                 b.tokens -= 1.0;
             }
         }
