@@ -115,13 +115,16 @@ fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitC
         .init();
     let config = shardmap::Config::load(path)?;
     let addr = listen.unwrap_or_else(|| config.router.listen.clone());
-    // router-threads: worker threads, one per core by default (0), of one work-stealing runtime (1: a single
-    // event loop). SHARD_ROUTER_RUNTIME=event-loops runs as many single-threaded runtimes instead, each with a
-    // listener of its own on the same address (SO_REUSEPORT), so that a client and its server connections
-    // stay on one thread: on 2 cores it measured no cheaper, and its p99 was higher (docs/performance.md, "Event
-    // loops or work stealing"); it stays for the many-core measurement.
+    // router-threads: worker threads of one work-stealing runtime (1: a single event loop). By default (0)
+    // one per two cores: the router shares the machine with its clients and often its servers, and more
+    // workers than that measured slower (16 cores: 79k TPS with 16 workers against 116k with 8 at 64 clients;
+    // 2 cores: one event loop spends 1-4 us less CPU per statement than two workers; docs/performance.md,
+    // "How many threads"). SHARD_ROUTER_RUNTIME=event-loops runs as many single-threaded runtimes instead,
+    // each with a listener of its own on the same address (SO_REUSEPORT), so that a client and its server
+    // connections stay on one thread: on 2 cores it measured no cheaper, and its p99 was higher
+    // (docs/performance.md, "Event loops or work stealing"); it stays for the many-core measurement.
     let threads = match config.router.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => router::server::default_threads(),
         n => n as usize,
     };
     let event_loops = std::env::var("SHARD_ROUTER_RUNTIME").is_ok_and(|v| v == "event-loops");

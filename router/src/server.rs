@@ -86,6 +86,13 @@ pub enum Stop {
     Drain(Duration),
 }
 
+/// The threads serving clients when `router-threads` is 0: one per two cores (at least one). The router
+/// shares the machine with its clients and usually with PostgreSQL; more threads than that measured slower,
+/// by the wake-ups across them (see docs/performance.md, "How many threads").
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 /// Serves clients on `listener` until `shutdown` resolves, then stops at once.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     run_with(

@@ -104,13 +104,19 @@ impl Params for TextParams {
 /// Turns statements into decisions.
 pub struct Planner {
     map: Arc<ShardMap>,
-    cache: Mutex<LruCache<Box<str>, Arc<Analysis>>>,
+    cache: Mutex<LruCache<Box<str>, Arc<Analysis>, foldhash::fast::RandomState>>,
+    /// The reason of every decision on a one-node map, made once (not allocated per statement).
+    only_node: Arc<str>,
 }
 
 impl Planner {
     pub fn new(map: Arc<ShardMap>) -> Planner {
         let cap = NonZeroUsize::new(CACHE_ENTRIES).expect("non-zero");
-        Planner { map, cache: Mutex::new(LruCache::new(cap)) }
+        Planner {
+            map,
+            cache: Mutex::new(LruCache::with_hasher(cap, foldhash::fast::RandomState::default())),
+            only_node: "the only node".into(),
+        }
     }
 
     pub fn map(&self) -> &Arc<ShardMap> {
@@ -289,7 +295,7 @@ impl Planner {
         if self.map.nodes.len() == 1 && self.map.strategy != Strategy::Tenant {
             // One node: every statement goes there, as the client wrote it (PostgreSQL answers it).
             let target = if follows_session { Target::Session } else { Target::One(ShardId(0)) };
-            return Ok(self.decision(a, target, "the only node"));
+            return Ok(self.decision(a, target, self.only_node.clone()));
         }
         if self.map.strategy == Strategy::Tenant {
             // The tenant's database answers whatever it is sent: only refusals about keys stand.

@@ -37,6 +37,48 @@ fn is_ident(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
 
+/// Byte classes for the scan of plain text, looked up rather than computed for each byte (the scan is most
+/// of a statement's normalization): a byte that starts something (`-`, `/`, quotes, `$`, `.`), a digit, and
+/// a byte of an identifier (see [`is_ident`]).
+const SPECIAL: u8 = 1;
+const DIGIT: u8 = 2;
+const IDENT: u8 = 4;
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        if matches!(b, b'-' | b'/' | b'"' | b'\'' | b'$' | b'.') {
+            t[i] |= SPECIAL;
+        }
+        if b.is_ascii_digit() {
+            t[i] |= DIGIT;
+        }
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80 {
+            t[i] |= IDENT;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// Appends `n` in decimal (without `fmt`'s machinery: this runs for every literal of every statement).
+fn push_decimal(out: &mut String, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(d as char);
+    }
+}
+
 /// Words after which a string literal is an ordinary value; after any other word (a type name) it is part of
 /// a typed literal.
 const VALUE_KEYWORDS: &[&str] = &[
@@ -80,7 +122,7 @@ fn last_word_start(t: &str) -> usize {
 
 /// Whether the shape so far ends with a word that makes the next string a typed literal.
 fn typed_literal_before(out: &str) -> bool {
-    let t = out.trim_end();
+    let t = out.trim_ascii_end();
     let word_start = last_word_start(t);
     let word = &t[word_start..];
     if word.is_empty() || word.starts_with(|c: char| c.is_ascii_digit()) || t[..word_start].ends_with('"') {
@@ -92,8 +134,10 @@ fn typed_literal_before(out: &str) -> bool {
 /// Whether the shape so far ends with `ANY(`, `ALL(` or `SOME(`: a literal there is not what a placeholder
 /// would be (`ANY(21)` is a scalar where `ANY($1)` takes an array).
 fn array_operand_before(out: &str) -> bool {
-    let Some(t) = out.trim_end().strip_suffix('(') else { return false };
-    let t = t.trim_end();
+    // (ASCII whitespace: what PostgreSQL's lexer skips; and cheaper than a trim of any Unicode space, on
+    // every literal.)
+    let Some(t) = out.trim_ascii_end().strip_suffix('(') else { return false };
+    let t = t.trim_ascii_end();
     let word = &t[last_word_start(t)..];
     ["any", "all", "some"].iter().any(|k| word.eq_ignore_ascii_case(k))
 }
@@ -114,8 +158,8 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
     let mut last = b'(';
     let push_lit = |out: &mut String, lits: &mut Vec<Literal>, number: bool, text: String| {
         lits.push(Literal { number, text });
-        use std::fmt::Write as _;
-        let _ = write!(out, "${}", LITERAL_BASE + lits.len());
+        out.push('$');
+        push_decimal(out, LITERAL_BASE + lits.len());
     };
     while i < b.len() {
         let c = b[i];
@@ -237,10 +281,8 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
         // inside a UTF-8 sequence.
         let mut j = i + 1;
         while j < b.len() {
-            let x = b[j];
-            let special =
-                matches!(x, b'-' | b'/' | b'"' | b'\'' | b'$' | b'.') || (x.is_ascii_digit() && !is_ident(b[j - 1]));
-            if special {
+            let class = CLASS[b[j] as usize];
+            if class & (SPECIAL | DIGIT) != 0 && (class & SPECIAL != 0 || CLASS[b[j - 1] as usize] & IDENT == 0) {
                 break;
             }
             j += 1;
@@ -304,6 +346,16 @@ mod tests {
             vec![lit(false, "it's"), lit(true, "1"), lit(true, "-2"), lit(true, "3.5e2"), lit(true, "-4")]
         );
         assert_eq!(render("user_id = $100002 or x = $100001", &lits), "user_id = 1 or x = 'it's'");
+        // Placeholders past the ninth, and words glued to digits (t1, x2y) that are not literals.
+        let sql =
+            format!("INSERT INTO t1 (x2y) VALUES {}", (1..=12).map(|i| format!("({i})")).collect::<Vec<_>>().join(","));
+        let (shape, lits) = normalize(&sql).unwrap();
+        assert!(shape.starts_with("INSERT INTO t1 (x2y) VALUES ($100001),($100002),"), "{shape}");
+        assert!(shape.ends_with(",($100010),($100011),($100012)"), "{shape}");
+        assert_eq!(lits.len(), 12);
+        // ANY( with spaces around the parenthesis still keeps its literal (an array operand).
+        assert_eq!(normalize("SELECT 1 FROM t WHERE a = ANY ( '{1,2}' )"), None);
+        assert_eq!(normalize("SELECT 1 FROM t WHERE a = any\t(\n21)"), None);
     }
 
     #[test]

@@ -313,7 +313,8 @@ pub fn quote_literal(s: &str) -> String {
 /// The first word of a statement, past comments.
 pub fn first_word(sql: &str) -> &str {
     let mut s = sql;
-    loop {
+    // (Most statements start with their word: no comment or space to skip.)
+    while !s.as_bytes().first().is_some_and(u8::is_ascii_alphabetic) {
         s = s.trim_start();
         if let Some(rest) = s.strip_prefix("--") {
             s = rest.split_once('\n').map_or("", |(_, r)| r);
@@ -323,7 +324,8 @@ pub fn first_word(sql: &str) -> &str {
             break;
         }
     }
-    let end = s.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(s.len());
+    // (A byte that is not an ASCII letter ends the word on a character boundary.)
+    let end = s.bytes().position(|c| !c.is_ascii_alphabetic()).unwrap_or(s.len());
     &s[..end]
 }
 

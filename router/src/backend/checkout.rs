@@ -43,11 +43,27 @@ pub struct Checkout {
     /// The pools of the shards' default databases, by shard, with the generation of the shard's primary
     /// they were made for: a checkout does not look them up again until a failover.
     pools: Vec<Option<(u64, Arc<Pool>)>>,
+    /// The running config as of the client's last message (see [`Checkout::refresh`]): read on every
+    /// statement, where a load of the shared config (RELOAD replaces it) would cost more than the pointer
+    /// comparison that keeps this one current.
+    pub config: Arc<shardmap::Config>,
+    config_cache: arc_swap::Cache<Arc<arc_swap::ArcSwap<shardmap::Config>>, Arc<shardmap::Config>>,
 }
 
 impl Checkout {
     pub fn new(backends: Arc<Backends>, user: String, database: String, cancel: Arc<Slot>) -> Checkout {
-        Checkout { backends, user, database, cancel, home: 0, pools: Vec::new() }
+        let mut config_cache = arc_swap::Cache::new(backends.config.clone());
+        let config = config_cache.load().clone();
+        Checkout { backends, user, database, cancel, home: 0, pools: Vec::new(), config, config_cache }
+    }
+
+    /// Brings [`Checkout::config`] up to the running config (after a RELOAD); a pointer comparison when
+    /// nothing changed.
+    pub fn refresh(&mut self) {
+        let now = self.config_cache.load();
+        if !Arc::ptr_eq(now, &self.config) {
+            self.config = now.clone();
+        }
     }
 
     /// The pool of a shard for this client (and, under the tenant strategy, its database). A shard without a
@@ -130,8 +146,7 @@ impl Checkout {
     /// the database (the one it connected to, `SET gb.tenant`, a hint, a key value): every server connection
     /// is checked out here.
     fn may_reach(&self, shard: ShardId, database: Option<&str>) -> Result<(), Reported> {
-        let config = self.backends.config.load();
-        let Some(tenants) = config.router.user_tenants.get(&self.user) else { return Ok(()) };
+        let Some(tenants) = self.config.router.user_tenants.get(&self.user) else { return Ok(()) };
         let node_db = self.backends.map.node(shard).addr.as_ref().and_then(|a| a.dbname.clone());
         let db = database.map(str::to_string).or(node_db).unwrap_or_else(|| self.database.clone());
         match self.backends.map.tenant_of_database(&db) {

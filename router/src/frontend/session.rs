@@ -173,6 +173,9 @@ pub struct Session<S> {
     pub new_sequences: Vec<String>,
     /// Set when the router shuts down: the session ends at its next moment outside a transaction.
     pub draining: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Waits for `draining` to turn true: made once and kept between exchanges, so that waiting for the
+    /// client's next message does not register and unregister a waiter on every statement.
+    stop: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>,
 }
 
 /// A stable hash of a statement's text and parameter types, for server-side statement names.
@@ -232,6 +235,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             collations: Default::default(),
             new_sequences: Vec::new(),
             draining: None,
+            stop: None,
         }
     }
 
@@ -378,8 +382,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Err(Fatal::Limit(super::shutting_down()));
             }
             // (Between exchanges the idle timeouts apply; in the middle of a batch, not.)
+            self.backend.refresh();
             let next = if batch.is_empty() { self.next_idle().await } else { self.next().await };
             let Some(msg) = next? else { return Ok(()) };
+            // (A RELOAD while the client was idle applies to this message.)
+            self.backend.refresh();
             tracing::trace!(tag = %(msg.tag as char), len = msg.frame.len(), "client message");
             match msg.tag {
                 b'Q' => {
@@ -505,7 +512,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.inbox.is_empty() || self.listening || self.io.buffered() > 0 {
             return self.next().await;
         }
-        let limits = &self.routing.config.load().router.limits;
+        let limits = &self.backend.config.router.limits;
         let (secs, code, what, key) = if self.txn.open() {
             (
                 limits.idle_transaction_timeout_s,
@@ -528,17 +535,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         // A shutdown ends an idle session at once; inside a transaction it waits for the transaction's end.
-        let mut draining = self.draining.clone().filter(|_| !self.txn.open());
+        if self.stop.is_none() {
+            if let Some(mut d) = self.draining.clone() {
+                self.stop = Some(Box::pin(async move { drop(d.wait_for(|v| *v).await) }));
+            }
+        }
+        let stop = match self.stop.as_mut() {
+            Some(f) if !self.txn.open() => Some(f),
+            _ => None,
+        };
         let stop = async {
-            match &mut draining {
-                Some(d) => drop(d.wait_for(|v| *v).await),
+            match stop {
+                Some(f) => f.await,
                 None => std::future::pending().await,
             }
         };
+        // (Biased: the client's message first, without drawing a random branch order each time.)
         tokio::select! {
+            biased;
             m = self.io.read() => Ok(m?),
+            _ = stop => {
+                self.stop = None;
+                Err(Fatal::Limit(super::shutting_down()))
+            }
             _ = idle => Err(Fatal::Limit(Reported::new(code, format!("{what} ({key} is {secs})")))),
-            _ = stop => Err(Fatal::Limit(super::shutting_down())),
         }
     }
 
@@ -727,7 +747,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `gb.tenant`, else the tenant whose database the client connected to), or 53400. Statements that end
     /// a transaction are never refused: a client over its limit can always let go of what it holds.
     pub fn rate_limit(&self, analysis: &Analysis) -> Result<(), Reported> {
-        let limit = self.routing.config.load().router.limits.rate;
+        let limit = self.backend.config.router.limits.rate;
         if limit.statements == 0 {
             return Ok(());
         }

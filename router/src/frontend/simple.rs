@@ -134,7 +134,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !read || self.txn.state != State::Idle || self.routing.session_mode {
             return false;
         }
-        self.backend.backends.config.load().read_replicas || self.degraded(dest)
+        self.backend.config.read_replicas || self.degraded(dest)
     }
 
     /// `shard-degraded-reads` applies to `dest` now: its shard has no primary, and the session is outside a
@@ -143,7 +143,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let b = &self.backend.backends;
         self.txn.state == State::Idle
             && !self.routing.session_mode
-            && b.config.load().degraded_reads
+            && self.backend.config.degraded_reads
             && !b.topology.has_primary(dest.shard)
     }
 
