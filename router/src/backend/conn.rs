@@ -244,6 +244,29 @@ impl ServerConn {
         }
     }
 
+    /// Like [`ServerConn::read`], but the message stays at the front of the read buffer (see
+    /// [`crate::net::wire::Framed::peek`]): its length is returned; `self.io.head(len)` is the message and
+    /// `self.io.consume(len)` takes it.
+    pub async fn peek(&mut self) -> Result<usize, BackendError> {
+        match self.io.peek().await {
+            Ok(Some(len)) => {
+                let frame = self.io.head(len);
+                if frame[0] == b'N' && proto::is_commit_cut(&frame[5..]) {
+                    self.shutdown_warning = true;
+                } else if frame[0] == b'S' {
+                    let body = frame[5..].to_vec();
+                    self.reported(&body);
+                }
+                Ok(len)
+            }
+            Ok(None) => {
+                let e = if self.shutdown_warning { WireError::CommitUnconfirmed } else { WireError::Closed };
+                Err(BackendError::Wire(e, self.addr.clone()))
+            }
+            Err(e) => Err(BackendError::Wire(e, self.addr.clone())),
+        }
+    }
+
     /// Sends one frame (after anything queued).
     pub async fn send(&mut self, frame: &[u8]) -> Result<(), BackendError> {
         self.io.send(frame).await.map_err(|e| BackendError::Wire(e.into(), self.addr.clone()))

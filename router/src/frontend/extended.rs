@@ -991,14 +991,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 break;
             }
             let conn = self.links.get(i).conn.conn();
-            let m = conn.read().await?;
-            let mut relay = to_client(role, m.tag);
-            match m.tag {
+            // (The message is looked at where it was read and copied to the client from there.)
+            let len = conn.peek().await?;
+            let frame = conn.io.head(len);
+            let (tag, body) = (frame[0], &frame[5..]);
+            let mut relay = to_client(role, tag);
+            match tag {
                 b'G' if merge.stop_at_copy => {
                     merge.copy_in = true;
                     if matches!(role, Role::Only | Role::First) {
-                        self.io.push(&m.frame);
+                        self.io.push(frame);
                     }
+                    conn.io.consume(len);
                     return Ok((None, errored));
                 }
                 b'H' => merge.copy_out = true,
@@ -1006,7 +1010,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     errored = true;
                     merge.failed = true;
                     if role != Role::Only && merge.error.is_none() {
-                        merge.error = Some(m.frame.clone());
+                        merge.error = Some(bytes::Bytes::copy_from_slice(frame));
                     }
                     // The server skips everything up to Sync (a simple Query: to its ReadyForQuery).
                     while exps.front().is_some_and(|e| !matches!(e, Exp::Sync | Exp::UntilReady)) {
@@ -1055,8 +1059,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     };
                     if quiet {
                         relay = false;
-                    } else if m.tag == b'C' && role != Role::Only {
-                        if let Some((tag, _)) = proto::read_cstr(m.body()) {
+                    } else if tag == b'C' && role != Role::Only {
+                        if let Some((tag, _)) = proto::read_cstr(body) {
                             let (verb, n) = proto::command_rows(tag).unwrap_or((tag, 0));
                             merge.verb = verb.to_string();
                             merge.rows += n;
@@ -1065,7 +1069,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 b'Z' => {
                     exps.pop_front();
-                    let s = m.body().first().copied().unwrap_or(READY_IDLE);
+                    let s = body.first().copied().unwrap_or(READY_IDLE);
                     conn.status = s;
                     // A Parse not confirmed by now did not happen (an error skipped it).
                     conn.parsing.clear();
@@ -1082,7 +1086,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 _ => {} // DataRow, ParameterDescription, notices, ParameterStatus, notifications, COPY out
             }
             if relay {
-                self.io.push(&m.frame);
+                self.io.push(frame);
+            }
+            conn.io.consume(len);
+            if relay {
                 self.io.flush_if_full().await.map_err(|e| Reported::new("08006", e.to_string()))?;
             }
         }
@@ -1184,7 +1191,7 @@ fn rewrite_into(
                 }
             }
             b'B' => {
-                let b = proto::read_bind(body).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
+                let b = proto::read_bind_head(body).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
                 ensure(b.statement, out, &mut exps, parsed_here, &mut unnamed_parsed)?;
                 if b.statement.is_empty() {
                     out.put_slice(&m.frame);

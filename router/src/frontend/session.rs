@@ -382,11 +382,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Err(Fatal::Limit(super::shutting_down()));
             }
             // (Between exchanges the idle timeouts apply; in the middle of a batch, not.)
-            self.backend.refresh();
             let next = if batch.is_empty() { self.next_idle().await } else { self.next().await };
             let Some(msg) = next? else { return Ok(()) };
-            // (A RELOAD while the client was idle applies to this message.)
-            self.backend.refresh();
+            if batch.is_empty() {
+                // An exchange starts: the config as of now (a RELOAD while the client was idle applies).
+                self.backend.refresh();
+            }
             tracing::trace!(tag = %(msg.tag as char), len = msg.frame.len(), "client message");
             match msg.tag {
                 b'Q' => {
@@ -463,10 +464,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Whether the last Bind of `batch` is of a COPY ... FROM STDIN.
     fn binds_copy_in(&self, batch: &[Msg]) -> bool {
         // (Cheap first: no client statement is a COPY, and no Parse here starts with COPY.)
+        // (Only the start of the query text is looked at: after the statement name's NUL.)
         let copy_parse = |m: &Msg| {
             m.tag == b'P'
-                && proto::read_parse_bytes(m.body()).is_some_and(|p| {
-                    let q = p.query.trim_ascii_start();
+                && memchr::memchr(0, m.body()).is_some_and(|end| {
+                    let q = m.body()[end + 1..].trim_ascii_start();
                     q.len() >= 4 && q[..4].eq_ignore_ascii_case(b"copy")
                 })
         };

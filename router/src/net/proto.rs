@@ -249,8 +249,22 @@ impl Bind<'_> {
     }
 }
 
+/// A Bind's portal and statement names and the bytes after them, read without the parameter values (what
+/// re-writing a Bind for a server connection needs, on every statement).
+pub struct BindHead<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    pub tail: &'a [u8],
+}
+
+pub fn read_bind_head(body: &[u8]) -> Option<BindHead<'_>> {
+    let (portal, rest) = read_cstr(body)?;
+    let (statement, tail) = read_cstr(rest)?;
+    Some(BindHead { portal, statement, tail })
+}
+
 /// Re-writes a Bind with another statement name.
-pub fn write_bind_renamed(buf: &mut BytesMut, bind: &Bind<'_>, statement: &str) {
+pub fn write_bind_renamed(buf: &mut BytesMut, bind: &BindHead<'_>, statement: &str) {
     put(buf, b'B', |b| {
         cstr(b, bind.portal);
         cstr(b, statement);

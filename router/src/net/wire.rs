@@ -132,6 +132,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         self.rbuf.len()
     }
 
+    /// Waits until a whole message is at the front of the read buffer and returns its length (tag and length
+    /// field included), or `None` at a clean end of stream. The message stays there: look at it with
+    /// [`Framed::head`], then take it with [`Framed::consume`] — no `Bytes` is split off (a relay that looks
+    /// at each message and copies it on saves that on every message).
+    pub async fn peek(&mut self) -> Result<Option<usize>, WireError> {
+        loop {
+            if let Some(total) = frame_len(&self.rbuf, self.limit)? {
+                if self.rbuf.len() >= total {
+                    return Ok(Some(total));
+                }
+                self.rbuf.reserve(total - self.rbuf.len());
+            }
+            if self.sock.read_buf(&mut self.rbuf).await? == 0 {
+                return if self.rbuf.is_empty() { Ok(None) } else { Err(WireError::Truncated) };
+            }
+        }
+    }
+
+    /// The first `len` bytes read and not yet taken (after [`Framed::peek`]: the whole message).
+    pub fn head(&self, len: usize) -> &[u8] {
+        &self.rbuf[..len]
+    }
+
+    /// Takes the first `len` bytes read (the message [`Framed::peek`] found).
+    pub fn consume(&mut self, len: usize) {
+        self.rbuf.advance(len);
+    }
+
     /// The next message, or `None` at a clean end of stream.
     pub async fn read(&mut self) -> Result<Option<Msg>, WireError> {
         loop {
