@@ -3,8 +3,8 @@
 # machine, unlike time): pgbench -S through the release router under valgrind, twice (N1 and N2
 # transactions per client), and the difference divided by the extra transactions, so that start-up and
 # connection set-up cancel out. For each protocol (simple, extended, prepared) and each runtime design: the
-# default (one work-stealing runtime, a worker per core) and SHARD_ROUTER_RUNTIME=event-loops (a
-# single-threaded runtime per core). BASELINE=path/to/another/shard-router adds that binary (an older build,
+# default (one runtime with router-threads workers, one per two cores: a single event loop on 2 cores) and
+# SHARD_ROUTER_RUNTIME=event-loops (as many single-threaded runtimes, each with its own listener). BASELINE=path/to/another/shard-router adds that binary (an older build,
 # say) as a third row. Kernel time (wake-ups, syscalls) is not in these counts: the CPU columns of
 # benches/run.sh are.
 #
@@ -58,7 +58,7 @@ run() {
 
 printf '| protocol | design | instructions per transaction |\n|---|---|---|\n'
 for mode in simple extended prepared; do
-  for design in work-stealing event-loops ${BASELINE:+baseline}; do
+  for design in default event-loops ${BASELINE:+baseline}; do
     a=$(run "$design" "$mode" "$n1")
     b=$(run "$design" "$mode" "$n2")
     echo "| $mode | $design | $(( (b - a) / ((n2 - n1) * clients) )) |"

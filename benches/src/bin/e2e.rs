@@ -28,6 +28,8 @@ struct Args {
     /// `--event-loops`: also the router with one shard as an event loop per core
     /// (`SHARD_ROUTER_RUNTIME=event-loops`), beside the default work-stealing runtime, side by side.
     event_loops: bool,
+    /// `--threads N`: also the router with one shard at `router-threads,N` (router-1t), beside the default.
+    threads: Option<u32>,
 }
 
 fn args() -> Result<Args> {
@@ -42,6 +44,7 @@ fn args() -> Result<Args> {
         out: PathBuf::from(format!("benches/results/{}", today())),
         targets: None,
         event_loops: false,
+        threads: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -57,6 +60,7 @@ fn args() -> Result<Args> {
             "--out" => a.out = PathBuf::from(v()?),
             "--targets" => a.targets = Some(v()?.split(',').map(str::to_string).collect()),
             "--event-loops" => a.event_loops = true,
+            "--threads" => a.threads = Some(v()?.parse()?),
             "--quick" => {
                 a.seconds = 5;
                 a.rounds = 2;
@@ -72,7 +76,8 @@ fn args() -> Result<Args> {
                      --shard-pool N (pool-size per shard of the 4-shard router; default 5, so that its 4 pools\n\
                      hold as many server connections as PgBouncer's one pool of 20)\n\
                      --targets direct,pgbouncer,router-1,router-4,direct-4 (default: all)\n\
-                     --event-loops (also router-1el: one shard, an event loop per core)"
+                     --event-loops (also router-1el: one shard, an event loop per core)\n\
+                     --threads N (also router-1t: one shard, router-threads N, beside the default)"
                 );
                 std::process::exit(0);
             }
@@ -100,13 +105,13 @@ fn psql(conn: &str, sql: &str) -> Result<String> {
     run(Command::new("psql").args([conn, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]))
 }
 
-/// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
-fn cpu_and_rss(pid: u32) -> (f64, u64) {
+/// CPU seconds (user + system, and user alone) and peak RSS (KiB) of a process, from /proc.
+fn cpu_and_rss(pid: u32) -> ((f64, f64), u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let ticks = 100.0; // sysconf(_SC_CLK_TCK) on Linux
-    let cpu = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let user = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0);
+    let cpu = user + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm = status
         .lines()
@@ -114,7 +119,7 @@ fn cpu_and_rss(pid: u32) -> (f64, u64) {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    (cpu / ticks, hwm)
+    ((cpu / ticks, user / ticks), hwm)
 }
 
 fn rss_now(pid: u32) -> u64 {
@@ -222,6 +227,7 @@ struct Figures {
     lat_ms: Vec<f64>,
     p99_ms: Vec<f64>,
     cpu_per_10k: Vec<f64>,
+    user_per_10k: Vec<f64>,
     failed: u64,
 }
 
@@ -342,6 +348,10 @@ fn main() -> Result<()> {
     );
     let one_cfg = format!("{common}shard-count,1\nshard-node-0,{}\n", one.url("postgres"));
     let (r1, r1_port) = start_router(&work.path().join("r1"), &one_cfg, &[])?;
+    let r1t = match a.threads {
+        Some(n) => Some(start_router(&work.path().join("r1t"), &format!("{one_cfg}router-threads,{n}\n"), &[])?),
+        None => None,
+    };
     let el = if a.event_loops {
         Some(start_router(&work.path().join("r1el"), &one_cfg, &[("SHARD_ROUTER_RUNTIME", "event-loops")])?)
     } else {
@@ -366,8 +376,15 @@ fn main() -> Result<()> {
     if let Some((p, port)) = &el {
         targets.insert(3, Target { name: "router-1el", conns: vec![conn(*port)], pid: Some(p.0.id()) });
     }
+    if let Some((p, port)) = &r1t {
+        targets.insert(3, Target { name: "router-1t", conns: vec![conn(*port)], pid: Some(p.0.id()) });
+    }
     if let Some(only) = &a.targets {
-        targets.retain(|t| only.iter().any(|o| o == t.name) || (t.name == "router-1el" && a.event_loops));
+        targets.retain(|t| {
+            only.iter().any(|o| o == t.name)
+                || (t.name == "router-1el" && a.event_loops)
+                || (t.name == "router-1t" && a.threads.is_some())
+        });
     }
     // PgBouncer's pid is runuser's when started as root: its pidfile names the process itself.
     let bouncer_pid =
@@ -406,9 +423,10 @@ fn main() -> Result<()> {
                 f.lat_ms.push(lat);
                 f.p99_ms.push(p99);
                 f.failed = f.failed.saturating_add(failed);
-                if let (Some((c0, _)), Some((c1, _))) = (before, after) {
+                if let (Some(((c0, u0), _)), Some(((c1, u1), _))) = (before, after) {
                     if processed > 0 {
                         f.cpu_per_10k.push((c1 - c0) / processed as f64 * 10_000.0);
+                        f.user_per_10k.push((u1 - u0) / processed as f64 * 10_000.0);
                     }
                 }
             }
@@ -424,7 +442,7 @@ fn main() -> Result<()> {
     writeln!(table)?;
     writeln!(
         table,
-        "| workload | clients | target | TPS | vs PgBouncer | vs direct (-4: direct-4) | avg ms | p99 ms | CPU s / 10k tx | failed |"
+        "| workload | clients | target | TPS | vs PgBouncer | vs direct (-4: direct-4) | avg ms | p99 ms | CPU s / 10k tx (user) | failed |"
     )?;
     writeln!(table, "|---|---|---|---|---|---|---|---|---|---|")?;
     for (workload, clients) in &cases {
@@ -437,6 +455,7 @@ fn main() -> Result<()> {
                     "pgbouncer" => "pgbouncer",
                     "router-1" => "router-1",
                     "router-1el" => "router-1el",
+                    "router-1t" => "router-1t",
                     "router-4" => "router-4",
                     _ => "direct-4",
                 },
@@ -451,8 +470,11 @@ fn main() -> Result<()> {
             let ratio = |b: Option<f64>| {
                 b.filter(|b| b.is_finite() && *b > 0.0).map_or("–".to_string(), |b| format!("{:.2}×", tps / b))
             };
-            let cpu =
-                if f.cpu_per_10k.is_empty() { "–".to_string() } else { format!("{:.3}", median(&f.cpu_per_10k)) };
+            let cpu = if f.cpu_per_10k.is_empty() {
+                "–".to_string()
+            } else {
+                format!("{:.3} ({:.3})", median(&f.cpu_per_10k), median(&f.user_per_10k))
+            };
             writeln!(
                 table,
                 "| {workload} | {clients} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {cpu} | {} |",
