@@ -32,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(again.values(), b.values());
                 assert_eq!(again.result_formats(), Some(results));
                 let mut renamed = BytesMut::new();
-                proto::write_bind_renamed(&mut renamed, &b, "s1");
+                let head = proto::read_bind_head(body).expect("a Bind that reads has a head");
+                assert_eq!((head.portal, head.statement, head.tail), (b.portal, b.statement, b.tail));
+                proto::write_bind_renamed(&mut renamed, &head, "s1");
                 let r = proto::read_bind(&renamed[5..]).expect("a renamed Bind reads");
                 assert_eq!((r.statement, r.values()), ("s1", b.values()));
             }
