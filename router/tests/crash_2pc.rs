@@ -88,7 +88,12 @@ impl Writers {
                         }
                         Err(e) => {
                             if count_errors {
-                                me.errors.lock().unwrap().push(e.to_string());
+                                // (The server's or the router's own words: code and message, not "db error".)
+                                let said = match e.as_db_error() {
+                                    Some(d) => format!("{} {}", d.code().code(), d.message()),
+                                    None => format!("{e:?}"),
+                                };
+                                me.errors.lock().unwrap().push(said);
                             }
                             if c.is_closed() {
                                 break;
