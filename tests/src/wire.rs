@@ -99,7 +99,12 @@ impl RawClient {
                 }
             }
             let mut chunk = [0u8; 65536];
-            let n = self.sock.read(&mut chunk).context("reading from the router (no answer within 30 s?)")?;
+            // (A read on a socket with a timeout is not restarted after a signal, SA_RESTART or not: the
+            // harness's child processes' SIGCHLD can interrupt it. Interrupted is not an answer: read again.)
+            let n = match self.sock.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.context("reading from the router (no answer within 30 s?)")?,
+            };
             if n == 0 {
                 bail!("the router closed the connection");
             }
