@@ -9,7 +9,8 @@
 # own demo; for every docs/*.md file a fresh `shard-router demo` runs first (four local shards, the router on
 # 127.0.0.1:6432, its config in ./shard-router-demo.csv) and is stopped after. A block that fails stops the
 # run with its file, line and output. Expected output in the docs is written as `#` comments, which bash
-# skips.
+# skips. A file's commands that have not finished in DOC_COMMANDS_TIMEOUT_S seconds (default 600) fail the
+# same way, with what was running and listening at that moment: a hang is a failure, never a stuck CI.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -19,6 +20,7 @@ cargo build --quiet --bin shard-router --bin rebalance
 export PATH="$root/target/debug:$PATH"
 command -v pg_isready >/dev/null || { echo "$0: pg_isready missing (apt-get install postgresql-client)" >&2; exit 1; }
 
+limit="${DOC_COMMANDS_TIMEOUT_S:-600}"
 work="$(mktemp -d /tmp/doc-commands.XXXXXX)"
 # The demo runs PostgreSQL as the postgres user when started as root: it must be able to reach the scratch dir.
 chmod 755 "$work"
@@ -76,7 +78,26 @@ for f in "$@"; do
     echo '__doc_block() { echo "-- $1:$2" >&2; }'
     extract "$f"
   } > "$dir/commands.sh"
-  if ! (cd "$dir" && bash "$dir/commands.sh" > "$dir/out.log" 2>&1); then
+  # In a session of their own (setsid), so that commands still running at the time limit are named, then
+  # stopped as one process group.
+  (cd "$dir" && exec setsid bash "$dir/commands.sh" > "$dir/out.log" 2>&1) &
+  commands=$!
+  for _ in $(seq 1 $((limit * 10))); do kill -0 "$commands" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$commands" 2>/dev/null; then
+    where=$(grep '^-- ' "$dir/out.log" | tail -1 | cut -c4-)
+    echo "FAILED: a command of $where did not finish in ${limit} s (its output, then what was running and listening)"
+    tail -40 "$dir/out.log"
+    echo "-- processes"
+    ps -eo pid,ppid,etimes,stat,args --forest | grep -E 'shard-router|rebalance|postgres|psql|pg_isready|commands.sh' | grep -v grep || true
+    echo "-- listening"
+    ss -ltnp 2>/dev/null | grep -E ':6432 |shard-router|postgres' || true
+    [ -f "$dir/demo.log" ] && { echo "-- demo.log"; tail -40 "$dir/demo.log"; }
+    kill -TERM -- "-$commands" 2>/dev/null || true
+    sleep 2
+    kill -KILL -- "-$commands" 2>/dev/null || true
+    wait "$commands" 2>/dev/null || true
+    failed=1
+  elif ! wait "$commands"; then
     where=$(grep '^-- ' "$dir/out.log" | tail -1 | cut -c4-)
     echo "FAILED: a command of $where (output below)"
     tail -40 "$dir/out.log"

@@ -7,13 +7,17 @@ cd "$(dirname "$0")/.."
 
 source scripts/deps.sh
 
-echo "== cargo fmt --check"
+# Each step says when it starts (seconds since the start), and none may hang: a step past its limit fails
+# (the test harness names a test running for over 60 s; scripts/doc-commands.sh names what was running).
+step() { echo "== [${SECONDS} s] $*"; }
+step "cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy"
+step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo test"
-cargo test --workspace
-echo "== cargo fuzz (a short run of every target; docs/testing.md, \"Fuzzing\")"
-bash scripts/fuzz.sh 10
-echo "== the documentation's commands (README's tour, docs/*.md; scripts/doc-commands.sh)"
+step "cargo test"
+timeout --kill-after=30 3000 cargo test --workspace
+step "cargo fuzz (a short run of every target; docs/testing.md, \"Fuzzing\")"
+timeout --kill-after=30 1200 bash scripts/fuzz.sh 10
+step "the documentation's commands (README's tour, docs/*.md; scripts/doc-commands.sh)"
 bash scripts/doc-commands.sh
+step "done"
