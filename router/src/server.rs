@@ -224,7 +224,7 @@ pub async fn run_homes<G: Future<Output = ()>>(
     drop(listener);
     halt.0.send_replace(1);
     let Stop::Drain(grace) = stop else { return Ok(()) };
-    router.registry.draining.send_replace(true);
+    router.registry.begin_drain();
     let clients = || backends.stats.clients.load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!("shutting down: {} clients to end, transactions in progress have {grace:?}", clients());
     let deadline = tokio::time::Instant::now() + grace;
@@ -385,7 +385,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut session =
         Session::new(io, shared.routing.clone(), shared.backends.clone(), user, database, &params, cancel);
     session.backend.home = home;
-    session.draining = Some(shared.registry.draining.subscribe());
+    session.stop = Some(shared.registry.stop_signal(cancel_key));
     if let Err(e) = session.start(cancel_key).await {
         proto::error(&mut session.io.wbuf, "FATAL", &e.code, &e.message);
         session.io.flush().await.ok();
@@ -417,6 +417,7 @@ struct Unregister<'a>(&'a Router, (i32, i32));
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
         self.0.registry.cancels.remove(self.1);
+        self.0.registry.forget_stop(self.1);
         self.0.registry.clients.lock().expect("clients lock").remove(&self.1);
         self.0.backends.stats.clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }

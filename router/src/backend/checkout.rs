@@ -89,7 +89,7 @@ impl Checkout {
         // (A client's SCRAM verifier is no password to give a server.)
         let password = addr.password.clone().or_else(|| {
             (user == self.user)
-                .then(|| self.backends.config.load().router.users.get(&self.user).cloned())
+                .then(|| self.config.router.users.get(&self.user).cloned())
                 .flatten()
                 .filter(|p| !p.starts_with("SCRAM-SHA-256$"))
         });
@@ -187,7 +187,7 @@ impl Checkout {
         let mut p = match pool.get_with(wait, self.home).await {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(None),
-            Err(e) if e.sqlstate() == "3D000" && b.config.load().auto_create && database.is_some() => {
+            Err(e) if e.sqlstate() == "3D000" && self.config.auto_create && database.is_some() => {
                 // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
                 let db = database.expect("checked");
                 Box::pin(super::tenant::create(&b, shard, db)).await?;
@@ -218,10 +218,7 @@ impl Checkout {
     ) -> Option<Pooled> {
         self.may_reach(shard, database).ok()?;
         let b = self.backends.clone();
-        let (max_lag, policy) = {
-            let c = b.config.load();
-            (c.max_replica_lag_bytes, c.replica_policy)
-        };
+        let (max_lag, policy) = (self.config.max_replica_lag_bytes, self.config.replica_policy);
         let fresh = b.topology.fresh_replicas(shard, max_lag);
         if fresh.is_empty() {
             return None;

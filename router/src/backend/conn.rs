@@ -226,27 +226,16 @@ impl ServerConn {
         }
     }
 
+    /// The server's next message (what [`ServerConn::peek`] looks at, split off).
     pub async fn read(&mut self) -> Result<Msg, BackendError> {
-        match self.io.read().await {
-            Ok(Some(m)) => {
-                if m.tag == b'N' && proto::is_commit_cut(m.body()) {
-                    self.shutdown_warning = true;
-                } else if m.tag == b'S' {
-                    self.reported(m.body());
-                }
-                Ok(m)
-            }
-            Ok(None) => {
-                let e = if self.shutdown_warning { WireError::CommitUnconfirmed } else { WireError::Closed };
-                Err(BackendError::Wire(e, self.addr.clone()))
-            }
-            Err(e) => Err(BackendError::Wire(e, self.addr.clone())),
-        }
+        let len = self.peek().await?;
+        Ok(self.io.take(len))
     }
 
-    /// Like [`ServerConn::read`], but the message stays at the front of the read buffer (see
+    /// The server's next message, left at the front of the read buffer (see
     /// [`crate::net::wire::Framed::peek`]): its length is returned; `self.io.head(len)` is the message and
-    /// `self.io.consume(len)` takes it.
+    /// `self.io.consume(len)` takes it. A notice that the server is shutting down and a ParameterStatus are
+    /// noted on the way.
     pub async fn peek(&mut self) -> Result<usize, BackendError> {
         match self.io.peek().await {
             Ok(Some(len)) => {
@@ -254,8 +243,7 @@ impl ServerConn {
                 if frame[0] == b'N' && proto::is_commit_cut(&frame[5..]) {
                     self.shutdown_warning = true;
                 } else if frame[0] == b'S' {
-                    let body = frame[5..].to_vec();
-                    self.reported(&body);
+                    note_param(&mut self.params, &frame[5..]);
                 }
                 Ok(len)
             }
@@ -285,12 +273,7 @@ impl ServerConn {
 
     /// A ParameterStatus body the server sent: `params` keeps the values in force on this connection.
     pub fn reported(&mut self, body: &[u8]) {
-        let Some((k, rest)) = proto::read_cstr(body) else { return };
-        let Some((v, _)) = proto::read_cstr(rest) else { return };
-        match self.params.iter_mut().find(|(n, _)| n == k) {
-            Some(p) => p.1 = v.to_string(),
-            None => self.params.push((k.to_string(), v.to_string())),
-        }
+        note_param(&mut self.params, body);
     }
 
     /// Relays this connection's answer to `dst` up to ReadyForQuery (see [`Framed::relay_to_ready`]), keeping
@@ -400,5 +383,15 @@ impl ServerConn {
             Ok(Some(_)) => Ok(None),
             _ => Err(()),
         }
+    }
+}
+
+/// Keeps in `params` the value a ParameterStatus body reports.
+fn note_param(params: &mut Vec<(String, String)>, body: &[u8]) {
+    let Some((k, rest)) = proto::read_cstr(body) else { return };
+    let Some((v, _)) = proto::read_cstr(rest) else { return };
+    match params.iter_mut().find(|(n, _)| n == k) {
+        Some(p) => p.1 = v.to_string(),
+        None => params.push((k.to_string(), v.to_string())),
     }
 }

@@ -91,6 +91,8 @@ pub struct Registry {
     per_key: Mutex<HashMap<String, u64>>,
     /// The router is shutting down: sessions end at their next moment outside a transaction.
     pub draining: tokio::sync::watch::Sender<bool>,
+    /// Each session's stop signal, by cancel key: dropped (so resolved) when draining starts.
+    stops: Mutex<HashMap<(i32, i32), tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// A client's place under the connection limits, given back when dropped.
@@ -121,6 +123,29 @@ pub fn shutting_down() -> Reported {
 }
 
 impl Registry {
+    /// The stop signal of the session with cancel key `key`: it resolves when the router starts draining
+    /// (at once if it has). [`Registry::forget_stop`] drops it when the session ends.
+    pub fn stop_signal(&self, key: (i32, i32)) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut stops = self.stops.lock().expect("stops lock");
+        // (Under the lock `begin_drain` takes: a session either is in the map it clears or sees the flag.)
+        if !*self.draining.borrow() {
+            stops.insert(key, tx);
+        }
+        rx
+    }
+
+    pub fn forget_stop(&self, key: (i32, i32)) {
+        self.stops.lock().expect("stops lock").remove(&key);
+    }
+
+    /// Shutting down: every session, and the admin console's, is told to end outside its transaction.
+    pub fn begin_drain(&self) {
+        let mut stops = self.stops.lock().expect("stops lock");
+        self.draining.send_replace(true);
+        stops.clear();
+    }
+
     /// Takes a place for a client of `user` (connecting to `tenant`'s database, under the tenant strategy)
     /// under `limits`, or says which limit it would pass (53300, as PostgreSQL's `max_connections` and a
     /// role's or database's connection limit say it).

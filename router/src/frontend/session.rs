@@ -171,11 +171,10 @@ pub struct Session<S> {
     /// Sharded tables created or altered since the last exchange: their new sequences are interleaved
     /// across shards (`sequences.rs`).
     pub new_sequences: Vec<String>,
-    /// Set when the router shuts down: the session ends at its next moment outside a transaction.
-    pub draining: Option<tokio::sync::watch::Receiver<bool>>,
-    /// Waits for `draining` to turn true: made once and kept between exchanges, so that waiting for the
-    /// client's next message does not register and unregister a waiter on every statement.
-    stop: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>>,
+    /// Resolves when the router shuts down (see [`super::Registry::stop_signal`]): the session ends at its
+    /// next moment outside a transaction. A channel of the session's own, so that waiting for the client's
+    /// next message next to it touches no lock that other sessions share.
+    pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// A stable hash of a statement's text and parameter types, for server-side statement names.
@@ -234,7 +233,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             positions_epoch: 0,
             collations: Default::default(),
             new_sequences: Vec::new(),
-            draining: None,
             stop: None,
         }
     }
@@ -378,7 +376,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if !self.new_sequences.is_empty() && batch.is_empty() {
                 Box::pin(self.interleave_sequences()).await;
             }
-            if batch.is_empty() && !self.txn.open() && self.draining.as_ref().is_some_and(|d| *d.borrow()) {
+            if batch.is_empty() && !self.txn.open() && self.stop.as_mut().is_some_and(stopped) {
                 return Err(Fatal::Limit(super::shutting_down()));
             }
             // (Between exchanges the idle timeouts apply; in the middle of a batch, not.)
@@ -537,18 +535,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         // A shutdown ends an idle session at once; inside a transaction it waits for the transaction's end.
-        if self.stop.is_none() {
-            if let Some(mut d) = self.draining.clone() {
-                self.stop = Some(Box::pin(async move { drop(d.wait_for(|v| *v).await) }));
-            }
-        }
         let stop = match self.stop.as_mut() {
             Some(f) if !self.txn.open() => Some(f),
             _ => None,
         };
         let stop = async {
             match stop {
-                Some(f) => f.await,
+                Some(f) => drop(f.await),
                 None => std::future::pending().await,
             }
         };
@@ -875,7 +868,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             return Ok(());
         }
-        let timeout = std::time::Duration::from_millis(self.backend.backends.config.load().pool.timeout_ms);
+        let timeout = std::time::Duration::from_millis(self.backend.config.pool.timeout_ms);
         let deadline = std::time::Instant::now() + timeout;
         let mut taken: Vec<Dest> = Vec::new();
         loop {
@@ -1094,4 +1087,9 @@ pub fn settings_of(analysis: &Analysis) -> Vec<Setting> {
         return one.setting.iter().cloned().collect();
     }
     analysis.statements.iter().filter_map(|s| s.setting.clone()).collect()
+}
+
+/// Whether a session's stop signal has come (sent, or its sender dropped: both mean the router is draining).
+fn stopped(stop: &mut tokio::sync::oneshot::Receiver<()>) -> bool {
+    !matches!(stop.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty))
 }

@@ -160,6 +160,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         self.rbuf.advance(len);
     }
 
+    /// Splits off the message [`Framed::peek`] found (`len` bytes) as a [`Msg`] of its own.
+    pub fn take(&mut self, len: usize) -> Msg {
+        let frame = self.rbuf.split_to(len).freeze();
+        Msg { tag: frame[0], frame }
+    }
+
     /// The next message, or `None` at a clean end of stream.
     pub async fn read(&mut self) -> Result<Option<Msg>, WireError> {
         loop {
