@@ -65,20 +65,20 @@ pub trait Params {
 
     /// A literal taken out of the statement's text by [`crate::shape::normalize`] (index from
     /// [`LITERAL_BASE`]).
-    fn literal(&self, _index: usize) -> Option<&Literal> {
+    fn literal(&self, _index: usize) -> Option<&Literal<'_>> {
         None
     }
 }
 
 /// The literals of a simple-protocol statement, as virtual parameters of its shape.
-pub struct LiteralParams<'a>(pub &'a [Literal]);
+pub struct LiteralParams<'a>(pub &'a [Literal<'a>]);
 
 impl Params for LiteralParams<'_> {
     fn param(&self, _: usize) -> Option<Param<'_>> {
         None
     }
 
-    fn literal(&self, index: usize) -> Option<&Literal> {
+    fn literal(&self, index: usize) -> Option<&Literal<'_>> {
         index.checked_sub(LITERAL_BASE).and_then(|i| self.0.get(i))
     }
 }
@@ -145,16 +145,29 @@ impl Planner {
 
     /// The analysis of a simple-protocol statement: by its shape (literals taken out, so that statements
     /// differing only in their values share one parse), or by its text when it has no usable shape.
-    pub fn analyze_simple(&self, text: &str) -> (Arc<Analysis>, Vec<Literal>) {
-        if let Some((shape, lits)) = crate::shape::normalize(text) {
-            if !lits.is_empty() {
-                let a = self.analyze(&shape);
-                if a.parse_error.is_none() {
-                    return (a, lits);
-                }
-            }
+    pub fn analyze_simple<'t>(&self, text: &'t str) -> (Arc<Analysis>, Vec<Literal<'t>>) {
+        thread_local! {
+            // The shape is only a key to look the analysis up by: written into a buffer kept per thread, it
+            // costs no allocation when the analysis is cached.
+            static SHAPE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
-        (self.analyze(text), Vec::new())
+        let mut lits = Vec::new();
+        let shaped = SHAPE.with(|shape| {
+            let Ok(mut shape) = shape.try_borrow_mut() else { return None };
+            if !crate::shape::normalize_into(text, &mut shape, &mut lits) || lits.is_empty() {
+                return None;
+            }
+            let a = self.analyze(&shape);
+            // (A long statement's buffer is not kept.)
+            if shape.capacity() > 64 << 10 {
+                *shape = String::new();
+            }
+            a.parse_error.is_none().then_some(a)
+        });
+        match shaped {
+            Some(a) => (a, lits),
+            None => (self.analyze(text), Vec::new()),
+        }
     }
 
     /// Where every statement of `session` goes when that is known whatever the statement: the only node, or
@@ -434,7 +447,7 @@ impl Planner {
                 KeyExpr::ArrayParam(i) if *i >= LITERAL_BASE => {
                     let lit = params.literal(*i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
                     let vs = KeyValue::array_from_param(lit.text.as_bytes(), false, self.map.key_type)
-                        .map_err(|why| RouteError::BadKey { value: lit.text.clone(), why })?;
+                        .map_err(|why| RouteError::BadKey { value: lit.text.to_string(), why })?;
                     out.extend(vs);
                 }
                 KeyExpr::ArrayParam(i) => {
@@ -454,7 +467,7 @@ impl Planner {
         if i >= LITERAL_BASE {
             let lit = params.literal(i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
             // The same rules as for a literal analysed in place (`sql::Ctx::key_value`).
-            let bad = |why: String| RouteError::BadKey { value: lit.text.clone(), why };
+            let bad = |why: String| RouteError::BadKey { value: lit.text.to_string(), why };
             return match (lit.number, self.map.key_type) {
                 (true, KeyType::Auto | KeyType::Int) => lit
                     .text

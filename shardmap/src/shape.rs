@@ -12,11 +12,12 @@ pub const LITERAL_BASE: usize = 100_000;
 
 /// A literal taken out of a statement.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Literal {
+pub struct Literal<'a> {
     /// A numeric literal (`42`, `-7`, `1.5`) rather than a quoted string.
     pub number: bool,
-    /// Its text, unquoted and unescaped.
-    pub text: String,
+    /// Its text, unquoted and unescaped: a slice of the statement, copied only when a doubled quote had to
+    /// be undone.
+    pub text: std::borrow::Cow<'a, str>,
 }
 
 /// The index of the quote that closes the one at `open` (a doubled quote inside is part of the text).
@@ -62,7 +63,26 @@ static CLASS: [u8; 256] = {
     t
 };
 
-/// Appends `n` in decimal (without `fmt`'s machinery: this runs for every literal of every statement).
+/// The first placeholders as text: most statements have a few literals, and a copy of these costs less than
+/// writing the number.
+const PLACEHOLDERS: [&str; 16] = [
+    "$100001", "$100002", "$100003", "$100004", "$100005", "$100006", "$100007", "$100008", "$100009", "$100010",
+    "$100011", "$100012", "$100013", "$100014", "$100015", "$100016",
+];
+
+/// Appends the placeholder of the `k`th literal (from 1): `$100001`, ...
+fn push_placeholder(out: &mut String, k: usize) {
+    match PLACEHOLDERS.get(k.wrapping_sub(1)) {
+        Some(p) => out.push_str(p),
+        None => {
+            out.push('$');
+            push_decimal(out, LITERAL_BASE + k);
+        }
+    }
+}
+
+/// Appends `n` in decimal (without `fmt`'s machinery: this runs for every literal of every statement), in
+/// one copy.
 fn push_decimal(out: &mut String, mut n: usize) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
@@ -74,9 +94,7 @@ fn push_decimal(out: &mut String, mut n: usize) {
             break;
         }
     }
-    for &d in &digits[at..] {
-        out.push(d as char);
-    }
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 /// Words after which a string literal is an ordinary value; after any other word (a type name) it is part of
@@ -143,7 +161,25 @@ fn array_operand_before(out: &str) -> bool {
 }
 
 /// The shape of a DML statement and its literals, or `None` when the text is not normalized.
-pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
+pub fn normalize(sql: &str) -> Option<(String, Vec<Literal<'_>>)> {
+    let (mut out, mut lits) = (String::new(), Vec::new());
+    normalize_into(sql, &mut out, &mut lits).then_some((out, lits))
+}
+
+/// [`normalize`] into buffers the caller keeps (`out` is cleared first, `lits` appended to): `false` when
+/// the text is not normalized. The router's hot path keeps one shape buffer per thread, so that a statement
+/// whose shape is cached allocates nothing for it.
+pub fn normalize_into<'a>(sql: &'a str, out: &mut String, lits: &mut Vec<Literal<'a>>) -> bool {
+    out.clear();
+    let start = lits.len();
+    let done = shape_into(sql, out, lits).is_some();
+    if !done {
+        lits.truncate(start);
+    }
+    done
+}
+
+fn shape_into<'a>(sql: &'a str, out: &mut String, lits: &mut Vec<Literal<'a>>) -> Option<()> {
     let word = crate::sql::first_word(sql);
     let dml = ["select", "insert", "update", "delete", "with"].iter().any(|w| word.eq_ignore_ascii_case(w));
     if !dml {
@@ -151,15 +187,14 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
     }
     let b = sql.as_bytes();
     // Room for placeholders longer than their literals (`$100001` for `5`): no growth for a few of them.
-    let mut out = String::with_capacity(sql.len() + 32);
-    let mut lits = Vec::new();
+    out.reserve(sql.len() + 32);
+    let first = lits.len();
     let mut i = 0;
     // The last byte written that is not whitespace: decides whether '-' starts a negative literal.
     let mut last = b'(';
-    let push_lit = |out: &mut String, lits: &mut Vec<Literal>, number: bool, text: String| {
+    let push_lit = |out: &mut String, lits: &mut Vec<Literal<'a>>, number: bool, text: std::borrow::Cow<'a, str>| {
         lits.push(Literal { number, text });
-        out.push('$');
-        push_decimal(out, LITERAL_BASE + lits.len());
+        push_placeholder(out, lits.len() - first);
     };
     while i < b.len() {
         let c = b[i];
@@ -190,12 +225,12 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                 if i > 0 && is_ident(b[i - 1]) {
                     return None; // E'..', B'..', X'..', U&'..', N'..'
                 }
-                if array_operand_before(&out) {
+                if array_operand_before(out) {
                     // ANY('{1,2}'): the statement's own text takes no keys from an array literal; a shape
                     // (ANY($1), an array parameter) would, and the two protocols would route it differently.
                     return None;
                 }
-                if typed_literal_before(&out) {
+                if typed_literal_before(out) {
                     // `uuid '..'`, `DATE '..'`, `INTERVAL '..'`: the string is part of a typed literal, which
                     // only a literal can follow; keep it in the shape.
                     let j = closing_quote(b, i)?;
@@ -208,8 +243,9 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                 if b.get(j + 1).is_some_and(|x| is_ident(*x) || *x == b'$') {
                     return None; // 'a'b: the placeholder would run into the word after it ($100001b)
                 }
-                let text = sql[i + 1..j].replace("''", "'");
-                push_lit(&mut out, &mut lits, false, text);
+                let raw = &sql[i + 1..j];
+                let text = if raw.contains('\'') { raw.replace("''", "'").into() } else { raw.into() };
+                push_lit(out, lits, false, text);
                 last = b'\'';
                 i = j + 1;
                 continue;
@@ -240,7 +276,7 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                     return None; // a.5: not a number the way PostgreSQL reads it either
                 }
                 if starts_number && sign_ok {
-                    if array_operand_before(&out) {
+                    if array_operand_before(out) {
                         return None; // ANY(21): a scalar, where ANY($1) would take an array
                     }
                     let mut j = digits_at;
@@ -269,7 +305,7 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
                     if b.get(j).is_some_and(|x| is_ident(*x)) {
                         return None; // 1abc: not a plain number
                     }
-                    push_lit(&mut out, &mut lits, true, sql[i..j].to_string());
+                    push_lit(out, lits, true, sql[i..j].into());
                     last = b'0';
                     i = j;
                     continue;
@@ -294,7 +330,7 @@ pub fn normalize(sql: &str) -> Option<(String, Vec<Literal>)> {
         }
         i = j;
     }
-    Some((out, lits))
+    Some(())
 }
 
 /// A text with literal placeholders written back as the literals (for messages).
@@ -326,7 +362,7 @@ pub fn render(text: &str, lits: &[Literal]) -> String {
 mod tests {
     use super::*;
 
-    fn lit(number: bool, text: &str) -> Literal {
+    fn lit(number: bool, text: &str) -> Literal<'_> {
         Literal { number, text: text.into() }
     }
 
@@ -356,6 +392,15 @@ mod tests {
         // ANY( with spaces around the parenthesis still keeps its literal (an array operand).
         assert_eq!(normalize("SELECT 1 FROM t WHERE a = ANY ( '{1,2}' )"), None);
         assert_eq!(normalize("SELECT 1 FROM t WHERE a = any\t(\n21)"), None);
+    }
+
+    #[test]
+    fn placeholders_from_the_table_and_past_it() {
+        for k in 1..=40 {
+            let mut out = String::new();
+            push_placeholder(&mut out, k);
+            assert_eq!(out, format!("${}", LITERAL_BASE + k));
+        }
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         msg: &Msg,
         text: &str,
         analysis: &std::sync::Arc<Analysis>,
-        literals: &[shardmap::shape::Literal],
+        literals: &[shardmap::shape::Literal<'_>],
     ) -> Result<(), Failure> {
         if !self.routing.session_mode {
             refuse_session_locks(analysis)?;
