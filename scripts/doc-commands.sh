@@ -69,8 +69,18 @@ for f in "$@"; do
   if [ "$(basename "$f")" != README.md ]; then
     (cd "$dir" && exec shard-router demo > demo.log 2>&1) &
     demo_pid=$!
-    for _ in $(seq 1 600); do pg_isready -q -h 127.0.0.1 -p 6432 && [ -f "$dir/shard-router-demo.csv" ] && break; sleep 0.2; done
-    pg_isready -q -h 127.0.0.1 -p 6432 || { echo "$0: the demo did not start"; cat "$dir/demo.log"; exit 1; }
+    # (Two minutes at most, however long each probe takes.)
+    ready_by=$((SECONDS + 120))
+    while [ "$SECONDS" -lt "$ready_by" ]; do
+      pg_isready -q -t 2 -h 127.0.0.1 -p 6432 && [ -f "$dir/shard-router-demo.csv" ] && break
+      sleep 0.2
+    done
+    pg_isready -q -t 2 -h 127.0.0.1 -p 6432 || {
+      echo "$0: the demo did not start in 120 s (its log, then what listens on 6432)"
+      cat "$dir/demo.log"
+      ss -ltnp 2>/dev/null | grep ':6432 ' || true
+      exit 1
+    }
   fi
   echo "== $f: $n blocks"
   {
