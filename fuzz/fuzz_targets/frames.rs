@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             }
             if let Some(results) = b.result_formats() {
                 let mut out = BytesMut::new();
-                proto::write_bind(&mut out, b.portal, b.statement, b.formats(), b.values(), &results);
+                proto::write_bind(&mut out, b.portal, b.statement, &b.formats(), b.values(), &results);
                 let again = proto::read_bind(&out[5..]).expect("a Bind written reads");
                 assert_eq!(again.formats(), b.formats());
                 assert_eq!(again.values(), b.values());

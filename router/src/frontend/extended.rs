@@ -669,9 +669,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 _ => {}
             }
         }
+        let formats = b.formats();
         let c = super::combine::ClientPart {
             params: b.values(),
-            param_formats: b.formats(),
+            param_formats: &formats,
             param_types: &types,
             result_formats: &results,
             order: &order,

@@ -214,38 +214,78 @@ pub fn write_parse(buf: &mut BytesMut, name: &str, query: &str, types: &[u32]) {
 pub struct Bind<'a> {
     pub portal: &'a str,
     pub statement: &'a str,
-    formats: Vec<i16>,
-    values: Vec<Option<&'a [u8]>>,
+    /// The parameter format codes as sent, two bytes each (none: all text; one: for all).
+    formats: &'a [u8],
+    values: BindValues<'a>,
     /// The bytes after the statement name (formats, values, result formats), for re-writing the name.
     pub tail: &'a [u8],
+}
+
+/// A Bind's parameter values: a few held in place (nearly every statement: no allocation per Bind), more in
+/// a vector.
+enum BindValues<'a> {
+    Few([Option<&'a [u8]>; FEW_VALUES], usize),
+    Many(Vec<Option<&'a [u8]>>),
+}
+
+const FEW_VALUES: usize = 8;
+
+impl<'a> BindValues<'a> {
+    fn as_slice(&self) -> &[Option<&'a [u8]>] {
+        match self {
+            BindValues::Few(v, n) => &v[..*n],
+            BindValues::Many(v) => v,
+        }
+    }
 }
 
 pub fn read_bind(body: &[u8]) -> Option<Bind<'_>> {
     let (portal, rest) = read_cstr(body)?;
     let (statement, tail) = read_cstr(rest)?;
-    let (nf, mut rest) = read_i16(tail)?;
-    let mut formats = Vec::with_capacity(nf.max(0) as usize);
-    for _ in 0..nf {
-        let (f, r) = read_i16(rest)?;
-        formats.push(f);
-        rest = r;
-    }
-    let (values, _) = read_values(rest)?;
+    let (nf, rest) = read_i16(tail)?;
+    let formats = rest.get(..2 * nf.max(0) as usize)?;
+    let (n, mut rest) = read_i16(&rest[formats.len()..])?;
+    let n = n.max(0) as usize;
+    let mut next = || -> Option<Option<&[u8]>> {
+        let (len, r) = read_i32(rest)?;
+        if len < 0 {
+            rest = r;
+            Some(None)
+        } else {
+            let v = r.get(..len as usize)?;
+            rest = &r[len as usize..];
+            Some(Some(v))
+        }
+    };
+    let values = if n <= FEW_VALUES {
+        let mut few = [None; FEW_VALUES];
+        for v in few.iter_mut().take(n) {
+            *v = next()?;
+        }
+        BindValues::Few(few, n)
+    } else {
+        let mut many = Vec::with_capacity(n);
+        for _ in 0..n {
+            many.push(next()?);
+        }
+        BindValues::Many(many)
+    };
     Some(Bind { portal, statement, formats, values, tail })
 }
 
 impl Bind<'_> {
     /// Whether parameter `i` is in binary format (format codes: none = all text, one = for all, else each).
     pub fn binary(&self, i: usize) -> bool {
-        match self.formats.as_slice() {
-            [] => false,
-            [one] => *one == 1,
-            many => many.get(i).is_some_and(|f| *f == 1),
+        let code = |k: usize| self.formats.get(2 * k..2 * k + 2).is_some_and(|c| c == [0, 1]);
+        match self.formats.len() / 2 {
+            0 => false,
+            1 => code(0),
+            _ => code(i),
         }
     }
 
     pub fn value(&self, i: usize) -> Option<Option<&[u8]>> {
-        self.values.get(i).copied()
+        self.values.as_slice().get(i).copied()
     }
 }
 
@@ -274,12 +314,12 @@ pub fn write_bind_renamed(buf: &mut BytesMut, bind: &BindHead<'_>, statement: &s
 
 impl Bind<'_> {
     /// The parameter format codes as sent (none, one for all, or one each).
-    pub fn formats(&self) -> &[i16] {
-        &self.formats
+    pub fn formats(&self) -> Vec<i16> {
+        self.formats.chunks_exact(2).map(|c| i16::from_be_bytes([c[0], c[1]])).collect()
     }
 
     pub fn values(&self) -> &[Option<&[u8]>] {
-        &self.values
+        self.values.as_slice()
     }
 
     /// The result-column format codes (after the values in the message).
@@ -412,4 +452,39 @@ pub fn write_row_description(buf: &mut BytesMut, fields: &[(Vec<u8>, i16)]) {
             b.put_i16(*format);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_with_few_and_many_values_read_back_as_written() {
+        for n in [0usize, 1, 8, 9, 40] {
+            let values: Vec<Option<&[u8]>> =
+                (0..n).map(|i| if i % 3 == 2 { None } else { Some(&b"value"[..i % 5]) }).collect();
+            for formats in [vec![], vec![1i16], (0..n as i16).map(|i| i % 2).collect::<Vec<_>>()] {
+                let mut out = BytesMut::new();
+                write_bind(&mut out, "p", "s", &formats, &values, &[1]);
+                let b = read_bind(&out[5..]).expect("a Bind written reads");
+                assert_eq!((b.portal, b.statement), ("p", "s"));
+                assert_eq!(b.values(), &values[..]);
+                assert_eq!(b.formats(), formats);
+                for i in 0..n {
+                    let binary = match formats.as_slice() {
+                        [] => false,
+                        [one] => *one == 1,
+                        many => many[i] == 1,
+                    };
+                    assert_eq!((b.value(i), b.binary(i)), (Some(values[i]), binary));
+                }
+                assert_eq!(b.value(n), None);
+                assert_eq!(b.result_formats(), Some(vec![1]));
+                // Cut anywhere, it reads what is there or nothing, without a panic.
+                for cut in 5..out.len() - 2 {
+                    let _ = read_bind(&out[5..cut]);
+                }
+            }
+        }
+    }
 }
