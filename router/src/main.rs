@@ -118,7 +118,7 @@ fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitC
     // router-threads: worker threads of one work-stealing runtime (1: a single event loop). By default (0)
     // one per two cores: the router shares the machine with its clients and often its servers, and more
     // workers than that measured slower (16 cores: 79k TPS with 16 workers against 116k with 8 at 64 clients;
-    // 2 cores: one event loop spends 1-4 us less CPU per statement than two workers; docs/performance.md,
+    // 2 cores: one thread spends 1-4 us less CPU per statement than two workers; docs/performance.md,
     // "How many threads"). SHARD_ROUTER_RUNTIME=event-loops runs as many single-threaded runtimes instead,
     // each with a listener of its own on the same address (SO_REUSEPORT), so that a client and its server
     // connections stay on one thread: on 2 cores it measured no cheaper, and its p99 was higher

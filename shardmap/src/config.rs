@@ -245,8 +245,8 @@ pub struct RouterSettings {
     pub tls_key: Option<PathBuf>,
     pub http: Option<String>,
     pub admin_users: Vec<String>,
-    /// Worker threads serving clients: 0 (the default) is one per core; 1 is a single event loop, as
-    /// PgBouncer has.
+    /// Threads serving clients: 0 (the default) is one per two cores, workers of a multi-thread runtime; 1 is
+    /// a single event loop (a single-threaded runtime), as PgBouncer has.
     pub threads: u32,
     pub limits: ClientLimits,
     /// `router-user-<name>-tenants`: the only tenants (tenant strategy) a user may reach.
