@@ -246,16 +246,10 @@ pub fn read_bind(body: &[u8]) -> Option<Bind<'_>> {
     let formats = rest.get(..2 * nf.max(0) as usize)?;
     let (n, mut rest) = read_i16(&rest[formats.len()..])?;
     let n = n.max(0) as usize;
-    let mut next = || -> Option<Option<&[u8]>> {
-        let (len, r) = read_i32(rest)?;
-        if len < 0 {
-            rest = r;
-            Some(None)
-        } else {
-            let v = r.get(..len as usize)?;
-            rest = &r[len as usize..];
-            Some(Some(v))
-        }
+    let mut next = || {
+        let (v, r) = read_value(rest)?;
+        rest = r;
+        Some(v)
     };
     let values = if n <= FEW_VALUES {
         let mut few = [None; FEW_VALUES];
@@ -409,16 +403,21 @@ fn read_values(b: &[u8]) -> Option<(Values<'_>, &[u8])> {
     let (n, mut rest) = read_i16(b)?;
     let mut out = Vec::with_capacity(n.max(0) as usize);
     for _ in 0..n {
-        let (len, r) = read_i32(rest)?;
-        if len < 0 {
-            out.push(None);
-            rest = r;
-        } else {
-            out.push(Some(r.get(..len as usize)?));
-            rest = &r[len as usize..];
-        }
+        let (v, r) = read_value(rest)?;
+        out.push(v);
+        rest = r;
     }
     Some((out, rest))
+}
+
+/// One value: its length (-1: NULL) and bytes; what follows it.
+fn read_value(b: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
+    let (len, r) = read_i32(b)?;
+    if len < 0 {
+        return Some((None, r));
+    }
+    let v = r.get(..len as usize)?;
+    Some((Some(v), &r[len as usize..]))
 }
 
 /// One field of a RowDescription: its name, its type OID, and its bytes (name to format code).
