@@ -128,15 +128,15 @@ fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitC
         n => n as usize,
     };
     let event_loops = std::env::var("SHARD_ROUTER_RUNTIME").is_ok_and(|v| v == "event-loops");
-    // The default is the multi-thread runtime even when it has one worker: a single-threaded runtime
-    // (router-threads,1, and each event loop) costs about 9% fewer instructions per statement, but under
-    // thousands of clients connecting and leaving glibc's malloc fragments its heap (the soak test: RSS
-    // 57 -> 103 MiB over six rounds, still growing, against 49 -> 62 MiB with one worker of the multi-thread
-    // runtime; with allocations of 4 KiB and more mmapped, 39 -> 44 MiB: fragmentation, not a leak).
-    let rt = if !event_loops && config.router.threads != 1 {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
-    } else {
+    // One thread is a single-threaded runtime (the default on 2 cores): about 9% fewer instructions per
+    // statement than one worker of the multi-thread runtime, and up to 25% more throughput end to end. Under
+    // thousands of clients connecting and leaving, glibc's malloc fragmented its heap (the soak test: RSS
+    // 56 -> 102 MiB over six rounds, still growing); with mimalloc (below) the same soak reads 48 -> 42 MiB
+    // (docs/performance.md, "The default runtime, after the soak test").
+    let rt = if event_loops || threads == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
     };
     let loops = if event_loops { threads } else { 1 };
     let grace = std::time::Duration::from_secs(config.router.limits.shutdown_timeout_s);
@@ -212,3 +212,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+// mimalloc rather than glibc's malloc: connections' buffers and tasks come and go by the thousand, and glibc's
+// heap kept what they had fragmented (RSS growing round after round under the soak test); mimalloc gives it
+// back, and spends 1-2% fewer instructions per statement (callgrind; docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -245,8 +245,8 @@ pub struct RouterSettings {
     pub tls_key: Option<PathBuf>,
     pub http: Option<String>,
     pub admin_users: Vec<String>,
-    /// Threads serving clients: 0 (the default) is one per two cores, workers of a multi-thread runtime; 1 is
-    /// a single event loop (a single-threaded runtime), as PgBouncer has.
+    /// Threads serving clients: 0 (the default) is one per two cores; one thread is a single event loop (a
+    /// single-threaded runtime, as PgBouncer has), more are workers of a multi-thread runtime.
     pub threads: u32,
     pub limits: ClientLimits,
     /// `router-user-<name>-tenants`: the only tenants (tenant strategy) a user may reach.
