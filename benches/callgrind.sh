@@ -3,7 +3,7 @@
 # machine, unlike time): pgbench -S through the release router under valgrind, twice (N1 and N2
 # transactions per client), and the difference divided by the extra transactions, so that start-up and
 # connection set-up cancel out. For each protocol (simple, extended, prepared) and each runtime design: the
-# default (one runtime with router-threads workers, one per two cores: one worker on 2 cores) and
+# default (one runtime with router-threads workers, one per two cores: the single-threaded runtime on 2 cores) and
 # SHARD_ROUTER_RUNTIME=event-loops (as many single-threaded runtimes, each with its own listener). BASELINE=path/to/another/shard-router adds that binary (an older build,
 # say) as a third row. Kernel time (wake-ups, syscalls) is not in these counts: the CPU columns of
 # benches/run.sh are.

@@ -10,7 +10,7 @@ source scripts/deps.sh
 # Each step says when it starts (seconds since the start), and none may hang: a step past its limit fails
 # (the test harness names a test running for over 60 s; scripts/doc-commands.sh names what was running).
 step() { echo "== [${SECONDS} s] $*"; }
-# A fresh build without incremental state: 4 GiB of disk instead of 8, and CI's disk is shared. Say what is free, so a
+# A fresh build without incremental state (3.9 GiB of disk less), as CI's disk is shared. Say what is free, so a
 # "No space left on device" from a test reads against it.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 step "disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free where the build goes, $(df -h --output=avail "${TMPDIR:-/tmp}" | tail -1 | tr -d ' ') in ${TMPDIR:-/tmp}"

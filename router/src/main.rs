@@ -131,8 +131,8 @@ fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitC
     // One thread is a single-threaded runtime (the default on 2 cores): about 9% fewer instructions per
     // statement than one worker of the multi-thread runtime, and up to 25% more throughput end to end. Under
     // thousands of clients connecting and leaving, glibc's malloc fragmented its heap (the soak test: RSS
-    // 56 -> 102 MiB over six rounds, still growing); with mimalloc (below) the same soak reads 48 -> 42 MiB
-    // (docs/performance.md, "The default runtime, after the soak test").
+    // 56 -> 102 MiB over six rounds, still growing); with mimalloc (below) the same soak reads 47 -> 32 MiB
+    // (docs/performance.md, "mimalloc, and the single-threaded runtime back as the default").
     let rt = if event_loops || threads == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
