@@ -1,6 +1,7 @@
 //! Pool checkout and checkin (the semaphore, the idle stack, the cancel registration), on connections to a
 //! real PostgreSQL server that the benchmark starts; the connections are made before measuring, so this is
-//! the per-statement cost of borrowing one and giving it back.
+//! the per-statement cost of borrowing one and giving it back. `kept`: the same with the connection kept by
+//! its client between transactions (its `Parking`), the path a client takes while nobody waits.
 //!
 //! Run: `cargo bench -p benches --bench pool`
 
@@ -11,7 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use localpg::PgServer;
 use router::backend::cancel::Slot;
 use router::backend::conn::Target;
-use router::backend::pool::{PoolKey, Pools, Settings};
+use router::backend::pool::{Parking, PoolKey, Pools, Settings};
 use shardmap::ShardId;
 
 fn pool(c: &mut Criterion) {
@@ -53,6 +54,28 @@ fn pool(c: &mut Criterion) {
             })
         })
     });
+    let parking = Arc::new(Parking::default());
+    c.bench_function("pool/kept: take back + keep", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    let mut p = match pool.unpark(&parking) {
+                        Some(p) => p,
+                        None => {
+                            let mut p = pool.get(0).await.unwrap();
+                            p.keep_in(&parking);
+                            p
+                        }
+                    };
+                    p.register_cancel(&slot);
+                    p.release();
+                }
+                start.elapsed()
+            })
+        })
+    });
+    parking.give_back();
     drop(pg);
 }
 

@@ -30,6 +30,9 @@ struct Args {
     event_loops: bool,
     /// `--threads N`: also the router with one shard at `router-threads,N` (router-1t), beside the default.
     threads: Option<u32>,
+    /// `--baseline BIN`: also the router with one shard run from another build (router-1b), beside this
+    /// one: a change measured before and after in one alternating run.
+    baseline: Option<PathBuf>,
 }
 
 fn args() -> Result<Args> {
@@ -45,6 +48,7 @@ fn args() -> Result<Args> {
         targets: None,
         event_loops: false,
         threads: None,
+        baseline: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -61,6 +65,7 @@ fn args() -> Result<Args> {
             "--targets" => a.targets = Some(v()?.split(',').map(str::to_string).collect()),
             "--event-loops" => a.event_loops = true,
             "--threads" => a.threads = Some(v()?.parse()?),
+            "--baseline" => a.baseline = Some(PathBuf::from(v()?)),
             "--quick" => {
                 a.seconds = 5;
                 a.rounds = 2;
@@ -77,7 +82,9 @@ fn args() -> Result<Args> {
                      hold as many server connections as PgBouncer's one pool of 20)\n\
                      --targets direct,pgbouncer,router-1,router-4,direct-4 (default: all)\n\
                      --event-loops (also router-1el: one shard, an event loop per core)\n\
-                     --threads N (also router-1t: one shard, router-threads N, beside the default)"
+                     --threads N (also router-1t: one shard, router-threads N, beside the default)\n\
+                     --baseline BIN (also router-1b: one shard, the router binary BIN — another build —, beside\n\
+                     this one, for a before/after comparison in one run)"
                 );
                 std::process::exit(0);
             }
@@ -194,12 +201,15 @@ fn start_pgbouncer(dir: &Path, server: &PgServer, pool: u32) -> Result<(Proc, u1
 }
 
 fn start_router(dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<(Proc, u16)> {
+    start_router_from(&std::env::current_exe()?.with_file_name("shard-router"), dir, config, env)
+}
+
+fn start_router_from(exe: &Path, dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<(Proc, u16)> {
     let port = free_port();
     std::fs::create_dir_all(dir)?;
     let path = dir.join("config.csv");
     std::fs::write(&path, config)?;
-    let exe = std::env::current_exe()?.with_file_name("shard-router");
-    let child = Command::new(&exe)
+    let child = Command::new(exe)
         .args(["serve", "--config"])
         .arg(&path)
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -352,6 +362,10 @@ fn main() -> Result<()> {
         Some(n) => Some(start_router(&work.path().join("r1t"), &format!("{one_cfg}router-threads,{n}\n"), &[])?),
         None => None,
     };
+    let r1b = match &a.baseline {
+        Some(exe) => Some(start_router_from(exe, &work.path().join("r1b"), &one_cfg, &[])?),
+        None => None,
+    };
     let el = if a.event_loops {
         Some(start_router(&work.path().join("r1el"), &one_cfg, &[("SHARD_ROUTER_RUNTIME", "event-loops")])?)
     } else {
@@ -379,11 +393,15 @@ fn main() -> Result<()> {
     if let Some((p, port)) = &r1t {
         targets.insert(3, Target { name: "router-1t", conns: vec![conn(*port)], pid: Some(p.0.id()) });
     }
+    if let Some((p, port)) = &r1b {
+        targets.insert(3, Target { name: "router-1b", conns: vec![conn(*port)], pid: Some(p.0.id()) });
+    }
     if let Some(only) = &a.targets {
         targets.retain(|t| {
             only.iter().any(|o| o == t.name)
                 || (t.name == "router-1el" && a.event_loops)
                 || (t.name == "router-1t" && a.threads.is_some())
+                || (t.name == "router-1b" && a.baseline.is_some())
         });
     }
     // PgBouncer's pid is runuser's when started as root: its pidfile names the process itself.
@@ -456,6 +474,7 @@ fn main() -> Result<()> {
                     "router-1" => "router-1",
                     "router-1el" => "router-1el",
                     "router-1t" => "router-1t",
+                    "router-1b" => "router-1b",
                     "router-4" => "router-4",
                     _ => "direct-4",
                 },

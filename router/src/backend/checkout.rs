@@ -8,7 +8,7 @@ use shardmap::ShardId;
 
 use super::cancel::Slot;
 use super::conn::{BackendError, Target};
-use super::pool::{Pool, PoolKey, Pooled};
+use super::pool::{Parking, Pool, PoolKey, Pooled};
 use super::Backends;
 use crate::net::Reported;
 
@@ -48,13 +48,25 @@ pub struct Checkout {
     /// comparison that keeps this one current.
     pub config: Arc<shardmap::Config>,
     config_cache: arc_swap::Cache<Arc<arc_swap::ArcSwap<shardmap::Config>>, Arc<shardmap::Config>>,
+    /// The server connection the client keeps between transactions (transaction pooling; see
+    /// [`Pool::park`]); none in session mode, where the session holds its connections itself.
+    parking: Option<Arc<Parking>>,
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(parking) = &self.parking {
+            parking.give_back();
+        }
+    }
 }
 
 impl Checkout {
     pub fn new(backends: Arc<Backends>, user: String, database: String, cancel: Arc<Slot>) -> Checkout {
         let mut config_cache = arc_swap::Cache::new(backends.config.clone());
         let config = config_cache.load().clone();
-        Checkout { backends, user, database, cancel, home: 0, pools: Vec::new(), config, config_cache }
+        let parking = (config.pool.mode == shardmap::config::PoolMode::Transaction).then(Arc::default);
+        Checkout { backends, user, database, cancel, home: 0, pools: Vec::new(), config, config_cache, parking }
     }
 
     /// Brings [`Checkout::config`] up to the running config (after a RELOAD); a pointer comparison when
@@ -184,7 +196,14 @@ impl Checkout {
         b.breaker
             .admit(shard.0 as usize, generation, &b.map.node(shard).name)
             .map_err(|m| Reported::new(CONNECT_FAILED, m))?;
-        let mut p = match pool.get_with(wait, self.home).await {
+        // The connection of the client's last transaction, when it kept one of this pool.
+        let kept = self.parking.as_ref().and_then(|k| pool.unpark(k));
+        let fresh = kept.is_none();
+        let got = match kept {
+            Some(p) => Ok(Some(p)),
+            None => pool.get_with(wait, self.home).await,
+        };
+        let mut p = match got {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(None),
             Err(e) if e.sqlstate() == "3D000" && self.config.auto_create && database.is_some() => {
@@ -204,6 +223,9 @@ impl Checkout {
             }
         };
         self.take_up(&mut p, carry).await?;
+        if let Some(k) = self.parking.as_ref().filter(|_| fresh) {
+            p.keep_in(k);
+        }
         Ok(Some(p))
     }
 

@@ -10,9 +10,16 @@
 //! registered with the thread that opened it, and it goes back to that thread's list); and a checkout that
 //! must wait waits on its own home's share, whose permits come back with its own home's connections. A new
 //! connection is made only when no list holds an idle one, so the pool never holds more than `pool-size`.
+//!
+//! A client keeps its last connection between transactions (in its [`Parking`]) while its pool has enough:
+//! its next transaction takes it back without a checkout (no permit, no idle list, no clock read). It still
+//! counts as idle, and a checkout that finds no free permit takes a kept connection from its client first
+//! (before it waits); a client that gives a connection back while others wait hands it over at once. So a
+//! kept connection never makes anyone wait: see [`Pool::park`] and [`Pool::steal`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use shardmap::ShardId;
@@ -66,10 +73,20 @@ pub struct Pool {
     permits: Box<[Arc<Semaphore>]>,
     /// Shared by all pools; RELOAD replaces it (the size stays: it is fixed at start).
     settings: Arc<arc_swap::ArcSwap<Settings>>,
-    /// Checkouts waiting for a free connection now (for metrics).
-    waiting: std::sync::atomic::AtomicUsize,
+    /// Checkouts waiting for a free connection now (for metrics), and those about to (a client giving a
+    /// connection back reads it: see [`Pool::park`]).
+    waiting: AtomicUsize,
     /// Set when the shard's primary moved away from this pool's host: connections are not kept any more.
-    retired: std::sync::atomic::AtomicBool,
+    retired: AtomicBool,
+    /// The clients that keep (or kept) a connection of this pool between transactions; [`Pool::steal`],
+    /// the reaper and a retirement look there. A client is listed again when it parks after being dropped.
+    parkings: Mutex<Vec<Weak<Parking>>>,
+    /// Connections of this pool kept by their clients now (they hold a permit; they count as idle).
+    parked: AtomicUsize,
+    /// The last checkout that looked for a permit found none: more clients want connections than the pool
+    /// has, and clients give theirs back rather than keep them (kept ones would only pass from client to
+    /// client through `steal`). Cleared by the next checkout that finds a permit free.
+    pressed: AtomicBool,
     /// ParameterStatus of the first connection made, for clients' startup.
     pub params: Mutex<Option<Vec<(String, String)>>>,
 }
@@ -83,12 +100,45 @@ pub struct Pooled {
     _permit: OwnedSemaphorePermit,
     /// The client's cancel slot this connection is registered in while checked out.
     cancel: Option<(Arc<Slot>, Arc<CancelKey>)>,
+    /// Where the client keeps it between transactions (none: it goes back to the pool).
+    parking: Option<Weak<Parking>>,
+}
+
+/// A client's place for the one server connection it keeps between transactions (transaction pooling).
+/// The client holds it; a pool lists it (weakly) to take the connection back when another client needs it.
+#[derive(Default)]
+pub struct Parking {
+    state: Mutex<Parked>,
+    /// The pool whose connection it keeps (its address; 0: none), written under the lock: the client's
+    /// checkout looks without locking (only the client itself parks, so it never misses its own).
+    holds: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Parked {
+    conn: Option<Pooled>,
+    /// The pool whose list names this parking (its address; 0: none), so that it is listed once.
+    listed_in: usize,
+    /// Reaper rounds seen while parked: past `pool-idle-timeout`'s worth, the connection is closed.
+    reaps: u32,
+}
+
+impl Parking {
+    /// The kept connection, given back to its pool (the client is leaving).
+    pub fn give_back(&self) {
+        let p = self.state.lock().expect("parking lock").conn.take();
+        self.holds.store(0, Ordering::Relaxed);
+        if let Some(p) = p {
+            p.pool.parked.fetch_sub(1, Ordering::Relaxed);
+            p.give_back();
+        }
+    }
 }
 
 impl Pool {
     /// Connections checked out of this pool now.
     pub fn in_use(&self) -> usize {
-        (self.settings.load().size as usize).saturating_sub(self.available())
+        (self.settings.load().size as usize).saturating_sub(self.available() + self.parked.load(Ordering::Relaxed))
     }
 
     pub async fn get(self: &Arc<Self>, home: usize) -> Result<Pooled, PoolError> {
@@ -104,18 +154,39 @@ impl Pool {
         let own = self.share_of(home);
         let free = (0..n).find_map(|k| self.permits[(own + k) % n].clone().try_acquire_owned().ok());
         let permit = match free {
-            Some(p) => p,
-            None if !wait => return Ok(None),
-            None => match self.wait_permit(own).await {
-                Ok(p) => p.expect("pool semaphore is never closed"),
-                Err(_) => {
-                    return Err(PoolError::Timeout {
-                        shard: self.name.clone(),
-                        ms: self.settings.load().timeout.as_millis() as u64,
-                        size: self.settings.load().size,
-                    })
+            Some(p) => {
+                if self.pressed.load(Ordering::Relaxed) {
+                    self.pressed.store(false, Ordering::Relaxed);
                 }
-            },
+                p
+            }
+            None => {
+                if !self.pressed.load(Ordering::Relaxed) {
+                    self.pressed.store(true, Ordering::Relaxed);
+                }
+                // Counted as waiting before looking for a kept connection: a client parking one from now on
+                // hands it over instead (see `park`).
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                let stolen = if self.parked.load(Ordering::SeqCst) > 0 { self.steal() } else { None };
+                let r = match stolen {
+                    None if wait => Some(self.wait_permit(own).await),
+                    _ => None,
+                };
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                match (stolen, r) {
+                    (Some(p), _) => return Ok(Some(p)),
+                    (None, None) => return Ok(None),
+                    (None, Some(Ok(permit))) => permit.expect("pool semaphore is never closed"),
+                    (None, Some(Err(_))) => {
+                        return Err(PoolError::Timeout {
+                            shard: self.name.clone(),
+                            ms: self.settings.load().timeout.as_millis() as u64,
+                            size: self.settings.load().size,
+                        })
+                    }
+                }
+            }
         };
         let home = home % self.idle.len();
         let (conn, home) = match self.idle_conn(home) {
@@ -130,7 +201,126 @@ impl Pool {
                 (Box::new(c), home)
             }
         };
-        Ok(Some(Pooled { conn: Some(conn), pool: self.clone(), home, _permit: permit, cancel: None }))
+        Ok(Some(Pooled { conn: Some(conn), pool: self.clone(), home, _permit: permit, cancel: None, parking: None }))
+    }
+
+    /// The connection `parking` keeps, if it is one of this pool's (the client's next transaction).
+    #[inline]
+    pub fn unpark(&self, parking: &Parking) -> Option<Pooled> {
+        if parking.holds.load(Ordering::Relaxed) != self as *const Pool as usize {
+            return None;
+        }
+        self.take_kept(parking)
+    }
+
+    fn take_kept(&self, parking: &Parking) -> Option<Pooled> {
+        let me = self as *const Pool as usize;
+        let mut s = parking.state.lock().expect("parking lock");
+        if !matches!(&s.conn, Some(p) if Arc::as_ptr(&p.pool) as usize == me) {
+            return None;
+        }
+        let p = s.conn.take();
+        parking.holds.store(0, Ordering::Relaxed);
+        drop(s);
+        self.parked.fetch_sub(1, Ordering::Relaxed);
+        p.filter(|_| !self.retired.load(Ordering::Acquire))
+    }
+
+    /// A client keeps `p`, clean, in `parking` for its next transaction; the connection it kept before goes
+    /// back. If a checkout waits (or is about to) for this pool, `p` goes back to the pool instead: with
+    /// `steal`, whose checkout counts itself waiting before it looks at the kept connections, either that
+    /// checkout finds `p` or this sees it waiting — a kept connection never leaves anyone waiting.
+    fn park(self: &Arc<Self>, parking: &Arc<Parking>, p: Pooled) {
+        let me = Arc::as_ptr(self) as usize;
+        let (before, list) = {
+            let mut s = parking.state.lock().expect("parking lock");
+            let before = s.conn.replace(p);
+            parking.holds.store(me, Ordering::Relaxed);
+            s.reaps = 0;
+            let list = s.listed_in != me;
+            s.listed_in = me;
+            (before, list)
+        };
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        if let Some(b) = before {
+            b.pool.parked.fetch_sub(1, Ordering::Relaxed);
+            b.give_back();
+        }
+        if list {
+            let mut parkings = self.parkings.lock().expect("pool lock");
+            if parkings.len() >= 16 && parkings.len() == parkings.capacity() {
+                // (Clients gone or parking elsewhere now: dropped before the list grows.)
+                parkings.retain(|w| w.upgrade().is_some_and(|k| k.state.lock().expect("parking lock").listed_in == me));
+            }
+            parkings.push(Arc::downgrade(parking));
+        }
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            if let Some(p) = self.unpark(parking) {
+                p.give_back();
+            }
+        }
+    }
+
+    /// A connection kept by a client between its transactions, taken for another client (every permit is
+    /// taken). Clients found keeping none (they are in a transaction now) are dropped from the list; they
+    /// list themselves again when they park.
+    fn steal(&self) -> Option<Pooled> {
+        let me = self as *const Pool as usize;
+        let mut parkings = self.parkings.lock().expect("pool lock");
+        let mut got = None;
+        parkings.retain(|w| {
+            if got.is_some() {
+                return true;
+            }
+            let Some(k) = w.upgrade() else { return false };
+            let mut s = k.state.lock().expect("parking lock");
+            if s.listed_in != me {
+                return false;
+            }
+            s.listed_in = 0;
+            if matches!(&s.conn, Some(p) if Arc::as_ptr(&p.pool) as usize == me) {
+                got = s.conn.take();
+                k.holds.store(0, Ordering::Relaxed);
+            }
+            false
+        });
+        drop(parkings);
+        let mut p = got?;
+        self.parked.fetch_sub(1, Ordering::Relaxed);
+        p.parking = None;
+        if let Some((slot, key)) = p.cancel.take() {
+            slot.remove(&key);
+        }
+        Some(p)
+    }
+
+    /// Takes every connection kept by clients that `close` selects (by the reaper rounds it has seen, after
+    /// counting this one); the list keeps only the clients still keeping one of this pool's.
+    fn take_parked(&self, mut close: impl FnMut(u32) -> bool) -> Vec<Pooled> {
+        let me = self as *const Pool as usize;
+        let mut out = Vec::new();
+        self.parkings.lock().expect("pool lock").retain(|w| {
+            let Some(k) = w.upgrade() else { return false };
+            let mut s = k.state.lock().expect("parking lock");
+            if s.listed_in != me {
+                return false;
+            }
+            if !matches!(&s.conn, Some(p) if Arc::as_ptr(&p.pool) as usize == me) {
+                s.listed_in = 0;
+                return false;
+            }
+            s.reaps += 1;
+            if !close(s.reaps) {
+                return true;
+            }
+            s.listed_in = 0;
+            out.extend(s.conn.take());
+            k.holds.store(0, Ordering::Relaxed);
+            false
+        });
+        self.parked.fetch_sub(out.len(), Ordering::Relaxed);
+        out
     }
 
     /// The most recently used idle connection of `home`, else of another home (with the home it is from);
@@ -173,18 +363,15 @@ impl Pool {
 }
 
 impl Pool {
-    /// The slow path of a checkout: every connection is taken; wait (bounded by pool-timeout-ms). Boxed:
+    /// The slow path of a checkout: every connection is taken (none kept by a client); wait (bounded by
+    /// pool-timeout-ms; the caller counts itself waiting). Boxed:
     /// a timer's future is large and would be copied on every checkout.
     async fn wait_permit(
         self: &Arc<Self>,
         share: usize,
     ) -> Result<Result<OwnedSemaphorePermit, tokio::sync::AcquireError>, tokio::time::error::Elapsed> {
-        use std::sync::atomic::Ordering;
-        self.waiting.fetch_add(1, Ordering::Relaxed);
         let permits = self.permits[share].clone();
-        let r = Box::pin(tokio::time::timeout(self.settings.load().timeout, permits.acquire_owned())).await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        r
+        Box::pin(tokio::time::timeout(self.settings.load().timeout, permits.acquire_owned())).await
     }
 }
 
@@ -226,14 +413,44 @@ impl Pooled {
         self.pool.key.shard
     }
 
-    /// Returns the connection to its pool if the server said it is idle; otherwise closes it.
+    /// A client's connection kept between its transactions (see [`Pool::park`]) from now on.
+    pub fn keep_in(&mut self, parking: &Arc<Parking>) {
+        self.parking = Some(Arc::downgrade(parking));
+    }
+
+    /// Returns the connection to its pool if the server said it is idle (or to its client's parking, when it
+    /// has one and the pool is not pressed: its last checkout found a permit free); otherwise closes it.
     pub fn release(mut self) {
+        if let Some(parking) = self.parking.take().and_then(|w| w.upgrade()) {
+            if self.is_clean() && !self.pool.pressed.load(Ordering::Relaxed) {
+                if let Some((slot, key)) = self.cancel.take() {
+                    slot.remove(&key);
+                }
+                self.parking = Some(Arc::downgrade(&parking));
+                let pool = self.pool.clone();
+                pool.park(&parking, self);
+                return;
+            }
+        }
+        self.give_back();
+    }
+
+    /// Idle on the server, nothing unread, and its pool still in use.
+    #[inline]
+    fn is_clean(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| {
+            c.status == proto::READY_IDLE && c.io.buffered() == 0 && !self.pool.retired.load(Ordering::Acquire)
+        })
+    }
+
+    /// Back to the pool's idle list if clean; otherwise closed.
+    #[inline]
+    fn give_back(mut self) {
         if let Some((slot, key)) = self.cancel.take() {
             slot.remove(&key);
         }
-        if let Some(mut c) = self.conn.take() {
-            let retired = self.pool.retired.load(std::sync::atomic::Ordering::Acquire);
-            if c.status == proto::READY_IDLE && c.io.buffered() == 0 && !retired {
+        if self.is_clean() {
+            if let Some(mut c) = self.conn.take() {
                 c.last_used = Instant::now();
                 self.pool.idle[self.home].lock().expect("pool lock").push(c);
             }
@@ -261,14 +478,19 @@ impl Pools {
         Pools { pools: Mutex::new(HashMap::new()), settings: Arc::new(arc_swap::ArcSwap::from_pointee(settings)) }
     }
 
-    /// Closes idle connections older than `pool-idle-timeout`, in every pool.
+    /// Closes idle connections older than `pool-idle-timeout`, in every pool. A connection kept by its
+    /// client has no clock (reading one per transaction costs): it is closed once this has run, every
+    /// [`Pools::reap_every`], more times than fit in `pool-idle-timeout` — idle at least that long, at most
+    /// one round more.
     pub fn reap(&self) {
         let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
         let cutoff = self.settings.load().idle_timeout;
+        let rounds = cutoff.as_millis().div_ceil(self.reap_every().as_millis().max(1)) as u32;
         for p in pools {
             for list in p.idle.iter() {
                 list.lock().expect("pool lock").retain(|c| c.last_used.elapsed() < cutoff);
             }
+            drop(p.take_parked(|seen| seen > rounds));
         }
     }
 
@@ -283,10 +505,11 @@ impl Pools {
             .collect();
         for k in gone {
             if let Some(p) = pools.remove(&k) {
-                p.retired.store(true, std::sync::atomic::Ordering::Release);
+                p.retired.store(true, Ordering::Release);
                 for list in p.idle.iter() {
                     list.lock().expect("pool lock").clear();
                 }
+                drop(p.take_parked(|_| true));
             }
         }
     }
@@ -313,9 +536,9 @@ impl Pools {
                 port: p.key.target.port,
                 database: p.key.target.database.clone(),
                 user: p.key.target.user.clone(),
-                active: (self.settings.load().size as usize).saturating_sub(p.available()),
-                idle: p.idle_len(),
-                waiting: p.waiting.load(std::sync::atomic::Ordering::Relaxed),
+                active: p.in_use(),
+                idle: p.idle_len() + p.parked.load(Ordering::Relaxed),
+                waiting: p.waiting.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -323,7 +546,7 @@ impl Pools {
     /// Idle connections in all pools (for tests and, later, metrics).
     pub fn idle_count(&self) -> usize {
         let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
-        pools.iter().map(|p| p.idle_len()).sum()
+        pools.iter().map(|p| p.idle_len() + p.parked.load(Ordering::Relaxed)).sum()
     }
 
     pub fn pool(&self, key: PoolKey, name: &str) -> Arc<Pool> {
@@ -346,6 +569,9 @@ impl Pools {
                     params: Mutex::new(None),
                     retired: Default::default(),
                     waiting: Default::default(),
+                    parkings: Default::default(),
+                    parked: Default::default(),
+                    pressed: Default::default(),
                 })
             })
             .clone()
