@@ -15,7 +15,9 @@
 //! its next transaction takes it back without a checkout (no permit, no idle list, no clock read). It still
 //! counts as idle, and a checkout that finds no free permit takes a kept connection from its client first
 //! (before it waits); a client that gives a connection back while others wait hands it over at once. So a
-//! kept connection never makes anyone wait: see [`Pool::park`] and [`Pool::steal`].
+//! kept connection never makes anyone wait: see [`Pool::park`] and [`Pool::steal`]. Nor does it make the pool
+//! open more: a checkout that finds no idle connection takes a kept one before it connects, so the pool still
+//! opens only as many connections as transactions run at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
@@ -166,14 +168,15 @@ impl Pool {
                 }
                 // Counted as waiting before looking for a kept connection: a client parking one from now on
                 // hands it over instead (see `park`).
-                self.waiting.fetch_add(1, Ordering::SeqCst);
-                fence(Ordering::SeqCst);
+                // (Uncounted when this ends, even dropped mid-wait: a count left behind would stop every
+                // client from keeping its connection.)
+                let counted = Waiting::count(&self.waiting);
                 let stolen = if self.parked.load(Ordering::SeqCst) > 0 { self.steal() } else { None };
                 let r = match stolen {
                     None if wait => Some(self.wait_permit(own).await),
                     _ => None,
                 };
-                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                drop(counted);
                 match (stolen, r) {
                     (Some(p), _) => return Ok(Some(p)),
                     (None, None) => return Ok(None),
@@ -189,7 +192,15 @@ impl Pool {
             }
         };
         let home = home % self.idle.len();
-        let (conn, home) = match self.idle_conn(home) {
+        let idle = self.idle_conn(home);
+        if idle.is_none() && self.parked.load(Ordering::SeqCst) > 0 {
+            // No idle connection, but a client keeps one: taken rather than a new one opened (so the pool opens
+            // as many connections as transactions run at once, as without keeping; the permit goes back).
+            if let Some(kept) = self.steal() {
+                return Ok(Some(kept));
+            }
+        }
+        let (conn, home) = match idle {
             Some(c) => c,
             None => {
                 // Boxed: a connect is rare and its future is large; inline it would be copied on every checkout.
@@ -372,6 +383,23 @@ impl Pool {
     ) -> Result<Result<OwnedSemaphorePermit, tokio::sync::AcquireError>, tokio::time::error::Elapsed> {
         let permits = self.permits[share].clone();
         Box::pin(tokio::time::timeout(self.settings.load().timeout, permits.acquire_owned())).await
+    }
+}
+
+/// A checkout counted in its pool's `waiting` until this is dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Waiting<'a> {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
