@@ -82,9 +82,12 @@ pub struct Pool {
     retired: AtomicBool,
     /// The clients that keep (or kept) a connection of this pool between transactions; [`Pool::steal`],
     /// the reaper and a retirement look there. A client is listed again when it parks after being dropped.
+    /// Kept connections hold a permit and count as idle ([`Pool::parked`]). No counter is kept: a client
+    /// taking its own connection back touches nothing other clients' threads write.
     parkings: Mutex<Vec<Weak<Parking>>>,
-    /// Connections of this pool kept by their clients now (they hold a permit; they count as idle).
-    parked: AtomicUsize,
+    /// The list above is not empty (written under its lock): a checkout with no permit or no idle
+    /// connection looks there only when set.
+    listed: AtomicBool,
     /// The last checkout that looked for a permit found none: more clients want connections than the pool
     /// has, and clients give theirs back rather than keep them (kept ones would only pass from client to
     /// client through `steal`). Cleared by the next checkout that finds a permit free.
@@ -131,7 +134,6 @@ impl Parking {
         let p = self.state.lock().expect("parking lock").conn.take();
         self.holds.store(0, Ordering::Relaxed);
         if let Some(p) = p {
-            p.pool.parked.fetch_sub(1, Ordering::Relaxed);
             p.give_back();
         }
     }
@@ -140,7 +142,7 @@ impl Parking {
 impl Pool {
     /// Connections checked out of this pool now.
     pub fn in_use(&self) -> usize {
-        (self.settings.load().size as usize).saturating_sub(self.available() + self.parked.load(Ordering::Relaxed))
+        (self.settings.load().size as usize).saturating_sub(self.available() + self.parked())
     }
 
     pub async fn get(self: &Arc<Self>, home: usize) -> Result<Pooled, PoolError> {
@@ -171,7 +173,7 @@ impl Pool {
                 // (Uncounted when this ends, even dropped mid-wait: a count left behind would stop every
                 // client from keeping its connection.)
                 let counted = Waiting::count(&self.waiting);
-                let stolen = if self.parked.load(Ordering::SeqCst) > 0 { self.steal() } else { None };
+                let stolen = if self.listed.load(Ordering::SeqCst) { self.steal() } else { None };
                 let r = match stolen {
                     None if wait => Some(self.wait_permit(own).await),
                     _ => None,
@@ -193,7 +195,7 @@ impl Pool {
         };
         let home = home % self.idle.len();
         let idle = self.idle_conn(home);
-        if idle.is_none() && self.parked.load(Ordering::SeqCst) > 0 {
+        if idle.is_none() && self.listed.load(Ordering::SeqCst) {
             // No idle connection, but a client keeps one: taken rather than a new one opened (so the pool opens
             // as many connections as transactions run at once, as without keeping; the permit goes back).
             if let Some(kept) = self.steal() {
@@ -233,14 +235,14 @@ impl Pool {
         let p = s.conn.take();
         parking.holds.store(0, Ordering::Relaxed);
         drop(s);
-        self.parked.fetch_sub(1, Ordering::Relaxed);
         p.filter(|_| !self.retired.load(Ordering::Acquire))
     }
 
     /// A client keeps `p`, clean, in `parking` for its next transaction; the connection it kept before goes
     /// back. If a checkout waits (or is about to) for this pool, `p` goes back to the pool instead: with
     /// `steal`, whose checkout counts itself waiting before it looks at the kept connections, either that
-    /// checkout finds `p` or this sees it waiting — a kept connection never leaves anyone waiting.
+    /// checkout finds `p` or this sees it waiting — a kept connection never leaves anyone waiting. (A listed
+    /// client's entry keeps `listed` set; one that lists itself sets it before it reads the waiting count.)
     fn park(self: &Arc<Self>, parking: &Arc<Parking>, p: Pooled) {
         let me = Arc::as_ptr(self) as usize;
         let (before, list) = {
@@ -252,9 +254,7 @@ impl Pool {
             s.listed_in = me;
             (before, list)
         };
-        self.parked.fetch_add(1, Ordering::SeqCst);
         if let Some(b) = before {
-            b.pool.parked.fetch_sub(1, Ordering::Relaxed);
             b.give_back();
         }
         if list {
@@ -264,6 +264,7 @@ impl Pool {
                 parkings.retain(|w| w.upgrade().is_some_and(|k| k.state.lock().expect("parking lock").listed_in == me));
             }
             parkings.push(Arc::downgrade(parking));
+            self.listed.store(true, Ordering::SeqCst);
         }
         fence(Ordering::SeqCst);
         if self.waiting.load(Ordering::SeqCst) > 0 {
@@ -296,9 +297,11 @@ impl Pool {
             }
             false
         });
+        if parkings.is_empty() {
+            self.listed.store(false, Ordering::SeqCst);
+        }
         drop(parkings);
         let mut p = got?;
-        self.parked.fetch_sub(1, Ordering::Relaxed);
         p.parking = None;
         if let Some((slot, key)) = p.cancel.take() {
             slot.remove(&key);
@@ -311,7 +314,13 @@ impl Pool {
     fn take_parked(&self, mut close: impl FnMut(u32) -> bool) -> Vec<Pooled> {
         let me = self as *const Pool as usize;
         let mut out = Vec::new();
-        self.parkings.lock().expect("pool lock").retain(|w| {
+        let mut seen = std::collections::HashSet::new();
+        let mut parkings = self.parkings.lock().expect("pool lock");
+        parkings.retain(|w| {
+            // (A client listed twice — it kept another pool's connection in between — is counted once.)
+            if !seen.insert(Weak::as_ptr(w) as usize) {
+                return false;
+            }
             let Some(k) = w.upgrade() else { return false };
             let mut s = k.state.lock().expect("parking lock");
             if s.listed_in != me {
@@ -330,8 +339,25 @@ impl Pool {
             k.holds.store(0, Ordering::Relaxed);
             false
         });
-        self.parked.fetch_sub(out.len(), Ordering::Relaxed);
+        if parkings.is_empty() {
+            self.listed.store(false, Ordering::SeqCst);
+        }
         out
+    }
+
+    /// Connections of this pool its clients keep now (for the figures: it looks at each listed client).
+    fn parked(&self) -> usize {
+        let me = self as *const Pool as usize;
+        let parkings = self.parkings.lock().expect("pool lock");
+        let mut seen = std::collections::HashSet::new();
+        parkings
+            .iter()
+            .filter(|w| seen.insert(Weak::as_ptr(w) as usize))
+            .filter_map(Weak::upgrade)
+            .filter(|k| {
+                matches!(&k.state.lock().expect("parking lock").conn, Some(p) if Arc::as_ptr(&p.pool) as usize == me)
+            })
+            .count()
     }
 
     /// The most recently used idle connection of `home`, else of another home (with the home it is from);
@@ -565,7 +591,7 @@ impl Pools {
                 database: p.key.target.database.clone(),
                 user: p.key.target.user.clone(),
                 active: p.in_use(),
-                idle: p.idle_len() + p.parked.load(Ordering::Relaxed),
+                idle: p.idle_len() + p.parked(),
                 waiting: p.waiting.load(Ordering::Relaxed),
             })
             .collect()
@@ -574,7 +600,7 @@ impl Pools {
     /// Idle connections in all pools (for tests and, later, metrics).
     pub fn idle_count(&self) -> usize {
         let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
-        pools.iter().map(|p| p.idle_len() + p.parked.load(Ordering::Relaxed)).sum()
+        pools.iter().map(|p| p.idle_len() + p.parked()).sum()
     }
 
     pub fn pool(&self, key: PoolKey, name: &str) -> Arc<Pool> {
@@ -598,7 +624,7 @@ impl Pools {
                     retired: Default::default(),
                     waiting: Default::default(),
                     parkings: Default::default(),
-                    parked: Default::default(),
+                    listed: Default::default(),
                     pressed: Default::default(),
                 })
             })
