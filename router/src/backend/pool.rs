@@ -11,8 +11,9 @@
 //! must wait waits on its own home's share, whose permits come back with its own home's connections. A new
 //! connection is made only when no list holds an idle one, so the pool never holds more than `pool-size`.
 //!
-//! A client keeps its last connection between transactions (in its [`Parking`]) while its pool has enough:
-//! its next transaction takes it back without a checkout (no permit, no idle list, no clock read). It still
+//! A client keeps its last connection between transactions (in its [`Parking`]) unless its pool is pressed
+//! (its last checkout found no permit free): its next transaction takes it back without a checkout (no
+//! permit, no idle list, no clock read). It still
 //! counts as idle, and a checkout that finds no free permit takes a kept connection from its client first
 //! (before it waits); a client that gives a connection back while others wait hands it over at once. So a
 //! kept connection never makes anyone wait: see [`Pool::park`] and [`Pool::steal`]. Nor does it make the pool
@@ -226,6 +227,7 @@ impl Pool {
         self.take_kept(parking)
     }
 
+    /// [`Pool::unpark`] past its look without the lock (a closed pool's connection is closed here).
     fn take_kept(&self, parking: &Parking) -> Option<Pooled> {
         let me = self as *const Pool as usize;
         let mut s = parking.state.lock().expect("parking lock");
