@@ -129,6 +129,13 @@ struct Parked {
     reaps: u32,
 }
 
+impl Parked {
+    /// Whether the kept connection is one of the pool at address `pool` (see [`Pool::addr`]).
+    fn keeps_of(&self, pool: usize) -> bool {
+        self.conn.as_ref().is_some_and(|p| p.pool.addr() == pool)
+    }
+}
+
 impl Parking {
     /// The kept connection, given back to its pool (the client is leaving).
     pub fn give_back(&self) {
@@ -141,6 +148,11 @@ impl Parking {
 }
 
 impl Pool {
+    /// The pool's address: how a parking names the pool it is listed in or keeps a connection of.
+    fn addr(&self) -> usize {
+        self as *const Pool as usize
+    }
+
     /// Connections checked out of this pool now.
     pub fn in_use(&self) -> usize {
         (self.settings.load().size as usize).saturating_sub(self.available() + self.parked())
@@ -221,7 +233,7 @@ impl Pool {
     /// The connection `parking` keeps, if it is one of this pool's (the client's next transaction).
     #[inline]
     pub fn unpark(&self, parking: &Parking) -> Option<Pooled> {
-        if parking.holds.load(Ordering::Relaxed) != self as *const Pool as usize {
+        if parking.holds.load(Ordering::Relaxed) != self.addr() {
             return None;
         }
         self.take_kept(parking)
@@ -229,9 +241,9 @@ impl Pool {
 
     /// [`Pool::unpark`] past its look without the lock (a closed pool's connection is closed here).
     fn take_kept(&self, parking: &Parking) -> Option<Pooled> {
-        let me = self as *const Pool as usize;
+        let me = self.addr();
         let mut s = parking.state.lock().expect("parking lock");
-        if !matches!(&s.conn, Some(p) if Arc::as_ptr(&p.pool) as usize == me) {
+        if !s.keeps_of(me) {
             return None;
         }
         let p = s.conn.take();
@@ -246,7 +258,7 @@ impl Pool {
     /// checkout finds `p` or this sees it waiting — a kept connection never leaves anyone waiting. (A listed
     /// client's entry keeps `listed` set; one that lists itself sets it before it reads the waiting count.)
     fn park(self: &Arc<Self>, parking: &Arc<Parking>, p: Pooled) {
-        let me = Arc::as_ptr(self) as usize;
+        let me = self.addr();
         let (before, list) = {
             let mut s = parking.state.lock().expect("parking lock");
             let before = s.conn.replace(p);
@@ -280,7 +292,7 @@ impl Pool {
     /// taken). Clients found keeping none (they are in a transaction now) are dropped from the list; they
     /// list themselves again when they park.
     fn steal(&self) -> Option<Pooled> {
-        let me = self as *const Pool as usize;
+        let me = self.addr();
         let mut parkings = self.parkings.lock().expect("pool lock");
         let mut got = None;
         parkings.retain(|w| {
@@ -293,7 +305,7 @@ impl Pool {
                 return false;
             }
             s.listed_in = 0;
-            if matches!(&s.conn, Some(p) if Arc::as_ptr(&p.pool) as usize == me) {
+            if s.keeps_of(me) {
                 got = s.conn.take();
                 k.holds.store(0, Ordering::Relaxed);
             }
@@ -314,7 +326,7 @@ impl Pool {
     /// Takes every connection kept by clients that `close` selects (by the reaper rounds it has seen, after
     /// counting this one); the list keeps only the clients still keeping one of this pool's.
     fn take_parked(&self, mut close: impl FnMut(u32) -> bool) -> Vec<Pooled> {
-        let me = self as *const Pool as usize;
+        let me = self.addr();
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut parkings = self.parkings.lock().expect("pool lock");
@@ -328,7 +340,7 @@ impl Pool {
             if s.listed_in != me {
                 return false;
             }
-            if !matches!(&s.conn, Some(p) if Arc::as_ptr(&p.pool) as usize == me) {
+            if !s.keeps_of(me) {
                 s.listed_in = 0;
                 return false;
             }
@@ -349,16 +361,14 @@ impl Pool {
 
     /// Connections of this pool its clients keep now (for the figures: it looks at each listed client).
     fn parked(&self) -> usize {
-        let me = self as *const Pool as usize;
+        let me = self.addr();
         let parkings = self.parkings.lock().expect("pool lock");
         let mut seen = std::collections::HashSet::new();
         parkings
             .iter()
             .filter(|w| seen.insert(Weak::as_ptr(w) as usize))
             .filter_map(Weak::upgrade)
-            .filter(|k| {
-                matches!(&k.state.lock().expect("parking lock").conn, Some(p) if Arc::as_ptr(&p.pool) as usize == me)
-            })
+            .filter(|k| k.state.lock().expect("parking lock").keeps_of(me))
             .count()
     }
 
