@@ -153,39 +153,62 @@ enum Seg {
 }
 
 /// Cuts a batch into segments: each ends after an Execute; what follows the last Execute (Parse/Describe/
-/// Close only) is a segment too. The final Sync or Flush is not in any.
-fn segments(batch: &[Msg]) -> Vec<std::ops::Range<usize>> {
+/// Close only) is a segment too. The final Sync or Flush is not in any. (An iterator that knows its length:
+/// no vector allocated for every batch.)
+fn segments(batch: &[Msg]) -> Segments<'_> {
     let end = match batch.last().map(|m| m.tag) {
         Some(b'S' | b'H') => batch.len() - 1,
         _ => batch.len(),
     };
-    let mut out = Vec::new();
-    let mut start = 0;
-    for (i, m) in batch[..end].iter().enumerate() {
-        if m.tag == b'E' {
-            out.push(start..i + 1);
-            start = i + 1;
-        }
-    }
-    if start < end {
-        out.push(start..end);
-    }
-    out
+    let body = &batch[..end];
+    let executes = body.iter().filter(|m| m.tag == b'E').count();
+    let tail = body.last().is_some_and(|m| m.tag != b'E');
+    Segments { body, start: 0, left: executes + usize::from(tail) }
 }
+
+/// The segments of a batch, in order (see [`segments`]).
+struct Segments<'a> {
+    body: &'a [Msg],
+    start: usize,
+    left: usize,
+}
+
+impl Iterator for Segments<'_> {
+    type Item = std::ops::Range<usize>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.start >= self.body.len() {
+            return None;
+        }
+        let end =
+            self.body[self.start..].iter().position(|m| m.tag == b'E').map_or(self.body.len(), |e| self.start + e + 1);
+        let r = self.start..end;
+        self.start = end;
+        self.left -= 1;
+        Some(r)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for Segments<'_> {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Runs one batch; errors the router raises are reported the way a server would report them.
     pub async fn batch(&mut self, batch: &[Msg]) -> Result<(), Fatal> {
         let end = batch.last().map(|m| m.tag);
         let segs = segments(batch);
+        let count = segs.len();
         let mut pending = Pending::default();
         let mut synced = false;
-        for (k, range) in segs.iter().enumerate() {
+        for (k, range) in segs.enumerate() {
             if self.group_failed {
                 // After an error the server skips everything up to Sync; so does the router.
                 continue;
             }
-            let fast = k + 1 == segs.len() && end == Some(b'S') && !self.links.iter().any(|l| l.pending);
+            let fast = k + 1 == count && end == Some(b'S') && !self.links.iter().any(|l| l.pending);
             match self.segment(&batch[range.clone()], fast, &mut pending).await {
                 Ok(Seg::Next) => {}
                 Ok(Seg::Synced) => synced = true,
@@ -743,7 +766,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let map = self.status_map(i);
         let executes = exps.iter().any(|e| matches!(e, Exp::Execute));
         let mut exps = exps;
-        let status = match self.relay(i, &mut exps, Role::Only, &mut merge, Some(&map)).await {
+        let relayed = self.relay(i, &mut exps, Role::Only, &mut merge, Some(&map)).await;
+        recycle_exps(exps);
+        let status = match relayed {
             Ok((s, _)) => s.unwrap_or(READY_IDLE),
             Err(e) => {
                 self.lost(i, &e);
@@ -1121,9 +1146,10 @@ pub fn synthesize(out: &mut BytesMut, seg: &[Msg], tag: &str) {
 /// Sync after it. Queued on the connection's write buffer (nothing is queued on error).
 pub fn rewrite(stmts: &Statements, seg: &[Msg], sync: bool, conn: &mut ServerConn) -> Result<VecDeque<Exp>, Reported> {
     let start = conn.io.wbuf.len();
-    let r = rewrite_into(stmts, seg, &conn.prepared, &mut conn.parsing, &mut conn.io.wbuf);
+    let mut exps = spare_exps();
+    let r = rewrite_into(stmts, seg, &conn.prepared, &mut conn.parsing, &mut conn.io.wbuf, &mut exps);
     match r {
-        Ok(mut exps) => {
+        Ok(()) => {
             if sync {
                 proto::put(&mut conn.io.wbuf, b'S', |_| {});
                 exps.push_back(Exp::Sync);
@@ -1137,14 +1163,37 @@ pub fn rewrite(stmts: &Statements, seg: &[Msg], sync: bool, conn: &mut ServerCon
     }
 }
 
+thread_local! {
+    /// A queue of expectations answered and emptied, kept for the next segment of this thread: every
+    /// extended-protocol statement needs one, and taking it from here costs less than allocating it.
+    static SPARE_EXPS: std::cell::Cell<VecDeque<Exp>> = const { std::cell::Cell::new(VecDeque::new()) };
+}
+
+/// An empty queue for a segment's expectations (the thread's spare one when there is one).
+fn spare_exps() -> VecDeque<Exp> {
+    let mut exps = SPARE_EXPS.take();
+    exps.clear();
+    exps
+}
+
+/// Keeps `exps` (answered: empty, or left over after an error) for the next segment of this thread. A queue
+/// grown by a long pipeline is dropped rather than kept.
+pub fn recycle_exps(mut exps: VecDeque<Exp>) {
+    if exps.capacity() <= 64 {
+        exps.clear();
+        SPARE_EXPS.set(exps);
+    }
+}
+
 fn rewrite_into(
     stmts: &Statements,
     batch: &[Msg],
     prepared: &HashSet<String>,
     parsed_here: &mut HashSet<String>,
     out: &mut BytesMut,
-) -> Result<VecDeque<Exp>, Reported> {
-    let mut exps = VecDeque::with_capacity(batch.len() + 2);
+    exps: &mut VecDeque<Exp>,
+) -> Result<(), Reported> {
+    exps.reserve(batch.len() + 2);
     let mut unnamed_parsed = false;
     let stmt = |name: &str| {
         stmts.get(name).ok_or_else(|| Reported::new("26000", format!("prepared statement \"{name}\" does not exist")))
@@ -1173,6 +1222,12 @@ fn rewrite_into(
     for m in batch {
         let body = m.body();
         match m.tag {
+            b'P' if body.first() == Some(&0) => {
+                // The unnamed statement (most drivers' every statement) goes as the client sent it.
+                out.put_slice(&m.frame);
+                exps.push_back(Exp::Parse(None));
+                unnamed_parsed = true;
+            }
             b'P' => {
                 let p =
                     proto::read_parse_bytes(body).ok_or_else(|| Reported::new("08P01", "malformed Parse message"))?;
@@ -1193,7 +1248,7 @@ fn rewrite_into(
             }
             b'B' => {
                 let b = proto::read_bind_head(body).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
-                ensure(b.statement, out, &mut exps, parsed_here, &mut unnamed_parsed)?;
+                ensure(b.statement, out, exps, parsed_here, &mut unnamed_parsed)?;
                 if b.statement.is_empty() {
                     out.put_slice(&m.frame);
                 } else {
@@ -1207,7 +1262,7 @@ fn rewrite_into(
                 let (name, _) =
                     proto::read_cstr(rest).ok_or_else(|| Reported::new("08P01", "malformed Describe message"))?;
                 if kind == b'S' {
-                    ensure(name, out, &mut exps, parsed_here, &mut unnamed_parsed)?;
+                    ensure(name, out, exps, parsed_here, &mut unnamed_parsed)?;
                     if name.is_empty() {
                         out.put_slice(&m.frame);
                     } else {
@@ -1243,5 +1298,34 @@ fn rewrite_into(
             _ => out.put_slice(&m.frame), // Flush
         }
     }
-    Ok(exps)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segments;
+    use crate::net::wire::Msg;
+
+    fn batch(tags: &str) -> Vec<Msg> {
+        tags.bytes().map(|tag| Msg { tag, frame: bytes::Bytes::from(vec![tag, 0, 0, 0, 4]) }).collect()
+    }
+
+    #[test]
+    fn a_batch_is_cut_after_each_execute() {
+        let cut = |tags: &str| {
+            let b = batch(tags);
+            let s = segments(&b);
+            let n = s.len();
+            let all: Vec<_> = s.collect();
+            assert_eq!(all.len(), n, "{tags}: the length told matches the segments given");
+            all
+        };
+        assert_eq!(cut("PBDES"), vec![0..4]);
+        assert_eq!(cut("PBEBES"), vec![0..3, 3..5]);
+        assert_eq!(cut("PBEDS"), vec![0..3, 3..4]);
+        assert_eq!(cut("PDH"), vec![0..2]);
+        assert_eq!(cut("PBE"), vec![0..3]);
+        assert_eq!(cut("S"), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(cut(""), Vec::<std::ops::Range<usize>>::new());
+    }
 }
