@@ -21,7 +21,7 @@
 //! opens only as many connections as transactions run at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,15 @@ pub struct Pool {
     /// has, and clients give theirs back rather than keep them (kept ones would only pass from client to
     /// client through `steal`). Cleared by the next checkout that finds a permit free.
     pressed: AtomicBool,
+    /// Waiting checkouts' deadlines, with no timer each (see [`Pool::wait_permit`]): the earliest of them, in
+    /// milliseconds since `born` (`u64::MAX`: none known)...
+    earliest: AtomicU64,
+    /// ...which the pool's watchdog compares with the clock every few milliseconds, and rings this when it
+    /// passed: every waiting checkout looks at its own deadline.
+    alarm: tokio::sync::Notify,
+    /// The watchdog runs (while checkouts wait).
+    watching: AtomicBool,
+    born: Instant,
     /// ParameterStatus of the first connection made, for clients' startup.
     pub params: Mutex<Option<Vec<(String, String)>>>,
 }
@@ -188,15 +197,16 @@ impl Pool {
                 let counted = Waiting::count(&self.waiting);
                 let stolen = if self.listed.load(Ordering::SeqCst) { self.steal() } else { None };
                 let r = match stolen {
-                    None if wait => Some(self.wait_permit(own).await),
+                    // Boxed: the wait's future is large and would be copied on every checkout.
+                    None if wait => Some(Box::pin(self.wait_permit(own)).await),
                     _ => None,
                 };
                 drop(counted);
                 match (stolen, r) {
                     (Some(p), _) => return Ok(Some(p)),
                     (None, None) => return Ok(None),
-                    (None, Some(Ok(permit))) => permit.expect("pool semaphore is never closed"),
-                    (None, Some(Err(_))) => {
+                    (None, Some(Some(permit))) => permit,
+                    (None, Some(None)) => {
                         return Err(PoolError::Timeout {
                             shard: self.name.clone(),
                             ms: self.settings.load().timeout.as_millis() as u64,
@@ -412,15 +422,67 @@ impl Pool {
 }
 
 impl Pool {
-    /// The slow path of a checkout: every connection is taken (none kept by a client); wait (bounded by
-    /// pool-timeout-ms; the caller counts itself waiting). Boxed:
-    /// a timer's future is large and would be copied on every checkout.
-    async fn wait_permit(
-        self: &Arc<Self>,
-        share: usize,
-    ) -> Result<Result<OwnedSemaphorePermit, tokio::sync::AcquireError>, tokio::time::error::Elapsed> {
+    /// The slow path of a checkout: every connection is taken (none kept by a client); wait, at most
+    /// pool-timeout-ms (`None` past it; the caller counts itself waiting).
+    ///
+    /// No timer is set up for each wait (registering one in the runtime's timer wheel and removing it cost
+    /// more than the rest of the checkout): the checkout notes its deadline in `earliest` and listens to the
+    /// pool's `alarm`, which the pool's watchdog (one task, running while checkouts wait) rings when the
+    /// earliest deadline has passed; each checkout rung looks at its own deadline and, not past it yet,
+    /// notes it again. A checkout is told within one watchdog tick (1/20 of pool-timeout-ms, 1 to 250 ms)
+    /// after its deadline. The watchdog resets `earliest` before it rings, and a checkout listens before it
+    /// notes its deadline: one that noted it too early to count is rung.
+    async fn wait_permit(self: &Arc<Self>, share: usize) -> Option<OwnedSemaphorePermit> {
         let permits = self.permits[share].clone();
-        Box::pin(tokio::time::timeout(self.settings.load().timeout, permits.acquire_owned())).await
+        let timeout = self.settings.load().timeout;
+        // (+1: the clock counts whole milliseconds, and a wait ends after pool-timeout-ms, never before.)
+        let deadline = self.clock().saturating_add(timeout.as_millis() as u64 + 1);
+        self.watch();
+        let acquire = permits.acquire_owned();
+        tokio::pin!(acquire);
+        loop {
+            let alarm = self.alarm.notified();
+            self.earliest.fetch_min(deadline, Ordering::SeqCst);
+            tokio::select! {
+                biased;
+                p = &mut acquire => return Some(p.expect("pool semaphore is never closed")),
+                _ = alarm => {}
+            }
+            if self.clock() >= deadline {
+                return None;
+            }
+        }
+    }
+
+    /// Milliseconds since the pool was made.
+    fn clock(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Starts the watchdog unless it runs. (The caller counts itself in `waiting` first: a watchdog that
+    /// finds no one waiting stops, then looks again, so that one of the two sees the other.)
+    fn watch(self: &Arc<Self>) {
+        if !self.watching.swap(true, Ordering::SeqCst) {
+            tokio::spawn(self.clone().watchdog());
+        }
+    }
+
+    /// Rings `alarm` when the earliest waiting checkout's deadline has passed; stops when no checkout waits.
+    async fn watchdog(self: Arc<Self>) {
+        loop {
+            let tick = (self.settings.load().timeout / 20).clamp(Duration::from_millis(1), Duration::from_millis(250));
+            tokio::time::sleep(tick).await;
+            if self.clock() >= self.earliest.load(Ordering::SeqCst) {
+                self.earliest.store(u64::MAX, Ordering::SeqCst);
+                self.alarm.notify_waiters();
+            }
+            if self.waiting.load(Ordering::SeqCst) == 0 {
+                self.watching.store(false, Ordering::SeqCst);
+                if self.waiting.load(Ordering::SeqCst) == 0 || self.watching.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -638,6 +700,10 @@ impl Pools {
                     parkings: Default::default(),
                     listed: Default::default(),
                     pressed: Default::default(),
+                    earliest: AtomicU64::new(u64::MAX),
+                    alarm: Default::default(),
+                    watching: Default::default(),
+                    born: Instant::now(),
                 })
             })
             .clone()
@@ -657,7 +723,7 @@ impl From<PoolError> for crate::net::Reported {
 
 #[cfg(test)]
 mod tests {
-    use super::shares;
+    use super::*;
 
     #[test]
     fn pool_size_is_split_over_homes() {
@@ -667,5 +733,53 @@ mod tests {
         // More homes than connections: the first ones get one each, the others none (they borrow).
         assert_eq!(shares(3, 4), vec![1, 1, 1, 0]);
         assert_eq!(shares(3, 4).iter().sum::<usize>(), 3);
+    }
+
+    /// Checkouts that wait time out after pool-timeout-ms — not before, and within a watchdog tick or two
+    /// after — with no timer of their own; the watchdog stops when none waits and starts again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waits_end_at_the_timeout_without_a_timer_each() {
+        let timeout = Duration::from_millis(200);
+        let pools = Pools::new(Settings { size: 0, timeout, idle_timeout: Duration::from_secs(60), homes: 1 });
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port: 1,
+            user: "u".into(),
+            password: None,
+            database: "d".into(),
+            tls: Default::default(),
+        };
+        let pool = pools.pool(PoolKey { shard: ShardId(0), target }, "s0");
+        for round in 0..2 {
+            let start = Instant::now();
+            let waits: Vec<_> = (0..50)
+                .map(|k| {
+                    let pool = pool.clone();
+                    tokio::spawn(async move {
+                        // (Staggered: deadlines differ, so that the watchdog rings more than once.)
+                        tokio::time::sleep(Duration::from_millis(k)).await;
+                        let t = Instant::now();
+                        let r = pool.get(0).await;
+                        (r.err().map(|e| e.sqlstate().to_string()), t.elapsed())
+                    })
+                })
+                .collect();
+            for w in waits {
+                let (code, waited) = w.await.expect("a checkout");
+                assert_eq!(code.as_deref(), Some("53300"), "round {round}");
+                assert!(waited >= timeout, "round {round}: ended early, after {waited:?}");
+                assert!(waited < timeout + Duration::from_millis(150), "round {round}: ended late, after {waited:?}");
+            }
+            assert!(start.elapsed() < Duration::from_secs(2));
+            assert_eq!(pool.waiting.load(Ordering::SeqCst), 0);
+            // The watchdog stops once no one waits (the next round starts it again).
+            for _ in 0..100 {
+                if !pool.watching.load(Ordering::SeqCst) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(!pool.watching.load(Ordering::SeqCst), "round {round}: the watchdog stopped");
+        }
     }
 }
