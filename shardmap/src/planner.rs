@@ -101,13 +101,35 @@ impl Params for TextParams {
     }
 }
 
+/// Entries kept in each thread's own cache, in front of the planner's (see [`Planner::analyze`]).
+pub const THREAD_CACHE_ENTRIES: usize = 512;
+
+type Cache = LruCache<Box<str>, Arc<Analysis>, foldhash::fast::RandomState>;
+
 /// Turns statements into decisions.
 pub struct Planner {
     map: Arc<ShardMap>,
-    cache: Mutex<LruCache<Box<str>, Arc<Analysis>, foldhash::fast::RandomState>>,
-    /// The reason of every decision on a one-node map, made once (not allocated per statement).
-    only_node: Arc<str>,
+    /// The cache all threads share...
+    cache: Mutex<Cache>,
+    /// ...and the name of this planner in each thread's own cache.
+    id: u64,
 }
+
+/// A thread's own cache of analyses, for one planner at a time: looked up first, with no lock, and holding
+/// this thread's own copies (their reference counts are touched by this thread only).
+struct ThreadCache {
+    planner: u64,
+    cache: Cache,
+}
+
+thread_local! {
+    static THREAD_CACHE: std::cell::RefCell<Option<ThreadCache>> = const { std::cell::RefCell::new(None) };
+    /// The reason of every decision on a one-node map, made once per thread (not allocated per statement,
+    /// and its reference count not shared between threads).
+    static ONLY_NODE: Arc<str> = Arc::from("the only node");
+}
+
+static PLANNERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Planner {
     pub fn new(map: Arc<ShardMap>) -> Planner {
@@ -115,7 +137,7 @@ impl Planner {
         Planner {
             map,
             cache: Mutex::new(LruCache::with_hasher(cap, foldhash::fast::RandomState::default())),
-            only_node: "the only node".into(),
+            id: PLANNERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -123,17 +145,49 @@ impl Planner {
         &self.map
     }
 
-    /// The analysis of a statement text, from the cache or parsed now.
+    /// The analysis of a statement text, from the caches or parsed now.
+    ///
+    /// Two levels: this thread's own cache first (no lock, nothing another thread writes: the lookup of
+    /// every statement on a many-core router), then the planner's, shared by all threads (a lock), which
+    /// saves a thread the parse of a text another thread has seen. What a thread takes from the shared cache
+    /// it copies into its own, with reference counts of its own: otherwise every thread would count
+    /// references to the same analysis on every statement, and the count's cache line would go from core to
+    /// core. (Measured by the `hotpath` bench's two-thread case: see docs/performance.md.)
     pub fn analyze(&self, text: &str) -> Arc<Analysis> {
-        if text.len() <= CACHE_MAX_TEXT {
-            if let Some(a) = self.cache.lock().expect("cache lock").get(text) {
-                return a.clone();
+        if text.len() > CACHE_MAX_TEXT {
+            return self.analyze_uncached(text);
+        }
+        let mine = THREAD_CACHE.with(|c| {
+            let mut c = c.try_borrow_mut().ok()?;
+            let c = c.as_mut().filter(|c| c.planner == self.id)?;
+            c.cache.get(text).cloned()
+        });
+        if let Some(a) = mine {
+            return a;
+        }
+        let shared = self.cache.lock().expect("cache lock").get(text).cloned();
+        let a = match shared {
+            Some(a) => Arc::new(a.copy_for_thread()),
+            None => {
+                let a = self.analyze_uncached(text);
+                self.cache.lock().expect("cache lock").put(text.into(), a.clone());
+                Arc::new(a.copy_for_thread())
             }
-        }
-        let a = self.analyze_uncached(text);
-        if text.len() <= CACHE_MAX_TEXT {
-            self.cache.lock().expect("cache lock").put(text.into(), a.clone());
-        }
+        };
+        THREAD_CACHE.with(|c| {
+            let Ok(mut c) = c.try_borrow_mut() else { return };
+            let c = match &mut *c {
+                Some(c) if c.planner == self.id => c,
+                other => other.insert(ThreadCache {
+                    planner: self.id,
+                    cache: LruCache::with_hasher(
+                        NonZeroUsize::new(THREAD_CACHE_ENTRIES).expect("non-zero"),
+                        foldhash::fast::RandomState::default(),
+                    ),
+                }),
+            };
+            c.cache.put(text.into(), a.clone());
+        });
         a
     }
 
@@ -308,7 +362,7 @@ impl Planner {
         if self.map.nodes.len() == 1 && self.map.strategy != Strategy::Tenant {
             // One node: every statement goes there, as the client wrote it (PostgreSQL answers it).
             let target = if follows_session { Target::Session } else { Target::One(ShardId(0)) };
-            return Ok(self.decision(a, target, self.only_node.clone()));
+            return Ok(self.decision(a, target, ONLY_NODE.with(Arc::clone)));
         }
         if self.map.strategy == Strategy::Tenant {
             // The tenant's database answers whatever it is sent: only refusals about keys stand.

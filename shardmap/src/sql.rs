@@ -246,6 +246,18 @@ pub struct Analysis {
     pub parse_error: Option<String>,
 }
 
+impl Analysis {
+    /// A copy that shares no reference count with this one (for a thread's own cache: see
+    /// [`crate::Planner::analyze`]).
+    pub fn copy_for_thread(&self) -> Analysis {
+        let mut a = self.clone();
+        for st in &mut a.statements {
+            st.reason = std::sync::Arc::from(&*st.reason);
+        }
+        a
+    }
+}
+
 /// Analyses `sql` for shard key `key` (lower case) with the given key type and global tables.
 pub fn analyze(sql: &str, key: &str, key_type: KeyType, global: &HashSet<String>) -> Analysis {
     analyze_keys(sql, key, &HashMap::new(), key_type, global)
