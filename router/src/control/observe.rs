@@ -84,18 +84,16 @@ pub fn metrics(backends: &Backends) -> String {
     };
     help(&mut out, "queries_total", "counter", "Statements answered by one shard.");
     for (i, s) in backends.stats.shards.iter().enumerate() {
-        let _ =
-            writeln!(out, "shard_router_queries_total{{shard=\"{}\"}} {}", names[i], s.queries.load(Ordering::Relaxed));
+        let _ = writeln!(out, "shard_router_queries_total{{shard=\"{}\"}} {}", names[i], s.queries());
     }
     help(&mut out, "errors_total", "counter", "Statements a shard answered with an error.");
     for (i, s) in backends.stats.shards.iter().enumerate() {
-        let _ =
-            writeln!(out, "shard_router_errors_total{{shard=\"{}\"}} {}", names[i], s.errors.load(Ordering::Relaxed));
+        let _ = writeln!(out, "shard_router_errors_total{{shard=\"{}\"}} {}", names[i], s.errors());
     }
     help(&mut out, "query_duration_seconds", "histogram", "Time from sending a statement to its ReadyForQuery.");
     for (i, s) in backends.stats.shards.iter().enumerate() {
         let labels = format!("shard=\"{}\"", names[i]);
-        histogram(&mut out, "query_duration_seconds", &labels, &s.buckets, s.sum_us.load(Ordering::Relaxed));
+        histogram(&mut out, "query_duration_seconds", &labels, &s.buckets(), s.sum_us());
     }
     let pools = backends.pools.stats();
     for (metric, what) in [
@@ -199,7 +197,8 @@ pub fn metrics(backends: &Backends) -> String {
         "histogram",
         "Two-phase commit: from the first PREPARE TRANSACTION to the last COMMIT PREPARED.",
     );
-    histogram(&mut out, "two_phase_commit_duration_seconds", "", &c.buckets, c.sum_us.load(Ordering::Relaxed));
+    let buckets: Vec<u64> = c.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+    histogram(&mut out, "two_phase_commit_duration_seconds", "", &buckets, c.sum_us.load(Ordering::Relaxed));
     help(
         &mut out,
         "rate_limited_total",
@@ -247,14 +246,14 @@ fn replica_lag(out: &mut String, backends: &Backends, names: &[&str]) {
 
 /// A histogram's samples: cumulative buckets (`buckets` holds one count per bound of `BOUNDS_US`, then
 /// `+Inf`), sum and count; `labels` (`shard="0"`, or empty) come before `le`.
-fn histogram(out: &mut String, name: &str, labels: &str, buckets: &[std::sync::atomic::AtomicU64], sum_us: u64) {
+fn histogram(out: &mut String, name: &str, labels: &str, buckets: &[u64], sum_us: u64) {
     let sep = if labels.is_empty() { "" } else { "," };
     let mut cumulative = 0;
     for (b, le) in BOUNDS_US.iter().enumerate() {
-        cumulative += buckets[b].load(Ordering::Relaxed);
+        cumulative += buckets[b];
         let _ = writeln!(out, "shard_router_{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}", *le as f64 / 1e6);
     }
-    cumulative += buckets[BOUNDS_US.len()].load(Ordering::Relaxed);
+    cumulative += buckets[BOUNDS_US.len()];
     let _ = writeln!(out, "shard_router_{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
     let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
     let _ = writeln!(out, "shard_router_{name}_sum{braces} {}", sum_us as f64 / 1e6);
