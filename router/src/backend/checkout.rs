@@ -112,9 +112,14 @@ impl Checkout {
 
     /// The pool for `shard` as cached (the default database's, for the primary's current generation).
     fn cached(&self, shard: ShardId, database: Option<&str>) -> Option<(u64, Arc<Pool>)> {
+        self.cached_ref(shard, database).map(|(g, p)| (g, p.clone()))
+    }
+
+    /// [`Checkout::cached`], borrowed.
+    fn cached_ref(&self, shard: ShardId, database: Option<&str>) -> Option<(u64, &Arc<Pool>)> {
         let generation = self.backends.topology.generation(shard);
         match (database, self.pools.get(shard.0 as usize)) {
-            (None, Some(Some((g, p)))) if *g == generation => Some((generation, p.clone())),
+            (None, Some(Some((g, p)))) if *g == generation => Some((generation, p)),
             _ => None,
         }
     }
@@ -184,11 +189,17 @@ impl Checkout {
         wait: bool,
     ) -> Result<Option<Pooled>, Reported> {
         self.may_reach(shard, database)?;
-        let (generation, pool) = match self.cached(shard, database) {
+        // (The pool and the router's handles are borrowed, not cloned: a reference count that every thread
+        // bumps on every statement would pass its cache line from core to core.)
+        let fetched;
+        let (generation, pool) = match self.cached_ref(shard, database) {
             Some(cached) => cached,
-            None => Box::pin(self.pool(shard, database)).await?,
+            None => {
+                fetched = Box::pin(self.pool(shard, database)).await?;
+                (fetched.0, &fetched.1)
+            }
         };
-        let b = self.backends.clone();
+        let b = &self.backends;
         if b.topology.is_paused(shard) {
             // The admin console's PAUSE: a new transaction waits for RESUME.
             Box::pin(b.topology.wait_resumed(shard)).await;
@@ -209,7 +220,7 @@ impl Checkout {
             Err(e) if e.sqlstate() == "3D000" && self.config.auto_create && database.is_some() => {
                 // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
                 let db = database.expect("checked");
-                Box::pin(super::tenant::create(&b, shard, db)).await?;
+                Box::pin(super::tenant::create(b, shard, db)).await?;
                 pool.get(self.home).await?
             }
             Err(e) => {

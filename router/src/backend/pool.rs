@@ -267,33 +267,53 @@ impl Pool {
     /// `steal`, whose checkout counts itself waiting before it looks at the kept connections, either that
     /// checkout finds `p` or this sees it waiting — a kept connection never leaves anyone waiting. (A listed
     /// client's entry keeps `listed` set; one that lists itself sets it before it reads the waiting count.)
-    fn park(self: &Arc<Self>, parking: &Arc<Parking>, p: Pooled) {
-        let me = self.addr();
-        let (before, list) = {
+    ///
+    /// A client already listed (every transaction but its first) reads the waiting count while it holds its
+    /// parking's lock, through the connection it just put there: no reference to the pool is taken (a
+    /// reference count every client's thread bumps on every transaction would pass its cache line from core
+    /// to core).
+    fn park(parking: &Arc<Parking>, p: Pooled) {
+        let me = p.pool.addr();
+        let (before, back, to_list) = {
             let mut s = parking.state.lock().expect("parking lock");
             let before = s.conn.replace(p);
             parking.holds.store(me, Ordering::Relaxed);
             s.reaps = 0;
-            let list = s.listed_in != me;
-            s.listed_in = me;
-            (before, list)
+            if s.listed_in == me {
+                fence(Ordering::SeqCst);
+                let pool = &s.conn.as_ref().expect("just kept").pool;
+                let back = if pool.waiting.load(Ordering::SeqCst) > 0 {
+                    parking.holds.store(0, Ordering::Relaxed);
+                    s.conn.take()
+                } else {
+                    None
+                };
+                (before, back, None)
+            } else {
+                s.listed_in = me;
+                (before, None, Some(s.conn.as_ref().expect("just kept").pool.clone()))
+            }
         };
         if let Some(b) = before {
             b.give_back();
         }
-        if list {
-            let mut parkings = self.parkings.lock().expect("pool lock");
+        if let Some(b) = back {
+            b.give_back();
+        }
+        if let Some(pool) = to_list {
+            let mut parkings = pool.parkings.lock().expect("pool lock");
             if parkings.len() >= 16 && parkings.len() == parkings.capacity() {
                 // (Clients gone or parking elsewhere now: dropped before the list grows.)
                 parkings.retain(|w| w.upgrade().is_some_and(|k| k.state.lock().expect("parking lock").listed_in == me));
             }
             parkings.push(Arc::downgrade(parking));
-            self.listed.store(true, Ordering::SeqCst);
-        }
-        fence(Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) > 0 {
-            if let Some(p) = self.unpark(parking) {
-                p.give_back();
+            pool.listed.store(true, Ordering::SeqCst);
+            drop(parkings);
+            fence(Ordering::SeqCst);
+            if pool.waiting.load(Ordering::SeqCst) > 0 {
+                if let Some(p) = pool.unpark(parking) {
+                    p.give_back();
+                }
             }
         }
     }
@@ -555,8 +575,7 @@ impl Pooled {
                     slot.remove(&key);
                 }
                 self.parking = Some(Arc::downgrade(&parking));
-                let pool = self.pool.clone();
-                pool.park(&parking, self);
+                Pool::park(&parking, self);
                 return;
             }
         }
