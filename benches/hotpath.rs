@@ -60,9 +60,76 @@ fn shapes(c: &mut Criterion) {
     });
 }
 
+/// The same decision made by two threads at once on one planner, as the router's worker threads make them:
+/// the time per decision of each thread. What the threads share on the way (a lock, a reference count, a
+/// counter) shows here as the difference with the one-thread case.
+fn shapes_on_two_threads(c: &mut Criterion) {
+    let config = Config::parse("bench.csv", b"shard-strategy,hash\nshard-count,4\nshard-key,aid\n").unwrap();
+    let planner = Arc::new(Planner::new(Arc::new(ShardMap::new(&config).unwrap())));
+    for threads in [1u64, 2] {
+        c.bench_function(&format!("simple/pgbench -S decision, {threads} thread(s) at once"), |b| {
+            b.iter_custom(|iters| {
+                let start = std::sync::Barrier::new(threads as usize);
+                let took = std::thread::scope(|s| {
+                    let runs: Vec<_> = (0..threads)
+                        .map(|t| {
+                            let (planner, start) = (planner.clone(), &start);
+                            s.spawn(move || {
+                                let session = Session::default();
+                                let texts: Vec<String> = (0..64)
+                                    .map(|k| {
+                                        format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", k * 7919 + t)
+                                    })
+                                    .collect();
+                                start.wait();
+                                let t0 = std::time::Instant::now();
+                                for i in 0..iters {
+                                    let sql = &texts[(i % 64) as usize];
+                                    black_box(planner.decide_simple(black_box(sql), &session).unwrap());
+                                }
+                                t0.elapsed()
+                            })
+                        })
+                        .collect();
+                    runs.into_iter().map(|r| r.join().unwrap()).max().unwrap()
+                });
+                took
+            })
+        });
+    }
+}
+
+/// A statement's figures recorded (`Stats::record`, once per statement) by one thread, and by two at once.
+fn stats_on_two_threads(c: &mut Criterion) {
+    let stats = router::backend::stats::Stats::new(1);
+    for threads in [1u64, 2] {
+        c.bench_function(&format!("stats/record, {threads} thread(s) at once"), |b| {
+            b.iter_custom(|iters| {
+                let start = std::sync::Barrier::new(threads as usize);
+                std::thread::scope(|s| {
+                    let runs: Vec<_> = (0..threads)
+                        .map(|_| {
+                            let (stats, start) = (&stats, &start);
+                            s.spawn(move || {
+                                start.wait();
+                                let t0 = std::time::Instant::now();
+                                for i in 0..iters {
+                                    stats.record(0, std::time::Duration::from_micros(black_box(i % 300)), false);
+                                }
+                                t0.elapsed()
+                            })
+                        })
+                        .collect();
+                    runs.into_iter().map(|r| r.join().unwrap()).max().unwrap()
+                })
+            })
+        });
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(50).measurement_time(std::time::Duration::from_secs(3)).warm_up_time(std::time::Duration::from_secs(1));
-    targets = framing, shapes
+    targets = framing, shapes, shapes_on_two_threads, stats_on_two_threads
 }
 criterion_main!(benches);
