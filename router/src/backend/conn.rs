@@ -237,14 +237,12 @@ impl ServerConn {
     /// `self.io.consume(len)` takes it. A notice that the server is shutting down and a ParameterStatus are
     /// noted on the way.
     pub async fn peek(&mut self) -> Result<usize, BackendError> {
+        if let Some(len) = self.peek_buffered() {
+            return Ok(len);
+        }
         match self.io.peek().await {
             Ok(Some(len)) => {
-                let frame = self.io.head(len);
-                if frame[0] == b'N' && proto::is_commit_cut(&frame[5..]) {
-                    self.shutdown_warning = true;
-                } else if frame[0] == b'S' {
-                    note_param(&mut self.params, &frame[5..]);
-                }
+                self.note(len);
                 Ok(len)
             }
             Ok(None) => {
@@ -252,6 +250,27 @@ impl ServerConn {
                 Err(BackendError::Wire(e, self.addr.clone()))
             }
             Err(e) => Err(BackendError::Wire(e, self.addr.clone())),
+        }
+    }
+
+    /// [`ServerConn::peek`] without waiting, for a message already read (most of a statement's answer comes
+    /// in one read): no future is made and polled for it. `None`: call [`ServerConn::peek`].
+    #[inline]
+    pub fn peek_buffered(&mut self) -> Option<usize> {
+        let len = self.io.peek_buffered()?;
+        self.note(len);
+        Some(len)
+    }
+
+    /// What the connection learns from the message at the front (`len` bytes): a shutdown's warning, a
+    /// parameter's new value.
+    #[inline]
+    fn note(&mut self, len: usize) {
+        let frame = self.io.head(len);
+        if frame[0] == b'N' && proto::is_commit_cut(&frame[5..]) {
+            self.shutdown_warning = true;
+        } else if frame[0] == b'S' {
+            note_param(&mut self.params, &frame[5..]);
         }
     }
 

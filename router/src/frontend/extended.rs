@@ -1017,8 +1017,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 break;
             }
             let conn = self.links.get(i).conn.conn();
-            // (The message is looked at where it was read and copied to the client from there.)
-            let len = conn.peek().await?;
+            // (The message is looked at where it was read and copied to the client from there; one read
+            // already is looked at without an await.)
+            let len = match conn.peek_buffered() {
+                Some(len) => len,
+                None => conn.peek().await?,
+            };
             let frame = conn.io.head(len);
             let (tag, body) = (frame[0], &frame[5..]);
             let mut relay = to_client(role, tag);
@@ -1115,8 +1119,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.io.push(frame);
             }
             conn.io.consume(len);
-            if relay {
-                self.io.flush_if_full().await.map_err(|e| Reported::new("08006", e.to_string()))?;
+            if relay && self.io.is_full() {
+                self.io.flush().await.map_err(|e| Reported::new("08006", e.to_string()))?;
             }
         }
         Ok((ready, errored))

@@ -379,8 +379,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if batch.is_empty() && !self.txn.open() && self.stop.as_mut().is_some_and(stopped) {
                 return Err(Fatal::Limit(super::shutting_down()));
             }
-            // (Between exchanges the idle timeouts apply; in the middle of a batch, not.)
-            let next = if batch.is_empty() { self.next_idle().await } else { self.next().await };
+            // (Between exchanges the idle timeouts apply; in the middle of a batch, not. A message read already
+            // — the rest of a batch comes in one read — is taken without an await.)
+            let next = match self.next_buffered()? {
+                Some(m) => Ok(Some(m)),
+                None if batch.is_empty() => self.next_idle().await,
+                None => self.next().await,
+            };
             let Some(msg) = next? else { return Ok(()) };
             if batch.is_empty() {
                 // An exchange starts: the config as of now (a RELOAD while the client was idle applies).
@@ -502,6 +507,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(m);
             }
         }
+    }
+
+    /// [`Session::next`] without waiting: the next message when it is in the inbox or read already (`None`:
+    /// wait for it with [`Session::next`] or [`Session::next_idle`]).
+    #[inline]
+    fn next_buffered(&mut self) -> Result<Option<Msg>, Fatal> {
+        if let Some(m) = self.inbox.pop_front() {
+            return Ok(Some(m));
+        }
+        if self.listening {
+            return Ok(None);
+        }
+        Ok(self.io.read_buffered()?)
     }
 
     /// The client's next message between exchanges (see [`Session::next`]), waiting at most `router-idle-transaction-timeout-s` inside a

@@ -150,6 +150,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
+    /// [`Framed::peek`] without waiting: the length of the whole message at the front of the read buffer when
+    /// it was read already (`None`: not yet, or a header that [`Framed::peek`] refuses — call it).
+    #[inline]
+    pub fn peek_buffered(&self) -> Option<usize> {
+        match frame_len(&self.rbuf, self.limit) {
+            Ok(Some(total)) if self.rbuf.len() >= total => Some(total),
+            _ => None,
+        }
+    }
+
     /// The first `len` bytes read and not yet taken (after [`Framed::peek`]: the whole message).
     pub fn head(&self, len: usize) -> &[u8] {
         &self.rbuf[..len]
@@ -164,6 +174,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     pub fn take(&mut self, len: usize) -> Msg {
         let frame = self.rbuf.split_to(len).freeze();
         Msg { tag: frame[0], frame }
+    }
+
+    /// [`Framed::read`] without waiting: the next message if it was read already.
+    #[inline]
+    pub fn read_buffered(&mut self) -> Result<Option<Msg>, WireError> {
+        split_frame_within(&mut self.rbuf, self.limit)
     }
 
     /// The next message, or `None` at a clean end of stream.
@@ -235,6 +251,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             self.wbuf.clear();
         }
         Ok(())
+    }
+
+    /// Whether the queue has grown past [`FLUSH_AT`] (see [`Framed::flush_if_full`]).
+    #[inline]
+    pub fn is_full(&self) -> bool {
+        self.wbuf.len() >= FLUSH_AT
     }
 
     /// Writes the queue when it has grown past [`FLUSH_AT`].
