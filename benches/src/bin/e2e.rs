@@ -84,7 +84,8 @@ fn args() -> Result<Args> {
                      --event-loops (also router-1el: one shard, an event loop per core)\n\
                      --threads N (also router-1t: one shard, router-threads N, beside the default)\n\
                      --baseline BIN (also router-1b: one shard, the router binary BIN — another build —, beside\n\
-                     this one, for a before/after comparison in one run)"
+                     this one, for a before/after comparison in one run; with --threads N also router-1bt:\n\
+                     that build at router-threads N)"
                 );
                 std::process::exit(0);
             }
@@ -366,6 +367,14 @@ fn main() -> Result<()> {
         Some(exe) => Some(start_router_from(exe, &work.path().join("r1b"), &one_cfg, &[])?),
         None => None,
     };
+    // Both --baseline and --threads: the baseline at router-threads N too (router-1bt), to compare the two
+    // builds with several threads.
+    let r1bt = match (&a.baseline, a.threads) {
+        (Some(exe), Some(n)) => {
+            Some(start_router_from(exe, &work.path().join("r1bt"), &format!("{one_cfg}router-threads,{n}\n"), &[])?)
+        }
+        _ => None,
+    };
     let el = if a.event_loops {
         Some(start_router(&work.path().join("r1el"), &one_cfg, &[("SHARD_ROUTER_RUNTIME", "event-loops")])?)
     } else {
@@ -393,6 +402,9 @@ fn main() -> Result<()> {
     if let Some((p, port)) = &r1t {
         targets.insert(3, Target { name: "router-1t", conns: vec![conn(*port)], pid: Some(p.0.id()) });
     }
+    if let Some((p, port)) = &r1bt {
+        targets.insert(3, Target { name: "router-1bt", conns: vec![conn(*port)], pid: Some(p.0.id()) });
+    }
     if let Some((p, port)) = &r1b {
         targets.insert(3, Target { name: "router-1b", conns: vec![conn(*port)], pid: Some(p.0.id()) });
     }
@@ -402,6 +414,7 @@ fn main() -> Result<()> {
                 || (t.name == "router-1el" && a.event_loops)
                 || (t.name == "router-1t" && a.threads.is_some())
                 || (t.name == "router-1b" && a.baseline.is_some())
+                || (t.name == "router-1bt" && a.baseline.is_some() && a.threads.is_some())
         });
     }
     // PgBouncer's pid is runuser's when started as root: its pidfile names the process itself.
@@ -475,6 +488,7 @@ fn main() -> Result<()> {
                     "router-1el" => "router-1el",
                     "router-1t" => "router-1t",
                     "router-1b" => "router-1b",
+                    "router-1bt" => "router-1bt",
                     "router-4" => "router-4",
                     _ => "direct-4",
                 },
