@@ -164,6 +164,9 @@ async fn kept_connections_are_reused_and_handed_over() -> anyhow::Result<()> {
         assert_eq!(simple_pid(b.simple_query(pid).await?)?, y, "simple protocol");
         let st = a.prepare(pid).await?;
         assert_eq!(a.query_one(&st, &[]).await?.get::<_, i32>(0), x, "a named prepared statement");
+        // A pipeline: tokio-postgres sends both before reading either answer.
+        let (p1, p2) = tokio::join!(a.query_one(&st, &[]), a.query_one(pid, &[]));
+        assert_eq!((p1?.get::<_, i32>(0), p2?.get::<_, i32>(0)), (x, x), "a pipeline");
     }
     // A third client finds both connections kept (the pool is full): it takes one at once.
     let third = c.client().await?;
