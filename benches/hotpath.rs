@@ -60,40 +60,48 @@ fn shapes(c: &mut Criterion) {
     });
 }
 
+/// `iters` runs of the work `setup(t)` makes for thread `t`, on `threads` threads started together: the
+/// longest thread's time (so the time per run of each thread, when they run at once).
+fn at_once<W: FnMut(u64)>(threads: u64, iters: u64, setup: impl Fn(u64) -> W + Sync) -> std::time::Duration {
+    let start = std::sync::Barrier::new(threads as usize);
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..threads)
+            .map(|t| {
+                let (setup, start) = (&setup, &start);
+                s.spawn(move || {
+                    let mut work = setup(t);
+                    start.wait();
+                    let t0 = std::time::Instant::now();
+                    for i in 0..iters {
+                        work(i);
+                    }
+                    t0.elapsed()
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).max().unwrap()
+    })
+}
+
 /// The same decision made by two threads at once on one planner, as the router's worker threads make them:
 /// the time per decision of each thread. What the threads share on the way (a lock, a reference count, a
 /// counter) shows here as the difference with the one-thread case.
 fn shapes_on_two_threads(c: &mut Criterion) {
     let config = Config::parse("bench.csv", b"shard-strategy,hash\nshard-count,4\nshard-key,aid\n").unwrap();
-    let planner = Arc::new(Planner::new(Arc::new(ShardMap::new(&config).unwrap())));
+    let planner = Planner::new(Arc::new(ShardMap::new(&config).unwrap()));
     for threads in [1u64, 2] {
         c.bench_function(&format!("simple/pgbench -S decision, {threads} thread(s) at once"), |b| {
             b.iter_custom(|iters| {
-                let start = std::sync::Barrier::new(threads as usize);
-                let took = std::thread::scope(|s| {
-                    let runs: Vec<_> = (0..threads)
-                        .map(|t| {
-                            let (planner, start) = (planner.clone(), &start);
-                            s.spawn(move || {
-                                let session = Session::default();
-                                let texts: Vec<String> = (0..64)
-                                    .map(|k| {
-                                        format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", k * 7919 + t)
-                                    })
-                                    .collect();
-                                start.wait();
-                                let t0 = std::time::Instant::now();
-                                for i in 0..iters {
-                                    let sql = &texts[(i % 64) as usize];
-                                    black_box(planner.decide_simple(black_box(sql), &session).unwrap());
-                                }
-                                t0.elapsed()
-                            })
-                        })
+                at_once(threads, iters, |t| {
+                    let (planner, session) = (&planner, Session::default());
+                    let texts: Vec<String> = (0..64)
+                        .map(|k| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", k * 7919 + t))
                         .collect();
-                    runs.into_iter().map(|r| r.join().unwrap()).max().unwrap()
-                });
-                took
+                    move |i| {
+                        let sql = &texts[(i % 64) as usize];
+                        black_box(planner.decide_simple(black_box(sql), &session).unwrap());
+                    }
+                })
             })
         });
     }
@@ -105,22 +113,9 @@ fn stats_on_two_threads(c: &mut Criterion) {
     for threads in [1u64, 2] {
         c.bench_function(&format!("stats/record, {threads} thread(s) at once"), |b| {
             b.iter_custom(|iters| {
-                let start = std::sync::Barrier::new(threads as usize);
-                std::thread::scope(|s| {
-                    let runs: Vec<_> = (0..threads)
-                        .map(|_| {
-                            let (stats, start) = (&stats, &start);
-                            s.spawn(move || {
-                                start.wait();
-                                let t0 = std::time::Instant::now();
-                                for i in 0..iters {
-                                    stats.record(0, std::time::Duration::from_micros(black_box(i % 300)), false);
-                                }
-                                t0.elapsed()
-                            })
-                        })
-                        .collect();
-                    runs.into_iter().map(|r| r.join().unwrap()).max().unwrap()
+                at_once(threads, iters, |_| {
+                    let stats = &stats;
+                    move |i| stats.record(0, std::time::Duration::from_micros(black_box(i % 300)), false)
                 })
             })
         });
