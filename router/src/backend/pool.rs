@@ -489,6 +489,9 @@ impl Pool {
 
     /// Rings `alarm` when the earliest waiting checkout's deadline has passed; stops when no checkout waits.
     async fn watchdog(self: Arc<Self>) {
+        // (Dropped unfinished — the runtime it ran on shut down — it clears `watching`, so that the next
+        // waiting checkout starts another rather than wait for ever.)
+        let mut running = Running(&self.watching, true);
         loop {
             let tick = (self.settings.load().timeout / 20).clamp(Duration::from_millis(1), Duration::from_millis(250));
             tokio::time::sleep(tick).await;
@@ -497,11 +500,24 @@ impl Pool {
                 self.alarm.notify_waiters();
             }
             if self.waiting.load(Ordering::SeqCst) == 0 {
+                running.1 = false;
                 self.watching.store(false, Ordering::SeqCst);
                 if self.waiting.load(Ordering::SeqCst) == 0 || self.watching.swap(true, Ordering::SeqCst) {
                     return;
                 }
+                running.1 = true;
             }
+        }
+    }
+}
+
+/// A running watchdog's mark on its pool's `watching`, cleared if the watchdog is dropped while it runs.
+struct Running<'a>(&'a AtomicBool, bool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.store(false, Ordering::SeqCst);
         }
     }
 }
@@ -754,11 +770,7 @@ mod tests {
         assert_eq!(shares(3, 4).iter().sum::<usize>(), 3);
     }
 
-    /// Checkouts that wait time out after pool-timeout-ms — not before, and within a watchdog tick or two
-    /// after — with no timer of their own; the watchdog stops when none waits and starts again.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn waits_end_at_the_timeout_without_a_timer_each() {
-        let timeout = Duration::from_millis(200);
+    fn pool_of_none(timeout: Duration) -> Arc<Pool> {
         let pools = Pools::new(Settings { size: 0, timeout, idle_timeout: Duration::from_secs(60), homes: 1 });
         let target = Target {
             host: "127.0.0.1".into(),
@@ -768,7 +780,34 @@ mod tests {
             database: "d".into(),
             tls: Default::default(),
         };
-        let pool = pools.pool(PoolKey { shard: ShardId(0), target }, "s0");
+        pools.pool(PoolKey { shard: ShardId(0), target }, "s0")
+    }
+
+    /// A watchdog dropped with the runtime it ran on leaves no pool without one: a later wait on another
+    /// runtime still ends at its deadline.
+    #[test]
+    fn a_watchdog_dropped_with_its_runtime_is_replaced() {
+        let pool = pool_of_none(Duration::from_millis(100));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        rt.block_on(async {
+            assert!(tokio::time::timeout(Duration::from_millis(20), pool.get(0)).await.is_err());
+        });
+        drop(rt);
+        assert!(!pool.watching.load(Ordering::SeqCst), "the dropped watchdog let go of the pool");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        let t = Instant::now();
+        let r = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), pool.get(0)).await });
+        let e = r.expect("a wait that ends").err().expect("a timeout");
+        assert_eq!(e.sqlstate(), "53300");
+        assert!(t.elapsed() >= Duration::from_millis(100) && t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+
+    /// Checkouts that wait time out after pool-timeout-ms — not before, and within a watchdog tick or two
+    /// after — with no timer of their own; the watchdog stops when none waits and starts again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waits_end_at_the_timeout_without_a_timer_each() {
+        let timeout = Duration::from_millis(200);
+        let pool = pool_of_none(timeout);
         for round in 0..2 {
             let start = Instant::now();
             let waits: Vec<_> = (0..50)
