@@ -13,7 +13,7 @@ pub mod tls;
 pub mod topology;
 pub mod twophase;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,6 @@ pub struct Backends {
     pub prepared: std::sync::Mutex<std::collections::HashMap<String, Dest>>,
     /// Two-phase commit of transactions on several shards: names, decision log, counters.
     pub two_phase: twophase::TwoPhase,
-    next: AtomicUsize,
     /// Per shard: until when (ms since `epoch`) it is believed down after a failed connection attempt.
     down_until: Vec<AtomicU64>,
     epoch: Instant,
@@ -87,7 +86,6 @@ impl Backends {
             prepared: Default::default(),
             two_phase,
             schema_epoch: AtomicU64::new(0),
-            next: AtomicUsize::new(0),
             down_until: (0..n).map(|_| Default::default()).collect(),
             epoch: Instant::now(),
             map,
@@ -96,13 +94,21 @@ impl Backends {
     }
 
     /// A shard for statements any shard can answer, in turn, skipping shards that just failed to connect and
-    /// shards paused by the admin console.
+    /// shards paused by the admin console. Each thread takes its own turns (a counter every thread bumped on
+    /// every such statement would pass its cache line from core to core).
     pub fn any_shard(&self) -> ShardId {
+        thread_local! {
+            static TURN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        }
         let n = self.map.nodes.len().max(1);
         let now = self.epoch.elapsed().as_millis() as u64;
         let mut pick = 0;
         for _ in 0..n {
-            pick = self.next.fetch_add(1, Ordering::Relaxed) % n;
+            pick = TURN.with(|t| {
+                let turn = t.get();
+                t.set(turn.wrapping_add(1));
+                turn
+            }) % n;
             if self.down_until[pick].load(Ordering::Relaxed) <= now && !self.topology.is_paused(ShardId(pick as u16)) {
                 break;
             }
