@@ -153,62 +153,37 @@ enum Seg {
 }
 
 /// Cuts a batch into segments: each ends after an Execute; what follows the last Execute (Parse/Describe/
-/// Close only) is a segment too. The final Sync or Flush is not in any. (An iterator that knows its length:
-/// no vector allocated for every batch.)
-fn segments(batch: &[Msg]) -> Segments<'_> {
+/// Close only) is a segment too. The final Sync or Flush is not in any. (An iterator: no vector allocated
+/// for every batch.)
+fn segments(batch: &[Msg]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
     let end = match batch.last().map(|m| m.tag) {
         Some(b'S' | b'H') => batch.len() - 1,
         _ => batch.len(),
     };
-    let body = &batch[..end];
-    let executes = body.iter().filter(|m| m.tag == b'E').count();
-    let tail = body.last().is_some_and(|m| m.tag != b'E');
-    Segments { body, start: 0, left: executes + usize::from(tail) }
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        (start < end).then(|| {
+            let stop = batch[start..end].iter().position(|m| m.tag == b'E').map_or(end, |e| start + e + 1);
+            let segment = start..stop;
+            start = stop;
+            segment
+        })
+    })
 }
-
-/// The segments of a batch, in order (see [`segments`]).
-struct Segments<'a> {
-    body: &'a [Msg],
-    start: usize,
-    left: usize,
-}
-
-impl Iterator for Segments<'_> {
-    type Item = std::ops::Range<usize>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.start >= self.body.len() {
-            return None;
-        }
-        let end =
-            self.body[self.start..].iter().position(|m| m.tag == b'E').map_or(self.body.len(), |e| self.start + e + 1);
-        let r = self.start..end;
-        self.start = end;
-        self.left -= 1;
-        Some(r)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.left, Some(self.left))
-    }
-}
-
-impl ExactSizeIterator for Segments<'_> {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Runs one batch; errors the router raises are reported the way a server would report them.
     pub async fn batch(&mut self, batch: &[Msg]) -> Result<(), Fatal> {
         let end = batch.last().map(|m| m.tag);
-        let segs = segments(batch);
-        let count = segs.len();
         let mut pending = Pending::default();
         let mut synced = false;
-        for (k, range) in segs.enumerate() {
+        for range in segments(batch) {
             if self.group_failed {
                 // After an error the server skips everything up to Sync; so does the router.
                 continue;
             }
-            let fast = k + 1 == count && end == Some(b'S') && !self.links.iter().any(|l| l.pending);
+            // (The last segment before the Sync: it ends where the Sync starts.)
+            let fast = end == Some(b'S') && range.end == batch.len() - 1 && !self.links.iter().any(|l| l.pending);
             match self.segment(&batch[range.clone()], fast, &mut pending).await {
                 Ok(Seg::Next) => {}
                 Ok(Seg::Synced) => synced = true,
@@ -1316,14 +1291,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_cut_after_each_execute() {
-        let cut = |tags: &str| {
-            let b = batch(tags);
-            let s = segments(&b);
-            let n = s.len();
-            let all: Vec<_> = s.collect();
-            assert_eq!(all.len(), n, "{tags}: the length told matches the segments given");
-            all
-        };
+        let cut = |tags: &str| segments(&batch(tags)).collect::<Vec<_>>();
         assert_eq!(cut("PBDES"), vec![0..4]);
         assert_eq!(cut("PBEBES"), vec![0..3, 3..5]);
         assert_eq!(cut("PBEDS"), vec![0..3, 3..4]);
