@@ -63,6 +63,18 @@ static CLASS: [u8; 256] = {
     t
 };
 
+/// Whether any of the eight bytes of `x` is one of 0x22..=0x39: the bytes that may start something in plain
+/// text (quotes, `$`, `-`, `.`, `/`, digits — and `#%&()*+,` between them, which the byte-by-byte scan then
+/// passes). Bytes of 0x80 and above are not. (`hasbetween` of "Bit Twiddling Hacks": each byte's sums stay
+/// within the byte, so no byte's result depends on another's.)
+#[inline]
+fn may_start_something(x: u64) -> bool {
+    const ONES: u64 = u64::MAX / 255;
+    let low = x & (ONES * 127);
+    // Bit 7 of each byte: below 0x3a, at least 0x22, and ASCII.
+    (ONES * (127 + 0x3a)).wrapping_sub(low) & (low + ONES * (127 - 0x21)) & !x & (ONES * 128) != 0
+}
+
 /// The first placeholders as text: most statements have a few literals, and a copy of these costs less than
 /// writing the number.
 const PLACEHOLDERS: [&str; 16] = [
@@ -314,14 +326,27 @@ fn shape_into<'a>(sql: &'a str, out: &mut String, lits: &mut Vec<Literal<'a>>) -
             _ => {}
         }
         // A run of bytes that start nothing special is copied at once. It ends on an ASCII byte, so never
-        // inside a UTF-8 sequence.
+        // inside a UTF-8 sequence. Eight bytes are passed at once when none of them may start something;
+        // otherwise the next eight are looked at one by one.
         let mut j = i + 1;
-        while j < b.len() {
-            let class = CLASS[b[j] as usize];
-            if class & (SPECIAL | DIGIT) != 0 && (class & SPECIAL != 0 || CLASS[b[j - 1] as usize] & IDENT == 0) {
+        'run: loop {
+            while let Some(w) = b.get(j..j + 8) {
+                if may_start_something(u64::from_le_bytes(w.try_into().expect("eight bytes"))) {
+                    break;
+                }
+                j += 8;
+            }
+            let stop = (j + 8).min(b.len());
+            if j == stop {
                 break;
             }
-            j += 1;
+            while j < stop {
+                let class = CLASS[b[j] as usize];
+                if class & (SPECIAL | DIGIT) != 0 && (class & SPECIAL != 0 || CLASS[b[j - 1] as usize] & IDENT == 0) {
+                    break 'run;
+                }
+                j += 1;
+            }
         }
         let run = sql.get(i..j)?;
         out.push_str(run);
@@ -401,6 +426,35 @@ mod tests {
             push_placeholder(&mut out, k);
             assert_eq!(out, format!("${}", LITERAL_BASE + k));
         }
+    }
+
+    #[test]
+    fn eight_bytes_at_once_miss_no_byte_that_may_start_something() {
+        let starts = |v: u8| (0x22..=0x39).contains(&v);
+        for at in 0..8 {
+            for v in 0..=255u8 {
+                for w in [b'a', b' ', 0x21, 0x3a, 0x80, 0xff, 0x00] {
+                    let mut bytes = [w; 8];
+                    bytes[at] = v;
+                    let want = starts(v) || starts(w);
+                    assert_eq!(super::may_start_something(u64::from_le_bytes(bytes)), want, "{bytes:?}");
+                }
+            }
+        }
+        for a in 0..=255u8 {
+            for c in 0..=255u8 {
+                let bytes = [b'x', a, c, b'y', a, b'z', c, b'_'];
+                assert_eq!(super::may_start_something(u64::from_le_bytes(bytes)), starts(a) || starts(c), "{bytes:?}");
+            }
+        }
+        // A statement whose literals come after long runs is shaped as before.
+        let sql = "SELECT abalance, name_with_a_long_identifier FROM pgbench_accounts WHERE aid = 12345 AND t2.x = 'é'";
+        let (shape, lits) = super::normalize(sql).expect("normalized");
+        assert_eq!(
+            shape,
+            "SELECT abalance, name_with_a_long_identifier FROM pgbench_accounts WHERE aid = $100001 AND t2.x = $100002"
+        );
+        assert_eq!(lits, vec![lit(true, "12345"), lit(false, "é")]);
     }
 
     #[test]

@@ -158,6 +158,35 @@ async fn cancel_request_reaches_the_running_query() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client keeps its server connection between transactions, registered for its cancels; when another
+/// client takes that connection (one connection in the pool), the first client's cancel must not reach the
+/// second one's query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_never_reaches_the_query_of_the_client_that_took_the_connection() -> anyhow::Result<()> {
+    let c = Cluster::hash(1, "pool-size,1\npool-timeout-ms,10000\n")?;
+    let a = c.client().await?;
+    let b = c.client().await?;
+    // A's statement leaves A keeping the pool's one connection.
+    a.query_one("SELECT 1", &[]).await?;
+    let token = a.cancel_token();
+    let sleeper = tokio::spawn(async move { b.query_one("SELECT pg_sleep(1.5)::text", &[]).await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await?;
+    let row = sleeper.await?;
+    assert!(row.is_ok(), "B's query was cancelled by A's cancel: {row:?}");
+    // A's own statements, and its cancels, still work once the connection is free again.
+    a.query_one("SELECT 1", &[]).await?;
+    let token = a.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let e = a.query("SELECT pg_sleep(30)", &[]).await.unwrap_err();
+    canceller.await??;
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"), "{e}");
+    Ok(())
+}
+
 /// tokio-postgres' `copy_in` sends COPY FROM STDIN through Parse/Bind/Execute and a Sync before the data
 /// (which the server ignores during COPY): rows are split by key across the shards, outside a transaction
 /// and inside one (where they commit with it). It used to hang, then to be refused.

@@ -1,7 +1,8 @@
 //! CancelRequest: a client quotes the key the router gave it at startup; the router finds the server
 //! connections that client is using right now and sends each server a CancelRequest for its own backend.
-//! A connection is registered while checked out and unregistered when it goes back (or is closed), so a late
-//! cancel can never reach a query of another client.
+//! A connection is registered while checked out (and while its client keeps it between transactions: a
+//! cancel that reaches an idle server is ignored) and unregistered before it goes back to the pool or to
+//! another client, or is closed, so a cancel the router sends after that cannot reach another client's query.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -237,12 +237,12 @@ impl ServerConn {
     /// `self.io.consume(len)` takes it. A notice that the server is shutting down and a ParameterStatus are
     /// noted on the way.
     pub async fn peek(&mut self) -> Result<usize, BackendError> {
-        if let Some(len) = self.peek_buffered() {
+        if let Some(len) = self.peek_buffered(0) {
             return Ok(len);
         }
         match self.io.peek().await {
             Ok(Some(len)) => {
-                self.note(len);
+                self.note(0, len);
                 Ok(len)
             }
             Ok(None) => {
@@ -254,19 +254,28 @@ impl ServerConn {
     }
 
     /// [`ServerConn::peek`] without waiting, for a message already read (most of a statement's answer comes
-    /// in one read): no future is made and polled for it. `None`: call [`ServerConn::peek`].
+    /// in one read): no future is made and polled for it. `at`: where the message starts in what was read
+    /// and not taken (see [`crate::net::wire::Framed::peek_buffered`]); `self.io.bytes_at(at, len)` is the
+    /// message. `None`: take what is before `at`, then call [`ServerConn::peek`].
     #[inline]
-    pub fn peek_buffered(&mut self) -> Option<usize> {
-        let len = self.io.peek_buffered()?;
-        self.note(len);
+    pub fn peek_buffered(&mut self, at: usize) -> Option<usize> {
+        let len = self.io.peek_buffered(at)?;
+        self.note(at, len);
         Some(len)
     }
 
-    /// What the connection learns from the message at the front (`len` bytes): a shutdown's warning, a
-    /// parameter's new value.
+    /// What the connection learns from the message `at` bytes into the read buffer (`len` bytes): a
+    /// shutdown's warning, a parameter's new value.
     #[inline]
-    fn note(&mut self, len: usize) {
-        let frame = self.io.head(len);
+    fn note(&mut self, at: usize, len: usize) {
+        if matches!(self.io.bytes_at(at, 1)[0], b'N' | b'S') {
+            self.note_rare(at, len);
+        }
+    }
+
+    #[inline(never)]
+    fn note_rare(&mut self, at: usize, len: usize) {
+        let frame = self.io.bytes_at(at, len);
         if frame[0] == b'N' && proto::is_commit_cut(&frame[5..]) {
             self.shutdown_warning = true;
         } else if frame[0] == b'S' {

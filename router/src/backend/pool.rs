@@ -113,7 +113,7 @@ pub struct Pooled {
     /// The home whose idle list the connection goes back to (the thread that opened it).
     home: usize,
     _permit: OwnedSemaphorePermit,
-    /// The client's cancel slot this connection is registered in while checked out.
+    /// The client's cancel slot this connection is registered in while checked out (and kept by that client).
     cancel: Option<(Arc<Slot>, Arc<CancelKey>)>,
     /// Where the client keeps it between transactions (none: it goes back to the pool).
     parking: Option<Weak<Parking>>,
@@ -556,8 +556,16 @@ impl Pooled {
         self.conn.as_mut().expect("present until released")
     }
 
-    /// Registers the connection in a client's cancel slot until it goes back or is closed.
+    /// Registers the connection in a client's cancel slot until it goes back to the pool, to another client
+    /// or is closed. A connection its client kept between transactions (see [`Pool::park`]) stays
+    /// registered while kept (a cancel reaching an idle server is ignored), so taking it back costs nothing.
     pub fn register_cancel(&mut self, slot: &Arc<Slot>) {
+        if let Some((held, key)) = &self.cancel {
+            if Arc::ptr_eq(held, slot) {
+                return;
+            }
+            held.remove(key);
+        }
         let key = self.conn.as_ref().expect("present until released").cancel_key.clone();
         slot.add(key.clone());
         self.cancel = Some((slot.clone(), key));
@@ -587,9 +595,7 @@ impl Pooled {
     pub fn release(mut self) {
         if let Some(parking) = self.parking.take().and_then(|w| w.upgrade()) {
             if self.is_clean() && !self.pool.pressed.load(Ordering::Relaxed) {
-                if let Some((slot, key)) = self.cancel.take() {
-                    slot.remove(&key);
-                }
+                // (Still registered for the client's cancels: see `register_cancel`.)
                 self.parking = Some(Arc::downgrade(&parking));
                 Pool::park(&parking, self);
                 return;

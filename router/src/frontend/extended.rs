@@ -26,7 +26,7 @@ use super::session::{
 use super::txn::{Dest, Plan, Run, State, Stmt, To};
 use crate::backend::conn::ServerConn;
 use crate::net::proto::{self, READY_IDLE};
-use crate::net::wire::Msg;
+use crate::net::wire::{Framed, Msg, FLUSH_AT};
 use crate::net::{Fatal, Reported};
 
 /// What the client expects back for each message sent (or not sent) to the server.
@@ -978,10 +978,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Role::Rest => matches!(tag, b'D' | b'd'),
             Role::Silent => false,
         };
+        // The messages looked at and to be relayed as they are: the first `run` bytes of the connection's read
+        // buffer, copied to the client together (one copy for a statement's whole answer, however many rows)
+        // before anything else is written to the client, before an await, and at the end.
+        let mut run = 0;
+        let pass = |to: &mut Framed<S>, conn: &mut ServerConn, run: &mut usize| {
+            if *run > 0 {
+                to.push(conn.io.head(*run));
+                conn.io.consume(*run);
+                *run = 0;
+            }
+        };
+        let conn = self.links.get(i).conn.conn();
         loop {
             while let Some(Exp::InjectParse | Exp::InjectClose) = exps.front() {
                 let e = exps.pop_front().expect("front exists");
                 if !errored && matches!(role, Role::Only | Role::First) {
+                    pass(&mut self.io, conn, &mut run);
                     match e {
                         Exp::InjectParse => proto::parse_complete(&mut self.io.wbuf),
                         _ => proto::close_complete(&mut self.io.wbuf),
@@ -989,25 +1002,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
             if exps.is_empty() {
+                pass(&mut self.io, conn, &mut run);
                 break;
             }
-            let conn = self.links.get(i).conn.conn();
-            // (The message is looked at where it was read and copied to the client from there; one read
-            // already is looked at without an await.)
-            let len = match conn.peek_buffered() {
+            // (The message is looked at where it was read; one read already is looked at without an await.)
+            let len = match conn.peek_buffered(run) {
                 Some(len) => len,
-                None => conn.peek().await?,
+                None => {
+                    pass(&mut self.io, conn, &mut run);
+                    conn.peek().await?
+                }
             };
-            let frame = conn.io.head(len);
+            let frame = conn.io.bytes_at(run, len);
             let (tag, body) = (frame[0], &frame[5..]);
             let mut relay = to_client(role, tag);
             match tag {
                 b'G' if merge.stop_at_copy => {
                     merge.copy_in = true;
                     if matches!(role, Role::Only | Role::First) {
-                        self.io.push(frame);
+                        run += len;
+                        pass(&mut self.io, conn, &mut run);
+                    } else {
+                        pass(&mut self.io, conn, &mut run);
+                        conn.io.consume(len);
                     }
-                    conn.io.consume(len);
                     return Ok((None, errored));
                 }
                 b'H' => merge.copy_out = true,
@@ -1083,19 +1101,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         relay = false;
                     } else if relay {
                         if let Some(map) = status {
-                            proto::ready(&mut self.io.wbuf, map(s, errored));
-                            relay = false;
+                            // (The client's status written over the server's, where the message was read.)
+                            let s = map(s, errored);
+                            if len == 6 {
+                                conn.io.set_byte(run + 5, s);
+                            } else {
+                                pass(&mut self.io, conn, &mut run);
+                                proto::ready(&mut self.io.wbuf, s);
+                                relay = false;
+                            }
                         }
                     }
                 }
                 _ => {} // DataRow, ParameterDescription, notices, ParameterStatus, notifications, COPY out
             }
             if relay {
-                self.io.push(frame);
-            }
-            conn.io.consume(len);
-            if relay && self.io.is_full() {
-                self.io.flush().await.map_err(|e| Reported::new("08006", e.to_string()))?;
+                run += len;
+                if self.io.wbuf.len() + run >= FLUSH_AT {
+                    pass(&mut self.io, conn, &mut run);
+                    self.io.flush().await.map_err(|e| Reported::new("08006", e.to_string()))?;
+                }
+            } else {
+                pass(&mut self.io, conn, &mut run);
+                conn.io.consume(len);
             }
         }
         Ok((ready, errored))
@@ -1177,14 +1205,13 @@ fn rewrite_into(
     let stmt = |name: &str| {
         stmts.get(name).ok_or_else(|| Reported::new("26000", format!("prepared statement \"{name}\" does not exist")))
     };
-    // Prepares a statement on this connection before a message that needs it.
+    // Prepares a statement (`st`, the client's `name`) on this connection before a message that needs it.
     let ensure = |name: &str,
+                  st: &ClientStmt,
                   out: &mut BytesMut,
                   exps: &mut VecDeque<Exp>,
                   parsed_here: &mut HashSet<String>,
-                  unnamed_parsed: &mut bool|
-     -> Result<(), Reported> {
-        let st = stmt(name)?;
+                  unnamed_parsed: &mut bool| {
         if name.is_empty() {
             if !*unnamed_parsed {
                 proto::write_parse_bytes(out, "", &st.raw, &st.types);
@@ -1196,7 +1223,6 @@ fn rewrite_into(
             exps.push_back(Exp::SwallowParse(Some(st.server_name.clone())));
             parsed_here.insert(st.server_name.clone());
         }
-        Ok(())
     };
     for m in batch {
         let body = m.body();
@@ -1227,11 +1253,12 @@ fn rewrite_into(
             }
             b'B' => {
                 let b = proto::read_bind_head(body).ok_or_else(|| Reported::new("08P01", "malformed Bind message"))?;
-                ensure(b.statement, out, exps, parsed_here, &mut unnamed_parsed)?;
+                let st = stmt(b.statement)?;
+                ensure(b.statement, st, out, exps, parsed_here, &mut unnamed_parsed);
                 if b.statement.is_empty() {
                     out.put_slice(&m.frame);
                 } else {
-                    proto::write_bind_renamed(out, &b, &stmt(b.statement)?.server_name);
+                    proto::write_bind_renamed(out, &b, &st.server_name);
                 }
                 exps.push_back(Exp::Bind);
             }
@@ -1241,11 +1268,12 @@ fn rewrite_into(
                 let (name, _) =
                     proto::read_cstr(rest).ok_or_else(|| Reported::new("08P01", "malformed Describe message"))?;
                 if kind == b'S' {
-                    ensure(name, out, exps, parsed_here, &mut unnamed_parsed)?;
+                    let st = stmt(name)?;
+                    ensure(name, st, out, exps, parsed_here, &mut unnamed_parsed);
                     if name.is_empty() {
                         out.put_slice(&m.frame);
                     } else {
-                        let sn = &stmt(name)?.server_name;
+                        let sn = &st.server_name;
                         proto::put(out, b'D', |b| {
                             b.put_u8(b'S');
                             proto::cstr(b, sn);

@@ -150,12 +150,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
-    /// [`Framed::peek`] without waiting: the length of the whole message at the front of the read buffer when
-    /// it was read already (`None`: not yet, or a header that [`Framed::peek`] refuses — call it).
+    /// [`Framed::peek`] without waiting, for the message that starts `at` bytes into what was read and not
+    /// taken (`0`: the front; more: after messages looked at and left there to be taken together): its
+    /// length when it was read already (`None`: not yet, or a header that [`Framed::peek`] refuses — take
+    /// what is before it and call that).
     #[inline]
-    pub fn peek_buffered(&self) -> Option<usize> {
-        match frame_len(&self.rbuf, self.limit) {
-            Ok(Some(total)) if self.rbuf.len() >= total => Some(total),
+    pub fn peek_buffered(&self, at: usize) -> Option<usize> {
+        let rest = self.rbuf.get(at..)?;
+        match frame_len(rest, self.limit) {
+            Ok(Some(total)) if rest.len() >= total => Some(total),
             _ => None,
         }
     }
@@ -163,6 +166,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// The first `len` bytes read and not yet taken (after [`Framed::peek`]: the whole message).
     pub fn head(&self, len: usize) -> &[u8] {
         &self.rbuf[..len]
+    }
+
+    /// Writes `v` over the byte `at` bytes into what was read and not yet taken (a status in a message
+    /// relayed from where it was read).
+    #[inline]
+    pub fn set_byte(&mut self, at: usize, v: u8) {
+        self.rbuf[at] = v;
+    }
+
+    /// The `len` bytes read and not yet taken from `at` on (after [`Framed::peek_buffered`]`(at)`: the
+    /// message there).
+    #[inline]
+    pub fn bytes_at(&self, at: usize, len: usize) -> &[u8] {
+        &self.rbuf[at..at + len]
     }
 
     /// Takes the first `len` bytes read (the message [`Framed::peek`] found).
