@@ -470,8 +470,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // (Only the start of the query text is looked at: after the statement name's NUL.)
         let copy_parse = |m: &Msg| {
             m.tag == b'P'
-                && memchr::memchr(0, m.body()).is_some_and(|end| {
-                    let q = m.body()[end + 1..].trim_ascii_start();
+                && proto::read_cstr(m.body()).is_some_and(|(_, rest)| {
+                    let q = rest.trim_ascii_start();
                     q.len() >= 4 && q[..4].eq_ignore_ascii_case(b"copy")
                 })
         };

@@ -85,6 +85,11 @@ pub fn query_bytes(buf: &mut BytesMut, sql: &[u8]) {
 
 /// Reads a NUL-terminated string at the start of `b`: the string and the rest.
 pub fn read_cstr(b: &[u8]) -> Option<(&str, &[u8])> {
+    // (Most names are empty — the unnamed portal and statement —: answered before memchr's vector search,
+    // which costs more to set up than that.)
+    if let Some((0, rest)) = b.split_first() {
+        return Some(("", rest));
+    }
     let end = memchr::memchr(0, b)?;
     Some((std::str::from_utf8(&b[..end]).ok()?, &b[end + 1..]))
 }
@@ -456,6 +461,17 @@ pub fn write_row_description(buf: &mut BytesMut, fields: &[(Vec<u8>, i16)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_of_every_length_read_up_to_their_zero() {
+        for n in 0..40 {
+            let text = "x".repeat(n);
+            let mut b = text.clone().into_bytes();
+            b.extend_from_slice(b"\0rest");
+            assert_eq!(read_cstr(&b), Some((text.as_str(), &b"rest"[..])), "{n}");
+            assert_eq!(read_cstr(&b[..n]), None, "{n}: no zero");
+        }
+    }
 
     #[test]
     fn binds_with_few_and_many_values_read_back_as_written() {
