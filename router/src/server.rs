@@ -9,7 +9,7 @@ use shardmap::{Config, Planner, ShardId, ShardMap};
 
 use crate::backend::Backends;
 use crate::frontend::{ClientInfo, Registry, Routing};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::frontend::session::Session;
@@ -318,7 +318,7 @@ async fn serve_client(shared: Arc<Router>, sock: TcpStream, home: usize) -> anyh
 }
 
 /// A client's session after the (optional) TLS handshake.
-async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+async fn session<S: crate::net::wire::Stream>(
     shared: Arc<Router>,
     mut io: Framed<S>,
     hello: Result<Option<Hello>, StartupError>,
@@ -423,7 +423,7 @@ impl Drop for Unregister<'_> {
     }
 }
 
-async fn fatal<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Framed<S>, e: StartupError) -> anyhow::Result<()> {
+async fn fatal<S: crate::net::wire::Stream>(io: &mut Framed<S>, e: StartupError) -> anyhow::Result<()> {
     let (code, message) = match &e {
         StartupError::Refused { code, message } => (*code, message.clone()),
         StartupError::Wire(w) => ("08P01", w.to_string()),

@@ -180,6 +180,46 @@ impl Checkout {
         }
     }
 
+    /// [`Checkout::get`] without an await, for the common case under transaction pooling: the client kept a
+    /// connection of the shard's pool since its last transaction, and it carries the client's settings.
+    /// `None`: no such connection (or a PAUSE, or the pool not cached yet) — call [`Checkout::get`]. (An
+    /// `async fn` costs its future's set-up and poll even when it never waits: two of them per statement.)
+    pub fn get_kept(
+        &mut self,
+        shard: ShardId,
+        database: Option<&str>,
+        carry: &(dyn Carry + Sync),
+    ) -> Option<Result<Pooled, Reported>> {
+        let parking = self.parking.as_ref()?;
+        let (generation, pool) = self.cached_ref(shard, database)?;
+        if self.backends.topology.is_paused(shard) {
+            return None;
+        }
+        if let Err(e) = self.may_reach(shard, database) {
+            return Some(Err(e));
+        }
+        let mut p = pool.unpark(parking)?;
+        if p.conn().prepared.len() > MAX_PREPARED || p.conn().settings != carry.hash() {
+            // (Work with awaits: the connection goes back to the client's parking, where `get` takes it.)
+            p.release();
+            return None;
+        }
+        if let Err(e) = self.admit(shard, generation) {
+            p.release();
+            return Some(Err(e));
+        }
+        p.register_cancel(&self.cancel);
+        Some(Ok(p))
+    }
+
+    /// The circuit breaker's word on a new transaction on `shard` (of `generation`).
+    fn admit(&self, shard: ShardId, generation: u64) -> Result<(), Reported> {
+        let b = &self.backends;
+        b.breaker
+            .admit(shard.0 as usize, generation, &b.map.node(shard).name)
+            .map_err(|m| Reported::new(CONNECT_FAILED, m))
+    }
+
     /// [`Checkout::get`]; `wait: false`: `None` at once when the shard's pool has no connection free.
     pub async fn get_with(
         &mut self,
@@ -204,9 +244,7 @@ impl Checkout {
             // The admin console's PAUSE: a new transaction waits for RESUME.
             Box::pin(b.topology.wait_resumed(shard)).await;
         }
-        b.breaker
-            .admit(shard.0 as usize, generation, &b.map.node(shard).name)
-            .map_err(|m| Reported::new(CONNECT_FAILED, m))?;
+        self.admit(shard, generation)?;
         // The connection of the client's last transaction, when it kept one of this pool.
         let kept = self.parking.as_ref().and_then(|k| pool.unpark(k));
         let fresh = kept.is_none();

@@ -292,6 +292,13 @@ impl ServerConn {
         self.io.flush().await.map_err(|e| BackendError::Wire(e.into(), self.addr.clone()))
     }
 
+    /// [`ServerConn::flush`] without a future, for what the socket takes now (see
+    /// [`crate::net::wire::Framed::flush_now`]): `Ok(false)`: call `flush` for the rest.
+    #[inline]
+    pub fn flush_now(&mut self) -> Result<bool, BackendError> {
+        self.io.flush_now().map_err(|e| BackendError::Wire(e.into(), self.addr.clone()))
+    }
+
     /// Runs a simple query whose results nobody sees (settings replay); the first error is returned.
     pub async fn run_quiet(&mut self, sql: &str) -> Result<(), BackendError> {
         proto::query(&mut self.io.wbuf, sql);
@@ -306,7 +313,7 @@ impl ServerConn {
 
     /// Relays this connection's answer to `dst` up to ReadyForQuery (see [`Framed::relay_to_ready`]), keeping
     /// `params` up to date.
-    pub async fn relay_to_ready<D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    pub async fn relay_to_ready<D: crate::net::wire::Stream>(
         &mut self,
         dst: &mut Framed<D>,
         status: &(dyn Fn(u8, bool) -> u8 + Sync),

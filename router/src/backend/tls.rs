@@ -23,6 +23,15 @@ impl ServerStream {
     }
 }
 
+impl crate::net::wire::Stream for ServerStream {
+    fn try_write_now(&mut self, buf: &[u8]) -> Option<std::io::Result<usize>> {
+        match self {
+            ServerStream::Plain(s) => Some(s.try_write(buf)),
+            ServerStream::Tls(_) => None,
+        }
+    }
+}
+
 impl AsyncRead for ServerStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {

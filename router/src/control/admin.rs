@@ -14,9 +14,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::net::wire::Stream;
 use bytes::{BufMut, BytesMut};
 use shardmap::ShardId;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::net::proto;
 use crate::net::wire::Framed;
@@ -57,7 +57,7 @@ fn write_table(buf: &mut BytesMut, t: &Table) {
 }
 
 /// Serves an admin session after authentication: the startup's end, then commands until the client leaves.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn serve<S: Stream>(
     shared: Arc<Router>,
     mut io: Framed<S>,
     user: &str,

@@ -9,10 +9,10 @@
 //! The connections are left inside their exchange (no Sync): the simple protocol syncs them at once, the
 //! extended protocol at the client's Sync, as for any statement of its sync group.
 
+use crate::net::wire::Stream;
 use bytes::Bytes;
 use shardmap::sql::{array_literal, array_oid, combine_plan, Column, Source};
 use shardmap::{Decision, ShardId};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::session::{Failure, Session};
 use super::txn::Run;
@@ -83,7 +83,7 @@ pub enum Ended {
     Failed(Bytes),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     /// Reads link `i`'s answer to one statement of an exchange left open (Flush, no Sync) up to its
     /// CommandComplete or ErrorResponse (which marks the link errored); every other message goes to `each`,
     /// but notices, parameter changes and notifications, which go to the client. A link that breaks loses

@@ -17,7 +17,7 @@
 
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use crate::net::wire::Stream;
 
 use super::session::{Failure, Session};
 use super::txn::Dest;
@@ -32,7 +32,7 @@ const WROTE: &str = "SELECT pg_catalog.txid_current_if_assigned() IS NOT NULL";
 
 type Answer = Result<Vec<Option<String>>, BackendError>;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     /// COMMIT of a transaction on several shards, as a simple Query.
     pub async fn commit_simple(&mut self) -> Result<(), Failure> {
         match self.commit_parts().await {

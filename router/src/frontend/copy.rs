@@ -6,10 +6,10 @@
 //! transaction the shards' COPYs run in transactions the router commits once every shard has taken its rows
 //! (or rolls back if one failed); inside a transaction bound to one shard, every row must belong there.
 
+use crate::net::wire::Stream;
 use bytes::{BufMut, Bytes, BytesMut};
 use shardmap::sql::{CopyFormat, CopyIn, Tables};
 use shardmap::{Decision, KeyValue, ShardId};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::extended::{rewrite, Exp, Merge, Role};
 use super::session::{Failure, Session};
@@ -369,7 +369,7 @@ enum End {
     Failed(String),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     /// Runs `COPY ... FROM STDIN` where the plan says (see the module doc).
     pub async fn copy_in(&mut self, to: To, copy: &CopyIn, d: Option<&Decision>, req: Request) -> Result<(), Failure> {
         let global = d.is_some_and(|d| d.analysis.statements.first().is_some_and(|s| s.tables == Tables::Global));

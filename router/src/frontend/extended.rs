@@ -14,11 +14,11 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::net::wire::Stream;
 use bytes::{BufMut, BytesMut};
 use foldhash::HashSet;
 use shardmap::sql::Setting;
 use shardmap::{Decision, Target};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::session::{
     refuse_session_locks, settings_of, statement_hash, BindParams, ClientStmt, Failure, Session, Statements,
@@ -171,7 +171,7 @@ fn segments(batch: &[Msg]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ 
     })
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     /// Runs one batch; errors the router raises are reported the way a server would report them.
     pub async fn batch(&mut self, batch: &[Msg]) -> Result<(), Fatal> {
         let end = batch.last().map(|m| m.tag);
@@ -424,7 +424,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let Some(i) = i else { return Box::pin(self.place(to, seg, d.as_ref(), effect, fast, pending)).await };
                 let exps = self.write_segment(i, seg, true)?;
                 effect.dest = self.links.get(i).dest.clone();
-                if let Err(e) = self.links.get(i).conn.conn().flush().await {
+                let conn = self.links.get(i).conn.conn();
+                let sent = match conn.flush_now() {
+                    Ok(true) => Ok(()),
+                    Ok(false) => conn.flush().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = sent {
                     let e: Reported = e.into();
                     self.lost(i, &e);
                     return Err(e.into());
@@ -761,7 +767,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let text = (effect.sets.len() == 1).then_some(&*effect.text);
         self.answered(i, status, merge.failed, &effect.sets, text).await;
         self.release();
-        self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))?;
+        if !self.io.flush_now().map_err(|e| Failure::Fatal(e.into()))? {
+            self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))?;
+        }
         Ok(Seg::Synced)
     }
 

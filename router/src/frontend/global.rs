@@ -7,9 +7,9 @@
 //! two-phase commit, they are closed, which rolls their part back; inside, the transaction is failed). The client's answer is the second shard's (RETURNING evaluated over the same
 //! rows), sent only once every shard has answered.
 
+use crate::net::wire::Stream;
 use bytes::Bytes;
 use shardmap::sql::{global_insert, global_write};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::combine::{ClientPart, Described, Ended, MAX_BYTES, MAX_VALUES};
 use super::session::{Failure, Session};
@@ -31,7 +31,7 @@ fn count(tag: &[u8]) -> Option<u64> {
     proto::command_rows(tag).map(|(_, n)| n)
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     /// Runs an INSERT into a global table on `links` (see the module doc). `Ok(false)`: an error was
     /// written for the client; the links are still to be synced or closed by the caller.
     pub async fn global_insert_on(&mut self, links: &[usize], text: &str, c: &ClientPart<'_>) -> Result<bool, Failure> {

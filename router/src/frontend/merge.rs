@@ -6,10 +6,10 @@
 
 use std::collections::VecDeque;
 
+use crate::net::wire::Stream;
 use bytes::Bytes;
 use shardmap::sql::Setting;
 use shardmap::{Decision, ShardId};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::extended::{Exp, Merge, Role};
 use super::session::{Failure, Session};
@@ -19,7 +19,7 @@ use crate::backend::checkout::SETTINGS_UNKNOWN;
 use crate::net::proto::{self, READY_IDLE};
 use crate::net::Reported;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     /// Connections to `shards` (none: every shard), in the decision's database, in shard order.
     pub async fn links_to(&mut self, shards: Vec<ShardId>, d: Option<&Decision>) -> Result<Vec<usize>, Reported> {
         let shards = if shards.is_empty() { self.routing.map.all().collect() } else { shards };

@@ -6,7 +6,7 @@
 //! client's exchanges, inside the client's transaction where the statement ran in one (its DDL is on every
 //! shard), else on a connection to each shard.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use crate::net::wire::Stream;
 
 use super::session::Session;
 use super::txn::Dest;
@@ -36,7 +36,7 @@ pub fn interleave_sql(table: &str, index: usize, count: usize) -> String {
     )
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     /// Interleaves the sequences of the tables created or altered since the last exchange (see the module
     /// doc). Failures are logged: the statement that made the table has been answered already.
     pub async fn interleave_sequences(&mut self) {

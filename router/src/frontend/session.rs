@@ -12,9 +12,9 @@ use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+use crate::net::wire::Stream;
 use shardmap::sql::{Analysis, Kind, Setting};
 use shardmap::{Decision, Param, Params, RouteError, ShardId};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::links::{Link, Links};
 use super::settings::{Change, Settings};
@@ -195,7 +195,7 @@ pub fn refuse_session_locks(analysis: &Analysis) -> Result<(), Reported> {
     Ok(())
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     pub fn new(
         io: Framed<S>,
         routing: Arc<Routing>,
@@ -870,7 +870,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             self.links.remove(i);
         }
-        let p = self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?;
+        let p = match self.backend.get_kept(dest.shard, dest.db.as_deref(), &self.settings) {
+            Some(kept) => kept?,
+            None => self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?,
+        };
         Ok(self.links.push(Link::new(dest.clone(), p)))
     }
 

@@ -3,10 +3,10 @@
 //! read buffer. Also the executors both protocols share: opening a held transaction, sending a statement
 //! outside a transaction (read replicas, the failover retry), the statement's ending effects.
 
+use crate::net::wire::Stream;
 use bytes::Bytes;
 use shardmap::sql::{Analysis, Setting};
 use shardmap::{Decision, ShardId};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::links::Link;
 use super::session::{refuse_session_locks, settings_of, Failure, Session, Statements};
@@ -18,7 +18,7 @@ use crate::net::proto::{self, READY_FAILED, READY_IDLE, READY_IN_TX};
 use crate::net::wire::{Msg, RelayError};
 use crate::net::{Fatal, Reported};
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     /// A Query message.
     pub async fn query(&mut self, msg: Msg) -> Result<(), Fatal> {
         if self.links.iter().any(|l| l.pending) {
@@ -436,7 +436,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<(), Reported> {
         let conn = self.links.get(i).conn.conn();
         write(&self.statements, conn);
-        if let Err(e) = conn.flush().await {
+        let sent = match conn.flush_now() {
+            Ok(true) => Ok(()),
+            Ok(false) => conn.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
             let e: Reported = e.into();
             self.lost(i, &e);
             return Err(e);

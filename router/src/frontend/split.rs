@@ -4,16 +4,16 @@
 //! transaction on those shards (the client's, or the router's own when it sent none: see `Txn::implicit`),
 //! so that it commits atomically with two-phase commit.
 
+use crate::net::wire::Stream;
 use bytes::Bytes;
 use shardmap::{Decision, ShardId};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::combine::{ClientPart, Described, Ended};
 use super::session::{Failure, Session};
 use crate::net::proto;
 use crate::net::Reported;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     /// Runs a split INSERT on `links` (see the module doc). `Ok(false)`: an error was written for the
     /// client; the links are still to be synced by the caller.
     pub async fn split_insert_on(

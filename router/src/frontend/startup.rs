@@ -6,11 +6,11 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::net::wire::Stream;
 use bytes::{BufMut, Bytes, BytesMut};
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::Message;
 use shardmap::config::AuthMethod;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::net::proto;
 use crate::net::wire::{Framed, WireError};
@@ -55,10 +55,7 @@ fn refused(code: &'static str, message: impl Into<String>) -> StartupError {
 /// Reads packets until a startup message or a cancel request.
 /// With `tls`, an SSLRequest returns [`Hello::Tls`]; without, it is answered 'N' (the client goes on in plain
 /// text or gives up, as with a server without ssl).
-pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut Framed<S>,
-    tls: bool,
-) -> Result<Option<Hello>, StartupError> {
+pub async fn hello<S: Stream>(io: &mut Framed<S>, tls: bool) -> Result<Option<Hello>, StartupError> {
     loop {
         let Some(packet) = io.read_startup().await? else { return Ok(None) };
         let (code, rest) = proto::read_i32(&packet).ok_or_else(|| refused("08P01", "short startup packet"))?;
@@ -128,7 +125,7 @@ fn send_auth(buf: &mut BytesMut, a: Authentication) {
 }
 
 /// Authenticates `user`; on success AuthenticationOk has been queued.
-pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn authenticate<S: Stream>(
     io: &mut Framed<S>,
     method: AuthMethod,
     user: &str,
@@ -200,7 +197,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Framed<S>) -> Result<Bytes, StartupError> {
+async fn read_password<S: Stream>(io: &mut Framed<S>) -> Result<Bytes, StartupError> {
     match io.read().await? {
         Some(m) if m.tag == b'p' => Ok(m.frame.slice(5..)),
         Some(m) => Err(refused("08P01", format!("expected a password message, got {:?}", m.tag as char))),

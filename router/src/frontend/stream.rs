@@ -7,9 +7,9 @@
 
 use std::cmp::Ordering;
 
+use crate::net::wire::Stream;
 use bytes::{BufMut, Bytes, BytesMut};
 use shardmap::sql::StreamPlan;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::combine::{format_of, ClientPart, Described};
 use super::session::{Failure, Session};
@@ -153,7 +153,7 @@ fn split_row(body: &[u8], visible: usize, oids: &[u32]) -> Option<Head> {
     Some(Head { frame: frame.freeze(), keys })
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Stream> Session<S> {
     /// Whether the merge can run: the keys' types (from a Describe of `plan.sql` on the first link) are all
     /// comparable by the router. `None`: no (the final query is used); `Some(..)`: the statement's
     /// description (its ParameterDescription frame, and each column's type OID); `Err(())`: the server's
