@@ -411,7 +411,11 @@ impl<S: Stream> Session<S> {
                         Some(i)
                     }
                     To::Once(dest) if alone && !self.needs_care(dest, effect.stmt.read) => {
-                        match self.link(dest).await {
+                        let linked = match self.link_now(dest) {
+                            Some(linked) => linked,
+                            None => self.link(dest).await,
+                        };
+                        match linked {
                             Ok(i) => Some(i),
                             Err(e) => {
                                 self.unopened(&effect.stmt, dest);

@@ -851,6 +851,22 @@ impl<S: Stream> Session<S> {
     }
 
     /// A connection to `dest`: the session's own, or a new checkout.
+    /// [`Session::link`] without an await, under transaction pooling, when the session holds a connection to
+    /// `dest` already or its client kept one (nearly every statement): `None`: call `link`.
+    #[inline]
+    pub fn link_now(&mut self, dest: &Dest) -> Option<Result<usize, Reported>> {
+        if self.routing.session_mode {
+            return None;
+        }
+        if let Some(i) = self.links.find(dest) {
+            return Some(Ok(i));
+        }
+        Some(match self.backend.get_kept(dest.shard, dest.db.as_deref(), &self.settings)? {
+            Ok(p) => Ok(self.links.push(Link::new(dest.clone(), p))),
+            Err(e) => Err(e),
+        })
+    }
+
     pub async fn link(&mut self, dest: &Dest) -> Result<usize, Reported> {
         if let Some(i) = self.links.find(dest) {
             let l = self.links.get(i);

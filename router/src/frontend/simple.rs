@@ -89,7 +89,11 @@ impl<S: Stream> Session<S> {
                 self.relay_simple(i, &settings_of(analysis), text, &stmt).await
             }
             Plan::Run(To::Once(dest)) if !self.needs_care(&dest, stmt.read) => {
-                let i = match self.link(&dest).await {
+                let linked = match self.link_now(&dest) {
+                    Some(linked) => linked,
+                    None => self.link(&dest).await,
+                };
+                let i = match linked {
                     Ok(i) => i,
                     Err(e) => {
                         self.unopened(&stmt, &dest);
