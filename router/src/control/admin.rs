@@ -14,12 +14,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::net::wire::Stream;
 use bytes::{BufMut, BytesMut};
 use shardmap::ShardId;
 
 use crate::net::proto;
-use crate::net::wire::Framed;
+use crate::net::wire::{Framed, Stream};
 use crate::server::Router;
 
 /// The virtual database of the admin console.

@@ -9,7 +9,6 @@
 //! The connections are left inside their exchange (no Sync): the simple protocol syncs them at once, the
 //! extended protocol at the client's Sync, as for any statement of its sync group.
 
-use crate::net::wire::Stream;
 use bytes::Bytes;
 use shardmap::sql::{array_literal, array_oid, combine_plan, Column, Source};
 use shardmap::{Decision, ShardId};
@@ -17,6 +16,7 @@ use shardmap::{Decision, ShardId};
 use super::session::{Failure, Session};
 use super::txn::Run;
 use crate::net::proto;
+use crate::net::wire::Stream;
 use crate::net::Reported;
 
 /// The most values the final query can take as parameters (the protocol counts them in 16 bits).

@@ -17,13 +17,12 @@
 
 use std::time::Instant;
 
-use crate::net::wire::Stream;
-
 use super::session::{Failure, Session};
 use super::txn::Dest;
 use crate::backend::conn::BackendError;
 use crate::backend::twophase::{self, DECIDE_WITHIN};
 use crate::net::proto::{self, READY_FAILED};
+use crate::net::wire::Stream;
 use crate::net::Reported;
 use shardmap::ShardId;
 

@@ -6,7 +6,6 @@
 //! transaction the shards' COPYs run in transactions the router commits once every shard has taken its rows
 //! (or rolls back if one failed); inside a transaction bound to one shard, every row must belong there.
 
-use crate::net::wire::Stream;
 use bytes::{BufMut, Bytes, BytesMut};
 use shardmap::sql::{CopyFormat, CopyIn, Tables};
 use shardmap::{Decision, KeyValue, ShardId};
@@ -15,7 +14,7 @@ use super::extended::{rewrite, Exp, Merge, Role};
 use super::session::{Failure, Session};
 use super::txn::{Dest, State, To};
 use crate::net::proto::{self, READY_IDLE};
-use crate::net::wire::Msg;
+use crate::net::wire::{Msg, Stream};
 use crate::net::{Fatal, Reported};
 
 /// Send a shard's rows once this many bytes are waiting.

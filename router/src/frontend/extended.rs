@@ -14,7 +14,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::net::wire::Stream;
 use bytes::{BufMut, BytesMut};
 use foldhash::HashSet;
 use shardmap::sql::Setting;
@@ -26,7 +25,7 @@ use super::session::{
 use super::txn::{Dest, Plan, Run, State, Stmt, To};
 use crate::backend::conn::ServerConn;
 use crate::net::proto::{self, READY_IDLE};
-use crate::net::wire::{Framed, Msg, FLUSH_AT};
+use crate::net::wire::{Framed, Msg, Stream, FLUSH_AT};
 use crate::net::{Fatal, Reported};
 
 /// What the client expects back for each message sent (or not sent) to the server.

@@ -7,13 +7,13 @@
 //! two-phase commit, they are closed, which rolls their part back; inside, the transaction is failed). The client's answer is the second shard's (RETURNING evaluated over the same
 //! rows), sent only once every shard has answered.
 
-use crate::net::wire::Stream;
 use bytes::Bytes;
 use shardmap::sql::{global_insert, global_write};
 
 use super::combine::{ClientPart, Described, Ended, MAX_BYTES, MAX_VALUES};
 use super::session::{Failure, Session};
 use crate::net::proto;
+use crate::net::wire::Stream;
 use crate::net::Reported;
 
 /// One shard's answer to a write, held for the client until every shard agreed.

@@ -6,7 +6,6 @@
 
 use std::collections::VecDeque;
 
-use crate::net::wire::Stream;
 use bytes::Bytes;
 use shardmap::sql::Setting;
 use shardmap::{Decision, ShardId};
@@ -17,6 +16,7 @@ use super::simple::combined;
 use super::txn::{Dest, State, Stmt};
 use crate::backend::checkout::SETTINGS_UNKNOWN;
 use crate::net::proto::{self, READY_IDLE};
+use crate::net::wire::Stream;
 use crate::net::Reported;
 
 impl<S: Stream> Session<S> {

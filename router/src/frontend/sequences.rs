@@ -6,11 +6,10 @@
 //! client's exchanges, inside the client's transaction where the statement ran in one (its DDL is on every
 //! shard), else on a connection to each shard.
 
-use crate::net::wire::Stream;
-
 use super::session::Session;
 use super::txn::Dest;
 use crate::net::proto::READY_FAILED;
+use crate::net::wire::Stream;
 
 /// The statement that interleaves `table`'s fresh sequences on shard `index` of `count` (nothing when the
 /// table does not exist; never an error, which would abort the client's transaction: a failure is caught in

@@ -12,7 +12,6 @@ use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use crate::net::wire::Stream;
 use shardmap::sql::{Analysis, Kind, Setting};
 use shardmap::{Decision, Param, Params, RouteError, ShardId};
 
@@ -24,7 +23,7 @@ use crate::backend::checkout::{self, Checkout, CONNECT_FAILED, SETTINGS_UNKNOWN}
 use crate::backend::pool::Pooled;
 use crate::backend::Backends;
 use crate::net::proto;
-use crate::net::wire::{Framed, Msg};
+use crate::net::wire::{Framed, Msg, Stream};
 pub use crate::net::{Fatal, Reported};
 
 /// A client statement prepared with Parse.

@@ -3,7 +3,6 @@
 //! read buffer. Also the executors both protocols share: opening a held transaction, sending a statement
 //! outside a transaction (read replicas, the failover retry), the statement's ending effects.
 
-use crate::net::wire::Stream;
 use bytes::Bytes;
 use shardmap::sql::{Analysis, Setting};
 use shardmap::{Decision, ShardId};
@@ -15,7 +14,7 @@ use super::txn::{Dest, Local, Plan, State, Stmt, To};
 use crate::backend::conn::ServerConn;
 use crate::backend::topology::not_run;
 use crate::net::proto::{self, READY_FAILED, READY_IDLE, READY_IN_TX};
-use crate::net::wire::{Msg, RelayError};
+use crate::net::wire::{Msg, RelayError, Stream};
 use crate::net::{Fatal, Reported};
 
 impl<S: Stream> Session<S> {

@@ -4,13 +4,13 @@
 //! transaction on those shards (the client's, or the router's own when it sent none: see `Txn::implicit`),
 //! so that it commits atomically with two-phase commit.
 
-use crate::net::wire::Stream;
 use bytes::Bytes;
 use shardmap::{Decision, ShardId};
 
 use super::combine::{ClientPart, Described, Ended};
 use super::session::{Failure, Session};
 use crate::net::proto;
+use crate::net::wire::Stream;
 use crate::net::Reported;
 
 impl<S: Stream> Session<S> {

@@ -6,14 +6,13 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::net::wire::Stream;
 use bytes::{BufMut, Bytes, BytesMut};
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::Message;
 use shardmap::config::AuthMethod;
 
 use crate::net::proto;
-use crate::net::wire::{Framed, WireError};
+use crate::net::wire::{Framed, Stream, WireError};
 
 const SSL_REQUEST: i32 = 80877103;
 const GSSENC_REQUEST: i32 = 80877104;

@@ -7,13 +7,13 @@
 
 use std::cmp::Ordering;
 
-use crate::net::wire::Stream;
 use bytes::{BufMut, Bytes, BytesMut};
 use shardmap::sql::StreamPlan;
 
 use super::combine::{format_of, ClientPart, Described};
 use super::session::{Failure, Session};
 use crate::net::proto;
+use crate::net::wire::Stream;
 
 /// Rows the shards return for LIMIT + OFFSET below which the final query is cheaper than a merge set up.
 pub const STREAM_FROM: u64 = 5_000;
