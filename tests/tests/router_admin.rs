@@ -89,16 +89,23 @@ async fn admin_console_commands_and_pause() -> Result<()> {
         tokio::spawn(
             async move { waiting.simple_query("SELECT count(*) FROM notes WHERE user_id = 2").await.map(|_| ()) },
         );
+    // The client whose transaction PAUSE waited for kept its connection to shard 0: it waits too.
+    let kept =
+        tokio::spawn(
+            async move { running.simple_query("SELECT count(*) FROM notes WHERE user_id = 10").await.map(|_| ()) },
+        );
     // Shard 1 is not paused.
     for k in [1i64, 3, 5] {
         c.execute("INSERT INTO notes (user_id, body) VALUES ($1, 'during pause')", &[&k]).await?;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!blocked.is_finished(), "a statement for a paused shard waits");
+    assert!(!kept.is_finished(), "a statement for a paused shard waits, on a connection its client kept too");
     let (_, text) = admin_psql(&cluster, "admin", "SHOW SHARDS");
     assert!(text.lines().next().is_some_and(|l| l.split('|').nth(4) == Some("paused")), "{text}");
     admin.simple_query("RESUME 0").await?;
     tokio::time::timeout(Duration::from_secs(5), blocked).await???;
+    tokio::time::timeout(Duration::from_secs(5), kept).await???;
     // Nothing was lost.
     // (A read without a key runs on every shard: one count per shard.)
     let n: i64 = c.query("SELECT count(*) FROM notes", &[]).await?.iter().map(|r| r.get::<_, i64>(0)).sum();
