@@ -885,10 +885,8 @@ impl<S: Stream> Session<S> {
             }
             self.links.remove(i);
         }
-        let p = match self.backend.get_kept(dest.shard, dest.db.as_deref(), &self.settings) {
-            Some(kept) => kept?,
-            None => self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?,
-        };
+        // (The kept connection without an await is `link_now`'s, which the hot paths try first.)
+        let p = self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?;
         Ok(self.links.push(Link::new(dest.clone(), p)))
     }
 

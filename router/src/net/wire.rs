@@ -30,6 +30,18 @@ impl Stream for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
 /// In-memory pipes (the robustness tests feed the startup phase through them).
 impl Stream for tokio::io::DuplexStream {}
 
+/// Writes what `sock` takes of `buf` now, without a future: how many bytes it took (0: none, or the stream
+/// cannot tell without polling). A request or a response fits the socket's buffer nearly always, and the
+/// future and the polls of `write_all` cost about 250 instructions a write.
+#[inline]
+fn written_now<S: Stream>(sock: &mut S, buf: &[u8]) -> io::Result<usize> {
+    match sock.try_write_now(buf) {
+        Some(Ok(n)) => Ok(n),
+        Some(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+        _ => Ok(0),
+    }
+}
+
 /// The largest message accepted from a client or a server (PostgreSQL's own limit for most messages is 1 GB;
 /// a proxy keeps it smaller so that one client cannot make it hold that much).
 pub const MAX_MESSAGE: usize = 256 << 20;
@@ -299,23 +311,9 @@ impl<S: Stream> Framed<S> {
         if self.wbuf.is_empty() {
             return Ok(true);
         }
-        if let Some(n) = self.write_now()? {
-            self.wbuf.advance(n);
-        }
+        let n = written_now(&mut self.sock, &self.wbuf)?;
+        self.wbuf.advance(n);
         Ok(self.wbuf.is_empty())
-    }
-
-    /// Writes what the socket takes of the write buffer now, without a future: how many bytes it took
-    /// (`None`: none, or the stream cannot tell without polling). A response or a request fits the socket's
-    /// buffer nearly always, and the future and the polls of `write_all` cost about 250 instructions a write.
-    #[inline]
-    fn write_now(&mut self) -> io::Result<Option<usize>> {
-        match self.sock.try_write_now(&self.wbuf) {
-            Some(Ok(n)) => Ok(Some(n)),
-            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Some(Err(e)) => Err(e),
-            None => Ok(None),
-        }
     }
 
     /// Whether the queue has grown past [`FLUSH_AT`] (see [`Framed::flush_if_full`]).
@@ -334,29 +332,30 @@ impl<S: Stream> Framed<S> {
 
     /// Sends one frame now: written straight from `frame` when nothing else is queued (no copy).
     pub async fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        if self.wbuf.is_empty() {
-            let n = self.send_now(frame)?;
-            if n == frame.len() {
-                return Ok(());
-            }
-            self.sock.write_all(&frame[n..]).await
-        } else {
-            self.push(frame);
-            self.flush().await
-        }
+        let sent = self.send_now(frame)?;
+        self.send_rest(frame, sent).await
     }
 
     /// [`Framed::send`] without a future, for what the socket takes now: how many bytes of `frame` it took
-    /// (all of them, nearly always; none when something is queued before it) — `send` the rest.
+    /// (all of them, nearly always; none when something is queued before it) — [`Framed::send_rest`] sends
+    /// the rest.
     #[inline]
     pub fn send_now(&mut self, frame: &[u8]) -> io::Result<usize> {
         if !self.wbuf.is_empty() {
             return Ok(0);
         }
-        match self.sock.try_write_now(frame) {
-            Some(Ok(n)) => Ok(n),
-            Some(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
-            _ => Ok(0),
+        written_now(&mut self.sock, frame)
+    }
+
+    /// What [`Framed::send_now`] left of `frame` (it wrote `sent` bytes), through `write_all`'s future.
+    pub async fn send_rest(&mut self, frame: &[u8], sent: usize) -> io::Result<()> {
+        if sent == frame.len() {
+            Ok(())
+        } else if self.wbuf.is_empty() {
+            self.sock.write_all(&frame[sent..]).await
+        } else {
+            self.push(frame);
+            self.flush().await
         }
     }
 
@@ -408,7 +407,7 @@ impl<S: Stream> Framed<S> {
                 if ready.is_some() || run.len() >= FLUSH_AT / 4 {
                     let sent = dst.send_now(run).map_err(RelayError::Dst)?;
                     if sent < run.len() {
-                        dst.send(&run[sent..]).await.map_err(RelayError::Dst)?;
+                        dst.send_rest(run, sent).await.map_err(RelayError::Dst)?;
                     }
                 } else {
                     dst.push(run);
