@@ -427,16 +427,8 @@ impl<S: Stream> Session<S> {
                 let Some(i) = i else { return Box::pin(self.place(to, seg, d.as_ref(), effect, fast, pending)).await };
                 let exps = self.write_segment(i, seg, true)?;
                 effect.dest = self.links.get(i).dest.clone();
-                let conn = self.links.get(i).conn.conn();
-                let sent = match conn.flush_now() {
-                    Ok(true) => Ok(()),
-                    Ok(false) => conn.flush().await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = sent {
-                    let e: Reported = e.into();
-                    self.lost(i, &e);
-                    return Err(e.into());
+                if !self.flush_link_now(i)? {
+                    self.flush_link(i).await?;
                 }
                 self.answer_synced(i, exps, effect).await
             }

@@ -11,7 +11,7 @@ use super::links::Link;
 use super::session::{refuse_session_locks, settings_of, Failure, Session, Statements};
 use super::settings::Change;
 use super::txn::{Dest, Local, Plan, State, Stmt, To};
-use crate::backend::conn::ServerConn;
+use crate::backend::conn::{BackendError, ServerConn};
 use crate::backend::topology::not_run;
 use crate::net::proto::{self, READY_FAILED, READY_IDLE, READY_IN_TX};
 use crate::net::wire::{Msg, RelayError, Stream};
@@ -323,7 +323,7 @@ impl<S: Stream> Session<S> {
                 Ok(())
             }
             Err(RelayError::Src(e)) => {
-                let e: Reported = crate::backend::conn::BackendError::Wire(e, String::new()).into();
+                let e: Reported = BackendError::Wire(e, String::new()).into();
                 let e = Reported::new(&e.code, e.message.trim_start_matches(": ").to_string());
                 Err(self.broken(i, e))
             }
@@ -437,19 +437,32 @@ impl<S: Stream> Session<S> {
         i: usize,
         write: &(dyn Fn(&Statements, &mut ServerConn) + Sync),
     ) -> Result<(), Reported> {
-        let conn = self.links.get(i).conn.conn();
-        write(&self.statements, conn);
-        let sent = match conn.flush_now() {
-            Ok(true) => Ok(()),
-            Ok(false) => conn.flush().await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = sent {
-            let e: Reported = e.into();
-            self.lost(i, &e);
-            return Err(e);
+        write(&self.statements, self.links.get(i).conn.conn());
+        if !self.flush_link_now(i)? {
+            self.flush_link(i).await?;
         }
         Ok(())
+    }
+
+    /// Sends what is written on link `i` as far as the socket takes it now, without a future (`Ok(false)`:
+    /// call [`Session::flush_link`] for the rest); a connection lost meanwhile is noted (see [`Session::lost`]).
+    #[inline]
+    pub fn flush_link_now(&mut self, i: usize) -> Result<bool, Reported> {
+        let sent = self.links.get(i).conn.conn().flush_now();
+        sent.map_err(|e| self.lost_by(i, e))
+    }
+
+    /// Sends what is left on link `i` (after [`Session::flush_link_now`]).
+    pub async fn flush_link(&mut self, i: usize) -> Result<(), Reported> {
+        let sent = self.links.get(i).conn.conn().flush().await;
+        sent.map_err(|e| self.lost_by(i, e))
+    }
+
+    /// Link `i`'s connection failed with `e`: noted (see [`Session::lost`]), and what the client is told.
+    fn lost_by(&mut self, i: usize, e: BackendError) -> Reported {
+        let e: Reported = e.into();
+        self.lost(i, &e);
+        e
     }
 
     /// A statement outside any transaction (or outside the held one) for `dest`: on a standby when it is a
@@ -582,7 +595,7 @@ impl<S: Stream> Session<S> {
             for _ in &queued {
                 // ParameterStatus of a replayed SET reaches the client now.
                 if let Err(e) = conn.drain_to_ready_relaying(Some(&mut self.io.wbuf)).await {
-                    let fatal = !matches!(e, crate::backend::conn::BackendError::Server { .. });
+                    let fatal = !matches!(e, BackendError::Server { .. });
                     err.get_or_insert(e);
                     if fatal {
                         break;
