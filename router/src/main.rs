@@ -139,9 +139,9 @@ fn serve(path: &std::path::Path, listen: Option<String>) -> anyhow::Result<ExitC
         tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
     };
     let loops = if event_loops { threads } else { 1 };
-    give_back_freed_memory();
     let grace = std::time::Duration::from_secs(config.router.limits.shutdown_timeout_s);
     rt.block_on(async move {
+        tokio::spawn(give_back_freed_memory());
         let listener = listen_reusable(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let local = listener.local_addr()?;
         // The other event loops' listeners, on the port the first got (it may have been 0).
@@ -220,15 +220,18 @@ fn main() -> ExitCode {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Starts a thread that gives memory the router freed back to the system, once a second. mimalloc returns
-/// free pages only a second after they were freed (`purge_delay`), and only when the program allocates or
-/// frees again past that: a router that goes quiet after a burst (a thousand clients gone at once) kept
-/// what they had used — 44 MiB rather than 18 after 1000 clients, until traffic came back — or not,
-/// depending on what ran after the second (the soak test's RSS after a round: 35 or 56 MiB, by chance). With
-/// this, it goes back 1-2 s after the clients (docs/performance.md, "Memory back after a burst").
-fn give_back_freed_memory() {
-    let started = std::thread::Builder::new().name("memory".into()).spawn(|| loop {
-        std::thread::sleep(std::time::Duration::from_secs(1));
+/// Gives memory the router freed back to the system, once a second, for as long as the runtime runs.
+/// mimalloc returns free pages only a second after they were freed (`purge_delay`), and only when the
+/// program allocates or frees again past that: a router that goes quiet after a burst (a thousand clients
+/// gone at once) kept what they had used — 44 MiB rather than 18 after 1000 clients, until traffic came back
+/// — or not, depending on what ran after the second (the soak test's RSS after a round: 35 or 56 MiB, by
+/// chance). With this, it goes back 1-2 s after the clients (docs/performance.md, "Memory back after a
+/// burst"). A task of the runtime, not a thread of its own: a second thread would make glibc take the
+/// multi-threaded path of every `recv` and `send` (cancellation points: ~250 more instructions per
+/// transaction on the single-threaded runtime).
+async fn give_back_freed_memory() {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         // (Not forced: pages whose delay has passed are returned; those freed within the second wait for the
         // next turn. Cheap when there are none: a clock read and a comparison.)
         #[allow(unsafe_code)]
@@ -236,8 +239,5 @@ fn give_back_freed_memory() {
         unsafe {
             libmimalloc_sys::mi_collect(false)
         };
-    });
-    if let Err(e) = started {
-        tracing::warn!("no thread to give freed memory back ({e}): memory freed after a burst is kept for reuse");
     }
 }
