@@ -197,18 +197,20 @@ impl Planner {
         Arc::new(sql::analyze_keys(text, &m.key, &m.table_keys, m.key_type, &m.global_tables))
     }
 
-    /// The analysis of a simple-protocol statement: by its shape (literals taken out, so that statements
-    /// differing only in their values share one parse), or by its text when it has no usable shape.
-    pub fn analyze_simple<'t>(&self, text: &'t str) -> (Arc<Analysis>, Vec<Literal<'t>>) {
+    /// The analysis of a simple-protocol statement: by its shape (literals taken out, into `lits`, so that
+    /// statements differing only in their values share one parse), or by its text when it has no usable shape
+    /// (`lits` left empty). (`lits` is the caller's, emptied first: one it keeps from statement to statement,
+    /// see [`crate::shape::spare`], costs no allocation per statement.)
+    pub fn analyze_simple<'t>(&self, text: &'t str, lits: &mut Vec<Literal<'t>>) -> Arc<Analysis> {
         thread_local! {
             // The shape is only a key to look the analysis up by: written into a buffer kept per thread, it
             // costs no allocation when the analysis is cached.
             static SHAPE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
-        let mut lits = Vec::new();
+        lits.clear();
         let shaped = SHAPE.with(|shape| {
             let Ok(mut shape) = shape.try_borrow_mut() else { return None };
-            if !crate::shape::normalize_into(text, &mut shape, &mut lits) || lits.is_empty() {
+            if !crate::shape::normalize_into(text, &mut shape, lits) || lits.is_empty() {
                 return None;
             }
             let a = self.analyze(&shape);
@@ -219,8 +221,11 @@ impl Planner {
             a.parse_error.is_none().then_some(a)
         });
         match shaped {
-            Some(a) => (a, lits),
-            None => (self.analyze(text), Vec::new()),
+            Some(a) => a,
+            None => {
+                lits.clear();
+                self.analyze(text)
+            }
         }
     }
 
@@ -240,7 +245,8 @@ impl Planner {
 
     /// Routes a simple-protocol statement (see [`Planner::analyze_simple`]).
     pub fn decide_simple(&self, text: &str, session: &Session) -> Result<Decision, RouteError> {
-        let (a, lits) = self.analyze_simple(text);
+        let mut lits = Vec::new();
+        let a = self.analyze_simple(text, &mut lits);
         self.decide_with_literals(&a, &lits, session)
     }
 
@@ -499,15 +505,17 @@ impl Planner {
                     return Err(RouteError::BadKey { value: value.clone(), why: why.clone() })
                 }
                 KeyExpr::ArrayParam(i) if *i >= LITERAL_BASE => {
-                    let lit = params.literal(*i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
+                    let lit =
+                        params.literal(*i).ok_or_else(|| ParamError { index: i + 1, what: "not bound".into() })?;
                     let vs = KeyValue::array_from_param(lit.text.as_bytes(), false, self.map.key_type)
                         .map_err(|why| RouteError::BadKey { value: lit.text.to_string(), why })?;
                     out.extend(vs);
                 }
                 KeyExpr::ArrayParam(i) => {
-                    let p = params.param(*i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
-                    let bytes =
-                        p.value.ok_or(ParamError { index: i + 1, what: "NULL is not a list of shard keys".into() })?;
+                    let p = params.param(*i).ok_or_else(|| ParamError { index: i + 1, what: "not bound".into() })?;
+                    let bytes = p
+                        .value
+                        .ok_or_else(|| ParamError { index: i + 1, what: "NULL is not a list of shard keys".into() })?;
                     let vs = KeyValue::array_from_param(bytes, p.binary, self.map.key_type)
                         .map_err(|what| ParamError { index: i + 1, what })?;
                     out.extend(vs);
@@ -519,7 +527,7 @@ impl Planner {
 
     fn param(&self, i: usize, params: &dyn Params) -> Result<KeyValue, RouteError> {
         if i >= LITERAL_BASE {
-            let lit = params.literal(i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
+            let lit = params.literal(i).ok_or_else(|| ParamError { index: i + 1, what: "not bound".into() })?;
             // The same rules as for a literal analysed in place (`sql::Ctx::key_value`).
             let bad = |why: String| RouteError::BadKey { value: lit.text.to_string(), why };
             return match (lit.number, self.map.key_type) {
@@ -531,8 +539,8 @@ impl Planner {
                 _ => KeyValue::from_text(&lit.text, self.map.key_type).map_err(bad),
             };
         }
-        let p = params.param(i).ok_or(ParamError { index: i + 1, what: "not bound".into() })?;
-        let bytes = p.value.ok_or(ParamError { index: i + 1, what: "NULL is not a shard key".into() })?;
+        let p = params.param(i).ok_or_else(|| ParamError { index: i + 1, what: "not bound".into() })?;
+        let bytes = p.value.ok_or_else(|| ParamError { index: i + 1, what: "NULL is not a shard key".into() })?;
         let v = if p.binary {
             KeyValue::from_binary(bytes, p.oid, self.map.key_type)
         } else {
@@ -546,7 +554,9 @@ impl Planner {
     /// Places key values on shards.
     fn place(&self, a: &Arc<Analysis>, values: Vec<KeyValue>, st: &StatementAnalysis) -> Result<Decision, RouteError> {
         let mut d = self.decision(a, Target::Any, st.reason.clone());
-        let mut shards: Vec<ShardId> = Vec::with_capacity(1);
+        // The first value's shard, and every shard once a second one shows up (no list for the usual one).
+        let mut first: Option<ShardId> = None;
+        let mut shards: Vec<ShardId> = Vec::new();
         for v in &values {
             let loc = self.map.locate(v)?;
             if let Some(b) = loc.bucket {
@@ -555,14 +565,25 @@ impl Planner {
             if self.map.strategy == Strategy::Geo {
                 d.regions.push(loc.region.unwrap_or_else(|| Arc::from("default")));
             }
-            if !shards.contains(&loc.shard) {
-                shards.push(loc.shard);
+            match first {
+                None => first = Some(loc.shard),
+                Some(f) if f == loc.shard => {}
+                Some(f) => {
+                    if shards.is_empty() {
+                        shards.push(f);
+                    }
+                    if !shards.contains(&loc.shard) {
+                        shards.push(loc.shard);
+                    }
+                }
             }
         }
-        shards.sort_unstable();
-        d.target = match shards.as_slice() {
-            [one] => Target::One(*one),
-            _ => Target::Set(shards),
+        d.target = match first {
+            Some(one) if shards.is_empty() => Target::One(one),
+            _ => {
+                shards.sort_unstable();
+                Target::Set(shards)
+            }
         };
         d.values = values;
         Ok(d)

@@ -180,17 +180,18 @@ impl Checkout {
         }
     }
 
-    /// [`Checkout::get`] without an await, for the common case under transaction pooling: the client kept a
-    /// connection of the shard's pool since its last transaction, and it carries the client's settings.
-    /// `None`: no such connection (or a PAUSE, or the pool not cached yet) — call [`Checkout::get`]. (An
-    /// `async fn` costs its future's set-up and poll even when it never waits: two of them per statement.)
-    pub fn get_kept(
+    /// [`Checkout::get`] without an await, for the common cases under transaction pooling: the client kept a
+    /// connection of the shard's pool since its last transaction, or the pool has a permit free and an idle
+    /// connection; either carrying the client's settings. `None`: no such connection (or a PAUSE, or the pool
+    /// not cached yet) — call [`Checkout::get`]. (An `async fn` costs its future's set-up and poll even when
+    /// it never waits: two of them per statement. With several shards, most statements go to another shard
+    /// than the client's last one and take an idle connection.)
+    pub fn get_now(
         &mut self,
         shard: ShardId,
         database: Option<&str>,
         carry: &(dyn Carry + Sync),
     ) -> Option<Result<Pooled, Reported>> {
-        let parking = self.parking.as_ref()?;
         let (generation, pool) = self.cached_ref(shard, database)?;
         if self.backends.topology.is_paused(shard) {
             return None;
@@ -198,9 +199,15 @@ impl Checkout {
         if let Err(e) = self.may_reach(shard, database) {
             return Some(Err(e));
         }
-        let mut p = pool.unpark(parking)?;
+        let kept = self.parking.as_ref().and_then(|k| pool.unpark(k));
+        let fresh = kept.is_none();
+        let mut p = match kept {
+            Some(p) => p,
+            None => pool.get_idle(self.home)?,
+        };
         if p.conn().prepared.len() > MAX_PREPARED || p.conn().settings != carry.hash() {
-            // (Work with awaits: the connection goes back to the client's parking, where `get` takes it.)
+            // (Work with awaits: the connection goes back to the client's parking or to the pool, where `get`
+            // takes it.)
             p.release();
             return None;
         }
@@ -209,6 +216,9 @@ impl Checkout {
             return Some(Err(e));
         }
         p.register_cancel(&self.cancel);
+        if let Some(k) = self.parking.as_ref().filter(|_| fresh) {
+            p.keep_in(k);
+        }
         Some(Ok(p))
     }
 

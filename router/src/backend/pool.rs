@@ -174,18 +174,10 @@ impl Pool {
     /// A checkout for a client of `home`; `wait: false`: `None` at once when every connection is taken (no
     /// waiting).
     pub async fn get_with(self: &Arc<Self>, wait: bool, home: usize) -> Result<Option<Pooled>, PoolError> {
-        // A free permit is taken without setting up a timer (the home's own share first); only a wait is
-        // bounded by pool-timeout-ms.
-        let n = self.permits.len();
+        // A free permit is taken without setting up a timer; only a wait is bounded by pool-timeout-ms.
         let own = self.share_of(home);
-        let free = (0..n).find_map(|k| self.permits[(own + k) % n].clone().try_acquire_owned().ok());
-        let permit = match free {
-            Some(p) => {
-                if self.pressed.load(Ordering::Relaxed) {
-                    self.pressed.store(false, Ordering::Relaxed);
-                }
-                p
-            }
+        let permit = match self.free_permit(own) {
+            Some(p) => p,
             None => {
                 if !self.pressed.load(Ordering::Relaxed) {
                     self.pressed.store(true, Ordering::Relaxed);
@@ -238,6 +230,24 @@ impl Pool {
             }
         };
         Ok(Some(Pooled { conn: Some(conn), pool: self.clone(), home, _permit: permit, cancel: None, parking: None }))
+    }
+
+    /// A free permit (share `own` first), if there is one; the pool is not pressed any more then.
+    fn free_permit(&self, own: usize) -> Option<OwnedSemaphorePermit> {
+        let n = self.permits.len();
+        let permit = (0..n).find_map(|k| self.permits[(own + k) % n].clone().try_acquire_owned().ok())?;
+        if self.pressed.load(Ordering::Relaxed) {
+            self.pressed.store(false, Ordering::Relaxed);
+        }
+        Some(permit)
+    }
+
+    /// A checkout without an await, for a client of `home`: a free permit and an idle connection, else `None`
+    /// and nothing taken (the permit goes back: [`Pool::get_with`] waits, steals or connects).
+    pub fn get_idle(self: &Arc<Self>, home: usize) -> Option<Pooled> {
+        let permit = self.free_permit(self.share_of(home))?;
+        let (conn, home) = self.idle_conn(home % self.idle.len())?;
+        Some(Pooled { conn: Some(conn), pool: self.clone(), home, _permit: permit, cancel: None, parking: None })
     }
 
     /// The connection `parking` keeps, if it is one of this pool's (the client's next transaction).

@@ -1174,24 +1174,30 @@ pub fn rewrite(stmts: &Statements, seg: &[Msg], sync: bool, conn: &mut ServerCon
 }
 
 thread_local! {
-    /// A queue of expectations answered and emptied, kept for the next segment of this thread: every
-    /// extended-protocol statement needs one, and taking it from here costs less than allocating it.
-    static SPARE_EXPS: std::cell::Cell<VecDeque<Exp>> = const { std::cell::Cell::new(VecDeque::new()) };
+    /// Queues of expectations answered and emptied, kept for the next segments of this thread: every
+    /// extended-protocol statement needs one, and taking it from here costs less than allocating it. A stack,
+    /// not one queue: the thread's clients have segments in flight at once, each with its queue.
+    static SPARE_EXPS: std::cell::RefCell<Vec<VecDeque<Exp>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// An empty queue for a segment's expectations (the thread's spare one when there is one).
+/// Spare queues a thread keeps at most (each at most 64 expectations long).
+const SPARE_EXPS_KEPT: usize = 64;
+
+/// An empty queue for a segment's expectations (one of the thread's spare ones when there is one).
 fn spare_exps() -> VecDeque<Exp> {
-    let mut exps = SPARE_EXPS.take();
-    exps.clear();
-    exps
+    SPARE_EXPS.with_borrow_mut(Vec::pop).unwrap_or_default()
 }
 
-/// Keeps `exps` (answered: empty, or left over after an error) for the next segment of this thread. A queue
+/// Keeps `exps` (answered: empty, or left over after an error) for a next segment of this thread. A queue
 /// grown by a long pipeline is dropped rather than kept.
 pub fn recycle_exps(mut exps: VecDeque<Exp>) {
     if exps.capacity() <= 64 {
         exps.clear();
-        SPARE_EXPS.set(exps);
+        SPARE_EXPS.with_borrow_mut(|spare| {
+            if spare.len() < SPARE_EXPS_KEPT {
+                spare.push(exps);
+            }
+        });
     }
 }
 

@@ -174,6 +174,8 @@ pub struct Session<S> {
     /// next moment outside a transaction. A channel of the session's own, so that waiting for the client's
     /// next message next to it touches no lock that other sessions share.
     pub stop: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// The list the last simple-protocol statement's literals were taken into, emptied, for the next one's.
+    pub spare_literals: Vec<shardmap::shape::Literal<'static>>,
 }
 
 /// A stable hash of a statement's text and parameter types, for server-side statement names.
@@ -233,6 +235,7 @@ impl<S: Stream> Session<S> {
             collations: Default::default(),
             new_sequences: Vec::new(),
             stop: None,
+            spare_literals: Vec::new(),
         }
     }
 
@@ -860,7 +863,7 @@ impl<S: Stream> Session<S> {
         if let Some(i) = self.links.find(dest) {
             return Some(Ok(i));
         }
-        Some(match self.backend.get_kept(dest.shard, dest.db.as_deref(), &self.settings)? {
+        Some(match self.backend.get_now(dest.shard, dest.db.as_deref(), &self.settings)? {
             Ok(p) => Ok(self.links.push(Link::new(dest.clone(), p))),
             Err(e) => Err(e),
         })
@@ -885,7 +888,7 @@ impl<S: Stream> Session<S> {
             }
             self.links.remove(i);
         }
-        // (The kept connection without an await is `link_now`'s, which the hot paths try first.)
+        // (A connection without an await is `link_now`'s, which the hot paths try first.)
         let p = self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?;
         Ok(self.links.push(Link::new(dest.clone(), p)))
     }

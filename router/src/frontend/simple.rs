@@ -29,8 +29,9 @@ impl<S: Stream> Session<S> {
             return Err(Fatal::Protocol("Query message without a terminated string".into()));
         };
         let text = self.encoding.decode(&body[..end]);
-        let (analysis, literals) = self.routing.planner.analyze_simple(&text);
-        match self.query_inner(&msg, &text, &analysis, &literals).await {
+        let mut literals = std::mem::take(&mut self.spare_literals);
+        let analysis = self.routing.planner.analyze_simple(&text, &mut literals);
+        let r = match self.query_inner(&msg, &text, &analysis, &literals).await {
             Ok(()) => Ok(()),
             Err(Failure::Fatal(f)) => Err(f),
             Err(Failure::Reported(mut e)) => {
@@ -41,7 +42,9 @@ impl<S: Stream> Session<S> {
                 }
                 Box::pin(self.report(e)).await
             }
-        }
+        };
+        self.spare_literals = shardmap::shape::spare(literals);
+        r
     }
 
     async fn query_inner(
