@@ -391,6 +391,7 @@ impl Planner {
         match (st.kind, &st.tables) {
             (Kind::Ddl, _) => return Ok(self.decision(a, Target::All, st.reason.clone())),
             (Kind::CopyIn, _) => return Ok(self.decision(a, Target::All, st.reason.clone())),
+            _ if st.on_first_shard() => return Ok(self.decision(a, Target::One(ShardId(0)), st.reason.clone())),
             (Kind::Read, Tables::None | Tables::Global) => return Ok(self.decision(a, Target::Any, st.reason.clone())),
             (_, Tables::None) => return Ok(self.decision(a, Target::Any, st.reason.clone())),
             (Kind::Write, Tables::Global) => {

@@ -182,6 +182,12 @@ pub struct StatementAnalysis {
     /// Whether it takes or releases a session-level advisory lock (`pg_advisory_lock` and friends), which
     /// belongs to a server connection rather than to a transaction.
     pub session_lock: bool,
+    /// The first function it calls whose effect belongs to the database rather than to rows or to the
+    /// connection: `nextval`/`setval` (a sequence's next value) or an advisory lock. Every shard has its own
+    /// copy of that state, so a statement naming no sharded table that calls one goes to the first shard,
+    /// where every client's calls meet as they would on one PostgreSQL (and where a global table's
+    /// sequences advance).
+    pub shared_call: Option<&'static str>,
     /// Transaction control: what it does.
     pub txn: Option<TxnVerb>,
     /// DECLARE ... CURSOR: a read routed by its query, whose cursor lives in the transaction.
@@ -222,6 +228,7 @@ impl StatementAnalysis {
             copy: None,
             reason: reason.into(),
             session_lock: false,
+            shared_call: None,
             txn: None,
             declare: None,
             setting: None,
@@ -234,6 +241,17 @@ impl StatementAnalysis {
             insert: false,
             sequences_of: None,
         }
+    }
+
+    /// Whether it goes to the first shard for its `shared_call`: it calls one, names no sharded table, and is
+    /// neither DDL nor COPY (those go to every shard).
+    pub fn on_first_shard(&self) -> bool {
+        self.shared_call.is_some()
+            && match (self.kind, &self.tables) {
+                (Kind::Ddl | Kind::CopyIn, _) => false,
+                (Kind::Read, Tables::None | Tables::Global) | (_, Tables::None) => true,
+                _ => false,
+            }
     }
 }
 
@@ -279,7 +297,10 @@ pub fn analyze_keys(
                 .iter()
                 .map(|s| {
                     let mut a = ctx.statement(s);
-                    a.session_lock = takes_session_lock(s);
+                    (a.session_lock, a.shared_call) = shared_calls(s);
+                    if let (Some(f), true) = (a.shared_call, a.on_first_shard()) {
+                        a.reason = format!("{f}(): sequences and advisory locks are the first shard's").into();
+                    }
                     ctx.global_write(s, &mut a);
                     a
                 })
@@ -1458,28 +1479,46 @@ pub(crate) fn describe_copy(a: &mut StatementAnalysis, copy: &CopyIn, key: &str,
     }
 }
 
-/// Whether a statement calls a session-level advisory lock function.
-fn takes_session_lock(s: &Statement) -> bool {
-    struct Finder(bool);
+/// Functions whose state is the database's (see `StatementAnalysis::shared_call`), as PostgreSQL names them.
+/// Not `currval` or `lastval`: they answer for the connection that called `nextval`, which is the
+/// transaction's own.
+const SHARED_CALLS: [&str; 13] = [
+    "nextval",
+    "setval",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+];
+
+/// Whether a statement calls a session-level advisory lock function, and the first function it calls whose
+/// state is the database's (`nextval`, `setval`, any advisory lock).
+fn shared_calls(s: &Statement) -> (bool, Option<&'static str>) {
+    struct Finder(bool, Option<&'static str>);
     impl Visitor for Finder {
         type Break = ();
         fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
             if let Expr::Function(f) = e {
                 let name =
                     f.name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.to_lowercase()).unwrap_or_default();
-                if name.starts_with("pg_advisory_") && !name.starts_with("pg_advisory_xact_")
-                    || name.starts_with("pg_try_advisory_") && !name.starts_with("pg_try_advisory_xact_")
-                {
-                    self.0 = true;
-                    return ControlFlow::Break(());
+                if let Some(known) = SHARED_CALLS.iter().find(|k| **k == name) {
+                    self.1.get_or_insert(known);
+                    self.0 |= known.contains("advisory") && !known.contains("xact");
                 }
             }
             ControlFlow::Continue(())
         }
     }
-    let mut f = Finder(false);
+    let mut f = Finder(false, None);
     let _ = s.visit(&mut f);
-    f.0
+    (f.0, f.1)
 }
 
 fn strip_cast(e: &Expr) -> &Expr {

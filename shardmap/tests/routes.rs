@@ -167,6 +167,24 @@ any | | SELECT * FROM pg_catalog.pg_tables
 any | | SELECT relname FROM pg_class WHERE relkind = 'r'
 any | | SELECT * FROM information_schema.columns WHERE table_name = 'users'
 any | |
+# sequences and advisory locks: the first shard, where every client's calls meet (currval and lastval
+# answer for the connection that called nextval: where the transaction is)
+shard 0 | | SELECT nextval('s')
+shard 0 | | SELECT nextval('public.s'::regclass)
+shard 0 | | SELECT pg_catalog.nextval('s')
+shard 0 | | SELECT setval('s', 42, true)
+shard 0 | | SELECT NEXTVAL('s') AS id
+shard 0 | | SELECT nextval('s'), name FROM bots WHERE id = 'b1'
+shard 0 | | SELECT pg_advisory_xact_lock(7)
+shard 0 | 7 | SELECT pg_try_advisory_xact_lock($1)
+shard 0 | | SELECT pg_advisory_xact_lock_shared(1, 2)
+shard 0 | | SELECT pg_advisory_lock(7)
+shard 0 | | SELECT pg_advisory_unlock_all()
+shard 0 | | SELECT CASE WHEN pg_try_advisory_xact_lock(7) THEN 1 ELSE 0 END
+shard 0 | | SELECT nextval('s'); SELECT 1
+any | | SELECT currval('s')
+any | | SELECT lastval()
+keys 42 | | SELECT nextval('s') FROM users WHERE user_id = 42
 # inserts
 shard 1 | | INSERT INTO users (user_id, name) VALUES (12345, 'ana')
 shard 1 | 12345;ana | INSERT INTO users (user_id, name) VALUES ($1, $2)

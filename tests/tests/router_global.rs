@@ -2,7 +2,8 @@
 //! (`gen_random_uuid()`, `clock_timestamp()`, a sequence) through every protocol path, in and out of
 //! transactions, with RETURNING and ON CONFLICT, leaves the same rows on every shard; copies that already
 //! differ make the INSERT fail and leave nothing anywhere; writes whose effect cannot be made identical are
-//! refused.
+//! refused. Sequences and advisory locks, which one PostgreSQL holds once for every client, are the first
+//! shard's.
 
 use integration::wire::{error_codes, outline, Path, RawClient, Reply, PATHS};
 use integration::Cluster;
@@ -159,5 +160,136 @@ async fn global_tables_stay_identical() -> anyhow::Result<()> {
         let r = cl.query(sql)?;
         assert_eq!(error_codes(&r), vec!["0A000"], "{sql}: {r:?}");
     }
+    Ok(())
+}
+
+/// The value of the first row's first column among replies.
+fn first_value(r: &[Reply]) -> Option<String> {
+    r.iter().find_map(|x| match x {
+        Reply::Row(v) => v.first().cloned().flatten(),
+        _ => None,
+    })
+}
+
+/// Sequences and advisory locks, which one PostgreSQL holds once for every client, are the first shard's:
+/// `nextval` hands out one series through every protocol path (each shard has its own `s`), `setval` sets the
+/// one `nextval` reads, and transaction-level advisory locks exclude each other whatever shard the
+/// transaction writes on, until the writes they guard are committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_and_advisory_locks_are_one() -> anyhow::Result<()> {
+    let c = Cluster::hash(3, "")?;
+    let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let r = cl.query("CREATE SEQUENCE s; CREATE TABLE counters (user_id bigint PRIMARY KEY, n int NOT NULL)")?;
+    assert!(error_codes(&r).is_empty(), "{r:?}");
+
+    // One series, as one PostgreSQL would hand out.
+    let mut got = Vec::new();
+    for path in PATHS {
+        for _ in 0..4 {
+            let r = cl.send(path, "SELECT nextval('s')")?;
+            got.extend(r.iter().filter_map(|x| match x {
+                Reply::Row(v) => v[0].clone(),
+                _ => None,
+            }));
+        }
+        if path == Path::Pipelined {
+            let r = cl.sync()?;
+            assert!(error_codes(&r).is_empty(), "{r:?}");
+            got.extend(r.iter().filter_map(|x| match x {
+                Reply::Row(v) => v[0].clone(),
+                _ => None,
+            }));
+        }
+    }
+    let want: Vec<String> = (1..=16).map(|n| n.to_string()).collect();
+    assert_eq!(got, want, "nextval through every path");
+    for (k, path) in PATHS.into_iter().enumerate() {
+        let base = 100 * (k + 1);
+        let r = run(&mut cl, path, &format!("SELECT setval('s', {base})"))?;
+        assert_eq!(first_value(&r).as_deref(), Some(base.to_string().as_str()), "{path:?}: {r:?}");
+        let r = run(&mut cl, path, "SELECT nextval('s')")?;
+        assert_eq!(first_value(&r), Some((base + 1).to_string()), "{path:?}: {r:?}");
+        // In a transaction, currval answers for the connection that called nextval.
+        let mut r = run(&mut cl, Path::Simple, "BEGIN")?;
+        r.extend(run(&mut cl, path, "SELECT nextval('s')")?);
+        let cur = run(&mut cl, path, "SELECT currval('s')")?;
+        r.extend(run(&mut cl, Path::Simple, "COMMIT")?);
+        assert!(error_codes(&r).is_empty() && error_codes(&cur).is_empty(), "{path:?}: {r:?} {cur:?}");
+        assert_eq!(first_value(&cur), Some((base + 2).to_string()), "{path:?}: {cur:?}");
+    }
+
+    // A key whose row is on another shard than the first: the lock and the write are on two shards.
+    for k in 1..=6 {
+        let r = cl.query(&format!("INSERT INTO counters VALUES ({k}, 0)"))?;
+        assert!(error_codes(&r).is_empty(), "{r:?}");
+    }
+    let first = c.shards[0].client("postgres").await?;
+    let (mut key, mut key0) = (0, 0);
+    for k in 1..=6 {
+        match first.query(&format!("SELECT 1 FROM counters WHERE user_id = {k}"), &[]).await?.is_empty() {
+            true => key = k,
+            false => key0 = k,
+        }
+    }
+    assert!(key > 0 && key0 > 0, "the keys are all on one shard");
+
+    // Each path: one client's lock keeps another's from taking it until its transaction commits.
+    let mut other = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    for path in PATHS {
+        let mut r = run(&mut cl, Path::Simple, "BEGIN")?;
+        r.extend(run(&mut cl, path, "SELECT pg_advisory_xact_lock(7)")?);
+        r.extend(run(&mut cl, path, &format!("UPDATE counters SET n = n + 1 WHERE user_id = {key}"))?);
+        assert!(error_codes(&r).is_empty(), "{path:?}: {r:?}");
+        let mut o = run(&mut other, Path::Simple, "BEGIN")?;
+        let tried = run(&mut other, path, "SELECT pg_try_advisory_xact_lock(7)")?;
+        o.extend(run(&mut other, Path::Simple, "COMMIT")?);
+        assert_eq!(first_value(&tried).as_deref(), Some("f"), "{path:?}: taken twice: {tried:?}");
+        let r = run(&mut cl, Path::Simple, "COMMIT")?;
+        assert_eq!(outline(&r), vec!["COMMIT", "ZI"], "{path:?}");
+        let mut o = run(&mut other, Path::Simple, "BEGIN")?;
+        let tried = run(&mut other, path, "SELECT pg_try_advisory_xact_lock(7)")?;
+        o.extend(run(&mut other, Path::Simple, "COMMIT")?);
+        assert_eq!(first_value(&tried).as_deref(), Some("t"), "{path:?}: {tried:?} {o:?}");
+    }
+
+    // Read, modify, write under the lock from two clients at once: no update is lost (the lock is let go
+    // only once the write it guarded is committed). A deferred trigger makes each COMMIT of a write take a
+    // while, as a slow disk would. Every other transaction writes on the first shard too (two-phase commit).
+    let r = cl.query(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.02); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow AFTER UPDATE ON counters DEFERRABLE INITIALLY DEFERRED \
+         FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    )?;
+    assert!(error_codes(&r).is_empty(), "{r:?}");
+    const EACH: usize = 25;
+    let port = c.port;
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
+                for i in 0..EACH {
+                    let path = PATHS[i % PATHS.len()];
+                    let mut r = run(&mut cl, Path::Simple, "BEGIN")?;
+                    r.extend(run(&mut cl, path, "SELECT pg_advisory_xact_lock(8)")?);
+                    let n = run(&mut cl, path, &format!("SELECT n FROM counters WHERE user_id = {key}"))?;
+                    let n: i64 = first_value(&n).unwrap_or_default().parse()?;
+                    r.extend(run(&mut cl, path, &format!("UPDATE counters SET n = {} WHERE user_id = {key}", n + 1))?);
+                    if i % 2 == 1 {
+                        r.extend(run(&mut cl, path, &format!("UPDATE counters SET n = n + 1 WHERE user_id = {key0}"))?);
+                    }
+                    r.extend(run(&mut cl, Path::Simple, "COMMIT")?);
+                    anyhow::ensure!(error_codes(&r).is_empty(), "{path:?}: {r:?}");
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("a worker")?;
+    }
+    let r = cl.query(&format!("SELECT n FROM counters WHERE user_id = {key}"))?;
+    assert_eq!(first_value(&r), Some((PATHS.len() + 2 * EACH).to_string()), "updates lost: {r:?}");
+    let r = cl.query(&format!("SELECT n FROM counters WHERE user_id = {key0}"))?;
+    assert_eq!(first_value(&r), Some((2 * (EACH / 2)).to_string()), "{r:?}");
     Ok(())
 }

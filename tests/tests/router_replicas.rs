@@ -61,6 +61,27 @@ async fn reads_go_to_a_fresh_standby() -> Result<()> {
     let row = c.query_one("SELECT pg_is_in_recovery() FROM events WHERE user_id = $1", &[&1i64]).await?;
     assert!(!row.get::<_, bool>(0), "a read inside a transaction runs on the primary");
     c.batch_execute("COMMIT").await?;
+    // So do sequences and advisory locks (a standby refuses nextval, and its locks would meet no one else's),
+    // while a read of no table goes to the standby.
+    c.batch_execute("CREATE SEQUENCE s").await?;
+    until("a read of no table on the standby", async || {
+        Ok(c.query_one("SELECT pg_is_in_recovery()", &[]).await?.get::<_, bool>(0))
+    })
+    .await?;
+    for sql in
+        ["SELECT nextval('s') > 0, pg_is_in_recovery()", "SELECT pg_try_advisory_xact_lock(1), pg_is_in_recovery()"]
+    {
+        let row = c.query_one(sql, &[]).await?;
+        assert!(row.get::<_, bool>(0) && !row.get::<_, bool>(1), "{sql}: on the primary");
+        let rows = c.simple_query(sql).await?;
+        let Some(row) = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        }) else {
+            panic!("{sql}: {rows:?}")
+        };
+        assert_eq!((row.get(0), row.get(1)), (Some("t"), Some("f")), "{sql}: on the primary (simple protocol)");
+    }
 
     // The standby falls behind (replay paused, 100 KB written): reads go back to the primary.
     s.batch_execute("SELECT pg_wal_replay_pause()").await?;

@@ -1,11 +1,9 @@
 //! COMMIT of a transaction on several shards (`txn.rs`: state `Many`). A shard the router sent a write to
 //! wrote; every other shard's connection is asked whether its part wrote anyway (a function called by a
 //! SELECT, `SELECT ... FOR UPDATE`: `txid_current_if_assigned`, as a transaction without a transaction id
-//! wrote nothing). Where no more than one wrote, every part just commits (the one that wrote last).
-//! Otherwise two-phase commit:
+//! wrote nothing). Where no more than one wrote, every part just commits. Otherwise two-phase commit:
 //!
-//! 1. `PREPARE TRANSACTION 'gb_2pc_<router>_<n>_<shard>'` on each shard that wrote (those that only read
-//!    commit at once);
+//! 1. `PREPARE TRANSACTION 'gb_2pc_<router>_<n>_<shard>'` on each shard that wrote;
 //! 2. the decision is recorded in the decision log (`shard_catalog::Decisions`, in the catalog database) —
 //!    the commit point: a PREPARE that failed, or a decision that could not be recorded, rolls every prepared
 //!    part back and the client hears the error;
@@ -14,6 +12,12 @@
 //!    back those that stay undecided past `twophase::ABORT_AFTER`.
 //!
 //! The client is told COMMIT once the decision is recorded; whatever happens after, each part commits.
+//!
+//! Advisory locks are the first shard's (`shardmap::sql::StatementAnalysis::shared_call`), and a lock must be
+//! let go only once the writes it guarded can be seen, as on one PostgreSQL: so the first shard's part
+//! commits after the other writers', and the parts that only read (what they hold: an advisory lock,
+//! `LOCK TABLE`) commit last, once the writes are committed or rolled back. That is a round trip more
+//! than committing every part at once, on transactions over several shards only.
 
 use std::time::Instant;
 
@@ -112,13 +116,13 @@ impl<S: Stream> Session<S> {
         }
         let backends = self.backend.backends.clone();
         let tp = &backends.two_phase;
+        let commit = |ds: &[Dest]| ds.iter().map(|d| (d.clone(), "COMMIT".to_string())).collect::<Vec<_>>();
         if writers.len() <= 1 {
             tp.counters.one_phase.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let order: Vec<(Dest, String)> =
-                readers.iter().chain(&writers).map(|d| (d.clone(), "COMMIT".to_string())).collect();
-            let answers = self.run_each(order).await;
+            let answers = self.run_each(commit(&writers)).await;
             // (The shards that only read have nothing to lose.)
-            if let (Some(_), Some(Err(e))) = (writers.first(), answers.into_iter().last()) {
+            self.run_each(commit(&readers)).await;
+            if let Some(Err(e)) = answers.into_iter().next() {
                 return Err(e.into());
             }
             return Ok("COMMIT");
@@ -133,9 +137,8 @@ impl<S: Stream> Session<S> {
         let router = tp.router.clone();
         let started = Instant::now();
         let gids: Vec<String> = writers.iter().map(|d| twophase::gid(&txid, d.shard)).collect();
-        let mut phase1: Vec<(Dest, String)> =
+        let phase1: Vec<(Dest, String)> =
             writers.iter().zip(&gids).map(|(d, g)| (d.clone(), format!("PREPARE TRANSACTION '{g}'"))).collect();
-        phase1.extend(readers.iter().map(|d| (d.clone(), "COMMIT".to_string())));
         let answers = self.run_each(phase1).await;
         let mut failure: Option<Reported> = None;
         let mut prepared = Vec::new();
@@ -193,11 +196,17 @@ impl<S: Stream> Session<S> {
             if left {
                 tracing::warn!(txid = %txid, "2PC: a rolled-back transaction stays prepared on a shard; recovery rolls it back");
             }
+            self.run_each(commit(&readers)).await;
             tp.finished(&txid, false);
             return Err(e);
         }
-        let finish = prepared.into_iter().map(|(d, g)| (d, format!("COMMIT PREPARED '{g}'"))).collect();
-        let answers = self.run_each(finish).await;
+        // (The first shard, where advisory locks are, commits after the other writers.)
+        let (last, others): (Vec<_>, Vec<_>) = prepared.into_iter().partition(|(d, _)| d.shard == ShardId(0));
+        let finish =
+            |p: Vec<(Dest, String)>| p.into_iter().map(|(d, g)| (d, format!("COMMIT PREPARED '{g}'"))).collect();
+        let mut answers = self.run_each(finish(others)).await;
+        answers.extend(self.run_each(finish(last)).await);
+        self.run_each(commit(&readers)).await;
         let all = answers.iter().all(|a| a.is_ok());
         if !all {
             tracing::warn!(txid = %txid, "2PC: COMMIT PREPARED failed on a shard; recovery commits it there");

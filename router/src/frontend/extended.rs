@@ -409,7 +409,7 @@ impl<S: Stream> Session<S> {
                         self.txn.sent(effect.stmt.verb.as_ref());
                         Some(i)
                     }
-                    To::Once(dest) if alone && !self.needs_care(dest, effect.stmt.read) => {
+                    To::Once(dest) if alone && !self.needs_care(dest, effect.stmt.standby) => {
                         let linked = match self.link_now(dest) {
                             Some(linked) => linked,
                             None => self.link(dest).await,
@@ -458,7 +458,7 @@ impl<S: Stream> Session<S> {
                     // The common case: one statement, one connection, its Sync: sent at once, with the failover
                     // retry and read replicas, and answered straight to ReadyForQuery.
                     let write = |stmts: &Statements, conn: &mut ServerConn| rewrite(stmts, seg, true, conn);
-                    let (i, exps) = match self.send_outside(&dest, read, &write, true).await {
+                    let (i, exps) = match self.send_outside(&dest, effect.stmt.standby, &write, true).await {
                         Ok(sent) => sent,
                         Err(e) => {
                             self.unopened(&effect.stmt, &dest);

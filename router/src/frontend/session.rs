@@ -674,6 +674,8 @@ impl<S: Stream> Session<S> {
             // (`/* shards: all */` sends it everywhere as a write: one answer, in an all-shards transaction.)
             read: analysis.statements.iter().all(|s| s.kind == Kind::Read)
                 && analysis.hint != Some(shardmap::sql::Hint::AllShards),
+            standby: analysis.statements.iter().all(|s| s.kind == Kind::Read && s.shared_call.is_none())
+                && analysis.hint != Some(shardmap::sql::Hint::AllShards),
             declare: if single { first.and_then(|s| s.declare) } else { None },
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),
             unparsed: analysis.parse_error.is_some(),

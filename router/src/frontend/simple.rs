@@ -90,7 +90,7 @@ impl<S: Stream> Session<S> {
                 self.send_on(i, &|_, conn| conn.io.push(&msg.frame)).await?;
                 self.relay_simple(i, &settings_of(analysis), text, &stmt).await
             }
-            Plan::Run(To::Once(dest)) if !self.needs_care(&dest, stmt.read) => {
+            Plan::Run(To::Once(dest)) if !self.needs_care(&dest, stmt.standby) => {
                 let linked = match self.link_now(&dest) {
                     Some(linked) => linked,
                     None => self.link(&dest).await,
@@ -247,7 +247,7 @@ impl<S: Stream> Session<S> {
                 self.send_on(i, &push).await?;
                 i
             }
-            To::Once(dest) => match self.send_outside(&dest, stmt.read, &write, true).await {
+            To::Once(dest) => match self.send_outside(&dest, stmt.standby, &write, true).await {
                 Ok((i, _)) => i,
                 Err(e) => {
                     self.unopened(stmt, &dest);

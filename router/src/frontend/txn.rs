@@ -48,6 +48,9 @@ pub struct Stmt {
     pub local: Local,
     /// Every statement in it reads.
     pub read: bool,
+    /// A standby may answer it outside a transaction (`shard-read-replicas`): it reads, and calls no sequence
+    /// or advisory lock function (those are the primary's: `StatementAnalysis::shared_call`).
+    pub standby: bool,
     /// A session statement (SET, SHOW, LISTEN...: target `Session`) that can be queued in a held
     /// transaction (everything but SHOW, which needs an answer now).
     pub queueable: bool,
