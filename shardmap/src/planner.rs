@@ -364,7 +364,9 @@ impl Planner {
         params: &dyn Params,
         session: &Session,
     ) -> Result<Decision, RouteError> {
-        let follows_session = matches!(st.kind, Kind::Transaction | Kind::Session | Kind::Cursor);
+        // (NOTIFY is a session statement that goes to the first shard, where listeners are.)
+        let follows_session =
+            matches!(st.kind, Kind::Transaction | Kind::Session | Kind::Cursor) && !st.on_first_shard();
         if self.map.nodes.len() == 1 && self.map.strategy != Strategy::Tenant {
             // One node: every statement goes there, as the client wrote it (PostgreSQL answers it).
             let target = if follows_session { Target::Session } else { Target::One(ShardId(0)) };

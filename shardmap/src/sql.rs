@@ -183,10 +183,11 @@ pub struct StatementAnalysis {
     /// belongs to a server connection rather than to a transaction.
     pub session_lock: bool,
     /// The first function it calls whose effect belongs to the database rather than to rows or to the
-    /// connection: `nextval`/`setval` (a sequence's next value) or an advisory lock. Every shard has its own
-    /// copy of that state, so a statement naming no sharded table that calls one goes to the first shard,
-    /// where every client's calls meet as they would on one PostgreSQL (and where a global table's
-    /// sequences advance).
+    /// connection: `nextval`/`setval` (a sequence's next value), an advisory lock, `pg_notify` (or `NOTIFY`
+    /// itself, named so here). Every shard
+    /// has its own copy of that state, so a statement naming no sharded table that calls one goes to the
+    /// first shard, where every client's calls meet as they would on one PostgreSQL (and where a global
+    /// table's sequences advance, and session mode's LISTEN and NOTIFY go).
     pub shared_call: Option<&'static str>,
     /// Transaction control: what it does.
     pub txn: Option<TxnVerb>,
@@ -298,8 +299,13 @@ pub fn analyze_keys(
                 .map(|s| {
                     let mut a = ctx.statement(s);
                     (a.session_lock, a.shared_call) = shared_calls(s);
+                    if matches!(s, Statement::NOTIFY { .. }) {
+                        a.shared_call = Some("NOTIFY");
+                    }
                     if let (Some(f), true) = (a.shared_call, a.on_first_shard()) {
-                        a.reason = format!("{f}(): sequences and advisory locks are the first shard's").into();
+                        let what = if f == "NOTIFY" { f.to_string() } else { format!("{f}()") };
+                        a.reason =
+                            format!("{what}: sequences, advisory locks and notifications are the first shard's").into();
                     }
                     ctx.global_write(s, &mut a);
                     a
@@ -1482,9 +1488,10 @@ pub(crate) fn describe_copy(a: &mut StatementAnalysis, copy: &CopyIn, key: &str,
 /// Functions whose state is the database's (see `StatementAnalysis::shared_call`), as PostgreSQL names them.
 /// Not `currval` or `lastval`: they answer for the connection that called `nextval`, which is the
 /// transaction's own.
-const SHARED_CALLS: [&str; 13] = [
+const SHARED_CALLS: [&str; 14] = [
     "nextval",
     "setval",
+    "pg_notify",
     "pg_advisory_lock",
     "pg_advisory_lock_shared",
     "pg_advisory_unlock",
@@ -1499,7 +1506,7 @@ const SHARED_CALLS: [&str; 13] = [
 ];
 
 /// Whether a statement calls a session-level advisory lock function, and the first function it calls whose
-/// state is the database's (`nextval`, `setval`, any advisory lock).
+/// state is the database's (`nextval`, `setval`, any advisory lock, `pg_notify`).
 fn shared_calls(s: &Statement) -> (bool, Option<&'static str>) {
     struct Finder(bool, Option<&'static str>);
     impl Visitor for Finder {

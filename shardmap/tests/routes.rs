@@ -167,7 +167,7 @@ any | | SELECT * FROM pg_catalog.pg_tables
 any | | SELECT relname FROM pg_class WHERE relkind = 'r'
 any | | SELECT * FROM information_schema.columns WHERE table_name = 'users'
 any | |
-# sequences and advisory locks: the first shard, where every client's calls meet (currval and lastval
+# sequences, advisory locks, notifications: the first shard, where every client's calls meet (currval and lastval
 # answer for the connection that called nextval: where the transaction is)
 shard 0 | | SELECT nextval('s')
 shard 0 | | SELECT nextval('public.s'::regclass)
@@ -182,6 +182,9 @@ shard 0 | | SELECT pg_advisory_lock(7)
 shard 0 | | SELECT pg_advisory_unlock_all()
 shard 0 | | SELECT CASE WHEN pg_try_advisory_xact_lock(7) THEN 1 ELSE 0 END
 shard 0 | | SELECT nextval('s'); SELECT 1
+shard 0 | | SELECT pg_notify('jobs', 'ready')
+shard 0 | | NOTIFY jobs, 'ready'
+shard 0 | | NOTIFY jobs
 any | | SELECT currval('s')
 any | | SELECT lastval()
 keys 42 | | SELECT nextval('s') FROM users WHERE user_id = 42

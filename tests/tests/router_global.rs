@@ -2,8 +2,8 @@
 //! (`gen_random_uuid()`, `clock_timestamp()`, a sequence) through every protocol path, in and out of
 //! transactions, with RETURNING and ON CONFLICT, leaves the same rows on every shard; copies that already
 //! differ make the INSERT fail and leave nothing anywhere; writes whose effect cannot be made identical are
-//! refused. Sequences and advisory locks, which one PostgreSQL holds once for every client, are the first
-//! shard's.
+//! refused. Sequences, advisory locks and notifications, which one PostgreSQL holds once for every client,
+//! are the first shard's.
 
 use integration::wire::{error_codes, outline, Path, RawClient, Reply, PATHS};
 use integration::Cluster;
@@ -171,12 +171,13 @@ fn first_value(r: &[Reply]) -> Option<String> {
     })
 }
 
-/// Sequences and advisory locks, which one PostgreSQL holds once for every client, are the first shard's:
-/// `nextval` hands out one series through every protocol path (each shard has its own `s`), `setval` sets the
-/// one `nextval` reads, and transaction-level advisory locks exclude each other whatever shard the
-/// transaction writes on, until the writes they guard are committed.
+/// Sequences, advisory locks and notifications, which one PostgreSQL holds once for every client, are the
+/// first shard's: `nextval` hands out one series through every protocol path (each shard has its own `s`),
+/// `setval` sets the one `nextval` reads, every notification reaches the listeners there, and
+/// transaction-level advisory locks exclude each other whatever shard the transaction writes on, until the
+/// writes they guard are committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sequences_and_advisory_locks_are_one() -> anyhow::Result<()> {
+async fn sequences_locks_and_notifications_are_one() -> anyhow::Result<()> {
     let c = Cluster::hash(3, "")?;
     let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
     let r = cl.query("CREATE SEQUENCE s; CREATE TABLE counters (user_id bigint PRIMARY KEY, n int NOT NULL)")?;
@@ -217,6 +218,21 @@ async fn sequences_and_advisory_locks_are_one() -> anyhow::Result<()> {
         assert!(error_codes(&r).is_empty() && error_codes(&cur).is_empty(), "{path:?}: {r:?} {cur:?}");
         assert_eq!(first_value(&cur), Some((base + 2).to_string()), "{path:?}: {cur:?}");
     }
+
+    // Notifications (pg_notify(), NOTIFY, in and out of a transaction) reach a listener on the first shard
+    // (where session mode's LISTEN goes), every one of them.
+    let mut listener = RawClient::connect(c.shards[0].port, "postgres", "postgres", &[])?;
+    assert!(error_codes(&listener.query("LISTEN jobs")?).is_empty());
+    for path in PATHS {
+        let mut r = run(&mut cl, path, "SELECT pg_notify('jobs', 'ready')")?;
+        r.extend(run(&mut cl, path, "NOTIFY jobs, 'ready'")?);
+        r.extend(run(&mut cl, Path::Simple, "BEGIN")?);
+        r.extend(run(&mut cl, path, "NOTIFY jobs")?);
+        r.extend(run(&mut cl, Path::Simple, "COMMIT")?);
+        assert!(error_codes(&r).is_empty(), "{path:?}: {r:?}");
+    }
+    let heard = listener.query("SELECT 1")?;
+    assert_eq!(heard.iter().filter(|r| **r == Reply::Other('A')).count(), 3 * PATHS.len(), "{heard:?}");
 
     // A key whose row is on another shard than the first: the lock and the write are on two shards.
     for k in 1..=6 {
