@@ -212,7 +212,8 @@ async fn serial_and_identity_ids_do_not_collide_across_shards() -> anyhow::Resul
 }
 
 /// With `shard-two-phase-commit,false` a transaction stays on one shard: a statement for another is refused
-/// (0A000) and fails it, as do writes whose keys are on several shards.
+/// (0A000) and fails it, as do writes whose keys are on several shards, and a write after an advisory lock
+/// (the first shard's) to another shard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_two_phase_commit_transactions_stay_on_one_shard() -> anyhow::Result<()> {
     let c = Cluster::hash(2, "shard-two-phase-commit,false\n")?;
@@ -235,5 +236,29 @@ async fn without_two_phase_commit_transactions_stay_on_one_shard() -> anyhow::Re
         assert_eq!(error_codes(&r), ["0A000"], "{path:?}: {r:?}");
     }
     assert_eq!(balances(&c).await?, vec![Vec::<String>::new(), Vec::<String>::new()]);
+
+    // An advisory lock is the first shard's: a transaction that took one writes there only (the lock on one
+    // shard and the write on another would be a transaction on two).
+    for (p, path) in PATHS.into_iter().enumerate() {
+        for k in (10 * p + 1)..=(10 * p + 4) {
+            let r = run_all(
+                &mut cl,
+                path,
+                &["BEGIN", "SELECT pg_advisory_xact_lock(1)", &format!("INSERT INTO accounts VALUES ({k}, 0)")],
+            )?;
+            let mut r = r.into_iter().filter(|x| matches!(x, Reply::Error { .. })).collect::<Vec<_>>();
+            r.extend(run(&mut cl, Path::Simple, "COMMIT")?);
+            let first: i64 = c.shards[0]
+                .client("postgres")
+                .await?
+                .query_one(&format!("SELECT count(*) FROM accounts WHERE user_id = {k}"), &[])
+                .await?
+                .get(0);
+            let want = if first == 1 { vec![] } else { vec!["0A000".to_string()] };
+            assert_eq!(error_codes(&r), want, "{path:?}, key {k}: {r:?}");
+        }
+    }
+    let on = balances(&c).await?;
+    assert!(on[1].is_empty() && !on[0].is_empty(), "{on:?}");
     Ok(())
 }
