@@ -669,13 +669,16 @@ impl<S: Stream> Session<S> {
         if analysis.statements.iter().any(|s| s.kind == Kind::Ddl) {
             self.backend.backends.schema_epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        // (`/* shards: all */` sends it everywhere as a write: one answer, in an all-shards transaction.)
+        let (mut read, mut standby) = (analysis.hint != Some(shardmap::sql::Hint::AllShards), true);
+        for st in &analysis.statements {
+            read &= st.kind == Kind::Read;
+            standby &= st.shared_call.is_none();
+        }
         let mut s = Stmt {
             verb: if single { first.and_then(|s| s.txn.clone()) } else { None },
-            // (`/* shards: all */` sends it everywhere as a write: one answer, in an all-shards transaction.)
-            read: analysis.statements.iter().all(|s| s.kind == Kind::Read)
-                && analysis.hint != Some(shardmap::sql::Hint::AllShards),
-            standby: analysis.statements.iter().all(|s| s.kind == Kind::Read && s.shared_call.is_none())
-                && analysis.hint != Some(shardmap::sql::Hint::AllShards),
+            read,
+            standby: read && standby,
             declare: if single { first.and_then(|s| s.declare) } else { None },
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),
             unparsed: analysis.parse_error.is_some(),
