@@ -134,12 +134,15 @@ async fn kept_connections_are_reused_and_handed_over() -> anyhow::Result<()> {
         tokio_postgres::SimpleQueryMessage::Row(r) => Ok(r.get(0).expect("a pid").parse::<i32>()?),
         m => anyhow::bail!("{m:?}"),
     };
-    // One after the other, two clients need one server connection: b takes the one a keeps. (The simple
-    // protocol: tokio-postgres's query_one returns before ReadyForQuery, i.e. before the router has put the
-    // connection back, and the next client may find it still taken.)
+    // One after the other, two clients need one server connection: each takes the one the other keeps, as
+    // soon as it was told its statement is over (the router gives the connection back before it sends
+    // ReadyForQuery). (The simple protocol: tokio-postgres's query_one returns before ReadyForQuery.)
     let a1 = simple_pid(a.simple_query(pid).await?)?;
-    let b1 = simple_pid(b.simple_query(pid).await?)?;
-    assert_eq!(a1, b1, "b took the connection a kept rather than open another");
+    for _ in 0..20 {
+        let b1 = simple_pid(b.simple_query(pid).await?)?;
+        assert_eq!(a1, b1, "b took the connection a kept rather than open another");
+        assert_eq!(simple_pid(a.simple_query(pid).await?)?, a1, "a took it back from b");
+    }
     // (A backend still exiting may show for a moment.)
     let mut n = 0;
     for _ in 0..20 {

@@ -708,7 +708,7 @@ impl<S: Stream> Session<S> {
                 Ok((status, error)) => {
                     self.answered(i, status, error, &[], None).await;
                     self.release();
-                    Ok(())
+                    self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
                 }
                 Err(crate::net::wire::RelayError::Src(e)) => {
                     let e: Reported = crate::backend::conn::BackendError::Wire(e, String::new()).into();

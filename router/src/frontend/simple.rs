@@ -322,7 +322,11 @@ impl<S: Stream> Session<S> {
                 self.after_statement(i, stmt, status, error);
                 // (A SET's own text follows the client only when it came alone.)
                 self.answered(i, status, error, sets, stmt.single.then_some(text)).await;
+                // (The answer's end is sent once the connection is back: see `Framed::relay_to_ready`.)
                 self.release();
+                if !self.io.flush_now().map_err(|e| Failure::Fatal(e.into()))? {
+                    self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))?;
+                }
                 Ok(())
             }
             Err(RelayError::Src(e)) => {

@@ -367,6 +367,10 @@ impl<S: Stream> Framed<S> {
     /// rows. An end of stream before ReadyForQuery tells what is known of the statement's fate (see
     /// [`WireError::Closed`] and [`WireError::CommitUnconfirmed`]).
     ///
+    /// The last run, the one that ends with ReadyForQuery, is left in `dst`'s write buffer: the caller flushes
+    /// it once the connection is given back, so that a client told it may go on (and any client it talks to)
+    /// finds the connection free, as the extended protocol's answers do.
+    ///
     /// ParameterStatus messages (rare: after a SET of a reported parameter) are also copied to `reported`.
     pub async fn relay_to_ready<D>(
         &mut self,
@@ -404,7 +408,9 @@ impl<S: Stream> Framed<S> {
             }
             if pos > 0 {
                 let run = &self.rbuf[..pos];
-                if ready.is_some() || run.len() >= FLUSH_AT / 4 {
+                if ready.is_some() {
+                    dst.push(run);
+                } else if run.len() >= FLUSH_AT / 4 {
                     let sent = dst.send_now(run).map_err(RelayError::Dst)?;
                     if sent < run.len() {
                         dst.send_rest(run, sent).await.map_err(RelayError::Dst)?;
