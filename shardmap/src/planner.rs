@@ -393,7 +393,12 @@ impl Planner {
         match (st.kind, &st.tables) {
             (Kind::Ddl, _) => return Ok(self.decision(a, Target::All, st.reason.clone())),
             (Kind::CopyIn, _) => return Ok(self.decision(a, Target::All, st.reason.clone())),
-            _ if st.on_first_shard() => return Ok(self.decision(a, Target::One(ShardId(0)), st.reason.clone())),
+            _ if st.on_first_shard() => {
+                let f = st.shared_call.unwrap_or_default();
+                let what = if f == "NOTIFY" { f.to_string() } else { format!("{f}()") };
+                let why = format!("{what}: sequences, advisory locks and notifications are the first shard's");
+                return Ok(self.decision(a, Target::One(ShardId(0)), why));
+            }
             (Kind::Read, Tables::None | Tables::Global) => return Ok(self.decision(a, Target::Any, st.reason.clone())),
             (_, Tables::None) => return Ok(self.decision(a, Target::Any, st.reason.clone())),
             (Kind::Write, Tables::Global) => {

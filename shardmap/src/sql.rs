@@ -302,11 +302,6 @@ pub fn analyze_keys(
                     if matches!(s, Statement::NOTIFY { .. }) {
                         a.shared_call = Some("NOTIFY");
                     }
-                    if let (Some(f), true) = (a.shared_call, a.on_first_shard()) {
-                        let what = if f == "NOTIFY" { f.to_string() } else { format!("{f}()") };
-                        a.reason =
-                            format!("{what}: sequences, advisory locks and notifications are the first shard's").into();
-                    }
                     ctx.global_write(s, &mut a);
                     a
                 })

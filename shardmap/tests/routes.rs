@@ -593,6 +593,15 @@ fn explain_json_shape() {
         d.to_json(p.map()).to_string(),
         r#"{"strategy":"hash","key":"user_id","values":["12345"],"shards":["1"],"target":"one","reason":"user_id = 12345"}"#
     );
+    // Why a statement with no key goes to the first shard.
+    for (sql, what) in [("SELECT nextval('s')", "nextval()"), ("NOTIFY jobs", "NOTIFY")] {
+        let d = p.decide(sql, &TextParams(vec![]), &Session::default()).unwrap();
+        assert_eq!(
+            d.to_json(p.map())["reason"],
+            format!("{what}: sequences, advisory locks and notifications are the first shard's"),
+            "{sql}"
+        );
+    }
     let p = planner(UUID);
     let d = p
         .decide(&format!("SELECT * FROM users WHERE user_id = '{U1}'"), &TextParams(vec![]), &Session::default())
