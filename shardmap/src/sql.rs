@@ -184,10 +184,9 @@ pub struct StatementAnalysis {
     pub session_lock: bool,
     /// The first function it calls whose effect belongs to the database rather than to rows or to the
     /// connection: `nextval`/`setval` (a sequence's next value), an advisory lock, `pg_notify` (or `NOTIFY`
-    /// itself, named so here). Every shard
-    /// has its own copy of that state, so a statement naming no sharded table that calls one goes to the
-    /// first shard, where every client's calls meet as they would on one PostgreSQL (and where a global
-    /// table's sequences advance, and session mode's LISTEN and NOTIFY go).
+    /// itself, named so here). Every shard has its own copy of that state, so a statement naming no sharded
+    /// table that calls one goes to the first shard, where every client's calls meet as they would on one
+    /// PostgreSQL (and where a global table's sequences advance, and session mode's LISTEN goes).
     pub shared_call: Option<&'static str>,
     /// Transaction control: what it does.
     pub txn: Option<TxnVerb>,
