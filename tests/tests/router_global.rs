@@ -186,21 +186,18 @@ async fn sequences_locks_and_notifications_are_one() -> anyhow::Result<()> {
     // One series, as one PostgreSQL would hand out.
     let mut got = Vec::new();
     for path in PATHS {
+        let mut r = Vec::new();
         for _ in 0..4 {
-            let r = cl.send(path, "SELECT nextval('s')")?;
-            got.extend(r.iter().filter_map(|x| match x {
-                Reply::Row(v) => v[0].clone(),
-                _ => None,
-            }));
+            r.extend(cl.send(path, "SELECT nextval('s')")?);
         }
         if path == Path::Pipelined {
-            let r = cl.sync()?;
-            assert!(error_codes(&r).is_empty(), "{r:?}");
-            got.extend(r.iter().filter_map(|x| match x {
-                Reply::Row(v) => v[0].clone(),
-                _ => None,
-            }));
+            r.extend(cl.sync()?);
         }
+        assert!(error_codes(&r).is_empty(), "{path:?}: {r:?}");
+        got.extend(r.iter().filter_map(|x| match x {
+            Reply::Row(v) => v[0].clone(),
+            _ => None,
+        }));
     }
     let want: Vec<String> = (1..=16).map(|n| n.to_string()).collect();
     assert_eq!(got, want, "nextval through every path");
