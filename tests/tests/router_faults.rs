@@ -193,6 +193,62 @@ async fn kept_connections_are_reused_and_handed_over() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// More clients than connections: a connection given back while others wait goes to the first of them as it
+/// is, and each client still sees its own session settings (replayed on what it is handed), on the simple
+/// and the extended protocol, in and out of transactions. Clients that leave while they wait (or just after
+/// a connection was handed to them) lose the pool nothing: it still holds at most `pool-size` connections,
+/// and a client that comes afterwards gets one at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_clients_are_handed_connections_with_their_own_settings() -> anyhow::Result<()> {
+    let c = Cluster::hash(1, "pool-size,2\npool-timeout-ms,20000\n")?;
+    c.client().await?.batch_execute("CREATE TABLE users (user_id bigint PRIMARY KEY, n int)").await?;
+    let mut workers = Vec::new();
+    for k in 0..10i64 {
+        let cl = c.client().await?;
+        workers.push(tokio::spawn(async move {
+            let own = format!("{}ms", 1001 + k);
+            cl.batch_execute(&format!("SET statement_timeout = '{own}'")).await?;
+            for i in 0..30i64 {
+                let shown: String = match i % 3 {
+                    0 => match &cl.simple_query("SHOW statement_timeout").await?[1] {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap_or_default().to_string(),
+                        m => anyhow::bail!("{m:?}"),
+                    },
+                    1 => cl.query_one("SHOW statement_timeout", &[]).await?.get(0),
+                    _ => {
+                        cl.batch_execute("BEGIN").await?;
+                        cl.execute("INSERT INTO users VALUES ($1, $2)", &[&(k * 100 + i), &1i32]).await?;
+                        let shown: String = cl.query_one("SHOW statement_timeout", &[]).await?.get(0);
+                        cl.batch_execute("COMMIT").await?;
+                        shown
+                    }
+                };
+                anyhow::ensure!(shown == own, "client {k}, statement {i}: {shown}, not its own {own}");
+            }
+            Ok(())
+        }));
+    }
+    // Clients that leave while they wait for a connection (their statement cut short by the client).
+    for _ in 0..6 {
+        let cl = c.client().await?;
+        let _ = tokio::time::timeout(Duration::from_millis(2), cl.query_one("SELECT pg_sleep(0.01)", &[])).await;
+        drop(cl);
+    }
+    for w in workers {
+        w.await??;
+    }
+    let db = c.client().await?;
+    let t = Instant::now();
+    let rows: i64 =
+        tokio::time::timeout(Duration::from_secs(5), db.query_one("SELECT count(*) FROM users", &[])).await??.get(0);
+    assert_eq!(rows, 100);
+    assert!(t.elapsed() < Duration::from_secs(2), "a connection at once: {:?}", t.elapsed());
+    let direct = c.shards[0].client("postgres").await?;
+    let count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shard-router'";
+    assert!(direct.query_one(count, &[]).await?.get::<_, i64>(0) <= 2, "pool-size 2 holds");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_bounds_wait_and_idle_timeout() -> anyhow::Result<()> {
     let c = Cluster::hash(1, "pool-size,1\npool-timeout-ms,300\npool-idle-timeout,1\n")?;
@@ -225,5 +281,72 @@ async fn pool_bounds_wait_and_idle_timeout() -> anyhow::Result<()> {
         }
     }
     assert_eq!(after, 0, "idle connections closed");
+    Ok(())
+}
+
+/// `INSERT INTO t VALUES (...)` without a column list makes the router read the key's position from a server,
+/// once per session and table. In a transaction it reads it on the transaction's own connection (inside a
+/// savepoint), not on a second one: with `pool-size 1` a second would never come (the transaction holds the
+/// only one), and clients each in a transaction on a full pool would wait for each other. An error there (no
+/// such table) is the server's, and fails the client's transaction as PostgreSQL would; every protocol path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_reads_key_positions_on_its_own_connection() -> anyhow::Result<()> {
+    use integration::wire::{error_codes, RawClient, PATHS};
+    let c = Cluster::hash(2, "pool-size,1\npool-timeout-ms,1500\n")?;
+    c.client().await?.batch_execute("CREATE TABLE users (user_id bigint, n int)").await?;
+    let port = c.port;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        for (k, path) in PATHS.into_iter().enumerate() {
+            let run = |cl: &mut RawClient, sql: &str| -> anyhow::Result<Vec<String>> {
+                let mut r = cl.send(path, sql)?;
+                if cl.piped() {
+                    r = cl.sync()?;
+                }
+                Ok(error_codes(&r))
+            };
+            let t = Instant::now();
+            let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
+            for sql in [
+                "BEGIN".to_string(),
+                format!("INSERT INTO users (user_id, n) VALUES ({k}, 1)"),
+                format!("INSERT INTO users VALUES ({k}, 2)"),
+                "COMMIT".to_string(),
+            ] {
+                assert_eq!(run(&mut cl, &sql)?, Vec::<String>::new(), "{path:?}: {sql}");
+            }
+            // No such table: the server's error, and the transaction failed (as on one PostgreSQL).
+            let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
+            assert!(run(&mut cl, "BEGIN")?.is_empty());
+            assert!(run(&mut cl, &format!("INSERT INTO users (user_id, n) VALUES ({k}, 3)"))?.is_empty());
+            assert_eq!(run(&mut cl, &format!("INSERT INTO no_such_table VALUES ({k})"))?, ["42P01"], "{path:?}");
+            assert_eq!(run(&mut cl, &format!("INSERT INTO users VALUES ({k}, 4)"))?, ["25P02"], "{path:?}");
+            assert!(run(&mut cl, "ROLLBACK")?.is_empty());
+            // A table made in the transaction is seen by the lookup (on every shard the transaction joined).
+            for sql in [
+                "BEGIN".to_string(),
+                format!("CREATE TABLE made_{k} (user_id bigint, n int)"),
+                format!("INSERT INTO made_{k} VALUES ({k}, 5)"),
+                "COMMIT".to_string(),
+            ] {
+                assert_eq!(run(&mut cl, &sql)?, Vec::<String>::new(), "{path:?}: {sql}");
+            }
+            assert!(
+                t.elapsed() < Duration::from_millis(1500),
+                "{path:?}: no wait for a second connection: {:?}",
+                t.elapsed()
+            );
+        }
+        Ok(())
+    })
+    .await??;
+    let rows: Vec<(i64, i32)> = c
+        .client()
+        .await?
+        .query("SELECT user_id, n FROM users ORDER BY user_id, n", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, (0..4i64).flat_map(|k| [(k, 1), (k, 2)]).collect::<Vec<_>>());
     Ok(())
 }

@@ -253,8 +253,15 @@ impl<S: Stream> Session<S> {
     /// `INSERT INTO table VALUES (...)` without a column list: the position of the table's key among its
     /// columns, read from a shard (as the client's search path resolves the name) once per session and
     /// table, and again after a schema change through the router. A table the server does not know gets the
-    /// server's error.
+    /// server's error. Not needed where the destination is known whatever the statement (one node, a
+    /// tenant's database). Read on a connection the session holds when it has one (its transaction's first),
+    /// inside a savepoint when in a transaction: a session that holds connections never waits for another
+    /// (on a full pool, clients each in a transaction waiting for a second connection would wait for each
+    /// other until `pool-timeout-ms`).
     pub async fn learn_key_positions(&mut self, analysis: &Analysis) -> Result<(), Reported> {
+        if self.fixed().is_some() {
+            return Ok(());
+        }
         self.schema_checked();
         for st in &analysis.statements {
             let (Some(_), shardmap::sql::Tables::Sharded(t)) = (&st.positional, &st.tables) else { continue };
@@ -268,21 +275,56 @@ impl<S: Stream> Session<S> {
                 shardmap::sql::quote_literal(&shardmap::sql::quote_ident(t)),
                 shardmap::sql::quote_literal(self.routing.map.key_of(t)),
             );
-            let dest = self.any_dest(0);
-            let mut p = self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?;
-            let row = p.conn().query_row(&sql).await;
+            let row = match self.quiet_link() {
+                Some(i) => Self::query_row_in_place(self.links.get(i).conn.conn(), &sql).await,
+                None => {
+                    let dest = self.any_dest(0);
+                    let mut p = self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?;
+                    let row = p.conn().query_row(&sql).await;
+                    if matches!(row, Ok(_) | Err(crate::backend::conn::BackendError::Server { .. })) {
+                        // (Otherwise the connection is lost: dropped, which closes it.)
+                        p.release();
+                    }
+                    row
+                }
+            };
             let pos = match row {
                 Ok(row) => row.into_iter().next().flatten().and_then(|v| v.parse::<usize>().ok()),
                 Err(crate::backend::conn::BackendError::Server { code, message, .. }) => {
-                    p.release();
                     return Err(Reported::new(&code, message));
                 }
                 Err(e) => return Err(e.into()),
             };
-            p.release();
             self.route.key_positions.insert(t.clone(), pos);
         }
         Ok(())
+    }
+
+    /// A connection the session holds that can run a query of the router's own now — a primary's, no sync
+    /// group open on it, its server not in a failed transaction — the transaction's first.
+    fn quiet_link(&self) -> Option<usize> {
+        let quiet = |l: &Link| !l.pending && !l.replica && l.status() != proto::READY_FAILED;
+        self.links
+            .iter()
+            .position(|l| quiet(l) && self.txn.holds(&l.dest))
+            .or_else(|| self.links.iter().position(quiet))
+    }
+
+    /// [`ServerConn::query_row`](crate::backend::conn::ServerConn::query_row) on a connection the session
+    /// holds: in a transaction, inside a savepoint, so that an error leaves the client's transaction as it was.
+    async fn query_row_in_place(
+        conn: &mut crate::backend::conn::ServerConn,
+        sql: &str,
+    ) -> Result<Vec<Option<String>>, crate::backend::conn::BackendError> {
+        if conn.status != proto::READY_IN_TX {
+            return conn.query_row(sql).await;
+        }
+        const SP: &str = "gb_router_key_position";
+        let row = conn.query_row(&format!("SAVEPOINT {SP}; {sql}; RELEASE SAVEPOINT {SP}")).await;
+        if row.is_err() && conn.status == proto::READY_FAILED {
+            conn.run_quiet(&format!("ROLLBACK TO SAVEPOINT {SP}; RELEASE SAVEPOINT {SP}")).await?;
+        }
+        row
     }
 
     /// The client's startup: one checkout validates its startup settings and gives the server's parameters
