@@ -64,7 +64,8 @@ pub struct ServerConn {
     /// Hash of the session settings last replayed here (0: server defaults).
     pub settings: u64,
     pub since: Instant,
-    pub last_used: Instant,
+    /// Reaper rounds seen idle in its pool's list (see `Pools::reap`).
+    pub idle_rounds: u32,
     /// Status of the last ReadyForQuery: b'I' idle, b'T' in a transaction, b'E' failed transaction.
     pub status: u8,
     /// How to cancel this connection's query (made once, shared with the client that holds it).
@@ -117,7 +118,7 @@ impl ServerConn {
             parsing: Default::default(),
             settings: 0,
             since: Instant::now(),
-            last_used: Instant::now(),
+            idle_rounds: 0,
             status: proto::READY_IDLE,
             cancel_key: Default::default(),
             shutdown_warning: false,

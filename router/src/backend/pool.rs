@@ -1,4 +1,4 @@
-//! Pools of server connections, one per (shard, database, user). Semaphores bound each pool at `pool-size`;
+//! Pools of server connections, one per (shard, database, user). Permits bound each pool at `pool-size`;
 //! a checkout waits at most `pool-timeout-ms` and then fails with a clear error. Connections go back only
 //! when the server reported idle; anything else is closed, never handed to another client dirty.
 //!
@@ -11,6 +11,11 @@
 //! must wait waits on its own home's share, whose permits come back with its own home's connections. A new
 //! connection is made only when no list holds an idle one, so the pool never holds more than `pool-size`.
 //!
+//! A connection given back while checkouts wait goes to the first of them as it is (with its permit): no
+//! idle list, no clock read, no permit given back and taken again. A permit given back without a connection
+//! (the connection was closed) goes to the first waiting checkout the same way, which then takes an idle
+//! connection or opens one.
+//!
 //! A client keeps its last connection between transactions (in its [`Parking`]) unless its pool is pressed
 //! (its last checkout found no permit free): its next transaction takes it back without a checkout (no
 //! permit, no idle list, no clock read). It still
@@ -20,13 +25,13 @@
 //! open more: a checkout that finds no idle connection takes a kept one before it connects, so the pool still
 //! opens only as many connections as transactions run at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use shardmap::ShardId;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 
 use crate::backend::cancel::{CancelKey, Slot};
 use crate::backend::conn::{BackendError, ServerConn, Target};
@@ -64,6 +69,25 @@ pub struct Settings {
     pub homes: usize,
 }
 
+/// [`Settings`] as every pool reads them: the size and the homes fixed at start, the timeouts (which RELOAD
+/// changes) in atomics — read on checkouts, where loading a swapped pointer costs more.
+struct Shared {
+    size: u32,
+    homes: usize,
+    timeout_ms: AtomicU64,
+    idle_timeout_ms: AtomicU64,
+}
+
+impl Shared {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
+    }
+}
+
 pub struct Pool {
     key: PoolKey,
     name: String,
@@ -73,9 +97,9 @@ pub struct Pool {
     idle: Box<[Mutex<Vec<Box<ServerConn>>>]>,
     /// `pool-size` in shares, one per home (one share under the default runtime); a home's clients take
     /// their own share's permits first, another's only when theirs are all taken, and wait on their own.
-    permits: Box<[Arc<Semaphore>]>,
-    /// Shared by all pools; RELOAD replaces it (the size stays: it is fixed at start).
-    settings: Arc<arc_swap::ArcSwap<Settings>>,
+    shares: Box<[Share]>,
+    /// Shared by all pools.
+    settings: Arc<Shared>,
     /// Checkouts waiting for a free connection now (for metrics), and those about to (a client giving a
     /// connection back reads it: see [`Pool::park`]).
     waiting: AtomicUsize,
@@ -94,11 +118,9 @@ pub struct Pool {
     /// client through `steal`). Cleared by the next checkout that finds a permit free.
     pressed: AtomicBool,
     /// Waiting checkouts' deadlines, with no timer each (see [`Pool::wait_permit`]): the earliest of them, in
-    /// milliseconds since `born` (`u64::MAX`: none known)...
+    /// milliseconds since `born` (`u64::MAX`: none known), which the pool's watchdog compares with the clock
+    /// every few milliseconds; when it passed, the watchdog ends the waits past their deadline.
     earliest: AtomicU64,
-    /// ...which the pool's watchdog compares with the clock every few milliseconds, and rings this when it
-    /// passed: every waiting checkout looks at its own deadline.
-    alarm: tokio::sync::Notify,
     /// The watchdog runs (while checkouts wait).
     watching: AtomicBool,
     born: Instant,
@@ -106,13 +128,54 @@ pub struct Pool {
     pub params: Mutex<Option<Vec<(String, String)>>>,
 }
 
-/// A checked-out connection. Give it back with [`Pooled::release`]; dropping it closes the connection.
+/// One home's share of `pool-size`: its permits not taken now, and the checkouts waiting for one, first
+/// come first served. A permit is taken without the lock; one is given back under it, to the first waiting
+/// checkout, or — none waiting — to `free`. So `free` grows only while no one waits, and a checkout that
+/// found it empty under the lock is in the queue before the next permit comes back.
+struct Share {
+    free: AtomicUsize,
+    waiters: Mutex<VecDeque<Waiter>>,
+}
+
+impl Share {
+    fn take(&self) -> bool {
+        self.free.fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+    }
+}
+
+/// A checkout waiting for a permit: whoever gives one back hands it over here (with its connection, when it
+/// has one), unless the deadline passed (the watchdog drops `to`: the wait ends with a timeout).
+struct Waiter {
+    to: oneshot::Sender<Pooled>,
+    /// In milliseconds since the pool's `born`.
+    deadline: u64,
+}
+
+/// A waiting checkout's end of its [`Waiter`]. Dropped — the client went away — after a connection was
+/// handed over, it gives the connection back rather than close it.
+struct Handed(oneshot::Receiver<Pooled>);
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        self.0.close();
+        if let Ok(p) = self.0.try_recv() {
+            p.give_back();
+        }
+    }
+}
+
+/// A checked-out connection and the permit it holds. Give it back with [`Pooled::release`]; dropping it
+/// closes the connection (the permit goes on to the next waiting checkout). Without a connection (`conn`
+/// none) it is a bare permit: a checkout that has one takes an idle connection or opens one.
 pub struct Pooled {
     conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     /// The home whose idle list the connection goes back to (the thread that opened it).
     home: usize,
-    _permit: OwnedSemaphorePermit,
+    /// The share whose permit this holds...
+    share: usize,
+    /// ...until it is back in the share (see [`Pool::hand`]).
+    holds_permit: bool,
     /// The client's cancel slot this connection is registered in while checked out (and kept by that client).
     cancel: Option<(Arc<Slot>, Arc<CancelKey>)>,
     /// Where the client keeps it between transactions (none: it goes back to the pool).
@@ -164,7 +227,7 @@ impl Pool {
 
     /// Connections checked out of this pool now.
     pub fn in_use(&self) -> usize {
-        (self.settings.load().size as usize).saturating_sub(self.available() + self.parked())
+        (self.settings.size as usize).saturating_sub(self.available() + self.parked())
     }
 
     pub async fn get(self: &Arc<Self>, home: usize) -> Result<Pooled, PoolError> {
@@ -176,7 +239,7 @@ impl Pool {
     pub async fn get_with(self: &Arc<Self>, wait: bool, home: usize) -> Result<Option<Pooled>, PoolError> {
         // A free permit is taken without setting up a timer; only a wait is bounded by pool-timeout-ms.
         let own = self.share_of(home);
-        let permit = match self.free_permit(own) {
+        let mut permit = match self.free_permit(own, home) {
             Some(p) => p,
             None => {
                 if !self.pressed.load(Ordering::Relaxed) {
@@ -190,7 +253,7 @@ impl Pool {
                 let stolen = if self.listed.load(Ordering::SeqCst) { self.steal() } else { None };
                 let r = match stolen {
                     // Boxed: the wait's future is large and would be copied on every checkout.
-                    None if wait => Some(Box::pin(self.wait_permit(own)).await),
+                    None if wait => Some(Box::pin(self.wait_permit(own, home)).await),
                     _ => None,
                 };
                 drop(counted);
@@ -201,18 +264,22 @@ impl Pool {
                     (None, Some(None)) => {
                         return Err(PoolError::Timeout {
                             shard: self.name.clone(),
-                            ms: self.settings.load().timeout.as_millis() as u64,
-                            size: self.settings.load().size,
+                            ms: self.settings.timeout_ms.load(Ordering::Relaxed),
+                            size: self.settings.size,
                         })
                     }
                 }
             }
         };
+        if permit.conn.is_some() {
+            // Handed over by the client that gave it back.
+            return Ok(Some(permit));
+        }
         let home = home % self.idle.len();
         let idle = self.idle_conn(home);
         if idle.is_none() && self.listed.load(Ordering::SeqCst) {
             // No idle connection, but a client keeps one: taken rather than a new one opened (so the pool opens
-            // as many connections as transactions run at once, as without keeping; the permit goes back).
+            // as many connections as transactions run at once, as without keeping; the permit goes on).
             if let Some(kept) = self.steal() {
                 return Ok(Some(kept));
             }
@@ -221,7 +288,7 @@ impl Pool {
             Some(c) => c,
             None => {
                 // Boxed: a connect is rare and its future is large; inline it would be copied on every checkout.
-                let c = Box::pin(ServerConn::connect(&self.key.target, self.settings.load().timeout)).await?;
+                let c = Box::pin(ServerConn::connect(&self.key.target, self.settings.timeout())).await?;
                 let mut params = self.params.lock().expect("pool lock");
                 if params.is_none() {
                     *params = Some(c.params.clone());
@@ -229,25 +296,71 @@ impl Pool {
                 (Box::new(c), home)
             }
         };
-        Ok(Some(Pooled { conn: Some(conn), pool: self.clone(), home, _permit: permit, cancel: None, parking: None }))
+        permit.conn = Some(conn);
+        permit.home = home;
+        Ok(Some(permit))
+    }
+
+    /// A permit of share `share`, for a client of `home`, with no connection yet.
+    fn bare(self: &Arc<Self>, share: usize, home: usize) -> Pooled {
+        Pooled {
+            conn: None,
+            pool: self.clone(),
+            home: home % self.idle.len(),
+            share,
+            holds_permit: true,
+            cancel: None,
+            parking: None,
+        }
     }
 
     /// A free permit (share `own` first), if there is one; the pool is not pressed any more then.
-    fn free_permit(&self, own: usize) -> Option<OwnedSemaphorePermit> {
-        let n = self.permits.len();
-        let permit = (0..n).find_map(|k| self.permits[(own + k) % n].clone().try_acquire_owned().ok())?;
+    fn free_permit(self: &Arc<Self>, own: usize, home: usize) -> Option<Pooled> {
+        let n = self.shares.len();
+        let share = (0..n).map(|k| (own + k) % n).find(|&k| self.shares[k].take())?;
         if self.pressed.load(Ordering::Relaxed) {
             self.pressed.store(false, Ordering::Relaxed);
         }
-        Some(permit)
+        Some(self.bare(share, home))
+    }
+
+    /// Gives `p` back: to the first checkout waiting on its share, as it is (a connection with its permit, or a
+    /// bare permit); with none waiting, its connection to its home's idle list and its permit to the share.
+    /// (The caller checked that the connection is clean.)
+    fn hand(mut p: Pooled) {
+        p.parking = None;
+        if let Some((slot, key)) = p.cancel.take() {
+            slot.remove(&key);
+        }
+        loop {
+            let share = &p.pool.shares[p.share];
+            let mut waiters = share.waiters.lock().expect("pool lock");
+            let Some(w) = waiters.pop_front() else {
+                if let Some(mut c) = p.conn.take() {
+                    c.idle_rounds = 0;
+                    p.pool.idle[p.home].lock().expect("pool lock").push(c);
+                }
+                share.free.fetch_add(1, Ordering::Release);
+                p.holds_permit = false;
+                return;
+            };
+            drop(waiters);
+            // (A checkout gone since — its client left, its deadline passed — gives `p` back to try the next.)
+            match w.to.send(p) {
+                Ok(()) => return,
+                Err(back) => p = back,
+            }
+        }
     }
 
     /// A checkout without an await, for a client of `home`: a free permit and an idle connection, else `None`
     /// and nothing taken (the permit goes back: [`Pool::get_with`] waits, steals or connects).
     pub fn get_idle(self: &Arc<Self>, home: usize) -> Option<Pooled> {
-        let permit = self.free_permit(self.share_of(home))?;
+        let mut permit = self.free_permit(self.share_of(home), home)?;
         let (conn, home) = self.idle_conn(home % self.idle.len())?;
-        Some(Pooled { conn: Some(conn), pool: self.clone(), home, _permit: permit, cancel: None, parking: None })
+        permit.conn = Some(conn);
+        permit.home = home;
+        Some(permit)
     }
 
     /// The connection `parking` keeps, if it is one of this pool's (the client's next transaction).
@@ -412,28 +525,22 @@ impl Pool {
             .count()
     }
 
-    /// The most recently used idle connection of `home`, else of another home (with the home it is from);
-    /// the reaper closes old ones, and one that aged since is skipped.
+    /// The most recently used idle connection of `home`, else of another home (with the home it is from); the
+    /// reaper closes old ones (see [`Pools::reap`]: no clock is read here).
     fn idle_conn(&self, home: usize) -> Option<(Box<ServerConn>, usize)> {
         let n = self.idle.len();
-        (0..n).map(|k| (home + k) % n).find_map(|h| loop {
-            let c = self.idle[h].lock().expect("pool lock").pop();
-            match c {
-                Some(c) if c.last_used.elapsed() >= self.settings.load().idle_timeout => drop(c),
-                other => break other.map(|c| (c, h)),
-            }
-        })
+        (0..n).map(|k| (home + k) % n).find_map(|h| self.idle[h].lock().expect("pool lock").pop().map(|c| (c, h)))
     }
 
     /// The share a client of `home` waits on: its own, or (more homes than `pool-size`: a home without a
     /// share) another's.
     fn share_of(&self, home: usize) -> usize {
-        if self.permits.len() == 1 {
+        if self.shares.len() == 1 {
             return 0;
         }
-        let h = home % self.permits.len();
+        let h = home % self.shares.len();
         // (Home h has a share of its own exactly when h < pool-size: see `shares`.)
-        let size = (self.settings.load().size as usize).max(1);
+        let size = (self.settings.size as usize).max(1);
         if h < size {
             h
         } else {
@@ -443,7 +550,7 @@ impl Pool {
 
     /// Permits free in all shares.
     fn available(&self) -> usize {
-        self.permits.iter().map(|p| p.available_permits()).sum()
+        self.shares.iter().map(|s| s.free.load(Ordering::Relaxed)).sum()
     }
 
     fn idle_len(&self) -> usize {
@@ -453,34 +560,50 @@ impl Pool {
 
 impl Pool {
     /// The slow path of a checkout: every connection is taken (none kept by a client); wait, at most
-    /// pool-timeout-ms (`None` past it; the caller counts itself waiting).
+    /// pool-timeout-ms, for whoever gives a permit of `share` back to hand it over — with its connection when
+    /// it has one (`None`: past the deadline; the caller counts itself waiting).
     ///
     /// No timer is set up for each wait (registering one in the runtime's timer wheel and removing it cost
-    /// more than the rest of the checkout): the checkout notes its deadline in `earliest` and listens to the
-    /// pool's `alarm`, which the pool's watchdog (one task, running while checkouts wait) rings when the
-    /// earliest deadline has passed; each checkout rung looks at its own deadline and, not past it yet,
-    /// notes it again. A checkout is told within one watchdog tick (1/20 of pool-timeout-ms, 1 to 250 ms)
-    /// after its deadline. The watchdog resets `earliest` before it rings, and a checkout listens before it
-    /// notes its deadline: one that noted it too early to count is rung.
-    async fn wait_permit(self: &Arc<Self>, share: usize) -> Option<OwnedSemaphorePermit> {
-        let permits = self.permits[share].clone();
-        let timeout = self.settings.load().timeout;
+    /// more than the rest of the checkout): the checkout notes its deadline in its place in the queue and in
+    /// `earliest`; the pool's watchdog (one task, running while checkouts wait) looks at the queue when the
+    /// earliest deadline has passed and ends the waits past theirs. A checkout is told within one watchdog
+    /// tick (1/20 of pool-timeout-ms, 1 to 250 ms) after its deadline. The watchdog resets `earliest` before
+    /// it looks, and notes again the deadlines it leaves in the queue; a checkout notes its own under the
+    /// queue's lock: no deadline goes unnoted.
+    async fn wait_permit(self: &Arc<Self>, share: usize, home: usize) -> Option<Pooled> {
+        let timeout = self.settings.timeout();
         // (+1: the clock counts whole milliseconds, and a wait ends after pool-timeout-ms, never before.)
         let deadline = self.clock().saturating_add(timeout.as_millis() as u64 + 1);
-        self.watch();
-        let acquire = permits.acquire_owned();
-        tokio::pin!(acquire);
-        loop {
-            let alarm = self.alarm.notified();
+        let (to, handed) = oneshot::channel();
+        {
+            let mut waiters = self.shares[share].waiters.lock().expect("pool lock");
+            if self.shares[share].take() {
+                // (Given back since the caller looked.)
+                drop(waiters);
+                return Some(self.bare(share, home));
+            }
+            waiters.push_back(Waiter { to, deadline });
             self.earliest.fetch_min(deadline, Ordering::SeqCst);
-            tokio::select! {
-                biased;
-                p = &mut acquire => return Some(p.expect("pool semaphore is never closed")),
-                _ = alarm => {}
-            }
-            if self.clock() >= deadline {
-                return None;
-            }
+        }
+        self.watch();
+        let mut handed = Handed(handed);
+        (&mut handed.0).await.ok()
+    }
+
+    /// Ends the waits past their deadline (their checkouts time out) and of checkouts gone, and notes the
+    /// earliest deadline left.
+    fn expire(&self) {
+        let now = self.clock();
+        for share in self.shares.iter() {
+            let mut next = u64::MAX;
+            share.waiters.lock().expect("pool lock").retain(|w| {
+                let keep = w.deadline > now && !w.to.is_closed();
+                if keep {
+                    next = next.min(w.deadline);
+                }
+                keep
+            });
+            self.earliest.fetch_min(next, Ordering::SeqCst);
         }
     }
 
@@ -497,17 +620,18 @@ impl Pool {
         }
     }
 
-    /// Rings `alarm` when the earliest waiting checkout's deadline has passed; stops when no checkout waits.
+    /// Ends waits past their deadline (see [`Pool::expire`]) when the earliest has passed; stops when no
+    /// checkout waits.
     async fn watchdog(self: Arc<Self>) {
         // (Dropped unfinished — the runtime it ran on shut down — it clears `watching`, so that the next
         // waiting checkout starts another rather than wait for ever.)
         let mut running = Running(&self.watching, true);
         loop {
-            let tick = (self.settings.load().timeout / 20).clamp(Duration::from_millis(1), Duration::from_millis(250));
+            let tick = (self.settings.timeout() / 20).clamp(Duration::from_millis(1), Duration::from_millis(250));
             tokio::time::sleep(tick).await;
             if self.clock() >= self.earliest.load(Ordering::SeqCst) {
                 self.earliest.store(u64::MAX, Ordering::SeqCst);
-                self.alarm.notify_waiters();
+                self.expire();
             }
             if self.waiting.load(Ordering::SeqCst) == 0 {
                 running.1 = false;
@@ -622,18 +746,14 @@ impl Pooled {
         })
     }
 
-    /// Back to the pool's idle list if clean; otherwise closed.
+    /// Back to the first checkout waiting, else to the pool's idle list, if clean; otherwise closed (its
+    /// permit goes on).
     #[inline]
     fn give_back(mut self) {
-        if let Some((slot, key)) = self.cancel.take() {
-            slot.remove(&key);
+        if !self.is_clean() {
+            self.conn = None;
         }
-        if self.is_clean() {
-            if let Some(mut c) = self.conn.take() {
-                c.last_used = Instant::now();
-                self.pool.idle[self.home].lock().expect("pool lock").push(c);
-            }
-        }
+        Pool::hand(self);
     }
 }
 
@@ -642,32 +762,48 @@ impl Drop for Pooled {
         if let Some((slot, key)) = self.cancel.take() {
             slot.remove(&key);
         }
+        if self.holds_permit {
+            // Not given back: the connection (if any) is closed, and its permit goes on.
+            self.conn = None;
+            self.holds_permit = false;
+            Pool::hand(self.pool.bare(self.share, self.home));
+        }
     }
 }
 
 /// All pools of a router.
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    /// Shared by all pools; RELOAD replaces it (the size stays: it is fixed at start).
-    settings: Arc<arc_swap::ArcSwap<Settings>>,
+    /// Shared by all pools; RELOAD changes the timeouts (the size stays: it is fixed at start).
+    settings: Arc<Shared>,
 }
 
 impl Pools {
     pub fn new(settings: Settings) -> Pools {
-        Pools { pools: Mutex::new(HashMap::new()), settings: Arc::new(arc_swap::ArcSwap::from_pointee(settings)) }
+        let Settings { size, timeout, idle_timeout, homes } = settings;
+        let settings = Shared {
+            size,
+            homes,
+            timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
+            idle_timeout_ms: AtomicU64::new(idle_timeout.as_millis() as u64),
+        };
+        Pools { pools: Mutex::new(HashMap::new()), settings: Arc::new(settings) }
     }
 
-    /// Closes idle connections older than `pool-idle-timeout`, in every pool. A connection kept by its
-    /// client has no clock (reading one per transaction costs): it is closed once this has run, every
-    /// [`Pools::reap_every`], more times than fit in `pool-idle-timeout` — idle at least that long, at most
-    /// one round more.
+    /// Closes idle connections older than `pool-idle-timeout`, in every pool. An idle connection has no clock
+    /// (reading one per transaction costs), in the pool's list or kept by its client: it is closed once this
+    /// has run, every [`Pools::reap_every`], more times than fit in `pool-idle-timeout` — idle at least that
+    /// long, at most one round more.
     pub fn reap(&self) {
         let pools: Vec<Arc<Pool>> = self.pools.lock().expect("pools lock").values().cloned().collect();
-        let cutoff = self.settings.load().idle_timeout;
+        let cutoff = self.settings.idle_timeout();
         let rounds = cutoff.as_millis().div_ceil(self.reap_every().as_millis().max(1)) as u32;
         for p in pools {
             for list in p.idle.iter() {
-                list.lock().expect("pool lock").retain(|c| c.last_used.elapsed() < cutoff);
+                list.lock().expect("pool lock").retain_mut(|c| {
+                    c.idle_rounds += 1;
+                    c.idle_rounds <= rounds
+                });
             }
             drop(p.take_parked(|seen| seen > rounds));
         }
@@ -695,13 +831,13 @@ impl Pools {
 
     /// RELOAD: new `pool-timeout-ms` and `pool-idle-timeout` for every pool.
     pub fn update(&self, timeout: Duration, idle_timeout: Duration) {
-        let Settings { size, homes, .. } = **self.settings.load();
-        self.settings.store(Arc::new(Settings { size, timeout, idle_timeout, homes }));
+        self.settings.timeout_ms.store(timeout.as_millis() as u64, Ordering::Relaxed);
+        self.settings.idle_timeout_ms.store(idle_timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// How often `reap` should run.
     pub fn reap_every(&self) -> Duration {
-        (self.settings.load().idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        (self.settings.idle_timeout() / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
 
     /// Every pool's figures.
@@ -736,12 +872,12 @@ impl Pools {
                 Arc::new(Pool {
                     key,
                     name: name.to_string(),
-                    idle: (0..self.settings.load().homes.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
-                    permits: {
-                        let s = self.settings.load();
+                    idle: (0..self.settings.homes.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+                    shares: {
+                        let s = &self.settings;
                         shares(s.size as usize, s.homes.max(1))
                             .into_iter()
-                            .map(|n| Arc::new(Semaphore::new(n)))
+                            .map(|free| Share { free: AtomicUsize::new(free), waiters: Mutex::default() })
                             .collect()
                     },
                     settings: self.settings.clone(),
@@ -752,7 +888,6 @@ impl Pools {
                     listed: Default::default(),
                     pressed: Default::default(),
                     earliest: AtomicU64::new(u64::MAX),
-                    alarm: Default::default(),
                     watching: Default::default(),
                     born: Instant::now(),
                 })
