@@ -304,16 +304,22 @@ async fn a_transaction_reads_key_positions_on_its_own_connection() -> anyhow::Re
                 }
                 Ok(error_codes(&r))
             };
+            // A transaction of `middle` that gives no error.
+            let clean = |cl: &mut RawClient, middle: [String; 2]| -> anyhow::Result<()> {
+                for sql in ["BEGIN".to_string(), middle[0].clone(), middle[1].clone(), "COMMIT".to_string()] {
+                    assert_eq!(run(cl, &sql)?, Vec::<String>::new(), "{path:?}: {sql}");
+                }
+                Ok(())
+            };
             let t = Instant::now();
             let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
-            for sql in [
-                "BEGIN".to_string(),
-                format!("INSERT INTO users (user_id, n) VALUES ({k}, 1)"),
-                format!("INSERT INTO users VALUES ({k}, 2)"),
-                "COMMIT".to_string(),
-            ] {
-                assert_eq!(run(&mut cl, &sql)?, Vec::<String>::new(), "{path:?}: {sql}");
-            }
+            clean(
+                &mut cl,
+                [
+                    format!("INSERT INTO users (user_id, n) VALUES ({k}, 1)"),
+                    format!("INSERT INTO users VALUES ({k}, 2)"),
+                ],
+            )?;
             // No such table: the server's error, and the transaction failed (as on one PostgreSQL).
             let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
             assert!(run(&mut cl, "BEGIN")?.is_empty());
@@ -322,14 +328,13 @@ async fn a_transaction_reads_key_positions_on_its_own_connection() -> anyhow::Re
             assert_eq!(run(&mut cl, &format!("INSERT INTO users VALUES ({k}, 4)"))?, ["25P02"], "{path:?}");
             assert!(run(&mut cl, "ROLLBACK")?.is_empty());
             // A table made in the transaction is seen by the lookup (on every shard the transaction joined).
-            for sql in [
-                "BEGIN".to_string(),
-                format!("CREATE TABLE made_{k} (user_id bigint, n int)"),
-                format!("INSERT INTO made_{k} VALUES ({k}, 5)"),
-                "COMMIT".to_string(),
-            ] {
-                assert_eq!(run(&mut cl, &sql)?, Vec::<String>::new(), "{path:?}: {sql}");
-            }
+            clean(
+                &mut cl,
+                [
+                    format!("CREATE TABLE made_{k} (user_id bigint, n int)"),
+                    format!("INSERT INTO made_{k} VALUES ({k}, 5)"),
+                ],
+            )?;
             assert!(
                 t.elapsed() < Duration::from_millis(1500),
                 "{path:?}: no wait for a second connection: {:?}",
