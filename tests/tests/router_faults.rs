@@ -311,7 +311,7 @@ async fn a_transaction_reads_key_positions_on_its_own_connection() -> anyhow::Re
                 }
                 Ok(())
             };
-            let t = Instant::now();
+            // (A wait for a second connection would end in 53300: the transaction holds the shard's only one.)
             let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
             clean(
                 &mut cl,
@@ -335,11 +335,6 @@ async fn a_transaction_reads_key_positions_on_its_own_connection() -> anyhow::Re
                     format!("INSERT INTO made_{k} VALUES ({k}, 5)"),
                 ],
             )?;
-            assert!(
-                t.elapsed() < Duration::from_millis(1500),
-                "{path:?}: no wait for a second connection: {:?}",
-                t.elapsed()
-            );
         }
         Ok(())
     })
