@@ -252,8 +252,8 @@ impl Pool {
                 let counted = Waiting::count(&self.waiting);
                 let stolen = if self.listed.load(Ordering::SeqCst) { self.steal() } else { None };
                 let r = match stolen {
-                    // Boxed: the wait's future is large and would be copied on every checkout.
-                    None if wait => Some(Box::pin(self.wait_permit(own, home)).await),
+                    // (Not boxed: the wait's future is small — its channel's receiving end and a few words.)
+                    None if wait => Some(self.wait_permit(own, home).await),
                     _ => None,
                 };
                 drop(counted);
