@@ -255,9 +255,9 @@ impl<S: Stream> Session<S> {
     /// table, and again after a schema change through the router. A table the server does not know gets the
     /// server's error. Not needed where the destination is known whatever the statement (one node, a
     /// tenant's database). Read on a connection the session holds when it has one (its transaction's first),
-    /// inside a savepoint when in a transaction: a session that holds connections never waits for another
+    /// inside a savepoint when in a transaction: a session that holds connections does not wait for another
     /// (on a full pool, clients each in a transaction waiting for a second connection would wait for each
-    /// other until `pool-timeout-ms`).
+    /// other until `pool-timeout-ms`) — unless the one it holds is busy with an unsynced pipeline.
     pub async fn learn_key_positions(&mut self, analysis: &Analysis) -> Result<(), Reported> {
         if self.fixed().is_some() {
             return Ok(());
