@@ -249,6 +249,42 @@ async fn waiting_clients_are_handed_connections_with_their_own_settings() -> any
     Ok(())
 }
 
+/// Clients waiting on a full pool get the permit of a connection that was closed (its client left in the
+/// middle of a transaction) and open a new connection at once — not after `pool-timeout-ms` — on the simple
+/// and on the extended protocol, and do not see the rolled-back change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_clients_get_a_new_connection_when_the_one_ahead_is_closed() -> anyhow::Result<()> {
+    let c = Cluster::hash(1, "pool-size,1\npool-timeout-ms,20000\n")?;
+    let db = c.client().await?;
+    db.batch_execute("CREATE TABLE users (user_id bigint PRIMARY KEY, n int)").await?;
+    db.execute("INSERT INTO users (user_id, n) VALUES (1, 0)", &[]).await?;
+    // (Connected first: a client's startup takes a connection too.)
+    let (simple, extended, gone) = (c.client().await?, c.client().await?, c.client().await?);
+    gone.batch_execute("BEGIN; UPDATE users SET n = 99 WHERE user_id = 1").await?;
+    let t = Instant::now();
+    let simple = tokio::spawn(async move {
+        match simple.simple_query("SELECT n FROM users WHERE user_id = 1").await?.get(1) {
+            Some(tokio_postgres::SimpleQueryMessage::Row(r)) => Ok(r.get(0).unwrap_or_default().to_string()),
+            m => anyhow::bail!("{m:?}"),
+        }
+    });
+    let extended = tokio::spawn(async move {
+        let n: i32 = extended.query_one("SELECT n FROM users WHERE user_id = $1", &[&1i64]).await?.get(0);
+        anyhow::Ok(n.to_string())
+    });
+    // Both wait for the only connection, which `gone` holds in its transaction; `gone` leaves.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!simple.is_finished() && !extended.is_finished(), "the pool of one is taken");
+    drop(gone);
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), simple).await???, "0");
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), extended).await???, "0");
+    assert!(t.elapsed() < Duration::from_secs(10), "handed over, not timed out: {:?}", t.elapsed());
+    let direct = c.shards[0].client("postgres").await?;
+    let count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shard-router'";
+    assert!(direct.query_one(count, &[]).await?.get::<_, i64>(0) <= 1, "pool-size 1 holds");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_bounds_wait_and_idle_timeout() -> anyhow::Result<()> {
     let c = Cluster::hash(1, "pool-size,1\npool-timeout-ms,300\npool-idle-timeout,1\n")?;

@@ -8,7 +8,7 @@ use shardmap::ShardId;
 
 use super::cancel::Slot;
 use super::conn::{BackendError, Target};
-use super::pool::{Parking, Pool, PoolKey, Pooled};
+use super::pool::{self, Parking, Pool, PoolKey, Pooled};
 use super::Backends;
 use crate::net::Reported;
 
@@ -182,44 +182,89 @@ impl Checkout {
 
     /// [`Checkout::get`] without an await, for the common cases under transaction pooling: the client kept a
     /// connection of the shard's pool since its last transaction, or the pool has a permit free and an idle
-    /// connection; either carrying the client's settings. `None`: no such connection (or a PAUSE, or the pool
-    /// not cached yet) — call [`Checkout::get`]. (An `async fn` costs its future's set-up and poll even when
-    /// it never waits: two of them per statement. With several shards, most statements go to another shard
-    /// than the client's last one and take an idle connection.)
-    pub fn get_now(
-        &mut self,
-        shard: ShardId,
-        database: Option<&str>,
-        carry: &(dyn Carry + Sync),
-    ) -> Option<Result<Pooled, Reported>> {
-        let (generation, pool) = self.cached_ref(shard, database)?;
+    /// connection; either carrying the client's settings. When every connection is taken, a [`Wait`] to
+    /// await and then end with [`Checkout::handed`]. [`Now::Slow`]: neither (a connection to open, other
+    /// settings to replay, a PAUSE, the pool not cached yet) — call [`Checkout::get`]. (An `async fn` costs
+    /// its future's set-up and poll even when it never waits, and a wait through the layers of `async`
+    /// checkout polls each of them again when the connection comes. With several shards, most statements go
+    /// to another shard than the client's last one and take an idle connection.)
+    pub fn get_now(&mut self, shard: ShardId, database: Option<&str>, carry: &(dyn Carry + Sync)) -> Now {
+        let Some((generation, pool)) = self.cached_ref(shard, database) else { return Now::Slow };
         if self.backends.topology.is_paused(shard) {
-            return None;
+            return Now::Slow;
         }
         if let Err(e) = self.may_reach(shard, database) {
-            return Some(Err(e));
+            return Now::Failed(e);
         }
         let kept = self.parking.as_ref().and_then(|k| pool.unpark(k));
         let fresh = kept.is_none();
         let mut p = match kept {
             Some(p) => p,
-            None => pool.get_idle(self.home)?,
+            None => match pool.take_now(self.home) {
+                pool::Now::Got(p) => p,
+                pool::Now::Slow => return Now::Slow,
+                pool::Now::Wait(ticket) => {
+                    return match self.admit(shard, generation) {
+                        Ok(()) => Now::Wait(Wait { ticket }),
+                        Err(e) => Now::Failed(e),
+                    }
+                }
+            },
         };
         if p.conn().prepared.len() > MAX_PREPARED || p.conn().settings != carry.hash() {
             // (Work with awaits: the connection goes back to the client's parking or to the pool, where `get`
             // takes it.)
             p.release();
-            return None;
+            return Now::Slow;
         }
         if let Err(e) = self.admit(shard, generation) {
             p.release();
-            return Some(Err(e));
+            return Now::Failed(e);
         }
         p.register_cancel(&self.cancel);
         if let Some(k) = self.parking.as_ref().filter(|_| fresh) {
             p.keep_in(k);
         }
-        Some(Ok(p))
+        Now::Got(p)
+    }
+
+    /// The end of a [`Wait`] (`got`: what its ticket gave): the connection handed over, taken up without an
+    /// await when it carries the client's settings. `Err`: a bare permit, or other settings to replay —
+    /// [`Checkout::finish`] it.
+    pub fn handed(&self, got: Waited, carry: &(dyn Carry + Sync)) -> Result<Result<Pooled, Reported>, Pooled> {
+        let mut p = match got.got {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        if p.is_bare() || p.conn().prepared.len() > MAX_PREPARED || p.conn().settings != carry.hash() {
+            return Err(p);
+        }
+        p.register_cancel(&self.cancel);
+        if let Some(k) = &self.parking {
+            p.keep_in(k);
+        }
+        Ok(Ok(p))
+    }
+
+    /// [`Checkout::handed`]'s work with awaits: a connection for a bare permit, the client's settings.
+    pub async fn finish(
+        &mut self,
+        shard: ShardId,
+        database: Option<&str>,
+        p: Pooled,
+        carry: &(dyn Carry + Sync),
+    ) -> Result<Pooled, Reported> {
+        let pool = p.pool().clone();
+        let generation = self.backends.topology.generation(shard);
+        let mut p = match pool.fill(p, self.home).await {
+            Ok(p) => p,
+            Err(e) => self.failed_checkout(&pool, shard, database, generation, e).await?,
+        };
+        self.take_up(&mut p, carry).await?;
+        if let Some(k) = &self.parking {
+            p.keep_in(k);
+        }
+        Ok(p)
     }
 
     /// The circuit breaker's word on a new transaction on `shard` (of `generation`).
@@ -265,27 +310,43 @@ impl Checkout {
         let mut p = match got {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(None),
-            Err(e) if e.sqlstate() == "3D000" && self.config.auto_create && database.is_some() => {
-                // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
-                let db = database.expect("checked");
-                Box::pin(super::tenant::create(b, shard, db)).await?;
-                pool.get(self.home).await?
-            }
-            Err(e) => {
-                if e.sqlstate() == CONNECT_FAILED {
-                    b.mark_down(shard);
-                }
-                if e.sqlstate().starts_with("08") {
-                    b.breaker.failure(shard.0 as usize, generation);
-                }
-                return Err(e.into());
-            }
+            Err(e) => self.failed_checkout(pool, shard, database, generation, e).await?,
         };
         self.take_up(&mut p, carry).await?;
         if let Some(k) = self.parking.as_ref().filter(|_| fresh) {
             p.keep_in(k);
         }
         Ok(Some(p))
+    }
+
+    /// A checkout of `pool` failed with `e`: under `shard-auto-create` a tenant's missing database is made and
+    /// the checkout tried again; otherwise a failed connection marks the shard down and counts for the circuit
+    /// breaker.
+    async fn failed_checkout(
+        &self,
+        pool: &Arc<Pool>,
+        shard: ShardId,
+        database: Option<&str>,
+        generation: u64,
+        e: super::pool::PoolError,
+    ) -> Result<Pooled, Reported> {
+        let b = &self.backends;
+        match database {
+            Some(db) if e.sqlstate() == "3D000" && self.config.auto_create => {
+                // shard-auto-create: the tenant's database is made on first use, then the checkout retried.
+                Box::pin(super::tenant::create(b, shard, db)).await?;
+                Ok(pool.get(self.home).await?)
+            }
+            _ => {
+                if e.sqlstate() == CONNECT_FAILED {
+                    b.mark_down(shard);
+                }
+                if e.sqlstate().starts_with("08") {
+                    b.breaker.failure(shard.0 as usize, generation);
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// `shard-read-replicas` (the caller checked that the statement may read there): a connection to a
@@ -366,6 +427,34 @@ impl Checkout {
     pub fn answered(&self, shard: ShardId, started: std::time::Instant, error: bool) {
         self.backends.stats.record(shard.0 as usize, started.elapsed(), error);
         self.backends.breaker.success(shard.0 as usize);
+    }
+}
+
+/// A checkout without an await ([`Checkout::get_now`]).
+pub enum Now {
+    Got(Pooled),
+    Failed(Reported),
+    /// Every connection is taken: await this, then [`Checkout::handed`].
+    Wait(Wait),
+    /// Call [`Checkout::get`].
+    Slow,
+}
+
+/// A checkout waiting for a connection of a pool whose connections are all taken (see [`pool::Ticket`]).
+pub struct Wait {
+    ticket: pool::Ticket,
+}
+
+/// What a [`Wait`] got.
+pub struct Waited {
+    got: Result<Pooled, super::pool::PoolError>,
+}
+
+impl std::future::Future for Wait {
+    type Output = Waited;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Waited> {
+        std::pin::Pin::new(&mut self.ticket).poll(cx).map(|got| Waited { got })
     }
 }
 

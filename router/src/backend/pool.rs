@@ -117,7 +117,7 @@ pub struct Pool {
     /// has, and clients give theirs back rather than keep them (kept ones would only pass from client to
     /// client through `steal`). Cleared by the next checkout that finds a permit free.
     pressed: AtomicBool,
-    /// Waiting checkouts' deadlines, with no timer each (see [`Pool::wait_permit`]): the earliest of them, in
+    /// Waiting checkouts' deadlines, with no timer each (see [`Pool::enqueue`]): the earliest of them, in
     /// milliseconds since `born` (`u64::MAX`: none known), which the pool's watchdog compares with the clock
     /// every few milliseconds; when it passed, the watchdog ends the waits past their deadline.
     earliest: AtomicU64,
@@ -162,6 +162,61 @@ impl Drop for Handed {
             p.give_back();
         }
     }
+}
+
+/// A checkout waiting for a connection (every permit of its pool was taken): awaited, the permit whoever gave
+/// one back handed over — with that connection, or bare when it was closed (see [`Pool::fill`]) — or past
+/// `pool-timeout-ms` the timeout. Counted among the pool's waiting checkouts until its wait ends or it is
+/// dropped. The session awaits it directly (see `Session::link_now`): a wait is polled again from the
+/// session, not through the layers of an `async` checkout.
+pub struct Ticket {
+    handed: Handed,
+    pool: Arc<Pool>,
+    counted: bool,
+}
+
+impl Ticket {
+    fn uncount(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.pool.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl std::future::Future for Ticket {
+    type Output = Result<Pooled, PoolError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let got = std::task::ready!(std::pin::Pin::new(&mut self.handed.0).poll(cx));
+        self.uncount();
+        std::task::Poll::Ready(got.map_err(|_| self.pool.timed_out()))
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.uncount();
+    }
+}
+
+/// What [`Pool::queue`] found.
+enum Queued {
+    /// A connection kept by a client, or a permit given back since the caller looked (bare).
+    Got(Pooled),
+    Wait(Ticket),
+    /// Nothing, and the caller would not wait.
+    Nothing,
+}
+
+/// A checkout without an await ([`Pool::take_now`]).
+pub enum Now {
+    /// A connection (clean; its settings are the caller's to check).
+    Got(Pooled),
+    /// Every connection is taken: await the ticket.
+    Wait(Ticket),
+    /// Take the `async` way ([`Pool::get_with`]): a connection is to be opened, or a permit came back as it
+    /// was looked for.
+    Slow,
 }
 
 /// A checked-out connection and the permit it holds. Give it back with [`Pooled::release`]; dropping it
@@ -239,41 +294,76 @@ impl Pool {
     pub async fn get_with(self: &Arc<Self>, wait: bool, home: usize) -> Result<Option<Pooled>, PoolError> {
         // A free permit is taken without setting up a timer; only a wait is bounded by pool-timeout-ms.
         let own = self.share_of(home);
-        let mut permit = match self.free_permit(own, home) {
+        let permit = match self.free_permit(own, home) {
             Some(p) => p,
-            None => {
-                if !self.pressed.load(Ordering::Relaxed) {
-                    self.pressed.store(true, Ordering::Relaxed);
-                }
-                // Counted as waiting before looking for a kept connection: a client parking one from now on
-                // hands it over instead (see `park`).
-                // (Uncounted when this ends, even dropped mid-wait: a count left behind would stop every
-                // client from keeping its connection.)
-                let counted = Waiting::count(&self.waiting);
-                let stolen = if self.listed.load(Ordering::SeqCst) { self.steal() } else { None };
-                let r = match stolen {
-                    // (Not boxed: the wait's future is small — its channel's receiving end and a few words.)
-                    None if wait => Some(self.wait_permit(own, home).await),
-                    _ => None,
-                };
-                drop(counted);
-                match (stolen, r) {
-                    (Some(p), _) => return Ok(Some(p)),
-                    (None, None) => return Ok(None),
-                    (None, Some(Some(permit))) => permit,
-                    (None, Some(None)) => {
-                        return Err(PoolError::Timeout {
-                            shard: self.name.clone(),
-                            ms: self.settings.timeout_ms.load(Ordering::Relaxed),
-                            size: self.settings.size,
-                        })
-                    }
-                }
-            }
+            None => match self.queue(own, home, wait) {
+                Queued::Got(p) => p,
+                // (Not boxed: the ticket is small — its channel's receiving end and a few words.)
+                Queued::Wait(ticket) => ticket.await?,
+                Queued::Nothing => return Ok(None),
+            },
         };
+        self.fill(permit, home).await.map(Some)
+    }
+
+    /// A checkout without an await, for a client of `home`: a free permit and an idle connection; with every
+    /// permit taken, a connection kept by a client, or a place in the queue of those waiting (a [`Ticket`] to
+    /// await). [`Now::Slow`]: a free permit but no idle connection — nothing taken, [`Pool::get_with`]
+    /// connects.
+    pub fn take_now(self: &Arc<Self>, home: usize) -> Now {
+        let own = self.share_of(home);
+        let Some(mut permit) = self.free_permit(own, home) else {
+            return match self.queue(own, home, true) {
+                Queued::Got(p) if p.conn.is_some() => Now::Got(p),
+                // (A permit given back since: it goes on as it is dropped, and the checkout takes the slow path.)
+                Queued::Got(_) | Queued::Nothing => Now::Slow,
+                Queued::Wait(ticket) => Now::Wait(ticket),
+            };
+        };
+        match self.idle_conn(home % self.idle.len()) {
+            Some((conn, home)) => {
+                permit.conn = Some(conn);
+                permit.home = home;
+                Now::Got(permit)
+            }
+            None => Now::Slow,
+        }
+    }
+
+    /// Every permit of the pool is taken (the caller looked): a connection kept by a client, else (`wait`) a
+    /// place in the queue of share `share` — or the permit given back since the caller looked, bare.
+    fn queue(self: &Arc<Self>, share: usize, home: usize, wait: bool) -> Queued {
+        if !self.pressed.load(Ordering::Relaxed) {
+            self.pressed.store(true, Ordering::Relaxed);
+        }
+        // Counted as waiting before looking for a kept connection: a client parking one from now on hands it
+        // over instead (see `park`). Uncounted when this ends without a wait; a ticket uncounts itself when
+        // its wait ends or it is dropped mid-wait (a count left behind would stop every client from keeping
+        // its connection).
+        let counted = Waiting::count(&self.waiting);
+        if self.listed.load(Ordering::SeqCst) {
+            if let Some(p) = self.steal() {
+                return Queued::Got(p);
+            }
+        }
+        if !wait {
+            return Queued::Nothing;
+        }
+        match self.enqueue(share, home) {
+            Ok(permit) => Queued::Got(permit),
+            Err(handed) => {
+                std::mem::forget(counted);
+                Queued::Wait(Ticket { handed, pool: self.clone(), counted: true })
+            }
+        }
+    }
+
+    /// A permit taken (the caller's: free, or handed over — with a connection, or bare) with a connection:
+    /// its own, an idle one, one kept by a client (its permit goes on), or a new one.
+    pub async fn fill(self: &Arc<Self>, mut permit: Pooled, home: usize) -> Result<Pooled, PoolError> {
         if permit.conn.is_some() {
             // Handed over by the client that gave it back.
-            return Ok(Some(permit));
+            return Ok(permit);
         }
         let home = home % self.idle.len();
         let idle = self.idle_conn(home);
@@ -281,7 +371,7 @@ impl Pool {
             // No idle connection, but a client keeps one: taken rather than a new one opened (so the pool opens
             // as many connections as transactions run at once, as without keeping; the permit goes on).
             if let Some(kept) = self.steal() {
-                return Ok(Some(kept));
+                return Ok(kept);
             }
         }
         let (conn, home) = match idle {
@@ -298,7 +388,16 @@ impl Pool {
         };
         permit.conn = Some(conn);
         permit.home = home;
-        Ok(Some(permit))
+        Ok(permit)
+    }
+
+    /// The error of a checkout that waited `pool-timeout-ms` for a connection.
+    fn timed_out(&self) -> PoolError {
+        PoolError::Timeout {
+            shard: self.name.clone(),
+            ms: self.settings.timeout_ms.load(Ordering::Relaxed),
+            size: self.settings.size,
+        }
     }
 
     /// A permit of share `share`, for a client of `home`, with no connection yet.
@@ -351,16 +450,6 @@ impl Pool {
                 Err(back) => p = back,
             }
         }
-    }
-
-    /// A checkout without an await, for a client of `home`: a free permit and an idle connection, else `None`
-    /// and nothing taken (the permit goes back: [`Pool::get_with`] waits, steals or connects).
-    pub fn get_idle(self: &Arc<Self>, home: usize) -> Option<Pooled> {
-        let mut permit = self.free_permit(self.share_of(home), home)?;
-        let (conn, home) = self.idle_conn(home % self.idle.len())?;
-        permit.conn = Some(conn);
-        permit.home = home;
-        Some(permit)
     }
 
     /// The connection `parking` keeps, if it is one of this pool's (the client's next transaction).
@@ -559,9 +648,10 @@ impl Pool {
 }
 
 impl Pool {
-    /// The slow path of a checkout: every connection is taken (none kept by a client); wait, at most
-    /// pool-timeout-ms, for whoever gives a permit of `share` back to hand it over — with its connection when
-    /// it has one (`None`: past the deadline; the caller counts itself waiting).
+    /// The slow path of a checkout: every connection is taken (none kept by a client); a place in the queue
+    /// of share `share`, whose [`Handed`] end gets the permit whoever gives one back hands over — with its
+    /// connection when it has one — or is closed past `pool-timeout-ms` (see [`Ticket`]). `Ok`: a permit
+    /// given back since the caller looked, bare.
     ///
     /// No timer is set up for each wait (registering one in the runtime's timer wheel and removing it cost
     /// more than the rest of the checkout): the checkout notes its deadline in its place in the queue and in
@@ -569,8 +659,8 @@ impl Pool {
     /// earliest deadline has passed and ends the waits past theirs. A checkout is told within one watchdog
     /// tick (1/20 of pool-timeout-ms, 1 to 250 ms) after its deadline. The watchdog resets `earliest` before
     /// it looks, and notes again the deadlines it leaves in the queue; a checkout notes its own under the
-    /// queue's lock: no deadline goes unnoted.
-    async fn wait_permit(self: &Arc<Self>, share: usize, home: usize) -> Option<Pooled> {
+    /// queue's lock: no deadline goes unnoted. (The caller counts itself waiting first: see `watch`.)
+    fn enqueue(self: &Arc<Self>, share: usize, home: usize) -> Result<Pooled, Handed> {
         let timeout = self.settings.timeout();
         // (+1: the clock counts whole milliseconds, and a wait ends after pool-timeout-ms, never before.)
         let deadline = self.clock().saturating_add(timeout.as_millis() as u64 + 1);
@@ -580,14 +670,13 @@ impl Pool {
             if self.shares[share].take() {
                 // (Given back since the caller looked.)
                 drop(waiters);
-                return Some(self.bare(share, home));
+                return Ok(self.bare(share, home));
             }
             waiters.push_back(Waiter { to, deadline });
             self.earliest.fetch_min(deadline, Ordering::SeqCst);
         }
         self.watch();
-        let mut handed = Handed(handed);
-        (&mut handed.0).await.ok()
+        Err(Handed(handed))
     }
 
     /// Ends the waits past their deadline (their checkouts time out) and of checkouts gone, and notes the
@@ -703,6 +792,16 @@ impl Pooled {
         let key = self.conn.as_ref().expect("present until released").cancel_key.clone();
         slot.add(key.clone());
         self.cancel = Some((slot.clone(), key));
+    }
+
+    /// A bare permit (handed over after its connection was closed): [`Pool::fill`] gives it one.
+    pub fn is_bare(&self) -> bool {
+        self.conn.is_none()
+    }
+
+    /// The pool the connection (or permit) is of.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     /// Whether the connection belongs to `pool`.

@@ -20,7 +20,7 @@ use shardmap::sql::Setting;
 use shardmap::{Decision, Target};
 
 use super::session::{
-    refuse_session_locks, settings_of, statement_hash, BindParams, ClientStmt, Failure, Session, Statements,
+    refuse_session_locks, settings_of, statement_hash, BindParams, ClientStmt, Failure, Linked, Session, Statements,
 };
 use super::txn::{Dest, Plan, Run, State, Stmt, To};
 use crate::backend::conn::ServerConn;
@@ -411,8 +411,9 @@ impl<S: Stream> Session<S> {
                     }
                     To::Once(dest) if alone && !self.needs_care(dest, effect.stmt.standby) => {
                         let linked = match self.link_now(dest) {
-                            Some(linked) => linked,
-                            None => self.link(dest).await,
+                            Linked::Done(linked) => linked,
+                            Linked::Wait(wait) => self.link_waited(dest, wait).await,
+                            Linked::Slow => self.link(dest).await,
                         };
                         match linked {
                             Ok(i) => Some(i),

@@ -128,6 +128,13 @@ impl checkout::Carry for Settings {
     }
 }
 
+/// What [`Session::link_now`] found.
+pub enum Linked {
+    Done(Result<usize, Reported>),
+    Wait(checkout::Wait),
+    Slow,
+}
+
 pub struct Session<S> {
     pub io: Framed<S>,
     pub routing: Arc<Routing>,
@@ -899,23 +906,38 @@ impl<S: Stream> Session<S> {
         self.links.find(d).ok_or_else(|| Reported::new("XX000", "the transaction's connection is gone"))
     }
 
-    /// A connection to `dest`: the session's own, or a new checkout.
     /// [`Session::link`] without an await, under transaction pooling, when the session holds a connection to
-    /// `dest` already or its client kept one (nearly every statement): `None`: call `link`.
+    /// `dest` already or its client kept one (nearly every statement), or the pool has one idle. When every
+    /// connection of the pool is taken, [`Linked::Wait`]: [`Session::link_waited`] awaits the one handed
+    /// over. [`Linked::Slow`]: call [`Session::link`].
     #[inline]
-    pub fn link_now(&mut self, dest: &Dest) -> Option<Result<usize, Reported>> {
+    pub fn link_now(&mut self, dest: &Dest) -> Linked {
         if self.routing.session_mode {
-            return None;
+            return Linked::Slow;
         }
         if let Some(i) = self.links.find(dest) {
-            return Some(Ok(i));
+            return Linked::Done(Ok(i));
         }
-        Some(match self.backend.get_now(dest.shard, dest.db.as_deref(), &self.settings)? {
-            Ok(p) => Ok(self.links.push(Link::new(dest.clone(), p))),
-            Err(e) => Err(e),
-        })
+        match self.backend.get_now(dest.shard, dest.db.as_deref(), &self.settings) {
+            checkout::Now::Got(p) => Linked::Done(Ok(self.links.push(Link::new(dest.clone(), p)))),
+            checkout::Now::Failed(e) => Linked::Done(Err(e)),
+            checkout::Now::Wait(w) => Linked::Wait(w),
+            checkout::Now::Slow => Linked::Slow,
+        }
     }
 
+    /// A connection to `dest` after [`Session::link_now`]'s wait: the one handed over, awaited here (one
+    /// layer of `async` between the session and the wait, where [`Session::link`] has four).
+    pub async fn link_waited(&mut self, dest: &Dest, wait: checkout::Wait) -> Result<usize, Reported> {
+        let got = wait.await;
+        let p = match self.backend.handed(got, &self.settings) {
+            Ok(p) => p?,
+            Err(p) => Box::pin(self.backend.finish(dest.shard, dest.db.as_deref(), p, &self.settings)).await?,
+        };
+        Ok(self.links.push(Link::new(dest.clone(), p)))
+    }
+
+    /// A connection to `dest`: the session's own, or a new checkout.
     pub async fn link(&mut self, dest: &Dest) -> Result<usize, Reported> {
         if let Some(i) = self.links.find(dest) {
             let l = self.links.get(i);

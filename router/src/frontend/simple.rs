@@ -8,7 +8,7 @@ use shardmap::sql::{Analysis, Setting};
 use shardmap::{Decision, ShardId};
 
 use super::links::Link;
-use super::session::{refuse_session_locks, settings_of, Failure, Session, Statements};
+use super::session::{refuse_session_locks, settings_of, Failure, Linked, Session, Statements};
 use super::settings::Change;
 use super::txn::{Dest, Local, Plan, State, Stmt, To};
 use crate::backend::conn::{BackendError, ServerConn};
@@ -92,8 +92,9 @@ impl<S: Stream> Session<S> {
             }
             Plan::Run(To::Once(dest)) if !self.needs_care(&dest, stmt.standby) => {
                 let linked = match self.link_now(&dest) {
-                    Some(linked) => linked,
-                    None => self.link(&dest).await,
+                    Linked::Done(linked) => linked,
+                    Linked::Wait(wait) => self.link_waited(&dest, wait).await,
+                    Linked::Slow => self.link(&dest).await,
                 };
                 let i = match linked {
                     Ok(i) => i,
