@@ -51,6 +51,8 @@ pub struct RawClient {
     next_name: usize,
     /// Statements sent in a pipeline and not yet synced.
     piped: usize,
+    /// The ParameterStatus of the startup, in order.
+    pub params: Vec<(String, String)>,
 }
 
 fn put(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
@@ -69,7 +71,7 @@ impl RawClient {
     pub fn connect(port: u16, user: &str, database: &str, params: &[(&str, &str)]) -> Result<RawClient> {
         let sock = TcpStream::connect(("127.0.0.1", port)).context("connecting to the router")?;
         sock.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut c = RawClient { sock, buf: Vec::new(), next_name: 0, piped: 0 };
+        let mut c = RawClient { sock, buf: Vec::new(), next_name: 0, piped: 0, params: Vec::new() };
         let mut body = Vec::new();
         body.extend_from_slice(&196608i32.to_be_bytes());
         for (k, v) in [("user", user), ("database", database)].iter().chain(params.iter()) {
@@ -84,6 +86,11 @@ impl RawClient {
             match c.read()? {
                 (b'Z', _) => return Ok(c),
                 (b'E', body) => bail!("startup refused: {:?}", fields(&body)),
+                (b'S', body) => {
+                    let mut parts = body.split(|b| *b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
+                    let (k, v) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+                    c.params.push((k, v));
+                }
                 _ => {}
             }
         }

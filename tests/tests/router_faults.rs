@@ -285,6 +285,52 @@ async fn waiting_clients_get_a_new_connection_when_the_one_ahead_is_closed() -> 
     Ok(())
 }
 
+/// A client connects while every server connection is taken: its startup takes no connection when a client
+/// of the same user, database and startup settings started before (what the server answered that one is
+/// remembered), with the same ParameterStatus as a startup that took one; its statements then wait for a
+/// connection as any do. A client with other startup settings still takes a connection to start (the server
+/// answers for its settings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_connects_while_every_connection_is_taken() -> anyhow::Result<()> {
+    use integration::wire::RawClient;
+    let c = Cluster::hash(1, "pool-size,1\npool-timeout-ms,20000\n")?;
+    let port = c.port;
+    const SETTINGS: &[(&str, &str)] =
+        &[("application_name", "waiting app"), ("DateStyle", "German"), ("TimeZone", "Asia/Kolkata")];
+    let connect = move |settings: &'static [(&'static str, &'static str)]| {
+        tokio::task::spawn_blocking(move || RawClient::connect(port, "postgres", "postgres", settings))
+    };
+    let first = connect(SETTINGS).await??;
+    // What a server says to these settings, through the router as a client of its own connection would see it.
+    for (k, v) in [("application_name", "waiting app"), ("DateStyle", "German"), ("TimeZone", "Asia/Kolkata")] {
+        assert!(first.params.iter().any(|(n, x)| n == k && x.starts_with(v)), "{k} = {v} in {:?}", first.params);
+    }
+    let holder = c.client().await?;
+    holder.batch_execute("BEGIN; SELECT 1").await?;
+    let t = Instant::now();
+    let mut second = tokio::time::timeout(Duration::from_secs(5), connect(SETTINGS)).await???;
+    assert!(t.elapsed() < Duration::from_secs(5), "connected at once: {:?}", t.elapsed());
+    assert_eq!(second.params, first.params, "the same ParameterStatus as a startup that took a connection");
+    // Its statement waits for the only connection, and runs once the transaction ends.
+    let query = tokio::task::spawn_blocking(move || {
+        let r = second.query("SELECT current_setting('DateStyle'), current_setting('application_name')");
+        (second, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!query.is_finished(), "the pool of one is taken");
+    // Other settings: the server is asked, so this startup waits for the connection too.
+    let other = connect(&[("DateStyle", "SQL")]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!other.is_finished(), "a startup with settings not seen before takes a connection");
+    holder.batch_execute("COMMIT").await?;
+    let (_second, replies) = tokio::time::timeout(Duration::from_secs(10), query).await??;
+    let shown = integration::wire::outline(&replies?);
+    assert!(shown.iter().any(|l| l.contains("German") && l.contains("waiting app")), "{shown:?}");
+    let other = tokio::time::timeout(Duration::from_secs(10), other).await???;
+    assert!(other.params.iter().any(|(n, v)| n == "DateStyle" && v.starts_with("SQL")), "{:?}", other.params);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_bounds_wait_and_idle_timeout() -> anyhow::Result<()> {
     let c = Cluster::hash(1, "pool-size,1\npool-timeout-ms,300\npool-idle-timeout,1\n")?;

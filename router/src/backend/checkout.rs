@@ -319,6 +319,55 @@ impl Checkout {
         Ok(Some(p))
     }
 
+    /// The ParameterStatus for a startup of this client on `shard` (and tenant database `database`) with
+    /// startup settings `carry`, when a client of the same user, database and startup settings started there
+    /// within [`WELCOME_FOR`](super::WELCOME_FOR) on the same primary (see [`Checkout::remember_welcome`]):
+    /// the server's answer to those settings, without a checkout — so that a client connects while every
+    /// server connection is taken.
+    pub fn welcome(
+        &self,
+        shard: ShardId,
+        database: Option<&str>,
+        carry: &dyn Carry,
+    ) -> Option<Arc<[(String, String)]>> {
+        let key = self.welcome_key(shard, database, carry);
+        let generation = self.backends.topology.generation(shard);
+        let welcomes = self.backends.welcomes.lock().expect("welcomes lock");
+        let w = welcomes.get(&key)?;
+        (w.generation == generation && w.at.elapsed() < super::WELCOME_FOR).then(|| w.params.clone())
+    }
+
+    /// Remembers what a server answered a startup of this client (see [`Checkout::welcome`]).
+    pub fn remember_welcome(
+        &self,
+        shard: ShardId,
+        database: Option<&str>,
+        carry: &dyn Carry,
+        params: &[(String, String)],
+    ) {
+        let key = self.welcome_key(shard, database, carry);
+        let generation = self.backends.topology.generation(shard);
+        let mut welcomes = self.backends.welcomes.lock().expect("welcomes lock");
+        if welcomes.len() >= super::WELCOMES {
+            welcomes.retain(|_, w| w.at.elapsed() < super::WELCOME_FOR);
+            if welcomes.len() >= super::WELCOMES {
+                welcomes.clear();
+            }
+        }
+        let at = std::time::Instant::now();
+        welcomes.insert(key, super::Welcome { generation, at, params: params.into() });
+    }
+
+    fn welcome_key(&self, shard: ShardId, database: Option<&str>, carry: &dyn Carry) -> super::WelcomeKey {
+        super::WelcomeKey {
+            shard,
+            db: database.map(str::to_string),
+            user: self.user.clone(),
+            database: self.database.clone(),
+            settings: carry.hash(),
+        }
+    }
+
     /// A checkout of `pool` failed with `e`: under `shard-auto-create` a tenant's missing database is made and
     /// the checkout tried again; otherwise a failed connection marks the shard down and counts for the circuit
     /// breaker.

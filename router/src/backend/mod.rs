@@ -58,7 +58,35 @@ pub struct Backends {
     /// Per shard: until when (ms since `epoch`) it is believed down after a failed connection attempt.
     down_until: Vec<AtomicU64>,
     epoch: Instant,
+    /// The ParameterStatus a server gave clients' startups, by where and as whom they connected and with
+    /// which startup settings (see `Checkout::welcome`).
+    pub welcomes: std::sync::Mutex<std::collections::HashMap<WelcomeKey, Welcome>>,
 }
+
+/// Whose startup a [`Welcome`] answers: the shard (and tenant database), the user and database the client
+/// connected as, the hash of its startup settings.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WelcomeKey {
+    pub shard: ShardId,
+    pub db: Option<String>,
+    pub user: String,
+    pub database: String,
+    pub settings: u64,
+}
+
+/// The ParameterStatus a server sent for a client's startup settings, on the primary of `generation`, at `at`.
+pub struct Welcome {
+    pub generation: u64,
+    pub at: Instant,
+    pub params: Arc<[(String, String)]>,
+}
+
+/// How long a [`Welcome`] answers startups: a server's defaults changed since (`ALTER ROLE ... SET`, `ALTER
+/// DATABASE ... SET`) show in the next startup after this.
+pub const WELCOME_FOR: Duration = Duration::from_secs(60);
+
+/// The most [`Welcome`]s kept (past it they are forgotten and learned again).
+pub const WELCOMES: usize = 1024;
 
 impl Backends {
     /// `homes`: the event loops whose clients use the pools (see `pool.rs`).
@@ -88,6 +116,7 @@ impl Backends {
             schema_epoch: AtomicU64::new(0),
             down_until: (0..n).map(|_| Default::default()).collect(),
             epoch: Instant::now(),
+            welcomes: Default::default(),
             map,
             config: config.clone(),
         }

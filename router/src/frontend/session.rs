@@ -335,8 +335,9 @@ impl<S: Stream> Session<S> {
     }
 
     /// The client's startup: one checkout validates its startup settings and gives the server's parameters
-    /// (any live shard will do; the tenant's own under the tenant strategy); then ParameterStatus,
-    /// BackendKeyData and ReadyForQuery. `Err` is what the client is told before its connection closes.
+    /// (any live shard will do; the tenant's own under the tenant strategy) — under transaction pooling only
+    /// when no client of the same user, database and startup settings started there within the last minute
+    /// (then what the server answered that one); then ParameterStatus, BackendKeyData and ReadyForQuery. `Err` is what the client is told before its connection closes.
     pub async fn start(&mut self, cancel_key: (i32, i32)) -> Result<(), Reported> {
         self.refix();
         let map = self.routing.map.clone();
@@ -372,9 +373,21 @@ impl<S: Stream> Session<S> {
         let mut server_params = None;
         let mut last_error = None;
         for dest in candidates {
+            // Transaction pooling: what the server answered a client that started there as this one does
+            // (same user, database and startup settings), without a checkout (see `Checkout::welcome`).
+            // Session pooling takes the client's connection now.
+            let known = (!self.routing.session_mode)
+                .then(|| self.backend.welcome(dest.shard, dest.db.as_deref(), &self.settings))
+                .flatten();
+            if let Some(params) = known {
+                server_params = Some(params);
+                break;
+            }
             match self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await {
                 Ok(mut p) => {
-                    server_params = Some(p.conn().params.clone());
+                    let params = &p.conn().params;
+                    self.backend.remember_welcome(dest.shard, dest.db.as_deref(), &self.settings, params);
+                    server_params = Some(params.as_slice().into());
                     self.give_back(dest, p);
                     break;
                 }
@@ -384,7 +397,7 @@ impl<S: Stream> Session<S> {
         let Some(server_params) = server_params else {
             return Err(last_error.unwrap_or_else(|| Reported::new(CONNECT_FAILED, "no shard is configured")));
         };
-        for (k, v) in &server_params {
+        for (k, v) in server_params.iter() {
             proto::parameter_status(&mut self.io.wbuf, k, v);
             if k == "client_encoding" {
                 self.encoding = Encoding::named(v);
