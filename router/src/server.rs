@@ -275,11 +275,14 @@ async fn accept<T>(router: &Arc<Router>, listener: &TcpListener, home: usize, st
                 };
                 sock.set_nodelay(true).ok();
                 let router = router.clone();
-                tokio::spawn(async move {
+                // Boxed before it is spawned: a client's future is several KiB, which tokio's spawn would
+                // otherwise move by value through its layers and copy again when the task ends (seven copies
+                // per client: most of what a connection cost the router in user space); boxed, it is copied once.
+                tokio::spawn(Box::pin(async move {
                     if let Err(e) = serve_client(router, sock, home).await {
                         tracing::debug!("client: {e}");
                     }
-                });
+                }));
             }
         }
     }
@@ -298,23 +301,38 @@ async fn serve_client(shared: Arc<Router>, sock: TcpStream, home: usize) -> anyh
         Err(_) => return fatal(&mut io, startup_timeout(&limits)).await,
     };
     if let Ok(Some(Hello::Tls)) = hello {
-        let (mut sock, rest) = io.into_parts();
-        if !rest.is_empty() {
-            // Bytes after SSLRequest and before the handshake could be injected in plain text: refuse.
-            return Ok(());
-        }
-        sock.write_all(b"S").await?;
-        let (acceptor, endpoint) = shared.tls.clone().expect("TLS is configured");
-        let Ok(tls) = tokio::time::timeout_at(deadline, acceptor.accept(sock)).await else { return Ok(()) };
-        let mut io = Framed::new(tls?);
-        io.limit = client_limit;
-        let hello = match tokio::time::timeout_at(deadline, startup::hello(&mut io, false)).await {
-            Ok(h) => h,
-            Err(_) => return fatal(&mut io, startup_timeout(&limits)).await,
-        };
-        return session(shared, io, hello, addr, deadline, Some(endpoint), home).await;
+        // Boxed: a TLS session's future is larger than a plain one's, and inline it would size every client's
+        // task, TLS or not.
+        return Box::pin(serve_tls(shared, io, deadline, client_limit, &limits, addr, home)).await;
     }
     session(shared, io, hello, addr, deadline, None, home).await
+}
+
+/// The rest of a client's startup after SSLRequest (see [`serve_client`]).
+async fn serve_tls(
+    shared: Arc<Router>,
+    io: Framed<TcpStream>,
+    deadline: tokio::time::Instant,
+    client_limit: crate::net::wire::Limit,
+    limits: &shardmap::config::ClientLimits,
+    addr: String,
+    home: usize,
+) -> anyhow::Result<()> {
+    let (mut sock, rest) = io.into_parts();
+    if !rest.is_empty() {
+        // Bytes after SSLRequest and before the handshake could be injected in plain text: refuse.
+        return Ok(());
+    }
+    sock.write_all(b"S").await?;
+    let (acceptor, endpoint) = shared.tls.clone().expect("TLS is configured");
+    let Ok(tls) = tokio::time::timeout_at(deadline, acceptor.accept(sock)).await else { return Ok(()) };
+    let mut io = Framed::new(tls?);
+    io.limit = client_limit;
+    let hello = match tokio::time::timeout_at(deadline, startup::hello(&mut io, false)).await {
+        Ok(h) => h,
+        Err(_) => return fatal(&mut io, startup_timeout(limits)).await,
+    };
+    session(shared, io, hello, addr, deadline, Some(endpoint), home).await
 }
 
 /// A client's session after the (optional) TLS handshake.
