@@ -211,7 +211,7 @@ impl Checkout {
                 }
             },
         };
-        if p.conn().prepared.len() > MAX_PREPARED || p.conn().settings != carry.hash() {
+        if !fits(&mut p, carry) {
             // (Work with awaits: the connection goes back to the client's parking or to the pool, where `get`
             // takes it.)
             p.release();
@@ -236,7 +236,7 @@ impl Checkout {
             Ok(p) => p,
             Err(e) => return Ok(Err(e.into())),
         };
-        if p.is_bare() || p.conn().prepared.len() > MAX_PREPARED || p.conn().settings != carry.hash() {
+        if p.is_bare() || !fits(&mut p, carry) {
             return Err(p);
         }
         p.register_cancel(&self.cancel);
@@ -321,20 +321,15 @@ impl Checkout {
 
     /// The ParameterStatus for a startup of this client on `shard` (and tenant database `database`) with
     /// startup settings `carry`, when a client of the same user, database and startup settings started there
-    /// within [`WELCOME_FOR`](super::WELCOME_FOR) on the same primary (see [`Checkout::remember_welcome`]):
-    /// the server's answer to those settings, without a checkout — so that a client connects while every
-    /// server connection is taken.
+    /// recently on the same primary (see [`Backends::welcome`]): the server's answer to those settings,
+    /// without a checkout — so that a client connects while every server connection is taken.
     pub fn welcome(
         &self,
         shard: ShardId,
         database: Option<&str>,
         carry: &dyn Carry,
     ) -> Option<Arc<[(String, String)]>> {
-        let key = self.welcome_key(shard, database, carry);
-        let generation = self.backends.topology.generation(shard);
-        let welcomes = self.backends.welcomes.lock().expect("welcomes lock");
-        let w = welcomes.get(&key)?;
-        (w.generation == generation && w.at.elapsed() < super::WELCOME_FOR).then(|| w.params.clone())
+        self.backends.welcome(&self.welcome_key(shard, database, carry))
     }
 
     /// Remembers what a server answered a startup of this client (see [`Checkout::welcome`]).
@@ -345,17 +340,7 @@ impl Checkout {
         carry: &dyn Carry,
         params: &[(String, String)],
     ) {
-        let key = self.welcome_key(shard, database, carry);
-        let generation = self.backends.topology.generation(shard);
-        let mut welcomes = self.backends.welcomes.lock().expect("welcomes lock");
-        if welcomes.len() >= super::WELCOMES {
-            welcomes.retain(|_, w| w.at.elapsed() < super::WELCOME_FOR);
-            if welcomes.len() >= super::WELCOMES {
-                welcomes.clear();
-            }
-        }
-        let at = std::time::Instant::now();
-        welcomes.insert(key, super::Welcome { generation, at, params: params.into() });
+        self.backends.remember_welcome(self.welcome_key(shard, database, carry), params);
     }
 
     fn welcome_key(&self, shard: ShardId, database: Option<&str>, carry: &dyn Carry) -> super::WelcomeKey {
@@ -477,6 +462,13 @@ impl Checkout {
         self.backends.stats.record(shard.0 as usize, started.elapsed(), error);
         self.backends.breaker.success(shard.0 as usize);
     }
+}
+
+/// Whether `p` can be handed to a client as it is: it carries the client's settings, and not too many prepared
+/// statements (else [`Checkout::take_up`] deallocates them and replays the settings).
+fn fits(p: &mut Pooled, carry: &(dyn Carry + Sync)) -> bool {
+    let conn = p.conn();
+    conn.prepared.len() <= MAX_PREPARED && conn.settings == carry.hash()
 }
 
 /// A checkout without an await ([`Checkout::get_now`]).

@@ -60,7 +60,7 @@ pub struct Backends {
     epoch: Instant,
     /// The ParameterStatus a server gave clients' startups, by where and as whom they connected and with
     /// which startup settings (see `Checkout::welcome`).
-    pub welcomes: std::sync::Mutex<std::collections::HashMap<WelcomeKey, Welcome>>,
+    welcomes: std::sync::Mutex<std::collections::HashMap<WelcomeKey, Welcome>>,
 }
 
 /// Whose startup a [`Welcome`] answers: the shard (and tenant database), the user and database the client
@@ -75,18 +75,18 @@ pub struct WelcomeKey {
 }
 
 /// The ParameterStatus a server sent for a client's startup settings, on the primary of `generation`, at `at`.
-pub struct Welcome {
-    pub generation: u64,
-    pub at: Instant,
-    pub params: Arc<[(String, String)]>,
+struct Welcome {
+    generation: u64,
+    at: Instant,
+    params: Arc<[(String, String)]>,
 }
 
 /// How long a [`Welcome`] answers startups: a server's defaults changed since (`ALTER ROLE ... SET`, `ALTER
 /// DATABASE ... SET`) show in the next startup after this.
-pub const WELCOME_FOR: Duration = Duration::from_secs(60);
+const WELCOME_FOR: Duration = Duration::from_secs(60);
 
 /// The most [`Welcome`]s kept (past it they are forgotten and learned again).
-pub const WELCOMES: usize = 1024;
+const WELCOMES: usize = 1024;
 
 impl Backends {
     /// `homes`: the event loops whose clients use the pools (see `pool.rs`).
@@ -143,6 +143,29 @@ impl Backends {
             }
         }
         ShardId(pick as u16)
+    }
+
+    /// What the server answered a startup like `key`'s (see [`WelcomeKey`]), on the shard's current primary
+    /// within [`WELCOME_FOR`].
+    pub fn welcome(&self, key: &WelcomeKey) -> Option<Arc<[(String, String)]>> {
+        let generation = self.topology.generation(key.shard);
+        let welcomes = self.welcomes.lock().expect("welcomes lock");
+        let w = welcomes.get(key)?;
+        (w.generation == generation && w.at.elapsed() < WELCOME_FOR).then(|| w.params.clone())
+    }
+
+    /// Remembers what a server answered a startup like `key`'s (at most [`WELCOMES`]: past it the stale ones
+    /// are forgotten, or all).
+    pub fn remember_welcome(&self, key: WelcomeKey, params: &[(String, String)]) {
+        let generation = self.topology.generation(key.shard);
+        let mut welcomes = self.welcomes.lock().expect("welcomes lock");
+        if welcomes.len() >= WELCOMES {
+            welcomes.retain(|_, w| w.at.elapsed() < WELCOME_FOR);
+            if welcomes.len() >= WELCOMES {
+                welcomes.clear();
+            }
+        }
+        welcomes.insert(key, Welcome { generation, at: Instant::now(), params: params.into() });
     }
 
     /// Notes that a shard could not be reached: `any_shard` avoids it for a couple of seconds.

@@ -337,7 +337,8 @@ impl<S: Stream> Session<S> {
     /// The client's startup: one checkout validates its startup settings and gives the server's parameters
     /// (any live shard will do; the tenant's own under the tenant strategy) — under transaction pooling only
     /// when no client of the same user, database and startup settings started there within the last minute
-    /// (then what the server answered that one); then ParameterStatus, BackendKeyData and ReadyForQuery. `Err` is what the client is told before its connection closes.
+    /// (then what the server answered that one); then ParameterStatus, BackendKeyData and ReadyForQuery.
+    /// `Err` is what the client is told before its connection closes.
     pub async fn start(&mut self, cancel_key: (i32, i32)) -> Result<(), Reported> {
         self.refix();
         let map = self.routing.map.clone();
