@@ -229,7 +229,7 @@ impl<S: Stream> Session<S> {
             format!("sr_{:016x}", statement_hash(&query, &p.types) ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15))
         };
         self.statements.insert(
-            p.name.to_string(),
+            p.name,
             ClientStmt {
                 text: Arc::from(&*query),
                 raw: bytes::Bytes::copy_from_slice(p.query),

@@ -38,7 +38,50 @@ pub struct ClientStmt {
     pub server_name: String,
 }
 
-pub type Statements = foldhash::HashMap<String, ClientStmt>;
+/// A client's prepared statements by name. The unnamed statement is kept apart: most drivers parse every
+/// statement as the unnamed one, and its three or four lookups per statement (Parse, Bind, Describe, the
+/// rewrite for the server) then cost no hash of the name.
+#[derive(Default)]
+pub struct Statements {
+    unnamed: Option<ClientStmt>,
+    named: foldhash::HashMap<String, ClientStmt>,
+}
+
+impl Statements {
+    pub fn get(&self, name: &str) -> Option<&ClientStmt> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn insert(&mut self, name: &str, st: ClientStmt) {
+        if name.is_empty() {
+            self.unnamed = Some(st);
+        } else {
+            self.named.insert(name.to_string(), st);
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<ClientStmt> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
+
+    /// Forgets every statement, the unnamed one too (`DEALLOCATE ALL`, `DISCARD ALL`).
+    pub fn clear(&mut self) {
+        self.unnamed = None;
+        self.named.clear();
+    }
+}
 
 /// Why handling a client's message stopped: an error the client is told (its session goes on), or the end
 /// of its connection.
