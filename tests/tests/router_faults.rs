@@ -432,3 +432,45 @@ async fn a_transaction_reads_key_positions_on_its_own_connection() -> anyhow::Re
     assert_eq!(rows, (0..4i64).flat_map(|k| [(k, 1), (k, 2)]).collect::<Vec<_>>());
     Ok(())
 }
+
+/// The exception to the test above: a positional INSERT in the same pipeline (before the Sync) as the
+/// statements that opened the transaction, whose connection is busy with them until the Sync. The key's
+/// position is then read on another connection — of a shard the session holds none of, so that it does not
+/// wait for the very connection it holds (with `pool-size 1`, 53300 after `pool-timeout-ms`). Sessions in
+/// turn, their transactions on either shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_reads_key_positions_on_a_shard_it_does_not_hold() -> anyhow::Result<()> {
+    use integration::wire::{error_codes, outline, Path, RawClient};
+    let c = Cluster::hash(2, "pool-size,1\npool-timeout-ms,1500\n")?;
+    c.client().await?.batch_execute("CREATE TABLE users (user_id bigint, n int)").await?;
+    let port = c.port;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        for k in 0..6 {
+            let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
+            for sql in [
+                "BEGIN".to_string(),
+                format!("INSERT INTO users (user_id, n) VALUES ({k}, 1)"),
+                format!("INSERT INTO users VALUES ({k}, 2)"),
+                "COMMIT".to_string(),
+            ] {
+                assert!(cl.send(Path::Pipelined, &sql)?.is_empty());
+            }
+            let t = Instant::now();
+            let r = cl.sync()?;
+            assert_eq!(error_codes(&r), Vec::<String>::new(), "session {k}: {:?}", outline(&r));
+            assert!(t.elapsed() < Duration::from_millis(1000), "session {k} waited {:?}", t.elapsed());
+        }
+        Ok(())
+    })
+    .await??;
+    let rows: Vec<(i64, i32)> = c
+        .client()
+        .await?
+        .query("SELECT user_id, n FROM users ORDER BY user_id, n", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, (0..6i64).flat_map(|k| [(k, 1), (k, 2)]).collect::<Vec<_>>());
+    Ok(())
+}

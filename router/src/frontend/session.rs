@@ -328,7 +328,7 @@ impl<S: Stream> Session<S> {
             let row = match self.quiet_link() {
                 Some(i) => Self::query_row_in_place(self.links.get(i).conn.conn(), &sql).await,
                 None => {
-                    let dest = self.any_dest(0);
+                    let dest = self.spare_dest();
                     let mut p = self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?;
                     let row = p.conn().query_row(&sql).await;
                     if matches!(row, Ok(_) | Err(crate::backend::conn::BackendError::Server { .. })) {
@@ -348,6 +348,21 @@ impl<S: Stream> Session<S> {
             self.route.key_positions.insert(t.clone(), pos);
         }
         Ok(())
+    }
+
+    /// Where a query of the router's own goes when no connection the session holds can run it now (its
+    /// transaction's is busy with an unsynced pipeline): a shard the session holds no connection of, when there
+    /// is one — a checkout from the busy connection's pool could wait for that very connection (with
+    /// `pool-size 1`, until `pool-timeout-ms`). Any shard answers: the schema is the same on every one.
+    fn spare_dest(&self) -> Dest {
+        let mut dest = self.any_dest(0);
+        for attempt in 1..=self.routing.map.nodes.len() {
+            if !self.links.iter().any(|l| l.dest.shard == dest.shard) {
+                break;
+            }
+            dest = self.any_dest(attempt);
+        }
+        dest
     }
 
     /// A connection the session holds that can run a query of the router's own now — a primary's, no sync
