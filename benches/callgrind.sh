@@ -5,10 +5,12 @@
 # connection set-up cancel out. For each protocol (simple, extended, prepared) and each runtime design: the
 # default (one runtime with router-threads workers, one per two cores: the single-threaded runtime on 2 cores) and
 # SHARD_ROUTER_RUNTIME=event-loops (as many single-threaded runtimes, each with its own listener). BASELINE=path/to/another/shard-router adds that binary (an older build,
-# say) as a third row. Kernel time (wake-ups, syscalls) is not in these counts: the CPU columns of
-# benches/run.sh are.
+# say) as a third row. FLOOR=1 adds `relay_floor` (benches/src/bin/relay_floor.rs: bytes relayed on the same
+# tokio runtime, nothing parsed — what tokio's tasks and I/O cost any proxy built on them) and PGBOUNCER=1
+# PgBouncer (transaction pooling, the same pool size; not for -M prepared, which PgBouncer before 1.21 does
+# not pool). Kernel time (wake-ups, syscalls) is not in these counts: the CPU columns of benches/run.sh are.
 #
-#   [BASELINE=...] bash benches/callgrind.sh [clients (4)] [N1 (500)] [N2 (1500)]
+#   [BASELINE=...] [FLOOR=1] [PGBOUNCER=1] bash benches/callgrind.sh [clients (4)] [N1 (500)] [N2 (1500)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 clients=${1:-4}
@@ -16,6 +18,11 @@ n1=${2:-500}
 n2=${3:-1500}
 command -v valgrind >/dev/null || { apt-get update && apt-get install -y valgrind; }
 cargo build --release --quiet -p router
+[ -n "${FLOOR:-}" ] && cargo build --release --quiet -p benches --bin relay_floor
+if [ -n "${PGBOUNCER:-}" ]; then
+  export PATH="$PATH:/usr/sbin"
+  command -v pgbouncer >/dev/null || { apt-get update && apt-get install -y pgbouncer; }
+fi
 bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 work=$(mktemp -d /tmp/callgrind.XXXXXX)
 chmod 755 "$work"
@@ -27,6 +34,7 @@ as_pg "$bin/initdb" -D "$work/pg" -U postgres -A trust >/dev/null
 as_pg "$bin/pg_ctl" -D "$work/pg" -o "-p $pgport -k $work -c listen_addresses=127.0.0.1 -c max_connections=100" -l "$work/pg.log" -w start >/dev/null
 router=""
 cleanup() {
+  pkill -INT -f "pgbouncer $work/pgbouncer.ini" 2>/dev/null || true
   [ -n "$router" ] && kill -INT "$router" 2>/dev/null && wait "$router" 2>/dev/null || true
   as_pg "$bin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -44,12 +52,32 @@ run() {
   if [ "$design" = event-loops ]; then export SHARD_ROUTER_RUNTIME=event-loops; else unset SHARD_ROUTER_RUNTIME; fi
   local exe=target/release/shard-router
   [ "$design" = baseline ] && exe=$BASELINE
-  valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
-    "$exe" serve --config "$work/config.csv" --listen "127.0.0.1:$port" >/dev/null 2>"$out.log" &
+  case $design in
+    floor)
+      valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
+        target/release/relay_floor --listen "127.0.0.1:$port" --server "127.0.0.1:$pgport" >/dev/null 2>"$out.log" &
+      ;;
+    pgbouncer)
+      printf '[databases]\npostgres = host=127.0.0.1 port=%s dbname=postgres\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = %s\nunix_socket_dir =\nauth_type = trust\nauth_file = %s/users.txt\npool_mode = transaction\ndefault_pool_size = %s\nmax_client_conn = 1000\nlogfile = %s/pgbouncer.log\n' \
+        "$pgport" "$port" "$work" "$clients" "$work" > "$work/pgbouncer.ini"
+      echo '"postgres" ""' > "$work/users.txt"
+      [ "$(id -u)" = 0 ] && chown postgres "$work/pgbouncer.ini" "$work/users.txt"
+      as_pg valgrind --tool=callgrind --callgrind-out-file="$out.%p" pgbouncer "$work/pgbouncer.ini" >/dev/null 2>"$out.log" &
+      ;;
+    *)
+      valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
+        "$exe" serve --config "$work/config.csv" --listen "127.0.0.1:$port" >/dev/null 2>"$out.log" &
+      ;;
+  esac
   router=$!
   for _ in $(seq 1 300); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.2; done
   pgbench -n -S -M "$mode" -c "$clients" -j 1 -t "$n" -h 127.0.0.1 -p "$port" -U postgres postgres >/dev/null
-  kill -INT "$router"
+  if [ "$design" = pgbouncer ]; then
+    # (As root it runs under runuser, which does not pass SIGINT on: the signal goes to valgrind itself.)
+    pkill -INT -u "$(if [ "$(id -u)" = 0 ]; then echo postgres; else id -un; fi)" -f "callgrind-out-file=$out" || true
+  else
+    kill -INT "$router"
+  fi
   wait "$router" || true
   router=""
   # The totals of every thread's file.
@@ -58,7 +86,8 @@ run() {
 
 printf '| protocol | design | instructions per transaction |\n|---|---|---|\n'
 for mode in simple extended prepared; do
-  for design in default event-loops ${BASELINE:+baseline}; do
+  for design in default event-loops ${BASELINE:+baseline} ${FLOOR:+floor} ${PGBOUNCER:+pgbouncer}; do
+    [ "$design" = pgbouncer ] && [ "$mode" = prepared ] && continue
     a=$(run "$design" "$mode" "$n1")
     b=$(run "$design" "$mode" "$n2")
     echo "| $mode | $design | $(( (b - a) / ((n2 - n1) * clients) )) |"
