@@ -33,6 +33,9 @@ struct Args {
     /// `--baseline BIN`: also the router with one shard run from another build (router-1b), beside this
     /// one: a change measured before and after in one alternating run.
     baseline: Option<PathBuf>,
+    /// `--floor`: also `relay_floor` (bytes relayed on the router's runtime, nothing parsed, a server
+    /// connection per client) in front of the one server: the floor under a proxy on tokio.
+    floor: bool,
 }
 
 fn args() -> Result<Args> {
@@ -49,6 +52,7 @@ fn args() -> Result<Args> {
         event_loops: false,
         threads: None,
         baseline: None,
+        floor: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -66,6 +70,7 @@ fn args() -> Result<Args> {
             "--event-loops" => a.event_loops = true,
             "--threads" => a.threads = Some(v()?.parse()?),
             "--baseline" => a.baseline = Some(PathBuf::from(v()?)),
+            "--floor" => a.floor = true,
             "--quick" => {
                 a.seconds = 5;
                 a.rounds = 2;
@@ -85,7 +90,9 @@ fn args() -> Result<Args> {
                      --threads N (also router-1t: one shard, router-threads N, beside the default)\n\
                      --baseline BIN (also router-1b: one shard, the router binary BIN — another build —, beside\n\
                      this one, for a before/after comparison in one run; with --threads N also router-1bt:\n\
-                     that build at router-threads N)"
+                     that build at router-threads N)\n\
+                     --floor (also floor: relay_floor, bytes relayed on tokio with nothing parsed, a server\n\
+                     connection per client, at the router's default thread count)"
                 );
                 std::process::exit(0);
             }
@@ -197,6 +204,21 @@ fn start_pgbouncer(dir: &Path, server: &PgServer, pool: u32) -> Result<(Proc, u1
         Command::new("pgbouncer").arg(&ini).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?
     };
     let p = Proc(child, Some(dir.join("pgbouncer.pid")));
+    wait_port(port)?;
+    Ok((p, port))
+}
+
+/// `relay_floor` (built beside this binary) in front of `server`.
+fn start_floor(server: &PgServer) -> Result<(Proc, u16)> {
+    let port = free_port();
+    let exe = std::env::current_exe()?.with_file_name("relay_floor");
+    let child = Command::new(&exe)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--server", &format!("127.0.0.1:{}", server.port)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("{} (build it: cargo build --release -p benches --bins)", exe.display()))?;
+    let p = Proc(child, None);
     wait_port(port)?;
     Ok((p, port))
 }
@@ -387,6 +409,7 @@ fn main() -> Result<()> {
         writeln!(four_cfg, "shard-node-{i},{}", s.url("postgres"))?;
     }
     let (r4, r4_port) = start_router(&work.path().join("r4"), &four_cfg, &[])?;
+    let floor = if a.floor { Some(start_floor(&one)?) } else { None };
     let conn = |port: u16| format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
     let mut targets = vec![
         Target { name: "direct", conns: vec![one.conn_str("postgres")], pid: None },
@@ -408,6 +431,9 @@ fn main() -> Result<()> {
     if let Some((p, port)) = &r1b {
         targets.insert(3, Target { name: "router-1b", conns: vec![conn(*port)], pid: Some(p.0.id()) });
     }
+    if let Some((p, port)) = &floor {
+        targets.insert(2, Target { name: "floor", conns: vec![conn(*port)], pid: Some(p.0.id()) });
+    }
     if let Some(only) = &a.targets {
         targets.retain(|t| {
             only.iter().any(|o| o == t.name)
@@ -415,6 +441,7 @@ fn main() -> Result<()> {
                 || (t.name == "router-1t" && a.threads.is_some())
                 || (t.name == "router-1b" && a.baseline.is_some())
                 || (t.name == "router-1bt" && a.baseline.is_some() && a.threads.is_some())
+                || (t.name == "floor" && a.floor)
         });
     }
     // PgBouncer's pid is runuser's when started as root: its pidfile names the process itself.
@@ -490,6 +517,7 @@ fn main() -> Result<()> {
                     "router-1b" => "router-1b",
                     "router-1bt" => "router-1bt",
                     "router-4" => "router-4",
+                    "floor" => "floor",
                     _ => "direct-4",
                 },
             ))

@@ -4,8 +4,11 @@
 //! and I/O cost any design built on them; the router's figure above it is the router's own work.
 //!
 //! ```text
-//! relay_floor --listen 127.0.0.1:6433 --server 127.0.0.1:5432
+//! relay_floor --listen 127.0.0.1:6433 --server 127.0.0.1:5432 [--threads N]
 //! ```
+//!
+//! `--threads`: as the router's `router-threads` — 0 (the default) one per two cores, 1 tokio's
+//! single-threaded runtime, more a multi-threaded one with that many workers.
 //!
 //! Ends on SIGINT or SIGTERM (so that a profiler wrapping it writes its output). Used by
 //! `benches/callgrind.sh FLOOR=1` and in docs/performance.md ("The floor under tokio").
@@ -20,17 +23,20 @@ use tokio::signal::unix::{signal, SignalKind};
 fn main() -> anyhow::Result<()> {
     let mut listen: Option<SocketAddr> = None;
     let mut server: Option<SocketAddr> = None;
+    let mut threads = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs an address"));
         match a.as_str() {
             "--listen" => listen = Some(value()?.parse().context("--listen")?),
             "--server" => server = Some(value()?.parse().context("--server")?),
+            "--threads" => threads = value()?.parse().context("--threads")?,
             "-h" | "--help" => {
                 println!(
-                    "relay_floor --listen ADDR --server ADDR\n\nRelays every client connection to its own connection \
-                     to the server, bytes as they come, on one tokio thread: the floor of a tokio proxy's CPU per \
-                     statement. Ends on SIGINT or SIGTERM."
+                    "relay_floor --listen ADDR --server ADDR [--threads N]\n\nRelays every client connection to its \
+                     own connection to the server, bytes as they come, on tokio: the floor of a tokio proxy's CPU \
+                     per statement. --threads as the router's router-threads (0, the default: one per two cores; \
+                     1: the single-threaded runtime). Ends on SIGINT or SIGTERM."
                 );
                 return Ok(());
             }
@@ -38,7 +44,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let (Some(listen), Some(server)) = (listen, server) else { bail!("--listen and --server are needed") };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    if threads == 0 {
+        threads = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
+    }
+    let rt = match threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
     rt.block_on(async move {
         let listener = TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
         let (mut int, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
