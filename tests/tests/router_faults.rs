@@ -421,16 +421,15 @@ async fn a_transaction_reads_key_positions_on_its_own_connection() -> anyhow::Re
         Ok(())
     })
     .await??;
-    let rows: Vec<(i64, i32)> = c
-        .client()
-        .await?
-        .query("SELECT user_id, n FROM users ORDER BY user_id, n", &[])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows = users_rows(&c).await?;
     assert_eq!(rows, (0..4i64).flat_map(|k| [(k, 1), (k, 2)]).collect::<Vec<_>>());
     Ok(())
+}
+
+/// The rows of `users` (user_id, n) in order, read through the router.
+async fn users_rows(c: &Cluster) -> anyhow::Result<Vec<(i64, i32)>> {
+    let rows = c.client().await?.query("SELECT user_id, n FROM users ORDER BY user_id, n", &[]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// The exception to the test above: a positional INSERT in the same pipeline (before the Sync) as the
@@ -463,14 +462,7 @@ async fn a_pipeline_reads_key_positions_on_a_shard_it_does_not_hold() -> anyhow:
         Ok(())
     })
     .await??;
-    let rows: Vec<(i64, i32)> = c
-        .client()
-        .await?
-        .query("SELECT user_id, n FROM users ORDER BY user_id, n", &[])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows = users_rows(&c).await?;
     assert_eq!(rows, (0..6i64).flat_map(|k| [(k, 1), (k, 2)]).collect::<Vec<_>>());
     Ok(())
 }
