@@ -171,16 +171,8 @@ impl Drop for Handed {
 /// session, not through the layers of an `async` checkout.
 pub struct Ticket {
     handed: Handed,
-    pool: Arc<Pool>,
-    counted: bool,
-}
-
-impl Ticket {
-    fn uncount(&mut self) {
-        if std::mem::take(&mut self.counted) {
-            self.pool.waiting.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
+    /// The checkout's place in the pool's waiting count, given up when the wait ends (or the ticket is dropped).
+    counted: Option<Counted>,
 }
 
 impl std::future::Future for Ticket {
@@ -188,14 +180,8 @@ impl std::future::Future for Ticket {
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let got = std::task::ready!(std::pin::Pin::new(&mut self.handed.0).poll(cx));
-        self.uncount();
-        std::task::Poll::Ready(got.map_err(|_| self.pool.timed_out()))
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.uncount();
+        let counted = self.counted.take().expect("a ticket is not polled after its wait ended");
+        std::task::Poll::Ready(got.map_err(|_| counted.0.timed_out()))
     }
 }
 
@@ -351,10 +337,7 @@ impl Pool {
         }
         match self.enqueue(share, home) {
             Ok(permit) => Queued::Got(permit),
-            Err(handed) => {
-                std::mem::forget(counted);
-                Queued::Wait(Ticket { handed, pool: self.clone(), counted: true })
-            }
+            Err(handed) => Queued::Wait(Ticket { handed, counted: Some(counted.keep(self.clone())) }),
         }
     }
 
@@ -756,9 +739,27 @@ impl<'a> Waiting<'a> {
     }
 }
 
+impl Waiting<'_> {
+    /// The count kept past this borrow, by a checkout that waits (its [`Ticket`]): never uncounted in between,
+    /// when a client parking its connection could keep it instead of handing it over.
+    fn keep(self, pool: Arc<Pool>) -> Counted {
+        std::mem::forget(self);
+        Counted(pool)
+    }
+}
+
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A [`Waiting`] count owned by a ticket: uncounted when dropped.
+struct Counted(Arc<Pool>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
