@@ -99,6 +99,8 @@ fn args() -> Result<Args> {
             other => bail!("unknown argument {other} (see --help)"),
         }
     }
+    // (`--targets floor` is the floor too.)
+    a.floor |= a.targets.as_ref().is_some_and(|t| t.iter().any(|n| n == "floor"));
     Ok(a)
 }
 
@@ -208,19 +210,25 @@ fn start_pgbouncer(dir: &Path, server: &PgServer, pool: u32) -> Result<(Proc, u1
     Ok((p, port))
 }
 
-/// `relay_floor` (built beside this binary) in front of `server`.
-fn start_floor(server: &PgServer) -> Result<(Proc, u16)> {
-    let port = free_port();
-    let exe = std::env::current_exe()?.with_file_name("relay_floor");
-    let child = Command::new(&exe)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--server", &format!("127.0.0.1:{}", server.port)])
+/// Starts `cmd` (output dropped) and waits until something listens on `port`; `build` says how to build the
+/// program when it is missing.
+fn start_listening(cmd: &mut Command, port: u16, build: &str) -> Result<(Proc, u16)> {
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("{} (build it: cargo build --release -p benches --bins)", exe.display()))?;
+        .with_context(|| format!("{} (build it: {build})", cmd.get_program().to_string_lossy()))?;
     let p = Proc(child, None);
     wait_port(port)?;
     Ok((p, port))
+}
+
+/// `relay_floor` (built beside this binary) in front of `server`.
+fn start_floor(server: &PgServer) -> Result<(Proc, u16)> {
+    let port = free_port();
+    let mut cmd = Command::new(std::env::current_exe()?.with_file_name("relay_floor"));
+    cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--server", &format!("127.0.0.1:{}", server.port)]);
+    start_listening(&mut cmd, port, "cargo build --release -p benches --bins")
 }
 
 fn start_router(dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<(Proc, u16)> {
@@ -232,19 +240,13 @@ fn start_router_from(exe: &Path, dir: &Path, config: &str, env: &[(&str, &str)])
     std::fs::create_dir_all(dir)?;
     let path = dir.join("config.csv");
     std::fs::write(&path, config)?;
-    let child = Command::new(exe)
-        .args(["serve", "--config"])
+    let mut cmd = Command::new(exe);
+    cmd.args(["serve", "--config"])
         .arg(&path)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("{} (build it: cargo build --release -p router)", exe.display()))?;
-    let p = Proc(child, None);
-    wait_port(port)?;
-    Ok((p, port))
+        .envs(env.iter().copied());
+    start_listening(&mut cmd, port, "cargo build --release -p router")
 }
 
 /// One target: a name, a connection string, and the process whose CPU it costs (none for direct).
