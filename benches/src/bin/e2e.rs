@@ -82,6 +82,7 @@ fn args() -> Result<Args> {
                 println!(
                     "e2e: pgbench against direct, PgBouncer and shard-router, in alternation.\n\
                      --seconds N (30) --rounds N (3) --clients 16,64 --workloads simple,extended,prepared,tpcb\n\
+                     (with the simple workload, a run at 512 clients is always added)\n\
                      --idle N (10000 idle clients for the RSS run; 0 skips it) --scale N (10) --out DIR --quick\n\
                      --shard-pool N (pool-size per shard of the 4-shard router; default 5, so that its 4 pools\n\
                      hold as many server connections as PgBouncer's one pool of 20)\n\
