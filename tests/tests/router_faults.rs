@@ -454,10 +454,9 @@ async fn a_pipeline_reads_key_positions_on_a_shard_it_does_not_hold() -> anyhow:
             ] {
                 assert!(cl.send(Path::Pipelined, &sql)?.is_empty());
             }
-            let t = Instant::now();
+            // (A wait for the connection the session holds could only end in 53300.)
             let r = cl.sync()?;
             assert_eq!(error_codes(&r), Vec::<String>::new(), "session {k}: {:?}", outline(&r));
-            assert!(t.elapsed() < Duration::from_millis(1000), "session {k} waited {:?}", t.elapsed());
         }
         Ok(())
     })
