@@ -27,6 +27,8 @@ bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 work=$(mktemp -d /tmp/callgrind.XXXXXX)
 chmod 755 "$work"
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# The user the servers run as.
+pg_user=$(if [ "$(id -u)" = 0 ]; then echo postgres; else id -un; fi)
 [ "$(id -u)" = 0 ] && chown postgres "$work"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pgport=$(free_port)
@@ -34,7 +36,7 @@ as_pg "$bin/initdb" -D "$work/pg" -U postgres -A trust >/dev/null
 as_pg "$bin/pg_ctl" -D "$work/pg" -o "-p $pgport -k $work -c listen_addresses=127.0.0.1 -c max_connections=100" -l "$work/pg.log" -w start >/dev/null
 router=""
 cleanup() {
-  pkill -INT -f "pgbouncer $work/pgbouncer.ini" 2>/dev/null || true
+  pkill -INT -u "$pg_user" -f "pgbouncer $work/pgbouncer.ini" 2>/dev/null || true
   [ -n "$router" ] && kill -INT "$router" 2>/dev/null && wait "$router" 2>/dev/null || true
   as_pg "$bin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -74,7 +76,7 @@ run() {
   pgbench -n -S -M "$mode" -c "$clients" -j 1 -t "$n" -h 127.0.0.1 -p "$port" -U postgres postgres >/dev/null
   if [ "$design" = pgbouncer ]; then
     # (As root it runs under runuser, which does not pass SIGINT on: the signal goes to valgrind itself.)
-    pkill -INT -u "$(if [ "$(id -u)" = 0 ]; then echo postgres; else id -un; fi)" -f "callgrind-out-file=$out" || true
+    pkill -INT -u "$pg_user" -f "callgrind-out-file=$out" || true
   else
     kill -INT "$router"
   fi

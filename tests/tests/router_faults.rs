@@ -374,8 +374,7 @@ async fn pool_bounds_wait_and_idle_timeout() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_reads_key_positions_on_its_own_connection() -> anyhow::Result<()> {
     use integration::wire::{error_codes, RawClient, PATHS};
-    let c = Cluster::hash(2, "pool-size,1\npool-timeout-ms,1500\n")?;
-    c.client().await?.batch_execute("CREATE TABLE users (user_id bigint, n int)").await?;
+    let c = users_cluster().await?;
     let port = c.port;
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         for (k, path) in PATHS.into_iter().enumerate() {
@@ -426,6 +425,14 @@ async fn a_transaction_reads_key_positions_on_its_own_connection() -> anyhow::Re
     Ok(())
 }
 
+/// Two shards with one server connection each (a wait for a second ends in 53300 after 1.5 s), and a table
+/// `users` (user_id bigint, n int).
+async fn users_cluster() -> anyhow::Result<Cluster> {
+    let c = Cluster::hash(2, "pool-size,1\npool-timeout-ms,1500\n")?;
+    c.client().await?.batch_execute("CREATE TABLE users (user_id bigint, n int)").await?;
+    Ok(c)
+}
+
 /// The rows of `users` (user_id, n) in order, read through the router.
 async fn users_rows(c: &Cluster) -> anyhow::Result<Vec<(i64, i32)>> {
     let rows = c.client().await?.query("SELECT user_id, n FROM users ORDER BY user_id, n", &[]).await?;
@@ -436,23 +443,27 @@ async fn users_rows(c: &Cluster) -> anyhow::Result<Vec<(i64, i32)>> {
 /// statements that opened the transaction, whose connection is busy with them until the Sync. The key's
 /// position is then read on another connection — of a shard the session holds none of, so that it does not
 /// wait for the very connection it holds (with `pool-size 1`, 53300 after `pool-timeout-ms`). Sessions in
-/// turn, their transactions on either shard.
+/// turn, their transactions on either shard, with BEGIN and COMMIT and without (the pipeline's implicit
+/// transaction).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_reads_key_positions_on_a_shard_it_does_not_hold() -> anyhow::Result<()> {
     use integration::wire::{error_codes, outline, Path, RawClient};
-    let c = Cluster::hash(2, "pool-size,1\npool-timeout-ms,1500\n")?;
-    c.client().await?.batch_execute("CREATE TABLE users (user_id bigint, n int)").await?;
+    let c = users_cluster().await?;
     let port = c.port;
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         for k in 0..6 {
             let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
-            for sql in [
-                "BEGIN".to_string(),
+            let inserts = [
                 format!("INSERT INTO users (user_id, n) VALUES ({k}, 1)"),
                 format!("INSERT INTO users VALUES ({k}, 2)"),
-                "COMMIT".to_string(),
-            ] {
-                assert!(cl.send(Path::Pipelined, &sql)?.is_empty());
+            ];
+            let statements: Vec<String> = if k % 2 == 0 {
+                [vec!["BEGIN".to_string()], inserts.to_vec(), vec!["COMMIT".to_string()]].concat()
+            } else {
+                inserts.to_vec()
+            };
+            for sql in &statements {
+                assert!(cl.send(Path::Pipelined, sql)?.is_empty());
             }
             // (A wait for the connection the session holds could only end in 53300.)
             let r = cl.sync()?;
