@@ -6,19 +6,23 @@
 # default (one runtime with router-threads workers, one per two cores: the single-threaded runtime on 2 cores) and
 # SHARD_ROUTER_RUNTIME=event-loops (as many single-threaded runtimes, each with its own listener). BASELINE=path/to/another/shard-router adds that binary (an older build,
 # say) as a third row. FLOOR=1 adds `relay_floor` (benches/src/bin/relay_floor.rs: bytes relayed on the same
-# tokio runtime, nothing parsed — what tokio's tasks and I/O cost any proxy built on them) and PGBOUNCER=1
+# tokio runtime, nothing parsed — what tokio's tasks and I/O cost any proxy built on them; and floor-epoll,
+# the same bytes relayed on an event loop of its own over epoll, `relay_floor --io epoll`) and PGBOUNCER=1
 # PgBouncer (transaction pooling, the same pool size; not for -M prepared, which PgBouncer before 1.21 does
-# not pool). Kernel time (wake-ups, syscalls) is not in these counts: the CPU columns of benches/run.sh are.
+# not pool). DESIGNS="floor floor-epoll" (say) counts only those rows. Kernel time (wake-ups, syscalls) is not
+# in these counts: the CPU columns of benches/run.sh are.
 #
-#   [BASELINE=...] [FLOOR=1] [PGBOUNCER=1] bash benches/callgrind.sh [clients (4)] [N1 (500)] [N2 (1500)]
+#   [BASELINE=...] [FLOOR=1] [PGBOUNCER=1] [DESIGNS=...] bash benches/callgrind.sh [clients (4)] [N1 (500)] [N2 (1500)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 clients=${1:-4}
 n1=${2:-500}
 n2=${3:-1500}
 command -v valgrind >/dev/null || { apt-get update && apt-get install -y valgrind; }
+designs=${DESIGNS:-default event-loops ${BASELINE:+baseline} ${FLOOR:+floor floor-epoll} ${PGBOUNCER:+pgbouncer}}
 cargo build --release --quiet -p router
-[ -n "${FLOOR:-}" ] && cargo build --release --quiet -p benches --bin relay_floor
+case " $designs " in *" floor"*) cargo build --release --quiet -p benches --bin relay_floor ;; esac
+case " $designs " in *" pgbouncer "*) PGBOUNCER=1 ;; esac
 if [ -n "${PGBOUNCER:-}" ]; then
   export PATH="$PATH:/usr/sbin"
   command -v pgbouncer >/dev/null || { apt-get update && apt-get install -y pgbouncer; }
@@ -55,9 +59,9 @@ run() {
   local exe=target/release/shard-router
   [ "$design" = baseline ] && exe=$BASELINE
   case $design in
-    floor)
-      valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
-        target/release/relay_floor --listen "127.0.0.1:$port" --server "127.0.0.1:$pgport" >/dev/null 2>"$out.log" &
+    floor | floor-epoll)
+      valgrind --tool=callgrind --callgrind-out-file="$out.%p" target/release/relay_floor --listen "127.0.0.1:$port" \
+        --server "127.0.0.1:$pgport" --io "$([ "$design" = floor ] && echo tokio || echo epoll)" >/dev/null 2>"$out.log" &
       ;;
     pgbouncer)
       printf '[databases]\npostgres = host=127.0.0.1 port=%s dbname=postgres\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = %s\nunix_socket_dir =\nauth_type = trust\nauth_file = %s/users.txt\npool_mode = transaction\ndefault_pool_size = %s\nmax_client_conn = 1000\nlogfile = %s/pgbouncer.log\n' \
@@ -77,6 +81,9 @@ run() {
   if [ "$design" = pgbouncer ]; then
     # (As root it runs under runuser, which does not pass SIGINT on: the signal goes to valgrind itself.)
     pkill -INT -u "$pg_user" -f "callgrind-out-file=$out" || true
+  elif [ "$design" = floor-epoll ]; then
+    # (It has no handler of its own: a background job ignores SIGINT, SIGTERM's default action ends it.)
+    kill -TERM "$router"
   else
     kill -INT "$router"
   fi
@@ -88,7 +95,7 @@ run() {
 
 printf '| protocol | design | instructions per transaction |\n|---|---|---|\n'
 for mode in simple extended prepared; do
-  for design in default event-loops ${BASELINE:+baseline} ${FLOOR:+floor} ${PGBOUNCER:+pgbouncer}; do
+  for design in $designs; do
     [ "$design" = pgbouncer ] && [ "$mode" = prepared ] && continue
     a=$(run "$design" "$mode" "$n1")
     b=$(run "$design" "$mode" "$n2")

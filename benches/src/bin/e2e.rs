@@ -34,7 +34,8 @@ struct Args {
     /// one: a change measured before and after in one alternating run.
     baseline: Option<PathBuf>,
     /// `--floor`: also `relay_floor` (bytes relayed on the router's runtime, nothing parsed, a server
-    /// connection per client) in front of the one server: the floor under a proxy on tokio.
+    /// connection per client) in front of the one server: the floor under a proxy on tokio (floor); and the
+    /// same on an event loop of its own over epoll (floor-epoll, `relay_floor --io epoll`).
     floor: bool,
 }
 
@@ -93,15 +94,19 @@ fn args() -> Result<Args> {
                      this one, for a before/after comparison in one run; with --threads N also router-1bt:\n\
                      that build at router-threads N)\n\
                      --floor (also floor: relay_floor, bytes relayed on tokio with nothing parsed, a server\n\
-                     connection per client, at the router's default thread count)"
+                     connection per client, at the router's default thread count; and floor-epoll: the same\n\
+                     on an event loop of its own over epoll, relay_floor --io epoll)"
                 );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other} (see --help)"),
         }
     }
-    // (`--targets floor` is the floor too.)
-    a.floor |= a.targets.as_ref().is_some_and(|t| t.iter().any(|n| n == "floor"));
+    // (`--targets floor` or `floor-epoll` starts the floors too; `--floor` with `--targets` adds both.)
+    if let (true, Some(t)) = (a.floor, &mut a.targets) {
+        t.extend(["floor".to_string(), "floor-epoll".to_string()]);
+    }
+    a.floor |= a.targets.as_ref().is_some_and(|t| t.iter().any(|n| n.starts_with("floor")));
     Ok(a)
 }
 
@@ -224,11 +229,12 @@ fn start_listening(cmd: &mut Command, port: u16, build: &str) -> Result<(Proc, u
     Ok((p, port))
 }
 
-/// `relay_floor` (built beside this binary) in front of `server`.
-fn start_floor(server: &PgServer) -> Result<(Proc, u16)> {
+/// `relay_floor` (built beside this binary) in front of `server`, on tokio or (`io` "epoll") its own event loop.
+fn start_floor(server: &PgServer, io: &str) -> Result<(Proc, u16)> {
     let port = free_port();
     let mut cmd = Command::new(std::env::current_exe()?.with_file_name("relay_floor"));
     cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--server", &format!("127.0.0.1:{}", server.port)]);
+    cmd.args(["--io", io]);
     start_listening(&mut cmd, port, "cargo build --release -p benches --bins")
 }
 
@@ -412,7 +418,8 @@ fn main() -> Result<()> {
         writeln!(four_cfg, "shard-node-{i},{}", s.url("postgres"))?;
     }
     let (r4, r4_port) = start_router(&work.path().join("r4"), &four_cfg, &[])?;
-    let floor = if a.floor { Some(start_floor(&one)?) } else { None };
+    let floor = if a.floor { Some(start_floor(&one, "tokio")?) } else { None };
+    let floor_epoll = if a.floor { Some(start_floor(&one, "epoll")?) } else { None };
     let conn = |port: u16| format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
     let mut targets = vec![
         Target { name: "direct", conns: vec![one.conn_str("postgres")], pid: None },
@@ -434,6 +441,9 @@ fn main() -> Result<()> {
     if let Some((p, port)) = &r1b {
         targets.insert(3, Target { name: "router-1b", conns: vec![conn(*port)], pid: Some(p.0.id()) });
     }
+    if let Some((p, port)) = &floor_epoll {
+        targets.insert(2, Target { name: "floor-epoll", conns: vec![conn(*port)], pid: Some(p.0.id()) });
+    }
     if let Some((p, port)) = &floor {
         targets.insert(2, Target { name: "floor", conns: vec![conn(*port)], pid: Some(p.0.id()) });
     }
@@ -444,7 +454,6 @@ fn main() -> Result<()> {
                 || (t.name == "router-1t" && a.threads.is_some())
                 || (t.name == "router-1b" && a.baseline.is_some())
                 || (t.name == "router-1bt" && a.baseline.is_some() && a.threads.is_some())
-                || (t.name == "floor" && a.floor)
         });
     }
     // PgBouncer's pid is runuser's when started as root: its pidfile names the process itself.
@@ -521,6 +530,7 @@ fn main() -> Result<()> {
                     "router-1bt" => "router-1bt",
                     "router-4" => "router-4",
                     "floor" => "floor",
+                    "floor-epoll" => "floor-epoll",
                     _ => "direct-4",
                 },
             ))
