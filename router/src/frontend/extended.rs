@@ -23,9 +23,9 @@ use super::session::{
     refuse_session_locks, settings_of, statement_hash, BindParams, ClientStmt, Failure, Linked, Session, Statements,
 };
 use super::txn::{Dest, Plan, Run, State, Stmt, To};
-use crate::backend::conn::ServerConn;
+use crate::backend::conn::{BackendError, ServerConn};
 use crate::net::proto::{self, READY_IDLE};
-use crate::net::wire::{Framed, Msg, Stream, FLUSH_AT};
+use crate::net::wire::{Framed, Msg, RelayError, Stream, FLUSH_AT};
 use crate::net::{Fatal, Reported};
 
 /// What the client expects back for each message sent (or not sent) to the server.
@@ -50,6 +50,22 @@ pub enum Exp {
     Quiet(u8),
     /// A simple Query: every statement's answers up to ReadyForQuery.
     UntilReady,
+}
+
+impl Exp {
+    /// An expectation of a message the client sent as it is, whose answer goes back as the server sends it.
+    fn relayed_as_is(&self) -> bool {
+        matches!(
+            self,
+            Exp::Parse(None)
+                | Exp::Bind
+                | Exp::DescribeStmt
+                | Exp::DescribePortal
+                | Exp::Execute
+                | Exp::Close
+                | Exp::Sync
+        )
+    }
 }
 
 /// How a connection's answers reach the client when a statement goes to several connections.
@@ -743,7 +759,23 @@ impl<S: Stream> Session<S> {
         let map = self.status_map(i);
         let executes = exps.iter().any(|e| matches!(e, Exp::Execute));
         let mut exps = exps;
-        let relayed = self.relay(i, &mut exps, Role::Only, &mut merge, Some(&map)).await;
+        let relayed = if exps.iter().all(Exp::relayed_as_is) {
+            // Nothing to inject or swallow: the server's answers are the client's, relayed in runs as a
+            // simple query's are (`relay` reads each message against its expectation).
+            let conn = self.links.get(i).conn.conn();
+            match conn.relay_to_ready(&mut self.io, &map).await {
+                Ok((status, error)) => {
+                    conn.status = status;
+                    conn.parsing.clear();
+                    merge.failed = error;
+                    Ok((Some(status), error))
+                }
+                Err(RelayError::Src(e)) => Err(BackendError::Wire(e, conn.addr.clone()).into()),
+                Err(RelayError::Dst(e)) => return Err(Failure::Fatal(e.into())),
+            }
+        } else {
+            self.relay(i, &mut exps, Role::Only, &mut merge, Some(&map)).await
+        };
         recycle_exps(exps);
         let status = match relayed {
             Ok((s, _)) => s.unwrap_or(READY_IDLE),
