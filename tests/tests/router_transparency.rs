@@ -4,7 +4,7 @@
 //! Also: `pgbench -i` through the router, COPY TO merged in both protocols, cursors WITH HOLD, client-driven
 //! two-phase commit, INSERT ... ON CONFLICT and INSERT ... SELECT by the inserted key.
 
-use integration::wire::{error_codes, outline, RawClient};
+use integration::wire::{error_codes, outline, Path, RawClient, PATHS};
 use integration::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,24 +244,23 @@ async fn prepared_statements_follow_schema_changes_and_deallocation() -> anyhow:
 }
 
 /// What a server would refuse at connection, the router refuses at connection; under session pooling a
-/// terminated backend ends the client's connection, as it would on the server.
+/// terminated backend ends the client's connection, as it would on the server — on every protocol path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_errors_are_the_servers() -> anyhow::Result<()> {
     let c = Cluster::hash(1, "pool-mode,session\n")?;
     let conn = format!("host=127.0.0.1 port={} user=postgres dbname=nosuchdb", c.port);
     let e = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.err().expect("refused");
     assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("3D000"), "{e}");
-    let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
-    // The backend's FATAL reaches the client, then the end of its connection (no ReadyForQuery).
-    let mut replies = Vec::new();
-    let ended = match cl.query("SELECT pg_terminate_backend(pg_backend_pid())") {
-        Ok(r) => {
-            replies = r;
-            false
-        }
-        Err(_) => true,
-    };
-    assert!(ended, "the client's connection ended with its backend: {replies:?}");
-    assert!(cl.query("SELECT 1").is_err());
+    for path in PATHS {
+        let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        // The backend's FATAL reaches the client, then the end of its connection (no ReadyForQuery).
+        let sent = cl.send(path, "SELECT pg_terminate_backend(pg_backend_pid())");
+        let replies = match (path, sent) {
+            (Path::Pipelined, Ok(_)) => cl.sync(),
+            (_, r) => r,
+        };
+        assert!(replies.is_err(), "{path:?}: the client's connection ended with its backend: {replies:?}");
+        assert!(cl.query("SELECT 1").is_err(), "{path:?}");
+    }
     Ok(())
 }

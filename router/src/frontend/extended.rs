@@ -779,10 +779,8 @@ impl<S: Stream> Session<S> {
         recycle_exps(exps);
         let status = match relayed {
             Ok((s, _)) => s.unwrap_or(READY_IDLE),
-            Err(e) => {
-                self.lost(i, &e);
-                return Err(e.into());
-            }
+            // (Under session pooling the client's connection ends with its server's, as on the simple path.)
+            Err(e) => return Err(self.broken(i, e)),
         };
         let l = self.links.get(i);
         l.pending = false;
