@@ -516,25 +516,7 @@ fn main() -> Result<()> {
     )?;
     writeln!(table, "|---|---|---|---|---|---|---|---|---|---|")?;
     for (workload, clients) in &cases {
-        let get = |name: &str| {
-            results.get(&(
-                workload.clone(),
-                *clients,
-                match name {
-                    "direct" => "direct",
-                    "pgbouncer" => "pgbouncer",
-                    "router-1" => "router-1",
-                    "router-1el" => "router-1el",
-                    "router-1t" => "router-1t",
-                    "router-1b" => "router-1b",
-                    "router-1bt" => "router-1bt",
-                    "router-4" => "router-4",
-                    "floor" => "floor",
-                    "floor-epoll" => "floor-epoll",
-                    _ => "direct-4",
-                },
-            ))
-        };
+        let get = |name: &'static str| results.get(&(workload.clone(), *clients, name));
         let base = get("pgbouncer").map(|f| median(&f.tps));
         let direct = get("direct").map(|f| median(&f.tps));
         let direct4 = get("direct-4").map(|f| median(&f.tps));

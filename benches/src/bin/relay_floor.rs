@@ -159,8 +159,8 @@ mod event_loop {
     }
 
     /// One event loop, until SIGTERM (or SIGINT, where not ignored) ends the process by its default action: a
-    /// profiler wrapping it still writes its output, and there is nothing to flush. A client is the pair of ends at `pairs[i]`: tokens `2i` (the
-    /// client's socket) and `2i + 1` (its server connection).
+    /// profiler wrapping it still writes its output, and there is nothing to flush. A client is the pair of
+    /// ends at `pairs[i]`: tokens `2i` (the client's socket) and `2i + 1` (its server connection).
     fn run(mut listener: TcpListener, server: SocketAddr) -> anyhow::Result<()> {
         let mut poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
