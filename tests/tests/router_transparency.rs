@@ -4,7 +4,7 @@
 //! Also: `pgbench -i` through the router, COPY TO merged in both protocols, cursors WITH HOLD, client-driven
 //! two-phase commit, INSERT ... ON CONFLICT and INSERT ... SELECT by the inserted key.
 
-use integration::wire::{error_codes, outline, Path, RawClient, PATHS};
+use integration::wire::{error_codes, outline, Path, RawClient, Reply, PATHS};
 use integration::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,16 +251,57 @@ async fn connection_errors_are_the_servers() -> anyhow::Result<()> {
     let conn = format!("host=127.0.0.1 port={} user=postgres dbname=nosuchdb", c.port);
     let e = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.err().expect("refused");
     assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("3D000"), "{e}");
-    for path in PATHS {
+    for (path, begin) in PATHS.into_iter().flat_map(|p| [(p, false), (p, true)]) {
         let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        if begin {
+            cl.query("BEGIN")?;
+        }
         // The backend's FATAL reaches the client, then the end of its connection (no ReadyForQuery).
-        let sent = cl.send(path, "SELECT pg_terminate_backend(pg_backend_pid())");
-        let replies = match (path, sent) {
-            (Path::Pipelined, Ok(_)) => cl.sync(),
-            (_, r) => r,
-        };
-        assert!(replies.is_err(), "{path:?}: the client's connection ended with its backend: {replies:?}");
-        assert!(cl.query("SELECT 1").is_err(), "{path:?}");
+        let replies = terminate_own_backend(&mut cl, path);
+        assert!(
+            replies.is_err(),
+            "{path:?} (BEGIN: {begin}): the client's connection ended with its backend: {replies:?}"
+        );
+        assert!(cl.query("SELECT 1").is_err(), "{path:?} (BEGIN: {begin})");
+    }
+    // Transaction pooling: the client's connection outlives the server connection, in a transaction or
+    // not; every path tells it the same (the server's FATAL, then 08006 naming that server).
+    let c = Cluster::hash(1, "")?;
+    let server = format!("127.0.0.1:{}: ", c.shards[0].port);
+    let mut seen = None;
+    for (path, begin) in PATHS.into_iter().flat_map(|p| [(p, false), (p, true)]) {
+        let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        if begin {
+            cl.query("BEGIN")?;
+        }
+        let replies = terminate_own_backend(&mut cl, path)?;
+        let errors: Vec<(String, String)> = replies
+            .iter()
+            .filter_map(|r| match r {
+                Reply::Error { code, message } => Some((code.clone(), message.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            errors.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+            ["57P01", "08006"],
+            "{path:?}: {replies:?}"
+        );
+        assert!(errors[1].1.starts_with(&server), "{path:?}: {:?} names the server", errors[1].1);
+        assert_eq!(replies.last(), Some(&Reply::Ready('I')), "{path:?}: the transaction is gone: {replies:?}");
+        match &seen {
+            None => seen = Some(errors),
+            Some(first) => assert_eq!(first, &errors, "{path:?} (BEGIN: {begin}) against Simple"),
+        }
+        assert_eq!(outline(&cl.query("SELECT 1")?), ["row 1", "SELECT 1", "ZI"], "{path:?} (BEGIN: {begin})");
     }
     Ok(())
+}
+
+/// `SELECT pg_terminate_backend(pg_backend_pid())` on `path`: its replies up to ReadyForQuery.
+fn terminate_own_backend(cl: &mut RawClient, path: Path) -> anyhow::Result<Vec<Reply>> {
+    match (path, cl.send(path, "SELECT pg_terminate_backend(pg_backend_pid())")) {
+        (Path::Pipelined, Ok(_)) => cl.sync(),
+        (_, r) => r,
+    }
 }

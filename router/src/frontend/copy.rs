@@ -711,7 +711,8 @@ impl<S: Stream> Session<S> {
                     self.io.flush().await.map_err(|e| Failure::Fatal(e.into()))
                 }
                 Err(crate::net::wire::RelayError::Src(e)) => {
-                    let e: Reported = crate::backend::conn::BackendError::Wire(e, String::new()).into();
+                    let addr = self.links.get(i).conn.conn().addr.clone();
+                    let e: Reported = crate::backend::conn::BackendError::Wire(e, addr).into();
                     self.lost(i, &e);
                     Err(e.into())
                 }

@@ -331,8 +331,8 @@ impl<S: Stream> Session<S> {
                 Ok(())
             }
             Err(RelayError::Src(e)) => {
-                let e: Reported = BackendError::Wire(e, String::new()).into();
-                let e = Reported::new(&e.code, e.message.trim_start_matches(": ").to_string());
+                // (Named by its server, as on every other path.)
+                let e = BackendError::Wire(e, self.links.get(i).conn.conn().addr.clone()).into();
                 Err(self.broken(i, e))
             }
             Err(RelayError::Dst(e)) => Err(Failure::Fatal(e.into())),
