@@ -357,8 +357,13 @@ pub fn first_word(sql: &str) -> &str {
             break;
         }
     }
-    // (A byte that is not an ASCII letter ends the word on a character boundary.)
-    let end = s.bytes().position(|c| !c.is_ascii_alphabetic()).unwrap_or(s.len());
+    // (A byte that is not an ASCII letter ends the word on a character boundary. `| 0x20` folds the upper
+    // case letters onto the lower case ones, and nothing else onto them: one comparison a byte.)
+    let b = s.as_bytes();
+    let mut end = 0;
+    while end < b.len() && (b[end] | 0x20).wrapping_sub(b'a') < 26 {
+        end += 1;
+    }
     &s[..end]
 }
 
@@ -1573,5 +1578,15 @@ mod tests {
         assert_eq!(find_hint("SELECT 1 /* x */ /* shard: eu */"), Some(Hint::Shard("eu".into())));
         assert_eq!(find_hint("/* shards: all */ SELECT refresh_bots()"), Some(Hint::AllShards));
         assert_eq!(first_word("  -- c\n /* x */ select"), "select");
+    }
+
+    proptest::proptest! {
+        /// A statement that starts with a letter: its word is the longest run of ASCII letters there.
+        #[test]
+        fn first_word_is_the_leading_letters(word in "[a-zA-Z]{1,8}", rest in "[ -~\u{80}-\u{10ff}]{0,8}") {
+            let sql = format!("{word}{rest}");
+            let letters = sql.bytes().take_while(u8::is_ascii_alphabetic).count();
+            proptest::prop_assert_eq!(first_word(&sql), &sql[..letters]);
+        }
     }
 }

@@ -342,7 +342,7 @@ impl<S: Stream> Session<S> {
                 Ok((i, exps)) => {
                     self.links.get(i).pending = true;
                     effect.dest = dest;
-                    return self.answer_synced(i, exps, effect).await;
+                    return self.answer_synced(i, exps, &effect).await;
                 }
                 Err(e) if e.code == crate::backend::checkout::CONNECT_FAILED => last = Some(e),
                 Err(e) => return Err(e.into()),
@@ -413,7 +413,11 @@ impl<S: Stream> Session<S> {
                 let mut effect = Effect {
                     dest: Dest { shard: shardmap::ShardId(0), db: None },
                     stmt,
-                    sets: settings_of(&analysis),
+                    // (Nothing copied for the usual statement, which changes no setting.)
+                    sets: match settings_of(&analysis) {
+                        std::borrow::Cow::Borrowed([]) => Vec::new(),
+                        sets => sets.into_owned(),
+                    },
                     text,
                 };
                 // The common cases inline (a boxed future per statement costs an allocation): one statement
@@ -447,7 +451,7 @@ impl<S: Stream> Session<S> {
                 if !self.flush_link_now(i)? {
                     self.flush_link(i).await?;
                 }
-                self.answer_synced(i, exps, effect).await
+                self.answer_synced(i, exps, &effect).await
             }
         }
     }
@@ -484,7 +488,7 @@ impl<S: Stream> Session<S> {
                     };
                     self.links.get(i).pending = true;
                     effect.dest = dest;
-                    return self.answer_synced(i, exps, effect).await;
+                    return self.answer_synced(i, exps, &effect).await;
                 }
                 match self.link(&dest).await {
                     Ok(i) => Some(i),
@@ -600,7 +604,7 @@ impl<S: Stream> Session<S> {
                 self.lost(i, &e);
                 return Err(e.into());
             }
-            return self.answer_synced(i, exps, effect).await;
+            return self.answer_synced(i, exps, &effect).await;
         }
         pending.entries.push(Entry { dest, exps, role: Role::Only, fan: None, closes_fan: false });
         self.group_effects.push(effect);
@@ -726,7 +730,7 @@ impl<S: Stream> Session<S> {
             let a = self.routing.planner.analyze(q);
             let sets = settings_of(&a);
             if !sets.is_empty() {
-                self.txn_settings.extend(sets);
+                self.txn_settings.extend(sets.iter().cloned());
                 self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
             }
         }
@@ -753,7 +757,7 @@ impl<S: Stream> Session<S> {
     }
 
     /// The answers to a segment sent with its Sync on link `i` alone, up to ReadyForQuery.
-    async fn answer_synced(&mut self, i: usize, exps: VecDeque<Exp>, effect: Effect) -> Result<Seg, Failure> {
+    async fn answer_synced(&mut self, i: usize, exps: VecDeque<Exp>, effect: &Effect) -> Result<Seg, Failure> {
         let started = std::time::Instant::now();
         let mut merge = Merge::default();
         let map = self.status_map(i);
@@ -965,7 +969,7 @@ impl<S: Stream> Session<S> {
                 self.txn.ready(dest, status, error);
                 if !sets.is_empty() {
                     self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
-                    self.txn_settings.extend(sets);
+                    self.txn_settings.extend(sets.iter().cloned());
                 }
             } else {
                 self.answered(i, status, error, &sets, text.as_deref()).await;

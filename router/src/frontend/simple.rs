@@ -625,7 +625,7 @@ impl<S: Stream> Session<S> {
             let a = self.routing.planner.analyze(q);
             let sets = settings_of(&a);
             if !sets.is_empty() {
-                self.txn_settings.extend(sets);
+                self.txn_settings.extend(sets.iter().cloned());
                 self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
             }
         }
