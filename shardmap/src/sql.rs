@@ -182,6 +182,10 @@ pub struct StatementAnalysis {
     /// Whether it takes or releases a session-level advisory lock (`pg_advisory_lock` and friends), which
     /// belongs to a server connection rather than to a transaction.
     pub session_lock: bool,
+    /// Whether it creates a temporary table, view or sequence that outlives its transaction (all but
+    /// `CREATE TEMP TABLE ... ON COMMIT DROP`): it stays on the server connection, which transaction pooling
+    /// hands to other clients.
+    pub temp_object: bool,
     /// The first function it calls whose effect belongs to the database rather than to rows or to the
     /// connection: `nextval`/`setval` (a sequence's next value), an advisory lock, `pg_notify` (or `NOTIFY`
     /// itself, named so here). Every shard has its own copy of that state, so a statement naming no sharded
@@ -228,6 +232,7 @@ impl StatementAnalysis {
             copy: None,
             reason: reason.into(),
             session_lock: false,
+            temp_object: false,
             shared_call: None,
             txn: None,
             declare: None,
@@ -298,6 +303,7 @@ pub fn analyze_keys(
                 .map(|s| {
                     let mut a = ctx.statement(s);
                     (a.session_lock, a.shared_call) = shared_calls(s);
+                    a.temp_object = temp_object(s);
                     if matches!(s, Statement::NOTIFY { .. }) {
                         a.shared_call = Some("NOTIFY");
                     }
@@ -1527,6 +1533,33 @@ fn shared_calls(s: &Statement) -> (bool, Option<&'static str>) {
     (f.0, f.1)
 }
 
+/// Whether `s` creates a temporary object that outlives its transaction: `CREATE TEMP TABLE` (but for `ON
+/// COMMIT DROP`), `CREATE TEMP VIEW`, `CREATE TEMP SEQUENCE`, `SELECT ... INTO TEMP`, or any of them named in
+/// `pg_temp`.
+fn temp_object(s: &Statement) -> bool {
+    let in_pg_temp = |name: &ObjectName| {
+        name.0.len() > 1 && name.0[0].as_ident().is_some_and(|i| i.value.eq_ignore_ascii_case("pg_temp"))
+    };
+    match s {
+        Statement::CreateTable(ct) => {
+            (ct.temporary || in_pg_temp(&ct.name)) && ct.on_commit != Some(ast::OnCommit::Drop)
+        }
+        Statement::CreateView(cv) => cv.temporary || in_pg_temp(&cv.name),
+        Statement::CreateSequence { temporary, name, .. } => *temporary || in_pg_temp(name),
+        Statement::Query(q) => match &*q.body {
+            SetExpr::Select(select) => select.into.as_ref().is_some_and(|into| {
+                into.temporary
+                    || into.targets.iter().any(|t| {
+                        matches!(t, Expr::CompoundIdentifier(parts)
+                                if parts.len() > 1 && parts[0].value.eq_ignore_ascii_case("pg_temp"))
+                    })
+            }),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 fn strip_cast(e: &Expr) -> &Expr {
     match e {
         Expr::Cast { expr, .. } | Expr::Nested(expr) => strip_cast(expr),
@@ -1570,6 +1603,37 @@ mod tests {
         assert_eq!(keys("SELECT * FROM users WHERE NOT (user_id = 1)"), Keys::None);
         assert_eq!(keys("SELECT * FROM users WHERE user_id = ANY($1)"), Keys::Some(vec![KeyExpr::ArrayParam(0)]));
         assert_eq!(keys("SELECT * FROM users WHERE user_id = 1 UNION SELECT * FROM users"), Keys::None);
+    }
+
+    #[test]
+    fn temporary_objects_that_outlive_their_transaction() {
+        let temp = |sql: &str| {
+            let a = analyze(sql, "user_id", KeyType::Auto, &HashSet::new());
+            assert!(a.parse_error.is_none(), "{sql}: {:?}", a.parse_error);
+            a.statements[0].temp_object
+        };
+        for sql in [
+            "CREATE TEMP TABLE t (x int)",
+            "CREATE TEMPORARY TABLE IF NOT EXISTS t (x int) ON COMMIT DELETE ROWS",
+            "CREATE LOCAL TEMP TABLE t AS SELECT 1 AS x",
+            "CREATE TABLE pg_temp.t (x int)",
+            "CREATE TEMP VIEW v AS SELECT 1",
+            "CREATE TEMP SEQUENCE s",
+            "SELECT 1 AS x INTO TEMP t",
+            "SELECT 1 AS x INTO pg_temp.t",
+        ] {
+            assert!(temp(sql), "{sql}");
+        }
+        for sql in [
+            "CREATE TEMP TABLE t (x int) ON COMMIT DROP",
+            "CREATE TABLE t (x int)",
+            "CREATE VIEW v AS SELECT 1",
+            "CREATE SEQUENCE s",
+            "SELECT 1 AS x INTO t",
+            "SELECT * FROM pg_temp.t",
+        ] {
+            assert!(!temp(sql), "{sql}");
+        }
     }
 
     #[test]

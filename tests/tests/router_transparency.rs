@@ -257,7 +257,7 @@ async fn connection_errors_are_the_servers() -> anyhow::Result<()> {
             cl.query("BEGIN")?;
         }
         // The backend's FATAL reaches the client, then the end of its connection (no ReadyForQuery).
-        let replies = terminate_own_backend(&mut cl, path);
+        let replies = send_synced(&mut cl, path, TERMINATE_OWN_BACKEND);
         assert!(
             replies.is_err(),
             "{path:?} (BEGIN: {begin}): the client's connection ended with its backend: {replies:?}"
@@ -274,7 +274,7 @@ async fn connection_errors_are_the_servers() -> anyhow::Result<()> {
         if begin {
             cl.query("BEGIN")?;
         }
-        let replies = terminate_own_backend(&mut cl, path)?;
+        let replies = send_synced(&mut cl, path, TERMINATE_OWN_BACKEND)?;
         let errors: Vec<(String, String)> = replies
             .iter()
             .filter_map(|r| match r {
@@ -298,9 +298,55 @@ async fn connection_errors_are_the_servers() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `SELECT pg_terminate_backend(pg_backend_pid())` on `path`: its replies up to ReadyForQuery.
-fn terminate_own_backend(cl: &mut RawClient, path: Path) -> anyhow::Result<Vec<Reply>> {
-    match (path, cl.send(path, "SELECT pg_terminate_backend(pg_backend_pid())")) {
+/// A temporary object stays on its server connection: under transaction pooling another client would meet
+/// it there (42P07 on its own CREATE, or its rows read in place of a table of the same name), and it would
+/// not follow its client. Refused on every path, but for a table dropped at its transaction's commit;
+/// under session pooling the connection is the client's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_objects_under_transaction_pooling() -> anyhow::Result<()> {
+    // One server connection: every client's statements use it.
+    let c = Cluster::hash(1, "pool-size,1\n")?;
+    let temp_objects = "SELECT count(*) FROM pg_class WHERE relpersistence = 't'";
+    for path in PATHS {
+        let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        for sql in [
+            "CREATE TEMP TABLE tt (x int)",
+            "CREATE TABLE pg_temp.tt (x int)",
+            "CREATE TEMP VIEW tv AS SELECT 1",
+            "SELECT 1 AS x INTO TEMP tt",
+        ] {
+            let r = send_synced(&mut cl, path, sql)?;
+            assert_eq!(error_codes(&r), ["0A000"], "{path:?}: {sql}: {r:?}");
+            assert!(format!("{r:?}").contains("ON COMMIT DROP"), "{path:?}: the reason says what works: {r:?}");
+        }
+        for sql in [
+            "BEGIN",
+            "CREATE TEMP TABLE tt (x int) ON COMMIT DROP",
+            "INSERT INTO tt VALUES (1)",
+            "SELECT count(*) FROM tt",
+            "COMMIT",
+        ] {
+            let r = send_synced(&mut cl, path, sql)?;
+            assert!(error_codes(&r).is_empty(), "{path:?}: {sql}: {r:?}");
+        }
+        let mut other = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        assert_eq!(outline(&other.query(temp_objects)?), ["row 0", "SELECT 1", "ZI"], "{path:?}");
+    }
+    let c = Cluster::hash(1, "pool-mode,session\n")?;
+    let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    for path in PATHS {
+        let r = send_synced(&mut cl, path, &format!("CREATE TEMP TABLE t{} (x int)", path as u8))?;
+        assert!(error_codes(&r).is_empty(), "session pooling, {path:?}: {r:?}");
+    }
+    assert_eq!(outline(&cl.query(temp_objects)?), ["row 4", "SELECT 1", "ZI"]);
+    Ok(())
+}
+
+const TERMINATE_OWN_BACKEND: &str = "SELECT pg_terminate_backend(pg_backend_pid())";
+
+/// `sql` on `path`: its replies up to ReadyForQuery (a pipeline synced).
+fn send_synced(cl: &mut RawClient, path: Path, sql: &str) -> anyhow::Result<Vec<Reply>> {
+    match (path, cl.send(path, sql)) {
         (Path::Pipelined, Ok(_)) => cl.sync(),
         (_, r) => r,
     }

@@ -20,7 +20,7 @@ use shardmap::sql::Setting;
 use shardmap::{Decision, Target};
 
 use super::session::{
-    refuse_session_locks, settings_of, statement_hash, BindParams, ClientStmt, Failure, Linked, Session, Statements,
+    refuse_connection_state, settings_of, statement_hash, BindParams, ClientStmt, Failure, Linked, Session, Statements,
 };
 use super::txn::{Dest, Plan, Run, State, Stmt, To};
 use crate::backend::conn::{BackendError, ServerConn};
@@ -371,7 +371,7 @@ impl<S: Stream> Session<S> {
             .ok_or_else(|| Reported::new("26000", format!("prepared statement \"{}\" does not exist", b.statement)))?;
         let (text, analysis) = (st.text.clone(), st.analysis.clone());
         if !self.routing.session_mode {
-            refuse_session_locks(&analysis)?;
+            refuse_connection_state(&analysis)?;
         }
         let stmt = self.stmt(&analysis, &text);
         if analysis.statements.iter().any(|s| s.positional.is_some()) {

@@ -236,11 +236,17 @@ pub fn statement_hash(text: &str, types: &[u32]) -> u64 {
     h.finish()
 }
 
-/// Session-level advisory locks belong to a server connection, which transaction pooling shares.
-pub fn refuse_session_locks(analysis: &Analysis) -> Result<(), Reported> {
+/// Session-level advisory locks and temporary objects belong to a server connection, which transaction
+/// pooling shares: other clients would meet them there, and they would not follow their own client.
+pub fn refuse_connection_state(analysis: &Analysis) -> Result<(), Reported> {
     if analysis.statements.iter().any(|s| s.session_lock) {
         return Err(Reported::unsupported(
             "session-level advisory locks (pg_advisory_lock, pg_advisory_unlock...) would stay on a pooled server connection shared with other clients; use pg_advisory_xact_lock inside a transaction",
+        ));
+    }
+    if analysis.statements.iter().any(|s| s.temp_object) {
+        return Err(Reported::unsupported(
+            "a temporary table, view or sequence would stay on a pooled server connection shared with other clients, and would not follow this client to its next one; create the table inside a transaction with ON COMMIT DROP, or use pool-mode,session",
         ));
     }
     Ok(())

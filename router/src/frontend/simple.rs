@@ -8,7 +8,7 @@ use shardmap::sql::{Analysis, Setting};
 use shardmap::{Decision, ShardId};
 
 use super::links::Link;
-use super::session::{refuse_session_locks, settings_of, Failure, Linked, Session, Statements};
+use super::session::{refuse_connection_state, settings_of, Failure, Linked, Session, Statements};
 use super::settings::Change;
 use super::txn::{Dest, Local, Plan, State, Stmt, To};
 use crate::backend::conn::{BackendError, ServerConn};
@@ -55,7 +55,7 @@ impl<S: Stream> Session<S> {
         literals: &[shardmap::shape::Literal<'_>],
     ) -> Result<(), Failure> {
         if !self.routing.session_mode {
-            refuse_session_locks(analysis)?;
+            refuse_connection_state(analysis)?;
         }
         let stmt = self.stmt(analysis, text);
         if analysis.statements.iter().any(|s| s.positional.is_some()) {
