@@ -155,10 +155,14 @@ fn main() -> ExitCode {
     let rt = || tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
     match cli.command {
         Command::Move { unit, to, json } => {
-            moving(rt(), config, json, |mut r| async move { r.start(&unit, &to).await.map(|o| (r, o)) })
+            moving(rt(), config, json, false, |mut r| async move { r.start(&unit, &to).await.map(|o| (r, o)) })
         }
-        Command::Resume { json } => moving(rt(), config, json, |mut r| async move { r.resume().await.map(|o| (r, o)) }),
-        Command::Abort { json } => moving(rt(), config, json, |mut r| async move { r.abort().await.map(|o| (r, o)) }),
+        Command::Resume { json } => {
+            moving(rt(), config, json, true, |mut r| async move { r.resume().await.map(|o| (r, o)) })
+        }
+        Command::Abort { json } => {
+            moving(rt(), config, json, true, |mut r| async move { r.abort().await.map(|o| (r, o)) })
+        }
         Command::Plan { by, fill, drain, threshold, out, metrics, json } => {
             let goal = match (fill, drain) {
                 (Some(n), _) => rebalancer::plan::Goal::Fill(n),
@@ -319,8 +323,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a move command (move, resume, abort) and prints its outcome.
-fn moving<F, Fut>(rt: tokio::runtime::Runtime, config: shardmap::Config, json: bool, run: F) -> ExitCode
+/// Runs a move command (move, resume, abort) and prints its outcome. `after_crash` (resume, abort): the
+/// one-rebalancer lock may still be a killed rebalancer's for a moment (see `Rebalancer::recovering`).
+fn moving<F, Fut>(
+    rt: tokio::runtime::Runtime,
+    config: shardmap::Config,
+    json: bool,
+    after_crash: bool,
+    run: F,
+) -> ExitCode
 where
     F: FnOnce(rebalancer::mover::Rebalancer) -> Fut,
     Fut: std::future::Future<
@@ -330,7 +341,11 @@ where
     let progress: Box<dyn rebalancer::mover::Progress> =
         if json { Box::new(rebalancer::mover::Quiet) } else { Box::new(rebalancer::mover::Bars::new()) };
     let r = rt.block_on(async {
-        let r = rebalancer::mover::Rebalancer::open(config, progress).await?;
+        let r = if after_crash {
+            rebalancer::mover::Rebalancer::recovering(config, progress).await?
+        } else {
+            rebalancer::mover::Rebalancer::open(config, progress).await?
+        };
         run(r).await
     });
     match r {

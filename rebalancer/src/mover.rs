@@ -208,15 +208,22 @@ fn resource(id: i64) -> String {
 impl Rebalancer {
     /// Connects to the catalog (creating it if needed) and takes the one-rebalancer lock.
     pub async fn open(config: Config, progress: Box<dyn Progress>) -> Result<Rebalancer, MoveError> {
-        Self::connect(config, progress, true).await
+        Self::connect(config, progress, Lock::Now).await
+    }
+
+    /// Like `open`, for `resume` and `abort`, which run after a rebalancer was killed: that one holds the lock
+    /// until the catalog's server notices its connection is gone, so the lock is tried for [`LOCK_GRACE`]
+    /// before another rebalancer is said to run.
+    pub async fn recovering(config: Config, progress: Box<dyn Progress>) -> Result<Rebalancer, MoveError> {
+        Self::connect(config, progress, Lock::Within(LOCK_GRACE)).await
     }
 
     /// Like `open`, without the lock: for reading (`verify`) while a move may run.
     pub async fn reader(config: Config) -> Result<Rebalancer, MoveError> {
-        Self::connect(config, Box::new(Quiet), false).await
+        Self::connect(config, Box::new(Quiet), Lock::No).await
     }
 
-    async fn connect(config: Config, progress: Box<dyn Progress>, lock: bool) -> Result<Rebalancer, MoveError> {
+    async fn connect(config: Config, progress: Box<dyn Progress>, lock: Lock) -> Result<Rebalancer, MoveError> {
         let map = Arc::new(ShardMap::new(&config).map_err(MoveError::Invalid)?);
         let Some(addr) = shardmap::catalog::address(&config).map_err(MoveError::Invalid)? else {
             return Err(MoveError::Invalid(
@@ -224,12 +231,22 @@ impl Rebalancer {
             ));
         };
         let catalog = shard_catalog::ensure(&addr, &map, "rebalance").await?;
-        let locked: bool = !lock
-            || catalog
+        let (mut locked, grace) = match lock {
+            Lock::No => (true, std::time::Instant::now()),
+            Lock::Now => (false, std::time::Instant::now()),
+            Lock::Within(d) => (false, std::time::Instant::now() + d),
+        };
+        while !locked {
+            locked = catalog
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&REBALANCER_LOCK])
                 .await
                 .context("catalog")?
                 .get(0);
+            if locked || std::time::Instant::now() >= grace {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         if !locked {
             return Err(MoveError::Busy("another rebalancer is running (it holds the catalog's lock)".into()));
         }
@@ -1326,6 +1343,20 @@ impl Rebalancer {
 /// Patroni while it re-reads its slots, a connection lost) is retried, a lasting one (a duplicate key, a
 /// missing column) comes back every time.
 const REPLICATION_ERRORS: i64 = 5;
+
+/// How long `resume` and `abort` try the catalog's rebalancer lock before another rebalancer is said to hold
+/// it (see [`Rebalancer::recovering`]).
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether and how a rebalancer takes the one-rebalancer lock.
+enum Lock {
+    /// Not at all (reading).
+    No,
+    /// At once, or another rebalancer runs.
+    Now,
+    /// Tried for this long.
+    Within(std::time::Duration),
+}
 
 /// Fails when the move's subscription has met errors [`REPLICATION_ERRORS`] times: the cause is in the
 /// target's server log.
