@@ -70,6 +70,23 @@ pub trait Params {
     }
 }
 
+/// `setting` with the names its statement's parameters give read from `params` (see `Setting::SetBound`): a
+/// name not bound, or not text, makes it `SetSome`.
+pub fn named_setting(setting: &crate::sql::Setting, params: &dyn Params) -> crate::sql::Setting {
+    use crate::sql::{Setting, SettingName};
+    let Setting::SetBound(names) = setting else { return setting.clone() };
+    let name = |n: &SettingName| match n {
+        SettingName::Named(n) => Some(n.clone()),
+        SettingName::Param(i) if *i >= LITERAL_BASE => {
+            params.literal(*i).filter(|l| !l.number).map(|l| l.text.to_lowercase())
+        }
+        SettingName::Param(i) => {
+            params.param(*i)?.value.and_then(|v| std::str::from_utf8(v).ok()).map(str::to_lowercase)
+        }
+    };
+    names.iter().map(name).collect::<Option<Vec<_>>>().map_or(Setting::SetSome, Setting::Set)
+}
+
 /// The literals of a simple-protocol statement, as virtual parameters of its shape.
 pub struct LiteralParams<'a>(pub &'a [Literal<'a>]);
 

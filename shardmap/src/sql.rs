@@ -124,9 +124,22 @@ pub enum TxnVerb {
 pub enum Setting {
     /// These parameters (lower case) get new values.
     Set(Vec<String>),
+    /// These parameters get new values, some named by the statement's parameters (`set_config($1, ...)`:
+    /// a Bind parameter, or a simple query's literal, which its shape made a parameter); the router reads
+    /// those names where the statement was bound (`planner::named_setting`).
+    SetBound(Vec<SettingName>),
+    /// Parameters whose names the statement computes (`set_config(lower('X'), ...)`) get new values.
+    SetSome,
     /// This parameter goes back to its session default.
     Reset(String),
     ResetAll,
+}
+
+/// The name of a setting a statement changes: written in it, or the value of one of its parameters (0-based).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SettingName {
+    Named(String),
+    Param(usize),
 }
 
 /// DECLARE of a cursor (`hold`: WITH HOLD, it outlives its transaction).
@@ -304,6 +317,9 @@ pub fn analyze_keys(
                     let mut a = ctx.statement(s);
                     (a.session_lock, a.shared_call) = shared_calls(s);
                     a.temp_object = temp_object(s);
+                    if a.setting.is_none() {
+                        a.setting = set_config_calls(s);
+                    }
                     if matches!(s, Statement::NOTIFY { .. }) {
                         a.shared_call = Some("NOTIFY");
                     }
@@ -1533,6 +1549,67 @@ fn shared_calls(s: &Statement) -> (bool, Option<&'static str>) {
     (f.0, f.1)
 }
 
+/// The session settings `s` changes by calling `set_config(name, value, is_local)` (but for `is_local`
+/// written `true`: such a setting ends with its transaction): their names, lower case, or the parameters
+/// that name them; `SetSome` when one is computed.
+fn set_config_calls(s: &Statement) -> Option<Setting> {
+    struct Finder(Vec<SettingName>, bool);
+    impl Visitor for Finder {
+        type Break = ();
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+            let Expr::Function(f) = e else { return ControlFlow::Continue(()) };
+            let named =
+                |p: &ast::ObjectNamePart, n: &str| p.as_ident().is_some_and(|i| i.value.eq_ignore_ascii_case(n));
+            if !f.name.0.last().is_some_and(|p| named(p, "set_config")) {
+                return ControlFlow::Continue(());
+            }
+            let args: Vec<Option<&Expr>> = match &f.args {
+                ast::FunctionArguments::List(l) => l
+                    .args
+                    .iter()
+                    .map(|a| match a {
+                        ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e)) => Some(strip_cast(e)),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let local = matches!(args.get(2), Some(Some(Expr::Value(v))) if v.value == Value::Boolean(true));
+            if !local {
+                match args.first() {
+                    Some(Some(Expr::Value(v))) => match &v.value {
+                        Value::SingleQuotedString(n) => self.0.push(SettingName::Named(n.to_lowercase())),
+                        Value::Placeholder(p) => match param_index(p) {
+                            Some(i) => self.0.push(SettingName::Param(i)),
+                            None => self.1 = true,
+                        },
+                        _ => self.1 = true,
+                    },
+                    _ => self.1 = true,
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut f = Finder(Vec::new(), false);
+    let _ = s.visit(&mut f);
+    f.0.dedup();
+    match f {
+        Finder(_, true) => Some(Setting::SetSome),
+        Finder(names, false) if names.is_empty() => None,
+        Finder(names, false) => {
+            let written: Option<Vec<String>> = names
+                .iter()
+                .map(|n| match n {
+                    SettingName::Named(n) => Some(n.clone()),
+                    SettingName::Param(_) => None,
+                })
+                .collect();
+            Some(written.map_or(Setting::SetBound(names), Setting::Set))
+        }
+    }
+}
+
 /// Whether `s` creates a temporary object that outlives its transaction: `CREATE TEMP TABLE` (but for `ON
 /// COMMIT DROP`), `CREATE TEMP VIEW`, `CREATE TEMP SEQUENCE`, `SELECT ... INTO TEMP`, or any of them named in
 /// `pg_temp`.
@@ -1603,6 +1680,31 @@ mod tests {
         assert_eq!(keys("SELECT * FROM users WHERE NOT (user_id = 1)"), Keys::None);
         assert_eq!(keys("SELECT * FROM users WHERE user_id = ANY($1)"), Keys::Some(vec![KeyExpr::ArrayParam(0)]));
         assert_eq!(keys("SELECT * FROM users WHERE user_id = 1 UNION SELECT * FROM users"), Keys::None);
+    }
+
+    #[test]
+    fn settings_changed_by_set_config() {
+        let changes = |sql: &str| {
+            let a = analyze(sql, "user_id", KeyType::Auto, &HashSet::new());
+            assert!(a.parse_error.is_none(), "{sql}: {:?}", a.parse_error);
+            a.statements[0].setting.clone()
+        };
+        let set = |names: &[&str]| Some(Setting::Set(names.iter().map(|n| n.to_string()).collect()));
+        assert_eq!(changes("SELECT set_config('Work_Mem', '9MB', false)"), set(&["work_mem"]));
+        assert_eq!(changes("SELECT pg_catalog.set_config('app.tenant', $1, $2)"), set(&["app.tenant"]));
+        assert_eq!(
+            changes("SELECT set_config('a.b', '1', false), set_config('c.d'::text, '2', false)"),
+            set(&["a.b", "c.d"])
+        );
+        // A local setting ends with its transaction: nothing to follow.
+        assert_eq!(changes("SELECT set_config('work_mem', '9MB', true)"), None);
+        assert_eq!(changes("SELECT set_config($1, $2, true)"), None);
+        assert_eq!(
+            changes("SELECT set_config('a.b', '1', false), set_config($2, '9MB', false)"),
+            Some(Setting::SetBound(vec![SettingName::Named("a.b".into()), SettingName::Param(1)]))
+        );
+        assert_eq!(changes("SELECT set_config(lower('X.Y'), '1', false)"), Some(Setting::SetSome));
+        assert_eq!(changes("SELECT current_setting('work_mem')"), None);
     }
 
     #[test]

@@ -342,6 +342,63 @@ async fn temporary_objects_under_transaction_pooling() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `set_config(name, value, false)` changes a session setting as SET does: under transaction pooling it
+/// follows its client (read back from the server) and no other client's connection keeps it — its name
+/// written in the statement, a literal of a simple query, a Bind parameter or computed; a local one ends
+/// with its transaction. On every path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_config_follows_its_client_only() -> anyhow::Result<()> {
+    // One server connection: every client's statements use it.
+    let c = Cluster::hash(1, "pool-size,1\n")?;
+    let value = |cl: &mut RawClient, sql: &str| -> anyhow::Result<String> {
+        let r = cl.query(sql)?;
+        match r.iter().find_map(|x| if let Reply::Row(v) = x { Some(v.clone()) } else { None }) {
+            Some(v) => Ok(v[0].clone().unwrap_or_else(|| "NULL".into())),
+            None => anyhow::bail!("{sql}: no row: {r:?}"),
+        }
+    };
+    for path in PATHS {
+        let mut a = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        let mut b = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        for sql in [
+            "SELECT set_config('work_mem', '9MB', false)",
+            "SELECT set_config('app.tenant', 'acme', false), set_config('app.user', '7', false)",
+        ] {
+            let r = send_synced(&mut a, path, sql)?;
+            assert!(error_codes(&r).is_empty(), "{path:?}: {sql}: {r:?}");
+        }
+        assert_eq!(value(&mut b, "SHOW work_mem")?, "4MB", "{path:?}: not on another client's connection");
+        // (Empty rather than NULL once a custom setting was made on the connection: a server keeps its name.)
+        let tenant = "SELECT coalesce(current_setting('app.tenant', true), '')";
+        assert_eq!(value(&mut b, tenant)?, "", "{path:?}");
+        assert_eq!(value(&mut a, "SHOW work_mem")?, "9MB", "{path:?}: it follows its client");
+        assert_eq!(value(&mut a, "SELECT current_setting('app.tenant') || current_setting('app.user')")?, "acme7");
+        for sql in ["BEGIN", "SELECT set_config('work_mem', '5MB', true)", "COMMIT"] {
+            let r = send_synced(&mut a, path, sql)?;
+            assert!(error_codes(&r).is_empty(), "{path:?}: {sql}: {r:?}");
+        }
+        assert_eq!(value(&mut a, "SHOW work_mem")?, "9MB", "{path:?}: a local one ended with its transaction");
+        // A computed name: every setting the session has is read back (a custom one, which pg_settings does
+        // not show, does not follow the client; the connection is reset before its next use).
+        let r = send_synced(&mut a, path, "SELECT set_config(lower('WORK_MEM'), '7MB', false)")?;
+        assert!(error_codes(&r).is_empty(), "{path:?}: {r:?}");
+        let r = send_synced(&mut a, path, "SELECT set_config(lower('APP.SECRET'), 'x', false)")?;
+        assert!(error_codes(&r).is_empty(), "{path:?}: {r:?}");
+        assert_eq!(value(&mut b, "SHOW work_mem")?, "4MB", "{path:?}");
+        assert_eq!(value(&mut b, "SELECT coalesce(current_setting('app.secret', true), '')")?, "", "{path:?}");
+        assert_eq!(value(&mut a, "SHOW work_mem")?, "7MB", "{path:?}");
+    }
+    // Names in Bind parameters (tokio-postgres binds them).
+    let a = c.client().await?;
+    let b = c.client().await?;
+    a.query("SELECT set_config($1, $2, false)", &[&"app.tenant", &"acme"]).await?;
+    let seen: String = b.query_one("SELECT coalesce(current_setting('app.tenant', true), '')", &[]).await?.get(0);
+    assert_eq!(seen, "", "not on another client's connection");
+    let mine: String = a.query_one("SELECT current_setting('app.tenant')", &[]).await?.get(0);
+    assert_eq!(mine, "acme");
+    Ok(())
+}
+
 const TERMINATE_OWN_BACKEND: &str = "SELECT pg_terminate_backend(pg_backend_pid())";
 
 /// `sql` on `path`: its replies up to ReadyForQuery (a pipeline synced).

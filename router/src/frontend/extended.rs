@@ -380,7 +380,7 @@ impl<S: Stream> Session<S> {
         self.rate_limit(&analysis)?;
         let (route, _pass) = self
             .decide(|| {
-                let types = self.statements.get(b.statement).map_or(&[][..], |st| &st.types);
+                let types = bound_types(&self.statements, &b);
                 self.routing.planner.decide_analyzed(&analysis, &BindParams { bind: &b, types }, &self.route)
             })
             .await?;
@@ -414,7 +414,10 @@ impl<S: Stream> Session<S> {
                     dest: Dest { shard: shardmap::ShardId(0), db: None },
                     stmt,
                     // (Nothing copied for the usual statement, which changes no setting.)
-                    sets: match settings_of(&analysis) {
+                    sets: match settings_of(
+                        &analysis,
+                        &BindParams { bind: &b, types: bound_types(&self.statements, &b) },
+                    ) {
                         std::borrow::Cow::Borrowed([]) => Vec::new(),
                         sets => sets.into_owned(),
                     },
@@ -728,7 +731,7 @@ impl<S: Stream> Session<S> {
         // The queued settings run inside the transaction now.
         for q in &queued {
             let a = self.routing.planner.analyze(q);
-            let sets = settings_of(&a);
+            let sets = settings_of(&a, &shardmap::NoParams);
             if !sets.is_empty() {
                 self.txn_settings.extend(sets.iter().cloned());
                 self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
@@ -1217,6 +1220,11 @@ thread_local! {
 
 /// Spare queues a thread keeps at most (each at most 64 expectations long).
 const SPARE_EXPS_KEPT: usize = 64;
+
+/// The parameter types of the statement `b` binds (none when the client did not give them).
+fn bound_types<'s>(stmts: &'s Statements, b: &proto::Bind) -> &'s [u32] {
+    stmts.get(b.statement).map_or(&[][..], |st| &st.types)
+}
 
 /// An empty queue for a segment's expectations (one of the thread's spare ones when there is one).
 fn spare_exps() -> VecDeque<Exp> {

@@ -1137,12 +1137,16 @@ impl<S: Stream> Session<S> {
     /// transaction that changed some ended there): the client's remembered settings follow what the server
     /// now has. A single SET keeps its text; otherwise the values are read back (`current_setting`). After a
     /// RESET the connection is brought back to the client's startup values, and the client hears of them.
+    /// Settings whose names a statement computed (`Setting::SetSome`): every one the session set is read
+    /// back, and the connection is reset before its next use, since it may carry a custom setting that
+    /// `pg_settings` does not show.
     pub async fn settings_changed(&mut self, i: usize, changes: &[Setting], text: Option<&str>) {
         let mut names: Vec<String> = Vec::new();
-        let mut reset = false;
+        let (mut reset, mut unnamed) = (false, false);
         for c in changes {
             match c {
                 Setting::Set(ns) => names.extend(ns.iter().cloned()),
+                Setting::SetBound(_) | Setting::SetSome => unnamed = true,
                 Setting::Reset(n) => {
                     names.retain(|x| x != n);
                     self.settings.apply(Change::Reset(n.clone()));
@@ -1150,19 +1154,34 @@ impl<S: Stream> Session<S> {
                 }
                 Setting::ResetAll => {
                     names.clear();
+                    unnamed = false;
                     self.settings.apply(Change::ResetAll);
                     reset = true;
                 }
             }
         }
-        if let (Some(text), [Setting::Set(_)]) = (text, changes) {
-            // One SET outside a transaction: its own text follows the client.
-            let change = self.settings.classify_in(text, self.routing.session_mode);
-            self.settings.apply(change);
-            names.clear();
+        match (text, changes) {
+            // One SET outside a transaction: its own text follows the client. (Not a `set_config()` call: its
+            // values are read back.)
+            (Some(text), [Setting::Set(_)]) if shardmap::sql::first_word(text).eq_ignore_ascii_case("set") => {
+                let change = self.settings.classify_in(text, self.routing.session_mode);
+                self.settings.apply(change);
+                names.clear();
+            }
+            _ => {}
         }
         let conn = self.links.get(i).conn.conn();
         let mut known = true;
+        if unnamed {
+            let sql = "SELECT string_agg(name, ',') FROM pg_catalog.pg_settings WHERE source = 'session'";
+            match conn.query_row(sql).await {
+                Ok(row) => {
+                    let set = row.into_iter().next().flatten().unwrap_or_default();
+                    names.extend(set.split(',').filter(|n| !n.is_empty()).map(str::to_string));
+                }
+                Err(_) => known = false,
+            }
+        }
         if !names.is_empty() {
             names.dedup();
             let sql = format!(
@@ -1185,7 +1204,7 @@ impl<S: Stream> Session<S> {
             }
         }
         let conn = self.links.get(i).conn.conn();
-        conn.settings = if known && !reset { self.settings.hash() } else { SETTINGS_UNKNOWN };
+        conn.settings = if known && !reset && !unnamed { self.settings.hash() } else { SETTINGS_UNKNOWN };
         if reset || !known {
             let relay = reset.then_some(&mut self.io.wbuf);
             if checkout::sync_settings(&mut self.links.get(i).conn, &self.settings, relay).await.is_err() {
@@ -1265,13 +1284,21 @@ pub fn sync_message() -> Msg {
     Msg { tag: b'S', frame: b.freeze() }
 }
 
-/// The settings a statement's analysis changes, in order (one statement's borrowed: nothing copied for the
-/// usual statement, which changes none).
-pub fn settings_of(analysis: &Analysis) -> std::borrow::Cow<'_, [Setting]> {
+/// The settings a statement's analysis changes, in order, with the names its parameters give read from
+/// `params` (one statement's borrowed when there is nothing to read: nothing copied for the usual statement,
+/// which changes none).
+pub fn settings_of<'a>(analysis: &'a Analysis, params: &dyn shardmap::Params) -> std::borrow::Cow<'a, [Setting]> {
     if let [one] = analysis.statements.as_slice() {
-        return std::borrow::Cow::Borrowed(one.setting.as_slice());
+        if !matches!(one.setting, Some(Setting::SetBound(_))) {
+            return std::borrow::Cow::Borrowed(one.setting.as_slice());
+        }
     }
-    analysis.statements.iter().filter_map(|s| s.setting.clone()).collect()
+    analysis
+        .statements
+        .iter()
+        .filter_map(|s| s.setting.as_ref())
+        .map(|s| shardmap::planner::named_setting(s, params))
+        .collect()
 }
 
 /// Whether a session's stop signal has come (sent, or its sender dropped: both mean the router is draining).

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use shardmap::sql::{Analysis, Setting};
-use shardmap::{Decision, ShardId};
+use shardmap::{Decision, LiteralParams, ShardId};
 
 use super::links::Link;
 use super::session::{refuse_connection_state, settings_of, Failure, Linked, Session, Statements};
@@ -88,7 +88,7 @@ impl<S: Stream> Session<S> {
                 let i = self.txn_link()?;
                 self.txn.sent(stmt.verb.as_ref());
                 self.send_on(i, &|_, conn| conn.io.push(&msg.frame)).await?;
-                self.relay_simple(i, &settings_of(analysis), text, &stmt).await
+                self.relay_simple(i, &settings_of(analysis, &LiteralParams(literals)), text, &stmt).await
             }
             Plan::Run(To::Once(dest)) if !self.needs_care(&dest, stmt.standby) => {
                 let linked = match self.link_now(&dest) {
@@ -104,10 +104,10 @@ impl<S: Stream> Session<S> {
                     }
                 };
                 self.send_on(i, &|_, conn| conn.io.push(&msg.frame)).await?;
-                self.relay_simple(i, &settings_of(analysis), text, &stmt).await
+                self.relay_simple(i, &settings_of(analysis, &LiteralParams(literals)), text, &stmt).await
             }
             Plan::Run(to) => {
-                let sets = settings_of(analysis);
+                let sets = settings_of(analysis, &LiteralParams(literals));
                 Box::pin(self.run_simple(to, msg.frame.clone(), d.as_ref(), &stmt, &sets, text)).await?;
                 Ok(())
             }
@@ -623,7 +623,7 @@ impl<S: Stream> Session<S> {
     fn queued_settings(&mut self, i: usize, queued: &[String]) {
         for q in queued {
             let a = self.routing.planner.analyze(q);
-            let sets = settings_of(&a);
+            let sets = settings_of(&a, &shardmap::NoParams);
             if !sets.is_empty() {
                 self.txn_settings.extend(sets.iter().cloned());
                 self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
