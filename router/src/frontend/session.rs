@@ -840,7 +840,8 @@ impl<S: Stream> Session<S> {
                         | shardmap::sql::TxnVerb::RollbackTo
                 )
             );
-            if savepoint || (st.setting.is_some() && st.session.is_none()) {
+            // (A SET, not a `set_config()` call: that may take Bind parameters, which a replay has not.)
+            if savepoint || (st.kind == Kind::Session && st.setting.is_some() && st.session.is_none()) {
                 s.replay = Some(text.to_string());
             }
         }
