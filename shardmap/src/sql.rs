@@ -315,10 +315,11 @@ pub fn analyze_keys(
                 .iter()
                 .map(|s| {
                     let mut a = ctx.statement(s);
-                    (a.session_lock, a.shared_call) = shared_calls(s);
+                    let calls = calls(s);
+                    (a.session_lock, a.shared_call) = (calls.session_lock, calls.shared_call);
                     a.temp_object = temp_object(s);
                     if a.setting.is_none() {
-                        a.setting = set_config_calls(s);
+                        a.setting = calls.setting;
                     }
                     if matches!(s, Statement::NOTIFY { .. }) {
                         a.shared_call = Some("NOTIFY");
@@ -1526,88 +1527,91 @@ const SHARED_CALLS: [&str; 14] = [
     "pg_try_advisory_xact_lock_shared",
 ];
 
-/// Whether a statement calls a session-level advisory lock function, and the first function it calls whose
-/// state is the database's (`nextval`, `setval`, any advisory lock, `pg_notify`).
-fn shared_calls(s: &Statement) -> (bool, Option<&'static str>) {
-    struct Finder(bool, Option<&'static str>);
-    impl Visitor for Finder {
-        type Break = ();
-        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
-            if let Expr::Function(f) = e {
-                let name =
-                    f.name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.to_lowercase()).unwrap_or_default();
-                if let Some(known) = SHARED_CALLS.iter().find(|k| **k == name) {
-                    self.1.get_or_insert(known);
-                    self.0 |= known.contains("advisory") && !known.contains("xact");
-                }
-            }
-            ControlFlow::Continue(())
-        }
-    }
-    let mut f = Finder(false, None);
-    let _ = s.visit(&mut f);
-    (f.0, f.1)
+/// What a statement's function calls do beyond their rows (one walk over its expressions).
+struct Calls {
+    /// It calls a session-level advisory lock function.
+    session_lock: bool,
+    /// The first function it calls whose state is the database's (`nextval`, `setval`, any advisory lock,
+    /// `pg_notify`).
+    shared_call: Option<&'static str>,
+    /// The session settings it changes by calling `set_config(name, value, is_local)` (but for `is_local`
+    /// written `true`: such a setting ends with its transaction): their names, lower case, or the parameters
+    /// that name them; `SetSome` when one is computed.
+    setting: Option<Setting>,
 }
 
-/// The session settings `s` changes by calling `set_config(name, value, is_local)` (but for `is_local`
-/// written `true`: such a setting ends with its transaction): their names, lower case, or the parameters
-/// that name them; `SetSome` when one is computed.
-fn set_config_calls(s: &Statement) -> Option<Setting> {
-    struct Finder(Vec<SettingName>, bool);
+fn calls(s: &Statement) -> Calls {
+    #[derive(Default)]
+    struct Finder {
+        session_lock: bool,
+        shared_call: Option<&'static str>,
+        settings: Vec<SettingName>,
+        computed_setting: bool,
+    }
+    impl Finder {
+        /// A call of `set_config` with these arguments (`None`: not a plain expression).
+        fn set_config(&mut self, args: &[Option<&Expr>]) {
+            let local = matches!(args.get(2), Some(Some(Expr::Value(v))) if v.value == Value::Boolean(true));
+            if local {
+                return;
+            }
+            match args.first() {
+                Some(Some(Expr::Value(v))) => match &v.value {
+                    Value::SingleQuotedString(n) => self.settings.push(SettingName::Named(n.to_lowercase())),
+                    Value::Placeholder(p) => match param_index(p) {
+                        Some(i) => self.settings.push(SettingName::Param(i)),
+                        None => self.computed_setting = true,
+                    },
+                    _ => self.computed_setting = true,
+                },
+                _ => self.computed_setting = true,
+            }
+        }
+    }
     impl Visitor for Finder {
         type Break = ();
         fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
             let Expr::Function(f) = e else { return ControlFlow::Continue(()) };
-            let named =
-                |p: &ast::ObjectNamePart, n: &str| p.as_ident().is_some_and(|i| i.value.eq_ignore_ascii_case(n));
-            if !f.name.0.last().is_some_and(|p| named(p, "set_config")) {
-                return ControlFlow::Continue(());
-            }
-            let args: Vec<Option<&Expr>> = match &f.args {
-                ast::FunctionArguments::List(l) => l
-                    .args
-                    .iter()
-                    .map(|a| match a {
-                        ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e)) => Some(strip_cast(e)),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
-            let local = matches!(args.get(2), Some(Some(Expr::Value(v))) if v.value == Value::Boolean(true));
-            if !local {
-                match args.first() {
-                    Some(Some(Expr::Value(v))) => match &v.value {
-                        Value::SingleQuotedString(n) => self.0.push(SettingName::Named(n.to_lowercase())),
-                        Value::Placeholder(p) => match param_index(p) {
-                            Some(i) => self.0.push(SettingName::Param(i)),
-                            None => self.1 = true,
-                        },
-                        _ => self.1 = true,
-                    },
-                    _ => self.1 = true,
-                }
+            let name = f.name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.to_lowercase()).unwrap_or_default();
+            if let Some(known) = SHARED_CALLS.iter().find(|k| **k == name) {
+                self.shared_call.get_or_insert(known);
+                self.session_lock |= known.contains("advisory") && !known.contains("xact");
+            } else if name == "set_config" {
+                let args: Vec<Option<&Expr>> = match &f.args {
+                    ast::FunctionArguments::List(l) => l
+                        .args
+                        .iter()
+                        .map(|a| match a {
+                            ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e)) => Some(strip_cast(e)),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                self.set_config(&args);
             }
             ControlFlow::Continue(())
         }
     }
-    let mut f = Finder(Vec::new(), false);
+    let mut f = Finder::default();
     let _ = s.visit(&mut f);
-    f.0.dedup();
-    match f {
-        Finder(_, true) => Some(Setting::SetSome),
-        Finder(names, false) if names.is_empty() => None,
-        Finder(names, false) => {
-            let written: Option<Vec<String>> = names
-                .iter()
-                .map(|n| match n {
-                    SettingName::Named(n) => Some(n.clone()),
-                    SettingName::Param(_) => None,
-                })
-                .collect();
-            Some(written.map_or(Setting::SetBound(names), Setting::Set))
-        }
-    }
+    f.settings.dedup();
+    let setting = if f.computed_setting {
+        Some(Setting::SetSome)
+    } else if f.settings.is_empty() {
+        None
+    } else {
+        let written: Option<Vec<String>> = f
+            .settings
+            .iter()
+            .map(|n| match n {
+                SettingName::Named(n) => Some(n.clone()),
+                SettingName::Param(_) => None,
+            })
+            .collect();
+        Some(written.map_or(Setting::SetBound(f.settings), Setting::Set))
+    };
+    Calls { session_lock: f.session_lock, shared_call: f.shared_call, setting }
 }
 
 /// Whether `s` creates a temporary object that outlives its transaction: `CREATE TEMP TABLE` (but for `ON
