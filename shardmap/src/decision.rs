@@ -66,6 +66,11 @@ pub enum RouteError {
     /// (the router reads it from the server and decides again).
     #[error("the position of the shard key among the columns of {table} is not known")]
     KeyPosition { table: String },
+    /// A read spanning shards names relations whose kind the session has not learnt: each may be a view, a
+    /// sequence or a foreign table rather than a table (the router asks a shard and decides again; see
+    /// `Session::relations`).
+    #[error("what {} is on the servers is not known", names.join(", "))]
+    Relations { names: Vec<String> },
 }
 
 impl RouteError {
@@ -76,7 +81,7 @@ impl RouteError {
             RouteError::SpansShards { .. } | RouteError::Refused(_) => "0A000",
             RouteError::Param(_) | RouteError::BadKey { .. } => "22023",
             RouteError::Place(_) | RouteError::UnknownShard(_) => "22023",
-            RouteError::KeyPosition { .. } => "0A000",
+            RouteError::KeyPosition { .. } | RouteError::Relations { .. } => "0A000",
         }
     }
 }

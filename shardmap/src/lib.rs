@@ -26,5 +26,5 @@ pub mod value;
 pub use config::{Config, ConfigError, Strategy};
 pub use decision::{Decision, RouteError, Target};
 pub use map::{BucketId, ShardId, ShardMap};
-pub use planner::{LiteralParams, NoParams, Param, Params, Planner, Session, TextParams};
+pub use planner::{LiteralParams, NoParams, Param, Params, Planner, Relation, Session, TextParams};
 pub use value::{KeyType, KeyValue};

@@ -32,6 +32,27 @@ pub struct Session {
     /// The zero-based position of each table's key among its columns (`None`: it has none), as the router
     /// read it from the server, for `INSERT INTO table VALUES (...)` without a column list.
     pub key_positions: std::collections::HashMap<String, Option<usize>>,
+    /// What the relations that reads spanning shards name are on the servers (by the name as written), as
+    /// the router learnt them from a shard; `None`: every name is taken for a sharded table (`explain`).
+    pub relations: Option<std::collections::HashMap<String, Relation>>,
+}
+
+/// What a name that a read takes for a sharded table is on the servers. The statement's text does not tell a
+/// table from a view, a sequence or a foreign table, and only a sharded table's rows (or those of a view
+/// that reads them row by row) are on each shard that shard's part of the answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Relation {
+    /// A table (or a name the server does not know: its own error answers), or a view whose rows on each
+    /// shard are that shard's part of its rows: scans, filters, joins on the key, GROUP BY the key (what a
+    /// read across shards concatenates).
+    Sharded,
+    /// A view that reads no sharded table: every shard has the same rows, as for a global table.
+    Global,
+    /// A sequence: the first shard's is the one `nextval()` advances.
+    Sequence,
+    /// A relation whose rows on each shard are not a part of one answer, and what it is, for the refusal:
+    /// a view whose rows each shard computes from its own part (aggregates, LIMIT, ...), a foreign table.
+    Opaque(String),
 }
 
 impl Session {
@@ -243,6 +264,56 @@ impl Planner {
                 lits.clear();
                 self.analyze(text)
             }
+        }
+    }
+
+    /// What a view or materialized view defined by `def` (as `pg_get_viewdef` gives it) is to a read across
+    /// shards (see [`Relation`]), given what the relations it reads are: `Err` with those not known yet.
+    /// Each shard computes the view from its own rows, so a view is a sharded table's like only when its rows
+    /// are each shard's part of its rows (what a read across shards would concatenate).
+    pub fn view_relation(
+        &self,
+        def: &str,
+        known: &std::collections::HashMap<String, Relation>,
+    ) -> Result<Relation, Vec<String>> {
+        let opaque = |why: String| Ok(Relation::Opaque(format!("a view {why}")));
+        let a = self.analyze(def);
+        let [st] = &a.statements[..] else { return opaque("the router cannot read".into()) };
+        if a.parse_error.is_some() || st.kind != Kind::Read {
+            return opaque("the router cannot read".into());
+        }
+        if let Some(f) = st.shared_call {
+            return opaque(format!("calling {f}()"));
+        }
+        if !matches!(st.tables, Tables::Sharded(_)) {
+            return Ok(Relation::Global);
+        }
+        let unknown: Vec<String> = st.relations.iter().filter(|n| !known.contains_key(*n)).cloned().collect();
+        if !unknown.is_empty() {
+            return Err(unknown);
+        }
+        let mut sharded = false;
+        for name in &st.relations {
+            match &known[name] {
+                Relation::Sharded => sharded = true,
+                Relation::Global => {}
+                Relation::Sequence => return opaque(format!("reading the sequence {name}")),
+                Relation::Opaque(what) => return opaque(format!("reading {name}, {what}")),
+            }
+        }
+        if !sharded {
+            return Ok(Relation::Global);
+        }
+        if let Some(why) = &st.refusal {
+            return opaque(format!("that cannot be routed ({why})"));
+        }
+        match &st.cross {
+            Cross::Concat => Ok(Relation::Sharded),
+            Cross::Combine => opaque(
+                "whose rows each shard computes from its own part (aggregates, GROUP BY, DISTINCT, ORDER BY or LIMIT)"
+                    .into(),
+            ),
+            Cross::Refuse(why) => opaque(format!("with {why}")),
         }
     }
 
@@ -465,7 +536,12 @@ impl Planner {
                     return Ok(d);
                 }
                 None if st.kind == Kind::Read => {
-                    return self.spanning(a, st, self.decision(a, Target::All, format!("{}: every shard", st.reason)))
+                    return self.spanning(
+                        a,
+                        st,
+                        self.decision(a, Target::All, format!("{}: every shard", st.reason)),
+                        session,
+                    )
                 }
                 None => {
                     return Err(RouteError::MissingKey {
@@ -497,16 +573,75 @@ impl Planner {
                 return Err(RouteError::SpansShards { what, shards: names.join(", ") });
             }
         }
-        self.spanning(a, st, d)
+        self.spanning(a, st, d, session)
     }
 
     /// A read on several shards: refused when no combination of the shards' answers is the answer one
     /// PostgreSQL would give (see [`Cross`]).
-    fn spanning(&self, a: &Arc<Analysis>, st: &StatementAnalysis, d: Decision) -> Result<Decision, RouteError> {
+    /// A read spanning shards, by what the relations it names are (see [`Relation`]): views that read no
+    /// sharded table are any shard's, a sequence is the first shard's, and a relation whose rows on each
+    /// shard are not its part of the answer is refused. Names the session has not learnt yet:
+    /// [`RouteError::Relations`], for the router to ask a shard.
+    fn by_relations(
+        &self,
+        a: &Arc<Analysis>,
+        st: &StatementAnalysis,
+        known: &std::collections::HashMap<String, Relation>,
+        d: Decision,
+    ) -> Result<Decision, RouteError> {
+        let mut unknown = Vec::new();
+        let (mut sharded, mut sequence) = (false, None);
+        for name in &st.relations {
+            match known.get(name) {
+                None => unknown.push(name.clone()),
+                Some(Relation::Sharded) => sharded = true,
+                Some(Relation::Global) => {}
+                Some(Relation::Sequence) => {
+                    sequence.get_or_insert(name);
+                }
+                Some(Relation::Opaque(what)) => {
+                    return Err(RouteError::Refused(format!(
+                        "reading {name} across shards is not supported: it is {what}, so each shard's rows of it are not that shard's part of one PostgreSQL's answer; add a {} condition to read one shard",
+                        self.map.key
+                    )))
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(RouteError::Relations { names: unknown });
+        }
+        match (sharded, sequence) {
+            (true, None) => Ok(d),
+            (true, Some(s)) => Err(RouteError::Refused(format!(
+                "reading the sequence {s} with sharded tables across shards is not supported: every shard has its own {s}, and the one nextval() advances is the first shard's; read it in a statement of its own"
+            ))),
+            (false, Some(s)) => Ok(self.decision(
+                a,
+                Target::One(ShardId(0)),
+                format!("the sequence {s}: the first shard's, where nextval() advances it"),
+            )),
+            (false, None) => Ok(self.decision(a, Target::Any, "views that read no sharded table: any shard")),
+        }
+    }
+
+    fn spanning(
+        &self,
+        a: &Arc<Analysis>,
+        st: &StatementAnalysis,
+        d: Decision,
+        session: &Session,
+    ) -> Result<Decision, RouteError> {
         if st.kind != Kind::Read || !matches!(d.target, Target::All | Target::Set(_)) {
             return Ok(d);
         }
         let key = &self.map.key;
+        let d = match &session.relations {
+            Some(known) if !st.relations.is_empty() => self.by_relations(a, st, known, d)?,
+            _ => d,
+        };
+        if !matches!(d.target, Target::All | Target::Set(_)) {
+            return Ok(d);
+        }
         match &st.cross {
             Cross::Concat => Ok(d),
             Cross::Refuse(why) => Err(RouteError::Refused(format!(

@@ -231,6 +231,11 @@ pub struct StatementAnalysis {
     /// CREATE TABLE or ALTER TABLE of a sharded table (its name as written): sequences it makes for
     /// `serial`/identity columns are interleaved across shards once it ran (see the router's `sequences.rs`).
     pub sequences_of: Option<String>,
+    /// A read of sharded tables: every relation it names that is taken for a sharded table, as written
+    /// (`v`, `s.v`, `"My View"`), each once. A name may be a view, a sequence or a foreign table on the
+    /// servers, which the text does not tell: when the read spans shards, the router asks a shard what each
+    /// is (see [`crate::planner::Relation`]).
+    pub relations: Vec<String>,
 }
 
 impl StatementAnalysis {
@@ -258,6 +263,7 @@ impl StatementAnalysis {
             insert_rows: false,
             insert: false,
             sequences_of: None,
+            relations: Vec::new(),
         }
     }
 
@@ -325,6 +331,9 @@ pub fn analyze_keys(
                         a.shared_call = Some("NOTIFY");
                     }
                     ctx.global_write(s, &mut a);
+                    if a.kind == Kind::Read && matches!(a.tables, Tables::Sharded(_)) {
+                        a.relations = read_relations(s, global);
+                    }
                     a
                 })
                 .collect();
@@ -1538,6 +1547,56 @@ struct Calls {
     /// written `true`: such a setting ends with its transaction): their names, lower case, or the parameters
     /// that name them; `SetSome` when one is computed.
     setting: Option<Setting>,
+}
+
+/// The relations a read names, as written, that are taken for sharded tables (neither a system catalog, nor
+/// a global table, nor a WITH query's name), each once.
+fn read_relations(s: &Statement, global: &HashSet<String>) -> Vec<String> {
+    struct Finder<'g> {
+        global: &'g HashSet<String>,
+        /// (as written, folded last part, whether it is one part)
+        names: Vec<(String, String, bool)>,
+        ctes: Vec<String>,
+    }
+    impl Finder<'_> {
+        fn push(&mut self, written: String, folded: String, one_part: bool) {
+            if !self.global.contains(&folded) && !self.names.iter().any(|(w, ..)| *w == written) {
+                self.names.push((written, folded, one_part));
+            }
+        }
+    }
+    impl Visitor for Finder<'_> {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            if let Some(w) = &q.with {
+                self.ctes.extend(w.cte_tables.iter().map(|c| fold(&c.alias.name)));
+            }
+            if let SetExpr::Table(t) = &*q.body {
+                if let Some(name) = &t.table_name {
+                    let folded = fold(name);
+                    let schema = t.schema_name.as_ref().map(fold);
+                    if !folded.starts_with("pg_") && !matches!(schema.as_deref(), Some("information_schema")) {
+                        self.push(t.to_string().trim_start_matches("TABLE ").to_string(), folded, schema.is_none());
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<()> {
+            if let TableFactor::Table { name, args: None, .. } = f {
+                if let Some(t) = table_name(name) {
+                    if !is_catalog(name, &t) {
+                        self.push(name.to_string(), t, name.0.len() == 1);
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut f = Finder { global, names: Vec::new(), ctes: Vec::new() };
+    let _ = s.visit(&mut f);
+    let ctes = f.ctes;
+    f.names.into_iter().filter(|(_, t, one)| !(*one && ctes.contains(t))).map(|(w, ..)| w).collect()
 }
 
 fn calls(s: &Statement) -> Calls {

@@ -413,6 +413,7 @@ fn err_kind(e: &RouteError) -> &'static str {
         RouteError::NoTenant { .. } => "notenant",
         RouteError::Place(_) => "place",
         RouteError::KeyPosition { .. } => "position",
+        RouteError::Relations { .. } => "relations",
     }
 }
 
@@ -610,4 +611,66 @@ fn explain_json_shape() {
     let b = j["bucket"].as_u64().expect("bucket");
     assert!(b < 1024);
     assert_eq!(j["shards"][0].as_str().unwrap(), (b % 4).to_string());
+}
+
+/// A read across shards asks what the relations it names are (the router learns it from a shard, into
+/// `Session::relations`); a view is classed by its definition. Reads with a key never ask.
+#[test]
+fn reads_across_shards_follow_what_their_relations_are() {
+    use shardmap::{NoParams, Relation, ShardId};
+    let p = planner(BIGINT);
+    let mut s = Session { relations: Some(Default::default()), ..Default::default() };
+    let names = |r: Result<shardmap::Decision, RouteError>| match r {
+        Err(RouteError::Relations { names }) => names,
+        other => panic!("expected a question, got {other:?}"),
+    };
+    assert_eq!(names(p.decide("SELECT * FROM v JOIN s.w ON true, bots", &NoParams, &s)), ["v", "s.w"]);
+    // (A WITH query's name and the system catalogs are not asked about; a key decides alone.)
+    assert_eq!(names(p.decide("WITH q AS (SELECT 1) SELECT * FROM q, users, pg_class", &NoParams, &s)), ["users"]);
+    assert_eq!(p.decide("SELECT * FROM v WHERE user_id = 5", &NoParams, &s).unwrap().target, Target::One(ShardId(1)));
+    // `explain` knows nothing of the servers: every name is a table.
+    let offline = Session::default();
+    assert_eq!(p.decide("SELECT * FROM v", &NoParams, &offline).unwrap().target, Target::All);
+
+    let known = s.relations.as_mut().unwrap();
+    known.insert("users".into(), Relation::Sharded);
+    assert_eq!(
+        p.view_relation(" SELECT users.user_id, users.name FROM users WHERE users.active;", known),
+        Ok(Relation::Sharded)
+    );
+    assert_eq!(p.view_relation("SELECT id, name FROM bots", known), Ok(Relation::Global));
+    assert!(
+        matches!(p.view_relation("SELECT count(*) AS n FROM users", known), Ok(Relation::Opaque(w)) if w.contains("aggregates"))
+    );
+    assert!(matches!(p.view_relation("SELECT * FROM users ORDER BY name LIMIT 3", known), Ok(Relation::Opaque(_))));
+    assert_eq!(
+        p.view_relation("SELECT user_id, count(*) FROM messages GROUP BY user_id", known),
+        Err(vec!["messages".to_string()])
+    );
+    known.insert("messages".into(), Relation::Sharded);
+    assert_eq!(
+        p.view_relation("SELECT user_id, count(*) FROM messages GROUP BY user_id", known),
+        Ok(Relation::Sharded)
+    );
+    known.insert("counter".into(), Relation::Sequence);
+    assert!(
+        matches!(p.view_relation("SELECT last_value FROM counter", known), Ok(Relation::Opaque(w)) if w.contains("sequence"))
+    );
+    known.insert("v".into(), Relation::Opaque("a view whose rows each shard computes from its own part".into()));
+    known.insert("g".into(), Relation::Global);
+    known.insert("s.w".into(), Relation::Sharded);
+
+    let refused = |sql: &str| match p.decide(sql, &NoParams, &s) {
+        Err(RouteError::Refused(why)) => why,
+        other => panic!("{sql}: expected a refusal, got {other:?}"),
+    };
+    assert!(refused("SELECT * FROM v").contains("reading v across shards is not supported: it is a view whose rows"));
+    assert!(refused("SELECT * FROM users u, counter c").contains("the sequence counter"));
+    let target = |sql: &str| p.decide(sql, &NoParams, &s).unwrap().target;
+    assert_eq!(target("SELECT last_value FROM counter"), Target::One(ShardId(0)));
+    assert_eq!(target("SELECT count(*) FROM g"), Target::Any);
+    assert_eq!(target("SELECT * FROM s.w JOIN users USING (user_id)"), Target::All);
+    assert_eq!(target("SELECT * FROM s.w WHERE user_id IN (1, 2)"), Target::Set(vec![ShardId(1), ShardId(2)]));
+    // (Keys on several shards are a read across shards too.)
+    assert!(refused("SELECT * FROM v WHERE user_id IN (1, 2)").contains("reading v across shards"));
 }

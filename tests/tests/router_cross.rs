@@ -439,3 +439,129 @@ async fn combined_reads_on_every_path_in_and_out_of_transactions() -> anyhow::Re
     }
     Ok(())
 }
+
+/// Views, materialized views, sequences and foreign tables look like tables in a statement's text. Read
+/// across shards, the router asks a shard what each name is: a view whose rows are each shard's part (a
+/// filter, GROUP BY the key, a view of such a view) is read like a sharded table, one that reads only global
+/// tables like a global table, a sequence on the first shard (where nextval() advances it), and a view whose
+/// rows each shard would compute from its own part (an aggregate, a LIMIT), or a foreign table, is refused
+/// (0A000) — on every protocol path, in and out of a transaction, and again after the name changes meaning
+/// through the router. Never the concatenation of each shard's own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_and_sequences_across_shards_give_one_postgresql_answer() -> anyhow::Result<()> {
+    use integration::wire::{Path, PATHS};
+    let plain = PgServer::start()?;
+    let c = Cluster::hash(4, "shard-global-tables,bots\n")?;
+    let objects = "
+        CREATE VIEW active_users AS SELECT user_id, name, age FROM users WHERE active;
+        CREATE VIEW older_active AS SELECT * FROM active_users WHERE age > 30;
+        CREATE VIEW per_user AS SELECT user_id, count(*) AS n, sum(tokens) AS tokens FROM messages GROUP BY user_id;
+        CREATE VIEW bot_names AS SELECT id, name FROM bots;
+        CREATE VIEW user_count AS SELECT count(*) AS n FROM users;
+        CREATE VIEW user_count_again AS SELECT n FROM user_count;
+        CREATE MATERIALIZED VIEW top_users AS SELECT user_id, score FROM users ORDER BY score DESC LIMIT 5;
+        CREATE SEQUENCE counter;
+        CREATE FOREIGN DATA WRAPPER nowhere;
+        CREATE SERVER elsewhere FOREIGN DATA WRAPPER nowhere;
+        CREATE FOREIGN TABLE remote_users (user_id bigint) SERVER elsewhere;
+        CREATE TABLE swap (user_id bigint PRIMARY KEY);
+    ";
+    let pdb = plain.client("postgres").await?;
+    load(&pdb).await?;
+    pdb.batch_execute(objects).await?;
+    let rdb = c.client().await?;
+    load(&rdb).await?;
+    rdb.batch_execute(objects).await.map_err(|e| anyhow::anyhow!("router: {e:?}"))?;
+    for db in [&pdb, &rdb] {
+        db.batch_execute("INSERT INTO swap (user_id) VALUES (1), (2), (3), (4), (5)").await?;
+        for _ in 0..3 {
+            db.query_one("SELECT nextval('counter')", &[]).await?;
+        }
+    }
+    // (statement, ordered, refused by the router)
+    let statements = [
+        ("SELECT * FROM active_users", false, false),
+        ("SELECT count(*), avg(age)::numeric(10,4), max(name) FROM active_users", true, false),
+        ("SELECT * FROM older_active ORDER BY user_id", true, false),
+        ("SELECT a.user_id, p.n FROM active_users a JOIN per_user p USING (user_id)", false, false),
+        ("SELECT sum(n), max(tokens) FROM per_user", true, false),
+        ("SELECT * FROM bot_names ORDER BY id", true, false),
+        ("SELECT count(*) FROM bot_names", true, false),
+        ("SELECT last_value, is_called FROM counter", true, false),
+        ("SELECT * FROM active_users WHERE user_id = 7", true, false),
+        ("SELECT * FROM user_count", true, true),
+        ("SELECT n FROM user_count_again", true, true),
+        ("SELECT * FROM top_users", false, true),
+        ("SELECT * FROM remote_users", false, true),
+        ("SELECT u.user_id, c.last_value FROM users u, counter c", false, true),
+    ];
+    for path in PATHS {
+        for in_txn in [false, true] {
+            let mut got = Vec::new();
+            for port in [plain.port, c.port] {
+                let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
+                let mut answers = Vec::new();
+                if in_txn {
+                    cl.query("BEGIN")?;
+                }
+                for (sql, ordered, refused) in statements {
+                    let mut r = cl.send(path, sql)?;
+                    if path == Path::Pipelined {
+                        r.extend(cl.sync()?);
+                    }
+                    let a = answer(r, ordered);
+                    if port == c.port && refused {
+                        match &a {
+                            Answer::Error { code, message } if code == "0A000" => {
+                                assert!(message.contains("across shards"), "{path:?} {sql}: {message}");
+                                answers.push(None);
+                            }
+                            _ => panic!("{path:?}, in a transaction: {in_txn}: {sql}: not refused: {a:?}"),
+                        }
+                        if in_txn {
+                            // (The refusal failed the transaction, as any error does.)
+                            cl.query("ROLLBACK")?;
+                            cl.query("BEGIN")?;
+                        }
+                    } else if refused {
+                        answers.push(None);
+                        if in_txn {
+                            cl.query("ROLLBACK")?;
+                            cl.query("BEGIN")?;
+                        }
+                    } else {
+                        assert!(!matches!(a, Answer::Error { .. }), "{path:?} {sql}: {a:?}");
+                        answers.push(Some(a));
+                    }
+                }
+                if in_txn {
+                    cl.query("COMMIT")?;
+                }
+                got.push(answers);
+            }
+            assert_eq!(got[0], got[1], "{path:?}, in a transaction: {in_txn}: plain, then router");
+        }
+    }
+
+    // A name that changes meaning through the router: a session that read `swap` as a table, then another
+    // session replaces it with a view of a count.
+    let mut first = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let rows = answer(first.query("SELECT * FROM swap")?, false);
+    assert!(matches!(&rows, Answer::Rows { rows, .. } if rows.len() == 5), "{rows:?}");
+    rdb.batch_execute("DROP TABLE swap; CREATE VIEW swap AS SELECT count(*) AS user_id FROM users").await?;
+    for cl in [&mut first, &mut RawClient::connect(c.port, "postgres", "postgres", &[])?] {
+        match answer(cl.query("SELECT * FROM swap")?, false) {
+            Answer::Error { code, message } if code == "0A000" => assert!(message.contains("swap"), "{message}"),
+            other => panic!("a view of a count read across shards: {other:?}"),
+        }
+    }
+    // ... and back, in a transaction of the session that knew it as a view.
+    first.query("BEGIN")?;
+    first.query("DROP VIEW swap")?;
+    first.query("CREATE TABLE swap (user_id bigint PRIMARY KEY)")?;
+    first.query("INSERT INTO swap (user_id) VALUES (1), (2)")?;
+    let rows = answer(first.query("SELECT * FROM swap")?, false);
+    assert!(matches!(&rows, Answer::Rows { rows, .. } if rows.len() == 2), "{rows:?}");
+    first.query("COMMIT")?;
+    Ok(())
+}

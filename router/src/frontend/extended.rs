@@ -378,12 +378,19 @@ impl<S: Stream> Session<S> {
             self.learn_key_positions(&analysis).await?;
         }
         self.rate_limit(&analysis)?;
-        let (route, _pass) = self
-            .decide(|| {
-                let types = bound_types(&self.statements, &b);
-                self.routing.planner.decide_analyzed(&analysis, &BindParams { bind: &b, types }, &self.route)
-            })
-            .await?;
+        self.schema_checked();
+        let (route, _pass) = loop {
+            let decided = self
+                .decide(|| {
+                    let types = bound_types(&self.statements, &b);
+                    self.routing.planner.decide_analyzed(&analysis, &BindParams { bind: &b, types }, &self.route)
+                })
+                .await?;
+            match decided {
+                (Err(shardmap::RouteError::Relations { names }), _) => self.learn_relations(names).await?,
+                (route, pass) => break (route.map_err(Reported::from), pass),
+            }
+        };
         let plan = self.plan(&stmt, &route);
         let d = route.ok();
         match plan {

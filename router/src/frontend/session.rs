@@ -217,6 +217,9 @@ pub struct Session<S> {
     /// Table columns' collations other than the database's default, by (table OID, column number), as read
     /// for combined reads (`None`: the default).
     pub collations: std::collections::HashMap<(u32, i16), Option<String>>,
+    /// A schema change ran in the current exchange or transaction (the schema epoch moves again once it
+    /// ended).
+    schema_changed: bool,
     /// Sharded tables created or altered since the last exchange: their new sequences are interleaved
     /// across shards (`sequences.rs`).
     pub new_sequences: Vec<String>,
@@ -273,7 +276,11 @@ impl<S: Stream> Session<S> {
             routing,
             backend: Checkout::new(backends, user, database.clone(), cancel),
             settings,
-            route: shardmap::Session { database: Some(database), ..Default::default() },
+            route: shardmap::Session {
+                database: Some(database),
+                relations: Some(Default::default()),
+                ..Default::default()
+            },
             txn: Txn { two_phase, ..Txn::default() },
             links: Links::default(),
             statements: Default::default(),
@@ -290,6 +297,7 @@ impl<S: Stream> Session<S> {
             positions_epoch: 0,
             collations: Default::default(),
             new_sequences: Vec::new(),
+            schema_changed: false,
             stop: None,
             spare_literals: Vec::new(),
         }
@@ -301,6 +309,7 @@ impl<S: Stream> Session<S> {
         let epoch = self.backend.backends.schema_epoch.load(std::sync::atomic::Ordering::Relaxed);
         if self.positions_epoch != epoch {
             self.route.key_positions.clear();
+            self.route.relations.as_mut().map(std::collections::HashMap::clear);
             self.collations.clear();
             self.positions_epoch = epoch;
         }
@@ -331,29 +340,95 @@ impl<S: Stream> Session<S> {
                 shardmap::sql::quote_literal(&shardmap::sql::quote_ident(t)),
                 shardmap::sql::quote_literal(self.routing.map.key_of(t)),
             );
-            let row = match self.quiet_link() {
-                Some(i) => Self::query_row_in_place(self.links.get(i).conn.conn(), &sql).await,
-                None => {
-                    let dest = self.spare_dest();
-                    let mut p = self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?;
-                    let row = p.conn().query_row(&sql).await;
-                    if matches!(row, Ok(_) | Err(crate::backend::conn::BackendError::Server { .. })) {
-                        // (Otherwise the connection is lost: dropped, which closes it.)
-                        p.release();
-                    }
-                    row
-                }
-            };
-            let pos = match row {
-                Ok(row) => row.into_iter().next().flatten().and_then(|v| v.parse::<usize>().ok()),
-                Err(crate::backend::conn::BackendError::Server { code, message, .. }) => {
-                    return Err(Reported::new(&code, message));
-                }
-                Err(e) => return Err(e.into()),
-            };
+            let row = self.schema_row(&sql).await?;
+            let pos = row.into_iter().next().flatten().and_then(|v| v.parse::<usize>().ok());
             self.route.key_positions.insert(t.clone(), pos);
         }
         Ok(())
+    }
+
+    /// A read spanning shards names relations the session does not know yet (`RouteError::Relations`): what
+    /// each is on the servers — a table, a view, a sequence, a foreign table — read from a shard as the
+    /// client's search path resolves the name (where `learn_key_positions` reads), once per session and name,
+    /// and again after a schema change through the router. A view is classed by its definition
+    /// (`Planner::view_relation`), after what it reads in turn.
+    pub async fn learn_relations(&mut self, names: Vec<String>) -> Result<(), Reported> {
+        use shardmap::Relation;
+        self.schema_checked();
+        let (mut todo, mut views) = (names, Vec::new());
+        // (Views are nested at most this deep here; deeper ones are refused as unreadable.)
+        for _ in 0..32 {
+            while let Some(name) = todo.pop() {
+                if self.route.relations.get_or_insert_default().contains_key(&name) {
+                    continue;
+                }
+                let sql = format!(
+                    "SELECT c.relkind::text, CASE WHEN c.relkind IN ('v', 'm') THEN pg_get_viewdef(c.oid) END \
+                     FROM (SELECT to_regclass({}) AS oid) r LEFT JOIN pg_class c ON c.oid = r.oid",
+                    shardmap::sql::quote_literal(&name)
+                );
+                let mut row = self.schema_row(&sql).await?.into_iter();
+                let (kind, def) = (row.next().flatten(), row.next().flatten());
+                let relation = match (kind.as_deref(), def) {
+                    (Some("S"), _) => Relation::Sequence,
+                    (Some("f"), _) => {
+                        Relation::Opaque("a foreign table, which each shard reads from its own server".into())
+                    }
+                    (Some("v" | "m"), Some(def)) => {
+                        views.push((name, def));
+                        continue;
+                    }
+                    _ => Relation::Sharded,
+                };
+                self.route.relations.get_or_insert_default().insert(name, relation);
+            }
+            let known = self.route.relations.get_or_insert_default();
+            views.retain(|(name, def)| match self.routing.planner.view_relation(def, known) {
+                Ok(r) => {
+                    known.insert(name.clone(), r);
+                    false
+                }
+                Err(more) => {
+                    todo.extend(more);
+                    true
+                }
+            });
+            if views.is_empty() {
+                return Ok(());
+            }
+        }
+        let known = self.route.relations.get_or_insert_default();
+        for (name, _) in views {
+            known.insert(name, Relation::Opaque("a view nested too deep for the router to read".into()));
+        }
+        Ok(())
+    }
+
+    /// One row of a query of the router's own about the schema (any shard answers: the schema is the same on
+    /// every one), on a connection the session holds when it has one (its transaction's first), inside a
+    /// savepoint when in a transaction: a session that holds connections does not wait for another (on a
+    /// full pool, clients each in a transaction waiting for a second connection would wait for each other
+    /// until `pool-timeout-ms`) — unless the one it holds is busy with an unsynced pipeline. A server error
+    /// is the client's.
+    async fn schema_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, Reported> {
+        let row = match self.quiet_link() {
+            Some(i) => Self::query_row_in_place(self.links.get(i).conn.conn(), sql).await,
+            None => {
+                let dest = self.spare_dest();
+                let mut p = self.backend.get(dest.shard, dest.db.as_deref(), &self.settings).await?;
+                let row = p.conn().query_row(sql).await;
+                if matches!(row, Ok(_) | Err(crate::backend::conn::BackendError::Server { .. })) {
+                    // (Otherwise the connection is lost: dropped, which closes it.)
+                    p.release();
+                }
+                row
+            }
+        };
+        match row {
+            Ok(row) => Ok(row),
+            Err(crate::backend::conn::BackendError::Server { code, message, .. }) => Err(Reported::new(&code, message)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Where a query of the router's own goes when no connection the session holds can run it now (its
@@ -504,6 +579,12 @@ impl<S: Stream> Session<S> {
             }
             if !self.new_sequences.is_empty() && batch.is_empty() {
                 Box::pin(self.interleave_sequences()).await;
+            }
+            if self.schema_changed && batch.is_empty() && !self.txn.open() {
+                // A schema change ran and is committed (or undone): what other sessions read of the schema
+                // while it ran is forgotten.
+                self.schema_changed = false;
+                self.backend.backends.schema_epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             if batch.is_empty() && !self.txn.open() && self.stop.as_mut().is_some_and(stopped) {
                 return Err(Fatal::Limit(super::shutting_down()));
@@ -794,7 +875,9 @@ impl<S: Stream> Session<S> {
         let single = analysis.statements.len() == 1;
         let first = analysis.statements.first();
         if analysis.statements.iter().any(|s| s.kind == Kind::Ddl) {
+            // (Once now, and again once it ran and its transaction ended: see `serve`.)
             self.backend.backends.schema_epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.schema_changed = true;
         }
         // (`/* shards: all */` sends it everywhere as a write: one answer, in an all-shards transaction.)
         let (mut read, mut standby) = (analysis.hint != Some(shardmap::sql::Hint::AllShards), true);
@@ -877,7 +960,7 @@ impl<S: Stream> Session<S> {
     pub async fn decide(
         &self,
         decide: impl Fn() -> Result<Decision, RouteError>,
-    ) -> Result<(Result<Decision, Reported>, Option<shard_catalog::Pass>), Reported> {
+    ) -> Result<(Result<Decision, RouteError>, Option<shard_catalog::Pass>), Reported> {
         loop {
             let pass = self.routing.catalog.enter();
             let d = decide();
@@ -886,7 +969,7 @@ impl<S: Stream> Session<S> {
                     drop(pass);
                     Box::pin(self.routing.thaw(Some(d))).await?;
                 }
-                _ => return Ok((d.map_err(Reported::from), pass)),
+                _ => return Ok((d, pass)),
             }
         }
     }

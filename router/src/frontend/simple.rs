@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use shardmap::sql::{Analysis, Setting};
-use shardmap::{Decision, LiteralParams, ShardId};
+use shardmap::{Decision, LiteralParams, RouteError, ShardId};
 
 use super::links::Link;
 use super::session::{refuse_connection_state, settings_of, Failure, Linked, Session, Statements};
@@ -62,8 +62,13 @@ impl<S: Stream> Session<S> {
             self.learn_key_positions(analysis).await?;
         }
         self.rate_limit(analysis)?;
-        let (route, _pass) =
-            self.decide(|| self.routing.planner.decide_shaped(analysis, literals, &self.route)).await?;
+        self.schema_checked();
+        let (route, _pass) = loop {
+            match self.decide(|| self.routing.planner.decide_shaped(analysis, literals, &self.route)).await? {
+                (Err(RouteError::Relations { names }), _) => self.learn_relations(names).await?,
+                (route, pass) => break (route.map_err(Reported::from), pass),
+            }
+        };
         let plan = self.plan(&stmt, &route);
         let d = route.ok();
         match plan {
