@@ -562,9 +562,9 @@ impl Planner {
         let d = self.place(a, values, st)?;
         // With two-phase commit, UPDATE and DELETE with keys on several shards run on each of them, and an
         // INSERT's rows are split by shard (`sql::split_insert`); both commit atomically.
-        let spans_ok = self.map.two_phase && a.statements.len() == 1 && (!st.insert || st.insert_rows);
-        if st.kind == Kind::Write && !spans_ok {
-            if let Target::Set(shards) = &d.target {
+        let spans_ok = self.map.two_phase && a.statements.len() == 1 && (!st.insert || st.insert_rows) && !st.whole;
+        if let (Kind::Write, Target::Set(shards)) = (st.kind, &d.target) {
+            if !spans_ok {
                 let names: Vec<&str> = shards.iter().map(|s| self.map.node(*s).name.as_str()).collect();
                 let what = match &st.tables {
                     Tables::Sharded(t) => format!("the write to {t} ({})", st.reason),
@@ -572,12 +572,16 @@ impl Planner {
                 };
                 return Err(RouteError::SpansShards { what, shards: names.join(", ") });
             }
+            if let Cross::Refuse(why) = &st.cross {
+                return Err(RouteError::Refused(format!(
+                    "{why} in a write on several shards is not supported: each shard would write from its own part of what it reads; write each {} in a statement of its own",
+                    self.map.key
+                )));
+            }
         }
         self.spanning(a, st, d, session)
     }
 
-    /// A read on several shards: refused when no combination of the shards' answers is the answer one
-    /// PostgreSQL would give (see [`Cross`]).
     /// A read spanning shards, by what the relations it names are (see [`Relation`]): views that read no
     /// sharded table are any shard's, a sequence is the first shard's, and a relation whose rows on each
     /// shard are not its part of the answer is refused. Names the session has not learnt yet:
@@ -624,6 +628,8 @@ impl Planner {
         }
     }
 
+    /// A read on several shards: refused when no combination of the shards' answers is the answer one
+    /// PostgreSQL would give (see [`Cross`]).
     fn spanning(
         &self,
         a: &Arc<Analysis>,
@@ -641,6 +647,11 @@ impl Planner {
         };
         if !matches!(d.target, Target::All | Target::Set(_)) {
             return Ok(d);
+        }
+        if let Some(f) = st.shared_call {
+            return Err(RouteError::Refused(format!(
+                "{f}() in a read across shards is not supported: every shard has its own sequences and advisory locks, so each shard's calls would not be one PostgreSQL's; call it in a statement of its own, or add a {key} condition to read one shard"
+            )));
         }
         match &st.cross {
             Cross::Concat => Ok(d),

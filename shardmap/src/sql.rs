@@ -236,6 +236,9 @@ pub struct StatementAnalysis {
     /// servers, which the text does not tell: when the read spans shards, the router asks a shard what each
     /// is (see [`crate::planner::Relation`]).
     pub relations: Vec<String>,
+    /// A write that runs whole on one shard or not at all: `EXPLAIN ANALYZE` of a write, whose answer (a
+    /// plan) the router can neither split by shard nor total.
+    pub whole: bool,
 }
 
 impl StatementAnalysis {
@@ -264,6 +267,7 @@ impl StatementAnalysis {
             insert: false,
             sequences_of: None,
             relations: Vec::new(),
+            whole: false,
         }
     }
 
@@ -331,8 +335,25 @@ pub fn analyze_keys(
                         a.shared_call = Some("NOTIFY");
                     }
                     ctx.global_write(s, &mut a);
-                    if a.kind == Kind::Read && matches!(a.tables, Tables::Sharded(_)) {
+                    if a.kind == Kind::Write && matches!(a.tables, Tables::Sharded(_)) {
+                        if let Some(why) = ctx.write_cross(s) {
+                            a.cross = Cross::Refuse(why);
+                        }
+                    }
+                    if a.kind == Kind::Read {
                         a.relations = read_relations(s, global);
+                        if let (Tables::None | Tables::Global, Some(t)) = (&a.tables, a.relations.first()) {
+                            // A sharded table read where the walk for keys does not look (VALUES, ORDER BY,
+                            // LIMIT, a function's arguments in FROM): no shard alone has the answer.
+                            a.cross = Cross::Refuse(format!(
+                                "a subquery reading {t} in VALUES, ORDER BY, LIMIT or a function's arguments"
+                            ));
+                            a.reason = format!("{t} read in a subquery: every shard").into();
+                            a.tables = Tables::Sharded(t.clone());
+                            a.keys = Keys::None;
+                        } else if !matches!(a.tables, Tables::Sharded(_)) {
+                            a.relations.clear();
+                        }
                     }
                     a
                 })
@@ -554,11 +575,51 @@ impl Ctx<'_> {
                 let o = self.query(q, false, &mut Vec::new());
                 self.finish(&mut a, &o);
                 a.cross = self.cross(q);
+                if modifies(q) {
+                    // `WITH d AS (DELETE ... RETURNING *) SELECT ...`: a write, routed by the key of what it
+                    // writes, whole on one shard (the statement cannot be split by shard); a global table's
+                    // copies cannot be kept identical through it.
+                    a.kind = Kind::Write;
+                    a.whole = true;
+                    if a.tables == Tables::Global {
+                        a.global_refusal = Some(
+                            "a WITH query that writes a global table is not supported: the router keeps the copies identical only for INSERT, UPDATE and DELETE sent as statements of their own".into(),
+                        );
+                    }
+                }
             }
-            Statement::Explain { statement, .. } => {
+            Statement::Explain { statement, analyze, options, .. } => {
                 let inner = self.statement(statement);
-                // (Across shards, each shard's plan: an explanation, not rows of data.)
-                a = StatementAnalysis { kind: Kind::Read, cross: Cross::Concat, ..inner };
+                // (`EXPLAIN (ANALYZE off)` does not run it; PostgreSQL's boolean spellings.)
+                let off = |e: &Expr| {
+                    let t = e.to_string();
+                    ["false", "off", "0", "no", "f", "n"].contains(&t.trim_matches('\'').to_ascii_lowercase().as_str())
+                };
+                let runs = *analyze
+                    || options
+                        .iter()
+                        .flatten()
+                        .any(|o| o.name.value.eq_ignore_ascii_case("analyze") && !o.arg.as_ref().is_some_and(off));
+                a = if runs && inner.kind == Kind::Write {
+                    // EXPLAIN ANALYZE runs the write: it goes where the write goes, whole, to one shard (its
+                    // answer is a plan, which the router cannot split by shard, total or copy).
+                    let mut a = StatementAnalysis {
+                        insert_rows: false,
+                        global_insert: false,
+                        global_write: false,
+                        whole: true,
+                        ..inner
+                    };
+                    if a.tables == Tables::Global && a.global_refusal.is_none() {
+                        a.global_refusal = Some(
+                            "EXPLAIN ANALYZE of a write to a global table is not supported: it would write every shard's copy and answer with one plan; run the write itself".into(),
+                        );
+                    }
+                    a
+                } else {
+                    // (Across shards, each shard's plan: an explanation, not rows of data.)
+                    StatementAnalysis { kind: Kind::Read, cross: Cross::Concat, ..inner }
+                };
             }
             Statement::Insert(ins) => self.insert(ins, &mut a),
             Statement::Update(u) => {
@@ -686,7 +747,7 @@ impl Ctx<'_> {
     /// shard would write from its own part); UPDATE and DELETE may not call functions whose value differs
     /// between copies; an INSERT is marked to run on one shard first (its rows then copied to the others).
     fn global_write(&self, s: &Statement, a: &mut StatementAnalysis) {
-        if a.kind != Kind::Write || a.tables != Tables::Global || a.refusal.is_some() {
+        if a.kind != Kind::Write || a.tables != Tables::Global || a.refusal.is_some() || a.global_refusal.is_some() {
             return;
         }
         let verb = match s {
@@ -1171,7 +1232,10 @@ impl Ctx<'_> {
         let mut own: Constraint = selection.and_then(|e| self.constraint(e));
         for t in from {
             for j in &t.joins {
-                if own.is_none() {
+                // (Only an inner join's condition filters the block's rows: an outer join keeps its preserved
+                // side's rows whatever its ON says.)
+                let inner = matches!(j.join_operator, ast::JoinOperator::Join(_) | ast::JoinOperator::Inner(_));
+                if own.is_none() && inner {
                     if let Some(on) = join_condition(&j.join_operator) {
                         own = self.constraint(on);
                     }
@@ -1547,6 +1611,23 @@ struct Calls {
     /// written `true`: such a setting ends with its transaction): their names, lower case, or the parameters
     /// that name them; `SetSome` when one is computed.
     setting: Option<Setting>,
+}
+
+/// Whether a query writes: a WITH query (at any depth) that is an INSERT, UPDATE, DELETE or MERGE.
+fn modifies(q: &Query) -> bool {
+    struct V;
+    impl Visitor for V {
+        type Break = ();
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            match q.body.as_ref() {
+                SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_) => {
+                    ControlFlow::Break(())
+                }
+                _ => ControlFlow::Continue(()),
+            }
+        }
+    }
+    q.visit(&mut V).is_break()
 }
 
 /// The relations a read names, as written, that are taken for sharded tables (neither a system catalog, nor

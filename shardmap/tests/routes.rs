@@ -200,6 +200,42 @@ keys 1 2 | | INSERT INTO users (user_id, name) VALUES (1, 'a'), (2, 'b')
 keys 1 2 5 | 1;2 | INSERT INTO users (user_id, name) VALUES ($1, 'a'), ($2, 'b'), (5, 'c') RETURNING user_id
 err spans | | INSERT INTO message_history (user_id, content) SELECT user_id, content FROM message_history WHERE user_id IN (1, 2)
 err spans | | INSERT INTO users (user_id, name) VALUES (1, 'a'); INSERT INTO users (user_id, name) VALUES (2, 'b')
+# EXPLAIN ANALYZE runs the write: whole, on one shard
+shard 3 | | EXPLAIN ANALYZE DELETE FROM users WHERE user_id = 3
+err spans | | EXPLAIN ANALYZE UPDATE users SET name = 'x' WHERE user_id IN (1, 2)
+err spans | | EXPLAIN (ANALYZE) INSERT INTO users (user_id) VALUES (1), (2)
+err missing | | EXPLAIN ANALYZE DELETE FROM users
+err refused | | EXPLAIN ANALYZE INSERT INTO bots (id) VALUES (1)
+keys 1 2 | | EXPLAIN (ANALYZE false) UPDATE users SET name = 'x' WHERE user_id IN (1, 2)
+# subqueries whose rows are not each shard's part, sharded reads where no key is looked for
+err refused | | SELECT * FROM users WHERE user_id IN (SELECT user_id FROM message_history LIMIT 3)
+err refused | | SELECT * FROM users u WHERE EXISTS (SELECT 1 FROM message_history m WHERE m.user_id = u.user_id AND m.id > (SELECT avg(id) FROM message_history))
+all | | SELECT * FROM users WHERE user_id IN (SELECT DISTINCT user_id FROM message_history)
+err refused | | VALUES ((SELECT count(*) FROM users))
+err refused | | SELECT * FROM bots ORDER BY (SELECT count(*) FROM users)
+err refused | | SELECT nextval('s'), user_id FROM users
+# outer joins: ON does not filter the preserved side; a global table's unmatched rows once
+all | | SELECT * FROM users u LEFT JOIN message_history m ON m.user_id = u.user_id AND m.user_id = 5
+shard 1 | | SELECT * FROM users u JOIN message_history m ON m.user_id = u.user_id AND u.user_id = 5
+shard 1 | | SELECT * FROM users u LEFT JOIN message_history m ON m.user_id = u.user_id WHERE u.user_id = 5
+all | | SELECT * FROM users u LEFT JOIN bots b ON b.id = u.bot_id
+err refused | | SELECT * FROM bots b LEFT JOIN users u ON u.bot_id = b.id
+err refused | | SELECT * FROM users u RIGHT JOIN bots b ON u.bot_id = b.id
+err refused | | SELECT * FROM users u FULL JOIN bots b ON u.bot_id = b.id
+# a WITH query that writes is a write, whole on one shard
+shard 1 | | WITH d AS (DELETE FROM users WHERE user_id = 1 RETURNING *) SELECT * FROM d
+err spans | | WITH i AS (INSERT INTO users (user_id) VALUES (1), (2) RETURNING *) SELECT * FROM i
+err missing | | WITH d AS (DELETE FROM users RETURNING *) SELECT count(*) FROM d
+err refused | | WITH u AS (UPDATE bots SET name = 'x' RETURNING *) SELECT * FROM u
+# writes on several shards read only each shard's part
+err refused | | UPDATE users SET name = (SELECT max(content) FROM message_history) WHERE user_id IN (1, 2)
+err refused | | DELETE FROM message_history WHERE user_id IN (1, 2) AND id = (SELECT max(id) FROM message_history)
+err refused | | DELETE FROM users u USING message_history m WHERE m.id = u.name AND u.user_id IN (1, 2)
+err refused | | INSERT INTO users (user_id, name) VALUES (1, (SELECT max(content) FROM message_history)), (2, 'b')
+keys 1 2 | | UPDATE users u SET name = m.content FROM message_history m WHERE m.user_id = u.user_id AND u.user_id IN (1, 2)
+keys 1 2 | | DELETE FROM users WHERE user_id IN (1, 2) AND EXISTS (SELECT 1 FROM message_history m WHERE m.user_id = users.user_id)
+keys 1 2 | | INSERT INTO users (user_id, name) VALUES (1, DEFAULT), (2, 'b')
+shard 1 | | UPDATE users SET name = (SELECT max(content) FROM message_history) WHERE user_id = 1
 shard 2 | | INSERT INTO usage_analytics (user_id, bot_id, tokens) VALUES (42, 'b1', 10)
 shard 2 | | INSERT INTO message_history (user_id, content) SELECT user_id, content FROM message_history WHERE user_id = 42
 err missing | | INSERT INTO archive SELECT * FROM message_history

@@ -261,3 +261,141 @@ async fn without_two_phase_commit_transactions_stay_on_one_shard() -> anyhow::Re
     assert!(on[1].is_empty() && !on[0].is_empty(), "{on:?}");
     Ok(())
 }
+
+/// `EXPLAIN ANALYZE` runs the write it explains: through the router it goes whole to the one shard its key
+/// names, or is refused — never the whole statement on each of several shards (a multi-row INSERT for two
+/// shards once inserted both rows on both), nor a keyless write on every shard — on every protocol path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_analyze_runs_a_write_once_or_not_at_all() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "shard-global-tables,bots\n")?;
+    let db = c.client().await?;
+    db.batch_execute("CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int); CREATE TABLE bots (id int)")
+        .await?;
+    // Keys 1 and 2 are on different shards.
+    for path in PATHS {
+        let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        for (sql, code) in [
+            ("EXPLAIN ANALYZE INSERT INTO accounts (user_id, balance) VALUES (1, 10), (2, 20)", "0A000"),
+            ("EXPLAIN (ANALYZE, COSTS off) UPDATE accounts SET balance = 0 WHERE user_id IN (1, 2)", "0A000"),
+            ("EXPLAIN ANALYZE DELETE FROM accounts", "42000"),
+            ("EXPLAIN ANALYZE INSERT INTO bots VALUES (1)", "0A000"),
+        ] {
+            let r = run(&mut cl, path, sql)?;
+            assert_eq!(error_codes(&r), [code], "{path:?} {sql}: {r:?}");
+        }
+        assert_eq!(balances(&c).await?, [Vec::<String>::new(), Vec::new()], "{path:?}");
+        let r = run(&mut cl, path, "EXPLAIN ANALYZE INSERT INTO accounts (user_id, balance) VALUES (1, 10)")?;
+        assert!(error_codes(&r).is_empty() && !rows(&r).is_empty(), "{path:?}: {r:?}");
+        let on_shards = balances(&c).await?;
+        assert_eq!(on_shards.concat(), ["1:10"], "{path:?}: the row on one shard once: {on_shards:?}");
+        // (EXPLAIN without ANALYZE runs nothing: each shard's plan.)
+        let r = run(&mut cl, path, "EXPLAIN DELETE FROM accounts")?;
+        assert!(error_codes(&r).is_empty(), "{path:?}: {r:?}");
+        db.batch_execute("DELETE FROM accounts WHERE user_id = 1").await?;
+    }
+    for s in &c.shards {
+        let n: i64 = s.client("postgres").await?.query_one("SELECT count(*) FROM bots", &[]).await?.get(0);
+        assert_eq!(n, 0);
+    }
+    Ok(())
+}
+
+/// A write on several shards runs on each with what that shard holds: what it reads besides its own rows —
+/// other tables, subqueries in WHERE, SET, VALUES, RETURNING — must be each shard's part (joined or correlated
+/// on the key), else it is refused (0A000) before anything runs, on every protocol path; the writes that run
+/// leave the rows one PostgreSQL leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_several_shards_read_only_what_each_shard_holds() -> anyhow::Result<()> {
+    let plain = integration::PgServer::start()?;
+    let c = Cluster::hash(2, "")?;
+    let schema = "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int); \
+                  CREATE TABLE moves (user_id bigint, amount int)";
+    let data = "TRUNCATE accounts, moves; \
+                INSERT INTO accounts (user_id, balance) VALUES (1, 10), (2, 20), (3, 30), (4, 40); \
+                INSERT INTO moves (user_id, amount) VALUES (1, 5), (1, 20), (2, 7), (3, 100), (4, 1)";
+    let pdb = plain.client("postgres").await?;
+    pdb.batch_execute(schema).await?;
+    let rdb = c.client().await?;
+    rdb.batch_execute(schema).await?;
+    let refused = [
+        "UPDATE accounts SET balance = (SELECT max(amount) FROM moves) WHERE user_id IN (1, 2)",
+        "DELETE FROM moves WHERE user_id IN (1, 2) AND amount = (SELECT min(amount) FROM moves)",
+        "UPDATE accounts a SET balance = a.balance + m.amount FROM moves m WHERE m.amount = a.balance AND a.user_id IN (1, 2)",
+        "INSERT INTO accounts (user_id, balance) VALUES (5, (SELECT count(*) FROM moves)), (6, 0)",
+        "UPDATE accounts SET balance = 0 WHERE user_id IN (1, 2) RETURNING (SELECT sum(amount) FROM moves)",
+    ];
+    let run_both = [
+        "UPDATE accounts a SET balance = a.balance + m.amount FROM moves m WHERE m.user_id = a.user_id AND a.user_id IN (1, 2)",
+        "DELETE FROM moves WHERE user_id IN (3, 4) AND amount < (SELECT balance FROM accounts a WHERE a.user_id = moves.user_id)",
+        "UPDATE accounts SET balance = balance + 1 WHERE user_id IN (1, 4) AND user_id IN (SELECT user_id FROM moves)",
+    ];
+    for path in PATHS {
+        pdb.batch_execute(data).await?;
+        // (The router splits a multi-row INSERT by shard; a multi-statement string must agree on a place, so
+        // each statement goes alone.)
+        for sql in data.split("; ") {
+            rdb.batch_execute(sql).await?;
+        }
+        let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        let before = contents(&rdb).await?;
+        for sql in refused {
+            let r = run(&mut cl, path, sql)?;
+            assert_eq!(error_codes(&r), ["0A000"], "{path:?} {sql}: {r:?}");
+        }
+        assert_eq!(contents(&rdb).await?, before, "{path:?}: a refused write changed nothing");
+        let mut plain_cl = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+        for sql in run_both {
+            let want = outline(&run(&mut plain_cl, path, sql)?);
+            let got = outline(&run(&mut cl, path, sql)?);
+            assert_eq!(got, want, "{path:?} {sql}");
+        }
+        assert_eq!(contents(&rdb).await?, contents(&pdb).await?, "{path:?}: router, then plain");
+    }
+    Ok(())
+}
+
+/// Every row of `accounts` and `moves`, each table's sorted.
+async fn contents(db: &tokio_postgres::Client) -> anyhow::Result<Vec<Vec<(i64, i32)>>> {
+    let mut out = Vec::new();
+    for sql in ["SELECT user_id, balance FROM accounts", "SELECT user_id, amount FROM moves"] {
+        let mut rows: Vec<(i64, i32)> = db.query(sql, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect();
+        rows.sort();
+        out.push(rows);
+    }
+    Ok(out)
+}
+
+/// A WITH query that writes (`WITH d AS (DELETE ... RETURNING *) SELECT ...`) is a write: it goes whole to the
+/// one shard its key names, or is refused — never, as a read, the whole statement to every shard (it once
+/// deleted every row with no key, and inserted a multi-row INSERT's rows on each of their shards), nor to one
+/// shard's copy of a global table — on every protocol path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writing_with_queries_run_whole_on_one_shard() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "shard-global-tables,bots\n")?;
+    let db = c.client().await?;
+    db.batch_execute("CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int); CREATE TABLE bots (id int)")
+        .await?;
+    db.batch_execute("INSERT INTO bots VALUES (1)").await?;
+    for path in PATHS {
+        let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        db.batch_execute("INSERT INTO accounts (user_id, balance) VALUES (3, 30)").await?;
+        for (sql, code) in [
+            ("WITH i AS (INSERT INTO accounts (user_id, balance) VALUES (1, 10), (2, 20) RETURNING *) SELECT * FROM i", "0A000"),
+            ("WITH d AS (DELETE FROM accounts RETURNING *) SELECT count(*) FROM d", "42000"),
+            ("WITH u AS (UPDATE accounts SET balance = 0 WHERE user_id IN (2, 3) RETURNING *) SELECT * FROM u", "0A000"),
+            ("WITH u AS (UPDATE bots SET id = 2 RETURNING *) SELECT * FROM u", "0A000"),
+        ] {
+            let r = run(&mut cl, path, sql)?;
+            assert_eq!(error_codes(&r), [code], "{path:?} {sql}: {r:?}");
+        }
+        assert_eq!(balances(&c).await?.concat(), ["3:30"], "{path:?}: nothing written");
+        let r = run(&mut cl, path, "WITH d AS (DELETE FROM accounts WHERE user_id = 3 RETURNING *) SELECT * FROM d")?;
+        assert_eq!(rows(&r), ["row 3,30"], "{path:?}: {r:?}");
+        assert!(balances(&c).await?.concat().is_empty(), "{path:?}");
+    }
+    for s in &c.shards {
+        let n: i64 = s.client("postgres").await?.query_one("SELECT count(*) FROM bots WHERE id = 1", &[]).await?.get(0);
+        assert_eq!(n, 1);
+    }
+    Ok(())
+}

@@ -58,11 +58,13 @@ impl<S: Stream> Session<S> {
             refuse_connection_state(analysis)?;
         }
         let stmt = self.stmt(analysis, text);
+        // (What was read of the schema before a schema change through the router is forgotten now, not
+        // between reading it for this statement and deciding it.)
+        self.schema_checked();
         if analysis.statements.iter().any(|s| s.positional.is_some()) {
             self.learn_key_positions(analysis).await?;
         }
         self.rate_limit(analysis)?;
-        self.schema_checked();
         let (route, _pass) = loop {
             match self.decide(|| self.routing.planner.decide_shaped(analysis, literals, &self.route)).await? {
                 (Err(RouteError::Relations { names }), _) => self.learn_relations(names).await?,

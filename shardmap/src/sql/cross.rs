@@ -95,6 +95,18 @@ pub(super) fn function_name(f: &ast::Function) -> String {
     f.name.0.last().and_then(|p| p.as_ident()).map(fold).unwrap_or_default()
 }
 
+/// Whether an expression holds a subquery.
+fn has_subquery(e: &Expr) -> bool {
+    struct V;
+    impl Visitor for V {
+        type Break = ();
+        fn pre_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            ControlFlow::Break(())
+        }
+    }
+    e.visit(&mut V).is_break()
+}
+
 /// Calls of functions directly in an expression (not inside its subqueries).
 pub(super) fn calls(e: &Expr, mut each: impl FnMut(&ast::Function)) {
     struct V<'f> {
@@ -205,6 +217,35 @@ impl Ctx<'_> {
         }
         if let Some(w) = &s.selection {
             key_joins += self.key_equalities(w);
+        }
+        // An outer join keeps the rows of its preserved side that match nothing: where that side reads no
+        // sharded table (a global table, VALUES, a function) and the other does, every shard would keep them.
+        for t in &s.from {
+            let mut left = Vec::new();
+            self.cross_factor(&t.relation, ctes, &mut left)?;
+            for j in &t.joins {
+                let mut right = Vec::new();
+                self.cross_factor(&j.relation, ctes, &mut right)?;
+                use ast::JoinOperator as J;
+                let (keeps_left, keeps_right) = match &j.join_operator {
+                    J::Left(_) | J::LeftOuter(_) => (true, false),
+                    J::Right(_) | J::RightOuter(_) => (false, true),
+                    J::FullOuter(_) => (true, true),
+                    _ => (false, false),
+                };
+                let kept = match (keeps_left && left.is_empty() && !right.is_empty(), keeps_right && right.is_empty()) {
+                    (true, _) => Some(&right),
+                    (_, true) if !left.is_empty() => Some(&left),
+                    _ => None,
+                };
+                if let Some(other) = kept {
+                    return Err(format!(
+                        "an outer join keeping rows of a table that is not sharded against the sharded table {}",
+                        other[0]
+                    ));
+                }
+                left.extend(right);
+            }
         }
         if sharded.len() > 1 && key_joins + 1 < sharded.len() {
             return Err(format!(
@@ -408,11 +449,27 @@ impl Ctx<'_> {
                 ControlFlow::Continue(())
             }
             fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
-                if self.depth == 0 && !self.semijoins.contains(&(q as *const Query)) {
+                if self.depth == 0 {
                     if let Some(t) = self.ctx.reads_sharded(q, self.ctes) {
-                        if !self.ctx.correlated_on_key(q) {
-                            self.bad =
-                                Some(format!("a subquery reading {t} that is not correlated on {}", self.ctx.key));
+                        let key = self.ctx.key;
+                        self.bad = if self.semijoins.contains(&(q as *const Query)) {
+                            // Its rows must be the union of each shard's (no LIMIT, no aggregate over shards, no
+                            // subquery of its own that needs every shard); duplicates do not matter to IN.
+                            match self.ctx.semijoin_rows(q) {
+                                Ok(false) => None,
+                                Ok(true) => Some(format!(
+                                    "a subquery {key} IN (SELECT {key} FROM {t} ...) whose rows each shard computes from its own part (ORDER BY, LIMIT, OFFSET, aggregates)"
+                                )),
+                                Err(why) => Some(format!("{why} in a subquery {key} IN (SELECT {key} FROM {t} ...)")),
+                            }
+                        } else if !self.ctx.correlated_on_key(q) {
+                            Some(format!("a subquery reading {t} that is not correlated on {key}"))
+                        } else {
+                            // Tied to the outer row's key, it reads that key's shard; a subquery inside it that
+                            // is not tied too would see only that shard's part.
+                            self.ctx.nested_uncorrelated(q, self.ctes)
+                        };
+                        if self.bad.is_some() {
                             return ControlFlow::Break(());
                         }
                     }
@@ -428,6 +485,115 @@ impl Ctx<'_> {
         let mut v = V { ctx: self, ctes, depth: 0, bad: None, semijoins: Vec::new() };
         let _ = e.visit(&mut v);
         v.bad
+    }
+
+    /// A write that runs on several shards (UPDATE or DELETE with keys on several, a multi-row INSERT split by
+    /// shard) writes on each from what that shard holds: what it reads besides the rows it writes — tables in
+    /// FROM/USING, subqueries in WHERE, SET, VALUES or RETURNING — must be each shard's part too (joined or
+    /// correlated on the key), as for a read across shards. The construct that is not, else `None`.
+    pub(super) fn write_cross(&self, s: &ast::Statement) -> Option<String> {
+        let items = |r: &Option<Vec<ast::SelectItem>>| -> Vec<Expr> {
+            r.iter()
+                .flatten()
+                .filter_map(|i| match i {
+                    ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } => Some(e.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (mut tables, selection, mut exprs): (Vec<String>, Option<&Expr>, Vec<Expr>) = match s {
+            ast::Statement::Update(u) => {
+                let mut tables = vec![u.table.to_string()];
+                if let Some(ast::UpdateTableFromKind::BeforeSet(f) | ast::UpdateTableFromKind::AfterSet(f)) = &u.from {
+                    tables.extend(f.iter().map(ToString::to_string));
+                }
+                let mut exprs = items(&u.returning);
+                exprs.extend(u.assignments.iter().map(|a| a.value.clone()));
+                (tables, u.selection.as_ref(), exprs)
+            }
+            ast::Statement::Delete(d) => {
+                let (ast::FromTable::WithFromKeyword(from) | ast::FromTable::WithoutKeyword(from)) = &d.from;
+                let mut tables: Vec<String> = from.iter().map(ToString::to_string).collect();
+                tables.extend(d.using.iter().flatten().map(ToString::to_string));
+                (tables, d.selection.as_ref(), items(&d.returning))
+            }
+            ast::Statement::Insert(i) => {
+                let mut exprs = items(&i.returning);
+                if let Some(SetExpr::Values(v)) = i.source.as_ref().map(|q| q.body.as_ref()) {
+                    exprs.extend(v.rows.iter().flat_map(|r| r.content.iter()).cloned());
+                }
+                if let Some(ast::OnInsert::OnConflict(ast::OnConflict {
+                    action: ast::OnConflictAction::DoUpdate(u),
+                    ..
+                })) = &i.on
+                {
+                    exprs.extend(u.assignments.iter().map(|a| a.value.clone()));
+                    exprs.extend(u.selection.clone());
+                }
+                (Vec::new(), None, exprs)
+            }
+            _ => return None,
+        };
+        // (Plain expressions read nothing but the written row; only subqueries and other tables matter.)
+        exprs.retain(has_subquery);
+        if tables.len() <= 1 && exprs.is_empty() && !selection.is_some_and(has_subquery) {
+            return None;
+        }
+        if matches!(s, ast::Statement::Insert(_)) {
+            tables.clear();
+        }
+        let mut sql = String::from("SELECT 1");
+        for e in &exprs {
+            sql.push_str(&format!(", {e}"));
+        }
+        if !tables.is_empty() {
+            sql.push_str(&format!(" FROM {}", tables.join(", ")));
+        }
+        if let Some(w) = selection {
+            sql.push_str(&format!(" WHERE {w}"));
+        }
+        match super::parse(&sql).as_deref() {
+            Ok([ast::Statement::Query(q)]) => self.cross_query(q).err(),
+            _ => Some("a write whose reads the router cannot check".into()),
+        }
+    }
+
+    /// The rows of `key IN (SELECT key ...)`'s subquery read across shards: `Ok(false)` when they are the union
+    /// of each shard's (DISTINCT aside: IN does not count duplicates).
+    fn semijoin_rows(&self, q: &Query) -> Result<bool, String> {
+        match q.body.as_ref() {
+            SetExpr::Select(s) if matches!(s.distinct, Some(ast::Distinct::Distinct)) => {
+                let mut plain = q.clone();
+                if let SetExpr::Select(s) = plain.body.as_mut() {
+                    s.distinct = None;
+                }
+                self.cross_query(&plain)
+            }
+            _ => self.cross_query(q),
+        }
+    }
+
+    /// In a subquery correlated on the key: the first subquery inside its block that reads a sharded table
+    /// and is not itself correlated on the key.
+    fn nested_uncorrelated(&self, q: &Query, ctes: &[String]) -> Option<String> {
+        let SetExpr::Select(s) = q.body.as_ref() else { return None };
+        let from: Vec<&ast::TableWithJoins> = s.from.iter().collect();
+        self.scoped(&from, || {
+            let mut exprs: Vec<&Expr> = Vec::new();
+            exprs.extend(s.selection.as_ref());
+            exprs.extend(s.having.as_ref());
+            for item in &s.projection {
+                if let ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } = item {
+                    exprs.push(e);
+                }
+            }
+            for t in &s.from {
+                for j in &t.joins {
+                    exprs.extend(super::join_condition(&j.join_operator));
+                }
+            }
+            exprs.into_iter().find_map(|e| self.uncorrelated_subquery(e, ctes))
+        })
     }
 
     /// Whether a subquery's WHERE ties its rows to the outer row's key (`o.user_id = u.user_id`).
