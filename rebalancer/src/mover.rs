@@ -1182,7 +1182,7 @@ impl Rebalancer {
             dst.batch_execute(&format!("DROP SUBSCRIPTION {name}")).await.context("dropping the subscription")?;
         }
         self.drop_slot(src, m).await?;
-        src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await?;
+        drop_publication(src, &name).await?;
         for t in tables.iter().filter(|t| t.identity_full) {
             src.batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY DEFAULT", t.name)).await?;
         }
@@ -1323,7 +1323,7 @@ impl Rebalancer {
         } else {
             // Nothing on the target: the publication and its slot are all there is to drop.
             self.drop_slot(&src, m).await?;
-            src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", resource(m.id))).await?;
+            drop_publication(&src, &resource(m.id)).await?;
         }
         self.catalog
             .execute(
@@ -1627,4 +1627,41 @@ pub fn status_text(s: &Status) -> String {
         ));
     }
     out
+}
+
+/// Drops a move's publication. A statement writing a published table reads the table's publications and then
+/// looks each up: one dropped in between fails it with XX000 "cache lookup failed for publication" (seen under
+/// the move test's writers). So the drop holds the published tables in SHARE mode (writers wait for the few
+/// milliseconds of the drop and then see no publication; readers do not wait), taken with a short lock timeout
+/// so that a long transaction writing one of them delays the drop, not every writer behind it; after a few
+/// tries the publication is dropped without the lock.
+async fn drop_publication(src: &Client, name: &str) -> Result<()> {
+    let tables: Vec<String> = src
+        .query("SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1", &[&name])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let drop = format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name));
+    if !tables.is_empty() {
+        for _ in 0..20 {
+            let locked = format!(
+                "BEGIN; SET LOCAL lock_timeout = '50ms'; LOCK TABLE {} IN SHARE MODE; {drop}; COMMIT",
+                tables.join(", ")
+            );
+            match src.batch_execute(&locked).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                    src.batch_execute("ROLLBACK").await?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    let _ = src.batch_execute("ROLLBACK").await;
+                    return Err(e).context("dropping the publication");
+                }
+            }
+        }
+    }
+    src.batch_execute(&drop).await.context("dropping the publication")?;
+    Ok(())
 }
