@@ -601,3 +601,148 @@ async fn views_and_sequences_across_shards_give_one_postgresql_answer() -> anyho
     first.query("COMMIT")?;
     Ok(())
 }
+
+/// Random reads over the corpus's tables — joins on the key and not, outer joins, global tables, subqueries
+/// correlated and not, `IN (SELECT ...)` with and without LIMIT, aggregates, GROUP BY, HAVING, DISTINCT,
+/// ORDER BY/LIMIT/OFFSET, WITH, UNION ALL — as a simple Query or through Parse/Bind/Execute, on one plain
+/// PostgreSQL and through the router on four shards. Every answer must be the plain server's, or a refusal
+/// (0A000). Seeded (`CROSS_FUZZ_SEED`, `CROSS_FUZZ_CASES`) so that a failure can be replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_reads_across_shards_give_one_postgresql_answer() -> anyhow::Result<()> {
+    use rand::SeedableRng;
+    let seed: u64 = std::env::var("CROSS_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261207);
+    let cases: usize = std::env::var("CROSS_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1500);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let plain = PgServer::start()?;
+    let c = Cluster::hash(4, "shard-global-tables,bots\n")?;
+    load(&plain.client("postgres").await?).await?;
+    load(&c.client().await?).await?;
+    let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+    let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let (mut different, mut refused, mut answered) = (Vec::new(), 0, 0);
+    for n in 0..cases {
+        let (sql, ordered) = random_read(&mut rng);
+        // (Most as a simple Query; every third through Parse/Bind/Execute, text or binary results.)
+        let run = |db: &mut RawClient| match n % 6 {
+            2 => db.extended(&sql, &[], false),
+            5 => db.extended(&sql, &[], true),
+            _ => db.query(&sql),
+        };
+        let want = answer(run(&mut reference)?, ordered);
+        let got = answer(run(&mut routed)?, ordered);
+        match (&want, &got) {
+            _ if want == got => answered += 1,
+            (Answer::Error { code: a, .. }, Answer::Error { code: b, .. }) if a == b => answered += 1,
+            (Answer::Rows { .. }, Answer::Error { code, .. }) if code == "0A000" => refused += 1,
+            _ => different.push(format!("{sql}\n    plain:  {want:?}\n    router: {got:?}")),
+        }
+    }
+    println!("seed {seed}: {cases} random reads, {answered} answered as one PostgreSQL, {refused} refused");
+    assert!(different.is_empty(), "{} of {cases} answers differ:\n{}", different.len(), different.join("\n"));
+    assert!(answered * 2 > cases, "only {answered} of {cases} answered");
+    Ok(())
+}
+
+/// One random read (and whether its ORDER BY orders its rows totally). With a key condition, only what the
+/// router's co-location rule answers on the key's shards (docs/proxy.md, "How a statement is routed": sharded
+/// tables joined on the key, subqueries correlated on it or reading only the key's rows); without one,
+/// anything, which the router must answer as one PostgreSQL or refuse.
+fn random_read(rng: &mut impl rand::Rng) -> (String, bool) {
+    let pick =
+        |rng: &mut dyn rand::RngCore, xs: &[&str]| -> String { xs[rng.next_u32() as usize % xs.len()].to_string() };
+    let k = |rng: &mut dyn rand::RngCore| (rng.next_u32() % 170 + 1).to_string();
+    let keyed = rng.random_bool(0.35);
+    // FROM: (text, whether `m` is in scope, whether `b` is)
+    let (from, has_m, has_b) = match rng.random_range(0..if keyed { 7 } else { 9 }) {
+        0 | 1 => ("users u".to_string(), false, false),
+        2 => ("users u JOIN messages m ON m.user_id = u.user_id".to_string(), true, false),
+        3 => ("users u JOIN messages m USING (user_id)".to_string(), true, false),
+        4 => (
+            format!(
+                "users u LEFT JOIN messages m ON m.user_id = u.user_id AND m.tokens > {}",
+                rng.random_range(0..500)
+            ),
+            true,
+            false,
+        ),
+        5 => ("users u JOIN bots b ON b.id = u.bot_id".to_string(), false, true),
+        6 => ("bots b LEFT JOIN users u ON u.bot_id = b.id".to_string(), false, true),
+        7 => ("users u JOIN messages m ON m.id = u.age % 17".to_string(), true, false),
+        _ => (format!("users u LEFT JOIN messages m ON m.user_id = u.user_id AND m.user_id = {}", k(rng)), true, false),
+    };
+    let mut conds = Vec::new();
+    if keyed {
+        conds.push(match rng.random_range(0..3) {
+            0 => format!("u.user_id = {}", k(rng)),
+            1 => format!("u.user_id IN ({}, {})", k(rng), k(rng)),
+            _ => format!("u.user_id = ANY(ARRAY[{}, {}, {}])", k(rng), k(rng), k(rng)),
+        });
+    }
+    for _ in 0..rng.random_range(0..3) {
+        conds.push(match rng.random_range(0..if keyed { 9 } else { 12 }) {
+            0 => format!("u.age > {}", rng.random_range(15..70)),
+            1 if has_m => format!("m.tokens < {}", rng.random_range(0..500)),
+            1 => format!("u.age < {}", rng.random_range(15..70)),
+            2 => format!(
+                "EXISTS (SELECT 1 FROM messages x WHERE x.user_id = u.user_id AND x.tokens > {})",
+                rng.random_range(0..500)
+            ),
+            3 => format!("u.user_id IN (SELECT user_id FROM messages WHERE tokens > {})", rng.random_range(0..500)),
+            4 => "u.bot_id IN (SELECT id FROM bots WHERE name = 'bot1')".to_string(),
+            5 => "EXISTS (SELECT 1 FROM messages x WHERE x.user_id = u.user_id AND x.tokens > (SELECT avg(tokens) FROM messages y WHERE y.user_id = x.user_id))".to_string(),
+            6 => format!("NOT EXISTS (SELECT 1 FROM messages x WHERE x.user_id = u.user_id AND x.role = '{}')", pick(rng, &["user", "system"])),
+            7 => format!("u.active = {}", pick(rng, &["true", "false"])),
+            8 => format!("u.user_id IN (SELECT DISTINCT user_id FROM messages WHERE role = '{}')", pick(rng, &["user", "system"])),
+            // (Not tied to the key: each shard alone cannot answer them.)
+            9 => "u.age > (SELECT avg(age) FROM users)".to_string(),
+            10 => format!("u.user_id IN (SELECT user_id FROM messages ORDER BY big LIMIT {})", rng.random_range(1..9)),
+            _ => "EXISTS (SELECT 1 FROM messages x WHERE x.user_id = u.user_id AND x.tokens > (SELECT avg(tokens) FROM messages))".to_string(),
+        });
+    }
+    let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
+    let m_col = if has_m {
+        "m.id"
+    } else if has_b {
+        "b.id"
+    } else {
+        "u.age"
+    };
+    match rng.random_range(0..9) {
+        // Rows, totally ordered (and perhaps limited).
+        0 => {
+            let limit = match rng.random_range(0..3) {
+                0 => format!(" LIMIT {}", rng.random_range(1..30)),
+                1 => format!(" LIMIT {} OFFSET {}", rng.random_range(1..30), rng.random_range(0..20)),
+                _ => String::new(),
+            };
+            (format!("SELECT u.user_id, {m_col} FROM {from}{filter} ORDER BY u.user_id, {m_col}{limit}"), true)
+        }
+        // Rows, any order.
+        1 => (format!("SELECT u.user_id, u.name, {m_col} FROM {from}{filter}"), false),
+        // Aggregates.
+        2 => (format!("SELECT count(*), count({m_col}), sum(u.age), max(u.name) FROM {from}{filter}"), true),
+        4 => (format!("SELECT DISTINCT u.active, u.bot_id FROM {from}{filter}"), false),
+        5 => {
+            let g = pick(rng, &["u.active", "u.bot_id", "u.age % 4"]);
+            let n = rng.random_range(0..30);
+            (format!("SELECT {g}, count(*), sum(u.age) FROM {from}{filter} GROUP BY {g} HAVING count(*) > {n} ORDER BY 1"), true)
+        }
+        6 => (
+            format!(
+                "SELECT count(DISTINCT u.bot_id), avg(u.age)::numeric(10,4), min(u.created_at) FROM {from}{filter}"
+            ),
+            true,
+        ),
+        7 => {
+            (format!("WITH w AS (SELECT u.user_id, u.age FROM {from}{filter}) SELECT count(*), max(age) FROM w"), true)
+        }
+        8 => {
+            (format!("SELECT u.user_id FROM {from}{filter} UNION ALL SELECT user_id FROM users WHERE age < 20"), false)
+        }
+        // Groups.
+        _ => {
+            let g = pick(rng, &["u.active", "u.user_id", "u.bot_id", "u.age % 3"]);
+            (format!("SELECT {g}, count(*), min({m_col}) FROM {from}{filter} GROUP BY {g} ORDER BY 1"), true)
+        }
+    }
+}

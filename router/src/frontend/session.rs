@@ -565,6 +565,11 @@ impl<S: Stream> Session<S> {
                 l.conn.release();
             }
         }
+        if self.schema_changed {
+            // (A schema change in the client's last exchange, or in a transaction it left open and the close
+            // above rolled back: what other sessions read of the schema meanwhile is forgotten.)
+            self.backend.backends.schema_epoch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         result
     }
 

@@ -95,6 +95,24 @@ pub(super) fn function_name(f: &ast::Function) -> String {
     f.name.0.last().and_then(|p| p.as_ident()).map(fold).unwrap_or_default()
 }
 
+/// The expressions of a SELECT block where subqueries may be: WHERE, HAVING, the select list, join conditions.
+fn block_exprs(s: &Select) -> Vec<&Expr> {
+    let mut exprs: Vec<&Expr> = Vec::new();
+    exprs.extend(s.selection.as_ref());
+    exprs.extend(s.having.as_ref());
+    for item in &s.projection {
+        if let ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } = item {
+            exprs.push(e);
+        }
+    }
+    for t in &s.from {
+        for j in &t.joins {
+            exprs.extend(super::join_condition(&j.join_operator));
+        }
+    }
+    exprs
+}
+
 /// Whether an expression holds a subquery.
 fn has_subquery(e: &Expr) -> bool {
     struct V;
@@ -256,21 +274,7 @@ impl Ctx<'_> {
             ));
         }
         // Subqueries anywhere in the block must be answerable per shard.
-        let mut exprs: Vec<&Expr> = Vec::new();
-        exprs.extend(s.selection.as_ref());
-        exprs.extend(s.having.as_ref());
-        for item in &s.projection {
-            if let ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } = item {
-                exprs.push(e);
-            }
-        }
-        for t in &s.from {
-            for j in &t.joins {
-                if let Some(on) = super::join_condition(&j.join_operator) {
-                    exprs.push(on);
-                }
-            }
-        }
+        let exprs = block_exprs(s);
         let order: Vec<&Expr> = match order_by.map(|o| &o.kind) {
             Some(ast::OrderByKind::Expressions(list)) => list.iter().map(|o| &o.expr).collect(),
             Some(ast::OrderByKind::All(_)) => return Err("ORDER BY ALL".into()),
@@ -578,22 +582,7 @@ impl Ctx<'_> {
     fn nested_uncorrelated(&self, q: &Query, ctes: &[String]) -> Option<String> {
         let SetExpr::Select(s) = q.body.as_ref() else { return None };
         let from: Vec<&ast::TableWithJoins> = s.from.iter().collect();
-        self.scoped(&from, || {
-            let mut exprs: Vec<&Expr> = Vec::new();
-            exprs.extend(s.selection.as_ref());
-            exprs.extend(s.having.as_ref());
-            for item in &s.projection {
-                if let ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } = item {
-                    exprs.push(e);
-                }
-            }
-            for t in &s.from {
-                for j in &t.joins {
-                    exprs.extend(super::join_condition(&j.join_operator));
-                }
-            }
-            exprs.into_iter().find_map(|e| self.uncorrelated_subquery(e, ctes))
-        })
+        self.scoped(&from, || block_exprs(s).into_iter().find_map(|e| self.uncorrelated_subquery(e, ctes)))
     }
 
     /// Whether a subquery's WHERE ties its rows to the outer row's key (`o.user_id = u.user_id`).
