@@ -173,7 +173,7 @@ impl RawClient {
         self.until_ready()
     }
 
-    fn parse_bind_execute(&mut self, out: &mut Vec<u8>, name: &str, sql: &str, parse: bool) {
+    fn parse_bind_execute(&mut self, out: &mut Vec<u8>, name: &str, sql: &str, parse: bool, params: &[Option<&str>]) {
         if parse {
             let mut b = Vec::new();
             cstr(&mut b, name);
@@ -184,8 +184,18 @@ impl RawClient {
         let mut b = Vec::new();
         cstr(&mut b, "");
         cstr(&mut b, name);
+        // Parameters in text, results in text.
         b.extend_from_slice(&0i16.to_be_bytes());
-        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            match p {
+                Some(v) => {
+                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    b.extend_from_slice(v.as_bytes());
+                }
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
         b.extend_from_slice(&0i16.to_be_bytes());
         put(out, b'B', &b);
         put(out, b'D', b"P\0");
@@ -198,11 +208,20 @@ impl RawClient {
     /// Sends `sql` on `path`. For every path but `Pipelined` the replies up to ReadyForQuery are returned;
     /// a pipelined statement is only written (see [`RawClient::sync`]).
     pub fn send(&mut self, path: Path, sql: &str) -> Result<Vec<Reply>> {
+        self.send_with(path, sql, &[])
+    }
+
+    /// [`RawClient::send`] with text parameters bound (`None`: NULL); the simple protocol takes none (write
+    /// them into the text).
+    pub fn send_with(&mut self, path: Path, sql: &str, params: &[Option<&str>]) -> Result<Vec<Reply>> {
         let mut out = Vec::new();
         match path {
-            Path::Simple => return self.query(sql),
+            Path::Simple => {
+                assert!(params.is_empty(), "a Query message has no parameters: write them into its text");
+                return self.query(sql);
+            }
             Path::Unnamed => {
-                self.parse_bind_execute(&mut out, "", sql, true);
+                self.parse_bind_execute(&mut out, "", sql, true, params);
                 put(&mut out, b'S', &[]);
             }
             Path::Named => {
@@ -220,11 +239,11 @@ impl RawClient {
                     return Ok(prepared);
                 }
                 out.clear();
-                self.parse_bind_execute(&mut out, &name, sql, false);
+                self.parse_bind_execute(&mut out, &name, sql, false, params);
                 put(&mut out, b'S', &[]);
             }
             Path::Pipelined => {
-                self.parse_bind_execute(&mut out, "", sql, true);
+                self.parse_bind_execute(&mut out, "", sql, true, params);
                 self.sock.write_all(&out)?;
                 self.piped += 1;
                 return Ok(Vec::new());

@@ -1,7 +1,8 @@
 //! Differential test of reads across shards: the same schema and data on one plain PostgreSQL and on four
 //! hash shards behind the router; a corpus of statements (aggregates, GROUP BY, HAVING, DISTINCT, ORDER BY,
 //! LIMIT/OFFSET, joins, subqueries, NULLs, empty results, ties) each run as a simple Query, through
-//! Parse/Bind/Execute with text results and with binary results. Every answer must be the plain server's,
+//! Parse/Bind/Execute with text results and with binary results, as a named statement, in a pipeline, and on
+//! each of these paths inside a transaction. Every answer must be the plain server's,
 //! row for row (as multisets where the statement does not order its rows totally), with the same column
 //! names, types and formats and the same command tag — or a refusal (0A000), which the test lists with its
 //! reason. Nothing else passes.
@@ -380,6 +381,65 @@ async fn reads_across_shards_give_one_postgresql_answer() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The corpus through the paths the first test does not take — a named statement (Parse and Sync, then
+/// Bind/Execute/Sync), a pipeline (Parse/Bind/Describe/Execute, then a Sync of its own) — and through every
+/// path inside a transaction: BEGIN, the statement, COMMIT, with COMMIT's answer compared too (a statement
+/// that fails fails its transaction as on one server: COMMIT answers ROLLBACK). Parameters are bound on every
+/// extended path, written into the text on the simple one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_across_shards_on_every_path_in_and_out_of_transactions() -> anyhow::Result<()> {
+    use integration::wire::{outline, Path, PATHS};
+    let plain = PgServer::start()?;
+    let c = Cluster::hash(4, "shard-global-tables,bots\n")?;
+    load(&plain.client("postgres").await?).await.map_err(|e| anyhow::anyhow!("plain: {e:?}"))?;
+    load(&c.client().await?).await.map_err(|e| anyhow::anyhow!("router: {e:?}"))?;
+    let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+    let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+
+    let cases = corpus();
+    let (mut runs, mut different, mut refused) = (0, Vec::new(), 0);
+    for case in &cases {
+        let params: Vec<Option<&str>> = case.params.iter().map(|p| Some(p.as_str())).collect();
+        for path in PATHS {
+            for in_txn in [false, true] {
+                if !in_txn && matches!(path, Path::Simple | Path::Unnamed) {
+                    continue; // (the first test's runs)
+                }
+                let run = |db: &mut RawClient| -> anyhow::Result<(Answer, Vec<String>)> {
+                    if in_txn {
+                        db.query("BEGIN")?;
+                    }
+                    let mut r = match path {
+                        Path::Simple => db.query(&inline(case))?,
+                        _ => db.send_with(path, &case.sql, &params)?,
+                    };
+                    if path == Path::Pipelined {
+                        r.extend(db.sync()?);
+                    }
+                    let end = if in_txn { outline(&db.query("COMMIT")?) } else { Vec::new() };
+                    Ok((answer(r, case.ordered), end))
+                };
+                let want = run(&mut reference)?;
+                let got = run(&mut routed)?;
+                runs += 1;
+                match (&want.0, &got.0) {
+                    _ if want == got => {}
+                    (Answer::Error { code: a, .. }, Answer::Error { code: b, .. }) if a == b && want.1 == got.1 => {}
+                    (Answer::Rows { .. }, Answer::Error { code, .. }) if code == "0A000" => refused += 1,
+                    _ => different.push(format!(
+                        "[{path:?}, in a transaction: {in_txn}] {}\n    plain:  {want:?}\n    router: {got:?}",
+                        case.sql
+                    )),
+                }
+            }
+        }
+    }
+    println!("{} statements, {runs} runs, {refused} refused", cases.len());
+    assert!(different.is_empty(), "{} of {runs} answers differ:\n{}", different.len(), different.join("\n"));
+    assert!(refused * 10 < runs, "{refused} of {runs} runs refused");
+    Ok(())
+}
+
 /// A combined read that fails inside a transaction fails the transaction, as any error does on one server,
 /// through every protocol path: later statements get 25P02 and COMMIT answers ROLLBACK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -604,11 +664,13 @@ async fn views_and_sequences_across_shards_give_one_postgresql_answer() -> anyho
 
 /// Random reads over the corpus's tables — joins on the key and not, outer joins, global tables, subqueries
 /// correlated and not, `IN (SELECT ...)` with and without LIMIT, aggregates, GROUP BY, HAVING, DISTINCT,
-/// ORDER BY/LIMIT/OFFSET, WITH, UNION ALL — as a simple Query or through Parse/Bind/Execute, on one plain
-/// PostgreSQL and through the router on four shards. Every answer must be the plain server's, or a refusal
+/// ORDER BY/LIMIT/OFFSET, WITH, UNION ALL — as a simple Query, through Parse/Bind/Execute, as a named
+/// statement or in a pipeline, some inside a transaction, on one plain PostgreSQL and through the router on
+/// four shards. Every answer must be the plain server's, or a refusal
 /// (0A000). Seeded (`CROSS_FUZZ_SEED`, `CROSS_FUZZ_CASES`) so that a failure can be replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_reads_across_shards_give_one_postgresql_answer() -> anyhow::Result<()> {
+    use integration::wire::{outline, Path};
     use rand::SeedableRng;
     let seed: u64 = std::env::var("CROSS_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261207);
     let cases: usize = std::env::var("CROSS_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1500);
@@ -622,17 +684,34 @@ async fn random_reads_across_shards_give_one_postgresql_answer() -> anyhow::Resu
     let (mut different, mut refused, mut answered) = (Vec::new(), 0, 0);
     for n in 0..cases {
         let (sql, ordered) = random_read(&mut rng);
-        // (Most as a simple Query; every third through Parse/Bind/Execute, text or binary results.)
-        let run = |db: &mut RawClient| match n % 6 {
-            2 => db.extended(&sql, &[], false),
-            5 => db.extended(&sql, &[], true),
-            _ => db.query(&sql),
+        // (Half as a simple Query; the rest through Parse/Bind/Execute with text or binary results, as a named
+        // statement or in a pipeline; one in seven inside a transaction, whose COMMIT's answer is compared too.)
+        let in_txn = n % 7 == 3;
+        let run = |db: &mut RawClient| -> anyhow::Result<(Answer, Vec<String>)> {
+            if in_txn {
+                db.query("BEGIN")?;
+            }
+            let r = match n % 6 {
+                2 => db.extended(&sql, &[], false)?,
+                5 => db.extended(&sql, &[], true)?,
+                4 if n % 12 == 4 => db.send(Path::Named, &sql)?,
+                4 => {
+                    let mut r = db.send(Path::Pipelined, &sql)?;
+                    r.extend(db.sync()?);
+                    r
+                }
+                _ => db.query(&sql)?,
+            };
+            let end = if in_txn { outline(&db.query("COMMIT")?) } else { Vec::new() };
+            Ok((answer(r, ordered), end))
         };
-        let want = answer(run(&mut reference)?, ordered);
-        let got = answer(run(&mut routed)?, ordered);
-        match (&want, &got) {
+        let want = run(&mut reference)?;
+        let got = run(&mut routed)?;
+        match (&want.0, &got.0) {
             _ if want == got => answered += 1,
-            (Answer::Error { code: a, .. }, Answer::Error { code: b, .. }) if a == b => answered += 1,
+            (Answer::Error { code: a, .. }, Answer::Error { code: b, .. }) if a == b && want.1 == got.1 => {
+                answered += 1
+            }
             (Answer::Rows { .. }, Answer::Error { code, .. }) if code == "0A000" => refused += 1,
             _ => different.push(format!("{sql}\n    plain:  {want:?}\n    router: {got:?}")),
         }
