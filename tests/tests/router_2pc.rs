@@ -399,3 +399,295 @@ async fn writing_with_queries_run_whole_on_one_shard() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A transaction that failed on one shard runs nothing more anywhere: a statement for another shard, for
+/// several, or a read across shards is answered 25P02 as one PostgreSQL answers it — not run on a shard
+/// joining the transaction (which answered it: a row count, a duplicate key) — and in a pipeline, what follows
+/// the error is skipped up to the Sync, a write on several shards included (its merged row count was still
+/// sent). On every protocol path, against one plain PostgreSQL; nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_transaction_runs_nothing_more_on_any_shard() -> anyhow::Result<()> {
+    let plain = integration::PgServer::start()?;
+    let c = Cluster::hash(4, "")?;
+    let schema = "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0))";
+    plain.client("postgres").await?.batch_execute(schema).await?;
+    c.client().await?.batch_execute(schema).await?;
+    let rows: Vec<String> = (1..=8).map(|k| format!("({k}, {k})")).collect();
+    let fill = format!("INSERT INTO accounts VALUES {}", rows.join(", "));
+    plain.client("postgres").await?.batch_execute(&fill).await?;
+    c.client().await?.batch_execute(&fill).await?;
+    let after_error = [
+        "INSERT INTO accounts VALUES (2, 1)",
+        "INSERT INTO accounts VALUES (20, 1), (21, 1), (22, 1)",
+        "UPDATE accounts SET balance = 0 WHERE user_id IN (2, 3, 4)",
+        "DELETE FROM accounts WHERE user_id = 3",
+        "SELECT count(*) FROM accounts",
+    ];
+    for path in PATHS {
+        for then in after_error {
+            let unit = ["BEGIN", "INSERT INTO accounts VALUES (1, 1)", then, "SELECT 1", "COMMIT"];
+            let mut answers = Vec::new();
+            for port in [plain.port, c.port] {
+                let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
+                answers.push(outline(&run_all(&mut cl, path, &unit)?));
+            }
+            assert_eq!(answers[1], answers[0], "{path:?}, then {then}: router, then plain");
+        }
+    }
+    assert_eq!(balances(&c).await?.concat().len(), 8, "nothing written");
+    // A pipeline's implicit transaction: after a write on several shards fails on one of them, what follows is
+    // skipped — a write on that shard (which skipped it) and on another (which was sent it).
+    let more = "CREATE TABLE moves (user_id bigint, id int, amount int, PRIMARY KEY (user_id, id)); \
+                INSERT INTO moves VALUES (7, 3, 1)";
+    plain.client("postgres").await?.batch_execute(more).await?;
+    let db = c.client().await?;
+    for sql in more.split("; ") {
+        db.batch_execute(sql).await?;
+    }
+    let pipelines: [&[&str]; 4] = [
+        &[
+            "SELECT user_id, balance FROM accounts WHERE user_id IN (1, 2, 3) ORDER BY user_id",
+            "UPDATE accounts SET balance = balance - 2 WHERE user_id IN (1, 7)",
+            "INSERT INTO moves VALUES (7, 3, 52)",
+        ],
+        &[
+            "SELECT user_id, balance FROM accounts WHERE user_id IN (1, 2, 3) ORDER BY user_id",
+            "UPDATE accounts SET balance = balance - 5 WHERE user_id IN (3, 6)",
+            "INSERT INTO moves VALUES (7, 3, 52)",
+        ],
+        &["UPDATE accounts SET balance = balance - 5 WHERE user_id IN (3, 6)", "INSERT INTO moves VALUES (8, 1, 1)"],
+        &["INSERT INTO moves VALUES (7, 3, 1)", "UPDATE accounts SET balance = 0 WHERE user_id IN (1, 2, 3)"],
+    ];
+    for unit in pipelines {
+        let mut answers = Vec::new();
+        for port in [plain.port, c.port] {
+            let mut cl = RawClient::connect(port, "postgres", "postgres", &[])?;
+            let r = run_all(&mut cl, Path::Pipelined, unit)?;
+            answers.push(outline(&r));
+        }
+        assert_eq!(answers[1], answers[0], "{unit:?}: router, then plain");
+    }
+    let mut all = balances(&c).await?.concat();
+    all.sort();
+    let mut want: Vec<String> = (1..=8).map(|k| format!("{k}:{k}")).collect();
+    want.sort();
+    assert_eq!(all, want, "nothing written");
+    let mut moves = 0;
+    for s in &c.shards {
+        moves += s.client("postgres").await?.query_one("SELECT count(*) FROM moves", &[]).await?.get::<_, i64>(0);
+    }
+    assert_eq!(moves, 1, "nothing written");
+    Ok(())
+}
+
+/// A seeded random workload of writes and transactions, the same on one plain PostgreSQL and through the
+/// router on four shards (a global table among them): keyed INSERTs (duplicates: 23505), upserts, multi-row
+/// INSERTs with keys on several shards, UPDATE and DELETE by key and by keys on several shards (CHECK
+/// violations: 23514), global-table writes, keyed reads and reads across shards seeing the transaction's own
+/// writes — alone, in BEGIN ... COMMIT / ROLLBACK with savepoints, in a pipeline of a whole transaction and in
+/// a pipeline's implicit transaction, each statement on a random protocol path. Every answer (rows, tags,
+/// error codes, transaction status) must be the plain server's, and the rows each shard holds, put together,
+/// the plain server's rows; no transaction stays prepared. Seeded (`WRITES_FUZZ_SEED`, `WRITES_FUZZ_UNITS`) so
+/// that a failure can be replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::Result<()> {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("WRITES_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261207);
+    let units: usize = std::env::var("WRITES_FUZZ_UNITS").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let plain = integration::PgServer::start()?;
+    let c = Cluster::hash(4, "shard-global-tables,bots\n")?;
+    let schema =
+        "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0), note text); \
+                  CREATE TABLE moves (user_id bigint, id int, amount int, PRIMARY KEY (user_id, id)); \
+                  CREATE TABLE bots (id int PRIMARY KEY, name text)";
+    plain.client("postgres").await?.batch_execute(schema).await?;
+    c.client().await?.batch_execute(schema).await?;
+    let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+    let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let mut statements = 0;
+    for n in 0..units {
+        // A unit: one statement, or a transaction, each statement on its own path (`None`: pipelined, synced
+        // once at the unit's end).
+        let path = |rng: &mut rand::rngs::StdRng| [Path::Simple, Path::Unnamed, Path::Named][rng.random_range(0..3)];
+        let mut unit: Vec<(Option<Path>, String)> = Vec::new();
+        match rng.random_range(0..10) {
+            0..=3 => unit.push((Some(path(&mut rng)), random_write(&mut rng))),
+            4..=7 => {
+                unit.push((Some(path(&mut rng)), "BEGIN".into()));
+                for _ in 0..rng.random_range(1..=4) {
+                    unit.push((Some(path(&mut rng)), random_write(&mut rng)));
+                }
+                if rng.random_bool(0.25) {
+                    // (Back to a savepoint after a write, or after an error: the transaction goes on.)
+                    unit.push((Some(path(&mut rng)), "SAVEPOINT s".into()));
+                    unit.push((Some(path(&mut rng)), random_write(&mut rng)));
+                    if rng.random_bool(0.5) {
+                        unit.push((Some(path(&mut rng)), "SELECT 1 / 0".into()));
+                    }
+                    let back = if rng.random_bool(0.8) { "ROLLBACK TO SAVEPOINT s" } else { "RELEASE SAVEPOINT s" };
+                    unit.push((Some(path(&mut rng)), back.into()));
+                    unit.push((Some(path(&mut rng)), random_write(&mut rng)));
+                }
+                let end = if rng.random_bool(0.7) { "COMMIT" } else { "ROLLBACK" };
+                unit.push((Some(path(&mut rng)), end.into()));
+            }
+            8 => {
+                unit.push((None, "BEGIN".into()));
+                for _ in 0..rng.random_range(1..=3) {
+                    unit.push((None, random_write(&mut rng)));
+                }
+                unit.push((None, "COMMIT".into()));
+            }
+            _ => {
+                for _ in 0..rng.random_range(2..=3) {
+                    unit.push((None, random_write(&mut rng)));
+                }
+            }
+        }
+        let (mut answers, mut errors) = (Vec::new(), Vec::new());
+        for db in [&mut reference, &mut routed] {
+            let mut replies = Vec::new();
+            for (p, sql) in &unit {
+                replies.extend(db.send(p.unwrap_or(Path::Pipelined), sql)?);
+            }
+            if db.piped() {
+                replies.extend(db.sync()?);
+            }
+            // (A transaction left open or failed is rolled back, on both alike.)
+            if !matches!(replies.last(), Some(Reply::Ready('I'))) {
+                replies.extend(db.query("ROLLBACK")?);
+            }
+            answers.push(canonical(outline(&replies)));
+            errors.extend(replies.into_iter().filter(|r| matches!(r, Reply::Error { .. })));
+        }
+        statements += unit.len();
+        let sqls: Vec<&str> = unit.iter().map(|(_, s)| s.as_str()).collect();
+        assert_eq!(
+            answers[1],
+            answers[0],
+            "seed {seed}, unit {n} ({:?}): router, then plain\n  {}\n  errors: {errors:?}",
+            unit.iter().map(|u| u.0).collect::<Vec<_>>(),
+            sqls.join("\n  ")
+        );
+        if n % 50 == 49 || n + 1 == units {
+            assert_eq!(shard_rows(&c).await?, plain_rows(&plain).await?, "seed {seed}: the rows after unit {n}");
+        }
+    }
+    assert_eq!(prepared(&c).await?, 0, "seed {seed}: no transaction left prepared");
+    println!("seed {seed}: {units} units, {statements} statements answered as one PostgreSQL");
+    Ok(())
+}
+
+/// `outline` with each run of rows sorted (a write's RETURNING rows, or keys on several shards, come in no
+/// order one server would promise).
+fn canonical(mut outline: Vec<String>) -> Vec<String> {
+    let mut i = 0;
+    while i < outline.len() {
+        let run = outline[i..].iter().take_while(|x| x.starts_with("row ")).count();
+        outline[i..i + run].sort();
+        i += run.max(1);
+    }
+    outline
+}
+
+const WRITES_TABLES: [&str; 3] = [
+    "SELECT user_id::text, balance::text, coalesce(note, '-') FROM accounts",
+    "SELECT user_id::text, id::text, amount::text FROM moves",
+    "SELECT id::text, coalesce(name, '-') FROM bots",
+];
+
+/// The rows of the random workload's tables on the plain server, sorted.
+async fn plain_rows(plain: &integration::PgServer) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
+    let db = plain.client("postgres").await?;
+    let mut out = Vec::new();
+    for sql in WRITES_TABLES {
+        let mut rows: Vec<Vec<String>> =
+            db.query(sql, &[]).await?.iter().map(|r| (0..r.len()).map(|i| r.get(i)).collect()).collect();
+        rows.sort();
+        out.push(rows);
+    }
+    Ok(out)
+}
+
+/// The same, read from each shard directly and put together (the global table once: every shard's copy
+/// must be the same).
+async fn shard_rows(c: &Cluster) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
+    let mut out = vec![Vec::new(); WRITES_TABLES.len()];
+    let mut bots: Option<Vec<Vec<String>>> = None;
+    for s in &c.shards {
+        let db = s.client("postgres").await?;
+        for (t, sql) in WRITES_TABLES.iter().enumerate() {
+            let mut rows: Vec<Vec<String>> =
+                db.query(*sql, &[]).await?.iter().map(|r| (0..r.len()).map(|i| r.get(i)).collect()).collect();
+            rows.sort();
+            if t == 2 {
+                if let Some(first) = &bots {
+                    assert_eq!(&rows, first, "shard {}'s copy of the global table", s.port);
+                }
+                bots = Some(rows);
+            } else {
+                out[t].extend(rows);
+            }
+        }
+    }
+    out[2] = bots.unwrap_or_default();
+    for rows in &mut out {
+        rows.sort();
+    }
+    Ok(out)
+}
+
+/// One statement of the random workload: what the router runs on one shard, on several (two-phase), on
+/// every shard's copy of the global table, or reads across shards.
+fn random_write(rng: &mut impl rand::Rng) -> String {
+    let k = |rng: &mut dyn rand::RngCore| rng.next_u32() % 40 + 1;
+    let (k1, k2, k3) = (k(rng), k(rng), k(rng));
+    let d = rng.random_range(1..60);
+    let b = rng.random_range(1..6);
+    match rng.random_range(0..21) {
+        0 => format!("INSERT INTO accounts (user_id, balance, note) VALUES ({k1}, {d}, 'n{k2}')"),
+        1 => format!(
+            "INSERT INTO accounts (user_id, balance) VALUES ({k1}, {d}) ON CONFLICT (user_id) \
+             DO UPDATE SET balance = accounts.balance + EXCLUDED.balance RETURNING user_id, balance"
+        ),
+        // (ON CONFLICT DO NOTHING RETURNING with rows for several shards is refused: the rows it returns
+        // would not say which were skipped in VALUES order.)
+        2 if rng.random_bool(0.5) => format!(
+            "INSERT INTO accounts (user_id, balance) VALUES ({k1}, {d}), ({k2}, 1), ({k3}, 2) \
+             ON CONFLICT (user_id) DO NOTHING"
+        ),
+        2 => {
+            format!("INSERT INTO accounts (user_id, balance) VALUES ({k1}, {d}), ({k2}, 1) RETURNING user_id, balance")
+        }
+        3 => format!("UPDATE accounts SET balance = balance + {d} WHERE user_id = {k1} RETURNING balance"),
+        4 => format!("UPDATE accounts SET balance = balance - {d}, note = 'u' WHERE user_id IN ({k1}, {k2})"),
+        5 => format!("DELETE FROM accounts WHERE user_id = {k1} RETURNING user_id, balance"),
+        6 => format!("DELETE FROM moves WHERE user_id IN ({k1}, {k2}) AND amount > {d}"),
+        7 => format!("INSERT INTO moves (user_id, id, amount) VALUES ({k1}, {b}, {d})"),
+        8 => format!("INSERT INTO moves (user_id, id, amount) VALUES ({k1}, {b}, {d}), ({k2}, {b}, 1) RETURNING *"),
+        9 => format!("UPDATE bots SET name = 'b{d}' WHERE id = {b}"),
+        10 => format!(
+            "INSERT INTO bots (id, name) VALUES ({b}, 'n{d}') ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name"
+        ),
+        11 => format!("SELECT balance, note FROM accounts WHERE user_id = {k1}"),
+        12 => "SELECT count(*), sum(balance), max(user_id) FROM accounts".into(),
+        15 => format!("DELETE FROM accounts WHERE user_id IN ({k1}, {k2}) RETURNING user_id, balance"),
+        16 => format!(
+            "INSERT INTO moves (user_id, id, amount) VALUES ({k1}, {b}, {d}), ({k2}, {b}, 2) \
+             ON CONFLICT (user_id, id) DO UPDATE SET amount = moves.amount + EXCLUDED.amount"
+        ),
+        17 => format!("DELETE FROM bots WHERE id = {b} RETURNING id, name"),
+        18 => format!(
+            "UPDATE accounts a SET balance = a.balance + m.amount FROM moves m \
+             WHERE m.user_id = a.user_id AND m.id = {b} AND a.user_id = {k1} RETURNING a.user_id, a.balance"
+        ),
+        19 => format!("SELECT balance FROM accounts WHERE user_id = {k1} FOR UPDATE"),
+        20 => format!(
+            "INSERT INTO moves (user_id, id, amount) SELECT user_id, {b}, balance FROM accounts WHERE user_id = {k1} \
+             ON CONFLICT DO NOTHING"
+        ),
+        13 => format!("SELECT user_id, balance FROM accounts WHERE user_id IN ({k1}, {k2}, {k3}) ORDER BY user_id"),
+        _ => "SELECT user_id, count(*), sum(amount) FROM moves GROUP BY user_id ORDER BY user_id LIMIT 5".into(),
+    }
+}

@@ -87,6 +87,9 @@ pub struct Merge {
     error: Option<bytes::Bytes>,
     /// Whether any ErrorResponse came back.
     pub failed: bool,
+    /// Whether the `Only` connection's ErrorResponse reached the client: the others' are the same news, not
+    /// a second error for one statement.
+    relayed_error: bool,
     /// Whether the statement was executed (an Execute was in it): the merged CommandComplete is owed.
     executes: bool,
     /// COPY ... FROM STDIN: stop at the CopyInResponse (the data comes next)...
@@ -841,6 +844,9 @@ impl<S: Stream> Session<S> {
         let entries = std::mem::take(&mut pending.entries);
         for mut e in entries {
             let Some(i) = self.links.find(&e.dest) else { continue };
+            // (A statement after the group's error is one the server would have skipped: it is answered by
+            // nothing, its rows and its merged CommandComplete included.)
+            let skipped = self.group_failed;
             if self.group_failed {
                 if self.links.get(i).errored {
                     // The server skips what came after its error.
@@ -859,20 +865,25 @@ impl<S: Stream> Session<S> {
                 None => &mut own,
             };
             let r = self.relay(i, &mut e.exps, e.role, merge, None).await;
-            let failed = merge.failed;
-            if let Err(err) = r {
-                self.lost(i, &err);
-                proto::error(&mut self.io.wbuf, "ERROR", &err.code, &err.message);
-                self.fail_group_inner();
-                continue;
-            }
-            if failed {
-                self.links.get(i).errored = true;
-                if e.fan.is_none() || e.closes_fan {
+            // (A fan's merge fails with any of its connections; a connection is errored — its server skips
+            // to the Sync — only by its own error: another connection of the fan ran what it was sent next.)
+            let fan_failed = merge.failed;
+            let own = match r {
+                Ok((_, own)) => own,
+                Err(err) => {
+                    self.lost(i, &err);
+                    proto::error(&mut self.io.wbuf, "ERROR", &err.code, &err.message);
                     self.fail_group_inner();
+                    continue;
                 }
+            };
+            if own {
+                self.links.get(i).errored = true;
             }
-            if e.closes_fan {
+            if (e.fan.is_none() && own) || (e.closes_fan && fan_failed) {
+                self.fail_group_inner();
+            }
+            if e.closes_fan && !skipped {
                 let m = &mut pending.merges[e.fan.expect("a fan")];
                 if m.copy_out && m.error.is_none() {
                     proto::put(&mut self.io.wbuf, b'c', |_| {});
@@ -1082,7 +1093,10 @@ impl<S: Stream> Session<S> {
                 b'E' => {
                     errored = true;
                     merge.failed = true;
-                    if role != Role::Only && merge.error.is_none() {
+                    if role == Role::Only {
+                        merge.relayed_error = true;
+                        merge.error = None;
+                    } else if merge.error.is_none() && !merge.relayed_error {
                         merge.error = Some(bytes::Bytes::copy_from_slice(frame));
                     }
                     // The server skips everything up to Sync (a simple Query: to its ReadyForQuery).

@@ -160,6 +160,10 @@ pub struct Txn {
     pub state: State,
     /// The router's record that the transaction is aborted (see the module doc).
     pub failed: bool,
+    /// A transaction on one shard whose server answered that it is aborted (ReadyForQuery `E`): every
+    /// statement but the transaction's own verbs goes to that server, which answers it as PostgreSQL does
+    /// (25P02) — none joins another shard, where it would run.
+    pub aborted_there: bool,
     /// Session settings changed inside the transaction: read back from the server when it ends.
     pub settings_changed: bool,
     /// What a shard that joins the open transaction runs first (see the module doc).
@@ -227,6 +231,7 @@ impl Txn {
     pub fn end(&mut self) {
         self.state = State::Idle;
         self.failed = false;
+        self.aborted_there = false;
         self.implicit = false;
         self.log.clear();
         self.wrote.clear();
@@ -314,6 +319,10 @@ impl Txn {
             let plan = self.plan_verb(verb, fixed);
             self.logged(s, &plan);
             return plan;
+        }
+        if self.aborted_there && matches!(self.state, One(_)) {
+            // (Its server answers 25P02, as one PostgreSQL would, and runs nothing.)
+            return Plan::Run(To::Bound);
         }
         let d = match route {
             Ok(d) => d,
@@ -603,6 +612,7 @@ impl Txn {
                     self.end();
                     return false;
                 }
+                self.aborted_there = status == READY_FAILED;
                 true
             }
             State::One(_) => false,
@@ -761,6 +771,28 @@ mod tests {
         let read = Stmt { read: true, ..Stmt::default() };
         assert_eq!(t.plan(&read, Ok(&set), None, &names), Plan::Run(To::Fan(vec![ShardId(0), ShardId(1)])));
         assert!(!t.implicit);
+    }
+
+    #[test]
+    fn an_aborted_transaction_on_one_shard_joins_no_other() {
+        let mut t = Txn { two_phase: true, ..Txn::default() };
+        let session = decision(Target::Session);
+        t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names);
+        t.opened(one(1));
+        let other = decision(Target::One(ShardId(2)));
+        let several = decision(Target::Set(vec![ShardId(2), ShardId(3)]));
+        // Its server answered an error: the transaction is aborted there, and a statement for another shard
+        // goes to that server, which answers it (25P02) without running it; nothing joins.
+        assert!(t.ready(&one(1), READY_FAILED, true));
+        assert_eq!(t.plan(&Stmt::default(), Ok(&other), None, &names), Plan::Run(To::Bound));
+        assert_eq!(t.plan(&Stmt::default(), Ok(&several), None, &names), Plan::Run(To::Bound));
+        assert_eq!(t.plan(&Stmt::default(), Err(Reported::new("42000", "no key")), None, &names), Plan::Run(To::Bound));
+        assert_eq!(t.state, State::One(one(1)));
+        // Back to a savepoint, the transaction goes on, and on to other shards.
+        let back = Stmt { verb: Some(TxnVerb::RollbackTo), ..Stmt::default() };
+        assert_eq!(t.plan(&back, Ok(&session), None, &names), Plan::Run(To::Bound));
+        assert!(t.ready(&one(1), READY_IN_TX, false));
+        assert_eq!(t.plan(&Stmt::default(), Ok(&other), None, &names), Plan::Run(To::Part(Some(ShardId(2)))));
     }
 
     #[test]
