@@ -334,6 +334,13 @@ pub fn analyze(sql: &str, error: &str, key: &str, global: &HashSet<String>) -> S
         _ => None,
     };
     if let Some(v) = verb {
+        if matches!(v, TxnVerb::Savepoint | TxnVerb::Release | TxnVerb::RollbackTo) {
+            // The name is the last word: SAVEPOINT a, RELEASE [SAVEPOINT] a, ROLLBACK [WORK] TO [SAVEPOINT] a.
+            st.savepoint = toks.iter().rev().find_map(|t| match t {
+                Tok::Word(w) | Tok::Quoted(w) => Some(w.clone()),
+                _ => None,
+            });
+        }
         st.kind = Kind::Transaction;
         st.txn = Some(v);
         return st;

@@ -207,6 +207,11 @@ pub struct StatementAnalysis {
     pub shared_call: Option<&'static str>,
     /// Transaction control: what it does.
     pub txn: Option<TxnVerb>,
+    /// The savepoint a SAVEPOINT, RELEASE or ROLLBACK TO names, folded as PostgreSQL folds it (lower case
+    /// unless quoted).
+    pub savepoint: Option<String>,
+    /// It makes a setting that ends with its transaction: SET LOCAL, or `set_config(..., true)`.
+    pub local_setting: bool,
     /// DECLARE ... CURSOR: a read routed by its query, whose cursor lives in the transaction.
     pub declare: Option<Declare>,
     /// SET/RESET: the session settings it changes.
@@ -256,6 +261,8 @@ impl StatementAnalysis {
             temp_object: false,
             shared_call: None,
             txn: None,
+            savepoint: None,
+            local_setting: false,
             declare: None,
             setting: None,
             cross: Cross::Concat,
@@ -331,6 +338,7 @@ pub fn analyze_keys(
                     if a.setting.is_none() {
                         a.setting = calls.setting;
                     }
+                    a.local_setting |= calls.local_setting;
                     if matches!(s, Statement::NOTIFY { .. }) {
                         a.shared_call = Some("NOTIFY");
                     }
@@ -669,6 +677,15 @@ impl Ctx<'_> {
                     Statement::Savepoint { .. } => TxnVerb::Savepoint,
                     _ => TxnVerb::Release,
                 });
+                a.savepoint = match s {
+                    Statement::Rollback { savepoint: Some(name), .. }
+                    | Statement::Savepoint { name }
+                    | Statement::ReleaseSavepoint { name } => Some(match name.quote_style {
+                        Some(_) => name.value.clone(),
+                        None => name.value.to_lowercase(),
+                    }),
+                    _ => None,
+                };
             }
             Statement::Declare { stmts, .. } => match stmts.as_slice() {
                 [d] if d.for_query.is_some() => {
@@ -698,6 +715,12 @@ impl Ctx<'_> {
                 }
                 if a.session.is_none() {
                     a.setting = setting_of(set);
+                    a.local_setting = matches!(
+                        set,
+                        ast::Set::SingleAssignment { scope: Some(ast::ContextModifier::Local), .. }
+                            | ast::Set::SetTimeZone { local: true, .. }
+                            | ast::Set::SetRole { context_modifier: Some(ast::ContextModifier::Local), .. }
+                    );
                 }
             }
             Statement::Reset(r) => {
@@ -1611,6 +1634,8 @@ struct Calls {
     /// written `true`: such a setting ends with its transaction): their names, lower case, or the parameters
     /// that name them; `SetSome` when one is computed.
     setting: Option<Setting>,
+    /// It calls `set_config(name, value, true)`.
+    local_setting: bool,
 }
 
 /// Whether a query writes: a WITH query (at any depth) that is an INSERT, UPDATE, DELETE or MERGE.
@@ -1687,12 +1712,14 @@ fn calls(s: &Statement) -> Calls {
         shared_call: Option<&'static str>,
         settings: Vec<SettingName>,
         computed_setting: bool,
+        local_setting: bool,
     }
     impl Finder {
         /// A call of `set_config` with these arguments (`None`: not a plain expression).
         fn set_config(&mut self, args: &[Option<&Expr>]) {
             let local = matches!(args.get(2), Some(Some(Expr::Value(v))) if v.value == Value::Boolean(true));
             if local {
+                self.local_setting = true;
                 return;
             }
             match args.first() {
@@ -1751,7 +1778,7 @@ fn calls(s: &Statement) -> Calls {
             .collect();
         Some(written.map_or(Setting::SetBound(f.settings), Setting::Set))
     };
-    Calls { session_lock: f.session_lock, shared_call: f.shared_call, setting }
+    Calls { session_lock: f.session_lock, shared_call: f.shared_call, setting, local_setting: f.local_setting }
 }
 
 /// Whether `s` creates a temporary object that outlives its transaction: `CREATE TEMP TABLE` (but for `ON

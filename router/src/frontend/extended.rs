@@ -762,6 +762,7 @@ impl<S: Stream> Session<S> {
         pending: &mut Pending,
     ) -> Result<Vec<usize>, Reported> {
         let (shards, new) = self.to_join(shards, d);
+        self.may_join(&new)?;
         self.hold_all(&new).await?;
         for dest in new {
             let i = self.link(&dest).await?;

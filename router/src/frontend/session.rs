@@ -895,6 +895,8 @@ impl<S: Stream> Session<S> {
             read,
             standby: read && standby,
             declare: if single { first.and_then(|s| s.declare) } else { None },
+            savepoint: if single { first.and_then(|s| s.savepoint.clone()) } else { None },
+            setting: analysis.statements.iter().any(|s| s.setting.is_some() || s.local_setting),
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),
             unparsed: analysis.parse_error.is_some(),
             single,
@@ -928,8 +930,10 @@ impl<S: Stream> Session<S> {
                         | shardmap::sql::TxnVerb::RollbackTo
                 )
             );
-            // (A SET, not a `set_config()` call: that may take Bind parameters, which a replay has not.)
-            if savepoint || (st.kind == Kind::Session && st.setting.is_some() && st.session.is_none()) {
+            // (A SET or SET LOCAL, not a `set_config()` call: that may take Bind parameters, which a replay has
+            // not — no shard joins after one, `Txn::unreplayed_setting`.)
+            let set = st.setting.is_some() || st.local_setting;
+            if savepoint || (st.kind == Kind::Session && set && st.session.is_none()) {
                 s.replay = Some(text.to_string());
             }
         }
@@ -1339,9 +1343,14 @@ impl<S: Stream> Session<S> {
             }
         }
         if !self.txn.open() && !self.txn_settings.is_empty() && !in_txn && i < self.links.len() {
-            // The transaction that changed settings ended here: what the server has now is the client's.
             let changes = std::mem::take(&mut self.txn_settings);
-            self.settings_changed(i, &changes, None).await;
+            if self.txn.rolled_back_now || error {
+                // It rolled back: the server undid them, and the client's settings are what they were.
+                self.links.get(i).conn.conn().settings = SETTINGS_UNKNOWN;
+            } else {
+                // The transaction that changed settings committed here: what the server has now is the client's.
+                self.settings_changed(i, &changes, None).await;
+            }
         }
     }
 }

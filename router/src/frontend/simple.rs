@@ -644,6 +644,7 @@ impl<S: Stream> Session<S> {
     /// (its error is the client's, and fails the transaction).
     pub async fn join_simple(&mut self, shards: &[ShardId], d: Option<&Decision>) -> Result<Vec<usize>, Reported> {
         let (shards, new) = self.to_join(shards, d);
+        self.may_join(&new)?;
         self.hold_all(&new).await?;
         for dest in new {
             let i = self.link(&dest).await?;
@@ -660,6 +661,16 @@ impl<S: Stream> Session<S> {
         let db = d.and_then(|d| d.database.clone());
         let new = shards.iter().map(|&shard| Dest { shard, db: db.clone() }).filter(|d| !self.txn.holds(d)).collect();
         (shards, new)
+    }
+
+    /// Whether shards may join the open transaction: not after a setting its replay log does not hold.
+    pub fn may_join(&self, new: &[Dest]) -> Result<(), Reported> {
+        if new.is_empty() || !self.txn.unreplayed_setting {
+            return Ok(());
+        }
+        Err(Reported::unsupported(
+            "this statement goes to a shard the transaction has not reached yet, after a set_config() call in the transaction that the shard would not have: make the setting with SET (or SET LOCAL), or reach the shard before the call",
+        ))
     }
 
     /// The transaction's link to `shard`, which joins it first when it has not (`None`: its first link).

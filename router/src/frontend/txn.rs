@@ -73,6 +73,10 @@ pub struct Stmt {
     /// Why transaction pooling cannot serve it (a LISTEN, SET ROLE, SQL-level PREPARE: state that would
     /// stay on a pooled connection), when that is so.
     pub pooling: Option<String>,
+    /// The savepoint a SAVEPOINT, RELEASE or ROLLBACK TO names.
+    pub savepoint: Option<String>,
+    /// It changes a session setting (SET, RESET, a `set_config()` call).
+    pub setting: bool,
 }
 
 /// What the router answers itself, whatever the state.
@@ -164,6 +168,18 @@ pub struct Txn {
     /// statement but the transaction's own verbs goes to that server, which answers it as PostgreSQL does
     /// (25P02) — none joins another shard, where it would run.
     pub aborted_there: bool,
+    /// The savepoints of a held transaction, oldest first: the router answers RELEASE and ROLLBACK TO of
+    /// them, and refuses those of a name there is none of (3B001), as PostgreSQL does.
+    pub savepoints: Vec<String>,
+    /// A held transaction has queued a setting (SET, RESET, `set_config()`...): what it runs now runs inside
+    /// it, after the queue — outside, it would not see the setting.
+    pub held_settings: bool,
+    /// The transaction ran a setting the replay log does not hold (a `set_config()` call, which may take Bind
+    /// parameters): a shard joining it now would not have the setting, so none joins.
+    pub unreplayed_setting: bool,
+    /// The transaction just ended by rolling back (ROLLBACK, or COMMIT of one its server had aborted): the
+    /// settings it changed are undone.
+    pub rolled_back_now: bool,
     /// Session settings changed inside the transaction: read back from the server when it ends.
     pub settings_changed: bool,
     /// What a shard that joins the open transaction runs first (see the module doc).
@@ -232,6 +248,10 @@ impl Txn {
         self.state = State::Idle;
         self.failed = false;
         self.aborted_there = false;
+        self.savepoints.clear();
+        self.held_settings = false;
+        self.unreplayed_setting = false;
+        self.rolled_back_now = false;
         self.implicit = false;
         self.log.clear();
         self.wrote.clear();
@@ -316,7 +336,7 @@ impl Txn {
             (Local::No, _) => {}
         }
         if let Some(verb) = &s.verb {
-            let plan = self.plan_verb(verb, fixed);
+            let plan = self.plan_verb(verb, fixed, s.savepoint.as_deref());
             self.logged(s, &plan);
             return plan;
         }
@@ -330,6 +350,12 @@ impl Txn {
             Err(_) if s.unparsed && matches!(self.state, One(_)) => return Plan::Run(To::Bound),
             Err(e) => return Plan::Refuse(e),
         };
+        if s.setting && s.replay.is_none() && matches!(self.state, Many(_)) {
+            // (Sent to one of the transaction's shards, the setting would be on that one only.)
+            return Plan::Refuse(Reported::unsupported(
+                "set_config() in a transaction on several shards is not supported: make the setting with SET (or SET LOCAL)",
+            ));
+        }
         let two_phase = self.two_phase;
         let several = |what: &str| {
             Plan::Refuse(Reported::unsupported(format!(
@@ -363,14 +389,29 @@ impl Txn {
             (Idle, Target::All) => Plan::Run(To::Fan(d.shards_or_all())),
 
             (Held(_), Target::One(shard)) => Plan::Run(To::Open(Dest::of(*shard, d))),
-            (Held(_), Target::Session) if s.queueable => Plan::Hold { tag: s.tag.clone() },
-            (Held(_), Target::Session | Target::Any) if s.declare.is_some() => Plan::Run(To::OpenAny),
+            (Held(_), Target::Session) if s.queueable => {
+                self.held_settings |= s.tag != "NOTIFY";
+                Plan::Hold { tag: s.tag.clone() }
+            }
+            // (A setting is made inside the transaction, and seen inside it.)
+            (Held(_), Target::Session | Target::Any) if s.declare.is_some() || s.setting || self.held_settings => {
+                Plan::Run(To::OpenAny)
+            }
             // Reads of no sharded table (and SHOW, FETCH of a cursor that cannot exist yet) run outside the
             // transaction, which has not started anywhere.
             (Held(_), Target::Session | Target::Any) => Plan::Run(To::Any),
             (Held(_), Target::All | Target::Set(_)) if s.declare.is_some() => Plan::Refuse(Reported::unsupported(
                 format!("a cursor over several shards is not supported ({}); declare it with a shard key", d.reason),
             )),
+            (Held(_), Target::All | Target::Set(_)) if s.read && self.held_settings && two_phase => {
+                Plan::Run(To::OpenParts(d.shards_or_all()))
+            }
+            (Held(_), Target::All | Target::Set(_)) if s.read && self.held_settings => {
+                Plan::Refuse(Reported::unsupported(format!(
+                    "a read on several shards ({}) after a setting made in the transaction needs shard-two-phase-commit: outside the transaction it would not see the setting",
+                    d.reason
+                )))
+            }
             (Held(_), Target::All | Target::Set(_)) if s.read => Plan::Run(To::Fan(d.shards_or_all())),
             (Held(_), Target::All) => Plan::Run(To::OpenParts(Vec::new())),
             (Held(_), Target::Set(shards)) if two_phase => Plan::Run(To::OpenParts(shards.clone())),
@@ -420,9 +461,12 @@ impl Txn {
         if let (Some(text), Plan::Run(_), true) = (&s.replay, plan, self.on_shards()) {
             self.log.push(text.clone());
         }
+        if s.setting && s.replay.is_none() && matches!(plan, Plan::Run(_)) && self.open() {
+            self.unreplayed_setting = true;
+        }
     }
 
-    fn plan_verb(&mut self, verb: &TxnVerb, fixed: Option<&Dest>) -> Plan {
+    fn plan_verb(&mut self, verb: &TxnVerb, fixed: Option<&Dest>, savepoint: Option<&str>) -> Plan {
         use State::*;
         let answer = |tag: &str| Plan::Answer { tag: tag.to_string(), warning: None };
         match (&mut self.state, verb) {
@@ -457,7 +501,7 @@ impl Txn {
                 answer("ROLLBACK")
             }
             (Held(_), TxnVerb::Savepoint | TxnVerb::Release | TxnVerb::RollbackTo) => {
-                Plan::Hold { tag: tag_of(verb).into() }
+                self.held_savepoint(verb, savepoint)
             }
             (Held(_) | One(_) | Many(_), TxnVerb::CommitPrepared(_) | TxnVerb::RollbackPrepared(_)) => {
                 Plan::Refuse(Reported::new("25001", format!("{} cannot run inside a transaction block", tag_of(verb))))
@@ -472,6 +516,26 @@ impl Txn {
         }
     }
 
+    /// SAVEPOINT, RELEASE or ROLLBACK TO `name` in a held transaction: answered by the router, which keeps
+    /// the savepoints (the statement is queued for the shard the transaction opens on); one of a name there is
+    /// no savepoint of is PostgreSQL's error.
+    fn held_savepoint(&mut self, verb: &TxnVerb, name: Option<&str>) -> Plan {
+        let hold = Plan::Hold { tag: tag_of(verb).into() };
+        let Some(name) = name else { return hold };
+        if *verb == TxnVerb::Savepoint {
+            self.savepoints.push(name.to_string());
+            return hold;
+        }
+        match self.savepoints.iter().rposition(|s| s == name) {
+            // RELEASE lets go of it and the later ones; ROLLBACK TO keeps it.
+            Some(at) => {
+                self.savepoints.truncate(if *verb == TxnVerb::Release { at } else { at + 1 });
+                hold
+            }
+            None => Plan::Refuse(Reported::new("3B001", format!("savepoint \"{name}\" does not exist"))),
+        }
+    }
+
     /// A transaction the router knows is aborted: only its end, or a way back to a savepoint.
     fn plan_failed(&mut self, s: &Stmt) -> Plan {
         use State::*;
@@ -482,8 +546,11 @@ impl Txn {
                 answer("ROLLBACK")
             }
             (Held(_), Some(TxnVerb::RollbackTo)) => {
-                self.failed = false;
-                Plan::Hold { tag: "ROLLBACK".into() }
+                let plan = self.held_savepoint(&TxnVerb::RollbackTo, s.savepoint.as_deref());
+                if matches!(plan, Plan::Hold { .. }) {
+                    self.failed = false;
+                }
+                plan
             }
             (One(_) | Many(_), Some(TxnVerb::Commit | TxnVerb::Prepare(_))) => Plan::Run(To::RollbackInstead),
             (One(_), Some(TxnVerb::Rollback)) => Plan::Run(To::Bound),
@@ -511,7 +578,9 @@ impl Txn {
     pub fn sent(&mut self, verb: Option<&TxnVerb>) {
         let ends = matches!(verb, Some(TxnVerb::Commit | TxnVerb::Rollback | TxnVerb::Prepare(_)));
         if ends && self.on_shards() {
+            let back = matches!(verb, Some(TxnVerb::Rollback)) || self.aborted_there || self.failed;
             self.end();
+            self.rolled_back_now = back;
         }
     }
 
@@ -549,6 +618,9 @@ impl Txn {
         if let State::Held(q) = &mut self.state {
             self.log = replayable(std::mem::take(q));
         }
+        // (Its server has them now, from the replayed queue.)
+        self.savepoints.clear();
+        self.held_settings = false;
         self.state = State::One(dest);
     }
 
@@ -793,6 +865,32 @@ mod tests {
         assert_eq!(t.plan(&back, Ok(&session), None, &names), Plan::Run(To::Bound));
         assert!(t.ready(&one(1), READY_IN_TX, false));
         assert_eq!(t.plan(&Stmt::default(), Ok(&other), None, &names), Plan::Run(To::Part(Some(ShardId(2)))));
+    }
+
+    #[test]
+    fn a_held_transaction_keeps_its_savepoints() {
+        let mut t = Txn::default();
+        let session = decision(Target::Session);
+        let sp = |v: TxnVerb, n: &str| Stmt { verb: Some(v), savepoint: Some(n.into()), ..Stmt::default() };
+        let refused = |p: Plan| matches!(p, Plan::Refuse(e) if e.code == "3B001" && e.message.contains("\"a\""));
+        t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names);
+        // No savepoint of that name: PostgreSQL's error, and the transaction is aborted.
+        assert!(refused(t.plan(&sp(TxnVerb::RollbackTo, "a"), Ok(&session), None, &names)));
+        t.error_inside();
+        assert!(refused(t.plan(&sp(TxnVerb::RollbackTo, "a"), Ok(&session), None, &names)));
+        assert!(matches!(t.plan(&verb(TxnVerb::Rollback), Ok(&session), None, &names), Plan::Answer { .. }));
+        t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names);
+        let hold = |tag: &str| Plan::Hold { tag: tag.into() };
+        assert_eq!(t.plan(&sp(TxnVerb::Savepoint, "a"), Ok(&session), None, &names), hold("SAVEPOINT"));
+        assert_eq!(t.plan(&sp(TxnVerb::Savepoint, "b"), Ok(&session), None, &names), hold("SAVEPOINT"));
+        assert_eq!(t.plan(&sp(TxnVerb::RollbackTo, "a"), Ok(&session), None, &names), hold("ROLLBACK"));
+        // ROLLBACK TO a kept a and let go of b; RELEASE a lets go of a.
+        assert!(matches!(t.plan(&sp(TxnVerb::Release, "b"), Ok(&session), None, &names), Plan::Refuse(_)));
+        t.error_inside();
+        assert_eq!(t.plan(&sp(TxnVerb::RollbackTo, "a"), Ok(&session), None, &names), hold("ROLLBACK"));
+        assert!(!t.failed);
+        assert_eq!(t.plan(&sp(TxnVerb::Release, "a"), Ok(&session), None, &names), hold("RELEASE"));
+        assert!(refused(t.plan(&sp(TxnVerb::Release, "a"), Ok(&session), None, &names)));
     }
 
     #[test]
