@@ -1004,8 +1004,10 @@ impl<S: Stream> Session<S> {
             let all: Vec<u8> = links.iter().map(|&i| self.links.get(i).status()).collect();
             self.txn.ready_all(&all);
             if self.txn.state == State::Idle && !self.txn_settings.is_empty() {
-                if let Some(&first) = links.first() {
-                    let changes = std::mem::take(&mut self.txn_settings);
+                let changes = std::mem::take(&mut self.txn_settings);
+                // (Rolled back, the settings are what they were.)
+                if let (Some(&first), false) = (links.first(), self.txn.rolled_back_now) {
+                    let changes = self.committed_settings(changes, self.txn.went_back_now);
                     self.settings_changed(first, &changes, None).await;
                 }
             }

@@ -1270,12 +1270,14 @@ impl<S: Stream> Session<S> {
             match conn.query_row(sql).await {
                 Ok(row) => {
                     let set = row.into_iter().next().flatten().unwrap_or_default();
-                    names.extend(set.split(',').filter(|n| !n.is_empty()).map(str::to_string));
+                    // (pg_settings names some in mixed case, `DateStyle`: the client's are lower case.)
+                    names.extend(set.split(',').filter(|n| !n.is_empty()).map(str::to_lowercase));
                 }
                 Err(_) => known = false,
             }
         }
         if !names.is_empty() {
+            names.sort();
             names.dedup();
             let sql = format!(
                 "SELECT {}",
@@ -1323,6 +1325,27 @@ impl<S: Stream> Session<S> {
         }
     }
 
+    /// The settings changes of a transaction that committed, for [`Session::settings_changed`]: as they are,
+    /// unless it went back to a savepoint (`went_back`), which may have undone some of them — then every
+    /// setting the client has or the transaction named is read back from the server, with those its session
+    /// set.
+    pub fn committed_settings(&self, changes: Vec<Setting>, went_back: bool) -> Vec<Setting> {
+        if !went_back {
+            return changes;
+        }
+        let mut names: Vec<String> = self.settings.values().map(|(n, _)| n.clone()).collect();
+        for c in &changes {
+            match c {
+                Setting::Set(ns) => names.extend(ns.iter().cloned()),
+                Setting::Reset(n) => names.push(n.clone()),
+                _ => {}
+            }
+        }
+        names.sort();
+        names.dedup();
+        vec![Setting::Set(names), Setting::SetSome]
+    }
+
     /// See [`Session::answered`]; `in_txn`: the connection is in the client's transaction now.
     pub async fn settings_after(
         &mut self,
@@ -1349,6 +1372,7 @@ impl<S: Stream> Session<S> {
                 self.links.get(i).conn.conn().settings = SETTINGS_UNKNOWN;
             } else {
                 // The transaction that changed settings committed here: what the server has now is the client's.
+                let changes = self.committed_settings(changes, self.txn.went_back_now);
                 self.settings_changed(i, &changes, None).await;
             }
         }

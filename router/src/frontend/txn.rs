@@ -180,6 +180,11 @@ pub struct Txn {
     /// The transaction just ended by rolling back (ROLLBACK, or COMMIT of one its server had aborted): the
     /// settings it changed are undone.
     pub rolled_back_now: bool,
+    /// A ROLLBACK TO ran in the open transaction: which of the settings changed in it stand is the server's
+    /// to say when it commits.
+    pub rolled_back_to: bool,
+    /// The transaction that just ended had a ROLLBACK TO.
+    pub went_back_now: bool,
     /// Session settings changed inside the transaction: read back from the server when it ends.
     pub settings_changed: bool,
     /// What a shard that joins the open transaction runs first (see the module doc).
@@ -252,6 +257,8 @@ impl Txn {
         self.held_settings = false;
         self.unreplayed_setting = false;
         self.rolled_back_now = false;
+        self.rolled_back_to = false;
+        self.went_back_now = false;
         self.implicit = false;
         self.log.clear();
         self.wrote.clear();
@@ -318,6 +325,9 @@ impl Txn {
         name: &dyn Fn(ShardId) -> String,
     ) -> Plan {
         use State::*;
+        if s.verb == Some(TxnVerb::RollbackTo) && self.open() {
+            self.rolled_back_to = true;
+        }
         if self.failed && self.open() {
             return self.plan_failed(s);
         }
@@ -579,8 +589,10 @@ impl Txn {
         let ends = matches!(verb, Some(TxnVerb::Commit | TxnVerb::Rollback | TxnVerb::Prepare(_)));
         if ends && self.on_shards() {
             let back = matches!(verb, Some(TxnVerb::Rollback)) || self.aborted_there || self.failed;
+            let went_back = self.rolled_back_to;
             self.end();
             self.rolled_back_now = back;
+            self.went_back_now = went_back;
         }
     }
 
