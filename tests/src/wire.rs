@@ -66,6 +66,21 @@ fn cstr(b: &mut Vec<u8>, s: &str) {
     b.push(0);
 }
 
+/// A Bind message's parameters, all in text (`None`: NULL).
+fn put_params(b: &mut Vec<u8>, params: &[Option<&str>]) {
+    b.extend_from_slice(&0i16.to_be_bytes());
+    b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        match p {
+            Some(v) => {
+                b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                b.extend_from_slice(v.as_bytes());
+            }
+            None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+}
+
 impl RawClient {
     /// Connects to `port` as `user` to `database` with extra startup parameters.
     pub fn connect(port: u16, user: &str, database: &str, params: &[(&str, &str)]) -> Result<RawClient> {
@@ -185,17 +200,7 @@ impl RawClient {
         cstr(&mut b, "");
         cstr(&mut b, name);
         // Parameters in text, results in text.
-        b.extend_from_slice(&0i16.to_be_bytes());
-        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
-        for p in params {
-            match p {
-                Some(v) => {
-                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                    b.extend_from_slice(v.as_bytes());
-                }
-                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
-            }
-        }
+        put_params(&mut b, params);
         b.extend_from_slice(&0i16.to_be_bytes());
         put(out, b'B', &b);
         put(out, b'D', b"P\0");
@@ -265,17 +270,7 @@ impl RawClient {
         let mut b = Vec::new();
         cstr(&mut b, "");
         cstr(&mut b, "");
-        b.extend_from_slice(&0i16.to_be_bytes());
-        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
-        for p in params {
-            match p {
-                Some(v) => {
-                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                    b.extend_from_slice(v.as_bytes());
-                }
-                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
-            }
-        }
+        put_params(&mut b, params);
         b.extend_from_slice(&1i16.to_be_bytes());
         b.extend_from_slice(&i16::from(binary).to_be_bytes());
         put(&mut out, b'B', &b);

@@ -336,14 +336,21 @@ fn inline(c: &Case) -> String {
     sql
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_across_shards_give_one_postgresql_answer() -> anyhow::Result<()> {
+/// One plain PostgreSQL and four shards behind the router, both loaded, and a raw client of each (the servers
+/// stop when the first two are dropped).
+async fn loaded() -> anyhow::Result<(PgServer, Cluster, RawClient, RawClient)> {
     let plain = PgServer::start()?;
     let c = Cluster::hash(4, "shard-global-tables,bots\n")?;
     load(&plain.client("postgres").await?).await.map_err(|e| anyhow::anyhow!("plain: {e:?}"))?;
     load(&c.client().await?).await.map_err(|e| anyhow::anyhow!("router: {e:?}"))?;
-    let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
-    let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+    let routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    Ok((plain, c, reference, routed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_across_shards_give_one_postgresql_answer() -> anyhow::Result<()> {
+    let (_plain, _c, mut reference, mut routed) = loaded().await?;
 
     let cases = corpus();
     let (mut runs, mut different, mut refused) = (0, Vec::new(), Vec::new());
@@ -389,12 +396,7 @@ async fn reads_across_shards_give_one_postgresql_answer() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_across_shards_on_every_path_in_and_out_of_transactions() -> anyhow::Result<()> {
     use integration::wire::{outline, Path, PATHS};
-    let plain = PgServer::start()?;
-    let c = Cluster::hash(4, "shard-global-tables,bots\n")?;
-    load(&plain.client("postgres").await?).await.map_err(|e| anyhow::anyhow!("plain: {e:?}"))?;
-    load(&c.client().await?).await.map_err(|e| anyhow::anyhow!("router: {e:?}"))?;
-    let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
-    let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let (_plain, _c, mut reference, mut routed) = loaded().await?;
 
     let cases = corpus();
     let (mut runs, mut different, mut refused) = (0, Vec::new(), 0);
