@@ -16,13 +16,13 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use foldhash::HashSet;
-use shardmap::sql::Setting;
+use shardmap::sql::{Setting, TxnVerb};
 use shardmap::{Decision, Target};
 
 use super::session::{
     refuse_connection_state, settings_of, statement_hash, BindParams, ClientStmt, Failure, Linked, Session, Statements,
 };
-use super::txn::{Dest, Plan, Run, State, Stmt, To};
+use super::txn::{Dest, Local, Plan, Run, State, Stmt, To};
 use crate::backend::conn::{BackendError, ServerConn};
 use crate::net::proto::{self, READY_IDLE};
 use crate::net::wire::{Framed, Msg, RelayError, Stream, FLUSH_AT};
@@ -150,6 +150,8 @@ struct Entry {
 pub struct Pending {
     entries: Vec<Entry>,
     merges: Vec<Merge>,
+    /// The segment being run is the batch's last (its Sync or Flush follows).
+    last: bool,
 }
 
 /// What a statement of the current sync group does when its connection's Sync comes back.
@@ -158,6 +160,8 @@ pub struct Effect {
     pub stmt: Stmt,
     pub sets: Vec<Setting>,
     pub text: Arc<str>,
+    /// It ran outside a transaction, in the sync group's implicit one, not yet ended by a COMMIT or ROLLBACK.
+    pub implicit: bool,
 }
 
 /// How a segment ended.
@@ -202,6 +206,7 @@ impl<S: Stream> Session<S> {
             }
             // (The last segment before the Sync: it ends where the Sync starts.)
             let fast = end == Some(b'S') && range.end == batch.len() - 1 && !self.links.iter().any(|l| l.pending);
+            pending.last = matches!(end, Some(b'S' | b'H')) && range.end == batch.len() - 1;
             match self.segment(&batch[range.clone()], fast, &mut pending).await {
                 Ok(Seg::Next) => {}
                 Ok(Seg::Synced) => synced = true,
@@ -319,6 +324,7 @@ impl<S: Stream> Session<S> {
                             stmt: Stmt::default(),
                             sets: Vec::new(),
                             text: Arc::from(""),
+                            implicit: false,
                         };
                         return self.prep_alone(seg, effect).await;
                     }
@@ -330,6 +336,95 @@ impl<S: Stream> Session<S> {
         let exps = self.write_segment(i, seg, false)?;
         pending.entries.push(Entry { dest, exps, role: Role::Only, fan: None, closes_fan: false });
         Ok(Seg::Next)
+    }
+
+    /// A setting changed outside a transaction earlier in the sync group is on the connection that ran it only
+    /// (it becomes the client's at the Sync, when the group's implicit transaction commits): a statement after
+    /// it on another connection would run without it, where one PostgreSQL would have it. Refused.
+    fn setting_elsewhere(&self, links: &[usize]) -> Result<(), Reported> {
+        // (SET LOCAL too: outside a transaction block it lasts as long as the group's implicit transaction.)
+        let Some(set) = self.group_effects.iter().find(|e| !e.sets.is_empty() || (e.implicit && e.stmt.setting)) else {
+            return Ok(());
+        };
+        if links.iter().all(|&i| self.links.iter().nth(i).is_some_and(|l| l.dest == set.dest)) {
+            return Ok(());
+        }
+        Err(Reported::unsupported(
+            "this statement runs on another shard's connection than a setting changed earlier in the same pipeline, which would not have the setting: send a Sync after the setting",
+        ))
+    }
+
+    /// The one connection the sync group ran statements on outside a transaction, for a BEGIN or ROLLBACK
+    /// after them (see `implicit_ends`); refused when there are several (0A000).
+    fn implicit_link(&self, stmt: &Stmt) -> Result<Option<Dest>, Reported> {
+        // (Reads only, BEGIN and ROLLBACK there change nothing: the transaction stays held, free to open where
+        // its first statement goes.)
+        let mut outside =
+            self.group_effects.iter().filter(|e| e.implicit && (!e.stmt.read || e.stmt.setting)).map(|e| &e.dest);
+        let Some(first) = outside.next() else { return Ok(None) };
+        match outside.find(|d| *d != first) {
+            None => Ok(Some(first.clone())),
+            Some(_) => Err(Reported::unsupported(format!(
+                "{} after statements on several shards in the same pipeline is not supported (PostgreSQL would make them part of the transaction): send a Sync before it",
+                stmt.tag
+            ))),
+        }
+    }
+
+    /// A BEGIN (`begin`) or ROLLBACK after statements of the sync group on `dest` outside a transaction: the
+    /// settings they changed are the transaction's now (applied if it commits), or undone. Returns, for BEGIN,
+    /// what a shard joining the transaction must replay of them (`None`: a setting it cannot replay).
+    fn implicit_ends(&mut self, dest: &Dest, begin: bool) -> Vec<Option<String>> {
+        let mut replay = Vec::new();
+        for e in self.group_effects.iter_mut().filter(|e| e.dest == *dest && e.implicit && e.stmt.setting) {
+            // (SET and RESET replay as they are; a `set_config()` call may take Bind parameters.)
+            let word = shardmap::sql::first_word(&e.text);
+            let plain = word.eq_ignore_ascii_case("set") || word.eq_ignore_ascii_case("reset");
+            replay.push(plain.then(|| e.text.to_string()));
+            if begin {
+                self.txn_settings.append(&mut e.sets);
+            } else {
+                e.sets.clear();
+            }
+        }
+        // (They are the transaction's now, or undone: settled either way.)
+        self.group_effects.iter_mut().for_each(|e| e.implicit = false);
+        if let (false, Some(i)) = (replay.is_empty(), self.links.find(dest)) {
+            self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
+        }
+        replay
+    }
+
+    /// Whether a COMMIT now commits settings: its transaction's (on one shard, or held; on several the
+    /// router commits it at once, see `commit_parts`), or, outside a transaction, those the sync group's
+    /// implicit transaction made.
+    fn commits_settings(&self) -> bool {
+        match self.txn.state {
+            State::One(_) | State::Held(_) => !self.txn_settings.is_empty() || self.txn.held_settings,
+            State::Idle => self.group_effects.iter().any(|e| e.implicit && !e.sets.is_empty()),
+            State::Many(_) => false,
+        }
+    }
+
+    /// Queues a statement's effects for the Sync. A setting changed inside the transaction is the
+    /// transaction's — applied when it commits (read back if it went back to a savepoint), undone when it rolls
+    /// back, even within the same pipeline —, not the Sync's.
+    fn push_effect(&mut self, mut effect: Effect, links: &[usize]) {
+        if !effect.sets.is_empty() && self.txn.on_shards() {
+            self.txn_settings.append(&mut effect.sets);
+            for &i in links {
+                self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
+            }
+        }
+        if !self.txn.open() {
+            if matches!(effect.stmt.verb, Some(TxnVerb::Commit | TxnVerb::Rollback)) {
+                // (COMMIT or ROLLBACK outside a transaction ends the implicit one: what ran before it is settled.)
+                self.group_effects.iter_mut().for_each(|e| e.implicit = false);
+            } else {
+                effect.implicit = effect.stmt.verb.is_none();
+            }
+        }
+        self.group_effects.push(effect);
     }
 
     /// A Parse/Describe/Close segment alone before its Sync, outside a transaction: on any shard, the next one
@@ -359,6 +454,9 @@ impl<S: Stream> Session<S> {
     /// Rewrites `seg` onto link `i`'s write buffer (plus the batch's Sync when `sync`); the link is in the
     /// sync group from now on.
     fn write_segment(&mut self, i: usize, seg: &[Msg], sync: bool) -> Result<VecDeque<Exp>, Reported> {
+        if seg.iter().any(|m| m.tag == b'E') {
+            self.setting_elsewhere(&[i])?;
+        }
         let l = self.links.get(i);
         l.pending = true;
         let conn = l.conn.conn();
@@ -396,11 +494,59 @@ impl<S: Stream> Session<S> {
                 (route, pass) => break (route.map_err(Reported::from), pass),
             }
         };
+        if stmt.verb == Some(TxnVerb::Commit) && !pending.last && self.commits_settings() {
+            // Its settings become the client's when it commits — at the Sync, where a later statement's error
+            // would drop them, and after statements that ran without them on other connections.
+            return Err(Reported::unsupported(
+                "COMMIT of settings changed in the pipeline or its transaction must be the last statement before the pipeline's Sync",
+            )
+            .into());
+        }
+        if !pending.entries.is_empty()
+            && (stmt.verb.is_some() || stmt.local != Local::No || matches!(self.txn.state, State::Held(_)))
+        {
+            // What the router may answer itself, or hold, follows the answers to what went before it: after an
+            // error there the server would skip it, and so does the router, before its plan changes anything.
+            self.drain(pending).await?;
+            if self.group_failed {
+                return Ok(Seg::Next);
+            }
+        }
+        // BEGIN or ROLLBACK after statements of the sync group outside a transaction: PostgreSQL makes those
+        // statements part of the transaction BEGIN starts, and ROLLBACK undoes them.
+        let implicit = match (&self.txn.state, &stmt.verb) {
+            (State::Idle, Some(TxnVerb::Begin | TxnVerb::Rollback)) => self.implicit_link(&stmt)?,
+            _ => None,
+        };
         let plan = self.plan(&stmt, &route);
+        let folded = match &implicit {
+            Some(dest) => self.implicit_ends(dest, stmt.verb == Some(TxnVerb::Begin)),
+            None => Vec::new(),
+        };
         let d = route.ok();
         match plan {
+            Plan::Hold { tag } if implicit.is_some() => {
+                // The transaction opens on that connection now (BEGIN sent there, its answer the router's).
+                let dest = implicit.expect("a connection");
+                self.txn.queue(text.to_string());
+                let i = self.link(&dest).await?;
+                self.replay_extended(i, pending)?;
+                self.txn.opened(dest);
+                // (A shard that joins it later replays the settings made before BEGIN too.)
+                for replay in folded {
+                    match replay {
+                        Some(text) => self.txn.log.push(text),
+                        None => self.txn.unreplayed_setting = true,
+                    }
+                }
+                synthesize(&mut self.io.wbuf, seg, &tag);
+                Ok(Seg::Next)
+            }
             Plan::Answer { tag, warning } => {
                 self.drain(pending).await?;
+                if self.group_failed {
+                    return Ok(Seg::Next);
+                }
                 let tag = self.local(&stmt, &analysis, &text).await?.unwrap_or(tag);
                 if let Some((code, message)) = warning {
                     proto::notice(&mut self.io.wbuf, "WARNING", code, message);
@@ -410,6 +556,9 @@ impl<S: Stream> Session<S> {
             }
             Plan::Hold { tag } => {
                 self.drain(pending).await?;
+                if self.group_failed {
+                    return Ok(Seg::Next);
+                }
                 self.txn.queue(text.to_string());
                 synthesize(&mut self.io.wbuf, seg, &tag);
                 Ok(Seg::Next)
@@ -434,6 +583,7 @@ impl<S: Stream> Session<S> {
                         sets => sets.into_owned(),
                     },
                     text,
+                    implicit: false,
                 };
                 // The common cases inline (a boxed future per statement costs an allocation): one statement
                 // and its Sync, on the transaction's connection or a plain one; the rest boxed.
@@ -581,7 +731,7 @@ impl<S: Stream> Session<S> {
                 let links = self.links_to(shards, d).await?;
                 self.fan_out(&links, seg, read && !d.is_some_and(|d| d.target == Target::All && !read), pending)?;
                 effect.dest = self.links.get(links[0]).dest.clone();
-                self.group_effects.push(effect);
+                self.push_effect(effect, &links);
                 return Ok(Seg::Next);
             }
             To::OpenParts(shards) | To::Parts(shards) => {
@@ -591,7 +741,7 @@ impl<S: Stream> Session<S> {
                 }
                 self.fan_out(&links, seg, super::merge::sums(&effect.stmt, d), pending)?;
                 effect.dest = self.links.get(links[0]).dest.clone();
-                self.group_effects.push(effect);
+                self.push_effect(effect, &links);
                 return Ok(Seg::Next);
             }
             To::Every => {
@@ -602,7 +752,7 @@ impl<S: Stream> Session<S> {
                 self.fan_out(&links, seg, super::merge::sums(&effect.stmt, d), pending)?;
                 self.txn.sent(verb.as_ref());
                 effect.dest = self.links.get(links[0]).dest.clone();
-                self.group_effects.push(effect);
+                self.push_effect(effect, &links);
                 return Ok(Seg::Next);
             }
         };
@@ -622,13 +772,14 @@ impl<S: Stream> Session<S> {
             return self.answer_synced(i, exps, &effect).await;
         }
         pending.entries.push(Entry { dest, exps, role: Role::Only, fan: None, closes_fan: false });
-        self.group_effects.push(effect);
+        self.push_effect(effect, &[i]);
         Ok(Seg::Next)
     }
 
     /// The same segment on several links: a read's rows concatenated (first link's description, merged
     /// CommandComplete); anything else answered by the first link, the others silent but for their errors.
     fn fan_out(&mut self, links: &[usize], seg: &[Msg], read: bool, pending: &mut Pending) -> Result<(), Reported> {
+        self.setting_elsewhere(links)?;
         let fan = pending.merges.len();
         // A read's CommandComplete is the router's (the rows of all); otherwise the first link's stands.
         pending.merges.push(Merge { executes: read && seg.iter().any(|m| m.tag == b'E'), ..Merge::default() });
@@ -661,9 +812,10 @@ impl<S: Stream> Session<S> {
             Some(links) => links,
             None => self.links_to(shards, d).await?,
         };
+        self.setting_elsewhere(&links)?;
         let ok = self.client_segment(&links, seg, &effect.text, run, d).await?;
         effect.dest = self.links.get(links[0]).dest.clone();
-        self.group_effects.push(effect);
+        self.push_effect(effect, &links);
         if !ok {
             self.txn.error_inside();
             self.fail_group_inner();
@@ -907,6 +1059,10 @@ impl<S: Stream> Session<S> {
     /// error; the rest of the group is skipped.
     async fn fail_group(&mut self, e: Reported, pending: &mut Pending) -> Result<(), Fatal> {
         self.drain(pending).await?;
+        if self.group_failed {
+            // A statement before it failed on its server: this one is skipped, as the server would skip it.
+            return Ok(());
+        }
         proto::error(&mut self.io.wbuf, "ERROR", &e.code, &e.message);
         self.txn.error_inside();
         self.fail_group_inner();

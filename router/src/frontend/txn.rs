@@ -468,6 +468,10 @@ impl Txn {
 
     /// A statement that a shard joining the transaction later must run too goes in the replay log.
     fn logged(&mut self, s: &Stmt, plan: &Plan) {
+        if (self.failed || self.aborted_there) && s.verb != Some(TxnVerb::RollbackTo) {
+            // (The aborted transaction's server refuses it, 25P02: a shard that joins later must not run it.)
+            return;
+        }
         if let (Some(text), Plan::Run(_), true) = (&s.replay, plan, self.on_shards()) {
             self.log.push(text.clone());
         }
