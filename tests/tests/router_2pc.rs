@@ -484,8 +484,9 @@ async fn an_aborted_transaction_runs_nothing_more_on_any_shard() -> anyhow::Resu
 /// router on four shards (a global table among them): keyed INSERTs (duplicates: 23505), upserts, multi-row
 /// INSERTs with keys on several shards, UPDATE and DELETE by key and by keys on several shards (CHECK
 /// violations: 23514), global-table writes, keyed reads and reads across shards seeing the transaction's own
-/// writes — alone, in BEGIN ... COMMIT / ROLLBACK with savepoints, in a pipeline of a whole transaction and in
-/// a pipeline's implicit transaction, each statement on a random protocol path. Every answer (rows, tags,
+/// writes — alone, in BEGIN ... COMMIT / ROLLBACK with savepoints, in a pipeline of a whole transaction, in
+/// a pipeline's implicit transaction, and in one that a BEGIN in the same pipeline makes part of a transaction
+/// (or a ROLLBACK undoes), each statement on a random protocol path. Every answer (rows, tags,
 /// error codes, transaction status) must be the plain server's, and the rows each shard holds, put together,
 /// the plain server's rows; no transaction stays prepared. Seeded (`WRITES_FUZZ_SEED`, `WRITES_FUZZ_UNITS`) so
 /// that a failure can be replayed.
@@ -511,7 +512,7 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
         // once at the unit's end).
         let path = |rng: &mut rand::rngs::StdRng| [Path::Simple, Path::Unnamed, Path::Named][rng.random_range(0..3)];
         let mut unit: Vec<(Option<Path>, String)> = Vec::new();
-        match rng.random_range(0..10) {
+        match rng.random_range(0..11) {
             0..=3 => unit.push((Some(path(&mut rng)), random_write(&mut rng))),
             4..=7 => {
                 unit.push((Some(path(&mut rng)), "BEGIN".into()));
@@ -538,6 +539,29 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
                     unit.push((None, random_write(&mut rng)));
                 }
                 unit.push((None, "COMMIT".into()));
+            }
+            9 => {
+                // A pipeline's implicit transaction on one key's shard, then BEGIN — which makes what went before
+                // it part of the transaction — or a ROLLBACK of it all.
+                let upsert = |k: u32, d: u32| {
+                    format!(
+                        "INSERT INTO accounts (user_id, balance) VALUES ({k}, {d}) ON CONFLICT (user_id) \
+                         DO UPDATE SET balance = accounts.balance + EXCLUDED.balance"
+                    )
+                };
+                let k = rng.random_range(1..=40);
+                unit.push((None, upsert(k, rng.random_range(1..9))));
+                if rng.random_bool(0.5) {
+                    unit.push((None, "BEGIN".into()));
+                    // (Nothing more, the same key, or a key on any shard.)
+                    match rng.random_range(0..3) {
+                        0 => {}
+                        1 => unit.push((None, upsert(k, rng.random_range(1..9)))),
+                        _ => unit.push((None, upsert(rng.random_range(1..=40), rng.random_range(1..9)))),
+                    }
+                }
+                let end = if rng.random_bool(0.5) { "COMMIT" } else { "ROLLBACK" };
+                unit.push((None, end.into()));
             }
             _ => {
                 for _ in 0..rng.random_range(2..=3) {
