@@ -399,6 +399,19 @@ async fn set_config_follows_its_client_only() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One plain PostgreSQL and a router on two hash shards (`pool-size` 2: two clients share its connections),
+/// each given `setup`: statements separated by "; " (the router's DDL is not sent in one string with writes).
+async fn plain_and_two_shards(setup: &str) -> anyhow::Result<(integration::PgServer, Cluster)> {
+    let plain = integration::PgServer::start()?;
+    let c = Cluster::hash(2, "pool-size,2\n")?;
+    plain.client("postgres").await?.batch_execute(setup).await?;
+    let db = c.client().await?;
+    for sql in setup.split("; ") {
+        db.batch_execute(sql).await?;
+    }
+    Ok((plain, c))
+}
+
 const TERMINATE_OWN_BACKEND: &str = "SELECT pg_terminate_backend(pg_backend_pid())";
 
 /// `sql` on `path`: its replies up to ReadyForQuery (a pipeline synced).
@@ -423,16 +436,13 @@ async fn random_settings_follow_their_client_as_on_one_postgresql() -> anyhow::R
     let seed: u64 = std::env::var("SETTINGS_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261207);
     let steps: usize = std::env::var("SETTINGS_FUZZ_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(800);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let plain = integration::PgServer::start()?;
-    let c = Cluster::hash(2, "pool-size,2\n")?;
-    let schema = "CREATE TABLE t (user_id bigint PRIMARY KEY, at timestamptz, f float8, b bytea, iv interval)";
-    let rows = "INSERT INTO t VALUES (1, '2026-03-04 05:06:07.5+00', 0.1, '\\x01ff', '1 day 02:03:04'), \
-                (2, '1999-12-31 23:59:59+00', 1e-7, '\\x', '-3 months'), (3, NULL, 2.5, '\\x7a', '00:00:01.25'), \
-                (4, '2026-07-01 00:00:00+00', -0.3, NULL, '2 years 1 mon')";
-    plain.client("postgres").await?.batch_execute(&format!("{schema}; {rows}")).await?;
-    let db = c.client().await?;
-    db.batch_execute(schema).await?;
-    db.batch_execute(rows).await?;
+    let (plain, c) = plain_and_two_shards(
+        "CREATE TABLE t (user_id bigint PRIMARY KEY, at timestamptz, f float8, b bytea, iv interval); \
+         INSERT INTO t VALUES (1, '2026-03-04 05:06:07.5+00', 0.1, '\\x01ff', '1 day 02:03:04'), \
+         (2, '1999-12-31 23:59:59+00', 1e-7, '\\x', '-3 months'), (3, NULL, 2.5, '\\x7a', '00:00:01.25'), \
+         (4, '2026-07-01 00:00:00+00', -0.3, NULL, '2 years 1 mon')",
+    )
+    .await?;
     let mut plains = [
         RawClient::connect(plain.port, "postgres", "postgres", &[])?,
         RawClient::connect(plain.port, "postgres", "postgres", &[])?,
@@ -541,15 +551,11 @@ fn random_setting_step(rng: &mut rand::rngs::StdRng, settings: &[(&str, &[&str])
 /// Against one PostgreSQL, on every path, and with the transaction sent as one pipeline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_after_a_transaction_that_went_back_to_a_savepoint() -> anyhow::Result<()> {
-    let plain = integration::PgServer::start()?;
-    let c = Cluster::hash(2, "pool-size,2\n")?;
-    let setup = "CREATE TABLE t (user_id bigint PRIMARY KEY, iv interval); \
-                 INSERT INTO t VALUES (1, '1 day'), (2, '2 hours'), (3, '3 mins'), (4, '4 secs')";
-    plain.client("postgres").await?.batch_execute(setup).await?;
-    let db = c.client().await?;
-    for sql in setup.split("; ") {
-        db.batch_execute(sql).await?;
-    }
+    let (plain, c) = plain_and_two_shards(
+        "CREATE TABLE t (user_id bigint PRIMARY KEY, iv interval); \
+                 INSERT INTO t VALUES (1, '1 day'), (2, '2 hours'), (3, '3 mins'), (4, '4 secs')",
+    )
+    .await?;
     let script = [
         "SET IntervalStyle = postgres_verbose",
         "SET work_mem = '8MB'",
@@ -595,15 +601,11 @@ async fn settings_after_a_transaction_that_went_back_to_a_savepoint() -> anyhow:
 /// shard's connection (which would not have it), or its ROLLBACK would undo statements on several shards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelines_take_the_transaction_transitions_of_one_postgresql() -> anyhow::Result<()> {
-    let plain = integration::PgServer::start()?;
-    let c = Cluster::hash(2, "pool-size,2\n")?;
-    let setup = "CREATE TABLE t (user_id bigint PRIMARY KEY, b bytea, iv interval); \
-                 INSERT INTO t VALUES (1, '\\x01', '1 day'), (2, '\\x02', '2 hours')";
-    plain.client("postgres").await?.batch_execute(setup).await?;
-    let db = c.client().await?;
-    for sql in setup.split("; ") {
-        db.batch_execute(sql).await?;
-    }
+    let (plain, c) = plain_and_two_shards(
+        "CREATE TABLE t (user_id bigint PRIMARY KEY, b bytea, iv interval); \
+                 INSERT INTO t VALUES (1, '\\x01', '1 day'), (2, '\\x02', '2 hours')",
+    )
+    .await?;
     let check = "SELECT user_id, b, iv, current_setting('TimeZone') FROM t ORDER BY user_id";
     // (A pipeline, then the statements that show what it left behind, each synced on its own.)
     // (`true`: the router may refuse it.)
@@ -675,15 +677,11 @@ async fn pipelines_take_the_transaction_transitions_of_one_postgresql() -> anyho
 /// PostgreSQL, on every path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_an_aborted_transaction_refused_is_not_replayed_where_it_joins() -> anyhow::Result<()> {
-    let plain = integration::PgServer::start()?;
-    let c = Cluster::hash(2, "pool-size,2\n")?;
-    let setup = "CREATE TABLE t (user_id bigint PRIMARY KEY, iv interval); \
-                 INSERT INTO t VALUES (1, '1 day'), (2, '2 hours')";
-    plain.client("postgres").await?.batch_execute(setup).await?;
-    let db = c.client().await?;
-    for sql in setup.split("; ") {
-        db.batch_execute(sql).await?;
-    }
+    let (plain, c) = plain_and_two_shards(
+        "CREATE TABLE t (user_id bigint PRIMARY KEY, iv interval); \
+                 INSERT INTO t VALUES (1, '1 day'), (2, '2 hours')",
+    )
+    .await?;
     let script = [
         "SET IntervalStyle = iso_8601",
         "BEGIN",
