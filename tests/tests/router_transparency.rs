@@ -462,7 +462,8 @@ async fn random_settings_follow_their_client_as_on_one_postgresql() -> anyhow::R
         ("IntervalStyle", &["postgres", "iso_8601", "sql_standard", "postgres_verbose"]),
         ("extra_float_digits", &["0", "1", "-2", "3"]),
         ("bytea_output", &["hex", "escape"]),
-        ("work_mem", &["'8MB'", "'64kB'", "'1GB'"]),
+        // (A bad value: the server refuses it, 22023.)
+        ("work_mem", &["'8MB'", "'64kB'", "'1GB'", "'bogus'"]),
         ("statement_timeout", &["0", "'5s'", "'1min'"]),
     ];
     let (mut history, mut refused, mut idle) = (Vec::new(), 0, [true, true]);
@@ -671,12 +672,13 @@ async fn pipelines_take_the_transaction_transitions_of_one_postgresql() -> anyho
     Ok(())
 }
 
-/// A statement of an aborted transaction, which its server refuses (25P02), is not replayed on a shard that
-/// joins after the transaction went back to a savepoint: a SAVEPOINT refused there once stayed in the replay
-/// log, and the joining shard went back to it instead, keeping a RESET ALL made after the real one. Against one
+/// A statement that failed in a transaction is not replayed on a shard that joins after the transaction went
+/// back to a savepoint: a SET with a bad value stayed in the replay log and failed the join (22023 where one
+/// PostgreSQL reads the row), and a SAVEPOINT the aborted transaction's server refused (25P02) stayed too, so
+/// the joining shard went back to it instead, keeping a RESET ALL made after the real one. Against one
 /// PostgreSQL, on every path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_an_aborted_transaction_refused_is_not_replayed_where_it_joins() -> anyhow::Result<()> {
+async fn what_failed_in_a_transaction_is_not_replayed_where_it_joins() -> anyhow::Result<()> {
     let (plain, c) = plain_and_two_shards(
         "CREATE TABLE t (user_id bigint PRIMARY KEY, iv interval); \
                  INSERT INTO t VALUES (1, '1 day'), (2, '2 hours')",
@@ -688,12 +690,46 @@ async fn what_an_aborted_transaction_refused_is_not_replayed_where_it_joins() ->
         "SELECT * FROM t WHERE user_id = 1",
         "SAVEPOINT s",
         "RESET ALL",
-        "SELECT 1 / 0",
+        "SET work_mem = 'bogus'",
         "SAVEPOINT s",
         "ROLLBACK TO SAVEPOINT s",
         "SELECT * FROM t WHERE user_id = 2",
         "COMMIT",
         "SELECT * FROM t ORDER BY user_id",
+    ];
+    for path in PATHS {
+        let mut p = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+        let mut r = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        for sql in script {
+            let (want, got) = (outline(&send_synced(&mut p, path, sql)?), outline(&send_synced(&mut r, path, sql)?));
+            assert_eq!(got, want, "{path:?}: {sql}: router, then plain");
+        }
+    }
+    Ok(())
+}
+
+/// A SET in a transaction that has not reached a shard yet is answered by the router, which holds it for the
+/// shard the transaction opens on: a bad value or an unknown name is still refused as one PostgreSQL refuses
+/// it (22023, 42704 — the server checks it first), and the transaction is aborted; a custom setting takes any
+/// value. On every path, against one PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_transaction_refuses_a_bad_setting_as_postgresql() -> anyhow::Result<()> {
+    let (plain, c) =
+        plain_and_two_shards("CREATE TABLE t (user_id bigint PRIMARY KEY); INSERT INTO t VALUES (1)").await?;
+    let script = [
+        "BEGIN",
+        "SET work_mem = 'bogus'",
+        "SELECT * FROM t WHERE user_id = 1",
+        "ROLLBACK",
+        "BEGIN",
+        "SET LOCAL no_such_setting = 1",
+        "ROLLBACK",
+        "BEGIN",
+        "SET LOCAL statement_timeout = '5s'",
+        "SET LOCAL app.tenant = 'any value at all'",
+        "SELECT current_setting('statement_timeout'), current_setting('app.tenant') FROM t WHERE user_id = 1",
+        "COMMIT",
+        "SHOW statement_timeout",
     ];
     for path in PATHS {
         let mut p = RawClient::connect(plain.port, "postgres", "postgres", &[])?;

@@ -559,6 +559,7 @@ impl<S: Stream> Session<S> {
                 if self.group_failed {
                     return Ok(Seg::Next);
                 }
+                self.check_held_setting(&stmt, &text).await?;
                 self.txn.queue(text.to_string());
                 synthesize(&mut self.io.wbuf, seg, &tag);
                 Ok(Seg::Next)
@@ -962,6 +963,9 @@ impl<S: Stream> Session<S> {
             self.backend.answered(shard, started, merge.failed);
         }
         self.after_statement(i, &effect.stmt, status, merge.failed);
+        if merge.failed {
+            self.txn.unlog_failed();
+        }
         let text = (effect.sets.len() == 1).then_some(&*effect.text);
         self.answered(i, status, merge.failed, &effect.sets, text).await;
         self.release();
@@ -1139,6 +1143,10 @@ impl<S: Stream> Session<S> {
             let mine: Vec<&Effect> = effects.iter().filter(|e| e.dest == *dest).collect();
             for e in &mine {
                 self.after_statement(i, &e.stmt, status, error);
+            }
+            if error && effects.len() == 1 {
+                // (The group's one statement failed.)
+                self.txn.unlog_failed();
             }
             let sets: Vec<Setting> = mine.iter().flat_map(|e| e.sets.iter().cloned()).collect();
             let text = match mine.as_slice() {

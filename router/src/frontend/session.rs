@@ -431,6 +431,52 @@ impl<S: Stream> Session<S> {
         }
     }
 
+    /// A setting a held transaction queues (SET, SET LOCAL, RESET) is answered by the router: the server
+    /// checks it first, as one PostgreSQL would refuse a bad value or an unknown name (22023, 42704), inside a
+    /// transaction rolled back at once, on an idle connection the session holds or one free in a pool — never
+    /// waiting for one (a pipeline may hold the session's, a shard may be down: then it goes unchecked, and a
+    /// bad value fails the statement that opens the transaction). A custom setting (`app.tenant`), which takes any value, is not
+    /// checked (no round trip).
+    pub async fn check_held_setting(&mut self, stmt: &Stmt, text: &str) -> Result<(), Reported> {
+        use crate::backend::conn::{BackendError, ServerConn};
+        if !stmt.setting || stmt.verb.is_some() || custom_setting(text) {
+            return Ok(());
+        }
+        // (Lines apart: a comment at the end of the text ends with its line.)
+        let sql = format!("BEGIN;\n{text}\n;ROLLBACK");
+        async fn check(conn: &mut ServerConn, sql: &str) -> Result<Result<(), Reported>, BackendError> {
+            match conn.run_quiet(sql).await {
+                Ok(()) => Ok(Ok(())),
+                Err(BackendError::Server { code, message, .. }) => {
+                    conn.run_quiet("ROLLBACK").await?;
+                    Ok(Err(Reported::new(&code, message)))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        // (A connection lost or not to be had leaves the setting unchecked, not refused: it is not the SET's.)
+        if let Some(i) = self.quiet_link() {
+            return match check(self.links.get(i).conn.conn(), &sql).await {
+                Ok(checked) => checked,
+                Err(_) => {
+                    drop(self.links.remove(i));
+                    Ok(())
+                }
+            };
+        }
+        let dest = self.spare_dest();
+        let Ok(Some(mut p)) = self.backend.get_with(dest.shard, dest.db.as_deref(), &self.settings, false).await else {
+            return Ok(());
+        };
+        match check(p.conn(), &sql).await {
+            Ok(checked) => {
+                p.release();
+                checked
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Where a query of the router's own goes when no connection the session holds can run it now (its
     /// transaction's is busy with an unsynced pipeline): a shard the session holds no connection of, when there
     /// is one — a checkout from the busy connection's pool could wait for that very connection (with
@@ -1377,6 +1423,16 @@ impl<S: Stream> Session<S> {
             }
         }
     }
+}
+
+/// Whether a SET, SET LOCAL or RESET names a custom setting (`app.tenant`: a dot in the name).
+fn custom_setting(text: &str) -> bool {
+    let mut words = text.split(|c: char| c.is_whitespace() || c == '=').filter(|w| !w.is_empty()).skip(1);
+    let mut name = words.next().unwrap_or("");
+    if name.eq_ignore_ascii_case("local") || name.eq_ignore_ascii_case("session") {
+        name = words.next().unwrap_or("");
+    }
+    name.contains('.')
 }
 
 /// The cursor a DECLARE (the word after it), FETCH, MOVE or CLOSE (the last word) names, as PostgreSQL

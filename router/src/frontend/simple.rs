@@ -82,6 +82,7 @@ impl<S: Stream> Session<S> {
                 self.reply(&tag).await
             }
             Plan::Hold { tag } => {
+                self.check_held_setting(&stmt, text).await?;
                 self.txn.queue(text.to_string());
                 self.reply(&tag).await
             }
@@ -328,6 +329,9 @@ impl<S: Stream> Session<S> {
                     self.backend.answered(shard, started, error);
                 }
                 self.after_statement(i, stmt, status, error);
+                if error {
+                    self.txn.unlog_failed();
+                }
                 // (A SET's own text follows the client only when it came alone.)
                 self.answered(i, status, error, sets, stmt.single.then_some(text)).await;
                 // (The answer's end is sent once the connection is back: see `Framed::relay_to_ready`.)

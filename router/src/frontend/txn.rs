@@ -189,6 +189,9 @@ pub struct Txn {
     pub settings_changed: bool,
     /// What a shard that joins the open transaction runs first (see the module doc).
     pub log: Vec<String>,
+    /// Where the statement planned last went in `log`, if it did: one that fails on its server comes out
+    /// again (`unlog_failed`), or a shard joining later would fail to replay it.
+    pub last_logged: Option<usize>,
     /// Shards a write was sent to in this transaction (their parts wrote; the others' are asked at COMMIT).
     pub wrote: Vec<ShardId>,
     /// `shard-two-phase-commit`: a transaction may go on to other shards.
@@ -325,6 +328,7 @@ impl Txn {
         name: &dyn Fn(ShardId) -> String,
     ) -> Plan {
         use State::*;
+        self.last_logged = None;
         if s.verb == Some(TxnVerb::RollbackTo) && self.open() {
             self.rolled_back_to = true;
         }
@@ -473,6 +477,7 @@ impl Txn {
             return;
         }
         if let (Some(text), Plan::Run(_), true) = (&s.replay, plan, self.on_shards()) {
+            self.last_logged = Some(self.log.len());
             self.log.push(text.clone());
         }
         if s.setting && s.replay.is_none() && matches!(plan, Plan::Run(_)) && self.open() {
@@ -584,6 +589,14 @@ impl Txn {
         };
         self.logged(s, &plan);
         plan
+    }
+
+    /// The statement planned last failed on its server (it ran alone, so its error is its own): it leaves the
+    /// replay log.
+    pub fn unlog_failed(&mut self) {
+        if let Some(at) = self.last_logged.take() {
+            self.log.truncate(at);
+        }
     }
 
     /// A statement was handed to the transaction's connection(s): COMMIT, ROLLBACK and PREPARE TRANSACTION
@@ -796,6 +809,38 @@ mod tests {
         t.sent(Some(&TxnVerb::Commit));
         assert_eq!(t.state, State::Idle);
         assert!(!t.ready(&one(2), READY_IDLE, false));
+    }
+
+    #[test]
+    fn what_fails_on_the_server_stays_out_of_the_replay_log() {
+        let mut t = Txn { two_phase: true, ..Txn::default() };
+        let session = decision(Target::Session);
+        t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names);
+        t.queue("BEGIN".into());
+        assert_eq!(
+            t.plan(&Stmt::default(), Ok(&decision(Target::One(ShardId(1)))), None, &names),
+            Plan::Run(To::Open(one(1)))
+        );
+        t.opened(one(1));
+        let sp = Stmt { verb: Some(TxnVerb::Savepoint), replay: Some("SAVEPOINT a".into()), ..Stmt::default() };
+        t.plan(&sp, Ok(&session), None, &names);
+        // A SET its server refuses (a bad value) leaves the log again.
+        let bad = Stmt { queueable: true, replay: Some("SET work_mem = 'bogus'".into()), ..Stmt::default() };
+        assert_eq!(t.plan(&bad, Ok(&session), None, &names), Plan::Run(To::Bound));
+        assert_eq!(t.queued(), ["BEGIN", "SAVEPOINT a", "SET work_mem = 'bogus'"]);
+        t.unlog_failed();
+        assert_eq!(t.queued(), ["BEGIN", "SAVEPOINT a"]);
+        // Aborted on its server: what it refuses there (25P02) stays out, the ROLLBACK TO that mends it goes in.
+        t.ready(&one(1), READY_FAILED, true);
+        assert_eq!(t.plan(&sp, Ok(&session), None, &names), Plan::Run(To::Bound));
+        let back =
+            Stmt { verb: Some(TxnVerb::RollbackTo), replay: Some("ROLLBACK TO SAVEPOINT a".into()), ..Stmt::default() };
+        assert_eq!(t.plan(&back, Ok(&session), None, &names), Plan::Run(To::Bound));
+        assert_eq!(t.queued(), ["BEGIN", "SAVEPOINT a", "ROLLBACK TO SAVEPOINT a"]);
+        // (Only the statement planned last can leave it.)
+        t.unlog_failed();
+        t.unlog_failed();
+        assert_eq!(t.queued(), ["BEGIN", "SAVEPOINT a"]);
     }
 
     #[test]
