@@ -412,6 +412,20 @@ async fn plain_and_two_shards(setup: &str) -> anyhow::Result<(integration::PgSer
     Ok((plain, c))
 }
 
+/// `script` on every path, each statement synced on its own, by a new client of the plain server and one of the
+/// router: every answer must be the plain server's.
+fn same_on_every_path(plain: &integration::PgServer, c: &Cluster, script: &[&str]) -> anyhow::Result<()> {
+    for path in PATHS {
+        let mut p = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+        let mut r = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        for sql in script {
+            let (want, got) = (outline(&send_synced(&mut p, path, sql)?), outline(&send_synced(&mut r, path, sql)?));
+            assert_eq!(got, want, "{path:?}: {sql}: router, then plain");
+        }
+    }
+    Ok(())
+}
+
 const TERMINATE_OWN_BACKEND: &str = "SELECT pg_terminate_backend(pg_backend_pid())";
 
 /// `sql` on `path`: its replies up to ReadyForQuery (a pipeline synced).
@@ -697,15 +711,7 @@ async fn what_failed_in_a_transaction_is_not_replayed_where_it_joins() -> anyhow
         "COMMIT",
         "SELECT * FROM t ORDER BY user_id",
     ];
-    for path in PATHS {
-        let mut p = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
-        let mut r = RawClient::connect(c.port, "postgres", "postgres", &[])?;
-        for sql in script {
-            let (want, got) = (outline(&send_synced(&mut p, path, sql)?), outline(&send_synced(&mut r, path, sql)?));
-            assert_eq!(got, want, "{path:?}: {sql}: router, then plain");
-        }
-    }
-    Ok(())
+    same_on_every_path(&plain, &c, &script)
 }
 
 /// A SET in a transaction that has not reached a shard yet is answered by the router, which holds it for the
@@ -731,13 +737,5 @@ async fn a_held_transaction_refuses_a_bad_setting_as_postgresql() -> anyhow::Res
         "COMMIT",
         "SHOW statement_timeout",
     ];
-    for path in PATHS {
-        let mut p = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
-        let mut r = RawClient::connect(c.port, "postgres", "postgres", &[])?;
-        for sql in script {
-            let (want, got) = (outline(&send_synced(&mut p, path, sql)?), outline(&send_synced(&mut r, path, sql)?));
-            assert_eq!(got, want, "{path:?}: {sql}: router, then plain");
-        }
-    }
-    Ok(())
+    same_on_every_path(&plain, &c, &script)
 }
