@@ -624,7 +624,7 @@ async fn pipelines_take_the_transaction_transitions_of_one_postgresql() -> anyho
     let check = "SELECT user_id, b, iv, current_setting('TimeZone') FROM t ORDER BY user_id";
     // (A pipeline, then the statements that show what it left behind, each synced on its own.)
     // (`true`: the router may refuse it.)
-    let cases: [(&[&str], &[&str], bool); 10] = [
+    let cases: [(&[&str], &[&str], bool); 11] = [
         (&["INSERT INTO t VALUES (4, NULL, NULL)", "BEGIN", "ROLLBACK"], &[check], false),
         (&["SET TimeZone = 'Asia/Kolkata'", "BEGIN", "ROLLBACK"], &["SHOW TimeZone"], false),
         (&["SET TimeZone = 'Asia/Kolkata'", "ROLLBACK"], &["SHOW TimeZone"], false),
@@ -649,6 +649,19 @@ async fn pipelines_take_the_transaction_transitions_of_one_postgresql() -> anyho
             false,
         ),
         (&["SET LOCAL bytea_output = escape", "SELECT * FROM t ORDER BY user_id"], &[check], true),
+        // (The COMMIT's setting stands whatever follows it; refused unless the COMMIT ends the pipeline.)
+        (
+            &[
+                "BEGIN",
+                "SET TimeZone = 'Asia/Kolkata'",
+                "SELECT * FROM t WHERE user_id = 1",
+                "COMMIT",
+                "SELECT * FROM t WHERE user_id = 2",
+                "SELECT 1 / 0",
+            ],
+            &[check],
+            true,
+        ),
         (&["INSERT INTO t VALUES (5, NULL, NULL)", "INSERT INTO t VALUES (6, NULL, NULL)", "ROLLBACK"], &[check], true),
     ];
     let mut p = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
