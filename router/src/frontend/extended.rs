@@ -454,7 +454,7 @@ impl<S: Stream> Session<S> {
     /// Rewrites `seg` onto link `i`'s write buffer (plus the batch's Sync when `sync`); the link is in the
     /// sync group from now on.
     fn write_segment(&mut self, i: usize, seg: &[Msg], sync: bool) -> Result<VecDeque<Exp>, Reported> {
-        if seg.iter().any(|m| m.tag == b'E') {
+        if !self.group_effects.is_empty() && seg.iter().any(|m| m.tag == b'E') {
             self.setting_elsewhere(&[i])?;
         }
         let l = self.links.get(i);

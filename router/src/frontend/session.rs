@@ -435,8 +435,8 @@ impl<S: Stream> Session<S> {
     /// checks it first, as one PostgreSQL would refuse a bad value or an unknown name (22023, 42704), inside a
     /// transaction rolled back at once, on an idle connection the session holds or one free in a pool — never
     /// waiting for one (a pipeline may hold the session's, a shard may be down: then it goes unchecked, and a
-    /// bad value fails the statement that opens the transaction). A custom setting (`app.tenant`), which takes any value, is not
-    /// checked (no round trip).
+    /// bad value fails the statement that opens the transaction). A custom setting (`app.tenant`), which takes
+    /// any value, is not checked (no round trip).
     pub async fn check_held_setting(&mut self, stmt: &Stmt, text: &str) -> Result<(), Reported> {
         use crate::backend::conn::{BackendError, ServerConn};
         if !stmt.setting || stmt.verb.is_some() || custom_setting(text) {
