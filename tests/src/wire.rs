@@ -293,6 +293,28 @@ impl RawClient {
         self.until_ready()
     }
 
+    /// A Flush after pipelined statements: the server sends what it has answered so far, and the pipeline
+    /// goes on (see [`RawClient::until_done`]).
+    pub fn flush(&mut self) -> Result<()> {
+        let mut out = Vec::new();
+        put(&mut out, b'H', &[]);
+        self.sock.write_all(&out)?;
+        Ok(())
+    }
+
+    /// Replies up to and including the CommandComplete tagged `tag`, or the first error.
+    pub fn until_done(&mut self, tag: &str) -> Result<Vec<Reply>> {
+        let mut out = Vec::new();
+        loop {
+            let r = self.reply()?;
+            let done = matches!(&r, Reply::Done(t) if t == tag) || matches!(&r, Reply::Error { .. });
+            out.push(r);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
     /// Whether pipelined statements wait for a Sync.
     pub fn piped(&self) -> bool {
         self.piped > 0

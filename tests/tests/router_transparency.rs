@@ -560,6 +560,64 @@ fn random_setting_step(rng: &mut rand::rngs::StdRng, settings: &[(&str, &[&str])
     }
 }
 
+/// A pipeline's COMMIT, then a Flush: the client has the COMMIT's answer, and what it committed stands whatever
+/// fails after it before the Sync (one PostgreSQL keeps it). The router kept a transaction's settings until the
+/// Sync and dropped them when a statement sent after the Flush failed — as it drops those of a transaction
+/// that rolled back. Now they are the client's at the Flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_commit_keeps_its_settings_whatever_fails_after_it() -> anyhow::Result<()> {
+    let (plain, c) = plain_and_two_shards(
+        "CREATE TABLE t (user_id bigint PRIMARY KEY, at timestamptz); \
+         INSERT INTO t VALUES (1, '2026-03-04 05:06:07.5+00'), (2, '1999-12-31 23:59:59+00'), (3, '2026-07-01 00:00:00+00')",
+    )
+    .await?;
+    let commits: [&[&str]; 4] = [
+        // (A transaction the router holds until its COMMIT, one on a shard, the group's implicit one, and one
+        // that went back to a savepoint.)
+        &["BEGIN", "SET TimeZone = 'Asia/Kolkata'", "COMMIT"],
+        &["BEGIN", "SELECT * FROM t WHERE user_id = 1", "SET TimeZone = 'Asia/Kolkata'", "COMMIT"],
+        &["SET TimeZone = 'Asia/Kolkata'", "COMMIT"],
+        &[
+            "BEGIN",
+            "SELECT * FROM t WHERE user_id = 2",
+            "SET TimeZone = 'Asia/Kolkata'",
+            "SAVEPOINT a",
+            "SET DateStyle = 'German'",
+            "ROLLBACK TO a",
+            "COMMIT",
+        ],
+    ];
+    let afters = [
+        "SELECT 1 / 0",
+        "SELECT * FROM t WHERE user_id = 2",
+        "SELECT * FROM t WHERE user_id = 3",
+        "SELECT * FROM t ORDER BY user_id",
+    ];
+    for commit in commits {
+        for after in afters {
+            let mut answers = Vec::new();
+            for port in [plain.port, c.port] {
+                let mut db = RawClient::connect(port, "postgres", "postgres", &[])?;
+                // (Both of the router's shards have a connection of the client's before it.)
+                db.query("SELECT * FROM t ORDER BY user_id")?;
+                for sql in commit {
+                    db.send(Path::Pipelined, sql)?;
+                }
+                db.flush()?;
+                let mut got = outline(&db.until_done("COMMIT")?);
+                db.send(Path::Pipelined, after)?;
+                got.extend(outline(&db.sync()?));
+                for sql in ["SHOW TimeZone", "SHOW DateStyle", "SELECT * FROM t ORDER BY user_id"] {
+                    got.extend(outline(&db.query(sql)?));
+                }
+                answers.push(got);
+            }
+            assert_eq!(answers[1], answers[0], "{commit:?}, Flush, {after}, Sync: router, then plain");
+        }
+    }
+    Ok(())
+}
+
 /// Settings after a transaction on two shards that went back to a savepoint and committed: which of its
 /// changes stand is read back from the server — and a RESET afterwards undoes the setting everywhere (a name
 /// read back from `pg_settings` in its mixed case, `IntervalStyle`, once stayed beside the client's own).

@@ -227,10 +227,52 @@ impl<S: Stream> Session<S> {
             Some(b'S') => Ok(()),
             Some(b'H') => {
                 self.drain(&mut pending).await?;
+                self.settle_committed().await;
                 self.io.flush().await?;
                 Ok(())
             }
             _ => self.drain(&mut pending).await,
+        }
+    }
+
+    /// At a Flush, after the answers: settings a COMMIT of the sync group committed (it was the last statement
+    /// before the Flush, see `commits_settings`) are the client's now, not at the Sync — where an error of a
+    /// statement sent after the Flush would drop them, though one PostgreSQL keeps what a COMMIT committed
+    /// whatever fails after it.
+    async fn settle_committed(&mut self) {
+        if self.group_failed {
+            return;
+        }
+        // Outside a transaction block: what statements ran in the group's implicit transaction, which a COMMIT
+        // ended (`push_effect`).
+        let settled: Vec<(Dest, Vec<Setting>, Arc<str>)> = self
+            .group_effects
+            .iter_mut()
+            .filter(|e| !e.implicit && !e.sets.is_empty())
+            .map(|e| (e.dest.clone(), std::mem::take(&mut e.sets), e.text.clone()))
+            .collect();
+        for (dest, sets, text) in settled {
+            if let Some(i) = self.links.find(&dest) {
+                let text = (sets.len() == 1).then_some(&*text);
+                self.settings_changed(i, &sets, text).await;
+            }
+        }
+        // A transaction block the group's COMMIT ended (`Txn::sent`).
+        if self.txn.open() || self.txn_settings.is_empty() {
+            return;
+        }
+        let Some(dest) =
+            self.group_effects.iter().rev().find(|e| e.stmt.verb == Some(TxnVerb::Commit)).map(|e| e.dest.clone())
+        else {
+            return;
+        };
+        let Some(i) = self.links.find(&dest).filter(|&i| !self.links.get(i).errored) else { return };
+        let changes = std::mem::take(&mut self.txn_settings);
+        if self.txn.rolled_back_now {
+            self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
+        } else {
+            let changes = self.committed_settings(changes, self.txn.went_back_now);
+            self.settings_changed(i, &changes, None).await;
         }
     }
 
