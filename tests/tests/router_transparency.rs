@@ -615,6 +615,150 @@ async fn a_flushed_commit_keeps_its_settings_whatever_fails_after_it() -> anyhow
             assert_eq!(answers[1], answers[0], "{commit:?}, Flush, {after}, Sync: router, then plain");
         }
     }
+    // A connection the pipeline used before the COMMIT does not have the settings until the Sync: a statement
+    // there after the Flush is refused (0A000), and the settings still stand.
+    let commit = [
+        "SELECT * FROM t WHERE user_id = 2",
+        "BEGIN",
+        "SELECT * FROM t WHERE user_id = 1",
+        "SET TimeZone = 'Asia/Kolkata'",
+        "COMMIT",
+    ];
+    let mut answers = Vec::new();
+    for port in [plain.port, c.port] {
+        let mut db = RawClient::connect(port, "postgres", "postgres", &[])?;
+        for sql in commit {
+            db.send(Path::Pipelined, sql)?;
+        }
+        db.flush()?;
+        db.until_done("COMMIT")?;
+        db.send(Path::Pipelined, "SELECT * FROM t WHERE user_id = 2")?;
+        let after = outline(&db.sync()?);
+        answers.push((after, outline(&db.query("SHOW TimeZone")?)));
+    }
+    assert!(answers[1].0 == answers[0].0 || answers[1].0.contains(&"!0A000".to_string()), "{answers:?}");
+    assert_eq!(answers[1].1, answers[0].1, "then SHOW TimeZone: router, then plain");
+    Ok(())
+}
+
+/// COMMIT and ROLLBACK outside a transaction block in a pipeline end the group's implicit transaction: what ran
+/// before them is committed, or undone, whatever follows. The router sent them to whichever of the group's
+/// connections came first, so that a write on another connection was neither committed by the COMMIT (and was
+/// lost when a statement after it failed: the client had been told COMMIT) nor undone by the ROLLBACK. Now they
+/// go where the group wrote; with writes on several shards' connections they are refused (0A000) unless
+/// nothing but the Sync follows the COMMIT, and nothing of a refused pipeline stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_commit_ends_what_ran_before_it_as_on_one_postgresql() -> anyhow::Result<()> {
+    let (plain, c) = plain_and_two_shards(
+        "CREATE TABLE t (user_id bigint PRIMARY KEY, at timestamptz); \
+         INSERT INTO t VALUES (1, '2026-03-04 05:06:07.5+00'), (2, '1999-12-31 23:59:59+00')",
+    )
+    .await?;
+    // (The statements before the Flush or Sync, whether a Flush follows them, what follows, the keys inserted,
+    // whether the router may refuse it. Keys 1 and 2 are on different shards.)
+    struct Case {
+        before: &'static [&'static str],
+        flush: bool,
+        after: &'static str,
+        keys: &'static [i64],
+        may_refuse: bool,
+    }
+    let case = |before, flush, after, keys, may_refuse| Case { before, flush, after, keys, may_refuse };
+    let cases = [
+        case(
+            &["SELECT * FROM t WHERE user_id = 2", "INSERT INTO t VALUES (10, NULL)", "COMMIT"],
+            false,
+            "SELECT 1 / 0",
+            &[10],
+            false,
+        ),
+        case(
+            &["SELECT * FROM t WHERE user_id = 1", "INSERT INTO t VALUES (11, NULL)", "COMMIT"],
+            false,
+            "SELECT 1 / 0",
+            &[11],
+            false,
+        ),
+        case(
+            &["SELECT * FROM t WHERE user_id = 2", "INSERT INTO t VALUES (12, NULL)", "COMMIT"],
+            true,
+            "SELECT 1 / 0",
+            &[12],
+            false,
+        ),
+        case(
+            &["SELECT * FROM t WHERE user_id = 2", "INSERT INTO t VALUES (13, NULL)", "ROLLBACK"],
+            false,
+            "SELECT 1",
+            &[13],
+            false,
+        ),
+        case(
+            &["SELECT * FROM t WHERE user_id = 1", "INSERT INTO t VALUES (14, NULL)", "ROLLBACK"],
+            false,
+            "SELECT 1",
+            &[14],
+            false,
+        ),
+        case(
+            &["INSERT INTO t VALUES (15, NULL)", "INSERT INTO t VALUES (16, NULL)", "COMMIT"],
+            false,
+            "SELECT 1 / 0",
+            &[15, 16],
+            true,
+        ),
+        case(
+            &["INSERT INTO t VALUES (17, NULL)", "INSERT INTO t VALUES (18, NULL)", "COMMIT"],
+            true,
+            "SELECT 1 / 0",
+            &[17, 18],
+            true,
+        ),
+        // (The Sync right after the COMMIT commits the writes on every connection.)
+        case(
+            &[
+                "INSERT INTO t VALUES (19, NULL)",
+                "INSERT INTO t VALUES (20, NULL)",
+                "INSERT INTO t VALUES (21, NULL)",
+                "COMMIT",
+            ],
+            false,
+            "",
+            &[19, 20, 21],
+            false,
+        ),
+    ];
+    let check = "SELECT * FROM t ORDER BY user_id";
+    let mut p = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+    let mut r = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    for Case { before, flush, after, keys, may_refuse } in cases {
+        let mut answers = Vec::new();
+        for db in [&mut p, &mut r] {
+            for sql in before {
+                db.send(Path::Pipelined, sql)?;
+            }
+            let mut got = Vec::new();
+            if flush {
+                db.flush()?;
+                got.extend(outline(&db.until_done(before.last().expect("a statement"))?));
+            }
+            if !after.is_empty() {
+                db.send(Path::Pipelined, after)?;
+            }
+            got.extend(outline(&db.sync()?));
+            answers.push(got);
+        }
+        if answers[1].iter().any(|a| a == "!0A000") {
+            // Refused: nothing of it stays on the router, so the plain server is brought back to match.
+            assert!(may_refuse, "{before:?}: refused: {:?}", answers[1]);
+            for k in keys {
+                p.query(&format!("DELETE FROM t WHERE user_id = {k}"))?;
+            }
+        } else {
+            assert_eq!(answers[1], answers[0], "{before:?} ({flush}), {after}: router, then plain");
+        }
+        assert_eq!(outline(&r.query(check)?), outline(&p.query(check)?), "{before:?}, {after}: then {check}");
+    }
     Ok(())
 }
 

@@ -152,6 +152,8 @@ pub struct Pending {
     merges: Vec<Merge>,
     /// The segment being run is the batch's last (its Sync or Flush follows).
     last: bool,
+    /// ... and a Sync follows it.
+    sync_next: bool,
 }
 
 /// What a statement of the current sync group does when its connection's Sync comes back.
@@ -207,6 +209,7 @@ impl<S: Stream> Session<S> {
             // (The last segment before the Sync: it ends where the Sync starts.)
             let fast = end == Some(b'S') && range.end == batch.len() - 1 && !self.links.iter().any(|l| l.pending);
             pending.last = matches!(end, Some(b'S' | b'H')) && range.end == batch.len() - 1;
+            pending.sync_next = pending.last && end == Some(b'S');
             match self.segment(&batch[range.clone()], fast, &mut pending).await {
                 Ok(Seg::Next) => {}
                 Ok(Seg::Synced) => synced = true,
@@ -243,6 +246,23 @@ impl<S: Stream> Session<S> {
         if self.group_failed {
             return;
         }
+        let before = self.settings.hash();
+        let settled = self.settle_committed_settings().await;
+        let now = self.settings.hash();
+        if now != before {
+            // (The group's other connections are mid-pipeline: they cannot be given the settings before the
+            // Sync.)
+            for l in self.links.iter_mut().filter(|l| !settled.contains(&l.dest)) {
+                if l.conn.conn().settings != now && !self.stale_in_group.contains(&l.dest) {
+                    self.stale_in_group.push(l.dest.clone());
+                }
+            }
+        }
+    }
+
+    /// See `settle_committed`; returns the connections that have the settings now.
+    async fn settle_committed_settings(&mut self) -> Vec<Dest> {
+        let mut settled_on = Vec::new();
         // Outside a transaction block: what statements ran in the group's implicit transaction, which a COMMIT
         // ended (`push_effect`).
         let settled: Vec<(Dest, Vec<Setting>, Arc<str>)> = self
@@ -255,25 +275,28 @@ impl<S: Stream> Session<S> {
             if let Some(i) = self.links.find(&dest) {
                 let text = (sets.len() == 1).then_some(&*text);
                 self.settings_changed(i, &sets, text).await;
+                settled_on.push(dest);
             }
         }
         // A transaction block the group's COMMIT ended (`Txn::sent`).
         if self.txn.open() || self.txn_settings.is_empty() {
-            return;
+            return settled_on;
         }
         let Some(dest) =
             self.group_effects.iter().rev().find(|e| e.stmt.verb == Some(TxnVerb::Commit)).map(|e| e.dest.clone())
         else {
-            return;
+            return settled_on;
         };
-        let Some(i) = self.links.find(&dest).filter(|&i| !self.links.get(i).errored) else { return };
+        let Some(i) = self.links.find(&dest).filter(|&i| !self.links.get(i).errored) else { return settled_on };
         let changes = std::mem::take(&mut self.txn_settings);
         if self.txn.rolled_back_now {
             self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
         } else {
             let changes = self.committed_settings(changes, self.txn.went_back_now);
             self.settings_changed(i, &changes, None).await;
+            settled_on.push(dest);
         }
+        settled_on
     }
 
     /// Registers a Parse message as a client statement; returns its name.
@@ -382,8 +405,14 @@ impl<S: Stream> Session<S> {
 
     /// A setting changed outside a transaction earlier in the sync group is on the connection that ran it only
     /// (it becomes the client's at the Sync, when the group's implicit transaction commits): a statement after
-    /// it on another connection would run without it, where one PostgreSQL would have it. Refused.
+    /// it on another connection would run without it, where one PostgreSQL would have it. Refused; so is one
+    /// on a connection the group used before a COMMIT of settings that a Flush settled (`stale_in_group`).
     fn setting_elsewhere(&self, links: &[usize]) -> Result<(), Reported> {
+        if links.iter().any(|&i| self.links.iter().nth(i).is_some_and(|l| self.stale_in_group.contains(&l.dest))) {
+            return Err(Reported::unsupported(
+                "this statement runs on a connection the pipeline used before a COMMIT that changed settings, which does not have them: send a Sync after the COMMIT",
+            ));
+        }
         // (SET LOCAL too: outside a transaction block it lasts as long as the group's implicit transaction.)
         let Some(set) = self.group_effects.iter().find(|e| !e.sets.is_empty() || (e.implicit && e.stmt.setting)) else {
             return Ok(());
@@ -396,8 +425,10 @@ impl<S: Stream> Session<S> {
         ))
     }
 
-    /// The one connection the sync group ran statements on outside a transaction, for a BEGIN or ROLLBACK
-    /// after them (see `implicit_ends`); refused when there are several (0A000).
+    /// The one connection the sync group ran statements on outside a transaction, for a BEGIN, COMMIT or
+    /// ROLLBACK after them (see `implicit_ends`); refused when there are several (0A000): one PostgreSQL runs
+    /// them in one implicit transaction, which BEGIN makes the transaction's, COMMIT commits — before what
+    /// follows it in the group, which may fail — and ROLLBACK undoes.
     fn implicit_link(&self, stmt: &Stmt) -> Result<Option<Dest>, Reported> {
         // (Reads only, BEGIN and ROLLBACK there change nothing: the transaction stays held, free to open where
         // its first statement goes.)
@@ -407,7 +438,7 @@ impl<S: Stream> Session<S> {
         match outside.find(|d| *d != first) {
             None => Ok(Some(first.clone())),
             Some(_) => Err(Reported::unsupported(format!(
-                "{} after statements on several shards in the same pipeline is not supported (PostgreSQL would make them part of the transaction): send a Sync before it",
+                "{} after writes or settings on several shards in the same pipeline is not supported (PostgreSQL ends them together): send a Sync before it",
                 stmt.tag
             ))),
         }
@@ -558,13 +589,23 @@ impl<S: Stream> Session<S> {
         // statements part of the transaction BEGIN starts, and ROLLBACK undoes them.
         let implicit = match (&self.txn.state, &stmt.verb) {
             (State::Idle, Some(TxnVerb::Begin | TxnVerb::Rollback)) => self.implicit_link(&stmt)?,
+            // (On several connections, a COMMIT right before the Sync commits nothing the Sync would not.)
+            (State::Idle, Some(TxnVerb::Commit)) if pending.sync_next => self.implicit_link(&stmt).unwrap_or(None),
+            (State::Idle, Some(TxnVerb::Commit)) => self.implicit_link(&stmt)?,
             _ => None,
         };
-        let plan = self.plan(&stmt, &route);
-        let folded = match &implicit {
-            Some(dest) => self.implicit_ends(dest, stmt.verb == Some(TxnVerb::Begin)),
-            None => Vec::new(),
+        let mut plan = self.plan(&stmt, &route);
+        let folded = match (&implicit, &stmt.verb) {
+            (Some(dest), Some(TxnVerb::Begin | TxnVerb::Rollback)) => {
+                self.implicit_ends(dest, stmt.verb == Some(TxnVerb::Begin))
+            }
+            _ => Vec::new(),
         };
+        if let (Some(dest), Plan::Run(to @ To::Any)) = (&implicit, &mut plan) {
+            // COMMIT or ROLLBACK ends the group's implicit transaction where it wrote or set something, not on
+            // whichever of the group's connections comes first.
+            *to = To::Once(dest.clone());
+        }
         let d = route.ok();
         match plan {
             Plan::Hold { tag } if implicit.is_some() => {
@@ -1223,6 +1264,7 @@ impl<S: Stream> Session<S> {
         }
         self.end_implicit().await;
         self.group_failed = false;
+        self.stale_in_group.clear();
         self.ready_for_query();
         self.io.flush().await?;
         Ok(())

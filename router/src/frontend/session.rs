@@ -202,6 +202,9 @@ pub struct Session<S> {
     pub group_failed: bool,
     /// What the statements of the open sync group do once their connections' Sync comes back.
     pub group_effects: Vec<super::extended::Effect>,
+    /// Connections of the open sync group without the settings a COMMIT committed at a Flush (they were in the
+    /// group before it): the group's statements are refused there.
+    pub stale_in_group: Vec<Dest>,
     /// Session mode: cursors declared WITH HOLD, which outlive their transaction, and where they are.
     pub held_cursors: std::collections::HashMap<String, Dest>,
     /// A client statement starts with COPY (its Execute may start a COPY before any Sync).
@@ -289,6 +292,7 @@ impl<S: Stream> Session<S> {
             txn_settings: Vec::new(),
             encoding,
             group_failed: false,
+            stale_in_group: Vec::new(),
             group_effects: Vec::new(),
             held_cursors: Default::default(),
             copy_statements: false,
