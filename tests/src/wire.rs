@@ -302,6 +302,23 @@ impl RawClient {
         Ok(())
     }
 
+    /// A Flush after `statements` pipelined statements: their replies, up to the last one's CommandComplete, or
+    /// up to an error (after which the server skips the rest up to the Sync).
+    pub fn flush_answers(&mut self, statements: usize) -> Result<Vec<Reply>> {
+        self.flush()?;
+        let (mut out, mut done) = (Vec::new(), 0);
+        while done < statements {
+            let r = self.reply()?;
+            match &r {
+                Reply::Done(_) => done += 1,
+                Reply::Error { .. } => done = statements,
+                _ => {}
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+
     /// Replies up to and including the CommandComplete tagged `tag`, or the first error.
     pub fn until_done(&mut self, tag: &str) -> Result<Vec<Reply>> {
         let mut out = Vec::new();

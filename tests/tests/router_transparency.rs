@@ -438,7 +438,8 @@ fn send_synced(cl: &mut RawClient, path: Path, sql: &str) -> anyhow::Result<Vec<
 
 /// A seeded random session of settings, the same on one plain PostgreSQL and through the router on two shards
 /// under transaction pooling, for two clients whose statements interleave on shared server connections, each
-/// on a random path (a Query, the unnamed statement, a named one, or a pipeline of two to four synced once):
+/// on a random path (a Query, the unnamed statement, a named one, or a pipeline of two to four synced once,
+/// some with a Flush inside):
 /// SET, SET LOCAL, RESET, RESET ALL, `set_config()` (session and local), SHOW, inside and outside
 /// transactions that commit, roll back, fail and go back to savepoints — and reads whose text depends on the
 /// settings (DateStyle, TimeZone, IntervalStyle, extra_float_digits, bytea_output), by key and across shards.
@@ -483,17 +484,23 @@ async fn random_settings_follow_their_client_as_on_one_postgresql() -> anyhow::R
     let (mut history, mut refused, mut idle) = (Vec::new(), 0, [true, true]);
     for n in 0..steps {
         let who = rng.random_range(0..2);
-        // A step: one statement on a random path, or (one in six) a pipeline of two to four synced once.
+        // A step: one statement on a random path, or (one in six) a pipeline of two to four synced once — a
+        // third of them with a Flush after one of their statements but the last, its answers read before the
+        // rest is sent.
         let piped = rng.random_range(0..6) == 0;
         let count = if piped { rng.random_range(2..=4) } else { 1 };
+        let flush_after = (piped && rng.random_range(0..3) == 0).then(|| rng.random_range(1..count));
         let sqls: Vec<String> = (0..count).map(|_| random_setting_step(&mut rng, &settings, idle[who])).collect();
         let path =
             if piped { Path::Pipelined } else { [Path::Simple, Path::Unnamed, Path::Named][rng.random_range(0..3)] };
         let mut answers = Vec::new();
         for db in [&mut plains[who], &mut routed[who]] {
             let mut replies = Vec::new();
-            for sql in &sqls {
+            for (i, sql) in sqls.iter().enumerate() {
                 replies.extend(db.send(path, sql)?);
+                if flush_after == Some(i + 1) {
+                    replies.extend(db.flush_answers(i + 1)?);
+                }
             }
             if db.piped() {
                 replies.extend(db.sync()?);
@@ -501,7 +508,10 @@ async fn random_settings_follow_their_client_as_on_one_postgresql() -> anyhow::R
             answers.push(outline(&replies));
         }
         let (want, got) = (&answers[0], &answers[1]);
-        let sql = sqls.join("; ");
+        let sql = match flush_after {
+            Some(k) => format!("{}; Flush; {}", sqls[..k].join("; "), sqls[k..].join("; ")),
+            None => sqls.join("; "),
+        };
         history.push(format!("{who} {path:?}: {sql}  {want:?}"));
         idle[who] = want.last().is_some_and(|z| z == "ZI");
         if got.iter().any(|g| g == "!0A000") && !want.iter().any(|w| w == "!0A000") {
@@ -898,6 +908,29 @@ async fn pipelines_take_the_transaction_transitions_of_one_postgresql() -> anyho
             );
         }
     }
+    // A transaction that changed settings rolls back, and a BEGIN follows in the same pipeline: the settings
+    // it undid once passed for the next transaction's, and a RESET ALL among them reached the client's own
+    // settings at that transaction's end (found by the settings fuzz test, seed 8, with Flush).
+    let mut answers = Vec::new();
+    for db in [&mut p, &mut r] {
+        let mut got = Vec::new();
+        for sql in [
+            "SET TimeZone = 'Asia/Kolkata'",
+            "BEGIN",
+            "SELECT set_config('IntervalStyle', 'iso_8601', false)",
+            "RESET ALL",
+        ] {
+            got.extend(outline(&db.query(sql)?));
+        }
+        db.send(Path::Pipelined, "ROLLBACK")?;
+        db.send(Path::Pipelined, "BEGIN")?;
+        got.extend(outline(&db.sync()?));
+        for sql in ["ROLLBACK", "SELECT * FROM t WHERE user_id = 1", "SHOW TimeZone", "SHOW IntervalStyle", check] {
+            got.extend(outline(&db.query(sql)?));
+        }
+        answers.push(got);
+    }
+    assert_eq!(answers[1], answers[0], "a rolled back transaction's settings, then BEGIN: router, then plain");
     Ok(())
 }
 

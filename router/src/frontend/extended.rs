@@ -585,6 +585,18 @@ impl<S: Stream> Session<S> {
                 return Ok(Seg::Next);
             }
         }
+        if stmt.verb == Some(TxnVerb::Begin) && !self.txn.open() && !self.txn_settings.is_empty() {
+            // A transaction of the group that changed settings ended before this BEGIN; they would be settled
+            // at the Sync, where they would pass for this transaction's.
+            if !self.txn.rolled_back_now {
+                return Err(Reported::unsupported(
+                    "BEGIN after the COMMIT of a transaction that changed settings in the same pipeline: send a Sync after the COMMIT",
+                )
+                .into());
+            }
+            // (Rolled back: the server undid them.)
+            self.txn_settings.clear();
+        }
         // BEGIN or ROLLBACK after statements of the sync group outside a transaction: PostgreSQL makes those
         // statements part of the transaction BEGIN starts, and ROLLBACK undoes them.
         let implicit = match (&self.txn.state, &stmt.verb) {
