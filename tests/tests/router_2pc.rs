@@ -485,8 +485,9 @@ async fn an_aborted_transaction_runs_nothing_more_on_any_shard() -> anyhow::Resu
 /// INSERTs with keys on several shards, UPDATE and DELETE by key and by keys on several shards (CHECK
 /// violations: 23514), global-table writes, keyed reads and reads across shards seeing the transaction's own
 /// writes — alone, in BEGIN ... COMMIT / ROLLBACK with savepoints, in a pipeline of a whole transaction, in
-/// a pipeline's implicit transaction, and in one that a BEGIN in the same pipeline makes part of a transaction
-/// (or a ROLLBACK undoes), each statement on a random protocol path. Every answer (rows, tags,
+/// a pipeline's implicit transaction, in one that a BEGIN in the same pipeline makes part of a transaction
+/// (or a ROLLBACK undoes), and in one a COMMIT or ROLLBACK ends before more statements (a Flush between them,
+/// sometimes), each statement on a random protocol path. Every answer (rows, tags,
 /// error codes, transaction status) must be the plain server's, and the rows each shard holds, put together,
 /// the plain server's rows; no transaction stays prepared. Seeded (`WRITES_FUZZ_SEED`, `WRITES_FUZZ_UNITS`) so
 /// that a failure can be replayed.
@@ -512,7 +513,7 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
         // once at the unit's end).
         let path = |rng: &mut rand::rngs::StdRng| [Path::Simple, Path::Unnamed, Path::Named][rng.random_range(0..3)];
         let mut unit: Vec<(Option<Path>, String)> = Vec::new();
-        match rng.random_range(0..11) {
+        match rng.random_range(0..12) {
             0..=3 => unit.push((Some(path(&mut rng)), random_write(&mut rng))),
             4..=7 => {
                 unit.push((Some(path(&mut rng)), "BEGIN".into()));
@@ -563,6 +564,34 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
                 let end = if rng.random_bool(0.5) { "COMMIT" } else { "ROLLBACK" };
                 unit.push((None, end.into()));
             }
+            10 => {
+                // A pipeline's implicit transaction on one key's shard, after a read on any shard (perhaps), ended
+                // by COMMIT or ROLLBACK — perhaps followed by a Flush, whose answers are read — and then what
+                // follows in the same pipeline: nothing, a write on any shard, or an error. What the COMMIT
+                // committed stays, whatever follows; what the ROLLBACK undid does not.
+                let upsert = |k: u32, d: u32| {
+                    format!(
+                        "INSERT INTO accounts (user_id, balance) VALUES ({k}, {d}) ON CONFLICT (user_id) \
+                         DO UPDATE SET balance = accounts.balance + EXCLUDED.balance"
+                    )
+                };
+                if rng.random_bool(0.5) {
+                    unit.push((None, format!("SELECT * FROM accounts WHERE user_id = {}", rng.random_range(1..=40))));
+                }
+                let k = rng.random_range(1..=40);
+                for _ in 0..rng.random_range(1..=2) {
+                    unit.push((None, upsert(k, rng.random_range(1..9))));
+                }
+                unit.push((None, if rng.random_bool(0.6) { "COMMIT" } else { "ROLLBACK" }.into()));
+                if rng.random_bool(0.5) {
+                    unit.push((None, "Flush".into()));
+                }
+                match rng.random_range(0..3) {
+                    0 => {}
+                    1 => unit.push((None, upsert(rng.random_range(1..=40), rng.random_range(1..9)))),
+                    _ => unit.push((None, "SELECT 1 / 0".into())),
+                }
+            }
             _ => {
                 for _ in 0..rng.random_range(2..=3) {
                     unit.push((None, random_write(&mut rng)));
@@ -572,8 +601,14 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
         let (mut answers, mut errors) = (Vec::new(), Vec::new());
         for db in [&mut reference, &mut routed] {
             let mut replies = Vec::new();
+            let mut sent = 0;
             for (p, sql) in &unit {
+                if sql == "Flush" {
+                    replies.extend(db.flush_answers(sent)?);
+                    continue;
+                }
                 replies.extend(db.send(p.unwrap_or(Path::Pipelined), sql)?);
+                sent += 1;
             }
             if db.piped() {
                 replies.extend(db.sync()?);

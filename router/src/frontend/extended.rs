@@ -243,7 +243,7 @@ impl<S: Stream> Session<S> {
     /// statement sent after the Flush would drop them, though one PostgreSQL keeps what a COMMIT committed
     /// whatever fails after it.
     async fn settle_committed(&mut self) {
-        if self.group_failed {
+        if self.group_failed || (self.txn_settings.is_empty() && self.group_effects.iter().all(|e| e.sets.is_empty())) {
             return;
         }
         let before = self.settings.hash();
