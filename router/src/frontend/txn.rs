@@ -331,6 +331,10 @@ impl Txn {
         self.last_logged = None;
         if s.verb == Some(TxnVerb::RollbackTo) && self.open() {
             self.rolled_back_to = true;
+            // (It takes its server's transaction out of the aborted state: a statement after it in the same
+            // pipeline, planned before the ReadyForQuery that says so, goes where it routes, not to that
+            // server to be refused. If it fails, the server skips the rest of the pipeline.)
+            self.aborted_there = false;
         }
         if self.failed && self.open() {
             return self.plan_failed(s);
