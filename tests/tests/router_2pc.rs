@@ -593,8 +593,18 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
                 }
             }
             _ => {
+                // Writes in a pipeline's implicit transaction, on one shard or several (one transaction: the
+                // router's, committed with two-phase commit); perhaps then transaction control, which answers
+                // as in PostgreSQL's implicit transaction, and another write.
                 for _ in 0..rng.random_range(2..=3) {
                     unit.push((None, random_write(&mut rng)));
+                }
+                if rng.random_bool(0.4) {
+                    let verbs = ["BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT s"];
+                    unit.push((None, verbs[rng.random_range(0..verbs.len())].into()));
+                    if rng.random_bool(0.5) {
+                        unit.push((None, random_write(&mut rng)));
+                    }
                 }
             }
         }
@@ -749,4 +759,91 @@ fn random_write(rng: &mut impl rand::Rng) -> String {
         13 => format!("SELECT user_id, balance FROM accounts WHERE user_id IN ({k1}, {k2}, {k3}) ORDER BY user_id"),
         _ => "SELECT user_id, count(*), sum(amount) FROM moves GROUP BY user_id ORDER BY user_id LIMIT 5".into(),
     }
+}
+
+/// On one PostgreSQL a pipeline's statements outside a transaction are one implicit transaction, committed at
+/// the Sync or not at all. Through the router, writes of one pipeline on several shards' connections commit
+/// together, with two-phase commit: a deferred constraint that fails at the commit on one shard leaves nothing
+/// on the other; and transaction control inside such a pipeline answers as one server's implicit transaction
+/// does (BEGIN takes it over without a warning, COMMIT and ROLLBACK end it with one, a savepoint needs a
+/// transaction block). Each pipeline is compared, answers, notices and rows, with one plain PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_writing_on_several_shards_commits_all_of_it_or_nothing() -> anyhow::Result<()> {
+    let plain = integration::PgServer::start()?;
+    let c = Cluster::hash(2, "")?;
+    let schema = "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0), \
+                  code int, UNIQUE (code) DEFERRABLE INITIALLY DEFERRED)";
+    for db in [plain.client("postgres").await?, c.client().await?] {
+        db.batch_execute(schema).await?;
+        db.batch_execute("INSERT INTO accounts VALUES (2, 10, 7)").await?;
+    }
+    let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+    let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    // Shards by modulo 2: odd keys on shard 1, even ones on shard 0, where code 7 is taken (user 2).
+    let ins = |k: u32, code: u32| format!("INSERT INTO accounts (user_id, balance, code) VALUES ({k}, 10, {code})");
+    let s = |x: &str| x.to_string();
+    let cases: Vec<Vec<String>> = vec![
+        // The second shard's part fails at the commit (deferred): nothing of the pipeline stays.
+        vec![ins(1, 1), ins(4, 7)],
+        vec![ins(1, 1), ins(4, 4)],
+        vec![ins(3, 3), ins(6, 6), s("BEGIN"), ins(5, 5), s("COMMIT")],
+        vec![ins(7, 70), ins(8, 80), s("ROLLBACK")],
+        vec![ins(9, 90), ins(10, 100), s("SAVEPOINT s"), ins(11, 110)],
+        vec![ins(13, 130), ins(14, 140), s("COMMIT"), ins(15, 150)],
+        vec![ins(17, 170), ins(18, 180), s("ROLLBACK"), ins(19, 190)],
+        // Keys on both shards in one statement after a write on one: one transaction, or none.
+        vec![ins(21, 210), s("UPDATE accounts SET balance = balance - 20 WHERE user_id IN (1, 4)")],
+        vec![ins(23, 230), s("UPDATE accounts SET balance = balance + 1 WHERE user_id IN (1, 4)")],
+        // An error after the second shard joined: all of it rolled back.
+        vec![ins(25, 250), ins(26, 260), s("UPDATE accounts SET balance = -1 WHERE user_id = 25")],
+        vec![ins(27, 270), ins(28, 280), ins(29, 290), s("SELECT 1 / 0")],
+        // BEGIN: the client's transaction from there on, still open after the Sync (then committed).
+        vec![ins(31, 310), ins(32, 320), s("BEGIN")],
+        vec![ins(33, 330), ins(34, 7), s("BEGIN"), ins(35, 350)],
+        // Reads in between, and writes on one shard only: as before.
+        vec![ins(37, 370), s("SELECT count(*) FROM accounts WHERE user_id = 2"), ins(38, 380)],
+        vec![ins(39, 390), ins(41, 410)],
+    ];
+    let notes = |r: &[Reply]| -> Vec<String> {
+        r.iter()
+            .filter_map(|x| match x {
+                Reply::Done(t) => Some(t.clone()),
+                Reply::Error { code, .. } => Some(format!("!{code}")),
+                Reply::Ready(st) => Some(format!("Z{st}")),
+                Reply::Row(v) => Some(format!("row {v:?}")),
+                Reply::Notice(m) => Some(format!("notice {m}")),
+                _ => None,
+            })
+            .collect()
+    };
+    let all_rows = "SELECT user_id::text, balance::text, code::text FROM accounts ORDER BY user_id";
+    for (n, case) in cases.iter().enumerate() {
+        let mut answers = Vec::new();
+        for db in [&mut reference, &mut routed] {
+            let mut r = Vec::new();
+            for sql in case {
+                r.extend(db.send(Path::Pipelined, sql)?);
+            }
+            r.extend(db.sync()?);
+            if !matches!(r.last(), Some(Reply::Ready('I'))) {
+                r.extend(db.query("COMMIT")?);
+            }
+            answers.push(notes(&r));
+        }
+        assert_eq!(answers[1], answers[0], "pipeline {n} ({case:?}): router, then plain");
+        let mut want = rows(&reference.query(all_rows)?);
+        let mut got = Vec::new();
+        for sh in &c.shards {
+            let db = sh.client("postgres").await?;
+            for r in db.query(all_rows, &[]).await? {
+                got.push(format!("row {},{},{}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2)));
+            }
+        }
+        let by_key = |r: &String| r.split(',').next().and_then(|k| k[4..].parse::<i64>().ok());
+        got.sort_by_key(by_key);
+        want.sort_by_key(by_key);
+        assert_eq!(got, want, "pipeline {n} ({case:?}): the rows after it");
+        assert_eq!(prepared(&c).await?, 0, "pipeline {n}: nothing left prepared");
+    }
+    Ok(())
 }

@@ -57,11 +57,8 @@ impl<S: Stream> Session<S> {
         let went_back = self.txn.rolled_back_to;
         self.txn.rolled_back();
         if r == Ok("COMMIT") && !self.txn_settings.is_empty() {
-            // Settings changed inside the transaction stay: what the server has now is the client's.
             if let Some(i) = dests.iter().find_map(|d| self.links.find(d)) {
-                let changes = std::mem::take(&mut self.txn_settings);
-                let changes = self.committed_settings(changes, went_back);
-                self.settings_changed(i, &changes, None).await;
+                self.settle_txn_settings(i, false, went_back).await;
             }
         }
         self.txn_settings.clear();

@@ -288,12 +288,9 @@ impl<S: Stream> Session<S> {
             return settled_on;
         };
         let Some(i) = self.links.find(&dest).filter(|&i| !self.links.get(i).errored) else { return settled_on };
-        let changes = std::mem::take(&mut self.txn_settings);
-        if self.txn.rolled_back_now {
-            self.links.get(i).conn.conn().settings = crate::backend::checkout::SETTINGS_UNKNOWN;
-        } else {
-            let changes = self.committed_settings(changes, self.txn.went_back_now);
-            self.settings_changed(i, &changes, None).await;
+        let undone = self.txn.rolled_back_now;
+        self.settle_txn_settings(i, undone, self.txn.went_back_now).await;
+        if !undone {
             settled_on.push(dest);
         }
         settled_on
@@ -442,6 +439,38 @@ impl<S: Stream> Session<S> {
                 stmt.tag
             ))),
         }
+    }
+
+    /// The connection of the sync group's writes outside a transaction, when `stmt` writes on another shard
+    /// and two-phase commit can make them one transaction with it (see `statement`). Not where the group made
+    /// settings outside a transaction (a statement elsewhere is refused then: `setting_elsewhere`), nor for
+    /// COPY, transaction control or what the router answers itself.
+    fn writes_elsewhere(&self, stmt: &Stmt, route: &Result<Decision, Reported>) -> Option<Dest> {
+        if self.group_effects.is_empty()
+            || self.txn.state != State::Idle
+            || !self.txn.two_phase
+            || stmt.read
+            || stmt.setting
+            || stmt.copy_in
+            || stmt.verb.is_some()
+            || stmt.local != Local::No
+        {
+            return None;
+        }
+        let d = route.as_ref().ok()?;
+        let mut writes = self.group_effects.iter().filter(|e| e.implicit && !e.stmt.read);
+        let first = &writes.next()?.dest;
+        if writes.any(|e| e.dest != *first)
+            || self.group_effects.iter().any(|e| e.implicit && (e.stmt.setting || !e.sets.is_empty()))
+        {
+            return None;
+        }
+        let elsewhere = match &d.target {
+            Target::One(shard) => Dest::of(*shard, d) != *first,
+            Target::Set(_) => true,
+            _ => false,
+        };
+        elsewhere.then(|| first.clone())
     }
 
     /// A BEGIN (`begin`) or ROLLBACK after statements of the sync group on `dest` outside a transaction: the
@@ -596,6 +625,29 @@ impl<S: Stream> Session<S> {
             }
             // (Rolled back: the server undid them.)
             self.txn_settings.clear();
+        }
+        if let Some(dest) = self.writes_elsewhere(&stmt, &route) {
+            // A write on another shard's connection than the sync group's writes outside a transaction: one
+            // PostgreSQL commits them all at the Sync, or none. The group's implicit transaction becomes the
+            // router's own (`Txn::implicit`), open first on the connection of those writes — a BEGIN there makes
+            // what the group ran on it part of the transaction, as on one server — then joined by this
+            // statement's shard, and committed at the Sync with two-phase commit (`end_implicit`).
+            self.drain(pending).await?;
+            if self.group_failed {
+                return Ok(Seg::Next);
+            }
+            self.txn.begin_implicit();
+            let i = self.link(&dest).await?;
+            self.replay_extended(i, pending)?;
+            self.txn.opened(dest.clone());
+            if !self.txn.wrote.contains(&dest.shard) {
+                self.txn.wrote.push(dest.shard);
+            }
+            self.implicit_ends(&dest, true);
+        }
+        if self.txn.implicit && matches!(stmt.verb, Some(TxnVerb::Commit | TxnVerb::Rollback)) {
+            // (It ends the router's transaction as it would the client's; PostgreSQL warns that none was open.)
+            proto::notice(&mut self.io.wbuf, "WARNING", "25P01", "there is no transaction in progress");
         }
         // BEGIN or ROLLBACK after statements of the sync group outside a transaction: PostgreSQL makes those
         // statements part of the transaction BEGIN starts, and ROLLBACK undoes them.
@@ -1263,11 +1315,11 @@ impl<S: Stream> Session<S> {
             let all: Vec<u8> = links.iter().map(|&i| self.links.get(i).status()).collect();
             self.txn.ready_all(&all);
             if self.txn.state == State::Idle && !self.txn_settings.is_empty() {
-                let changes = std::mem::take(&mut self.txn_settings);
-                // (Rolled back, the settings are what they were.)
-                if let (Some(&first), false) = (links.first(), self.txn.rolled_back_now) {
-                    let changes = self.committed_settings(changes, self.txn.went_back_now);
-                    self.settings_changed(first, &changes, None).await;
+                match links.first() {
+                    Some(&first) => {
+                        self.settle_txn_settings(first, self.txn.rolled_back_now, self.txn.went_back_now).await
+                    }
+                    None => self.txn_settings.clear(),
                 }
             }
         }

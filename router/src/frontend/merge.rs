@@ -75,11 +75,9 @@ impl<S: Stream> Session<S> {
         }
         self.end_implicit().await;
         if combined(&statuses) == READY_IDLE && self.txn.state == State::Idle && !self.txn_settings.is_empty() {
-            let changes = std::mem::take(&mut self.txn_settings);
-            // (Rolled back, the settings are what they were.)
-            if let (Some(&first), false) = (links.first(), self.txn.rolled_back_now) {
-                let changes = self.committed_settings(changes, self.txn.went_back_now);
-                self.settings_changed(first, &changes, None).await;
+            match links.first() {
+                Some(&first) => self.settle_txn_settings(first, self.txn.rolled_back_now, self.txn.went_back_now).await,
+                None => self.txn_settings.clear(),
             }
         }
         self.ready_for_query();

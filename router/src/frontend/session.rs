@@ -1396,6 +1396,20 @@ impl<S: Stream> Session<S> {
         vec![Setting::Set(names), Setting::SetSome]
     }
 
+    /// The transaction whose settings `txn_settings` holds has ended, its end answered on link `i`. Committed:
+    /// what the server has now is the client's (all of them again after a ROLLBACK TO inside it, `went_back`:
+    /// see `committed_settings`). Rolled back (`undone`): the server undid them, the client's settings are what
+    /// they were, and the connection's are unknown until set again.
+    pub async fn settle_txn_settings(&mut self, i: usize, undone: bool, went_back: bool) {
+        let changes = std::mem::take(&mut self.txn_settings);
+        if undone {
+            self.links.get(i).conn.conn().settings = SETTINGS_UNKNOWN;
+        } else {
+            let changes = self.committed_settings(changes, went_back);
+            self.settings_changed(i, &changes, None).await;
+        }
+    }
+
     /// See [`Session::answered`]; `in_txn`: the connection is in the client's transaction now.
     pub async fn settings_after(
         &mut self,
@@ -1416,15 +1430,7 @@ impl<S: Stream> Session<S> {
             }
         }
         if !self.txn.open() && !self.txn_settings.is_empty() && !in_txn && i < self.links.len() {
-            let changes = std::mem::take(&mut self.txn_settings);
-            if self.txn.rolled_back_now || error {
-                // It rolled back: the server undid them, and the client's settings are what they were.
-                self.links.get(i).conn.conn().settings = SETTINGS_UNKNOWN;
-            } else {
-                // The transaction that changed settings committed here: what the server has now is the client's.
-                let changes = self.committed_settings(changes, self.txn.went_back_now);
-                self.settings_changed(i, &changes, None).await;
-            }
+            self.settle_txn_settings(i, self.txn.rolled_back_now || error, self.txn.went_back_now).await;
         }
     }
 }

@@ -197,8 +197,10 @@ pub struct Txn {
     /// `shard-two-phase-commit`: a transaction may go on to other shards.
     pub two_phase: bool,
     /// The transaction is the router's own, for a write outside any transaction whose keys are on several
-    /// shards (or a write to a global table): it ends at the end of the Query, or at the client's Sync
-    /// (committed, or rolled back after an error), as PostgreSQL's implicit transaction does.
+    /// shards (or a write to a global table), or for a pipeline's writes outside a transaction on several
+    /// shards' connections (`Session::writes_elsewhere`): it ends at the end of the Query, or at the client's
+    /// Sync (committed, or rolled back after an error), as PostgreSQL's implicit transaction does. Until then
+    /// it answers transaction control as that one does (see `plan_implicit`).
     pub implicit: bool,
 }
 
@@ -289,7 +291,7 @@ impl Txn {
     }
 
     /// Opens the router's own transaction for a statement outside any (see `implicit`).
-    fn begin_implicit(&mut self) {
+    pub fn begin_implicit(&mut self) {
         self.state = State::Held(vec!["BEGIN".into()]);
         self.implicit = true;
     }
@@ -352,6 +354,11 @@ impl Txn {
                 return Plan::Refuse(Reported::new("25001", "DISCARD ALL cannot run inside a transaction block"))
             }
             (Local::No, _) => {}
+        }
+        if let (Some(verb), true) = (&s.verb, self.implicit) {
+            if let Some(plan) = self.plan_implicit(verb) {
+                return plan;
+            }
         }
         if let Some(verb) = &s.verb {
             let plan = self.plan_verb(verb, fixed, s.savepoint.as_deref());
@@ -486,6 +493,30 @@ impl Txn {
         }
         if s.setting && s.replay.is_none() && matches!(plan, Plan::Run(_)) && self.open() {
             self.unreplayed_setting = true;
+        }
+    }
+
+    /// Transaction control inside the router's own transaction (`implicit`), as PostgreSQL answers it inside
+    /// its implicit transaction: BEGIN makes it the client's (no warning: what ran before is part of it), and
+    /// savepoints need a transaction block. (COMMIT and ROLLBACK end it as they would the client's, with
+    /// PostgreSQL's warning that no transaction is in progress: see `Session::statement`.) `None`: planned as
+    /// in a transaction.
+    fn plan_implicit(&mut self, verb: &TxnVerb) -> Option<Plan> {
+        let block_only = |what: &str| {
+            Some(Plan::Refuse(Reported::new("25P01", format!("{what} can only be used in transaction blocks"))))
+        };
+        match verb {
+            TxnVerb::Begin => {
+                self.implicit = false;
+                Some(Plan::Answer { tag: "BEGIN".into(), warning: None })
+            }
+            TxnVerb::Savepoint => block_only("SAVEPOINT"),
+            TxnVerb::Release => block_only("RELEASE SAVEPOINT"),
+            TxnVerb::RollbackTo => block_only("ROLLBACK TO SAVEPOINT"),
+            TxnVerb::Prepare(_) => Some(Plan::Refuse(Reported::unsupported(
+                "PREPARE TRANSACTION after writes on several shards outside a transaction is not supported (the router commits them with two-phase commit itself)",
+            ))),
+            _ => None,
         }
     }
 
