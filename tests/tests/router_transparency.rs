@@ -34,6 +34,12 @@ async fn unparsed_statements_reach_postgresql_where_the_destination_is_known() -
     assert_eq!(error_codes(&r), vec!["42601"], "{r:?}");
     let r = cl.query("ROLLBACK")?;
     assert_eq!(outline(&r), vec!["ROLLBACK", "ZI"]);
+    // A table created and filled without a column list in one query string: refused with the reason, before
+    // anything ran (the key's place is read before the string runs: not "relation does not exist").
+    let r = cl.query("CREATE TABLE fresh (user_id bigint PRIMARY KEY, v int); INSERT INTO fresh VALUES (1, 2)")?;
+    assert_eq!(error_codes(&r), vec!["0A000"], "{r:?}");
+    let r = cl.query("SELECT to_regclass('fresh') IS NULL")?;
+    assert_eq!(outline(&r), vec!["row t", "SELECT 1", "ZI"], "nothing created: {r:?}");
 
     // One node: everything is PostgreSQL's to answer.
     let one = Cluster::hash(1, "")?;
@@ -41,6 +47,8 @@ async fn unparsed_statements_reach_postgresql_where_the_destination_is_known() -
     cl.query("CREATE TABLE users (user_id bigint PRIMARY KEY, name text)")?;
     let r = cl.query("INSERT INTO users VALUES (1, 'no column list'), (2, 'keys') ON CONFLICT DO NOTHING")?;
     assert!(error_codes(&r).is_empty(), "{r:?}");
+    let r = cl.query("CREATE TABLE fresh (user_id bigint PRIMARY KEY, v int); INSERT INTO fresh VALUES (1, 2)")?;
+    assert_eq!(outline(&r), vec!["CREATE TABLE", "INSERT 0 1", "ZI"], "{r:?}");
     let r = cl.query("UPDATE users SET user_id = user_id + 10")?;
     assert!(error_codes(&r).is_empty(), "the key changes: fine on one node: {r:?}");
     let r = cl.query("SELEC 1")?;

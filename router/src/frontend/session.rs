@@ -344,7 +344,15 @@ impl<S: Stream> Session<S> {
                 shardmap::sql::quote_literal(&shardmap::sql::quote_ident(t)),
                 shardmap::sql::quote_literal(self.routing.map.key_of(t)),
             );
-            let row = self.schema_row(&sql).await?;
+            let row = match self.schema_row(&sql).await {
+                // (On one server the string's CREATE TABLE would run before its INSERT.)
+                Err(e) if e.code == "42P01" && analysis.statements.iter().any(|s| s.kind == Kind::Ddl) => {
+                    return Err(Reported::unsupported(format!(
+                        "an INSERT into {t} without a column list after a schema change in the same query string is not supported (the router reads where the shard key is before the string runs): send the INSERT on its own"
+                    )))
+                }
+                row => row?,
+            };
             let pos = row.into_iter().next().flatten().and_then(|v| v.parse::<usize>().ok());
             self.route.key_positions.insert(t.clone(), pos);
         }
