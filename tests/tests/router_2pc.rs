@@ -791,6 +791,9 @@ async fn a_pipeline_writing_on_several_shards_commits_all_of_it_or_nothing() -> 
         vec![ins(9, 90), ins(10, 100), s("SAVEPOINT s"), ins(11, 110)],
         vec![ins(13, 130), ins(14, 140), s("COMMIT"), ins(15, 150)],
         vec![ins(17, 170), ins(18, 180), s("ROLLBACK"), ins(19, 190)],
+        // What needs a transaction block fails in an implicit transaction.
+        vec![ins(43, 430), ins(44, 440), s("LOCK TABLE accounts IN SHARE MODE")],
+        vec![ins(45, 450), ins(46, 460), s("DECLARE c CURSOR FOR SELECT user_id FROM accounts WHERE user_id = 45")],
         // Keys on both shards in one statement after a write on one: one transaction, or none.
         vec![ins(21, 210), s("UPDATE accounts SET balance = balance - 20 WHERE user_id IN (1, 4)")],
         vec![ins(23, 230), s("UPDATE accounts SET balance = balance + 1 WHERE user_id IN (1, 4)")],

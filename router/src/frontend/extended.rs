@@ -645,9 +645,23 @@ impl<S: Stream> Session<S> {
             }
             self.implicit_ends(&dest, true);
         }
-        if self.txn.implicit && matches!(stmt.verb, Some(TxnVerb::Commit | TxnVerb::Rollback)) {
-            // (It ends the router's transaction as it would the client's; PostgreSQL warns that none was open.)
-            proto::notice(&mut self.io.wbuf, "WARNING", "25P01", "there is no transaction in progress");
+        if self.txn.implicit {
+            if matches!(stmt.verb, Some(TxnVerb::Commit | TxnVerb::Rollback)) {
+                // (It ends the router's transaction as it would the client's; PostgreSQL warns that none was
+                // open.)
+                proto::notice(&mut self.io.wbuf, "WARNING", "25P01", "there is no transaction in progress");
+            }
+            // (The servers run it in the router's transaction; PostgreSQL's implicit one is no transaction
+            // block.)
+            let lock = || shardmap::sql::first_word(&text).eq_ignore_ascii_case("lock");
+            let what = match stmt.declare {
+                Some(shardmap::sql::Declare { hold: false }) => Some("DECLARE CURSOR"),
+                _ if stmt.verb.is_none() && lock() => Some("LOCK TABLE"),
+                _ => None,
+            };
+            if let Some(what) = what {
+                return Err(Reported::new("25P01", format!("{what} can only be used in transaction blocks")).into());
+            }
         }
         // BEGIN or ROLLBACK after statements of the sync group outside a transaction: PostgreSQL makes those
         // statements part of the transaction BEGIN starts, and ROLLBACK undoes them.
