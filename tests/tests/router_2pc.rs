@@ -803,6 +803,13 @@ async fn a_pipeline_writing_on_several_shards_commits_all_of_it_or_nothing() -> 
         // BEGIN: the client's transaction from there on, still open after the Sync (then committed).
         vec![ins(31, 310), ins(32, 320), s("BEGIN")],
         vec![ins(33, 330), ins(34, 7), s("BEGIN"), ins(35, 350)],
+        // Settings in it.
+        vec![ins(47, 470), ins(48, 480), s("SET application_name = 'zz1'"), ins(49, 490), s("SHOW application_name")],
+        vec![s("SHOW application_name")],
+        vec![ins(51, 510), ins(52, 520), s("SET LOCAL work_mem = '8MB'"), s("SHOW work_mem")],
+        vec![s("SHOW work_mem")],
+        vec![ins(55, 550), ins(56, 7), s("SET application_name = 'zz2'")],
+        vec![s("SHOW application_name")],
         // Reads in between, and writes on one shard only: as before.
         vec![ins(37, 370), s("SELECT count(*) FROM accounts WHERE user_id = 2"), ins(38, 380)],
         vec![ins(39, 390), ins(41, 410)],
@@ -848,5 +855,14 @@ async fn a_pipeline_writing_on_several_shards_commits_all_of_it_or_nothing() -> 
         assert_eq!(got, want, "pipeline {n} ({case:?}): the rows after it");
         assert_eq!(prepared(&c).await?, 0, "pipeline {n}: nothing left prepared");
     }
+    // `set_config()` there: refused, as in any transaction on several shards (SET does it), the pipeline
+    // rolled back.
+    for sql in [ins(53, 530), ins(54, 540), s("SELECT set_config('app.x', '1', false)")] {
+        routed.send(Path::Pipelined, &sql)?;
+    }
+    let r = routed.sync()?;
+    assert_eq!(error_codes(&r), ["0A000"], "{r:?}");
+    let r = routed.query("SELECT count(*) FROM accounts WHERE user_id IN (53, 54)")?;
+    assert_eq!(rows(&r), ["row 0"], "{r:?}");
     Ok(())
 }

@@ -662,6 +662,23 @@ impl<S: Stream> Session<S> {
             if let Some(what) = what {
                 return Err(Reported::new("25P01", format!("{what} can only be used in transaction blocks")).into());
             }
+            let set_local = stmt.single
+                && stmt.verb.is_none()
+                && analysis.statements.first().is_some_and(|s| s.local_setting)
+                && shardmap::sql::first_word(&text).eq_ignore_ascii_case("set");
+            if set_local {
+                // (Its warning goes after what went before it.)
+                self.drain(pending).await?;
+                if self.group_failed {
+                    return Ok(Seg::Next);
+                }
+                proto::notice(
+                    &mut self.io.wbuf,
+                    "WARNING",
+                    "25P01",
+                    "SET LOCAL can only be used in transaction blocks",
+                );
+            }
         }
         // BEGIN or ROLLBACK after statements of the sync group outside a transaction: PostgreSQL makes those
         // statements part of the transaction BEGIN starts, and ROLLBACK undoes them.
