@@ -627,7 +627,14 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
             if !matches!(replies.last(), Some(Reply::Ready('I'))) {
                 replies.extend(db.query("ROLLBACK")?);
             }
-            answers.push(canonical(outline(&replies)));
+            // (Notices too: PostgreSQL's warnings — no transaction in progress, one already — are part of
+            // its answer.)
+            let mut outlined = canonical(outline(&replies));
+            outlined.extend(replies.iter().filter_map(|r| match r {
+                Reply::Notice(m) => Some(format!("notice {m}")),
+                _ => None,
+            }));
+            answers.push(outlined);
             errors.extend(replies.into_iter().filter(|r| matches!(r, Reply::Error { .. })));
         }
         statements += unit.len();

@@ -513,7 +513,17 @@ async fn random_settings_follow_their_client_as_on_one_postgresql() -> anyhow::R
             if db.piped() {
                 replies.extend(db.sync()?);
             }
-            answers.push(outline(&replies));
+            // (Notices too, first: SET LOCAL outside a transaction warns, and so do BEGIN in one and COMMIT
+            // outside.)
+            let mut outlined: Vec<String> = replies
+                .iter()
+                .filter_map(|r| match r {
+                    Reply::Notice(m) => Some(format!("notice {m}")),
+                    _ => None,
+                })
+                .collect();
+            outlined.extend(outline(&replies));
+            answers.push(outlined);
         }
         let (want, got) = (&answers[0], &answers[1]);
         let sql = match flush_after {
