@@ -45,6 +45,33 @@ pub enum Path {
 
 pub const PATHS: [Path; 4] = [Path::Simple, Path::Unnamed, Path::Named, Path::Pipelined];
 
+impl Path {
+    /// The path its `Debug` form names (`Simple`, `Unnamed`, `Named`, `Pipelined`).
+    pub fn named(name: &str) -> Option<Path> {
+        PATHS.into_iter().find(|p| format!("{p:?}") == name)
+    }
+}
+
+/// The fuzz tests' replay files (`SETTINGS_FUZZ_REPLAY`, `WRITES_FUZZ_REPLAY`): what a failing run wrote, one
+/// step a line, its fields separated by tabs; replayed instead of random steps, and cut down to a few lines by
+/// `scripts/fuzz-minimize.py`. `None` when `var` is not set.
+pub fn replay_lines(var: &str) -> anyhow::Result<Option<Vec<String>>> {
+    let Some(file) = std::env::var_os(var) else { return Ok(None) };
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| anyhow::anyhow!("{var}={}: {e}", std::path::Path::new(&file).display()))?;
+    Ok(Some(text.lines().filter(|l| !l.trim().is_empty()).map(String::from).collect()))
+}
+
+/// Writes the steps of a failing fuzz run where [`replay_lines`] reads them back; returns the file's path.
+/// It prints the line `fuzz: first difference at line <n>` (from 1, the last line of the file) for
+/// `scripts/fuzz-minimize.py`.
+pub fn write_replay(name: &str, lines: &[String]) -> String {
+    let file = std::env::temp_dir().join(name);
+    let _ = std::fs::write(&file, lines.join("\n") + "\n");
+    println!("fuzz: first difference at line {}", lines.len());
+    file.display().to_string()
+}
+
 pub struct RawClient {
     sock: TcpStream,
     buf: Vec<u8>,

@@ -508,6 +508,10 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
     let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
     let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
     let mut statements = 0;
+    // (`WRITES_FUZZ_REPLAY`: the units a failing run wrote, instead of random ones.)
+    let replay = integration::wire::replay_lines("WRITES_FUZZ_REPLAY")?;
+    let units = replay.as_ref().map_or(units, Vec::len);
+    let mut script = Vec::new();
     for n in 0..units {
         // A unit: one statement, or a transaction, each statement on its own path (`None`: pipelined, synced
         // once at the unit's end).
@@ -608,6 +612,22 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
                 }
             }
         }
+        if let Some(lines) = &replay {
+            unit = replayed_unit(&lines[n])?;
+        }
+        let fields: Vec<String> = unit
+            .iter()
+            .map(
+                |(p, sql)| {
+                    if sql == "Flush" {
+                        sql.clone()
+                    } else {
+                        format!("{:?}:{sql}", p.unwrap_or(Path::Pipelined))
+                    }
+                },
+            )
+            .collect();
+        script.push(fields.join("\t"));
         let (mut answers, mut errors) = (Vec::new(), Vec::new());
         for db in [&mut reference, &mut routed] {
             let mut replies = Vec::new();
@@ -639,20 +659,47 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
         }
         statements += unit.len();
         let sqls: Vec<&str> = unit.iter().map(|(_, s)| s.as_str()).collect();
-        assert_eq!(
-            answers[1],
-            answers[0],
-            "seed {seed}, unit {n} ({:?}): router, then plain\n  {}\n  errors: {errors:?}",
-            unit.iter().map(|u| u.0).collect::<Vec<_>>(),
-            sqls.join("\n  ")
-        );
-        if n % 50 == 49 || n + 1 == units {
-            assert_eq!(shard_rows(&c).await?, plain_rows(&plain).await?, "seed {seed}: the rows after unit {n}");
+        let replay_hint = |script: &[String]| {
+            let file = integration::wire::write_replay(&format!("writes-fuzz-{seed}.units"), script);
+            format!("replay: WRITES_FUZZ_REPLAY={file} (scripts/fuzz-minimize.py cuts it down)")
+        };
+        if answers[1] != answers[0] {
+            panic!(
+                "seed {seed}, unit {n} ({:?}): router, then plain\n  {}\n  {:?}\n  {:?}\n  errors: {errors:?}\n{}",
+                unit.iter().map(|u| u.0).collect::<Vec<_>>(),
+                sqls.join("\n  "),
+                answers[1],
+                answers[0],
+                replay_hint(&script)
+            );
+        }
+        // (After every unit of a replay: the unit that first leaves other rows is the last of a cut-down file.)
+        if replay.is_some() || n % 50 == 49 || n + 1 == units {
+            let (got, want) = (shard_rows(&c).await?, plain_rows(&plain).await?);
+            if got != want {
+                panic!("seed {seed}: the rows after unit {n}\n  {got:?}\n  {want:?}\n{}", replay_hint(&script));
+            }
         }
     }
     assert_eq!(prepared(&c).await?, 0, "seed {seed}: no transaction left prepared");
     println!("seed {seed}: {units} units, {statements} statements answered as one PostgreSQL");
     Ok(())
+}
+
+/// A unit of a writes fuzz replay file: its statements, each `path:sql` (`Pipelined`: synced once at the
+/// unit's end), and `Flush` where the unit had one.
+fn replayed_unit(line: &str) -> anyhow::Result<Vec<(Option<Path>, String)>> {
+    line.split('\t')
+        .map(|f| {
+            if f == "Flush" {
+                return Ok((None, f.to_string()));
+            }
+            let (p, sql) =
+                f.split_once(':').ok_or_else(|| anyhow::anyhow!("not a statement of a replay file: {f:?}"))?;
+            let path = Path::named(p).ok_or_else(|| anyhow::anyhow!("no path {p:?} in {f:?}"))?;
+            Ok(((path != Path::Pipelined).then_some(path), sql.to_string()))
+        })
+        .collect()
 }
 
 /// `outline` with each run of rows sorted (a write's RETURNING rows, or keys on several shards, come in no

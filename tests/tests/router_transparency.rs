@@ -490,17 +490,39 @@ async fn random_settings_follow_their_client_as_on_one_postgresql() -> anyhow::R
         ("statement_timeout", &["0", "'5s'", "'1min'"]),
     ];
     let (mut history, mut refused, mut idle) = (Vec::new(), 0, [true, true]);
+    // (`SETTINGS_FUZZ_REPLAY`: the steps a failing run wrote, instead of random ones.)
+    let replay = integration::wire::replay_lines("SETTINGS_FUZZ_REPLAY")?;
+    let steps = replay.as_ref().map_or(steps, Vec::len);
+    let mut script = Vec::new();
     for n in 0..steps {
-        let who = rng.random_range(0..2);
-        // A step: one statement on a random path, or (one in six) a pipeline of two to four synced once — a
-        // third of them with a Flush after one of their statements but the last, its answers read before the
-        // rest is sent.
-        let piped = rng.random_range(0..6) == 0;
-        let count = if piped { rng.random_range(2..=4) } else { 1 };
-        let flush_after = (piped && rng.random_range(0..3) == 0).then(|| rng.random_range(1..count));
-        let sqls: Vec<String> = (0..count).map(|_| random_setting_step(&mut rng, &settings, idle[who])).collect();
-        let path =
-            if piped { Path::Pipelined } else { [Path::Simple, Path::Unnamed, Path::Named][rng.random_range(0..3)] };
+        let (who, path, sqls, flush_after) = match &replay {
+            Some(lines) => replayed_step(&lines[n])?,
+            None => {
+                let who = rng.random_range(0..2);
+                // A step: one statement on a random path, or (one in six) a pipeline of two to four synced
+                // once — a third of them with a Flush after one of their statements but the last, its answers
+                // read before the rest is sent.
+                let piped = rng.random_range(0..6) == 0;
+                let count = if piped { rng.random_range(2..=4) } else { 1 };
+                let flush_after = (piped && rng.random_range(0..3) == 0).then(|| rng.random_range(1..count));
+                let sqls: Vec<String> =
+                    (0..count).map(|_| random_setting_step(&mut rng, &settings, idle[who])).collect();
+                let path = if piped {
+                    Path::Pipelined
+                } else {
+                    [Path::Simple, Path::Unnamed, Path::Named][rng.random_range(0..3)]
+                };
+                (who, path, sqls, flush_after)
+            }
+        };
+        let mut fields = vec![who.to_string(), format!("{path:?}")];
+        for (i, sql) in sqls.iter().enumerate() {
+            if flush_after == Some(i) {
+                fields.push("Flush".into());
+            }
+            fields.push(sql.clone());
+        }
+        script.push(fields.join("\t"));
         let mut answers = Vec::new();
         for db in [&mut plains[who], &mut routed[who]] {
             let mut replies = Vec::new();
@@ -539,23 +561,42 @@ async fn random_settings_follow_their_client_as_on_one_postgresql() -> anyhow::R
             refused += 1;
             for db in [&mut plains[who], &mut routed[who]] {
                 db.query("ROLLBACK")?;
-                if piped {
+                if path == Path::Pipelined {
                     db.query("RESET ALL")?;
                 }
             }
             idle[who] = true;
             continue;
         }
-        assert_eq!(
-            got,
-            want,
-            "seed {seed}, step {n}, client {who}, {path:?}: {sql}: router, then plain; before:\n  {}",
-            history[history.len().saturating_sub(400)..].join("\n  ")
-        );
+        if got != want {
+            let file = integration::wire::write_replay(&format!("settings-fuzz-{seed}.steps"), &script);
+            panic!(
+                "seed {seed}, step {n}, client {who}, {path:?}: {sql}: router, then plain:\n  {got:?}\n  {want:?}\n\
+                 before:\n  {}\nreplay: SETTINGS_FUZZ_REPLAY={file} (scripts/fuzz-minimize.py cuts it down)",
+                history[history.len().saturating_sub(400)..].join("\n  ")
+            );
+        }
     }
     println!("seed {seed}: {steps} statements of two clients, {refused} refused, the rest answered as one PostgreSQL");
-    assert!(refused * 20 < steps, "{refused} of {steps} refused");
+    assert!(replay.is_some() || refused * 20 < steps, "{refused} of {steps} refused");
     Ok(())
+}
+
+/// A step of a settings fuzz replay file: `who`, the path, then the statements, `Flush` between two of them
+/// where the pipeline had one (see `write_replay`).
+fn replayed_step(line: &str) -> anyhow::Result<(usize, Path, Vec<String>, Option<usize>)> {
+    let mut fields = line.split('\t');
+    let who = fields.next().and_then(|w| w.parse().ok()).filter(|w: &usize| *w < 2);
+    let path = fields.next().and_then(Path::named);
+    let (Some(who), Some(path)) = (who, path) else { anyhow::bail!("not a step of a replay file: {line:?}") };
+    let (mut sqls, mut flush_after) = (Vec::new(), None);
+    for f in fields {
+        match f {
+            "Flush" => flush_after = Some(sqls.len()),
+            sql => sqls.push(sql.to_string()),
+        }
+    }
+    Ok((who, path, sqls, flush_after))
 }
 
 /// One statement of the settings fuzz test: a setting changed, reset or shown, a read whose text depends on the
