@@ -259,6 +259,18 @@ async fn without_two_phase_commit_transactions_stay_on_one_shard() -> anyhow::Re
     }
     let on = balances(&c).await?;
     assert!(on[1].is_empty() && !on[0].is_empty(), "{on:?}");
+
+    // A pipeline's writes on two shards outside a transaction: each shard's part commits at the Sync (one
+    // after the other: nothing to make them one transaction), prepared nowhere.
+    let r = run_all(
+        &mut cl,
+        Path::Pipelined,
+        &["INSERT INTO accounts VALUES (101, 1)", "INSERT INTO accounts VALUES (102, 2)"],
+    )?;
+    assert_eq!(outline(&r), ["INSERT 0 1", "INSERT 0 1", "ZI"], "{r:?}");
+    let r = cl.query("SELECT count(*) FROM accounts WHERE user_id IN (101, 102)")?;
+    assert_eq!(rows(&r), ["row 2"], "{r:?}");
+    assert_eq!(prepared(&c).await?, 0);
     Ok(())
 }
 
