@@ -423,21 +423,18 @@ impl<S: Stream> Session<S> {
     }
 
     /// The one connection the sync group ran statements on outside a transaction, for a BEGIN, COMMIT or
-    /// ROLLBACK after them (see `implicit_ends`); refused when there are several (0A000): one PostgreSQL runs
-    /// them in one implicit transaction, which BEGIN makes the transaction's, COMMIT commits — before what
-    /// follows it in the group, which may fail — and ROLLBACK undoes.
-    fn implicit_link(&self, stmt: &Stmt) -> Result<Option<Dest>, Reported> {
+    /// ROLLBACK after them (see `implicit_ends`); `None` when there are several (`implicit_on_several`): one
+    /// PostgreSQL runs them in one implicit transaction, which BEGIN makes the transaction's, COMMIT commits —
+    /// before what follows it in the group, which may fail — and ROLLBACK undoes.
+    fn implicit_link(&self) -> Option<Option<Dest>> {
         // (Reads only, BEGIN and ROLLBACK there change nothing: the transaction stays held, free to open where
         // its first statement goes.)
         let mut outside =
             self.group_effects.iter().filter(|e| e.implicit && (!e.stmt.read || e.stmt.setting)).map(|e| &e.dest);
-        let Some(first) = outside.next() else { return Ok(None) };
+        let Some(first) = outside.next() else { return Some(None) };
         match outside.find(|d| *d != first) {
-            None => Ok(Some(first.clone())),
-            Some(_) => Err(Reported::unsupported(format!(
-                "{} after writes or settings on several shards in the same pipeline is not supported (PostgreSQL ends them together): send a Sync before it",
-                stmt.tag
-            ))),
+            None => Some(Some(first.clone())),
+            Some(_) => None,
         }
     }
 
@@ -683,10 +680,12 @@ impl<S: Stream> Session<S> {
         // BEGIN or ROLLBACK after statements of the sync group outside a transaction: PostgreSQL makes those
         // statements part of the transaction BEGIN starts, and ROLLBACK undoes them.
         let implicit = match (&self.txn.state, &stmt.verb) {
-            (State::Idle, Some(TxnVerb::Begin | TxnVerb::Rollback)) => self.implicit_link(&stmt)?,
+            (State::Idle, Some(TxnVerb::Begin | TxnVerb::Rollback)) => {
+                self.implicit_link().ok_or_else(|| implicit_on_several(&stmt))?
+            }
             // (On several connections, a COMMIT right before the Sync commits nothing the Sync would not.)
-            (State::Idle, Some(TxnVerb::Commit)) if pending.sync_next => self.implicit_link(&stmt).unwrap_or(None),
-            (State::Idle, Some(TxnVerb::Commit)) => self.implicit_link(&stmt)?,
+            (State::Idle, Some(TxnVerb::Commit)) if pending.sync_next => self.implicit_link().flatten(),
+            (State::Idle, Some(TxnVerb::Commit)) => self.implicit_link().ok_or_else(|| implicit_on_several(&stmt))?,
             _ => None,
         };
         let mut plan = self.plan(&stmt, &route);
@@ -1727,6 +1726,16 @@ fn rewrite_into(
         }
     }
     Ok(())
+}
+
+/// The refusal of a BEGIN, COMMIT or ROLLBACK after writes or settings of the sync group outside a transaction
+/// on several shards' connections that are not one transaction already (`implicit_link`; with two-phase commit
+/// writes there are: `writes_elsewhere`).
+fn implicit_on_several(stmt: &Stmt) -> Reported {
+    Reported::unsupported(format!(
+        "{} after writes or settings on several shards in the same pipeline is not supported (PostgreSQL ends them together): send a Sync before it",
+        stmt.tag
+    ))
 }
 
 #[cfg(test)]

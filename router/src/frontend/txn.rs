@@ -942,6 +942,44 @@ mod tests {
     }
 
     #[test]
+    fn the_routers_own_transaction_answers_as_postgresqls_implicit_one() {
+        // A pipeline's writes on shards 1 and 2 made one transaction (`Session::writes_elsewhere`).
+        let open = || {
+            let mut t = Txn { two_phase: true, ..Txn::default() };
+            t.begin_implicit();
+            t.opened(one(1));
+            t.plan(&Stmt::default(), Ok(&decision(Target::One(ShardId(2)))), None, &names);
+            t.joined(one(2));
+            t
+        };
+        let session = decision(Target::Session);
+        let mut t = open();
+        assert!(t.implicit && matches!(t.state, State::Many(_)), "{:?}", t.state);
+        // Savepoints need a transaction block; PREPARE TRANSACTION is the router's to do.
+        for v in [TxnVerb::Savepoint, TxnVerb::Release, TxnVerb::RollbackTo] {
+            let Plan::Refuse(e) = t.plan(&verb(v.clone()), Ok(&session), None, &names) else { panic!("{v:?}") };
+            assert_eq!(e.code, "25P01", "{v:?}: {e:?}");
+        }
+        let Plan::Refuse(e) = t.plan(&verb(TxnVerb::Prepare("g".into())), Ok(&session), None, &names) else {
+            panic!("PREPARE TRANSACTION")
+        };
+        assert_eq!(e.code, "0A000");
+        // COMMIT ends it as the client's would (with two-phase commit).
+        assert_eq!(t.plan(&verb(TxnVerb::Commit), Ok(&session), None, &names), Plan::Run(To::Commit));
+        // BEGIN makes it the client's: answered, no warning; then a BEGIN is one inside a transaction.
+        let mut t = open();
+        assert_eq!(
+            t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names),
+            Plan::Answer { tag: "BEGIN".into(), warning: None }
+        );
+        assert!(!t.implicit && matches!(t.state, State::Many(_)));
+        assert_ne!(
+            t.plan(&verb(TxnVerb::Begin), Ok(&session), None, &names),
+            Plan::Answer { tag: "BEGIN".into(), warning: None }
+        );
+    }
+
+    #[test]
     fn an_aborted_transaction_on_one_shard_joins_no_other() {
         let mut t = Txn { two_phase: true, ..Txn::default() };
         let session = decision(Target::Session);
