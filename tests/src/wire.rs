@@ -45,6 +45,18 @@ pub enum Path {
 
 pub const PATHS: [Path; 4] = [Path::Simple, Path::Unnamed, Path::Named, Path::Pipelined];
 
+/// The messages of the notices among `replies` (`notice <message>`), in order: PostgreSQL's warnings are part
+/// of its answer (no transaction in progress, one already, SET LOCAL outside a transaction).
+pub fn notices(replies: &[Reply]) -> Vec<String> {
+    replies
+        .iter()
+        .filter_map(|r| match r {
+            Reply::Notice(m) => Some(format!("notice {m}")),
+            _ => None,
+        })
+        .collect()
+}
+
 impl Path {
     /// The path its `Debug` form names (`Simple`, `Unnamed`, `Named`, `Pipelined`).
     pub fn named(name: &str) -> Option<Path> {

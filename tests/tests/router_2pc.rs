@@ -662,10 +662,7 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
             // (Notices too: PostgreSQL's warnings — no transaction in progress, one already — are part of
             // its answer.)
             let mut outlined = canonical(outline(&replies));
-            outlined.extend(replies.iter().filter_map(|r| match r {
-                Reply::Notice(m) => Some(format!("notice {m}")),
-                _ => None,
-            }));
+            outlined.extend(integration::wire::notices(&replies));
             answers.push(outlined);
             errors.extend(replies.into_iter().filter(|r| matches!(r, Reply::Error { .. })));
         }
@@ -880,6 +877,7 @@ async fn a_pipeline_writing_on_several_shards_commits_all_of_it_or_nothing() -> 
         vec![ins(37, 370), s("SELECT count(*) FROM accounts WHERE user_id = 2"), ins(38, 380)],
         vec![ins(39, 390), ins(41, 410)],
     ];
+    // (`outline` with the notices where they came: a warning's place in the answer is compared too.)
     let notes = |r: &[Reply]| -> Vec<String> {
         r.iter()
             .filter_map(|x| match x {

@@ -537,13 +537,7 @@ async fn random_settings_follow_their_client_as_on_one_postgresql() -> anyhow::R
             }
             // (Notices too, first: SET LOCAL outside a transaction warns, and so do BEGIN in one and COMMIT
             // outside.)
-            let mut outlined: Vec<String> = replies
-                .iter()
-                .filter_map(|r| match r {
-                    Reply::Notice(m) => Some(format!("notice {m}")),
-                    _ => None,
-                })
-                .collect();
+            let mut outlined = integration::wire::notices(&replies);
             outlined.extend(outline(&replies));
             answers.push(outlined);
         }

@@ -637,9 +637,7 @@ impl<S: Stream> Session<S> {
             let i = self.link(&dest).await?;
             self.replay_extended(i, pending)?;
             self.txn.opened(dest.clone());
-            if !self.txn.wrote.contains(&dest.shard) {
-                self.txn.wrote.push(dest.shard);
-            }
+            self.txn.wrote_on(dest.shard);
             self.implicit_ends(&dest, true);
         }
         if self.txn.implicit {
@@ -650,19 +648,19 @@ impl<S: Stream> Session<S> {
             }
             // (The servers run it in the router's transaction; PostgreSQL's implicit one is no transaction
             // block.)
-            let lock = || shardmap::sql::first_word(&text).eq_ignore_ascii_case("lock");
+            let word = shardmap::sql::first_word(&text);
             let what = match stmt.declare {
                 Some(shardmap::sql::Declare { hold: false }) => Some("DECLARE CURSOR"),
-                _ if stmt.verb.is_none() && lock() => Some("LOCK TABLE"),
+                _ if stmt.verb.is_none() && word.eq_ignore_ascii_case("lock") => Some("LOCK TABLE"),
                 _ => None,
             };
             if let Some(what) = what {
-                return Err(Reported::new("25P01", format!("{what} can only be used in transaction blocks")).into());
+                return Err(super::txn::block_only(what).into());
             }
             let set_local = stmt.single
                 && stmt.verb.is_none()
                 && analysis.statements.first().is_some_and(|s| s.local_setting)
-                && shardmap::sql::first_word(&text).eq_ignore_ascii_case("set");
+                && word.eq_ignore_ascii_case("set");
             if set_local {
                 // (Its warning goes after what went before it.)
                 self.drain(pending).await?;

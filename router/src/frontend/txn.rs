@@ -204,6 +204,12 @@ pub struct Txn {
     pub implicit: bool,
 }
 
+/// PostgreSQL's error for `what` (SAVEPOINT, LOCK TABLE...) outside a transaction block — in an implicit
+/// transaction too.
+pub fn block_only(what: &str) -> Reported {
+    Reported::new("25P01", format!("{what} can only be used in transaction blocks"))
+}
+
 const ABORTED: &str = "current transaction is aborted, commands ignored until end of transaction block";
 
 fn tag_of(verb: &TxnVerb) -> &'static str {
@@ -284,9 +290,14 @@ impl Txn {
             _ => return,
         };
         for sh in shards {
-            if !self.wrote.contains(&sh) {
-                self.wrote.push(sh);
-            }
+            self.wrote_on(sh);
+        }
+    }
+
+    /// `shard`'s part of the transaction wrote (see `wrote`).
+    pub fn wrote_on(&mut self, shard: ShardId) {
+        if !self.wrote.contains(&shard) {
+            self.wrote.push(shard);
         }
     }
 
@@ -502,9 +513,7 @@ impl Txn {
     /// PostgreSQL's warning that no transaction is in progress: see `Session::statement`.) `None`: planned as
     /// in a transaction.
     fn plan_implicit(&mut self, verb: &TxnVerb) -> Option<Plan> {
-        let block_only = |what: &str| {
-            Some(Plan::Refuse(Reported::new("25P01", format!("{what} can only be used in transaction blocks"))))
-        };
+        let block_only = |what: &str| Some(Plan::Refuse(block_only(what)));
         match verb {
             TxnVerb::Begin => {
                 self.implicit = false;
