@@ -442,7 +442,7 @@ impl<S: Stream> Session<S> {
     /// and two-phase commit can make them one transaction with it (see `statement`). Not where the group made
     /// settings outside a transaction (a statement elsewhere is refused then: `setting_elsewhere`), nor for
     /// COPY, transaction control or what the router answers itself.
-    fn writes_elsewhere(&self, stmt: &Stmt, route: &Result<Decision, Reported>) -> Option<Dest> {
+    fn writes_elsewhere(&self, stmt: &Stmt, route: &Result<Decision, shardmap::RouteError>) -> Option<Dest> {
         if self.group_effects.is_empty()
             || self.txn.state != State::Idle
             || !self.txn.two_phase
@@ -590,7 +590,7 @@ impl<S: Stream> Session<S> {
                 .await?;
             match decided {
                 (Err(shardmap::RouteError::Relations { names }), _) => self.learn_relations(names).await?,
-                (route, pass) => break (route.map_err(Reported::from), pass),
+                (route, pass) => break (route, pass),
             }
         };
         if stmt.verb == Some(TxnVerb::Commit) && !pending.last && self.commits_settings() {

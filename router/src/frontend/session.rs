@@ -892,11 +892,12 @@ impl<S: Stream> Session<S> {
 
     /// What to do with a statement and its route: the transaction state machine's plan (with the session's
     /// fixed destination and node names for messages), cursors WITH HOLD followed.
-    pub fn plan(&mut self, stmt: &Stmt, route: &Result<Decision, Reported>) -> super::txn::Plan {
+    pub fn plan(&mut self, stmt: &Stmt, route: &Result<Decision, RouteError>) -> super::txn::Plan {
         let fixed = self.fixed();
         let map = &self.routing.map;
-        let plan =
-            self.txn.plan(stmt, route.as_ref().map_err(Clone::clone), fixed.as_ref(), &|s| map.node(s).name.clone());
+        let plan = self
+            .txn
+            .plan(stmt, route.as_ref().map_err(|e| e.clone().into()), fixed.as_ref(), &|s| map.node(s).name.clone());
         use super::txn::{Plan, To};
         // Where the plan sends a statement to several shards, one the router runs itself runs there.
         match (plan, stmt.router) {
@@ -920,7 +921,7 @@ impl<S: Stream> Session<S> {
         }
         match (&to, &stmt.cursor, stmt.declare) {
             (super::txn::To::Any, Some(name), None) => {
-                self.held_cursors.get(name).map_or(to, |d| super::txn::To::Once(d.clone()))
+                self.held_cursors.get(&**name).map_or(to, |d| super::txn::To::Once(d.clone()))
             }
             _ => to,
         }
@@ -953,7 +954,7 @@ impl<S: Stream> Session<S> {
             read,
             standby: read && standby,
             declare: if single { first.and_then(|s| s.declare) } else { None },
-            savepoint: if single { first.and_then(|s| s.savepoint.clone()) } else { None },
+            savepoint: if single { first.and_then(|s| s.savepoint.as_deref().map(Box::from)) } else { None },
             setting: analysis.statements.iter().any(|s| s.setting.is_some() || s.local_setting),
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),
             unparsed: analysis.parse_error.is_some(),
@@ -992,13 +993,13 @@ impl<S: Stream> Session<S> {
             // not — no shard joins after one, `Txn::unreplayed_setting`.)
             let set = st.setting.is_some() || st.local_setting;
             if savepoint || (st.kind == Kind::Session && set && st.session.is_none()) {
-                s.replay = Some(text.to_string());
+                s.replay = Some(text.into());
             }
         }
         if let (true, Some(st)) = (single, first) {
             if st.declare.is_some() || st.kind == Kind::Cursor {
-                s.cursor = cursor_name(text);
-                s.tag = shardmap::sql::first_word(text).to_ascii_uppercase();
+                s.cursor = cursor_name(text).map(String::into_boxed_str);
+                s.tag = shardmap::sql::first_word(text).to_ascii_uppercase().into();
             }
 
             if st.session.is_some() {
@@ -1009,12 +1010,12 @@ impl<S: Stream> Session<S> {
                     Change::Deallocate(Some(n)) if self.routing.session_mode && !self.statements.contains_key(&n) => {}
                     Change::Deallocate(_) => s.local = Local::Deallocate,
                     Change::DiscardAll => s.local = Local::DiscardAll,
-                    Change::Refused(why) => s.pooling = Some(why),
+                    Change::Refused(why) => s.pooling = Some(why.into()),
                     _ => {}
                 }
                 let word = shardmap::sql::first_word(text).to_ascii_uppercase();
                 s.queueable = word != "SHOW";
-                s.tag = word;
+                s.tag = word.into();
             }
         }
         s

@@ -68,11 +68,11 @@ impl<S: Stream> Session<S> {
         let (route, _pass) = loop {
             match self.decide(|| self.routing.planner.decide_shaped(analysis, literals, &self.route)).await? {
                 (Err(RouteError::Relations { names }), _) => self.learn_relations(names).await?,
-                (route, pass) => break (route.map_err(Reported::from), pass),
+                (route, pass) => break (route, pass),
             }
         };
         let plan = self.plan(&stmt, &route);
-        let d = route.ok();
+        let d = route.as_ref().ok();
         match plan {
             Plan::Answer { tag, warning } => {
                 let tag = self.local(&stmt, analysis, text).await?.unwrap_or(tag);
@@ -89,7 +89,7 @@ impl<S: Stream> Session<S> {
             Plan::Refuse(e) => Err(e.into()),
             Plan::Run(to) if stmt.copy_in => {
                 let copy = analysis.statements[0].copy.clone().expect("COPY FROM STDIN has its details");
-                Box::pin(self.copy_in(to, &copy, d.as_ref(), super::copy::Request::Simple(msg.frame.clone()))).await
+                Box::pin(self.copy_in(to, &copy, d, super::copy::Request::Simple(msg.frame.clone()))).await
             }
             // The common cases inline (a boxed future per statement costs an allocation); the rest boxed.
             Plan::Run(To::Bound) => {
@@ -116,7 +116,7 @@ impl<S: Stream> Session<S> {
             }
             Plan::Run(to) => {
                 let sets = settings_of(analysis, &LiteralParams(literals));
-                Box::pin(self.run_simple(to, msg.frame.clone(), d.as_ref(), &stmt, &sets, text)).await?;
+                Box::pin(self.run_simple(to, msg.frame.clone(), d, &stmt, &sets, text)).await?;
                 Ok(())
             }
         }
@@ -390,7 +390,7 @@ impl<S: Stream> Session<S> {
     /// router's record of where prepared transactions are; LISTEN starts relaying notifications.
     pub fn after_statement(&mut self, i: usize, stmt: &Stmt, _status: u8, error: bool) {
         if error || (stmt.verb.is_none() && stmt.tag.is_empty()) {
-            if stmt.tag == "CLOSE" {
+            if &*stmt.tag == "CLOSE" {
                 // (A CLOSE that failed: the cursor is gone all the same.)
                 self.forget_cursor(stmt);
             }
@@ -407,15 +407,15 @@ impl<S: Stream> Session<S> {
             }
             _ => {}
         }
-        if stmt.tag == "LISTEN" && self.routing.session_mode {
+        if &*stmt.tag == "LISTEN" && self.routing.session_mode {
             self.listening = true;
         }
         match (&stmt.cursor, stmt.declare) {
             // A cursor WITH HOLD outlives its transaction: its connection stays the client's until CLOSE.
             (Some(name), Some(d)) if d.hold => {
-                self.held_cursors.insert(name.clone(), dest.clone());
+                self.held_cursors.insert(name.to_string(), dest.clone());
             }
-            _ if stmt.tag == "CLOSE" => self.forget_cursor(stmt),
+            _ if &*stmt.tag == "CLOSE" => self.forget_cursor(stmt),
             _ => {}
         }
     }
@@ -424,7 +424,7 @@ impl<S: Stream> Session<S> {
     fn forget_cursor(&mut self, stmt: &Stmt) {
         match &stmt.cursor {
             Some(name) => {
-                self.held_cursors.remove(name);
+                self.held_cursors.remove(&**name);
             }
             None => self.held_cursors.clear(),
         }

@@ -64,17 +64,17 @@ pub struct Stmt {
     /// What the router runs itself when the statement goes to several shards.
     pub router: Option<Run>,
     /// The command tag a queued statement is answered with (`SET`, `SAVEPOINT`...).
-    pub tag: String,
+    pub tag: Box<str>,
     /// The cursor a DECLARE, FETCH, MOVE or CLOSE names.
-    pub cursor: Option<String>,
+    pub cursor: Option<Box<str>>,
     /// Its text, when a shard that joins the transaction later must run it too (SET, SAVEPOINT, RELEASE,
     /// ROLLBACK TO: see the module doc).
-    pub replay: Option<String>,
+    pub replay: Option<Box<str>>,
     /// Why transaction pooling cannot serve it (a LISTEN, SET ROLE, SQL-level PREPARE: state that would
     /// stay on a pooled connection), when that is so.
-    pub pooling: Option<String>,
+    pub pooling: Option<Box<str>>,
     /// The savepoint a SAVEPOINT, RELEASE or ROLLBACK TO names.
-    pub savepoint: Option<String>,
+    pub savepoint: Option<Box<str>>,
     /// It changes a session setting (SET, RESET, a `set_config()` call).
     pub setting: bool,
 }
@@ -426,8 +426,8 @@ impl Txn {
 
             (Held(_), Target::One(shard)) => Plan::Run(To::Open(Dest::of(*shard, d))),
             (Held(_), Target::Session) if s.queueable => {
-                self.held_settings |= s.tag != "NOTIFY";
-                Plan::Hold { tag: s.tag.clone() }
+                self.held_settings |= &*s.tag != "NOTIFY";
+                Plan::Hold { tag: s.tag.to_string() }
             }
             // (A setting is made inside the transaction, and seen inside it.)
             (Held(_), Target::Session | Target::Any) if s.declare.is_some() || s.setting || self.held_settings => {
@@ -482,7 +482,7 @@ impl Txn {
             (Many(_), Target::One(shard)) => Plan::Run(To::Part(Some(*shard))),
             (Many(_), Target::Any) => Plan::Run(To::Part(None)),
             // (NOTIFY once, where session mode's listeners are.)
-            (Many(_), Target::Session) if s.tag == "NOTIFY" => Plan::Run(To::Part(Some(ShardId(0)))),
+            (Many(_), Target::Session) if &*s.tag == "NOTIFY" => Plan::Run(To::Part(Some(ShardId(0)))),
             (Many(_), Target::Session) => Plan::Run(To::Every),
             (Many(_), Target::Set(shards)) => Plan::Run(To::Parts(shards.clone())),
             (Many(_), Target::All) => Plan::Run(To::Parts(Vec::new())),
@@ -500,7 +500,7 @@ impl Txn {
         }
         if let (Some(text), Plan::Run(_), true) = (&s.replay, plan, self.on_shards()) {
             self.last_logged = Some(self.log.len());
-            self.log.push(text.clone());
+            self.log.push(text.to_string());
         }
         if s.setting && s.replay.is_none() && matches!(plan, Plan::Run(_)) && self.open() {
             self.unreplayed_setting = true;
@@ -1093,3 +1093,4 @@ mod tests {
         ));
     }
 }
+const _: () = assert!(std::mem::size_of::<Stmt>() <= 128, "Stmt");
