@@ -495,7 +495,7 @@ async fn an_aborted_transaction_runs_nothing_more_on_any_shard() -> anyhow::Resu
 /// A seeded random workload of writes and transactions, the same on one plain PostgreSQL and through the
 /// router on four shards (a global table among them): keyed INSERTs (duplicates: 23505), upserts, multi-row
 /// INSERTs with keys on several shards, UPDATE and DELETE by key and by keys on several shards (CHECK
-/// violations: 23514), global-table writes, keyed reads and reads across shards seeing the transaction's own
+/// violations: 23514), global-table writes, DDL (CREATE and DROP TABLE), keyed reads and reads across shards seeing the transaction's own
 /// writes — alone, in BEGIN ... COMMIT / ROLLBACK with savepoints, in a pipeline of a whole transaction, in
 /// a pipeline's implicit transaction, in one that a BEGIN in the same pipeline makes part of a transaction
 /// (or a ROLLBACK undoes), and in one a COMMIT or ROLLBACK ends before more statements (a Flush between them,
@@ -723,10 +723,13 @@ fn canonical(mut outline: Vec<String>) -> Vec<String> {
     outline
 }
 
-const WRITES_TABLES: [&str; 3] = [
+const WRITES_TABLES: [&str; 4] = [
     "SELECT user_id::text, balance::text, coalesce(note, '-') FROM accounts",
     "SELECT user_id::text, id::text, amount::text FROM moves",
+    // (From here on, what every shard has a copy of.)
     "SELECT id::text, coalesce(name, '-') FROM bots",
+    // (The tables the workload's DDL makes and drops.)
+    "SELECT relname::text FROM pg_class WHERE relname LIKE 'extra%' AND relkind = 'r'",
 ];
 
 /// The rows of the random workload's tables on the plain server, sorted.
@@ -742,28 +745,30 @@ async fn plain_rows(plain: &integration::PgServer) -> anyhow::Result<Vec<Vec<Vec
     Ok(out)
 }
 
-/// The same, read from each shard directly and put together (the global table once: every shard's copy
-/// must be the same).
+/// The same, read from each shard directly and put together (the global table and the DDL's tables once:
+/// every shard's copy must be the same).
 async fn shard_rows(c: &Cluster) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
     let mut out = vec![Vec::new(); WRITES_TABLES.len()];
-    let mut bots: Option<Vec<Vec<String>>> = None;
+    let mut copies: Vec<Option<Vec<Vec<String>>>> = vec![None; WRITES_TABLES.len()];
     for s in &c.shards {
         let db = s.client("postgres").await?;
         for (t, sql) in WRITES_TABLES.iter().enumerate() {
             let mut rows: Vec<Vec<String>> =
                 db.query(*sql, &[]).await?.iter().map(|r| (0..r.len()).map(|i| r.get(i)).collect()).collect();
             rows.sort();
-            if t == 2 {
-                if let Some(first) = &bots {
-                    assert_eq!(&rows, first, "shard {}'s copy of the global table", s.port);
+            if t >= 2 {
+                if let Some(first) = &copies[t] {
+                    assert_eq!(&rows, first, "shard {}'s copy of {sql}", s.port);
                 }
-                bots = Some(rows);
+                copies[t] = Some(rows);
             } else {
                 out[t].extend(rows);
             }
         }
     }
-    out[2] = bots.unwrap_or_default();
+    for (t, copy) in copies.into_iter().enumerate().skip(2) {
+        out[t] = copy.unwrap_or_default();
+    }
     for rows in &mut out {
         rows.sort();
     }
@@ -771,14 +776,17 @@ async fn shard_rows(c: &Cluster) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
 }
 
 /// One statement of the random workload: what the router runs on one shard, on several (two-phase), on
-/// every shard's copy of the global table, or reads across shards.
+/// every shard's copy of the global table, DDL, or reads across shards.
 fn random_write(rng: &mut impl rand::Rng) -> String {
     let k = |rng: &mut dyn rand::RngCore| rng.next_u32() % 40 + 1;
     let (k1, k2, k3) = (k(rng), k(rng), k(rng));
     let d = rng.random_range(1..60);
     let b = rng.random_range(1..6);
-    match rng.random_range(0..21) {
+    match rng.random_range(0..23) {
         0 => format!("INSERT INTO accounts (user_id, balance, note) VALUES ({k1}, {d}, 'n{k2}')"),
+        // DDL: on every shard, in the transaction or pipeline it is part of.
+        21 => format!("CREATE TABLE IF NOT EXISTS extra{b} (id int)"),
+        22 => format!("DROP TABLE IF EXISTS extra{b}"),
         1 => format!(
             "INSERT INTO accounts (user_id, balance) VALUES ({k1}, {d}) ON CONFLICT (user_id) \
              DO UPDATE SET balance = accounts.balance + EXCLUDED.balance RETURNING user_id, balance"
@@ -928,5 +936,132 @@ async fn a_pipeline_writing_on_several_shards_commits_all_of_it_or_nothing() -> 
     assert_eq!(error_codes(&r), ["0A000"], "{r:?}");
     let r = routed.query("SELECT count(*) FROM accounts WHERE user_id IN (53, 54)")?;
     assert_eq!(rows(&r), ["row 0"], "{r:?}");
+    Ok(())
+}
+
+/// A pipeline's statements before its Sync are one implicit transaction on one PostgreSQL. DDL and writes to
+/// global tables run on every shard: with writes for one shard before or after them, the router makes the
+/// group's work one transaction of its own, committed with two-phase commit (`Session::implicit_to_own`), so a
+/// failure at the commit on one shard (a deferred unique violation here) leaves nothing on the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_with_statements_for_every_shard_commits_all_of_it_or_nothing() -> anyhow::Result<()> {
+    let plain = integration::PgServer::start()?;
+    let c = Cluster::hash(2, "shard-global-tables,g\n")?;
+    let schema = [
+        "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int NOT NULL, code int, UNIQUE (code) DEFERRABLE INITIALLY DEFERRED)",
+        "CREATE TABLE g (id int PRIMARY KEY, v int, code int UNIQUE DEFERRABLE INITIALLY DEFERRED)",
+    ];
+    let base = "INSERT INTO accounts (user_id, balance, code) VALUES (2, 10, 7); INSERT INTO g VALUES (100, 0, 7)";
+    for db in [plain.client("postgres").await?, c.client().await?] {
+        for st in schema {
+            db.batch_execute(st).await?;
+        }
+    }
+    let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+    let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+    let ins = |k: u32| format!("INSERT INTO accounts (user_id, balance) VALUES ({k}, 10)");
+    let bad = "INSERT INTO accounts (user_id, balance, code) VALUES (4, 1, 7)".to_string();
+    let s = |x: &str| x.to_string();
+    // Shards by modulo 2: code 7 is taken on both (user 2 on shard 0, the global row 100 everywhere).
+    let cases: Vec<Vec<String>> = vec![
+        vec![ins(1), bad.clone()],
+        vec![ins(1), s("CREATE TABLE t1 (id int)"), bad.clone()],
+        vec![s("CREATE TABLE t1 (id int)"), bad.clone()],
+        vec![bad.clone(), s("CREATE TABLE t1 (id int)")],
+        vec![s("CREATE TABLE t1 (id int)"), s("CREATE TABLE t2 (id int)"), bad.clone()],
+        vec![s("CREATE TABLE t1 (id int)"), ins(1), ins(3)],
+        vec![ins(1), s("INSERT INTO g VALUES (5, 5)"), bad.clone()],
+        vec![s("INSERT INTO g VALUES (5, 5)"), bad.clone()],
+        vec![bad.clone(), s("UPDATE g SET v = 9")],
+        vec![s("UPDATE g SET v = 9"), bad.clone()],
+        vec![s("INSERT INTO g VALUES (6, 6, 7)"), ins(1)],
+        vec![ins(1), s("INSERT INTO g VALUES (6, 6, 7)")],
+        vec![ins(1), s("CREATE TABLE t1 (id int)"), s("SELECT 1 / 0")],
+        vec![ins(3), s("CREATE TABLE t2 (id int)")],
+        vec![s("CREATE TABLE t3 (id int)"), ins(5), s("SELECT 1 / 0")],
+        vec![ins(7), ins(8), s("CREATE TABLE t4 (id int)"), s("SELECT 1 / 0")],
+        vec![ins(7), ins(8), s("CREATE TABLE t4 (id int)")],
+        vec![ins(9), s("INSERT INTO g VALUES (1, 1)"), s("SELECT 1 / 0")],
+        vec![ins(11), s("UPDATE g SET v = 2"), s("SELECT 1 / 0")],
+        vec![ins(13), s("INSERT INTO g VALUES (2, 1)")],
+        vec![ins(15), ins(16), s("INSERT INTO g VALUES (3, 1)"), s("SELECT 1 / 0")],
+        vec![ins(17), s("CREATE TABLE t5 (id int)"), s("CREATE TABLE t5 (id int)")],
+        vec![s("CREATE TABLE t5 (id int)"), s("SHOW work_mem"), ins(17), s("BEGIN"), ins(18), s("COMMIT")],
+        // Transaction control after a statement for every shard ends all of its work, or makes it the
+        // transaction's.
+        vec![s("CREATE TABLE t1 (id int)"), s("ROLLBACK")],
+        vec![s("CREATE TABLE t1 (id int)"), s("ROLLBACK"), ins(1)],
+        vec![s("CREATE TABLE t1 (id int)"), s("COMMIT")],
+        vec![s("CREATE TABLE t1 (id int)"), s("COMMIT"), bad.clone()],
+        vec![s("CREATE TABLE t1 (id int)"), s("BEGIN"), ins(1), s("ROLLBACK")],
+        vec![s("CREATE TABLE t1 (id int)"), s("BEGIN"), bad.clone(), s("COMMIT")],
+        vec![s("CREATE TABLE t1 (id int)"), s("BEGIN"), ins(1)],
+        vec![ins(1), s("CREATE TABLE t1 (id int)"), s("ROLLBACK"), ins(3)],
+        vec![s("CREATE TABLE t1 (id int)"), s("SAVEPOINT a")],
+        vec![s("UPDATE g SET v = 3"), s("ROLLBACK")],
+        vec![s("UPDATE g SET v = 3"), s("BEGIN"), bad.clone(), s("COMMIT")],
+        // Reads and writes on one shard: as before.
+        vec![s("SELECT count(*) FROM accounts"), ins(1), ins(3)],
+    ];
+    // (With the notices where they came: a warning's place in the answer is compared too.)
+    let notes = |r: &[Reply]| -> Vec<String> {
+        r.iter()
+            .filter_map(|x| match x {
+                Reply::Done(t) => Some(t.clone()),
+                Reply::Error { code, .. } => Some(format!("!{code}")),
+                Reply::Ready(st) => Some(format!("Z{st}")),
+                Reply::Row(v) => Some(format!("row {v:?}")),
+                Reply::Notice(m) => Some(format!("notice {m}")),
+                _ => None,
+            })
+            .collect()
+    };
+    let q = "SELECT (SELECT coalesce(string_agg(user_id::text, ',' ORDER BY user_id), '') FROM accounts), \
+             (SELECT coalesce(string_agg(id::text || ':' || v, ',' ORDER BY id), '') FROM g) || ' / ' || \
+             (SELECT coalesce(string_agg(relname, ',' ORDER BY relname), '') FROM pg_class WHERE relname LIKE 't_')";
+    let mut failed = Vec::new();
+    for (n, case) in cases.iter().enumerate() {
+        let reset = format!("DELETE FROM accounts; DELETE FROM g; DROP TABLE IF EXISTS t1, t2, t3, t4, t5; {base}");
+        plain.client("postgres").await?.batch_execute(&reset).await?;
+        for sh in &c.shards {
+            sh.client("postgres").await?.batch_execute(&reset).await?;
+        }
+        c.shards[1].client("postgres").await?.batch_execute("DELETE FROM accounts").await?;
+        let mut answers = Vec::new();
+        for db in [&mut reference, &mut routed] {
+            let mut r = Vec::new();
+            for sql in case {
+                r.extend(db.send(Path::Pipelined, sql)?);
+            }
+            r.extend(db.sync()?);
+            if !matches!(r.last(), Some(Reply::Ready('I'))) {
+                r.extend(db.query("COMMIT")?);
+            }
+            answers.push(notes(&r));
+        }
+        let p = plain.client("postgres").await?.query_one(q, &[]).await?;
+        let (pk, pr): (String, String) = (p.get(0), p.get(1));
+        let mut keys = Vec::new();
+        let mut rest = Vec::new();
+        for sh in &c.shards {
+            let r = sh.client("postgres").await?.query_one(q, &[]).await?;
+            let k: String = r.get(0);
+            keys.extend(k.split(',').filter(|x| !x.is_empty()).map(|x| x.parse::<i64>().unwrap()));
+            rest.push(r.get::<_, String>(1));
+        }
+        keys.sort();
+        let rk = keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(",");
+        let ok = answers[0] == answers[1] && rk == pk && rest.iter().all(|r| *r == pr) && prepared(&c).await? == 0;
+        if !ok {
+            failed.push(n);
+        }
+        eprintln!(
+            "case {n} {}: {case:?}\n  plain  {:?} {pk} {pr}\n  router {:?} {rk} {rest:?}",
+            if ok { "ok" } else { "DIFFERS" },
+            answers[0],
+            answers[1]
+        );
+    }
+    assert!(failed.is_empty(), "{failed:?}");
     Ok(())
 }

@@ -164,6 +164,8 @@ pub struct Effect {
     pub text: Arc<str>,
     /// It ran outside a transaction, in the sync group's implicit one, not yet ended by a COMMIT or ROLLBACK.
     pub implicit: bool,
+    /// The other connections a write sent to several shards outside a transaction ran on (`dest` is the first).
+    pub others: Vec<Dest>,
 }
 
 /// How a segment ended.
@@ -387,6 +389,7 @@ impl<S: Stream> Session<S> {
                             sets: Vec::new(),
                             text: Arc::from(""),
                             implicit: false,
+                            others: Vec::new(),
                         };
                         return self.prep_alone(seg, effect).await;
                     }
@@ -429,45 +432,65 @@ impl<S: Stream> Session<S> {
     fn implicit_link(&self) -> Option<Option<Dest>> {
         // (Reads only, BEGIN and ROLLBACK there change nothing: the transaction stays held, free to open where
         // its first statement goes.)
-        let mut outside =
-            self.group_effects.iter().filter(|e| e.implicit && (!e.stmt.read || e.stmt.setting)).map(|e| &e.dest);
-        let Some(first) = outside.next() else { return Some(None) };
-        match outside.find(|d| *d != first) {
-            None => Some(Some(first.clone())),
-            Some(_) => None,
+        let mut dests = self.implicit_dests();
+        match dests.len() {
+            0 => Some(None),
+            1 => dests.pop().map(Some),
+            _ => None,
         }
     }
 
-    /// The connection of the sync group's writes outside a transaction, when `stmt` writes on another shard
-    /// and two-phase commit can make them one transaction with it (see `statement`). Not where the group made
-    /// settings outside a transaction (a statement elsewhere is refused then: `setting_elsewhere`), nor for
-    /// COPY, transaction control or what the router answers itself.
-    fn writes_elsewhere(&self, stmt: &Stmt, route: &Result<Decision, shardmap::RouteError>) -> Option<Dest> {
+    /// The connections the sync group changed something on outside a transaction (writes, settings), in the
+    /// order it first used them: every shard's of a write sent to several.
+    fn implicit_dests(&self) -> Vec<Dest> {
+        let mut dests: Vec<Dest> = Vec::new();
+        for e in self.group_effects.iter().filter(|e| e.implicit && (!e.stmt.read || e.stmt.setting)) {
+            for d in std::iter::once(&e.dest).chain(&e.others) {
+                if !dests.contains(d) {
+                    dests.push(d.clone());
+                }
+            }
+        }
+        dests
+    }
+
+    /// The connections of the sync group's writes outside a transaction, when one PostgreSQL would commit (or
+    /// undo) them with what `stmt` does and they are not one transaction yet: `stmt` writes on a shard they
+    /// are not on, or they are on several shards' connections (a write sent to every shard: DDL) and `stmt`
+    /// writes, begins, commits or rolls back. Two-phase commit can then make them one transaction (see
+    /// `statement`). Not where the group made settings outside a transaction (a statement elsewhere is refused
+    /// then: `setting_elsewhere`), nor for COPY or what the router answers itself.
+    fn implicit_to_own(&self, stmt: &Stmt, route: &Result<Decision, shardmap::RouteError>) -> Vec<Dest> {
         if self.group_effects.is_empty()
             || self.txn.state != State::Idle
             || !self.txn.two_phase
-            || stmt.read
             || stmt.setting
             || stmt.copy_in
-            || stmt.verb.is_some()
             || stmt.local != Local::No
+            || (stmt.read && stmt.verb.is_none())
         {
-            return None;
+            return Vec::new();
         }
-        let d = route.as_ref().ok()?;
-        let mut writes = self.group_effects.iter().filter(|e| e.implicit && !e.stmt.read);
-        let first = &writes.next()?.dest;
-        if writes.any(|e| e.dest != *first)
-            || self.group_effects.iter().any(|e| e.implicit && (e.stmt.setting || !e.sets.is_empty()))
-        {
-            return None;
+        let dests = self.implicit_dests();
+        if dests.is_empty() || self.group_effects.iter().any(|e| e.implicit && (e.stmt.setting || !e.sets.is_empty())) {
+            return Vec::new();
         }
-        let elsewhere = match &d.target {
-            Target::One(shard) => Dest::of(*shard, d) != *first,
-            Target::Set(_) => true,
-            _ => false,
+        let several = dests.len() > 1;
+        let own = match (&stmt.verb, route) {
+            (Some(TxnVerb::Begin | TxnVerb::Commit | TxnVerb::Rollback), _) => several,
+            (Some(_), _) | (None, Err(_)) => false,
+            (None, Ok(d)) => match &d.target {
+                Target::One(shard) => several || Dest::of(*shard, d) != dests[0],
+                Target::Set(_) => true,
+                Target::All => several || d.shards(&self.routing.map).iter().any(|s| Dest::of(*s, d) != dests[0]),
+                Target::Any | Target::Session => false,
+            },
         };
-        elsewhere.then(|| first.clone())
+        if own {
+            dests
+        } else {
+            Vec::new()
+        }
     }
 
     /// A BEGIN (`begin`) or ROLLBACK after statements of the sync group on `dest` outside a transaction: the
@@ -623,22 +646,30 @@ impl<S: Stream> Session<S> {
             // (Rolled back: the server undid them.)
             self.txn_settings.clear();
         }
-        if let Some(dest) = self.writes_elsewhere(&stmt, &route) {
-            // A write on another shard's connection than the sync group's writes outside a transaction: one
-            // PostgreSQL commits them all at the Sync, or none. The group's implicit transaction becomes the
-            // router's own (`Txn::implicit`), open first on the connection of those writes — a BEGIN there makes
-            // what the group ran on it part of the transaction, as on one server — then joined by this
-            // statement's shard, and committed at the Sync with two-phase commit (`end_implicit`).
+        let own = self.implicit_to_own(&stmt, &route);
+        if !own.is_empty() {
+            // A write on another shard's connection than the sync group's writes outside a transaction (or
+            // writes on several already, and a statement that ends them): one PostgreSQL commits them all at the
+            // Sync, or none. The group's implicit transaction becomes the router's own (`Txn::implicit`), open
+            // on the connections of those writes — a BEGIN there makes what the group ran on it part of the
+            // transaction, as on one server — then joined by this statement's shards, and committed at the Sync
+            // with two-phase commit (`end_implicit`).
             self.drain(pending).await?;
             if self.group_failed {
                 return Ok(Seg::Next);
             }
             self.txn.begin_implicit();
-            let i = self.link(&dest).await?;
-            self.replay_extended(i, pending)?;
-            self.txn.opened(dest.clone());
-            self.txn.wrote_on(dest.shard);
-            self.implicit_ends(&dest, true);
+            for (n, dest) in own.into_iter().enumerate() {
+                let i = self.link(&dest).await?;
+                self.replay_extended(i, pending)?;
+                self.txn.wrote_on(dest.shard);
+                self.implicit_ends(&dest, true);
+                if n == 0 {
+                    self.txn.opened(dest);
+                } else {
+                    self.txn.joined(dest);
+                }
+            }
         }
         if self.txn.implicit {
             if matches!(stmt.verb, Some(TxnVerb::Commit | TxnVerb::Rollback)) {
@@ -760,6 +791,7 @@ impl<S: Stream> Session<S> {
                     },
                     text,
                     implicit: false,
+                    others: Vec::new(),
                 };
                 // The common cases inline (a boxed future per statement costs an allocation): one statement
                 // and its Sync, on the transaction's connection or a plain one; the rest boxed.
@@ -907,6 +939,9 @@ impl<S: Stream> Session<S> {
                 let links = self.links_to(shards, d).await?;
                 self.fan_out(&links, seg, read && !d.is_some_and(|d| d.target == Target::All && !read), pending)?;
                 effect.dest = self.links.get(links[0]).dest.clone();
+                if !read {
+                    effect.others = links[1..].iter().map(|&i| self.links.get(i).dest.clone()).collect();
+                }
                 self.push_effect(effect, &links);
                 return Ok(Seg::Next);
             }
@@ -1728,7 +1763,7 @@ fn rewrite_into(
 
 /// The refusal of a BEGIN, COMMIT or ROLLBACK after writes or settings of the sync group outside a transaction
 /// on several shards' connections that are not one transaction already (`implicit_link`; with two-phase commit
-/// writes there are: `writes_elsewhere`).
+/// writes there are: `implicit_to_own`).
 fn implicit_on_several(stmt: &Stmt) -> Reported {
     Reported::unsupported(format!(
         "{} after writes or settings on several shards in the same pipeline is not supported (PostgreSQL ends them together): send a Sync before it",

@@ -79,6 +79,10 @@ pub struct Stmt {
     pub setting: bool,
 }
 
+// (Moved at every statement: up to 128 bytes LLVM moves inline, past that it calls memcpy — hence the rare
+// names as `Box<str>`.)
+const _: () = assert!(std::mem::size_of::<Stmt>() <= 128, "Stmt");
+
 /// What the router answers itself, whatever the state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Local {
@@ -198,7 +202,7 @@ pub struct Txn {
     pub two_phase: bool,
     /// The transaction is the router's own, for a write outside any transaction whose keys are on several
     /// shards (or a write to a global table), or for a pipeline's writes outside a transaction on several
-    /// shards' connections (`Session::writes_elsewhere`): it ends at the end of the Query, or at the client's
+    /// shards' connections (`Session::implicit_to_own`): it ends at the end of the Query, or at the client's
     /// Sync (committed, or rolled back after an error), as PostgreSQL's implicit transaction does. Until then
     /// it answers transaction control as that one does (see `plan_implicit`).
     pub implicit: bool,
@@ -952,7 +956,7 @@ mod tests {
 
     #[test]
     fn the_routers_own_transaction_answers_as_postgresqls_implicit_one() {
-        // A pipeline's writes on shards 1 and 2 made one transaction (`Session::writes_elsewhere`).
+        // A pipeline's writes on shards 1 and 2 made one transaction (`Session::implicit_to_own`).
         let open = || {
             let mut t = Txn { two_phase: true, ..Txn::default() };
             t.begin_implicit();
@@ -1093,4 +1097,3 @@ mod tests {
         ));
     }
 }
-const _: () = assert!(std::mem::size_of::<Stmt>() <= 128, "Stmt");
