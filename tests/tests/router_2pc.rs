@@ -270,6 +270,17 @@ async fn without_two_phase_commit_transactions_stay_on_one_shard() -> anyhow::Re
     assert_eq!(outline(&r), ["INSERT 0 1", "INSERT 0 1", "ZI"], "{r:?}");
     let r = cl.query("SELECT count(*) FROM accounts WHERE user_id IN (101, 102)")?;
     assert_eq!(rows(&r), ["row 2"], "{r:?}");
+    // DDL runs on every shard's connection: a BEGIN or ROLLBACK after it in the pipeline would end its work on
+    // one of them only — refused, the pipeline rolled back.
+    for end in ["BEGIN", "ROLLBACK"] {
+        let r = run_all(&mut cl, Path::Pipelined, &["CREATE TABLE extra (id int)", end])?;
+        assert_eq!(error_codes(&r), ["0A000"], "{end}: {r:?}");
+        for sh in &c.shards {
+            let db = sh.client("postgres").await?;
+            let n: i64 = db.query_one("SELECT count(*) FROM pg_class WHERE relname = 'extra'", &[]).await?.get(0);
+            assert_eq!(n, 0, "{end}: shard {}", sh.port);
+        }
+    }
     assert_eq!(prepared(&c).await?, 0);
     Ok(())
 }
