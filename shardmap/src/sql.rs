@@ -210,7 +210,10 @@ pub struct StatementAnalysis {
     /// The savepoint a SAVEPOINT, RELEASE or ROLLBACK TO names, folded as PostgreSQL folds it (lower case
     /// unless quoted).
     pub savepoint: Option<String>,
-    /// It makes a setting that ends with its transaction: SET LOCAL, or `set_config(..., true)`.
+    /// COMMIT AND CHAIN, ROLLBACK AND CHAIN: a new transaction starts as this one ends.
+    pub chain: bool,
+    /// It makes a setting that ends with its transaction: SET LOCAL, SET TRANSACTION, or
+    /// `set_config(..., true)`.
     pub local_setting: bool,
     /// DECLARE ... CURSOR: a read routed by its query, whose cursor lives in the transaction.
     pub declare: Option<Declare>,
@@ -262,6 +265,7 @@ impl StatementAnalysis {
             shared_call: None,
             txn: None,
             savepoint: None,
+            chain: false,
             local_setting: false,
             declare: None,
             setting: None,
@@ -677,6 +681,7 @@ impl Ctx<'_> {
                     Statement::Savepoint { .. } => TxnVerb::Savepoint,
                     _ => TxnVerb::Release,
                 });
+                a.chain = matches!(s, Statement::Commit { chain: true, .. } | Statement::Rollback { chain: true, .. });
                 a.savepoint = match s {
                     Statement::Rollback { savepoint: Some(name), .. }
                     | Statement::Savepoint { name }
@@ -720,6 +725,7 @@ impl Ctx<'_> {
                         ast::Set::SingleAssignment { scope: Some(ast::ContextModifier::Local), .. }
                             | ast::Set::SetTimeZone { local: true, .. }
                             | ast::Set::SetRole { context_modifier: Some(ast::ContextModifier::Local), .. }
+                            | ast::Set::SetTransaction { session: false, .. }
                     );
                 }
             }

@@ -876,6 +876,10 @@ async fn a_pipeline_writing_on_several_shards_commits_all_of_it_or_nothing() -> 
         // What needs a transaction block fails in an implicit transaction.
         vec![ins(43, 430), ins(44, 440), s("LOCK TABLE accounts IN SHARE MODE")],
         vec![ins(45, 450), ins(46, 460), s("DECLARE c CURSOR FOR SELECT user_id FROM accounts WHERE user_id = 45")],
+        vec![ins(57, 570), ins(58, 580), s("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), ins(59, 590)],
+        vec![ins(61, 610), ins(62, 620), s("COMMIT AND CHAIN"), ins(63, 630)],
+        vec![ins(65, 650), ins(66, 660), s("ROLLBACK AND CHAIN")],
+        vec![ins(67, 670), ins(68, 680), s("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'")],
         // Keys on both shards in one statement after a write on one: one transaction, or none.
         vec![ins(21, 210), s("UPDATE accounts SET balance = balance - 20 WHERE user_id IN (1, 4)")],
         vec![ins(23, 230), s("UPDATE accounts SET balance = balance + 1 WHERE user_id IN (1, 4)")],
@@ -1074,5 +1078,81 @@ async fn a_pipeline_with_statements_for_every_shard_commits_all_of_it_or_nothing
         );
     }
     assert!(failed.is_empty(), "{failed:?}");
+    Ok(())
+}
+
+/// COMMIT AND CHAIN and ROLLBACK AND CHAIN start a new transaction as one ends. Inside a transaction — held,
+/// on one shard, on two — the router refuses them (0A000: it would treat them as a plain COMMIT, and the
+/// client would go on outside a transaction it believes open); outside one the server answers, 25P01, as one
+/// PostgreSQL does. On every protocol path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_and_chain_is_refused_inside_a_transaction_and_answered_outside_one() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "")?;
+    c.client().await?.batch_execute("CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int)").await?;
+    for path in PATHS {
+        let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        for end in ["COMMIT AND CHAIN", "ROLLBACK AND CHAIN"] {
+            for writes in [
+                &[][..],
+                &["INSERT INTO accounts VALUES (1, 1)"],
+                &["INSERT INTO accounts VALUES (1, 1)", "INSERT INTO accounts VALUES (2, 2)"],
+            ] {
+                let mut sqls = vec!["BEGIN"];
+                sqls.extend(writes);
+                sqls.push(end);
+                let r = run_all(&mut cl, path, &sqls)?;
+                assert_eq!(error_codes(&r), ["0A000"], "{path:?} {sqls:?}: {r:?}");
+                assert!(matches!(r.last(), Some(Reply::Ready('E'))), "{path:?} {sqls:?}: {r:?}");
+                let r = run(&mut cl, path, "ROLLBACK")?;
+                assert_eq!(outline(&r), ["ROLLBACK", "ZI"], "{path:?} {sqls:?}: {r:?}");
+                assert_eq!(balances(&c).await?, [Vec::<String>::new(), Vec::new()], "{path:?} {sqls:?}");
+            }
+            let r = run(&mut cl, path, end)?;
+            assert_eq!(error_codes(&r), ["25P01"], "{path:?} {end}: {r:?}");
+            assert!(matches!(r.last(), Some(Reply::Ready('I'))), "{path:?} {end}: {r:?}");
+        }
+    }
+    Ok(())
+}
+
+/// SET TRANSACTION is part of the transaction on every shard it joins (replayed there, as SET LOCAL is): a
+/// transaction made read-only after its first shard's write refuses a write on a second shard, as one
+/// PostgreSQL refuses it. Compared with one plain PostgreSQL on every protocol path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_transaction_holds_on_every_shard_of_the_transaction() -> anyhow::Result<()> {
+    let plain = integration::PgServer::start()?;
+    let c = Cluster::hash(2, "")?;
+    let schema = "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int)";
+    plain.client("postgres").await?.batch_execute(schema).await?;
+    c.client().await?.batch_execute(schema).await?;
+    let scripts: [&[&str]; 3] = [
+        &[
+            "BEGIN",
+            "INSERT INTO accounts VALUES (1, 1)",
+            "SET TRANSACTION READ ONLY",
+            "INSERT INTO accounts VALUES (2, 2)",
+        ],
+        &[
+            "BEGIN",
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            "INSERT INTO accounts VALUES (1, 1)",
+            "INSERT INTO accounts VALUES (2, 2)",
+            "SHOW transaction_isolation",
+        ],
+        &["BEGIN", "INSERT INTO accounts VALUES (1, 1)", "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"],
+    ];
+    for path in PATHS {
+        let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
+        let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        for script in scripts {
+            let mut answers = Vec::new();
+            for db in [&mut reference, &mut routed] {
+                let mut r = run_all(db, path, script)?;
+                r.extend(run(db, path, "ROLLBACK")?);
+                answers.push(outline(&r));
+            }
+            assert_eq!(answers[1], answers[0], "{path:?} {script:?}: router, then plain");
+        }
+    }
     Ok(())
 }

@@ -672,9 +672,9 @@ impl<S: Stream> Session<S> {
             }
         }
         if self.txn.implicit {
-            if matches!(stmt.verb, Some(TxnVerb::Commit | TxnVerb::Rollback)) {
+            if matches!(stmt.verb, Some(TxnVerb::Commit | TxnVerb::Rollback)) && !stmt.chain {
                 // (It ends the router's transaction as it would the client's; PostgreSQL warns that none was
-                // open.)
+                // open. AND CHAIN needs a transaction block: refused, `Txn::plan`.)
                 proto::notice(&mut self.io.wbuf, "WARNING", "25P01", "there is no transaction in progress");
             }
             // (The servers run it in the router's transaction; PostgreSQL's implicit one is no transaction
@@ -698,12 +698,14 @@ impl<S: Stream> Session<S> {
                 if self.group_failed {
                     return Ok(Seg::Next);
                 }
-                proto::notice(
-                    &mut self.io.wbuf,
-                    "WARNING",
-                    "25P01",
-                    "SET LOCAL can only be used in transaction blocks",
-                );
+                // (SET LOCAL or SET TRANSACTION: the word after SET, which `word` is a slice of the text.)
+                let after = word.as_ptr() as usize - text.as_ptr() as usize + word.len();
+                let message = if shardmap::sql::first_word(&text[after..]).eq_ignore_ascii_case("transaction") {
+                    "SET TRANSACTION can only be used in transaction blocks"
+                } else {
+                    "SET LOCAL can only be used in transaction blocks"
+                };
+                proto::notice(&mut self.io.wbuf, "WARNING", "25P01", message);
             }
         }
         // BEGIN or ROLLBACK after statements of the sync group outside a transaction: PostgreSQL makes those

@@ -954,6 +954,7 @@ impl<S: Stream> Session<S> {
             read,
             standby: read && standby,
             declare: if single { first.and_then(|s| s.declare) } else { None },
+            chain: single && first.is_some_and(|s| s.chain),
             savepoint: if single { first.and_then(|s| s.savepoint.as_deref().map(Box::from)) } else { None },
             setting: analysis.statements.iter().any(|s| s.setting.is_some() || s.local_setting),
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),

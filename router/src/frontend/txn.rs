@@ -77,6 +77,8 @@ pub struct Stmt {
     pub savepoint: Option<Box<str>>,
     /// It changes a session setting (SET, RESET, a `set_config()` call).
     pub setting: bool,
+    /// COMMIT AND CHAIN or ROLLBACK AND CHAIN.
+    pub chain: bool,
 }
 
 // (Moved at every statement: up to 128 bytes LLVM moves inline, past that it calls memcpy — hence the rare
@@ -359,6 +361,18 @@ impl Txn {
         let answer = |tag: &str| Plan::Answer { tag: tag.to_string(), warning: None };
         if let Some(why) = &s.pooling {
             return Plan::Refuse(Reported::unsupported(why.clone()));
+        }
+        if let (true, Some(verb), false) = (s.chain, &s.verb, self.state == Idle) {
+            // (Outside a transaction the server refuses it, 25P01, as one PostgreSQL would.)
+            let what = format!("{} AND CHAIN", tag_of(verb));
+            return Plan::Refuse(if self.implicit {
+                block_only(&what)
+            } else {
+                Reported::unsupported(format!(
+                    "{what} is not supported (the router would have to start the next transaction where this one ends): send {} and then BEGIN",
+                    tag_of(verb)
+                ))
+            });
         }
         // The router's own session state.
         match (&s.local, &self.state) {
