@@ -454,11 +454,89 @@ impl<S: Stream> Session<S> {
         dests
     }
 
+    /// The sync group's implicit transaction, before `stmt` is planned. Made the router's own where one
+    /// PostgreSQL would commit or undo the group's writes together with what `stmt` does (`implicit_to_own`);
+    /// inside the router's own, what PostgreSQL's implicit transaction answers and the router's would not: the
+    /// warnings of COMMIT, ROLLBACK, SET LOCAL and SET TRANSACTION, the 25P01 of what needs a transaction
+    /// block. `false`: the group failed before `stmt` (the server skips it, and so does the router).
+    async fn implicit_transaction(
+        &mut self,
+        stmt: &Stmt,
+        analysis: &shardmap::sql::Analysis,
+        text: &str,
+        route: &Result<Decision, shardmap::RouteError>,
+        pending: &mut Pending,
+    ) -> Result<bool, Failure> {
+        let own = self.implicit_to_own(stmt, route);
+        if !own.is_empty() {
+            // A write on another shard's connection than the sync group's writes outside a transaction (or
+            // writes on several already, and a statement that ends them): one PostgreSQL commits them all at the
+            // Sync, or none. The group's implicit transaction becomes the router's own (`Txn::implicit`), open
+            // on the connections of those writes — a BEGIN there makes what the group ran on it part of the
+            // transaction, as on one server — then joined by this statement's shards, and committed at the Sync
+            // with two-phase commit (`end_implicit`).
+            self.drain(pending).await?;
+            if self.group_failed {
+                return Ok(false);
+            }
+            self.txn.begin_implicit();
+            for (n, dest) in own.into_iter().enumerate() {
+                let i = self.link(&dest).await?;
+                self.replay_extended(i, pending)?;
+                self.txn.wrote_on(dest.shard);
+                self.implicit_ends(&dest, true);
+                if n == 0 {
+                    self.txn.opened(dest);
+                } else {
+                    self.txn.joined(dest);
+                }
+            }
+        }
+        if self.txn.implicit {
+            if matches!(stmt.verb, Some(TxnVerb::Commit | TxnVerb::Rollback)) && !stmt.chain {
+                // (It ends the router's transaction as it would the client's; PostgreSQL warns that none was
+                // open. AND CHAIN needs a transaction block: refused, `Txn::plan`.)
+                proto::notice(&mut self.io.wbuf, "WARNING", "25P01", "there is no transaction in progress");
+            }
+            // (The servers run it in the router's transaction; PostgreSQL's implicit one is no transaction
+            // block.)
+            let word = shardmap::sql::first_word(text);
+            let what = match stmt.declare {
+                Some(shardmap::sql::Declare { hold: false }) => Some("DECLARE CURSOR"),
+                _ if stmt.verb.is_none() && word.eq_ignore_ascii_case("lock") => Some("LOCK TABLE"),
+                _ => None,
+            };
+            if let Some(what) = what {
+                return Err(super::txn::block_only(what).into());
+            }
+            let set_local = stmt.single
+                && stmt.verb.is_none()
+                && analysis.statements.first().is_some_and(|s| s.local_setting)
+                && word.eq_ignore_ascii_case("set");
+            if set_local {
+                // (Its warning goes after what went before it.)
+                self.drain(pending).await?;
+                if self.group_failed {
+                    return Ok(false);
+                }
+                // (SET LOCAL or SET TRANSACTION: the word after SET, which `word` is a slice of the text.)
+                let after = word.as_ptr() as usize - text.as_ptr() as usize + word.len();
+                let message = if shardmap::sql::first_word(&text[after..]).eq_ignore_ascii_case("transaction") {
+                    "SET TRANSACTION can only be used in transaction blocks"
+                } else {
+                    "SET LOCAL can only be used in transaction blocks"
+                };
+                proto::notice(&mut self.io.wbuf, "WARNING", "25P01", message);
+            }
+        }
+        Ok(true)
+    }
+
     /// The connections of the sync group's writes outside a transaction, when one PostgreSQL would commit (or
     /// undo) them with what `stmt` does and they are not one transaction yet: `stmt` writes on a shard they
     /// are not on, or they are on several shards' connections (a write sent to every shard: DDL) and `stmt`
     /// writes, begins, commits or rolls back. Two-phase commit can then make them one transaction (see
-    /// `statement`). Not where the group made settings outside a transaction (a statement elsewhere is refused
+    /// `implicit_transaction`). Not where the group made settings outside a transaction (a statement elsewhere is refused
     /// then: `setting_elsewhere`), nor for COPY or what the router answers itself.
     fn implicit_to_own(&self, stmt: &Stmt, route: &Result<Decision, shardmap::RouteError>) -> Vec<Dest> {
         if self.group_effects.is_empty()
@@ -646,67 +724,11 @@ impl<S: Stream> Session<S> {
             // (Rolled back: the server undid them.)
             self.txn_settings.clear();
         }
-        let own = self.implicit_to_own(&stmt, &route);
-        if !own.is_empty() {
-            // A write on another shard's connection than the sync group's writes outside a transaction (or
-            // writes on several already, and a statement that ends them): one PostgreSQL commits them all at the
-            // Sync, or none. The group's implicit transaction becomes the router's own (`Txn::implicit`), open
-            // on the connections of those writes — a BEGIN there makes what the group ran on it part of the
-            // transaction, as on one server — then joined by this statement's shards, and committed at the Sync
-            // with two-phase commit (`end_implicit`).
-            self.drain(pending).await?;
-            if self.group_failed {
-                return Ok(Seg::Next);
-            }
-            self.txn.begin_implicit();
-            for (n, dest) in own.into_iter().enumerate() {
-                let i = self.link(&dest).await?;
-                self.replay_extended(i, pending)?;
-                self.txn.wrote_on(dest.shard);
-                self.implicit_ends(&dest, true);
-                if n == 0 {
-                    self.txn.opened(dest);
-                } else {
-                    self.txn.joined(dest);
-                }
-            }
-        }
-        if self.txn.implicit {
-            if matches!(stmt.verb, Some(TxnVerb::Commit | TxnVerb::Rollback)) && !stmt.chain {
-                // (It ends the router's transaction as it would the client's; PostgreSQL warns that none was
-                // open. AND CHAIN needs a transaction block: refused, `Txn::plan`.)
-                proto::notice(&mut self.io.wbuf, "WARNING", "25P01", "there is no transaction in progress");
-            }
-            // (The servers run it in the router's transaction; PostgreSQL's implicit one is no transaction
-            // block.)
-            let word = shardmap::sql::first_word(&text);
-            let what = match stmt.declare {
-                Some(shardmap::sql::Declare { hold: false }) => Some("DECLARE CURSOR"),
-                _ if stmt.verb.is_none() && word.eq_ignore_ascii_case("lock") => Some("LOCK TABLE"),
-                _ => None,
-            };
-            if let Some(what) = what {
-                return Err(super::txn::block_only(what).into());
-            }
-            let set_local = stmt.single
-                && stmt.verb.is_none()
-                && analysis.statements.first().is_some_and(|s| s.local_setting)
-                && word.eq_ignore_ascii_case("set");
-            if set_local {
-                // (Its warning goes after what went before it.)
-                self.drain(pending).await?;
-                if self.group_failed {
-                    return Ok(Seg::Next);
-                }
-                // (SET LOCAL or SET TRANSACTION: the word after SET, which `word` is a slice of the text.)
-                let after = word.as_ptr() as usize - text.as_ptr() as usize + word.len();
-                let message = if shardmap::sql::first_word(&text[after..]).eq_ignore_ascii_case("transaction") {
-                    "SET TRANSACTION can only be used in transaction blocks"
-                } else {
-                    "SET LOCAL can only be used in transaction blocks"
-                };
-                proto::notice(&mut self.io.wbuf, "WARNING", "25P01", message);
-            }
+        // (Only where the group ran something outside a transaction, or the router's own transaction is open.)
+        if (!self.group_effects.is_empty() || self.txn.implicit)
+            && !self.implicit_transaction(&stmt, &analysis, &text, &route, pending).await?
+        {
+            return Ok(Seg::Next);
         }
         // BEGIN or ROLLBACK after statements of the sync group outside a transaction: PostgreSQL makes those
         // statements part of the transaction BEGIN starts, and ROLLBACK undoes them.
