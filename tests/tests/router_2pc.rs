@@ -1125,7 +1125,7 @@ async fn set_transaction_holds_on_every_shard_of_the_transaction() -> anyhow::Re
     let schema = "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int)";
     plain.client("postgres").await?.batch_execute(schema).await?;
     c.client().await?.batch_execute(schema).await?;
-    let scripts: [&[&str]; 3] = [
+    let scripts: [&[&str]; 6] = [
         &[
             "BEGIN",
             "INSERT INTO accounts VALUES (1, 1)",
@@ -1140,6 +1140,18 @@ async fn set_transaction_holds_on_every_shard_of_the_transaction() -> anyhow::Re
             "SHOW transaction_isolation",
         ],
         &["BEGIN", "INSERT INTO accounts VALUES (1, 1)", "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"],
+        // (A read of no table runs outside the transaction the router holds: on one PostgreSQL it took the
+        // snapshot, and the isolation level can no longer change.)
+        &["BEGIN", "SELECT 1", "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"],
+        &["BEGIN", "SELECT 1", "SET TRANSACTION READ ONLY", "INSERT INTO accounts VALUES (1, 1)"],
+        // (The level it has already: accepted.)
+        &[
+            "BEGIN",
+            "SELECT 1",
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            "SHOW transaction_isolation",
+            "SELECT count(*) FROM accounts",
+        ],
     ];
     for path in PATHS {
         let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;

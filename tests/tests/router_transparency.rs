@@ -600,7 +600,7 @@ fn random_setting_step(rng: &mut rand::rngs::StdRng, settings: &[(&str, &[&str])
     use rand::Rng;
     let (name, values) = settings[rng.random_range(0..settings.len())];
     let value = values[rng.random_range(0..values.len())];
-    match rng.random_range(0..20) {
+    match rng.random_range(0..22) {
         0 | 1 => format!("SET {name} = {value}"),
         2 => format!("SET LOCAL {name} = {value}"),
         3 => format!("RESET {name}"),
@@ -619,6 +619,14 @@ fn random_setting_step(rng: &mut rand::rngs::StdRng, settings: &[(&str, &[&str])
         16 => "ROLLBACK".into(),
         17 => "SAVEPOINT s".into(),
         18 => "ROLLBACK TO SAVEPOINT s".into(),
+        // (The transaction's own settings: before its first query, or 25001.)
+        19 => [
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET TRANSACTION READ ONLY",
+        ][rng.random_range(0..3)]
+        .into(),
+        20 => "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')".into(),
         _ => "SELECT 1 / 0".into(),
     }
 }

@@ -443,7 +443,7 @@ impl<S: Stream> Session<S> {
         }
     }
 
-    /// A setting a held transaction queues (SET, SET LOCAL, RESET) is answered by the router: the server
+    /// A setting a held transaction queues (SET, SET LOCAL, SET TRANSACTION, RESET) is answered by the router: the server
     /// checks it first, as one PostgreSQL would refuse a bad value or an unknown name (22023, 42704), inside a
     /// transaction rolled back at once, on an idle connection the session holds or one free in a pool — never
     /// waiting for one (a pipeline may hold the session's, a shard may be down: then it goes unchecked, and a
@@ -454,8 +454,19 @@ impl<S: Stream> Session<S> {
         if !stmt.setting || stmt.verb.is_some() || custom_setting(text) {
             return Ok(());
         }
-        // (Lines apart: a comment at the end of the text ends with its line.)
-        let sql = format!("BEGIN;\n{text}\n;ROLLBACK");
+        // (Inside the held transaction as it stands — its BEGIN, with its isolation level, and what it queued,
+        // `txn::SNAPSHOT` included — so that a SET TRANSACTION is answered as it would be there. Lines apart: a
+        // comment at the end of a statement ends with its line.)
+        let mut sql = String::new();
+        for q in self.txn.queued() {
+            sql.push_str(q);
+            sql.push_str("\n;");
+        }
+        if sql.is_empty() {
+            sql.push_str("BEGIN;");
+        }
+        sql.push_str(text);
+        sql.push_str("\n;ROLLBACK");
         async fn check(conn: &mut ServerConn, sql: &str) -> Result<Result<(), Reported>, BackendError> {
             match conn.run_quiet(sql).await {
                 Ok(()) => Ok(Ok(())),

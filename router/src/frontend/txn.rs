@@ -218,6 +218,11 @@ pub fn block_only(what: &str) -> Reported {
 
 const ABORTED: &str = "current transaction is aborted, commands ignored until end of transaction block";
 
+/// Queued in a held transaction after a read it ran outside: on one PostgreSQL that read took the
+/// transaction's snapshot, after which SET TRANSACTION ISOLATION LEVEL is refused (25001). Replayed where the
+/// transaction opens or joins, it takes one there too, so that the server answers as one PostgreSQL would.
+pub const SNAPSHOT: &str = "SELECT WHERE false";
+
 fn tag_of(verb: &TxnVerb) -> &'static str {
     match verb {
         TxnVerb::Begin => "BEGIN",
@@ -417,6 +422,8 @@ impl Txn {
                 d.reason
             )))
         };
+        // (A read the held transaction runs outside it: see `SNAPSHOT`.)
+        let mut snapshot = false;
         let plan = match (&self.state, &d.target) {
             // COPY: rows split over the transaction's connections (or every shard's).
             (Idle, Target::One(shard)) if s.copy_in => Plan::Run(To::Once(Dest::of(*shard, d))),
@@ -453,7 +460,10 @@ impl Txn {
             }
             // Reads of no sharded table (and SHOW, FETCH of a cursor that cannot exist yet) run outside the
             // transaction, which has not started anywhere.
-            (Held(_), Target::Session | Target::Any) => Plan::Run(To::Any),
+            (Held(_), Target::Session | Target::Any) => {
+                snapshot |= s.read;
+                Plan::Run(To::Any)
+            }
             (Held(_), Target::All | Target::Set(_)) if s.declare.is_some() => Plan::Refuse(Reported::unsupported(
                 format!("a cursor over several shards is not supported ({}); declare it with a shard key", d.reason),
             )),
@@ -466,7 +476,10 @@ impl Txn {
                     d.reason
                 )))
             }
-            (Held(_), Target::All | Target::Set(_)) if s.read => Plan::Run(To::Fan(d.shards_or_all())),
+            (Held(_), Target::All | Target::Set(_)) if s.read => {
+                snapshot = true;
+                Plan::Run(To::Fan(d.shards_or_all()))
+            }
             (Held(_), Target::All) => Plan::Run(To::OpenParts(Vec::new())),
             (Held(_), Target::Set(shards)) if two_phase => Plan::Run(To::OpenParts(shards.clone())),
             (Held(_), Target::Set(_)) => several("several shards"),
@@ -505,6 +518,9 @@ impl Txn {
             (Many(_), Target::Set(shards)) => Plan::Run(To::Parts(shards.clone())),
             (Many(_), Target::All) => Plan::Run(To::Parts(Vec::new())),
         };
+        if let (true, Held(q)) = (snapshot, &mut self.state) {
+            snapshot_taken(q);
+        }
         self.logged(s, &plan);
         self.note_writes(s, &plan);
         plan
@@ -571,7 +587,7 @@ impl Txn {
                 tag: "BEGIN".into(),
                 warning: Some(("25001", "there is already a transaction in progress")),
             },
-            (Held(q), TxnVerb::Commit) if q.len() <= 1 => {
+            (Held(q), TxnVerb::Commit) if q.iter().skip(1).all(|x| x == SNAPSHOT) => {
                 self.end();
                 answer("COMMIT")
             }
@@ -802,6 +818,13 @@ impl Txn {
 
 /// What of the held transaction's queue a shard joining later replays: all but NOTIFY, which the first shard
 /// sent (listeners hear it once).
+/// A read ran outside the held transaction whose queue is `q` (see [`SNAPSHOT`]).
+fn snapshot_taken(q: &mut Vec<String>) {
+    if !q.iter().any(|x| x == SNAPSHOT) {
+        q.push(SNAPSHOT.into());
+    }
+}
+
 fn replayable(mut queue: Vec<String>) -> Vec<String> {
     queue.retain(|q| !shardmap::sql::first_word(q).eq_ignore_ascii_case("notify"));
     queue
