@@ -212,6 +212,9 @@ pub struct StatementAnalysis {
     pub savepoint: Option<String>,
     /// COMMIT AND CHAIN, ROLLBACK AND CHAIN: a new transaction starts as this one ends.
     pub chain: bool,
+    /// BEGIN or START TRANSACTION ISOLATION LEVEL REPEATABLE READ or SERIALIZABLE: every read of the
+    /// transaction sees one snapshot.
+    pub snapshot_isolation: bool,
     /// It makes a setting that ends with its transaction: SET LOCAL, SET TRANSACTION, or
     /// `set_config(..., true)`.
     pub local_setting: bool,
@@ -266,6 +269,7 @@ impl StatementAnalysis {
             txn: None,
             savepoint: None,
             chain: false,
+            snapshot_isolation: false,
             local_setting: false,
             declare: None,
             setting: None,
@@ -682,6 +686,17 @@ impl Ctx<'_> {
                     _ => TxnVerb::Release,
                 });
                 a.chain = matches!(s, Statement::Commit { chain: true, .. } | Statement::Rollback { chain: true, .. });
+                if let Statement::StartTransaction { modes, .. } = s {
+                    a.snapshot_isolation = modes.iter().any(|m| {
+                        matches!(
+                            m,
+                            ast::TransactionMode::IsolationLevel(
+                                ast::TransactionIsolationLevel::RepeatableRead
+                                    | ast::TransactionIsolationLevel::Serializable
+                            )
+                        )
+                    });
+                }
                 a.savepoint = match s {
                     Statement::Rollback { savepoint: Some(name), .. }
                     | Statement::Savepoint { name }

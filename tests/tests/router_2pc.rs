@@ -1125,7 +1125,7 @@ async fn set_transaction_holds_on_every_shard_of_the_transaction() -> anyhow::Re
     let schema = "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int)";
     plain.client("postgres").await?.batch_execute(schema).await?;
     c.client().await?.batch_execute(schema).await?;
-    let scripts: [&[&str]; 6] = [
+    let scripts: [&[&str]; 7] = [
         &[
             "BEGIN",
             "INSERT INTO accounts VALUES (1, 1)",
@@ -1144,6 +1144,13 @@ async fn set_transaction_holds_on_every_shard_of_the_transaction() -> anyhow::Re
         // snapshot, and the isolation level can no longer change.)
         &["BEGIN", "SELECT 1", "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"],
         &["BEGIN", "SELECT 1", "SET TRANSACTION READ ONLY", "INSERT INTO accounts VALUES (1, 1)"],
+        &[
+            "BEGIN ISOLATION LEVEL REPEATABLE READ",
+            "SELECT 1",
+            "SELECT count(*) FROM accounts WHERE user_id = 2",
+            "SELECT count(*) FROM accounts WHERE user_id = 1",
+            "SHOW transaction_isolation",
+        ],
         // (The level it has already: accepted.)
         &[
             "BEGIN",
@@ -1164,6 +1171,40 @@ async fn set_transaction_holds_on_every_shard_of_the_transaction() -> anyhow::Re
                 answers.push(outline(&r));
             }
             assert_eq!(answers[1], answers[0], "{path:?} {script:?}: router, then plain");
+        }
+    }
+    Ok(())
+}
+
+/// A REPEATABLE READ transaction sees one snapshot from its first read: a read of a global table (which
+/// needs no shard) at its start runs inside it, so the same read later does not see what another client
+/// committed in between — as on one PostgreSQL; so does one whose session's default_transaction_isolation
+/// is SERIALIZABLE. (It ran outside the held transaction, on a fresh snapshot
+/// each time.) On every protocol path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeatable_read_keeps_its_first_reads_snapshot() -> anyhow::Result<()> {
+    let c = Cluster::hash(2, "shard-global-tables,g\n")?;
+    c.client().await?.batch_execute("CREATE TABLE g (id int PRIMARY KEY)").await?;
+    let other = c.client().await?;
+    for (n, path) in PATHS.into_iter().enumerate() {
+        let mut cl = RawClient::connect(c.port, "postgres", "postgres", &[])?;
+        let count = "SELECT count(*) FROM g";
+        // (The level named by BEGIN, or the session's default.)
+        for (k, begin) in ["BEGIN ISOLATION LEVEL REPEATABLE READ", "BEGIN"].into_iter().enumerate() {
+            if k == 1 {
+                let r = run(&mut cl, path, "SET default_transaction_isolation = 'serializable'")?;
+                assert_eq!(error_codes(&r), Vec::<String>::new(), "{path:?}: {r:?}");
+            }
+            let r = run_all(&mut cl, path, &[begin, count])?;
+            let before = rows(&r);
+            let id = 10 * n + k;
+            other.execute(&format!("INSERT INTO g VALUES ({id})"), &[]).await?;
+            let r = run(&mut cl, path, count)?;
+            assert_eq!(rows(&r), before, "{path:?} {begin}: {r:?}");
+            let r = run(&mut cl, path, "COMMIT")?;
+            assert_eq!(outline(&r), ["COMMIT", "ZI"], "{path:?} {begin}: {r:?}");
+            let r = run(&mut cl, path, count)?;
+            assert_eq!(rows(&r), [format!("row {}", 2 * n + k + 1)], "{path:?} {begin}: {r:?}");
         }
     }
     Ok(())

@@ -966,6 +966,7 @@ impl<S: Stream> Session<S> {
             standby: read && standby,
             declare: if single { first.and_then(|s| s.declare) } else { None },
             chain: single && first.is_some_and(|s| s.chain),
+            snapshot_isolation: single && first.is_some_and(|s| s.snapshot_isolation),
             savepoint: if single { first.and_then(|s| s.savepoint.as_deref().map(Box::from)) } else { None },
             setting: analysis.statements.iter().any(|s| s.setting.is_some() || s.local_setting),
             copy_in: single && first.is_some_and(|s| s.kind == Kind::CopyIn),
@@ -991,6 +992,13 @@ impl<S: Stream> Session<S> {
             },
             ..Stmt::default()
         };
+        if s.verb == Some(shardmap::sql::TxnVerb::Begin) && !s.snapshot_isolation {
+            // (A plain BEGIN takes the session's default_transaction_isolation, which the client may have set.)
+            s.snapshot_isolation = self.settings.get("default_transaction_isolation").is_some_and(|sql| {
+                let sql = sql.to_ascii_lowercase();
+                sql.contains("repeatable") || sql.contains("serializable")
+            });
+        }
         if let (true, Some(st), true) = (single, first, self.txn.two_phase && self.txn.on_shards()) {
             // What a shard joining the transaction later must run too (see `txn.rs`).
             let savepoint = matches!(

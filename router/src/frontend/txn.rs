@@ -79,6 +79,8 @@ pub struct Stmt {
     pub setting: bool,
     /// COMMIT AND CHAIN or ROLLBACK AND CHAIN.
     pub chain: bool,
+    /// BEGIN ISOLATION LEVEL REPEATABLE READ or SERIALIZABLE.
+    pub snapshot_isolation: bool,
 }
 
 // (Moved at every statement: up to 128 bytes LLVM moves inline, past that it calls memcpy — hence the rare
@@ -177,8 +179,9 @@ pub struct Txn {
     /// The savepoints of a held transaction, oldest first: the router answers RELEASE and ROLLBACK TO of
     /// them, and refuses those of a name there is none of (3B001), as PostgreSQL does.
     pub savepoints: Vec<String>,
-    /// A held transaction has queued a setting (SET, RESET, `set_config()`...): what it runs now runs inside
-    /// it, after the queue — outside, it would not see the setting.
+    /// A held transaction has queued a setting (SET, RESET, `set_config()`...), or began REPEATABLE READ or
+    /// SERIALIZABLE: what it runs now runs inside it, after the queue — outside, it would not see the setting,
+    /// nor the transaction's snapshot.
     pub held_settings: bool,
     /// The transaction ran a setting the replay log does not hold (a `set_config()` call, which may take Bind
     /// parameters): a shard joining it now would not have the setting, so none joins.
@@ -395,7 +398,13 @@ impl Txn {
             }
         }
         if let Some(verb) = &s.verb {
+            let was_idle = self.state == Idle;
             let plan = self.plan_verb(verb, fixed, s.savepoint.as_deref());
+            if was_idle && s.snapshot_isolation && matches!(self.state, Held(_)) {
+                // (Its reads share the transaction's snapshot: they run inside it, as after a setting, not
+                // outside on a fresh one.)
+                self.held_settings = true;
+            }
             self.logged(s, &plan);
             return plan;
         }
@@ -472,7 +481,7 @@ impl Txn {
             }
             (Held(_), Target::All | Target::Set(_)) if s.read && self.held_settings => {
                 Plan::Refuse(Reported::unsupported(format!(
-                    "a read on several shards ({}) after a setting made in the transaction needs shard-two-phase-commit: outside the transaction it would not see the setting",
+                    "a read on several shards ({}) after a setting made in the transaction, or in a REPEATABLE READ or SERIALIZABLE one, needs shard-two-phase-commit: outside the transaction it would not see the setting or the transaction's snapshot",
                     d.reason
                 )))
             }
