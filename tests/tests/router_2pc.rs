@@ -62,6 +62,23 @@ fn rows(r: &[Reply]) -> Vec<String> {
     outline(r).into_iter().filter(|x| x.starts_with("row ")).collect()
 }
 
+/// One plain PostgreSQL and a hash cluster of `shards` (`extra` config lines) behind the router, both given
+/// `schema`, a statement at a time (the router refuses some strings of several).
+async fn plain_and_cluster(
+    shards: usize,
+    extra: &str,
+    schema: &[&str],
+) -> anyhow::Result<(integration::PgServer, Cluster)> {
+    let plain = integration::PgServer::start()?;
+    let c = Cluster::hash(shards, extra)?;
+    for db in [plain.client("postgres").await?, c.client().await?] {
+        for st in schema {
+            db.batch_execute(st).await?;
+        }
+    }
+    Ok((plain, c))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_and_transactions_on_two_shards_commit_atomically() -> anyhow::Result<()> {
     let http = free_port();
@@ -430,11 +447,8 @@ async fn writing_with_queries_run_whole_on_one_shard() -> anyhow::Result<()> {
 /// sent). On every protocol path, against one plain PostgreSQL; nothing is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_transaction_runs_nothing_more_on_any_shard() -> anyhow::Result<()> {
-    let plain = integration::PgServer::start()?;
-    let c = Cluster::hash(4, "")?;
     let schema = "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0))";
-    plain.client("postgres").await?.batch_execute(schema).await?;
-    c.client().await?.batch_execute(schema).await?;
+    let (plain, c) = plain_and_cluster(4, "", &[schema]).await?;
     let rows: Vec<String> = (1..=8).map(|k| format!("({k}, {k})")).collect();
     let fill = format!("INSERT INTO accounts VALUES {}", rows.join(", "));
     plain.client("postgres").await?.batch_execute(&fill).await?;
@@ -520,14 +534,12 @@ async fn random_writes_and_transactions_give_one_postgresql_answer() -> anyhow::
     let seed: u64 = std::env::var("WRITES_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261207);
     let units: usize = std::env::var("WRITES_FUZZ_UNITS").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let plain = integration::PgServer::start()?;
-    let c = Cluster::hash(4, "shard-global-tables,bots\n")?;
-    let schema =
-        "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0), note text); \
-                  CREATE TABLE moves (user_id bigint, id int, amount int, PRIMARY KEY (user_id, id)); \
-                  CREATE TABLE bots (id int PRIMARY KEY, name text)";
-    plain.client("postgres").await?.batch_execute(schema).await?;
-    c.client().await?.batch_execute(schema).await?;
+    let schema = [
+        "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0), note text)",
+        "CREATE TABLE moves (user_id bigint, id int, amount int, PRIMARY KEY (user_id, id))",
+        "CREATE TABLE bots (id int PRIMARY KEY, name text)",
+    ];
+    let (plain, c) = plain_and_cluster(4, "shard-global-tables,bots\n", &schema).await?;
     let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
     let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
     let mut statements = 0;
@@ -960,18 +972,12 @@ async fn a_pipeline_writing_on_several_shards_commits_all_of_it_or_nothing() -> 
 /// failure at the commit on one shard (a deferred unique violation here) leaves nothing on the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_with_statements_for_every_shard_commits_all_of_it_or_nothing() -> anyhow::Result<()> {
-    let plain = integration::PgServer::start()?;
-    let c = Cluster::hash(2, "shard-global-tables,g\n")?;
     let schema = [
         "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int NOT NULL, code int, UNIQUE (code) DEFERRABLE INITIALLY DEFERRED)",
         "CREATE TABLE g (id int PRIMARY KEY, v int, code int UNIQUE DEFERRABLE INITIALLY DEFERRED)",
     ];
+    let (plain, c) = plain_and_cluster(2, "shard-global-tables,g\n", &schema).await?;
     let base = "INSERT INTO accounts (user_id, balance, code) VALUES (2, 10, 7); INSERT INTO g VALUES (100, 0, 7)";
-    for db in [plain.client("postgres").await?, c.client().await?] {
-        for st in schema {
-            db.batch_execute(st).await?;
-        }
-    }
     let mut reference = RawClient::connect(plain.port, "postgres", "postgres", &[])?;
     let mut routed = RawClient::connect(c.port, "postgres", "postgres", &[])?;
     let ins = |k: u32| format!("INSERT INTO accounts (user_id, balance) VALUES ({k}, 10)");
@@ -1120,11 +1126,8 @@ async fn commit_and_chain_is_refused_inside_a_transaction_and_answered_outside_o
 /// PostgreSQL refuses it. Compared with one plain PostgreSQL on every protocol path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_transaction_holds_on_every_shard_of_the_transaction() -> anyhow::Result<()> {
-    let plain = integration::PgServer::start()?;
-    let c = Cluster::hash(2, "")?;
     let schema = "CREATE TABLE accounts (user_id bigint PRIMARY KEY, balance int)";
-    plain.client("postgres").await?.batch_execute(schema).await?;
-    c.client().await?.batch_execute(schema).await?;
+    let (plain, c) = plain_and_cluster(2, "", &[schema]).await?;
     let scripts: [&[&str]; 7] = [
         &[
             "BEGIN",
