@@ -62,6 +62,29 @@ fn rows(r: &[Reply]) -> Vec<String> {
     outline(r).into_iter().filter(|x| x.starts_with("row ")).collect()
 }
 
+/// The statements sent as one pipeline and its Sync (then a COMMIT, when a transaction is left open): the
+/// answers outlined with the notices where they came, a warning's place in the answer being compared too.
+fn pipeline(db: &mut RawClient, sqls: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut r = Vec::new();
+    for sql in sqls {
+        r.extend(db.send(Path::Pipelined, sql)?);
+    }
+    r.extend(db.sync()?);
+    if !matches!(r.last(), Some(Reply::Ready('I'))) {
+        r.extend(db.query("COMMIT")?);
+    }
+    Ok(r.iter()
+        .filter_map(|x| match x {
+            Reply::Done(t) => Some(t.clone()),
+            Reply::Error { code, .. } => Some(format!("!{code}")),
+            Reply::Ready(st) => Some(format!("Z{st}")),
+            Reply::Row(v) => Some(format!("row {v:?}")),
+            Reply::Notice(m) => Some(format!("notice {m}")),
+            _ => None,
+        })
+        .collect())
+}
+
 /// One plain PostgreSQL and a hash cluster of `shards` (`extra` config lines) behind the router, both given
 /// `schema`, a statement at a time (the router refuses some strings of several).
 async fn plain_and_cluster(
@@ -912,32 +935,11 @@ async fn a_pipeline_writing_on_several_shards_commits_all_of_it_or_nothing() -> 
         vec![ins(37, 370), s("SELECT count(*) FROM accounts WHERE user_id = 2"), ins(38, 380)],
         vec![ins(39, 390), ins(41, 410)],
     ];
-    // (`outline` with the notices where they came: a warning's place in the answer is compared too.)
-    let notes = |r: &[Reply]| -> Vec<String> {
-        r.iter()
-            .filter_map(|x| match x {
-                Reply::Done(t) => Some(t.clone()),
-                Reply::Error { code, .. } => Some(format!("!{code}")),
-                Reply::Ready(st) => Some(format!("Z{st}")),
-                Reply::Row(v) => Some(format!("row {v:?}")),
-                Reply::Notice(m) => Some(format!("notice {m}")),
-                _ => None,
-            })
-            .collect()
-    };
     let all_rows = "SELECT user_id::text, balance::text, code::text FROM accounts ORDER BY user_id";
     for (n, case) in cases.iter().enumerate() {
         let mut answers = Vec::new();
         for db in [&mut reference, &mut routed] {
-            let mut r = Vec::new();
-            for sql in case {
-                r.extend(db.send(Path::Pipelined, sql)?);
-            }
-            r.extend(db.sync()?);
-            if !matches!(r.last(), Some(Reply::Ready('I'))) {
-                r.extend(db.query("COMMIT")?);
-            }
-            answers.push(notes(&r));
+            answers.push(pipeline(db, case)?);
         }
         assert_eq!(answers[1], answers[0], "pipeline {n} ({case:?}): router, then plain");
         let mut want = rows(&reference.query(all_rows)?);
@@ -1024,19 +1026,6 @@ async fn a_pipeline_with_statements_for_every_shard_commits_all_of_it_or_nothing
         // Reads and writes on one shard: as before.
         vec![s("SELECT count(*) FROM accounts"), ins(1), ins(3)],
     ];
-    // (With the notices where they came: a warning's place in the answer is compared too.)
-    let notes = |r: &[Reply]| -> Vec<String> {
-        r.iter()
-            .filter_map(|x| match x {
-                Reply::Done(t) => Some(t.clone()),
-                Reply::Error { code, .. } => Some(format!("!{code}")),
-                Reply::Ready(st) => Some(format!("Z{st}")),
-                Reply::Row(v) => Some(format!("row {v:?}")),
-                Reply::Notice(m) => Some(format!("notice {m}")),
-                _ => None,
-            })
-            .collect()
-    };
     let q = "SELECT (SELECT coalesce(string_agg(user_id::text, ',' ORDER BY user_id), '') FROM accounts), \
              (SELECT coalesce(string_agg(id::text || ':' || v, ',' ORDER BY id), '') FROM g) || ' / ' || \
              (SELECT coalesce(string_agg(relname, ',' ORDER BY relname), '') FROM pg_class WHERE relname LIKE 't_')";
@@ -1050,15 +1039,7 @@ async fn a_pipeline_with_statements_for_every_shard_commits_all_of_it_or_nothing
         c.shards[1].client("postgres").await?.batch_execute("DELETE FROM accounts").await?;
         let mut answers = Vec::new();
         for db in [&mut reference, &mut routed] {
-            let mut r = Vec::new();
-            for sql in case {
-                r.extend(db.send(Path::Pipelined, sql)?);
-            }
-            r.extend(db.sync()?);
-            if !matches!(r.last(), Some(Reply::Ready('I'))) {
-                r.extend(db.query("COMMIT")?);
-            }
-            answers.push(notes(&r));
+            answers.push(pipeline(db, case)?);
         }
         let p = plain.client("postgres").await?.query_one(q, &[]).await?;
         let (pk, pr): (String, String) = (p.get(0), p.get(1));
