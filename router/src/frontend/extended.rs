@@ -536,8 +536,8 @@ impl<S: Stream> Session<S> {
     /// undo) them with what `stmt` does and they are not one transaction yet: `stmt` writes on a shard they
     /// are not on, or they are on several shards' connections (a write sent to every shard: DDL) and `stmt`
     /// writes, begins, commits or rolls back. Two-phase commit can then make them one transaction (see
-    /// `implicit_transaction`). Not where the group made settings outside a transaction (a statement elsewhere is refused
-    /// then: `setting_elsewhere`), nor for COPY or what the router answers itself.
+    /// `implicit_transaction`). Not where the group made settings outside a transaction (a statement elsewhere
+    /// is refused then: `setting_elsewhere`), nor for COPY or what the router answers itself.
     fn implicit_to_own(&self, stmt: &Stmt, route: &Result<Decision, shardmap::RouteError>) -> Vec<Dest> {
         if self.group_effects.is_empty()
             || self.txn.state != State::Idle

@@ -443,8 +443,8 @@ impl<S: Stream> Session<S> {
         }
     }
 
-    /// A setting a held transaction queues (SET, SET LOCAL, SET TRANSACTION, RESET) is answered by the router: the server
-    /// checks it first, as one PostgreSQL would refuse a bad value or an unknown name (22023, 42704), inside a
+    /// A setting a held transaction queues (SET, SET LOCAL, SET TRANSACTION, RESET) is answered by the router:
+    /// the server checks it first, as one PostgreSQL would refuse a bad value or an unknown name (22023, 42704), inside a
     /// transaction rolled back at once, on an idle connection the session holds or one free in a pool — never
     /// waiting for one (a pipeline may hold the session's, a shard may be down: then it goes unchecked, and a
     /// bad value fails the statement that opens the transaction). A custom setting (`app.tenant`), which takes

@@ -825,8 +825,6 @@ impl Txn {
     }
 }
 
-/// What of the held transaction's queue a shard joining later replays: all but NOTIFY, which the first shard
-/// sent (listeners hear it once).
 /// A read ran outside the held transaction whose queue is `q` (see [`SNAPSHOT`]).
 fn snapshot_taken(q: &mut Vec<String>) {
     if !q.iter().any(|x| x == SNAPSHOT) {
@@ -834,6 +832,8 @@ fn snapshot_taken(q: &mut Vec<String>) {
     }
 }
 
+/// What of the held transaction's queue a shard joining later replays: all but NOTIFY, which the first shard
+/// sent (listeners hear it once).
 fn replayable(mut queue: Vec<String>) -> Vec<String> {
     queue.retain(|q| !shardmap::sql::first_word(q).eq_ignore_ascii_case("notify"));
     queue
